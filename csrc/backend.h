@@ -1,0 +1,26 @@
+// Devices and threads, reached only through ggml's backend/device registry, so a ggml rebuilt with
+// CUDA (or for the native CPU) is picked up without rebuilding mllama.
+#pragma once
+
+#include "mllama.h"
+
+#include <string>
+
+struct ggml_backend_device;
+typedef struct ggml_backend_device * ggml_backend_dev_t;
+
+namespace mllama {
+
+int device_count();
+ggml_backend_dev_t device_at(int index);
+mllama_device_info device_info(ggml_backend_dev_t dev);
+ggml_backend_dev_t cpu_device();
+// "auto"/""/nullptr: the first GPU (or integrated GPU), else the CPU; "cpu"; or an exact device name.
+ggml_backend_dev_t select_device(const char * request);
+bool is_cpu(ggml_backend_dev_t dev);
+
+int physical_core_count();
+// Features of the loaded CPU backend ("AVX2 = 1 | F16C = 1 | ...") and the devices.
+std::string system_info();
+
+}  // namespace mllama

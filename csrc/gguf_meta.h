@@ -1,0 +1,36 @@
+// Typed, checked access to GGUF metadata. Every failure names the key; integer keys accept any
+// integer GGUF type whose value fits (converters disagree on u32 vs i32).
+#pragma once
+
+#include "arch.h"
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+struct gguf_context;
+
+namespace mllama {
+
+class gguf_meta {
+  public:
+    explicit gguf_meta(const gguf_context * ctx) : ctx_(ctx) {}
+
+    bool has(kv key) const;
+    int64_t get_int(kv key) const;
+    int64_t get_int(kv key, int64_t fallback) const;
+    float get_float(kv key) const;
+    float get_float(kv key, float fallback) const;
+    bool get_bool(kv key, bool fallback) const;
+    std::string get_str(kv key) const;
+    std::string get_str(kv key, const std::string & fallback) const;
+    std::vector<int64_t> get_int_array(kv key) const;
+    std::vector<float> get_float_array(kv key) const;
+    int64_t array_size(kv key) const;  // -1 when absent
+
+  private:
+    int64_t find(kv key, bool required) const;
+    const gguf_context * ctx_;
+};
+
+}  // namespace mllama

@@ -1,0 +1,77 @@
+// Hyperparameters of the text decoder, the vision encoder and the tokenizer's special ids, read
+// from GGUF metadata and validated. Every size in the runtime derives from these.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace mllama {
+
+class gguf_meta;
+
+enum class rope_scaling_type { none = 0, llama3 = 1 };
+
+struct text_hparams {
+    int64_t n_vocab = 0;       // logits rows (mllama.vocab_size)
+    int64_t n_vocab_embd = 0;  // token embedding rows: read from the tensor, not the metadata
+    int64_t n_ctx_train = 0;
+    int64_t n_embd = 0;
+    int64_t n_ff = 0;
+    int64_t n_layer = 0;
+    int64_t n_head = 0;
+    int64_t n_head_kv = 0;
+    int64_t n_embd_head = 0;
+    float rms_norm_eps = 1e-5f;
+    float rope_freq_base = 10000.0f;
+    rope_scaling_type rope_scaling = rope_scaling_type::none;
+    float rope_factor = 1.0f;
+    float rope_low_freq_factor = 1.0f;
+    float rope_high_freq_factor = 1.0f;
+    int64_t rope_orig_ctx = 0;
+    std::vector<int> cross_layers;  // sorted decoder indices of the cross-attention layers
+
+    bool is_cross(int layer) const;
+    int64_t n_embd_kv() const { return n_embd_head * n_head_kv; }
+};
+
+struct vision_hparams {
+    int64_t n_embd = 0;
+    int64_t n_ff = 0;
+    int64_t n_layer = 0;
+    int64_t n_global_layer = 0;
+    int64_t n_head = 0;
+    int64_t image_size = 0;
+    int64_t patch_size = 0;
+    int64_t n_channels = 0;
+    int64_t max_tiles = 0;
+    float norm_eps = 1e-5f;
+    std::vector<int> intermediate_layers;
+    std::vector<std::pair<int, int>> aspect_ratios;  // (tiles_h, tiles_w); id = index + 1
+    std::array<float, 3> image_mean{};
+    std::array<float, 3> image_std{};
+    int64_t projection_dim = 0;
+
+    int64_t n_patches() const { return (image_size / patch_size) * (image_size / patch_size); }
+    int64_t n_positions() const { return n_patches() + 1; }
+    int64_t output_dim() const { return n_embd * (static_cast<int64_t>(intermediate_layers.size()) + 1); }
+};
+
+struct token_ids {
+    int64_t n_tokens = 0;  // tokenizer vocabulary size, 0 when absent
+    int64_t image = -1, bos = -1, eos = -1, eot = -1, eom = -1, pad = -1;
+};
+
+struct hparams {
+    text_hparams text;
+    vision_hparams vision;
+    token_ids tokens;
+    std::string name;
+};
+
+// Reads and validates everything but n_vocab_embd (taken from the token embedding tensor).
+hparams load_hparams(const gguf_meta & meta);
+
+}  // namespace mllama

@@ -1,0 +1,219 @@
+/* mllama: Llama 3.2 Vision on ggml. The ONLY public header: pure C, opaque handles, status codes.
+ *
+ * Conventions
+ * - Every function that can fail returns mllama_status; on failure mllama_last_error() holds a
+ *   readable reason (thread-local, valid until the next mllama call on the same thread).
+ * - Handles are opaque; objects are created by mllama_<object>_load/_init and released by _free.
+ * - Buffers are owned by the caller and passed with their capacity.
+ * - Nothing here aborts the process on bad input: files, shapes and arguments are validated.
+ *
+ * The Python binding (cffi, API mode) reads the declarations between the two cdef markers below, so
+ * that section holds plain declarations only (no macros other than integer constants).
+ */
+#ifndef MLLAMA_H
+#define MLLAMA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define MLLAMA_API __declspec(dllexport)
+#else
+#define MLLAMA_API __attribute__((visibility("default")))
+#endif
+
+/* cdef-begin */
+#define MLLAMA_ABI_VERSION 1
+#define MLLAMA_NAME_MAX 128
+#define MLLAMA_TEXT_MAX 256
+
+typedef enum mllama_status {
+    MLLAMA_OK = 0,
+    MLLAMA_ERR_INVALID_ARGUMENT = 1, /* a NULL handle, a bad size, an unknown name */
+    MLLAMA_ERR_IO = 2,               /* the file cannot be opened, read or mapped */
+    MLLAMA_ERR_FORMAT = 3,           /* not a GGUF, truncated, or not an mllama model */
+    MLLAMA_ERR_MODEL = 4,            /* a tensor or key is missing or has the wrong shape/type */
+    MLLAMA_ERR_UNSUPPORTED = 5,      /* valid, but not something this build can run */
+    MLLAMA_ERR_OUT_OF_MEMORY = 6,
+    MLLAMA_ERR_BACKEND = 7,          /* a ggml backend/device failed */
+    MLLAMA_ERR_INTERNAL = 8
+} mllama_status;
+
+typedef enum mllama_log_level {
+    MLLAMA_LOG_DEBUG = 0,
+    MLLAMA_LOG_INFO = 1,
+    MLLAMA_LOG_WARN = 2,
+    MLLAMA_LOG_ERROR = 3
+} mllama_log_level;
+
+typedef enum mllama_device_type {
+    MLLAMA_DEVICE_CPU = 0,
+    MLLAMA_DEVICE_GPU = 1,
+    MLLAMA_DEVICE_IGPU = 2,
+    MLLAMA_DEVICE_ACCEL = 3
+} mllama_device_type;
+
+/* The conventions a GGUF file was written with (how its weights must be read). */
+typedef enum mllama_file_format {
+    MLLAMA_FORMAT_MLLAMA = 0 /* this project's converter: raw Hugging Face parameters */
+} mllama_file_format;
+
+typedef struct mllama_model mllama_model;
+
+typedef void (*mllama_log_callback)(int32_t level, const char * text, void * user_data);
+
+typedef struct mllama_model_params {
+    int32_t n_threads;         /* CPU threads for compute; <= 0: the number of physical cores */
+    const char * device;       /* NULL, "" or "auto": the first GPU if any, else the CPU; "cpu"; or a device name */
+    int32_t n_gpu_layers;      /* text layers placed on a GPU device; -1: all of them */
+    int32_t use_mmap;          /* map the file instead of reading it (CPU weights only) */
+    int32_t check_tensors;     /* scan weight data for NaN/Inf and invalid blocks while loading */
+    int32_t log_level;         /* messages below this level are not delivered */
+    mllama_log_callback log_callback; /* NULL: no logging */
+    void * log_user_data;
+} mllama_model_params;
+
+typedef struct mllama_hparams {
+    /* text decoder */
+    int32_t n_vocab;           /* rows of the output projection (logits) */
+    int32_t n_vocab_embd;      /* rows of the token embedding (n_vocab + extra learnable rows) */
+    int32_t n_tokens;          /* tokenizer vocabulary size (0 when the file has no tokenizer) */
+    int32_t n_ctx_train;
+    int32_t n_embd;
+    int32_t n_ff;
+    int32_t n_layer;           /* all decoder layers, self- and cross-attention */
+    int32_t n_cross_layer;
+    int32_t n_head;
+    int32_t n_head_kv;
+    int32_t n_embd_head;
+    float rms_norm_eps;
+    float rope_freq_base;
+    int32_t rope_scaling;      /* 0: none, 1: llama3 */
+    float rope_scaling_factor;
+    float rope_low_freq_factor;
+    float rope_high_freq_factor;
+    int32_t rope_orig_ctx;
+    /* special tokens (-1 when absent) */
+    int32_t image_token_id;
+    int32_t bos_token_id;
+    int32_t eos_token_id;
+    int32_t eot_token_id;
+    int32_t eom_token_id;
+    int32_t pad_token_id;
+    /* vision encoder */
+    int32_t v_n_embd;
+    int32_t v_n_ff;
+    int32_t v_n_layer;         /* local layers */
+    int32_t v_n_global_layer;
+    int32_t v_n_head;
+    int32_t v_n_intermediate;  /* number of intermediate layers concatenated into the output */
+    int32_t v_image_size;      /* tile side in pixels */
+    int32_t v_patch_size;
+    int32_t v_n_channels;
+    int32_t v_max_tiles;
+    int32_t v_n_patches;       /* patches per tile */
+    int32_t v_n_positions;     /* patches + CLS per tile */
+    int32_t v_n_aspect_ratios;
+    int32_t v_output_dim;      /* v_n_embd * (v_n_intermediate + 1) */
+    float v_norm_eps;
+    float image_mean[3];
+    float image_std[3];
+    int32_t projection_dim;    /* projector output = text n_embd */
+} mllama_hparams;
+
+typedef struct mllama_model_info {
+    int32_t format;            /* mllama_file_format */
+    uint64_t file_size;        /* bytes, all files together */
+    uint64_t n_params;
+    uint64_t n_bytes_weights;
+    int64_t n_tensors;
+    int32_t use_mmap;
+    int32_t n_threads;
+    int32_t n_gpu_layers;      /* text layers actually placed on the GPU device */
+    char device[MLLAMA_NAME_MAX];        /* the device chosen for compute */
+    char name[MLLAMA_TEXT_MAX];          /* general.name, if any */
+} mllama_model_info;
+
+typedef struct mllama_tensor_info {
+    char name[MLLAMA_NAME_MAX];
+    int32_t type;              /* ggml_type */
+    int32_t n_dims;
+    int64_t ne[4];             /* ggml order: ne[0] is the fastest dimension */
+    uint64_t n_bytes;
+    char buffer[MLLAMA_NAME_MAX];        /* where the data lives (buffer type name) */
+} mllama_tensor_info;
+
+typedef struct mllama_device_info {
+    char name[MLLAMA_NAME_MAX];
+    char description[MLLAMA_TEXT_MAX];
+    int32_t type;              /* mllama_device_type */
+    uint64_t memory_free;
+    uint64_t memory_total;
+} mllama_device_info;
+
+typedef struct mllama_type_info {
+    char name[32];
+    int64_t block_size;        /* elements per block */
+    uint64_t type_size;        /* bytes per block */
+    int32_t is_quantized;
+    int32_t requires_imatrix;
+    int32_t can_quantize;      /* this build can write it from F32 */
+} mllama_type_info;
+
+typedef struct mllama_name_entry {
+    const char * id;           /* stable identifier shared by C++ and Python, e.g. "TEXT_ATTN_Q" */
+    const char * name;         /* GGUF key, or tensor name pattern with %d for the layer index */
+    int32_t is_tensor;
+} mllama_name_entry;
+
+/* library */
+MLLAMA_API uint32_t mllama_abi_version(void);
+MLLAMA_API const char * mllama_version(void);
+MLLAMA_API const char * mllama_last_error(void);
+MLLAMA_API const char * mllama_status_name(mllama_status status);
+MLLAMA_API mllama_status mllama_system_info(char * buf, size_t cap);
+
+/* devices (ggml backend registry) */
+MLLAMA_API int32_t mllama_device_count(void);
+MLLAMA_API mllama_status mllama_device_get_info(int32_t index, mllama_device_info * out);
+
+/* GGUF names: the single table shared by the loader and the Python converter */
+MLLAMA_API int32_t mllama_name_count(void);
+MLLAMA_API mllama_status mllama_name_get(int32_t index, mllama_name_entry * out);
+
+/* types and quantization (ggml's own quantizer) */
+MLLAMA_API int32_t mllama_type_count(void);
+MLLAMA_API mllama_status mllama_type_get_info(int32_t type, mllama_type_info * out);
+MLLAMA_API mllama_status mllama_quantize(int32_t type, const float * src, int64_t n_rows, int64_t n_per_row,
+                                         void * dst, uint64_t dst_size, uint64_t * n_written);
+MLLAMA_API mllama_status mllama_dequantize(int32_t type, const void * src, uint64_t src_size, float * dst,
+                                           int64_t n_elements);
+
+/* model: immutable weights and hyperparameters */
+MLLAMA_API mllama_model_params mllama_model_default_params(void);
+MLLAMA_API mllama_status mllama_model_load(const char * path, const char * projector_path,
+                                           const mllama_model_params * params, mllama_model ** out_model);
+MLLAMA_API void mllama_model_free(mllama_model * model);
+MLLAMA_API mllama_status mllama_model_get_hparams(const mllama_model * model, mllama_hparams * out);
+MLLAMA_API mllama_status mllama_model_get_info(const mllama_model * model, mllama_model_info * out);
+/* Integer arrays of the hparams; each returns the element count (or -1 on error) and copies up to cap. */
+MLLAMA_API int32_t mllama_model_cross_layers(const mllama_model * model, int32_t * buf, int32_t cap);
+MLLAMA_API int32_t mllama_model_intermediate_layers(const mllama_model * model, int32_t * buf, int32_t cap);
+MLLAMA_API int32_t mllama_model_aspect_ratios(const mllama_model * model, int32_t * buf, int32_t cap);
+MLLAMA_API int64_t mllama_model_tensor_count(const mllama_model * model);
+MLLAMA_API mllama_status mllama_model_tensor_get_info(const mllama_model * model, int64_t index,
+                                                      mllama_tensor_info * out);
+/* Copy a weight out as float32 (dequantized); n_elements must equal the tensor's element count. */
+MLLAMA_API mllama_status mllama_model_tensor_read_f32(const mllama_model * model, const char * name,
+                                                      float * dst, int64_t n_elements);
+/* cdef-end */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MLLAMA_H */

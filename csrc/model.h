@@ -1,0 +1,43 @@
+// The immutable model: hyperparameters, weights and the buffers that hold them. Everything mutable
+// (caches, schedulers, image slots) belongs to a context created from it.
+#pragma once
+
+#include "gguf_file.h"
+#include "hparams.h"
+#include "log.h"
+#include "mllama.h"
+#include "weights.h"
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+struct ggml_backend_buffer;
+struct ggml_backend_device;
+
+struct mllama_model {
+    mllama::logger log;
+    mllama_model_params params{};
+    mllama::hparams hp;
+    mllama::text_w text;
+    mllama::vision_w vision;
+    mllama_model_info info{};
+
+    ggml_backend_device * compute_device = nullptr;  // where graphs run
+    std::unique_ptr<mllama::gguf_file> file;
+    std::vector<ggml_context *> contexts;                // tensor descriptors, one per buffer
+    std::vector<ggml_backend_buffer *> buffers;          // weight data
+    std::map<std::string, ggml_tensor *> tensors;        // every loaded weight by GGUF name
+
+    mllama_model() = default;
+    ~mllama_model();
+    mllama_model(const mllama_model &) = delete;
+    mllama_model & operator=(const mllama_model &) = delete;
+};
+
+namespace mllama {
+
+std::unique_ptr<mllama_model> load_model(const char * path, const mllama_model_params & params);
+
+}  // namespace mllama

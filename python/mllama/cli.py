@@ -1,0 +1,138 @@
+"""The `mllama` command line: convert, info (chat, describe, serve, bench and demo build on it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+from . import __version__
+from ._lib import MllamaError, devices, system_info
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _model_arg(value: str | None) -> str:
+    model = value or os.environ.get("MLLAMA_MODEL")
+    if not model:
+        raise MllamaError("no model given: pass -m/--model or set MLLAMA_MODEL")
+    return model
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    out = convert(args.hf_dir, args.output, type=args.type, vision_type=args.vision_type, force=args.force,
+                  progress=not args.quiet)
+    if not args.quiet:
+        print(f"wrote {out} ({_human(out.stat().st_size)})")
+    return 0
+
+
+def _print_devices() -> None:
+    print("devices:")
+    for d in devices():
+        mem = f", {_human(d['memory_free'])} free of {_human(d['memory_total'])}" if d["memory_total"] else ""
+        print(f"  {d['name']} ({d['type']}): {d['description']}{mem}")
+    print(f"ggml: {system_info()}")
+
+
+def _model_summary(model) -> dict:
+    info, hp = model.info, model.hparams
+    tensors = model.tensors()
+    return {
+        "path": str(model.path), "name": info["name"], "file_size": info["file_size"],
+        "n_params": info["n_params"], "n_tensors": info["n_tensors"], "bytes_weights": info["n_bytes_weights"],
+        "tensor_types": dict(Counter(t.type for t in tensors)), "device": info["device"],
+        "n_threads": info["n_threads"], "use_mmap": bool(info["use_mmap"]), "hparams": hp,
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .model import Model
+
+    if not args.model and not os.environ.get("MLLAMA_MODEL"):
+        _print_devices()
+        return 0
+    with Model(_model_arg(args.model), device=args.device) as model:
+        summary = _model_summary(model)
+    if args.json:
+        summary["devices"] = devices()
+        print(json.dumps(summary, indent=2))
+        return 0
+    hp = summary["hparams"]
+    print(f"model: {summary['path']} ({summary['name'] or 'unnamed'})")
+    print(f"  file: {_human(summary['file_size'])}, {summary['n_tensors']} tensors, {summary['n_params'] / 1e6:.1f} M parameters, "
+          f"{_human(summary['bytes_weights'])} of weights")
+    print("  tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(summary["tensor_types"].items())))
+    print(f"  text: {hp['n_layer']} layers (cross-attention at {hp['cross_attention_layers']}), n_embd {hp['n_embd']}, "
+          f"n_ff {hp['n_ff']}, heads {hp['n_head']}/{hp['n_head_kv']}, vocab {hp['n_vocab']} logits / "
+          f"{hp['n_vocab_embd']} embedding rows / {hp['n_tokens']} tokens, context {hp['n_ctx_train']}")
+    print(f"  vision: {hp['v_n_layer']} local + {hp['v_n_global_layer']} global layers, n_embd {hp['v_n_embd']}, "
+          f"heads {hp['v_n_head']}, tile {hp['v_image_size']}px / patch {hp['v_patch_size']}px, up to {hp['v_max_tiles']} tiles, "
+          f"intermediate layers {hp['intermediate_layers']}, output dim {hp['v_output_dim']}")
+    print(f"  tokens: bos {hp['bos_token_id']}, eos {hp['eos_token_id']}, eot {hp['eot_token_id']}, "
+          f"eom {hp['eom_token_id']}, pad {hp['pad_token_id']}, image {hp['image_token_id']}")
+    print(f"  runtime: device {summary['device']}, {summary['n_threads']} threads, mmap {'on' if summary['use_mmap'] else 'off'}")
+    _print_devices()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .types import writable_type_names
+
+    parser = argparse.ArgumentParser(prog="mllama", description="Llama 3.2 Vision on ggml")
+    parser.add_argument("--version", action="version", version=f"mllama {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint folder to GGUF")
+    p.add_argument("hf_dir", help="folder with config.json, *.safetensors, tokenizer.json, ...")
+    p.add_argument("-o", "--output", required=True, help="the GGUF file to write")
+    p.add_argument("--type", default="f16", choices=writable_type_names(), metavar="TYPE",
+                   help="type of the text weights: " + ", ".join(writable_type_names()) + " (default f16)")
+    p.add_argument("--vision-type", choices=["f32", "f16", "bf16"], default=None,
+                   help="type of the vision tower and projector matrices (default: f32 for --type f32, else f16)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="show a model's hyperparameters, tensors and the devices")
+    p.add_argument("model", nargs="?", help="a GGUF file (default: $MLLAMA_MODEL); none: list devices")
+    p.add_argument("-m", "--model", dest="model_opt", help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu", help="device to load on (default cpu)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "model_opt", None):
+        args.model = args.model_opt
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="mllama: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (MllamaError, OSError, ValueError) as exc:
+        if args.debug:
+            raise
+        print(f"mllama: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

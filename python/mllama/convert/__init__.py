@@ -1,0 +1,141 @@
+"""Convert a Hugging Face `MllamaForConditionalGeneration` checkpoint to an mllama GGUF file.
+
+    mllama.convert("Llama-3.2-11B-Vision-Instruct", "model.gguf", type="q4_k")
+
+Text weights take the requested type (quantized by ggml itself); the vision tower and projector are
+never quantized (F16 at most; position/tile tables, gates and norms F32). Tensors are converted one
+row chunk at a time, so memory stays far below the checkpoint size. The output is written to a
+temporary file, checked by loading it, and renamed into place: an interrupted or failed conversion
+never leaves a half-written model, and an existing file is only replaced with force=True.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import names
+from .. import types as T
+from .._lib import ConversionError
+from .hf_config import metadata, read_config
+from .safetensors import SourceTensor, open_checkpoint
+from .tensor_map import VISION_TABLES, Target, map_name
+from .tokenizer import TokenizerData, read_tokenizer
+from .writer import PlannedTensor, write_gguf
+
+__all__ = ["convert", "ConversionError"]
+
+CONVERTER_VERSION = "1"
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10,
+              "q3_k": 11, "q4_k": 14, "q5_k": 16, "q6_k": 18, "bf16": 32}
+VISION_TYPES = ("f32", "f16", "bf16")
+
+
+def _text_type(src: SourceTensor, wanted: T.TypeInfo) -> T.TypeInfo:
+    """The requested type, or the closest one whose block size divides the row length."""
+    if wanted.fits(src.n_per_row):
+        return wanted
+    q8 = T.lookup("q8_0")
+    return q8 if q8.fits(src.n_per_row) else T.lookup("f16")
+
+
+def choose_type(target: Target, src: SourceTensor, text_type: T.TypeInfo, vision_type: T.TypeInfo) -> T.TypeInfo:
+    f32 = T.lookup("f32")
+    if len(src.shape) <= 1 or target.tensor_id in VISION_TABLES:
+        return f32  # norms, biases, gates, CLS, position/tile tables
+    if target.is_vision:
+        return vision_type
+    return _text_type(src, text_type)
+
+
+def _plan(sources: dict[str, SourceTensor], text_type: T.TypeInfo, vision_type: T.TypeInfo) -> list[PlannedTensor]:
+    planned = []
+    for hf_name, src in sources.items():
+        target = map_name(hf_name)
+        name = names.tensor(target.tensor_id, target.layer)
+        planned.append(PlannedTensor(name, src, choose_type(target, src, text_type, vision_type)))
+    seen = set()
+    for p in planned:
+        if p.name in seen:
+            raise ConversionError(f"two checkpoint tensors map to '{p.name}'")
+        seen.add(p.name)
+    return sorted(planned, key=lambda p: (p.name.startswith(("v.", "mm.")), _layer_key(p.name)))
+
+
+def _layer_key(name: str) -> tuple:
+    parts = name.split(".")
+    return tuple((0, int(s), "") if s.isdigit() else (1, 0, s) for s in parts)
+
+
+def _metadata(folder: Path, text_type: str, meta: dict[str, Any], tok: TokenizerData) -> list[tuple[str, Any]]:
+    k = names.key
+    out: list[tuple[str, Any]] = [
+        (k("GENERAL_NAME"), folder.resolve().name),
+        (k("GENERAL_FILE_TYPE"), FILE_TYPES.get(text_type, 1)),
+        (k("WEIGHTS_CONVENTION"), "hf"),
+        (k("CONVERTER_VERSION"), CONVERTER_VERSION),
+    ]
+    out += [(k(key_id), value) for key_id, value in meta.items()]
+    out += [
+        (k("TOK_MODEL"), "gpt2"),
+        (k("TOK_PRE"), "llama-bpe"),
+        (k("TOK_TOKENS"), tok.tokens),
+        (k("TOK_TOKEN_TYPE"), tok.token_types),
+        (k("TOK_MERGES"), tok.merges),
+        (k("TOK_ADD_BOS"), tok.add_bos),
+    ]
+    if tok.chat_template:
+        out.append((k("TOK_CHAT_TEMPLATE"), tok.chat_template))
+    return out
+
+
+def _progress(total: int, enabled: bool) -> tuple[Callable[[int], None], Callable[[], None]]:
+    if not enabled:
+        return (lambda n: None), (lambda: None)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting")
+    return bar.update, bar.close
+
+
+def _verify(path: Path) -> None:
+    from ..model import Model
+
+    try:
+        Model(path, device="cpu").close()
+    except Exception as exc:  # the file was written but does not load: never hand it out
+        raise ConversionError(f"the converted model does not load: {exc}") from None
+
+
+def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, type: str = "f16", *,
+            vision_type: str | None = None, force: bool = False, progress: bool = False,
+            verify: bool = True) -> Path:
+    """Convert the checkpoint folder `hf_dir` to the GGUF file `output`; returns the output path."""
+    folder, out = Path(hf_dir), Path(output)
+    text_type = T.lookup(type)
+    vtype_name = vision_type or ("f32" if text_type.name.lower() == "f32" else "bf16" if text_type.name.lower() == "bf16" else "f16")
+    if vtype_name not in VISION_TYPES:
+        raise ConversionError(f"vision weights are kept unquantized: vision_type must be one of {', '.join(VISION_TYPES)}")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
+    if out.exists() and out.is_dir():
+        raise ConversionError(f"{out} is a folder")
+    cfg = read_config(folder)
+    tok = read_tokenizer(folder)
+    meta = metadata(cfg, tok)
+    tensors = _plan(open_checkpoint(folder), text_type, T.lookup(vtype_name))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    update, close = _progress(sum(t.source.n_elements * 4 for t in tensors), progress)
+    try:
+        write_gguf(tmp, _metadata(folder, text_type.name.lower(), meta, tok), tensors, update)
+        close()
+        if verify:
+            _verify(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
