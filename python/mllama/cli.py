@@ -89,7 +89,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .types import writable_type_names
+    from .dtypes import writable_type_names
 
     parser = argparse.ArgumentParser(prog="mllama", description="Llama 3.2 Vision on ggml")
     parser.add_argument("--version", action="version", version=f"mllama {__version__}")

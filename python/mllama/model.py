@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import types as T
+from . import dtypes as T
 from ._lib import Handle, ModelLoadError, call, cstr, ffi, lib, log_level_for, logger
 
 

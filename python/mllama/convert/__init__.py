@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import names
-from .. import types as T
+from .. import dtypes as T
 from .._lib import ConversionError
 from .hf_config import metadata, read_config
 from .safetensors import SourceTensor, open_checkpoint

@@ -2,7 +2,7 @@
 
 The declarations between `/* cdef-begin */` and `/* cdef-end */` in csrc/include/mllama.h are the
 cdef: the C compiler then checks the binding against the same header the C++ implements, so Python
-never mirrors a struct layout by hand. Usage: python _build_ffi.py mllama.h out.c
+never mirrors a struct layout by hand. Usage: python build_ffi.py mllama.h out.c
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-# Python-side callbacks (cffi `extern "Python"`), implemented in mllama/_lib.py.
+# Python-side callbacks (cffi `extern "Python"`), implemented in python/mllama/_lib.py.
 PYTHON_CALLBACKS = 'extern "Python" void _mllama_log_trampoline(int32_t, const char *, void *);\n'
 
 

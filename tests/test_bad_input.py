@@ -1,0 +1,165 @@
+"""Corrupt or wrong inputs raise specific, readable exceptions; none crashes the interpreter.
+
+Each load runs in a child interpreter, so a crash (abort, segfault) fails the test instead of
+killing the test run; the child reports the exception type and message on stdout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+
+from gguf_edit import rewrite
+
+CHILD = textwrap.dedent("""
+    import json, sys, mllama
+    try:
+        with mllama.Model(sys.argv[1]) as m:
+            m.hparams
+        print(json.dumps({"type": "ok", "message": ""}))
+    except Exception as exc:
+        print(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
+""")
+
+
+def load_in_child(path: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"child crashed with {proc.returncode}: {proc.stderr[-2000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def expect_load_error(path: Path, *fragments: str) -> str:
+    result = load_in_child(path)
+    assert result["type"] == "ModelLoadError", result
+    for fragment in fragments:
+        assert fragment in result["message"], result["message"]
+    return result["message"]
+
+
+@pytest.fixture(scope="module")
+def small_gguf(gguf_f32, tmp_path_factory) -> Path:
+    """The f32 fixture without its 128K-token vocabulary: quick to rewrite, loads the same way."""
+    tok = {"tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.chat_template"}
+    return rewrite(gguf_f32, tmp_path_factory.mktemp("small") / "small.gguf", drop_keys=tok)
+
+
+def test_small_fixture_loads(small_gguf):
+    assert load_in_child(small_gguf) == {"type": "ok", "message": ""}
+
+
+def test_missing_file(tmp_path):
+    expect_load_error(tmp_path / "nope.gguf", "cannot open", "No such file")
+
+
+def test_directory(tmp_path):
+    expect_load_error(tmp_path, "not a regular file")
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "e.gguf").write_bytes(b"")
+    expect_load_error(tmp_path / "e.gguf", "not a GGUF file")
+
+
+def test_flipped_magic(gguf_f32, tmp_path):
+    data = bytearray(gguf_f32.read_bytes())
+    data[0] ^= 0xFF
+    (tmp_path / "m.gguf").write_bytes(bytes(data))
+    expect_load_error(tmp_path / "m.gguf", "bad magic")
+
+
+@pytest.mark.parametrize("fraction", [0.0001, 0.3, 0.999])
+def test_truncated_file(gguf_f32, tmp_path, fraction):
+    data = gguf_f32.read_bytes()
+    path = tmp_path / "t.gguf"
+    path.write_bytes(data[: int(len(data) * fraction)])
+    message = expect_load_error(path)
+    assert "truncated" in message or "corrupt" in message
+
+
+def test_tensor_with_wrong_shape(small_gguf, tmp_path):
+    def reshape(name, data, ttype):
+        if name == "blk.2.attn_q.weight":
+            return data[:32].copy(), ttype
+        return data, ttype
+
+    path = rewrite(small_gguf, tmp_path / "s.gguf", tensor_fn=reshape)
+    expect_load_error(path, "blk.2.attn_q.weight", "shape [64, 32]", "expected [64, 64]")
+
+
+@pytest.mark.parametrize("tensor", ["blk.3.cross_attn_k_norm.weight", "v.global.blk.0.ffn_gate", "output.weight"])
+def test_missing_tensor(small_gguf, tmp_path, tensor):
+    path = rewrite(small_gguf, tmp_path / "d.gguf", drop={tensor})
+    expect_load_error(path, f"missing tensor '{tensor}'")
+
+
+def test_unsupported_tensor_type(small_gguf, tmp_path):
+    def to_f16(name, data, ttype):
+        if name == "blk.0.attn_norm.weight":
+            return data.astype(np.float16), GGMLQuantizationType.F16
+        return data, ttype
+
+    path = rewrite(small_gguf, tmp_path / "u.gguf", tensor_fn=to_f16)
+    expect_load_error(path, "blk.0.attn_norm.weight", "unsupported type f16")
+
+
+def test_non_mllama_gguf(small_gguf, tmp_path):
+    path = rewrite(small_gguf, tmp_path / "l.gguf", keys={"general.architecture": "llama"})
+    expect_load_error(path, "not an mllama model", "'llama'")
+
+
+def test_missing_hparam(small_gguf, tmp_path):
+    path = rewrite(small_gguf, tmp_path / "k.gguf", drop_keys={"mllama.vision.patch_size"})
+    expect_load_error(path, "missing metadata key 'mllama.vision.patch_size'")
+
+
+def test_inconsistent_hparam(small_gguf, tmp_path):
+    path = rewrite(small_gguf, tmp_path / "h.gguf", keys={"mllama.attention.head_count": 3})
+    expect_load_error(path, "not a multiple of head_count")
+
+
+def test_foreign_convention_is_refused(small_gguf, tmp_path):
+    path = rewrite(small_gguf, tmp_path / "o.gguf", drop_keys={"mllama.weights.convention"})
+    expect_load_error(path, "not written by the mllama converter")
+
+
+def test_error_status_is_exposed(tmp_path):
+    import mllama
+
+    with pytest.raises(mllama.ModelLoadError) as info:
+        mllama.Model(tmp_path / "missing.gguf")
+    assert info.value.status == "i/o error"
+
+
+def test_unknown_device_is_a_clear_error(gguf_f32):
+    import mllama
+
+    with pytest.raises(mllama.ModelLoadError, match="unknown device 'tpu9'"):
+        mllama.Model(gguf_f32, device="tpu9")
+
+
+def test_closed_model_raises(gguf_f32):
+    import mllama
+    from mllama._lib import ModelClosedError
+
+    model = mllama.Model(gguf_f32)
+    model.close()
+    model.close()  # idempotent
+    with pytest.raises(ModelClosedError):
+        model.hparams
+
+
+def test_convert_without_config_in_child(tmp_path):
+    (tmp_path / "hf").mkdir()
+    code = ("import mllama, sys\n"
+            "try:\n    mllama.convert(sys.argv[1], sys.argv[2])\n"
+            "except mllama.ConversionError as e:\n    print('ConversionError:', e)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "hf"), str(tmp_path / "o.gguf")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "ConversionError:" in proc.stdout and "config.json is missing" in proc.stdout

@@ -1,0 +1,66 @@
+"""The command line: info and convert, and one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def run(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mllama", *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_info_prints_hparams_tensors_and_devices(gguf_f32):
+    proc = run("info", str(gguf_f32))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "112 tensors" in out and "f32 x112" in out
+    assert "vocab 128256 logits / 128264 embedding rows / 128257 tokens" in out
+    assert "cross-attention at [1, 3]" in out
+    assert "devices:" in out and "CPU (cpu)" in out
+
+
+def test_info_json(gguf_f32):
+    proc = run("info", str(gguf_f32), "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["n_tensors"] == 112 and data["hparams"]["n_vocab_embd"] == 128264
+    assert data["file_size"] == gguf_f32.stat().st_size
+    assert any(d["type"] == "cpu" for d in data["devices"])
+
+
+def test_info_reads_model_from_env(gguf_f32):
+    import os
+
+    proc = run("info", "--json", env={**os.environ, "MLLAMA_MODEL": str(gguf_f32)})
+    assert proc.returncode == 0 and json.loads(proc.stdout)["n_tensors"] == 112
+
+
+def test_convert_cli(hf_dir, tmp_path):
+    out = tmp_path / "m.gguf"
+    proc = run("convert", str(hf_dir), "-o", str(out), "--type", "q8_0", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert out.exists() and proc.stdout == ""
+    again = run("convert", str(hf_dir), "-o", str(out), "--quiet")
+    assert again.returncode == 1
+    assert again.stderr.strip().startswith("mllama: error:") and "exists" in again.stderr
+    assert "Traceback" not in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+def test_errors_are_one_line(tmp_path):
+    for args in (["info", str(tmp_path / "missing.gguf")], ["convert", str(tmp_path), "-o", str(tmp_path / "x.gguf")]):
+        proc = run(*args)
+        assert proc.returncode == 1
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mllama: error:"), proc.stderr
+
+
+def test_debug_shows_traceback(tmp_path):
+    proc = run("--debug", "info", str(tmp_path / "missing.gguf"))
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_bad_flag_exits_nonzero():
+    proc = run("convert", "--type", "q9_9", "x", "-o", "y")
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr

@@ -1,0 +1,31 @@
+"""The converter's peak memory stays far below the checkpoint size (tensor-by-tensor, row chunks)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from synthetic_checkpoint import write_synthetic_checkpoint
+from tiny_checkpoint import TEXT_CONFIG, VISION_CONFIG
+
+CHILD = textwrap.dedent("""
+    import json, sys, mllama
+    mllama.convert(sys.argv[1], sys.argv[2], type=sys.argv[3])
+    # VmHWM is this process's own peak (ru_maxrss would include the parent's, inherited across exec)
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss": int(hwm.split()[1]) * 1024}))
+""")
+
+
+def test_converter_peak_rss_is_well_under_checkpoint_size(hf_dir, tmp_path):
+    text = {**TEXT_CONFIG, "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 8, "num_key_value_heads": 4}
+    size = write_synthetic_checkpoint(tmp_path / "big", text, dict(VISION_CONFIG), tokenizer_from=hf_dir)
+    assert size > 500e6
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "big"), str(tmp_path / "big.gguf"), "q8_0"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss"]
+    print(f"checkpoint {size / 1e6:.0f} MB, converter peak RSS {peak / 1e6:.0f} MB ({peak / size:.2f}x)")
+    assert peak < 0.25 * size
