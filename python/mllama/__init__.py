@@ -11,11 +11,13 @@ from ._lib import (
 )
 from .convert import convert
 from .model import Model
+from .preprocess import ImageError, preprocess
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConversionError",
+    "ImageError",
     "MllamaError",
     "Model",
     "ModelLoadError",
@@ -24,5 +26,6 @@ __all__ = [
     "convert",
     "devices",
     "native_version",
+    "preprocess",
     "system_info",
 ]

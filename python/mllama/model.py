@@ -106,6 +106,13 @@ class Model(Handle):
         call(lib.mllama_model_tensor_read_f32, self._handle(), name.encode(), ffi.from_buffer("float[]", out), out.size)
         return out.reshape(tuple(reversed(info.shape)))
 
+    @property
+    def image_config(self):
+        """Preprocessing constants (tile size, max tiles, aspect ratios, mean/std) from the file."""
+        from .preprocess import ImageConfig
+
+        return ImageConfig.from_hparams(self.hparams)
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<mllama.Model {str(self.path)!r} {state}>"
