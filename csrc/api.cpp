@@ -4,6 +4,7 @@
 
 #include "arch.h"
 #include "backend.h"
+#include "context.h"
 #include "error.h"
 #include "ggml-backend.h"
 #include "ggml.h"
@@ -270,6 +271,43 @@ mllama_status mllama_model_tensor_read_f32(const mllama_model * model, const cha
         std::vector<uint8_t> raw(ggml_nbytes(t));
         ggml_backend_tensor_get(t, raw.data(), 0, raw.size());
         mllama::dequantize(t->type, raw.data(), raw.size(), dst, n_elements);
+    });
+}
+
+mllama_context_params mllama_context_default_params(void) {
+    mllama_context_params p{};
+    p.n_threads = 0;
+    p.n_image_slots = 4;
+    p.cross_kv_f32 = -1;
+    p.dump_dir = nullptr;
+    p.dump_filter = nullptr;
+    return p;
+}
+
+mllama_status mllama_context_init(const mllama_model * model, const mllama_context_params * params, mllama_context ** out_context) {
+    return guarded([&] {
+        require(model && out_context, "context_init needs a model and an output pointer");
+        *out_context = nullptr;
+        const mllama_context_params p = params ? *params : mllama_context_default_params();
+        *out_context = mllama::new_context(*model, p).release();
+    });
+}
+
+void mllama_context_free(mllama_context * context) { delete context; }
+
+mllama_status mllama_context_encode_image(mllama_context * context, int32_t slot, const float * pixels, int64_t n_pixels,
+                                          int32_t aspect_ratio_id, int32_t n_tiles, float * features, int64_t n_features) {
+    return guarded([&] {
+        require(context, "context_encode_image needs a context");
+        mllama::encode_image(*context, slot, pixels, n_pixels, aspect_ratio_id, n_tiles, features, n_features);
+    });
+}
+
+mllama_status mllama_context_read_cross_kv(const mllama_context * context, int32_t slot, int32_t cross_index, float * k,
+                                           float * v, int64_t n) {
+    return guarded([&] {
+        require(context, "context_read_cross_kv needs a context");
+        mllama::read_cross_kv(*context, slot, cross_index, k, v, n);
     });
 }
 

@@ -155,6 +155,7 @@ std::unique_ptr<mllama_model> load_model(const char * path, const mllama_model_p
         for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) m->tensors[ggml_get_name(t)] = t;
     }
     if (params.check_tensors) validate_data(*m);
+    read_gates(m->text, m->vision);
     fill_info(*m);
     m->log.log(MLLAMA_LOG_INFO, "loaded '%s': %lld tensors, %.1f MiB on %s", path, (long long) m->info.n_tensors,
                m->info.n_bytes_weights / 1048576.0, m->info.device);

@@ -5,6 +5,9 @@
 #include "gguf_file.h"
 #include "log.h"
 #include "quant.h"
+#include "ggml-backend.h"
+
+#include <cmath>
 
 namespace mllama {
 
@@ -153,6 +156,32 @@ vision_w load_vision_weights(const vision_hparams & hp, tensor_loader & L, ggml_
     w.projector.w = L.load(ctx, tn::MM_W, -1, {hp.output_dim(), hp.projection_dim}, wkind::matrix);
     w.projector.b = L.load(ctx, tn::MM_B, -1, {hp.projection_dim}, wkind::f32);
     return w;
+}
+
+}  // namespace mllama
+
+namespace mllama {
+
+static float gate_tanh(const ggml_tensor * gate) {
+    float value = 0.0f;
+    ggml_backend_tensor_get(gate, &value, 0, sizeof(value));
+    if (!std::isfinite(value)) fail(MLLAMA_ERR_MODEL, "gate '%s' is not finite", ggml_get_name(gate));
+    return std::tanh(value);
+}
+
+void read_gates(text_w & text, vision_w & vision) {
+    vision.pos_gate_tanh = gate_tanh(vision.pos_gate);
+    vision.pre_tile_gate_tanh = gate_tanh(vision.pre_tile_gate);
+    vision.post_tile_gate_tanh = gate_tanh(vision.post_tile_gate);
+    for (vision_layer_w & l : vision.global_layers) {
+        l.attn_gate_tanh = gate_tanh(l.attn_gate);
+        l.ffn_gate_tanh = gate_tanh(l.ffn_gate);
+    }
+    for (text_layer_w & l : text.layers) {
+        if (!l.is_cross) continue;
+        l.cross.attn_gate_tanh = gate_tanh(l.cross.attn_gate);
+        l.cross.mlp_gate_tanh = gate_tanh(l.cross.mlp_gate);
+    }
 }
 
 }  // namespace mllama

@@ -33,6 +33,7 @@ struct vision_layer_w {
     ggml_tensor * wq = nullptr, * wk = nullptr, * wv = nullptr, * wo = nullptr;
     linear_w ffn_up, ffn_down;  // HF fc1, fc2
     ggml_tensor * attn_gate = nullptr, * ffn_gate = nullptr;  // global layers only (raw, tanh at runtime)
+    float attn_gate_tanh = 1.0f, ffn_gate_tanh = 1.0f;        // tanh of the gates, read once after loading
 };
 
 struct vision_w {
@@ -48,6 +49,7 @@ struct vision_w {
     norm_w pre_ln, post_ln;
     std::vector<vision_layer_w> layers, global_layers;
     linear_w projector;                      // [v_output_dim, projection_dim]
+    float pos_gate_tanh = 0.0f, pre_tile_gate_tanh = 0.0f, post_tile_gate_tanh = 0.0f;
 };
 
 struct self_attn_w {
@@ -58,6 +60,7 @@ struct cross_attn_w {
     ggml_tensor * wq = nullptr, * wk = nullptr, * wv = nullptr, * wo = nullptr;
     ggml_tensor * q_norm = nullptr, * k_norm = nullptr;      // RMSNorm over the head dim
     ggml_tensor * attn_gate = nullptr, * mlp_gate = nullptr;  // raw, tanh at runtime
+    float attn_gate_tanh = 0.0f, mlp_gate_tanh = 0.0f;
 };
 
 struct ffn_w {
@@ -108,6 +111,9 @@ class tensor_loader {
     const logger & log_;
     std::set<std::string> used_;
 };
+
+// Read the scalar gates (after the weights are in their buffers) and store tanh(gate) on the host.
+void read_gates(text_w & text, vision_w & vision);
 
 text_w load_text_weights(const text_hparams & hp, tensor_loader & loader, const placement & where);
 vision_w load_vision_weights(const vision_hparams & hp, tensor_loader & loader, ggml_context * ctx);

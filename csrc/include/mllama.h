@@ -63,6 +63,7 @@ typedef enum mllama_file_format {
 } mllama_file_format;
 
 typedef struct mllama_model mllama_model;
+typedef struct mllama_context mllama_context;
 
 typedef void (*mllama_log_callback)(int32_t level, const char * text, void * user_data);
 
@@ -76,6 +77,14 @@ typedef struct mllama_model_params {
     mllama_log_callback log_callback; /* NULL: no logging */
     void * log_user_data;
 } mllama_model_params;
+
+typedef struct mllama_context_params {
+    int32_t n_threads;         /* <= 0: the model's */
+    int32_t n_image_slots;     /* images whose cross-attention K/V can be held at once */
+    int32_t cross_kv_f32;      /* image slot precision: 1 F32, 0 F16, -1 auto (F32 for F32 models) */
+    const char * dump_dir;     /* NULL: no dumps; else write matching graph nodes as <name>.npy here */
+    const char * dump_filter;  /* regex over node names (NULL or "": all named nodes) */
+} mllama_context_params;
 
 typedef struct mllama_hparams {
     /* text decoder */
@@ -210,6 +219,22 @@ MLLAMA_API mllama_status mllama_model_tensor_get_info(const mllama_model * model
 /* Copy a weight out as float32 (dequantized); n_elements must equal the tensor's element count. */
 MLLAMA_API mllama_status mllama_model_tensor_read_f32(const mllama_model * model, const char * name,
                                                       float * dst, int64_t n_elements);
+
+/* context: the mutable state of a model (scheduler, image slots, caches) */
+MLLAMA_API mllama_context_params mllama_context_default_params(void);
+MLLAMA_API mllama_status mllama_context_init(const mllama_model * model, const mllama_context_params * params,
+                                             mllama_context ** out_context);
+MLLAMA_API void mllama_context_free(mllama_context * context);
+/* Run the vision encoder on one preprocessed image (pixels: max_tiles x channels x tile x tile,
+ * float32) and store its cross-attention K/V in `slot`. If `features` is not NULL it receives the
+ * vision output, max_tiles x n_positions x v_output_dim float32 (n_features values). */
+MLLAMA_API mllama_status mllama_context_encode_image(mllama_context * context, int32_t slot, const float * pixels,
+                                                     int64_t n_pixels, int32_t aspect_ratio_id, int32_t n_tiles,
+                                                     float * features, int64_t n_features);
+/* Copy the K (after k_norm) and V of cross-attention layer `cross_index` (0-based among the cross
+ * layers) held in `slot`: each max_tiles * n_positions x n_head_kv x head_dim float32. */
+MLLAMA_API mllama_status mllama_context_read_cross_kv(const mllama_context * context, int32_t slot, int32_t cross_index,
+                                                      float * k, float * v, int64_t n);
 /* cdef-end */
 
 #ifdef __cplusplus

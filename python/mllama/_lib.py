@@ -119,12 +119,11 @@ def log_level_for(py_logger: logging.Logger) -> int:
 class Handle:
     """Owns one C handle: idempotent close(), context manager, released at garbage collection."""
 
-    _free: Callable[[Any], None]
-
-    def __init__(self, ptr, free: Callable[[Any], None]):
+    def __init__(self, ptr, free: Callable[[], None]):
+        """`free` releases `ptr` (and anything created from it); it runs once, at close() or GC."""
         self._ptr = ptr
         self._lock = threading.RLock()
-        self._finalizer = weakref.finalize(self, free, ptr)
+        self._finalizer = weakref.finalize(self, free)
 
     @property
     def closed(self) -> bool:

@@ -43,6 +43,8 @@ class Model(Handle):
 
     def __init__(self, path: str | os.PathLike, *, n_threads: int | None = None, device: str = "auto",
                  n_gpu_layers: int = -1, use_mmap: bool = True, check_tensors: bool = False,
+                 n_image_slots: int = 4, cross_kv_f32: bool | None = None,
+                 dump_dir: str | os.PathLike | None = None, dump_filter: str | None = None,
                  log: logging.Logger | None = None):
         self.path = Path(path)
         self._log = log or logger
@@ -59,7 +61,42 @@ class Model(Handle):
         params.log_user_data = self._log_handle
         out = ffi.new("mllama_model **")
         call(lib.mllama_model_load, os.fsencode(self.path), ffi.NULL, params, out, error=ModelLoadError)
-        super().__init__(out[0], lib.mllama_model_free)
+        model_ptr = out[0]
+        try:
+            ctx_ptr = self._new_context(model_ptr, n_threads, n_image_slots, cross_kv_f32, dump_dir, dump_filter)
+        except BaseException:
+            lib.mllama_model_free(model_ptr)
+            raise
+
+        def free() -> None:
+            lib.mllama_context_free(ctx_ptr)
+            lib.mllama_model_free(model_ptr)
+
+        super().__init__(model_ptr, free)
+        self._ctx = ctx_ptr
+        self._n_slots = n_image_slots
+        self._next_slot = 0
+        self.last_image_slot: int | None = None
+
+    @staticmethod
+    def _new_context(model_ptr, n_threads, n_image_slots, cross_kv_f32, dump_dir, dump_filter):
+        params = ffi.new("mllama_context_params *", lib.mllama_context_default_params())
+        params.n_threads = int(n_threads or 0)
+        params.n_image_slots = int(n_image_slots)
+        params.cross_kv_f32 = -1 if cross_kv_f32 is None else int(bool(cross_kv_f32))
+        dump_dir = dump_dir if dump_dir is not None else os.environ.get("MLLAMA_DUMP_DIR")
+        dump_filter = dump_filter if dump_filter is not None else os.environ.get("MLLAMA_DUMP_FILTER")
+        keep = []
+        if dump_dir:
+            Path(dump_dir).mkdir(parents=True, exist_ok=True)
+            keep.append(ffi.new("char[]", os.fsencode(dump_dir)))
+            params.dump_dir = keep[-1]
+        if dump_filter:
+            keep.append(ffi.new("char[]", dump_filter.encode()))
+            params.dump_filter = keep[-1]
+        out = ffi.new("mllama_context **")
+        call(lib.mllama_context_init, model_ptr, params, out, error=ModelLoadError)
+        return out[0]
 
     # --- metadata ---------------------------------------------------------------------------
     @property
@@ -105,6 +142,50 @@ class Model(Handle):
         out = np.empty(int(np.prod(info.shape)), dtype=np.float32)
         call(lib.mllama_model_tensor_read_f32, self._handle(), name.encode(), ffi.from_buffer("float[]", out), out.size)
         return out.reshape(tuple(reversed(info.shape)))
+
+    # --- images -----------------------------------------------------------------------------
+    def encode_image(self, image, *, slot: int | None = None) -> np.ndarray:
+        """Run the vision encoder on one image and keep its cross-attention K/V in an image slot.
+
+        Returns the vision output (max_tiles, n_positions, v_output_dim) float32, in the reference
+        channel order; the slot used is `last_image_slot`."""
+        from .preprocess import preprocess
+
+        pre = preprocess(image, self.image_config)
+        return self.encode_pixels(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles, slot=slot)
+
+    def encode_pixels(self, pixel_values: np.ndarray, aspect_ratio_id: int, n_tiles: int, *,
+                      slot: int | None = None) -> np.ndarray:
+        """encode_image for already preprocessed pixels (max_tiles, channels, tile, tile)."""
+        hp = self._hp
+        pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        out = np.empty((hp["v_max_tiles"], hp["v_n_positions"], hp["v_output_dim"]), dtype=np.float32)
+        with self._lock:
+            ctx = self._handle() and self._ctx
+            if slot is None:
+                slot = self._next_slot
+                self._next_slot = (self._next_slot + 1) % max(1, self._n_slots)
+            call(lib.mllama_context_encode_image, ctx, slot, ffi.from_buffer("float[]", pixels), pixels.size,
+                 int(aspect_ratio_id), int(n_tiles), ffi.from_buffer("float[]", out), out.size)
+            self.last_image_slot = slot
+        return out
+
+    def cross_kv(self, slot: int, cross_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """K (after k_norm) and V of one cross-attention layer held in `slot`:
+        each (max_tiles * n_positions, n_head_kv, head_dim)."""
+        hp = self._hp
+        shape = (hp["v_max_tiles"] * hp["v_n_positions"], hp["n_head_kv"], hp["n_embd_head"])
+        k, v = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        with self._lock:
+            call(lib.mllama_context_read_cross_kv, self._handle() and self._ctx, slot, cross_index,
+                 ffi.from_buffer("float[]", k), ffi.from_buffer("float[]", v), k.size)
+        return k, v
+
+    @property
+    def _hp(self) -> dict:
+        if not hasattr(self, "_hp_cache"):
+            self._hp_cache = self.hparams
+        return self._hp_cache
 
     @property
     def image_config(self):
