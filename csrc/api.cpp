@@ -6,6 +6,7 @@
 #include "backend.h"
 #include "context.h"
 #include "error.h"
+#include "guard.h"
 #include "ggml-backend.h"
 #include "ggml.h"
 #include "model.h"
@@ -22,6 +23,8 @@
 
 namespace {
 
+using mllama::guarded;
+
 thread_local std::string t_last_error;
 
 mllama_status set_error(mllama_status status, const char * msg) {
@@ -29,22 +32,11 @@ mllama_status set_error(mllama_status status, const char * msg) {
     return status;
 }
 
-template <typename F>
-mllama_status guarded(F && body) {
-    try {
-        t_last_error.clear();
-        body();
-        return MLLAMA_OK;
-    } catch (const mllama::error & e) {
-        return set_error(e.status, e.what());
-    } catch (const std::bad_alloc &) {
-        return set_error(MLLAMA_ERR_OUT_OF_MEMORY, "out of memory");
-    } catch (const std::exception & e) {
-        return set_error(MLLAMA_ERR_INTERNAL, e.what());
-    } catch (...) {
-        return set_error(MLLAMA_ERR_INTERNAL, "unknown error");
-    }
-}
+}  // namespace
+
+void mllama::set_last_error(const char * msg) { t_last_error = msg ? msg : ""; }
+
+namespace {
 
 void require(bool ok, const char * what) {
     if (!ok) mllama::fail(MLLAMA_ERR_INVALID_ARGUMENT, "%s", what);
@@ -276,9 +268,12 @@ mllama_status mllama_model_tensor_read_f32(const mllama_model * model, const cha
 
 mllama_context_params mllama_context_default_params(void) {
     mllama_context_params p{};
+    p.n_ctx = 0;
+    p.n_batch = 512;
     p.n_threads = 0;
     p.n_image_slots = 4;
     p.cross_kv_f32 = -1;
+    p.kv_f32 = -1;
     p.dump_dir = nullptr;
     p.dump_filter = nullptr;
     return p;
@@ -295,6 +290,15 @@ mllama_status mllama_context_init(const mllama_model * model, const mllama_conte
 
 void mllama_context_free(mllama_context * context) { delete context; }
 
+mllama_status mllama_context_get_params(const mllama_context * context, mllama_context_params * out) {
+    return guarded([&] {
+        require(context && out, "context_get_params needs a context and an output struct");
+        *out = context->params;
+        out->dump_dir = nullptr;
+        out->dump_filter = nullptr;
+    });
+}
+
 mllama_status mllama_context_encode_image(mllama_context * context, int32_t slot, const float * pixels, int64_t n_pixels,
                                           int32_t aspect_ratio_id, int32_t n_tiles, float * features, int64_t n_features) {
     return guarded([&] {
@@ -310,5 +314,16 @@ mllama_status mllama_context_read_cross_kv(const mllama_context * context, int32
         mllama::read_cross_kv(*context, slot, cross_index, k, v, n);
     });
 }
+
+mllama_status mllama_context_decode(mllama_context * context, const int32_t * tokens, int32_t n_tokens, int32_t n_past,
+                                   int32_t n_images, const uint8_t * row_images, const int32_t * out_rows, int32_t n_out,
+                                   float * logits) {
+    return guarded([&] {
+        require(context, "context_decode needs a context");
+        mllama::decode(*context, tokens, n_tokens, n_past, n_images, row_images, out_rows, n_out, logits);
+    });
+}
+
+int64_t mllama_context_n_decoded(const mllama_context * context) { return context ? context->n_decoded : -1; }
 
 }  // extern "C"

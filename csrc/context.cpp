@@ -3,6 +3,7 @@
 #include "backend.h"
 #include "error.h"
 #include "model.h"
+#include "text.h"
 #include "vision.h"
 
 #include "ggml-alloc.h"
@@ -10,12 +11,13 @@
 #include "ggml.h"
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 
 mllama_context::~mllama_context() {
     if (sched) ggml_backend_sched_free(sched);
-    if (slot_buffer) ggml_backend_buffer_free(slot_buffer);
-    if (slot_ctx) ggml_free(slot_ctx);
+    if (state_buffer) ggml_backend_buffer_free(state_buffer);
+    if (state_ctx) ggml_free(state_ctx);
     if (backend_device) ggml_backend_free(backend_device);
     if (backend_cpu) ggml_backend_free(backend_cpu);
 }
@@ -31,36 +33,66 @@ static void set_threads(ggml_backend_t backend, int n_threads) {
     if (fn) fn(backend, n_threads);
 }
 
-static ggml_type cross_kv_type(const mllama_model & model, int32_t requested) {
+static ggml_type cache_type(const mllama_model & model, int32_t requested) {
     if (requested == 1) return GGML_TYPE_F32;
     if (requested == 0) return GGML_TYPE_F16;
-    // auto: full precision for full-precision models, else half (the cache of an 11B image is 8 layers x 13 MB)
+    // auto: full precision for full-precision models, else half (an 11B image is 8 layers x 13 MB)
     return model.text.output->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
 }
 
-static void create_slots(mllama_context & c) {
+// ref: transformers modeling_rope_utils._compute_llama3_parameters; ggml divides theta by the factor.
+static std::vector<float> llama3_rope_factors(const text_hparams & t) {
+    const int64_t half = t.n_embd_head / 2;
+    std::vector<float> factors(static_cast<size_t>(half));
+    const double low_wl = t.rope_orig_ctx / t.rope_low_freq_factor, high_wl = t.rope_orig_ctx / t.rope_high_freq_factor;
+    for (int64_t i = 0; i < half; ++i) {
+        const float inv = 1.0f / std::pow(t.rope_freq_base, static_cast<float>(2 * i) / static_cast<float>(t.n_embd_head));
+        const double wl = 2.0 * M_PI / inv;
+        float scaled = inv;
+        if (wl > low_wl) {
+            scaled = inv / t.rope_factor;
+        } else if (wl >= high_wl) {
+            const double smooth = (t.rope_orig_ctx / wl - t.rope_low_freq_factor) / (t.rope_high_freq_factor - t.rope_low_freq_factor);
+            scaled = static_cast<float>((1.0 - smooth) * inv / t.rope_factor + smooth * inv);
+        }
+        factors[i] = inv / scaled;
+    }
+    return factors;
+}
+
+static void create_state(mllama_context & c) {
     const mllama_model & m = *c.model;
-    const auto & t = m.hp.text;
-    const int64_t n_vis = m.hp.vision.max_tiles * m.hp.vision.n_positions();
-    const size_t n_cross = t.cross_layers.size(), n_slots = static_cast<size_t>(c.params.n_image_slots);
-    ggml_init_params params = {ggml_tensor_overhead() * (2 * n_cross * n_slots + 1), nullptr, true};
-    c.slot_ctx = ggml_init(params);
-    if (!c.slot_ctx) fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot create the image slot context");
-    const ggml_type type = cross_kv_type(m, c.params.cross_kv_f32);
-    c.slots.resize(n_slots);
-    for (size_t s = 0; s < n_slots; ++s) {
-        for (size_t i = 0; i < n_cross; ++i) {
-            ggml_tensor * k = ggml_new_tensor_3d(c.slot_ctx, type, t.n_embd_head, t.n_head_kv, n_vis);
-            ggml_tensor * v = ggml_new_tensor_3d(c.slot_ctx, type, t.n_embd_head, t.n_head_kv, n_vis);
-            ggml_format_name(k, "slot.%zu.cross.%zu.k", s, i);
-            ggml_format_name(v, "slot.%zu.cross.%zu.v", s, i);
-            c.slots[s].k.push_back(k);
-            c.slots[s].v.push_back(v);
+    const text_hparams & t = m.hp.text;
+    context_state & st = c.state;
+    st.n_vis = m.hp.vision.max_tiles * m.hp.vision.n_positions();
+    const int64_t n_slots = c.params.n_image_slots;
+    ggml_init_params params = {ggml_tensor_overhead() * (4 * t.n_layer + 8), nullptr, true};
+    c.state_ctx = ggml_init(params);
+    if (!c.state_ctx) fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot create the context state");
+    const ggml_type xtype = cache_type(m, c.params.cross_kv_f32), ktype = cache_type(m, c.params.kv_f32);
+    st.self_k.assign(t.n_layer, nullptr);
+    st.self_v.assign(t.n_layer, nullptr);
+    for (int il = 0; il < t.n_layer; ++il) {
+        if (t.is_cross(il)) {
+            if (n_slots == 0) continue;
+            st.cross_k.push_back(ggml_format_name(ggml_new_tensor_3d(c.state_ctx, xtype, t.n_embd_head, t.n_head_kv, st.n_vis * n_slots), "cache.%d.cross_k", il));
+            st.cross_v.push_back(ggml_format_name(ggml_new_tensor_3d(c.state_ctx, xtype, t.n_embd_head, t.n_head_kv, st.n_vis * n_slots), "cache.%d.cross_v", il));
+        } else {
+            st.self_k[il] = ggml_format_name(ggml_new_tensor_3d(c.state_ctx, ktype, t.n_embd_head, t.n_head_kv, c.params.n_ctx), "cache.%d.k", il);
+            st.self_v[il] = ggml_format_name(ggml_new_tensor_3d(c.state_ctx, ktype, t.n_embd_head, t.n_head_kv, c.params.n_ctx), "cache.%d.v", il);
         }
     }
+    std::vector<float> factors;
+    if (t.rope_scaling == rope_scaling_type::llama3 && !m.text.rope_freqs) {
+        factors = llama3_rope_factors(t);
+        st.rope_factors = ggml_new_tensor_1d(c.state_ctx, GGML_TYPE_F32, static_cast<int64_t>(factors.size()));
+    }
     ggml_backend_t backend = c.backend_device ? c.backend_device : c.backend_cpu;
-    c.slot_buffer = ggml_backend_alloc_ctx_tensors(c.slot_ctx, backend);
-    if (!c.slot_buffer && n_slots * n_cross > 0) fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot allocate %zu image slots", n_slots);
+    c.state_buffer = ggml_backend_alloc_ctx_tensors(c.state_ctx, backend);
+    if (!c.state_buffer) fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot allocate the caches (n_ctx %d, %lld image slots)", c.params.n_ctx, (long long) n_slots);
+    ggml_backend_buffer_clear(c.state_buffer, 0);
+    if (st.rope_factors) ggml_backend_tensor_set(st.rope_factors, factors.data(), 0, factors.size() * sizeof(float));
+    c.slots.resize(static_cast<size_t>(n_slots));
 }
 
 std::unique_ptr<mllama_context> new_context(const mllama_model & model, const mllama_context_params & params) {
@@ -71,6 +103,9 @@ std::unique_ptr<mllama_context> new_context(const mllama_model & model, const ml
     log_scope scope(&c->log);
     if (c->params.n_threads <= 0) c->params.n_threads = model.params.n_threads;
     if (c->params.n_image_slots < 0 || c->params.n_image_slots > 256) fail(MLLAMA_ERR_INVALID_ARGUMENT, "n_image_slots must be in [0, 256]");
+    if (c->params.n_ctx <= 0) c->params.n_ctx = static_cast<int32_t>(std::min<int64_t>(model.hp.text.n_ctx_train, 4096));
+    if (c->params.n_ctx > model.hp.text.n_ctx_train) fail(MLLAMA_ERR_INVALID_ARGUMENT, "n_ctx %d exceeds the trained context %lld", c->params.n_ctx, (long long) model.hp.text.n_ctx_train);
+    if (c->params.n_batch <= 0) c->params.n_batch = 512;
 
     c->backend_cpu = ggml_backend_dev_init(cpu_device(), nullptr);
     if (!c->backend_cpu) fail(MLLAMA_ERR_BACKEND, "cannot start the CPU backend");
@@ -85,7 +120,7 @@ std::unique_ptr<mllama_context> new_context(const mllama_model & model, const ml
     c->sched = ggml_backend_sched_new(backends.data(), nullptr, static_cast<int>(backends.size()), k_max_nodes, false, true);
     if (!c->sched) fail(MLLAMA_ERR_BACKEND, "cannot create the scheduler");
     c->graph_meta.resize(ggml_tensor_overhead() * k_max_nodes + ggml_graph_overhead_custom(k_max_nodes, false));
-    create_slots(*c);
+    create_state(*c);
     if (params.dump_dir && *params.dump_dir) {
         c->dumper = std::make_unique<tensor_dumper>(params.dump_dir, params.dump_filter ? params.dump_filter : "");
         ggml_backend_sched_set_eval_callback(c->sched, tensor_dumper::callback, c->dumper.get());
@@ -124,6 +159,10 @@ static std::vector<ggml_fp16_t> vision_mask(int64_t n_positions, int64_t n_padde
     return mask;
 }
 
+ggml_tensor * slot_view(ggml_context * ctx, ggml_tensor * t, int64_t n_vis, int64_t first_slot, int64_t n_slots) {
+    return ggml_view_3d(ctx, t, t->ne[0], t->ne[1], n_vis * n_slots, t->nb[1], t->nb[2], static_cast<size_t>(first_slot * n_vis) * t->nb[2]);
+}
+
 void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_t n_pixels, int32_t aspect_ratio_id,
                   int32_t n_tiles, float * features, int64_t n_features) {
     const mllama_model & m = *c.model;
@@ -139,6 +178,7 @@ void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_
 
     image_slot & s = c.slots[slot];
     s.used = false;
+    if (c.state.cross_k.empty()) fail(MLLAMA_ERR_UNSUPPORTED, "the model has no cross-attention layers");
     vision_inputs in;
     ggml_tensor * out = nullptr;
     const std::vector<ggml_fp16_t> mask = vision_mask(hp.n_positions(), padded_positions(hp.n_positions()), hp.max_tiles, n_tiles);
@@ -149,8 +189,8 @@ void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_
         ggml_build_forward_expand(gf, out);
         const cross_kv kv = build_cross_kv(ctx, m, out);
         for (size_t i = 0; i < kv.k.size(); ++i) {  // into the slot: persistent, read by the decoder
-            ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.k[i], s.k[i]));
-            ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.v[i], s.v[i]));
+            ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.k[i], slot_view(ctx, c.state.cross_k[i], c.state.n_vis, slot, 1)));
+            ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.v[i], slot_view(ctx, c.state.cross_v[i], c.state.n_vis, slot, 1)));
         }
         return gf;
     };
@@ -170,18 +210,101 @@ void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_
 
 void read_cross_kv(const mllama_context & c, int32_t slot, int32_t cross_index, float * k, float * v, int64_t n) {
     if (slot < 0 || slot >= static_cast<int32_t>(c.slots.size()) || !c.slots[slot].used) fail(MLLAMA_ERR_INVALID_ARGUMENT, "image slot %d holds no image", slot);
-    const image_slot & s = c.slots[slot];
-    if (cross_index < 0 || cross_index >= static_cast<int32_t>(s.k.size())) fail(MLLAMA_ERR_INVALID_ARGUMENT, "cross layer index %d out of range", cross_index);
-    ggml_tensor * tk = s.k[cross_index];
-    ggml_tensor * tv = s.v[cross_index];
-    if (n != ggml_nelements(tk)) fail(MLLAMA_ERR_INVALID_ARGUMENT, "buffers hold %lld values, %lld needed", (long long) n, (long long) ggml_nelements(tk));
+    const context_state & st = c.state;
+    if (cross_index < 0 || cross_index >= static_cast<int32_t>(st.cross_k.size())) fail(MLLAMA_ERR_INVALID_ARGUMENT, "cross layer index %d out of range", cross_index);
+    ggml_tensor * tk = st.cross_k[cross_index];
+    ggml_tensor * tv = st.cross_v[cross_index];
+    const int64_t per_slot = tk->ne[0] * tk->ne[1] * st.n_vis;
+    if (n != per_slot) fail(MLLAMA_ERR_INVALID_ARGUMENT, "buffers hold %lld values, %lld needed", (long long) n, (long long) per_slot);
     for (auto [t, dst] : {std::pair{tk, k}, std::pair{tv, v}}) {
         if (!dst) continue;
-        std::vector<uint8_t> raw(ggml_nbytes(t));
-        ggml_backend_tensor_get(t, raw.data(), 0, raw.size());
+        const size_t bytes = static_cast<size_t>(per_slot) * ggml_type_size(t->type);
+        std::vector<uint8_t> raw(bytes);
+        ggml_backend_tensor_get(t, raw.data(), static_cast<size_t>(slot) * bytes, bytes);
         if (t->type == GGML_TYPE_F32) std::memcpy(dst, raw.data(), raw.size());
         else ggml_fp16_to_fp32_row(reinterpret_cast<const ggml_fp16_t *>(raw.data()), dst, n);
     }
+}
+
+}  // namespace mllama
+
+namespace mllama {
+
+// ref: transformers _prepare_cross_attention_mask (M:46-71) + processing_mllama masks (spec §5.5).
+static void cross_masks(const mllama_context & c, int32_t n_tokens, int32_t n_images, const uint8_t * row_images,
+                        std::vector<ggml_fp16_t> & x_mask, std::vector<float> & x_rows) {
+    const int64_t n_vis = c.state.n_vis, n_keys = n_vis * n_images, per_tile = c.model->hp.vision.n_positions();
+    const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), neg_inf = ggml_fp32_to_fp16(-INFINITY);
+    x_mask.assign(static_cast<size_t>(n_keys * n_tokens), neg_inf);
+    x_rows.assign(static_cast<size_t>(n_tokens), 0.0f);
+    for (int32_t i = 0; i < n_tokens; ++i) {
+        ggml_fp16_t * row = x_mask.data() + static_cast<size_t>(i) * n_keys;
+        for (int32_t img = 0; img < n_images; ++img) {
+            if (!row_images[static_cast<size_t>(i) * n_images + img]) continue;
+            x_rows[i] = 1.0f;
+            const int64_t n_allowed = c.slots[img].n_tiles * per_tile;  // tiles beyond the image's count stay masked
+            std::fill(row + img * n_vis, row + img * n_vis + n_allowed, zero);
+        }
+        if (x_rows[i] == 0.0f) std::fill(row, row + n_keys, zero);  // no image: attend anywhere, output zeroed
+    }
+}
+
+void decode(mllama_context & c, const int32_t * tokens, int32_t n_tokens, int32_t n_past, int32_t n_images,
+            const uint8_t * row_images, const int32_t * out_rows, int32_t n_out, float * logits) {
+    const text_hparams & hp = c.model->hp.text;
+    if (!tokens || n_tokens <= 0) fail(MLLAMA_ERR_INVALID_ARGUMENT, "decode needs at least one token");
+    if (n_tokens > c.params.n_batch) fail(MLLAMA_ERR_INVALID_ARGUMENT, "%d tokens exceed n_batch %d", n_tokens, c.params.n_batch);
+    if (n_past < 0 || static_cast<int64_t>(n_past) + n_tokens > c.params.n_ctx) {
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "context overflow: %d cached + %d new tokens exceed n_ctx %d", n_past, n_tokens, c.params.n_ctx);
+    }
+    if (n_images < 0 || n_images > static_cast<int32_t>(c.slots.size())) fail(MLLAMA_ERR_INVALID_ARGUMENT, "%d images exceed the %zu image slots", n_images, c.slots.size());
+    if (n_images > 0 && !row_images) fail(MLLAMA_ERR_INVALID_ARGUMENT, "decode with images needs the row/image table");
+    for (int32_t img = 0; img < n_images; ++img) {
+        if (!c.slots[img].used) fail(MLLAMA_ERR_INVALID_ARGUMENT, "image slot %d holds no image", img);
+    }
+    for (int32_t i = 0; i < n_tokens; ++i) {
+        if (tokens[i] < 0 || tokens[i] >= hp.n_vocab_embd) fail(MLLAMA_ERR_INVALID_ARGUMENT, "token id %d out of range [0, %lld)", tokens[i], (long long) hp.n_vocab_embd);
+    }
+    if (n_out < 0 || (n_out > 0 && (!out_rows || !logits))) fail(MLLAMA_ERR_INVALID_ARGUMENT, "invalid output rows");
+    for (int32_t i = 0; i < n_out; ++i) {
+        if (out_rows[i] < 0 || out_rows[i] >= n_tokens) fail(MLLAMA_ERR_INVALID_ARGUMENT, "output row %d out of range", out_rows[i]);
+    }
+    const int32_t n_kv = n_past + n_tokens;
+    std::vector<ggml_fp16_t> kq_mask(static_cast<size_t>(n_kv) * n_tokens, ggml_fp32_to_fp16(-INFINITY));
+    for (int32_t i = 0; i < n_tokens; ++i) std::fill_n(kq_mask.begin() + static_cast<size_t>(i) * n_kv, n_past + i + 1, ggml_fp32_to_fp16(0.0f));
+    std::vector<int32_t> pos(static_cast<size_t>(n_tokens));
+    for (int32_t i = 0; i < n_tokens; ++i) pos[i] = n_past + i;
+    std::vector<ggml_fp16_t> x_mask;
+    std::vector<float> x_rows;
+    if (n_images > 0) cross_masks(c, n_tokens, n_images, row_images, x_mask, x_rows);
+    std::vector<int32_t> rows(out_rows, out_rows + n_out);
+    if (rows.empty()) rows.push_back(n_tokens - 1);  // the graph needs an output; nothing is copied back
+
+    text_inputs in;
+    ggml_tensor * out = nullptr;
+    const text_shape shape{n_tokens, n_past, n_images, static_cast<int64_t>(rows.size())};
+    auto build = [&](ggml_context * ctx) {
+        ggml_cgraph * gf = ggml_new_graph_custom(ctx, k_max_nodes, false);
+        out = build_text(ctx, c, shape, in, gf);
+        ggml_set_output(out);
+        ggml_build_forward_expand(gf, out);
+        return gf;
+    };
+    auto feed = [&] {
+        ggml_backend_tensor_set(in.tokens, tokens, 0, ggml_nbytes(in.tokens));
+        ggml_backend_tensor_set(in.pos, pos.data(), 0, ggml_nbytes(in.pos));
+        ggml_backend_tensor_set(in.kq_mask, kq_mask.data(), 0, ggml_nbytes(in.kq_mask));
+        ggml_backend_tensor_set(in.out_rows, rows.data(), 0, ggml_nbytes(in.out_rows));
+        if (in.x_mask) {
+            ggml_backend_tensor_set(in.x_mask, x_mask.data(), 0, ggml_nbytes(in.x_mask));
+            ggml_backend_tensor_set(in.x_rows, x_rows.data(), 0, ggml_nbytes(in.x_rows));
+        }
+    };
+    auto fetch = [&] {
+        if (n_out > 0) ggml_backend_tensor_get(out, logits, 0, ggml_nbytes(out));
+    };
+    compute(c, build, feed, fetch);
+    c.n_decoded += n_tokens;
 }
 
 }  // namespace mllama

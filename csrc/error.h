@@ -19,6 +19,9 @@ std::string format(const char * fmt, ...) __attribute__((format(printf, 1, 2)));
 
 [[noreturn]] void fail(mllama_status status, const char * fmt, ...) __attribute__((format(printf, 2, 3)));
 
+// Set the thread-local last-error text of the C ABI (api.cpp).
+void set_last_error(const char * msg);
+
 // Shape as "[a, b, c]" in ggml order (ne[0] first).
 std::string shape_str(const long long * ne, int n_dims);
 

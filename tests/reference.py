@@ -90,3 +90,68 @@ class HookDumper:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _meta_cross_layer_forward(self, hidden_states, cross_attention_states, cross_attention_mask, attention_mask,
+                              full_text_row_masked_out_mask, position_ids=None, past_key_values=None, use_cache=False,
+                              position_embeddings=None, **kwargs):
+    # Meta's CrossAttentionTransformerBlock: rows with no image get neither the attention nor the MLP output.
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.cross_attn(hidden_states=hidden_states, attention_mask=cross_attention_mask,
+                                       cross_attention_states=cross_attention_states, past_key_values=past_key_values, **kwargs)
+    if full_text_row_masked_out_mask is not None:
+        hidden_states = full_text_row_masked_out_mask[:, 0] * hidden_states
+    hidden_states = residual + self.cross_attn_attn_gate.tanh() * hidden_states
+    residual = hidden_states
+    hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+    if full_text_row_masked_out_mask is not None:
+        hidden_states = full_text_row_masked_out_mask[:, 0] * hidden_states
+    return residual + self.cross_attn_mlp_gate.tanh() * hidden_states
+
+
+def patch_meta_text(model) -> None:
+    text = model.model.language_model
+    for i in text.config.cross_attention_layers:
+        layer = text.layers[i]
+        layer.forward = types.MethodType(_meta_cross_layer_forward, layer)
+
+
+def patch_meta(model):
+    """Both departures (spec "Ground truth"): the model then follows Meta's reference."""
+    patch_meta_vision(model)
+    patch_meta_text(model)
+    return model
+
+
+def hf_inputs(tokens: list[int], images: list, image_token: int = 128256) -> dict:
+    """Model inputs for one sequence: images are mllama.preprocess results, in prompt order."""
+    from transformers.models.mllama.processing_mllama import (convert_sparse_cross_attention_mask_to_dense,
+                                                              get_cross_attention_token_mask)
+
+    inputs = {"input_ids": torch.tensor([tokens])}
+    if images:
+        n = len(images)
+        inputs["pixel_values"] = torch.from_numpy(np.stack([im.pixel_values for im in images])[None])
+        inputs["aspect_ratio_ids"] = torch.tensor([[im.aspect_ratio_id for im in images]])
+        mask = np.zeros((1, n, images[0].pixel_values.shape[0]), dtype=np.int64)
+        for m, im in enumerate(images):
+            mask[0, m, :im.n_tiles] = 1
+        inputs["aspect_ratio_mask"] = torch.from_numpy(mask)
+        sparse = get_cross_attention_token_mask(tokens, image_token)
+        dense = convert_sparse_cross_attention_mask_to_dense([sparse], [[im.n_tiles for im in images]],
+                                                             max_num_tiles=images[0].pixel_values.shape[0], length=len(tokens))
+        inputs["cross_attention_mask"] = torch.from_numpy(dense)
+    return inputs
+
+
+def hf_logits(model, tokens: list[int], images: list) -> np.ndarray:
+    with torch.no_grad():
+        return model(**hf_inputs(tokens, images)).logits[0].float().numpy()
+
+
+def hf_greedy(model, tokens: list[int], images: list, n: int, eos: list[int]) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(**hf_inputs(tokens, images), max_new_tokens=n, do_sample=False, eos_token_id=eos,
+                             pad_token_id=128004)
+    return out[0, len(tokens):].tolist()

@@ -79,9 +79,12 @@ typedef struct mllama_model_params {
 } mllama_model_params;
 
 typedef struct mllama_context_params {
+    int32_t n_ctx;             /* tokens the self-attention cache holds; <= 0: min(trained context, 4096) */
+    int32_t n_batch;           /* most tokens evaluated in one decode call; <= 0: 512 */
     int32_t n_threads;         /* <= 0: the model's */
     int32_t n_image_slots;     /* images whose cross-attention K/V can be held at once */
     int32_t cross_kv_f32;      /* image slot precision: 1 F32, 0 F16, -1 auto (F32 for F32 models) */
+    int32_t kv_f32;            /* self-attention cache precision, same values */
     const char * dump_dir;     /* NULL: no dumps; else write matching graph nodes as <name>.npy here */
     const char * dump_filter;  /* regex over node names (NULL or "": all named nodes) */
 } mllama_context_params;
@@ -213,6 +216,17 @@ MLLAMA_API mllama_status mllama_model_get_info(const mllama_model * model, mllam
 MLLAMA_API int32_t mllama_model_cross_layers(const mllama_model * model, int32_t * buf, int32_t cap);
 MLLAMA_API int32_t mllama_model_intermediate_layers(const mllama_model * model, int32_t * buf, int32_t cap);
 MLLAMA_API int32_t mllama_model_aspect_ratios(const mllama_model * model, int32_t * buf, int32_t cap);
+/* Metadata by GGUF key. A string: copied NUL-terminated into buf (up to cap bytes), *len receives its
+ * length; MLLAMA_ERR_INVALID_ARGUMENT when absent or not a string. A number (any numeric or bool
+ * type) into *value. An integer array: the count is returned, up to cap values copied (-1: absent). */
+MLLAMA_API mllama_status mllama_model_meta_string(const mllama_model * model, const char * key, char * buf, uint64_t cap,
+                                                  uint64_t * len);
+MLLAMA_API mllama_status mllama_model_meta_number(const mllama_model * model, const char * key, double * value);
+MLLAMA_API int64_t mllama_model_meta_ints(const mllama_model * model, const char * key, int64_t * buf, int64_t cap);
+/* The tokenizer vocabulary: every token NUL-terminated, back to back, into text (cap bytes; *len
+ * receives the bytes needed), and the token types (llama.cpp's: 1 normal, 3 control, ...). */
+MLLAMA_API mllama_status mllama_model_vocab(const mllama_model * model, char * text, uint64_t cap, uint64_t * len,
+                                            int32_t * types, int64_t n_types);
 MLLAMA_API int64_t mllama_model_tensor_count(const mllama_model * model);
 MLLAMA_API mllama_status mllama_model_tensor_get_info(const mllama_model * model, int64_t index,
                                                       mllama_tensor_info * out);
@@ -225,6 +239,8 @@ MLLAMA_API mllama_context_params mllama_context_default_params(void);
 MLLAMA_API mllama_status mllama_context_init(const mllama_model * model, const mllama_context_params * params,
                                              mllama_context ** out_context);
 MLLAMA_API void mllama_context_free(mllama_context * context);
+/* The effective parameters (defaults resolved: n_ctx, n_batch, n_threads). */
+MLLAMA_API mllama_status mllama_context_get_params(const mllama_context * context, mllama_context_params * out);
 /* Run the vision encoder on one preprocessed image (pixels: max_tiles x channels x tile x tile,
  * float32) and store its cross-attention K/V in `slot`. If `features` is not NULL it receives the
  * vision output, max_tiles x n_positions x v_output_dim float32 (n_features values). */
@@ -235,6 +251,16 @@ MLLAMA_API mllama_status mllama_context_encode_image(mllama_context * context, i
  * layers) held in `slot`: each max_tiles * n_positions x n_head_kv x head_dim float32. */
 MLLAMA_API mllama_status mllama_context_read_cross_kv(const mllama_context * context, int32_t slot, int32_t cross_index,
                                                       float * k, float * v, int64_t n);
+/* Evaluate n_tokens at positions n_past.. (cached positions >= n_past are overwritten). The
+ * sequence's images are in slots 0..n_images-1, in prompt order; row_images (n_tokens x n_images
+ * bytes) says which images each token's row attends to (all zero: none, so the cross-attention
+ * layers add nothing to that row). Logits of the batch rows in out_rows are written to logits
+ * (n_out x n_vocab float32). A row attends only to the tiles its image has. */
+MLLAMA_API mllama_status mllama_context_decode(mllama_context * context, const int32_t * tokens, int32_t n_tokens,
+                                               int32_t n_past, int32_t n_images, const uint8_t * row_images,
+                                               const int32_t * out_rows, int32_t n_out, float * logits);
+/* Tokens evaluated by the decoder since the context was created. */
+MLLAMA_API int64_t mllama_context_n_decoded(const mllama_context * context);
 /* cdef-end */
 
 #ifdef __cplusplus

@@ -10,12 +10,20 @@ from ._lib import (
     system_info,
 )
 from .convert import convert
+from .chat_template import TemplateError
+from .engine import ContextOverflowError
 from .model import Model
+from .sampling import SamplingParams
+from .session import Chat
 from .preprocess import ImageError, preprocess
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Chat",
+    "ContextOverflowError",
+    "SamplingParams",
+    "TemplateError",
     "ConversionError",
     "ImageError",
     "MllamaError",

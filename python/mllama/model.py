@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from . import dtypes as T
 from ._lib import Handle, ModelLoadError, call, cstr, ffi, lib, log_level_for, logger
+from .generation import GenerationMixin
 
 
 
@@ -34,16 +36,19 @@ def _struct_to_dict(cdata) -> dict:
     return out
 
 
-class Model(Handle):
+class Model(Handle, GenerationMixin):
     """A loaded mllama GGUF model (immutable weights and hyperparameters).
 
-    Model(path, n_threads=None, device="auto", n_gpu_layers=-1, use_mmap=True, check_tensors=False)
+    Model(path, n_ctx=None, n_batch=512, n_threads=None, device="auto", n_gpu_layers=-1, use_mmap=True,
+          n_image_slots=4, dump_dir=None, dump_filter=None)
     Use as a context manager or call close(); raises ModelLoadError with the reason on failure.
+    One Model serializes its callers: calls from several threads wait for each other.
     """
 
-    def __init__(self, path: str | os.PathLike, *, n_threads: int | None = None, device: str = "auto",
+    def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, n_batch: int = 512,
+                 n_threads: int | None = None, device: str = "auto",
                  n_gpu_layers: int = -1, use_mmap: bool = True, check_tensors: bool = False,
-                 n_image_slots: int = 4, cross_kv_f32: bool | None = None,
+                 n_image_slots: int = 4, cross_kv_f32: bool | None = None, kv_f32: bool | None = None,
                  dump_dir: str | os.PathLike | None = None, dump_filter: str | None = None,
                  log: logging.Logger | None = None):
         self.path = Path(path)
@@ -63,7 +68,10 @@ class Model(Handle):
         call(lib.mllama_model_load, os.fsencode(self.path), ffi.NULL, params, out, error=ModelLoadError)
         model_ptr = out[0]
         try:
-            ctx_ptr = self._new_context(model_ptr, n_threads, n_image_slots, cross_kv_f32, dump_dir, dump_filter)
+            ctx_ptr, ctx_params = self._new_context(model_ptr, dict(
+                n_ctx=int(n_ctx or 0), n_batch=int(n_batch), n_threads=int(n_threads or 0), n_image_slots=int(n_image_slots),
+                cross_kv_f32=-1 if cross_kv_f32 is None else int(bool(cross_kv_f32)),
+                kv_f32=-1 if kv_f32 is None else int(bool(kv_f32))), dump_dir, dump_filter)
         except BaseException:
             lib.mllama_model_free(model_ptr)
             raise
@@ -77,13 +85,19 @@ class Model(Handle):
         self._n_slots = n_image_slots
         self._next_slot = 0
         self.last_image_slot: int | None = None
+        self.last_finish_reason: str | None = None
+        self.last_usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        from .engine import Engine
+
+        self.hparams_cached = self.hparams
+        self._engine = Engine(ctx_ptr, self.hparams_cached, ctx_params["n_ctx"], ctx_params["n_batch"], n_image_slots)
+        self.n_ctx = ctx_params["n_ctx"]
 
     @staticmethod
-    def _new_context(model_ptr, n_threads, n_image_slots, cross_kv_f32, dump_dir, dump_filter):
+    def _new_context(model_ptr, values: dict, dump_dir, dump_filter):
         params = ffi.new("mllama_context_params *", lib.mllama_context_default_params())
-        params.n_threads = int(n_threads or 0)
-        params.n_image_slots = int(n_image_slots)
-        params.cross_kv_f32 = -1 if cross_kv_f32 is None else int(bool(cross_kv_f32))
+        for key, value in values.items():
+            setattr(params, key, value)
         dump_dir = dump_dir if dump_dir is not None else os.environ.get("MLLAMA_DUMP_DIR")
         dump_filter = dump_filter if dump_filter is not None else os.environ.get("MLLAMA_DUMP_FILTER")
         keep = []
@@ -96,7 +110,9 @@ class Model(Handle):
             params.dump_filter = keep[-1]
         out = ffi.new("mllama_context **")
         call(lib.mllama_context_init, model_ptr, params, out, error=ModelLoadError)
-        return out[0]
+        effective = ffi.new("mllama_context_params *")
+        call(lib.mllama_context_get_params, out[0], effective)
+        return out[0], {"n_ctx": int(effective.n_ctx), "n_batch": int(effective.n_batch)}
 
     # --- metadata ---------------------------------------------------------------------------
     @property
@@ -165,6 +181,8 @@ class Model(Handle):
             if slot is None:
                 slot = self._next_slot
                 self._next_slot = (self._next_slot + 1) % max(1, self._n_slots)
+            if 0 <= slot < len(self._engine.slot_keys):
+                self._engine.slot_keys[slot] = None  # the slot no longer holds what the engine put there
             call(lib.mllama_context_encode_image, ctx, slot, ffi.from_buffer("float[]", pixels), pixels.size,
                  int(aspect_ratio_id), int(n_tiles), ffi.from_buffer("float[]", out), out.size)
             self.last_image_slot = slot
@@ -183,9 +201,74 @@ class Model(Handle):
 
     @property
     def _hp(self) -> dict:
-        if not hasattr(self, "_hp_cache"):
-            self._hp_cache = self.hparams
-        return self._hp_cache
+        return self.hparams_cached
+
+    # --- metadata used by generation --------------------------------------------------------
+    def _meta_string(self, key: str) -> str | None:
+        n = ffi.new("uint64_t *")
+        if lib.mllama_model_meta_string(self._handle(), key.encode(), ffi.NULL, 0, n) != lib.MLLAMA_OK:
+            return None
+        buf = ffi.new("char[]", n[0] + 1)
+        call(lib.mllama_model_meta_string, self._handle(), key.encode(), buf, n[0] + 1, n)
+        return ffi.string(buf, n[0]).decode("utf-8", "replace")
+
+    def _meta_number(self, key: str) -> float | None:
+        value = ffi.new("double *")
+        if lib.mllama_model_meta_number(self._handle(), key.encode(), value) != lib.MLLAMA_OK:
+            return None
+        return float(value[0])
+
+    def _meta_ints(self, key: str) -> list[int]:
+        n = lib.mllama_model_meta_ints(self._handle(), key.encode(), ffi.NULL, 0)
+        if n <= 0:
+            return []
+        buf = ffi.new("int64_t[]", n)
+        lib.mllama_model_meta_ints(self._handle(), key.encode(), buf, n)
+        return [int(buf[i]) for i in range(n)]
+
+    @property
+    def name(self) -> str:
+        return self._meta_string("general.name") or self.path.stem
+
+    @cached_property
+    def tokenizer(self):
+        from .tokenizer import Tokenizer
+
+        n = ffi.new("uint64_t *")
+        call(lib.mllama_model_vocab, self._handle(), ffi.NULL, 0, n, ffi.NULL, 0, error=ModelLoadError)
+        text = ffi.new("char[]", n[0])
+        n_tokens = self.hparams_cached["n_tokens"]
+        types = ffi.new("int32_t[]", max(1, n_tokens))
+        call(lib.mllama_model_vocab, self._handle(), text, n[0], n, types, n_tokens, error=ModelLoadError)
+        tokens = ffi.buffer(text, n[0])[:].decode("utf-8").split("\0")[:n_tokens]
+        return Tokenizer(tokens, list(types), self._meta_string("tokenizer.ggml.pre") or "llama-bpe")
+
+    @cached_property
+    def eog_ids(self) -> frozenset[int]:
+        """Every end-of-generation id in the file (eos, eot, eom and the generation config's list)."""
+        hp = self.hparams_cached
+        ids = set(self._meta_ints("tokenizer.ggml.eos_token_ids"))
+        ids |= {hp[k] for k in ("eos_token_id", "eot_token_id", "eom_token_id") if hp[k] >= 0}
+        return frozenset(ids)
+
+    @cached_property
+    def default_sampling(self):
+        """Sampling defaults from the file's generation config (temperature 0.6, top_p 0.9 for Instruct)."""
+        from .sampling import SamplingParams
+
+        p = SamplingParams()
+        temperature = self._meta_number("mllama.generation.temperature")
+        top_p = self._meta_number("mllama.generation.top_p")
+        top_k = self._meta_number("mllama.generation.top_k")
+        do_sample = self._meta_number("mllama.generation.do_sample")
+        return p.with_overrides(temperature=0.0 if do_sample == 0.0 else temperature, top_p=top_p,
+                                top_k=int(top_k) if top_k is not None else None)
+
+    def chat_session(self, *, system: str | None = None, **sampling):
+        """A multi-turn Chat that reuses the caches between turns."""
+        from .session import Chat
+
+        return Chat(self, system=system, **sampling)
 
     @property
     def image_config(self):

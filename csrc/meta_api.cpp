@@ -1,0 +1,113 @@
+// C ABI: metadata and vocabulary access (the tokenizer and chat template live in Python).
+#include "mllama.h"
+
+#include "error.h"
+#include "guard.h"
+#include "gguf.h"
+#include "model.h"
+
+#include <cstring>
+#include <string>
+
+namespace {
+
+int64_t find_key(const mllama_model * model, const char * key) {
+    if (!model || !key) mllama::fail(MLLAMA_ERR_INVALID_ARGUMENT, "metadata access needs a model and a key");
+    const int64_t id = gguf_find_key(model->file->gguf(), key);
+    if (id < 0) mllama::fail(MLLAMA_ERR_INVALID_ARGUMENT, "the model has no metadata key '%s'", key);
+    return id;
+}
+
+bool number_of(const gguf_context * g, int64_t id, gguf_type type, double & out) {
+    switch (type) {
+        case GGUF_TYPE_UINT8: out = gguf_get_val_u8(g, id); return true;
+        case GGUF_TYPE_INT8: out = gguf_get_val_i8(g, id); return true;
+        case GGUF_TYPE_UINT16: out = gguf_get_val_u16(g, id); return true;
+        case GGUF_TYPE_INT16: out = gguf_get_val_i16(g, id); return true;
+        case GGUF_TYPE_UINT32: out = gguf_get_val_u32(g, id); return true;
+        case GGUF_TYPE_INT32: out = gguf_get_val_i32(g, id); return true;
+        case GGUF_TYPE_UINT64: out = static_cast<double>(gguf_get_val_u64(g, id)); return true;
+        case GGUF_TYPE_INT64: out = static_cast<double>(gguf_get_val_i64(g, id)); return true;
+        case GGUF_TYPE_FLOAT32: out = gguf_get_val_f32(g, id); return true;
+        case GGUF_TYPE_FLOAT64: out = gguf_get_val_f64(g, id); return true;
+        case GGUF_TYPE_BOOL: out = gguf_get_val_bool(g, id) ? 1.0 : 0.0; return true;
+        default: return false;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+mllama_status mllama_model_meta_string(const mllama_model * model, const char * key, char * buf, uint64_t cap, uint64_t * len) {
+    return mllama::guarded([&] {
+        const int64_t id = find_key(model, key);
+        const gguf_context * g = model->file->gguf();
+        if (gguf_get_kv_type(g, id) != GGUF_TYPE_STRING) mllama::fail(MLLAMA_ERR_INVALID_ARGUMENT, "metadata key '%s' is not a string", key);
+        const char * value = gguf_get_val_str(g, id);
+        const uint64_t n = std::strlen(value);
+        if (len) *len = n;
+        if (buf && cap > 0) {
+            const uint64_t copy = n < cap - 1 ? n : cap - 1;
+            std::memcpy(buf, value, copy);
+            buf[copy] = '\0';
+        }
+    });
+}
+
+mllama_status mllama_model_meta_number(const mllama_model * model, const char * key, double * value) {
+    return mllama::guarded([&] {
+        const int64_t id = find_key(model, key);
+        if (!value) mllama::fail(MLLAMA_ERR_INVALID_ARGUMENT, "meta_number needs an output");
+        if (!number_of(model->file->gguf(), id, gguf_get_kv_type(model->file->gguf(), id), *value)) {
+            mllama::fail(MLLAMA_ERR_INVALID_ARGUMENT, "metadata key '%s' is not a number", key);
+        }
+    });
+}
+
+int64_t mllama_model_meta_ints(const mllama_model * model, const char * key, int64_t * buf, int64_t cap) {
+    if (!model || !key) return -1;
+    const gguf_context * g = model->file->gguf();
+    const int64_t id = gguf_find_key(g, key);
+    if (id < 0 || gguf_get_kv_type(g, id) != GGUF_TYPE_ARRAY) return -1;
+    const gguf_type type = gguf_get_arr_type(g, id);
+    const int64_t n = static_cast<int64_t>(gguf_get_arr_n(g, id));
+    const void * data = gguf_get_arr_data(g, id);
+    for (int64_t i = 0; buf && i < cap && i < n; ++i) {
+        switch (type) {
+            case GGUF_TYPE_INT32: buf[i] = static_cast<const int32_t *>(data)[i]; break;
+            case GGUF_TYPE_UINT32: buf[i] = static_cast<const uint32_t *>(data)[i]; break;
+            case GGUF_TYPE_INT64: buf[i] = static_cast<const int64_t *>(data)[i]; break;
+            case GGUF_TYPE_UINT64: buf[i] = static_cast<int64_t>(static_cast<const uint64_t *>(data)[i]); break;
+            default: return -1;
+        }
+    }
+    return n;
+}
+
+mllama_status mllama_model_vocab(const mllama_model * model, char * text, uint64_t cap, uint64_t * len, int32_t * types, int64_t n_types) {
+    return mllama::guarded([&] {
+        if (!model) mllama::fail(MLLAMA_ERR_INVALID_ARGUMENT, "model_vocab needs a model");
+        const gguf_context * g = model->file->gguf();
+        const int64_t id = gguf_find_key(g, "tokenizer.ggml.tokens");
+        if (id < 0) mllama::fail(MLLAMA_ERR_INVALID_ARGUMENT, "the model has no tokenizer");
+        const int64_t n = static_cast<int64_t>(gguf_get_arr_n(g, id));
+        uint64_t need = 0;
+        for (int64_t i = 0; i < n; ++i) {
+            const char * tok = gguf_get_arr_str(g, id, static_cast<size_t>(i));
+            const uint64_t l = std::strlen(tok) + 1;
+            if (text && need + l <= cap) std::memcpy(text + need, tok, l);
+            need += l;
+        }
+        if (len) *len = need;
+        const int64_t tid = gguf_find_key(g, "tokenizer.ggml.token_type");
+        for (int64_t i = 0; types && i < n_types; ++i) {
+            types[i] = 1;
+            if (tid >= 0 && gguf_get_arr_type(g, tid) == GGUF_TYPE_INT32 && i < static_cast<int64_t>(gguf_get_arr_n(g, tid))) {
+                types[i] = static_cast<const int32_t *>(gguf_get_arr_data(g, tid))[i];
+            }
+        }
+    });
+}
+
+}  // extern "C"

@@ -1,0 +1,138 @@
+"""Chat template rendering (sandboxed jinja2) and message normalization.
+
+Messages may be OpenAI-style (`content` a string or a list of `text` / `image_url` parts, where an
+image_url is a data: URL or a local path), carry an Ollama-style `images` list, or hold images
+directly (PIL images, paths, bytes, arrays as `{"type": "image", "image": ...}` parts).
+
+User text is kept apart from the template's own text: each text part is rendered as a marker, and
+`render_segments` returns (text, is_user_text) pieces so the tokenizer can treat special-token
+strings typed by a user as ordinary text.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
+from importlib.resources import files
+from typing import Any
+
+_MARK = re.compile("\ue000(\\d+)\ue001")
+
+
+class TemplateError(ValueError):
+    """The chat template rejected the conversation (e.g. images together with a system prompt)."""
+
+
+def default_template() -> str:
+    return files("mllama").joinpath("data/llama32_vision_instruct.jinja").read_text()
+
+
+@lru_cache(maxsize=8)
+def _compile(source: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+@dataclass
+class Conversation:
+    messages: list[dict]                      # template-ready messages (text parts replaced by markers)
+    images: list[Any] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+
+def _decode_image_url(url: str) -> Any:
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if ";base64" not in header:
+            raise ValueError("only base64 data: URLs are supported for images")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except ValueError as exc:
+            raise ValueError(f"invalid base64 image data: {exc}") from None
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    if "://" in url:
+        raise ValueError("remote image URLs are not fetched; pass a data: URL or a local path")
+    return url
+
+
+def normalize(messages: list[dict]) -> Conversation:
+    conv = Conversation([])
+
+    def text_part(text: str) -> dict:
+        conv.texts.append(text)
+        return {"type": "text", "text": f"\ue000{len(conv.texts) - 1}\ue001"}
+
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message:
+            raise ValueError(f"message {i} must be a dict with a 'role'")
+        role, content = message["role"], message.get("content", "")
+        parts: list[dict] = []
+        for image in message.get("images", []) or []:  # Ollama style: images come first
+            conv.images.append(image)
+            parts.append({"type": "image"})
+        if isinstance(content, str):
+            if role == "system":
+                content = content.strip()  # the template trims the system prompt
+            if parts:
+                parts.append(text_part(content))
+            else:
+                conv.messages.append({"role": role, "content": text_part(content)["text"]})
+                continue
+        elif isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    parts.append(text_part(str(part.get("text", ""))))
+                elif kind == "image_url":
+                    url = part["image_url"]["url"] if isinstance(part.get("image_url"), dict) else part.get("image_url")
+                    conv.images.append(_decode_image_url(str(url)))
+                    parts.append({"type": "image"})
+                elif kind == "image":
+                    conv.images.append(part.get("image", part.get("url")))
+                    parts.append({"type": "image"})
+                else:
+                    raise ValueError(f"message {i}: unsupported content part {part!r:.80}")
+        elif content is not None:
+            raise ValueError(f"message {i}: content must be a string or a list of parts")
+        conv.messages.append({"role": role, "content": parts})
+    return conv
+
+
+def render_segments(template: str, conv: Conversation, *, bos_token: str, add_generation_prompt: bool = True,
+                    date_string: str | None = None) -> list[tuple[str, bool]]:
+    """The rendered prompt as (text, is_user_text) segments."""
+    from jinja2 import TemplateError as JinjaError
+
+    kwargs = {"messages": conv.messages, "bos_token": bos_token, "add_generation_prompt": add_generation_prompt}
+    if date_string is not None:
+        kwargs["date_string"] = date_string
+    try:
+        rendered = _compile(template).render(**kwargs)
+    except JinjaError as exc:
+        raise TemplateError(f"chat template error: {exc}") from None
+    segments: list[tuple[str, bool]] = []
+    pos = 0
+    for match in _MARK.finditer(rendered):
+        if match.start() > pos:
+            segments.append((rendered[pos:match.start()], False))
+        segments.append((conv.texts[int(match.group(1))], True))
+        pos = match.end()
+    if pos < len(rendered):
+        segments.append((rendered[pos:], False))
+    return segments
+
+
+def render(template: str, messages: list[dict], **kwargs) -> str:
+    """The rendered prompt as one string (user text inserted back)."""
+    return "".join(text for text, _ in render_segments(template, normalize(messages), **kwargs))

@@ -1,0 +1,97 @@
+"""Token sampling: pure numpy functions, testable without the C library.
+
+Order (as llama.cpp's default chain): repetition/presence/frequency penalties -> top-k ->
+temperature -> softmax -> top-p -> min-p -> draw. temperature <= 0 means greedy.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.6
+    top_k: int = 0               # 0: off
+    top_p: float = 0.9           # 1.0: off
+    min_p: float = 0.0           # 0.0: off
+    repeat_penalty: float = 1.0  # 1.0: off (llama.cpp semantics: divide positive logits, multiply negative)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_last_n: int = 64      # tokens the penalties look back over (-1: all)
+    seed: int | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def with_overrides(self, **kwargs) -> "SamplingParams":
+        known = {k: v for k, v in kwargs.items() if v is not None}
+        if "stop" in known and isinstance(known["stop"], str):
+            known["stop"] = (known["stop"],)
+        elif "stop" in known:
+            known["stop"] = tuple(known["stop"])
+        unknown = set(known) - set(self.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+        return replace(self, **known)
+
+
+def apply_penalties(logits: np.ndarray, history: Sequence[int], p: SamplingParams) -> np.ndarray:
+    if p.repeat_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0:
+        return logits
+    recent = list(history if p.repeat_last_n < 0 else history[-p.repeat_last_n:] if p.repeat_last_n else [])
+    if not recent:
+        return logits
+    out = logits.copy()
+    counts = Counter(t for t in recent if 0 <= t < len(out))
+    ids = np.fromiter(counts.keys(), dtype=np.int64)
+    freq = np.fromiter(counts.values(), dtype=np.float32)
+    values = out[ids]
+    if p.repeat_penalty != 1.0:
+        values = np.where(values > 0, values / p.repeat_penalty, values * p.repeat_penalty)
+    out[ids] = values - freq * p.frequency_penalty - p.presence_penalty
+    return out
+
+
+def probabilities(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate ids, their probabilities) after top-k, temperature, top-p and min-p."""
+    ids = np.arange(len(logits))
+    values = logits.astype(np.float64)
+    if p.top_k and 0 < p.top_k < len(values):
+        keep = np.argpartition(-values, p.top_k - 1)[: p.top_k]
+        ids, values = ids[keep], values[keep]
+    order = np.argsort(-values, kind="stable")
+    ids, values = ids[order], values[order] / max(p.temperature, 1e-6)
+    probs = np.exp(values - values[0])
+    probs /= probs.sum()
+    if p.top_p < 1.0:
+        cut = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
+        ids, probs = ids[:cut], probs[:cut]
+    if p.min_p > 0.0:
+        keep = probs >= p.min_p * probs[0]
+        ids, probs = ids[keep], probs[keep]
+    return ids, probs / probs.sum()
+
+
+def sample(logits: np.ndarray, history: Sequence[int], p: SamplingParams, rng: np.random.Generator) -> int:
+    logits = apply_penalties(np.asarray(logits, dtype=np.float32), history, p)
+    if p.temperature <= 0.0:
+        return int(np.argmax(logits))
+    ids, probs = probabilities(logits, p)
+    return int(ids[rng.choice(len(ids), p=probs)])
+
+
+def find_stop(text: str, stops: Sequence[str]) -> tuple[int, int]:
+    """(index of the earliest stop string in text or -1, length of the longest stop-string prefix
+    at the end of text, which must be held back while streaming)."""
+    first = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    return first, hold

@@ -1,0 +1,40 @@
+"""A multi-turn chat that keeps the model's caches across turns: each turn re-renders the whole
+conversation, and the engine evaluates only the tokens after the longest common prefix (and encodes
+only images it does not already hold)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+
+class Chat:
+    def __init__(self, model, *, system: str | None = None, **sampling):
+        self.model = model
+        self.sampling = sampling
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+
+    def send(self, content: str, images: tuple[Any, ...] | list[Any] = (), *, stream: bool = False, **sampling):
+        """Add a user turn and return the assistant's reply (or a stream of text pieces)."""
+        parts: list[dict] = [{"type": "image", "image": image} for image in images]
+        parts.append({"type": "text", "text": content})
+        self.messages.append({"role": "user", "content": parts})
+        try:
+            tokens, all_images = self.model.chat_prompt(self.messages)
+        except BaseException:
+            self.messages.pop()
+            raise
+        pieces = self._reply(tokens, all_images, {**self.sampling, **sampling})
+        return pieces if stream else "".join(pieces)
+
+    def _reply(self, tokens, images, sampling) -> Iterator[str]:
+        text = []
+        try:
+            for piece in self.model._stream_text(tokens, images, **sampling):
+                text.append(piece)
+                yield piece
+        finally:  # an interrupted reply is kept as far as it went, so the history stays consistent
+            self.messages.append({"role": "assistant", "content": "".join(text)})
+
+    def clear(self) -> None:
+        system = [m for m in self.messages[:1] if m["role"] == "system"]
+        self.messages = system
