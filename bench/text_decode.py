@@ -92,7 +92,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     sys.path.insert(0, str(HERE))
     import mllama
-    from synthetic_checkpoint import write_synthetic_checkpoint
+    from mllama.synthetic import write_synthetic_checkpoint
     from tiny_checkpoint import VISION_CONFIG, build_checkpoint
 
     text = {**TEXT_11B, "num_hidden_layers": args.layers, "cross_attention_layers": [args.layers - 1]}

@@ -84,7 +84,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    from synthetic_checkpoint import write_synthetic_checkpoint
+    from mllama.synthetic import write_synthetic_checkpoint
     from tiny_checkpoint import build_checkpoint
 
     import mllama

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from synthetic_checkpoint import write_synthetic_checkpoint
+from mllama.synthetic import write_synthetic_checkpoint
 from tiny_checkpoint import TEXT_CONFIG, VISION_CONFIG
 
 CHILD = textwrap.dedent("""

@@ -1,4 +1,4 @@
-"""The `mllama` command line: convert, info (chat, describe, serve, bench and demo build on it)."""
+"""The `mllama` command line: chat, describe, serve, demo, bench, convert, info."""
 
 from __future__ import annotations
 
@@ -88,6 +88,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import serve
+    except ImportError as exc:  # pragma: no cover - depends on the extra
+        raise MllamaError(f"the server needs FastAPI and uvicorn: pip install 'mllama[server]' ({exc})") from None
+    from .cli_chat import load_model
+
+    with load_model(args) as model:
+        print(f"mllama serve: {model.name} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
+        serve(model, host=args.host, port=args.port, max_queue=args.max_queue, max_body_bytes=args.max_body * 2**20,
+              allow_local_images=args.allow_local_images)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .dtypes import writable_type_names
 
@@ -106,6 +120,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
+
+    from .cli_chat import HELP, add_sampling_flags, cmd_chat, cmd_describe
+
+    def model_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-m", "--model", help="a GGUF file (default: $MLLAMA_MODEL)")
+        p.add_argument("--device", default="auto", help="compute device: auto, cpu or a device name (default auto)")
+        p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default min(trained, 4096))")
+        p.add_argument("-v", "--verbose", action="store_true", help="show time to first token and tokens/s")
+
+    p = sub.add_parser("chat", help="interactive chat (or one answer for a prompt piped on stdin)",
+                       epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_flags(p)
+    p.add_argument("--image", action="append", help="attach an image to the first message (repeatable)")
+    p.add_argument("--system", help="system prompt (the template refuses it together with images)")
+    add_sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("describe", help="describe images, one after the other")
+    model_flags(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--prompt", default="Describe this image.")
+    p.add_argument("--json", action="store_true", help="one JSON object per image instead of streamed text")
+    add_sampling_flags(p)
+    p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs: pip install mllama[server])")
+    model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--allow-local-images", action="store_true", help="accept image_url parts naming local files")
+    p.add_argument("--max-queue", type=int, default=8, help="requests that may wait for the model (default 8)")
+    p.add_argument("--max-body", type=int, default=32, help="largest request body in MiB (default 32)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on a small random-weight model (no download)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the generated text")
+    p.set_defaults(func=lambda a: __import__("mllama.demo", fromlist=["run_demo"]).run_demo(quiet=a.quiet))
+
+    p = sub.add_parser("bench", help="image encode time, prompt and decode tokens/s, peak memory")
+    model_flags(p)
+    p.add_argument("--image", help="image to encode (default: a generated test image)")
+    p.add_argument("--prompt", default="Describe this image in detail.")
+    p.add_argument("--decode", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=lambda a: __import__("mllama.cli_bench", fromlist=["cmd_bench"]).cmd_bench(a))
 
     p = sub.add_parser("info", help="show a model's hyperparameters, tensors and the devices")
     p.add_argument("model", nargs="?", help="a GGUF file (default: $MLLAMA_MODEL); none: list devices")

@@ -29,6 +29,9 @@ class GenerationMixin:
 
         out = []
         for image in images:
+            if isinstance(image, PreparedImage):
+                out.append(image)
+                continue
             pre = preprocess(image, self.image_config)
             out.append(PreparedImage(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles, image_key(pre.pixel_values, pre.aspect_ratio_id)))
         return out

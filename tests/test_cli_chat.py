@@ -1,0 +1,120 @@
+"""The interactive chat driven through a pseudo-terminal, describe, demo and bench from the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pexpect
+import pytest
+from PIL import Image
+
+
+@pytest.fixture()
+def picture(tmp_path):
+    path = tmp_path / "pic.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 100, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def spawn_chat(gguf, *extra, tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "TERM": "dumb"}
+    import os
+
+    env = {**os.environ, **env}
+    return pexpect.spawn(sys.executable, ["-m", "mllama", "chat", "-m", str(gguf), "--temperature", "0", *extra],
+                         env=env, encoding="utf-8", timeout=120)
+
+
+def test_repl_two_turns_image_save_interrupt_and_eof(gguf_f32, picture, tmp_path):
+    child = spawn_chat(gguf_f32, "--max-tokens", "12", tmp_path=tmp_path)
+    child.expect("/help for commands")
+    child.expect("> ")
+    child.sendline(f"/image {picture}")
+    child.expect("attached")
+    child.expect("> ")
+    child.sendline("Describe this image.")
+    child.expect("> ")
+    child.sendline("What else do you see?")
+    child.expect("> ")
+    save = tmp_path / "conv.json"
+    child.sendline(f"/save {save}")
+    child.expect("saved 4 messages")
+    child.expect("> ")
+    conversation = json.loads(save.read_text())
+    assert [m["role"] for m in conversation] == ["user", "assistant", "user", "assistant"]
+    assert conversation[0]["content"][0]["type"] == "image"
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_a_reply_and_returns_to_the_prompt(gguf_f32, tmp_path):
+    child = spawn_chat(gguf_f32, "--max-tokens", "100000", "--ctx", "4096", tmp_path=tmp_path)
+    child.expect("> ")
+    child.sendline("Write a very long story.")
+    child.expect(r"\S{3}")  # some reply text
+    child.sendintr()
+    child.expect(r"\[stopped\]")
+    child.expect("> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_from_a_pipe(gguf_f32):
+    proc = subprocess.run([sys.executable, "-m", "mllama", "chat", "-m", str(gguf_f32), "--temperature", "0", "--max-tokens", "8"],
+                          input="Hello there", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+
+
+def test_describe_json(gguf_f32, picture):
+    proc = subprocess.run([sys.executable, "-m", "mllama", "describe", str(picture), str(picture), "-m", str(gguf_f32),
+                           "--json", "--temperature", "0", "--max-tokens", "6"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(x) for x in proc.stdout.strip().splitlines()]
+    assert len(lines) == 2 and lines[0]["description"] == lines[1]["description"]
+    assert lines[0]["usage"]["completion_tokens"] <= 6
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["describe", "missing.png", "-m", "MODEL"], "no such image file"),
+    (["chat", "-m", "/nonexistent.gguf"], "cannot open"),
+    (["chat"], "no model given"),
+])
+def test_cli_errors_are_one_line(gguf_f32, tmp_path, args, fragment, monkeypatch):
+    import os
+
+    args = [str(gguf_f32) if a == "MODEL" else a for a in args]
+    env = {k: v for k, v in os.environ.items() if k != "MLLAMA_MODEL"}
+    proc = subprocess.run([sys.executable, "-m", "mllama", *args], capture_output=True, text=True, timeout=60, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_bench_json(gguf_f32):
+    proc = subprocess.run([sys.executable, "-m", "mllama", "bench", "-m", str(gguf_f32), "--decode", "4", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["decode_tokens"] == 4 and data["prompt_tok_s"] > 0 and data["peak_rss_bytes"] > 0
+
+
+def test_demo_builds_once_and_runs(tmp_path):
+    import os
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    first = subprocess.run([sys.executable, "-m", "mllama", "demo"], capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "building the demo model" in first.stderr and "weights are random" in first.stderr and "demo OK" in first.stderr
+    assert list((tmp_path / "cache" / "mllama").glob("demo-random-v*.gguf"))
+    second = subprocess.run([sys.executable, "-m", "mllama", "demo", "--quiet"], capture_output=True, text=True, timeout=600, env=env)
+    assert second.returncode == 0 and "building" not in second.stderr
+    assert second.stdout.strip() == first.stdout.strip()  # deterministic: same weights, greedy decoding

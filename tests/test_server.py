@@ -1,0 +1,166 @@
+"""The OpenAI-compatible server, started on a free loopback port, driven by the official client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(gguf_f32):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mllama", "serve", "-m", str(gguf_f32), "--port", str(port),
+                             "--max-queue", "1", "--max-body", "1", "--ctx", "4096"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(base + "/health", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stderr.read())
+            time.sleep(0.1)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def client(base):
+    from openai import OpenAI
+
+    return OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def data_url() -> str:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 100, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+MESSAGES = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url()}},
+                                         {"type": "text", "text": "Describe this image."}]}]
+
+
+def post(base, path, body: bytes, timeout=60):
+    req = urllib.request.Request(base + path, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_models_and_health(server):
+    models = client(server).models.list()
+    assert len(models.data) == 1
+    assert json.loads(urllib.request.urlopen(server + "/health").read())["status"] == "ok"
+
+
+def test_streamed_equals_non_streamed_with_an_image(server):
+    c = client(server)
+    full = c.chat.completions.create(model="x", messages=MESSAGES, temperature=0, max_tokens=16)
+    text = full.choices[0].message.content
+    assert text and full.usage.completion_tokens <= 16 and full.usage.prompt_tokens == 15
+    stream = c.chat.completions.create(model="x", messages=MESSAGES, temperature=0, max_tokens=16, stream=True)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert streamed == text
+
+
+def test_two_concurrent_requests_complete(server):
+    results = []
+
+    def one():
+        r = client(server).chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], temperature=0, max_tokens=8)
+        results.append(r.choices[0].message.content)
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 2 and results[0] == results[1]
+
+
+def long_stream(base, stop: threading.Event, started: threading.Event):
+    body = json.dumps({"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 3000, "stream": True,
+                       "temperature": 0}).encode()
+    req = urllib.request.Request(base + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        r.readline()
+        started.set()
+        while not stop.is_set() and r.readline():
+            pass
+
+
+def test_full_queue_answers_503_and_disconnect_frees_the_model(server):
+    stop, started = threading.Event(), threading.Event()
+    streamer = threading.Thread(target=long_stream, args=(server, stop, started))
+    streamer.start()
+    assert started.wait(60)
+    waiting = threading.Thread(target=post, args=(server, "/v1/chat/completions",
+                                                  json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).encode()))
+    waiting.start()
+    time.sleep(0.5)  # the second request now waits in the queue (max 1)
+    status, text = post(server, "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "Hi"}]}).encode())
+    assert status == 503 and "busy" in text
+    stop.set()  # the streaming client goes away
+    streamer.join(timeout=60)
+    t0 = time.perf_counter()
+    waiting.join(timeout=30)
+    assert not waiting.is_alive() and time.perf_counter() - t0 < 5
+    t0 = time.perf_counter()
+    status, _ = post(server, "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}).encode())
+    assert status == 200 and time.perf_counter() - t0 < 1.0
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    (b"{not json", 400, "malformed JSON"),
+    (b"[]", 400, "JSON object"),
+    (json.dumps({"messages": []}).encode(), 400, "non-empty list"),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}).encode(),
+     400, "cannot read image"),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}).encode(),
+     400, "allow-local-images"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}).encode(), 400, "must be a number"),
+], ids=["malformed", "not_object", "no_messages", "bad_image", "local_path", "bad_number"])
+def test_bad_requests(server, body, status, fragment):
+    got, text = post(server, "/v1/chat/completions", body)
+    assert got == status, text
+    assert fragment in json.loads(text)["error"]["message"]
+
+
+def test_oversized_body_answers_413(server):
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 2097152\r\n\r\n{")
+        reply = sock.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 413") and "request body over" in reply
+
+
+def test_ollama_chat(server):
+    body = {"model": "x", "messages": [{"role": "user", "content": "Describe this image.", "images": [data_url().split(",", 1)[1]]}],
+            "stream": False, "options": {"temperature": 0, "num_predict": 6}}
+    status, text = post(server, "/api/chat", json.dumps(body).encode())
+    assert status == 200, text
+    reply = json.loads(text)
+    assert reply["done"] is True and reply["eval_count"] <= 6 and reply["prompt_eval_count"] == 15
