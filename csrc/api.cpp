@@ -139,11 +139,8 @@ mllama_status mllama_model_load(const char * path, const char * projector_path, 
         require(out_model, "model_load needs an output pointer");
         *out_model = nullptr;
         require(path && *path, "model_load needs a path");
-        if (projector_path && *projector_path) {
-            mllama::fail(MLLAMA_ERR_UNSUPPORTED, "split text/projector files are not supported yet ('%s')", projector_path);
-        }
         const mllama_model_params p = params ? *params : mllama_model_default_params();
-        *out_model = mllama::load_model(path, p).release();
+        *out_model = mllama::load_model(path, projector_path, p).release();
     });
 }
 

@@ -92,6 +92,7 @@ namespace mllama {
     X(V_POS_EMBD, "v.position_embd.weight")                                         \
     X(V_POS_GATE, "v.position_embd.gate")                                           \
     X(V_TILE_POS_EMBD, "v.tile_position_embd.weight")                               \
+    X(V_TILE_POS_GATE, "v.tile_position_embd.gate")                                 \
     X(V_PRE_TILE_EMBD, "v.pre_tile_position_embd.weight")                           \
     X(V_PRE_TILE_GATE, "v.pre_tile_position_embd.gate")                             \
     X(V_POST_TILE_EMBD, "v.post_tile_position_embd.weight")                         \

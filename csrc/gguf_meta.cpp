@@ -9,9 +9,25 @@
 namespace mllama {
 
 int64_t gguf_meta::find(kv key, bool required) const {
-    const int64_t id = gguf_find_key(ctx_, key_name(key));
-    if (id < 0 && required) fail(MLLAMA_ERR_MODEL, "missing metadata key '%s'", key_name(key));
-    return id;
+    for (const gguf_context * ctx : ctxs_) {
+        const int64_t id = gguf_find_key(ctx, key_name(key));
+        if (id >= 0) {
+            ctx_ = ctx;
+            return id;
+        }
+    }
+    if (required) fail(MLLAMA_ERR_MODEL, "missing metadata key '%s'", key_name(key));
+    return -1;
+}
+
+int64_t gguf_meta::token_id(const std::string & text) const {
+    const int64_t id = find(kv::TOK_TOKENS, false);
+    if (id < 0 || gguf_get_kv_type(ctx_, id) != GGUF_TYPE_ARRAY || gguf_get_arr_type(ctx_, id) != GGUF_TYPE_STRING) return -1;
+    const size_t n = gguf_get_arr_n(ctx_, id);
+    for (size_t i = n; i-- > 0;) {  // special tokens sit at the end
+        if (text == gguf_get_arr_str(ctx_, id, i)) return static_cast<int64_t>(i);
+    }
+    return -1;
 }
 
 bool gguf_meta::has(kv key) const { return find(key, false) >= 0; }

@@ -12,9 +12,11 @@ struct gguf_context;
 
 namespace mllama {
 
+// Keys are looked up in each context in turn (a text file, then its projector file).
 class gguf_meta {
   public:
-    explicit gguf_meta(const gguf_context * ctx) : ctx_(ctx) {}
+    explicit gguf_meta(const gguf_context * ctx) : ctxs_{ctx} {}
+    explicit gguf_meta(std::vector<const gguf_context *> ctxs) : ctxs_(std::move(ctxs)) {}
 
     bool has(kv key) const;
     int64_t get_int(kv key) const;
@@ -28,9 +30,13 @@ class gguf_meta {
     std::vector<float> get_float_array(kv key) const;
     int64_t array_size(kv key) const;  // -1 when absent
 
+    // The id of a string in the tokenizer vocabulary, or -1.
+    int64_t token_id(const std::string & text) const;
+
   private:
-    int64_t find(kv key, bool required) const;
-    const gguf_context * ctx_;
+    int64_t find(kv key, bool required) const;  // sets ctx_ to the context holding the key
+    std::vector<const gguf_context *> ctxs_;
+    mutable const gguf_context * ctx_ = nullptr;
 };
 
 }  // namespace mllama

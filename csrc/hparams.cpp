@@ -92,7 +92,7 @@ static vision_hparams load_vision(const gguf_meta & meta) {
     v.n_channels = meta.get_int(kv::V_NUM_CHANNELS, 3);
     v.max_tiles = meta.get_int(kv::V_MAX_NUM_TILES);
     v.norm_eps = meta.get_float(kv::V_NORM_EPS);
-    v.projection_dim = meta.get_int(kv::V_PROJECTION_DIM);
+    v.projection_dim = meta.get_int(kv::V_PROJECTION_DIM, meta.get_int(kv::EMBEDDING_LENGTH));
     require_range(v.n_embd, 1, k_max_dim, kv::V_EMBEDDING_LENGTH);
     require_range(v.n_ff, 1, k_max_dim, kv::V_FEED_FORWARD_LENGTH);
     require_range(v.n_layer, 1, k_max_layers, kv::V_BLOCK_COUNT);
@@ -108,7 +108,14 @@ static vision_hparams load_vision(const gguf_meta & meta) {
     if (!(v.norm_eps > 0.0f)) fail(MLLAMA_ERR_MODEL, "vision layer_norm_epsilon must be positive");
     v.intermediate_layers = layer_list(meta, kv::V_INTERMEDIATE_LAYERS, v.n_layer);
 
-    const std::vector<int64_t> ratios = meta.get_int_array(kv::V_ASPECT_RATIOS);
+    std::vector<int64_t> ratios;
+    if (meta.has(kv::V_ASPECT_RATIOS)) {
+        ratios = meta.get_int_array(kv::V_ASPECT_RATIOS);
+    } else {  // ref: image_processing_mllama.get_all_supported_aspect_ratios
+        for (int64_t a = 1; a <= v.max_tiles; ++a) {
+            for (int64_t b = 1; a * b <= v.max_tiles; ++b) ratios.insert(ratios.end(), {a, b});
+        }
+    }
     if (ratios.empty() || ratios.size() % 2 != 0) fail(MLLAMA_ERR_MODEL, "supported_aspect_ratios must hold (tiles_h, tiles_w) pairs");
     for (size_t i = 0; i < ratios.size(); i += 2) {
         if (ratios[i] < 1 || ratios[i + 1] < 1 || ratios[i] * ratios[i + 1] > v.max_tiles) {
@@ -117,8 +124,10 @@ static vision_hparams load_vision(const gguf_meta & meta) {
         }
         v.aspect_ratios.emplace_back(static_cast<int>(ratios[i]), static_cast<int>(ratios[i + 1]));
     }
-    const std::vector<float> mean = meta.get_float_array(kv::V_IMAGE_MEAN);
-    const std::vector<float> std_ = meta.get_float_array(kv::V_IMAGE_STD);
+    static const std::vector<float> clip_mean = {0.48145466f, 0.4578275f, 0.40821073f};
+    static const std::vector<float> clip_std = {0.26862954f, 0.26130258f, 0.27577711f};
+    const std::vector<float> mean = meta.has(kv::V_IMAGE_MEAN) ? meta.get_float_array(kv::V_IMAGE_MEAN) : clip_mean;
+    const std::vector<float> std_ = meta.has(kv::V_IMAGE_STD) ? meta.get_float_array(kv::V_IMAGE_STD) : clip_std;
     if (mean.size() != 3 || std_.size() != 3) fail(MLLAMA_ERR_MODEL, "image_mean and image_std must have 3 values");
     for (int c = 0; c < 3; ++c) {
         if (!(std_[c] > 0.0f)) fail(MLLAMA_ERR_MODEL, "image_std must be positive");
@@ -137,11 +146,13 @@ static token_ids load_token_ids(const gguf_meta & meta) {
         if (v < -1 || v >= (1 << 24)) fail(MLLAMA_ERR_MODEL, "token id key '%s' = %lld is out of range", key_name(key), (long long) v);
         return v;
     };
-    ids.image = read(kv::IMAGE_TOKEN_ID);
+    auto read_or_find = [&](kv key, const char * text) { return meta.has(key) ? read(key) : meta.token_id(text); };
+    ids.image = meta.has(kv::IMAGE_TOKEN_ID) ? read(kv::IMAGE_TOKEN_ID) : meta.token_id("<|image|>");
+    if (ids.image < 0) ids.image = meta.get_int(kv::VOCAB_SIZE);  // <|image|> follows the text vocabulary
     ids.bos = read(kv::TOK_BOS_ID);
     ids.eos = read(kv::TOK_EOS_ID);
-    ids.eot = read(kv::TOK_EOT_ID);
-    ids.eom = read(kv::TOK_EOM_ID);
+    ids.eot = read_or_find(kv::TOK_EOT_ID, "<|eot_id|>");
+    ids.eom = read_or_find(kv::TOK_EOM_ID, "<|eom_id|>");
     ids.pad = read(kv::TOK_PAD_ID);
     return ids;
 }

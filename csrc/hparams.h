@@ -32,6 +32,7 @@ struct text_hparams {
     float rope_high_freq_factor = 1.0f;
     int64_t rope_orig_ctx = 0;
     std::vector<int> cross_layers;  // sorted decoder indices of the cross-attention layers
+    bool rope_neox = true;          // HF (rotate_half) order; false for files with RoPE-permuted q/k
 
     bool is_cross(int layer) const;
     int64_t n_embd_kv() const { return n_embd_head * n_head_kv; }
@@ -71,7 +72,9 @@ struct hparams {
     std::string name;
 };
 
-// Reads and validates everything but n_vocab_embd (taken from the token embedding tensor).
+// Reads and validates everything but n_vocab_embd (taken from the token embedding tensor). Keys
+// Ollama's files lack get the reference defaults: CLIP mean/std, the standard aspect ratios for
+// max_num_tiles, projection_dim = n_embd, special ids looked up by their token text.
 hparams load_hparams(const gguf_meta & meta);
 
 }  // namespace mllama

@@ -7,15 +7,20 @@
 #include "model.h"
 
 #include <cstring>
+#include <utility>
 #include <string>
 
 namespace {
 
-int64_t find_key(const mllama_model * model, const char * key) {
+// The key's id and the metadata of the file holding it (the text file first, then the projector).
+std::pair<const gguf_context *, int64_t> find_key(const mllama_model * model, const char * key, bool required = true) {
     if (!model || !key) mllama::fail(MLLAMA_ERR_INVALID_ARGUMENT, "metadata access needs a model and a key");
-    const int64_t id = gguf_find_key(model->file->gguf(), key);
-    if (id < 0) mllama::fail(MLLAMA_ERR_INVALID_ARGUMENT, "the model has no metadata key '%s'", key);
-    return id;
+    for (const auto & file : model->files) {
+        const int64_t id = gguf_find_key(file->gguf(), key);
+        if (id >= 0) return {file->gguf(), id};
+    }
+    if (required) mllama::fail(MLLAMA_ERR_INVALID_ARGUMENT, "the model has no metadata key '%s'", key);
+    return {nullptr, -1};
 }
 
 bool number_of(const gguf_context * g, int64_t id, gguf_type type, double & out) {
@@ -41,8 +46,7 @@ extern "C" {
 
 mllama_status mllama_model_meta_string(const mllama_model * model, const char * key, char * buf, uint64_t cap, uint64_t * len) {
     return mllama::guarded([&] {
-        const int64_t id = find_key(model, key);
-        const gguf_context * g = model->file->gguf();
+        const auto [g, id] = find_key(model, key);
         if (gguf_get_kv_type(g, id) != GGUF_TYPE_STRING) mllama::fail(MLLAMA_ERR_INVALID_ARGUMENT, "metadata key '%s' is not a string", key);
         const char * value = gguf_get_val_str(g, id);
         const uint64_t n = std::strlen(value);
@@ -57,9 +61,9 @@ mllama_status mllama_model_meta_string(const mllama_model * model, const char * 
 
 mllama_status mllama_model_meta_number(const mllama_model * model, const char * key, double * value) {
     return mllama::guarded([&] {
-        const int64_t id = find_key(model, key);
+        const auto [g, id] = find_key(model, key);
         if (!value) mllama::fail(MLLAMA_ERR_INVALID_ARGUMENT, "meta_number needs an output");
-        if (!number_of(model->file->gguf(), id, gguf_get_kv_type(model->file->gguf(), id), *value)) {
+        if (!number_of(g, id, gguf_get_kv_type(g, id), *value)) {
             mllama::fail(MLLAMA_ERR_INVALID_ARGUMENT, "metadata key '%s' is not a number", key);
         }
     });
@@ -67,8 +71,7 @@ mllama_status mllama_model_meta_number(const mllama_model * model, const char * 
 
 int64_t mllama_model_meta_ints(const mllama_model * model, const char * key, int64_t * buf, int64_t cap) {
     if (!model || !key) return -1;
-    const gguf_context * g = model->file->gguf();
-    const int64_t id = gguf_find_key(g, key);
+    const auto [g, id] = find_key(model, key, false);
     if (id < 0 || gguf_get_kv_type(g, id) != GGUF_TYPE_ARRAY) return -1;
     const gguf_type type = gguf_get_arr_type(g, id);
     const int64_t n = static_cast<int64_t>(gguf_get_arr_n(g, id));
@@ -88,7 +91,7 @@ int64_t mllama_model_meta_ints(const mllama_model * model, const char * key, int
 mllama_status mllama_model_vocab(const mllama_model * model, char * text, uint64_t cap, uint64_t * len, int32_t * types, int64_t n_types) {
     return mllama::guarded([&] {
         if (!model) mllama::fail(MLLAMA_ERR_INVALID_ARGUMENT, "model_vocab needs a model");
-        const gguf_context * g = model->file->gguf();
+        const gguf_context * g = model->files[0]->gguf();
         const int64_t id = gguf_find_key(g, "tokenizer.ggml.tokens");
         if (id < 0) mllama::fail(MLLAMA_ERR_INVALID_ARGUMENT, "the model has no tokenizer");
         const int64_t n = static_cast<int64_t>(gguf_get_arr_n(g, id));

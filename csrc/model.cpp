@@ -24,23 +24,6 @@ static ggml_context * new_descriptor_context(size_t n_tensors) {
     return ctx;
 }
 
-static void check_identity(const gguf_file & file) {
-    gguf_meta meta(file.gguf());
-    const std::string arch = meta.get_str(kv::GENERAL_ARCHITECTURE, "");
-    if (arch != k_arch_name) {
-        fail(MLLAMA_ERR_FORMAT, "'%s' is not an mllama model (general.architecture = '%s')", file.path().c_str(), arch.c_str());
-    }
-    const std::string convention = meta.get_str(kv::WEIGHTS_CONVENTION, "");
-    if (convention.empty()) {
-        fail(MLLAMA_ERR_UNSUPPORTED, "'%s' was not written by the mllama converter (no '%s' key); Ollama-layout files are not supported yet",
-             file.path().c_str(), key_name(kv::WEIGHTS_CONVENTION));
-    }
-    if (convention != k_weights_convention) {
-        fail(MLLAMA_ERR_UNSUPPORTED, "'%s' uses weight convention '%s', this build reads '%s'", file.path().c_str(),
-             convention.c_str(), k_weights_convention);
-    }
-}
-
 static void check_token_ids(const hparams & hp, int64_t n_vocab_embd) {
     const std::pair<const char *, int64_t> ids[] = {{"image", hp.tokens.image}, {"bos", hp.tokens.bos}, {"eos", hp.tokens.eos},
                                                     {"eot", hp.tokens.eot}, {"eom", hp.tokens.eom}, {"pad", hp.tokens.pad}};
@@ -52,41 +35,74 @@ static void check_token_ids(const hparams & hp, int64_t n_vocab_embd) {
     }
 }
 
-// Allocate one context's tensors, pointing CPU tensors into the mapping when mmap is on, else
-// allocating a buffer of the device and copying the data in.
-static void allocate(mllama_model & m, ggml_context * ctx, ggml_backend_dev_t dev, bool use_mmap) {
+// Allocate one context's tensors: CPU tensors point into the file mappings when mmap is on, else a
+// buffer of the device is allocated and the data copied in.
+static void allocate(mllama_model & m, ggml_context * ctx, ggml_backend_dev_t dev, bool use_mmap, const tensor_loader & loader) {
     if (!ggml_get_first_tensor(ctx)) return;
-    const gguf_file & file = *m.file;
-    ggml_backend_buffer_t buf = nullptr;
     if (use_mmap && is_cpu(dev)) {
-        size_t max_size = 0;
-        for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) max_size = std::max(max_size, ggml_nbytes(t));
-        buf = ggml_backend_dev_buffer_from_host_ptr(dev, const_cast<uint8_t *>(file.mapping()), file.size(), max_size);
-        if (!buf) fail(MLLAMA_ERR_BACKEND, "cannot wrap the mapping of '%s' in a CPU buffer", file.path().c_str());
-        m.buffers.push_back(buf);
-        for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {
-            void * addr = const_cast<uint8_t *>(file.mapping()) + file.data_offset(ggml_get_name(t));
-            if (ggml_backend_tensor_alloc(buf, t, addr) != GGML_STATUS_SUCCESS) fail(MLLAMA_ERR_BACKEND, "cannot place tensor '%s'", ggml_get_name(t));
-        }
-    } else {
-        buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_dev_buffer_type(dev));
-        if (!buf) fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot allocate the weights on %s", ggml_backend_dev_name(dev));
-        m.buffers.push_back(buf);
-        std::vector<uint8_t> staging;
-        for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {
-            const uint64_t offset = file.data_offset(ggml_get_name(t));
-            if (ggml_backend_buffer_is_host(buf)) {
-                file.read(offset, t->data, ggml_nbytes(t));
-            } else if (file.mapping()) {
-                ggml_backend_tensor_set(t, file.mapping() + offset, 0, ggml_nbytes(t));
-            } else {
-                staging.resize(ggml_nbytes(t));
-                file.read(offset, staging.data(), staging.size());
-                ggml_backend_tensor_set(t, staging.data(), 0, staging.size());
+        for (const auto & file : m.files) {
+            size_t max_size = 0;
+            for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {
+                if (loader.source(t).file == file.get()) max_size = std::max(max_size, ggml_nbytes(t));
+            }
+            if (max_size == 0) continue;
+            uint8_t * base = const_cast<uint8_t *>(file->mapping());
+            ggml_backend_buffer_t buf = ggml_backend_dev_buffer_from_host_ptr(dev, base, file->size(), max_size);
+            if (!buf) fail(MLLAMA_ERR_BACKEND, "cannot wrap the mapping of '%s' in a CPU buffer", file->path().c_str());
+            m.buffers.push_back(buf);
+            ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+            for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {
+                const tensor_source & src = loader.source(t);
+                if (src.file != file.get()) continue;
+                if (ggml_backend_tensor_alloc(buf, t, base + file->data_offset(src.name)) != GGML_STATUS_SUCCESS) fail(MLLAMA_ERR_BACKEND, "cannot place tensor '%s'", ggml_get_name(t));
             }
         }
+        return;
     }
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_dev_buffer_type(dev));
+    if (!buf) fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot allocate the weights on %s", ggml_backend_dev_name(dev));
+    m.buffers.push_back(buf);
     ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    std::vector<uint8_t> staging;
+    for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {
+        const tensor_source & src = loader.source(t);
+        const uint64_t offset = src.file->data_offset(src.name);
+        if (ggml_backend_buffer_is_host(buf)) {
+            src.file->read(offset, t->data, ggml_nbytes(t));
+        } else if (src.file->mapping()) {
+            ggml_backend_tensor_set(t, src.file->mapping() + offset, 0, ggml_nbytes(t));
+        } else {
+            staging.resize(ggml_nbytes(t));
+            src.file->read(offset, staging.data(), staging.size());
+            ggml_backend_tensor_set(t, staging.data(), 0, staging.size());
+        }
+    }
+}
+
+// Ollama permuted the cross-attention q/k rows (RoPE-style, per head) but not q_norm/k_norm: give
+// the norms the same permutation, so the normalized q.k products equal the reference's.
+static void permute_cross_norms(mllama_model & m) {
+    std::vector<ggml_tensor **> norms;
+    for (text_layer_w & l : m.text.layers) {
+        if (l.is_cross) norms.insert(norms.end(), {&l.cross.q_norm, &l.cross.k_norm});
+    }
+    if (norms.empty()) return;
+    ggml_context * ctx = new_descriptor_context(norms.size());
+    m.contexts.push_back(ctx);
+    std::vector<std::pair<ggml_tensor *, std::vector<float>>> values;
+    for (ggml_tensor ** norm : norms) {
+        std::vector<float> v(static_cast<size_t>(ggml_nelements(*norm)));
+        ggml_backend_tensor_get(*norm, v.data(), 0, v.size() * sizeof(float));
+        ggml_tensor * t = ggml_dup_tensor(ctx, *norm);
+        ggml_format_name(t, "%s (permuted)", ggml_get_name(*norm));
+        values.emplace_back(t, rope_permute_head(v));
+        *norm = t;
+    }
+    ggml_backend_dev_t dev = m.compute_device;
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_dev_buffer_type(dev));
+    if (!buf) fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot allocate the permuted norms");
+    m.buffers.push_back(buf);
+    for (auto & [t, v] : values) ggml_backend_tensor_set(t, v.data(), 0, v.size() * sizeof(float));
 }
 
 static void validate_data(const mllama_model & m) {
@@ -102,8 +118,9 @@ static void validate_data(const mllama_model & m) {
 
 static void fill_info(mllama_model & m) {
     mllama_model_info & info = m.info;
-    info.format = MLLAMA_FORMAT_MLLAMA;
-    info.file_size = m.file->size();
+    info.format = m.conv.format;
+    for (const auto & file : m.files) info.file_size += file->size();
+    std::snprintf(info.conventions, sizeof(info.conventions), "%s", m.conv.describe().c_str());
     info.n_tensors = static_cast<int64_t>(m.tensors.size());
     for (const auto & [name, t] : m.tensors) {
         info.n_params += static_cast<uint64_t>(ggml_nelements(t));
@@ -115,26 +132,37 @@ static void fill_info(mllama_model & m) {
     std::snprintf(info.name, sizeof(info.name), "%s", m.hp.name.c_str());
 }
 
-std::unique_ptr<mllama_model> load_model(const char * path, const mllama_model_params & params) {
+std::unique_ptr<mllama_model> load_model(const char * path, const char * projector_path, const mllama_model_params & params) {
     auto m = std::make_unique<mllama_model>();
     m->params = params;
     m->log = logger{params.log_callback, params.log_user_data, params.log_level};
     log_scope scope(&m->log);
     if (m->params.n_threads <= 0) m->params.n_threads = physical_core_count();
 
-    m->file = std::make_unique<gguf_file>(path);
-    check_identity(*m->file);
-    m->hp = load_hparams(gguf_meta(m->file->gguf()));
+    m->files.push_back(std::make_unique<gguf_file>(path));
+    if (projector_path && *projector_path) m->files.push_back(std::make_unique<gguf_file>(projector_path));
+    std::vector<const gguf_file *> files;
+    std::vector<const gguf_context *> metas;
+    for (const auto & f : m->files) {
+        files.push_back(f.get());
+        metas.push_back(f->gguf());
+    }
+    m->conv = detect_conventions(files);
+    m->hp = load_hparams(gguf_meta(metas));
+    m->hp.text.rope_neox = !m->conv.rope_permuted;
     m->compute_device = select_device(params.device);
     const bool on_cpu = is_cpu(m->compute_device);
     m->params.use_mmap = params.use_mmap ? 1 : 0;
-    if (m->params.use_mmap) m->file->map();
+    if (m->params.use_mmap) {
+        for (const auto & f : m->files) f->map();
+    }
 
     const int64_t n_layer = m->hp.text.n_layer;
     const int64_t n_gpu = on_cpu ? 0 : (params.n_gpu_layers < 0 ? n_layer : std::min<int64_t>(params.n_gpu_layers, n_layer));
     m->info.n_gpu_layers = static_cast<int32_t>(n_gpu);
 
-    const size_t n_file_tensors = static_cast<size_t>(m->file->n_tensors());
+    size_t n_file_tensors = 0;
+    for (const auto & f : m->files) n_file_tensors += static_cast<size_t>(f->n_tensors());
     placement where;
     where.cpu = new_descriptor_context(n_file_tensors);
     m->contexts.push_back(where.cpu);
@@ -142,23 +170,24 @@ std::unique_ptr<mllama_model> load_model(const char * path, const mllama_model_p
     if (!on_cpu) m->contexts.push_back(where.device);
     where.first_device_layer = static_cast<int>(n_layer - n_gpu);
 
-    tensor_loader loader(*m->file, m->log);
+    tensor_loader loader(files, m->conv);
     m->text = load_text_weights(m->hp.text, loader, where);
     m->hp.text.n_vocab_embd = m->text.token_embd->ne[1];
     check_token_ids(m->hp, m->hp.text.n_vocab_embd);
     m->vision = load_vision_weights(m->hp.vision, loader, where.device);  // the vision tower stays on the device
     for (const std::string & name : loader.unused()) m->log.log(MLLAMA_LOG_WARN, "ignoring unknown tensor '%s'", name.c_str());
 
-    allocate(*m, where.cpu, cpu_device(), m->params.use_mmap);
-    if (!on_cpu) allocate(*m, where.device, m->compute_device, m->params.use_mmap);
+    allocate(*m, where.cpu, cpu_device(), m->params.use_mmap, loader);
+    if (!on_cpu) allocate(*m, where.device, m->compute_device, m->params.use_mmap, loader);
     for (ggml_context * ctx : m->contexts) {
         for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) m->tensors[ggml_get_name(t)] = t;
     }
     if (params.check_tensors) validate_data(*m);
-    read_gates(m->text, m->vision);
+    read_gates(m->text, m->vision, m->conv.gates_pretanh);
     fill_info(*m);
-    m->log.log(MLLAMA_LOG_INFO, "loaded '%s': %lld tensors, %.1f MiB on %s", path, (long long) m->info.n_tensors,
-               m->info.n_bytes_weights / 1048576.0, m->info.device);
+    if (m->conv.cross_qk_permuted) permute_cross_norms(*m);
+    m->log.log(MLLAMA_LOG_INFO, "loaded '%s': %lld tensors, %.1f MiB on %s (%s)", path, (long long) m->info.n_tensors,
+               m->info.n_bytes_weights / 1048576.0, m->info.device, m->conv.describe().c_str());
     return m;
 }
 

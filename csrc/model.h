@@ -2,6 +2,7 @@
 // (caches, schedulers, image slots) belongs to a context created from it.
 #pragma once
 
+#include "format.h"
 #include "gguf_file.h"
 #include "hparams.h"
 #include "log.h"
@@ -25,7 +26,8 @@ struct mllama_model {
     mllama_model_info info{};
 
     ggml_backend_device * compute_device = nullptr;  // where graphs run
-    std::unique_ptr<mllama::gguf_file> file;
+    std::vector<std::unique_ptr<mllama::gguf_file>> files;  // the model file (and an Ollama projector file)
+    mllama::conventions conv;                                // how the files were written
     std::vector<ggml_context *> contexts;                // tensor descriptors, one per buffer
     std::vector<ggml_backend_buffer *> buffers;          // weight data
     std::map<std::string, ggml_tensor *> tensors;        // every loaded weight by GGUF name
@@ -38,6 +40,6 @@ struct mllama_model {
 
 namespace mllama {
 
-std::unique_ptr<mllama_model> load_model(const char * path, const mllama_model_params & params);
+std::unique_ptr<mllama_model> load_model(const char * path, const char * projector_path, const mllama_model_params & params);
 
 }  // namespace mllama

@@ -27,7 +27,7 @@ static ggml_tensor * self_attention(ggml_context * ctx, const mllama_context & c
     const int64_t hd = hp.n_embd_head, n = s.n_tokens;
     ggml_tensor * factors = m.text.rope_freqs ? m.text.rope_freqs : c.state.rope_factors;
     auto rope = [&](ggml_tensor * t) {
-        return ggml_rope_ext(ctx, t, in.pos, factors, static_cast<int>(hd), GGML_ROPE_TYPE_NEOX, static_cast<int>(hp.rope_orig_ctx),
+        return ggml_rope_ext(ctx, t, in.pos, factors, static_cast<int>(hd), hp.rope_neox ? GGML_ROPE_TYPE_NEOX : 0, static_cast<int>(hp.rope_orig_ctx),
                              hp.rope_freq_base, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
     };
     ggml_tensor * q = rope(ggml_reshape_3d(ctx, ggml_mul_mat(ctx, w.wq, x), hd, hp.n_head, n));     // [hd, H, n]

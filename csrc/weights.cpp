@@ -3,6 +3,7 @@
 #include "error.h"
 #include "ggml.h"
 #include "gguf_file.h"
+#include "format.h"
 #include "log.h"
 #include "quant.h"
 #include "ggml-backend.h"
@@ -26,12 +27,24 @@ static void check_type(const std::string & name, const ggml_tensor * t, wkind ki
     }
 }
 
-ggml_tensor * tensor_loader::descriptor(tn id, int layer) const { return file_.find(tensor_name(id, layer)); }
+tensor_source tensor_loader::find(const std::string & canonical) const {
+    const std::string name = file_tensor_name(conv_, canonical);
+    for (const gguf_file * f : files_) {
+        if (f->find(name)) return {f, name};
+    }
+    return {nullptr, name};
+}
+
+ggml_tensor * tensor_loader::descriptor(tn id, int layer) const {
+    const tensor_source src = find(tensor_name(id, layer));
+    return src.file ? src.file->find(src.name) : nullptr;
+}
 
 ggml_tensor * tensor_loader::load_optional(ggml_context * ctx, tn id, int layer, std::vector<int64_t> shape, wkind kind) {
     const std::string name = tensor_name(id, layer);
-    ggml_tensor * meta = file_.find(name);
-    if (!meta) return nullptr;
+    const tensor_source src = find(name);
+    if (!src.file) return nullptr;
+    ggml_tensor * meta = src.file->find(src.name);
     long long want[GGML_MAX_DIMS] = {1, 1, 1, 1};
     for (size_t i = 0; i < shape.size(); ++i) want[i] = shape[i];
     bool same = true;
@@ -44,20 +57,26 @@ ggml_tensor * tensor_loader::load_optional(ggml_context * ctx, tn id, int layer,
     check_type(name, meta, kind);
     ggml_tensor * t = ggml_dup_tensor(ctx, meta);
     ggml_set_name(t, name.c_str());
-    used_.insert(name);
+    used_.emplace(src.file, src.name);
+    sources_[t] = src;
     return t;
 }
 
 ggml_tensor * tensor_loader::load(ggml_context * ctx, tn id, int layer, std::vector<int64_t> shape, wkind kind) {
     ggml_tensor * t = load_optional(ctx, id, layer, std::move(shape), kind);
-    if (!t) fail(MLLAMA_ERR_MODEL, "missing tensor '%s' in '%s'", tensor_name(id, layer).c_str(), file_.path().c_str());
+    if (!t) {
+        const tensor_source src = find(tensor_name(id, layer));
+        fail(MLLAMA_ERR_MODEL, "missing tensor '%s' in '%s'", src.name.c_str(), files_.back()->path().c_str());
+    }
     return t;
 }
 
 std::vector<std::string> tensor_loader::unused() const {
     std::vector<std::string> out;
-    for (int64_t i = 0; i < file_.n_tensors(); ++i) {
-        if (!used_.count(file_.tensor_name(i))) out.emplace_back(file_.tensor_name(i));
+    for (const gguf_file * f : files_) {
+        for (int64_t i = 0; i < f->n_tensors(); ++i) {
+            if (!used_.count({f, f->tensor_name(i)})) out.emplace_back(f->tensor_name(i));
+        }
     }
     return out;
 }
@@ -143,6 +162,7 @@ vision_w load_vision_weights(const vision_hparams & hp, tensor_loader & L, ggml_
     w.pos_embd = L.load(ctx, tn::V_POS_EMBD, -1, {d, hp.n_positions()}, wkind::floats);
     w.pos_gate = L.load(ctx, tn::V_POS_GATE, -1, {1}, wkind::f32);
     w.tile_pos_embd = L.load(ctx, tn::V_TILE_POS_EMBD, -1, {hp.max_tiles * hp.n_positions() * d, n_ar}, wkind::floats);
+    w.tile_pos_gate = L.load_optional(ctx, tn::V_TILE_POS_GATE, -1, {1}, wkind::f32);  // Ollama: tanh(g) of the position gate
     w.pre_tile_embd = L.load(ctx, tn::V_PRE_TILE_EMBD, -1, {hp.max_tiles * d, n_ar}, wkind::floats);
     w.pre_tile_gate = L.load(ctx, tn::V_PRE_TILE_GATE, -1, {1}, wkind::f32);
     w.post_tile_embd = L.load(ctx, tn::V_POST_TILE_EMBD, -1, {hp.max_tiles * d, n_ar}, wkind::floats);
@@ -169,13 +189,21 @@ static float gate_tanh(const ggml_tensor * gate) {
     return std::tanh(value);
 }
 
-void read_gates(text_w & text, vision_w & vision) {
-    vision.pos_gate_tanh = gate_tanh(vision.pos_gate);
-    vision.pre_tile_gate_tanh = gate_tanh(vision.pre_tile_gate);
-    vision.post_tile_gate_tanh = gate_tanh(vision.post_tile_gate);
+static float gate_value(const ggml_tensor * gate) {
+    float value = 0.0f;
+    ggml_backend_tensor_get(gate, &value, 0, sizeof(value));
+    if (!std::isfinite(value) || value < -1.0f || value > 2.0f) fail(MLLAMA_ERR_MODEL, "gate '%s' = %g is not a stored tanh", ggml_get_name(gate), value);
+    return value;
+}
+
+void read_gates(text_w & text, vision_w & vision, bool pretanh) {
+    auto vision_gate = [&](const ggml_tensor * g) { return pretanh ? gate_value(g) : gate_tanh(g); };
+    vision.pos_gate_tanh = pretanh ? 1.0f - gate_value(vision.pos_gate) : gate_tanh(vision.pos_gate);
+    vision.pre_tile_gate_tanh = vision_gate(vision.pre_tile_gate);
+    vision.post_tile_gate_tanh = vision_gate(vision.post_tile_gate);
     for (vision_layer_w & l : vision.global_layers) {
-        l.attn_gate_tanh = gate_tanh(l.attn_gate);
-        l.ffn_gate_tanh = gate_tanh(l.ffn_gate);
+        l.attn_gate_tanh = vision_gate(l.attn_gate);
+        l.ffn_gate_tanh = vision_gate(l.ffn_gate);
     }
     for (text_layer_w & l : text.layers) {
         if (!l.is_cross) continue;

@@ -6,6 +6,7 @@
 #include "arch.h"
 #include "hparams.h"
 
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -16,6 +17,7 @@ struct ggml_tensor;
 namespace mllama {
 
 class gguf_file;
+struct conventions;
 struct logger;
 
 struct norm_w {
@@ -42,6 +44,7 @@ struct vision_w {
     ggml_tensor * pos_embd = nullptr;        // [v_n_embd, n_positions]
     ggml_tensor * pos_gate = nullptr;        // [1] raw gate g: (1 - tanh g) * pos + tanh g * tile_pos
     ggml_tensor * tile_pos_embd = nullptr;   // [max_tiles * n_positions * v_n_embd, n_aspect_ratios + 1]
+    ggml_tensor * tile_pos_gate = nullptr;   // Ollama files only: tanh(g) (unused: derived from pos_gate)
     ggml_tensor * pre_tile_embd = nullptr;   // [max_tiles * v_n_embd, n_aspect_ratios + 1]
     ggml_tensor * pre_tile_gate = nullptr;
     ggml_tensor * post_tile_embd = nullptr;
@@ -96,24 +99,37 @@ struct placement {
     int first_device_layer = 0;       // text layers >= this index go to the device
 };
 
+// Where a loaded tensor's data lives: which file, under which name.
+struct tensor_source {
+    const gguf_file * file = nullptr;
+    std::string name;
+};
+
+// Finds canonical tensors in the model files (translating names for the file's conventions),
+// checks them and creates their descriptors in the context of their placement.
 class tensor_loader {
   public:
-    tensor_loader(const gguf_file & file, const logger & log) : file_(file), log_(log) {}
+    tensor_loader(std::vector<const gguf_file *> files, const conventions & conv) : files_(std::move(files)), conv_(conv) {}
 
     ggml_tensor * load(ggml_context * ctx, tn id, int layer, std::vector<int64_t> shape, wkind kind);
     ggml_tensor * load_optional(ggml_context * ctx, tn id, int layer, std::vector<int64_t> shape, wkind kind);
     ggml_tensor * descriptor(tn id, int layer = -1) const;  // nullptr if absent
-    // Tensors of the file that no component asked for (reported as warnings).
+    const tensor_source & source(const ggml_tensor * t) const { return sources_.at(t); }
+    // Tensors of the files that no component asked for (reported as warnings).
     std::vector<std::string> unused() const;
 
   private:
-    const gguf_file & file_;
-    const logger & log_;
-    std::set<std::string> used_;
+    tensor_source find(const std::string & canonical) const;
+
+    std::vector<const gguf_file *> files_;
+    const conventions & conv_;
+    std::set<std::pair<const gguf_file *, std::string>> used_;
+    std::map<const ggml_tensor *, tensor_source> sources_;
 };
 
 // Read the scalar gates (after the weights are in their buffers) and store tanh(gate) on the host.
-void read_gates(text_w & text, vision_w & vision);
+// pretanh: the vision gates were stored as tanh(g), the position gate as 1 - tanh(g) (Ollama).
+void read_gates(text_w & text, vision_w & vision, bool pretanh);
 
 text_w load_text_weights(const text_hparams & hp, tensor_loader & loader, const placement & where);
 vision_w load_vision_weights(const vision_hparams & hp, tensor_loader & loader, ggml_context * ctx);

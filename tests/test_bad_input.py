@@ -123,9 +123,15 @@ def test_inconsistent_hparam(small_gguf, tmp_path):
     expect_load_error(path, "not a multiple of head_count")
 
 
-def test_foreign_convention_is_refused(small_gguf, tmp_path):
-    path = rewrite(small_gguf, tmp_path / "o.gguf", drop_keys={"mllama.weights.convention"})
-    expect_load_error(path, "not written by the mllama converter")
+def test_unknown_convention_is_refused(small_gguf, tmp_path):
+    path = rewrite(small_gguf, tmp_path / "o.gguf", keys={"mllama.weights.convention": "permuted"})
+    expect_load_error(path, "uses weight convention 'permuted'")
+
+
+def test_text_only_file_needs_its_projector(small_gguf, tmp_path):
+    drop = {n for n in ("v.patch_embd.weight",)}
+    path = rewrite(small_gguf, tmp_path / "t.gguf", drop=drop, drop_keys={"mllama.weights.convention"})
+    expect_load_error(path, "without its vision projector")
 
 
 def test_error_status_is_exposed(tmp_path):

@@ -59,7 +59,9 @@ typedef enum mllama_device_type {
 
 /* The conventions a GGUF file was written with (how its weights must be read). */
 typedef enum mllama_file_format {
-    MLLAMA_FORMAT_MLLAMA = 0 /* this project's converter: raw Hugging Face parameters */
+    MLLAMA_FORMAT_MLLAMA = 0,      /* this project's converter: raw Hugging Face parameters */
+    MLLAMA_FORMAT_OLLAMA = 1,      /* Ollama 0.7.1+ single file */
+    MLLAMA_FORMAT_OLLAMA_SPLIT = 2 /* Ollama 0.4-0.6 text file + projector file */
 } mllama_file_format;
 
 typedef struct mllama_model mllama_model;
@@ -148,6 +150,7 @@ typedef struct mllama_model_info {
     int32_t n_gpu_layers;      /* text layers actually placed on the GPU device */
     char device[MLLAMA_NAME_MAX];        /* the device chosen for compute */
     char name[MLLAMA_TEXT_MAX];          /* general.name, if any */
+    char conventions[1024];              /* the file format and the conventions undone at load */
 } mllama_model_info;
 
 typedef struct mllama_tensor_info {

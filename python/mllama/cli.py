@@ -23,9 +23,16 @@ def _human(n: float) -> str:
 
 
 def _model_arg(value: str | None) -> str:
+    """A GGUF path; a name like llama3.2-vision[:TAG] that is not a file resolves in the Ollama store."""
     model = value or os.environ.get("MLLAMA_MODEL")
     if not model:
         raise MllamaError("no model given: pass -m/--model or set MLLAMA_MODEL")
+    looks_like_path = model.startswith(("/", ".", "~")) or model.endswith(".gguf") or Path(model).exists()
+    if not model.startswith("ollama:") and not looks_like_path:
+        from .ollama import manifest_path, store_root
+
+        if manifest_path(store_root(), model).is_file():
+            return "ollama:" + model
     return model
 
 
@@ -55,6 +62,8 @@ def _model_summary(model) -> dict:
         "n_params": info["n_params"], "n_tensors": info["n_tensors"], "bytes_weights": info["n_bytes_weights"],
         "tensor_types": dict(Counter(t.type for t in tensors)), "device": info["device"],
         "n_threads": info["n_threads"], "use_mmap": bool(info["use_mmap"]), "hparams": hp,
+        "format": {0: "mllama", 1: "ollama", 2: "ollama-split"}.get(info["format"], "unknown"),
+        "conventions": info["conventions"], "projector": str(model.projector) if model.projector else None,
     }
 
 
@@ -64,7 +73,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if not args.model and not os.environ.get("MLLAMA_MODEL"):
         _print_devices()
         return 0
-    with Model(_model_arg(args.model), device=args.device) as model:
+    with Model(_model_arg(args.model), projector=args.projector, device=args.device) as model:
         summary = _model_summary(model)
     if args.json:
         summary["devices"] = devices()
@@ -72,6 +81,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     hp = summary["hparams"]
     print(f"model: {summary['path']} ({summary['name'] or 'unnamed'})")
+    if summary["projector"]:
+        print(f"  projector: {summary['projector']}")
+    print(f"  format: {summary['conventions']}")
     print(f"  file: {_human(summary['file_size'])}, {summary['n_tensors']} tensors, {summary['n_params'] / 1e6:.1f} M parameters, "
           f"{_human(summary['bytes_weights'])} of weights")
     print("  tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(summary["tensor_types"].items())))
@@ -124,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_chat import HELP, add_sampling_flags, cmd_chat, cmd_describe
 
     def model_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("-m", "--model", help="a GGUF file (default: $MLLAMA_MODEL)")
+        p.add_argument("-m", "--model", help="a GGUF file or an Ollama model name like llama3.2-vision:11b (default: $MLLAMA_MODEL)")
+        p.add_argument("--projector", help="the projector file of an Ollama 0.4-0.6 text model")
         p.add_argument("--device", default="auto", help="compute device: auto, cpu or a device name (default auto)")
         p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default min(trained, 4096))")
         p.add_argument("-v", "--verbose", action="store_true", help="show time to first token and tokens/s")
@@ -170,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="a GGUF file (default: $MLLAMA_MODEL); none: list devices")
     p.add_argument("-m", "--model", dest="model_opt", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help="device to load on (default cpu)")
+    p.add_argument("--projector", help="the projector file of an Ollama 0.4-0.6 text model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
     return parser

@@ -42,7 +42,7 @@ def load_model(args: argparse.Namespace):
     from .cli import _model_arg
     from .model import Model
 
-    return Model(_model_arg(args.model), n_ctx=args.ctx, device=args.device)
+    return Model(_model_arg(args.model), projector=getattr(args, "projector", None), n_ctx=args.ctx, device=args.device)
 
 
 def _check_images(paths: list[str]) -> list[str]:

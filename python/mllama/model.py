@@ -36,22 +36,37 @@ def _struct_to_dict(cdata) -> dict:
     return out
 
 
+def _resolve(path, projector) -> tuple[Path, Path | None]:
+    """A GGUF path, or "ollama:NAME[:TAG]" from the local Ollama store."""
+    text = os.fspath(path)
+    if isinstance(text, str) and text.startswith("ollama:"):
+        from .ollama import resolve
+
+        model, found = resolve(text[len("ollama:"):])
+        return model, Path(projector) if projector else found
+    return Path(path), Path(projector) if projector else None
+
+
 class Model(Handle, GenerationMixin):
     """A loaded mllama GGUF model (immutable weights and hyperparameters).
 
+    `path` is a GGUF file or "ollama:llama3.2-vision[:TAG]" (the local Ollama store, read-only);
+    Ollama's older split files take the projector as `projector=`.
     Model(path, n_ctx=None, n_batch=512, n_threads=None, device="auto", n_gpu_layers=-1, use_mmap=True,
           n_image_slots=4, dump_dir=None, dump_filter=None)
     Use as a context manager or call close(); raises ModelLoadError with the reason on failure.
     One Model serializes its callers: calls from several threads wait for each other.
     """
 
-    def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, n_batch: int = 512,
+    def __init__(self, path: str | os.PathLike, *, projector: str | os.PathLike | None = None,
+                 n_ctx: int | None = None, n_batch: int = 512,
                  n_threads: int | None = None, device: str = "auto",
                  n_gpu_layers: int = -1, use_mmap: bool = True, check_tensors: bool = False,
                  n_image_slots: int = 4, cross_kv_f32: bool | None = None, kv_f32: bool | None = None,
                  dump_dir: str | os.PathLike | None = None, dump_filter: str | None = None,
                  log: logging.Logger | None = None):
-        self.path = Path(path)
+        path, projector = _resolve(path, projector)
+        self.path, self.projector = path, projector
         self._log = log or logger
         self._log_handle = ffi.new_handle(self._log)
         self._device_str = ffi.new("char[]", (device or "auto").encode())
@@ -65,7 +80,8 @@ class Model(Handle, GenerationMixin):
         params.log_callback = lib._mllama_log_trampoline
         params.log_user_data = self._log_handle
         out = ffi.new("mllama_model **")
-        call(lib.mllama_model_load, os.fsencode(self.path), ffi.NULL, params, out, error=ModelLoadError)
+        call(lib.mllama_model_load, os.fsencode(self.path), os.fsencode(projector) if projector else ffi.NULL, params, out,
+             error=ModelLoadError)
         model_ptr = out[0]
         try:
             ctx_ptr, ctx_params = self._new_context(model_ptr, dict(

@@ -1,0 +1,97 @@
+"""Resolve `llama3.2-vision[:TAG]` from a local Ollama store ($OLLAMA_MODELS or ~/.ollama/models):
+manifest -> blob digests -> file paths. Read-only: the store's files are never modified or moved.
+Blobs are checked against their manifest digest (sha256) before use; a check is remembered, per
+blob, size and modification time, in mllama's own cache folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ._lib import ModelLoadError
+
+MODEL_MEDIA = "application/vnd.ollama.image.model"
+PROJECTOR_MEDIA = "application/vnd.ollama.image.projector"
+DEFAULT_REGISTRY = "registry.ollama.ai"
+
+
+def store_root() -> Path:
+    env = os.environ.get("OLLAMA_MODELS")
+    return Path(env) if env else Path.home() / ".ollama" / "models"
+
+
+def manifest_path(root: Path, reference: str) -> Path:
+    name, _, tag = reference.partition(":")
+    tag = tag or "latest"
+    parts = name.split("/")
+    if len(parts) == 1:
+        parts = [DEFAULT_REGISTRY, "library", parts[0]]
+    elif len(parts) == 2:
+        parts = [DEFAULT_REGISTRY, *parts]
+    if not all(parts) or any(p in (".", "..") for p in parts + [tag]):
+        raise ModelLoadError(f"invalid Ollama model name '{reference}'")
+    return root.joinpath("manifests", *parts, tag)
+
+
+def _verified_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mllama" / "ollama_verified.json"
+
+
+def _check_blob(path: Path, digest: str, size: int | None) -> None:
+    if not path.is_file():
+        raise ModelLoadError(f"the Ollama store lacks blob {digest} ({path})")
+    st = path.stat()
+    if size is not None and st.st_size != size:
+        raise ModelLoadError(f"Ollama blob {digest} has {st.st_size} bytes, its manifest says {size}")
+    stamp = f"{digest}:{st.st_size}:{st.st_mtime_ns}"
+    cache = _verified_cache()
+    try:
+        known = set(json.loads(cache.read_text()))
+    except (OSError, ValueError):
+        known = set()
+    if stamp in known:
+        return
+    algo, _, expected = digest.partition(":")
+    if algo != "sha256" or not expected:
+        raise ModelLoadError(f"unsupported Ollama digest '{digest}'")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    if h.hexdigest() != expected:
+        raise ModelLoadError(f"Ollama blob {path.name} does not match its digest {digest} (corrupt or modified)")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(sorted(known | {stamp})))
+    except OSError:
+        pass
+
+
+def resolve(reference: str, root: Path | None = None) -> tuple[Path, Path | None]:
+    """(model file, projector file or None) for an Ollama model reference like llama3.2-vision:11b."""
+    root = root or store_root()
+    path = manifest_path(root, reference)
+    if not path.is_file():
+        tags = sorted(p.name for p in path.parent.glob("*")) if path.parent.is_dir() else []
+        hint = f" (tags present: {', '.join(tags)})" if tags else ""
+        raise ModelLoadError(f"Ollama model '{reference}' not found in {root}{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+        layers = manifest["layers"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"unreadable Ollama manifest {path}: {exc}") from None
+    files: dict[str, Path] = {}
+    for layer in layers:
+        media = layer.get("mediaType")
+        if media not in (MODEL_MEDIA, PROJECTOR_MEDIA):
+            continue
+        digest = str(layer.get("digest", ""))
+        blob = root / "blobs" / digest.replace(":", "-")
+        _check_blob(blob, digest, layer.get("size"))
+        files[media] = blob
+    if MODEL_MEDIA not in files:
+        raise ModelLoadError(f"Ollama manifest {path} has no model layer")
+    return files[MODEL_MEDIA], files.get(PROJECTOR_MEDIA)
