@@ -49,3 +49,12 @@ def converted(hf_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def gguf_f32(converted) -> Path:
     return converted("f32")
+
+
+@pytest.fixture(scope="session")
+def small_gguf(gguf_f32, tmp_path_factory) -> Path:
+    """The f32 fixture without its 128K-token vocabulary: quick to rewrite, loads the same way."""
+    from gguf_edit import rewrite
+
+    tok = {"tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.chat_template"}
+    return rewrite(gguf_f32, tmp_path_factory.mktemp("small") / "small.gguf", drop_keys=tok)

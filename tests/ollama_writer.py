@@ -126,6 +126,11 @@ def _text_keys(w: GGUFWriter, cfg: dict, tok: dict) -> None:
     w.add_uint32("mllama.rope.dimension_count", t["hidden_size"] // t["num_attention_heads"])
     w.add_float32("mllama.rope.freq_base", 500000.0)
     w.add_array("mllama.attention.cross_attention_layers", t["cross_attention_layers"])
+    if tok is None:  # a file without a tokenizer (fuzzing corpus)
+        w.add_uint32("tokenizer.ggml.bos_token_id", 128000)
+        w.add_uint32("tokenizer.ggml.eos_token_id", 128009)
+        w.add_uint32("tokenizer.ggml.padding_token_id", 128004)
+        return
     w.add_string("tokenizer.ggml.model", "gpt2")
     w.add_string("tokenizer.ggml.pre", "llama-bpe")
     w.add_array("tokenizer.ggml.tokens", tok["tokens"])
@@ -192,7 +197,7 @@ def tokenizer_fields(gguf_path: Path) -> dict:
             "merges": r.fields["tokenizer.ggml.merges"].contents(), "template": r.fields["tokenizer.chat_template"].contents()}
 
 
-def write_era_b(out: Path, hf: dict, cfg: dict, tok: dict, quant: str | None = None, permute_norms: bool = False) -> Path:
+def write_era_b(out: Path, hf: dict, cfg: dict, tok: dict | None, quant: str | None = None, permute_norms: bool = False) -> Path:
     text, vision = _tensors(hf, cfg, "B", permute_norms)
     return _write(out, {**text, **vision}, [lambda w: _text_keys(w, cfg, tok), lambda w: _vision_keys(w, cfg, False)], quant)
 

@@ -42,13 +42,6 @@ def expect_load_error(path: Path, *fragments: str) -> str:
     return result["message"]
 
 
-@pytest.fixture(scope="module")
-def small_gguf(gguf_f32, tmp_path_factory) -> Path:
-    """The f32 fixture without its 128K-token vocabulary: quick to rewrite, loads the same way."""
-    tok = {"tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.chat_template"}
-    return rewrite(gguf_f32, tmp_path_factory.mktemp("small") / "small.gguf", drop_keys=tok)
-
-
 def test_small_fixture_loads(small_gguf):
     assert load_in_child(small_gguf) == {"type": "ok", "message": ""}
 

@@ -106,7 +106,11 @@ def _mllama_log_trampoline(level, text, user_data):  # pragma: no cover - called
 
 
 def log_level_for(py_logger: logging.Logger) -> int:
+    """The C library's threshold for a Python logger; an unconfigured tree (level NOTSET) means WARNING,
+    so that per-graph debug chatter costs nothing unless asked for."""
     level = py_logger.getEffectiveLevel()
+    if level == logging.NOTSET:
+        level = logging.WARNING
     if level <= logging.DEBUG:
         return lib.MLLAMA_LOG_DEBUG
     if level <= logging.INFO:

@@ -10,7 +10,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from .chat_template import default_template, normalize, render_segments
-from .engine import ContextOverflowError, PreparedImage, image_key
+from ._lib import MllamaError
+from .engine import PreparedImage, image_key
 from .sampling import SamplingParams, find_stop, sample
 from .tokenizer import StreamDecoder
 
@@ -42,6 +43,8 @@ class GenerationMixin:
         prepared = self._prepare_images(images)
         with self._lock:
             self._handle()
+            if self._generating:
+                raise MllamaError("the model is busy with another generation: finish or close it first")
             return self._engine.evaluate(list(map(int, token_ids)), prepared, all_logits=True)
 
     @property
@@ -75,23 +78,32 @@ class GenerationMixin:
         rng = np.random.default_rng(params.seed)
         with self._lock:
             self._handle()
-            engine = self._engine
-            if params.max_tokens is None and len(tokens) >= engine.n_ctx:
-                raise ContextOverflowError(f"the prompt has {len(tokens)} tokens but the context holds {engine.n_ctx} (n_ctx)")
-            logits = engine.evaluate(list(tokens), prepared)
-            history = list(tokens)
-            limit = params.max_tokens if params.max_tokens is not None else engine.n_ctx - len(tokens)
-            self.last_finish_reason = "length"
-            for _ in range(limit):
-                token = sample(logits, history, params, rng)
-                if token in self.eog_ids:
-                    self.last_finish_reason = "stop"
-                    return
-                yield token
-                history.append(token)
-                if len(engine.state.tokens) >= engine.n_ctx:
-                    return
-                logits = engine.step(token, len(prepared))
+            if self._generating:
+                raise MllamaError("the model is busy with another generation: finish or close it first")
+            self._generating = True
+            try:
+                yield from self._generate_locked(list(tokens), prepared, params, rng)
+            finally:
+                self._generating = False
+
+    def _generate_locked(self, tokens: list[int], prepared, params, rng) -> Iterator[int]:
+        engine = self._engine
+        logits = engine.evaluate(tokens, prepared)  # ContextOverflowError past n_ctx
+        history = list(tokens)
+        # the last sampled token is never evaluated, so a full context still yields one token
+        room = engine.n_ctx - len(tokens) + 1
+        limit = min(params.max_tokens, room) if params.max_tokens is not None else room
+        self.last_finish_reason = "length"
+        for _ in range(limit):
+            token = sample(logits, history, params, rng)
+            if token in self.eog_ids:
+                self.last_finish_reason = "stop"
+                return
+            yield token
+            history.append(token)
+            if len(engine.state.tokens) >= engine.n_ctx:
+                return
+            logits = engine.step(token, len(prepared))
 
     def generate(self, prompt: str | list[int], images=(), *, stream: bool = True, **sampling):
         """Text for a raw prompt (string with special tokens allowed, or token ids): a stream of text

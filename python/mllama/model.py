@@ -102,6 +102,7 @@ class Model(Handle, GenerationMixin):
         self._next_slot = 0
         self.last_image_slot: int | None = None
         self.last_finish_reason: str | None = None
+        self._generating = False
         self.last_usage = {"prompt_tokens": 0, "completion_tokens": 0}
         from .engine import Engine
 

@@ -51,7 +51,10 @@ class Tokenizer:
         self._id_bytes = {i: tok.encode() for tok, i in special.items()}
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
-        """Token ids of `text`; special-token strings are ordinary text unless allow_special."""
+        """Token ids of `text`; special-token strings are ordinary text unless allow_special.
+        Lone surrogates (text that was never valid UTF-8) become U+FFFD."""
+        if not text.isascii():
+            text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
         if allow_special:
             return self._enc.encode(text, allowed_special="all")
         return self._enc.encode(text, disallowed_special=())

@@ -1,0 +1,154 @@
+"""Hardening: hostile images and prompts, context limits, resources released, interrupts, threads."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mllama
+from mllama.preprocess import ImageError
+
+
+@pytest.fixture(scope="module")
+def model(gguf_f32):
+    with mllama.Model(gguf_f32, n_ctx=256) as m:
+        yield m
+
+
+def encoded(fmt: str, size=(90, 50), **kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"])
+def test_corrupt_images_raise_image_error_or_decode(model, fmt):
+    data = encoded(fmt)
+    rng = random.Random(fmt)
+    outcomes = {"ok": 0, "error": 0}
+    for case in range(60):
+        buf = bytearray(data)
+        if case % 3 == 0:
+            buf = buf[: rng.randrange(1, len(buf))]
+        else:
+            for _ in range(rng.randint(1, 20)):
+                buf[rng.randrange(len(buf))] = rng.randrange(256)
+        try:
+            pre = mllama.preprocess(bytes(buf), model)
+            assert pre.pixel_values.shape == (4, 3, 56, 56) and np.isfinite(pre.pixel_values).all()
+            outcomes["ok"] += 1
+        except ImageError:
+            outcomes["error"] += 1
+    assert outcomes["error"] > 0
+
+
+def test_animated_gif_uses_the_first_frame(model):
+    frames = [Image.new("RGB", (60, 30), color) for color in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    first = mllama.preprocess(buf.getvalue(), model).pixel_values
+    assert np.array_equal(first, mllama.preprocess(frames[0], model).pixel_values)
+
+
+@pytest.mark.parametrize("size", [(1, 20000), (20000, 1), (1, 1), (3, 9000)])
+def test_absurd_aspect_ratios(model, size):
+    image = Image.new("RGB", size, (10, 200, 30))
+    pre = mllama.preprocess(image, model)
+    assert 1 <= pre.n_tiles <= 4 and np.isfinite(pre.pixel_values).all()
+    assert model.encode_image(image).shape == (4, 17, 96)
+
+
+@pytest.mark.parametrize("text", ["\udcff\udc80 broken utf-8", "bell\x07 nul\x00 esc\x1b[31m", "<|eot_id|><|begin_of_text|><|image|>",
+                                  "\u202e right-to-left \ufeff bom", "a" * 300])
+def test_hostile_prompt_text(model, text):
+    tokens, _ = model.chat_prompt([{"role": "user", "content": text[:200]}])
+    assert tokens.count(128256) == 0 and tokens.count(128000) == 1
+    reply = model.chat([{"role": "user", "content": text[:200]}], max_tokens=4, temperature=0.0)
+    assert reply["usage"]["completion_tokens"] <= 4
+
+
+def test_prompt_exactly_at_the_context_limit_and_one_past(model):
+    n_ctx = model.n_ctx
+    exact = [128000] + [1000] * (n_ctx - 1)
+    out = list(model.generate_tokens(exact, temperature=0.0))
+    assert len(out) <= 1 and model.last_finish_reason in ("length", "stop")
+    with pytest.raises(mllama.ContextOverflowError, match=f"{n_ctx + 1} tokens but the context holds {n_ctx}"):
+        list(model.generate_tokens(exact + [1000], temperature=0.0))
+    assert model.describe(Image.new("RGB", (50, 50)), max_tokens=3, temperature=0.0) is not None  # still usable
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_rss_flat_over_repeated_describe(model):
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 100, 3), dtype=np.uint8))
+    for _ in range(20):
+        model.describe(image, max_tokens=4, temperature=0.0)
+    before = rss()
+    for i in range(1000):
+        model.describe(image if i % 2 else np.asarray(image), max_tokens=4, temperature=0.0)
+    assert rss() - before < 8 * 2**20
+
+
+def test_load_close_cycles_release_files_and_maps(small_gguf):
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def maps() -> int:
+        return sum(str(small_gguf) in line for line in open("/proc/self/maps"))
+
+    mllama.Model(small_gguf).close()
+    base_fd, base_rss = fds(), rss()
+    for _ in range(100):
+        with mllama.Model(small_gguf) as m:
+            assert maps() >= 1
+            m.hparams
+    assert fds() == base_fd and maps() == 0
+    assert rss() - base_rss < 16 * 2**20
+
+
+def test_keyboard_interrupt_mid_generation_leaves_the_model_usable(model):
+    prompt = [128000] + model.tokenize("Tell me a long story.")
+    expected = list(model.generate_tokens(prompt, temperature=0.0, max_tokens=20))
+    timer = threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        for _ in model.generate_tokens([128000] + model.tokenize("Count forever."), temperature=0.0, max_tokens=100000):
+            time.sleep(0.001)
+    timer.join()
+    assert list(model.generate_tokens(prompt, temperature=0.0, max_tokens=20)) == expected
+
+
+def test_two_threads_serialize(model):
+    prompts = [[128000] + model.tokenize(t) for t in ("First prompt here.", "A different second prompt.")]
+    sequential = [list(model.generate_tokens(p, temperature=0.0, max_tokens=12)) for p in prompts]
+    results: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        results[i] = list(model.generate_tokens(prompts[i], temperature=0.0, max_tokens=12))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [results[0], results[1]] == sequential
+
+
+def test_interleaved_generations_in_one_thread_are_refused(model):
+    first = model.generate_tokens([128000, 1000], temperature=0.0, max_tokens=5)
+    next(first)
+    with pytest.raises(mllama.MllamaError, match="busy with another generation"):
+        next(model.generate_tokens([128000, 2000], temperature=0.0, max_tokens=5))
+    first.close()
+    assert len(list(model.generate_tokens([128000, 2000], temperature=0.0, max_tokens=3))) <= 3

@@ -1,0 +1,109 @@
+"""The server under load (loopback only, bounded in count and time): concurrent streaming and
+plain clients, clients that disconnect mid-stream, a slow reader, oversized and malformed requests.
+It stays up, answers each with a correct status, keeps memory bounded, then serves a normal request."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from test_server import free_port, post
+
+
+def server_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.fixture(scope="module")
+def loaded_server(gguf_f32):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mllama", "serve", "-m", str(gguf_f32), "--port", str(port),
+                             "--max-queue", "6", "--max-body", "1", "--ctx", "1024"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(base + "/health", timeout=1)
+            break
+        except OSError:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+    yield base, proc
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def stream(base: str, max_tokens: int, read_lines: int | None, delay: float = 0.0) -> int:
+    body = json.dumps({"messages": [{"role": "user", "content": "Tell a story."}], "max_tokens": max_tokens,
+                       "stream": True, "temperature": 0.7, "seed": 1}).encode()
+    req = urllib.request.Request(base + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            n = 0
+            while read_lines is None or n < read_lines:
+                if not r.readline():
+                    break
+                n += 1
+                time.sleep(delay)
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def plain(base: str) -> int:
+    return post(base, "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6}).encode(),
+                timeout=120)[0]
+
+
+def test_server_holds_under_load(loaded_server):
+    base, proc = loaded_server
+    assert plain(base) == 200
+    rss_before = server_rss(proc.pid)
+    results: dict[str, list[int]] = {"stream": [], "plain": [], "disconnect": [], "slow": [], "bad": [], "big": []}
+    jobs = []
+    for i in range(4):
+        jobs.append(("stream", lambda: stream(base, 24, None)))
+        jobs.append(("plain", lambda: plain(base)))
+    for i in range(3):
+        jobs.append(("disconnect", lambda: stream(base, 500, 3)))
+    jobs.append(("slow", lambda: stream(base, 16, None, delay=0.05)))
+    for i in range(3):
+        jobs.append(("bad", lambda: post(base, "/v1/chat/completions", b"{broken")[0]))
+    jobs.append(("big", lambda: oversized(base)))
+
+    def run(kind, fn):
+        results[kind].append(fn())
+
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert all(not t.is_alive() for t in threads) and time.perf_counter() - start < 180
+    for kind in ("stream", "plain", "disconnect", "slow"):
+        assert set(results[kind]) <= {200, 503}, (kind, results[kind])
+    assert sum(s == 200 for k in ("stream", "plain") for s in results[k]) >= 4
+    assert results["bad"] == [400, 400, 400] and results["big"] == [413]
+    assert proc.poll() is None
+    assert json.loads(urllib.request.urlopen(base + "/health").read())["status"] == "ok"
+    t0 = time.perf_counter()
+    assert plain(base) == 200 and time.perf_counter() - t0 < 5
+    assert server_rss(proc.pid) - rss_before < 200 * 2**20
+
+
+def oversized(base: str) -> int:
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000000\r\n\r\n{")
+        reply = sock.recv(65536).decode()
+    return int(reply.split()[1])
