@@ -24,21 +24,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(gguf_f32):
+def start_server(gguf, *flags: str) -> tuple[str, subprocess.Popen]:
+    """`mllama serve` on a free loopback port; returns (base URL, process) once /health answers."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mllama", "serve", "-m", str(gguf_f32), "--port", str(port),
-                             "--max-queue", "1", "--max-body", "1", "--ctx", "4096"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "mllama", "serve", "-m", str(gguf), "--port", str(port), *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
             urllib.request.urlopen(base + "/health", timeout=1)
-            break
+            return base, proc
         except OSError:
             if proc.poll() is not None:
                 raise RuntimeError(proc.stderr.read())
             time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the server did not start")
+
+
+@pytest.fixture(scope="module")
+def server(gguf_f32):
+    base, proc = start_server(gguf_f32, "--max-queue", "1", "--max-body", "1", "--ctx", "4096")
     yield base
     proc.terminate()
     proc.wait(timeout=30)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -15,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from test_server import free_port, post
+from test_server import post, start_server
 
 
 def server_rss(pid: int) -> int:
@@ -25,18 +23,7 @@ def server_rss(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def loaded_server(gguf_f32):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mllama", "serve", "-m", str(gguf_f32), "--port", str(port),
-                             "--max-queue", "6", "--max-body", "1", "--ctx", "1024"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(base + "/health", timeout=1)
-            break
-        except OSError:
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.1)
+    base, proc = start_server(gguf_f32, "--max-queue", "6", "--max-body", "1", "--ctx", "1024")
     yield base, proc
     proc.terminate()
     proc.wait(timeout=30)

@@ -11,7 +11,6 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-from ._lib import MllamaError
 
 SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "max_tokens", "max_completion_tokens", "stop", "seed",
                  "presence_penalty", "frequency_penalty", "repeat_penalty"}
