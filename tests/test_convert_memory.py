@@ -24,12 +24,19 @@ CHILD = textwrap.dedent("""
 
 @pytest.mark.skipif("asan" in os.environ.get("LD_PRELOAD", ""), reason="AddressSanitizer's shadow memory and quarantine inflate RSS")
 def test_converter_peak_rss_is_well_under_checkpoint_size(hf_dir, tmp_path):
-    text = {**TEXT_CONFIG, "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 8, "num_key_value_heads": 4}
+    text = {**TEXT_CONFIG, "hidden_size": 1536, "intermediate_size": 6144, "num_attention_heads": 12, "num_key_value_heads": 4}
     size = write_synthetic_checkpoint(tmp_path / "big", text, dict(VISION_CONFIG), tokenizer_from=hf_dir)
-    assert size > 500e6
+    assert size > 1e9
     proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "big"), str(tmp_path / "big.gguf"), "q8_0"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss"]
+    import mllama
+    import numpy as np
+
+    with mllama.Model(tmp_path / "big.gguf") as model:  # the synthetic weights are sane random numbers
+        for name in ("token_embd.weight", "blk.3.ffn_down.weight", "v.blk.0.attn_q.weight"):
+            w = model.read_tensor(name)
+            assert np.isfinite(w).all() and 0.5 < float(np.std(w)) * np.sqrt(w.shape[-1]) < 2.0, name
     print(f"checkpoint {size / 1e6:.0f} MB, converter peak RSS {peak / 1e6:.0f} MB ({peak / size:.2f}x)")
     assert peak < 0.25 * size

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from test_server import post, start_server
+from test_server import post, read_reply, start_server
 
 
 def server_rss(pid: int) -> int:
@@ -92,5 +92,5 @@ def oversized(base: str) -> int:
     host, port = base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000000\r\n\r\n{")
-        reply = sock.recv(65536).decode()
+        reply = read_reply(sock)
     return int(reply.split()[1])

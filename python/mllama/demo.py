@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 TEXT = {"vocab_size": 128256, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "cross_attention_layers": [1, 3], "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -84,7 +84,7 @@ def run_demo(quiet: bool = False) -> int:
         t0 = time.perf_counter()
         first = None
         pieces = []
-        for piece in model.chat_session(temperature=0.0, max_tokens=24).send("Describe this image.", images=[image], stream=True):
+        for piece in model.chat_session(temperature=1.0, top_p=0.95, seed=0, max_tokens=24).send("Describe this image.", images=[image], stream=True):
             first = first or time.perf_counter()
             pieces.append(piece)
             if not quiet:

@@ -95,6 +95,8 @@ class GenerationMixin:
         limit = min(params.max_tokens, room) if params.max_tokens is not None else room
         self.last_finish_reason = "length"
         for _ in range(limit):
+            if not np.isfinite(logits).all():
+                raise MllamaError("the model produced non-finite logits (NaN or Inf): corrupt weights or a numeric overflow")
             token = sample(logits, history, params, rng)
             if token in self.eog_ids:
                 self.last_finish_reason = "stop"
