@@ -32,7 +32,7 @@ int64_t gguf_meta::token_id(const std::string & text) const {
 
 bool gguf_meta::has(kv key) const { return find(key, false) >= 0; }
 
-static bool scalar_int(const gguf_context * ctx, int64_t id, enum gguf_type type, int64_t & out) {
+bool scalar_int(const gguf_context * ctx, int64_t id, enum gguf_type type, int64_t & out) {
     switch (type) {
         case GGUF_TYPE_UINT8: out = gguf_get_val_u8(ctx, id); return true;
         case GGUF_TYPE_INT8: out = gguf_get_val_i8(ctx, id); return true;

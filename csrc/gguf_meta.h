@@ -3,6 +3,7 @@
 #pragma once
 
 #include "arch.h"
+#include "gguf.h"
 
 #include <cstdint>
 #include <string>
@@ -13,6 +14,9 @@ struct gguf_context;
 namespace mllama {
 
 // Keys are looked up in each context in turn (a text file, then its projector file).
+// Any integer-typed value (u8..i64; u64 only if it fits int64) as int64; false for other types.
+bool scalar_int(const gguf_context * ctx, int64_t id, enum gguf_type type, int64_t & out);
+
 class gguf_meta {
   public:
     explicit gguf_meta(const gguf_context * ctx) : ctxs_{ctx} {}

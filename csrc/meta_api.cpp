@@ -2,6 +2,7 @@
 #include "mllama.h"
 
 #include "error.h"
+#include "gguf_meta.h"
 #include "guard.h"
 #include "gguf.h"
 #include "model.h"
@@ -24,20 +25,13 @@ std::pair<const gguf_context *, int64_t> find_key(const mllama_model * model, co
 }
 
 bool number_of(const gguf_context * g, int64_t id, gguf_type type, double & out) {
-    switch (type) {
-        case GGUF_TYPE_UINT8: out = gguf_get_val_u8(g, id); return true;
-        case GGUF_TYPE_INT8: out = gguf_get_val_i8(g, id); return true;
-        case GGUF_TYPE_UINT16: out = gguf_get_val_u16(g, id); return true;
-        case GGUF_TYPE_INT16: out = gguf_get_val_i16(g, id); return true;
-        case GGUF_TYPE_UINT32: out = gguf_get_val_u32(g, id); return true;
-        case GGUF_TYPE_INT32: out = gguf_get_val_i32(g, id); return true;
-        case GGUF_TYPE_UINT64: out = static_cast<double>(gguf_get_val_u64(g, id)); return true;
-        case GGUF_TYPE_INT64: out = static_cast<double>(gguf_get_val_i64(g, id)); return true;
-        case GGUF_TYPE_FLOAT32: out = gguf_get_val_f32(g, id); return true;
-        case GGUF_TYPE_FLOAT64: out = gguf_get_val_f64(g, id); return true;
-        case GGUF_TYPE_BOOL: out = gguf_get_val_bool(g, id) ? 1.0 : 0.0; return true;
-        default: return false;
-    }
+    int64_t i = 0;
+    if (mllama::scalar_int(g, id, type, i)) out = static_cast<double>(i);
+    else if (type == GGUF_TYPE_FLOAT32) out = gguf_get_val_f32(g, id);
+    else if (type == GGUF_TYPE_FLOAT64) out = gguf_get_val_f64(g, id);
+    else if (type == GGUF_TYPE_BOOL) out = gguf_get_val_bool(g, id) ? 1.0 : 0.0;
+    else return false;
+    return true;
 }
 
 }  // namespace

@@ -139,7 +139,7 @@ def _serializable(messages: list[dict]) -> list[dict]:
     for m in messages:
         content = m["content"]
         if isinstance(content, list):
-            content = [p if p.get("type") == "text" else {"type": "image", "image": str(p.get("image"))} for p in content]
+            content = [p if p.get("type") == "text" else {"type": "image", "image": getattr(p.get("image"), "source", str(p.get("image")))} for p in content]
         out.append({"role": m["role"], "content": content})
     return out
 
@@ -179,6 +179,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 continue
             from ._lib import MllamaError
 
+            n_messages = len(chat.messages)
             try:
                 stream = chat.send(line, images=pending, stream=True)
                 pending = []
@@ -186,6 +187,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 print("\n[stopped]")
             except (MllamaError, ValueError) as exc:
-                del chat.messages[-2:]  # the failed turn: the user message and the empty reply
+                del chat.messages[n_messages:]  # drop the failed turn, whatever of it was recorded
                 pending = []
                 print(f"error: {exc}")

@@ -50,6 +50,7 @@ class PreparedImage:
     aspect_ratio_id: int
     n_tiles: int
     key: str
+    source: str = ""  # what the caller passed (a path, or the kind of object), for display
 
 
 @dataclass

@@ -3,6 +3,7 @@ the streaming loop with stop strings. Mixed into mllama.Model; uses its engine u
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from typing import Any, Iterator
@@ -34,7 +35,9 @@ class GenerationMixin:
                 out.append(image)
                 continue
             pre = preprocess(image, self.image_config)
-            out.append(PreparedImage(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles, image_key(pre.pixel_values, pre.aspect_ratio_id)))
+            source = str(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__
+            out.append(PreparedImage(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles,
+                                     image_key(pre.pixel_values, pre.aspect_ratio_id), source))
         return out
 
     def forward(self, token_ids: list[int], images=()) -> np.ndarray:

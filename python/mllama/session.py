@@ -15,7 +15,8 @@ class Chat:
 
     def send(self, content: str, images: tuple[Any, ...] | list[Any] = (), *, stream: bool = False, **sampling):
         """Add a user turn and return the assistant's reply (or a stream of text pieces)."""
-        parts: list[dict] = [{"type": "image", "image": image} for image in images]
+        # preprocessed once here: later turns re-render the conversation without redoing the images
+        parts: list[dict] = [{"type": "image", "image": image} for image in self.model._prepare_images(images)]
         parts.append({"type": "text", "text": content})
         self.messages.append({"role": "user", "content": parts})
         try:
