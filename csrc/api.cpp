@@ -323,4 +323,11 @@ mllama_status mllama_context_decode(mllama_context * context, const int32_t * to
 
 int64_t mllama_context_n_decoded(const mllama_context * context) { return context ? context->n_decoded : -1; }
 
+mllama_status mllama_context_get_memory(const mllama_context * context, mllama_context_memory * out) {
+    return guarded([&] {
+        if (!context || !out) mllama::fail(MLLAMA_ERR_INVALID_ARGUMENT, "context and out must not be NULL");
+        *out = mllama::context_memory(*context);
+    });
+}
+
 }  // extern "C"

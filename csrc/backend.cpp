@@ -1,5 +1,6 @@
 #include "backend.h"
 
+#include "cpu_kernels.h"
 #include "error.h"
 #include "ggml-backend.h"
 
@@ -88,7 +89,8 @@ std::string system_info() {
             out += std::string(" ") + f->name + "=" + f->value;
         }
     }
-    return out;
+    // our own CPU kernels (cpu_kernels.h), independent of how ggml was built
+    return out + " | mllama: AVX512_BF16_KERNELS=" + (cpu_kernels_available() ? "1" : "0");
 }
 
 }  // namespace mllama

@@ -11,6 +11,7 @@
 #include "ggml.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <algorithm>
 #include <cstring>
 
@@ -124,6 +125,9 @@ std::unique_ptr<mllama_context> new_context(const mllama_model & model, const ml
     if (params.dump_dir && *params.dump_dir) {
         c->dumper = std::make_unique<tensor_dumper>(params.dump_dir, params.dump_filter ? params.dump_filter : "");
         ggml_backend_sched_set_eval_callback(c->sched, tensor_dumper::callback, c->dumper.get());
+    } else if (const char * profile = std::getenv("MLLAMA_PROFILE"); profile && *profile) {
+        c->profiler = std::make_unique<op_profiler>(profile);
+        ggml_backend_sched_set_eval_callback(c->sched, op_profiler::callback, c->profiler.get());
     }
     return c;
 }
@@ -159,6 +163,17 @@ static std::vector<ggml_fp16_t> vision_mask(int64_t n_positions, int64_t n_padde
     return mask;
 }
 
+mllama_context_memory context_memory(const mllama_context & c) {
+    mllama_context_memory out{};
+    for (const auto * list : {&c.state.self_k, &c.state.self_v})
+        for (const ggml_tensor * t : *list) out.kv_cache += t ? ggml_nbytes(t) : 0;
+    for (const auto * list : {&c.state.cross_k, &c.state.cross_v})
+        for (const ggml_tensor * t : *list) out.image_slots += ggml_nbytes(t);
+    for (ggml_backend_t b : {c.backend_device, c.backend_cpu})
+        if (b) out.compute += ggml_backend_sched_get_buffer_size(c.sched, b);
+    return out;
+}
+
 ggml_tensor * slot_view(ggml_context * ctx, ggml_tensor * t, int64_t n_vis, int64_t first_slot, int64_t n_slots) {
     return ggml_view_3d(ctx, t, t->ne[0], t->ne[1], n_vis * n_slots, t->nb[1], t->nb[2], static_cast<size_t>(first_slot * n_vis) * t->nb[2]);
 }
@@ -184,7 +199,7 @@ void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_
     const std::vector<ggml_fp16_t> mask = vision_mask(hp.n_positions(), padded_positions(hp.n_positions()), hp.max_tiles, n_tiles);
     auto build = [&](ggml_context * ctx) {
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, k_max_nodes, false);
-        out = build_vision(ctx, m, in);
+        out = build_vision(ctx, m, in, vision_options_for(m, c.backend_device == nullptr));
         ggml_set_output(out);
         ggml_build_forward_expand(gf, out);
         const cross_kv kv = build_cross_kv(ctx, m, out);

@@ -5,6 +5,7 @@
 
 #include "debug.h"
 #include "log.h"
+#include "profile.h"
 #include "mllama.h"
 
 #include <functional>
@@ -56,6 +57,7 @@ struct mllama_context {
     std::vector<mllama::image_slot> slots;
     int64_t n_decoded = 0;                    // tokens evaluated by the decoder (a counter for callers)
     std::unique_ptr<mllama::tensor_dumper> dumper;
+    std::unique_ptr<mllama::op_profiler> profiler;
 
     mllama_context() = default;
     ~mllama_context();
@@ -77,6 +79,9 @@ ggml_tensor * slot_view(ggml_context * ctx, ggml_tensor * t, int64_t n_vis, int6
 
 void encode_image(mllama_context & ctx, int32_t slot, const float * pixels, int64_t n_pixels, int32_t aspect_ratio_id,
                   int32_t n_tiles, float * features, int64_t n_features);
+
+// What the context holds beside the weights (see mllama_context_get_memory).
+mllama_context_memory context_memory(const mllama_context & ctx);
 
 void read_cross_kv(const mllama_context & ctx, int32_t slot, int32_t cross_index, float * k, float * v, int64_t n);
 

@@ -3,6 +3,7 @@
 // the intermediate layers: the INPUT of each listed layer).
 #include "vision.h"
 
+#include "cpu_kernels.h"
 #include "graph.h"
 #include "model.h"
 
@@ -10,28 +11,33 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 namespace mllama {
 
 int64_t padded_positions(int64_t n_positions) { return n_positions + (8 - n_positions % 8) % 8; }
 
 // ref: MllamaVisionEncoderLayer.forward (M:282-322); gated for the global layers.
-static ggml_tensor * vision_layer(ggml_context * ctx, const vision_hparams & hp, const vision_layer_w & l,
-                                  ggml_tensor * h, ggml_tensor * mask, bool gated, const char * prefix) {
+static ggml_tensor * vision_layer(ggml_context * ctx, const vision_hparams & hp, const vision_layer_w & l, ggml_tensor * h,
+                                  ggml_tensor * mask, bool gated, const char * prefix, const vision_options & opt) {
     const int64_t n_tok = h->ne[1], head_dim = hp.n_embd / hp.n_head;
     {  // self-attention over all tiles of the image
         ggml_tensor * x = layer_norm(ctx, h, l.attn_norm, hp.norm_eps);
         ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l.wq, x), head_dim, hp.n_head, n_tok);  // [hd, H, N]
         ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l.wk, x), head_dim, hp.n_head, n_tok);
         ggml_tensor * v = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l.wv, x), head_dim, hp.n_head, n_tok);
-        ggml_tensor * a = attention(ctx, {q, k, v, mask, 1.0f / std::sqrt(static_cast<float>(head_dim))});  // [D, N]
+        ggml_tensor * a = opt.bf16_attention
+                              ? bf16_attention(ctx, q, k, v, mask)                                   // [D, N]
+                              : attention(ctx, {q, k, v, mask, 1.0f / std::sqrt(static_cast<float>(head_dim))});  // [D, N]
         a = named(ggml_mul_mat(ctx, l.wo, a), prefix, "attn_out");
         if (gated) a = ggml_scale(ctx, a, l.attn_gate_tanh);
         h = ggml_add(ctx, h, a);
     }
     {  // MLP with exact (erf) GELU
         ggml_tensor * x = layer_norm(ctx, h, l.ffn_norm, hp.norm_eps);
-        x = ggml_gelu_erf(ctx, linear(ctx, x, l.ffn_up));  // [n_ff, N]
+        x = linear(ctx, x, l.ffn_up);                                           // [n_ff, N]
+        x = opt.fast_gelu ? gelu_erf_avx512(ctx, x) : ggml_gelu_erf(ctx, x);
         x = named(linear(ctx, x, l.ffn_down), prefix, "ffn_out");  // [D, N]
         if (gated) x = ggml_scale(ctx, x, l.ffn_gate_tanh);
         h = ggml_add(ctx, h, x);
@@ -97,7 +103,20 @@ static ggml_tensor * assemble(ggml_context * ctx, const vision_hparams & hp, ggm
     return named(ggml_cont(ctx, out), "v", "output");                                      // [OD, P, NT]
 }
 
-ggml_tensor * build_vision(ggml_context * ctx, const mllama_model & model, vision_inputs & in) {
+vision_options vision_options_for(const mllama_model & model, bool on_cpu) {
+    const char * env = std::getenv("MLLAMA_CPU_KERNELS");  // "0": generic ggml ops only
+    vision_options opt;
+    if (!on_cpu || (env && std::strcmp(env, "0") == 0) || !cpu_kernels_available()) return opt;
+    const vision_hparams & hp = model.hp.vision;
+    const bool half_weights = !model.vision.layers.empty() && model.vision.layers[0].wq->type != GGML_TYPE_F32;
+    opt.bf16_attention = half_weights && hp.n_embd / hp.n_head <= k_bf16_attn_max_head_dim;  // F32 weights: exact path
+    opt.fast_gelu = true;
+    if (env && std::strcmp(env, "attn") == 0) opt.fast_gelu = false;  // one kernel at a time (A/B checks)
+    if (env && std::strcmp(env, "gelu") == 0) opt.bf16_attention = false;
+    return opt;
+}
+
+ggml_tensor * build_vision(ggml_context * ctx, const mllama_model & model, vision_inputs & in, const vision_options & opt) {
     const vision_hparams & hp = model.hp.vision;
     const vision_w & w = model.vision;
     const int64_t D = hp.n_embd, NT = hp.max_tiles, L = padded_positions(hp.n_positions()), N = L * NT;
@@ -113,7 +132,7 @@ ggml_tensor * build_vision(ggml_context * ctx, const mllama_model & model, visio
     for (int il = 0; il < hp.n_layer; ++il) {
         if (std::binary_search(hp.intermediate_layers.begin(), hp.intermediate_layers.end(), il)) inter.push_back(h);
         std::snprintf(prefix, sizeof(prefix), "v.blk.%d", il);
-        h = vision_layer(ctx, hp, w.layers[il], h, in.mask, false, prefix);
+        h = vision_layer(ctx, hp, w.layers[il], h, in.mask, false, prefix, opt);
     }
     h = named(layer_norm(ctx, h, w.post_ln, hp.norm_eps), "v", "post_ln");
     {  // ref: post_tile_positional_embedding, on all L tokens of each tile (CLS and pads too)
@@ -123,7 +142,7 @@ ggml_tensor * build_vision(ggml_context * ctx, const mllama_model & model, visio
     }
     for (int il = 0; il < hp.n_global_layer; ++il) {
         std::snprintf(prefix, sizeof(prefix), "v.global.blk.%d", il);
-        h = vision_layer(ctx, hp, w.global_layers[il], h, in.mask, true, prefix);
+        h = vision_layer(ctx, hp, w.global_layers[il], h, in.mask, true, prefix, opt);
     }
     return assemble(ctx, hp, h, inter);
 }

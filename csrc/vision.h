@@ -17,9 +17,16 @@ struct vision_inputs {
     ggml_tensor * mask = nullptr;    // [n_tok, n_tok] F16: -inf where query AND key are padding
 };
 
+// Which of our CPU kernels (cpu_kernels.h) the graph uses in place of the generic ggml ops.
+struct vision_options {
+    bool bf16_attention = false;  // BF16 flash attention (half-precision vision weights, AVX-512 BF16 CPU)
+    bool fast_gelu = false;       // vectorized exact GELU (AVX-512 CPU)
+};
+vision_options vision_options_for(const mllama_model & model, bool on_cpu);
+
 // The vision output for one image: [v_output_dim, n_positions, max_tiles], channels in the
 // reference order: [final (n_embd) | intermediate interleaved (n_embd * n_intermediate, d * K + k)].
-ggml_tensor * build_vision(ggml_context * ctx, const mllama_model & model, vision_inputs & in);
+ggml_tensor * build_vision(ggml_context * ctx, const mllama_model & model, vision_inputs & in, const vision_options & opt);
 
 // Projector, then for every cross-attention layer K = k_norm(k_proj(x)) and V = v_proj(x), each
 // [head_dim, n_head_kv, max_tiles * n_positions] (vision token index = tile * n_positions + p).

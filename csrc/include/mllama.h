@@ -264,6 +264,14 @@ MLLAMA_API mllama_status mllama_context_decode(mllama_context * context, const i
                                                const int32_t * out_rows, int32_t n_out, float * logits);
 /* Tokens evaluated by the decoder since the context was created. */
 MLLAMA_API int64_t mllama_context_n_decoded(const mllama_context * context);
+/* Bytes a context holds beside the weights: its caches (self-attention KV + image slots) and the
+ * compute buffers the scheduler has reserved so far (they grow to the largest graph run). */
+typedef struct mllama_context_memory {
+    uint64_t kv_cache;         /* self-attention K/V of all decoder layers, n_ctx positions */
+    uint64_t image_slots;      /* cross-attention K/V of all image slots */
+    uint64_t compute;          /* scheduler buffers, all backends */
+} mllama_context_memory;
+MLLAMA_API mllama_status mllama_context_get_memory(const mllama_context * context, mllama_context_memory * out);
 /* cdef-end */
 
 #ifdef __cplusplus

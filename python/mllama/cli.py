@@ -52,6 +52,14 @@ def _print_devices() -> None:
         mem = f", {_human(d['memory_free'])} free of {_human(d['memory_total'])}" if d["memory_total"] else ""
         print(f"  {d['name']} ({d['type']}): {d['description']}{mem}")
     print(f"ggml: {system_info()}")
+    from .cpu_features import cpu_report, warning
+
+    report = cpu_report()
+    print(f"cpu: supports {' '.join(report['cpu_supports']) or 'unknown'}; GEMM path: {report['gemm_path']}; "
+          f"mllama AVX-512 BF16 kernels: {'on' if report['mllama_kernels'] else 'off'}")
+    note = warning(report)
+    if note:
+        print(note, file=sys.stderr)
 
 
 def _model_summary(model) -> dict:

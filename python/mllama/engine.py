@@ -142,3 +142,8 @@ class Engine:
     @property
     def n_decoded(self) -> int:
         return int(lib.mllama_context_n_decoded(self.ctx))
+
+    def memory(self) -> dict:
+        out = ffi.new("mllama_context_memory *")
+        call(lib.mllama_context_get_memory, self.ctx, out)
+        return {"kv_cache": int(out.kv_cache), "image_slots": int(out.image_slots), "compute": int(out.compute)}

@@ -55,6 +55,12 @@ class GenerationMixin:
         """Tokens the decoder has evaluated so far (prompt and generated)."""
         return self._engine.n_decoded
 
+    def memory(self) -> dict:
+        """Bytes held beside the weights: kv_cache, image_slots and compute (scheduler buffers so far)."""
+        with self._lock:
+            self._handle()
+            return self._engine.memory()
+
     # --- prompts ----------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict], *, add_generation_prompt: bool = True) -> tuple[list[int], list[Any]]:
         """Token ids and images of a conversation rendered with the model's chat template."""

@@ -1,0 +1,256 @@
+// BF16 flash attention for the vision tower on AVX-512 BF16 CPUs (see cpu_kernels.h).
+//
+// Two packing ops put K and V in the layouts the dot-product instruction wants (vdpbf16ps adds
+// a.pair[i] . b.pair[i] into lane i), then the attention op walks query tiles x key chunks:
+//   Kp[h][j/16][d/2][j%16] = (K[h][j][d], K[h][j][d+1])      16 keys per zmm, one d pair
+//   Vp[h][j/2][d]          = (V[h][j][d], V[h][j+1][d])      16 channels per zmm, one key pair
+// Keys are padded to a multiple of 64 (masked), channels to a multiple of 16 (zeros).
+#include "cpu_kernels.h"
+
+#include "simd_math.h"
+
+#include "ggml.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace mllama {
+namespace {
+
+constexpr int64_t k_key_block = 64;     // keys per micro step (4 zmm of scores per query row)
+constexpr int64_t k_rows = 4;           // query rows per micro step
+constexpr int64_t k_query_tile = 64;    // query rows sharing one pass over a key chunk
+constexpr int64_t k_key_chunk = 512;    // keys kept hot in L2 while a query tile walks them
+
+struct dims {
+    int64_t D, H, N;  // head size, heads, tokens
+    int64_t Dv;       // D rounded up to 16 (channel groups of a zmm)
+    int64_t Np;       // N rounded up to k_key_block
+    int64_t groups() const { return Dv / 16; }
+    int64_t pairs() const { return Dv / 2; }
+};
+
+dims dims_of(const ggml_tensor * q) {
+    dims d{q->ne[0], q->ne[1], q->ne[2], 0, 0};
+    d.Dv = (d.D + 15) / 16 * 16;
+    d.Np = (d.N + k_key_block - 1) / k_key_block * k_key_block;
+    return d;
+}
+
+inline uint16_t to_bf16(float f) {  // round to nearest even (inputs are finite)
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof(u));
+    return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline uint32_t bf16_pair(float lo, float hi) { return to_bf16(lo) | (static_cast<uint32_t>(to_bf16(hi)) << 16); }
+
+inline float elem(const ggml_tensor * t, int64_t d, int64_t h, int64_t j) {  // t: [D, H, N] F32
+    return *reinterpret_cast<const float *>(static_cast<const char *>(t->data) + d * t->nb[0] + h * t->nb[1] + j * t->nb[2]);
+}
+
+// dst->src[0] = k [D, H, N] -> Kp, rows (h, 16-key block) split across threads.
+void pack_k(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * k = dst->src[0];
+    const dims d = dims_of(k);
+    auto * out = static_cast<uint32_t *>(dst->data);
+    const int64_t n_blocks = d.Np / 16;
+    for (int64_t row = ith; row < d.H * n_blocks; row += nth) {
+        const int64_t h = row / n_blocks, jb = row % n_blocks;
+        uint32_t * o = out + row * d.pairs() * 16;
+        for (int64_t p = 0; p < d.pairs(); ++p) {
+            for (int64_t jl = 0; jl < 16; ++jl) {
+                const int64_t j = jb * 16 + jl, c = 2 * p;
+                const bool in = j < d.N;
+                o[p * 16 + jl] = bf16_pair(in && c < d.D ? elem(k, c, h, j) : 0.0f, in && c + 1 < d.D ? elem(k, c + 1, h, j) : 0.0f);
+            }
+        }
+    }
+}
+
+// dst->src[0] = v [D, H, N] -> Vp, rows (h, key pair) split across threads.
+void pack_v(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * v = dst->src[0];
+    const dims d = dims_of(v);
+    auto * out = static_cast<uint32_t *>(dst->data);
+    const int64_t n_pairs = d.Np / 2;
+    for (int64_t row = ith; row < d.H * n_pairs; row += nth) {
+        const int64_t h = row / n_pairs, j = 2 * (row % n_pairs);
+        uint32_t * o = out + row * d.Dv;
+        for (int64_t c = 0; c < d.Dv; ++c) {
+            const bool in = c < d.D;
+            o[c] = bf16_pair(in && j < d.N ? elem(v, c, h, j) : 0.0f, in && j + 1 < d.N ? elem(v, c, h, j + 1) : 0.0f);
+        }
+    }
+}
+
+// Running softmax state and output accumulator of one query tile.
+struct tile_state {
+    std::vector<uint32_t> q;   // [k_query_tile][pairs] scaled query, BF16 pairs
+    std::vector<float> m, l;   // running max and sum per row
+    std::vector<float> o;      // [k_query_tile][Dv] unnormalized output
+};
+
+struct job {
+    dims d;
+    int64_t h, i0;             // head, first query row of the tile
+    const uint32_t * kp;       // this head's packed keys
+    const uint32_t * vp;       // this head's packed values
+    const ggml_tensor * mask;  // [N, N] F16
+};
+
+// Scores of k_rows query rows against the 64 keys at jb: s[r][t] covers keys jb + 16 t ..
+MLLAMA_AVX512_TARGET inline void scores(const job & jb_, const uint32_t * q, int64_t jb, __m512 s[k_rows][4]) {
+    const int64_t P = jb_.d.pairs();
+    for (int r = 0; r < k_rows; ++r)
+        for (int t = 0; t < 4; ++t) s[r][t] = _mm512_setzero_ps();
+    const uint32_t * kb = jb_.kp + (jb / 16) * P * 16;
+    for (int64_t p = 0; p < P; ++p) {
+        __m512bh kv[4];
+        for (int t = 0; t < 4; ++t) kv[t] = (__m512bh) _mm512_loadu_si512(kb + (t * P + p) * 16);
+        for (int r = 0; r < k_rows; ++r) {
+            const __m512bh qb = (__m512bh) _mm512_set1_epi32(static_cast<int>(q[r * P + p]));
+            for (int t = 0; t < 4; ++t) s[r][t] = _mm512_dpbf16_ps(s[r][t], qb, kv[t]);
+        }
+    }
+}
+
+// Adds the mask row of query i (keys jb..jb+63) and -inf for padding keys.
+MLLAMA_AVX512_TARGET inline void add_mask(const job & j, int64_t i, int64_t jb, __m512 s[4]) {
+    const auto * row = reinterpret_cast<const uint16_t *>(static_cast<const char *>(j.mask->data) + i * j.mask->nb[1]);
+    for (int t = 0; t < 4; ++t) {
+        const int64_t k0 = jb + 16 * t;
+        const int64_t valid = std::clamp<int64_t>(j.d.N - k0, 0, 16);
+        const __mmask16 live = static_cast<__mmask16>((1u << valid) - 1u);
+        const __m512 m = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, row + k0));
+        s[t] = _mm512_mask_add_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), live, s[t], m);
+    }
+}
+
+// One micro step: rows r0..r0+3 of the tile against keys jb..jb+63.
+template <int NG>
+MLLAMA_AVX512_TARGET void micro(const job & j, tile_state & st, int64_t r0, int64_t jb) {
+    const int64_t P = j.d.pairs(), Dv = j.d.Dv;
+    __m512 s[k_rows][4];
+    scores(j, st.q.data() + r0 * P, jb, s);
+    alignas(64) uint16_t probs[k_rows][k_key_block];
+    float alpha[k_rows];
+    for (int r = 0; r < k_rows; ++r) {
+        const int64_t i = std::min(j.i0 + r0 + r, j.d.N - 1);  // padding rows reuse the last mask row
+        add_mask(j, i, jb, s[r]);
+        const float block_max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(s[r][0], s[r][1]), _mm512_max_ps(s[r][2], s[r][3])));
+        float & m = st.m[r0 + r];
+        const float m_new = std::max(m, block_max);
+        if (m_new == -std::numeric_limits<float>::infinity()) {  // everything masked so far
+            alpha[r] = 1.0f;
+            std::memset(probs[r], 0, sizeof(probs[r]));
+            continue;
+        }
+        alpha[r] = std::exp(m - m_new);
+        m = m_new;
+        const __m512 shift = _mm512_set1_ps(m_new);
+        __m512 sum = _mm512_setzero_ps();
+        for (int t = 0; t < 4; ++t) {
+            const __m512 p = simd::exp512(_mm512_sub_ps(s[r][t], shift));
+            sum = _mm512_add_ps(sum, p);
+            _mm256_store_si256(reinterpret_cast<__m256i *>(probs[r] + 16 * t), (__m256i) _mm512_cvtneps_pbh(p));
+        }
+        st.l[r0 + r] = st.l[r0 + r] * alpha[r] + _mm512_reduce_add_ps(sum);
+    }
+    __m512 acc[k_rows][NG];
+    for (int r = 0; r < k_rows; ++r)
+        for (int g = 0; g < NG; ++g) acc[r][g] = _mm512_setzero_ps();
+    const uint32_t * vb = j.vp + (jb / 2) * Dv;
+    for (int64_t jp = 0; jp < k_key_block / 2; ++jp) {
+        __m512bh pb[k_rows];
+        for (int r = 0; r < k_rows; ++r) {
+            uint32_t pair;
+            std::memcpy(&pair, probs[r] + 2 * jp, sizeof(pair));
+            pb[r] = (__m512bh) _mm512_set1_epi32(static_cast<int>(pair));
+        }
+        for (int g = 0; g < NG; ++g) {
+            const __m512bh vv = (__m512bh) _mm512_loadu_si512(vb + jp * Dv + g * 16);
+            for (int r = 0; r < k_rows; ++r) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], pb[r], vv);
+        }
+    }
+    for (int r = 0; r < k_rows; ++r) {
+        float * o = st.o.data() + (r0 + r) * Dv;
+        const __m512 a = _mm512_set1_ps(alpha[r]);
+        for (int g = 0; g < NG; ++g) _mm512_storeu_ps(o + 16 * g, _mm512_fmadd_ps(_mm512_loadu_ps(o + 16 * g), a, acc[r][g]));
+    }
+}
+
+using micro_fn = void (*)(const job &, tile_state &, int64_t, int64_t);
+
+micro_fn micro_for(int64_t groups) {
+    static const micro_fn table[] = {micro<1>, micro<2>, micro<3>, micro<4>, micro<5>, micro<6>, micro<7>, micro<8>};
+    return table[groups - 1];
+}
+
+// Query rows i0.. of head h: scaled BF16 queries in, normalized output rows out.
+void run_tile(const job & j, const ggml_tensor * q, ggml_tensor * dst, tile_state & st) {
+    const dims & d = j.d;
+    const int64_t P = d.pairs(), n_rows = std::min(k_query_tile, d.N - j.i0);
+    const int64_t n_micro = (n_rows + k_rows - 1) / k_rows;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d.D));
+    std::fill(st.q.begin(), st.q.end(), 0u);
+    for (int64_t r = 0; r < n_rows; ++r)
+        for (int64_t p = 0; p < P; ++p) {
+            const int64_t c = 2 * p;
+            const float lo = c < d.D ? elem(q, c, j.h, j.i0 + r) * scale : 0.0f;
+            const float hi = c + 1 < d.D ? elem(q, c + 1, j.h, j.i0 + r) * scale : 0.0f;
+            st.q[r * P + p] = bf16_pair(lo, hi);
+        }
+    std::fill(st.m.begin(), st.m.end(), -std::numeric_limits<float>::infinity());
+    std::fill(st.l.begin(), st.l.end(), 0.0f);
+    std::fill(st.o.begin(), st.o.end(), 0.0f);
+    const micro_fn step = micro_for(d.groups());
+    for (int64_t c0 = 0; c0 < d.Np; c0 += k_key_chunk)
+        for (int64_t m = 0; m < n_micro; ++m)
+            for (int64_t jb = c0; jb < std::min(c0 + k_key_chunk, d.Np); jb += k_key_block) step(j, st, m * k_rows, jb);
+    for (int64_t r = 0; r < n_rows; ++r) {  // dst [D * H, N]
+        auto * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + (j.i0 + r) * dst->nb[1]) + j.h * d.D;
+        const float inv = st.l[r] > 0.0f ? 1.0f / st.l[r] : 0.0f;
+        for (int64_t c = 0; c < d.D; ++c) out[c] = st.o[r * d.Dv + c] * inv;
+    }
+}
+
+// dst->src = {q, Kp, Vp, mask}; (head, query tile) pairs split across threads.
+void attend(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * q = dst->src[0];
+    const dims d = dims_of(q);
+    const int64_t n_tiles = (d.N + k_query_tile - 1) / k_query_tile;
+    tile_state st;
+    st.q.resize(k_query_tile * d.pairs());
+    st.m.resize(k_query_tile);
+    st.l.resize(k_query_tile);
+    st.o.resize(k_query_tile * d.Dv);
+    for (int64_t w = ith; w < d.H * n_tiles; w += nth) {
+        job j{d, w / n_tiles, (w % n_tiles) * k_query_tile, nullptr, nullptr, dst->src[3]};
+        j.kp = static_cast<const uint32_t *>(dst->src[1]->data) + j.h * d.Np * d.pairs();
+        j.vp = static_cast<const uint32_t *>(dst->src[2]->data) + j.h * (d.Np / 2) * d.Dv;
+        run_tile(j, q, dst, st);
+    }
+}
+
+}  // namespace
+
+bool cpu_kernels_available() {
+    static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                           __builtin_cpu_supports("avx512bf16");
+    return ok;
+}
+
+ggml_tensor * bf16_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask) {
+    const dims d = dims_of(q);
+    ggml_tensor * kp = ggml_custom_4d(ctx, GGML_TYPE_I32, d.pairs() * d.Np, d.H, 1, 1, &k, 1, pack_k, GGML_N_TASKS_MAX, nullptr);  // Kp
+    ggml_tensor * vp = ggml_custom_4d(ctx, GGML_TYPE_I32, d.Dv * d.Np / 2, d.H, 1, 1, &v, 1, pack_v, GGML_N_TASKS_MAX, nullptr);  // Vp
+    ggml_tensor * args[] = {q, kp, vp, mask};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, d.D * d.H, d.N, 1, 1, args, 4, attend, GGML_N_TASKS_MAX, nullptr);  // [D * H, N]
+}
+
+}  // namespace mllama

@@ -1,0 +1,28 @@
+// CPU kernels of our own for the two places where ggml's generic CPU ops dominate the vision
+// tower (profile in bench/README.md): attention over all tiles of an image (6432 tokens for the
+// 11B) and the exact GELU. Both are ggml custom ops, so they run inside the normal graph on the CPU
+// backend with ggml's threads. Used only when cpu_kernels_available(); the ggml ops otherwise.
+#pragma once
+
+#include <cstdint>
+
+struct ggml_context;
+struct ggml_tensor;
+
+namespace mllama {
+
+// The CPU has AVX-512 with BF16 dot products (and the OS saves its registers).
+bool cpu_kernels_available();
+
+// Largest head size the attention kernel handles (larger heads use ggml's flash attention).
+constexpr int64_t k_bf16_attn_max_head_dim = 128;
+
+// softmax(Q K^T / sqrt(D) + mask) V with BF16 operands and F32 accumulation, flash-attention
+// tiling (no score matrix in memory). q, k, v: [D, H, N] F32; mask: [N, N] F16 additive, one row
+// per query -> [D * H, N] F32.
+ggml_tensor * bf16_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask);
+
+// 0.5 x (1 + erf(x / sqrt(2))) elementwise on F32, vectorized (max abs error of erf 1.5e-7).
+ggml_tensor * gelu_erf_avx512(ggml_context * ctx, ggml_tensor * x);
+
+}  // namespace mllama

@@ -1,0 +1,80 @@
+"""Our CPU kernels (csrc/cpu_kernels.h) against ggml's generic ops on the same model, the memory
+report of a context, and the CPU-feature report behind `mllama info`'s rebuild warning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mllama
+from mllama.cpu_features import cpu_report, ggml_features, warning
+
+KERNELS = ggml_features().get("AVX512_BF16_KERNELS") == "1"
+needs_kernels = pytest.mark.skipif(not KERNELS, reason="this CPU has no AVX-512 BF16")
+
+
+def nmse(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.sum((a - b) ** 2) / np.sum(b ** 2))
+
+
+def encode(path, monkeypatch, kernels: str | None, n_tiles=4, ar_id=6):
+    if kernels is None:
+        monkeypatch.delenv("MLLAMA_CPU_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("MLLAMA_CPU_KERNELS", kernels)
+    with mllama.Model(path) as model:
+        hp = model.hparams
+        shape = (hp["v_max_tiles"], 3, hp["v_image_size"], hp["v_image_size"])
+        pixels = np.random.default_rng(n_tiles).standard_normal(shape).astype(np.float32)
+        return model.encode_pixels(pixels, ar_id, n_tiles)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n_tiles,ar_id", [(4, 6), (2, 2), (1, 1)])
+def test_bf16_attention_and_gelu_match_ggml_on_half_weights(converted, monkeypatch, n_tiles, ar_id):
+    generic = encode(converted("f16"), monkeypatch, "0", n_tiles, ar_id)
+    both = encode(converted("f16"), monkeypatch, None, n_tiles, ar_id)
+    attn = encode(converted("f16"), monkeypatch, "attn", n_tiles, ar_id)
+    gelu = encode(converted("f16"), monkeypatch, "gelu", n_tiles, ar_id)
+    # BF16 operands with F32 accumulation: ~5e-6 per attention, well inside the F16 parity budget
+    assert 0 < nmse(both, generic) <= 2e-5
+    assert 0 < nmse(attn, generic) <= 2e-5
+    assert nmse(gelu, generic) <= 1e-8  # erf to 1.5e-7, seen through the F16 rounding of the next GEMM input
+
+
+@needs_kernels
+def test_f32_weights_keep_exact_attention(gguf_f32, monkeypatch):
+    generic = encode(gguf_f32, monkeypatch, "0")
+    ours = encode(gguf_f32, monkeypatch, None)
+    assert nmse(ours, generic) <= 1e-10  # only the GELU kernel runs; attention stays ggml's F32 path
+
+
+def test_context_memory_report(small_gguf):
+    with mllama.Model(small_gguf, n_ctx=64, n_image_slots=2) as model:
+        hp = model.hparams
+        before = model.memory()
+        model.generate([1, 2, 3], max_tokens=2)
+        after = model.memory()
+    kv_dim = hp["n_head_kv"] * (hp["n_embd"] // hp["n_head"])
+    n_cross = len(hp["cross_attention_layers"])
+    n_self = hp["n_layer"] - n_cross
+    n_vis = hp["v_max_tiles"] * ((hp["v_image_size"] // hp["v_patch_size"]) ** 2 + 1)
+    assert before["kv_cache"] == n_self * 2 * 64 * kv_dim * 4  # an F32 model keeps F32 caches
+    assert before["image_slots"] == n_cross * 2 * 2 * n_vis * kv_dim * 4
+    assert after["compute"] > 0
+
+
+def test_report_names_features_ggml_leaves_unused():
+    info = "CPU: SSE3=1 AVX=1 AVX2=1 F16C=1 FMA=1 | mllama: AVX512_BF16_KERNELS=1"
+    report = cpu_report({"avx", "avx2", "f16c", "fma", "avx512f", "avx512_bf16", "sse3"}, info)
+    assert report["unused_by_ggml"] == ["AVX512", "AVX512_BF16"]
+    assert report["mllama_kernels"] and not report["llamafile"]
+    note = warning(report)
+    assert note and "AVX512, AVX512_BF16, LLAMAFILE" in note and "GGML_NATIVE=ON" in note
+
+
+def test_report_is_quiet_for_a_native_build():
+    info = "CPU: AVX=1 AVX2=1 F16C=1 FMA=1 AVX512=1 AVX512_BF16=1 LLAMAFILE=1 | mllama: AVX512_BF16_KERNELS=1"
+    report = cpu_report({"avx", "avx2", "f16c", "fma", "avx512f", "avx512_bf16"}, info)
+    assert report["unused_by_ggml"] == [] and warning(report) is None
