@@ -54,7 +54,7 @@ def test_context_memory_report(small_gguf):
     with mllama.Model(small_gguf, n_ctx=64, n_image_slots=2) as model:
         hp = model.hparams
         before = model.memory()
-        model.generate([1, 2, 3], max_tokens=2)
+        model.forward([1, 2, 3])
         after = model.memory()
     kv_dim = hp["n_head_kv"] * (hp["n_embd"] // hp["n_head"])
     n_cross = len(hp["cross_attention_layers"])
