@@ -105,6 +105,18 @@ def test_k_quant_used_where_rows_allow_and_fallback_elsewhere(converted):
     assert types["mm.0.weight"] == "f16"
 
 
+def test_q4_k_m_mix_gives_chosen_layers_q6_k(converted):
+    from mllama.convert import uses_more_bits
+
+    types = tensor_types(converted("q4_k_m"))
+    # 4 layers: the last eighth (layer 3) and every third from n/8 (layer 2) keep more bits
+    assert [types[f"blk.{i}.ffn_down.weight"] for i in range(4)] == ["q4_k", "q4_k", "q6_k", "q6_k"]
+    assert types["blk.0.ffn_up.weight"] == "q8_0"  # rows of 64: no k-quant fits
+    assert types["output.weight"] == "q8_0"       # Q6_K wanted, rows of 64: falls back the same way
+    assert [i for i in range(40) if uses_more_bits(i, 40)] == [0, 1, 2, 3, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31, 34,
+                                                                 35, 36, 37, 38, 39]  # llama.cpp's rule for the 11B
+
+
 def test_metadata_matches_the_checkpoint(reader_f32, hf_dir):
     reader = reader_f32
     field = lambda key: reader.fields[key].contents()  # noqa: E731

@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint folder to GGUF")
     p.add_argument("hf_dir", help="folder with config.json, *.safetensors, tokenizer.json, ...")
     p.add_argument("-o", "--output", required=True, help="the GGUF file to write")
-    p.add_argument("--type", default="f16", choices=writable_type_names(), metavar="TYPE",
-                   help="type of the text weights: " + ", ".join(writable_type_names()) + " (default f16)")
+    text_types = writable_type_names() + ["q4_k_m", "q5_k_m"]
+    p.add_argument("--type", default="f16", choices=text_types, metavar="TYPE",
+                   help="type of the text weights: " + ", ".join(text_types) + " (default f16; q4_k_m is the usual choice)")
     p.add_argument("--vision-type", choices=["f32", "f16", "bf16"], default=None,
                    help="type of the vision tower and projector matrices (default: f32 for --type f32, else f16)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")

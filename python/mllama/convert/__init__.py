@@ -1,8 +1,10 @@
 """Convert a Hugging Face `MllamaForConditionalGeneration` checkpoint to an mllama GGUF file.
 
-    mllama.convert("Llama-3.2-11B-Vision-Instruct", "model.gguf", type="q4_k")
+    mllama.convert("Llama-3.2-11B-Vision-Instruct", "model.gguf", type="q4_k_m")
 
-Text weights take the requested type (quantized by ggml itself); the vision tower and projector are
+Text weights take the requested type (quantized by ggml itself; the mixes "q4_k_m" and "q5_k_m"
+give the output matrix and the value/down projections of the layers that matter most Q6_K, as
+llama.cpp's mixes of the same names do); the vision tower and projector are
 never quantized (F16 at most; position/tile tables, gates and norms F32). Tensors are converted one
 row chunk at a time, so memory stays far below the checkpoint size. The output is written to a
 temporary file, checked by loading it, and renamed into place: an interrupted or failed conversion
@@ -28,7 +30,25 @@ __all__ = ["convert", "ConversionError"]
 
 CONVERTER_VERSION = "1"
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10,
-              "q3_k": 11, "q4_k": 14, "q5_k": 16, "q6_k": 18, "bf16": 32}
+              "q3_k": 11, "q4_k": 14, "q4_k_m": 15, "q5_k": 16, "q5_k_m": 17, "q6_k": 18, "bf16": 32}
+MIXES = {"q4_k_m": "q4_k", "q5_k_m": "q5_k"}  # mix name -> base type
+
+
+def uses_more_bits(layer: int, n_layer: int) -> bool:
+    """The layers whose value/down projections a _M mix keeps at Q6_K: the first and last eighth and
+    every third layer between (the rule of llama.cpp's mixes)."""
+    return layer < n_layer // 8 or layer >= 7 * n_layer // 8 or (layer - n_layer // 8) % 3 == 2
+
+
+def mix_type(mix: str, target: Target, n_layer: int) -> str:
+    """The type a tensor takes under a mix (or the mix name itself when not a mix)."""
+    if mix not in MIXES:
+        return mix
+    if target.tensor_id == "OUTPUT":
+        return "q6_k"
+    if target.tensor_id in ("ATTN_V", "FFN_DOWN", "CROSS_V") and target.layer is not None and uses_more_bits(target.layer, n_layer):
+        return "q6_k"
+    return MIXES[mix]
 VISION_TYPES = ("f32", "f16", "bf16")
 
 
@@ -49,12 +69,14 @@ def choose_type(target: Target, src: SourceTensor, text_type: T.TypeInfo, vision
     return _text_type(src, text_type)
 
 
-def _plan(sources: dict[str, SourceTensor], text_type: T.TypeInfo, vision_type: T.TypeInfo) -> list[PlannedTensor]:
+def plan(sources: dict, text_type: str, vision_type: T.TypeInfo, n_layer: int) -> list[PlannedTensor]:
+    """GGUF name and type of every checkpoint tensor, in file order (text first, then vision)."""
     planned = []
     for hf_name, src in sources.items():
         target = map_name(hf_name)
         name = names.tensor(target.tensor_id, target.layer)
-        planned.append(PlannedTensor(name, src, choose_type(target, src, text_type, vision_type)))
+        wanted = T.lookup(mix_type(text_type, target, n_layer))
+        planned.append(PlannedTensor(name, src, choose_type(target, src, wanted, vision_type)))
     seen = set()
     for p in planned:
         if p.name in seen:
@@ -68,10 +90,11 @@ def _layer_key(name: str) -> tuple:
     return tuple((0, int(s), "") if s.isdigit() else (1, 0, s) for s in parts)
 
 
-def _metadata(folder: Path, text_type: str, meta: dict[str, Any], tok: TokenizerData) -> list[tuple[str, Any]]:
+def file_metadata(name: str, text_type: str, meta: dict[str, Any], tok: TokenizerData) -> list[tuple[str, Any]]:
+    """Every key of an mllama GGUF: general, the hparams in `meta` (names.key ids) and the tokenizer."""
     k = names.key
     out: list[tuple[str, Any]] = [
-        (k("GENERAL_NAME"), folder.resolve().name),
+        (k("GENERAL_NAME"), name),
         (k("GENERAL_FILE_TYPE"), FILE_TYPES.get(text_type, 1)),
         (k("WEIGHTS_CONVENTION"), "hf"),
         (k("CONVERTER_VERSION"), CONVERTER_VERSION),
@@ -113,7 +136,8 @@ def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, type: str = "f
             verify: bool = True) -> Path:
     """Convert the checkpoint folder `hf_dir` to the GGUF file `output`; returns the output path."""
     folder, out = Path(hf_dir), Path(output)
-    text_type = T.lookup(type)
+    type = type.lower()
+    text_type = T.lookup(MIXES.get(type, type))
     vtype_name = vision_type or ("f32" if text_type.name.lower() == "f32" else "bf16" if text_type.name.lower() == "bf16" else "f16")
     if vtype_name not in VISION_TYPES:
         raise ConversionError(f"vision weights are kept unquantized: vision_type must be one of {', '.join(VISION_TYPES)}")
@@ -124,12 +148,12 @@ def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, type: str = "f
     cfg = read_config(folder)
     tok = read_tokenizer(folder)
     meta = metadata(cfg, tok)
-    tensors = _plan(open_checkpoint(folder), text_type, T.lookup(vtype_name))
+    tensors = plan(open_checkpoint(folder), type, T.lookup(vtype_name), int(meta["BLOCK_COUNT"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     update, close = _progress(sum(t.source.n_elements * 4 for t in tensors), progress)
     try:
-        write_gguf(tmp, _metadata(folder, text_type.name.lower(), meta, tok), tensors, update)
+        write_gguf(tmp, file_metadata(folder.resolve().name, type, meta, tok), tensors, update)
         close()
         if verify:
             _verify(tmp)
