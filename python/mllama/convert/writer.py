@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
@@ -54,14 +54,22 @@ def _pad(fout, alignment: int) -> None:
         fout.write(b"\0" * pad)
 
 
-def _write_tensor(fout, planned: PlannedTensor, on_bytes: Callable[[int], None]) -> None:
-    src = planned.source
-    written = 0
+def _encoded(src, ti: T.TypeInfo) -> Iterator[tuple[bytes, int]]:
+    """(bytes in the target type, float32 bytes they stand for), chunk by chunk."""
+    if hasattr(src, "encoded_chunks"):  # a source that makes its data in the target type itself
+        for data in src.encoded_chunks(ti):
+            yield data, len(data)
+        return
     for rows in src.iter_rows(CHUNK_BYTES):
-        data = T.encode(rows, planned.type)
+        yield T.encode(rows, ti), rows.size * 4
+
+
+def _write_tensor(fout, planned: PlannedTensor, on_bytes: Callable[[int], None]) -> None:
+    written = 0
+    for data, n_source_bytes in _encoded(planned.source, planned.type):
         fout.write(data)
         written += len(data)
-        on_bytes(rows.size * 4)
+        on_bytes(n_source_bytes)
     if written != planned.nbytes:
         raise RuntimeError(f"wrote {written} bytes for {planned.name}, planned {planned.nbytes}")
 
