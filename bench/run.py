@@ -1,0 +1,154 @@
+"""The benchmark: mllama and transformers side by side on the same machine in one run, at the real
+11B dimensions (random weights), written to JSON.
+
+    python bench/run.py                    # about 10 minutes on 2 cores; writes bench/results/bench.json
+    python bench/run.py --quick            # small dims, a sanity run of the whole pipeline (~1 minute)
+
+Models: the text model at 11B dimensions with 5 layers (one cross-attention layer) + the full 11B
+vision tower, as GGUF written directly (mllama.synthetic_gguf: F16 and Q4_K_M text, BF16 vision) and
+as transformers' MllamaForConditionalGeneration built from the same config (bf16; --fp32 adds fp32);
+then the full 11B at Q4_K_M for the absolute decode speed against the memory-bandwidth roofline.
+Each engine runs in its own process (bench/workers.py), so peak RSS is its own. Figures: vision
+encode of a 4-tile image, time to first token (image + 20-token prompt, preprocessing included for
+mllama), prefill of 64 tokens, decode of 32 tokens with the image in the cross-attention cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def read_bandwidth_gbs(work: Path, gib: float = 2.0, passes: int = 5) -> tuple[float, str]:
+    """Read bandwidth of all cores (bench/bandwidth.c, compiled here for this CPU); torch's sum,
+    which reads ~30% slower, only where no C compiler is at hand."""
+    import ctypes
+
+    lib_path = work / "bandwidth.so"
+    try:
+        subprocess.run(["cc", "-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared",
+                        str(HERE / "bandwidth.c"), "-o", str(lib_path)], check=True, capture_output=True)
+        lib = ctypes.CDLL(str(lib_path))
+        lib.read_bandwidth_gbs.restype = ctypes.c_double
+        lib.read_bandwidth_gbs.argtypes = [ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+        return lib.read_bandwidth_gbs(int(gib * (1 << 30)), passes, os.cpu_count() or 1), "bench/bandwidth.c"
+    except (OSError, subprocess.CalledProcessError):
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        x = torch.zeros(int(gib * (1 << 30)) // 4)
+        best = float("inf")
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - t0)
+        return x.numel() * 4 / best / 1e9, "torch.sum"
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def worker(*args: str) -> dict:
+    cmd = [sys.executable, str(HERE / "workers.py"), *args]
+    print("  $", " ".join(cmd[1:]), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def configs(quick: bool) -> tuple[dict, dict, dict]:
+    from mllama.synthetic_gguf import TEXT_11B, VISION_11B
+
+    if quick:
+        text = {**TEXT_11B, "hidden_size": 1024, "intermediate_size": 2048, "num_attention_heads": 8,
+                "num_key_value_heads": 2, "num_hidden_layers": 2, "cross_attention_layers": [1]}
+        vision = {**VISION_11B, "num_hidden_layers": 4, "num_global_layers": 1, "intermediate_layers_indices": [1, 3],
+                  "vision_output_dim": 1280 * 3}
+        return text, vision, text
+    text = {**TEXT_11B, "num_hidden_layers": 5, "cross_attention_layers": [3]}
+    return text, VISION_11B, TEXT_11B
+
+
+def add_derived(entry: dict, bandwidth_gbs: float) -> None:
+    """Roofline fraction of the decode speed and the peak-RSS bound."""
+    roofline = bandwidth_gbs * 1e9 / entry["decode_bytes_per_token"]
+    entry["decode_roofline_tok_s"] = round(roofline, 2)
+    entry["decode_roofline_fraction"] = round(entry["decode_tok_s"] / roofline, 3)
+    mem = entry["memory"]
+    bound = entry["file_bytes"] + mem["kv_cache"] + mem["image_slots"] + mem["compute"]
+    entry["rss_bound_bytes"] = bound
+    entry["peak_rss_over_bound"] = round(entry["peak_rss"] / bound, 3)
+    entry["load_s_per_gb"] = round(entry["load_s"] / (entry["file_bytes"] / 1e9), 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small dimensions: a fast check of the pipeline")
+    parser.add_argument("--fp32", action="store_true", help="also time transformers in fp32")
+    parser.add_argument("--skip-full", action="store_true", help="skip the full-size 11B Q4_K_M decode")
+    parser.add_argument("--work", type=Path, default=None, help="folder for the GGUF files (default: a temp folder)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON output (default bench/results/bench.json)")
+    args = parser.parse_args()
+    out_path = args.out or HERE / "results" / ("bench-quick.json" if args.quick else "bench.json")
+
+    import mllama
+    from mllama.cpu_features import cpu_report
+    from mllama.synthetic_gguf import write_synthetic_gguf
+
+    text, vision, full_text = configs(args.quick)
+    result = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "ggml": mllama.system_info(), **cpu_report(),
+                          "python": platform.python_version(), "mllama": mllama.__version__},
+              "setup": {"text_layers": text["num_hidden_layers"], "vision_layers": [vision["num_hidden_layers"], vision["num_global_layers"]],
+                        "prompt_tokens": 64, "ttft_prompt_tokens": 20, "decode_tokens": 32, "image_tiles": 4, "quick": args.quick},
+              "mllama": {}, "transformers": {}}
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        tmp = Path(tmp)
+        print("measuring read bandwidth", flush=True)
+        bw, probe = read_bandwidth_gbs(tmp)
+        result["machine"].update(read_bandwidth_gbs=round(bw, 1), bandwidth_probe=probe)
+        for type_name in ("q4_k_m", "f16"):
+            print(f"mllama {type_name}", flush=True)
+            path = write_synthetic_gguf(tmp / f"{type_name}.gguf", text, vision, type=type_name, vision_type="bf16")
+            result["mllama"][type_name] = entry = worker("mllama", str(path), "--image")
+            add_derived(entry, bw)
+            path.unlink()
+        cfg = tmp / "config.json"
+        cfg.write_text(json.dumps({"text_config": text, "vision_config": vision, "image_token_index": 128256}))
+        for dtype in ["bf16"] + (["fp32"] if args.fp32 else []):
+            print(f"transformers {dtype}", flush=True)
+            result["transformers"][dtype] = worker("transformers", str(cfg), "--dtype", dtype)
+        if not args.skip_full:
+            print("mllama full 11B q4_k_m", flush=True)
+            path = write_synthetic_gguf(tmp / "full.gguf", full_text, vision, type="q4_k_m", vision_type="bf16")
+            result["mllama"]["full_11b_q4_k_m"] = entry = worker("mllama", str(path), "--image", "--decode", "16")
+            add_derived(entry, bw)
+    ref = result["transformers"]["bf16"]
+    ours = result["mllama"]["q4_k_m"]
+    result["ratios_vs_transformers_bf16"] = {
+        "vision_time": round(ours["vision_s"] / ref["vision_s"], 3),
+        "ttft": round(ours["ttft_s"] / ref["ttft_s"], 3),
+        **{f"prefill_speed_{t}": round(result["mllama"][t]["prefill_tok_s"] / ref["prefill_tok_s"], 3) for t in ("q4_k_m", "f16")},
+        **{f"decode_speed_{t}": round(result["mllama"][t]["decode_tok_s"] / ref["decode_tok_s"], 3) for t in ("q4_k_m", "f16")},
+    }
+    text_out = json.dumps(result, indent=2)
+    print(text_out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(text_out + "\n")
+
+
+if __name__ == "__main__":
+    main()

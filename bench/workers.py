@@ -1,0 +1,153 @@
+"""One measurement per process (so peak RSS is that engine's own), printed as one JSON line.
+
+    python bench/workers.py mllama MODEL.gguf --prompt 64 --decode 32 [--image]
+    python bench/workers.py transformers CONFIG.json --dtype bf16 --prompt 64 --decode 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+IMAGE_TOKEN = 128256
+
+
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def bench_image() -> np.ndarray:
+    """1120 x 1120 noise: 4 tiles (aspect ratio 2 x 2) at 560-px tiles."""
+    return np.random.default_rng(0).integers(0, 256, (1120, 1120, 3), dtype=np.uint8)
+
+
+def prompts(n_prompt: int, n_ttft: int) -> tuple[list[int], list[int]]:
+    rng = np.random.default_rng(0)
+    body = rng.integers(1000, 100000, max(n_prompt, n_ttft)).tolist()
+    return [128000, IMAGE_TOKEN] + body[:n_prompt - 2], [128000, IMAGE_TOKEN] + body[:n_ttft - 2]
+
+
+def run_mllama(args) -> dict:
+    import mllama
+    from mllama.engine import PreparedImage
+
+    t0 = time.perf_counter()
+    mllama.Model(args.model, device="cpu").close()  # warms the page cache
+    cold_or_warm = time.perf_counter() - t0
+    prompt, ttft_prompt = prompts(args.prompt, args.ttft_prompt)
+    t0 = time.perf_counter()
+    model = mllama.Model(args.model, device="cpu", n_ctx=args.prompt + args.decode + 16, n_image_slots=1)
+    out = {"load_s": time.perf_counter() - t0, "first_load_s": cold_or_warm, "threads": model.info["n_threads"],
+           "file_bytes": model.info["file_size"]}
+    engine = model._engine
+    images: list = []
+    if args.image:  # time to first token: preprocess + vision + cross K/V + prompt + first logits
+        t0 = time.perf_counter()
+        pre = mllama.preprocess(bench_image(), model)
+        prepared = PreparedImage(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles, "bench")
+        t1 = time.perf_counter()
+        engine._encode(0, prepared)
+        t2 = time.perf_counter()
+        int(np.argmax(engine.evaluate(ttft_prompt, [prepared])))
+        out.update(ttft_s=time.perf_counter() - t0, vision_s=t2 - t1, n_tiles=pre.n_tiles)
+        images = [prepared]
+    else:
+        prompt = [t for t in prompt if t != IMAGE_TOKEN]
+    engine.evaluate(prompt, images)  # warm-up at the timed shape
+    engine.state.tokens = []
+    t0 = time.perf_counter()
+    token = int(np.argmax(engine.evaluate(prompt, images)))
+    out["prefill_tok_s"] = len(prompt) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in range(args.decode):
+        token = int(np.argmax(engine.step(token, len(images))))
+    out["decode_tok_s"] = args.decode / (time.perf_counter() - t0)
+    out["memory"] = model.memory()
+    out["decode_bytes_per_token"] = decode_bytes(model, out["memory"], len(images))
+    out["tensor_types"] = sorted({t.type for t in model.tensors()})
+    model.close()
+    out["peak_rss"] = peak_rss()
+    return out
+
+
+def decode_bytes(model, memory: dict, n_images: int) -> int:
+    """Bytes one decode step must read: every text weight except the embedding table (one row) and
+    the cross-attention K/V projections (their output is cached), plus the image's cross K/V."""
+    skip = ("token_embd.weight", "cross_attn_k_proj", "cross_attn_v_proj")
+    total = sum(t.nbytes for t in model.tensors() if not t.name.startswith(("v.", "mm.")) and not any(s in t.name for s in skip))
+    return total + (memory["image_slots"] if n_images else 0)
+
+
+def run_transformers(args) -> dict:
+    import torch
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    import mllama
+    from reference_inputs import hf_inputs_for
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    cfg = json.loads(Path(args.model).read_text())
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = MllamaForConditionalGeneration(MllamaConfig(**cfg)).to(dtype).eval()
+    out = {"build_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    prompt, ttft_prompt = prompts(args.prompt, args.ttft_prompt)
+    pre = mllama.preprocess(bench_image(), {"size": {"height": 560, "width": 560}, "max_image_tiles": 4,
+                                            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                                            "image_std": [0.26862954, 0.26130258, 0.27577711]})
+    captured = {}
+    vision = model.model.vision_model
+    vision.register_forward_pre_hook(lambda *a: captured.__setitem__("v0", time.perf_counter()))
+    vision.register_forward_hook(lambda *a: captured.__setitem__("v1", time.perf_counter()))
+    model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.__setitem__("states", o))
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model(**hf_inputs_for(ttft_prompt, pre, dtype)).logits[0, -1].argmax()
+        out.update(ttft_s=time.perf_counter() - t0, vision_s=captured["v1"] - captured["v0"])
+        states = captured["states"]
+        states = states.reshape(-1, states.shape[-2], model.config.text_config.hidden_size)  # as MllamaModel does
+        inputs = hf_inputs_for(prompt, pre, dtype)
+        inputs.pop("pixel_values"), inputs.pop("aspect_ratio_ids")
+        model(**inputs, cross_attention_states=states)  # warm-up at the timed shape
+        t0 = time.perf_counter()
+        res = model(**inputs, cross_attention_states=states, use_cache=True)
+        out["prefill_tok_s"] = len(prompt) / (time.perf_counter() - t0)
+        past, token = res.past_key_values, res.logits[0, -1].argmax()
+        mask_row = inputs["cross_attention_mask"][:, -1:]
+        t0 = time.perf_counter()
+        for _ in range(args.decode):
+            res = model(input_ids=token.view(1, 1), past_key_values=past, cross_attention_mask=mask_row, use_cache=True)
+            past, token = res.past_key_values, res.logits[0, -1].argmax()
+        out["decode_tok_s"] = args.decode / (time.perf_counter() - t0)
+    out["peak_rss"] = peak_rss()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("engine", choices=["mllama", "transformers"])
+    parser.add_argument("model", help="GGUF file (mllama) or config JSON (transformers)")
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--ttft-prompt", type=int, default=20)
+    parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--image", action="store_true")
+    args = parser.parse_args()
+    sys.path.insert(0, str(HERE))
+    result = run_mllama(args) if args.engine == "mllama" else run_transformers(args)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
