@@ -258,7 +258,7 @@ mllama_status mllama_model_tensor_read_f32(const mllama_model * model, const cha
             mllama::fail(MLLAMA_ERR_INVALID_ARGUMENT, "tensor '%s' has %lld elements, the buffer %lld", name, (long long) ggml_nelements(t), (long long) n_elements);
         }
         std::vector<uint8_t> raw(ggml_nbytes(t));
-        ggml_backend_tensor_get(t, raw.data(), 0, raw.size());
+        mllama::read_weight(*model, t, raw.data());
         mllama::dequantize(t->type, raw.data(), raw.size(), dst, n_elements);
     });
 }

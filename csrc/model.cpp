@@ -6,6 +6,7 @@
 #include "ggml-backend.h"
 #include "ggml.h"
 #include "gguf_meta.h"
+#include "repack.h"
 
 #include <algorithm>
 #include <cstring>
@@ -37,13 +38,29 @@ static void check_token_ids(const hparams & hp, int64_t n_vocab_embd) {
 
 // Allocate one context's tensors: CPU tensors point into the file mappings when mmap is on, else a
 // buffer of the device is allocated and the data copied in.
+// Quantized text matrices that ggml multiplies faster from its repacked layout go there (copied out
+// of the mapping, whose pages are then released); the embedding table stays (it is read by rows).
+static void allocate_repacked(mllama_model & m, ggml_context * ctx, const tensor_loader & loader) {
+    std::vector<ggml_tensor *> candidates;
+    for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {
+        if (t != m.text.token_embd && ggml_is_quantized(t->type)) candidates.push_back(t);
+    }
+    const std::vector<ggml_tensor *> weights = repackable(candidates);
+    for (ggml_tensor * t : weights) {
+        const tensor_source & src = loader.source(t);
+        m.repacked[ggml_get_name(t)] = file_span{src.file, src.file->data_offset(src.name)};
+    }
+    if (ggml_backend_buffer_t buf = load_repacked(weights, m.repacked)) m.buffers.push_back(buf);
+}
+
 static void allocate(mllama_model & m, ggml_context * ctx, ggml_backend_dev_t dev, bool use_mmap, const tensor_loader & loader) {
     if (!ggml_get_first_tensor(ctx)) return;
     if (use_mmap && is_cpu(dev)) {
+        allocate_repacked(m, ctx, loader);
         for (const auto & file : m.files) {
             size_t max_size = 0;
             for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {
-                if (loader.source(t).file == file.get()) max_size = std::max(max_size, ggml_nbytes(t));
+                if (!t->buffer && loader.source(t).file == file.get()) max_size = std::max(max_size, ggml_nbytes(t));
             }
             if (max_size == 0) continue;
             uint8_t * base = const_cast<uint8_t *>(file->mapping());
@@ -53,7 +70,7 @@ static void allocate(mllama_model & m, ggml_context * ctx, ggml_backend_dev_t de
             ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
             for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {
                 const tensor_source & src = loader.source(t);
-                if (src.file != file.get()) continue;
+                if (t->buffer || src.file != file.get()) continue;  // repacked, or in the other file
                 if (ggml_backend_tensor_alloc(buf, t, base + file->data_offset(src.name)) != GGML_STATUS_SUCCESS) fail(MLLAMA_ERR_BACKEND, "cannot place tensor '%s'", ggml_get_name(t));
             }
         }
@@ -105,11 +122,17 @@ static void permute_cross_norms(mllama_model & m) {
     for (auto & [t, v] : values) ggml_backend_tensor_set(t, v.data(), 0, v.size() * sizeof(float));
 }
 
+void read_weight(const mllama_model & m, const ggml_tensor * t, uint8_t * dst) {
+    auto it = m.repacked.find(ggml_get_name(t));
+    if (it == m.repacked.end()) ggml_backend_tensor_get(t, dst, 0, ggml_nbytes(t));
+    else std::memcpy(dst, it->second.file->mapping() + it->second.offset, ggml_nbytes(t));
+}
+
 static void validate_data(const mllama_model & m) {
     std::vector<uint8_t> host;
     for (const auto & [name, t] : m.tensors) {
         host.resize(ggml_nbytes(t));
-        ggml_backend_tensor_get(t, host.data(), 0, host.size());
+        read_weight(m, t, host.data());
         if (!ggml_validate_row_data(t->type, host.data(), host.size())) {
             fail(MLLAMA_ERR_MODEL, "tensor '%s' holds invalid data (NaN, Inf or a bad block)", name.c_str());
         }

@@ -7,6 +7,7 @@
 #include "hparams.h"
 #include "log.h"
 #include "mllama.h"
+#include "repack.h"
 #include "weights.h"
 
 #include <map>
@@ -31,6 +32,7 @@ struct mllama_model {
     std::vector<ggml_context *> contexts;                // tensor descriptors, one per buffer
     std::vector<ggml_backend_buffer *> buffers;          // weight data
     std::map<std::string, ggml_tensor *> tensors;        // every loaded weight by GGUF name
+    std::map<std::string, mllama::file_span> repacked;   // weights in ggml's repacked CPU layout: their file bytes
 
     mllama_model() = default;
     ~mllama_model();
@@ -39,6 +41,9 @@ struct mllama_model {
 };
 
 namespace mllama {
+
+// A weight's bytes in its file type (from the file for repacked weights, which cannot be read back).
+void read_weight(const mllama_model & m, const ggml_tensor * t, uint8_t * dst);
 
 std::unique_ptr<mllama_model> load_model(const char * path, const char * projector_path, const mllama_model_params & params);
 

@@ -78,3 +78,24 @@ def test_report_is_quiet_for_a_native_build():
     info = "CPU: AVX=1 AVX2=1 F16C=1 FMA=1 AVX512=1 AVX512_BF16=1 LLAMAFILE=1 | mllama: AVX512_BF16_KERNELS=1"
     report = cpu_report({"avx", "avx2", "f16c", "fma", "avx512f", "avx512_bf16"}, info)
     assert report["unused_by_ggml"] == [] and warning(report) is None
+
+
+REPACK = ggml_features().get("REPACK") == "1"
+
+
+@pytest.mark.skipif(not REPACK, reason="this ggml has no repacked CPU layouts")
+def test_repacked_weights_match_the_mapping(converted, monkeypatch):
+    prompt = [128000, 9906, 1917, 11, 1268, 527, 499, 30]
+    runs = {}
+    for repack in ("1", "0"):
+        monkeypatch.setenv("MLLAMA_REPACK", repack)
+        with mllama.Model(converted("q4_k")) as model:
+            buffers = {t.name: t.buffer for t in model.tensors()}
+            runs[repack] = (buffers, model.read_tensor("blk.0.ffn_down.weight"), model.forward(prompt),
+                            list(model.generate_tokens(prompt, max_tokens=16, temperature=0)))
+    (buf_r, w_r, logits_r, toks_r), (buf_m, w_m, logits_m, toks_m) = runs["1"], runs["0"]
+    assert buf_r["blk.0.ffn_down.weight"] == "CPU_REPACK" and buf_m["blk.0.ffn_down.weight"] != "CPU_REPACK"
+    assert buf_r["token_embd.weight"] != "CPU_REPACK"  # read by rows: stays in the mapping
+    np.testing.assert_array_equal(w_r, w_m)            # read back from the file, not the repacked buffer
+    assert nmse(logits_r, logits_m) <= 1e-6
+    assert toks_r == toks_m

@@ -1,0 +1,33 @@
+// ggml's repacked weight layouts on the CPU (the "CPU_REPACK" extra buffer type): Q4_0, Q4_K and
+// IQ4_NL matrices interleaved 8 rows at a time, which ggml's CPU kernels multiply ~1.4x faster in
+// decode and ~2x faster in prefill (bench/README.md). Repacked weights live in anonymous memory, so
+// the mmap pages they were copied from are released right after (no second copy stays resident).
+// MLLAMA_REPACK=0 keeps every weight in the mapping.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+struct ggml_backend_buffer;
+struct ggml_tensor;
+
+namespace mllama {
+
+class gguf_file;
+
+// Where a repacked weight's original bytes are (the repacked buffer cannot be read back).
+struct file_span {
+    const gguf_file * file = nullptr;
+    uint64_t offset = 0;
+};
+
+// The weights among `candidates` that ggml's CPU backend would multiply from a repacked buffer.
+std::vector<ggml_tensor *> repackable(const std::vector<ggml_tensor *> & candidates);
+
+// Allocate `weights` in one repack buffer and fill each from its span in the mapped file (ggml
+// repacks while copying), then drop those pages from this process. Returns the buffer.
+ggml_backend_buffer * load_repacked(const std::vector<ggml_tensor *> & weights, const std::map<std::string, file_span> & spans);
+
+}  // namespace mllama
