@@ -18,12 +18,17 @@ namespace mllama {
 
 int64_t padded_positions(int64_t n_positions) { return n_positions + (8 - n_positions % 8) % 8; }
 
+static bool half_weight(const ggml_tensor * w) { return w->type == GGML_TYPE_F16 || w->type == GGML_TYPE_BF16; }
+
 // ref: MllamaVisionEncoderLayer.forward (M:282-322); gated for the global layers.
 static ggml_tensor * vision_layer(ggml_context * ctx, const vision_hparams & hp, const vision_layer_w & l, ggml_tensor * h,
                                   ggml_tensor * mask, bool gated, const char * prefix, const vision_options & opt) {
     const int64_t n_tok = h->ne[1], head_dim = hp.n_embd / hp.n_head;
     {  // self-attention over all tiles of the image
         ggml_tensor * x = layer_norm(ctx, h, l.attn_norm, hp.norm_eps);
+        // half-precision weights: convert the input once for q, k and v (ggml would convert it
+        // inside each product, with the same rounding)
+        if (half_weight(l.wq)) x = ggml_cast(ctx, x, l.wq->type);  // [D, N] F16/BF16
         ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l.wq, x), head_dim, hp.n_head, n_tok);  // [hd, H, N]
         ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l.wk, x), head_dim, hp.n_head, n_tok);
         ggml_tensor * v = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l.wv, x), head_dim, hp.n_head, n_tok);
