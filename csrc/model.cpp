@@ -50,7 +50,7 @@ static void allocate_repacked(mllama_model & m, ggml_context * ctx, const tensor
         const tensor_source & src = loader.source(t);
         m.repacked[ggml_get_name(t)] = file_span{src.file, src.file->data_offset(src.name)};
     }
-    if (ggml_backend_buffer_t buf = load_repacked(weights, m.repacked)) m.buffers.push_back(buf);
+    if (ggml_backend_buffer_t buf = load_repacked(weights, m.repacked, m.params.n_threads)) m.buffers.push_back(buf);
 }
 
 static void allocate(mllama_model & m, ggml_context * ctx, ggml_backend_dev_t dev, bool use_mmap, const tensor_loader & loader) {

@@ -8,9 +8,11 @@
 #include "ggml-backend.h"
 #include "ggml.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <sys/mman.h>
+#include <thread>
 #include <unistd.h>
 
 namespace mllama {
@@ -64,7 +66,8 @@ static void drop_pages(const uint8_t * data, size_t n) {
     if (end > begin) madvise(reinterpret_cast<void *>(begin), end - begin, MADV_DONTNEED);
 }
 
-ggml_backend_buffer * load_repacked(const std::vector<ggml_tensor *> & weights, const std::map<std::string, file_span> & spans) {
+ggml_backend_buffer * load_repacked(const std::vector<ggml_tensor *> & weights, const std::map<std::string, file_span> & spans,
+                                    int n_threads) {
     ggml_backend_buffer_type_t buft = repack_buffer_type();
     if (!buft || weights.empty()) return nullptr;
     const size_t align = ggml_backend_buft_get_alignment(buft);
@@ -79,11 +82,21 @@ ggml_backend_buffer * load_repacked(const std::vector<ggml_tensor *> & weights, 
             ggml_backend_buffer_free(buf);
             fail(MLLAMA_ERR_BACKEND, "cannot place '%s' in the repack buffer", ggml_get_name(t));
         }
-        const file_span & span = spans.at(ggml_get_name(t));
-        const uint8_t * src = span.file->mapping() + span.offset;
-        ggml_backend_tensor_set(t, src, 0, ggml_nbytes(t));  // repacks while copying
-        drop_pages(src, ggml_nbytes(t));
     }
+    // ggml repacks while copying, one tensor per call: the tensors are split across threads
+    std::atomic<size_t> next{0};
+    auto work = [&] {
+        for (size_t i = next++; i < weights.size(); i = next++) {
+            const file_span & span = spans.at(ggml_get_name(weights[i]));
+            const uint8_t * src = span.file->mapping() + span.offset;
+            ggml_backend_tensor_set(weights[i], src, 0, ggml_nbytes(weights[i]));
+            drop_pages(src, ggml_nbytes(weights[i]));
+        }
+    };
+    std::vector<std::thread> pool;
+    for (int i = 1; i < n_threads; ++i) pool.emplace_back(work);
+    work();
+    for (std::thread & t : pool) t.join();
     return buf;
 }
 

@@ -27,7 +27,8 @@ struct file_span {
 std::vector<ggml_tensor *> repackable(const std::vector<ggml_tensor *> & candidates);
 
 // Allocate `weights` in one repack buffer and fill each from its span in the mapped file (ggml
-// repacks while copying), then drop those pages from this process. Returns the buffer.
-ggml_backend_buffer * load_repacked(const std::vector<ggml_tensor *> & weights, const std::map<std::string, file_span> & spans);
+// repacks while copying; n_threads copy at once), then drop those pages from this process.
+ggml_backend_buffer * load_repacked(const std::vector<ggml_tensor *> & weights, const std::map<std::string, file_span> & spans,
+                                    int n_threads);
 
 }  // namespace mllama
