@@ -26,22 +26,28 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
 
-def read_bandwidth_gbs(work: Path, gib: float = 2.0, passes: int = 5) -> tuple[float, str]:
-    """Read bandwidth of all cores (bench/bandwidth.c, compiled here for this CPU); torch's sum,
-    which reads ~30% slower, only where no C compiler is at hand."""
-    import ctypes
-
+def build_probe(work: Path) -> Path | None:
+    """bench/bandwidth.c compiled for this CPU (None without a C compiler with OpenMP)."""
     lib_path = work / "bandwidth.so"
     try:
         subprocess.run(["cc", "-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared",
                         str(HERE / "bandwidth.c"), "-o", str(lib_path)], check=True, capture_output=True)
-        lib = ctypes.CDLL(str(lib_path))
-        lib.read_bandwidth_gbs.restype = ctypes.c_double
-        lib.read_bandwidth_gbs.argtypes = [ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
-        return lib.read_bandwidth_gbs(int(gib * (1 << 30)), passes, os.cpu_count() or 1), "bench/bandwidth.c"
     except (OSError, subprocess.CalledProcessError):
+        return None
+    return lib_path
+
+
+def read_bandwidth_gbs(probe: Path | None, gib: float = 2.0, passes: int = 5) -> tuple[float, str]:
+    """Read bandwidth of all cores with the probe; torch's sum, which reads ~30% slower, only where
+    no probe could be built."""
+    if probe is not None:
+        from workers import probe_bandwidth
+
+        return probe_bandwidth(probe, gib, passes), "bench/bandwidth.c"
+    else:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
@@ -84,7 +90,9 @@ def configs(quick: bool) -> tuple[dict, dict, dict]:
 
 
 def add_derived(entry: dict, bandwidth_gbs: float) -> None:
-    """Roofline fraction of the decode speed and the peak-RSS bound."""
+    """Roofline fraction of the decode speed (against the bandwidth the worker measured right before
+    decoding, where it could: this machine's bandwidth varies between minutes) and the RSS bound."""
+    bandwidth_gbs = entry.get("read_bandwidth_gbs_at_decode", bandwidth_gbs)
     roofline = bandwidth_gbs * 1e9 / entry["decode_bytes_per_token"]
     entry["decode_roofline_tok_s"] = round(roofline, 2)
     entry["decode_roofline_fraction"] = round(entry["decode_tok_s"] / roofline, 3)
@@ -118,12 +126,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         tmp = Path(tmp)
         print("measuring read bandwidth", flush=True)
-        bw, probe = read_bandwidth_gbs(tmp)
+        probe_lib = build_probe(tmp)
+        bw, probe = read_bandwidth_gbs(probe_lib)
         result["machine"].update(read_bandwidth_gbs=round(bw, 1), bandwidth_probe=probe)
+        probe_args = ["--bandwidth-probe", str(probe_lib)] if probe_lib else []
         for type_name in ("q4_k_m", "f16"):
             print(f"mllama {type_name}", flush=True)
             path = write_synthetic_gguf(tmp / f"{type_name}.gguf", text, vision, type=type_name, vision_type="bf16")
-            result["mllama"][type_name] = entry = worker("mllama", str(path), "--image")
+            result["mllama"][type_name] = entry = worker("mllama", str(path), "--image", *probe_args)
             add_derived(entry, bw)
             path.unlink()
         cfg = tmp / "config.json"
@@ -134,7 +144,7 @@ def main() -> None:
         if not args.skip_full:
             print("mllama full 11B q4_k_m", flush=True)
             path = write_synthetic_gguf(tmp / "full.gguf", full_text, vision, type="q4_k_m", vision_type="bf16")
-            result["mllama"]["full_11b_q4_k_m"] = entry = worker("mllama", str(path), "--image", "--decode", "16")
+            result["mllama"]["full_11b_q4_k_m"] = entry = worker("mllama", str(path), "--image", "--decode", "16", *probe_args)
             add_derived(entry, bw)
     ref = result["transformers"]["bf16"]
     ours = result["mllama"]["q4_k_m"]

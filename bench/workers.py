@@ -26,6 +26,16 @@ def peak_rss() -> int:
     return 0
 
 
+def probe_bandwidth(lib_path: str | Path, gib: float = 1.0, passes: int = 3) -> float:
+    """GB/s read by all cores (bench/bandwidth.c, built by run.py)."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(lib_path))
+    lib.read_bandwidth_gbs.restype = ctypes.c_double
+    lib.read_bandwidth_gbs.argtypes = [ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+    return lib.read_bandwidth_gbs(int(gib * (1 << 30)), passes, os.cpu_count() or 1)
+
+
 def bench_image() -> np.ndarray:
     """1120 x 1120 noise: 4 tiles (aspect ratio 2 x 2) at 560-px tiles."""
     return np.random.default_rng(0).integers(0, 256, (1120, 1120, 3), dtype=np.uint8)
@@ -68,6 +78,8 @@ def run_mllama(args) -> dict:
     t0 = time.perf_counter()
     token = int(np.argmax(engine.evaluate(prompt, images)))
     out["prefill_tok_s"] = len(prompt) / (time.perf_counter() - t0)
+    if args.bandwidth_probe:  # the machine's bandwidth drifts: measure it next to the decode
+        out["read_bandwidth_gbs_at_decode"] = round(probe_bandwidth(args.bandwidth_probe), 1)
     t0 = time.perf_counter()
     for _ in range(args.decode):
         token = int(np.argmax(engine.step(token, len(images))))
@@ -143,6 +155,7 @@ def main() -> None:
     parser.add_argument("--ttft-prompt", type=int, default=20)
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--image", action="store_true")
+    parser.add_argument("--bandwidth-probe", default=None, help="bandwidth.so built by run.py")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     result = run_mllama(args) if args.engine == "mllama" else run_transformers(args)
