@@ -87,10 +87,21 @@ void pack_v(ggml_tensor * dst, int ith, int nth, void *) {
     }
 }
 
+// dst->src[0] = mask [N, N] F16 -> dst [N] I32: 1 where the row is all zeros (+0 or -0).
+void find_zero_rows(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * mask = dst->src[0];
+    auto * out = static_cast<int32_t *>(dst->data);
+    for (int64_t i = ith; i < mask->ne[1]; i += nth) {
+        const auto * row = reinterpret_cast<const uint16_t *>(static_cast<const char *>(mask->data) + i * mask->nb[1]);
+        out[i] = std::all_of(row, row + mask->ne[0], [](uint16_t h) { return (h & 0x7fffu) == 0; }) ? 1 : 0;
+    }
+}
+
 // Running softmax state and output accumulator of one query tile.
 struct tile_state {
     std::vector<uint32_t> q;   // [k_query_tile][pairs] scaled query, BF16 pairs
-    std::vector<float> m, l;   // running max and sum per row
+    std::vector<float> m;      // running max per row
+    std::vector<float> l;      // [k_query_tile][16] running sum per row, one partial sum per lane
     std::vector<float> o;      // [k_query_tile][Dv] unnormalized output
 };
 
@@ -100,6 +111,7 @@ struct job {
     const uint32_t * kp;       // this head's packed keys
     const uint32_t * vp;       // this head's packed values
     const ggml_tensor * mask;  // [N, N] F16
+    const int32_t * zero_rows; // [N]: 1 where the mask row is all zeros
 };
 
 // Scores of k_rows query rows against the 64 keys at jb: s[r][t] covers keys jb + 16 t ..
@@ -130,35 +142,57 @@ MLLAMA_AVX512_TARGET inline void add_mask(const job & j, int64_t i, int64_t jb, 
     }
 }
 
-// One micro step: rows r0..r0+3 of the tile against keys jb..jb+63.
+// e^x for x <= 0 as softmax needs it: the result is rounded to BF16 (relative step 2^-9), so a
+// degree-5 polynomial (error 2.4e-6) is enough; below -87 it returns e^-87 (~1e-38), which is 0 for
+// every sum it enters (the row maximum contributes 1).
+MLLAMA_AVX512_TARGET inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.69314718055994531f), x);  // |r| <= ln2 / 2
+    __m512 p = _mm512_set1_ps(1.0f / 120.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// Softmax step of one row over 64 scores: updates the running max m and per-lane sums l, writes
+// the BF16 probabilities, returns the factor that rescales the row's earlier output.
+MLLAMA_AVX512_TARGET inline float softmax_row(__m512 s[4], float & m, float * l, uint16_t * probs) {
+    const float block_max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(s[0], s[1]), _mm512_max_ps(s[2], s[3])));
+    const float m_new = std::max(m, block_max);
+    if (m_new == -std::numeric_limits<float>::infinity()) {  // everything masked so far
+        std::memset(probs, 0, k_key_block * sizeof(uint16_t));
+        return 1.0f;
+    }
+    const float alpha = m_new == m ? 1.0f : std::exp(m - m_new);  // the max rarely moves after the first blocks
+    m = m_new;
+    const __m512 shift = _mm512_set1_ps(m_new);
+    __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(l), _mm512_set1_ps(alpha));
+    for (int t = 0; t < 4; ++t) {
+        const __m512 p = exp_nonpositive(_mm512_sub_ps(s[t], shift));
+        sum = _mm512_add_ps(sum, p);
+        _mm256_store_si256(reinterpret_cast<__m256i *>(probs + 16 * t), (__m256i) _mm512_cvtneps_pbh(p));
+    }
+    _mm512_storeu_ps(l, sum);
+    return alpha;
+}
+
+// One micro step: rows r0..r0+3 of the tile against keys jb..jb+63. masked: some of these rows
+// have a mask (or the block holds padding keys); otherwise every score counts as it is.
 template <int NG>
-MLLAMA_AVX512_TARGET void micro(const job & j, tile_state & st, int64_t r0, int64_t jb) {
+MLLAMA_AVX512_TARGET void micro(const job & j, tile_state & st, int64_t r0, int64_t jb, bool masked) {
     const int64_t P = j.d.pairs(), Dv = j.d.Dv;
     __m512 s[k_rows][4];
     scores(j, st.q.data() + r0 * P, jb, s);
     alignas(64) uint16_t probs[k_rows][k_key_block];
     float alpha[k_rows];
     for (int r = 0; r < k_rows; ++r) {
-        const int64_t i = std::min(j.i0 + r0 + r, j.d.N - 1);  // padding rows reuse the last mask row
-        add_mask(j, i, jb, s[r]);
-        const float block_max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(s[r][0], s[r][1]), _mm512_max_ps(s[r][2], s[r][3])));
-        float & m = st.m[r0 + r];
-        const float m_new = std::max(m, block_max);
-        if (m_new == -std::numeric_limits<float>::infinity()) {  // everything masked so far
-            alpha[r] = 1.0f;
-            std::memset(probs[r], 0, sizeof(probs[r]));
-            continue;
-        }
-        alpha[r] = std::exp(m - m_new);
-        m = m_new;
-        const __m512 shift = _mm512_set1_ps(m_new);
-        __m512 sum = _mm512_setzero_ps();
-        for (int t = 0; t < 4; ++t) {
-            const __m512 p = simd::exp512(_mm512_sub_ps(s[r][t], shift));
-            sum = _mm512_add_ps(sum, p);
-            _mm256_store_si256(reinterpret_cast<__m256i *>(probs[r] + 16 * t), (__m256i) _mm512_cvtneps_pbh(p));
-        }
-        st.l[r0 + r] = st.l[r0 + r] * alpha[r] + _mm512_reduce_add_ps(sum);
+        if (masked) add_mask(j, std::min(j.i0 + r0 + r, j.d.N - 1), jb, s[r]);  // padding rows reuse the last mask row
+        alpha[r] = softmax_row(s[r], st.m[r0 + r], st.l.data() + (r0 + r) * 16, probs[r]);
     }
     __m512 acc[k_rows][NG];
     for (int r = 0; r < k_rows; ++r)
@@ -183,7 +217,7 @@ MLLAMA_AVX512_TARGET void micro(const job & j, tile_state & st, int64_t r0, int6
     }
 }
 
-using micro_fn = void (*)(const job &, tile_state &, int64_t, int64_t);
+using micro_fn = void (*)(const job &, tile_state &, int64_t, int64_t, bool);
 
 micro_fn micro_for(int64_t groups) {
     static const micro_fn table[] = {micro<1>, micro<2>, micro<3>, micro<4>, micro<5>, micro<6>, micro<7>, micro<8>};
@@ -205,20 +239,26 @@ void run_tile(const job & j, const ggml_tensor * q, ggml_tensor * dst, tile_stat
             st.q[r * P + p] = bf16_pair(lo, hi);
         }
     std::fill(st.m.begin(), st.m.end(), -std::numeric_limits<float>::infinity());
-    std::fill(st.l.begin(), st.l.end(), 0.0f);
     std::fill(st.o.begin(), st.o.end(), 0.0f);
+    std::fill(st.l.begin(), st.l.end(), 0.0f);
+    std::vector<bool> mask_rows(n_micro);  // micro steps whose rows have a mask
+    for (int64_t m = 0; m < n_micro; ++m)
+        for (int64_t r = 0; r < k_rows; ++r) mask_rows[m] = mask_rows[m] || !j.zero_rows[std::min(j.i0 + m * k_rows + r, d.N - 1)];
     const micro_fn step = micro_for(d.groups());
     for (int64_t c0 = 0; c0 < d.Np; c0 += k_key_chunk)
         for (int64_t m = 0; m < n_micro; ++m)
-            for (int64_t jb = c0; jb < std::min(c0 + k_key_chunk, d.Np); jb += k_key_block) step(j, st, m * k_rows, jb);
+            for (int64_t jb = c0; jb < std::min(c0 + k_key_chunk, d.Np); jb += k_key_block)
+                step(j, st, m * k_rows, jb, mask_rows[m] || jb + k_key_block > d.N);
     for (int64_t r = 0; r < n_rows; ++r) {  // dst [D * H, N]
         auto * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + (j.i0 + r) * dst->nb[1]) + j.h * d.D;
-        const float inv = st.l[r] > 0.0f ? 1.0f / st.l[r] : 0.0f;
+        float l = 0.0f;
+        for (int lane = 0; lane < 16; ++lane) l += st.l[r * 16 + lane];
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
         for (int64_t c = 0; c < d.D; ++c) out[c] = st.o[r * d.Dv + c] * inv;
     }
 }
 
-// dst->src = {q, Kp, Vp, mask}; (head, query tile) pairs split across threads.
+// dst->src = {q, Kp, Vp, mask, zero rows}; (head, query tile) pairs split across threads.
 void attend(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * q = dst->src[0];
     const dims d = dims_of(q);
@@ -226,10 +266,11 @@ void attend(ggml_tensor * dst, int ith, int nth, void *) {
     tile_state st;
     st.q.resize(k_query_tile * d.pairs());
     st.m.resize(k_query_tile);
-    st.l.resize(k_query_tile);
+    st.l.resize(k_query_tile * 16);
     st.o.resize(k_query_tile * d.Dv);
     for (int64_t w = ith; w < d.H * n_tiles; w += nth) {
-        job j{d, w / n_tiles, (w % n_tiles) * k_query_tile, nullptr, nullptr, dst->src[3]};
+        job j{d, w / n_tiles, (w % n_tiles) * k_query_tile, nullptr, nullptr, dst->src[3],
+              static_cast<const int32_t *>(dst->src[4]->data)};
         j.kp = static_cast<const uint32_t *>(dst->src[1]->data) + j.h * d.Np * d.pairs();
         j.vp = static_cast<const uint32_t *>(dst->src[2]->data) + j.h * (d.Np / 2) * d.Dv;
         run_tile(j, q, dst, st);
@@ -245,12 +286,17 @@ bool cpu_kernels_available() {
     return ok;
 }
 
-ggml_tensor * bf16_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask) {
+ggml_tensor * bf16_attention_mask_rows(ggml_context * ctx, ggml_tensor * mask) {
+    return ggml_custom_4d(ctx, GGML_TYPE_I32, mask->ne[1], 1, 1, 1, &mask, 1, find_zero_rows, GGML_N_TASKS_MAX, nullptr);  // [N]
+}
+
+ggml_tensor * bf16_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask,
+                             ggml_tensor * mask_rows) {
     const dims d = dims_of(q);
     ggml_tensor * kp = ggml_custom_4d(ctx, GGML_TYPE_I32, d.pairs() * d.Np, d.H, 1, 1, &k, 1, pack_k, GGML_N_TASKS_MAX, nullptr);  // Kp
     ggml_tensor * vp = ggml_custom_4d(ctx, GGML_TYPE_I32, d.Dv * d.Np / 2, d.H, 1, 1, &v, 1, pack_v, GGML_N_TASKS_MAX, nullptr);  // Vp
-    ggml_tensor * args[] = {q, kp, vp, mask};
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, d.D * d.H, d.N, 1, 1, args, 4, attend, GGML_N_TASKS_MAX, nullptr);  // [D * H, N]
+    ggml_tensor * args[] = {q, kp, vp, mask, mask_rows};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, d.D * d.H, d.N, 1, 1, args, 5, attend, GGML_N_TASKS_MAX, nullptr);  // [D * H, N]
 }
 
 }  // namespace mllama

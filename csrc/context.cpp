@@ -197,12 +197,13 @@ void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_
     vision_inputs in;
     ggml_tensor * out = nullptr;
     const std::vector<ggml_fp16_t> mask = vision_mask(hp.n_positions(), padded_positions(hp.n_positions()), hp.max_tiles, n_tiles);
+    const vision_options opt = vision_options_for(m, c.backend_device == nullptr);
     auto build = [&](ggml_context * ctx) {
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, k_max_nodes, false);
-        out = build_vision(ctx, m, in, vision_options_for(m, c.backend_device == nullptr));
+        out = build_vision(ctx, m, in, opt);
         ggml_set_output(out);
         ggml_build_forward_expand(gf, out);
-        const cross_kv kv = build_cross_kv(ctx, m, out);
+        const cross_kv kv = build_cross_kv(ctx, m, out, opt);
         for (size_t i = 0; i < kv.k.size(); ++i) {  // into the slot: persistent, read by the decoder
             ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.k[i], slot_view(ctx, c.state.cross_k[i], c.state.n_vis, slot, 1)));
             ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.v[i], slot_view(ctx, c.state.cross_v[i], c.state.n_vis, slot, 1)));

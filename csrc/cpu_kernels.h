@@ -1,6 +1,6 @@
-// CPU kernels of our own for the two places where ggml's generic CPU ops dominate the vision
-// tower (profile in bench/README.md): attention over all tiles of an image (6432 tokens for the
-// 11B) and the exact GELU. Both are ggml custom ops, so they run inside the normal graph on the CPU
+// CPU kernels of our own for the places where ggml's generic CPU ops dominate the vision tower
+// (profile in bench/README.md): attention over all tiles of an image (6432 tokens for the 11B),
+// the BF16 GEMMs of its linear layers and the exact GELU. All are ggml custom ops, so they run inside the normal graph on the CPU
 // backend with ggml's threads. Used only when cpu_kernels_available(); the ggml ops otherwise.
 #pragma once
 
@@ -19,8 +19,20 @@ constexpr int64_t k_bf16_attn_max_head_dim = 128;
 
 // softmax(Q K^T / sqrt(D) + mask) V with BF16 operands and F32 accumulation, flash-attention
 // tiling (no score matrix in memory). q, k, v: [D, H, N] F32; mask: [N, N] F16 additive, one row
-// per query -> [D * H, N] F32.
-ggml_tensor * bf16_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask);
+// per query; mask_rows: bf16_attention_mask_rows(mask), built once for all layers -> [D * H, N] F32.
+ggml_tensor * bf16_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask,
+                             ggml_tensor * mask_rows);
+
+// [N] I32: which rows of the [N, N] mask are all zeros (the attention skips adding those).
+ggml_tensor * bf16_attention_mask_rows(ggml_context * ctx, ggml_tensor * mask);
+
+// The BF16 GEMM below handles w (its layout and type, on this CPU).
+bool bf16_linear_supported(const ggml_tensor * w);
+
+// w x^T (+ bias, then exact GELU when gelu) with BF16 operands and F32 accumulation, at ~90% of
+// the CPU's BF16 peak. w: [K, M] BF16 with M % 16 == 0; x: [K, N] F32 or BF16 (converted once);
+// bias: [M] F32 or null -> [M, N], BF16 when bf16_out (the input of a following bf16_linear).
+ggml_tensor * bf16_linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_tensor * bias, bool gelu, bool bf16_out);
 
 // 0.5 x (1 + erf(x / sqrt(2))) elementwise on F32, vectorized (max abs error of erf 1.5e-7).
 ggml_tensor * gelu_erf_avx512(ggml_context * ctx, ggml_tensor * x);

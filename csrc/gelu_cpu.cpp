@@ -13,22 +13,6 @@
 namespace mllama {
 namespace {
 
-MLLAMA_AVX512_TARGET inline __m512 gelu16(__m512 x) {
-    const __m512 z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(0.70710678118654752f));  // |x| / sqrt(2)
-    const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
-    __m512 poly = _mm512_set1_ps(1.061405429f);
-    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-1.453152027f));
-    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
-    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
-    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
-    poly = _mm512_mul_ps(poly, t);
-    const __m512 e = simd::exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z));  // e^(-z^2)
-    const __m512 erf_abs = _mm512_fnmadd_ps(poly, e, _mm512_set1_ps(1.0f));                   // erf(|x| / sqrt(2))
-    const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-    const __m512 erf = _mm512_mask_sub_ps(erf_abs, negative, _mm512_setzero_ps(), erf_abs);
-    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.0f), erf));
-}
-
 // dst = gelu(a), contiguous F32; the elements split across threads in 16-aligned ranges.
 MLLAMA_AVX512_TARGET void gelu_op(ggml_tensor * dst, const ggml_tensor * a, int ith, int nth, void *) {
     const int64_t n = ggml_nelements(a);
@@ -37,10 +21,10 @@ MLLAMA_AVX512_TARGET void gelu_op(ggml_tensor * dst, const ggml_tensor * a, int 
     const auto * x = static_cast<const float *>(a->data);
     auto * y = static_cast<float *>(dst->data);
     int64_t i = i0;
-    for (; i + 16 <= i1; i += 16) _mm512_storeu_ps(y + i, gelu16(_mm512_loadu_ps(x + i)));
+    for (; i + 16 <= i1; i += 16) _mm512_storeu_ps(y + i, simd::gelu512(_mm512_loadu_ps(x + i)));
     if (i < i1) {
         const __mmask16 live = static_cast<__mmask16>((1u << (i1 - i)) - 1u);
-        _mm512_mask_storeu_ps(y + i, live, gelu16(_mm512_maskz_loadu_ps(live, x + i)));
+        _mm512_mask_storeu_ps(y + i, live, simd::gelu512(_mm512_maskz_loadu_ps(live, x + i)));
     }
 }
 

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 namespace mllama {
 
@@ -20,30 +21,57 @@ int64_t padded_positions(int64_t n_positions) { return n_positions + (8 - n_posi
 
 static bool half_weight(const ggml_tensor * w) { return w->type == GGML_TYPE_F16 || w->type == GGML_TYPE_BF16; }
 
+// The attention mask of every layer, and which of its rows are all zeros (for our attention kernel).
+struct layer_mask {
+    ggml_tensor * mask = nullptr;       // [N, N] F16
+    ggml_tensor * zero_rows = nullptr;  // [N] I32, or null
+};
+
+static bool gemm_kernel_for(const linear_w & l, const vision_options & opt) {
+    return opt.bf16_gemm && bf16_linear_supported(l.w) && (!l.b || l.b->type == GGML_TYPE_F32);
+}
+
+// w x^T: our BF16 GEMM where it applies, ggml's mul_mat otherwise. [M, N] F32.
+static ggml_tensor * product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, const vision_options & opt) {
+    return gemm_kernel_for({w, nullptr}, opt) ? bf16_linear(ctx, w, x, nullptr, false, false) : ggml_mul_mat(ctx, w, x);
+}
+
+// fc2(gelu(fc1(x))), exact GELU. With our GEMM, bias and GELU run in fc1's epilogue, which hands
+// fc2 its input in BF16 (the rounding ggml's product would apply to it anyway).
+static ggml_tensor * mlp(ggml_context * ctx, const vision_layer_w & l, ggml_tensor * x, const vision_options & opt) {
+    if (gemm_kernel_for(l.ffn_up, opt) && gemm_kernel_for(l.ffn_down, opt)) {
+        x = bf16_linear(ctx, l.ffn_up.w, x, l.ffn_up.b, opt.fast_gelu, opt.fast_gelu);  // [n_ff, N] BF16 (F32 unfused)
+        if (!opt.fast_gelu) x = ggml_gelu_erf(ctx, x);
+        return bf16_linear(ctx, l.ffn_down.w, x, l.ffn_down.b, false, false);                 // [D, N]
+    }
+    x = linear(ctx, x, l.ffn_up);                                                              // [n_ff, N]
+    x = opt.fast_gelu ? gelu_erf_avx512(ctx, x) : ggml_gelu_erf(ctx, x);
+    return linear(ctx, x, l.ffn_down);                                                         // [D, N]
+}
+
 // ref: MllamaVisionEncoderLayer.forward (M:282-322); gated for the global layers.
 static ggml_tensor * vision_layer(ggml_context * ctx, const vision_hparams & hp, const vision_layer_w & l, ggml_tensor * h,
-                                  ggml_tensor * mask, bool gated, const char * prefix, const vision_options & opt) {
+                                  const layer_mask & mask, bool gated, const char * prefix, const vision_options & opt) {
     const int64_t n_tok = h->ne[1], head_dim = hp.n_embd / hp.n_head;
     {  // self-attention over all tiles of the image
         ggml_tensor * x = layer_norm(ctx, h, l.attn_norm, hp.norm_eps);
         // half-precision weights: convert the input once for q, k and v (ggml would convert it
         // inside each product, with the same rounding)
         if (half_weight(l.wq)) x = ggml_cast(ctx, x, l.wq->type);  // [D, N] F16/BF16
-        ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l.wq, x), head_dim, hp.n_head, n_tok);  // [hd, H, N]
-        ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l.wk, x), head_dim, hp.n_head, n_tok);
-        ggml_tensor * v = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l.wv, x), head_dim, hp.n_head, n_tok);
+        ggml_tensor * q = ggml_reshape_3d(ctx, product(ctx, l.wq, x, opt), head_dim, hp.n_head, n_tok);  // [hd, H, N]
+        ggml_tensor * k = ggml_reshape_3d(ctx, product(ctx, l.wk, x, opt), head_dim, hp.n_head, n_tok);
+        ggml_tensor * v = ggml_reshape_3d(ctx, product(ctx, l.wv, x, opt), head_dim, hp.n_head, n_tok);
         ggml_tensor * a = opt.bf16_attention
-                              ? bf16_attention(ctx, q, k, v, mask)                                   // [D, N]
-                              : attention(ctx, {q, k, v, mask, 1.0f / std::sqrt(static_cast<float>(head_dim))});  // [D, N]
-        a = named(ggml_mul_mat(ctx, l.wo, a), prefix, "attn_out");
+                              ? bf16_attention(ctx, q, k, v, mask.mask, mask.zero_rows)                // [D, N]
+                              : attention(ctx, {q, k, v, mask.mask, 1.0f / std::sqrt(static_cast<float>(head_dim))});  // [D, N]
+        a = named(product(ctx, l.wo, a, opt), prefix, "attn_out");
         if (gated) a = ggml_scale(ctx, a, l.attn_gate_tanh);
         h = ggml_add(ctx, h, a);
     }
     {  // MLP with exact (erf) GELU
         ggml_tensor * x = layer_norm(ctx, h, l.ffn_norm, hp.norm_eps);
-        x = linear(ctx, x, l.ffn_up);                                           // [n_ff, N]
-        x = opt.fast_gelu ? gelu_erf_avx512(ctx, x) : ggml_gelu_erf(ctx, x);
-        x = named(linear(ctx, x, l.ffn_down), prefix, "ffn_out");  // [D, N]
+        x = mlp(ctx, l, x, opt);
+        x = named(x, prefix, "ffn_out");  // [D, N]
         if (gated) x = ggml_scale(ctx, x, l.ffn_gate_tanh);
         h = ggml_add(ctx, h, x);
     }
@@ -108,16 +136,24 @@ static ggml_tensor * assemble(ggml_context * ctx, const vision_hparams & hp, ggm
     return named(ggml_cont(ctx, out), "v", "output");                                      // [OD, P, NT]
 }
 
+// MLLAMA_CPU_KERNELS: unset or "1": every kernel that applies; "0": ggml's ops only; otherwise a
+// comma list of the kernels to use ("attn", "gemm", "gelu"), for A/B checks one kernel at a time.
+static bool kernel_enabled(const char * env, const char * name) {
+    if (!env || std::strcmp(env, "1") == 0) return true;
+    const std::string list = std::string(",") + env + ",";
+    return list.find(std::string(",") + name + ",") != std::string::npos;
+}
+
 vision_options vision_options_for(const mllama_model & model, bool on_cpu) {
-    const char * env = std::getenv("MLLAMA_CPU_KERNELS");  // "0": generic ggml ops only
+    const char * env = std::getenv("MLLAMA_CPU_KERNELS");
     vision_options opt;
-    if (!on_cpu || (env && std::strcmp(env, "0") == 0) || !cpu_kernels_available()) return opt;
+    if (!on_cpu || !cpu_kernels_available() || model.vision.layers.empty()) return opt;
     const vision_hparams & hp = model.hp.vision;
-    const bool half_weights = !model.vision.layers.empty() && model.vision.layers[0].wq->type != GGML_TYPE_F32;
-    opt.bf16_attention = half_weights && hp.n_embd / hp.n_head <= k_bf16_attn_max_head_dim;  // F32 weights: exact path
-    opt.fast_gelu = true;
-    if (env && std::strcmp(env, "attn") == 0) opt.fast_gelu = false;  // one kernel at a time (A/B checks)
-    if (env && std::strcmp(env, "gelu") == 0) opt.bf16_attention = false;
+    const ggml_type weight_type = model.vision.layers[0].wq->type;
+    const bool half_weights = weight_type == GGML_TYPE_F16 || weight_type == GGML_TYPE_BF16;  // F32 weights: exact path
+    opt.bf16_attention = kernel_enabled(env, "attn") && half_weights && hp.n_embd / hp.n_head <= k_bf16_attn_max_head_dim;
+    opt.bf16_gemm = kernel_enabled(env, "gemm") && weight_type == GGML_TYPE_BF16;  // F16 weights keep their precision
+    opt.fast_gelu = kernel_enabled(env, "gelu");
     return opt;
 }
 
@@ -132,12 +168,13 @@ ggml_tensor * build_vision(ggml_context * ctx, const mllama_model & model, visio
     named(in.pixels, "", "v.pixels");
 
     ggml_tensor * h = ggml_reshape_2d(ctx, embed(ctx, hp, w, in), D, N);  // [D, N]: all tiles, one sequence
+    const layer_mask mask{in.mask, opt.bf16_attention ? bf16_attention_mask_rows(ctx, in.mask) : nullptr};
     std::vector<ggml_tensor *> inter;
     char prefix[64];
     for (int il = 0; il < hp.n_layer; ++il) {
         if (std::binary_search(hp.intermediate_layers.begin(), hp.intermediate_layers.end(), il)) inter.push_back(h);
         std::snprintf(prefix, sizeof(prefix), "v.blk.%d", il);
-        h = vision_layer(ctx, hp, w.layers[il], h, in.mask, false, prefix, opt);
+        h = vision_layer(ctx, hp, w.layers[il], h, mask, false, prefix, opt);
     }
     h = named(layer_norm(ctx, h, w.post_ln, hp.norm_eps), "v", "post_ln");
     {  // ref: post_tile_positional_embedding, on all L tokens of each tile (CLS and pads too)
@@ -147,17 +184,19 @@ ggml_tensor * build_vision(ggml_context * ctx, const mllama_model & model, visio
     }
     for (int il = 0; il < hp.n_global_layer; ++il) {
         std::snprintf(prefix, sizeof(prefix), "v.global.blk.%d", il);
-        h = vision_layer(ctx, hp, w.global_layers[il], h, in.mask, true, prefix, opt);
+        h = vision_layer(ctx, hp, w.global_layers[il], h, mask, true, prefix, opt);
     }
     return assemble(ctx, hp, h, inter);
 }
 
 // ref: multi_modal_projector (M:1337-1345) and MllamaTextCrossAttention k/v (M:430-452)
-cross_kv build_cross_kv(ggml_context * ctx, const mllama_model & model, ggml_tensor * vision_out) {
+cross_kv build_cross_kv(ggml_context * ctx, const mllama_model & model, ggml_tensor * vision_out, const vision_options & opt) {
     const text_hparams & hp = model.hp.text;
+    const linear_w & proj = model.vision.projector;
     const int64_t n_vis = vision_out->ne[1] * vision_out->ne[2];
     ggml_tensor * x = ggml_reshape_2d(ctx, vision_out, vision_out->ne[0], n_vis);  // [OD, NT * P]
-    x = named(linear(ctx, x, model.vision.projector), "mm", "out");              // [n_embd, NT * P]
+    x = gemm_kernel_for(proj, opt) ? bf16_linear(ctx, proj.w, x, proj.b, false, false) : linear(ctx, x, proj);  // [n_embd, NT * P]
+    named(x, "mm", "out");
     cross_kv out;
     char prefix[64];
     for (int il = 0; il < hp.n_layer; ++il) {

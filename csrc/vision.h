@@ -21,6 +21,7 @@ struct vision_inputs {
 struct vision_options {
     bool bf16_attention = false;  // BF16 flash attention (half-precision vision weights, AVX-512 BF16 CPU)
     bool fast_gelu = false;       // vectorized exact GELU (AVX-512 CPU)
+    bool bf16_gemm = false;       // BF16 GEMMs for the linear layers (BF16 vision weights, AVX-512 BF16 CPU)
 };
 vision_options vision_options_for(const mllama_model & model, bool on_cpu);
 
@@ -33,7 +34,7 @@ ggml_tensor * build_vision(ggml_context * ctx, const mllama_model & model, visio
 struct cross_kv {
     std::vector<ggml_tensor *> k, v;  // one per cross-attention layer, in layer order
 };
-cross_kv build_cross_kv(ggml_context * ctx, const mllama_model & model, ggml_tensor * vision_out);
+cross_kv build_cross_kv(ggml_context * ctx, const mllama_model & model, ggml_tensor * vision_out, const vision_options & opt);
 
 // Padded tokens per tile (positions rounded up to a multiple of 8, as the reference pads).
 int64_t padded_positions(int64_t n_positions);

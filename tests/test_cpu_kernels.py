@@ -44,6 +44,19 @@ def test_bf16_attention_and_gelu_match_ggml_on_half_weights(converted, monkeypat
 
 
 @needs_kernels
+def test_bf16_gemm_matches_ggml_on_bf16_weights(converted, monkeypatch):
+    path = converted("bf16")
+    generic = encode(path, monkeypatch, "0")
+    gemm = encode(path, monkeypatch, "gemm")
+    gemm_gelu = encode(path, monkeypatch, "gemm,gelu")
+    both = encode(path, monkeypatch, None)
+    # same BF16 operands and F32 accumulation as ggml's product: only the summation order differs
+    assert 0 < nmse(gemm, generic) <= 1e-9
+    assert 0 < nmse(gemm_gelu, generic) <= 1e-8  # + GELU fused into fc1 (erf to 1.5e-7)
+    assert 0 < nmse(both, generic) <= 2e-5       # + BF16 attention
+
+
+@needs_kernels
 def test_f32_weights_keep_exact_attention(gguf_f32, monkeypatch):
     generic = encode(gguf_f32, monkeypatch, "0")
     ours = encode(gguf_f32, monkeypatch, None)
