@@ -18,12 +18,12 @@ def nmse(a, b) -> float:
     return float(np.sum((a - b) ** 2) / np.sum(b ** 2))
 
 
-def encode(path, monkeypatch, kernels: str | None, n_tiles=4, ar_id=6):
+def encode(path, monkeypatch, kernels: str | None, n_tiles=4, ar_id=6, dump_dir=None):
     if kernels is None:
         monkeypatch.delenv("MLLAMA_CPU_KERNELS", raising=False)
     else:
         monkeypatch.setenv("MLLAMA_CPU_KERNELS", kernels)
-    with mllama.Model(path) as model:
+    with mllama.Model(path, dump_dir=dump_dir, dump_filter="mm.out" if dump_dir else None) as model:
         hp = model.hparams
         shape = (hp["v_max_tiles"], 3, hp["v_image_size"], hp["v_image_size"])
         pixels = np.random.default_rng(n_tiles).standard_normal(shape).astype(np.float32)
@@ -44,14 +44,17 @@ def test_bf16_attention_and_gelu_match_ggml_on_half_weights(converted, monkeypat
 
 
 @needs_kernels
-def test_bf16_gemm_matches_ggml_on_bf16_weights(converted, monkeypatch):
+def test_bf16_gemm_matches_ggml_on_bf16_weights(converted, monkeypatch, tmp_path):
     path = converted("bf16")
-    generic = encode(path, monkeypatch, "0")
-    gemm = encode(path, monkeypatch, "gemm")
+    generic = encode(path, monkeypatch, "0", dump_dir=tmp_path / "generic")
+    gemm = encode(path, monkeypatch, "gemm", dump_dir=tmp_path / "gemm")
     gemm_gelu = encode(path, monkeypatch, "gemm,gelu")
     both = encode(path, monkeypatch, None)
     # same BF16 operands and F32 accumulation as ggml's product: only the summation order differs
     assert 0 < nmse(gemm, generic) <= 1e-9
+    # the projector (68 tokens: a 4-row tail per thread) on the same vision output
+    projected = [np.load(tmp_path / name / "mm.out.npy") for name in ("gemm", "generic")]
+    assert 0 < nmse(*projected) <= 1e-12
     assert 0 < nmse(gemm_gelu, generic) <= 1e-8  # + GELU fused into fc1 (erf to 1.5e-7)
     assert 0 < nmse(both, generic) <= 2e-5       # + BF16 attention
 
