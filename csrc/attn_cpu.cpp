@@ -23,7 +23,7 @@ namespace {
 constexpr int64_t k_key_block = 64;     // keys per micro step (4 zmm of scores per query row)
 constexpr int64_t k_rows = 4;           // query rows per micro step
 constexpr int64_t k_query_tile = 64;    // query rows sharing one pass over a key chunk
-constexpr int64_t k_key_chunk = 512;    // keys kept hot in L2 while a query tile walks them
+constexpr int64_t k_key_chunk = 1024;   // keys kept hot in L2 while a query tile walks them
 
 struct dims {
     int64_t D, H, N;  // head size, heads, tokens
@@ -52,27 +52,34 @@ inline float elem(const ggml_tensor * t, int64_t d, int64_t h, int64_t j) {  // 
     return *reinterpret_cast<const float *>(static_cast<const char *>(t->data) + d * t->nb[0] + h * t->nb[1] + j * t->nb[2]);
 }
 
+// Channels c0..c0+15 of row (h, j) of t [D, H, N] F32 as 16 BF16 values (zeros past D).
+MLLAMA_AVX512_TARGET inline __m256i row_bf16(const ggml_tensor * t, const dims & d, int64_t h, int64_t j, int64_t c0) {
+    const auto * row = reinterpret_cast<const float *>(static_cast<const char *>(t->data) + h * t->nb[1] + j * t->nb[2]);
+    const __mmask16 live = static_cast<__mmask16>((1u << std::clamp<int64_t>(d.D - c0, 0, 16)) - 1u);
+    return (__m256i) _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(live, row + c0));
+}
+
 // dst->src[0] = k [D, H, N] -> Kp, rows (h, 16-key block) split across threads.
-void pack_k(ggml_tensor * dst, int ith, int nth, void *) {
+MLLAMA_AVX512_TARGET void pack_k(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * k = dst->src[0];
     const dims d = dims_of(k);
     auto * out = static_cast<uint32_t *>(dst->data);
     const int64_t n_blocks = d.Np / 16;
+    alignas(64) uint32_t pairs[k_bf16_attn_max_head_dim / 2];  // one key's channel pairs
     for (int64_t row = ith; row < d.H * n_blocks; row += nth) {
         const int64_t h = row / n_blocks, jb = row % n_blocks;
         uint32_t * o = out + row * d.pairs() * 16;
-        for (int64_t p = 0; p < d.pairs(); ++p) {
-            for (int64_t jl = 0; jl < 16; ++jl) {
-                const int64_t j = jb * 16 + jl, c = 2 * p;
-                const bool in = j < d.N;
-                o[p * 16 + jl] = bf16_pair(in && c < d.D ? elem(k, c, h, j) : 0.0f, in && c + 1 < d.D ? elem(k, c + 1, h, j) : 0.0f);
-            }
+        for (int64_t jl = 0; jl < 16; ++jl) {
+            const int64_t j = jb * 16 + jl;
+            for (int64_t g = 0; g < d.groups(); ++g)  // 16 channels = 8 pairs per group
+                _mm256_store_si256(reinterpret_cast<__m256i *>(pairs + 8 * g), j < d.N ? row_bf16(k, d, h, j, 16 * g) : _mm256_setzero_si256());
+            for (int64_t p = 0; p < d.pairs(); ++p) o[p * 16 + jl] = pairs[p];
         }
     }
 }
 
 // dst->src[0] = v [D, H, N] -> Vp, rows (h, key pair) split across threads.
-void pack_v(ggml_tensor * dst, int ith, int nth, void *) {
+MLLAMA_AVX512_TARGET void pack_v(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * v = dst->src[0];
     const dims d = dims_of(v);
     auto * out = static_cast<uint32_t *>(dst->data);
@@ -80,9 +87,10 @@ void pack_v(ggml_tensor * dst, int ith, int nth, void *) {
     for (int64_t row = ith; row < d.H * n_pairs; row += nth) {
         const int64_t h = row / n_pairs, j = 2 * (row % n_pairs);
         uint32_t * o = out + row * d.Dv;
-        for (int64_t c = 0; c < d.Dv; ++c) {
-            const bool in = c < d.D;
-            o[c] = bf16_pair(in && j < d.N ? elem(v, c, h, j) : 0.0f, in && j + 1 < d.N ? elem(v, c, h, j + 1) : 0.0f);
+        for (int64_t g = 0; g < d.groups(); ++g) {  // (V[j][c], V[j+1][c]) for 16 channels c
+            const __m512i lo = _mm512_cvtepu16_epi32(j < d.N ? row_bf16(v, d, h, j, 16 * g) : _mm256_setzero_si256());
+            const __m512i hi = _mm512_cvtepu16_epi32(j + 1 < d.N ? row_bf16(v, d, h, j + 1, 16 * g) : _mm256_setzero_si256());
+            _mm512_storeu_si512(o + 16 * g, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
         }
     }
 }
@@ -181,19 +189,11 @@ MLLAMA_AVX512_TARGET inline float softmax_row(__m512 s[4], float & m, float * l,
     return alpha;
 }
 
-// One micro step: rows r0..r0+3 of the tile against keys jb..jb+63. masked: some of these rows
-// have a mask (or the block holds padding keys); otherwise every score counts as it is.
+// o = alpha o + P V for rows r0..r0+3 over the 64 keys at jb.
 template <int NG>
-MLLAMA_AVX512_TARGET void micro(const job & j, tile_state & st, int64_t r0, int64_t jb, bool masked) {
-    const int64_t P = j.d.pairs(), Dv = j.d.Dv;
-    __m512 s[k_rows][4];
-    scores(j, st.q.data() + r0 * P, jb, s);
-    alignas(64) uint16_t probs[k_rows][k_key_block];
-    float alpha[k_rows];
-    for (int r = 0; r < k_rows; ++r) {
-        if (masked) add_mask(j, std::min(j.i0 + r0 + r, j.d.N - 1), jb, s[r]);  // padding rows reuse the last mask row
-        alpha[r] = softmax_row(s[r], st.m[r0 + r], st.l.data() + (r0 + r) * 16, probs[r]);
-    }
+MLLAMA_AVX512_TARGET inline void pv(const job & j, tile_state & st, int64_t r0, int64_t jb, const uint16_t (*probs)[k_key_block],
+                                    const float * alpha) {
+    const int64_t Dv = j.d.Dv;
     __m512 acc[k_rows][NG];
     for (int r = 0; r < k_rows; ++r)
         for (int g = 0; g < NG; ++g) acc[r][g] = _mm512_setzero_ps();
@@ -217,10 +217,43 @@ MLLAMA_AVX512_TARGET void micro(const job & j, tile_state & st, int64_t r0, int6
     }
 }
 
-using micro_fn = void (*)(const job &, tile_state &, int64_t, int64_t, bool);
+// Scores of rows r0..r0+3 against the 64 keys at jb, stored to out.
+MLLAMA_AVX512_TARGET inline void score_block(const job & j, const uint32_t * q, int64_t jb, float (*out)[k_key_block]) {
+    __m512 s[k_rows][4];
+    scores(j, q, jb, s);
+    for (int r = 0; r < k_rows; ++r)
+        for (int t = 0; t < 4; ++t) _mm512_store_ps(out[r] + 16 * t, s[r][t]);
+}
 
-micro_fn micro_for(int64_t groups) {
-    static const micro_fn table[] = {micro<1>, micro<2>, micro<3>, micro<4>, micro<5>, micro<6>, micro<7>, micro<8>};
+// Rows r0..r0+3 against the key blocks jb0..jb1, software-pipelined: the softmax of a block sits in
+// program order right before the scores of the next one, which do not depend on it, so the core
+// runs the dot products while the softmax waits on its reductions and exponentials. masked_rows:
+// some of these rows have a mask (the blocks holding padding keys are masked in any case).
+template <int NG>
+MLLAMA_AVX512_TARGET void sweep(const job & j, tile_state & st, int64_t r0, int64_t jb0, int64_t jb1, bool masked_rows) {
+    const uint32_t * q = st.q.data() + r0 * j.d.pairs();
+    alignas(64) float sbuf[2][k_rows][k_key_block];
+    alignas(64) uint16_t probs[k_rows][k_key_block];
+    float alpha[k_rows];
+    score_block(j, q, jb0, sbuf[0]);
+    for (int64_t jb = jb0, b = 0; jb < jb1; jb += k_key_block, ++b) {
+        float (*cur)[k_key_block] = sbuf[b & 1];
+        const bool masked = masked_rows || jb + k_key_block > j.d.N;
+        for (int r = 0; r < k_rows; ++r) {
+            __m512 s[4];
+            for (int t = 0; t < 4; ++t) s[t] = _mm512_load_ps(cur[r] + 16 * t);
+            if (masked) add_mask(j, std::min(j.i0 + r0 + r, j.d.N - 1), jb, s);  // padding rows reuse the last mask row
+            alpha[r] = softmax_row(s, st.m[r0 + r], st.l.data() + (r0 + r) * 16, probs[r]);
+        }
+        if (jb + k_key_block < jb1) score_block(j, q, jb + k_key_block, sbuf[(b + 1) & 1]);
+        pv<NG>(j, st, r0, jb, probs, alpha);
+    }
+}
+
+using sweep_fn = void (*)(const job &, tile_state &, int64_t, int64_t, int64_t, bool);
+
+sweep_fn sweep_for(int64_t groups) {
+    static const sweep_fn table[] = {sweep<1>, sweep<2>, sweep<3>, sweep<4>, sweep<5>, sweep<6>, sweep<7>, sweep<8>};
     return table[groups - 1];
 }
 
@@ -244,11 +277,9 @@ void run_tile(const job & j, const ggml_tensor * q, ggml_tensor * dst, tile_stat
     std::vector<bool> mask_rows(n_micro);  // micro steps whose rows have a mask
     for (int64_t m = 0; m < n_micro; ++m)
         for (int64_t r = 0; r < k_rows; ++r) mask_rows[m] = mask_rows[m] || !j.zero_rows[std::min(j.i0 + m * k_rows + r, d.N - 1)];
-    const micro_fn step = micro_for(d.groups());
+    const sweep_fn run = sweep_for(d.groups());
     for (int64_t c0 = 0; c0 < d.Np; c0 += k_key_chunk)
-        for (int64_t m = 0; m < n_micro; ++m)
-            for (int64_t jb = c0; jb < std::min(c0 + k_key_chunk, d.Np); jb += k_key_block)
-                step(j, st, m * k_rows, jb, mask_rows[m] || jb + k_key_block > d.N);
+        for (int64_t m = 0; m < n_micro; ++m) run(j, st, m * k_rows, c0, std::min(c0 + k_key_chunk, d.Np), mask_rows[m]);
     for (int64_t r = 0; r < n_rows; ++r) {  // dst [D * H, N]
         auto * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + (j.i0 + r) * dst->nb[1]) + j.h * d.D;
         float l = 0.0f;
@@ -293,6 +324,8 @@ ggml_tensor * bf16_attention_mask_rows(ggml_context * ctx, ggml_tensor * mask) {
 ggml_tensor * bf16_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask,
                              ggml_tensor * mask_rows) {
     const dims d = dims_of(q);
+    if (k->nb[0] != sizeof(float)) k = ggml_cont(ctx, k);  // the packing reads channels as rows
+    if (v->nb[0] != sizeof(float)) v = ggml_cont(ctx, v);
     ggml_tensor * kp = ggml_custom_4d(ctx, GGML_TYPE_I32, d.pairs() * d.Np, d.H, 1, 1, &k, 1, pack_k, GGML_N_TASKS_MAX, nullptr);  // Kp
     ggml_tensor * vp = ggml_custom_4d(ctx, GGML_TYPE_I32, d.Dv * d.Np / 2, d.H, 1, 1, &v, 1, pack_v, GGML_N_TASKS_MAX, nullptr);  // Vp
     ggml_tensor * args[] = {q, kp, vp, mask, mask_rows};
