@@ -3,12 +3,17 @@
 #include "cpu_kernels.h"
 #include "error.h"
 #include "ggml-backend.h"
+#include "ggml.h"
 
+#include <sys/mman.h>
+
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <set>
 #include <thread>
 #include <utility>
+#include <vector>
 
 namespace mllama {
 
@@ -76,6 +81,28 @@ int physical_core_count() {
     if (!cores.empty()) return static_cast<int>(cores.size());
     const unsigned n = std::thread::hardware_concurrency();
     return n > 0 ? static_cast<int>(n) : 1;
+}
+
+void advise_huge_pages(ggml_backend_buffer_t buf) {
+#ifdef MADV_HUGEPAGE
+    constexpr uintptr_t k_huge = uintptr_t(1) << 21;
+    if (!buf || !ggml_backend_buffer_is_host(buf)) return;
+    const auto base = reinterpret_cast<uintptr_t>(ggml_backend_buffer_get_base(buf));
+    const uintptr_t begin = (base + k_huge - 1) & ~(k_huge - 1), end = (base + ggml_backend_buffer_get_size(buf)) & ~(k_huge - 1);
+    if (end > begin) madvise(reinterpret_cast<void *>(begin), end - begin, MADV_HUGEPAGE);  // advice only: errors change nothing
+#else
+    (void) buf;
+#endif
+}
+
+void advise_huge_pages(ggml_cgraph * graph) {
+    std::vector<ggml_backend_buffer_t> seen;
+    for (int i = 0; i < ggml_graph_n_nodes(graph); ++i) {
+        ggml_backend_buffer_t buf = ggml_graph_node(graph, i)->buffer;
+        if (!buf || std::find(seen.begin(), seen.end(), buf) != seen.end()) continue;
+        seen.push_back(buf);
+        advise_huge_pages(buf);
+    }
 }
 
 std::string system_info() {

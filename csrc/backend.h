@@ -7,6 +7,8 @@
 #include <string>
 
 struct ggml_backend_device;
+struct ggml_cgraph;
+struct ggml_backend_buffer;
 typedef struct ggml_backend_device * ggml_backend_dev_t;
 
 namespace mllama {
@@ -20,6 +22,12 @@ ggml_backend_dev_t select_device(const char * request);
 bool is_cpu(ggml_backend_dev_t dev);
 
 int physical_core_count();
+
+// Asks the kernel for transparent huge pages on a host buffer not yet touched, or on the buffers
+// the graph's nodes live in (the compute buffer: 0.56 GB for an 11B image graph), so that they
+// fault in 2 MiB instead of 4 KiB steps. A no-op where THP is off or for device memory.
+void advise_huge_pages(ggml_backend_buffer * buf);
+void advise_huge_pages(ggml_cgraph * graph);
 // Features of the loaded CPU backend ("AVX2 = 1 | F16C = 1 | ...") and the devices.
 std::string system_info();
 

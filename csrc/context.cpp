@@ -145,22 +145,27 @@ void compute(mllama_context & c, const std::function<ggml_cgraph *(ggml_context 
     ggml_cgraph * gf = build(gctx);
     ggml_backend_sched_reset(c.sched);
     if (!ggml_backend_sched_alloc_graph(c.sched, gf)) fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot allocate the compute graph");
+    advise_huge_pages(gf);
     feed();
     if (ggml_backend_sched_graph_compute(c.sched, gf) != GGML_STATUS_SUCCESS) fail(MLLAMA_ERR_BACKEND, "graph computation failed");
     fetch();
 }
 
 // ref: _prepare_aspect_ratio_attention_mask (M:86-110): only padding x padding pairs are masked.
-static std::vector<ggml_fp16_t> vision_mask(int64_t n_positions, int64_t n_padded, int64_t max_tiles, int32_t n_tiles) {
+// Written straight into the input tensor when its buffer is host memory (82 MB for the 11B: a
+// temporary copy would cost a page fault per 4 KiB on every image).
+static void set_vision_mask(ggml_tensor * dst, int64_t n_positions, int64_t n_padded, int64_t max_tiles, int32_t n_tiles) {
     const int64_t n = n_padded * max_tiles;
     std::vector<uint8_t> pad(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) pad[i] = (i / n_padded >= n_tiles) || (i % n_padded >= n_positions);
     const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), neg_inf = ggml_fp32_to_fp16(-INFINITY);
-    std::vector<ggml_fp16_t> mask(static_cast<size_t>(n * n));
+    const bool host = ggml_backend_buffer_is_host(dst->buffer);
+    std::vector<ggml_fp16_t> copy(host ? 0 : static_cast<size_t>(n * n));
+    auto * mask = host ? static_cast<ggml_fp16_t *>(dst->data) : copy.data();
     for (int64_t q = 0; q < n; ++q) {
         for (int64_t k = 0; k < n; ++k) mask[q * n + k] = pad[q] && pad[k] ? neg_inf : zero;
     }
-    return mask;
+    if (!host) ggml_backend_tensor_set(dst, copy.data(), 0, ggml_nbytes(dst));
 }
 
 mllama_context_memory context_memory(const mllama_context & c) {
@@ -196,7 +201,6 @@ void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_
     if (c.state.cross_k.empty()) fail(MLLAMA_ERR_UNSUPPORTED, "the model has no cross-attention layers");
     vision_inputs in;
     ggml_tensor * out = nullptr;
-    const std::vector<ggml_fp16_t> mask = vision_mask(hp.n_positions(), padded_positions(hp.n_positions()), hp.max_tiles, n_tiles);
     const vision_options opt = vision_options_for(m, c.backend_device == nullptr);
     auto build = [&](ggml_context * ctx) {
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, k_max_nodes, false);
@@ -213,7 +217,7 @@ void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_
     auto feed = [&] {
         ggml_backend_tensor_set(in.pixels, pixels, 0, ggml_nbytes(in.pixels));
         ggml_backend_tensor_set(in.ar_id, &aspect_ratio_id, 0, sizeof(int32_t));
-        ggml_backend_tensor_set(in.mask, mask.data(), 0, ggml_nbytes(in.mask));
+        set_vision_mask(in.mask, hp.n_positions(), padded_positions(hp.n_positions()), hp.max_tiles, n_tiles);
     };
     auto fetch = [&] {
         if (features) ggml_backend_tensor_get(out, features, 0, ggml_nbytes(out));
