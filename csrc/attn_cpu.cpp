@@ -310,13 +310,6 @@ void attend(ggml_tensor * dst, int ith, int nth, void *) {
 
 }  // namespace
 
-bool cpu_kernels_available() {
-    static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                           __builtin_cpu_supports("avx512bf16");
-    return ok;
-}
-
 ggml_tensor * bf16_attention_mask_rows(ggml_context * ctx, ggml_tensor * mask) {
     return ggml_custom_4d(ctx, GGML_TYPE_I32, mask->ne[1], 1, 1, 1, &mask, 1, find_zero_rows, GGML_N_TASKS_MAX, nullptr);  // [N]
 }

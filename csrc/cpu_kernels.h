@@ -14,6 +14,11 @@ namespace mllama {
 // The CPU has AVX-512 with BF16 dot products (and the OS saves its registers).
 bool cpu_kernels_available();
 
+// The kernel `name` ("attn", "gemm", "gelu", "xattn") may run: the CPU has the features and
+// MLLAMA_CPU_KERNELS allows it (unset or "1": all; "0": none, ggml's ops only; otherwise a comma
+// list of the kernels to use, for A/B checks one kernel at a time).
+bool cpu_kernel_enabled(const char * name);
+
 // Largest head size the attention kernel handles (larger heads use ggml's flash attention).
 constexpr int64_t k_bf16_attn_max_head_dim = 128;
 
@@ -33,6 +38,20 @@ bool bf16_linear_supported(const ggml_tensor * w);
 // the CPU's BF16 peak. w: [K, M] BF16 with M % 16 == 0; x: [K, N] F32 or BF16 (converted once);
 // bias: [M] F32 or null -> [M, N], BF16 when bf16_out (the input of a following bf16_linear).
 ggml_tensor * bf16_linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_tensor * bias, bool gelu, bool bf16_out);
+
+// Largest head size and query group (query heads per KV head) of decode_attention.
+constexpr int64_t k_xattn_max_head_dim = 256;
+constexpr int64_t k_xattn_max_group = 16;
+// Largest number of query tokens that take decode_attention (prefill keeps ggml's flash attention).
+constexpr int64_t k_xattn_max_tokens = 16;
+
+bool decode_attention_supported(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v, const ggml_tensor * mask);
+
+// softmax(q k^T scale + mask) v for a few tokens over a long F16 cache, F32 accumulation, grouped
+// query heads (query head i reads KV head i / (Hq / Hkv)). q: [D, Hq, T] F32; k, v: [D, Hkv, n_kv]
+// F16 (views allowed); mask: [n_kv, >= T] F16 additive, one row per token -> [D * Hq, T] F32
+// (a token whose keys are all masked gets zeros).
+ggml_tensor * decode_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask, float scale);
 
 // 0.5 x (1 + erf(x / sqrt(2))) elementwise on F32, vectorized (max abs error of erf 1.5e-7).
 ggml_tensor * gelu_erf_avx512(ggml_context * ctx, ggml_tensor * x);

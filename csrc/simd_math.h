@@ -4,7 +4,7 @@
 
 #include <immintrin.h>
 
-#define MLLAMA_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#define MLLAMA_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
 
 namespace mllama::simd {
 

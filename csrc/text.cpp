@@ -3,6 +3,8 @@
 // first image get nothing from a cross-attention layer: attention AND MLP branches are zeroed).
 #include "text.h"
 
+#include "cpu_kernels.h"
+
 #include "context.h"
 #include "graph.h"
 #include "model.h"
@@ -54,7 +56,11 @@ static ggml_tensor * cross_attention(ggml_context * ctx, const mllama_context & 
     q = rms_norm(ctx, q, w.q_norm, hp.rms_norm_eps);
     ggml_tensor * keys = slot_view(ctx, c.state.cross_k[cross_index], c.state.n_vis, 0, s.n_images);  // [hd, Hkv, n_img * n_vis]
     ggml_tensor * vals = slot_view(ctx, c.state.cross_v[cross_index], c.state.n_vis, 0, s.n_images);
-    ggml_tensor * a = attention(ctx, {q, keys, vals, in.x_mask, 1.0f / std::sqrt(static_cast<float>(hd))});  // [n_embd, n]
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    const bool small_batch = c.backend_device == nullptr && s.n_tokens <= k_xattn_max_tokens && cpu_kernel_enabled("xattn") &&
+                             decode_attention_supported(q, keys, vals, in.x_mask);
+    ggml_tensor * a = small_batch ? decode_attention(ctx, q, keys, vals, in.x_mask, scale)  // [n_embd, n]
+                                  : attention(ctx, {q, keys, vals, in.x_mask, scale});
     a = named(ggml_mul_mat(ctx, w.wo, a), prefix, "cross_out");
     return ggml_mul(ctx, a, in.x_rows);  // rows with no image receive nothing (Meta)
 }

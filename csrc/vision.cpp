@@ -13,7 +13,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <string>
 
 namespace mllama {
 
@@ -136,24 +135,15 @@ static ggml_tensor * assemble(ggml_context * ctx, const vision_hparams & hp, ggm
     return named(ggml_cont(ctx, out), "v", "output");                                      // [OD, P, NT]
 }
 
-// MLLAMA_CPU_KERNELS: unset or "1": every kernel that applies; "0": ggml's ops only; otherwise a
-// comma list of the kernels to use ("attn", "gemm", "gelu"), for A/B checks one kernel at a time.
-static bool kernel_enabled(const char * env, const char * name) {
-    if (!env || std::strcmp(env, "1") == 0) return true;
-    const std::string list = std::string(",") + env + ",";
-    return list.find(std::string(",") + name + ",") != std::string::npos;
-}
-
 vision_options vision_options_for(const mllama_model & model, bool on_cpu) {
-    const char * env = std::getenv("MLLAMA_CPU_KERNELS");
     vision_options opt;
     if (!on_cpu || !cpu_kernels_available() || model.vision.layers.empty()) return opt;
     const vision_hparams & hp = model.hp.vision;
     const ggml_type weight_type = model.vision.layers[0].wq->type;
     const bool half_weights = weight_type == GGML_TYPE_F16 || weight_type == GGML_TYPE_BF16;  // F32 weights: exact path
-    opt.bf16_attention = kernel_enabled(env, "attn") && half_weights && hp.n_embd / hp.n_head <= k_bf16_attn_max_head_dim;
-    opt.bf16_gemm = kernel_enabled(env, "gemm") && weight_type == GGML_TYPE_BF16;  // F16 weights keep their precision
-    opt.fast_gelu = kernel_enabled(env, "gelu");
+    opt.bf16_attention = cpu_kernel_enabled("attn") && half_weights && hp.n_embd / hp.n_head <= k_bf16_attn_max_head_dim;
+    opt.bf16_gemm = cpu_kernel_enabled("gemm") && weight_type == GGML_TYPE_BF16;  // F16 weights keep their precision
+    opt.fast_gelu = cpu_kernel_enabled("gelu");
     return opt;
 }
 

@@ -115,3 +115,29 @@ def test_repacked_weights_match_the_mapping(converted, monkeypatch):
     np.testing.assert_array_equal(w_r, w_m)            # read back from the file, not the repacked buffer
     assert nmse(logits_r, logits_m) <= 1e-6
     assert toks_r == toks_m
+
+
+@needs_kernels
+def test_decode_cross_attention_kernel_matches_ggml(converted, monkeypatch, tmp_path):
+    """F16 caches (the f16 model): decoding takes our GQA kernel for the cross-attention layers."""
+    from mllama.engine import PreparedImage
+
+    def run(kernels: str):
+        monkeypatch.setenv("MLLAMA_CPU_KERNELS", kernels)
+        with mllama.Model(converted("f16"), n_ctx=64, n_image_slots=1, dump_dir=tmp_path / kernels, dump_filter="cross_out") as m:
+            hp = m.hparams
+            shape = (hp["v_max_tiles"], 3, hp["v_image_size"], hp["v_image_size"])
+            image = PreparedImage(np.random.default_rng(0).standard_normal(shape).astype(np.float32), 6, 4, "x")
+            m._engine._encode(0, image)
+            prefill = np.asarray(m._engine.evaluate([128000, 128256, 1, 2, 3, 4, 5], [image]))  # 7 tokens: the kernel too
+            step = np.asarray(m._engine.step(7, 1))
+            outs = {p.name: np.load(p) for p in sorted((tmp_path / kernels).glob("*cross_out.npy"))}
+        return prefill, step, outs
+
+    prefill_ggml, step_ggml, outs_ggml = run("0")
+    prefill_ours, step_ours, outs_ours = run("xattn")
+    assert len(outs_ggml) == 2 and outs_ggml.keys() == outs_ours.keys()
+    for name in outs_ggml:  # ggml rounds q to F16 before the dot products; we keep F32
+        assert 0 < nmse(outs_ours[name], outs_ggml[name]) <= 1e-5
+    assert 0 < nmse(prefill_ours, prefill_ggml) <= 1e-5
+    assert 0 < nmse(step_ours, step_ggml) <= 1e-5
