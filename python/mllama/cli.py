@@ -56,7 +56,8 @@ def _print_devices() -> None:
 
     report = cpu_report()
     print(f"cpu: supports {' '.join(report['cpu_supports']) or 'unknown'}; GEMM path: {report['gemm_path']}; "
-          f"mllama AVX-512 BF16 kernels: {'on' if report['mllama_kernels'] else 'off'}")
+          f"mllama AVX-512 BF16 kernels (vision attention, BF16-weight GEMMs, GELU, decode cross-attention): "
+          f"{'on' if report['mllama_kernels'] else 'off'}")
     note = warning(report)
     if note:
         print(note, file=sys.stderr)
