@@ -129,8 +129,12 @@ def run_transformers(args) -> dict:
     captured = {}
     vision = model.model.vision_model
     vision.register_forward_pre_hook(lambda *a: captured.__setitem__("v0", time.perf_counter()))
-    vision.register_forward_hook(lambda *a: captured.__setitem__("v1", time.perf_counter()))
-    model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.__setitem__("states", o))
+    # image encode = vision tower + projector, as in mllama's figure (which also holds the cross-attention
+    # K/V projections that transformers runs inside its prefill: our side does more work)
+    def projected(module, inputs, output):
+        captured.update(states=output, v1=time.perf_counter())
+
+    model.model.multi_modal_projector.register_forward_hook(projected)
     with torch.inference_mode():
         t0 = time.perf_counter()
         model(**hf_inputs_for(ttft_prompt, pre, dtype)).logits[0, -1].argmax()

@@ -6,8 +6,10 @@
 #include "ggml.h"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <fstream>
 #include <set>
@@ -103,6 +105,34 @@ void advise_huge_pages(ggml_cgraph * graph) {
         seen.push_back(buf);
         advise_huge_pages(buf);
     }
+}
+
+void populate_pages(std::vector<std::pair<const uint8_t *, size_t>> ranges, int n_threads) {
+#ifndef MADV_POPULATE_READ
+    constexpr int MADV_POPULATE_READ = 22;  // Linux 5.14 (older headers lack the name)
+#endif
+    constexpr uintptr_t k_chunk = uintptr_t(64) << 20;  // bytes per work item
+    const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+    std::vector<std::pair<uintptr_t, uintptr_t>> spans;  // page-aligned [begin, end), merged
+    std::sort(ranges.begin(), ranges.end());
+    for (const auto & [data, n] : ranges) {
+        const auto begin = reinterpret_cast<uintptr_t>(data) / page * page;
+        const auto end = (reinterpret_cast<uintptr_t>(data) + n + page - 1) / page * page;
+        if (!spans.empty() && begin <= spans.back().second) spans.back().second = std::max(spans.back().second, end);
+        else if (end > begin) spans.emplace_back(begin, end);
+    }
+    std::vector<std::pair<uintptr_t, uintptr_t>> items;
+    for (const auto & [begin, end] : spans)
+        for (uintptr_t at = begin; at < end; at += k_chunk) items.emplace_back(at, std::min(end, at + k_chunk));
+    std::atomic<size_t> next{0};
+    auto work = [&] {
+        for (size_t i = next++; i < items.size(); i = next++)
+            madvise(reinterpret_cast<void *>(items[i].first), items[i].second - items[i].first, MADV_POPULATE_READ);
+    };
+    std::vector<std::thread> pool;
+    for (int i = 1; i < std::min<int>(n_threads, static_cast<int>(items.size())); ++i) pool.emplace_back(work);
+    work();
+    for (std::thread & t : pool) t.join();
 }
 
 std::string system_info() {

@@ -10,6 +10,7 @@
 
 #include <functional>
 #include <memory>
+#include <unordered_set>
 #include <vector>
 
 struct ggml_backend;
@@ -58,6 +59,7 @@ struct mllama_context {
     int64_t n_decoded = 0;                    // tokens evaluated by the decoder (a counter for callers)
     std::unique_ptr<mllama::tensor_dumper> dumper;
     std::unique_ptr<mllama::op_profiler> profiler;
+    std::unordered_set<const ggml_tensor *> populated;  // mapped weights whose pages are in (populate_weights)
 
     mllama_context() = default;
     ~mllama_context();

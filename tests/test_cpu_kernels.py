@@ -23,7 +23,7 @@ def encode(path, monkeypatch, kernels: str | None, n_tiles=4, ar_id=6, dump_dir=
         monkeypatch.delenv("MLLAMA_CPU_KERNELS", raising=False)
     else:
         monkeypatch.setenv("MLLAMA_CPU_KERNELS", kernels)
-    with mllama.Model(path, dump_dir=dump_dir, dump_filter="mm.out" if dump_dir else None) as model:
+    with mllama.Model(path, dump_dir=dump_dir, dump_filter="mm.out|v.blk.0.attn_out" if dump_dir else None) as model:
         hp = model.hparams
         shape = (hp["v_max_tiles"], 3, hp["v_image_size"], hp["v_image_size"])
         pixels = np.random.default_rng(n_tiles).standard_normal(shape).astype(np.float32)
@@ -46,16 +46,24 @@ def test_bf16_attention_and_gelu_match_ggml_on_half_weights(converted, monkeypat
 @needs_kernels
 def test_bf16_gemm_matches_ggml_on_bf16_weights(converted, monkeypatch, tmp_path):
     path = converted("bf16")
+    reference = encode(converted("f32"), monkeypatch, "0")  # the same BF16 values, computed in F32
     generic = encode(path, monkeypatch, "0", dump_dir=tmp_path / "generic")
     gemm = encode(path, monkeypatch, "gemm", dump_dir=tmp_path / "gemm")
     gemm_gelu = encode(path, monkeypatch, "gemm,gelu")
     both = encode(path, monkeypatch, None)
-    # same BF16 operands and F32 accumulation as ggml's product: only the summation order differs
-    assert 0 < nmse(gemm, generic) <= 1e-9
-    # the projector (68 tokens: a 4-row tail per thread) on the same vision output
+    dumps = {name: np.load(tmp_path / name / "v.blk.0.attn_out.npy") for name in ("gemm", "generic")}
+    # Same BF16 operands and F32 accumulation as ggml's product: only the summation order differs.
+    # After the first layer (q, k, v, attention, o) that is a few BF16 roundings flipped ...
+    assert 0 < nmse(dumps["gemm"], dumps["generic"]) <= 1e-8
+    # ... which the following layers amplify (1e-9 .. 1e-6 after the tower, by CPU: ggml's own
+    # summation order depends on the CPU it was built for), while both stay as close to the F32
+    # computation as each other.
+    assert 0 < nmse(gemm, generic) <= 1e-5
+    assert nmse(gemm, reference) <= 1.2 * nmse(generic, reference)
+    # the projector (68 tokens: a 4-row tail per thread) on those vision outputs
     projected = [np.load(tmp_path / name / "mm.out.npy") for name in ("gemm", "generic")]
-    assert 0 < nmse(*projected) <= 1e-12
-    assert 0 < nmse(gemm_gelu, generic) <= 1e-8  # + GELU fused into fc1 (erf to 1.5e-7)
+    assert 0 < nmse(*projected) <= 1e-5
+    assert 0 < nmse(gemm_gelu, generic) <= 1e-5  # + GELU fused into fc1 (erf to 1.5e-7)
     assert 0 < nmse(both, generic) <= 2e-5       # + BF16 attention
 
 

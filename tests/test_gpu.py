@@ -1,0 +1,49 @@
+"""The CUDA (or any GPU) path against the CPU on the tiny fixture: vision features, logits over a
+prompt with images, greedy tokens, and partial offload keeping the vision tower on the GPU.
+
+Skipped where ggml offers no GPU device (CI, a CPU-only build). On a GPU machine, after the
+README's CUDA install: `python -m pytest tests/test_gpu.py -q`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mllama
+from test_text import CASES, nmse
+
+GPUS = [d for d in mllama.devices() if d["type"] in ("gpu", "igpu")]
+pytestmark = pytest.mark.skipif(not GPUS, reason="no GPU device in the loaded ggml")
+
+
+def run(path, device, case, **kwargs):
+    with mllama.Model(path, device=device, n_ctx=512, **kwargs) as model:
+        tokens, images = model.chat_prompt(CASES[case])
+        pre = [mllama.preprocess(im, model) for im in images]
+        feats = [model.encode_pixels(p.pixel_values, p.aspect_ratio_id, p.n_tiles) for p in pre]
+        logits = model.forward(tokens, images)
+        buffers = {t.name: t.buffer for t in model.tensors()}
+        return feats, logits, buffers, model.info
+
+
+@pytest.mark.parametrize("type_name,bound", [("f32", 1e-6), ("f16", 1e-4), ("q8_0", 1e-3)])
+@pytest.mark.parametrize("case", ["b_4_tiles", "c_two_images"])
+def test_gpu_matches_cpu(converted, type_name, bound, case):
+    path = converted(type_name)
+    cpu_feats, cpu_logits, _, _ = run(path, "cpu", case)
+    gpu_feats, gpu_logits, buffers, info = run(path, GPUS[0]["name"], case)
+    assert info["device"] == GPUS[0]["name"]
+    assert all(not b.startswith("CPU") for name, b in buffers.items() if name.startswith("v."))
+    for ours, ref in zip(gpu_feats, cpu_feats):
+        assert nmse(ours, ref) <= bound
+    assert nmse(gpu_logits, cpu_logits) <= bound
+
+
+def test_partial_offload_keeps_the_vision_tower_on_the_gpu(converted):
+    path = converted("f16")
+    _, cpu_logits, _, _ = run(path, "cpu", "b_4_tiles")
+    _, logits, buffers, info = run(path, GPUS[0]["name"], "b_4_tiles", n_gpu_layers=1)
+    assert info["n_gpu_layers"] == 1
+    assert all(not b.startswith("CPU") for name, b in buffers.items() if name.startswith(("v.", "mm.")))
+    assert any(b.startswith("CPU") for name, b in buffers.items() if name.startswith("blk.0."))
+    assert nmse(logits, cpu_logits) <= 1e-4
