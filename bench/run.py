@@ -121,7 +121,7 @@ def main() -> None:
     result = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "ggml": mllama.system_info(), **cpu_report(),
                           "python": platform.python_version(), "mllama": mllama.__version__},
               "setup": {"text_layers": text["num_hidden_layers"], "vision_layers": [vision["num_hidden_layers"], vision["num_global_layers"]],
-                        "prompt_tokens": 64, "ttft_prompt_tokens": 20, "decode_tokens": 32, "image_tiles": 4, "quick": args.quick},
+                        "prompt_tokens": 64, "ttft_prompt_tokens": 20, "decode_tokens": 32, "repeats": 3, "image_tiles": 4, "quick": args.quick},
               "mllama": {}, "transformers": {}}
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         tmp = Path(tmp)

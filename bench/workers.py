@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -64,7 +65,7 @@ def run_mllama(args) -> dict:
     cold_or_warm = time.perf_counter() - t0
     prompt, ttft_prompt = prompts(args.prompt, args.ttft_prompt)
     t0 = time.perf_counter()
-    model = mllama.Model(args.model, device="cpu", n_ctx=args.prompt + args.decode + 16, n_image_slots=1)
+    model = mllama.Model(args.model, device="cpu", n_ctx=args.prompt + args.decode * args.repeats + 16, n_image_slots=1)
     out = {"load_s": time.perf_counter() - t0, "first_load_s": cold_or_warm, "threads": model.info["n_threads"],
            "file_bytes": model.info["file_size"]}
     engine = model._engine
@@ -82,16 +83,22 @@ def run_mllama(args) -> dict:
     else:
         prompt = [t for t in prompt if t != IMAGE_TOKEN]
     engine.evaluate(prompt, images)  # warm-up at the timed shape
-    engine.state.tokens = []
-    t0 = time.perf_counter()
-    token = int(np.argmax(engine.evaluate(prompt, images)))
-    out["prefill_tok_s"] = len(prompt) / (time.perf_counter() - t0)
+    runs = []
+    for _ in range(args.repeats):
+        engine.state.tokens = []
+        t0 = time.perf_counter()
+        token = int(np.argmax(engine.evaluate(prompt, images)))
+        runs.append(len(prompt) / (time.perf_counter() - t0))
+    out.update(prefill_runs_tok_s=runs, prefill_tok_s=statistics.median(runs))
     if args.bandwidth_probe:  # the machine's bandwidth drifts: measure it next to the decode
         out["read_bandwidth_gbs_at_decode"] = round(probe_in_child(args.bandwidth_probe), 1)
-    t0 = time.perf_counter()
-    for _ in range(args.decode):
-        token = int(np.argmax(engine.step(token, len(images))))
-    out["decode_tok_s"] = args.decode / (time.perf_counter() - t0)
+    runs = []
+    for _ in range(args.repeats):  # one generation, timed in pieces
+        t0 = time.perf_counter()
+        for _ in range(args.decode):
+            token = int(np.argmax(engine.step(token, len(images))))
+        runs.append(args.decode / (time.perf_counter() - t0))
+    out.update(decode_runs_tok_s=runs, decode_tok_s=statistics.median(runs))
     out["memory"] = model.memory()
     out["decode_bytes_per_token"] = decode_bytes(model, out["memory"], len(images))
     out["tensor_types"] = sorted({t.type for t in model.tensors()})
@@ -144,16 +151,22 @@ def run_transformers(args) -> dict:
         inputs = hf_inputs_for(prompt, pre, dtype)
         inputs.pop("pixel_values"), inputs.pop("aspect_ratio_ids")
         model(**inputs, cross_attention_states=states)  # warm-up at the timed shape
-        t0 = time.perf_counter()
-        res = model(**inputs, cross_attention_states=states, use_cache=True)
-        out["prefill_tok_s"] = len(prompt) / (time.perf_counter() - t0)
+        runs = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            res = model(**inputs, cross_attention_states=states, use_cache=True)
+            runs.append(len(prompt) / (time.perf_counter() - t0))
+        out.update(prefill_runs_tok_s=runs, prefill_tok_s=statistics.median(runs))
         past, token = res.past_key_values, res.logits[0, -1].argmax()
         mask_row = inputs["cross_attention_mask"][:, -1:]
-        t0 = time.perf_counter()
-        for _ in range(args.decode):
-            res = model(input_ids=token.view(1, 1), past_key_values=past, cross_attention_mask=mask_row, use_cache=True)
-            past, token = res.past_key_values, res.logits[0, -1].argmax()
-        out["decode_tok_s"] = args.decode / (time.perf_counter() - t0)
+        runs = []
+        for _ in range(args.repeats):  # one generation, timed in pieces
+            t0 = time.perf_counter()
+            for _ in range(args.decode):
+                res = model(input_ids=token.view(1, 1), past_key_values=past, cross_attention_mask=mask_row, use_cache=True)
+                past, token = res.past_key_values, res.logits[0, -1].argmax()
+            runs.append(args.decode / (time.perf_counter() - t0))
+        out.update(decode_runs_tok_s=runs, decode_tok_s=statistics.median(runs))
     out["peak_rss"] = peak_rss()
     return out
 
@@ -166,6 +179,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--ttft-prompt", type=int, default=20)
     parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timed prefills and decode pieces; the median is reported")
     parser.add_argument("--image", action="store_true")
     parser.add_argument("--bandwidth-probe", default=None, help="bandwidth.so built by run.py")
     args = parser.parse_args()

@@ -132,16 +132,18 @@ std::unique_ptr<mllama_context> new_context(const mllama_model & model, const ml
     return c;
 }
 
-// Maps in, before a graph's first run, the pages of the file-mapped weights it reads (a warm page
-// cache otherwise costs the 11B vision tower ~2 s of page faults inside the first image), split
+// Maps in, before a graph's first run, the pages of the file-mapped weights it reads whole (a warm
+// page cache otherwise costs the 11B vision tower ~2 s of page faults inside the first image), split
 // across the threads; weights already done are skipped. Only on first use, so that loading (the
-// converter's check, text-only work) does not pull in every page of the file.
+// converter's check, text-only work) does not pull in every page of the file; tables read by rows
+// (token embeddings, position embeddings per aspect ratio) keep faulting in only the rows used.
 static void populate_weights(mllama_context & c, ggml_cgraph * gf) {
     std::vector<std::pair<const uint8_t *, size_t>> ranges;
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         const ggml_tensor * node = ggml_graph_node(gf, i);
         for (const ggml_tensor * src : node->src) {
             if (!src || !src->buffer || ggml_backend_buffer_get_usage(src->buffer) != GGML_BACKEND_BUFFER_USAGE_WEIGHTS) continue;
+            if (node->op == GGML_OP_GET_ROWS && src == node->src[0]) continue;
             if (!ggml_backend_buffer_is_host(src->buffer) || !c.populated.insert(src).second) continue;
             ranges.emplace_back(static_cast<const uint8_t *>(src->data), ggml_nbytes(src));
         }
