@@ -32,8 +32,8 @@ int physical_core_count();
 void advise_huge_pages(ggml_backend_buffer * buf);
 void advise_huge_pages(ggml_cgraph * graph);
 // Maps the pages of read-only file mappings [begin, end) into the process now, split across
-// n_threads (MADV_POPULATE_READ, as llama.cpp's MAP_POPULATE): a page-cache-warm 11B vision tower
-// otherwise pays ~1.5 s of page faults inside the first image. Advice only: a kernel without it
+// n_threads (MADV_POPULATE_READ, like llama.cpp's MAP_POPULATE): a page-cache-warm 11B vision tower
+// otherwise pays ~2 s of page faults inside the first image. Advice only: a kernel without it
 // (before Linux 5.14) leaves the pages to fault in on first use.
 void populate_pages(std::vector<std::pair<const uint8_t *, size_t>> ranges, int n_threads);
 // Features of the loaded CPU backend ("AVX2 = 1 | F16C = 1 | ...") and the devices.
