@@ -1,0 +1,46 @@
+// Typed, checked access to GGUF metadata. Every failure names the key; integer keys accept any
+// integer GGUF type whose value fits (converters disagree on u32 vs i32).
+#pragma once
+
+#include "gguf/names.h"
+#include "gguf.h"
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+struct gguf_context;
+
+namespace mllama {
+
+// Keys are looked up in each context in turn (a text file, then its projector file).
+// Any integer-typed value (u8..i64; u64 only if it fits int64) as int64; false for other types.
+bool scalar_int(const gguf_context * ctx, int64_t id, enum gguf_type type, int64_t & out);
+
+class gguf_meta {
+  public:
+    explicit gguf_meta(const gguf_context * ctx) : ctxs_{ctx} {}
+    explicit gguf_meta(std::vector<const gguf_context *> ctxs) : ctxs_(std::move(ctxs)) {}
+
+    bool has(kv key) const;
+    int64_t get_int(kv key) const;
+    int64_t get_int(kv key, int64_t fallback) const;
+    float get_float(kv key) const;
+    float get_float(kv key, float fallback) const;
+    bool get_bool(kv key, bool fallback) const;
+    std::string get_str(kv key) const;
+    std::string get_str(kv key, const std::string & fallback) const;
+    std::vector<int64_t> get_int_array(kv key) const;
+    std::vector<float> get_float_array(kv key) const;
+    int64_t array_size(kv key) const;  // -1 when absent
+
+    // The id of a string in the tokenizer vocabulary, or -1.
+    int64_t token_id(const std::string & text) const;
+
+  private:
+    int64_t find(kv key, bool required) const;  // sets ctx_ to the context holding the key
+    std::vector<const gguf_context *> ctxs_;
+    mutable const gguf_context * ctx_ = nullptr;
+};
+
+}  // namespace mllama

@@ -1,0 +1,39 @@
+#include "graph/ops.h"
+
+#include "ggml.h"
+
+#include <string>
+
+namespace mllama {
+
+ggml_tensor * named(ggml_tensor * t, const char * prefix, const char * name) {
+    if (prefix && *prefix) ggml_format_name(t, "%s.%s", prefix, name);
+    else ggml_set_name(t, name);
+    return t;
+}
+
+ggml_tensor * layer_norm(ggml_context * ctx, ggml_tensor * x, const norm_w & n, float eps) {
+    x = ggml_norm(ctx, x, eps);
+    x = ggml_mul(ctx, x, n.w);
+    return n.b ? ggml_add(ctx, x, n.b) : x;
+}
+
+ggml_tensor * rms_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * weight, float eps) {
+    return ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), weight);
+}
+
+ggml_tensor * linear(ggml_context * ctx, ggml_tensor * x, const linear_w & l) {
+    ggml_tensor * y = ggml_mul_mat(ctx, l.w, x);
+    return l.b ? ggml_add(ctx, y, l.b) : y;
+}
+
+ggml_tensor * attention(ggml_context * ctx, const attn_args & a) {
+    ggml_tensor * q = ggml_permute(ctx, a.q, 0, 2, 1, 3);  // [head_dim, n_q, n_head]
+    ggml_tensor * k = ggml_permute(ctx, a.k, 0, 2, 1, 3);  // [head_dim, n_kv, n_head_kv]
+    ggml_tensor * v = ggml_permute(ctx, a.v, 0, 2, 1, 3);  // [head_dim, n_kv, n_head_kv]
+    ggml_tensor * out = ggml_flash_attn_ext(ctx, q, k, v, a.mask, a.scale, 0.0f, 0.0f);  // [head_dim, n_head, n_q]
+    ggml_flash_attn_ext_set_prec(out, GGML_PREC_F32);
+    return ggml_reshape_2d(ctx, out, out->ne[0] * out->ne[1], out->ne[2]);  // [head_dim * n_head, n_q]
+}
+
+}  // namespace mllama

@@ -1,0 +1,205 @@
+// ref: transformers models/mllama/modeling_mllama.py MllamaVisionModel.forward (M:906-1004) and
+// llama_models/llama3/multimodal/model.py VisionEncoder / ImageTransformer (Meta's convention for
+// the intermediate layers: the INPUT of each listed layer).
+#include "graph/vision.h"
+
+#include "kernels/dispatch.h"
+#include "graph/ops.h"
+#include "model/model.h"
+
+#include "ggml.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+namespace mllama {
+
+int64_t padded_positions(int64_t n_positions) { return n_positions + (8 - n_positions % 8) % 8; }
+
+static bool half_weight(const ggml_tensor * w) { return w->type == GGML_TYPE_F16 || w->type == GGML_TYPE_BF16; }
+
+// The attention mask of every layer, and which of its rows are all zeros (for our attention kernel).
+struct layer_mask {
+    ggml_tensor * mask = nullptr;       // [N, N] F16
+    ggml_tensor * zero_rows = nullptr;  // [N] I32, or null
+};
+
+static bool gemm_kernel_for(const linear_w & l, const vision_options & opt) {
+    return opt.bf16_gemm && bf16_linear_supported(l.w) && (!l.b || l.b->type == GGML_TYPE_F32);
+}
+
+// w x^T: our BF16 GEMM where it applies, ggml's mul_mat otherwise. [M, N] F32.
+static ggml_tensor * product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, const vision_options & opt) {
+    return gemm_kernel_for({w, nullptr}, opt) ? bf16_linear(ctx, w, x, nullptr, false, false) : ggml_mul_mat(ctx, w, x);
+}
+
+// fc2(gelu(fc1(x))), exact GELU. With our GEMM, bias and GELU run in fc1's epilogue, which hands
+// fc2 its input in BF16 (the rounding ggml's product would apply to it anyway).
+static ggml_tensor * mlp(ggml_context * ctx, const vision_layer_w & l, ggml_tensor * x, const vision_options & opt) {
+    if (gemm_kernel_for(l.ffn_up, opt) && gemm_kernel_for(l.ffn_down, opt)) {
+        x = bf16_linear(ctx, l.ffn_up.w, x, l.ffn_up.b, opt.fast_gelu, opt.fast_gelu);  // [n_ff, N] BF16 (F32 unfused)
+        if (!opt.fast_gelu) x = ggml_gelu_erf(ctx, x);
+        return bf16_linear(ctx, l.ffn_down.w, x, l.ffn_down.b, false, false);                 // [D, N]
+    }
+    x = linear(ctx, x, l.ffn_up);                                                              // [n_ff, N]
+    x = opt.fast_gelu ? gelu_erf_avx512(ctx, x) : ggml_gelu_erf(ctx, x);
+    return linear(ctx, x, l.ffn_down);                                                         // [D, N]
+}
+
+// ref: MllamaVisionEncoderLayer.forward (M:282-322); gated for the global layers.
+static ggml_tensor * vision_layer(ggml_context * ctx, const vision_hparams & hp, const vision_layer_w & l, ggml_tensor * h,
+                                  const layer_mask & mask, bool gated, const char * prefix, const vision_options & opt) {
+    const int64_t n_tok = h->ne[1], head_dim = hp.n_embd / hp.n_head;
+    {  // self-attention over all tiles of the image
+        ggml_tensor * x = layer_norm(ctx, h, l.attn_norm, hp.norm_eps);
+        // half-precision weights: convert the input once for q, k and v (ggml would convert it
+        // inside each product, with the same rounding)
+        if (half_weight(l.wq)) x = ggml_cast(ctx, x, l.wq->type);  // [D, N] F16/BF16
+        ggml_tensor * q = ggml_reshape_3d(ctx, product(ctx, l.wq, x, opt), head_dim, hp.n_head, n_tok);  // [hd, H, N]
+        ggml_tensor * k = ggml_reshape_3d(ctx, product(ctx, l.wk, x, opt), head_dim, hp.n_head, n_tok);
+        ggml_tensor * v = ggml_reshape_3d(ctx, product(ctx, l.wv, x, opt), head_dim, hp.n_head, n_tok);
+        ggml_tensor * a = opt.bf16_attention
+                              ? bf16_attention(ctx, q, k, v, mask.mask, mask.zero_rows)                // [D, N]
+                              : attention(ctx, {q, k, v, mask.mask, 1.0f / std::sqrt(static_cast<float>(head_dim))});  // [D, N]
+        a = named(product(ctx, l.wo, a, opt), prefix, "attn_out");
+        if (gated) a = ggml_scale(ctx, a, l.attn_gate_tanh);
+        h = ggml_add(ctx, h, a);
+    }
+    {  // MLP with exact (erf) GELU
+        ggml_tensor * x = layer_norm(ctx, h, l.ffn_norm, hp.norm_eps);
+        x = mlp(ctx, l, x, opt);
+        x = named(x, prefix, "ffn_out");  // [D, N]
+        if (gated) x = ggml_scale(ctx, x, l.ffn_gate_tanh);
+        h = ggml_add(ctx, h, x);
+    }
+    return named(h, prefix, "out");
+}
+
+// One row of a per-aspect-ratio table as [n_embd, rows, max_tiles] (F32).
+static ggml_tensor * tile_table_row(ggml_context * ctx, ggml_tensor * table, ggml_tensor * ar_id, int64_t n_embd,
+                                    int64_t rows, int64_t n_tiles) {
+    ggml_tensor * row = ggml_get_rows(ctx, table, ar_id);  // [n_tiles * rows * n_embd, 1]
+    return ggml_reshape_3d(ctx, row, n_embd, rows, n_tiles);
+}
+
+static ggml_tensor * as_f32(ggml_context * ctx, ggml_tensor * t) {
+    return t->type == GGML_TYPE_F32 ? t : ggml_cast(ctx, t, GGML_TYPE_F32);
+}
+
+// Patch, tile and position embeddings, layernorm_pre and the pad rows: [D, L, NT].
+static ggml_tensor * embed(ggml_context * ctx, const vision_hparams & hp, const vision_w & w, vision_inputs & in) {
+    const int64_t D = hp.n_embd, NT = hp.max_tiles, P = hp.n_positions(), ps = hp.patch_size;
+    const int64_t kernel = ps * ps * hp.n_channels;
+    ggml_tensor * h;
+    {  // ref: patch_embedding (Conv2d, stride = kernel): im2col + matmul, patches row-major
+        ggml_tensor * cols = ggml_im2col(ctx, w.patch_embd, in.pixels, ps, ps, 0, 0, 1, 1, true, GGML_TYPE_F32);  // [k, pw, ph, NT]
+        cols = ggml_reshape_3d(ctx, cols, kernel, hp.n_patches(), NT);                                          // [k, n_patches, NT]
+        h = ggml_mul_mat(ctx, ggml_reshape_2d(ctx, w.patch_embd, kernel, D), cols);                              // [D, n_patches, NT]
+        named(h, "v", "patch_embd");
+    }
+    {  // ref: pre_tile_positional_embedding (M:113-133), on patch tokens only
+        ggml_tensor * e = tile_table_row(ctx, w.pre_tile_embd, in.ar_id, D, 1, NT);  // [D, 1, NT]
+        h = named(ggml_add(ctx, h, ggml_scale(ctx, as_f32(ctx, e), w.pre_tile_gate_tanh)), "v", "pre_tile");
+    }
+    {  // ref: class_embedding prepended as token 0 of every tile
+        ggml_tensor * cls = ggml_repeat(ctx, ggml_reshape_3d(ctx, w.class_embd, D, 1, 1),
+                                        ggml_new_tensor_3d(ctx, GGML_TYPE_F32, D, 1, NT));  // [D, 1, NT]
+        h = ggml_concat(ctx, cls, h, 1);  // [D, P, NT]
+    }
+    {  // ref: gated_positional_embedding (M:136-170)
+        const float g = w.pos_gate_tanh;
+        h = ggml_add(ctx, h, ggml_scale(ctx, as_f32(ctx, w.pos_embd), 1.0f - g));  // [D, P] broadcast over tiles
+        ggml_tensor * tile = tile_table_row(ctx, w.tile_pos_embd, in.ar_id, D, P, NT);  // [D, P, NT]
+        h = named(ggml_add(ctx, h, ggml_scale(ctx, as_f32(ctx, tile), g)), "v", "pos");
+    }
+    h = named(layer_norm(ctx, h, w.pre_ln, hp.norm_eps), "v", "pre_ln");
+    return ggml_pad(ctx, h, 0, padded_positions(P) - P, 0, 0);  // [D, L, NT]: zero rows after the norm
+}
+
+// Channels [final | interleaved intermediates] for the real (unpadded) positions: [OD, P, NT].
+static ggml_tensor * assemble(ggml_context * ctx, const vision_hparams & hp, ggml_tensor * h,
+                              const std::vector<ggml_tensor *> & inter) {
+    const int64_t D = hp.n_embd, NT = hp.max_tiles, P = hp.n_positions(), L = padded_positions(P);
+    const int64_t K = static_cast<int64_t>(inter.size()), N = h->ne[1];
+    ggml_tensor * stacked = nullptr;  // [K, D, N]: channel d * K + k once flattened
+    for (ggml_tensor * t : inter) {
+        ggml_tensor * col = ggml_reshape_3d(ctx, t, 1, D, N);
+        stacked = stacked ? ggml_concat(ctx, stacked, col, 0) : col;
+    }
+    ggml_tensor * out = h;
+    if (stacked) out = ggml_concat(ctx, h, ggml_reshape_2d(ctx, stacked, K * D, N), 0);  // [OD, N]
+    out = ggml_reshape_3d(ctx, out, out->ne[0], L, NT);                                    // [OD, L, NT]
+    out = ggml_view_3d(ctx, out, out->ne[0], P, NT, out->nb[1], out->nb[2], 0);          // drop pad rows
+    return named(ggml_cont(ctx, out), "v", "output");                                      // [OD, P, NT]
+}
+
+vision_options vision_options_for(const mllama_model & model, bool on_cpu) {
+    vision_options opt;
+    if (!on_cpu || !cpu_kernels_available() || model.vision.layers.empty()) return opt;
+    const vision_hparams & hp = model.hp.vision;
+    const ggml_type weight_type = model.vision.layers[0].wq->type;
+    const bool half_weights = weight_type == GGML_TYPE_F16 || weight_type == GGML_TYPE_BF16;  // F32 weights: exact path
+    opt.bf16_attention = cpu_kernel_enabled("attn") && half_weights && hp.n_embd / hp.n_head <= k_bf16_attn_max_head_dim;
+    opt.bf16_gemm = cpu_kernel_enabled("gemm") && weight_type == GGML_TYPE_BF16;  // F16 weights keep their precision
+    opt.fast_gelu = cpu_kernel_enabled("gelu");
+    return opt;
+}
+
+ggml_tensor * build_vision(ggml_context * ctx, const mllama_model & model, vision_inputs & in, const vision_options & opt) {
+    const vision_hparams & hp = model.hp.vision;
+    const vision_w & w = model.vision;
+    const int64_t D = hp.n_embd, NT = hp.max_tiles, L = padded_positions(hp.n_positions()), N = L * NT;
+    in.pixels = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, hp.image_size, hp.image_size, hp.n_channels, NT);
+    in.ar_id = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 1);
+    in.mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, N, N);
+    for (ggml_tensor * t : {in.pixels, in.ar_id, in.mask}) ggml_set_input(t);
+    named(in.pixels, "", "v.pixels");
+
+    ggml_tensor * h = ggml_reshape_2d(ctx, embed(ctx, hp, w, in), D, N);  // [D, N]: all tiles, one sequence
+    const layer_mask mask{in.mask, opt.bf16_attention ? bf16_attention_mask_rows(ctx, in.mask) : nullptr};
+    std::vector<ggml_tensor *> inter;
+    char prefix[64];
+    for (int il = 0; il < hp.n_layer; ++il) {
+        if (std::binary_search(hp.intermediate_layers.begin(), hp.intermediate_layers.end(), il)) inter.push_back(h);
+        std::snprintf(prefix, sizeof(prefix), "v.blk.%d", il);
+        h = vision_layer(ctx, hp, w.layers[il], h, mask, false, prefix, opt);
+    }
+    h = named(layer_norm(ctx, h, w.post_ln, hp.norm_eps), "v", "post_ln");
+    {  // ref: post_tile_positional_embedding, on all L tokens of each tile (CLS and pads too)
+        ggml_tensor * e = tile_table_row(ctx, w.post_tile_embd, in.ar_id, D, 1, NT);  // [D, 1, NT]
+        h = ggml_add(ctx, ggml_reshape_3d(ctx, h, D, L, NT), ggml_scale(ctx, as_f32(ctx, e), w.post_tile_gate_tanh));
+        h = named(ggml_reshape_2d(ctx, h, D, N), "v", "post_tile");
+    }
+    for (int il = 0; il < hp.n_global_layer; ++il) {
+        std::snprintf(prefix, sizeof(prefix), "v.global.blk.%d", il);
+        h = vision_layer(ctx, hp, w.global_layers[il], h, mask, true, prefix, opt);
+    }
+    return assemble(ctx, hp, h, inter);
+}
+
+// ref: multi_modal_projector (M:1337-1345) and MllamaTextCrossAttention k/v (M:430-452)
+cross_kv build_cross_kv(ggml_context * ctx, const mllama_model & model, ggml_tensor * vision_out, const vision_options & opt) {
+    const text_hparams & hp = model.hp.text;
+    const linear_w & proj = model.vision.projector;
+    const int64_t n_vis = vision_out->ne[1] * vision_out->ne[2];
+    ggml_tensor * x = ggml_reshape_2d(ctx, vision_out, vision_out->ne[0], n_vis);  // [OD, NT * P]
+    x = gemm_kernel_for(proj, opt) ? bf16_linear(ctx, proj.w, x, proj.b, false, false) : linear(ctx, x, proj);  // [n_embd, NT * P]
+    named(x, "mm", "out");
+    cross_kv out;
+    char prefix[64];
+    for (int il = 0; il < hp.n_layer; ++il) {
+        const text_layer_w & l = model.text.layers[il];
+        if (!l.is_cross) continue;
+        std::snprintf(prefix, sizeof(prefix), "blk.%d.cross", il);
+        ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l.cross.wk, x), hp.n_embd_head, hp.n_head_kv, n_vis);
+        k = named(rms_norm(ctx, k, l.cross.k_norm, hp.rms_norm_eps), prefix, "k");  // [hd, Hkv, NT * P]
+        ggml_tensor * v = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l.cross.wv, x), hp.n_embd_head, hp.n_head_kv, n_vis);
+        out.k.push_back(k);
+        out.v.push_back(named(v, prefix, "v"));
+    }
+    return out;
+}
+
+}  // namespace mllama

@@ -1,0 +1,152 @@
+// BF16 GEMM for the vision tower's linear layers on AVX-512 BF16 CPUs (see cpu_kernels.h).
+//
+// y[n][m] = sum_k w[m][k] x[n][k] (+ bias[m], then GELU), BF16 operands, F32 accumulation.
+// vdpbf16ps adds a.pair[i] . b.pair[i] into lane i, so the weights are packed per call into
+// panels of 64 output channels, one zmm per 16 channels and k pair:
+//   Wp[panel][k/2][m%64] = (W[m][k], W[m][k+1])
+// and x (BF16 rows, k contiguous) is already a row of k pairs: each pair is broadcast. A micro
+// step keeps 6 tokens x 64 channels in 24 zmm accumulators over the whole k range; a thread walks
+// its tokens in blocks that fit the L3 share, and each weight panel stays in L2 for a block.
+#include "kernels/dispatch.h"
+
+#include "kernels/x86/simd_math.h"
+
+#include "ggml.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace mllama {
+namespace {
+
+constexpr int64_t k_panel = 64;                  // output channels per weight panel (4 zmm)
+constexpr int k_rows = 6;                        // tokens per micro step
+constexpr int64_t k_block_bytes = 1 << 21;       // BF16 activation bytes per token block (L3 share)
+
+enum epilogue_flags : uintptr_t { k_gelu = 1, k_bf16_out = 2 };
+
+int64_t panel_groups(int64_t M, int64_t panel) {  // zmm groups (16 channels) in a panel
+    return std::min<int64_t>(k_panel, M - panel * k_panel) / 16;
+}
+
+// dst->src[0] = w [K, M] BF16 -> Wp; panels split across threads. One gather per 16 channels and
+// k pair, 16 pairs in a row so that the 16 cache lines read stay in L1 (rows a power-of-two
+// multiple apart share few L1 sets).
+MLLAMA_AVX512_TARGET void pack_w(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * w = dst->src[0];
+    const int64_t K = w->ne[0], M = w->ne[1], P = K / 2, n_panels = (M + k_panel - 1) / k_panel;
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(w->nb[1] / sizeof(uint32_t))));  // row offsets in pairs
+    auto * out = static_cast<uint32_t *>(dst->data);
+    for (int64_t panel = ith; panel < n_panels; panel += nth) {
+        const int64_t groups = panel_groups(M, panel);
+        uint32_t * o = out + panel * k_panel * P;  // full panels before this one
+        for (int64_t p0 = 0; p0 < P; p0 += 16)  // 16 pairs: one cache line of each of the 16 rows
+            for (int64_t g = 0; g < groups; ++g) {
+                const auto * first = reinterpret_cast<const int *>(static_cast<const char *>(w->data) + (panel * k_panel + g * 16) * w->nb[1]);
+                for (int64_t p = p0; p < std::min(P, p0 + 16); ++p)
+                    _mm512_storeu_si512(o + (p * groups + g) * 16, _mm512_i32gather_epi32(rows, first + p, 4));
+            }
+    }
+}
+
+struct gemm_args {
+    int64_t P;              // k pairs
+    const uint32_t * wp;    // this panel's packed weights: [P][C * 16]
+    const float * bias;     // this panel's bias (or null)
+    uintptr_t flags;
+};
+
+// Tokens x0..x0+R-1 (rows of x, stride x_stride pairs) against C groups of 16 channels.
+template <int R, int C>
+MLLAMA_AVX512_TARGET void micro(const gemm_args & a, const uint32_t * x, int64_t x_stride, char * y, size_t y_stride) {
+    __m512 acc[R][C];
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+    const uint32_t * wp = a.wp;
+    for (int64_t p = 0; p < a.P; ++p, wp += C * 16) {
+        __m512bh w[C];
+        for (int c = 0; c < C; ++c) w[c] = (__m512bh) _mm512_loadu_si512(wp + c * 16);
+        for (int r = 0; r < R; ++r) {
+            const __m512bh xb = (__m512bh) _mm512_set1_epi32(static_cast<int>(x[r * x_stride + p]));
+            for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xb, w[c]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        char * out = y + r * y_stride;
+        for (int c = 0; c < C; ++c) {
+            __m512 v = acc[r][c];
+            if (a.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(a.bias + 16 * c));
+            if (a.flags & k_gelu) v = simd::gelu512(v);
+            if (a.flags & k_bf16_out) _mm256_storeu_si256(reinterpret_cast<__m256i *>(out) + c, (__m256i) _mm512_cvtneps_pbh(v));
+            else _mm512_storeu_ps(reinterpret_cast<float *>(out) + 16 * c, v);
+        }
+    }
+}
+
+using micro_fn = void (*)(const gemm_args &, const uint32_t *, int64_t, char *, size_t);
+
+template <int C>
+micro_fn micro_for_rows(int rows) {
+    static const micro_fn table[] = {micro<1, C>, micro<2, C>, micro<3, C>, micro<4, C>, micro<5, C>, micro<6, C>};
+    return table[rows - 1];
+}
+
+micro_fn micro_for(int rows, int64_t groups) {
+    switch (groups) {
+        case 1: return micro_for_rows<1>(rows);
+        case 2: return micro_for_rows<2>(rows);
+        case 3: return micro_for_rows<3>(rows);
+        default: return micro_for_rows<4>(rows);
+    }
+}
+
+// dst [M, N] = Wp x^T; dst->src = {Wp, x [K, N] BF16, bias [M] F32 or null}; tokens split across threads.
+void gemm(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const ggml_tensor * x = dst->src[1];
+    const ggml_tensor * bias = dst->src[2];
+    const int64_t K = x->ne[0], N = x->ne[1], M = dst->ne[0], P = K / 2;
+    const int64_t n_panels = (M + k_panel - 1) / k_panel;
+    const int64_t per_thread = (N + nth - 1) / nth;
+    const int64_t n0 = std::min(N, per_thread * ith), n1 = std::min(N, n0 + per_thread);
+    const int64_t block = std::max<int64_t>(k_rows * 8, k_block_bytes / (K * 2) / k_rows * k_rows);
+    const int64_t x_stride = static_cast<int64_t>(x->nb[1] / sizeof(uint32_t));
+    const size_t out_size = ggml_type_size(dst->type);
+    for (int64_t b0 = n0; b0 < n1; b0 += block) {
+        const int64_t b1 = std::min(n1, b0 + block);
+        for (int64_t panel = 0; panel < n_panels; ++panel) {
+            const int64_t groups = panel_groups(M, panel);
+            gemm_args a{P, static_cast<const uint32_t *>(dst->src[0]->data) + panel * k_panel * P,
+                        bias ? static_cast<const float *>(bias->data) + panel * k_panel : nullptr,
+                        reinterpret_cast<uintptr_t>(userdata)};
+            for (int64_t t = b0; t < b1; t += k_rows) {
+                const int rows = static_cast<int>(std::min<int64_t>(k_rows, b1 - t));
+                const auto * xr = reinterpret_cast<const uint32_t *>(static_cast<const char *>(x->data) + t * x->nb[1]);
+                char * yr = static_cast<char *>(dst->data) + t * dst->nb[1] + panel * k_panel * out_size;
+                micro_for(rows, groups)(a, xr, x_stride, yr, dst->nb[1]);
+            }
+        }
+    }
+}
+
+}  // namespace
+
+bool bf16_linear_supported(const ggml_tensor * w) {
+    return cpu_kernels_available() && w->type == GGML_TYPE_BF16 && w->ne[0] % 2 == 0 && w->ne[1] % 16 == 0 &&
+           ggml_is_contiguous(w) && w->ne[2] == 1 && w->ne[3] == 1 && w->nb[1] * 16 < (size_t(1) << 31);  // gather offsets
+}
+
+ggml_tensor * bf16_linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_tensor * bias, bool gelu, bool bf16_out) {
+    const int64_t K = w->ne[0], M = w->ne[1], N = ggml_nelements(x) / K;
+    ggml_tensor * wp = ggml_custom_4d(ctx, GGML_TYPE_I32, K / 2 * M, 1, 1, 1, &w, 1, pack_w, GGML_N_TASKS_MAX, nullptr);  // Wp
+    if (x->type != GGML_TYPE_BF16) x = ggml_cast(ctx, x, GGML_TYPE_BF16);  // [K, N] BF16
+    if (!ggml_is_contiguous(x)) x = ggml_cont(ctx, x);
+    x = ggml_reshape_2d(ctx, x, K, N);
+    const uintptr_t flags = (gelu ? k_gelu : 0) | (bf16_out ? k_bf16_out : 0);
+    ggml_tensor * args[] = {wp, x, bias};
+    return ggml_custom_4d(ctx, bf16_out ? GGML_TYPE_BF16 : GGML_TYPE_F32, M, N, 1, 1, args, bias ? 3 : 2, gemm,
+                          GGML_N_TASKS_MAX, reinterpret_cast<void *>(flags));  // [M, N]
+}
+
+}  // namespace mllama

@@ -1,0 +1,96 @@
+// The mutable side of a model: backends, the scheduler, and the image slots that hold each
+// image's cross-attention K/V (computed once per image, read by the decoder). Not thread-safe:
+// one caller at a time (the Python layer serializes).
+#pragma once
+
+#include "debug/dump.h"
+#include "common/log.h"
+#include "debug/profile.h"
+#include "mllama.h"
+
+#include <functional>
+#include <memory>
+#include <unordered_set>
+#include <vector>
+
+struct ggml_backend;
+struct ggml_backend_buffer;
+struct ggml_backend_sched;
+struct ggml_cgraph;
+struct ggml_context;
+struct ggml_tensor;
+struct mllama_model;
+
+namespace mllama {
+
+struct image_slot {
+    bool used = false;
+    int32_t n_tiles = 0;
+    int32_t aspect_ratio_id = 0;
+};
+
+// Persistent tensors of a context, in one buffer on the compute device.
+struct context_state {
+    // Per cross-attention layer: the K (after k_norm) and V of every slot, slot after slot, so the
+    // images of a sequence (slots 0..n-1) are one view: [head_dim, n_head_kv, n_slots * n_vis].
+    std::vector<ggml_tensor *> cross_k, cross_v;
+    // Per decoder layer (nullptr for cross-attention layers): [head_dim, n_head_kv, n_ctx].
+    std::vector<ggml_tensor *> self_k, self_v;
+    ggml_tensor * rope_factors = nullptr;  // [head_dim / 2] llama3 frequency factors, or nullptr
+    int64_t n_vis = 0;                     // vision tokens per image: max_tiles * n_positions
+};
+
+}  // namespace mllama
+
+struct mllama_context {
+    const mllama_model * model = nullptr;
+    mllama_context_params params{};
+    mllama::logger log;
+
+    ggml_backend * backend_device = nullptr;  // nullptr when computing on the CPU
+    ggml_backend * backend_cpu = nullptr;
+    ggml_backend_sched * sched = nullptr;
+    std::vector<uint8_t> graph_meta;          // memory for graph descriptors (no data)
+
+    ggml_context * state_ctx = nullptr;
+    ggml_backend_buffer * state_buffer = nullptr;
+    mllama::context_state state;
+    std::vector<mllama::image_slot> slots;
+    int64_t n_decoded = 0;                    // tokens evaluated by the decoder (a counter for callers)
+    std::unique_ptr<mllama::tensor_dumper> dumper;
+    std::unique_ptr<mllama::op_profiler> profiler;
+    std::unordered_set<const ggml_tensor *> populated;  // mapped weights whose pages are in (populate_weights)
+
+    mllama_context() = default;
+    ~mllama_context();
+    mllama_context(const mllama_context &) = delete;
+    mllama_context & operator=(const mllama_context &) = delete;
+};
+
+namespace mllama {
+
+std::unique_ptr<mllama_context> new_context(const mllama_model & model, const mllama_context_params & params);
+
+// Build a graph with `build` (which creates and returns its input tensors through captures),
+// allocate it, let `feed` write the inputs, compute, then let `fetch` read the outputs.
+void compute(mllama_context & ctx, const std::function<ggml_cgraph *(ggml_context *)> & build,
+             const std::function<void()> & feed, const std::function<void()> & fetch);
+
+// A view of `n_slots` consecutive image slots of a cross-attention cache tensor.
+ggml_tensor * slot_view(ggml_context * ctx, ggml_tensor * t, int64_t n_vis, int64_t first_slot, int64_t n_slots);
+
+void encode_image(mllama_context & ctx, int32_t slot, const float * pixels, int64_t n_pixels, int32_t aspect_ratio_id,
+                  int32_t n_tiles, float * features, int64_t n_features);
+
+// What the context holds beside the weights (see mllama_context_get_memory).
+mllama_context_memory context_memory(const mllama_context & ctx);
+
+void read_cross_kv(const mllama_context & ctx, int32_t slot, int32_t cross_index, float * k, float * v, int64_t n);
+
+// Evaluate n_tokens at positions n_past.. (the self-attention cache keeps positions < n_past).
+// row_images: n_tokens x n_images bytes, 1 where the token's row attends to image m (slot m);
+// out_rows: indices within the batch whose logits are copied to `logits` (n_out x n_vocab).
+void decode(mllama_context & ctx, const int32_t * tokens, int32_t n_tokens, int32_t n_past, int32_t n_images,
+            const uint8_t * row_images, const int32_t * out_rows, int32_t n_out, float * logits);
+
+}  // namespace mllama
