@@ -5,9 +5,15 @@
 #include "common/error.h"
 #include "mllama.h"
 
+#include <cstdint>
 #include <new>
+#include <utility>
+#include <vector>
 
 namespace mllama {
+
+// Set the thread-local last-error text of the C ABI (api_library.cpp).
+void set_last_error(const char * msg);
 
 template <typename F>
 mllama_status guarded(F && body) {
@@ -28,6 +34,32 @@ mllama_status guarded(F && body) {
         set_last_error("unknown error");
         return MLLAMA_ERR_INTERNAL;
     }
+}
+
+// An argument check: fails with MLLAMA_ERR_INVALID_ARGUMENT and `what` as the message.
+inline void require(bool ok, const char * what) {
+    if (!ok) fail(MLLAMA_ERR_INVALID_ARGUMENT, "%s", what);
+}
+
+// For the functions that return a count instead of a status: sets the last error, returns -1.
+inline int32_t count_error(const char * msg) {
+    set_last_error(msg);
+    return -1;
+}
+
+// Copies up to cap values into buf (NULL: none) and returns how many there are.
+template <typename T>
+int32_t copy_ints(const std::vector<T> & values, int32_t * buf, int32_t cap) {
+    const int32_t n = static_cast<int32_t>(values.size());
+    for (int32_t i = 0; buf && i < cap && i < n; ++i) buf[i] = static_cast<int32_t>(values[i]);
+    return static_cast<int32_t>(values.size());
+}
+
+// (a, b) pairs as a, b, a, b, ...
+inline std::vector<int> flatten(const std::vector<std::pair<int, int>> & pairs) {
+    std::vector<int> flat;
+    for (const auto & [a, b] : pairs) flat.insert(flat.end(), {a, b});
+    return flat;
 }
 
 }  // namespace mllama

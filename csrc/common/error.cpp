@@ -1,5 +1,6 @@
 #include "common/error.h"
 
+#include <cstdarg>
 #include <cstdio>
 #include <vector>
 
@@ -14,14 +15,6 @@ static std::string vformat(const char * fmt, va_list args) {
     std::vector<char> buf(static_cast<size_t>(n) + 1);
     std::vsnprintf(buf.data(), buf.size(), fmt, args);
     return std::string(buf.data(), static_cast<size_t>(n));
-}
-
-std::string format(const char * fmt, ...) {
-    va_list args;
-    va_start(args, fmt);
-    std::string s = vformat(fmt, args);
-    va_end(args);
-    return s;
 }
 
 void fail(mllama_status status, const char * fmt, ...) {

@@ -11,6 +11,27 @@
 
 namespace mllama {
 
+// Write a float32 array in NumPy's .npy format; shape in NumPy order.
+static void write_npy(const std::string & path, const float * data, const long long * shape, int n_dims) {
+    std::string dims;
+    size_t count = 1;
+    for (int i = 0; i < n_dims; ++i) {
+        dims += std::to_string(shape[i]) + (n_dims == 1 || i + 1 < n_dims ? "," : "");
+        count *= static_cast<size_t>(shape[i]);
+    }
+    std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + dims + "), }";
+    const size_t total = 10 + header.size() + 1;
+    header.append((64 - total % 64) % 64, ' ');
+    header += '\n';
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    if (!out) fail(MLLAMA_ERR_IO, "cannot write '%s'", path.c_str());
+    const uint16_t len = static_cast<uint16_t>(header.size());
+    out.write("\x93NUMPY\x01\x00", 8);
+    out.write(reinterpret_cast<const char *>(&len), 2);
+    out.write(header.data(), static_cast<std::streamsize>(header.size()));
+    out.write(reinterpret_cast<const char *>(data), static_cast<std::streamsize>(count * sizeof(float)));
+}
+
 tensor_dumper::tensor_dumper(const std::string & dir, const std::string & filter) : dir_(dir) {
     try {
         filter_ = std::regex(filter.empty() ? ".*" : filter);
@@ -53,26 +74,6 @@ void tensor_dumper::write(const ggml_tensor * t) const {
     for (int i = 0; i < n_dims; ++i) shape[i] = t->ne[n_dims - 1 - i];
     write_npy(dir_ + "/" + ggml_get_name(t) + ".npy", values.data(), shape, n_dims);
     std::ofstream(dir_ + "/order.txt", std::ios::app) << ggml_get_name(t) << "\n";
-}
-
-void write_npy(const std::string & path, const float * data, const long long * shape, int n_dims) {
-    std::string dims;
-    size_t count = 1;
-    for (int i = 0; i < n_dims; ++i) {
-        dims += std::to_string(shape[i]) + (n_dims == 1 || i + 1 < n_dims ? "," : "");
-        count *= static_cast<size_t>(shape[i]);
-    }
-    std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + dims + "), }";
-    const size_t total = 10 + header.size() + 1;
-    header.append((64 - total % 64) % 64, ' ');
-    header += '\n';
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    if (!out) fail(MLLAMA_ERR_IO, "cannot write '%s'", path.c_str());
-    const uint16_t len = static_cast<uint16_t>(header.size());
-    out.write("\x93NUMPY\x01\x00", 8);
-    out.write(reinterpret_cast<const char *>(&len), 2);
-    out.write(header.data(), static_cast<std::streamsize>(header.size()));
-    out.write(reinterpret_cast<const char *>(data), static_cast<std::streamsize>(count * sizeof(float)));
 }
 
 }  // namespace mllama

@@ -13,7 +13,6 @@ namespace mllama {
 class tensor_dumper {
   public:
     tensor_dumper(const std::string & dir, const std::string & filter);
-    bool enabled() const { return !dir_.empty(); }
     // ggml_backend_sched_eval_callback
     static bool callback(ggml_tensor * t, bool ask, void * user_data);
 
@@ -24,8 +23,5 @@ class tensor_dumper {
     std::string dir_;
     std::regex filter_;
 };
-
-// Write a float32 array in NumPy's .npy format; shape in NumPy order.
-void write_npy(const std::string & path, const float * data, const long long * shape, int n_dims);
 
 }  // namespace mllama

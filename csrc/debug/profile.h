@@ -1,4 +1,4 @@
-// Opt-in per-op timings (MLLAMA_PROFILE=<file>): the scheduler's eval callback asks for every
+// Opt-in per-op timings (mllama_context_params.profile_path): the scheduler's eval callback asks for every
 // node, so ggml computes the graph one node at a time and the wall time of each node is known.
 // Times are summed per (op, weight type, shape of the first source) and written as TSV, slowest
 // first, when the context is freed. Single-node splits add a little synchronisation overhead per

@@ -18,28 +18,42 @@ conventions detect_conventions(const std::vector<const gguf_file *> & files) {
     const gguf_file & main = *files[0];
     const std::string arch = arch_of(main);
     if (arch != k_arch_name) {
-        fail(MLLAMA_ERR_FORMAT, "'%s' is not an mllama model (general.architecture = '%s')", main.path().c_str(), arch.c_str());
+        fail(MLLAMA_ERR_FORMAT, "'%s' is not an mllama model (general.architecture = '%s')", main.path().c_str(),
+             arch.c_str());
     }
     conventions c;
     const int64_t id = gguf_find_key(main.gguf(), key_name(kv::WEIGHTS_CONVENTION));
     if (id >= 0) {
         const std::string value = gguf_get_kv_type(main.gguf(), id) == GGUF_TYPE_STRING ? gguf_get_val_str(main.gguf(), id) : "";
-        if (value != k_weights_convention) fail(MLLAMA_ERR_UNSUPPORTED, "'%s' uses weight convention '%s', this build reads '%s'", main.path().c_str(), value.c_str(), k_weights_convention);
-        if (files.size() > 1) fail(MLLAMA_ERR_INVALID_ARGUMENT, "'%s' is a complete mllama model: it takes no projector file", main.path().c_str());
+        if (value != k_weights_convention) {
+            fail(MLLAMA_ERR_UNSUPPORTED, "'%s' uses weight convention '%s', this build reads '%s'", main.path().c_str(),
+                 value.c_str(), k_weights_convention);
+        }
+        if (files.size() > 1) {
+            fail(MLLAMA_ERR_INVALID_ARGUMENT, "'%s' is a complete mllama model: it takes no projector file",
+                 main.path().c_str());
+        }
         return c;
     }
     const bool has_vision = main.find(tensor_name(tn::V_PATCH_EMBD)) != nullptr;
     c.gates_pretanh = c.rope_permuted = c.cross_qk_permuted = true;
     c.default_preprocessor = !has_key(main, kv::V_IMAGE_MEAN);
     if (has_vision) {
-        if (files.size() > 1) fail(MLLAMA_ERR_INVALID_ARGUMENT, "'%s' already holds the vision model: it takes no projector file", main.path().c_str());
+        if (files.size() > 1) {
+            fail(MLLAMA_ERR_INVALID_ARGUMENT, "'%s' already holds the vision model: it takes no projector file",
+                 main.path().c_str());
+        }
         c.format = MLLAMA_FORMAT_OLLAMA;
         return c;
     }
     if (files.size() < 2) {
-        fail(MLLAMA_ERR_INVALID_ARGUMENT, "'%s' is an Ollama text model without its vision projector: pass the projector file too", main.path().c_str());
+        fail(MLLAMA_ERR_INVALID_ARGUMENT,
+             "'%s' is an Ollama text model without its vision projector: pass the projector file too",
+             main.path().c_str());
     }
-    if (!files[1]->find("v.patch_embd.weight")) fail(MLLAMA_ERR_FORMAT, "'%s' is not an mllama vision projector", files[1]->path().c_str());
+    if (!files[1]->find(tensor_name(tn::V_PATCH_EMBD))) {
+        fail(MLLAMA_ERR_FORMAT, "'%s' is not an mllama vision projector", files[1]->path().c_str());
+    }
     c.format = MLLAMA_FORMAT_OLLAMA_SPLIT;
     c.fc_swapped = c.projector_names = true;
     return c;

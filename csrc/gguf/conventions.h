@@ -1,7 +1,7 @@
 // The conventions a model file was written with, detected from the file itself, and how the loader
 // undoes them so the runtime always computes with the raw Hugging Face parameters.
 //  - mllama: this project's converter (raw HF parameters).
-//  - ollama: Ollama 0.7.1+ single file (908 tensors): gates stored as tanh(g) (the position gate
+//  - ollama: Ollama 0.7.1+ single file: gates stored as tanh(g) (the position gate
 //    as 1 - tanh(g)), self-attention q/k rows RoPE-permuted (GGML order), cross-attention q/k rows
 //    permuted while q_norm/k_norm were not, no preprocessor constants.
 //  - ollama_split: Ollama 0.4-0.6 text file + projector file; as above, and in the projector

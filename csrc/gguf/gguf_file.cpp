@@ -29,7 +29,8 @@ gguf_file::gguf_file(const std::string & path) : path_(path) {
         gguf_ = gguf_init_from_file(path.c_str(), params);
         if (!gguf_) {
             const char * why = last_ggml_error();
-            fail(MLLAMA_ERR_FORMAT, "'%s' is a corrupt or truncated GGUF file%s%s", path.c_str(), *why ? ": " : "", why);
+            fail(MLLAMA_ERR_FORMAT, "'%s' is a corrupt or truncated GGUF file%s%s", path.c_str(), *why ? ": " : "",
+                 why);
         }
         check_bounds();
     } catch (...) {
@@ -53,9 +54,13 @@ void gguf_file::release() {
 
 void gguf_file::check_magic() const {
     char magic[4] = {0, 0, 0, 0};
-    if (size_ < 4) fail(MLLAMA_ERR_FORMAT, "'%s' is not a GGUF file (%llu bytes)", path_.c_str(), (unsigned long long) size_);
+    if (size_ < 4) {
+        fail(MLLAMA_ERR_FORMAT, "'%s' is not a GGUF file (%llu bytes)", path_.c_str(), (unsigned long long) size_);
+    }
     read(0, magic, 4);
-    if (std::memcmp(magic, "GGUF", 4) != 0) fail(MLLAMA_ERR_FORMAT, "'%s' is not a GGUF file (bad magic)", path_.c_str());
+    if (std::memcmp(magic, "GGUF", 4) != 0) {
+        fail(MLLAMA_ERR_FORMAT, "'%s' is not a GGUF file (bad magic)", path_.c_str());
+    }
 }
 
 void gguf_file::check_bounds() const {
@@ -94,7 +99,10 @@ void gguf_file::read(uint64_t offset, void * dst, size_t size) const {
     while (size > 0) {
         const ssize_t n = ::pread(fd_, out, size, static_cast<off_t>(offset));
         if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) fail(MLLAMA_ERR_IO, "cannot read '%s' at byte %llu: %s", path_.c_str(), (unsigned long long) offset, n == 0 ? "end of file" : std::strerror(errno));
+        if (n <= 0) {
+            fail(MLLAMA_ERR_IO, "cannot read '%s' at byte %llu: %s", path_.c_str(), (unsigned long long) offset,
+                 n == 0 ? "end of file" : std::strerror(errno));
+        }
         out += n;
         offset += static_cast<uint64_t>(n);
         size -= static_cast<size_t>(n);

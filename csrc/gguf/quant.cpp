@@ -60,14 +60,19 @@ mllama_type_info type_info(int32_t type) {
 uint64_t quantize(int32_t type, const float * src, int64_t n_rows, int64_t n_per_row, void * dst, uint64_t dst_size) {
     const mllama_type_info info = type_info(type);
     const ggml_type t = static_cast<ggml_type>(type);
-    if (!info.can_quantize) fail(MLLAMA_ERR_UNSUPPORTED, "cannot quantize to %s without an importance matrix", info.name);
+    if (!info.can_quantize) {
+        fail(MLLAMA_ERR_UNSUPPORTED, "cannot quantize to %s without an importance matrix", info.name);
+    }
     if (!src || !dst || n_rows < 0 || n_per_row <= 0) fail(MLLAMA_ERR_INVALID_ARGUMENT, "invalid quantize arguments");
     if (n_per_row % info.block_size != 0) {
         fail(MLLAMA_ERR_INVALID_ARGUMENT, "rows of %lld values are not a whole number of %s blocks (%lld)", (long long) n_per_row,
              info.name, (long long) info.block_size);
     }
     const uint64_t need = static_cast<uint64_t>(n_rows) * ggml_row_size(t, n_per_row);
-    if (dst_size < need) fail(MLLAMA_ERR_INVALID_ARGUMENT, "destination holds %llu bytes, %llu needed", (unsigned long long) dst_size, (unsigned long long) need);
+    if (dst_size < need) {
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "destination holds %llu bytes, %llu needed", (unsigned long long) dst_size,
+             (unsigned long long) need);
+    }
     // ggml_quantize_init fills shared lookup tables; it is safe to call repeatedly but not concurrently.
     static std::mutex init_mutex;
     {
@@ -81,9 +86,15 @@ void dequantize(int32_t type, const void * src, uint64_t src_size, float * dst, 
     const ggml_type_traits * traits = traits_of(type);
     const ggml_type t = static_cast<ggml_type>(type);
     if (!src || !dst || n_elements < 0) fail(MLLAMA_ERR_INVALID_ARGUMENT, "invalid dequantize arguments");
-    if (n_elements % traits->blck_size != 0) fail(MLLAMA_ERR_INVALID_ARGUMENT, "%lld values are not a whole number of %s blocks", (long long) n_elements, traits->type_name);
+    if (n_elements % traits->blck_size != 0) {
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "%lld values are not a whole number of %s blocks", (long long) n_elements,
+             traits->type_name);
+    }
     const uint64_t need = ggml_row_size(t, n_elements);
-    if (src_size < need) fail(MLLAMA_ERR_INVALID_ARGUMENT, "source holds %llu bytes, %llu needed", (unsigned long long) src_size, (unsigned long long) need);
+    if (src_size < need) {
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "source holds %llu bytes, %llu needed", (unsigned long long) src_size,
+             (unsigned long long) need);
+    }
     if (t == GGML_TYPE_F32) {
         const float * in = static_cast<const float *>(src);
         std::copy(in, in + n_elements, dst);

@@ -1,17 +1,18 @@
-// ref: transformers models/mllama/modeling_mllama.py MllamaTextModel (M:1012-1149) and
-// llama_models/llama3/multimodal/model.py CrossAttentionTransformerBlock (Meta: rows before the
+// ref: transformers 5.23.0 models/mllama/modeling_mllama.py MllamaTextModel.forward and llama-models
+// 0.3.0 llama_models/llama3/multimodal/model.py CrossAttentionTransformerBlock (Meta: rows before the
 // first image get nothing from a cross-attention layer: attention AND MLP branches are zeroed).
 #include "graph/decoder.h"
 
-#include "kernels/dispatch.h"
-
-#include "runtime/context.h"
+#include "graph/cross_kv.h"
 #include "graph/ops.h"
+#include "kernels/dispatch.h"
 #include "model/model.h"
+#include "runtime/context.h"
 
 #include "ggml.h"
 
 #include <cmath>
+#include <cstdio>
 
 namespace mllama {
 
@@ -20,44 +21,55 @@ static ggml_tensor * ffn(ggml_context * ctx, const ffn_w & w, ggml_tensor * x) {
     return ggml_mul_mat(ctx, w.down, ggml_mul(ctx, g, ggml_mul_mat(ctx, w.up, x)));  // [n_embd, n]
 }
 
-// ref: MllamaSelfAttentionDecoderLayer attention (M:509-571): llama3 RoPE (NEOX order), GQA, KV cache.
+// ref: MllamaTextSelfAttention.forward: llama3 RoPE (NEOX order), GQA, KV cache.
 static ggml_tensor * self_attention(ggml_context * ctx, const mllama_context & c, int il, ggml_tensor * x,
-                                    const text_shape & s, const text_inputs & in, ggml_cgraph * gf, const char * prefix) {
+                                    const text_shape & s, const text_inputs & in, ggml_cgraph * gf,
+                                    const char * prefix) {
     const mllama_model & m = *c.model;
     const text_hparams & hp = m.hp.text;
     const self_attn_w & w = m.text.layers[il].self;
     const int64_t hd = hp.n_embd_head, n = s.n_tokens;
     ggml_tensor * factors = m.text.rope_freqs ? m.text.rope_freqs : c.state.rope_factors;
+    // llama3 scaling is in the frequency factors: no linear or YaRN scaling on top
+    const float freq_scale = 1.0f, ext_factor = 0.0f, attn_factor = 1.0f, beta_fast = 0.0f, beta_slow = 0.0f;
+    const int mode = hp.rope_neox ? GGML_ROPE_TYPE_NEOX : GGML_ROPE_TYPE_NORMAL;
     auto rope = [&](ggml_tensor * t) {
-        return ggml_rope_ext(ctx, t, in.pos, factors, static_cast<int>(hd), hp.rope_neox ? GGML_ROPE_TYPE_NEOX : 0, static_cast<int>(hp.rope_orig_ctx),
-                             hp.rope_freq_base, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
+        return ggml_rope_ext(ctx, t, in.pos, factors, static_cast<int>(hd), mode, static_cast<int>(hp.rope_orig_ctx),
+                             hp.rope_freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow);
     };
     ggml_tensor * q = rope(ggml_reshape_3d(ctx, ggml_mul_mat(ctx, w.wq, x), hd, hp.n_head, n));     // [hd, H, n]
     ggml_tensor * k = rope(ggml_reshape_3d(ctx, ggml_mul_mat(ctx, w.wk, x), hd, hp.n_head_kv, n));  // [hd, Hkv, n]
     ggml_tensor * v = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, w.wv, x), hd, hp.n_head_kv, n);         // [hd, Hkv, n]
     ggml_tensor * ck = c.state.self_k[il], * cv = c.state.self_v[il];
-    ggml_build_forward_expand(gf, ggml_cpy(ctx, k, ggml_view_3d(ctx, ck, hd, hp.n_head_kv, n, ck->nb[1], ck->nb[2], s.n_past * ck->nb[2])));
-    ggml_build_forward_expand(gf, ggml_cpy(ctx, v, ggml_view_3d(ctx, cv, hd, hp.n_head_kv, n, cv->nb[1], cv->nb[2], s.n_past * cv->nb[2])));
+    ggml_tensor * k_new = ggml_view_3d(ctx, ck, hd, hp.n_head_kv, n, ck->nb[1], ck->nb[2],
+                                       s.n_past * ck->nb[2]);  // [hd, Hkv, n]
+    ggml_tensor * v_new = ggml_view_3d(ctx, cv, hd, hp.n_head_kv, n, cv->nb[1], cv->nb[2], s.n_past * cv->nb[2]);
+    ggml_build_forward_expand(gf, ggml_cpy(ctx, k, k_new));
+    ggml_build_forward_expand(gf, ggml_cpy(ctx, v, v_new));
     const int64_t n_kv = s.n_past + n;
     ggml_tensor * keys = ggml_view_3d(ctx, ck, hd, hp.n_head_kv, n_kv, ck->nb[1], ck->nb[2], 0);  // [hd, Hkv, n_kv]
     ggml_tensor * vals = ggml_view_3d(ctx, cv, hd, hp.n_head_kv, n_kv, cv->nb[1], cv->nb[2], 0);
-    ggml_tensor * a = attention(ctx, {q, keys, vals, in.kq_mask, 1.0f / std::sqrt(static_cast<float>(hd))});  // [n_embd, n]
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    ggml_tensor * a = attention(ctx, {q, keys, vals, in.kq_mask, scale});  // [n_embd, n]
     return named(ggml_mul_mat(ctx, w.wo, a), prefix, "attn_out");
 }
 
-// ref: MllamaTextCrossAttention (M:393-472): q_norm/k_norm over the head dim, no RoPE, GQA.
-static ggml_tensor * cross_attention(ggml_context * ctx, const mllama_context & c, int il, int cross_index, ggml_tensor * x,
-                                     const text_shape & s, const text_inputs & in, const char * prefix) {
+// ref: MllamaTextCrossAttention.forward: q_norm/k_norm over the head dim, no RoPE, GQA.
+static ggml_tensor * cross_attention(ggml_context * ctx, const mllama_context & c, int il, int cross_index,
+                                     ggml_tensor * x, const text_shape & s, const text_inputs & in,
+                                     const char * prefix) {
     const mllama_model & m = *c.model;
     const text_hparams & hp = m.hp.text;
     const cross_attn_w & w = m.text.layers[il].cross;
     const int64_t hd = hp.n_embd_head;
     ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, w.wq, x), hd, hp.n_head, s.n_tokens);  // [hd, H, n]
     q = rms_norm(ctx, q, w.q_norm, hp.rms_norm_eps);
-    ggml_tensor * keys = slot_view(ctx, c.state.cross_k[cross_index], c.state.n_vis, 0, s.n_images);  // [hd, Hkv, n_img * n_vis]
-    ggml_tensor * vals = slot_view(ctx, c.state.cross_v[cross_index], c.state.n_vis, 0, s.n_images);
+    const int64_t n_vis = c.state.n_vis;
+    ggml_tensor * keys = slot_view(ctx, c.state.cross_k[cross_index], n_vis, 0, s.n_images);  // [hd, Hkv, n_img*n_vis]
+    ggml_tensor * vals = slot_view(ctx, c.state.cross_v[cross_index], n_vis, 0, s.n_images);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    const bool small_batch = c.backend_device == nullptr && s.n_tokens <= k_xattn_max_tokens && cpu_kernel_enabled("xattn") &&
+    const bool small_batch = c.backend_device == nullptr && s.n_tokens <= k_xattn_max_tokens &&
+                             c.kernels.may_run(cpu_kernel::xattn) &&
                              decode_attention_supported(q, keys, vals, in.x_mask);
     ggml_tensor * a = small_batch ? decode_attention(ctx, q, keys, vals, in.x_mask, scale)  // [n_embd, n]
                                   : attention(ctx, {q, keys, vals, in.x_mask, scale});
@@ -65,9 +77,7 @@ static ggml_tensor * cross_attention(ggml_context * ctx, const mllama_context & 
     return ggml_mul(ctx, a, in.x_rows);  // rows with no image receive nothing (Meta)
 }
 
-ggml_tensor * build_text(ggml_context * ctx, const mllama_context & c, const text_shape & s, text_inputs & in, ggml_cgraph * gf) {
-    const mllama_model & m = *c.model;
-    const text_hparams & hp = m.hp.text;
+static void new_inputs(ggml_context * ctx, const mllama_context & c, const text_shape & s, text_inputs & in) {
     const int64_t n = s.n_tokens;
     in.tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
     in.pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
@@ -80,23 +90,45 @@ ggml_tensor * build_text(ggml_context * ctx, const mllama_context & c, const tex
         ggml_set_input(in.x_mask);
         ggml_set_input(in.x_rows);
     }
+}
+
+// ref: MllamaCrossAttentionDecoderLayer.forward: tanh-gated attention and MLP branches.
+static ggml_tensor * cross_layer(ggml_context * ctx, const mllama_context & c, int il, int cross_index, ggml_tensor * h,
+                                 const text_shape & s, const text_inputs & in, const char * prefix) {
+    const text_hparams & hp = c.model->hp.text;
+    const text_layer_w & l = c.model->text.layers[il];
+    ggml_tensor * x = rms_norm(ctx, h, l.attn_norm, hp.rms_norm_eps);
+    ggml_tensor * a = cross_attention(ctx, c, il, cross_index, x, s, in, prefix);
+    h = ggml_add(ctx, h, ggml_scale(ctx, a, l.cross.attn_gate_tanh));
+    ggml_tensor * f = ggml_mul(ctx, ffn(ctx, l.ffn, rms_norm(ctx, h, l.ffn_norm, hp.rms_norm_eps)), in.x_rows);
+    return named(ggml_add(ctx, h, ggml_scale(ctx, f, l.cross.mlp_gate_tanh)), prefix, "out");  // [n_embd, n]
+}
+
+// ref: MllamaSelfAttentionDecoderLayer.forward
+static ggml_tensor * self_layer(ggml_context * ctx, const mllama_context & c, int il, ggml_tensor * h,
+                                const text_shape & s, const text_inputs & in, ggml_cgraph * gf, const char * prefix) {
+    const text_hparams & hp = c.model->hp.text;
+    const text_layer_w & l = c.model->text.layers[il];
+    h = ggml_add(ctx, h, self_attention(ctx, c, il, rms_norm(ctx, h, l.attn_norm, hp.rms_norm_eps), s, in, gf, prefix));
+    return named(ggml_add(ctx, h, ffn(ctx, l.ffn, rms_norm(ctx, h, l.ffn_norm, hp.rms_norm_eps))), prefix, "out");
+}
+
+ggml_tensor * build_text(ggml_context * ctx, const mllama_context & c, const text_shape & s, text_inputs & in,
+                         ggml_cgraph * gf) {
+    const mllama_model & m = *c.model;
+    const text_hparams & hp = m.hp.text;
+    new_inputs(ctx, c, s, in);
     ggml_tensor * h = named(ggml_get_rows(ctx, m.text.token_embd, in.tokens), "", "t.embd");  // [n_embd, n]
     char prefix[32];
     int cross_index = -1;
     for (int il = 0; il < hp.n_layer; ++il) {
-        const text_layer_w & l = m.text.layers[il];
         std::snprintf(prefix, sizeof(prefix), "t.blk.%d", il);
-        if (l.is_cross) {
-            ++cross_index;
-            if (s.n_images == 0) continue;  // text only: the cross-attention layers are skipped entirely
-            ggml_tensor * a = cross_attention(ctx, c, il, cross_index, rms_norm(ctx, h, l.attn_norm, hp.rms_norm_eps), s, in, prefix);
-            h = ggml_add(ctx, h, ggml_scale(ctx, a, l.cross.attn_gate_tanh));
-            ggml_tensor * f = ggml_mul(ctx, ffn(ctx, l.ffn, rms_norm(ctx, h, l.ffn_norm, hp.rms_norm_eps)), in.x_rows);
-            h = named(ggml_add(ctx, h, ggml_scale(ctx, f, l.cross.mlp_gate_tanh)), prefix, "out");
+        if (!m.text.layers[il].is_cross) {
+            h = self_layer(ctx, c, il, h, s, in, gf, prefix);
             continue;
         }
-        h = ggml_add(ctx, h, self_attention(ctx, c, il, rms_norm(ctx, h, l.attn_norm, hp.rms_norm_eps), s, in, gf, prefix));
-        h = named(ggml_add(ctx, h, ffn(ctx, l.ffn, rms_norm(ctx, h, l.ffn_norm, hp.rms_norm_eps))), prefix, "out");
+        ++cross_index;
+        if (s.n_images > 0) h = cross_layer(ctx, c, il, cross_index, h, s, in, prefix);  // text only: skipped entirely
     }
     h = ggml_get_rows(ctx, h, in.out_rows);                                        // [n_embd, n_out]
     h = rms_norm(ctx, h, m.text.output_norm, hp.rms_norm_eps);

@@ -1,4 +1,4 @@
-// The text decoder graph (spec §5): self-attention layers with a KV cache, gated cross-attention
+// The text decoder graph: self-attention layers with a KV cache, gated cross-attention
 // layers reading the image slots, final norm and the logits of the requested rows.
 #pragma once
 

@@ -2,7 +2,6 @@
 
 #include "ggml.h"
 
-#include <string>
 
 namespace mllama {
 
@@ -31,7 +30,8 @@ ggml_tensor * attention(ggml_context * ctx, const attn_args & a) {
     ggml_tensor * q = ggml_permute(ctx, a.q, 0, 2, 1, 3);  // [head_dim, n_q, n_head]
     ggml_tensor * k = ggml_permute(ctx, a.k, 0, 2, 1, 3);  // [head_dim, n_kv, n_head_kv]
     ggml_tensor * v = ggml_permute(ctx, a.v, 0, 2, 1, 3);  // [head_dim, n_kv, n_head_kv]
-    ggml_tensor * out = ggml_flash_attn_ext(ctx, q, k, v, a.mask, a.scale, 0.0f, 0.0f);  // [head_dim, n_head, n_q]
+    ggml_tensor * out = ggml_flash_attn_ext(ctx, q, k, v, a.mask, a.scale, /*max_bias=*/0.0f,
+                                            /*logit_softcap=*/0.0f);  // [head_dim, n_head, n_q]
     ggml_flash_attn_ext_set_prec(out, GGML_PREC_F32);
     return ggml_reshape_2d(ctx, out, out->ne[0] * out->ne[1], out->ne[2]);  // [head_dim * n_head, n_q]
 }

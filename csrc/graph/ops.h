@@ -1,4 +1,4 @@
-// Small graph helpers shared by the vision, cross-K/V and text graphs. ggml order throughout:
+// Small graph helpers shared by the vision, cross-K/V and decoder graphs. ggml order throughout:
 // ne[0] is the fastest dimension, and ggml_mul_mat(w, x) computes x @ w.T.
 #pragma once
 

@@ -1,18 +1,17 @@
-// ref: transformers models/mllama/modeling_mllama.py MllamaVisionModel.forward (M:906-1004) and
-// llama_models/llama3/multimodal/model.py VisionEncoder / ImageTransformer (Meta's convention for
-// the intermediate layers: the INPUT of each listed layer).
+// ref: transformers 5.23.0 models/mllama/modeling_mllama.py MllamaVisionModel.forward and llama-models
+// 0.3.0 llama_models/llama3/multimodal/model.py VisionEncoder / ImageTransformer (Meta's convention
+// for the intermediate layers: the INPUT of each listed layer).
 #include "graph/vision.h"
 
-#include "kernels/dispatch.h"
 #include "graph/ops.h"
+#include "kernels/dispatch.h"
 #include "model/model.h"
 
 #include "ggml.h"
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
+#include <cstdio>
 
 namespace mllama {
 
@@ -26,29 +25,31 @@ struct layer_mask {
     ggml_tensor * zero_rows = nullptr;  // [N] I32, or null
 };
 
-static bool gemm_kernel_for(const linear_w & l, const vision_options & opt) {
+bool gemm_kernel_for(const linear_w & l, const vision_options & opt) {
     return opt.bf16_gemm && bf16_linear_supported(l.w) && (!l.b || l.b->type == GGML_TYPE_F32);
 }
 
 // w x^T: our BF16 GEMM where it applies, ggml's mul_mat otherwise. [M, N] F32.
 static ggml_tensor * product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, const vision_options & opt) {
-    return gemm_kernel_for({w, nullptr}, opt) ? bf16_linear(ctx, w, x, nullptr, false, false) : ggml_mul_mat(ctx, w, x);
+    if (!gemm_kernel_for({w, nullptr}, opt)) return ggml_mul_mat(ctx, w, x);
+    return bf16_linear(ctx, w, x, /*bias=*/nullptr, /*gelu=*/false, /*bf16_out=*/false);
 }
 
 // fc2(gelu(fc1(x))), exact GELU. With our GEMM, bias and GELU run in fc1's epilogue, which hands
 // fc2 its input in BF16 (the rounding ggml's product would apply to it anyway).
 static ggml_tensor * mlp(ggml_context * ctx, const vision_layer_w & l, ggml_tensor * x, const vision_options & opt) {
     if (gemm_kernel_for(l.ffn_up, opt) && gemm_kernel_for(l.ffn_down, opt)) {
-        x = bf16_linear(ctx, l.ffn_up.w, x, l.ffn_up.b, opt.fast_gelu, opt.fast_gelu);  // [n_ff, N] BF16 (F32 unfused)
+        x = bf16_linear(ctx, l.ffn_up.w, x, l.ffn_up.b, /*gelu=*/opt.fast_gelu,
+                        /*bf16_out=*/opt.fast_gelu);  // [n_ff, N] BF16 (F32 unfused)
         if (!opt.fast_gelu) x = ggml_gelu_erf(ctx, x);
-        return bf16_linear(ctx, l.ffn_down.w, x, l.ffn_down.b, false, false);                 // [D, N]
+        return bf16_linear(ctx, l.ffn_down.w, x, l.ffn_down.b, /*gelu=*/false, /*bf16_out=*/false);  // [D, N]
     }
     x = linear(ctx, x, l.ffn_up);                                                              // [n_ff, N]
     x = opt.fast_gelu ? gelu_erf_avx512(ctx, x) : ggml_gelu_erf(ctx, x);
     return linear(ctx, x, l.ffn_down);                                                         // [D, N]
 }
 
-// ref: MllamaVisionEncoderLayer.forward (M:282-322); gated for the global layers.
+// ref: MllamaVisionEncoderLayer.forward; gated for the global layers.
 static ggml_tensor * vision_layer(ggml_context * ctx, const vision_hparams & hp, const vision_layer_w & l, ggml_tensor * h,
                                   const layer_mask & mask, bool gated, const char * prefix, const vision_options & opt) {
     const int64_t n_tok = h->ne[1], head_dim = hp.n_embd / hp.n_head;
@@ -60,9 +61,9 @@ static ggml_tensor * vision_layer(ggml_context * ctx, const vision_hparams & hp,
         ggml_tensor * q = ggml_reshape_3d(ctx, product(ctx, l.wq, x, opt), head_dim, hp.n_head, n_tok);  // [hd, H, N]
         ggml_tensor * k = ggml_reshape_3d(ctx, product(ctx, l.wk, x, opt), head_dim, hp.n_head, n_tok);
         ggml_tensor * v = ggml_reshape_3d(ctx, product(ctx, l.wv, x, opt), head_dim, hp.n_head, n_tok);
-        ggml_tensor * a = opt.bf16_attention
-                              ? bf16_attention(ctx, q, k, v, mask.mask, mask.zero_rows)                // [D, N]
-                              : attention(ctx, {q, k, v, mask.mask, 1.0f / std::sqrt(static_cast<float>(head_dim))});  // [D, N]
+        const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+        ggml_tensor * a = opt.bf16_attention ? bf16_attention(ctx, q, k, v, mask.mask, mask.zero_rows)  // [D, N]
+                                             : attention(ctx, {q, k, v, mask.mask, scale});             // [D, N]
         a = named(product(ctx, l.wo, a, opt), prefix, "attn_out");
         if (gated) a = ggml_scale(ctx, a, l.attn_gate_tanh);
         h = ggml_add(ctx, h, a);
@@ -94,28 +95,29 @@ static ggml_tensor * embed(ggml_context * ctx, const vision_hparams & hp, const 
     const int64_t kernel = ps * ps * hp.n_channels;
     ggml_tensor * h;
     {  // ref: patch_embedding (Conv2d, stride = kernel): im2col + matmul, patches row-major
-        ggml_tensor * cols = ggml_im2col(ctx, w.patch_embd, in.pixels, ps, ps, 0, 0, 1, 1, true, GGML_TYPE_F32);  // [k, pw, ph, NT]
-        cols = ggml_reshape_3d(ctx, cols, kernel, hp.n_patches(), NT);                                          // [k, n_patches, NT]
-        h = ggml_mul_mat(ctx, ggml_reshape_2d(ctx, w.patch_embd, kernel, D), cols);                              // [D, n_patches, NT]
+        ggml_tensor * cols = ggml_im2col(ctx, w.patch_embd, in.pixels, /*s0=*/ps, /*s1=*/ps, /*p0=*/0, /*p1=*/0,
+                                         /*d0=*/1, /*d1=*/1, /*is_2D=*/true, GGML_TYPE_F32);  // [k, pw, ph, NT]
+        cols = ggml_reshape_3d(ctx, cols, kernel, hp.n_patches(), NT);                      // [k, n_patches, NT]
+        h = ggml_mul_mat(ctx, ggml_reshape_2d(ctx, w.patch_embd, kernel, D), cols);          // [D, n_patches, NT]
         named(h, "v", "patch_embd");
     }
-    {  // ref: pre_tile_positional_embedding (M:113-133), on patch tokens only
+    {  // ref: MllamaPrecomputedAspectRatioEmbedding (pre_tile_positional_embedding), on patch tokens only
         ggml_tensor * e = tile_table_row(ctx, w.pre_tile_embd, in.ar_id, D, 1, NT);  // [D, 1, NT]
         h = named(ggml_add(ctx, h, ggml_scale(ctx, as_f32(ctx, e), w.pre_tile_gate_tanh)), "v", "pre_tile");
     }
     {  // ref: class_embedding prepended as token 0 of every tile
         ggml_tensor * cls = ggml_repeat(ctx, ggml_reshape_3d(ctx, w.class_embd, D, 1, 1),
                                         ggml_new_tensor_3d(ctx, GGML_TYPE_F32, D, 1, NT));  // [D, 1, NT]
-        h = ggml_concat(ctx, cls, h, 1);  // [D, P, NT]
+        h = ggml_concat(ctx, cls, h, /*dim=*/1);  // [D, P, NT]
     }
-    {  // ref: gated_positional_embedding (M:136-170)
+    {  // ref: MllamaPrecomputedPositionEmbedding (gated_positional_embedding)
         const float g = w.pos_gate_tanh;
         h = ggml_add(ctx, h, ggml_scale(ctx, as_f32(ctx, w.pos_embd), 1.0f - g));  // [D, P] broadcast over tiles
         ggml_tensor * tile = tile_table_row(ctx, w.tile_pos_embd, in.ar_id, D, P, NT);  // [D, P, NT]
         h = named(ggml_add(ctx, h, ggml_scale(ctx, as_f32(ctx, tile), g)), "v", "pos");
     }
     h = named(layer_norm(ctx, h, w.pre_ln, hp.norm_eps), "v", "pre_ln");
-    return ggml_pad(ctx, h, 0, padded_positions(P) - P, 0, 0);  // [D, L, NT]: zero rows after the norm
+    return ggml_pad(ctx, h, /*p0=*/0, /*p1=*/padded_positions(P) - P, /*p2=*/0, /*p3=*/0);  // [D, L, NT]: zero pad rows
 }
 
 // Channels [final | interleaved intermediates] for the real (unpadded) positions: [OD, P, NT].
@@ -126,28 +128,31 @@ static ggml_tensor * assemble(ggml_context * ctx, const vision_hparams & hp, ggm
     ggml_tensor * stacked = nullptr;  // [K, D, N]: channel d * K + k once flattened
     for (ggml_tensor * t : inter) {
         ggml_tensor * col = ggml_reshape_3d(ctx, t, 1, D, N);
-        stacked = stacked ? ggml_concat(ctx, stacked, col, 0) : col;
+        stacked = stacked ? ggml_concat(ctx, stacked, col, /*dim=*/0) : col;
     }
     ggml_tensor * out = h;
-    if (stacked) out = ggml_concat(ctx, h, ggml_reshape_2d(ctx, stacked, K * D, N), 0);  // [OD, N]
+    if (stacked) out = ggml_concat(ctx, h, ggml_reshape_2d(ctx, stacked, K * D, N), /*dim=*/0);  // [OD, N]
     out = ggml_reshape_3d(ctx, out, out->ne[0], L, NT);                                    // [OD, L, NT]
     out = ggml_view_3d(ctx, out, out->ne[0], P, NT, out->nb[1], out->nb[2], 0);          // drop pad rows
     return named(ggml_cont(ctx, out), "v", "output");                                      // [OD, P, NT]
 }
 
-vision_options vision_options_for(const mllama_model & model, bool on_cpu) {
+vision_options vision_options_for(const mllama_model & model, bool on_cpu, const cpu_kernel_set & kernels) {
     vision_options opt;
     if (!on_cpu || !cpu_kernels_available() || model.vision.layers.empty()) return opt;
     const vision_hparams & hp = model.hp.vision;
     const ggml_type weight_type = model.vision.layers[0].wq->type;
     const bool half_weights = weight_type == GGML_TYPE_F16 || weight_type == GGML_TYPE_BF16;  // F32 weights: exact path
-    opt.bf16_attention = cpu_kernel_enabled("attn") && half_weights && hp.n_embd / hp.n_head <= k_bf16_attn_max_head_dim;
-    opt.bf16_gemm = cpu_kernel_enabled("gemm") && weight_type == GGML_TYPE_BF16;  // F16 weights keep their precision
-    opt.fast_gelu = cpu_kernel_enabled("gelu");
+    const bool head_fits = hp.n_embd / hp.n_head <= k_bf16_attn_max_head_dim;
+    opt.bf16_attention = kernels.may_run(cpu_kernel::attn) && half_weights && head_fits;
+    // F16 weights keep their precision: no BF16 GEMM for them
+    opt.bf16_gemm = kernels.may_run(cpu_kernel::gemm) && weight_type == GGML_TYPE_BF16;
+    opt.fast_gelu = kernels.may_run(cpu_kernel::gelu);
     return opt;
 }
 
-ggml_tensor * build_vision(ggml_context * ctx, const mllama_model & model, vision_inputs & in, const vision_options & opt) {
+ggml_tensor * build_vision(ggml_context * ctx, const mllama_model & model, vision_inputs & in,
+                           const vision_options & opt) {
     const vision_hparams & hp = model.hp.vision;
     const vision_w & w = model.vision;
     const int64_t D = hp.n_embd, NT = hp.max_tiles, L = padded_positions(hp.n_positions()), N = L * NT;
@@ -177,29 +182,6 @@ ggml_tensor * build_vision(ggml_context * ctx, const mllama_model & model, visio
         h = vision_layer(ctx, hp, w.global_layers[il], h, mask, true, prefix, opt);
     }
     return assemble(ctx, hp, h, inter);
-}
-
-// ref: multi_modal_projector (M:1337-1345) and MllamaTextCrossAttention k/v (M:430-452)
-cross_kv build_cross_kv(ggml_context * ctx, const mllama_model & model, ggml_tensor * vision_out, const vision_options & opt) {
-    const text_hparams & hp = model.hp.text;
-    const linear_w & proj = model.vision.projector;
-    const int64_t n_vis = vision_out->ne[1] * vision_out->ne[2];
-    ggml_tensor * x = ggml_reshape_2d(ctx, vision_out, vision_out->ne[0], n_vis);  // [OD, NT * P]
-    x = gemm_kernel_for(proj, opt) ? bf16_linear(ctx, proj.w, x, proj.b, false, false) : linear(ctx, x, proj);  // [n_embd, NT * P]
-    named(x, "mm", "out");
-    cross_kv out;
-    char prefix[64];
-    for (int il = 0; il < hp.n_layer; ++il) {
-        const text_layer_w & l = model.text.layers[il];
-        if (!l.is_cross) continue;
-        std::snprintf(prefix, sizeof(prefix), "blk.%d.cross", il);
-        ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l.cross.wk, x), hp.n_embd_head, hp.n_head_kv, n_vis);
-        k = named(rms_norm(ctx, k, l.cross.k_norm, hp.rms_norm_eps), prefix, "k");  // [hd, Hkv, NT * P]
-        ggml_tensor * v = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l.cross.wv, x), hp.n_embd_head, hp.n_head_kv, n_vis);
-        out.k.push_back(k);
-        out.v.push_back(named(v, prefix, "v"));
-    }
-    return out;
 }
 
 }  // namespace mllama

@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 /* cdef-begin */
-#define MLLAMA_ABI_VERSION 1
+#define MLLAMA_ABI_VERSION 2
 #define MLLAMA_NAME_MAX 128
 #define MLLAMA_TEXT_MAX 256
 
@@ -69,6 +69,8 @@ typedef struct mllama_context mllama_context;
 
 typedef void (*mllama_log_callback)(int32_t level, const char * text, void * user_data);
 
+/* Defaults (mllama_model_default_params): n_threads 0, device NULL, n_gpu_layers -1, use_mmap 1, check_tensors 0,
+ * log_level MLLAMA_LOG_WARN, no log callback, repack 1. */
 typedef struct mllama_model_params {
     int32_t n_threads;         /* CPU threads for compute; <= 0: the number of physical cores */
     const char * device;       /* NULL, "" or "auto": the first GPU if any, else the CPU; "cpu"; or a device name */
@@ -78,17 +80,25 @@ typedef struct mllama_model_params {
     int32_t log_level;         /* messages below this level are not delivered */
     mllama_log_callback log_callback; /* NULL: no logging */
     void * log_user_data;
+    int32_t repack;            /* 1: Q4_0/Q4_K/IQ4_NL text matrices in ggml's repacked CPU layout (faster); 0: every
+                                  weight stays in the file mapping */
 } mllama_model_params;
 
+/* Defaults (mllama_context_default_params): n_ctx 0 (resolved to min(trained context, 4096)), n_batch 512,
+ * n_threads 0 (the model's), n_image_slots 4, cross_kv_f32 and kv_f32 -1 (auto), every string NULL. */
 typedef struct mllama_context_params {
     int32_t n_ctx;             /* tokens the self-attention cache holds; <= 0: min(trained context, 4096) */
     int32_t n_batch;           /* most tokens evaluated in one decode call; <= 0: 512 */
     int32_t n_threads;         /* <= 0: the model's */
-    int32_t n_image_slots;     /* images whose cross-attention K/V can be held at once */
+    int32_t n_image_slots;     /* images whose cross-attention K/V can be held at once, 0 to 256 (default 4) */
     int32_t cross_kv_f32;      /* image slot precision: 1 F32, 0 F16, -1 auto (F32 for F32 models) */
     int32_t kv_f32;            /* self-attention cache precision, same values */
     const char * dump_dir;     /* NULL: no dumps; else write matching graph nodes as <name>.npy here */
     const char * dump_filter;  /* regex over node names (NULL or "": all named nodes) */
+    const char * cpu_kernels;  /* NULL, "" or "1": every CPU kernel of ours this CPU can run; "0": none (ggml's ops
+                                  only); or a comma list of "attn", "gemm", "gelu", "xattn" */
+    const char * profile_path; /* NULL or "": off; else per-op timings are written here as TSV when the context is
+                                  freed (ignored while dump_dir is set) */
 } mllama_context_params;
 
 typedef struct mllama_hparams {
@@ -179,6 +189,11 @@ typedef struct mllama_type_info {
     int32_t can_quantize;      /* this build can write it from F32 */
 } mllama_type_info;
 
+typedef struct mllama_image_defaults {
+    float image_mean[3];
+    float image_std[3];
+} mllama_image_defaults;
+
 typedef struct mllama_name_entry {
     const char * id;           /* stable identifier shared by C++ and Python, e.g. "TEXT_ATTN_Q" */
     const char * name;         /* GGUF key, or tensor name pattern with %d for the layer index */
@@ -199,6 +214,13 @@ MLLAMA_API mllama_status mllama_device_get_info(int32_t index, mllama_device_inf
 /* GGUF names: the single table shared by the loader and the Python converter */
 MLLAMA_API int32_t mllama_name_count(void);
 MLLAMA_API mllama_status mllama_name_get(int32_t index, mllama_name_entry * out);
+
+/* The reference preprocessor's constants (CLIP mean/std), assumed for files that lack them (Ollama's). */
+MLLAMA_API void mllama_get_image_defaults(mllama_image_defaults * out);
+/* The aspect ratios the reference supports for max_tiles, as (tiles_h, tiles_w) pairs flattened, in
+   the reference order; returns the number of int32 values (2 per ratio) or -1 for max_tiles < 1 (or
+   above 64, the most the loader accepts); copies up to cap. */
+MLLAMA_API int32_t mllama_default_aspect_ratios(int32_t max_tiles, int32_t * buf, int32_t cap);
 
 /* types and quantization (ggml's own quantizer) */
 MLLAMA_API int32_t mllama_type_count(void);
@@ -242,7 +264,7 @@ MLLAMA_API mllama_context_params mllama_context_default_params(void);
 MLLAMA_API mllama_status mllama_context_init(const mllama_model * model, const mllama_context_params * params,
                                              mllama_context ** out_context);
 MLLAMA_API void mllama_context_free(mllama_context * context);
-/* The effective parameters (defaults resolved: n_ctx, n_batch, n_threads). */
+/* The effective parameters (defaults resolved: n_ctx, n_batch, n_threads); the strings come back NULL. */
 MLLAMA_API mllama_status mllama_context_get_params(const mllama_context * context, mllama_context_params * out);
 /* Run the vision encoder on one preprocessed image (pixels: max_tiles x channels x tile x tile,
  * float32) and store its cross-attention K/V in `slot`. If `features` is not NULL it receives the

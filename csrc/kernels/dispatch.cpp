@@ -1,7 +1,8 @@
-// Which of our CPU kernels (cpu_kernels.h) may run: the CPU's features and MLLAMA_CPU_KERNELS.
+// Which of our CPU kernels (kernels/dispatch.h) may run: the CPU's features and the context's choice.
 #include "kernels/dispatch.h"
 
-#include <cstdlib>
+#include "common/error.h"
+
 #include <cstring>
 #include <string>
 
@@ -14,12 +15,39 @@ bool cpu_kernels_available() {
     return ok;
 }
 
-bool cpu_kernel_enabled(const char * name) {
-    if (!cpu_kernels_available()) return false;
-    const char * env = std::getenv("MLLAMA_CPU_KERNELS");
-    if (!env || std::strcmp(env, "1") == 0) return true;
-    const std::string list = std::string(",") + env + ",";
-    return list.find(std::string(",") + name + ",") != std::string::npos;
+static constexpr struct {
+    const char * name;
+    cpu_kernel kernel;
+} k_kernel_names[] = {
+    {"attn", cpu_kernel::attn}, {"gemm", cpu_kernel::gemm}, {"gelu", cpu_kernel::gelu}, {"xattn", cpu_kernel::xattn}};
+
+cpu_kernel_set parse_cpu_kernels(const char * spec) {
+    cpu_kernel_set set;
+    if (!spec || !*spec || std::strcmp(spec, "1") == 0) {
+        for (const auto & k : k_kernel_names) set.bits |= static_cast<uint32_t>(k.kernel);
+        return set;
+    }
+    if (std::strcmp(spec, "0") == 0) return set;
+    const std::string list = spec;
+    for (size_t begin = 0; begin <= list.size();) {
+        size_t end = list.find(',', begin);
+        if (end == std::string::npos) end = list.size();
+        const std::string entry = list.substr(begin, end - begin);
+        begin = end + 1;
+        if (entry.empty()) continue;
+        bool known = false;
+        for (const auto & k : k_kernel_names) {
+            if (entry == k.name) set.bits |= static_cast<uint32_t>(k.kernel), known = true;
+        }
+        if (!known) {
+            std::string valid;
+            for (const auto & k : k_kernel_names) valid += (valid.empty() ? "" : ", ") + std::string(k.name);
+            fail(MLLAMA_ERR_INVALID_ARGUMENT,
+                 "unknown CPU kernel '%s' in cpu_kernels '%s' (valid: %s; \"1\" all, \"0\" none)", entry.c_str(),
+                 spec, valid.c_str());
+        }
+    }
+    return set;
 }
 
 }  // namespace mllama

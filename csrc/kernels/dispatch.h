@@ -1,10 +1,12 @@
-// CPU kernels of our own for the places where ggml's generic CPU ops dominate the vision tower
-// (profile in bench/README.md): attention over all tiles of an image (6432 tokens for the 11B),
-// the BF16 GEMMs of its linear layers and the exact GELU. All are ggml custom ops, so they run inside the normal graph on the CPU
-// backend with ggml's threads. Used only when cpu_kernels_available(); the ggml ops otherwise.
+// CPU kernels of our own (kernels/x86/) for the places where ggml's generic CPU ops dominate (profile
+// in bench/README.md): the vision tower's attention over all tiles of an image, the BF16 GEMMs of its
+// linear layers and the exact GELU, and the cross-attention of decoding. All are ggml custom ops, so
+// they run inside the normal graph on the CPU backend with ggml's threads. This is the one place that
+// says which kernel may run: the CPU must have the features and the context's cpu_kernels allow it.
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 struct ggml_context;
 struct ggml_tensor;
@@ -14,10 +16,19 @@ namespace mllama {
 // The CPU has AVX-512 with BF16 dot products (and the OS saves its registers).
 bool cpu_kernels_available();
 
-// The kernel `name` ("attn", "gemm", "gelu", "xattn") may run: the CPU has the features and
-// MLLAMA_CPU_KERNELS allows it (unset or "1": all; "0": none, ggml's ops only; otherwise a comma
-// list of the kernels to use, for A/B checks one kernel at a time).
-bool cpu_kernel_enabled(const char * name);
+enum class cpu_kernel : uint32_t { attn = 1, gemm = 2, gelu = 4, xattn = 8 };
+
+// The kernels a context allows (mllama_context_params.cpu_kernels, parsed once at init).
+struct cpu_kernel_set {
+    uint32_t bits = 0;
+    // The kernel may run: allowed here and the CPU has the features.
+    bool may_run(cpu_kernel k) const { return (bits & static_cast<uint32_t>(k)) && cpu_kernels_available(); }
+};
+
+// NULL, "" or "1": all; "0": none (ggml's ops only); otherwise a comma list of "attn", "gemm",
+// "gelu", "xattn" (for A/B checks one kernel at a time). An unknown name fails with
+// MLLAMA_ERR_INVALID_ARGUMENT naming it and the valid names.
+cpu_kernel_set parse_cpu_kernels(const char * spec);
 
 // Largest head size the attention kernel handles (larger heads use ggml's flash attention).
 constexpr int64_t k_bf16_attn_max_head_dim = 128;
@@ -34,8 +45,9 @@ ggml_tensor * bf16_attention_mask_rows(ggml_context * ctx, ggml_tensor * mask);
 // The BF16 GEMM below handles w (its layout and type, on this CPU).
 bool bf16_linear_supported(const ggml_tensor * w);
 
-// w x^T (+ bias, then exact GELU when gelu) with BF16 operands and F32 accumulation, at ~90% of
-// the CPU's BF16 peak. w: [K, M] BF16 with M % 16 == 0; x: [K, N] F32 or BF16 (converted once);
+// w x^T (+ bias, then exact GELU when gelu) with BF16 operands and F32 accumulation, near the
+// CPU's BF16 peak (figures in bench/README.md). w: [K, M] BF16 with M % 16 == 0; x: [K, N] F32 or BF16
+// (converted once);
 // bias: [M] F32 or null -> [M, N], BF16 when bf16_out (the input of a following bf16_linear).
 ggml_tensor * bf16_linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_tensor * bias, bool gelu, bool bf16_out);
 

@@ -2,6 +2,8 @@
 // from GGUF metadata and validated. Every size in the runtime derives from these.
 #pragma once
 
+#include "mllama.h"
+
 #include <array>
 #include <cstdint>
 #include <string>
@@ -72,9 +74,25 @@ struct hparams {
     std::string name;
 };
 
+// The most tiles per image the loader accepts (far above any released model).
+inline constexpr int64_t k_max_tiles_limit = 64;
+
+// The reference preprocessor's constants (CLIP mean/std), assumed for files that lack them.
+struct image_defaults {
+    std::array<float, 3> mean, std;
+};
+const image_defaults & reference_image_defaults();
+
+// The aspect ratios (tiles_h, tiles_w) the reference supports for max_tiles, in its order.
+// ref: transformers 5.23.0 image_processing_mllama.py get_all_supported_aspect_ratios
+std::vector<std::pair<int, int>> reference_aspect_ratios(int64_t max_tiles);
+
 // Reads and validates everything but n_vocab_embd (taken from the token embedding tensor). Keys
 // Ollama's files lack get the reference defaults: CLIP mean/std, the standard aspect ratios for
 // max_num_tiles, projection_dim = n_embd, special ids looked up by their token text.
 hparams load_hparams(const gguf_meta & meta);
+
+// The hyperparameters as the C ABI reports them.
+mllama_hparams abi_hparams(const hparams & hp);
 
 }  // namespace mllama

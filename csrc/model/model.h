@@ -2,11 +2,11 @@
 // (caches, schedulers, image slots) belongs to a context created from it.
 #pragma once
 
+#include "common/log.h"
 #include "gguf/conventions.h"
 #include "gguf/gguf_file.h"
-#include "model/hparams.h"
-#include "common/log.h"
 #include "mllama.h"
+#include "model/hparams.h"
 #include "model/repack.h"
 #include "model/weights.h"
 
@@ -20,7 +20,7 @@ struct ggml_backend_device;
 
 struct mllama_model {
     mllama::logger log;
-    mllama_model_params params{};
+    mllama_model_params params{};  // as given, resolved (n_threads, use_mmap); device is not kept
     mllama::hparams hp;
     mllama::text_w text;
     mllama::vision_w vision;
@@ -42,9 +42,21 @@ struct mllama_model {
 
 namespace mllama {
 
+class gguf_meta;
+
+mllama_model_params default_model_params();
+
+std::unique_ptr<mllama_model> load_model(const char * path, const char * projector_path,
+                                         const mllama_model_params & params);
+
+// The metadata of the model's files (the text file first, then the projector file).
+gguf_meta metadata(const mllama_model & m);
+
 // A weight's bytes in its file type (from the file for repacked weights, which cannot be read back).
 void read_weight(const mllama_model & m, const ggml_tensor * t, uint8_t * dst);
-
-std::unique_ptr<mllama_model> load_model(const char * path, const char * projector_path, const mllama_model_params & params);
+// The weight `name` dequantized to float32; n_elements must equal its element count.
+void read_weight_f32(const mllama_model & m, const char * name, float * dst, int64_t n_elements);
+// Name, type, shape and buffer of the index-th weight (in name order; index checked by the caller).
+mllama_tensor_info tensor_info(const mllama_model & m, int64_t index);
 
 }  // namespace mllama

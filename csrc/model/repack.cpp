@@ -1,25 +1,21 @@
 #include "model/repack.h"
 
-#include "runtime/backend.h"
 #include "common/error.h"
+#include "common/parallel.h"
 #include "gguf/gguf_file.h"
+#include "runtime/backend.h"
+#include "runtime/pages.h"
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml.h"
 
-#include <atomic>
-#include <cstdlib>
 #include <cstring>
-#include <sys/mman.h>
-#include <thread>
-#include <unistd.h>
 
 namespace mllama {
 
-static ggml_backend_buffer_type_t repack_buffer_type() {
-    const char * env = std::getenv("MLLAMA_REPACK");
-    if (env && std::strcmp(env, "0") == 0) return nullptr;
+static ggml_backend_buffer_type_t repack_buffer_type(bool enabled) {
+    if (!enabled) return nullptr;
     ggml_backend_dev_t cpu = cpu_device();
     auto get_extra = reinterpret_cast<ggml_backend_dev_get_extra_bufts_t>(
         ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(cpu), "ggml_backend_dev_get_extra_bufts"));
@@ -48,9 +44,9 @@ static bool supported(ggml_backend_buffer_type_t buft, ggml_tensor * w) {
     return ok;
 }
 
-std::vector<ggml_tensor *> repackable(const std::vector<ggml_tensor *> & candidates) {
+std::vector<ggml_tensor *> repackable(const std::vector<ggml_tensor *> & candidates, bool enabled) {
     std::vector<ggml_tensor *> out;
-    ggml_backend_buffer_type_t buft = repack_buffer_type();
+    ggml_backend_buffer_type_t buft = repack_buffer_type(enabled);
     if (!buft) return out;
     for (ggml_tensor * t : candidates) {
         if (ggml_is_quantized(t->type) && ggml_n_dims(t) == 2 && supported(buft, t)) out.push_back(t);
@@ -58,18 +54,16 @@ std::vector<ggml_tensor *> repackable(const std::vector<ggml_tensor *> & candida
     return out;
 }
 
-// Release the whole pages of [data, data + n) from this process (the page cache keeps them).
-static void drop_pages(const uint8_t * data, size_t n) {
-    const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-    const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + page - 1) / page * page;
-    const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + n) / page * page;
-    if (end > begin) madvise(reinterpret_cast<void *>(begin), end - begin, MADV_DONTNEED);
-}
-
-ggml_backend_buffer * load_repacked(const std::vector<ggml_tensor *> & weights, const std::map<std::string, file_span> & spans,
-                                    int n_threads) {
-    ggml_backend_buffer_type_t buft = repack_buffer_type();
-    if (!buft || weights.empty()) return nullptr;
+ggml_backend_buffer * load_repacked(const std::vector<ggml_tensor *> & weights,
+                                    const std::map<std::string, file_span> & spans, int n_threads) {
+    if (weights.empty()) return nullptr;
+    ggml_backend_buffer_type_t buft = repack_buffer_type(true);  // weights come from repackable: it exists
+    if (!buft) return nullptr;
+    std::vector<const uint8_t *> sources;  // looked up before anything is allocated (the work items must not throw)
+    for (ggml_tensor * t : weights) {
+        const file_span & span = spans.at(ggml_get_name(t));
+        sources.push_back(span.file->mapping() + span.offset);
+    }
     const size_t align = ggml_backend_buft_get_alignment(buft);
     size_t total = 0;
     for (ggml_tensor * t : weights) total += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, t), align);
@@ -84,19 +78,10 @@ ggml_backend_buffer * load_repacked(const std::vector<ggml_tensor *> & weights, 
         }
     }
     // ggml repacks while copying, one tensor per call: the tensors are split across threads
-    std::atomic<size_t> next{0};
-    auto work = [&] {
-        for (size_t i = next++; i < weights.size(); i = next++) {
-            const file_span & span = spans.at(ggml_get_name(weights[i]));
-            const uint8_t * src = span.file->mapping() + span.offset;
-            ggml_backend_tensor_set(weights[i], src, 0, ggml_nbytes(weights[i]));
-            drop_pages(src, ggml_nbytes(weights[i]));
-        }
-    };
-    std::vector<std::thread> pool;
-    for (int i = 1; i < n_threads; ++i) pool.emplace_back(work);
-    work();
-    for (std::thread & t : pool) t.join();
+    parallel_for(weights.size(), n_threads, [&](size_t i) {
+        ggml_backend_tensor_set(weights[i], sources[i], 0, ggml_nbytes(weights[i]));
+        drop_pages(sources[i], ggml_nbytes(weights[i]));
+    });
     return buf;
 }
 

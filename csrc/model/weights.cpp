@@ -1,87 +1,16 @@
 #include "model/weights.h"
 
 #include "common/error.h"
-#include "ggml.h"
-#include "gguf/gguf_file.h"
-#include "gguf/conventions.h"
-#include "common/log.h"
-#include "gguf/quant.h"
+#include "model/placement.h"
+
 #include "ggml-backend.h"
+#include "ggml.h"
 
 #include <cmath>
 
 namespace mllama {
 
-static void check_type(const std::string & name, const ggml_tensor * t, wkind kind) {
-    const ggml_type type = t->type;
-    const bool is_float = type == GGML_TYPE_F32 || type == GGML_TYPE_F16 || type == GGML_TYPE_BF16;
-    bool ok = false;
-    switch (kind) {
-        case wkind::f32: ok = type == GGML_TYPE_F32; break;
-        case wkind::floats: ok = is_float; break;
-        case wkind::matrix: ok = is_weight_type(type) && t->ne[0] % ggml_blck_size(type) == 0; break;
-    }
-    if (!ok) {
-        const char * want = kind == wkind::f32 ? "F32" : kind == wkind::floats ? "F32, F16 or BF16" : "a float or quantized weight type";
-        fail(MLLAMA_ERR_UNSUPPORTED, "tensor '%s' has unsupported type %s (expected %s)", name.c_str(), ggml_type_name(type), want);
-    }
-}
-
-tensor_source tensor_loader::find(const std::string & canonical) const {
-    const std::string name = file_tensor_name(conv_, canonical);
-    for (const gguf_file * f : files_) {
-        if (f->find(name)) return {f, name};
-    }
-    return {nullptr, name};
-}
-
-ggml_tensor * tensor_loader::descriptor(tn id, int layer) const {
-    const tensor_source src = find(tensor_name(id, layer));
-    return src.file ? src.file->find(src.name) : nullptr;
-}
-
-ggml_tensor * tensor_loader::load_optional(ggml_context * ctx, tn id, int layer, std::vector<int64_t> shape, wkind kind) {
-    const std::string name = tensor_name(id, layer);
-    const tensor_source src = find(name);
-    if (!src.file) return nullptr;
-    ggml_tensor * meta = src.file->find(src.name);
-    long long want[GGML_MAX_DIMS] = {1, 1, 1, 1};
-    for (size_t i = 0; i < shape.size(); ++i) want[i] = shape[i];
-    bool same = true;
-    for (int i = 0; i < GGML_MAX_DIMS; ++i) same = same && meta->ne[i] == want[i];
-    if (!same) {
-        const long long have[GGML_MAX_DIMS] = {meta->ne[0], meta->ne[1], meta->ne[2], meta->ne[3]};
-        fail(MLLAMA_ERR_MODEL, "tensor '%s' has shape %s, expected %s (ggml order)", name.c_str(),
-             shape_str(have, ggml_n_dims(meta)).c_str(), shape_str(want, static_cast<int>(shape.size())).c_str());
-    }
-    check_type(name, meta, kind);
-    ggml_tensor * t = ggml_dup_tensor(ctx, meta);
-    ggml_set_name(t, name.c_str());
-    used_.emplace(src.file, src.name);
-    sources_[t] = src;
-    return t;
-}
-
-ggml_tensor * tensor_loader::load(ggml_context * ctx, tn id, int layer, std::vector<int64_t> shape, wkind kind) {
-    ggml_tensor * t = load_optional(ctx, id, layer, std::move(shape), kind);
-    if (!t) {
-        const tensor_source src = find(tensor_name(id, layer));
-        fail(MLLAMA_ERR_MODEL, "missing tensor '%s' in '%s'", src.name.c_str(), files_.back()->path().c_str());
-    }
-    return t;
-}
-
-std::vector<std::string> tensor_loader::unused() const {
-    std::vector<std::string> out;
-    for (const gguf_file * f : files_) {
-        for (int64_t i = 0; i < f->n_tensors(); ++i) {
-            if (!used_.count({f, f->tensor_name(i)})) out.emplace_back(f->tensor_name(i));
-        }
-    }
-    return out;
-}
-
-// ref: transformers MllamaSelfAttentionDecoderLayer / MllamaCrossAttentionDecoderLayer
+// ref: transformers 5.23.0 modeling_mllama.py MllamaSelfAttentionDecoderLayer / MllamaCrossAttentionDecoderLayer
 static text_layer_w load_text_layer(const text_hparams & hp, tensor_loader & L, ggml_context * ctx, int il) {
     const int64_t n_embd = hp.n_embd, n_q = hp.n_embd_head * hp.n_head, n_kv = hp.n_embd_kv();
     text_layer_w l;
@@ -117,7 +46,8 @@ text_w load_text_weights(const text_hparams & hp, tensor_loader & L, const place
     ggml_tensor * embd = L.descriptor(tn::TOKEN_EMBD);
     const int64_t n_vocab_embd = embd ? embd->ne[1] : hp.n_vocab;
     if (n_vocab_embd < hp.n_vocab) {
-        fail(MLLAMA_ERR_MODEL, "token_embd.weight has %lld rows, fewer than vocab_size %lld", (long long) n_vocab_embd, (long long) hp.n_vocab);
+        fail(MLLAMA_ERR_MODEL, "token_embd.weight has %lld rows, fewer than vocab_size %lld", (long long) n_vocab_embd,
+             (long long) hp.n_vocab);
     }
     // The input embedding stays on the CPU (a row lookup), as llama.cpp does.
     w.token_embd = L.load(where.cpu, tn::TOKEN_EMBD, -1, {hp.n_embd, n_vocab_embd}, wkind::matrix);
@@ -153,7 +83,8 @@ static vision_layer_w load_vision_layer(const vision_hparams & hp, tensor_loader
     return l;
 }
 
-// ref: transformers MllamaVisionModel.__init__ and MllamaForConditionalGeneration.multi_modal_projector
+// ref: transformers 5.23.0 modeling_mllama.py MllamaVisionModel.__init__ and
+// MllamaForConditionalGeneration.__init__ (multi_modal_projector)
 vision_w load_vision_weights(const vision_hparams & hp, tensor_loader & L, ggml_context * ctx) {
     const int64_t d = hp.n_embd, n_ar = static_cast<int64_t>(hp.aspect_ratios.size()) + 1;  // row 0: no image
     vision_w w;
@@ -162,7 +93,9 @@ vision_w load_vision_weights(const vision_hparams & hp, tensor_loader & L, ggml_
     w.pos_embd = L.load(ctx, tn::V_POS_EMBD, -1, {d, hp.n_positions()}, wkind::floats);
     w.pos_gate = L.load(ctx, tn::V_POS_GATE, -1, {1}, wkind::f32);
     w.tile_pos_embd = L.load(ctx, tn::V_TILE_POS_EMBD, -1, {hp.max_tiles * hp.n_positions() * d, n_ar}, wkind::floats);
-    w.tile_pos_gate = L.load_optional(ctx, tn::V_TILE_POS_GATE, -1, {1}, wkind::f32);  // Ollama: tanh(g) of the position gate
+    // Ollama files also store tanh(g) of the position gate here; the runtime derives it from pos_gate, but
+    // the tensor is loaded (and listed) so that it is not reported as unknown.
+    L.load_optional(ctx, tn::V_TILE_POS_GATE, -1, {1}, wkind::f32);
     w.pre_tile_embd = L.load(ctx, tn::V_PRE_TILE_EMBD, -1, {hp.max_tiles * d, n_ar}, wkind::floats);
     w.pre_tile_gate = L.load(ctx, tn::V_PRE_TILE_GATE, -1, {1}, wkind::f32);
     w.post_tile_embd = L.load(ctx, tn::V_POST_TILE_EMBD, -1, {hp.max_tiles * d, n_ar}, wkind::floats);
@@ -178,10 +111,6 @@ vision_w load_vision_weights(const vision_hparams & hp, tensor_loader & L, ggml_
     return w;
 }
 
-}  // namespace mllama
-
-namespace mllama {
-
 static float gate_tanh(const ggml_tensor * gate) {
     float value = 0.0f;
     ggml_backend_tensor_get(gate, &value, 0, sizeof(value));
@@ -192,7 +121,9 @@ static float gate_tanh(const ggml_tensor * gate) {
 static float gate_value(const ggml_tensor * gate) {
     float value = 0.0f;
     ggml_backend_tensor_get(gate, &value, 0, sizeof(value));
-    if (!std::isfinite(value) || value < -1.0f || value > 2.0f) fail(MLLAMA_ERR_MODEL, "gate '%s' = %g is not a stored tanh", ggml_get_name(gate), value);
+    if (!std::isfinite(value) || value < -1.0f || value > 2.0f) {
+        fail(MLLAMA_ERR_MODEL, "gate '%s' = %g is not a stored tanh", ggml_get_name(gate), value);
+    }
     return value;
 }
 

@@ -3,12 +3,9 @@
 // ggml_mul_mat(w, x) computes x @ w.T, so a HF Linear(in, out) weight has ne = [in, out].
 #pragma once
 
-#include "gguf/names.h"
 #include "model/hparams.h"
+#include "model/tensor_loader.h"
 
-#include <map>
-#include <set>
-#include <string>
 #include <vector>
 
 struct ggml_context;
@@ -16,9 +13,7 @@ struct ggml_tensor;
 
 namespace mllama {
 
-class gguf_file;
-struct conventions;
-struct logger;
+struct placement;
 
 struct norm_w {
     ggml_tensor * w = nullptr;
@@ -44,7 +39,6 @@ struct vision_w {
     ggml_tensor * pos_embd = nullptr;        // [v_n_embd, n_positions]
     ggml_tensor * pos_gate = nullptr;        // [1] raw gate g: (1 - tanh g) * pos + tanh g * tile_pos
     ggml_tensor * tile_pos_embd = nullptr;   // [max_tiles * n_positions * v_n_embd, n_aspect_ratios + 1]
-    ggml_tensor * tile_pos_gate = nullptr;   // Ollama files only: tanh(g) (unused: derived from pos_gate)
     ggml_tensor * pre_tile_embd = nullptr;   // [max_tiles * v_n_embd, n_aspect_ratios + 1]
     ggml_tensor * pre_tile_gate = nullptr;
     ggml_tensor * post_tile_embd = nullptr;
@@ -84,47 +78,6 @@ struct text_w {
     ggml_tensor * output = nullptr;      // [n_embd, n_vocab]
     ggml_tensor * rope_freqs = nullptr;  // optional [n_embd_head / 2]; else computed from hparams
     std::vector<text_layer_w> layers;
-};
-
-enum class wkind {
-    f32,     // norms, biases, gates, CLS: F32 only
-    floats,  // embeddings tables: F32, F16 or BF16
-    matrix,  // matmul weights: any type ggml can dequantize, rows a whole number of blocks
-};
-
-// Where the tensors of each component go: one ggml context per buffer (CPU or the device).
-struct placement {
-    ggml_context * cpu = nullptr;
-    ggml_context * device = nullptr;  // == cpu when computing on the CPU
-    int first_device_layer = 0;       // text layers >= this index go to the device
-};
-
-// Where a loaded tensor's data lives: which file, under which name.
-struct tensor_source {
-    const gguf_file * file = nullptr;
-    std::string name;
-};
-
-// Finds canonical tensors in the model files (translating names for the file's conventions),
-// checks them and creates their descriptors in the context of their placement.
-class tensor_loader {
-  public:
-    tensor_loader(std::vector<const gguf_file *> files, const conventions & conv) : files_(std::move(files)), conv_(conv) {}
-
-    ggml_tensor * load(ggml_context * ctx, tn id, int layer, std::vector<int64_t> shape, wkind kind);
-    ggml_tensor * load_optional(ggml_context * ctx, tn id, int layer, std::vector<int64_t> shape, wkind kind);
-    ggml_tensor * descriptor(tn id, int layer = -1) const;  // nullptr if absent
-    const tensor_source & source(const ggml_tensor * t) const { return sources_.at(t); }
-    // Tensors of the files that no component asked for (reported as warnings).
-    std::vector<std::string> unused() const;
-
-  private:
-    tensor_source find(const std::string & canonical) const;
-
-    std::vector<const gguf_file *> files_;
-    const conventions & conv_;
-    std::set<std::pair<const gguf_file *, std::string>> used_;
-    std::map<const ggml_tensor *, tensor_source> sources_;
 };
 
 // Read the scalar gates (after the weights are in their buffers) and store tanh(gate) on the host.

@@ -5,24 +5,20 @@
 #include "ggml-backend.h"
 #include "ggml.h"
 
-#include <sys/mman.h>
-#include <unistd.h>
-
-#include <algorithm>
-#include <atomic>
-#include <cstring>
+#include <cstdio>
 #include <fstream>
 #include <set>
 #include <thread>
 #include <utility>
-#include <vector>
 
 namespace mllama {
 
 int device_count() { return static_cast<int>(ggml_backend_dev_count()); }
 
 ggml_backend_dev_t device_at(int index) {
-    if (index < 0 || index >= device_count()) fail(MLLAMA_ERR_INVALID_ARGUMENT, "device index %d out of range (%d devices)", index, device_count());
+    if (index < 0 || index >= device_count()) {
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "device index %d out of range (%d devices)", index, device_count());
+    }
     return ggml_backend_dev_get(static_cast<size_t>(index));
 }
 
@@ -85,54 +81,12 @@ int physical_core_count() {
     return n > 0 ? static_cast<int>(n) : 1;
 }
 
-void advise_huge_pages(ggml_backend_buffer_t buf) {
-#ifdef MADV_HUGEPAGE
-    constexpr uintptr_t k_huge = uintptr_t(1) << 21;
-    if (!buf || !ggml_backend_buffer_is_host(buf)) return;
-    const auto base = reinterpret_cast<uintptr_t>(ggml_backend_buffer_get_base(buf));
-    const uintptr_t begin = (base + k_huge - 1) & ~(k_huge - 1), end = (base + ggml_backend_buffer_get_size(buf)) & ~(k_huge - 1);
-    if (end > begin) madvise(reinterpret_cast<void *>(begin), end - begin, MADV_HUGEPAGE);  // advice only: errors change nothing
-#else
-    (void) buf;
-#endif
-}
-
-void advise_huge_pages(ggml_cgraph * graph) {
-    std::vector<ggml_backend_buffer_t> seen;
-    for (int i = 0; i < ggml_graph_n_nodes(graph); ++i) {
-        ggml_backend_buffer_t buf = ggml_graph_node(graph, i)->buffer;
-        if (!buf || std::find(seen.begin(), seen.end(), buf) != seen.end()) continue;
-        seen.push_back(buf);
-        advise_huge_pages(buf);
-    }
-}
-
-void populate_pages(std::vector<std::pair<const uint8_t *, size_t>> ranges, int n_threads) {
-#ifndef MADV_POPULATE_READ
-    constexpr int MADV_POPULATE_READ = 22;  // Linux 5.14 (older headers lack the name)
-#endif
-    constexpr uintptr_t k_chunk = uintptr_t(64) << 20;  // bytes per work item
-    const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-    std::vector<std::pair<uintptr_t, uintptr_t>> spans;  // page-aligned [begin, end), merged
-    std::sort(ranges.begin(), ranges.end());
-    for (const auto & [data, n] : ranges) {
-        const auto begin = reinterpret_cast<uintptr_t>(data) / page * page;
-        const auto end = (reinterpret_cast<uintptr_t>(data) + n + page - 1) / page * page;
-        if (!spans.empty() && begin <= spans.back().second) spans.back().second = std::max(spans.back().second, end);
-        else if (end > begin) spans.emplace_back(begin, end);
-    }
-    std::vector<std::pair<uintptr_t, uintptr_t>> items;
-    for (const auto & [begin, end] : spans)
-        for (uintptr_t at = begin; at < end; at += k_chunk) items.emplace_back(at, std::min(end, at + k_chunk));
-    std::atomic<size_t> next{0};
-    auto work = [&] {
-        for (size_t i = next++; i < items.size(); i = next++)
-            madvise(reinterpret_cast<void *>(items[i].first), items[i].second - items[i].first, MADV_POPULATE_READ);
-    };
-    std::vector<std::thread> pool;
-    for (int i = 1; i < std::min<int>(n_threads, static_cast<int>(items.size())); ++i) pool.emplace_back(work);
-    work();
-    for (std::thread & t : pool) t.join();
+void set_backend_threads(ggml_backend_t backend, int n_threads) {
+    ggml_backend_dev_t dev = ggml_backend_get_device(backend);
+    ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
+    auto fn = reg ? (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads")
+                  : nullptr;
+    if (fn) fn(backend, n_threads);
 }
 
 std::string system_info() {
@@ -146,7 +100,7 @@ std::string system_info() {
             out += std::string(" ") + f->name + "=" + f->value;
         }
     }
-    // our own CPU kernels (cpu_kernels.h), independent of how ggml was built
+    // our own CPU kernels (kernels/dispatch.h), independent of how ggml was built
     return out + " | mllama: AVX512_BF16_KERNELS=" + (cpu_kernels_available() ? "1" : "0");
 }
 

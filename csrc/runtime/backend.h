@@ -6,12 +6,9 @@
 
 #include <cstdint>
 #include <string>
-#include <utility>
-#include <vector>
 
+struct ggml_backend;
 struct ggml_backend_device;
-struct ggml_cgraph;
-struct ggml_backend_buffer;
 typedef struct ggml_backend_device * ggml_backend_dev_t;
 
 namespace mllama {
@@ -26,16 +23,9 @@ bool is_cpu(ggml_backend_dev_t dev);
 
 int physical_core_count();
 
-// Asks the kernel for transparent huge pages on a host buffer not yet touched, or on the buffers
-// the graph's nodes live in (the compute buffer: 0.56 GB for an 11B image graph), so that they
-// fault in 2 MiB instead of 4 KiB steps. A no-op where THP is off or for device memory.
-void advise_huge_pages(ggml_backend_buffer * buf);
-void advise_huge_pages(ggml_cgraph * graph);
-// Maps the pages of read-only file mappings [begin, end) into the process now, split across
-// n_threads (MADV_POPULATE_READ, like llama.cpp's MAP_POPULATE): a page-cache-warm 11B vision tower
-// otherwise pays ~2 s of page faults inside the first image. Advice only: a kernel without it
-// (before Linux 5.14) leaves the pages to fault in on first use.
-void populate_pages(std::vector<std::pair<const uint8_t *, size_t>> ranges, int n_threads);
+// Sets the number of threads of a backend that has them (the CPU backend).
+void set_backend_threads(ggml_backend * backend, int n_threads);
+
 // Features of the loaded CPU backend ("AVX2 = 1 | F16C = 1 | ...") and the devices.
 std::string system_info();
 

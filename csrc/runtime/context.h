@@ -3,12 +3,13 @@
 // one caller at a time (the Python layer serializes).
 #pragma once
 
-#include "debug/dump.h"
 #include "common/log.h"
+#include "debug/dump.h"
 #include "debug/profile.h"
+#include "kernels/dispatch.h"
 #include "mllama.h"
 
-#include <functional>
+#include <cstdint>
 #include <memory>
 #include <unordered_set>
 #include <vector>
@@ -16,12 +17,17 @@
 struct ggml_backend;
 struct ggml_backend_buffer;
 struct ggml_backend_sched;
-struct ggml_cgraph;
 struct ggml_context;
 struct ggml_tensor;
 struct mllama_model;
 
 namespace mllama {
+
+// The context defaults: mllama_context_default_params and new_context's resolution of values <= 0.
+inline constexpr int32_t k_default_n_ctx_max = 4096;  // n_ctx <= 0: min(trained context, this)
+inline constexpr int32_t k_default_n_batch = 512;
+inline constexpr int32_t k_default_n_image_slots = 4;
+inline constexpr int32_t k_max_image_slots = 256;
 
 struct image_slot {
     bool used = false;
@@ -44,8 +50,9 @@ struct context_state {
 
 struct mllama_context {
     const mllama_model * model = nullptr;
-    mllama_context_params params{};
+    mllama_context_params params{};           // resolved; the caller's strings are not kept (NULL here)
     mllama::logger log;
+    mllama::cpu_kernel_set kernels;           // the CPU kernels of ours this context may use
 
     ggml_backend * backend_device = nullptr;  // nullptr when computing on the CPU
     ggml_backend * backend_cpu = nullptr;
@@ -59,7 +66,7 @@ struct mllama_context {
     int64_t n_decoded = 0;                    // tokens evaluated by the decoder (a counter for callers)
     std::unique_ptr<mllama::tensor_dumper> dumper;
     std::unique_ptr<mllama::op_profiler> profiler;
-    std::unordered_set<const ggml_tensor *> populated;  // mapped weights whose pages are in (populate_weights)
+    std::unordered_set<const ggml_tensor *> populated;  // mapped weights whose pages are in (compute.cpp)
 
     mllama_context() = default;
     ~mllama_context();
@@ -69,25 +76,19 @@ struct mllama_context {
 
 namespace mllama {
 
+mllama_context_params default_context_params();
+
 std::unique_ptr<mllama_context> new_context(const mllama_model & model, const mllama_context_params & params);
-
-// Build a graph with `build` (which creates and returns its input tensors through captures),
-// allocate it, let `feed` write the inputs, compute, then let `fetch` read the outputs.
-void compute(mllama_context & ctx, const std::function<ggml_cgraph *(ggml_context *)> & build,
-             const std::function<void()> & feed, const std::function<void()> & fetch);
-
-// A view of `n_slots` consecutive image slots of a cross-attention cache tensor.
-ggml_tensor * slot_view(ggml_context * ctx, ggml_tensor * t, int64_t n_vis, int64_t first_slot, int64_t n_slots);
-
-void encode_image(mllama_context & ctx, int32_t slot, const float * pixels, int64_t n_pixels, int32_t aspect_ratio_id,
-                  int32_t n_tiles, float * features, int64_t n_features);
 
 // What the context holds beside the weights (see mllama_context_get_memory).
 mllama_context_memory context_memory(const mllama_context & ctx);
 
+// encode.cpp: run the vision encoder and the cross K/V graph on one image into `slot`.
+void encode_image(mllama_context & ctx, int32_t slot, const float * pixels, int64_t n_pixels, int32_t aspect_ratio_id,
+                  int32_t n_tiles, float * features, int64_t n_features);
 void read_cross_kv(const mllama_context & ctx, int32_t slot, int32_t cross_index, float * k, float * v, int64_t n);
 
-// Evaluate n_tokens at positions n_past.. (the self-attention cache keeps positions < n_past).
+// decode.cpp: evaluate n_tokens at positions n_past.. (the self-attention cache keeps positions < n_past).
 // row_images: n_tokens x n_images bytes, 1 where the token's row attends to image m (slot m);
 // out_rows: indices within the batch whose logits are copied to `logits` (n_out x n_vocab).
 void decode(mllama_context & ctx, const int32_t * tokens, int32_t n_tokens, int32_t n_past, int32_t n_images,

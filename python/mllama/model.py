@@ -79,6 +79,7 @@ class Model(Handle, GenerationMixin):
         params.log_level = log_level_for(self._log)
         params.log_callback = lib._mllama_log_trampoline
         params.log_user_data = self._log_handle
+        params.repack = 0 if os.environ.get("MLLAMA_REPACK") == "0" else 1
         out = ffi.new("mllama_model **")
         call(lib.mllama_model_load, os.fsencode(self.path), os.fsencode(projector) if projector else ffi.NULL, params, out,
              error=ModelLoadError)
@@ -125,6 +126,14 @@ class Model(Handle, GenerationMixin):
         if dump_filter:
             keep.append(ffi.new("char[]", dump_filter.encode()))
             params.dump_filter = keep[-1]
+        cpu_kernels = os.environ.get("MLLAMA_CPU_KERNELS")
+        if cpu_kernels is not None:
+            keep.append(ffi.new("char[]", cpu_kernels.encode()))
+            params.cpu_kernels = keep[-1]
+        profile_path = os.environ.get("MLLAMA_PROFILE")
+        if profile_path:
+            keep.append(ffi.new("char[]", os.fsencode(profile_path)))
+            params.profile_path = keep[-1]
         out = ffi.new("mllama_context **")
         call(lib.mllama_context_init, model_ptr, params, out, error=ModelLoadError)
         effective = ffi.new("mllama_context_params *")

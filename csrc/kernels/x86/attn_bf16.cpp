@@ -1,4 +1,4 @@
-// BF16 flash attention for the vision tower on AVX-512 BF16 CPUs (see cpu_kernels.h).
+// BF16 flash attention for the vision tower on AVX-512 BF16 CPUs (see kernels/dispatch.h).
 //
 // Two packing ops put K and V in the layouts the dot-product instruction wants (vdpbf16ps adds
 // a.pair[i] . b.pair[i] into lane i), then the attention op walks query tiles x key chunks:
@@ -311,7 +311,8 @@ void attend(ggml_tensor * dst, int ith, int nth, void *) {
 }  // namespace
 
 ggml_tensor * bf16_attention_mask_rows(ggml_context * ctx, ggml_tensor * mask) {
-    return ggml_custom_4d(ctx, GGML_TYPE_I32, mask->ne[1], 1, 1, 1, &mask, 1, find_zero_rows, GGML_N_TASKS_MAX, nullptr);  // [N]
+    return ggml_custom_4d(ctx, GGML_TYPE_I32, mask->ne[1], 1, 1, 1, &mask, /*n_args=*/1, find_zero_rows, GGML_N_TASKS_MAX,
+                          /*userdata=*/nullptr);  // [N]
 }
 
 ggml_tensor * bf16_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask,
@@ -319,10 +320,13 @@ ggml_tensor * bf16_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * 
     const dims d = dims_of(q);
     if (k->nb[0] != sizeof(float)) k = ggml_cont(ctx, k);  // the packing reads channels as rows
     if (v->nb[0] != sizeof(float)) v = ggml_cont(ctx, v);
-    ggml_tensor * kp = ggml_custom_4d(ctx, GGML_TYPE_I32, d.pairs() * d.Np, d.H, 1, 1, &k, 1, pack_k, GGML_N_TASKS_MAX, nullptr);  // Kp
-    ggml_tensor * vp = ggml_custom_4d(ctx, GGML_TYPE_I32, d.Dv * d.Np / 2, d.H, 1, 1, &v, 1, pack_v, GGML_N_TASKS_MAX, nullptr);  // Vp
+    ggml_tensor * kp = ggml_custom_4d(ctx, GGML_TYPE_I32, d.pairs() * d.Np, d.H, 1, 1, &k, /*n_args=*/1, pack_k,
+                                      GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // Kp [pairs * Np, H]
+    ggml_tensor * vp = ggml_custom_4d(ctx, GGML_TYPE_I32, d.Dv * d.Np / 2, d.H, 1, 1, &v, /*n_args=*/1, pack_v,
+                                      GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // Vp [Dv * Np / 2, H]
     ggml_tensor * args[] = {q, kp, vp, mask, mask_rows};
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, d.D * d.H, d.N, 1, 1, args, 5, attend, GGML_N_TASKS_MAX, nullptr);  // [D * H, N]
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, d.D * d.H, d.N, 1, 1, args, /*n_args=*/5, attend, GGML_N_TASKS_MAX,
+                          /*userdata=*/nullptr);  // [D * H, N]
 }
 
 }  // namespace mllama

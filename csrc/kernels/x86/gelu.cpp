@@ -1,6 +1,6 @@
-// Exact-form GELU, 0.5 x (1 + erf(x / sqrt(2))), vectorized for AVX-512 (see cpu_kernels.h).
+// Exact-form GELU, 0.5 x (1 + erf(x / sqrt(2))), vectorized for AVX-512 (see kernels/dispatch.h).
 // erf by Abramowitz & Stegun 7.1.26 (max abs error 1.5e-7, the size of a float rounding step
-// near 1); ggml's gelu_erf calls the scalar erff per element and took 0.2 s per vision layer.
+// near 1); ggml's gelu_erf calls the scalar erff per element (figures in bench/README.md).
 #include "kernels/dispatch.h"
 
 #include "kernels/x86/simd_math.h"
@@ -32,7 +32,7 @@ MLLAMA_AVX512_TARGET void gelu_op(ggml_tensor * dst, const ggml_tensor * a, int 
 
 ggml_tensor * gelu_erf_avx512(ggml_context * ctx, ggml_tensor * x) {
     if (!ggml_is_contiguous(x)) x = ggml_cont(ctx, x);
-    return ggml_map_custom1(ctx, x, gelu_op, GGML_N_TASKS_MAX, nullptr);  // same shape as x
+    return ggml_map_custom1(ctx, x, gelu_op, GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // same shape as x
 }
 
 }  // namespace mllama

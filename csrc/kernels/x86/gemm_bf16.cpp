@@ -1,4 +1,4 @@
-// BF16 GEMM for the vision tower's linear layers on AVX-512 BF16 CPUs (see cpu_kernels.h).
+// BF16 GEMM for the vision tower's linear layers on AVX-512 BF16 CPUs (see kernels/dispatch.h).
 //
 // y[n][m] = sum_k w[m][k] x[n][k] (+ bias[m], then GELU), BF16 operands, F32 accumulation.
 // vdpbf16ps adds a.pair[i] . b.pair[i] into lane i, so the weights are packed per call into
@@ -24,7 +24,13 @@ constexpr int64_t k_panel = 64;                  // output channels per weight p
 constexpr int k_rows = 6;                        // tokens per micro step
 constexpr int64_t k_block_bytes = 1 << 21;       // BF16 activation bytes per token block (L3 share)
 
-enum epilogue_flags : uintptr_t { k_gelu = 1, k_bf16_out = 2 };
+// What follows the product. The custom op receives a pointer to one of the four static entries below:
+// they live as long as the process, so the pointer stays valid for any graph built with it.
+struct epilogue {
+    bool gelu;      // exact GELU after the bias
+    bool bf16_out;  // BF16 output (the input of a following bf16_linear), else F32
+};
+constexpr epilogue k_epilogues[2][2] = {{{false, false}, {false, true}}, {{true, false}, {true, true}}};
 
 int64_t panel_groups(int64_t M, int64_t panel) {  // zmm groups (16 channels) in a panel
     return std::min<int64_t>(k_panel, M - panel * k_panel) / 16;
@@ -55,7 +61,7 @@ struct gemm_args {
     int64_t P;              // k pairs
     const uint32_t * wp;    // this panel's packed weights: [P][C * 16]
     const float * bias;     // this panel's bias (or null)
-    uintptr_t flags;
+    epilogue ep;
 };
 
 // Tokens x0..x0+R-1 (rows of x, stride x_stride pairs) against C groups of 16 channels.
@@ -78,8 +84,8 @@ MLLAMA_AVX512_TARGET void micro(const gemm_args & a, const uint32_t * x, int64_t
         for (int c = 0; c < C; ++c) {
             __m512 v = acc[r][c];
             if (a.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(a.bias + 16 * c));
-            if (a.flags & k_gelu) v = simd::gelu512(v);
-            if (a.flags & k_bf16_out) _mm256_storeu_si256(reinterpret_cast<__m256i *>(out) + c, (__m256i) _mm512_cvtneps_pbh(v));
+            if (a.ep.gelu) v = simd::gelu512(v);
+            if (a.ep.bf16_out) _mm256_storeu_si256(reinterpret_cast<__m256i *>(out) + c, (__m256i) _mm512_cvtneps_pbh(v));
             else _mm512_storeu_ps(reinterpret_cast<float *>(out) + 16 * c, v);
         }
     }
@@ -102,8 +108,10 @@ micro_fn micro_for(int rows, int64_t groups) {
     }
 }
 
-// dst [M, N] = Wp x^T; dst->src = {Wp, x [K, N] BF16, bias [M] F32 or null}; tokens split across threads.
+// dst [M, N] = Wp x^T; dst->src = {Wp, x [K, N] BF16, bias [M] F32 or null}; userdata: the epilogue;
+// tokens split across threads.
 void gemm(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const epilogue ep = *static_cast<const epilogue *>(userdata);
     const ggml_tensor * x = dst->src[1];
     const ggml_tensor * bias = dst->src[2];
     const int64_t K = x->ne[0], N = x->ne[1], M = dst->ne[0], P = K / 2;
@@ -119,7 +127,7 @@ void gemm(ggml_tensor * dst, int ith, int nth, void * userdata) {
             const int64_t groups = panel_groups(M, panel);
             gemm_args a{P, static_cast<const uint32_t *>(dst->src[0]->data) + panel * k_panel * P,
                         bias ? static_cast<const float *>(bias->data) + panel * k_panel : nullptr,
-                        reinterpret_cast<uintptr_t>(userdata)};
+                        ep};
             for (int64_t t = b0; t < b1; t += k_rows) {
                 const int rows = static_cast<int>(std::min<int64_t>(k_rows, b1 - t));
                 const auto * xr = reinterpret_cast<const uint32_t *>(static_cast<const char *>(x->data) + t * x->nb[1]);
@@ -139,14 +147,15 @@ bool bf16_linear_supported(const ggml_tensor * w) {
 
 ggml_tensor * bf16_linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_tensor * bias, bool gelu, bool bf16_out) {
     const int64_t K = w->ne[0], M = w->ne[1], N = ggml_nelements(x) / K;
-    ggml_tensor * wp = ggml_custom_4d(ctx, GGML_TYPE_I32, K / 2 * M, 1, 1, 1, &w, 1, pack_w, GGML_N_TASKS_MAX, nullptr);  // Wp
+    ggml_tensor * wp = ggml_custom_4d(ctx, GGML_TYPE_I32, K / 2 * M, 1, 1, 1, &w, /*n_args=*/1, pack_w,
+                                      GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // Wp [K / 2 * M]
     if (x->type != GGML_TYPE_BF16) x = ggml_cast(ctx, x, GGML_TYPE_BF16);  // [K, N] BF16
     if (!ggml_is_contiguous(x)) x = ggml_cont(ctx, x);
     x = ggml_reshape_2d(ctx, x, K, N);
-    const uintptr_t flags = (gelu ? k_gelu : 0) | (bf16_out ? k_bf16_out : 0);
+    const epilogue * ep = &k_epilogues[gelu ? 1 : 0][bf16_out ? 1 : 0];
     ggml_tensor * args[] = {wp, x, bias};
     return ggml_custom_4d(ctx, bf16_out ? GGML_TYPE_BF16 : GGML_TYPE_F32, M, N, 1, 1, args, bias ? 3 : 2, gemm,
-                          GGML_N_TASKS_MAX, reinterpret_cast<void *>(flags));  // [M, N]
+                          GGML_N_TASKS_MAX, const_cast<epilogue *>(ep));  // [M, N]
 }
 
 }  // namespace mllama

@@ -1,8 +1,8 @@
-// Attention of a few query tokens over a long F16 K/V cache on AVX-512 CPUs (see cpu_kernels.h):
-// the cross-attention of decoding, 6404 image keys per image for the 11B. ggml's CPU flash
-// attention walks every query head over every key with F16 dot products (~5 ms per layer and
-// token at 15 GFLOPS); here each thread takes one KV head and token, reads each key and value
-// row once for the whole query group (GQA), skips masked keys, and accumulates in F32.
+// Attention of a few query tokens over a long F16 K/V cache on AVX-512 CPUs (see kernels/dispatch.h):
+// the cross-attention of decoding, over every image key of the sequence. ggml's CPU flash attention
+// walks every query head over every key with F16 dot products; here each thread takes one KV head
+// and token, reads each key and value row once for the whole query group (GQA), skips masked keys,
+// and accumulates in F32 (figures in bench/README.md).
 #include "kernels/dispatch.h"
 
 #include "kernels/x86/simd_math.h"
@@ -12,13 +12,33 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 namespace mllama {
 namespace {
 
 constexpr int64_t k_block = 64;  // keys per softmax step
+
+// The op's parameters. ggml keeps only the userdata pointer until the graph has run, so they live in
+// a process-wide table with one entry per distinct scale (one per head size in practice); entries
+// are never removed and a deque never moves them, so every pointer handed out stays valid.
+struct attend_params {
+    float scale;
+};
+
+const attend_params * params_for(float scale) {
+    static std::mutex mutex;
+    static std::deque<attend_params> table;
+    std::lock_guard<std::mutex> lock(mutex);
+    for (const attend_params & p : table) {
+        if (p.scale == scale) return &p;
+    }
+    table.push_back({scale});
+    return &table.back();
+}
 
 struct shape {
     int64_t D, Hq, T, Hkv, n_kv, G;  // head size, query heads, tokens, KV heads, keys, queries per KV head
@@ -123,11 +143,10 @@ MLLAMA_AVX512_TARGET void attend_heads(ggml_tensor * dst, const shape & s, int64
 }
 
 // Each thread takes a contiguous range of (token, KV head) pairs, cut into per-token head ranges.
+// userdata: the attend_params.
 void attend(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const shape s = shape_of(dst->src[0], dst->src[1]);
-    float scale;
-    const auto bits = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(userdata));
-    std::memcpy(&scale, &bits, sizeof(scale));
+    const float scale = static_cast<const attend_params *>(userdata)->scale;
     const int64_t total = s.Hkv * s.T, per = (total + nth - 1) / nth;
     const int64_t w0 = std::min(total, per * ith), w1 = std::min(total, w0 + per);
     for (int64_t w = w0; w < w1;) {
@@ -149,11 +168,9 @@ bool decode_attention_supported(const ggml_tensor * q, const ggml_tensor * k, co
 }
 
 ggml_tensor * decode_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask, float scale) {
-    uint32_t bits;
-    std::memcpy(&bits, &scale, sizeof(bits));
     ggml_tensor * args[] = {q, k, v, mask};
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0] * q->ne[1], q->ne[2], 1, 1, args, 4, attend, GGML_N_TASKS_MAX,
-                          reinterpret_cast<void *>(static_cast<uintptr_t>(bits)));  // [D * Hq, T]
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0] * q->ne[1], q->ne[2], 1, 1, args, /*n_args=*/4, attend,
+                          GGML_N_TASKS_MAX, const_cast<attend_params *>(params_for(scale)));  // [D * Hq, T]
 }
 
 }  // namespace mllama

@@ -1,0 +1,68 @@
+// C ABI shims of the context: init/free, effective parameters, image encoding, decoding, memory.
+#include "mllama.h"
+
+#include "api/guard.h"
+#include "runtime/context.h"
+
+using mllama::guarded;
+using mllama::require;
+
+extern "C" {
+
+mllama_context_params mllama_context_default_params(void) { return mllama::default_context_params(); }
+
+mllama_status mllama_context_init(const mllama_model * model, const mllama_context_params * params,
+                                  mllama_context ** out_context) {
+    return guarded([&] {
+        require(model && out_context, "context_init needs a model and an output pointer");
+        *out_context = nullptr;
+        const mllama_context_params p = params ? *params : mllama::default_context_params();
+        *out_context = mllama::new_context(*model, p).release();
+    });
+}
+
+void mllama_context_free(mllama_context * context) { delete context; }
+
+mllama_status mllama_context_get_params(const mllama_context * context, mllama_context_params * out) {
+    return guarded([&] {
+        require(context && out, "context_get_params needs a context and an output struct");
+        *out = context->params;  // the context keeps no caller strings: they are NULL there
+    });
+}
+
+mllama_status mllama_context_encode_image(mllama_context * context, int32_t slot, const float * pixels,
+                                          int64_t n_pixels, int32_t aspect_ratio_id, int32_t n_tiles,
+                                          float * features, int64_t n_features) {
+    return guarded([&] {
+        require(context, "context_encode_image needs a context");
+        mllama::encode_image(*context, slot, pixels, n_pixels, aspect_ratio_id, n_tiles, features, n_features);
+    });
+}
+
+mllama_status mllama_context_read_cross_kv(const mllama_context * context, int32_t slot, int32_t cross_index,
+                                           float * k, float * v, int64_t n) {
+    return guarded([&] {
+        require(context, "context_read_cross_kv needs a context");
+        mllama::read_cross_kv(*context, slot, cross_index, k, v, n);
+    });
+}
+
+mllama_status mllama_context_decode(mllama_context * context, const int32_t * tokens, int32_t n_tokens,
+                                    int32_t n_past, int32_t n_images, const uint8_t * row_images,
+                                    const int32_t * out_rows, int32_t n_out, float * logits) {
+    return guarded([&] {
+        require(context, "context_decode needs a context");
+        mllama::decode(*context, tokens, n_tokens, n_past, n_images, row_images, out_rows, n_out, logits);
+    });
+}
+
+int64_t mllama_context_n_decoded(const mllama_context * context) { return context ? context->n_decoded : -1; }
+
+mllama_status mllama_context_get_memory(const mllama_context * context, mllama_context_memory * out) {
+    return guarded([&] {
+        require(context && out, "context and out must not be NULL");
+        *out = mllama::context_memory(*context);
+    });
+}
+
+}  // extern "C"

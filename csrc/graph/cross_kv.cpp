@@ -1,0 +1,46 @@
+// ref: transformers 5.23.0 models/mllama/modeling_mllama.py MllamaForConditionalGeneration
+// (multi_modal_projector) and MllamaTextCrossAttention.forward (k_proj, v_proj, k_norm).
+#include "graph/cross_kv.h"
+
+#include "graph/ops.h"
+#include "graph/vision.h"
+#include "kernels/dispatch.h"
+#include "model/model.h"
+
+#include "ggml.h"
+
+#include <cstdio>
+
+namespace mllama {
+
+cross_kv build_cross_kv(ggml_context * ctx, const mllama_model & model, ggml_tensor * vision_out,
+                        const vision_options & opt) {
+    const text_hparams & hp = model.hp.text;
+    const linear_w & proj = model.vision.projector;
+    const int64_t n_vis = vision_out->ne[1] * vision_out->ne[2];
+    ggml_tensor * x = ggml_reshape_2d(ctx, vision_out, vision_out->ne[0], n_vis);  // [OD, NT * P]
+    x = gemm_kernel_for(proj, opt) ? bf16_linear(ctx, proj.w, x, proj.b, /*gelu=*/false, /*bf16_out=*/false)
+                                   : linear(ctx, x, proj);  // [n_embd, NT * P]
+    named(x, "mm", "out");
+    cross_kv out;
+    char prefix[64];
+    for (int il = 0; il < hp.n_layer; ++il) {
+        const text_layer_w & l = model.text.layers[il];
+        if (!l.is_cross) continue;
+        std::snprintf(prefix, sizeof(prefix), "blk.%d.cross", il);
+        ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l.cross.wk, x), hp.n_embd_head, hp.n_head_kv, n_vis);
+        k = named(rms_norm(ctx, k, l.cross.k_norm, hp.rms_norm_eps), prefix, "k");  // [hd, Hkv, NT * P]
+        ggml_tensor * v = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l.cross.wv, x), hp.n_embd_head, hp.n_head_kv, n_vis);
+        out.k.push_back(k);
+        out.v.push_back(named(v, prefix, "v"));
+    }
+    return out;
+}
+
+ggml_tensor * slot_view(ggml_context * ctx, ggml_tensor * t, int64_t n_vis, int64_t first_slot, int64_t n_slots) {
+    const size_t offset = static_cast<size_t>(first_slot * n_vis) * t->nb[2];
+    return ggml_view_3d(ctx, t, t->ne[0], t->ne[1], n_vis * n_slots, t->nb[1], t->nb[2],
+                        offset);  // [hd, Hkv, n_slots * n_vis]
+}
+
+}  // namespace mllama

@@ -1,0 +1,27 @@
+// The projector and, for every cross-attention layer, the K/V of an image's vision tokens, built
+// into the image's graph after the vision encoder; stored in an image slot, read by the decoder.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+struct ggml_context;
+struct ggml_tensor;
+struct mllama_model;
+
+namespace mllama {
+
+struct vision_options;
+
+// Projector, then for every cross-attention layer K = k_norm(k_proj(x)) and V = v_proj(x), each
+// [head_dim, n_head_kv, max_tiles * n_positions] (vision token index = tile * n_positions + p).
+struct cross_kv {
+    std::vector<ggml_tensor *> k, v;  // one per cross-attention layer, in layer order
+};
+cross_kv build_cross_kv(ggml_context * ctx, const mllama_model & model, ggml_tensor * vision_out,
+                        const vision_options & opt);
+
+// A view of `n_slots` consecutive image slots of a cross-attention cache tensor [hd, Hkv, n_slots * n_vis].
+ggml_tensor * slot_view(ggml_context * ctx, ggml_tensor * t, int64_t n_vis, int64_t first_slot, int64_t n_slots);
+
+}  // namespace mllama

@@ -1,0 +1,65 @@
+#include "graph/inputs.h"
+
+#include "ggml-backend.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace mllama {
+
+// ref: transformers 5.23.0 modeling_mllama.py _prepare_aspect_ratio_attention_mask: only padding x
+// padding pairs are masked. Written straight into the input tensor when its buffer is host memory
+// (the mask is large: a temporary copy would cost a page fault per 4 KiB on every image).
+void set_vision_mask(ggml_tensor * dst, int64_t n_positions, int64_t n_padded, int64_t max_tiles, int32_t n_tiles) {
+    const int64_t n = n_padded * max_tiles;
+    std::vector<uint8_t> pad(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) pad[i] = (i / n_padded >= n_tiles) || (i % n_padded >= n_positions);
+    const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), neg_inf = ggml_fp32_to_fp16(-INFINITY);
+    const bool host = ggml_backend_buffer_is_host(dst->buffer);
+    std::vector<ggml_fp16_t> copy(host ? 0 : static_cast<size_t>(n * n));
+    auto * mask = host ? static_cast<ggml_fp16_t *>(dst->data) : copy.data();
+    for (int64_t q = 0; q < n; ++q) {
+        for (int64_t k = 0; k < n; ++k) mask[q * n + k] = pad[q] && pad[k] ? neg_inf : zero;
+    }
+    if (!host) ggml_backend_tensor_set(dst, copy.data(), 0, ggml_nbytes(dst));
+}
+
+// ref: transformers 5.23.0 modeling_mllama.py _prepare_cross_attention_mask and processing_mllama.py
+// get_cross_attention_token_mask (which rows see which image).
+cross_mask cross_masks(const uint8_t * row_images, int32_t n_tokens, const std::vector<int32_t> & image_tiles,
+                       int64_t n_vis, int64_t per_tile) {
+    const int32_t n_images = static_cast<int32_t>(image_tiles.size());
+    const int64_t n_keys = n_vis * n_images;
+    const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), neg_inf = ggml_fp32_to_fp16(-INFINITY);
+    cross_mask out;
+    out.mask.assign(static_cast<size_t>(n_keys * n_tokens), neg_inf);
+    out.rows.assign(static_cast<size_t>(n_tokens), 0.0f);
+    for (int32_t i = 0; i < n_tokens; ++i) {
+        ggml_fp16_t * row = out.mask.data() + static_cast<size_t>(i) * n_keys;
+        for (int32_t img = 0; img < n_images; ++img) {
+            if (!row_images[static_cast<size_t>(i) * n_images + img]) continue;
+            out.rows[i] = 1.0f;
+            const int64_t n_allowed = image_tiles[img] * per_tile;  // tiles beyond the image's count stay masked
+            std::fill(row + img * n_vis, row + img * n_vis + n_allowed, zero);
+        }
+        if (out.rows[i] == 0.0f) std::fill(row, row + n_keys, zero);  // no image: attend anywhere, output zeroed
+    }
+    return out;
+}
+
+std::vector<ggml_fp16_t> causal_mask(int32_t n_past, int32_t n_tokens) {
+    const int32_t n_kv = n_past + n_tokens;
+    std::vector<ggml_fp16_t> mask(static_cast<size_t>(n_kv) * n_tokens, ggml_fp32_to_fp16(-INFINITY));
+    for (int32_t i = 0; i < n_tokens; ++i) {
+        std::fill_n(mask.begin() + static_cast<size_t>(i) * n_kv, n_past + i + 1, ggml_fp32_to_fp16(0.0f));
+    }
+    return mask;
+}
+
+std::vector<int32_t> positions(int32_t n_past, int32_t n_tokens) {
+    std::vector<int32_t> pos(static_cast<size_t>(n_tokens));
+    for (int32_t i = 0; i < n_tokens; ++i) pos[i] = n_past + i;
+    return pos;
+}
+
+}  // namespace mllama

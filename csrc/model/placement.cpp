@@ -1,0 +1,126 @@
+#include "model/placement.h"
+
+#include "common/error.h"
+#include "gguf/conventions.h"
+#include "gguf/gguf_file.h"
+#include "model/model.h"
+#include "model/repack.h"
+#include "runtime/backend.h"
+
+#include "ggml-backend.h"
+#include "ggml.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace mllama {
+
+ggml_context * new_descriptor_context(size_t n_tensors) {
+    ggml_init_params params = {/*mem_size =*/ggml_tensor_overhead() * (n_tensors + 1), /*mem_buffer =*/nullptr,
+                               /*no_alloc =*/true};
+    ggml_context * ctx = ggml_init(params);
+    if (!ctx) fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot create a ggml context for %zu tensors", n_tensors);
+    return ctx;
+}
+
+// Quantized text matrices that ggml multiplies faster from its repacked layout go there (copied out
+// of the mapping, whose pages are then released); the embedding table stays (it is read by rows).
+static void allocate_repacked(mllama_model & m, ggml_context * ctx, const tensor_loader & loader) {
+    std::vector<ggml_tensor *> candidates;
+    for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {
+        if (t != m.text.token_embd && ggml_is_quantized(t->type)) candidates.push_back(t);
+    }
+    const std::vector<ggml_tensor *> weights = repackable(candidates, m.params.repack != 0);
+    for (ggml_tensor * t : weights) {
+        const tensor_source & src = loader.source(t);
+        m.repacked[ggml_get_name(t)] = file_span{src.file, src.file->data_offset(src.name)};
+    }
+    if (ggml_backend_buffer_t buf = load_repacked(weights, m.repacked, m.params.n_threads)) m.buffers.push_back(buf);
+}
+
+// CPU tensors not repacked point into the mapping of their file (one buffer wraps each mapping).
+static void allocate_mapped(mllama_model & m, ggml_context * ctx, ggml_backend_dev_t dev,
+                            const tensor_loader & loader) {
+    for (const auto & file : m.files) {
+        size_t max_size = 0;
+        for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {
+            if (!t->buffer && loader.source(t).file == file.get()) max_size = std::max(max_size, ggml_nbytes(t));
+        }
+        if (max_size == 0) continue;
+        uint8_t * base = const_cast<uint8_t *>(file->mapping());
+        ggml_backend_buffer_t buf = ggml_backend_dev_buffer_from_host_ptr(dev, base, file->size(), max_size);
+        if (!buf) fail(MLLAMA_ERR_BACKEND, "cannot wrap the mapping of '%s' in a CPU buffer", file->path().c_str());
+        m.buffers.push_back(buf);
+        ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {
+            const tensor_source & src = loader.source(t);
+            if (t->buffer || src.file != file.get()) continue;  // repacked, or in the other file
+            if (ggml_backend_tensor_alloc(buf, t, base + file->data_offset(src.name)) != GGML_STATUS_SUCCESS) {
+                fail(MLLAMA_ERR_BACKEND, "cannot place tensor '%s'", ggml_get_name(t));
+            }
+        }
+    }
+}
+
+// One buffer of the device for the whole context, the data read (or copied from the mapping) in.
+static void allocate_copied(mllama_model & m, ggml_context * ctx, ggml_backend_dev_t dev,
+                            const tensor_loader & loader) {
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_dev_buffer_type(dev));
+    if (!buf) fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot allocate the weights on %s", ggml_backend_dev_name(dev));
+    m.buffers.push_back(buf);
+    ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    std::vector<uint8_t> staging;
+    for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {
+        const tensor_source & src = loader.source(t);
+        const uint64_t offset = src.file->data_offset(src.name);
+        if (ggml_backend_buffer_is_host(buf)) {
+            src.file->read(offset, t->data, ggml_nbytes(t));
+        } else if (src.file->mapping()) {
+            ggml_backend_tensor_set(t, src.file->mapping() + offset, 0, ggml_nbytes(t));
+        } else {
+            staging.resize(ggml_nbytes(t));
+            src.file->read(offset, staging.data(), staging.size());
+            ggml_backend_tensor_set(t, staging.data(), 0, staging.size());
+        }
+    }
+}
+
+void allocate(mllama_model & m, ggml_context * ctx, ggml_backend_dev_t dev, bool use_mmap,
+              const tensor_loader & loader) {
+    if (!ggml_get_first_tensor(ctx)) return;
+    if (use_mmap && is_cpu(dev)) {
+        allocate_repacked(m, ctx, loader);
+        allocate_mapped(m, ctx, dev, loader);
+    } else {
+        allocate_copied(m, ctx, dev, loader);
+    }
+}
+
+// Ollama permuted the cross-attention q/k rows (RoPE-style, per head) but not q_norm/k_norm: give
+// the norms the same permutation, so the normalized q.k products equal the reference's.
+void permute_cross_norms(mllama_model & m) {
+    std::vector<ggml_tensor **> norms;
+    for (text_layer_w & l : m.text.layers) {
+        if (l.is_cross) norms.insert(norms.end(), {&l.cross.q_norm, &l.cross.k_norm});
+    }
+    if (norms.empty()) return;
+    ggml_context * ctx = new_descriptor_context(norms.size());
+    m.contexts.push_back(ctx);
+    std::vector<std::pair<ggml_tensor *, std::vector<float>>> values;
+    for (ggml_tensor ** norm : norms) {
+        std::vector<float> v(static_cast<size_t>(ggml_nelements(*norm)));
+        ggml_backend_tensor_get(*norm, v.data(), 0, v.size() * sizeof(float));
+        ggml_tensor * t = ggml_dup_tensor(ctx, *norm);
+        ggml_format_name(t, "%s (permuted)", ggml_get_name(*norm));
+        values.emplace_back(t, rope_permute_head(v));
+        *norm = t;
+    }
+    ggml_backend_dev_t dev = m.compute_device;
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_dev_buffer_type(dev));
+    if (!buf) fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot allocate the permuted norms");
+    m.buffers.push_back(buf);
+    for (auto & [t, v] : values) ggml_backend_tensor_set(t, v.data(), 0, v.size() * sizeof(float));
+}
+
+}  // namespace mllama

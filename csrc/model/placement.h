@@ -1,0 +1,36 @@
+// Where the weights go and the buffers that hold them: descriptors are created per buffer (CPU or
+// the compute device), then allocated: CPU tensors point into the file mappings (or ggml's
+// repacked CPU layout), device tensors are uploaded.
+#pragma once
+
+#include <cstddef>
+
+struct ggml_context;
+struct ggml_backend_device;
+struct mllama_model;
+
+namespace mllama {
+
+class tensor_loader;
+
+// Where the tensors of each component go: one ggml context per buffer (CPU or the device).
+struct placement {
+    ggml_context * cpu = nullptr;
+    ggml_context * device = nullptr;  // == cpu when computing on the CPU
+    int first_device_layer = 0;       // text layers >= this index go to the device
+};
+
+// A context for n_tensors descriptors (no data).
+ggml_context * new_descriptor_context(size_t n_tensors);
+
+// Allocate one context's tensors on `dev`: CPU tensors point into the file mappings when use_mmap
+// (quantized text matrices ggml multiplies from its repacked layout go there when the model's
+// params allow it), else a buffer of the device is allocated and the data copied in.
+void allocate(mllama_model & m, ggml_context * ctx, ggml_backend_device * dev, bool use_mmap,
+              const tensor_loader & loader);
+
+// Ollama permuted the cross-attention q/k rows (RoPE-style, per head) but not q_norm/k_norm: give
+// the norms the same permutation, so the normalized q.k products equal the reference's.
+void permute_cross_norms(mllama_model & m);
+
+}  // namespace mllama

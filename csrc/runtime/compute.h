@@ -1,0 +1,22 @@
+// The one loop every graph of a context goes through: build, allocate, feed the inputs, compute,
+// fetch the outputs, on the context's scheduler.
+#pragma once
+
+#include <cstddef>
+#include <functional>
+
+struct ggml_cgraph;
+struct ggml_context;
+struct mllama_context;
+
+namespace mllama {
+
+// Most nodes of one graph (the scheduler's and the graph descriptors' capacity).
+inline constexpr size_t k_max_nodes = 16384;
+
+// Build a graph with `build` (which creates and returns its input tensors through captures),
+// allocate it, let `feed` write the inputs, compute, then let `fetch` read the outputs.
+void compute(mllama_context & c, const std::function<ggml_cgraph *(ggml_context *)> & build,
+             const std::function<void()> & feed, const std::function<void()> & fetch);
+
+}  // namespace mllama

@@ -1,0 +1,108 @@
+// Image encoding: the vision encoder and the cross K/V graph of one image, stored in an image slot.
+#include "common/error.h"
+#include "graph/cross_kv.h"
+#include "graph/inputs.h"
+#include "graph/vision.h"
+#include "model/model.h"
+#include "runtime/compute.h"
+#include "runtime/context.h"
+
+#include "ggml-backend.h"
+#include "ggml.h"
+
+#include <cstring>
+#include <utility>
+#include <vector>
+
+namespace mllama {
+
+static void check_image_args(const mllama_context & c, int32_t slot, const float * pixels, int64_t n_pixels,
+                             int32_t aspect_ratio_id, int32_t n_tiles, const float * features, int64_t n_features) {
+    const vision_hparams & hp = c.model->hp.vision;
+    const int64_t want_pixels = hp.max_tiles * hp.n_channels * hp.image_size * hp.image_size;
+    const int64_t want_features = hp.max_tiles * hp.n_positions() * hp.output_dim();
+    if (slot < 0 || slot >= static_cast<int32_t>(c.slots.size())) {
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "image slot %d out of range (%zu slots)", slot, c.slots.size());
+    }
+    if (!pixels || n_pixels != want_pixels) {
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "expected %lld pixel values, got %lld", (long long) want_pixels,
+             (long long) n_pixels);
+    }
+    if (aspect_ratio_id < 1 || aspect_ratio_id > static_cast<int32_t>(hp.aspect_ratios.size())) {
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "aspect ratio id %d out of range", aspect_ratio_id);
+    }
+    const auto & [tiles_h, tiles_w] = hp.aspect_ratios[aspect_ratio_id - 1];
+    if (n_tiles != tiles_h * tiles_w) {
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "aspect ratio id %d has %d tiles, got n_tiles %d", aspect_ratio_id,
+             tiles_h * tiles_w, n_tiles);
+    }
+    if (features && n_features != want_features) {
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "feature buffer holds %lld values, %lld needed", (long long) n_features,
+             (long long) want_features);
+    }
+}
+
+void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_t n_pixels, int32_t aspect_ratio_id,
+                  int32_t n_tiles, float * features, int64_t n_features) {
+    check_image_args(c, slot, pixels, n_pixels, aspect_ratio_id, n_tiles, features, n_features);
+    const mllama_model & m = *c.model;
+    const vision_hparams & hp = m.hp.vision;
+    image_slot & s = c.slots[slot];
+    s.used = false;
+    if (c.state.cross_k.empty()) fail(MLLAMA_ERR_UNSUPPORTED, "the model has no cross-attention layers");
+    vision_inputs in;
+    ggml_tensor * out = nullptr;
+    const vision_options opt = vision_options_for(m, c.backend_device == nullptr, c.kernels);
+    auto build = [&](ggml_context * ctx) {
+        ggml_cgraph * gf = ggml_new_graph_custom(ctx, k_max_nodes, /*grads=*/false);
+        out = build_vision(ctx, m, in, opt);
+        ggml_set_output(out);
+        ggml_build_forward_expand(gf, out);
+        const cross_kv kv = build_cross_kv(ctx, m, out, opt);
+        for (size_t i = 0; i < kv.k.size(); ++i) {  // into the slot: persistent, read by the decoder
+            ggml_tensor * k_slot = slot_view(ctx, c.state.cross_k[i], c.state.n_vis, slot, /*n_slots=*/1);
+            ggml_tensor * v_slot = slot_view(ctx, c.state.cross_v[i], c.state.n_vis, slot, /*n_slots=*/1);
+            ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.k[i], k_slot));
+            ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.v[i], v_slot));
+        }
+        return gf;
+    };
+    auto feed = [&] {
+        ggml_backend_tensor_set(in.pixels, pixels, 0, ggml_nbytes(in.pixels));
+        ggml_backend_tensor_set(in.ar_id, &aspect_ratio_id, 0, sizeof(int32_t));
+        set_vision_mask(in.mask, hp.n_positions(), padded_positions(hp.n_positions()), hp.max_tiles, n_tiles);
+    };
+    auto fetch = [&] {
+        if (features) ggml_backend_tensor_get(out, features, 0, ggml_nbytes(out));
+    };
+    compute(c, build, feed, fetch);
+    s.used = true;
+    s.n_tiles = n_tiles;
+    s.aspect_ratio_id = aspect_ratio_id;
+}
+
+void read_cross_kv(const mllama_context & c, int32_t slot, int32_t cross_index, float * k, float * v, int64_t n) {
+    if (slot < 0 || slot >= static_cast<int32_t>(c.slots.size()) || !c.slots[slot].used) {
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "image slot %d holds no image", slot);
+    }
+    const context_state & st = c.state;
+    if (cross_index < 0 || cross_index >= static_cast<int32_t>(st.cross_k.size())) {
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "cross layer index %d out of range", cross_index);
+    }
+    ggml_tensor * tk = st.cross_k[cross_index];
+    ggml_tensor * tv = st.cross_v[cross_index];
+    const int64_t per_slot = tk->ne[0] * tk->ne[1] * st.n_vis;
+    if (n != per_slot) {
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "buffers hold %lld values, %lld needed", (long long) n, (long long) per_slot);
+    }
+    for (auto [t, dst] : {std::pair{tk, k}, std::pair{tv, v}}) {
+        if (!dst) continue;
+        const size_t bytes = static_cast<size_t>(per_slot) * ggml_type_size(t->type);
+        std::vector<uint8_t> raw(bytes);
+        ggml_backend_tensor_get(t, raw.data(), static_cast<size_t>(slot) * bytes, bytes);
+        if (t->type == GGML_TYPE_F32) std::memcpy(dst, raw.data(), raw.size());
+        else ggml_fp16_to_fp32_row(reinterpret_cast<const ggml_fp16_t *>(raw.data()), dst, n);
+    }
+}
+
+}  // namespace mllama
