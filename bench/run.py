@@ -5,7 +5,7 @@
     python bench/run.py --quick            # small dims, a sanity run of the whole pipeline (~1 minute)
 
 Models: the text model at 11B dimensions with 5 layers (one cross-attention layer) + the full 11B
-vision tower, as GGUF written directly (mllama.synthetic_gguf: F16 and Q4_K_M text, BF16 vision) and
+vision tower, as GGUF written directly (mllama.dev.synthetic_gguf: F16 and Q4_K_M text, BF16 vision) and
 as transformers' MllamaForConditionalGeneration built from the same config (bf16; --fp32 adds fp32);
 then the full 11B at Q4_K_M for the absolute decode speed against the memory-bandwidth roofline.
 Each engine runs in its own process (bench/workers.py), so peak RSS is its own. Figures: vision
@@ -77,7 +77,7 @@ def worker(*args: str) -> dict:
 
 
 def configs(quick: bool) -> tuple[dict, dict, dict]:
-    from mllama.synthetic_gguf import TEXT_11B, VISION_11B
+    from mllama.dev.synthetic_gguf import TEXT_11B, VISION_11B
 
     if quick:
         text = {**TEXT_11B, "hidden_size": 1024, "intermediate_size": 2048, "num_attention_heads": 8,
@@ -114,8 +114,8 @@ def main() -> None:
     out_path = args.out or HERE / "results" / ("bench-quick.json" if args.quick else "bench.json")
 
     import mllama
-    from mllama.cpu_features import cpu_report
-    from mllama.synthetic_gguf import write_synthetic_gguf
+    from mllama._native.cpu_features import cpu_report
+    from mllama.dev.synthetic_gguf import write_synthetic_gguf
 
     text, vision, full_text = configs(args.quick)
     result = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "ggml": mllama.system_info(), **cpu_report(),

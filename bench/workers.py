@@ -58,7 +58,7 @@ def prompts(n_prompt: int, n_ttft: int) -> tuple[list[int], list[int]]:
 
 def run_mllama(args) -> dict:
     import mllama
-    from mllama.engine import PreparedImage
+    from mllama.generation.engine import PreparedImage
 
     t0 = time.perf_counter()
     mllama.Model(args.model, device="cpu").close()  # warms the page cache

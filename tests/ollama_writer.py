@@ -1,4 +1,4 @@
-"""Test helper: re-create Ollama's converter output (../shared/spec/ollama-gguf.md §2) from the
+"""Test helper: re-create Ollama's converter output (Ollama's convert/convert_mllama.go) from the
 tiny HF fixture, for both generations: era B (one file, 0.7.1+) and era A (text file + projector,
 0.4-0.6). Names, gate conventions (tanh / 1 - tanh), RoPE-style q/k permutes (self- and
 cross-attention, norms untouched), era-A projector names with the fc1/fc2 swap, llama3 factors in
@@ -14,7 +14,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
-from mllama import dtypes
+from mllama._native import dtypes
 
 TEXT = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
 TEXT_LAYER = {

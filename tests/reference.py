@@ -1,5 +1,6 @@
-"""The transformers reference, patched to Meta's semantics (spec "Ground truth"), plus a PyTorch
-hook dumper that writes the same node names as mllama's tensor dumps.
+"""The transformers reference, patched to Meta's semantics (llama_models 0.3.0
+llama3/multimodal/model.py), plus a PyTorch hook dumper that writes the same node names as
+mllama's tensor dumps.
 
 Patch 1 (vision): intermediate features are the INPUT of the listed local layers (Meta's
 ImageTransformer appends x before running layer idx), not transformers 5.23's output-of-layer.
@@ -118,7 +119,7 @@ def patch_meta_text(model) -> None:
 
 
 def patch_meta(model):
-    """Both departures (spec "Ground truth"): the model then follows Meta's reference."""
+    """Both departures from Meta's code: the model then follows Meta's reference."""
     patch_meta_vision(model)
     patch_meta_text(model)
     return model

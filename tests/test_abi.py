@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import mllama
-from mllama import names
-from mllama._lib import ffi, lib
+from mllama._native import names
+from mllama._native.ffi import ffi, lib
 from mllama.convert import tensor_map
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_every_written_name_is_in_the_table_and_loaded(gguf_f32):
         assert {t.name for t in model.tensors()} == {t.name for t in reader.tensors}
 
 
-# Era-B Ollama names (../shared/spec/ollama-gguf.md §2.3): the table keeps them where the meaning is
+# Era-B Ollama names (Ollama 0.7.1+ convert/convert_mllama.go): the table keeps them where the meaning is
 # the same, so Ollama files map onto the same loader.
 OLLAMA_NAMES = [
     "token_embd.weight", "output.weight", "output_norm.weight", "rope_freqs.weight",

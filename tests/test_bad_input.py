@@ -144,7 +144,7 @@ def test_unknown_device_is_a_clear_error(gguf_f32):
 
 def test_closed_model_raises(gguf_f32):
     import mllama
-    from mllama._lib import ModelClosedError
+    from mllama import ModelClosedError
 
     model = mllama.Model(gguf_f32)
     model.close()
@@ -162,3 +162,10 @@ def test_convert_without_config_in_child(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "ConversionError:" in proc.stdout and "config.json is missing" in proc.stdout
+
+
+def test_unknown_cpu_kernel_is_refused_by_name(small_gguf):
+    import mllama
+
+    with pytest.raises(mllama.ModelLoadError, match=r"unknown CPU kernel 'bogus' in cpu_kernels 'attn,bogus'"):
+        mllama.Model(small_gguf, cpu_kernels="attn,bogus")

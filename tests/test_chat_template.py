@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from jinja2 import Environment
 
-from mllama.chat_template import TemplateError, default_template, render
+from mllama.text.chat_template import TemplateError, default_template, render
 
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "llama32-vision-instruct-chat-template.jinja"
 

@@ -12,7 +12,7 @@ import torch
 from gguf import GGUFReader
 
 import mllama
-from mllama import names
+from mllama._native import names
 from mllama.convert.tensor_map import map_name
 
 
@@ -149,15 +149,15 @@ def test_metadata_matches_the_checkpoint(reader_f32, hf_dir):
 def test_loader_hparams_match_the_config(gguf_f32):
     with mllama.Model(gguf_f32) as model:
         hp = model.hparams
-    assert (hp["n_vocab"], hp["n_vocab_embd"], hp["n_tokens"]) == (128256, 128264, 128257)
-    assert (hp["n_embd"], hp["n_ff"], hp["n_layer"], hp["n_head"], hp["n_head_kv"]) == (64, 256, 4, 4, 2)
-    assert hp["cross_attention_layers"] == [1, 3] and hp["n_cross_layer"] == 2
-    assert (hp["v_n_embd"], hp["v_n_layer"], hp["v_n_global_layer"], hp["v_n_head"]) == (32, 3, 1, 2)
-    assert (hp["v_image_size"], hp["v_patch_size"], hp["v_n_patches"], hp["v_n_positions"]) == (56, 14, 16, 17)
-    assert hp["v_output_dim"] == 96 and hp["projection_dim"] == 64
-    assert hp["aspect_ratios"][1] == (1, 2) and hp["aspect_ratios"][4] == (2, 1)
-    assert hp["rope_scaling"] == 1 and hp["rope_scaling_factor"] == 8.0 and hp["rope_orig_ctx"] == 8192
-    assert (hp["bos_token_id"], hp["eot_token_id"], hp["pad_token_id"], hp["image_token_id"]) == (128000, 128009, 128004, 128256)
+    assert (hp.n_vocab, hp.n_vocab_embd, hp.n_tokens) == (128256, 128264, 128257)
+    assert (hp.n_embd, hp.n_ff, hp.n_layer, hp.n_head, hp.n_head_kv) == (64, 256, 4, 4, 2)
+    assert hp.cross_attention_layers == (1, 3) and hp.n_cross_layer == 2
+    assert (hp.v_n_embd, hp.v_n_layer, hp.v_n_global_layer, hp.v_n_head) == (32, 3, 1, 2)
+    assert (hp.v_image_size, hp.v_patch_size, hp.v_n_patches, hp.v_n_positions) == (56, 14, 16, 17)
+    assert hp.v_output_dim == 96 and hp.projection_dim == 64
+    assert hp.aspect_ratios[1] == (1, 2) and hp.aspect_ratios[4] == (2, 1)
+    assert hp.rope_scaling == 1 and hp.rope_scaling_factor == 8.0 and hp.rope_orig_ctx == 8192
+    assert (hp.bos_token_id, hp.eot_token_id, hp.pad_token_id, hp.image_token_id) == (128000, 128009, 128004, 128256)
 
 
 def test_in_memory_transformers5_names_are_accepted(hf_dir, tmp_path, hf_weights):

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from mllama.synthetic import write_synthetic_checkpoint
+from mllama.dev.synthetic_checkpoint import write_synthetic_checkpoint
 from tiny_checkpoint import TEXT_CONFIG, VISION_CONFIG
 
 CHILD = textwrap.dedent("""

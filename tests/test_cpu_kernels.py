@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mllama
-from mllama.cpu_features import cpu_report, ggml_features, warning
+from mllama._native.cpu_features import cpu_report, ggml_features, warning
 
 KERNELS = ggml_features().get("AVX512_BF16_KERNELS") == "1"
 needs_kernels = pytest.mark.skipif(not KERNELS, reason="this CPU has no AVX-512 BF16")
@@ -25,7 +25,7 @@ def encode(path, monkeypatch, kernels: str | None, n_tiles=4, ar_id=6, dump_dir=
         monkeypatch.setenv("MLLAMA_CPU_KERNELS", kernels)
     with mllama.Model(path, dump_dir=dump_dir, dump_filter="mm.out|v.blk.0.attn_out" if dump_dir else None) as model:
         hp = model.hparams
-        shape = (hp["v_max_tiles"], 3, hp["v_image_size"], hp["v_image_size"])
+        shape = (hp.v_max_tiles, 3, hp.v_image_size, hp.v_image_size)
         pixels = np.random.default_rng(n_tiles).standard_normal(shape).astype(np.float32)
         return model.encode_pixels(pixels, ar_id, n_tiles)
 
@@ -80,10 +80,10 @@ def test_context_memory_report(small_gguf):
         before = model.memory()
         model.forward([1, 2, 3])
         after = model.memory()
-    kv_dim = hp["n_head_kv"] * (hp["n_embd"] // hp["n_head"])
-    n_cross = len(hp["cross_attention_layers"])
-    n_self = hp["n_layer"] - n_cross
-    n_vis = hp["v_max_tiles"] * ((hp["v_image_size"] // hp["v_patch_size"]) ** 2 + 1)
+    kv_dim = hp.n_head_kv * (hp.n_embd // hp.n_head)
+    n_cross = len(hp.cross_attention_layers)
+    n_self = hp.n_layer - n_cross
+    n_vis = hp.v_max_tiles * ((hp.v_image_size // hp.v_patch_size) ** 2 + 1)
     assert before["kv_cache"] == n_self * 2 * 64 * kv_dim * 4  # an F32 model keeps F32 caches
     assert before["image_slots"] == n_cross * 2 * 2 * n_vis * kv_dim * 4
     assert after["compute"] > 0
@@ -128,13 +128,13 @@ def test_repacked_weights_match_the_mapping(converted, monkeypatch):
 @needs_kernels
 def test_decode_cross_attention_kernel_matches_ggml(converted, monkeypatch, tmp_path):
     """F16 caches (the f16 model): decoding takes our GQA kernel for the cross-attention layers."""
-    from mllama.engine import PreparedImage
+    from mllama.generation.engine import PreparedImage
 
     def run(kernels: str):
         monkeypatch.setenv("MLLAMA_CPU_KERNELS", kernels)
         with mllama.Model(converted("f16"), n_ctx=64, n_image_slots=1, dump_dir=tmp_path / kernels, dump_filter="cross_out") as m:
             hp = m.hparams
-            shape = (hp["v_max_tiles"], 3, hp["v_image_size"], hp["v_image_size"])
+            shape = (hp.v_max_tiles, 3, hp.v_image_size, hp.v_image_size)
             image = PreparedImage(np.random.default_rng(0).standard_normal(shape).astype(np.float32), 6, 4, "x")
             m._engine._encode(0, image)
             prefill = np.asarray(m._engine.evaluate([128000, 128256, 1, 2, 3, 4, 5], [image]))  # 7 tokens: the kernel too

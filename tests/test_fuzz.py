@@ -35,7 +35,7 @@ def test_corpus_files_load(corpus):
     for path in corpus:
         assert path.stat().st_size < 4_000_000
         with mllama.Model(path, n_ctx=64) as model:
-            assert model.hparams["n_vocab"] == 300
+            assert model.hparams.n_vocab == 300
 
 
 def test_mutated_files_never_crash(corpus):

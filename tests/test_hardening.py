@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import mllama
-from mllama.preprocess import ImageError
+from mllama.image.preprocess import ImageError
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,8 @@ def test_hostile_prompt_text(model, text):
 def test_prompt_exactly_at_the_context_limit_and_one_past(model):
     n_ctx = model.n_ctx
     exact = [128000] + [1000] * (n_ctx - 1)
-    out = list(model.generate_tokens(exact, temperature=0.0))
-    assert len(out) <= 1 and model.last_finish_reason in ("length", "stop")
+    reply = model.stream_text(exact, temperature=0.0).finish()
+    assert reply.usage.completion_tokens <= 1 and reply.finish_reason in ("length", "stop")
     with pytest.raises(mllama.ContextOverflowError, match=f"{n_ctx + 1} tokens but the context holds {n_ctx}"):
         list(model.generate_tokens(exact + [1000], temperature=0.0))
     assert model.describe(Image.new("RGB", (50, 50)), max_tokens=3, temperature=0.0) is not None  # still usable

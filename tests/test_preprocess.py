@@ -1,4 +1,4 @@
-"""Preprocessing is bit-identical to transformers' MllamaImageProcessorPil (spec §2)."""
+"""Preprocessing is bit-identical to transformers' MllamaImageProcessorPil (transformers 5.23.0)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import mllama
-from mllama.preprocess import ImageConfig, ImageError, preprocess
+from mllama.image.preprocess import ImageConfig, ImageError, preprocess
 
 
 def reference(image: Image.Image, pre_cfg: dict):

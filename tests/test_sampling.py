@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mllama.sampling import SamplingParams, apply_penalties, find_stop, probabilities, sample
+from mllama.generation.sampling import SamplingParams, apply_penalties, find_stop, probabilities, sample
 
 
 def test_greedy_is_argmax():

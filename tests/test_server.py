@@ -184,3 +184,54 @@ def test_ollama_chat(server):
     assert status == 200, text
     reply = json.loads(text)
     assert reply["done"] is True and reply["eval_count"] <= 6 and reply["prompt_eval_count"] == 15
+
+
+def ask(base: str, kind: str, text: str, max_tokens: int) -> tuple:
+    """(content, finish reason, prompt tokens, completion tokens) of one request of a kind: an OpenAI
+    request whole or streamed (usage in the last chunk), or an Ollama /api/chat request."""
+    if kind == "ollama":
+        body = {"messages": [{"role": "user", "content": text}], "stream": False,
+                "options": {"temperature": 0, "num_predict": max_tokens}}
+        status, reply = post(base, "/api/chat", json.dumps(body).encode(), timeout=120)
+        assert status == 200, reply
+        r = json.loads(reply)
+        return r["message"]["content"], r["done_reason"], r["prompt_eval_count"], r["eval_count"]
+    body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": kind == "stream", "stream_options": {"include_usage": True}}
+    status, reply = post(base, "/v1/chat/completions", json.dumps(body).encode(), timeout=120)
+    assert status == 200, reply
+    if kind == "whole":
+        r = json.loads(reply)
+        usage = r["usage"]
+        return r["choices"][0]["message"]["content"], r["choices"][0]["finish_reason"], usage["prompt_tokens"], usage["completion_tokens"]
+    chunks = [json.loads(line[6:]) for line in reply.splitlines() if line.startswith("data: {")]
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    last = chunks[-1]
+    return content, last["choices"][0]["finish_reason"], last["usage"]["prompt_tokens"], last["usage"]["completion_tokens"]
+
+
+def test_overlapping_requests_each_carry_their_own_usage_and_finish_reason(gguf_f32):
+    """Requests queued behind each other finish while the next one runs: each response must report its
+    own token counts and finish reason (as each request gives alone), never another request's."""
+    base, proc = start_server(gguf_f32, "--max-queue", "8")
+    requests = [("whole", "Hi", 2), ("stream", "Tell me a story about a cat and a dog.", 7),
+                ("ollama", "What is two plus two?", 4), ("whole", "Name one colour, then another one.", 9),
+                ("stream", "Hello there", 1), ("ollama", "Count from one to ten, slowly please.", 5)]
+    try:
+        alone = [ask(base, *r) for r in requests]
+        assert len({(a[2], a[3]) for a in alone}) == len(alone)  # every request's usage differs: a mix-up shows
+        together: list = [None] * len(requests)
+
+        def run(i: int) -> None:
+            together[i] = ask(base, *requests[i])
+
+        for _ in range(2):
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=300)
+            assert together == alone
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import mllama
-from mllama.synthetic_gguf import write_synthetic_gguf
+from mllama.dev.synthetic_gguf import write_synthetic_gguf
 
 TEXT = {"vocab_size": 128256, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 3,
         "num_attention_heads": 4, "num_key_value_heads": 2, "cross_attention_layers": [1], "rms_norm_eps": 1e-5,

@@ -80,7 +80,7 @@ def test_logits_and_greedy_tokens(model, hf_model, name):
     assert nmse(ours, ref) <= 1e-6, nmse(ours, ref)
     # the incremental path (KV cache, one token at a time) gives the same rows
     engine = model._engine
-    step_logits = [engine.evaluate(tokens, model._prepare_images(images))]
+    step_logits = [engine.evaluate(tokens, model.prepare_images(images))]
     for t in ref_tokens[:8]:
         step_logits.append(engine.step(t, len(images)))
     assert nmse(np.stack(step_logits), ref[len(tokens) - 1:len(tokens) + 8]) <= 1e-6

@@ -8,7 +8,7 @@ import random
 import pytest
 
 import mllama
-from mllama.tokenizer import LLAMA3_PATTERN, StreamDecoder
+from mllama.text.tokenizer import LLAMA3_PATTERN, StreamDecoder
 from tiny_checkpoint import special_tokens, tokenizer_model_path
 
 FRAGMENTS = [

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import mllama
-from mllama.tools.compare_dumps import compare, first_divergence
+from mllama.dev.compare_dumps import compare, first_divergence
 from reference import HookDumper, cross_kv_reference, patch_meta_vision, vision_reference
 
 # (width, height) -> tiles (h x w) at tile size 56: 1x1, 1x2, 2x1, 1x3, 3x1, 1x4, 4x1, 2x2
@@ -49,12 +49,12 @@ def test_every_tile_count_and_orientation_is_covered(model_f32):
 @pytest.mark.parametrize("size", IMAGES, ids=[f"{w}x{h}" for w, h in IMAGES])
 def test_vision_features_f32(model_f32, hf_model, size):
     pre = mllama.preprocess(image(size), model_f32)
-    ours = model_f32.encode_pixels(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles)
+    ours = model_f32.encode_pixels(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles, slot=0)
     ref = vision_reference(hf_model, pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles)
     assert ours.shape == ref.shape == (4, 17, 96)
     assert nmse(ours, ref) <= 1e-6
     for i, (k_ref, v_ref) in enumerate(cross_kv_reference(hf_model, ref)):
-        k, v = model_f32.cross_kv(model_f32.last_image_slot, i)
+        k, v = model_f32.cross_kv(0, i)
         assert nmse(k, k_ref) <= 1e-6 and nmse(v, v_ref) <= 1e-6, i
 
 
@@ -62,11 +62,11 @@ def test_vision_features_f32(model_f32, hf_model, size):
 def test_vision_features_f16(converted, hf_model, size):
     with mllama.Model(converted("f16")) as model:
         pre = mllama.preprocess(image(size), model)
-        ours = model.encode_pixels(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles)
+        ours = model.encode_pixels(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles, slot=0)
         ref = vision_reference(hf_model, pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles)
         assert nmse(ours, ref) <= 1e-4
         for i, (k_ref, v_ref) in enumerate(cross_kv_reference(hf_model, ref)):
-            k, v = model.cross_kv(model.last_image_slot, i)
+            k, v = model.cross_kv(0, i)
             assert nmse(k, k_ref) <= 1e-4 and nmse(v, v_ref) <= 1e-4
 
 
@@ -78,7 +78,7 @@ def test_intermediate_layers_are_layer_inputs(model_f32):
     patched = build_model(seed=0)
     patch_meta_vision(patched)
     pre = mllama.preprocess(image((100, 40)), model_f32)
-    ours = model_f32.encode_pixels(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles)
+    ours = model_f32.encode_pixels(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles, slot=0)
     meta = vision_reference(patched, pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles)
     hf523 = vision_reference(unpatched, pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles)
     d = 32  # final block of channels is the same in both conventions; the rest are intermediates
@@ -145,6 +145,6 @@ def test_dump_tool_finds_an_injected_divergence(gguf_f32, tmp_path):
     results = compare(tmp_path / "bad", tmp_path / "good", threshold=1e-9)
     assert first_divergence(results).name == "v.blk.1.attn_out"
     assert all(not r.diverged for r in results[: results.index(first_divergence(results))])
-    from mllama.tools.compare_dumps import main
+    from mllama.dev.compare_dumps import main
 
     assert main([str(tmp_path / "bad"), str(tmp_path / "good")]) == 1

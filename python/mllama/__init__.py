@@ -1,34 +1,40 @@
 """mllama: Llama 3.2 Vision (architecture `mllama`) on ggml."""
 
-from ._lib import (
+from ._native.errors import (
+    ContextOverflowError,
     ConversionError,
+    ImageError,
     MllamaError,
+    ModelClosedError,
     ModelLoadError,
-    abi_version,
-    devices,
-    native_version,
-    system_info,
+    TemplateError,
 )
+from ._native.system import abi_version, devices, native_version, system_info
+from ._version import __version__
 from .convert import convert
-from .chat_template import TemplateError
-from .engine import ContextOverflowError
+from .generation.results import GenerationResult, TextStream, Timings, Usage
+from .generation.sampling import SamplingParams
+from .generation.session import Chat
+from .hparams import HParams
+from .image.preprocess import preprocess
 from .model import Model
-from .sampling import SamplingParams
-from .session import Chat
-from .preprocess import ImageError, preprocess
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Chat",
     "ContextOverflowError",
-    "SamplingParams",
-    "TemplateError",
     "ConversionError",
+    "GenerationResult",
+    "HParams",
     "ImageError",
     "MllamaError",
     "Model",
+    "ModelClosedError",
     "ModelLoadError",
+    "SamplingParams",
+    "TemplateError",
+    "TextStream",
+    "Timings",
+    "Usage",
     "__version__",
     "abi_version",
     "convert",

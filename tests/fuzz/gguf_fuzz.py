@@ -61,7 +61,7 @@ WORKER = r"""
 import json, os, resource, sys
 if "asan" not in os.environ.get("LD_PRELOAD", ""):  # AddressSanitizer reserves terabytes of address space
     resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
-from mllama._lib import ffi, lib
+from mllama._native.ffi import ffi, lib
 params = ffi.new("mllama_model_params *", lib.mllama_model_default_params())
 ctx_params = ffi.new("mllama_context_params *", lib.mllama_context_default_params())
 ctx_params.n_ctx, ctx_params.n_image_slots = 64, 1

@@ -12,33 +12,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <deque>
 #include <limits>
-#include <mutex>
 #include <vector>
 
 namespace mllama {
 namespace {
 
 constexpr int64_t k_block = 64;  // keys per softmax step
-
-// The op's parameters. ggml keeps only the userdata pointer until the graph has run, so they live in
-// a process-wide table with one entry per distinct scale (one per head size in practice); entries
-// are never removed and a deque never moves them, so every pointer handed out stays valid.
-struct attend_params {
-    float scale;
-};
-
-const attend_params * params_for(float scale) {
-    static std::mutex mutex;
-    static std::deque<attend_params> table;
-    std::lock_guard<std::mutex> lock(mutex);
-    for (const attend_params & p : table) {
-        if (p.scale == scale) return &p;
-    }
-    table.push_back({scale});
-    return &table.back();
-}
 
 struct shape {
     int64_t D, Hq, T, Hkv, n_kv, G;  // head size, query heads, tokens, KV heads, keys, queries per KV head
@@ -122,7 +102,7 @@ MLLAMA_AVX512_TARGET void group_block(const ggml_tensor * dst, const shape & s, 
 
 // KV heads h0..h1 and token t. Keys in the outer loop: the cache holds a key's heads side by
 // side, so the threads (each with its own heads) stream the cache instead of striding through it.
-MLLAMA_AVX512_TARGET void attend_heads(ggml_tensor * dst, const shape & s, int64_t h0, int64_t h1, int64_t t, float scale) {
+MLLAMA_AVX512_TARGET void attend_heads(ggml_tensor * dst, const shape & s, int64_t h0, int64_t h1, int64_t t) {
     const ggml_tensor * q = dst->src[0], * mask = dst->src[3];
     const int64_t n_q = (h1 - h0) * s.G;
     std::vector<float> buf(static_cast<size_t>(2 * n_q * s.D));
@@ -130,7 +110,7 @@ MLLAMA_AVX512_TARGET void attend_heads(ggml_tensor * dst, const shape & s, int64
     for (int64_t i = 0; i < n_q; ++i) {
         const auto * qr = reinterpret_cast<const float *>(static_cast<const char *>(q->data) + (h0 * s.G + i) * q->nb[1] + t * q->nb[2]);
         qs[i] = {buf.data() + 2 * i * s.D, buf.data() + (2 * i + 1) * s.D, -std::numeric_limits<float>::infinity(), 0.0f};
-        for (int64_t d = 0; d < s.D; ++d) qs[i].q[d] = qr[d] * scale;
+        std::copy(qr, qr + s.D, qs[i].q);
     }
     const auto * mrow = reinterpret_cast<const ggml_fp16_t *>(static_cast<const char *>(mask->data) + t * mask->nb[1]);
     for (int64_t j0 = 0; j0 < s.n_kv; j0 += k_block)
@@ -143,15 +123,13 @@ MLLAMA_AVX512_TARGET void attend_heads(ggml_tensor * dst, const shape & s, int64
 }
 
 // Each thread takes a contiguous range of (token, KV head) pairs, cut into per-token head ranges.
-// userdata: the attend_params.
-void attend(ggml_tensor * dst, int ith, int nth, void * userdata) {
+void attend(ggml_tensor * dst, int ith, int nth, void *) {
     const shape s = shape_of(dst->src[0], dst->src[1]);
-    const float scale = static_cast<const attend_params *>(userdata)->scale;
     const int64_t total = s.Hkv * s.T, per = (total + nth - 1) / nth;
     const int64_t w0 = std::min(total, per * ith), w1 = std::min(total, w0 + per);
     for (int64_t w = w0; w < w1;) {
         const int64_t t = w / s.Hkv, h0 = w % s.Hkv, h1 = std::min(s.Hkv, h0 + (w1 - w));
-        attend_heads(dst, s, h0, h1, t, scale);
+        attend_heads(dst, s, h0, h1, t);
         w += h1 - h0;
     }
 }
@@ -168,9 +146,11 @@ bool decode_attention_supported(const ggml_tensor * q, const ggml_tensor * k, co
 }
 
 ggml_tensor * decode_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask, float scale) {
-    ggml_tensor * args[] = {q, k, v, mask};
+    // the scale goes on the query in the graph (the same F32 products the kernel would take), so the
+    // op needs no parameters
+    ggml_tensor * args[] = {ggml_scale(ctx, q, scale), k, v, mask};  // q: [D, Hq, T]
     return ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0] * q->ne[1], q->ne[2], 1, 1, args, /*n_args=*/4, attend,
-                          GGML_N_TASKS_MAX, const_cast<attend_params *>(params_for(scale)));  // [D * Hq, T]
+                          GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // [D * Hq, T]
 }
 
 }  // namespace mllama

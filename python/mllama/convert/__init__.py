@@ -17,9 +17,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import names
-from .. import dtypes as T
-from .._lib import ConversionError
+from .._native import dtypes as T
+from .._native import names
+from .._native.errors import ConversionError
+from ..model import Model
 from .hf_config import metadata, read_config
 from .safetensors import SourceTensor, open_checkpoint
 from .tensor_map import VISION_TABLES, Target, map_name
@@ -123,7 +124,6 @@ def _progress(total: int, enabled: bool) -> tuple[Callable[[int], None], Callabl
 
 
 def _verify(path: Path) -> None:
-    from ..model import Model
 
     try:
         Model(path, device="cpu").close()

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._lib import ConversionError
+from .._native.errors import ConversionError
+from .._native.system import default_aspect_ratios, image_defaults
 from .tokenizer import TokenizerData
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 @dataclass
@@ -86,8 +85,8 @@ def _vision_keys(cfg: HFConfig) -> dict[str, Any]:
     max_tiles = int(v.get("max_num_tiles", 4))
     if pre and int(pre.get("max_image_tiles", max_tiles)) != max_tiles:
         raise ConversionError("preprocessor max_image_tiles differs from vision max_num_tiles")
-    ratios = v.get("supported_aspect_ratios") or [[a, b] for a in range(1, max_tiles + 1)
-                                                   for b in range(1, max_tiles + 1) if a * b <= max_tiles]
+    ratios = v.get("supported_aspect_ratios") or [list(r) for r in default_aspect_ratios(max_tiles)]
+    mean, std = image_defaults()
     return {
         "V_BLOCK_COUNT": int(_need(v, "num_hidden_layers", "vision_config")),
         "V_GLOBAL_BLOCK_COUNT": int(_need(v, "num_global_layers", "vision_config")),
@@ -101,8 +100,8 @@ def _vision_keys(cfg: HFConfig) -> dict[str, Any]:
         "V_NUM_CHANNELS": int(v.get("num_channels", 3)),
         "V_MAX_NUM_TILES": max_tiles,
         "V_ASPECT_RATIOS": [int(x) for pair in ratios for x in pair],
-        "V_IMAGE_MEAN": [float(x) for x in pre.get("image_mean", CLIP_MEAN)],
-        "V_IMAGE_STD": [float(x) for x in pre.get("image_std", CLIP_STD)],
+        "V_IMAGE_MEAN": [float(x) for x in pre.get("image_mean", mean)],
+        "V_IMAGE_STD": [float(x) for x in pre.get("image_std", std)],
         "V_PROJECTION_DIM": int(_need(cfg.text, "hidden_size", "text_config")),
     }
 

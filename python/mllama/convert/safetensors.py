@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .._lib import ConversionError
+from .._native.errors import ConversionError
 
 _DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
 _MAX_HEADER = 100 * 1024 * 1024

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .._lib import ConversionError
+from .._native.errors import ConversionError
 
 # Component prefixes (hub names first, then transformers-5 in-memory names).
 _PREFIXES = [

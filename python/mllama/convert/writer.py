@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
-from .. import dtypes as T
+from .._native import dtypes as T
 from .safetensors import SourceTensor
 
 CHUNK_BYTES = 16 * 1024 * 1024  # float32 bytes converted at once

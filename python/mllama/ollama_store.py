@@ -10,7 +10,8 @@ import json
 import os
 from pathlib import Path
 
-from ._lib import ModelLoadError
+from ._native.errors import ModelLoadError
+from .settings import cache_dir
 
 MODEL_MEDIA = "application/vnd.ollama.image.model"
 PROJECTOR_MEDIA = "application/vnd.ollama.image.projector"
@@ -36,8 +37,7 @@ def manifest_path(root: Path, reference: str) -> Path:
 
 
 def _verified_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mllama" / "ollama_verified.json"
+    return cache_dir() / "ollama_verified.json"
 
 
 def _check_blob(path: Path, digest: str, size: int | None) -> None:

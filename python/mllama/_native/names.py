@@ -1,11 +1,11 @@
-"""GGUF key and tensor names, read from the C library's table (csrc/arch.h) so that the converter
+"""GGUF key and tensor names, read from the C library's table (csrc/gguf/names.h) so that the converter
 writes exactly the names the loader reads. There is no second copy of the table in Python."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 
-from ._lib import call, cstr, ffi, lib
+from .ffi import call, cstr, ffi, lib
 
 
 @lru_cache(maxsize=1)

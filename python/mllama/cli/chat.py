@@ -1,14 +1,17 @@
-"""`mllama chat` (an interactive REPL, or one answer when stdin is not a terminal) and
-`mllama describe` (one-shot descriptions of images, streamed)."""
+"""`mllama chat`: an interactive REPL (/image, /clear, /save, /help, /exit), or one answer when
+stdin is not a terminal."""
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
-import os
 import sys
-import time
 from pathlib import Path
+
+from .._native.errors import MllamaError
+from ..settings import cache_dir
+from .common import add_model_flags, add_sampling_flags, check_images, load_model, print_stream, sampling_from
 
 HELP = """commands:
   /image PATH   attach an image to the next message
@@ -18,74 +21,14 @@ HELP = """commands:
   /exit         quit (also Ctrl-D; Ctrl-C stops a reply, twice at the prompt quits)"""
 
 
-def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling (defaults: the model file's generation config)")
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--min-p", type=float)
-    g.add_argument("--repeat-penalty", type=float)
-    g.add_argument("--presence-penalty", type=float)
-    g.add_argument("--frequency-penalty", type=float)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--max-tokens", type=int)
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
-
-
-def sampling_from(args: argparse.Namespace) -> dict:
-    keys = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty",
-            "seed", "max_tokens", "stop")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-
-
-def load_model(args: argparse.Namespace):
-    from .cli import _model_arg
-    from .model import Model
-
-    return Model(_model_arg(args.model), projector=getattr(args, "projector", None), n_ctx=args.ctx, device=args.device)
-
-
-def _check_images(paths: list[str]) -> list[str]:
-    from ._lib import MllamaError
-
-    for p in paths:
-        if not Path(p).is_file():
-            raise MllamaError(f"no such image file: {p}")
-    return paths
-
-
-def _stream(pieces, verbose: bool, model) -> str:
-    start, first, text = time.perf_counter(), None, []
-    for piece in pieces:
-        if first is None:
-            first = time.perf_counter()
-        text.append(piece)
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    if verbose and first is not None:
-        n = model.last_usage["completion_tokens"]
-        gen = time.perf_counter() - first
-        print(f"[{n} tokens, time to first token {first - start:.2f} s, {max(n - 1, 0) / gen if gen > 0 else 0:.1f} tok/s]",
-              file=sys.stderr)
-    return "".join(text)
-
-
-def cmd_describe(args: argparse.Namespace) -> int:
-    images = _check_images(args.images)
-    with load_model(args) as model:
-        for path in images:
-            if args.json:
-                reply = model.chat([{"role": "user", "content": [{"type": "image", "image": path},
-                                                                  {"type": "text", "text": args.prompt}]}], **sampling_from(args))
-                print(json.dumps({"image": path, "description": reply["choices"][0]["message"]["content"],
-                                  "finish_reason": reply["choices"][0]["finish_reason"], "usage": reply["usage"]}))
-                continue
-            if len(images) > 1:
-                print(f"== {path}")
-            chat = model.chat_session(**sampling_from(args))
-            _stream(chat.send(args.prompt, images=[path], stream=True), args.verbose, model)
-    return 0
+def add_parser(sub) -> None:
+    p = sub.add_parser("chat", help="interactive chat (or one answer for a prompt piped on stdin)",
+                       epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    p.add_argument("--image", action="append", help="attach an image to the first message (repeatable)")
+    p.add_argument("--system", help="system prompt (the template refuses it together with images)")
+    add_sampling_flags(p)
+    p.set_defaults(func=run)
 
 
 def _setup_readline() -> None:
@@ -93,13 +36,11 @@ def _setup_readline() -> None:
         import readline
     except ImportError:  # pragma: no cover - not on every platform
         return
-    history = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mllama" / "chat_history"
+    history = cache_dir() / "chat_history"
     try:
         history.parent.mkdir(parents=True, exist_ok=True)
         if history.exists():
             readline.read_history_file(history)
-        import atexit
-
         atexit.register(readline.write_history_file, history)
     except OSError:
         pass
@@ -144,14 +85,14 @@ def _serializable(messages: list[dict]) -> list[dict]:
     return out
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
-    images = _check_images(args.image or [])
+def run(args: argparse.Namespace) -> int:
+    images = check_images(args.image or [])
     with load_model(args) as model:
         chat = model.chat_session(system=args.system, **sampling_from(args))
         if not sys.stdin.isatty():
             prompt = sys.stdin.read().strip()
             if prompt:
-                _stream(chat.send(prompt, images=images, stream=True), args.verbose, model)
+                print_stream(chat.send(prompt, images=images, stream=True), args.verbose)
             return 0
         _setup_readline()
         print(f"mllama chat: {model.name} ({model.info['device']}). /help for commands, Ctrl-D to quit.")
@@ -177,13 +118,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 if not _command(line, chat, pending):
                     return 0
                 continue
-            from ._lib import MllamaError
-
             n_messages = len(chat.messages)
             try:
                 stream = chat.send(line, images=pending, stream=True)
                 pending = []
-                _stream(stream, args.verbose, model)
+                print_stream(stream, args.verbose)
             except KeyboardInterrupt:
                 print("\n[stopped]")
             except (MllamaError, ValueError) as exc:

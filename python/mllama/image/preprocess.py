@@ -1,5 +1,5 @@
-"""Image preprocessing for Llama 3.2 Vision, bit-exact with transformers' MllamaImageProcessorPil
-(spec ../shared/spec/mllama-reference.md §2): canvas choice, resize without distortion (Pillow
+"""Image preprocessing for Llama 3.2 Vision, bit-exact with transformers 5.23.0's MllamaImageProcessorPil
+(models/mllama/image_processing_pil_mllama.py): canvas choice, resize without distortion (Pillow
 BILINEAR), zero padding bottom/right, rescale + CLIP normalization, row-major tiles, unused tiles
 exactly 0.0. Pure Pillow + numpy; every constant comes from the model file.
 """
@@ -16,11 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from ._lib import MllamaError
-
-
-class ImageError(MllamaError, ValueError):
-    """An image could not be read or converted (corrupt, truncated, unsupported, too large)."""
+from .._native.errors import ImageError
+from .._native.system import default_aspect_ratios, image_defaults
+from ..hparams import HParams
 
 
 @dataclass(frozen=True)
@@ -33,16 +31,18 @@ class ImageConfig:
     rescale_factor: float = 1 / 255
 
     @classmethod
-    def from_hparams(cls, hp: dict) -> "ImageConfig":
-        return cls(hp["v_image_size"], hp["v_max_tiles"], tuple(tuple(r) for r in hp["aspect_ratios"]),
-                   tuple(hp["image_mean"]), tuple(hp["image_std"]))
+    def from_hparams(cls, hp) -> "ImageConfig":
+        """From a model's HParams."""
+        return cls(hp.v_image_size, hp.v_max_tiles, tuple(tuple(r) for r in hp.aspect_ratios),
+                   tuple(hp.image_mean), tuple(hp.image_std))
 
     @classmethod
     def from_preprocessor_config(cls, cfg: dict) -> "ImageConfig":
         """From a Hugging Face preprocessor_config.json dict."""
         n = int(cfg.get("max_image_tiles", 4))
-        ratios = tuple((a, b) for a in range(1, n + 1) for b in range(1, n + 1) if a * b <= n)
-        return cls(int(cfg["size"]["height"]), n, ratios, tuple(cfg["image_mean"]), tuple(cfg["image_std"]),
+        mean, std = image_defaults()
+        return cls(int(cfg["size"]["height"]), n, default_aspect_ratios(n), tuple(cfg.get("image_mean", mean)),
+                   tuple(cfg.get("image_std", std)),
                    float(cfg.get("rescale_factor", 1 / 255)))
 
 
@@ -180,9 +180,9 @@ def preprocess_rgb(rgb: np.ndarray, cfg: ImageConfig) -> Preprocessed:
 def image_config(model_or_config: Any) -> ImageConfig:
     if isinstance(model_or_config, ImageConfig):
         return model_or_config
+    if isinstance(model_or_config, HParams):
+        return ImageConfig.from_hparams(model_or_config)
     if isinstance(model_or_config, dict):
-        if "v_image_size" in model_or_config:
-            return ImageConfig.from_hparams(model_or_config)
         return ImageConfig.from_preprocessor_config(model_or_config)
     if hasattr(model_or_config, "image_config"):
         return model_or_config.image_config

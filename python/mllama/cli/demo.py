@@ -6,11 +6,20 @@ the words are meaningless; every stage of the real pipeline runs."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .._version import __version__
+from ..convert import convert
+from ..dev.synthetic_checkpoint import reference_preprocessor_config, write_llama3_tokenizer, write_synthetic_checkpoint
+from ..model import Model
+from ..settings import cache_dir
+from ..text.chat_template import default_template
 
 DEMO_VERSION = 2
 TEXT = {"vocab_size": 128256, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -22,36 +31,21 @@ TEXT = {"vocab_size": 128256, "hidden_size": 128, "intermediate_size": 256, "num
 VISION = {"hidden_size": 64, "attention_heads": 4, "intermediate_size": 128, "num_hidden_layers": 4, "num_global_layers": 2,
           "intermediate_layers_indices": [1, 3], "vision_output_dim": 192, "image_size": 112, "patch_size": 14,
           "max_num_tiles": 4, "num_channels": 3, "norm_eps": 1e-5, "hidden_act": "gelu"}
-PREPROCESSOR = {"do_convert_rgb": True, "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
-                "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-                "max_image_tiles": 4, "resample": 2, "rescale_factor": 1 / 255, "size": {"height": 112, "width": 112}}
 GENERATION = {"bos_token_id": 128000, "do_sample": True, "eos_token_id": [128001, 128008, 128009], "pad_token_id": 128004,
               "temperature": 0.6, "top_p": 0.9}
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mllama"
-
-
 def build_demo_model(path: Path, progress: bool) -> None:
-    from .chat_template import default_template
-    from .convert import convert
-    from .synthetic import write_llama3_tokenizer, write_synthetic_checkpoint
-
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "mllama-demo-random"
         write_llama3_tokenizer(folder / "tok", default_template())
-        (folder / "tok" / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+        (folder / "tok" / "preprocessor_config.json").write_text(json.dumps(reference_preprocessor_config(VISION["image_size"], VISION["max_num_tiles"])))
         (folder / "tok" / "generation_config.json").write_text(json.dumps(GENERATION))
         write_synthetic_checkpoint(folder, TEXT, VISION, tokenizer_from=folder / "tok", seed=DEMO_VERSION)
         convert(folder, path, type="f16", force=True, progress=progress)
 
 
 def demo_image():
-    import numpy as np
-    from PIL import Image, ImageDraw
-
     y, x = np.mgrid[0:240, 0:320]
     rgb = np.stack([x * 255 // 319, y * 255 // 239, np.full_like(x, 128)], axis=-1).astype(np.uint8)
     image = Image.fromarray(rgb)
@@ -62,9 +56,6 @@ def demo_image():
 
 
 def run_demo(quiet: bool = False) -> int:
-    from . import __version__
-    from .model import Model
-
     say = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, file=sys.stderr))
     path = cache_dir() / f"demo-random-v{DEMO_VERSION}.gguf"
     t0 = time.perf_counter()
@@ -82,18 +73,24 @@ def run_demo(quiet: bool = False) -> int:
         features = model.encode_image(image)
         say(f"  preprocess + vision encoder: {time.perf_counter() - t0:.3f} s -> features {tuple(features.shape)}")
         t0 = time.perf_counter()
-        first = None
+        chat = model.chat_session(temperature=1.0, top_p=0.95, seed=0, max_tokens=24)
+        reply = chat.send("Describe this image.", images=[image], stream=True)
         pieces = []
-        for piece in model.chat_session(temperature=1.0, top_p=0.95, seed=0, max_tokens=24).send("Describe this image.", images=[image], stream=True):
-            first = first or time.perf_counter()
+        for piece in reply:
             pieces.append(piece)
             if not quiet:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         end = time.perf_counter()
         print("" if not quiet else "".join(pieces))
-        n = model.last_usage["completion_tokens"]
-        say(f"  prompt {model.last_usage['prompt_tokens']} tokens, time to first token {(first or end) - t0:.3f} s, "
-            f"{n} tokens generated in {end - t0:.3f} s")
+        usage, timings = reply.result.usage, reply.result.timings
+        say(f"  prompt {usage.prompt_tokens} tokens, time to first token {timings.prompt_s:.3f} s, "
+            f"{usage.completion_tokens} tokens generated in {end - t0:.3f} s")
     say("demo OK")
     return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole pipeline on a small random-weight model (no download)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the generated text")
+    p.set_defaults(func=lambda args: run_demo(quiet=args.quiet))

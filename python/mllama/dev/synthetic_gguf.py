@@ -5,7 +5,7 @@ the spread of a trained model's (std ~ 1/sqrt(row length), mean ~ 0); the metada
 and layout are exactly the converter's (same plan, same keys), so the runtime cannot tell the file
 from a converted one. For benchmarks: speed does not depend on the values.
 
-    python -m mllama.synthetic_gguf out.gguf --preset 11b --type q4_k_m
+    python -m mllama.dev.synthetic_gguf out.gguf --preset 11b --type q4_k_m
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from typing import Iterator
 
 import numpy as np
 
-from . import dtypes as T
-from .convert import file_metadata, plan
-from .convert.hf_config import metadata, read_config
-from .convert.tokenizer import read_tokenizer
-from .convert.writer import write_gguf
-from .synthetic import hub_tensor_shapes, write_llama3_tokenizer
+from .._native import dtypes as T
+from ..convert import file_metadata, plan
+from ..convert.hf_config import metadata, read_config
+from ..convert.tokenizer import read_tokenizer
+from ..convert.writer import write_gguf
+from .synthetic_checkpoint import hub_tensor_shapes, reference_preprocessor_config, write_llama3_tokenizer
 
 TEXT_11B = {
     "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 40,
@@ -43,10 +43,6 @@ VISION_11B = {
     "supported_aspect_ratios": [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
 }
 PRESETS = {"11b": (TEXT_11B, VISION_11B)}
-PREPROCESSOR = {"do_convert_rgb": True, "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
-                "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-                "max_image_tiles": 4, "resample": 2, "rescale_factor": 1 / 255}
-
 # Quantized block layouts: bytes per block, then (offset, std of the dequantized value per unit
 # of the f16 scale at that offset) and, for the k-quants with a min, (offset, ratio min/scale)
 # that centres the values. See ggml-common.h for the block structs.
@@ -120,7 +116,7 @@ def write_synthetic_gguf(path: str | os.PathLike, text: dict, vision: dict, *, t
                   "vision_config": {"model_type": "mllama_vision_model", **vision}}
         (folder / "config.json").write_text(json.dumps(config))
         (folder / "preprocessor_config.json").write_text(json.dumps(
-            {**PREPROCESSOR, "size": {"height": vision["image_size"], "width": vision["image_size"]}}))
+            reference_preprocessor_config(vision["image_size"], vision["max_num_tiles"])))
         meta = metadata(read_config(folder), tok := read_tokenizer(folder))
     sources = {name: RandomSource(name, shape, seed + i) for i, (name, shape) in enumerate(hub_tensor_shapes(text, vision).items())}
     tensors = plan(sources, type.lower(), T.lookup(vision_type), int(meta["BLOCK_COUNT"]))

@@ -1,24 +1,25 @@
-"""The generation API of Model: tokenize, forward, generate, describe, chat (OpenAI-shaped), and
-the streaming loop with stop strings. Mixed into mllama.Model; uses its engine under its lock."""
+"""The generation API of Model: tokenize, forward, generate, stream_text, describe, chat
+(OpenAI-shaped). Mixed into mllama.Model; uses its engine under its lock. Every call returns its own
+results (a TextStream's GenerationResult, a response dict): nothing about a request is kept on the model."""
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from typing import Any, Iterator
 
 import numpy as np
 
-from .chat_template import default_template, normalize, render_segments
-from ._lib import MllamaError
-from .engine import PreparedImage, image_key
+from .._native.errors import MllamaError
+from ..text.chat_template import default_template, normalize, render_segments
+from ..text.tokenizer import StreamDecoder
+from . import openai
+from .engine import PreparedImage, prepare_images
+from .results import GenerationResult, RunRecord, TextStream, Timings, Usage
 from .sampling import SamplingParams, find_stop, sample
-from .tokenizer import StreamDecoder
 
 
 class GenerationMixin:
-    # --- tokens -----------------------------------------------------------------------------
+    # --- tokens and images ------------------------------------------------------------------
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
         """Token ids of text (no BOS added); special-token strings count only with special=True."""
         return self.tokenizer.encode(text, allow_special=special)
@@ -26,24 +27,14 @@ class GenerationMixin:
     def detokenize(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(list(tokens))
 
-    def _prepare_images(self, images) -> list[PreparedImage]:
-        from .preprocess import preprocess
-
-        out = []
-        for image in images:
-            if isinstance(image, PreparedImage):
-                out.append(image)
-                continue
-            pre = preprocess(image, self.image_config)
-            source = str(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__
-            out.append(PreparedImage(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles,
-                                     image_key(pre.pixel_values, pre.aspect_ratio_id), source))
-        return out
+    def prepare_images(self, images) -> list[PreparedImage]:
+        """Preprocess images once for later calls (a PreparedImage passes through unchanged)."""
+        return prepare_images(images, self.image_config)
 
     def forward(self, token_ids: list[int], images=()) -> np.ndarray:
         """Logits of every position (n_tokens x n_vocab) for a fresh sequence; images attach to the
         <|image|> tokens in order."""
-        prepared = self._prepare_images(images)
+        prepared = self.prepare_images(images)
         with self._lock:
             self._handle()
             if self._generating:
@@ -65,7 +56,7 @@ class GenerationMixin:
     def chat_prompt(self, messages: list[dict], *, add_generation_prompt: bool = True) -> tuple[list[int], list[Any]]:
         """Token ids and images of a conversation rendered with the model's chat template."""
         conv = normalize(messages)
-        bos = self.tokenizer.decode([self.hparams_cached["bos_token_id"]])
+        bos = self.tokenizer.decode([self.hparams.bos_token_id])
         segments = render_segments(self.chat_template, conv, bos_token=bos, add_generation_prompt=add_generation_prompt)
         tokens: list[int] = []
         for text, user in segments:
@@ -74,7 +65,7 @@ class GenerationMixin:
 
     @property
     def chat_template(self) -> str:
-        return self._meta_string("tokenizer.chat_template") or default_template()
+        return self.meta_string("tokenizer.chat_template") or default_template()
 
     # --- generation -------------------------------------------------------------------------
     def sampling_params(self, **overrides) -> SamplingParams:
@@ -82,8 +73,11 @@ class GenerationMixin:
 
     def generate_tokens(self, tokens: list[int], images=(), **sampling) -> Iterator[int]:
         """Generated token ids (end-of-generation ids excluded)."""
-        params = self.sampling_params(**sampling)
-        prepared = self._prepare_images(images)
+        params, prepared = self.sampling_params(**sampling), self.prepare_images(images)
+        yield from self._tokens(list(tokens), prepared, params, RunRecord(prompt_tokens=len(tokens)))
+
+    def _tokens(self, tokens: list[int], prepared: list[PreparedImage], params: SamplingParams,
+                record: RunRecord) -> Iterator[int]:
         rng = np.random.default_rng(params.seed)
         with self._lock:
             self._handle()
@@ -91,25 +85,28 @@ class GenerationMixin:
                 raise MllamaError("the model is busy with another generation: finish or close it first")
             self._generating = True
             try:
-                yield from self._generate_locked(list(tokens), prepared, params, rng)
+                yield from self._generate_locked(tokens, prepared, params, rng, record)
             finally:
                 self._generating = False
 
-    def _generate_locked(self, tokens: list[int], prepared, params, rng) -> Iterator[int]:
+    def _generate_locked(self, tokens: list[int], prepared, params, rng, record: RunRecord) -> Iterator[int]:
         engine = self._engine
+        record.started = time.perf_counter()
         logits = engine.evaluate(tokens, prepared)  # ContextOverflowError past n_ctx
         history = list(tokens)
         # the last sampled token is never evaluated, so a full context still yields one token
         room = engine.n_ctx - len(tokens) + 1
         limit = min(params.max_tokens, room) if params.max_tokens is not None else room
-        self.last_finish_reason = "length"
         for _ in range(limit):
             if not np.isfinite(logits).all():
                 raise MllamaError("the model produced non-finite logits (NaN or Inf): corrupt weights or a numeric overflow")
             token = sample(logits, history, params, rng)
+            if record.first_token is None:
+                record.first_token = time.perf_counter()
             if token in self.eog_ids:
-                self.last_finish_reason = "stop"
+                record.finish_reason = "stop"
                 return
+            record.completion_tokens += 1
             yield token
             history.append(token)
             if len(engine.state.tokens) >= engine.n_ctx:
@@ -121,33 +118,39 @@ class GenerationMixin:
         pieces, or the whole text with stream=False. Stops at an end-of-generation token, a stop
         string, max_tokens or the end of the context."""
         tokens = self.tokenize(prompt, special=True) if isinstance(prompt, str) else list(prompt)
-        pieces = self._stream_text(tokens, images, **sampling)
-        return pieces if stream else "".join(pieces)
+        pieces = self.stream_text(tokens, images, **sampling)
+        return pieces if stream else pieces.finish().text
 
-    def _stream_text(self, tokens: list[int], images, **sampling) -> Iterator[str]:
-        params = self.sampling_params(**sampling)
+    def stream_text(self, tokens: list[int], images=(), **sampling) -> TextStream:
+        """The reply to prompt tokens as a TextStream: text pieces as they come (stop strings held back
+        and cut), then its GenerationResult (text, finish reason, usage, timings) in `.result`."""
+        tokens = list(tokens)
+        return TextStream(lambda stream: self._text_pieces(stream, tokens, images, sampling))
+
+    def _text_pieces(self, stream: TextStream, tokens: list[int], images, sampling: dict) -> Iterator[str]:
+        params, prepared = self.sampling_params(**sampling), self.prepare_images(images)
+        record = RunRecord(prompt_tokens=len(tokens))
         decoder = StreamDecoder(self.tokenizer)
-        pending = ""
-        self.last_usage = {"prompt_tokens": len(tokens), "completion_tokens": 0}
-        for token in self.generate_tokens(tokens, images, **sampling):
-            self.last_usage["completion_tokens"] += 1
+        pending, text = "", []
+        for token in self._tokens(tokens, prepared, params, record):
             pending += decoder.push(token)
             cut, hold = find_stop(pending, params.stop)
             if cut >= 0:
-                if pending[:cut]:
-                    yield pending[:cut]
-                self.last_finish_reason = "stop"
-                return
+                pending, record.finish_reason = pending[:cut], "stop"
+                break
             if len(pending) > hold:
-                yield pending[:len(pending) - hold]
+                text.append(pending[:len(pending) - hold])
+                yield text[-1]
                 pending = pending[len(pending) - hold:]
-        pending += decoder.flush()
-        cut, _ = find_stop(pending, params.stop)
-        if cut >= 0:
-            pending = pending[:cut]
-            self.last_finish_reason = "stop"
+        else:
+            pending += decoder.flush()
+            cut, _ = find_stop(pending, params.stop)
+            if cut >= 0:
+                pending, record.finish_reason = pending[:cut], "stop"
         if pending:
+            text.append(pending)
             yield pending
+        stream.result = _result("".join(text), record)
 
     def describe(self, image, prompt: str = "Describe this image.", **sampling) -> str:
         """A description of one image (a one-turn chat: the image, then the prompt)."""
@@ -158,30 +161,24 @@ class GenerationMixin:
     def chat(self, messages: list[dict], *, stream: bool = False, **sampling):
         """An OpenAI-shaped chat completion (or, with stream=True, an iterator of chunks)."""
         tokens, images = self.chat_prompt(messages)
-        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        cid, created = openai.completion_id(), openai.now()
         if stream:
-            return self._chat_chunks(completion_id, tokens, images, **sampling)
-        text = "".join(self._stream_text(tokens, images, **sampling))
-        return {
-            "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": self.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": self.last_finish_reason}],
-            "usage": self._usage(),
-        }
+            return self._chat_chunks(cid, created, self.stream_text(tokens, images, **sampling))
+        return openai.response(cid, created, self.name, self.stream_text(tokens, images, **sampling).finish())
 
     create_chat_completion = chat  # llama-cpp-python's name
 
-    def _usage(self) -> dict:
-        u = self.last_usage
-        return {**u, "total_tokens": u["prompt_tokens"] + u["completion_tokens"]}
+    def _chat_chunks(self, cid: str, created: int, pieces: TextStream) -> Iterator[dict]:
+        yield openai.chunk(cid, created, self.name, {"role": "assistant", "content": ""}, None)
+        for piece in pieces:
+            yield openai.chunk(cid, created, self.name, {"content": piece}, None)
+        result = pieces.result
+        yield openai.chunk(cid, created, self.name, {}, result.finish_reason, usage=result.usage.as_dict())
 
-    def _chat_chunks(self, completion_id: str, tokens: list[int], images, **sampling) -> Iterator[dict]:
-        created = int(time.time())
 
-        def chunk(delta: dict, finish: str | None, **extra) -> dict:
-            return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": self.name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-
-        yield chunk({"role": "assistant", "content": ""}, None)
-        for piece in self._stream_text(tokens, images, **sampling):
-            yield chunk({"content": piece}, None)
-        yield chunk({}, self.last_finish_reason, usage=self._usage())
+def _result(text: str, record: RunRecord) -> GenerationResult:
+    end = time.perf_counter()
+    first = record.first_token if record.first_token is not None else end
+    started = record.started or first
+    return GenerationResult(text, record.finish_reason, Usage(record.prompt_tokens, record.completion_tokens),
+                            Timings(prompt_s=first - started, generate_s=end - first))

@@ -1,20 +1,22 @@
 """The sequence engine: keeps track of what the context's caches hold (tokens at positions
 0..n-1, images in slots 0..m-1), evaluates only what changed, and computes the cross-attention
-rows of every token (spec §5.5: an image is attended by the tokens from its own <|image|> up to the
-next non-adjacent <|image|>; generated tokens attend like the last prompt token)."""
+rows of every token (as transformers 5.23.0 processing_mllama.get_cross_attention_token_mask: an
+image is attended by the tokens from its own <|image|> up to the next non-adjacent <|image|>;
+generated tokens attend like the last prompt token)."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 import numpy as np
 
-from ._lib import MllamaError, call, ffi, lib
-
-
-class ContextOverflowError(MllamaError, ValueError):
-    """The prompt (plus what must be generated) does not fit in the context."""
+from .._native.errors import ContextOverflowError
+from .._native.ffi import call, ffi, lib
+from ..hparams import HParams
+from ..image.preprocess import ImageConfig, preprocess
 
 
 def image_ranges(tokens: list[int], image_token: int) -> list[tuple[int, int | None]]:
@@ -53,6 +55,20 @@ class PreparedImage:
     source: str = ""  # what the caller passed (a path, or the kind of object), for display
 
 
+def prepare_images(images: Iterable[Any], config: ImageConfig) -> list[PreparedImage]:
+    """Preprocess each image once (PreparedImage inputs pass through unchanged)."""
+    out = []
+    for image in images:
+        if isinstance(image, PreparedImage):
+            out.append(image)
+            continue
+        pre = preprocess(image, config)
+        source = str(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__
+        out.append(PreparedImage(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles,
+                                 image_key(pre.pixel_values, pre.aspect_ratio_id), source))
+    return out
+
+
 @dataclass
 class SequenceState:
     tokens: list[int] = field(default_factory=list)     # evaluated tokens, positions 0..n-1
@@ -62,10 +78,10 @@ class SequenceState:
 class Engine:
     """Evaluates token sequences on one context; owned by a Model, used under its lock."""
 
-    def __init__(self, ctx, hparams: dict, n_ctx: int, n_batch: int, n_slots: int):
+    def __init__(self, ctx, hparams: HParams, n_ctx: int, n_batch: int, n_slots: int):
         self.ctx = ctx
-        self.n_vocab = hparams["n_vocab"]
-        self.image_token = hparams["image_token_id"]
+        self.n_vocab = hparams.n_vocab
+        self.image_token = hparams.image_token_id
         self.n_ctx, self.n_batch, self.n_slots = n_ctx, n_batch, n_slots
         self.state = SequenceState()
         self.slot_keys: list[str | None] = [None] * n_slots

@@ -7,7 +7,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from ._lib import ConversionError, call, cstr, ffi, lib
+from .errors import ConversionError
+from .ffi import call, cstr, ffi, lib
 
 F32, F16, BF16 = 0, 1, 30
 

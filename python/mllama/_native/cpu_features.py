@@ -7,7 +7,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from ._lib import system_info
+from .system import system_info
 
 # /proc/cpuinfo flag -> the name ggml's CPU backend reports for the same instructions
 _FLAG_TO_GGML = {

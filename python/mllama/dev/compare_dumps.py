@@ -1,6 +1,6 @@
 """Compare two folders of tensor dumps stage by stage and report the first node that diverges.
 
-    python -m mllama.tools.compare_dumps OURS REFERENCE [--threshold 1e-4]
+    python -m mllama.dev.compare_dumps OURS REFERENCE [--threshold 1e-4]
 
 Each folder holds <name>.npy files (mllama writes them with dump_dir=..., or MLLAMA_DUMP_DIR; the
 test-side PyTorch hook dumper writes the same names from transformers). Stages are taken in the
@@ -60,7 +60,7 @@ def first_divergence(results: list[StageResult]) -> StageResult | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mllama.tools.compare_dumps", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mllama.dev.compare_dumps", description=__doc__.split("\n\n")[0])
     parser.add_argument("ours", type=Path)
     parser.add_argument("reference", type=Path)
     parser.add_argument("--threshold", type=float, default=1e-4, help="NMSE above which a stage diverges")

@@ -19,11 +19,9 @@ from functools import lru_cache
 from importlib.resources import files
 from typing import Any
 
+from .._native.errors import TemplateError
+
 _MARK = re.compile("\ue000(\\d+)\ue001")
-
-
-class TemplateError(ValueError):
-    """The chat template rejected the conversation (e.g. images together with a system prompt)."""
 
 
 def default_template() -> str:

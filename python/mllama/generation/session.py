@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+from .results import TextStream
+
 
 class Chat:
     def __init__(self, model, *, system: str | None = None, **sampling):
@@ -14,9 +16,10 @@ class Chat:
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
 
     def send(self, content: str, images: tuple[Any, ...] | list[Any] = (), *, stream: bool = False, **sampling):
-        """Add a user turn and return the assistant's reply (or a stream of text pieces)."""
+        """Add a user turn and return the assistant's reply, or with stream=True a TextStream of its
+        pieces (its `result` holds the finish reason, usage and timings once it has ended)."""
         # preprocessed once here: later turns re-render the conversation without redoing the images
-        parts: list[dict] = [{"type": "image", "image": image} for image in self.model._prepare_images(images)]
+        parts: list[dict] = [{"type": "image", "image": image} for image in self.model.prepare_images(images)]
         parts.append({"type": "text", "text": content})
         self.messages.append({"role": "user", "content": parts})
         try:
@@ -25,15 +28,21 @@ class Chat:
             self.messages.pop()
             raise
         pieces = self._reply(tokens, all_images, {**self.sampling, **sampling})
-        return pieces if stream else "".join(pieces)
+        return pieces if stream else pieces.finish().text
 
-    def _reply(self, tokens, images, sampling) -> Iterator[str]:
+    def _reply(self, tokens, images, sampling) -> TextStream:
+        return TextStream(lambda stream: self._record(stream, tokens, images, sampling))
+
+    def _record(self, stream: TextStream, tokens, images, sampling) -> Iterator[str]:
         text = []
+        pieces = self.model.stream_text(tokens, images, **sampling)
         try:
-            for piece in self.model._stream_text(tokens, images, **sampling):
+            for piece in pieces:
                 text.append(piece)
                 yield piece
+            stream.result = pieces.result
         finally:  # an interrupted reply is kept as far as it went, so the history stays consistent
+            pieces.close()
             self.messages.append({"role": "assistant", "content": "".join(text)})
 
     def clear(self) -> None:

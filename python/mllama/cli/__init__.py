@@ -1,0 +1,43 @@
+"""The `mllama` command line: one module per command (chat, describe, serve, demo, bench, convert,
+info), each with `add_parser(sub)` and `run(args)`; common.py holds what they share."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .._native.errors import MllamaError
+from .._version import __version__
+from . import bench, chat, convert, demo, describe, info, serve
+
+COMMANDS = (convert, chat, describe, serve, demo, bench, info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mllama", description="Llama 3.2 Vision on ggml")
+    parser.add_argument("--version", action="version", version=f"mllama {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="mllama: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (MllamaError, OSError, ValueError) as exc:
+        if args.debug:
+            raise
+        print(f"mllama: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""What the commands share: model and sampling flags, loading the model a command names, checking
+image paths, and printing a streamed reply."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .._native.errors import MllamaError
+from ..generation.results import TextStream
+from ..model import Model
+from ..ollama_store import manifest_path, store_root
+from ..settings import environment
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty",
+                 "seed", "max_tokens", "stop")
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def model_arg(value: str | None) -> str:
+    """A GGUF path; a name like llama3.2-vision[:TAG] that is not a file resolves in the Ollama store."""
+    model = value or environment().model
+    if not model:
+        raise MllamaError("no model given: pass -m/--model or set MLLAMA_MODEL")
+    looks_like_path = model.startswith(("/", ".", "~")) or model.endswith(".gguf") or Path(model).exists()
+    if not model.startswith("ollama:") and not looks_like_path and manifest_path(store_root(), model).is_file():
+        return "ollama:" + model
+    return model
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", help="a GGUF file or an Ollama model name like llama3.2-vision:11b (default: $MLLAMA_MODEL)")
+    p.add_argument("--projector", help="the projector file of an Ollama 0.4-0.6 text model")
+    p.add_argument("--device", default="auto", help="compute device: auto, cpu or a device name (default auto)")
+    p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default min(trained, 4096))")
+    p.add_argument("-v", "--verbose", action="store_true", help="show time to first token and tokens/s")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults: the model file's generation config)")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--repeat-penalty", type=float)
+    g.add_argument("--presence-penalty", type=float)
+    g.add_argument("--frequency-penalty", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--max-tokens", type=int)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def sampling_from(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in SAMPLING_KEYS if getattr(args, k, None) is not None}
+
+
+def load_model(args: argparse.Namespace) -> Model:
+    return Model(model_arg(args.model), projector=getattr(args, "projector", None), n_ctx=args.ctx, device=args.device)
+
+
+def check_images(paths: list[str]) -> list[str]:
+    for p in paths:
+        if not Path(p).is_file():
+            raise MllamaError(f"no such image file: {p}")
+    return paths
+
+
+def print_stream(pieces: TextStream, verbose: bool) -> str:
+    """Write a reply as it comes; with verbose, its timings to stderr. Returns the text."""
+    text = []
+    for piece in pieces:
+        text.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    result = pieces.result
+    if verbose and result is not None and result.usage.completion_tokens:
+        n = result.usage.completion_tokens
+        print(f"[{n} tokens, time to first token {result.timings.prompt_s:.2f} s, "
+              f"{result.timings.tokens_per_s(n):.1f} tok/s]", file=sys.stderr)
+    return "".join(text)

@@ -1,0 +1,35 @@
+"""`mllama describe`: one-shot descriptions of images, streamed (or one JSON object per image)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .common import add_model_flags, add_sampling_flags, check_images, load_model, print_stream, sampling_from
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("describe", help="describe images, one after the other")
+    add_model_flags(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--prompt", default="Describe this image.")
+    p.add_argument("--json", action="store_true", help="one JSON object per image instead of streamed text")
+    add_sampling_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    images = check_images(args.images)
+    with load_model(args) as model:
+        for path in images:
+            if args.json:
+                reply = model.chat([{"role": "user", "content": [{"type": "image", "image": path},
+                                                                  {"type": "text", "text": args.prompt}]}], **sampling_from(args))
+                print(json.dumps({"image": path, "description": reply["choices"][0]["message"]["content"],
+                                  "finish_reason": reply["choices"][0]["finish_reason"], "usage": reply["usage"]}))
+                continue
+            if len(images) > 1:
+                print(f"== {path}")
+            chat = model.chat_session(**sampling_from(args))
+            print_stream(chat.send(args.prompt, images=[path], stream=True), args.verbose)
+    return 0

@@ -1,0 +1,90 @@
+"""`mllama info`: a model's hyperparameters, tensors and format; the devices and CPU features."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+
+from .._native.cpu_features import cpu_report, warning
+from .._native.system import devices, system_info
+from ..model import Model
+from ..settings import environment
+from .common import human, model_arg
+
+FORMATS = {0: "mllama", 1: "ollama", 2: "ollama-split"}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("info", help="show a model's hyperparameters, tensors and the devices")
+    p.add_argument("model", nargs="?", help="a GGUF file (default: $MLLAMA_MODEL); none: list devices")
+    p.add_argument("-m", "--model", dest="model_opt", help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu", help="device to load on (default cpu)")
+    p.add_argument("--projector", help="the projector file of an Ollama 0.4-0.6 text model")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def print_devices() -> None:
+    print("devices:")
+    for d in devices():
+        mem = f", {human(d['memory_free'])} free of {human(d['memory_total'])}" if d["memory_total"] else ""
+        print(f"  {d['name']} ({d['type']}): {d['description']}{mem}")
+    print(f"ggml: {system_info()}")
+    report = cpu_report()
+    print(f"cpu: supports {' '.join(report['cpu_supports']) or 'unknown'}; GEMM path: {report['gemm_path']}; "
+          f"mllama AVX-512 BF16 kernels (vision attention, BF16-weight GEMMs, GELU, decode cross-attention): "
+          f"{'on' if report['mllama_kernels'] else 'off'}")
+    note = warning(report)
+    if note:
+        print(note, file=sys.stderr)
+
+
+def model_summary(model: Model) -> dict:
+    info = model.info
+    tensors = model.tensors()
+    return {
+        "path": str(model.path), "name": info["name"], "file_size": info["file_size"],
+        "n_params": info["n_params"], "n_tensors": info["n_tensors"], "bytes_weights": info["n_bytes_weights"],
+        "tensor_types": dict(Counter(t.type for t in tensors)), "device": info["device"],
+        "n_threads": info["n_threads"], "use_mmap": bool(info["use_mmap"]), "hparams": model.hparams.as_dict(),
+        "format": FORMATS.get(info["format"], "unknown"),
+        "conventions": info["conventions"], "projector": str(model.projector) if model.projector else None,
+    }
+
+
+def print_summary(summary: dict) -> None:
+    hp = summary["hparams"]
+    print(f"model: {summary['path']} ({summary['name'] or 'unnamed'})")
+    if summary["projector"]:
+        print(f"  projector: {summary['projector']}")
+    print(f"  format: {summary['conventions']}")
+    print(f"  file: {human(summary['file_size'])}, {summary['n_tensors']} tensors, {summary['n_params'] / 1e6:.1f} M parameters, "
+          f"{human(summary['bytes_weights'])} of weights")
+    print("  tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(summary["tensor_types"].items())))
+    print(f"  text: {hp['n_layer']} layers (cross-attention at {list(hp['cross_attention_layers'])}), n_embd {hp['n_embd']}, "
+          f"n_ff {hp['n_ff']}, heads {hp['n_head']}/{hp['n_head_kv']}, vocab {hp['n_vocab']} logits / "
+          f"{hp['n_vocab_embd']} embedding rows / {hp['n_tokens']} tokens, context {hp['n_ctx_train']}")
+    print(f"  vision: {hp['v_n_layer']} local + {hp['v_n_global_layer']} global layers, n_embd {hp['v_n_embd']}, "
+          f"heads {hp['v_n_head']}, tile {hp['v_image_size']}px / patch {hp['v_patch_size']}px, up to {hp['v_max_tiles']} tiles, "
+          f"intermediate layers {list(hp['intermediate_layers'])}, output dim {hp['v_output_dim']}")
+    print(f"  tokens: bos {hp['bos_token_id']}, eos {hp['eos_token_id']}, eot {hp['eot_token_id']}, "
+          f"eom {hp['eom_token_id']}, pad {hp['pad_token_id']}, image {hp['image_token_id']}")
+    print(f"  runtime: device {summary['device']}, {summary['n_threads']} threads, mmap {'on' if summary['use_mmap'] else 'off'}")
+
+
+def run(args: argparse.Namespace) -> int:
+    target = args.model_opt or args.model
+    if not target and not environment().model:
+        print_devices()
+        return 0
+    with Model(model_arg(target), projector=args.projector, device=args.device) as model:
+        summary = model_summary(model)
+    if args.json:
+        summary["devices"] = devices()
+        print(json.dumps(summary, indent=2))
+        return 0
+    print_summary(summary)
+    print_devices()
+    return 0

@@ -1,0 +1,2 @@
+"""Images: loading (every input kind), the reference preprocessing (canvas, resize, pad, normalize,
+tiles), bit-exact with transformers."""

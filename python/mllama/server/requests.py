@@ -1,0 +1,101 @@
+"""Reading and checking request bodies: size limits, JSON, messages, sampling options, and the HTTP
+status each error maps to. Free of FastAPI, so it is testable on its own."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from .._native.errors import ContextOverflowError, ImageError, TemplateError
+
+SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "max_tokens", "max_completion_tokens", "stop", "seed",
+                 "presence_penalty", "frequency_penalty", "repeat_penalty"}
+NUMBER_KEYS = (("temperature", float), ("top_p", float), ("min_p", float), ("presence_penalty", float),
+               ("frequency_penalty", float), ("repeat_penalty", float), ("max_tokens", int), ("top_k", int), ("seed", int))
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def sampling(body: dict) -> dict:
+    """The sampling options of an OpenAI-style body (or Ollama's `options`), type-checked."""
+    out = {k: body[k] for k in SAMPLING_KEYS if body.get(k) is not None}
+    if "max_completion_tokens" in out:
+        out["max_tokens"] = out.pop("max_completion_tokens")
+    for key, kind in NUMBER_KEYS:
+        if key in out and (isinstance(out[key], bool) or not isinstance(out[key], (int, float))):
+            raise RequestError(400, f"'{key}' must be a number")
+        if key in out:
+            out[key] = kind(out[key])
+    if "max_tokens" in out and out["max_tokens"] < 1:
+        raise RequestError(400, "'max_tokens' must be at least 1")
+    return out
+
+
+def check_messages(body: dict, allow_local_images: bool) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "'messages' must be a non-empty list")
+    for m in messages:
+        if not isinstance(m, dict):
+            raise RequestError(400, "each message must be an object")
+        content = m.get("content")
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                url = part.get("image_url", {}).get("url", "") if isinstance(part.get("image_url"), dict) else str(part.get("image_url", ""))
+                if not url.startswith("data:") and not allow_local_images:
+                    raise RequestError(400, "image_url must be a data: URL (local paths need --allow-local-images)")
+    return messages
+
+
+def from_ollama(message: dict) -> dict:
+    """An Ollama message: its `images` are base64 strings."""
+    images = message.get("images") or []
+    if not images:
+        return message
+    decoded = []
+    for image in images:
+        try:
+            decoded.append(base64.b64decode(image, validate=True))
+        except (ValueError, TypeError):
+            raise RequestError(400, "images must be base64 strings") from None
+    return {**message, "images": decoded}
+
+
+async def read_json(request, max_body_bytes: int) -> dict:
+    """The body of a request as a JSON object, at most max_body_bytes long (413 past that)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_body_bytes:
+        raise RequestError(413, f"request body over {max_body_bytes} bytes")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_body_bytes:
+            raise RequestError(413, f"request body over {max_body_bytes} bytes")
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(400, f"malformed JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    return value
+
+
+def error_status(exc: BaseException) -> int:
+    if isinstance(exc, RequestError):
+        return exc.status
+    if isinstance(exc, (ImageError, TemplateError, ContextOverflowError, ValueError, TypeError, KeyError)):
+        return 400
+    return 500
+
+
+def error_body(exc: BaseException) -> tuple[int, dict, dict]:
+    """(status, OpenAI-style error body, headers) for an exception; internal errors are not detailed."""
+    status = error_status(exc)
+    message = exc.message if isinstance(exc, RequestError) else str(exc) if status != 500 else "internal error"
+    headers = exc.headers if isinstance(exc, RequestError) else {}
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return status, {"error": {"message": message, "type": kind}}, headers

@@ -1,0 +1,31 @@
+"""The environment, read in one place. Every MLLAMA_* variable the package honours is listed here and
+read when a Model (or a command) starts, never deep inside the runtime; explicit arguments win."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Environment:
+    model: str | None          # MLLAMA_MODEL: the default model of the command line
+    dump_dir: str | None       # MLLAMA_DUMP_DIR: write graph nodes as .npy files here
+    dump_filter: str | None    # MLLAMA_DUMP_FILTER: regex over node names to dump
+    profile: str | None        # MLLAMA_PROFILE: per-op timings written to this TSV file
+    cpu_kernels: str | None    # MLLAMA_CPU_KERNELS: "0" none, "1" all, or a list such as "attn,gemm"
+    repack: bool               # MLLAMA_REPACK=0: keep every weight in the file mapping
+
+
+def environment() -> Environment:
+    env = os.environ
+    return Environment(model=env.get("MLLAMA_MODEL") or None, dump_dir=env.get("MLLAMA_DUMP_DIR") or None,
+                       dump_filter=env.get("MLLAMA_DUMP_FILTER") or None, profile=env.get("MLLAMA_PROFILE") or None,
+                       cpu_kernels=env.get("MLLAMA_CPU_KERNELS") or None, repack=env.get("MLLAMA_REPACK", "1") != "0")
+
+
+def cache_dir() -> Path:
+    """mllama's own cache folder ($XDG_CACHE_HOME/mllama, else ~/.cache/mllama)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mllama"

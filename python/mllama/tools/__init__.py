@@ -1,1 +1,0 @@
-"""Developer tools (python -m mllama.tools.<name>)."""
