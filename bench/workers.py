@@ -68,14 +68,14 @@ def run_mllama(args) -> dict:
     model = mllama.Model(args.model, device="cpu", n_ctx=args.prompt + args.decode * args.repeats + 16, n_image_slots=1)
     out = {"load_s": time.perf_counter() - t0, "first_load_s": cold_or_warm, "threads": model.info["n_threads"],
            "file_bytes": model.info["file_size"]}
-    engine = model._engine
+    engine = model.engine
     images: list = []
     if args.image:  # time to first token: preprocess + vision + cross K/V + prompt + first logits
         t0 = time.perf_counter()
         pre = mllama.preprocess(bench_image(), model)
         prepared = PreparedImage(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles, "bench")
         t1 = time.perf_counter()
-        engine._encode(0, prepared)
+        engine.encode(0, prepared)
         t2 = time.perf_counter()
         int(np.argmax(engine.evaluate(ttft_prompt, [prepared])))
         out.update(ttft_s=time.perf_counter() - t0, vision_s=t2 - t1, n_tiles=pre.n_tiles)

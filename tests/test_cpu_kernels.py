@@ -136,9 +136,9 @@ def test_decode_cross_attention_kernel_matches_ggml(converted, monkeypatch, tmp_
             hp = m.hparams
             shape = (hp.v_max_tiles, 3, hp.v_image_size, hp.v_image_size)
             image = PreparedImage(np.random.default_rng(0).standard_normal(shape).astype(np.float32), 6, 4, "x")
-            m._engine._encode(0, image)
-            prefill = np.asarray(m._engine.evaluate([128000, 128256, 1, 2, 3, 4, 5], [image]))  # 7 tokens: the kernel too
-            step = np.asarray(m._engine.step(7, 1))
+            m.engine.encode(0, image)
+            prefill = np.asarray(m.engine.evaluate([128000, 128256, 1, 2, 3, 4, 5], [image]))  # 7 tokens: the kernel too
+            step = np.asarray(m.engine.step(7, 1))
             outs = {p.name: np.load(p) for p in sorted((tmp_path / kernels).glob("*cross_out.npy"))}
         return prefill, step, outs
 

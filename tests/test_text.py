@@ -79,7 +79,7 @@ def test_logits_and_greedy_tokens(model, hf_model, name):
     assert ours.shape == ref.shape == (len(full), 128256)
     assert nmse(ours, ref) <= 1e-6, nmse(ours, ref)
     # the incremental path (KV cache, one token at a time) gives the same rows
-    engine = model._engine
+    engine = model.engine
     step_logits = [engine.evaluate(tokens, model.prepare_images(images))]
     for t in ref_tokens[:8]:
         step_logits.append(engine.step(t, len(images)))

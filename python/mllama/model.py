@@ -125,6 +125,14 @@ class Model(Handle, GenerationMixin):
         self._hparams = self._read_hparams()
         self._engine = Engine(ctx_ptr, self._hparams, self.n_ctx, effective["n_batch"], self._n_slots)
 
+    @property
+    def engine(self) -> Engine:
+        """The sequence engine over this model's context (what its caches hold; evaluate and step).
+        For benchmarks and tests that time or probe single stages: it is not locked, so callers
+        must not share the model with other threads while they use it."""
+        self._handle()
+        return self._engine
+
     # --- metadata ---------------------------------------------------------------------------
     @property
     def hparams(self) -> HParams:

@@ -34,7 +34,7 @@ def peak_rss_bytes() -> int:
 
 def measure(model, image, prompt: str, n_decode: int) -> dict:
     """Times of each stage on the model's engine (the warm-up pays for the graphs' first allocation)."""
-    engine = model._engine
+    engine = model.engine
     hp = model.hparams
     prepared = model.prepare_images([image])
     engine.evaluate([hp.bos_token_id, hp.image_token_id], prepared)  # warm-up

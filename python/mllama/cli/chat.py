@@ -80,7 +80,8 @@ def _serializable(messages: list[dict]) -> list[dict]:
     for m in messages:
         content = m["content"]
         if isinstance(content, list):
-            content = [p if p.get("type") == "text" else {"type": "image", "image": getattr(p.get("image"), "source", str(p.get("image")))} for p in content]
+            content = [p if p.get("type") == "text" else
+                       {"type": "image", "image": getattr(p.get("image"), "source", str(p.get("image")))} for p in content]
         out.append({"role": m["role"], "content": content})
     return out
 

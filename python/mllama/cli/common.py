@@ -37,7 +37,8 @@ def model_arg(value: str | None) -> str:
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", help="a GGUF file or an Ollama model name like llama3.2-vision:11b (default: $MLLAMA_MODEL)")
+    p.add_argument("-m", "--model",
+                   help="a GGUF file or an Ollama model name like llama3.2-vision:11b (default: $MLLAMA_MODEL)")
     p.add_argument("--projector", help="the projector file of an Ollama 0.4-0.6 text model")
     p.add_argument("--device", default="auto", help="compute device: auto, cpu or a device name (default auto)")
     p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default min(trained, 4096))")

@@ -23,8 +23,8 @@ def run(args: argparse.Namespace) -> int:
     with load_model(args) as model:
         for path in images:
             if args.json:
-                reply = model.chat([{"role": "user", "content": [{"type": "image", "image": path},
-                                                                  {"type": "text", "text": args.prompt}]}], **sampling_from(args))
+                content = [{"type": "image", "image": path}, {"type": "text", "text": args.prompt}]
+                reply = model.chat([{"role": "user", "content": content}], **sampling_from(args))
                 print(json.dumps({"image": path, "description": reply["choices"][0]["message"]["content"],
                                   "finish_reason": reply["choices"][0]["finish_reason"], "usage": reply["usage"]}))
                 continue

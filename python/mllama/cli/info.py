@@ -60,18 +60,21 @@ def print_summary(summary: dict) -> None:
     if summary["projector"]:
         print(f"  projector: {summary['projector']}")
     print(f"  format: {summary['conventions']}")
-    print(f"  file: {human(summary['file_size'])}, {summary['n_tensors']} tensors, {summary['n_params'] / 1e6:.1f} M parameters, "
-          f"{human(summary['bytes_weights'])} of weights")
+    print(f"  file: {human(summary['file_size'])}, {summary['n_tensors']} tensors, "
+          f"{summary['n_params'] / 1e6:.1f} M parameters, {human(summary['bytes_weights'])} of weights")
     print("  tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(summary["tensor_types"].items())))
-    print(f"  text: {hp['n_layer']} layers (cross-attention at {list(hp['cross_attention_layers'])}), n_embd {hp['n_embd']}, "
-          f"n_ff {hp['n_ff']}, heads {hp['n_head']}/{hp['n_head_kv']}, vocab {hp['n_vocab']} logits / "
+    print(f"  text: {hp['n_layer']} layers (cross-attention at {list(hp['cross_attention_layers'])}), "
+          f"n_embd {hp['n_embd']}, n_ff {hp['n_ff']}, heads {hp['n_head']}/{hp['n_head_kv']}, "
+          f"vocab {hp['n_vocab']} logits / "
           f"{hp['n_vocab_embd']} embedding rows / {hp['n_tokens']} tokens, context {hp['n_ctx_train']}")
     print(f"  vision: {hp['v_n_layer']} local + {hp['v_n_global_layer']} global layers, n_embd {hp['v_n_embd']}, "
-          f"heads {hp['v_n_head']}, tile {hp['v_image_size']}px / patch {hp['v_patch_size']}px, up to {hp['v_max_tiles']} tiles, "
+          f"heads {hp['v_n_head']}, tile {hp['v_image_size']}px / patch {hp['v_patch_size']}px, "
+          f"up to {hp['v_max_tiles']} tiles, "
           f"intermediate layers {list(hp['intermediate_layers'])}, output dim {hp['v_output_dim']}")
     print(f"  tokens: bos {hp['bos_token_id']}, eos {hp['eos_token_id']}, eot {hp['eot_token_id']}, "
           f"eom {hp['eom_token_id']}, pad {hp['pad_token_id']}, image {hp['image_token_id']}")
-    print(f"  runtime: device {summary['device']}, {summary['n_threads']} threads, mmap {'on' if summary['use_mmap'] else 'off'}")
+    mmap = "on" if summary["use_mmap"] else "off"
+    print(f"  runtime: device {summary['device']}, {summary['n_threads']} threads, mmap {mmap}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -154,8 +154,8 @@ class GenerationMixin:
 
     def describe(self, image, prompt: str = "Describe this image.", **sampling) -> str:
         """A description of one image (a one-turn chat: the image, then the prompt)."""
-        response = self.chat([{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}],
-                             **sampling)
+        content = [{"type": "image", "image": image}, {"type": "text", "text": prompt}]
+        response = self.chat([{"role": "user", "content": content}], **sampling)
         return response["choices"][0]["message"]["content"]
 
     def chat(self, messages: list[dict], *, stream: bool = False, **sampling):

@@ -86,7 +86,8 @@ class Engine:
         self.state = SequenceState()
         self.slot_keys: list[str | None] = [None] * n_slots
 
-    def _encode(self, slot: int, image: PreparedImage) -> None:
+    def encode(self, slot: int, image: PreparedImage) -> None:
+        """Run the vision encoder on a prepared image into `slot` (its cross-attention K/V)."""
         pixels = np.ascontiguousarray(image.pixel_values, dtype=np.float32)
         call(lib.mllama_context_encode_image, self.ctx, slot, ffi.from_buffer("float[]", pixels), pixels.size,
              image.aspect_ratio_id, image.n_tiles, ffi.NULL, 0)
@@ -102,7 +103,7 @@ class Engine:
         valid = len(self.state.tokens)
         for m, image in enumerate(images):
             if self.slot_keys[m] != image.key:
-                self._encode(m, image)
+                self.encode(m, image)
                 valid = min(valid, locs[m])  # tokens from this image's token on saw another image
         self.state.image_keys = [im.key for im in images]
         return valid

@@ -45,7 +45,8 @@ def check_messages(body: dict, allow_local_images: bool) -> list[dict]:
         content = m.get("content")
         for part in content if isinstance(content, list) else []:
             if isinstance(part, dict) and part.get("type") == "image_url":
-                url = part.get("image_url", {}).get("url", "") if isinstance(part.get("image_url"), dict) else str(part.get("image_url", ""))
+                image_url = part.get("image_url", "")
+                url = image_url.get("url", "") if isinstance(image_url, dict) else str(image_url)
                 if not url.startswith("data:") and not allow_local_images:
                     raise RequestError(400, "image_url must be a data: URL (local paths need --allow-local-images)")
     return messages
