@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-# Python-side callbacks (cffi `extern "Python"`), implemented in python/mllama/_lib.py.
+# Python-side callbacks (cffi `extern "Python"`), implemented in python/mllama/_native/log.py.
 PYTHON_CALLBACKS = 'extern "Python" void _mllama_log_trampoline(int32_t, const char *, void *);\n'
 
 
