@@ -8,12 +8,35 @@
 
 namespace mllama {
 
+#if MLLAMA_X86_KERNELS
 bool cpu_kernels_available() {
     static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                            __builtin_cpu_supports("avx512bf16");
     return ok;
 }
+#else
+bool cpu_kernels_available() { return false; }
+
+// The kernels' entry points, for the graphs to link on other processors: never reached, since no
+// kernel may run where cpu_kernels_available() is false.
+[[noreturn]] static void no_x86_kernels() {
+    fail(MLLAMA_ERR_INTERNAL, "an x86 kernel was asked for in a build without them");
+}
+ggml_tensor * bf16_attention(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, ggml_tensor *, ggml_tensor *) {
+    no_x86_kernels();
+}
+ggml_tensor * bf16_attention_mask_rows(ggml_context *, ggml_tensor *) { no_x86_kernels(); }
+bool bf16_linear_supported(const ggml_tensor *) { return false; }
+ggml_tensor * bf16_linear(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, bool, bool) { no_x86_kernels(); }
+bool decode_attention_supported(const ggml_tensor *, const ggml_tensor *, const ggml_tensor *, const ggml_tensor *) {
+    return false;
+}
+ggml_tensor * decode_attention(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, ggml_tensor *, float) {
+    no_x86_kernels();
+}
+ggml_tensor * gelu_erf_avx512(ggml_context *, ggml_tensor *) { no_x86_kernels(); }
+#endif
 
 static constexpr struct {
     const char * name;

@@ -8,12 +8,24 @@
 #include <cstdint>
 #include <string>
 
+// Built with the x86 kernels: CMake compiles kernels/x86/ only for x86-64 targets and says so here;
+// without CMake (a syntax check) the compiler's target decides. Elsewhere every kernel reports
+// unavailable and the graphs keep ggml's ops.
+#ifndef MLLAMA_X86_KERNELS
+#if defined(__x86_64__) || defined(_M_X64)
+#define MLLAMA_X86_KERNELS 1
+#else
+#define MLLAMA_X86_KERNELS 0
+#endif
+#endif
+
 struct ggml_context;
 struct ggml_tensor;
 
 namespace mllama {
 
-// The CPU has AVX-512 with BF16 dot products (and the OS saves its registers).
+// This build has the x86 kernels and the CPU has AVX-512 with BF16 dot products (and the OS saves
+// its registers).
 bool cpu_kernels_available();
 
 enum class cpu_kernel : uint32_t { attn = 1, gemm = 2, gelu = 4, xattn = 8 };

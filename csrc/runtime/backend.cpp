@@ -5,6 +5,10 @@
 #include "ggml-backend.h"
 #include "ggml.h"
 
+#if defined(__APPLE__)
+#include <sys/sysctl.h>
+#endif
+
 #include <cstdio>
 #include <fstream>
 #include <set>
@@ -69,7 +73,12 @@ ggml_backend_dev_t select_device(const char * request) {
 }
 
 int physical_core_count() {
-    std::ifstream cpuinfo("/proc/cpuinfo");
+#if defined(__APPLE__)
+    int n_physical = 0;  // the performance and efficiency cores together
+    size_t size = sizeof(n_physical);
+    if (sysctlbyname("hw.physicalcpu", &n_physical, &size, nullptr, 0) == 0 && n_physical > 0) return n_physical;
+#endif
+    std::ifstream cpuinfo("/proc/cpuinfo");  // Linux; absent elsewhere (then the logical count below)
     std::set<std::pair<std::string, std::string>> cores;
     std::string line, physical_id = "0";
     while (std::getline(cpuinfo, line)) {
@@ -100,8 +109,10 @@ std::string system_info() {
             out += std::string(" ") + f->name + "=" + f->value;
         }
     }
-    // our own CPU kernels (kernels/dispatch.h), independent of how ggml was built
-    return out + " | mllama: AVX512_BF16_KERNELS=" + (cpu_kernels_available() ? "1" : "0");
+    // our own CPU kernels (kernels/dispatch.h), independent of how ggml was built: compiled in (x86-64
+    // builds), and usable on this CPU
+    return out + " | mllama: X86_KERNELS=" + (MLLAMA_X86_KERNELS ? "1" : "0") +
+           " AVX512_BF16_KERNELS=" + (cpu_kernels_available() ? "1" : "0");
 }
 
 }  // namespace mllama

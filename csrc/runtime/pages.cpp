@@ -36,6 +36,7 @@ void advise_huge_pages(ggml_cgraph * graph) {
 }
 
 void populate_pages(std::vector<std::pair<const uint8_t *, size_t>> ranges, int n_threads) {
+#if defined(__linux__)
 #ifndef MADV_POPULATE_READ
     constexpr int MADV_POPULATE_READ = 22;  // Linux 5.14 (older headers lack the name)
 #endif
@@ -55,6 +56,10 @@ void populate_pages(std::vector<std::pair<const uint8_t *, size_t>> ranges, int 
     parallel_for(items.size(), n_threads, [&](size_t i) {
         madvise(reinterpret_cast<void *>(items[i].first), items[i].second - items[i].first, MADV_POPULATE_READ);
     });
+#else
+    (void) ranges;  // elsewhere (macOS) the pages fault in on first use
+    (void) n_threads;
+#endif
 }
 
 void drop_pages(const uint8_t * data, size_t n) {

@@ -7,6 +7,8 @@
 // Keys are padded to a multiple of 64 (masked), channels to a multiple of 16 (zeros).
 #include "kernels/dispatch.h"
 
+#if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
+
 #include "kernels/x86/simd_math.h"
 
 #include "ggml.h"
@@ -330,3 +332,5 @@ ggml_tensor * bf16_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * 
 }
 
 }  // namespace mllama
+
+#endif  // MLLAMA_X86_KERNELS

@@ -3,6 +3,8 @@
 // near 1); ggml's gelu_erf calls the scalar erff per element (figures in bench/README.md).
 #include "kernels/dispatch.h"
 
+#if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
+
 #include "kernels/x86/simd_math.h"
 
 #include "ggml.h"
@@ -36,3 +38,5 @@ ggml_tensor * gelu_erf_avx512(ggml_context * ctx, ggml_tensor * x) {
 }
 
 }  // namespace mllama
+
+#endif  // MLLAMA_X86_KERNELS

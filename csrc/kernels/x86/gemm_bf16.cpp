@@ -9,6 +9,8 @@
 // its tokens in blocks that fit the L3 share, and each weight panel stays in L2 for a block.
 #include "kernels/dispatch.h"
 
+#if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
+
 #include "kernels/x86/simd_math.h"
 
 #include "ggml.h"
@@ -159,3 +161,5 @@ ggml_tensor * bf16_linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, 
 }
 
 }  // namespace mllama
+
+#endif  // MLLAMA_X86_KERNELS

@@ -2,6 +2,10 @@
 // "avx512f" target: call them only from functions compiled with MLLAMA_AVX512_TARGET.
 #pragma once
 
+#if !(defined(__x86_64__) || defined(_M_X64))
+#error "kernels/x86/simd_math.h is for x86-64 builds only"
+#endif
+
 #include <immintrin.h>
 
 #define MLLAMA_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))

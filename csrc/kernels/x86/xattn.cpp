@@ -5,6 +5,8 @@
 // and accumulates in F32 (figures in bench/README.md).
 #include "kernels/dispatch.h"
 
+#if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
+
 #include "kernels/x86/simd_math.h"
 
 #include "ggml.h"
@@ -154,3 +156,5 @@ ggml_tensor * decode_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor 
 }
 
 }  // namespace mllama
+
+#endif  // MLLAMA_X86_KERNELS
