@@ -1,7 +1,11 @@
-"""Our CPU kernels (csrc/cpu_kernels.h) against ggml's generic ops on the same model, the memory
+"""Our CPU kernels (csrc/kernels/) against ggml's generic ops on the same model, the memory
 report of a context, and the CPU-feature report behind `mllama info`'s rebuild warning."""
 
 from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +13,7 @@ import pytest
 import mllama
 from mllama._native.cpu_features import cpu_report, ggml_features, warning
 
+ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ggml_features().get("AVX512_BF16_KERNELS") == "1"
 needs_kernels = pytest.mark.skipif(not KERNELS, reason="this CPU has no AVX-512 BF16")
 
@@ -149,3 +154,31 @@ def test_decode_cross_attention_kernel_matches_ggml(converted, monkeypatch, tmp_
         assert 0 < nmse(outs_ours[name], outs_ggml[name]) <= 1e-5
     assert 0 < nmse(prefill_ours, prefill_ggml) <= 1e-5
     assert 0 < nmse(step_ours, step_ggml) <= 1e-5
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("x86_kernels", ["auto", "0"])
+def test_no_cpu_kernel_on_a_gpu_context(tmp_path, x86_kernels):
+    """The placement rule (kernels/dispatch.h) as a unit: compiled with dispatch.cpp alone, as this
+    machine builds it and as a build without the x86 kernels (any other processor) does."""
+    exe = tmp_path / "kernel_placement"
+    define = [] if x86_kernels == "auto" else [f"-DMLLAMA_X86_KERNELS={x86_kernels}"]
+    subprocess.run(["c++", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", *define,
+                    f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'include'}", str(ROOT / "tests" / "c" / "kernel_placement.cpp"),
+                    str(ROOT / "csrc" / "kernels" / "dispatch.cpp"), str(ROOT / "csrc" / "common" / "error.cpp"),
+                    "-o", str(exe)], check=True, capture_output=True, text=True)
+    proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stdout
+    if x86_kernels == "0":
+        assert "available: 0" in proc.stdout
+
+
+def test_op_paths_name_the_kernels_the_context_uses(converted):
+    with mllama.Model(converted("f16"), cpu_kernels="0") as model:
+        generic = model.op_paths()
+    with mllama.Model(converted("f16")) as model:
+        default = model.op_paths()
+    assert generic["device"].startswith("CPU") and all("mllama" not in path for path in generic.values())
+    assert default["decode cross-attention"].startswith("mllama" if KERNELS else "ggml")
+    assert default["vision attention"].startswith("mllama" if KERNELS else "ggml")  # F16 vision weights
+    assert default["vision linear layers"].startswith("ggml")  # the BF16 GEMM wants BF16 weights

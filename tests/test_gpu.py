@@ -47,3 +47,12 @@ def test_partial_offload_keeps_the_vision_tower_on_the_gpu(converted):
     assert all(not b.startswith("CPU") for name, b in buffers.items() if name.startswith(("v.", "mm.")))
     assert any(b.startswith("CPU") for name, b in buffers.items() if name.startswith("blk.0."))
     assert nmse(logits, cpu_logits) <= 1e-4
+
+
+def test_no_mllama_cpu_kernel_on_a_gpu_context(converted):
+    """Our kernels are CPU custom ops: a GPU context (full or partial offload) uses none of them."""
+    for n_gpu_layers in (-1, 1):
+        with mllama.Model(converted("f16"), device=GPUS[0]["name"], n_gpu_layers=n_gpu_layers) as model:
+            paths = model.op_paths()
+        assert paths["device"].startswith(GPUS[0]["name"]) and "never used" in paths["device"]
+        assert not any(path.startswith("mllama") for path in paths.values())

@@ -3,6 +3,9 @@
 
 #include "api/guard.h"
 #include "runtime/context.h"
+#include "runtime/op_paths.h"
+
+#include <string>
 
 using mllama::guarded;
 using mllama::require;
@@ -53,6 +56,14 @@ mllama_status mllama_context_decode(mllama_context * context, const int32_t * to
     return guarded([&] {
         require(context, "context_decode needs a context");
         mllama::decode(*context, tokens, n_tokens, n_past, n_images, row_images, out_rows, n_out, logits);
+    });
+}
+
+mllama_status mllama_context_op_paths(const mllama_context * context, char * buf, uint64_t cap, uint64_t * len) {
+    return guarded([&] {
+        require(context, "context_op_paths needs a context");
+        const std::string text = mllama::op_paths(*context);
+        mllama::copy_string(text.c_str(), text.size(), buf, cap, len);
     });
 }
 

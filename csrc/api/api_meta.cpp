@@ -20,13 +20,7 @@ mllama_status mllama_model_meta_string(const mllama_model * model, const char * 
     return guarded([&] {
         require(model && key, "metadata access needs a model and a key");
         const char * value = mllama::metadata(*model).str_by_name(key);
-        const uint64_t n = std::strlen(value);
-        if (len) *len = n;
-        if (buf && cap > 0) {
-            const uint64_t copy = n < cap - 1 ? n : cap - 1;
-            std::memcpy(buf, value, copy);
-            buf[copy] = '\0';
-        }
+        mllama::copy_string(value, std::strlen(value), buf, cap, len);
     });
 }
 

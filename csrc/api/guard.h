@@ -55,6 +55,16 @@ int32_t copy_ints(const std::vector<T> & values, int32_t * buf, int32_t cap) {
     return static_cast<int32_t>(values.size());
 }
 
+// Copies a string NUL-terminated into buf (up to cap bytes, cut if longer; NULL: none); *len (if
+// given) receives its full length.
+inline void copy_string(const char * value, uint64_t n, char * buf, uint64_t cap, uint64_t * len) {
+    if (len) *len = n;
+    if (!buf || cap == 0) return;
+    const uint64_t copy = n < cap - 1 ? n : cap - 1;
+    for (uint64_t i = 0; i < copy; ++i) buf[i] = value[i];
+    buf[copy] = '\0';
+}
+
 // (a, b) pairs as a, b, a, b, ...
 inline std::vector<int> flatten(const std::vector<std::pair<int, int>> & pairs) {
     std::vector<int> flat;

@@ -68,8 +68,7 @@ static ggml_tensor * cross_attention(ggml_context * ctx, const mllama_context & 
     ggml_tensor * keys = slot_view(ctx, c.state.cross_k[cross_index], n_vis, 0, s.n_images);  // [hd, Hkv, n_img*n_vis]
     ggml_tensor * vals = slot_view(ctx, c.state.cross_v[cross_index], n_vis, 0, s.n_images);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    const bool small_batch = c.backend_device == nullptr && s.n_tokens <= k_xattn_max_tokens &&
-                             c.kernels.may_run(cpu_kernel::xattn) &&
+    const bool small_batch = s.n_tokens <= k_xattn_max_tokens && c.kernels.may_run(cpu_kernel::xattn) &&
                              decode_attention_supported(q, keys, vals, in.x_mask);
     ggml_tensor * a = small_batch ? decode_attention(ctx, q, keys, vals, in.x_mask, scale)  // [n_embd, n]
                                   : attention(ctx, {q, keys, vals, in.x_mask, scale});

@@ -137,9 +137,9 @@ static ggml_tensor * assemble(ggml_context * ctx, const vision_hparams & hp, ggm
     return named(ggml_cont(ctx, out), "v", "output");                                      // [OD, P, NT]
 }
 
-vision_options vision_options_for(const mllama_model & model, bool on_cpu, const cpu_kernel_set & kernels) {
+vision_options vision_options_for(const mllama_model & model, const cpu_kernel_set & kernels) {
     vision_options opt;
-    if (!on_cpu || !cpu_kernels_available() || model.vision.layers.empty()) return opt;
+    if (!cpu_kernels_available() || model.vision.layers.empty()) return opt;
     const vision_hparams & hp = model.hp.vision;
     const ggml_type weight_type = model.vision.layers[0].wq->type;
     const bool half_weights = weight_type == GGML_TYPE_F16 || weight_type == GGML_TYPE_BF16;  // F32 weights: exact path

@@ -28,8 +28,8 @@ struct vision_options {
     bool fast_gelu = false;       // vectorized exact GELU (AVX-512 CPU)
     bool bf16_gemm = false;       // BF16 GEMMs for the linear layers (BF16 vision weights, AVX-512 BF16 CPU)
 };
-// on_cpu: the graph runs on the CPU backend; kernels: the ones the context allows.
-vision_options vision_options_for(const mllama_model & model, bool on_cpu, const cpu_kernel_set & kernels);
+// kernels: the ones the context may use (none when it computes on a GPU: kernels_for_compute).
+vision_options vision_options_for(const mllama_model & model, const cpu_kernel_set & kernels);
 
 // Our BF16 GEMM computes this linear layer (else ggml's mul_mat).
 bool gemm_kernel_for(const linear_w & l, const vision_options & opt);

@@ -284,6 +284,10 @@ MLLAMA_API mllama_status mllama_context_read_cross_kv(const mllama_context * con
 MLLAMA_API mllama_status mllama_context_decode(mllama_context * context, const int32_t * tokens, int32_t n_tokens,
                                                int32_t n_past, int32_t n_images, const uint8_t * row_images,
                                                const int32_t * out_rows, int32_t n_out, float * logits);
+/* Which path each op family takes in this context on this machine, one "family: path" line each
+ * (mllama's CPU kernels, ggml's CPU ops and their SIMD, or the compute device): copied NUL-terminated
+ * into buf (up to cap bytes); *len receives the length. */
+MLLAMA_API mllama_status mllama_context_op_paths(const mllama_context * context, char * buf, uint64_t cap, uint64_t * len);
 /* Tokens evaluated by the decoder since the context was created. */
 MLLAMA_API int64_t mllama_context_n_decoded(const mllama_context * context);
 /* Bytes a context holds beside the weights: its caches (self-attention KV + image slots) and the

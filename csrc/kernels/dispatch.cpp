@@ -44,6 +44,17 @@ static constexpr struct {
 } k_kernel_names[] = {
     {"attn", cpu_kernel::attn}, {"gemm", cpu_kernel::gemm}, {"gelu", cpu_kernel::gelu}, {"xattn", cpu_kernel::xattn}};
 
+cpu_kernel_set kernels_for_compute(cpu_kernel_set allowed, bool compute_on_cpu) {
+    return compute_on_cpu ? allowed : cpu_kernel_set{};
+}
+
+const char * cpu_kernel_name(cpu_kernel kernel) {
+    for (const auto & k : k_kernel_names) {
+        if (k.kernel == kernel) return k.name;
+    }
+    return "?";
+}
+
 cpu_kernel_set parse_cpu_kernels(const char * spec) {
     cpu_kernel_set set;
     if (!spec || !*spec || std::strcmp(spec, "1") == 0) {

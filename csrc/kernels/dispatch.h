@@ -37,6 +37,14 @@ struct cpu_kernel_set {
     bool may_run(cpu_kernel k) const { return (bits & static_cast<uint32_t>(k)) && cpu_kernels_available(); }
 };
 
+// The placement rule: our kernels are CPU ops (ggml custom ops, which no GPU backend runs), so a
+// context that computes on another device uses none of them, whatever it allows; its graphs keep
+// ggml's ops and stay on the device.
+cpu_kernel_set kernels_for_compute(cpu_kernel_set allowed, bool compute_on_cpu);
+
+// "attn", "gemm", "gelu", "xattn".
+const char * cpu_kernel_name(cpu_kernel kernel);
+
 // NULL, "" or "1": all; "0": none (ggml's ops only); otherwise a comma list of "attn", "gemm",
 // "gelu", "xattn" (for A/B checks one kernel at a time). An unknown name fails with
 // MLLAMA_ERR_INVALID_ARGUMENT naming it and the valid names.

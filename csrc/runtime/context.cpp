@@ -101,7 +101,7 @@ static void resolve_params(mllama_context & c, const mllama_model & model) {
              (long long) n_ctx_train);
     }
     if (p.n_batch <= 0) p.n_batch = k_default_n_batch;
-    c.kernels = parse_cpu_kernels(p.cpu_kernels);
+    c.kernels = kernels_for_compute(parse_cpu_kernels(p.cpu_kernels), is_cpu(model.compute_device));
 }
 
 // The CPU backend, the compute device's (when not the CPU), and a scheduler over both.

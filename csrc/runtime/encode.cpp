@@ -52,7 +52,7 @@ void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_
     if (c.state.cross_k.empty()) fail(MLLAMA_ERR_UNSUPPORTED, "the model has no cross-attention layers");
     vision_inputs in;
     ggml_tensor * out = nullptr;
-    const vision_options opt = vision_options_for(m, c.backend_device == nullptr, c.kernels);
+    const vision_options opt = vision_options_for(m, c.kernels);
     auto build = [&](ggml_context * ctx) {
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, k_max_nodes, /*grads=*/false);
         out = build_vision(ctx, m, in, opt);

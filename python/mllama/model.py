@@ -216,6 +216,17 @@ class Model(Handle, GenerationMixin):
                  ffi.from_buffer("float[]", k), ffi.from_buffer("float[]", v), k.size)
         return k, v
 
+    def op_paths(self) -> dict[str, str]:
+        """Which path each op family takes here: mllama's CPU kernels, ggml's CPU ops (and their SIMD),
+        or the compute device (family -> path)."""
+        n = ffi.new("uint64_t *")
+        with self._lock:
+            call(lib.mllama_context_op_paths, self._handle() and self._ctx, ffi.NULL, 0, n)
+            buf = ffi.new("char[]", n[0] + 1)
+            call(lib.mllama_context_op_paths, self._ctx, buf, n[0] + 1, n)
+        lines = ffi.string(buf, n[0]).decode().splitlines()
+        return dict(line.split(": ", 1) for line in lines)
+
     @cached_property
     def image_config(self) -> ImageConfig:
         """Preprocessing constants (tile size, max tiles, aspect ratios, mean/std) from the file."""

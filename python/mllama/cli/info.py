@@ -51,6 +51,7 @@ def model_summary(model: Model) -> dict:
         "n_threads": info["n_threads"], "use_mmap": bool(info["use_mmap"]), "hparams": model.hparams.as_dict(),
         "format": FORMATS.get(info["format"], "unknown"),
         "conventions": info["conventions"], "projector": str(model.projector) if model.projector else None,
+        "op_paths": model.op_paths(),
     }
 
 
@@ -75,6 +76,9 @@ def print_summary(summary: dict) -> None:
           f"eom {hp['eom_token_id']}, pad {hp['pad_token_id']}, image {hp['image_token_id']}")
     mmap = "on" if summary["use_mmap"] else "off"
     print(f"  runtime: device {summary['device']}, {summary['n_threads']} threads, mmap {mmap}")
+    print("  ops on this machine:")
+    for family, path in summary["op_paths"].items():
+        print(f"    {family}: {path}")
 
 
 def run(args: argparse.Namespace) -> int:
