@@ -10,6 +10,12 @@
 
 set(MLLAMA_GGML_VERSION "0.20.2" CACHE STRING "ggml version mllama is built against (libggml-python==0.20.2.post1)")
 set(MLLAMA_GGML_SOURCE_DIR "" CACHE PATH "Build this ggml source tree instead of using libggml-python")
+# The folder of the library itself in a runtime search path: $ORIGIN for ELF (Linux), @loader_path on macOS.
+if(APPLE)
+    set(MLLAMA_RPATH_ORIGIN "@loader_path")
+else()
+    set(MLLAMA_RPATH_ORIGIN "$ORIGIN")
+endif()
 
 if(MLLAMA_GGML_SOURCE_DIR)
     if(NOT EXISTS "${MLLAMA_GGML_SOURCE_DIR}/CMakeLists.txt")
@@ -20,11 +26,11 @@ if(MLLAMA_GGML_SOURCE_DIR)
     set(BUILD_SHARED_LIBS ON CACHE BOOL "" FORCE)
     add_subdirectory("${MLLAMA_GGML_SOURCE_DIR}" "${CMAKE_BINARY_DIR}/ggml-src-build")
     set(MLLAMA_GGML_TARGETS ggml ggml-base)
-    set(MLLAMA_GGML_RPATH "$ORIGIN")
+    set(MLLAMA_GGML_RPATH "${MLLAMA_RPATH_ORIGIN}")
     # the ggml libraries are installed next to libmllama; let them find each other (ggml-cpu) there
     foreach(target ggml ggml-base ggml-cpu)
         if(TARGET ${target})
-            set_target_properties(${target} PROPERTIES INSTALL_RPATH "$ORIGIN")
+            set_target_properties(${target} PROPERTIES INSTALL_RPATH "${MLLAMA_RPATH_ORIGIN}")
         endif()
     endforeach()
     set(MLLAMA_GGML_FROM_SOURCE ON)
@@ -42,7 +48,7 @@ else()
     set(MLLAMA_GGML_TARGETS ggml::ggml ggml::ggml-base)
     # The exported targets' rpath names a `lib` folder that does not exist; the installed package
     # sits beside `libggml/` in site-packages, so point at both candidate folders.
-    set(MLLAMA_GGML_RPATH "$ORIGIN/../libggml/lib64;$ORIGIN/../libggml/lib")
+    set(MLLAMA_GGML_RPATH "${MLLAMA_RPATH_ORIGIN}/../libggml/lib64;${MLLAMA_RPATH_ORIGIN}/../libggml/lib")
     set(MLLAMA_GGML_FROM_SOURCE OFF)
     message(STATUS "mllama: using ggml ${ggml_VERSION} from ${ggml_DIR}")
 endif()
