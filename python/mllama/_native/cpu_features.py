@@ -51,7 +51,8 @@ def cpu_report(flags: set[str] | None = None, info: str | None = None) -> dict:
     gemm = ("llamafile tinyBLAS (BF16/F16/F32 GEMMs)" if llamafile else "ggml generic (no llamafile GEMMs)")
     return {"machine": platform.machine(), "cpu_supports": supported, "ggml_uses": used, "unused_by_ggml": unused,
             "gemm_path": gemm, "llamafile": llamafile,
-            "mllama_kernels": features.get("AVX512_BF16_KERNELS") == "1"}
+            "mllama_kernels": features.get("AVX512_BF16_KERNELS") == "1",
+            "mllama_kernels_built": features.get("X86_KERNELS") == "1"}
 
 
 def warning(report: dict) -> str | None:

@@ -33,9 +33,11 @@ def print_devices() -> None:
         print(f"  {d['name']} ({d['type']}): {d['description']}{mem}")
     print(f"ggml: {system_info()}")
     report = cpu_report()
-    print(f"cpu: supports {' '.join(report['cpu_supports']) or 'unknown'}; GEMM path: {report['gemm_path']}; "
-          f"mllama AVX-512 BF16 kernels (vision attention, BF16-weight GEMMs, GELU, decode cross-attention): "
-          f"{'on' if report['mllama_kernels'] else 'off'}")
+    kernels = ("on" if report["mllama_kernels"] else "off (this CPU lacks AVX-512 BF16)") if report["mllama_kernels_built"] \
+        else "not in this build (x86-64 only: ggml's ops run instead)"
+    print(f"cpu: {report['machine']}, supports {' '.join(report['cpu_supports']) or 'unknown'}; "
+          f"GEMM path: {report['gemm_path']}; mllama AVX-512 BF16 kernels (vision attention, BF16-weight GEMMs, "
+          f"GELU, decode cross-attention): {kernels}")
     note = warning(report)
     if note:
         print(note, file=sys.stderr)
