@@ -40,7 +40,7 @@ def _unavailable(reason: str):
     pytest.skip(f"{reason} (bash .ci/aarch64.sh builds it)")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: checked before the (session) model fixture is built
 def qemu() -> str:
     if not AARCH64_DRIVER.is_file():
         _unavailable(f"{AARCH64_DRIVER.relative_to(ROOT)} is missing")
