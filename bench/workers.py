@@ -21,10 +21,10 @@ IMAGE_TOKEN = 128256
 
 
 def peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    """The process's peak resident memory, as `mllama bench` measures it (portable: getrusage)."""
+    from mllama.cli.bench import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def probe_bandwidth(lib_path: str | Path, gib: float = 1.0, passes: int = 3) -> float:
