@@ -42,10 +42,17 @@ def test_bf16_attention_and_gelu_match_ggml_on_half_weights(converted, monkeypat
     both = encode(converted("f16"), monkeypatch, None, n_tiles, ar_id)
     attn = encode(converted("f16"), monkeypatch, "attn", n_tiles, ar_id)
     gelu = encode(converted("f16"), monkeypatch, "gelu", n_tiles, ar_id)
+    exact = encode(converted("f32"), monkeypatch, "0", n_tiles, ar_id)  # the same weights, F32 products
     # BF16 operands with F32 accumulation: ~5e-6 per attention, well inside the F16 parity budget
     assert 0 < nmse(both, generic) <= 2e-5
     assert 0 < nmse(attn, generic) <= 2e-5
-    assert nmse(gelu, generic) <= 1e-8  # erf to 1.5e-7, seen through the F16 rounding of the next GEMM input
+    # The kernel's erf is exact to 1.5e-7, over 3000x below the F16 rounding (2^-11) that ggml applies
+    # to the next product's input: seen through it, it only flips a few of those roundings, and how
+    # many depends on the CPU's summation order. So the bound is the F16 path's own error against the
+    # F32 computation, measured in this run: the kernel may add at most a tenth of it.
+    f16_error = nmse(generic, exact)
+    assert nmse(gelu, generic) <= 0.1 * f16_error, (nmse(gelu, generic), f16_error)
+    assert nmse(gelu, exact) <= 1.1 * f16_error
 
 
 @needs_kernels
