@@ -3,6 +3,7 @@ tokenizer (tests/fixtures/tiny_checkpoint.py), built once per test session, and 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,31 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "fixtures"))
 sys.path.insert(0, str(HERE))
+
+# MLLAMA_TEST_KERNELS=FAMILY runs the suite with one kernel family forced on every Model that does
+# not choose its own (tests of one kernel set MLLAMA_CPU_KERNELS themselves): "ggml" (ggml's ops
+# only) or "avx512_bf16" (mllama's x86 kernels; every test skips, with the reason, on a machine
+# without them). Unset: the default, every kernel the machine has.
+KERNEL_FAMILIES = {"ggml": "0", "avx512_bf16": "1"}
+
+
+def pytest_configure(config):
+    family = os.environ.get("MLLAMA_TEST_KERNELS")
+    if family and family not in KERNEL_FAMILIES:
+        raise pytest.UsageError(f"MLLAMA_TEST_KERNELS={family}: choose one of {', '.join(KERNEL_FAMILIES)}")
+    if family:
+        os.environ["MLLAMA_CPU_KERNELS"] = KERNEL_FAMILIES[family]
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("MLLAMA_TEST_KERNELS") != "avx512_bf16":
+        return
+    from mllama._native.cpu_features import ggml_features
+
+    if ggml_features().get("AVX512_BF16_KERNELS") != "1":
+        skip = pytest.mark.skip(reason="MLLAMA_TEST_KERNELS=avx512_bf16: this build or CPU has no AVX-512 BF16 kernels")
+        for item in items:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
