@@ -235,3 +235,52 @@ def test_overlapping_requests_each_carry_their_own_usage_and_finish_reason(gguf_
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def ollama_client(base):
+    from ollama import Client
+
+    return Client(host=base, timeout=120)
+
+
+def test_ollama_clients_list_show_ps_and_version(server):
+    c = ollama_client(server)
+    models = c.list().models
+    assert len(models) == 1 and models[0].details.family == "mllama" and models[0].size > 0
+    name = models[0].model
+    shown = c.show(name)
+    assert "vision" in shown.capabilities and shown.modelinfo["general.architecture"] == "mllama"
+    assert "<|start_header_id|>" in shown.template
+    running = c.ps().models
+    assert [m.model for m in running] == [name] and running[0].context_length == 4096
+    assert json.loads(urllib.request.urlopen(server + "/api/version").read())["version"]
+
+
+def test_ollama_generate_with_the_official_client(server):
+    c = ollama_client(server)
+    image = base64.b64decode(data_url().split(",", 1)[1])
+    whole = c.generate(model="x", prompt="Describe this image.", images=[image], options={"temperature": 0, "num_predict": 6})
+    assert whole.done and whole.done_reason in ("stop", "length") and 0 < whole.eval_count <= 6
+    assert whole.prompt_eval_count == 15 and whole.total_duration >= whole.prompt_eval_duration + whole.eval_duration > 0
+    streamed = list(c.generate(model="x", prompt="Describe this image.", images=[image], stream=True,
+                               options={"temperature": 0, "num_predict": 6}))
+    assert "".join(part.response for part in streamed) == whole.response
+    assert streamed[-1].done and streamed[-1].eval_count == whole.eval_count
+    raw = c.generate(model="x", prompt="<|begin_of_text|>Once upon a time", raw=True, options={"temperature": 0, "num_predict": 3})
+    assert raw.prompt_eval_count == 5 and raw.eval_count <= 3
+    loaded = c.generate(model="x", prompt="")  # Ollama's way to load a model
+    assert loaded.done and loaded.done_reason == "load"
+
+
+def test_ollama_chat_with_the_official_client_and_bad_requests(server):
+    c = ollama_client(server)
+    image = base64.b64decode(data_url().split(",", 1)[1])
+    reply = c.chat(model="x", messages=[{"role": "user", "content": "Describe this image.", "images": [image]}],
+                   options={"temperature": 0, "num_predict": 5})
+    assert reply.done and reply.eval_count <= 5 and reply.prompt_eval_count == 15 and reply.eval_duration > 0
+    for path, body, fragment in [("/api/generate", {"prompt": "Hi", "format": "json"}, "not supported yet"),
+                                 ("/api/generate", {"prompt": 3}, "'prompt' must be a string"),
+                                 ("/api/generate", {"prompt": "Hi", "images": ["%%%"]}, "base64"),
+                                 ("/api/chat", {"messages": [{"role": "user", "content": "Hi"}], "options": 1}, "'options'")]:
+        status, text = post(server, path, json.dumps(body).encode())
+        assert status == 400 and fragment in json.loads(text)["error"]["message"], (path, body, text)

@@ -1,27 +1,83 @@
-"""Ollama's /api/chat (newline-delimited JSON stream, or one object with "stream": false)."""
+"""Ollama's API for its existing clients: /api/chat and /api/generate (NDJSON streams, or one object
+with "stream": false; durations in nanoseconds), /api/tags, /api/show, /api/ps, /api/version."""
 
+import hashlib
 import json
 import time
+from collections import Counter
+from datetime import datetime, timedelta, timezone
 
+from .._version import __version__
 from ..generation.results import GenerationResult
 from .queue import GenerationQueue, Reply
-from .requests import check_messages, from_ollama, read_json, sampling
+from .requests import RequestError, check_messages, from_ollama, read_json, sampling
 
 
 def options(body: dict) -> dict:
     """Sampling from Ollama's `options` (num_predict > 0 is max_tokens)."""
     opts = body.get("options") or {}
-    extra = {"max_tokens": opts["num_predict"]} if opts.get("num_predict", -1) > 0 else {}
+    if not isinstance(opts, dict):
+        raise RequestError(400, "'options' must be an object")
+    extra = {"max_tokens": opts["num_predict"]} if isinstance(opts.get("num_predict"), int) and opts["num_predict"] > 0 else {}
     return sampling({**opts, **extra})
 
 
-def line(model_id: str, created: str, content: str, result: GenerationResult | None) -> str:
-    item: dict = {"model": model_id, "created_at": created, "message": {"role": "assistant", "content": content},
-                  "done": result is not None}
-    if result is not None:
-        item.update(done_reason=result.finish_reason, prompt_eval_count=result.usage.prompt_tokens,
-                    eval_count=result.usage.completion_tokens)
-    return json.dumps(item) + "\n"
+def refuse_format(body: dict) -> None:
+    if body.get("format"):
+        raise RequestError(400, "'format' (structured output) is not supported yet")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def final_fields(result: GenerationResult, started: float) -> dict:
+    """Ollama's closing fields: why it stopped, token counts, durations in nanoseconds."""
+    t = result.timings
+    return {"done_reason": result.finish_reason, "total_duration": int((time.perf_counter() - started) * 1e9),
+            "load_duration": 0, "prompt_eval_count": result.usage.prompt_tokens,
+            "prompt_eval_duration": int(t.prompt_s * 1e9), "eval_count": result.usage.completion_tokens,
+            "eval_duration": int(t.generate_s * 1e9)}
+
+
+def model_card(model) -> dict:
+    """What /api/tags, /api/show and /api/ps say about the loaded model."""
+    info = model.info
+    st = model.path.stat()
+    text_types = Counter(t.type for t in model.tensors() if t.name.startswith("blk.") and len(t.shape) == 2)
+    # identifies the loaded file (path, size, modification time); hashing its content would read gigabytes
+    digest = hashlib.sha256(f"{model.path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    details = {"parent_model": "", "format": "gguf", "family": "mllama", "families": ["mllama"],
+               "parameter_size": f"{info['n_params'] / 1e9:.1f}B",
+               "quantization_level": text_types.most_common(1)[0][0].upper() if text_types else ""}
+    hp = model.hparams
+    model_info = {"general.architecture": "mllama", "general.parameter_count": info["n_params"],
+                  "mllama.context_length": hp.n_ctx_train, "mllama.embedding_length": hp.n_embd,
+                  "mllama.block_count": hp.n_layer, "mllama.vision.block_count": hp.v_n_layer}
+    modified = datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat().replace("+00:00", "Z")
+    return {"name": model.name, "model": model.name, "modified_at": modified, "size": info["file_size"],
+            "digest": digest, "details": details, "model_info": model_info, "template": model.chat_template,
+            "bytes_weights": info["n_bytes_weights"], "on_gpu": info["device"].lower() != "cpu", "n_ctx": model.n_ctx}
+
+
+def line(model_id: str, created: str, key: str, content: str, closing: dict | None) -> str:
+    item: dict = {"model": model_id, "created_at": created, "done": closing is not None}
+    item.update({"message": {"role": "assistant", "content": content}} if key == "message" else {"response": content})
+    return json.dumps({**item, **(closing or {})}) + "\n"
+
+
+def generate_prompt(body: dict):
+    """The prompt of /api/generate: the chat template around prompt, system and images, or with
+    "raw": true the prompt as it is (special tokens allowed)."""
+    prompt = body.get("prompt") or ""
+    if not isinstance(prompt, str):
+        raise RequestError(400, "'prompt' must be a string")
+    images = from_ollama({"images": body.get("images") or []}).get("images", [])
+    if body.get("raw"):
+        return lambda model: (model.tokenize(prompt, special=True), images)
+    messages = [{"role": "system", "content": body["system"]}] if body.get("system") else []
+    messages.append({"role": "user", "content": prompt, "images": images})
+    return lambda model: model.chat_prompt(messages)
 
 
 def register(app, queue: GenerationQueue, model_id: str, limits: dict, error) -> None:
@@ -30,28 +86,67 @@ def register(app, queue: GenerationQueue, model_id: str, limits: dict, error) ->
     from fastapi import Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    @app.post("/api/chat")
-    async def ollama_chat(request: Request):
+    card = model_card(queue.model)
+    tag = {k: card[k] for k in ("name", "model", "modified_at", "size", "digest", "details")}
+
+    async def answer(request: Request, key: str):
+        started = time.perf_counter()
         try:
             body = await read_json(request, limits["max_body_bytes"])
-            messages = [from_ollama(m) for m in check_messages(body, limits["allow_local_images"])]
-            reply = await queue.submit(messages, options(body))
+            refuse_format(body)
+            if key == "message":
+                messages = [from_ollama(m) for m in check_messages(body, limits["allow_local_images"])]
+                prompt = lambda model: model.chat_prompt(messages)  # noqa: E731
+            elif not body.get("prompt") and not body.get("images"):  # Ollama's way to load a model
+                return JSONResponse(json.loads(line(model_id, now_iso(), key, "", {"done_reason": "load"})))
+            else:
+                prompt = generate_prompt(body)
+            reply = await queue.submit(prompt, options(body))
             first = await reply.first()
         except Exception as exc:
             return error(exc)
-        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        created = now_iso()
         if body.get("stream", True) is False:
             await reply.rest()
-            return JSONResponse(json.loads(line(model_id, created, reply.result.text, reply.result)))
-        return StreamingResponse(ndjson(reply, first, model_id, created), media_type="application/x-ndjson")
+            closing = final_fields(reply.result, started)
+            return JSONResponse(json.loads(line(model_id, created, key, reply.result.text, closing)))
+        return StreamingResponse(ndjson(reply, first, model_id, created, key, started), media_type="application/x-ndjson")
+
+    @app.post("/api/chat")
+    async def ollama_chat(request: Request):
+        return await answer(request, "message")
+
+    @app.post("/api/generate")
+    async def ollama_generate(request: Request):
+        return await answer(request, "response")
+
+    @app.get("/api/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/api/tags")
+    async def tags():
+        return {"models": [tag]}
+
+    @app.post("/api/show")
+    async def show():
+        return {"modelfile": "", "parameters": "", "template": card["template"], "details": card["details"],
+                "model_info": card["model_info"], "capabilities": ["completion", "vision"],
+                "modified_at": card["modified_at"]}
+
+    @app.get("/api/ps")
+    async def ps():
+        expires = (datetime.now(timezone.utc) + timedelta(days=3650)).isoformat().replace("+00:00", "Z")
+        return {"models": [{**tag, "expires_at": expires, "size": card["bytes_weights"],
+                            "size_vram": card["bytes_weights"] if card["on_gpu"] else 0, "context_length": card["n_ctx"]}]}
 
 
-async def ndjson(reply: Reply, first: str | None, model_id: str, created: str):
+async def ndjson(reply: Reply, first: str | None, model_id: str, created: str, key: str, started: float):
     try:
         if first:
-            yield line(model_id, created, first, None)
+            yield line(model_id, created, key, first, None)
         async for piece in reply:
-            yield line(model_id, created, piece, None)
-        yield line(model_id, created, "", reply.result)
+            yield line(model_id, created, key, piece, None)
+        yield line(model_id, created, key, "", final_fields(reply.result, started))
     finally:
         await reply.aclose()

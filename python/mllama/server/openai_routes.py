@@ -29,7 +29,7 @@ def register(app, queue: GenerationQueue, model_id: str, limits: dict, error) ->
             options = sampling(body)
             if body.get("n", 1) != 1:
                 raise RequestError(400, "only n=1 is supported")
-            reply = await queue.submit(messages, options)
+            reply = await queue.submit(lambda model: model.chat_prompt(messages), options)
             first = await reply.first()
         except Exception as exc:
             return error(exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any, Callable
 
 from ..generation.results import GenerationResult
 from .requests import RequestError
@@ -67,20 +68,21 @@ class GenerationQueue:
         finally:
             self.waiting -= 1
 
-    async def submit(self, messages: list[dict], sampling: dict) -> Reply:
-        """Wait for the model, start the generation in a worker thread, return its Reply."""
+    async def submit(self, prompt: Callable[[Any], tuple[list[int], list]], sampling: dict) -> Reply:
+        """Wait for the model, start the generation in a worker thread, return its Reply. `prompt`
+        gives the tokens and images from the model (in the worker: rendering is part of the work)."""
         await self._acquire()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         reply = Reply(queue, threading.Event())
-        threading.Thread(target=self._work, args=(loop, queue, reply._cancel, messages, sampling),
+        threading.Thread(target=self._work, args=(loop, queue, reply._cancel, prompt, sampling),
                          name="mllama-generate", daemon=True).start()
         return reply
 
-    def _work(self, loop, queue: asyncio.Queue, cancel: threading.Event, messages: list[dict], sampling: dict) -> None:
+    def _work(self, loop, queue: asyncio.Queue, cancel: threading.Event, prompt, sampling: dict) -> None:
         put = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
         try:
-            tokens, images = self.model.chat_prompt(messages)
+            tokens, images = prompt(self.model)
             stream = self.model.stream_text(tokens, self.model.prepare_images(images), **sampling)
             for piece in stream:
                 if cancel.is_set():
