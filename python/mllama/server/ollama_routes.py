@@ -18,7 +18,8 @@ def options(body: dict) -> dict:
     opts = body.get("options") or {}
     if not isinstance(opts, dict):
         raise RequestError(400, "'options' must be an object")
-    extra = {"max_tokens": opts["num_predict"]} if isinstance(opts.get("num_predict"), int) and opts["num_predict"] > 0 else {}
+    n_predict = opts.get("num_predict")
+    extra = {"max_tokens": n_predict} if isinstance(n_predict, int) and n_predict > 0 else {}
     return sampling({**opts, **extra})
 
 
@@ -110,7 +111,8 @@ def register(app, queue: GenerationQueue, model_id: str, limits: dict, error) ->
             await reply.rest()
             closing = final_fields(reply.result, started)
             return JSONResponse(json.loads(line(model_id, created, key, reply.result.text, closing)))
-        return StreamingResponse(ndjson(reply, first, model_id, created, key, started), media_type="application/x-ndjson")
+        return StreamingResponse(ndjson(reply, first, model_id, created, key, started),
+                                 media_type="application/x-ndjson")
 
     @app.post("/api/chat")
     async def ollama_chat(request: Request):
@@ -137,8 +139,9 @@ def register(app, queue: GenerationQueue, model_id: str, limits: dict, error) ->
     @app.get("/api/ps")
     async def ps():
         expires = (datetime.now(timezone.utc) + timedelta(days=3650)).isoformat().replace("+00:00", "Z")
-        return {"models": [{**tag, "expires_at": expires, "size": card["bytes_weights"],
-                            "size_vram": card["bytes_weights"] if card["on_gpu"] else 0, "context_length": card["n_ctx"]}]}
+        vram = card["bytes_weights"] if card["on_gpu"] else 0
+        return {"models": [{**tag, "expires_at": expires, "size": card["bytes_weights"], "size_vram": vram,
+                            "context_length": card["n_ctx"]}]}
 
 
 async def ndjson(reply: Reply, first: str | None, model_id: str, created: str, key: str, started: float):
