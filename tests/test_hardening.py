@@ -145,10 +145,15 @@ def test_two_threads_serialize(model):
     assert [results[0], results[1]] == sequential
 
 
-def test_interleaved_generations_in_one_thread_are_refused(model):
+def test_interleaved_generations_in_one_thread_queue_and_finish(model):
+    # one sequence (n_seq_max 1): the second waits in the scheduler; pulling it runs the first to its end
+    alone = [list(model.generate_tokens([128000, t], temperature=0.0, max_tokens=5)) for t in (1000, 2000)]
     first = model.generate_tokens([128000, 1000], temperature=0.0, max_tokens=5)
-    next(first)
-    with pytest.raises(mllama.MllamaError, match="busy with another generation"):
-        next(model.generate_tokens([128000, 2000], temperature=0.0, max_tokens=5))
-    first.close()
-    assert len(list(model.generate_tokens([128000, 2000], temperature=0.0, max_tokens=3))) <= 3
+    second = model.generate_tokens([128000, 2000], temperature=0.0, max_tokens=5)
+    head = next(first)
+    assert list(second) == alone[1]
+    assert [head] + list(first) == alone[0]
+    third = model.generate_tokens([128000, 1000], temperature=0.0, max_tokens=5)
+    next(third)
+    third.close()  # an abandoned generation frees its sequence
+    assert model.scheduler.running == [] and not any(model.scheduler.busy)

@@ -44,7 +44,7 @@ def start_server(gguf, *flags: str) -> tuple[str, subprocess.Popen]:
 
 @pytest.fixture(scope="module")
 def server(gguf_f32):
-    base, proc = start_server(gguf_f32, "--max-queue", "1", "--max-body", "1", "--ctx", "4096")
+    base, proc = start_server(gguf_f32, "--max-queue", "1", "--max-body", "1", "--ctx", "4096", "--parallel", "1")
     yield base
     proc.terminate()
     proc.wait(timeout=30)

@@ -5,7 +5,9 @@
 #include "runtime/context.h"
 #include "runtime/op_paths.h"
 
+#include <algorithm>
 #include <string>
+#include <vector>
 
 using mllama::guarded;
 using mllama::require;
@@ -55,7 +57,40 @@ mllama_status mllama_context_decode(mllama_context * context, const int32_t * to
                                     const int32_t * out_rows, int32_t n_out, float * logits) {
     return guarded([&] {
         require(context, "context_decode needs a context");
-        mllama::decode(*context, tokens, n_tokens, n_past, n_images, row_images, out_rows, n_out, logits);
+        std::vector<int32_t> slots(static_cast<size_t>(std::max(n_images, 0)));
+        for (int32_t i = 0; i < n_images; ++i) slots[i] = i;
+        const mllama_batch_seq part{0, n_past, n_tokens, n_images, slots.data(), row_images};
+        mllama::decode(*context, tokens, mllama::batch_parts(*context, &part, 1), out_rows, n_out, logits);
+    });
+}
+
+mllama_status mllama_context_decode_batch(mllama_context * context, const int32_t * tokens,
+                                          const mllama_batch_seq * seqs, int32_t n_seqs, const int32_t * out_rows,
+                                          int32_t n_out, float * logits) {
+    return guarded([&] {
+        require(context, "context_decode_batch needs a context");
+        mllama::decode(*context, tokens, mllama::batch_parts(*context, seqs, n_seqs), out_rows, n_out, logits);
+    });
+}
+
+mllama_status mllama_context_seq_length(const mllama_context * context, int32_t seq_id, int32_t * out) {
+    return guarded([&] {
+        require(context && out, "context_seq_length needs a context and an output pointer");
+        *out = mllama::seq_length(*context, seq_id);
+    });
+}
+
+mllama_status mllama_context_seq_trim(mllama_context * context, int32_t seq_id, int32_t n_keep) {
+    return guarded([&] {
+        require(context, "context_seq_trim needs a context");
+        mllama::seq_trim(*context, seq_id, n_keep);
+    });
+}
+
+mllama_status mllama_context_seq_copy(mllama_context * context, int32_t src, int32_t dst, int32_t n_tokens) {
+    return guarded([&] {
+        require(context, "context_seq_copy needs a context");
+        mllama::seq_copy(*context, src, dst, n_tokens);
     });
 }
 

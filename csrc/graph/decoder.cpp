@@ -41,16 +41,24 @@ static ggml_tensor * self_attention(ggml_context * ctx, const mllama_context & c
     ggml_tensor * k = rope(ggml_reshape_3d(ctx, ggml_mul_mat(ctx, w.wk, x), hd, hp.n_head_kv, n));  // [hd, Hkv, n]
     ggml_tensor * v = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, w.wv, x), hd, hp.n_head_kv, n);         // [hd, Hkv, n]
     ggml_tensor * ck = c.state.self_k[il], * cv = c.state.self_v[il];
-    ggml_tensor * k_new = ggml_view_3d(ctx, ck, hd, hp.n_head_kv, n, ck->nb[1], ck->nb[2],
-                                       s.n_past * ck->nb[2]);  // [hd, Hkv, n]
-    ggml_tensor * v_new = ggml_view_3d(ctx, cv, hd, hp.n_head_kv, n, cv->nb[1], cv->nb[2], s.n_past * cv->nb[2]);
-    ggml_build_forward_expand(gf, ggml_cpy(ctx, k, k_new));
-    ggml_build_forward_expand(gf, ggml_cpy(ctx, v, v_new));
-    const int64_t n_kv = s.n_past + n;
-    ggml_tensor * keys = ggml_view_3d(ctx, ck, hd, hp.n_head_kv, n_kv, ck->nb[1], ck->nb[2], 0);  // [hd, Hkv, n_kv]
-    ggml_tensor * vals = ggml_view_3d(ctx, cv, hd, hp.n_head_kv, n_kv, cv->nb[1], cv->nb[2], 0);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    ggml_tensor * a = attention(ctx, {q, keys, vals, in.kq_mask, scale});  // [n_embd, n]
+    ggml_tensor * a = nullptr;
+    for (size_t ip = 0; ip < s.parts->size(); ++ip) {  // each sequence attends to its own cells
+        const batch_part & p = (*s.parts)[ip];
+        auto rows = [&](ggml_tensor * t) {  // [hd, heads, n_part]
+            return ggml_view_3d(ctx, t, t->ne[0], t->ne[1], p.n_tokens, t->nb[1], t->nb[2], p.first_row * t->nb[2]);
+        };
+        auto cells = [&](ggml_tensor * cache, int64_t first, int64_t count) {  // [hd, Hkv, count]
+            const int64_t cell = static_cast<int64_t>(p.seq) * c.params.n_ctx + first;
+            return ggml_view_3d(ctx, cache, hd, hp.n_head_kv, count, cache->nb[1], cache->nb[2], cell * cache->nb[2]);
+        };
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, rows(k), cells(ck, p.n_past, p.n_tokens)));
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, rows(v), cells(cv, p.n_past, p.n_tokens)));
+        const int64_t n_kv = p.n_past + p.n_tokens;
+        ggml_tensor * part = attention(ctx, {rows(q), cells(ck, 0, n_kv), cells(cv, 0, n_kv), in.kq_masks[ip],
+                                             scale});  // [n_embd, n_part]
+        a = a ? ggml_concat(ctx, a, part, 1) : part;  // [n_embd, rows so far]
+    }
     return named(ggml_mul_mat(ctx, w.wo, a), prefix, "attn_out");
 }
 
@@ -65,8 +73,9 @@ static ggml_tensor * cross_attention(ggml_context * ctx, const mllama_context & 
     ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, w.wq, x), hd, hp.n_head, s.n_tokens);  // [hd, H, n]
     q = rms_norm(ctx, q, w.q_norm, hp.rms_norm_eps);
     const int64_t n_vis = c.state.n_vis;
-    ggml_tensor * keys = slot_view(ctx, c.state.cross_k[cross_index], n_vis, 0, s.n_images);  // [hd, Hkv, n_img*n_vis]
-    ggml_tensor * vals = slot_view(ctx, c.state.cross_v[cross_index], n_vis, 0, s.n_images);
+    const slot_span span = s.slots;
+    ggml_tensor * keys = slot_view(ctx, c.state.cross_k[cross_index], n_vis, span.first, span.count);  // [hd, Hkv, n_keys]
+    ggml_tensor * vals = slot_view(ctx, c.state.cross_v[cross_index], n_vis, span.first, span.count);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     const bool small_batch = s.n_tokens <= k_xattn_max_tokens && c.kernels.may_run(cpu_kernel::xattn) &&
                              decode_attention_supported(q, keys, vals, in.x_mask);
@@ -80,11 +89,15 @@ static void new_inputs(ggml_context * ctx, const mllama_context & c, const text_
     const int64_t n = s.n_tokens;
     in.tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
     in.pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
-    in.kq_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, s.n_past + n, n);
     in.out_rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, s.n_out);
-    for (ggml_tensor * t : {in.tokens, in.pos, in.kq_mask, in.out_rows}) ggml_set_input(t);
-    if (s.n_images > 0) {
-        in.x_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, s.n_images * c.state.n_vis, n);
+    for (ggml_tensor * t : {in.tokens, in.pos, in.out_rows}) ggml_set_input(t);
+    in.kq_masks.clear();
+    for (const batch_part & p : *s.parts) {
+        in.kq_masks.push_back(ggml_new_tensor_2d(ctx, GGML_TYPE_F16, p.n_past + p.n_tokens, p.n_tokens));
+        ggml_set_input(in.kq_masks.back());
+    }
+    if (s.slots.count > 0) {
+        in.x_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, s.slots.count * c.state.n_vis, n);
         in.x_rows = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n);
         ggml_set_input(in.x_mask);
         ggml_set_input(in.x_rows);
@@ -127,7 +140,7 @@ ggml_tensor * build_text(ggml_context * ctx, const mllama_context & c, const tex
             continue;
         }
         ++cross_index;
-        if (s.n_images > 0) h = cross_layer(ctx, c, il, cross_index, h, s, in, prefix);  // text only: skipped entirely
+        if (s.slots.count > 0) h = cross_layer(ctx, c, il, cross_index, h, s, in, prefix);  // text only: skipped entirely
     }
     h = ggml_get_rows(ctx, h, in.out_rows);                                        // [n_embd, n_out]
     h = rms_norm(ctx, h, m.text.output_norm, hp.rms_norm_eps);

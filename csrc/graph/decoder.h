@@ -2,7 +2,10 @@
 // layers reading the image slots, final norm and the logits of the requested rows.
 #pragma once
 
+#include "runtime/batch.h"
+
 #include <cstdint>
+#include <vector>
 
 struct ggml_cgraph;
 struct ggml_context;
@@ -12,16 +15,19 @@ struct mllama_context;
 namespace mllama {
 
 struct text_inputs {
-    ggml_tensor * tokens = nullptr;   // [n_tokens] I32
-    ggml_tensor * pos = nullptr;      // [n_tokens] I32: n_past + i
-    ggml_tensor * kq_mask = nullptr;  // [n_past + n_tokens, n_tokens] F16: causal
-    ggml_tensor * x_mask = nullptr;   // [n_images * n_vis, n_tokens] F16: allowed (image, tile) pairs, or nullptr
-    ggml_tensor * x_rows = nullptr;   // [1, n_tokens] F32: 1 where the row attends to some image, or nullptr
-    ggml_tensor * out_rows = nullptr; // [n_out] I32: rows whose logits are computed
+    ggml_tensor * tokens = nullptr;          // [n_tokens] I32
+    ggml_tensor * pos = nullptr;             // [n_tokens] I32: each row's position in its sequence
+    std::vector<ggml_tensor *> kq_masks;     // per part: [n_past + n_part, n_part] F16, causal
+    ggml_tensor * x_mask = nullptr;          // [n_slots * n_vis, n_tokens] F16: allowed (image, tile) keys, or nullptr
+    ggml_tensor * x_rows = nullptr;          // [1, n_tokens] F32: 1 where the row attends to some image, or nullptr
+    ggml_tensor * out_rows = nullptr;        // [n_out] I32: rows whose logits are computed
 };
 
 struct text_shape {
-    int64_t n_tokens, n_past, n_images, n_out;
+    int64_t n_tokens = 0;                    // rows of the batch
+    const std::vector<batch_part> * parts;   // the sequences' rows, in batch order
+    slot_span slots;                         // the image slots the batch reads (count 0: no cross-attention)
+    int64_t n_out = 0;
 };
 
 // Returns the logits [n_vocab, n_out].

@@ -26,23 +26,27 @@ void set_vision_mask(ggml_tensor * dst, int64_t n_positions, int64_t n_padded, i
 
 // ref: transformers 5.23.0 modeling_mllama.py _prepare_cross_attention_mask and processing_mllama.py
 // get_cross_attention_token_mask (which rows see which image).
-cross_mask cross_masks(const uint8_t * row_images, int32_t n_tokens, const std::vector<int32_t> & image_tiles,
-                       int64_t n_vis, int64_t per_tile) {
-    const int32_t n_images = static_cast<int32_t>(image_tiles.size());
-    const int64_t n_keys = n_vis * n_images;
+cross_mask cross_masks(const std::vector<batch_part> & parts, int32_t n_tokens, slot_span span,
+                       const std::vector<int32_t> & slot_tiles, int64_t n_vis, int64_t per_tile) {
+    const int64_t n_keys = n_vis * span.count;
     const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), neg_inf = ggml_fp32_to_fp16(-INFINITY);
     cross_mask out;
     out.mask.assign(static_cast<size_t>(n_keys * n_tokens), neg_inf);
     out.rows.assign(static_cast<size_t>(n_tokens), 0.0f);
-    for (int32_t i = 0; i < n_tokens; ++i) {
-        ggml_fp16_t * row = out.mask.data() + static_cast<size_t>(i) * n_keys;
-        for (int32_t img = 0; img < n_images; ++img) {
-            if (!row_images[static_cast<size_t>(i) * n_images + img]) continue;
-            out.rows[i] = 1.0f;
-            const int64_t n_allowed = image_tiles[img] * per_tile;  // tiles beyond the image's count stay masked
-            std::fill(row + img * n_vis, row + img * n_vis + n_allowed, zero);
+    for (const batch_part & p : parts) {
+        const size_t n_images = p.slots.size();
+        for (int32_t i = 0; i < p.n_tokens; ++i) {
+            const int64_t r = p.first_row + i;
+            ggml_fp16_t * row = out.mask.data() + static_cast<size_t>(r) * n_keys;
+            for (size_t img = 0; img < n_images; ++img) {
+                if (!p.row_images[static_cast<size_t>(i) * n_images + img]) continue;
+                out.rows[r] = 1.0f;
+                const int64_t first = (p.slots[img] - span.first) * n_vis;
+                const int64_t n_allowed = slot_tiles[p.slots[img]] * per_tile;  // tiles beyond the image's stay masked
+                std::fill(row + first, row + first + n_allowed, zero);
+            }
+            if (out.rows[r] == 0.0f && n_keys > 0) row[0] = zero;  // no image: one key, output zeroed
         }
-        if (out.rows[i] == 0.0f) std::fill(row, row + n_keys, zero);  // no image: attend anywhere, output zeroed
     }
     return out;
 }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "ggml.h"
+#include "runtime/batch.h"
 
 #include <cstdint>
 #include <vector>
@@ -15,14 +16,15 @@ void set_vision_mask(ggml_tensor * dst, int64_t n_positions, int64_t n_padded, i
 
 // The cross-attention inputs of a decode batch.
 struct cross_mask {
-    std::vector<ggml_fp16_t> mask;  // [n_images * n_vis, n_tokens]: 0 for the (image, tile) keys a row may read
+    std::vector<ggml_fp16_t> mask;  // [span.count * n_vis, n_tokens]: 0 for the (image, tile) keys a row may read
     std::vector<float> rows;        // [1, n_tokens]: 1 where the row attends to some image
 };
 
-// row_images: n_tokens x n_images bytes, 1 where the row attends to image m; image_tiles: the tiles
-// each image has (of max_tiles); n_vis: keys per image; per_tile: keys per tile.
-cross_mask cross_masks(const uint8_t * row_images, int32_t n_tokens, const std::vector<int32_t> & image_tiles,
-                       int64_t n_vis, int64_t per_tile);
+// The keys of the slots in `span` (each n_vis keys, per_tile of them per tile) each row of the batch
+// may read: the tiles its images have (slot_tiles: the tiles each slot holds, by slot index). A row
+// that attends to no image reads the span's first key only (its output is zeroed by `rows`).
+cross_mask cross_masks(const std::vector<batch_part> & parts, int32_t n_tokens, slot_span span,
+                       const std::vector<int32_t> & slot_tiles, int64_t n_vis, int64_t per_tile);
 
 // [n_past + n_tokens, n_tokens]: row i reads positions 0 .. n_past + i.
 std::vector<ggml_fp16_t> causal_mask(int32_t n_past, int32_t n_tokens);

@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 /* cdef-begin */
-#define MLLAMA_ABI_VERSION 2
+#define MLLAMA_ABI_VERSION 3
 #define MLLAMA_NAME_MAX 128
 #define MLLAMA_TEXT_MAX 256
 
@@ -85,9 +85,10 @@ typedef struct mllama_model_params {
 } mllama_model_params;
 
 /* Defaults (mllama_context_default_params): n_ctx 0 (resolved to min(trained context, 4096)), n_batch 512,
- * n_threads 0 (the model's), n_image_slots 4, cross_kv_f32 and kv_f32 -1 (auto), every string NULL. */
+ * n_threads 0 (the model's), n_image_slots 4, cross_kv_f32 and kv_f32 -1 (auto), every string NULL,
+ * n_seq_max 1. */
 typedef struct mllama_context_params {
-    int32_t n_ctx;             /* tokens the self-attention cache holds; <= 0: min(trained context, 4096) */
+    int32_t n_ctx;             /* tokens the self-attention cache holds per sequence; <= 0: min(trained context, 4096) */
     int32_t n_batch;           /* most tokens evaluated in one decode call; <= 0: 512 */
     int32_t n_threads;         /* <= 0: the model's */
     int32_t n_image_slots;     /* images whose cross-attention K/V can be held at once, 0 to 256 (default 4) */
@@ -99,6 +100,7 @@ typedef struct mllama_context_params {
                                   only); or a comma list of "attn", "gemm", "gelu", "xattn" */
     const char * profile_path; /* NULL or "": off; else per-op timings are written here as TSV when the context is
                                   freed (ignored while dump_dir is set) */
+    int32_t n_seq_max;         /* sequences held at once, each with its own n_ctx cache cells, 1 to 256; <= 0: 1 */
 } mllama_context_params;
 
 typedef struct mllama_hparams {
@@ -276,14 +278,40 @@ MLLAMA_API mllama_status mllama_context_encode_image(mllama_context * context, i
  * layers) held in `slot`: each max_tiles * n_positions x n_head_kv x head_dim float32. */
 MLLAMA_API mllama_status mllama_context_read_cross_kv(const mllama_context * context, int32_t slot, int32_t cross_index,
                                                       float * k, float * v, int64_t n);
-/* Evaluate n_tokens at positions n_past.. (cached positions >= n_past are overwritten). The
- * sequence's images are in slots 0..n_images-1, in prompt order; row_images (n_tokens x n_images
+/* Evaluate n_tokens of sequence 0 at positions n_past.. (as mllama_context_decode_batch with one part:
+ * the sequence's images in slots 0..n_images-1, in prompt order). row_images (n_tokens x n_images
  * bytes) says which images each token's row attends to (all zero: none, so the cross-attention
  * layers add nothing to that row). Logits of the batch rows in out_rows are written to logits
  * (n_out x n_vocab float32). A row attends only to the tiles its image has. */
 MLLAMA_API mllama_status mllama_context_decode(mllama_context * context, const int32_t * tokens, int32_t n_tokens,
                                                int32_t n_past, int32_t n_images, const uint8_t * row_images,
                                                const int32_t * out_rows, int32_t n_out, float * logits);
+/* One sequence's part of a batch. Each sequence's cache holds its positions 0..length-1; a part
+ * evaluates its tokens at positions n_past.. (n_past <= the sequence's length: cells from n_past on
+ * are overwritten and the length becomes n_past + n_tokens). Its rows attend to the image slots it
+ * names (any slots of the pool, shared between sequences as the caller likes). */
+typedef struct mllama_batch_seq {
+    int32_t seq_id;                /* 0 .. n_seq_max - 1, at most one part per sequence in a batch */
+    int32_t n_past;                /* position of the part's first token */
+    int32_t n_tokens;              /* the part's tokens: the next n_tokens of the batch, after the previous part's */
+    int32_t n_images;              /* image slots the part's rows may attend to */
+    const int32_t * image_slots;   /* n_images slot indices, in prompt order */
+    const uint8_t * row_images;    /* n_tokens x n_images bytes: 1 where the token's row attends to image m */
+} mllama_batch_seq;
+/* Evaluate the tokens of several sequences in one pass (the weights are read once for all rows): the
+ * parts in order cover tokens[0 .. sum of n_tokens), at most n_batch. out_rows index the whole batch;
+ * their logits go to logits (n_out x n_vocab float32). A sequence's results do not depend on the
+ * other parts of the batch. On an error the lengths of the batch's sequences are cut to their n_past. */
+MLLAMA_API mllama_status mllama_context_decode_batch(mllama_context * context, const int32_t * tokens,
+                                                     const mllama_batch_seq * seqs, int32_t n_seqs,
+                                                     const int32_t * out_rows, int32_t n_out, float * logits);
+/* Positions a sequence's cache holds (0 for a new or cleared sequence). */
+MLLAMA_API mllama_status mllama_context_seq_length(const mllama_context * context, int32_t seq_id, int32_t * out);
+/* Keep the first n_keep positions of a sequence (0: clear it); more than it holds changes nothing. */
+MLLAMA_API mllama_status mllama_context_seq_trim(mllama_context * context, int32_t seq_id, int32_t n_keep);
+/* Copy the first n_tokens positions of sequence src into dst (a shared prompt prefix): dst then holds
+ * exactly those n_tokens positions. n_tokens <= src's length; src == dst is an error. */
+MLLAMA_API mllama_status mllama_context_seq_copy(mllama_context * context, int32_t src, int32_t dst, int32_t n_tokens);
 /* Which path each op family takes in this context on this machine, one "family: path" line each
  * (mllama's CPU kernels, ggml's CPU ops and their SIMD, or the compute device): copied NUL-terminated
  * into buf (up to cap bytes); *len receives the length. */
@@ -293,7 +321,7 @@ MLLAMA_API int64_t mllama_context_n_decoded(const mllama_context * context);
 /* Bytes a context holds beside the weights: its caches (self-attention KV + image slots) and the
  * compute buffers the scheduler has reserved so far (they grow to the largest graph run). */
 typedef struct mllama_context_memory {
-    uint64_t kv_cache;         /* self-attention K/V of all decoder layers, n_ctx positions */
+    uint64_t kv_cache;         /* self-attention K/V of all decoder layers, n_ctx positions x n_seq_max */
     uint64_t image_slots;      /* cross-attention K/V of all image slots */
     uint64_t compute;          /* scheduler buffers, all backends */
 } mllama_context_memory;

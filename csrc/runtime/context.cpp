@@ -35,6 +35,7 @@ mllama_context_params default_context_params() {
     p.dump_filter = nullptr;
     p.cpu_kernels = nullptr;
     p.profile_path = nullptr;
+    p.n_seq_max = 1;
     return p;
 }
 
@@ -67,8 +68,9 @@ static void create_state(mllama_context & c) {
             st.cross_k.push_back(cache(xtype, n, "cache.%d.cross_k", il));  // [hd, Hkv, n_slots * n_vis]
             st.cross_v.push_back(cache(xtype, n, "cache.%d.cross_v", il));
         } else {
-            st.self_k[il] = cache(ktype, c.params.n_ctx, "cache.%d.k", il);  // [hd, Hkv, n_ctx]
-            st.self_v[il] = cache(ktype, c.params.n_ctx, "cache.%d.v", il);
+            const int64_t n_cells = static_cast<int64_t>(c.params.n_ctx) * c.params.n_seq_max;
+            st.self_k[il] = cache(ktype, n_cells, "cache.%d.k", il);  // [hd, Hkv, n_ctx * n_seq_max]
+            st.self_v[il] = cache(ktype, n_cells, "cache.%d.v", il);
         }
     }
     std::vector<float> factors;
@@ -79,12 +81,13 @@ static void create_state(mllama_context & c) {
     ggml_backend_t backend = c.backend_device ? c.backend_device : c.backend_cpu;
     c.state_buffer = ggml_backend_alloc_ctx_tensors(c.state_ctx, backend);
     if (!c.state_buffer) {
-        fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot allocate the caches (n_ctx %d, %lld image slots)", c.params.n_ctx,
-             (long long) n_slots);
+        fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot allocate the caches (n_ctx %d x %d sequences, %lld image slots)",
+             c.params.n_ctx, c.params.n_seq_max, (long long) n_slots);
     }
     ggml_backend_buffer_clear(c.state_buffer, 0);
     if (st.rope_factors) ggml_backend_tensor_set(st.rope_factors, factors.data(), 0, factors.size() * sizeof(float));
     c.slots.resize(static_cast<size_t>(n_slots));
+    c.seq_length.assign(static_cast<size_t>(c.params.n_seq_max), 0);
 }
 
 // Resolves the values <= 0 to their defaults and checks the others against the model.
@@ -101,6 +104,10 @@ static void resolve_params(mllama_context & c, const mllama_model & model) {
              (long long) n_ctx_train);
     }
     if (p.n_batch <= 0) p.n_batch = k_default_n_batch;
+    if (p.n_seq_max <= 0) p.n_seq_max = 1;
+    if (p.n_seq_max > k_max_seqs) fail(MLLAMA_ERR_INVALID_ARGUMENT, "n_seq_max must be in [1, %d]", k_max_seqs);
+    // a batch builds one self-attention per sequence and layer (about 16 nodes each)
+    c.max_nodes = k_max_nodes + static_cast<size_t>(p.n_seq_max) * static_cast<size_t>(model.hp.text.n_layer) * 16;
     c.kernels = kernels_for_compute(parse_cpu_kernels(p.cpu_kernels), is_cpu(model.compute_device));
 }
 
@@ -118,11 +125,11 @@ static void start_backends(mllama_context & c, const mllama_model & model) {
         backends.push_back(c.backend_device);
     }
     backends.push_back(c.backend_cpu);
-    c.sched = ggml_backend_sched_new(backends.data(), /*bufts=*/nullptr, static_cast<int>(backends.size()), k_max_nodes,
+    c.sched = ggml_backend_sched_new(backends.data(), /*bufts=*/nullptr, static_cast<int>(backends.size()), c.max_nodes,
                                      /*parallel=*/false, /*op_offload=*/true);
     if (!c.sched) fail(MLLAMA_ERR_BACKEND, "cannot create the scheduler");
-    const size_t graph_size = ggml_graph_overhead_custom(k_max_nodes, /*grads=*/false);
-    c.graph_meta.resize(ggml_tensor_overhead() * k_max_nodes + graph_size);
+    const size_t graph_size = ggml_graph_overhead_custom(c.max_nodes, /*grads=*/false);
+    c.graph_meta.resize(ggml_tensor_overhead() * c.max_nodes + graph_size);
 }
 
 // Tensor dumps (dump_dir) or, without them, per-op timings (profile_path); both copy their strings.

@@ -8,6 +8,7 @@
 #include "debug/profile.h"
 #include "kernels/dispatch.h"
 #include "mllama.h"
+#include "runtime/batch.h"
 
 #include <cstdint>
 #include <memory>
@@ -28,6 +29,7 @@ inline constexpr int32_t k_default_n_ctx_max = 4096;  // n_ctx <= 0: min(trained
 inline constexpr int32_t k_default_n_batch = 512;
 inline constexpr int32_t k_default_n_image_slots = 4;
 inline constexpr int32_t k_max_image_slots = 256;
+inline constexpr int32_t k_max_seqs = 256;
 
 struct image_slot {
     bool used = false;
@@ -40,7 +42,8 @@ struct context_state {
     // Per cross-attention layer: the K (after k_norm) and V of every slot, slot after slot, so the
     // images of a sequence (slots 0..n-1) are one view: [head_dim, n_head_kv, n_slots * n_vis].
     std::vector<ggml_tensor *> cross_k, cross_v;
-    // Per decoder layer (nullptr for cross-attention layers): [head_dim, n_head_kv, n_ctx].
+    // Per decoder layer (nullptr for cross-attention layers): [head_dim, n_head_kv, n_ctx * n_seq_max],
+    // sequence s in cells s * n_ctx .. (s + 1) * n_ctx - 1, position p in cell s * n_ctx + p.
     std::vector<ggml_tensor *> self_k, self_v;
     ggml_tensor * rope_factors = nullptr;  // [head_dim / 2] llama3 frequency factors, or nullptr
     int64_t n_vis = 0;                     // vision tokens per image: max_tiles * n_positions
@@ -63,6 +66,8 @@ struct mllama_context {
     ggml_backend_buffer * state_buffer = nullptr;
     mllama::context_state state;
     std::vector<mllama::image_slot> slots;
+    std::vector<int32_t> seq_length;          // positions each sequence's cache holds
+    size_t max_nodes = 0;                     // graph capacity (grows with n_seq_max: one attention per sequence)
     int64_t n_decoded = 0;                    // tokens evaluated by the decoder (a counter for callers)
     std::unique_ptr<mllama::tensor_dumper> dumper;
     std::unique_ptr<mllama::op_profiler> profiler;
@@ -88,10 +93,15 @@ void encode_image(mllama_context & ctx, int32_t slot, const float * pixels, int6
                   int32_t n_tiles, float * features, int64_t n_features);
 void read_cross_kv(const mllama_context & ctx, int32_t slot, int32_t cross_index, float * k, float * v, int64_t n);
 
-// decode.cpp: evaluate n_tokens at positions n_past.. (the self-attention cache keeps positions < n_past).
-// row_images: n_tokens x n_images bytes, 1 where the token's row attends to image m (slot m);
-// out_rows: indices within the batch whose logits are copied to `logits` (n_out x n_vocab).
-void decode(mllama_context & ctx, const int32_t * tokens, int32_t n_tokens, int32_t n_past, int32_t n_images,
-            const uint8_t * row_images, const int32_t * out_rows, int32_t n_out, float * logits);
+// decode.cpp: evaluate a batch (tokens of parts in order); the logits of out_rows (indices in the
+// batch) go to `logits` (n_out x n_vocab).
+void decode(mllama_context & ctx, const int32_t * tokens, const std::vector<batch_part> & parts, const int32_t * out_rows,
+            int32_t n_out, float * logits);
+std::vector<batch_part> batch_parts(const mllama_context & ctx, const mllama_batch_seq * seqs, int32_t n_seqs);
+
+// sequences.cpp: per-sequence cache bookkeeping.
+int32_t seq_length(const mllama_context & ctx, int32_t seq);
+void seq_trim(mllama_context & ctx, int32_t seq, int32_t n_keep);
+void seq_copy(mllama_context & ctx, int32_t src, int32_t dst, int32_t n_tokens);
 
 }  // namespace mllama

@@ -54,7 +54,7 @@ void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_
     ggml_tensor * out = nullptr;
     const vision_options opt = vision_options_for(m, c.kernels);
     auto build = [&](ggml_context * ctx) {
-        ggml_cgraph * gf = ggml_new_graph_custom(ctx, k_max_nodes, /*grads=*/false);
+        ggml_cgraph * gf = ggml_new_graph_custom(ctx, c.max_nodes, /*grads=*/false);
         out = build_vision(ctx, m, in, opt);
         ggml_set_output(out);
         ggml_build_forward_expand(gf, out);

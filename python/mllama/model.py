@@ -20,6 +20,7 @@ from ._native.log import LOG_CALLBACK, log_level_for, logger
 from ._native.system import context_defaults
 from .generation.api import GenerationMixin
 from .generation.engine import Engine
+from .generation.scheduler import Scheduler
 from .generation.sampling import SamplingParams
 from .generation.session import Chat
 from .hparams import HParams, from_struct
@@ -65,17 +66,21 @@ class Model(Handle, GenerationMixin):
 
     `path` is a GGUF file or "ollama:llama3.2-vision[:TAG]" (the local Ollama store, read-only);
     Ollama's older split files take the projector as `projector=`. Context sizes left as None take
-    the C library's defaults (n_ctx: min(trained context, 4096); n_batch 512; 4 image slots).
+    the C library's defaults (n_ctx: min(trained context, 4096) per sequence; n_batch 512; 4 image slots;
+    n_seq_max 1: sequences generated at once, each with its own n_ctx cache, batched in every decode; "auto":
+    up to 4, as many as a quarter of the free memory holds).
     repack, cpu_kernels, profile, dump_dir and dump_filter left as None come from the environment
     (mllama.settings: MLLAMA_REPACK, MLLAMA_CPU_KERNELS, MLLAMA_PROFILE, MLLAMA_DUMP_DIR, MLLAMA_DUMP_FILTER).
     Use as a context manager or call close(); raises ModelLoadError with the reason on failure.
-    One Model serializes its callers: calls from several threads wait for each other.
+    Threads may share a Model: their generations queue in its batch scheduler and, with n_seq_max > 1, run together.
     """
 
     def __init__(self, path: str | os.PathLike, *, projector: str | os.PathLike | None = None,
                  n_ctx: int | None = None, n_batch: int | None = None, n_threads: int | None = None,
                  device: str = "auto", n_gpu_layers: int = -1, use_mmap: bool = True, check_tensors: bool = False,
-                 n_image_slots: int | None = None, cross_kv_f32: bool | None = None, kv_f32: bool | None = None,
+                 n_image_slots: int | None = None, n_seq_max: int | str | None = None,
+                 cross_kv_f32: bool | None = None,
+                 kv_f32: bool | None = None,
                  repack: bool | None = None, cpu_kernels: str | None = None, profile: str | os.PathLike | None = None,
                  dump_dir: str | os.PathLike | None = None, dump_filter: str | None = None,
                  log: logging.Logger | None = None):
@@ -102,6 +107,8 @@ class Model(Handle, GenerationMixin):
             ctx_ptr, effective = _new_context(model_ptr, dict(
                 n_ctx=n_ctx or defaults["n_ctx"], n_batch=n_batch or defaults["n_batch"], n_threads=n_threads or 0,
                 n_image_slots=defaults["n_image_slots"] if n_image_slots is None else n_image_slots,
+                n_seq_max=auto_sequences(model_ptr, n_ctx or defaults["n_ctx"]) if n_seq_max == "auto" else
+                n_seq_max or 1,
                 cross_kv_f32=-1 if cross_kv_f32 is None else int(bool(cross_kv_f32)),
                 kv_f32=-1 if kv_f32 is None else int(bool(kv_f32))),
                 dump_dir=env.dump_dir if dump_dir is None else dump_dir,
@@ -120,10 +127,17 @@ class Model(Handle, GenerationMixin):
         self._ctx = ctx_ptr
         self._n_slots = effective["n_image_slots"]
         self._next_slot = 0
-        self._generating = False
-        self.n_ctx = effective["n_ctx"]
+        self.n_ctx, self.n_seq_max = effective["n_ctx"], effective["n_seq_max"]
         self._hparams = self._read_hparams()
-        self._engine = Engine(ctx_ptr, self._hparams, self.n_ctx, effective["n_batch"], self._n_slots)
+        self._engine = Engine(ctx_ptr, self._hparams, self.n_ctx, effective["n_batch"], self._n_slots, self.n_seq_max)
+        self._scheduler = Scheduler(self._engine, self.eog_ids)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The batch scheduler: requests waiting and running on this model's sequences (step it under
+        the model's lock: run_step)."""
+        self._handle()
+        return self._scheduler
 
     @property
     def engine(self) -> Engine:
@@ -300,6 +314,18 @@ class Model(Handle, GenerationMixin):
         return f"<mllama.Model {str(self.path)!r} {state}>"
 
 
+def auto_sequences(model_ptr, n_ctx: int, most: int = 4) -> int:
+    """How many sequences to hold by default: up to `most`, as many whose self-attention caches (F16)
+    fit in a quarter of the host memory free now (caches on a GPU: pass n_seq_max for its memory)."""
+    h = ffi.new("mllama_hparams *")
+    call(lib.mllama_model_get_hparams, model_ptr, h)
+    n_ctx = min(n_ctx, h.n_ctx_train) if n_ctx > 0 else min(h.n_ctx_train, 4096)
+    n_self = h.n_layer - lib.mllama_model_cross_layers(model_ptr, ffi.NULL, 0)
+    per_seq = n_self * 2 * n_ctx * h.n_head_kv * h.n_embd_head * 2
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
+    return max(1, min(most, free // 4 // max(per_seq, 1)))
+
+
 def _new_context(model_ptr, values: dict, *, dump_dir, dump_filter, cpu_kernels, profile) -> tuple:
     """A context for the model; returns it and its effective (resolved) sizes."""
     strings = _CStrings()
@@ -315,7 +341,7 @@ def _new_context(model_ptr, values: dict, *, dump_dir, dump_filter, cpu_kernels,
     effective = ffi.new("mllama_context_params *")
     call(lib.mllama_context_get_params, out[0], effective)
     return out[0], {"n_ctx": int(effective.n_ctx), "n_batch": int(effective.n_batch),
-                    "n_image_slots": int(effective.n_image_slots)}
+                    "n_image_slots": int(effective.n_image_slots), "n_seq_max": int(effective.n_seq_max)}
 
 
 __all__ = ["Model", "TensorInfo"]

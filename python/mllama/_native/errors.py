@@ -36,5 +36,9 @@ class TemplateError(MllamaError, ValueError):
     """The chat template rejected the conversation (e.g. images together with a system prompt)."""
 
 
-__all__ = ["ConversionError", "ContextOverflowError", "ImageError", "MllamaError", "ModelClosedError", "ModelLoadError",
-           "TemplateError"]
+class GenerationCancelled(MllamaError):
+    """A request stopped by its caller (a closed stream, a client that went away)."""
+
+
+__all__ = ["ConversionError", "ContextOverflowError", "GenerationCancelled", "ImageError", "MllamaError",
+           "ModelClosedError", "ModelLoadError", "TemplateError"]

@@ -63,8 +63,9 @@ def sampling_from(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in SAMPLING_KEYS if getattr(args, k, None) is not None}
 
 
-def load_model(args: argparse.Namespace) -> Model:
-    return Model(model_arg(args.model), projector=getattr(args, "projector", None), n_ctx=args.ctx, device=args.device)
+def load_model(args: argparse.Namespace, **params) -> Model:
+    return Model(model_arg(args.model), projector=getattr(args, "projector", None), n_ctx=args.ctx, device=args.device,
+                 **params)
 
 
 def check_images(paths: list[str]) -> list[str]:

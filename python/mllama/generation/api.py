@@ -14,8 +14,9 @@ from ..text.chat_template import default_template, normalize, render_segments
 from ..text.tokenizer import StreamDecoder
 from . import openai
 from .engine import PreparedImage, prepare_images
-from .results import GenerationResult, RunRecord, TextStream, Timings, Usage
-from .sampling import SamplingParams, find_stop, sample
+from .results import GenerationResult, TextStream
+from .sampling import SamplingParams
+from .scheduler import Request
 
 
 class GenerationMixin:
@@ -37,9 +38,10 @@ class GenerationMixin:
         prepared = self.prepare_images(images)
         with self._lock:
             self._handle()
-            if self._generating:
-                raise MllamaError("the model is busy with another generation: finish or close it first")
-            return self._engine.evaluate(list(map(int, token_ids)), prepared, all_logits=True)
+            free = [seq for seq, busy in enumerate(self.scheduler.busy) if not busy]
+            if not free:
+                raise MllamaError("every sequence is busy with a generation: finish or close one first")
+            return self._engine.evaluate(list(map(int, token_ids)), prepared, all_logits=True, seq=free[-1])
 
     @property
     def n_decoded(self) -> int:
@@ -73,45 +75,43 @@ class GenerationMixin:
 
     def generate_tokens(self, tokens: list[int], images=(), **sampling) -> Iterator[int]:
         """Generated token ids (end-of-generation ids excluded)."""
-        params, prepared = self.sampling_params(**sampling), self.prepare_images(images)
-        yield from self._tokens(list(tokens), prepared, params, RunRecord(prompt_tokens=len(tokens)))
+        request = self.submit(list(tokens), images, **sampling)
+        for kind, value in self.events(request):
+            if kind == "token":
+                yield value
+            elif kind == "error":
+                raise value
 
-    def _tokens(self, tokens: list[int], prepared: list[PreparedImage], params: SamplingParams,
-                record: RunRecord) -> Iterator[int]:
-        rng = np.random.default_rng(params.seed)
+    def submit(self, tokens: list[int], images=(), *, n: int = 1, notify=None, **sampling) -> Request:
+        """Queue a prompt for the batch scheduler (n choices); its streams' outboxes receive events as
+        steps run (run_step, or iterate events())."""
+        params, prepared = self.sampling_params(**sampling), self.prepare_images(images)
+        request = Request(list(tokens), prepared, params, self.tokenizer, n=n, notify=notify)
+        self.scheduler.submit(request)
+        return request
+
+    def run_step(self) -> None:
+        """One step of the batch scheduler: admit waiting requests, evaluate one batch, sample."""
         with self._lock:
             self._handle()
-            if self._generating:
-                raise MllamaError("the model is busy with another generation: finish or close it first")
-            self._generating = True
-            try:
-                yield from self._generate_locked(tokens, prepared, params, rng, record)
-            finally:
-                self._generating = False
+            self.scheduler.step()
 
-    def _generate_locked(self, tokens: list[int], prepared, params, rng, record: RunRecord) -> Iterator[int]:
-        engine = self._engine
-        record.started = time.perf_counter()
-        logits = engine.evaluate(tokens, prepared)  # ContextOverflowError past n_ctx
-        history = list(tokens)
-        # the last sampled token is never evaluated, so a full context still yields one token
-        room = engine.n_ctx - len(tokens) + 1
-        limit = min(params.max_tokens, room) if params.max_tokens is not None else room
-        for _ in range(limit):
-            if not np.isfinite(logits).all():
-                raise MllamaError("the model produced non-finite logits (NaN or Inf): corrupt weights or a numeric overflow")
-            token = sample(logits, history, params, rng)
-            if record.first_token is None:
-                record.first_token = time.perf_counter()
-            if token in self.eog_ids:
-                record.finish_reason = "stop"
-                return
-            record.completion_tokens += 1
-            yield token
-            history.append(token)
-            if len(engine.state.tokens) >= engine.n_ctx:
-                return
-            logits = engine.step(token, len(prepared))
+    def events(self, request: Request, index: int = 0) -> Iterator[tuple[str, Any]]:
+        """The events of one choice ("token", "text", then "result" or "error"), running steps while
+        its outbox is empty; leaving early cancels the request."""
+        stream, ended = request.streams[index], False
+        try:
+            while not ended:
+                if not stream.events:
+                    self.run_step()
+                    continue
+                kind, value = stream.events.popleft()
+                ended = kind in ("result", "error")
+                yield kind, value
+        finally:
+            if not self.closed and (not ended or any(not s.done for s in request.streams)):
+                self.scheduler.cancel(request)
+                self.run_step()  # frees its sequences now
 
     def generate(self, prompt: str | list[int], images=(), *, stream: bool = True, **sampling):
         """Text for a raw prompt (string with special tokens allowed, or token ids): a stream of text
@@ -128,29 +128,28 @@ class GenerationMixin:
         return TextStream(lambda stream: self._text_pieces(stream, tokens, images, sampling))
 
     def _text_pieces(self, stream: TextStream, tokens: list[int], images, sampling: dict) -> Iterator[str]:
-        params, prepared = self.sampling_params(**sampling), self.prepare_images(images)
-        record = RunRecord(prompt_tokens=len(tokens))
-        decoder = StreamDecoder(self.tokenizer)
-        pending, text = "", []
-        for token in self._tokens(tokens, prepared, params, record):
-            pending += decoder.push(token)
-            cut, hold = find_stop(pending, params.stop)
-            if cut >= 0:
-                pending, record.finish_reason = pending[:cut], "stop"
-                break
-            if len(pending) > hold:
-                text.append(pending[:len(pending) - hold])
-                yield text[-1]
-                pending = pending[len(pending) - hold:]
-        else:
-            pending += decoder.flush()
-            cut, _ = find_stop(pending, params.stop)
-            if cut >= 0:
-                pending, record.finish_reason = pending[:cut], "stop"
-        if pending:
-            text.append(pending)
-            yield pending
-        stream.result = _result("".join(text), record)
+        request = self.submit(tokens, images, **sampling)
+        for kind, value in self.events(request):
+            if kind == "text":
+                yield value
+            elif kind == "result":
+                stream.result = value
+            elif kind == "error":
+                raise value
+
+    def results(self, requests: list[Request]) -> list[list[GenerationResult]]:
+        """Run steps until every request has ended; each one's results (one per choice). The first
+        error of a request is raised after all have ended."""
+        while any(not s.done for r in requests for s in r.streams):
+            self.run_step()
+        out, error = [], None
+        for r in requests:
+            ends = [next(v for k, v in s.events if k in ("result", "error")) for s in r.streams]
+            error = error or next((e for e in ends if isinstance(e, BaseException)), None)
+            out.append(ends)
+        if error is not None:
+            raise error
+        return out
 
     def describe(self, image, prompt: str = "Describe this image.", **sampling) -> str:
         """A description of one image (a one-turn chat: the image, then the prompt)."""
@@ -158,27 +157,51 @@ class GenerationMixin:
         response = self.chat([{"role": "user", "content": content}], **sampling)
         return response["choices"][0]["message"]["content"]
 
-    def chat(self, messages: list[dict], *, stream: bool = False, **sampling):
-        """An OpenAI-shaped chat completion (or, with stream=True, an iterator of chunks)."""
+    def chat(self, messages: list[dict], *, stream: bool = False, n: int = 1, **sampling):
+        """An OpenAI-shaped chat completion with n choices (or, with stream=True, an iterator of chunks)."""
         tokens, images = self.chat_prompt(messages)
         cid, created = openai.completion_id(), openai.now()
         if stream:
-            return self._chat_chunks(cid, created, self.stream_text(tokens, images, **sampling))
-        return openai.response(cid, created, self.name, self.stream_text(tokens, images, **sampling).finish())
+            return self._chat_chunks(cid, created, self.submit(tokens, images, n=n, **sampling))
+        return openai.response(cid, created, self.name, self.results([self.submit(tokens, images, n=n, **sampling)])[0])
+
+    def chat_many(self, conversations: list[list[dict]], **sampling) -> list[dict]:
+        """Chat completions for several conversations at once, evaluated together in batches (as many
+        at a time as the context has sequences: n_seq_max); responses in the same order."""
+        requests = [self.submit(*self.chat_prompt(messages), **sampling) for messages in conversations]
+        cid, created = openai.completion_id, openai.now()
+        return [openai.response(cid(), created, self.name, ends) for ends in self.results(requests)]
 
     create_chat_completion = chat  # llama-cpp-python's name
 
-    def _chat_chunks(self, cid: str, created: int, pieces: TextStream) -> Iterator[dict]:
-        yield openai.chunk(cid, created, self.name, {"role": "assistant", "content": ""}, None)
-        for piece in pieces:
-            yield openai.chunk(cid, created, self.name, {"content": piece}, None)
-        result = pieces.result
-        yield openai.chunk(cid, created, self.name, {}, result.finish_reason, usage=result.usage.as_dict())
+    def _chat_chunks(self, cid: str, created: int, request: Request) -> Iterator[dict]:
+        for i in range(len(request.streams)):
+            yield openai.chunk(cid, created, self.name, {"role": "assistant", "content": ""}, None, index=i)
+        pending = list(range(len(request.streams)))
+        try:
+            while pending:
+                if not any(request.streams[i].events for i in pending):
+                    self.run_step()
+                    continue
+                for i in list(pending):
+                    yield from self._choice_chunks(cid, created, request, i, pending)
+        finally:
+            if pending and not self.closed:
+                self.scheduler.cancel(request)
+                self.run_step()
 
-
-def _result(text: str, record: RunRecord) -> GenerationResult:
-    end = time.perf_counter()
-    first = record.first_token if record.first_token is not None else end
-    started = record.started or first
-    return GenerationResult(text, record.finish_reason, Usage(record.prompt_tokens, record.completion_tokens),
-                            Timings(prompt_s=first - started, generate_s=end - first))
+    def _choice_chunks(self, cid: str, created: int, request: Request, i: int, pending: list[int]) -> Iterator[dict]:
+        events = request.streams[i].events
+        while events:
+            kind, value = events.popleft()
+            if kind == "text":
+                yield openai.chunk(cid, created, self.name, {"content": value}, None, index=i)
+            elif kind == "error":
+                pending.remove(i)
+                raise value
+            elif kind == "result":
+                pending.remove(i)
+                usage = value.usage.as_dict() if len(request.streams) == 1 else None
+                yield openai.chunk(cid, created, self.name, {}, value.finish_reason, index=i,
+                                   **({"usage": usage} if usage else {}))
+                return

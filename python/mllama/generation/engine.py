@@ -1,5 +1,6 @@
-"""The sequence engine: keeps track of what the context's caches hold (tokens at positions
-0..n-1, images in slots 0..m-1), evaluates only what changed, and computes the cross-attention
+"""The sequence engine: keeps track of what the context's caches hold (each sequence's tokens at
+positions 0..n-1, the images of a pool of slots shared by content), evaluates only what changed,
+batches several sequences in one decode, and computes the cross-attention
 rows of every token (as transformers 5.23.0 processing_mllama.get_cross_attention_token_mask: an
 image is attended by the tokens from its own <|image|> up to the next non-adjacent <|image|>;
 generated tokens attend like the last prompt token)."""
@@ -13,7 +14,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .._native.errors import ContextOverflowError
+from .._native.errors import ContextOverflowError, MllamaError
 from .._native.ffi import call, ffi, lib
 from ..hparams import HParams
 from ..image.preprocess import ImageConfig, preprocess
@@ -71,91 +72,181 @@ def prepare_images(images: Iterable[Any], config: ImageConfig) -> list[PreparedI
 
 @dataclass
 class SequenceState:
-    tokens: list[int] = field(default_factory=list)     # evaluated tokens, positions 0..n-1
-    image_keys: list[str] = field(default_factory=list)  # image held by slot m
+    tokens: list[int] = field(default_factory=list)      # evaluated tokens, positions 0..n-1
+    image_keys: list[str] = field(default_factory=list)  # its images, in prompt order
+    slots: list[int] = field(default_factory=list)       # the slot holding each image while it runs
+
+
+@dataclass
+class Part:
+    """One sequence's tokens in a decode batch; `outputs`: rows (within the part) whose logits are wanted."""
+    seq: int
+    tokens: list[int]
+    n_past: int
+    slots: list[int]
+    rows_images: np.ndarray  # uint8 (len(tokens), len(slots))
+    outputs: list[int]
 
 
 class Engine:
-    """Evaluates token sequences on one context; owned by a Model, used under its lock."""
+    """Evaluates the token sequences of one context (n_seq sequences, a pool of image slots shared by
+    content); owned by a Model, used under its lock. Single-sequence callers use sequence 0."""
 
-    def __init__(self, ctx, hparams: HParams, n_ctx: int, n_batch: int, n_slots: int):
+    def __init__(self, ctx, hparams: HParams, n_ctx: int, n_batch: int, n_slots: int, n_seq: int = 1):
         self.ctx = ctx
         self.n_vocab = hparams.n_vocab
         self.image_token = hparams.image_token_id
-        self.n_ctx, self.n_batch, self.n_slots = n_ctx, n_batch, n_slots
-        self.state = SequenceState()
+        self.n_ctx, self.n_batch, self.n_slots, self.n_seq = n_ctx, n_batch, n_slots, n_seq
+        self.seqs = [SequenceState() for _ in range(n_seq)]
         self.slot_keys: list[str | None] = [None] * n_slots
+        self.slot_refs = [0] * n_slots      # running requests that read each slot
+        self.slot_used = [0] * n_slots      # when each slot was last claimed (least recently used goes first)
+        self._tick = 0
+
+    @property
+    def state(self) -> SequenceState:
+        return self.seqs[0]
 
     def encode(self, slot: int, image: PreparedImage) -> None:
         """Run the vision encoder on a prepared image into `slot` (its cross-attention K/V)."""
+        self.slot_keys[slot] = None  # half written if this fails
         pixels = np.ascontiguousarray(image.pixel_values, dtype=np.float32)
         call(lib.mllama_context_encode_image, self.ctx, slot, ffi.from_buffer("float[]", pixels), pixels.size,
              image.aspect_ratio_id, image.n_tiles, ffi.NULL, 0)
         self.slot_keys[slot] = image.key
 
-    def _place_images(self, images: list[PreparedImage], tokens: list[int]) -> int:
-        """Encode images whose slot holds something else; returns how many cached tokens stay valid."""
-        if len(images) > self.n_slots:
+    # --- the image slot pool -------------------------------------------------------------------
+    def claim_slots(self, images: list[PreparedImage]) -> list[int] | None:
+        """A slot holding each image (encoding those no slot holds into the least recently used free
+        slots), each claimed until release_slots; None when too few slots are free now."""
+        if len({im.key for im in images}) > self.n_slots:
             raise ContextOverflowError(f"{len(images)} images exceed the {self.n_slots} image slots (n_image_slots)")
+        held = {key: slot for slot, key in enumerate(self.slot_keys) if key is not None}
+        missing = list(dict.fromkeys(im.key for im in images if im.key not in held))
+        free = sorted((s for s in range(self.n_slots) if self.slot_refs[s] == 0 and self.slot_keys[s] not in
+                       {im.key for im in images}), key=lambda s: (self.slot_keys[s] is not None, self.slot_used[s]))
+        if len(missing) > len(free):
+            return None
+        by_key = {im.key: im for im in images}
+        for key, slot in zip(missing, free):
+            self.encode(slot, by_key[key])
+            held[key] = slot
+        slots = [held[im.key] for im in images]
+        self._tick += 1
+        for slot in slots:
+            self.slot_refs[slot] += 1
+            self.slot_used[slot] = self._tick
+        return slots
+
+    def release_slots(self, slots: list[int]) -> None:
+        for slot in slots:
+            self.slot_refs[slot] -= 1
+
+    # --- sequences -----------------------------------------------------------------------------
+    def reusable(self, seq: int, tokens: list[int], images: list[PreparedImage]) -> int:
+        """How many leading tokens of the prompt the sequence's cache already holds (same tokens, same
+        images up to there); at most len(tokens) - 1, so that the last token gives fresh logits."""
+        state, keys = self.seqs[seq], [im.key for im in images]
+        limit, n, m = min(len(state.tokens), len(tokens) - 1), 0, 0
+        while n < limit and state.tokens[n] == tokens[n]:
+            if tokens[n] == self.image_token:
+                if m >= len(state.image_keys) or m >= len(keys) or state.image_keys[m] != keys[m]:
+                    break
+                m += 1
+            n += 1
+        return n
+
+    def start(self, seq: int, tokens: list[int], images: list[PreparedImage], slots: list[int],
+              reuse: bool = True) -> int:
+        """Point sequence `seq` at a new prompt; returns the tokens its cache keeps (evaluate the rest)."""
+        if len(tokens) > self.n_ctx:
+            raise ContextOverflowError(f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx} (n_ctx)")
         locs = [i for i, t in enumerate(tokens) if t == self.image_token]
         if len(locs) != len(images):
             raise ValueError(f"the prompt has {len(locs)} <|image|> tokens but {len(images)} images were given")
-        valid = len(self.state.tokens)
-        for m, image in enumerate(images):
-            if self.slot_keys[m] != image.key:
-                self.encode(m, image)
-                valid = min(valid, locs[m])  # tokens from this image's token on saw another image
-        self.state.image_keys = [im.key for im in images]
-        return valid
+        n_past = self.reusable(seq, tokens, images) if reuse else 0
+        state = self.seqs[seq]
+        state.tokens, state.image_keys, state.slots = state.tokens[:n_past], [im.key for im in images], list(slots)
+        call(lib.mllama_context_seq_trim, self.ctx, seq, n_past)
+        return n_past
 
-    def evaluate(self, tokens: list[int], images: list[PreparedImage], all_logits: bool = False) -> np.ndarray:
-        """Bring the caches to `tokens`; logits of the last token (or of every token)."""
+    def copy_sequence(self, src: int, dst: int) -> None:
+        """Sequence dst holds what src holds (a prompt evaluated once for several choices)."""
+        n = len(self.seqs[src].tokens)
+        call(lib.mllama_context_seq_copy, self.ctx, src, dst, n)
+        s = self.seqs[src]
+        self.seqs[dst] = SequenceState(list(s.tokens), list(s.image_keys), list(s.slots))
+
+    def rows_for(self, seq: int, tokens: list[int]) -> np.ndarray:
+        """The row/image table of `tokens` appended to the sequence."""
+        state = self.seqs[seq]
+        ranges = image_ranges(state.tokens + tokens, self.image_token)
+        return row_table(ranges, len(state.tokens), len(tokens))[:, :len(state.slots)]
+
+    # --- single-sequence use (forward, bench, tests) -------------------------------------------
+    def evaluate(self, tokens: list[int], images: list[PreparedImage], all_logits: bool = False,
+                 seq: int = 0) -> np.ndarray:
+        """Bring sequence `seq` to `tokens`; logits of the last token (or of every token)."""
         if not tokens:
             raise ValueError("cannot evaluate an empty prompt")
-        if len(tokens) > self.n_ctx:
-            raise ContextOverflowError(f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx} (n_ctx)")
-        valid = self._place_images(images, tokens)
-        n_past = 0
-        if not all_logits:
-            limit = min(valid, len(tokens) - 1)
-            while n_past < limit and self.state.tokens[n_past] == tokens[n_past]:
-                n_past += 1
-        self.state.tokens = list(tokens[:n_past])
-        ranges = image_ranges(tokens, self.image_token)
-        out = np.empty((len(tokens) - n_past if all_logits else 1, self.n_vocab), dtype=np.float32)
-        for start in range(n_past, len(tokens), self.n_batch):
-            chunk = tokens[start:start + self.n_batch]
-            last = start + len(chunk) == len(tokens)
-            rows = list(range(len(chunk))) if all_logits else ([len(chunk) - 1] if last else [])
-            dst = out[start - n_past:start - n_past + len(chunk)] if all_logits else out
-            self._decode(chunk, start, len(images), row_table(ranges, start, len(chunk)), rows, dst)
-            self.state.tokens.extend(chunk)
-        return out if all_logits else out[0]
-
-    def step(self, token: int, n_images: int) -> np.ndarray:
-        """Evaluate one generated token (it attends like the last prompt token)."""
-        if len(self.state.tokens) >= self.n_ctx:
-            raise ContextOverflowError(f"the context is full ({self.n_ctx} tokens)")
-        ranges = image_ranges(self.state.tokens + [token], self.image_token)
-        out = np.empty((1, self.n_vocab), dtype=np.float32)
-        self._decode([token], len(self.state.tokens), n_images, row_table(ranges, len(self.state.tokens), 1), [0], out)
-        self.state.tokens.append(token)
-        return out[0]
-
-    def _decode(self, tokens: list[int], n_past: int, n_images: int, rows_images: np.ndarray, out_rows: list[int],
-                out: np.ndarray) -> None:
-        toks = np.asarray(tokens, dtype=np.int32)
-        table = np.ascontiguousarray(rows_images, dtype=np.uint8)
-        rows = np.asarray(out_rows, dtype=np.int32)
+        slots = self.claim_slots(images)
+        if slots is None:
+            raise MllamaError("every image slot is in use by running requests")
         try:
-            call(lib.mllama_context_decode, self.ctx, ffi.from_buffer("int32_t[]", toks), len(toks), n_past, n_images,
-                 ffi.from_buffer("uint8_t[]", table) if table.size else ffi.NULL,
-                 ffi.from_buffer("int32_t[]", rows) if rows.size else ffi.NULL, len(rows),
-                 ffi.from_buffer("float[]", out) if rows.size else ffi.NULL)
-        except BaseException:
-            self.state.tokens = self.state.tokens[:n_past]  # the cache past n_past is now unknown
-            raise
+            n_past = self.start(seq, tokens, images, slots, reuse=not all_logits)
+            out = []
+            for first in range(n_past, len(tokens), self.n_batch):
+                chunk = tokens[first:first + self.n_batch]
+                last = first + len(chunk) == len(tokens)
+                outputs = list(range(len(chunk))) if all_logits else ([len(chunk) - 1] if last else [])
+                out.append(self.decode([Part(seq, chunk, first, slots, self.rows_for(seq, chunk), outputs)]))
+            logits = np.concatenate(out)
+            return logits if all_logits else logits[0]
+        finally:
+            self.release_slots(slots)
 
+    def step(self, token: int, n_images: int, seq: int = 0) -> np.ndarray:
+        """Evaluate one generated token of sequence `seq` (it attends like the last prompt token)."""
+        state = self.seqs[seq]
+        if len(state.tokens) >= self.n_ctx:
+            raise ContextOverflowError(f"the context is full ({self.n_ctx} tokens)")
+        part = Part(seq, [token], len(state.tokens), state.slots[:n_images], self.rows_for(seq, [token]), [0])
+        return self.decode([part])[0]
+
+    def decode(self, parts: list[Part]) -> np.ndarray:
+        """Evaluate a batch of sequence parts; the logits of their outputs, part after part."""
+        tokens = np.asarray([t for p in parts for t in p.tokens], dtype=np.int32)
+        seqs = ffi.new("mllama_batch_seq[]", len(parts))
+        keep, out_rows, first = [], [], 0
+        for c, p in zip(seqs, parts):
+            slots = np.asarray(p.slots, dtype=np.int32)
+            table = np.ascontiguousarray(p.rows_images[:, :len(p.slots)], dtype=np.uint8)
+            keep += [slots, table]
+            c.seq_id, c.n_past, c.n_tokens, c.n_images = p.seq, p.n_past, len(p.tokens), len(p.slots)
+            c.image_slots = ffi.from_buffer("int32_t[]", slots) if slots.size else ffi.NULL
+            c.row_images = ffi.from_buffer("uint8_t[]", table) if table.size else ffi.NULL
+            out_rows += [first + r for r in p.outputs]
+            first += len(p.tokens)
+        rows = np.asarray(out_rows, dtype=np.int32)
+        logits = np.empty((len(rows), self.n_vocab), dtype=np.float32)
+        done = False
+        try:
+            call(lib.mllama_context_decode_batch, self.ctx, ffi.from_buffer("int32_t[]", tokens), seqs, len(parts),
+                 ffi.from_buffer("int32_t[]", rows) if rows.size else ffi.NULL, len(rows),
+                 ffi.from_buffer("float[]", logits) if rows.size else ffi.NULL)
+            done = True
+        finally:
+            for p in parts:
+                state = self.seqs[p.seq]
+                state.tokens = state.tokens[:p.n_past] + (list(p.tokens) if done else [])
+                if not done:  # the cache past n_past is now unknown
+                    lib.mllama_context_seq_trim(self.ctx, p.seq, p.n_past)
+        return logits
+
+    def length(self, seq: int) -> int:
+        out = ffi.new("int32_t *")
+        call(lib.mllama_context_seq_length, self.ctx, seq, out)
+        return int(out[0])
     @property
     def n_decoded(self) -> int:
         return int(lib.mllama_context_n_decoded(self.ctx))

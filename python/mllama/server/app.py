@@ -1,22 +1,23 @@
-"""The HTTP application: one model, one generation at a time (GenerationQueue), OpenAI's and
-Ollama's chat routes, /health. FastAPI and uvicorn (the `server` extra) are imported only here,
-when an app is made."""
+"""The HTTP application: one model whose batch scheduler runs up to n_seq_max requests together
+(BatchQueue), OpenAI's and Ollama's routes, /health and /metrics. FastAPI, uvicorn and
+prometheus-client (the `server` extra) are imported only here, when an app is made."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from . import ollama_routes, openai_routes
-from .queue import GenerationQueue
+from .metrics import Metrics
+from .queue import BatchQueue
 from .requests import error_body
 
 
 def create_app(model, *, max_queue: int = 8, max_body_bytes: int = 32 * 1024 * 1024, allow_local_images: bool = False):
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
 
     app = FastAPI(title="mllama", version=getattr(model, "__version__", "0"))
-    queue = GenerationQueue(model, max_queue)
+    queue = BatchQueue(model, max_queue, Metrics(model))
     model_id = model.name
     limits = {"max_body_bytes": max_body_bytes, "allow_local_images": allow_local_images}
 
@@ -26,7 +27,14 @@ def create_app(model, *, max_queue: int = 8, max_body_bytes: int = 32 * 1024 * 1
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "waiting": queue.waiting}
+        scheduler = model.scheduler
+        return {"status": "ok", "model": model_id, "running": len(scheduler.running), "waiting": queue.waiting,
+                "sequences": model.n_seq_max}
+
+    @app.get("/metrics")
+    async def metrics():
+        body, content_type = queue.metrics.render()
+        return Response(body, media_type=content_type)
 
     openai_routes.register(app, queue, model_id, limits, error)
     ollama_routes.register(app, queue, model_id, limits, error)

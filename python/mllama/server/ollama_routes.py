@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 from .._version import __version__
 from ..generation.results import GenerationResult
-from .queue import GenerationQueue, Reply
+from .queue import BatchQueue, Reply
 from .requests import RequestError, check_messages, from_ollama, read_json, sampling
 
 
@@ -81,7 +81,7 @@ def generate_prompt(body: dict):
     return lambda model: model.chat_prompt(messages)
 
 
-def register(app, queue: GenerationQueue, model_id: str, limits: dict, error) -> None:
+def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None:
     # FastAPI reads the routes' annotations at run time: this module must not use postponed
     # annotations (`from __future__ import annotations`), or `Request` would not resolve here
     from fastapi import Request
@@ -102,7 +102,7 @@ def register(app, queue: GenerationQueue, model_id: str, limits: dict, error) ->
                 return JSONResponse(json.loads(line(model_id, now_iso(), key, "", {"done_reason": "load"})))
             else:
                 prompt = generate_prompt(body)
-            reply = await queue.submit(prompt, options(body))
+            reply, = await queue.submit(prompt, options(body))
             first = await reply.first()
         except Exception as exc:
             return error(exc)

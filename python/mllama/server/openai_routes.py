@@ -3,7 +3,7 @@
 import json
 
 from ..generation import openai
-from .queue import GenerationQueue, Reply
+from .queue import BatchQueue, Reply
 from .requests import RequestError, check_messages, read_json, sampling
 
 
@@ -11,7 +11,7 @@ def sse(body: dict) -> str:
     return f"data: {json.dumps(body)}\n\n"
 
 
-def register(app, queue: GenerationQueue, model_id: str, limits: dict, error) -> None:
+def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None:
     # FastAPI reads the routes' annotations at run time: this module must not use postponed
     # annotations (`from __future__ import annotations`), or `Request` would not resolve here
     from fastapi import Request
@@ -27,34 +27,44 @@ def register(app, queue: GenerationQueue, model_id: str, limits: dict, error) ->
             body = await read_json(request, limits["max_body_bytes"])
             messages = check_messages(body, limits["allow_local_images"])
             options = sampling(body)
-            if body.get("n", 1) != 1:
-                raise RequestError(400, "only n=1 is supported")
-            reply = await queue.submit(lambda model: model.chat_prompt(messages), options)
-            first = await reply.first()
+            n = choices(body)
+            replies = await queue.submit(lambda model: model.chat_prompt(messages), options, n=n)
+            firsts = [await reply.first() for reply in replies]
         except Exception as exc:
             return error(exc)
         cid, created = openai.completion_id(), openai.now()
         if not body.get("stream"):
-            await reply.rest()  # the result holds the whole text, `first` included
-            return openai.response(cid, created, model_id, reply.result)
+            for reply in replies:
+                await reply.rest()  # the result holds the whole text, `first` included
+            return openai.response(cid, created, model_id, [reply.result for reply in replies])
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(events(reply, first, cid, created, model_id, include_usage),
+        return StreamingResponse(events(replies, firsts, cid, created, model_id, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def events(reply: Reply, first: str | None, cid: str, created: int, model_id: str, include_usage: bool):
-    yield sse(openai.chunk(cid, created, model_id, {"role": "assistant", "content": ""}, None))
-    if first:
-        yield sse(openai.chunk(cid, created, model_id, {"content": first}, None))
+def choices(body: dict) -> int:
+    n = body.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise RequestError(400, "'n' must be a positive integer")
+    return n
+
+
+async def events(replies: list[Reply], firsts: list, cid: str, created: int, model_id: str, include_usage: bool):
+    """The choices one after the other (each chunk names its choice's index); all are generated together."""
     try:
-        async for piece in reply:
-            yield sse(openai.chunk(cid, created, model_id, {"content": piece}, None))
+        for i, (reply, first) in enumerate(zip(replies, firsts)):
+            yield sse(openai.chunk(cid, created, model_id, {"role": "assistant", "content": ""}, None, index=i))
+            if first:
+                yield sse(openai.chunk(cid, created, model_id, {"content": first}, None, index=i))
+            async for piece in reply:
+                yield sse(openai.chunk(cid, created, model_id, {"content": piece}, None, index=i))
+            usage = {}
+            if include_usage and i == len(replies) - 1:  # usage of every choice, on the last chunk
+                usage = {"usage": openai.response(cid, created, model_id, [r.result for r in replies])["usage"]}
+            yield sse(openai.chunk(cid, created, model_id, {}, reply.result.finish_reason, index=i, **usage))
     except Exception as exc:  # after the headers: report in-band, as OpenAI does
         yield sse({"error": {"message": str(exc)}})
         return
     finally:
-        await reply.aclose()  # a client that went away stops the generation now
-    result = reply.result
-    extra = {"usage": result.usage.as_dict()} if include_usage else {}
-    yield sse(openai.chunk(cid, created, model_id, {}, result.finish_reason, **extra))
+        await replies[0].aclose()  # a client that went away stops the generation now
     yield "data: [DONE]\n\n"

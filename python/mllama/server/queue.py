@@ -1,5 +1,7 @@
-"""One generation at a time, in a worker thread; requests wait in a bounded queue. Each request gets
-its own Reply: its text pieces as they come, then its own GenerationResult."""
+"""The server's side of the batch scheduler: requests are rendered and their images prepared in worker
+threads, then submitted to the model's scheduler (a bounded wait beyond its n_seq_max sequences);
+one driver thread runs the steps while there is work. Each choice of a request gets its own Reply:
+its text pieces as they come, then its own GenerationResult."""
 
 from __future__ import annotations
 
@@ -8,31 +10,39 @@ import threading
 from typing import Any, Callable
 
 from ..generation.results import GenerationResult
+from ..generation.scheduler import Request, Stream
+from .metrics import Metrics
 from .requests import RequestError
-
-_DONE = object()
 
 
 class Reply:
-    """The async stream of one request's text pieces; `result` is set once it has ended normally."""
+    """The async stream of one choice's text pieces; `result` is set once it has ended normally."""
 
-    def __init__(self, queue: asyncio.Queue, cancel: threading.Event):
+    def __init__(self, queue: "BatchQueue", request: Request, stream: Stream, wake: asyncio.Event):
         self.result: GenerationResult | None = None
-        self._queue, self._cancel = queue, cancel
+        self._queue, self._request, self._stream, self._wake = queue, request, stream, wake
+        self._ended = False
 
     def __aiter__(self) -> "Reply":
         return self
 
     async def __anext__(self) -> str:
-        item = await self._queue.get()
-        if item is _DONE:
-            raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            raise item
-        if isinstance(item, GenerationResult):
-            self.result = item
-            return await self.__anext__()
-        return item
+        while not self._ended:
+            if not self._stream.events:
+                self._wake.clear()
+                if not self._stream.events:  # an event may have come between the check and the clear
+                    await self._wake.wait()
+                continue
+            kind, value = self._stream.events.popleft()
+            if kind == "text":
+                return value
+            if kind == "result":
+                self.result, self._ended = value, True
+                self._queue.metrics.finished(value)
+            elif kind == "error":
+                self._ended = True
+                raise value
+        raise StopAsyncIteration
 
     async def first(self) -> str | None:
         """The first piece (None for an empty reply): pulled before answering, so that early errors
@@ -46,53 +56,65 @@ class Reply:
         return "".join([piece async for piece in self])
 
     async def aclose(self) -> None:
-        """Stop the generation (a client that went away): the worker stops at its next piece."""
-        self._cancel.set()
+        """Stop the request (a client that went away): its sequences are freed at the next step."""
+        if not self._ended or any(not s.done for s in self._request.streams):
+            self._queue.cancel(self._request)
+            self._queue.metrics.cancelled.inc()
 
 
-class GenerationQueue:
-    def __init__(self, model, max_queue: int):
-        self.model = model
-        self.max_queue = max_queue
-        self.waiting = 0
-        self._lock: asyncio.Lock | None = None
+class BatchQueue:
+    def __init__(self, model, max_queue: int, metrics: Metrics | None = None):
+        self.model, self.max_queue = model, max_queue
+        self.metrics = metrics or Metrics(model)
+        self.preparing = 0  # requests being rendered before they reach the scheduler's queue
+        self._work = threading.Event()
+        self._driver: threading.Thread | None = None
 
-    async def _acquire(self) -> None:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        if self._lock.locked() and self.waiting >= self.max_queue:
+    @property
+    def waiting(self) -> int:
+        return self.model.scheduler.n_waiting + self.preparing
+
+    async def submit(self, prompt: Callable[[Any], tuple[list[int], list]], sampling: dict, n: int = 1) -> list[Reply]:
+        """Render the prompt (`prompt` gives the tokens and images from the model) and prepare its
+        images in a worker thread, queue it, and return one Reply per choice."""
+        if self.waiting >= self.max_queue and not self._has_free_sequence():
             raise RequestError(503, "the server is busy: the wait queue is full", {"Retry-After": "1"})
-        self.waiting += 1
+        loop, wake = asyncio.get_running_loop(), asyncio.Event()
+        self.preparing += 1
         try:
-            await self._lock.acquire()
+            tokens, images = await asyncio.to_thread(prompt, self.model)
+            prepared = await asyncio.to_thread(self.model.prepare_images, images)
+            request = self.model.submit(tokens, prepared, n=n, notify=lambda: loop.call_soon_threadsafe(wake.set),
+                                        **sampling)
         finally:
-            self.waiting -= 1
+            self.preparing -= 1
+        self.metrics.submitted(request)
+        self._start_driver()
+        return [Reply(self, request, s, wake) for s in request.streams]
 
-    async def submit(self, prompt: Callable[[Any], tuple[list[int], list]], sampling: dict) -> Reply:
-        """Wait for the model, start the generation in a worker thread, return its Reply. `prompt`
-        gives the tokens and images from the model (in the worker: rendering is part of the work)."""
-        await self._acquire()
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        reply = Reply(queue, threading.Event())
-        threading.Thread(target=self._work, args=(loop, queue, reply._cancel, prompt, sampling),
-                         name="mllama-generate", daemon=True).start()
-        return reply
+    def cancel(self, request: Request) -> None:
+        self.model.scheduler.cancel(request)
+        self._work.set()
 
-    def _work(self, loop, queue: asyncio.Queue, cancel: threading.Event, prompt, sampling: dict) -> None:
-        put = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
-        try:
-            tokens, images = prompt(self.model)
-            stream = self.model.stream_text(tokens, self.model.prepare_images(images), **sampling)
-            for piece in stream:
-                if cancel.is_set():
-                    stream.close()
-                    break
-                put(piece)
-            if stream.result is not None:
-                put(stream.result)
-        except BaseException as exc:  # delivered to the request
-            put(exc)
-        finally:
-            put(_DONE)
-            loop.call_soon_threadsafe(self._lock.release)
+    def _has_free_sequence(self) -> bool:
+        scheduler = self.model.scheduler
+        return scheduler.n_waiting == 0 and not all(scheduler.busy)
+
+    def _start_driver(self) -> None:
+        self._work.set()
+        if self._driver is None or not self._driver.is_alive():
+            self._driver = threading.Thread(target=self._drive, name="mllama-batch", daemon=True)
+            self._driver.start()
+
+    def _drive(self) -> None:
+        """Steps while there is work; then sleeps until the next submit or cancel."""
+        scheduler = self.model.scheduler
+        while not self.model.closed:
+            self._work.wait()
+            self._work.clear()
+            while scheduler.has_work() and not self.model.closed:
+                try:
+                    self.model.run_step()
+                except BaseException as exc:  # not one request's fault: every request learns of it
+                    scheduler.fail_all(exc)
+                self.metrics.stepped(scheduler)

@@ -1,0 +1,302 @@
+"""Continuous batching: requests wait in a queue, are admitted into free sequences between steps (the
+sequence whose cache holds the longest common prefix first; images into the slot pool, encoded
+unless a slot already holds them), and every step evaluates one batch: a token of every decoding
+stream plus a chunk of prompt of the requests still in prefill. Each stream samples with its own
+parameters and random generator, stops on its own (end-of-generation, stop strings, max_tokens, the
+context) and delivers its text pieces and result to its own outbox. A cancelled request frees its
+sequences at the next step. Not thread-safe on its own: step() runs under the model's lock;
+submit() and cancel() may come from any thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+import numpy as np
+
+from .._native.errors import GenerationCancelled, MllamaError
+from ..text.tokenizer import StreamDecoder
+from .engine import Engine, Part, PreparedImage
+from .results import GenerationResult, RunRecord, Timings, Usage
+from .sampling import SamplingParams, find_stop, sample
+
+
+class Stream:
+    """One choice of a request: its sequence, sampling state, text and outbox of events
+    (("text", str), ("result", GenerationResult), ("error", exception))."""
+
+    def __init__(self, request: "Request", index: int, tokenizer):
+        self.request, self.index = request, index
+        seed = request.params.seed
+        self.rng = np.random.default_rng(None if seed is None else seed + index)
+        self.seq = -1
+        self.history = list(request.tokens)
+        self.next_token: int | None = None  # sampled, evaluated at the next step
+        self.record = RunRecord(prompt_tokens=len(request.tokens))
+        self.decoder, self.pending, self.text = StreamDecoder(tokenizer), "", []
+        self.events: deque = deque()
+        self.done = False
+
+    def emit(self, kind: str, value) -> None:
+        self.events.append((kind, value))
+        if self.request.notify:
+            self.request.notify()
+
+    def push_text(self, token: int, stops) -> bool:
+        """Adds a token's text; True when a stop string ended the stream."""
+        self.pending += self.decoder.push(token)
+        cut, hold = find_stop(self.pending, stops)
+        if cut >= 0:
+            self.pending = self.pending[:cut]
+            return True
+        if len(self.pending) > hold:
+            self._send(self.pending[:len(self.pending) - hold])
+            self.pending = self.pending[len(self.pending) - hold:]
+        return False
+
+    def _send(self, piece: str) -> None:
+        self.text.append(piece)
+        self.emit("text", piece)
+
+    def finish(self, reason: str) -> None:
+        if reason != "stop_string":
+            self.pending += self.decoder.flush()
+            cut, _ = find_stop(self.pending, self.request.params.stop)
+            if cut >= 0:
+                self.pending, reason = self.pending[:cut], "stop"
+        self.record.finish_reason = "stop" if reason == "stop_string" else reason
+        if self.pending:
+            self._send(self.pending)
+        self.emit("result", result_of("".join(self.text), self.record))
+        self.done = True
+
+
+class Request:
+    """A prompt (tokens and prepared images) to answer with n choices."""
+
+    def __init__(self, tokens: list[int], images: list[PreparedImage], params: SamplingParams, tokenizer,
+                 n: int = 1, notify: Callable[[], None] | None = None):
+        if not tokens:
+            raise ValueError("cannot evaluate an empty prompt")
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        self.tokens, self.images, self.params, self.notify = list(tokens), list(images), params, notify
+        self.streams = [Stream(self, i, tokenizer) for i in range(n)]
+        self.slots: list[int] = []
+        self.n_evaluated = 0          # prompt tokens in the first stream's cache
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.n_evaluated < len(self.tokens)
+
+    def fail(self, exc: BaseException) -> None:
+        for s in self.streams:
+            if not s.done:
+                s.emit("error", exc)
+                s.done = True
+
+
+def result_of(text: str, record: RunRecord) -> GenerationResult:
+    end = time.perf_counter()
+    first = record.first_token if record.first_token is not None else end
+    started = record.started or first
+    return GenerationResult(text, record.finish_reason, Usage(record.prompt_tokens, record.completion_tokens),
+                            Timings(prompt_s=first - started, generate_s=end - first))
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, eog_ids: frozenset[int]):
+        self.engine, self.eog_ids = engine, eog_ids
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.busy = [False] * engine.n_seq
+        self._mutex = threading.Lock()  # waiting, between submit() and step()
+        self.stats = {"steps": 0, "batch_rows": 0, "generated_tokens": 0, "prefix_tokens_reused": 0,
+                      "image_slot_hits": 0}
+
+    def submit(self, request: Request) -> None:
+        if len(request.streams) > self.engine.n_seq:
+            raise ValueError(f"n={len(request.streams)} needs more sequences than the {self.engine.n_seq} "
+                             "the context holds (n_seq_max)")
+        with self._mutex:
+            self.waiting.append(request)
+
+    def cancel(self, request: Request) -> None:
+        """Stops a request at the next step (from any thread)."""
+        request.cancelled = True
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Ends every request with `exc` (a step failed outside any one request)."""
+        with self._mutex:
+            waiting, self.waiting = list(self.waiting), deque()
+        for request in waiting:
+            request.fail(exc)
+        for request in list(self.running):
+            self._close(request, exc)
+
+    # --- one step ------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Admit, evaluate one batch, sample; call under the model's lock."""
+        self._reap()
+        self._admit()
+        parts, owners = self._batch()
+        if not parts:
+            return
+        try:
+            logits = self.engine.decode(parts)
+        except BaseException as exc:  # the batch's requests get the error; the others go on
+            for request in {id(r): r for r, _ in owners}.values():
+                self._close(request, exc)
+            return
+        self.stats["steps"] += 1
+        self.stats["batch_rows"] += sum(len(p.tokens) for p in parts)
+        row = 0
+        for (request, stream), part in zip(owners, parts):
+            if not part.outputs:
+                continue
+            if stream is None:  # a prompt finished: every choice samples from its logits
+                self._fork(request)
+                for s in request.streams:
+                    self._sample(s, logits[row])
+            else:
+                self._sample(stream, logits[row])
+            row += 1
+        self._reap()
+
+    def _batch(self) -> tuple[list[Part], list[tuple[Request, Stream | None]]]:
+        engine, budget = self.engine, self.engine.n_batch
+        parts, owners = [], []
+        for request in self.running:
+            for s in request.streams:
+                if s.done or s.next_token is None or budget == 0:
+                    continue
+                state = engine.seqs[s.seq]
+                parts.append(Part(s.seq, [s.next_token], len(state.tokens), state.slots,
+                                  engine.rows_for(s.seq, [s.next_token]), [0]))
+                owners.append((request, s))
+                s.next_token = None
+                budget -= 1
+        for request in self.running:
+            if not request.in_prefill or budget == 0:
+                continue
+            seq, first = request.streams[0].seq, request.n_evaluated
+            chunk = request.tokens[first:first + budget]
+            last = first + len(chunk) == len(request.tokens)
+            parts.append(Part(seq, chunk, first, request.slots, engine.rows_for(seq, chunk),
+                              [len(chunk) - 1] if last else []))
+            owners.append((request, None))
+            request.n_evaluated += len(chunk)
+            budget -= len(chunk)
+        return parts, owners
+
+    def _sample(self, s: Stream, logits: np.ndarray) -> None:
+        if s.done:
+            return
+        request, params = s.request, s.request.params
+        if not np.isfinite(logits).all():
+            self._close(request, MllamaError("the model produced non-finite logits (NaN or Inf): corrupt weights "
+                                             "or a numeric overflow"))
+            return
+        token = sample(logits, s.history, params, s.rng)
+        if s.record.first_token is None:
+            s.record.first_token = time.perf_counter()
+        if token in self.eog_ids:
+            s.finish("stop")
+            return
+        s.record.completion_tokens += 1
+        self.stats["generated_tokens"] += 1
+        s.history.append(token)
+        s.emit("token", token)
+        if s.push_text(token, params.stop):
+            s.finish("stop_string")
+            return
+        # the last sampled token is never evaluated, so a full context still yields one token
+        room = self.engine.n_ctx - len(request.tokens) + 1
+        limit = min(params.max_tokens, room) if params.max_tokens is not None else room
+        if s.record.completion_tokens >= limit:
+            s.finish("length")
+            return
+        s.next_token = token
+
+    # --- admission, forks, the end of requests -------------------------------------------------
+    def _admit(self) -> None:
+        while True:
+            with self._mutex:
+                if not self.waiting:
+                    return
+                request = self.waiting[0]
+                if request.cancelled:
+                    self.waiting.popleft()
+                    continue
+                free = [i for i, b in enumerate(self.busy) if not b]
+                if len(free) < len(request.streams):
+                    return
+                self.waiting.popleft()
+            try:
+                admitted = self._start(request, free)
+            except BaseException as exc:  # a bad prompt or image: this request only
+                request.fail(exc)
+                continue
+            if not admitted:  # every image slot is read by running requests: wait for one to end
+                with self._mutex:
+                    self.waiting.appendleft(request)
+                return
+
+    def _start(self, request: Request, free: list[int]) -> bool:
+        engine = self.engine
+        held = sum(im.key in engine.slot_keys for im in request.images)
+        slots = engine.claim_slots(request.images)
+        if slots is None:
+            return False
+        try:
+            reuse = {seq: engine.reusable(seq, request.tokens, request.images) for seq in free}
+            order = sorted(free, key=lambda q: -reuse[q])  # the longest cached prefix for the prompt
+            first, others = order[0], sorted(order[1:], key=lambda q: reuse[q])[:len(request.streams) - 1]
+            request.n_evaluated = engine.start(first, request.tokens, request.images, slots)
+        except BaseException:
+            engine.release_slots(slots)
+            raise
+        request.slots = slots
+        for stream, seq in zip(request.streams, [first] + others):
+            stream.seq = seq
+            stream.record.started = time.perf_counter()
+            self.busy[seq] = True
+        self.running.append(request)
+        self.stats["prefix_tokens_reused"] += request.n_evaluated
+        self.stats["image_slot_hits"] += held
+        return True
+
+    def _fork(self, request: Request) -> None:
+        """The prompt is in the first stream's sequence: the other choices get a copy."""
+        first = request.streams[0].seq
+        for s in request.streams[1:]:
+            self.engine.copy_sequence(first, s.seq)
+
+    def _reap(self) -> None:
+        for request in list(self.running):
+            if request.cancelled or all(s.done for s in request.streams):
+                self._close(request, None)
+
+    def _close(self, request: Request, error: BaseException | None) -> None:
+        if error is not None:
+            request.fail(error)
+        elif request.cancelled:
+            request.fail(GenerationCancelled("the request was cancelled"))
+        for s in request.streams:
+            if s.seq >= 0:
+                self.busy[s.seq] = False
+        if request in self.running:
+            self.running.remove(request)
+            self.engine.release_slots(request.slots)
+            request.slots = []

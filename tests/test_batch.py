@@ -1,0 +1,155 @@
+"""Several sequences in one context: a sequence's logits in a mixed batch equal its logits alone (F32
+weights: NMSE <= 1e-6, the same greedy token), prefix copy and trim, the batch's argument checks, and
+the scheduler's results (chat_many, n > 1, prefix reuse) against the same requests run alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mllama
+from mllama._native.ffi import call, ffi, lib
+from mllama.generation.engine import Part
+
+BOS, IMAGE = 128000, 128256
+
+
+def nmse(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.sum((a - b) ** 2) / np.sum(b ** 2))
+
+
+def picture(w, h, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def model(gguf_f32):
+    with mllama.Model(gguf_f32, n_seq_max=4, n_image_slots=4, n_ctx=512) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def images(model):
+    return model.prepare_images([picture(50, 50, 1), picture(100, 40, 2), picture(40, 150, 3)])
+
+
+def prompts(model):
+    text = model.tokenize
+    return {  # seq -> (tokens, image indices)
+        0: ([BOS, IMAGE] + text("A long prompt in prefill next to three decoding sequences, with its own image."), [0]),
+        1: ([BOS, IMAGE] + text("Decoding with the second image."), [1]),
+        2: ([BOS] + text("Decoding without any image at all."), []),
+        3: ([BOS] + text("Text first, then") + [IMAGE] + text("the third image."), [2]),
+    }
+
+
+def test_mixed_batch_equals_each_sequence_alone(model, images):
+    engine, cases = model.engine, prompts(model)
+    alone = {seq: engine.evaluate(toks, [images[i] for i in imgs], all_logits=True) for seq, (toks, imgs) in
+             cases.items()}
+    parts = []
+    for seq, (toks, imgs) in cases.items():
+        seq_images = [images[i] for i in imgs]
+        slots = engine.claim_slots(seq_images)
+        engine.start(seq, toks, seq_images, slots, reuse=False)
+        if seq > 0:  # decoding: the prompt but its last token first, alone
+            head = toks[:-1]
+            engine.decode([Part(seq, head, 0, slots, engine.rows_for(seq, head), [])])
+        first = 0 if seq == 0 else len(toks) - 1
+        rest = toks[first:]
+        parts.append(Part(seq, rest, first, slots, engine.rows_for(seq, rest), list(range(len(rest)))))
+    batched = engine.decode(parts)
+    row = 0
+    for p in parts:
+        got, want = batched[row:row + len(p.outputs)], alone[p.seq][p.n_past:]
+        row += len(p.outputs)
+        assert nmse(got, want) <= 1e-6, p.seq
+        assert (got.argmax(-1) == want.argmax(-1)).all(), p.seq
+    for p in parts:
+        engine.release_slots(p.slots)
+    assert engine.slot_refs == [0] * engine.n_slots
+
+
+def test_prefix_copy_trim_and_lengths(model, images):
+    engine = model.engine
+    toks = [BOS, IMAGE] + model.tokenize("Shared prompt for two choices.")
+    slots = engine.claim_slots(images[:1])
+    try:
+        engine.start(0, toks, images[:1], slots, reuse=False)
+        engine.decode([Part(0, toks, 0, slots, engine.rows_for(0, toks), [])])
+        engine.copy_sequence(0, 1)
+        assert engine.length(1) == len(toks) and engine.seqs[1].tokens == toks
+        nxt = model.tokenize(" next")[0]
+        both = engine.decode([Part(s, [nxt], len(toks), slots, engine.rows_for(s, [nxt]), [0]) for s in (0, 1)])
+        np.testing.assert_array_equal(both[0], both[1])  # the same cells, the same arithmetic
+        call(lib.mllama_context_seq_trim, engine.ctx, 1, 3)
+        assert engine.length(1) == 3 and engine.length(0) == len(toks) + 1
+    finally:
+        engine.release_slots(slots)
+
+
+@pytest.mark.parametrize("seqs, message", [
+    ([(0, 0, 1), (0, 1, 1)], "sequence 0 has two parts in one batch"),
+    ([(7, 0, 1)], r"sequence id 7 out of range \[0, 4\)"),
+    ([(2, 99, 1)], "sequence 2 holds .* positions: cannot evaluate from position 99"),
+    ([(1, 0, 0)], "a part needs at least one token"),
+])
+def test_bad_batches_raise(model, seqs, message):
+    model.engine.seqs[2].tokens = []
+    call(lib.mllama_context_seq_trim, model.engine.ctx, 2, 0)
+    parts = ffi.new("mllama_batch_seq[]", len(seqs))
+    for c, (seq, n_past, n) in zip(parts, seqs):
+        c.seq_id, c.n_past, c.n_tokens, c.n_images = seq, n_past, n, 0
+    tokens = ffi.new("int32_t[]", [BOS] * 4)
+    with pytest.raises(ValueError, match=message):
+        call(lib.mllama_context_decode_batch, model.engine.ctx, tokens, parts, len(seqs), ffi.NULL, 0, ffi.NULL)
+    for bad in ((0, 0), (-1, 0)):
+        with pytest.raises(ValueError):
+            call(lib.mllama_context_seq_copy, model.engine.ctx, bad[0], bad[1], 0)
+
+
+def conversations():
+    image = picture(60, 60, 4)
+    return [[{"role": "user", "content": "Tell me a story about a lighthouse."}],
+            [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe."}]}],
+            [{"role": "user", "content": "Count to ten."}],
+            [{"role": "user", "content": "Name three rivers."}],
+            [{"role": "user", "content": [{"type": "image", "image": picture(30, 90, 5)},
+                                          {"type": "text", "text": "What is this?"}]}]]
+
+
+def test_chat_many_equals_each_chat_alone(model):
+    convs = conversations()  # five requests on four sequences: one waits for a free sequence
+    alone = [model.chat(c, temperature=0.0, max_tokens=8)["choices"][0]["message"]["content"] for c in convs]
+    together = model.chat_many(convs, temperature=0.0, max_tokens=8)
+    assert [r["choices"][0]["message"]["content"] for r in together] == alone
+    assert model.scheduler.running == [] and not any(model.scheduler.busy)
+
+
+def test_n_choices_share_the_prompt(model):
+    conv = conversations()[1]
+    greedy = model.chat(conv, n=3, temperature=0.0, max_tokens=6)
+    texts = [c["message"]["content"] for c in greedy["choices"]]
+    assert len(texts) == 3 and len(set(texts)) == 1 and [c["index"] for c in greedy["choices"]] == [0, 1, 2]
+    sampled = model.chat(conv, n=2, temperature=1.0, seed=11, max_tokens=6)
+    first = model.chat(conv, temperature=1.0, seed=11, max_tokens=6)["choices"][0]["message"]["content"]
+    assert sampled["choices"][0]["message"]["content"] == first  # choice k samples with seed + k
+    assert sampled["usage"]["prompt_tokens"] == len(model.chat_prompt(conv)[0])
+    assert 2 <= sampled["usage"]["completion_tokens"] <= 12  # both choices, at most 6 tokens each
+    with pytest.raises(ValueError, match="n=5 needs more sequences"):
+        model.chat(conv, n=5)
+
+
+def test_second_turn_reuses_the_first_turns_cache(model):
+    conv = conversations()[1]
+    first = model.chat(conv, temperature=0.0, max_tokens=6)
+    before = model.scheduler.stats["prefix_tokens_reused"]
+    decoded = model.n_decoded
+    turn2 = conv + [first["choices"][0]["message"], {"role": "user", "content": "And the colours?"}]
+    tokens, _ = model.chat_prompt(turn2)
+    model.chat(turn2, temperature=0.0, max_tokens=1)
+    reused = model.scheduler.stats["prefix_tokens_reused"] - before
+    assert reused >= len(model.chat_prompt(conv)[0])  # at least the first prompt came from the cache
+    assert model.n_decoded - decoded == len(tokens) - reused
