@@ -3,6 +3,7 @@
 from ._native.errors import (
     ContextOverflowError,
     ConversionError,
+    GenerationCancelled,
     ImageError,
     MllamaError,
     ModelClosedError,
@@ -23,6 +24,7 @@ __all__ = [
     "Chat",
     "ContextOverflowError",
     "ConversionError",
+    "GenerationCancelled",
     "GenerationResult",
     "HParams",
     "ImageError",
