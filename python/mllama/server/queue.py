@@ -77,7 +77,7 @@ class BatchQueue:
     async def submit(self, prompt: Callable[[Any], tuple[list[int], list]], sampling: dict, n: int = 1) -> list[Reply]:
         """Render the prompt (`prompt` gives the tokens and images from the model) and prepare its
         images in a worker thread, queue it, and return one Reply per choice."""
-        if self.waiting >= self.max_queue and not self._has_free_sequence():
+        if self.waiting - self._free_sequences() >= self.max_queue:  # those that would wait for a sequence
             raise RequestError(503, "the server is busy: the wait queue is full", {"Retry-After": "1"})
         loop, wake = asyncio.get_running_loop(), asyncio.Event()
         self.preparing += 1
@@ -96,9 +96,8 @@ class BatchQueue:
         self.model.scheduler.cancel(request)
         self._work.set()
 
-    def _has_free_sequence(self) -> bool:
-        scheduler = self.model.scheduler
-        return scheduler.n_waiting == 0 and not all(scheduler.busy)
+    def _free_sequences(self) -> int:
+        return sum(not busy for busy in self.model.scheduler.busy)
 
     def _start_driver(self) -> None:
         self._work.set()
