@@ -1,9 +1,10 @@
-// C ABI shims of the context: init/free, effective parameters, image encoding, decoding, memory.
+// C ABI shims of the context: init/free, effective parameters, image encoding, decoding, memory, slot states.
 #include "mllama.h"
 
 #include "api/guard.h"
 #include "runtime/context.h"
 #include "runtime/op_paths.h"
+#include "runtime/slot_state.h"
 
 #include <algorithm>
 #include <string>
@@ -108,6 +109,29 @@ mllama_status mllama_context_get_memory(const mllama_context * context, mllama_c
     return guarded([&] {
         require(context && out, "context and out must not be NULL");
         *out = mllama::context_memory(*context);
+    });
+}
+
+mllama_status mllama_context_slot_state_info(const mllama_context * context, mllama_slot_state_info * out) {
+    return guarded([&] {
+        require(context && out, "context_slot_state_info needs a context and an output struct");
+        *out = mllama::slot_state_info(*context);
+    });
+}
+
+mllama_status mllama_context_get_slot_state(const mllama_context * context, int32_t slot, void * dst, uint64_t cap,
+                                            uint64_t * len) {
+    return guarded([&] {
+        require(context && len, "context_get_slot_state needs a context and a length pointer");
+        *len = 0;
+        *len = mllama::get_slot_state(*context, slot, dst, cap);
+    });
+}
+
+mllama_status mllama_context_set_slot_state(mllama_context * context, int32_t slot, const void * src, uint64_t size) {
+    return guarded([&] {
+        require(context && src, "context_set_slot_state needs a context and the slot state");
+        mllama::set_slot_state(*context, slot, src, size);
     });
 }
 

@@ -326,6 +326,26 @@ typedef struct mllama_context_memory {
     uint64_t compute;          /* scheduler buffers, all backends */
 } mllama_context_memory;
 MLLAMA_API mllama_status mllama_context_get_memory(const mllama_context * context, mllama_context_memory * out);
+/* Saving and restoring an image slot: the cross-attention K/V that encode_image left there (the tiles the
+ * image has, every cross layer) and its tile count and aspect ratio id, as one blob with a header that
+ * names the layout it was made for; a blob made for another layout is refused (MLLAMA_ERR_INVALID_ARGUMENT). */
+typedef struct mllama_slot_state_info {
+    uint32_t version;          /* the blob format's version */
+    int32_t type;              /* ggml_type of the slot's K/V (F16 or F32) */
+    int32_t n_cross_layer;
+    int32_t n_head_kv;
+    int32_t n_embd_head;
+    int32_t n_positions;       /* vision tokens per tile */
+    int32_t max_tiles;
+    uint64_t max_size;         /* the largest blob: an image with max_tiles tiles */
+} mllama_slot_state_info;
+MLLAMA_API mllama_status mllama_context_slot_state_info(const mllama_context * context, mllama_slot_state_info * out);
+/* The blob of what `slot` holds into dst (cap bytes; NULL: only the size); *len receives its size. */
+MLLAMA_API mllama_status mllama_context_get_slot_state(const mllama_context * context, int32_t slot, void * dst,
+                                                       uint64_t cap, uint64_t * len);
+/* Fill `slot` from a blob of get_slot_state (size bytes, exactly the blob): the slot then holds that image. */
+MLLAMA_API mllama_status mllama_context_set_slot_state(mllama_context * context, int32_t slot, const void * src,
+                                                       uint64_t size);
 /* cdef-end */
 
 #ifdef __cplusplus

@@ -13,20 +13,22 @@ from pathlib import Path
 import numpy as np
 
 from ._native import dtypes as T
-from ._native.errors import ModelLoadError
+from ._native.errors import MllamaError, ModelLoadError
 from ._native.ffi import call, cstr, ffi, lib, struct_to_dict
 from ._native.handle import Handle
 from ._native.log import LOG_CALLBACK, log_level_for, logger
+from ._native.slot_state import slot_state_info
 from ._native.system import context_defaults
 from .generation.api import GenerationMixin
 from .generation.engine import Engine
+from .generation.image_cache import ImageCache, for_model, model_identity
 from .generation.scheduler import Scheduler
 from .generation.sampling import SamplingParams
 from .generation.session import Chat
 from .hparams import HParams, from_struct
 from .image.preprocess import ImageConfig, preprocess
 from .ollama_store import resolve
-from .settings import environment
+from .settings import Environment, environment, parse_bytes
 from .text.tokenizer import Tokenizer
 
 
@@ -71,6 +73,10 @@ class Model(Handle, GenerationMixin):
     up to 4, as many as a quarter of the free memory holds).
     repack, cpu_kernels, profile, dump_dir and dump_filter left as None come from the environment
     (mllama.settings: MLLAMA_REPACK, MLLAMA_CPU_KERNELS, MLLAMA_PROFILE, MLLAMA_DUMP_DIR, MLLAMA_DUMP_FILTER).
+    Encoded images are cached by content (mllama.generation.image_cache): in memory up to
+    `image_cache_bytes` (an int or a string such as "512M"; 0: off; default: max(n_image_slots, 4) x the
+    largest image's slot blob) and, with `image_cache_dir`, in that directory for other processes
+    ("": off); None takes MLLAMA_IMAGE_CACHE_BYTES / MLLAMA_IMAGE_CACHE_DIR.
     Use as a context manager or call close(); raises ModelLoadError with the reason on failure.
     Threads may share a Model: their generations queue in its batch scheduler and, with n_seq_max > 1, run together.
     """
@@ -83,6 +89,7 @@ class Model(Handle, GenerationMixin):
                  kv_f32: bool | None = None,
                  repack: bool | None = None, cpu_kernels: str | None = None, profile: str | os.PathLike | None = None,
                  dump_dir: str | os.PathLike | None = None, dump_filter: str | None = None,
+                 image_cache_dir: str | os.PathLike | None = None, image_cache_bytes: int | str | None = None,
                  log: logging.Logger | None = None):
         env = environment()
         self.path, self.projector = _resolve(path, projector)
@@ -131,6 +138,11 @@ class Model(Handle, GenerationMixin):
         self._hparams = self._read_hparams()
         self._engine = Engine(ctx_ptr, self._hparams, self.n_ctx, effective["n_batch"], self._n_slots, self.n_seq_max)
         self._scheduler = Scheduler(self._engine, self.eog_ids)
+        try:
+            self._engine.image_cache = self._new_image_cache(env, image_cache_dir, image_cache_bytes)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def scheduler(self) -> Scheduler:
@@ -146,6 +158,25 @@ class Model(Handle, GenerationMixin):
         must not share the model with other threads while they use it."""
         self._handle()
         return self._engine
+
+    @property
+    def image_cache(self) -> ImageCache | None:
+        """The cache of encoded images (stats, budget, directory); None when off."""
+        return self._engine.image_cache
+
+    def _new_image_cache(self, env: Environment, directory, max_bytes) -> ImageCache | None:
+        directory = env.image_cache_dir if directory is None else directory
+        max_bytes = env.image_cache_bytes if max_bytes is None else parse_bytes(max_bytes, "image_cache_bytes")
+        if self._n_slots <= 0:
+            return None
+        try:
+            info = slot_state_info(self._ctx)
+        except MllamaError:  # a model without cross-attention layers: nothing to cache
+            return None
+        paths = [p for p in (self.path, self.projector) if p is not None]
+        identity = model_identity(paths, self._hparams, info, self.op_paths())
+        return for_model(info, identity=identity, n_slots=self._n_slots, max_bytes=max_bytes,
+                         directory=directory or None)
 
     # --- metadata ---------------------------------------------------------------------------
     @property

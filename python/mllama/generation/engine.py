@@ -17,6 +17,7 @@ import numpy as np
 from .._native.errors import ContextOverflowError, MllamaError
 from .._native.ffi import call, ffi, lib
 from ..hparams import HParams
+from .image_cache import ImageCache
 from ..image.preprocess import ImageConfig, preprocess
 
 
@@ -92,6 +93,9 @@ class Engine:
     """Evaluates the token sequences of one context (n_seq sequences, a pool of image slots shared by
     content); owned by a Model, used under its lock. Single-sequence callers use sequence 0."""
 
+    image_cache: ImageCache | None = None  # set by the Model: vision results by image content
+    n_encoded = 0                          # images this engine ran through the vision tower
+
     def __init__(self, ctx, hparams: HParams, n_ctx: int, n_batch: int, n_slots: int, n_seq: int = 1):
         self.ctx = ctx
         self.n_vocab = hparams.n_vocab
@@ -108,11 +112,17 @@ class Engine:
         return self.seqs[0]
 
     def encode(self, slot: int, image: PreparedImage) -> None:
-        """Run the vision encoder on a prepared image into `slot` (its cross-attention K/V)."""
-        self.slot_keys[slot] = None  # half written if this fails
-        pixels = np.ascontiguousarray(image.pixel_values, dtype=np.float32)
-        call(lib.mllama_context_encode_image, self.ctx, slot, ffi.from_buffer("float[]", pixels), pixels.size,
-             image.aspect_ratio_id, image.n_tiles, ffi.NULL, 0)
+        """Put a prepared image's cross-attention K/V into `slot`: from the image cache when it has
+        them, else by running the vision encoder (and then keeping the result in the cache)."""
+        self.slot_keys[slot] = None
+        cache = self.image_cache
+        if cache is None or not cache.load_into(self.ctx, slot, image.key):
+            pixels = np.ascontiguousarray(image.pixel_values, dtype=np.float32)
+            call(lib.mllama_context_encode_image, self.ctx, slot, ffi.from_buffer("float[]", pixels), pixels.size,
+                 image.aspect_ratio_id, image.n_tiles, ffi.NULL, 0)
+            self.n_encoded += 1
+            if cache is not None:
+                cache.store_from(self.ctx, slot, image.key)
         self.slot_keys[slot] = image.key
 
     # --- the image slot pool -------------------------------------------------------------------
