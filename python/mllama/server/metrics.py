@@ -28,6 +28,10 @@ class Metrics:
         self.prefix_reused = Counter("mllama_prefix_tokens_reused", "Prompt tokens found in a sequence's cache",
                                      registry=r)
         self.image_hits = Counter("mllama_image_slot_hits", "Images found in an image slot (no encode)", registry=r)
+        self.image_cache = Gauge("mllama_image_cache_events", "The image cache's counts since loading (memory_hits, "
+                                 "disk_hits, misses, stores, evictions, bad_files, write_errors)", ["event"], registry=r)
+        self.images_encoded = Gauge("mllama_images_encoded", "Images run through the vision tower since loading",
+                                    registry=r)
         self.batch_rows = Histogram("mllama_batch_rows", "Rows evaluated per step", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
         self.tokens_per_s = Gauge("mllama_generated_tokens_per_second",
@@ -66,4 +70,8 @@ class Metrics:
         self.tokens_per_s.set(sum(n for _, n in self._recent) / self.window_s)
         self.running.set(len(self.model.scheduler.running))
         self.waiting.set(self.model.scheduler.n_waiting)
+        self.images_encoded.set(self.model.engine.n_encoded)
+        cache = self.model.image_cache
+        for event, count in (vars(cache.stats).items() if cache is not None else ()):
+            self.image_cache.labels(event).set(count)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
