@@ -13,6 +13,7 @@ from .._native.errors import MllamaError
 from ..text.chat_template import default_template, normalize, render_segments
 from ..text.tokenizer import StreamDecoder
 from . import openai
+from .constrain import Grammar, GrammarState
 from .engine import PreparedImage, prepare_images
 from .results import GenerationResult, RunRecord, TextStream, Timings, Usage
 from .sampling import SamplingParams, find_stop, sample
@@ -71,13 +72,22 @@ class GenerationMixin:
     def sampling_params(self, **overrides) -> SamplingParams:
         return self.default_sampling.with_overrides(**overrides)
 
-    def generate_tokens(self, tokens: list[int], images=(), **sampling) -> Iterator[int]:
+    def compile_grammar(self, grammar=None, *, response_format=None) -> Grammar | None:
+        """The constraint of a request, compiled for this model (None: unconstrained). `response_format`
+        is OpenAI's ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": ...}},
+        {"type": "text"}); `grammar` is Lark text, {"lark": text}, {"regex": pattern} or a Grammar.
+        A compiled Grammar can be passed as `grammar=` to any number of calls. Invalid: ValueError."""
+        return Grammar.resolve(self.grammar_vocabulary, grammar=grammar, response_format=response_format)
+
+    def generate_tokens(self, tokens: list[int], images=(), *, grammar=None, response_format=None,
+                        **sampling) -> Iterator[int]:
         """Generated token ids (end-of-generation ids excluded)."""
+        constraint = self.compile_grammar(grammar, response_format=response_format)
         params, prepared = self.sampling_params(**sampling), self.prepare_images(images)
-        yield from self._tokens(list(tokens), prepared, params, RunRecord(prompt_tokens=len(tokens)))
+        yield from self._tokens(list(tokens), prepared, params, RunRecord(prompt_tokens=len(tokens)), constraint)
 
     def _tokens(self, tokens: list[int], prepared: list[PreparedImage], params: SamplingParams,
-                record: RunRecord) -> Iterator[int]:
+                record: RunRecord, constraint: Grammar | None = None) -> Iterator[int]:
         rng = np.random.default_rng(params.seed)
         with self._lock:
             self._handle()
@@ -85,12 +95,14 @@ class GenerationMixin:
                 raise MllamaError("the model is busy with another generation: finish or close it first")
             self._generating = True
             try:
-                yield from self._generate_locked(tokens, prepared, params, rng, record)
+                yield from self._generate_locked(tokens, prepared, params, rng, record, constraint)
             finally:
                 self._generating = False
 
-    def _generate_locked(self, tokens: list[int], prepared, params, rng, record: RunRecord) -> Iterator[int]:
+    def _generate_locked(self, tokens: list[int], prepared, params, rng, record: RunRecord,
+                         constraint: Grammar | None = None) -> Iterator[int]:
         engine = self._engine
+        grammar: GrammarState | None = constraint.start() if constraint is not None else None
         record.started = time.perf_counter()
         logits = engine.evaluate(tokens, prepared)  # ContextOverflowError past n_ctx
         history = list(tokens)
@@ -100,12 +112,15 @@ class GenerationMixin:
         for _ in range(limit):
             if not np.isfinite(logits).all():
                 raise MllamaError("the model produced non-finite logits (NaN or Inf): corrupt weights or a numeric overflow")
-            token = sample(logits, history, params, rng)
+            allowed = grammar.allowed_tokens() if grammar is not None else None
+            token = sample(logits, history, params, rng, allowed)
             if record.first_token is None:
                 record.first_token = time.perf_counter()
             if token in self.eog_ids:
                 record.finish_reason = "stop"
                 return
+            if grammar is not None:
+                grammar.advance(token)
             record.completion_tokens += 1
             yield token
             history.append(token)
@@ -113,26 +128,31 @@ class GenerationMixin:
                 return
             logits = engine.step(token, len(prepared))
 
-    def generate(self, prompt: str | list[int], images=(), *, stream: bool = True, **sampling):
+    def generate(self, prompt: str | list[int], images=(), *, stream: bool = True, grammar=None,
+                 response_format=None, **sampling):
         """Text for a raw prompt (string with special tokens allowed, or token ids): a stream of text
         pieces, or the whole text with stream=False. Stops at an end-of-generation token, a stop
-        string, max_tokens or the end of the context."""
+        string, max_tokens or the end of the context. `grammar`/`response_format`: see compile_grammar."""
         tokens = self.tokenize(prompt, special=True) if isinstance(prompt, str) else list(prompt)
-        pieces = self.stream_text(tokens, images, **sampling)
+        pieces = self.stream_text(tokens, images, grammar=grammar, response_format=response_format, **sampling)
         return pieces if stream else pieces.finish().text
 
-    def stream_text(self, tokens: list[int], images=(), **sampling) -> TextStream:
+    def stream_text(self, tokens: list[int], images=(), *, grammar=None, response_format=None,
+                    **sampling) -> TextStream:
         """The reply to prompt tokens as a TextStream: text pieces as they come (stop strings held back
-        and cut), then its GenerationResult (text, finish reason, usage, timings) in `.result`."""
+        and cut), then its GenerationResult (text, finish reason, usage, timings) in `.result`.
+        `grammar`/`response_format` constrain the reply (see compile_grammar); checked here, at the call."""
         tokens = list(tokens)
-        return TextStream(lambda stream: self._text_pieces(stream, tokens, images, sampling))
+        constraint = self.compile_grammar(grammar, response_format=response_format)
+        return TextStream(lambda stream: self._text_pieces(stream, tokens, images, sampling, constraint))
 
-    def _text_pieces(self, stream: TextStream, tokens: list[int], images, sampling: dict) -> Iterator[str]:
+    def _text_pieces(self, stream: TextStream, tokens: list[int], images, sampling: dict,
+                     constraint: Grammar | None) -> Iterator[str]:
         params, prepared = self.sampling_params(**sampling), self.prepare_images(images)
         record = RunRecord(prompt_tokens=len(tokens))
         decoder = StreamDecoder(self.tokenizer)
         pending, text = "", []
-        for token in self._tokens(tokens, prepared, params, record):
+        for token in self._tokens(tokens, prepared, params, record, constraint):
             pending += decoder.push(token)
             cut, hold = find_stop(pending, params.stop)
             if cut >= 0:
@@ -158,13 +178,15 @@ class GenerationMixin:
         response = self.chat([{"role": "user", "content": content}], **sampling)
         return response["choices"][0]["message"]["content"]
 
-    def chat(self, messages: list[dict], *, stream: bool = False, **sampling):
-        """An OpenAI-shaped chat completion (or, with stream=True, an iterator of chunks)."""
+    def chat(self, messages: list[dict], *, stream: bool = False, response_format=None, grammar=None, **sampling):
+        """An OpenAI-shaped chat completion (or, with stream=True, an iterator of chunks).
+        `response_format`/`grammar` constrain the reply: see compile_grammar."""
         tokens, images = self.chat_prompt(messages)
+        pieces = self.stream_text(tokens, images, response_format=response_format, grammar=grammar, **sampling)
         cid, created = openai.completion_id(), openai.now()
         if stream:
-            return self._chat_chunks(cid, created, self.stream_text(tokens, images, **sampling))
-        return openai.response(cid, created, self.name, self.stream_text(tokens, images, **sampling).finish())
+            return self._chat_chunks(cid, created, pieces)
+        return openai.response(cid, created, self.name, pieces.finish())
 
     create_chat_completion = chat  # llama-cpp-python's name
 

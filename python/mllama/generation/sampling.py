@@ -1,6 +1,6 @@
 """Token sampling: pure numpy functions, testable without the C library.
 
-Order (as llama.cpp's default chain): repetition/presence/frequency penalties -> top-k ->
+Order (as llama.cpp's default chain): repetition/presence/frequency penalties -> the grammar's mask -> top-k ->
 temperature -> softmax -> top-p -> min-p -> draw. temperature <= 0 means greedy.
 """
 
@@ -76,8 +76,13 @@ def probabilities(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np
     return ids, probs / probs.sum()
 
 
-def sample(logits: np.ndarray, history: Sequence[int], p: SamplingParams, rng: np.random.Generator) -> int:
+def sample(logits: np.ndarray, history: Sequence[int], p: SamplingParams, rng: np.random.Generator,
+           allowed: np.ndarray | None = None) -> int:
+    """One token id. `allowed` (a bool mask as wide as the logits, from constrained decoding) removes
+    every other token after the penalties, before top-k and temperature; greedy respects it too."""
     logits = apply_penalties(np.asarray(logits, dtype=np.float32), history, p)
+    if allowed is not None:
+        logits = np.where(allowed, logits, np.float32(-np.inf))
     if p.temperature <= 0.0:
         return int(np.argmax(logits))
     ids, probs = probabilities(logits, p)

@@ -4,7 +4,7 @@ import json
 
 from ..generation import openai
 from .queue import GenerationQueue, Reply
-from .requests import RequestError, check_messages, read_json, sampling
+from .requests import RequestError, check_messages, read_json, response_format, sampling
 
 
 def sse(body: dict) -> str:
@@ -26,7 +26,7 @@ def register(app, queue: GenerationQueue, model_id: str, limits: dict, error) ->
         try:
             body = await read_json(request, limits["max_body_bytes"])
             messages = check_messages(body, limits["allow_local_images"])
-            options = sampling(body)
+            options = {**sampling(body), **response_format(body)}
             if body.get("n", 1) != 1:
                 raise RequestError(400, "only n=1 is supported")
             reply = await queue.submit(lambda model: model.chat_prompt(messages), options)

@@ -70,7 +70,8 @@ class GenerationQueue:
 
     async def submit(self, prompt: Callable[[Any], tuple[list[int], list]], sampling: dict) -> Reply:
         """Wait for the model, start the generation in a worker thread, return its Reply. `prompt`
-        gives the tokens and images from the model (in the worker: rendering is part of the work)."""
+        gives the tokens and images from the model (in the worker: rendering is part of the work);
+        `sampling` holds stream_text's keywords (sampling options, and response_format when constrained)."""
         await self._acquire()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()

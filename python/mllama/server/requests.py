@@ -35,6 +35,17 @@ def sampling(body: dict) -> dict:
     return out
 
 
+def response_format(body: dict) -> dict:
+    """OpenAI's `response_format` as the model's keyword ({} when absent); the model compiles and checks
+    the schema itself (ValueError: 400)."""
+    value = body.get("response_format")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RequestError(400, "'response_format' must be an object")
+    return {"response_format": value}
+
+
 def check_messages(body: dict, allow_local_images: bool) -> list[dict]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
