@@ -278,7 +278,7 @@ def test_ollama_chat_with_the_official_client_and_bad_requests(server):
     reply = c.chat(model="x", messages=[{"role": "user", "content": "Describe this image.", "images": [image]}],
                    options={"temperature": 0, "num_predict": 5})
     assert reply.done and reply.eval_count <= 5 and reply.prompt_eval_count == 15 and reply.eval_duration > 0
-    for path, body, fragment in [("/api/generate", {"prompt": "Hi", "format": "json"}, "not supported yet"),
+    for path, body, fragment in [("/api/generate", {"prompt": "Hi", "format": "yaml"}, "'format' must be"),
                                  ("/api/generate", {"prompt": 3}, "'prompt' must be a string"),
                                  ("/api/generate", {"prompt": "Hi", "images": ["%%%"]}, "base64"),
                                  ("/api/chat", {"messages": [{"role": "user", "content": "Hi"}], "options": 1}, "'options'")]:

@@ -160,8 +160,8 @@ class GrammarState:
         allowed = np.unpackbits(self._bits.view(np.uint8), count=min(n, self._bits.size * 32), bitorder="little")
         allowed = np.pad(allowed, (0, n - allowed.size)).view(bool)
         allowed[self._vocabulary.forbidden] = False
-        if not allowed.any():
-            raise MllamaError("the grammar allows no token of this model here")
+        if not allowed.any():  # a grammar that asks for <|image|>, say
+            raise ValueError("the grammar allows no token that this model can generate here")
         return allowed
 
     def advance(self, token: int) -> None:
@@ -179,8 +179,8 @@ class GrammarState:
         return self._matcher.is_stopped()
 
     def _raise_on_error(self) -> None:
-        if self._matcher.is_error():
-            raise MllamaError(f"constrained decoding failed: {self._matcher.get_error()}")
+        if self._matcher.is_error():  # the grammar hit one of llguidance's limits (too complex)
+            raise ValueError(f"constrained decoding failed: {self._matcher.get_error()}")
 
 
 def _require_text(value, what: str) -> None:
