@@ -123,13 +123,14 @@ def test_demo_builds_once_and_runs(tmp_path):
 def test_describe_with_a_json_schema_and_chat_with_a_grammar(gguf_f32, picture, tmp_path):
     import jsonschema
 
-    schema = {"type": "object", "properties": {"animal": {"enum": ["cat", "dog"]}, "legs": {"type": "integer",
-              "minimum": 0, "maximum": 8}}, "required": ["animal", "legs"], "additionalProperties": False}
+    legs = {"type": "integer", "minimum": 0, "maximum": 8}
+    schema = {"type": "object", "properties": {"animal": {"enum": ["cat", "dog"]}, "legs": legs},
+              "required": ["animal", "legs"], "additionalProperties": False}
     (tmp_path / "schema.json").write_text(json.dumps(schema))
     (tmp_path / "answer.lark").write_text('start: "yes" | "no"\n')
     mllama = [sys.executable, "-m", "mllama"]
-    proc = subprocess.run([*mllama, "describe", str(picture), str(picture), "-m", str(gguf_f32), "--json", "--json-schema",
-                           str(tmp_path / "schema.json"), "--temperature", "1", "--max-tokens", "40"],
+    proc = subprocess.run([*mllama, "describe", str(picture), str(picture), "-m", str(gguf_f32), "--json",
+                           "--json-schema", str(tmp_path / "schema.json"), "--temperature", "1", "--max-tokens", "40"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     for line in proc.stdout.strip().splitlines():
