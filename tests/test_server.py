@@ -147,7 +147,8 @@ def test_full_queue_answers_503_and_disconnect_frees_the_model(server):
     (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}).encode(),
      400, "allow-local-images"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}).encode(), 400, "must be a number"),
-], ids=["malformed", "not_object", "no_messages", "bad_image", "local_path", "bad_number"])
+    (b'{"messages": [{"role": "user", "content": "x"}], "response_format": ' + b"[" * 100000, 400, "nested too deeply"),
+], ids=["malformed", "not_object", "no_messages", "bad_image", "local_path", "bad_number", "too_deep"])
 def test_bad_requests(server, body, status, fragment):
     got, text = post(server, "/v1/chat/completions", body)
     assert got == status, text

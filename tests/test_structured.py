@@ -87,8 +87,8 @@ def test_streamed_chunks_equal_the_whole_answer_and_greedy_respects_the_mask(mod
 def test_json_object_mode(model):
     first = np.flatnonzero(model.compile_grammar(response_format={"type": "json_object"}).start().allowed_tokens())
     assert sorted(model.detokenize([int(t)]) for t in first) == ["{", '{"', "{}"]
-    for seed in range(6):
-        text, finish = answer(model, response_format={"type": "json_object"}, seed=seed, max_tokens=40)
+    for seed in range(4):
+        text, finish = answer(model, response_format={"type": "json_object"}, seed=seed, max_tokens=24)
         if finish == "stop":
             assert isinstance(json.loads(text), dict)
         else:  # an open string of random tokens runs into max_tokens
@@ -150,6 +150,26 @@ def test_a_compiled_grammar_serves_many_calls_and_chat_sessions(model):
     chat = model.chat_session(grammar=grammar, temperature=1.0, max_tokens=10)
     replies = [chat.send("A year?"), chat.send("Another one?"), answer(model, grammar=grammar, seed=1)[0]]
     assert all(re.fullmatch(r"[0-9]{4}", r) for r in replies), replies
+
+
+def test_one_grammar_serves_sequences_in_several_threads(model):
+    """A Grammar is shared; each sequence walks its own GrammarState (uniform among the allowed tokens)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    grammar = model.compile_grammar({"regex": r"[a-z]{2,6}( [0-9]{1,3}){1,3}"})
+
+    def walk(seed: int) -> str:
+        state, rng, tokens = grammar.start(), np.random.default_rng(seed), []
+        while (token := int(rng.choice(np.flatnonzero(state.allowed_tokens())))) not in model.eog_ids:
+            state.advance(token)
+            tokens.append(token)
+        assert state.is_accepting()
+        return model.detokenize(tokens)
+
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(walk, range(12)))
+    assert all(re.fullmatch(r"[a-z]{2,6}( [0-9]{1,3}){1,3}", t) for t in texts), texts
+    assert len(set(texts)) > 6
 
 
 @pytest.mark.parametrize("kwargs,fragment", [

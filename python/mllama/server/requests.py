@@ -91,6 +91,8 @@ async def read_json(request, max_body_bytes: int) -> dict:
         value = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(400, f"malformed JSON: {exc}") from None
+    except RecursionError:  # a schema nested thousands deep, say
+        raise RequestError(400, "malformed JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise RequestError(400, "the request body must be a JSON object")
     return value
