@@ -36,8 +36,8 @@ ANY_JSON_OBJECT = {"type": "object"}
 
 
 class GrammarVocabulary:
-    """The tokens of one model as llguidance sees them. The llguidance tokenizer (about half a second
-    for the 128K vocabulary) is built on first use; the Model keeps one of these."""
+    """The tokens of one model as llguidance sees them. The llguidance tokenizer (0.5-1.5 s for the
+    128K vocabulary) is built on first use; the Model keeps one of these."""
 
     def __init__(self, tokenizer: Tokenizer, eog_ids: Iterable[int], n_logits: int, forbidden: Iterable[int] = ()):
         self.tokenizer = tokenizer
