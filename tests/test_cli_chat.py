@@ -118,3 +118,40 @@ def test_demo_builds_once_and_runs(tmp_path):
     second = subprocess.run([sys.executable, "-m", "mllama", "demo", "--quiet"], capture_output=True, text=True, timeout=600, env=env)
     assert second.returncode == 0 and "building" not in second.stderr
     assert second.stdout.strip() == first.stdout.strip()  # deterministic: same weights, greedy decoding
+
+
+def test_describe_with_a_json_schema_and_chat_with_a_grammar(gguf_f32, picture, tmp_path):
+    import jsonschema
+
+    legs = {"type": "integer", "minimum": 0, "maximum": 8}
+    schema = {"type": "object", "properties": {"animal": {"enum": ["cat", "dog"]}, "legs": legs},
+              "required": ["animal", "legs"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "answer.lark").write_text('start: "yes" | "no"\n')
+    mllama = [sys.executable, "-m", "mllama"]
+    proc = subprocess.run([*mllama, "describe", str(picture), str(picture), "-m", str(gguf_f32), "--json",
+                           "--json-schema", str(tmp_path / "schema.json"), "--temperature", "1", "--max-tokens", "40"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for line in proc.stdout.strip().splitlines():
+        assert json.loads(line)["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(json.loads(line)["description"]), schema)
+    proc = subprocess.run([*mllama, "chat", "-m", str(gguf_f32), "--grammar", str(tmp_path / "answer.lark"),
+                           "--temperature", "1"], input="Is it raining?", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() in ("yes", "no"), proc.stderr
+
+
+@pytest.mark.parametrize("flags,content,fragment", [
+    (["describe", "PIC", "--json-schema"], "{not json", "not JSON"),
+    (["describe", "PIC", "--json-schema"], '{"type": "strin"}', "invalid JSON schema: Invalid type: strin"),
+    (["chat", "--grammar"], "start: foo", 'unknown name: "foo"'),
+])
+def test_bad_schema_or_grammar_files_are_clear_errors(gguf_f32, picture, tmp_path, flags, content, fragment):
+    """llguidance's message, which for a grammar goes on with the line and a caret under the error."""
+    (tmp_path / "constraint").write_text(content)
+    args = [str(picture) if a == "PIC" else a for a in flags] + [str(tmp_path / "constraint"), "-m", str(gguf_f32)]
+    proc = subprocess.run([sys.executable, "-m", "mllama", *args], input="Hi", capture_output=True, text=True,
+                          timeout=120)
+    first = proc.stderr.splitlines()[0]
+    assert proc.returncode == 1 and first.startswith("mllama: error:") and fragment in first, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -54,3 +54,13 @@ def test_unknown_option():
     with pytest.raises(TypeError, match="unknown sampling option"):
         SamplingParams().with_overrides(temprature=1.0)
     assert SamplingParams().with_overrides(stop="x").stop == ("x",)
+
+
+def test_allowed_mask_applies_to_greedy_and_to_sampling():
+    logits = np.array([5.0, 1.0, 4.0, 0.5, 3.0], np.float32)
+    allowed = np.array([False, True, False, True, True])
+    assert sample(logits, [], SamplingParams(temperature=0.0), np.random.default_rng(0), allowed) == 4
+    hot = SamplingParams(temperature=5.0, top_p=1.0, top_k=2, repeat_penalty=2.0)
+    rng = np.random.default_rng(0)
+    drawn = {sample(logits, [4, 4], hot, rng, allowed) for _ in range(300)}
+    assert drawn == {1, 4}  # top-k after the mask: the penalized 4 (1.5) and 1 (1.0), never 3 or a refused id

@@ -147,7 +147,8 @@ def test_full_queue_answers_503_and_disconnect_frees_the_model(server):
     (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}).encode(),
      400, "allow-local-images"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}).encode(), 400, "must be a number"),
-], ids=["malformed", "not_object", "no_messages", "bad_image", "local_path", "bad_number"])
+    (b'{"messages": [{"role": "user", "content": "x"}], "response_format": ' + b"[" * 100000, 400, "nested too deeply"),
+], ids=["malformed", "not_object", "no_messages", "bad_image", "local_path", "bad_number", "too_deep"])
 def test_bad_requests(server, body, status, fragment):
     got, text = post(server, "/v1/chat/completions", body)
     assert got == status, text
@@ -278,7 +279,7 @@ def test_ollama_chat_with_the_official_client_and_bad_requests(server):
     reply = c.chat(model="x", messages=[{"role": "user", "content": "Describe this image.", "images": [image]}],
                    options={"temperature": 0, "num_predict": 5})
     assert reply.done and reply.eval_count <= 5 and reply.prompt_eval_count == 15 and reply.eval_duration > 0
-    for path, body, fragment in [("/api/generate", {"prompt": "Hi", "format": "json"}, "not supported yet"),
+    for path, body, fragment in [("/api/generate", {"prompt": "Hi", "format": "yaml"}, "'format' must be"),
                                  ("/api/generate", {"prompt": 3}, "'prompt' must be a string"),
                                  ("/api/generate", {"prompt": "Hi", "images": ["%%%"]}, "base64"),
                                  ("/api/chat", {"messages": [{"role": "user", "content": "Hi"}], "options": 1}, "'options'")]:

@@ -13,6 +13,7 @@ from ._native.errors import (
 from ._native.system import abi_version, devices, native_version, system_info
 from ._version import __version__
 from .convert import convert
+from .generation.constrain import Grammar
 from .generation.results import GenerationResult, TextStream, Timings, Usage
 from .generation.sampling import SamplingParams
 from .generation.session import Chat
@@ -26,6 +27,7 @@ __all__ = [
     "ConversionError",
     "GenerationCancelled",
     "GenerationResult",
+    "Grammar",
     "HParams",
     "ImageError",
     "MllamaError",

@@ -20,6 +20,7 @@ from ._native.log import LOG_CALLBACK, log_level_for, logger
 from ._native.slot_state import slot_state_info
 from ._native.system import context_defaults
 from .generation.api import GenerationMixin
+from .generation.constrain import GrammarVocabulary
 from .generation.engine import Engine
 from .generation.image_cache import ImageCache, for_model, model_identity
 from .generation.scheduler import Scheduler
@@ -325,6 +326,12 @@ class Model(Handle, GenerationMixin):
         ids = set(self.meta_ints("tokenizer.ggml.eos_token_ids"))
         ids |= {i for i in (hp.eos_token_id, hp.eot_token_id, hp.eom_token_id) if i >= 0}
         return frozenset(ids)
+
+    @cached_property
+    def grammar_vocabulary(self) -> GrammarVocabulary:
+        """The vocabulary as constrained decoding sees it (llguidance's tokenizer is built on first use)."""
+        hp = self.hparams
+        return GrammarVocabulary(self.tokenizer, self.eog_ids, hp.n_vocab, forbidden=[hp.image_token_id])
 
     @cached_property
     def default_sampling(self) -> SamplingParams:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .._native.errors import MllamaError
 from ..settings import cache_dir
-from .common import add_model_flags, add_sampling_flags, check_images, load_model, print_stream, sampling_from
+from .common import (add_model_flags, add_sampling_flags, check_images, constraint_from, load_model, print_stream,
+                     sampling_from)
 
 HELP = """commands:
   /image PATH   attach an image to the next message
@@ -27,6 +28,8 @@ def add_parser(sub) -> None:
     add_model_flags(p)
     p.add_argument("--image", action="append", help="attach an image to the first message (repeatable)")
     p.add_argument("--system", help="system prompt (the template refuses it together with images)")
+    p.add_argument("--grammar", metavar="FILE",
+                   help="every reply follows this Lark grammar (llguidance's dialect; a regex: start: /.../)")
     add_sampling_flags(p)
     p.set_defaults(func=run)
 
@@ -88,8 +91,10 @@ def _serializable(messages: list[dict]) -> list[dict]:
 
 def run(args: argparse.Namespace) -> int:
     images = check_images(args.image or [])
+    constraint = constraint_from(args)
     with load_model(args) as model:
-        chat = model.chat_session(system=args.system, **sampling_from(args))
+        grammar = model.compile_grammar(**constraint)  # compiled once for every reply
+        chat = model.chat_session(system=args.system, grammar=grammar, **sampling_from(args))
         if not sys.stdin.isatty():
             prompt = sys.stdin.read().strip()
             if prompt:

@@ -1,9 +1,10 @@
-"""What the commands share: model and sampling flags, loading the model a command names, checking
-image paths, and printing a streamed reply."""
+"""What the commands share: model, sampling and constraint flags, loading the model a command names,
+checking image paths, and printing a streamed reply."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -57,6 +58,22 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--max-tokens", type=int)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def constraint_from(args: argparse.Namespace) -> dict:
+    """compile_grammar's keywords from --json-schema FILE (strict JSON schema) or --grammar FILE (Lark);
+    files are read and parsed here, before the model loads."""
+    if getattr(args, "json_schema", None):
+        path = Path(args.json_schema)
+        try:
+            schema = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not JSON: {exc}") from None
+        return {"response_format": {"type": "json_schema",
+                                    "json_schema": {"name": path.stem, "schema": schema, "strict": True}}}
+    if getattr(args, "grammar", None):
+        return {"grammar": Path(args.grammar).read_text()}
+    return {}
 
 
 def sampling_from(args: argparse.Namespace) -> dict:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import add_model_flags, add_sampling_flags, check_images, load_model, print_stream, sampling_from
+from .common import (add_model_flags, add_sampling_flags, check_images, constraint_from, load_model, print_stream,
+                     sampling_from)
 
 
 def add_parser(sub) -> None:
@@ -14,22 +15,26 @@ def add_parser(sub) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--prompt", default="Describe this image.")
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of streamed text")
+    p.add_argument("--json-schema", metavar="FILE",
+                   help="answer with JSON that validates against this JSON schema (structured output)")
     add_sampling_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     images = check_images(args.images)
+    constraint = constraint_from(args)
     with load_model(args) as model:
+        sampling = {**sampling_from(args), "grammar": model.compile_grammar(**constraint)}  # compiled once
         for path in images:
             if args.json:
                 content = [{"type": "image", "image": path}, {"type": "text", "text": args.prompt}]
-                reply = model.chat([{"role": "user", "content": content}], **sampling_from(args))
+                reply = model.chat([{"role": "user", "content": content}], **sampling)
                 print(json.dumps({"image": path, "description": reply["choices"][0]["message"]["content"],
                                   "finish_reason": reply["choices"][0]["finish_reason"], "usage": reply["usage"]}))
                 continue
             if len(images) > 1:
                 print(f"== {path}")
-            chat = model.chat_session(**sampling_from(args))
+            chat = model.chat_session(**sampling)
             print_stream(chat.send(args.prompt, images=[path], stream=True), args.verbose)
     return 0

@@ -13,7 +13,9 @@ from .._native.errors import MllamaError
 from ..text.chat_template import default_template, normalize, render_segments
 from ..text.tokenizer import StreamDecoder
 from . import openai
+from .constrain import Grammar, GrammarState
 from .engine import PreparedImage, prepare_images
+from .constrain import Grammar
 from .results import GenerationResult, TextStream
 from .sampling import SamplingParams
 from .scheduler import Request
@@ -73,7 +75,15 @@ class GenerationMixin:
     def sampling_params(self, **overrides) -> SamplingParams:
         return self.default_sampling.with_overrides(**overrides)
 
-    def generate_tokens(self, tokens: list[int], images=(), **sampling) -> Iterator[int]:
+    def compile_grammar(self, grammar=None, *, response_format=None) -> Grammar | None:
+        """The constraint of a request, compiled for this model (None: unconstrained). `response_format`
+        is OpenAI's ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": ...}},
+        {"type": "text"}); `grammar` is Lark text, {"lark": text}, {"regex": pattern} or a Grammar.
+        A compiled Grammar can be passed as `grammar=` to any number of calls. Invalid: ValueError."""
+        return Grammar.resolve(self.grammar_vocabulary, grammar=grammar, response_format=response_format)
+
+    def generate_tokens(self, tokens: list[int], images=(), *, grammar=None, response_format=None,
+                        **sampling) -> Iterator[int]:
         """Generated token ids (end-of-generation ids excluded)."""
         request = self.submit(list(tokens), images, **sampling)
         for kind, value in self.events(request):
@@ -82,11 +92,14 @@ class GenerationMixin:
             elif kind == "error":
                 raise value
 
-    def submit(self, tokens: list[int], images=(), *, n: int = 1, notify=None, **sampling) -> Request:
-        """Queue a prompt for the batch scheduler (n choices); its streams' outboxes receive events as
-        steps run (run_step, or iterate events())."""
+    def submit(self, tokens: list[int], images=(), *, n: int = 1, notify=None, grammar=None, response_format=None,
+               **sampling) -> Request:
+        """Queue a prompt for the batch scheduler (n choices, each constrained by `grammar` or
+        `response_format` when given: see compile_grammar); its streams' outboxes receive events as
+        steps run (run_step, or iterate events()). Bad options, images or grammars raise here."""
+        constraint = self.compile_grammar(grammar, response_format=response_format)
         params, prepared = self.sampling_params(**sampling), self.prepare_images(images)
-        request = Request(list(tokens), prepared, params, self.tokenizer, n=n, notify=notify)
+        request = Request(list(tokens), prepared, params, self.tokenizer, n=n, notify=notify, grammar=constraint)
         self.scheduler.submit(request)
         return request
 
@@ -113,18 +126,22 @@ class GenerationMixin:
                 self.scheduler.cancel(request)
                 self.run_step()  # frees its sequences now
 
-    def generate(self, prompt: str | list[int], images=(), *, stream: bool = True, **sampling):
+    def generate(self, prompt: str | list[int], images=(), *, stream: bool = True, grammar=None,
+                 response_format=None, **sampling):
         """Text for a raw prompt (string with special tokens allowed, or token ids): a stream of text
         pieces, or the whole text with stream=False. Stops at an end-of-generation token, a stop
-        string, max_tokens or the end of the context."""
+        string, max_tokens or the end of the context. `grammar`/`response_format`: see compile_grammar."""
         tokens = self.tokenize(prompt, special=True) if isinstance(prompt, str) else list(prompt)
-        pieces = self.stream_text(tokens, images, **sampling)
+        pieces = self.stream_text(tokens, images, grammar=grammar, response_format=response_format, **sampling)
         return pieces if stream else pieces.finish().text
 
-    def stream_text(self, tokens: list[int], images=(), **sampling) -> TextStream:
+    def stream_text(self, tokens: list[int], images=(), *, grammar=None, response_format=None,
+                    **sampling) -> TextStream:
         """The reply to prompt tokens as a TextStream: text pieces as they come (stop strings held back
-        and cut), then its GenerationResult (text, finish reason, usage, timings) in `.result`."""
+        and cut), then its GenerationResult (text, finish reason, usage, timings) in `.result`.
+        `grammar`/`response_format` constrain the reply (see compile_grammar); checked here, at the call."""
         tokens = list(tokens)
+        sampling["grammar"] = self.compile_grammar(grammar, response_format=response_format)
         return TextStream(lambda stream: self._text_pieces(stream, tokens, images, sampling))
 
     def _text_pieces(self, stream: TextStream, tokens: list[int], images, sampling: dict) -> Iterator[str]:
@@ -158,7 +175,8 @@ class GenerationMixin:
         return response["choices"][0]["message"]["content"]
 
     def chat(self, messages: list[dict], *, stream: bool = False, n: int = 1, **sampling):
-        """An OpenAI-shaped chat completion with n choices (or, with stream=True, an iterator of chunks)."""
+        """An OpenAI-shaped chat completion with n choices (or, with stream=True, an iterator of chunks).
+        `response_format`/`grammar` constrain the reply: see compile_grammar."""
         tokens, images = self.chat_prompt(messages)
         cid, created = openai.completion_id(), openai.now()
         if stream:

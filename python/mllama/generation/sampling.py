@@ -1,6 +1,6 @@
 """Token sampling: pure numpy functions, testable without the C library.
 
-Order (as llama.cpp's default chain): repetition/presence/frequency penalties -> top-k ->
+Order (as llama.cpp's default chain): repetition/presence/frequency penalties -> the grammar's mask -> top-k ->
 temperature -> softmax -> top-p -> min-p -> draw. temperature <= 0 means greedy.
 """
 
@@ -76,12 +76,20 @@ def probabilities(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np
     return ids, probs / probs.sum()
 
 
-def sample(logits: np.ndarray, history: Sequence[int], p: SamplingParams, rng: np.random.Generator) -> int:
+def sample(logits: np.ndarray, history: Sequence[int], p: SamplingParams, rng: np.random.Generator,
+           allowed: np.ndarray | None = None) -> int:
+    """One token id. `allowed` (a bool mask as wide as the logits, from constrained decoding) leaves
+    only those tokens in play, after the penalties and before top-k and temperature; greedy too."""
     logits = apply_penalties(np.asarray(logits, dtype=np.float32), history, p)
+    in_play = np.flatnonzero(allowed) if allowed is not None else None
+    if in_play is not None:  # top-k, top-p and min-p then work on the allowed tokens only (fewer to sort)
+        logits = logits[in_play]
     if p.temperature <= 0.0:
-        return int(np.argmax(logits))
-    ids, probs = probabilities(logits, p)
-    return int(ids[rng.choice(len(ids), p=probs)])
+        choice = int(np.argmax(logits))
+    else:
+        ids, probs = probabilities(logits, p)
+        choice = int(ids[rng.choice(len(ids), p=probs)])
+    return int(in_play[choice]) if in_play is not None else choice
 
 
 def find_stop(text: str, stops: Sequence[str]) -> tuple[int, int]:

@@ -18,6 +18,7 @@ import numpy as np
 
 from .._native.errors import GenerationCancelled, MllamaError
 from ..text.tokenizer import StreamDecoder
+from .constrain import Grammar
 from .engine import Engine, Part, PreparedImage
 from .results import GenerationResult, RunRecord, Timings, Usage
 from .sampling import SamplingParams, find_stop, sample
@@ -36,6 +37,7 @@ class Stream:
         self.next_token: int | None = None  # sampled, evaluated at the next step
         self.record = RunRecord(prompt_tokens=len(request.tokens))
         self.decoder, self.pending, self.text = StreamDecoder(tokenizer), "", []
+        self.grammar = request.grammar.start() if request.grammar is not None else None  # its own state
         self.events: deque = deque()
         self.done = False
 
@@ -77,12 +79,13 @@ class Request:
     """A prompt (tokens and prepared images) to answer with n choices."""
 
     def __init__(self, tokens: list[int], images: list[PreparedImage], params: SamplingParams, tokenizer,
-                 n: int = 1, notify: Callable[[], None] | None = None):
+                 n: int = 1, notify: Callable[[], None] | None = None, grammar: Grammar | None = None):
         if not tokens:
             raise ValueError("cannot evaluate an empty prompt")
         if n < 1:
             raise ValueError("n must be at least 1")
         self.tokens, self.images, self.params, self.notify = list(tokens), list(images), params, notify
+        self.grammar = grammar
         self.streams = [Stream(self, i, tokenizer) for i in range(n)]
         self.slots: list[int] = []
         self.n_evaluated = 0          # prompt tokens in the first stream's cache
@@ -208,11 +211,18 @@ class Scheduler:
             self._close(request, MllamaError("the model produced non-finite logits (NaN or Inf): corrupt weights "
                                              "or a numeric overflow"))
             return
-        token = sample(logits, s.history, params, s.rng)
-        if s.record.first_token is None:
-            s.record.first_token = time.perf_counter()
-        if token in self.eog_ids:
-            s.finish("stop")
+        try:
+            allowed = s.grammar.allowed_tokens() if s.grammar is not None else None
+            token = sample(logits, s.history, params, s.rng, allowed)
+            if s.record.first_token is None:
+                s.record.first_token = time.perf_counter()
+            if token in self.eog_ids:
+                s.finish("stop")
+                return
+            if s.grammar is not None:
+                s.grammar.advance(token)
+        except ValueError as exc:  # the grammar allows nothing, or an llguidance limit
+            self._close(request, exc)
             return
         s.record.completion_tokens += 1
         self.stats["generated_tokens"] += 1

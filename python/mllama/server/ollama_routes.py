@@ -23,9 +23,17 @@ def options(body: dict) -> dict:
     return sampling({**opts, **extra})
 
 
-def refuse_format(body: dict) -> None:
-    if body.get("format"):
-        raise RequestError(400, "'format' (structured output) is not supported yet")
+def output_format(body: dict) -> dict:
+    """Ollama's `format` ("json" or a JSON schema object) as the model's response_format keyword;
+    the model compiles and checks the schema (ValueError: 400)."""
+    fmt = body.get("format")
+    if fmt is None or fmt == "":
+        return {}
+    if fmt == "json":
+        return {"response_format": {"type": "json_object"}}
+    if isinstance(fmt, dict):
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}}
+    raise RequestError(400, "'format' must be \"json\" or a JSON schema object")
 
 
 def now_iso() -> str:
@@ -94,7 +102,6 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
         started = time.perf_counter()
         try:
             body = await read_json(request, limits["max_body_bytes"])
-            refuse_format(body)
             if key == "message":
                 messages = [from_ollama(m) for m in check_messages(body, limits["allow_local_images"])]
                 prompt = lambda model: model.chat_prompt(messages)  # noqa: E731
@@ -102,7 +109,7 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
                 return JSONResponse(json.loads(line(model_id, now_iso(), key, "", {"done_reason": "load"})))
             else:
                 prompt = generate_prompt(body)
-            reply, = await queue.submit(prompt, options(body))
+            reply, = await queue.submit(prompt, {**options(body), **output_format(body)})
             first = await reply.first()
         except Exception as exc:
             return error(exc)

@@ -4,7 +4,7 @@ import json
 
 from ..generation import openai
 from .queue import BatchQueue, Reply
-from .requests import RequestError, check_messages, read_json, sampling
+from .requests import RequestError, check_messages, read_json, response_format, sampling
 
 
 def sse(body: dict) -> str:
@@ -26,7 +26,7 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
         try:
             body = await read_json(request, limits["max_body_bytes"])
             messages = check_messages(body, limits["allow_local_images"])
-            options = sampling(body)
+            options = {**sampling(body), **response_format(body)}
             n = choices(body)
             replies = await queue.submit(lambda model: model.chat_prompt(messages), options, n=n)
             firsts = [await reply.first() for reply in replies]

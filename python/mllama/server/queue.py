@@ -76,21 +76,25 @@ class BatchQueue:
 
     async def submit(self, prompt: Callable[[Any], tuple[list[int], list]], sampling: dict, n: int = 1) -> list[Reply]:
         """Render the prompt (`prompt` gives the tokens and images from the model) and prepare its
-        images in a worker thread, queue it, and return one Reply per choice."""
+        images in a worker thread, queue it, and return one Reply per choice. `sampling` holds
+        Model.submit's keywords (sampling options, and response_format when constrained)."""
         if self.waiting - self._free_sequences() >= self.max_queue:  # those that would wait for a sequence
             raise RequestError(503, "the server is busy: the wait queue is full", {"Retry-After": "1"})
         loop, wake = asyncio.get_running_loop(), asyncio.Event()
         self.preparing += 1
         try:
-            tokens, images = await asyncio.to_thread(prompt, self.model)
-            prepared = await asyncio.to_thread(self.model.prepare_images, images)
-            request = self.model.submit(tokens, prepared, n=n, notify=lambda: loop.call_soon_threadsafe(wake.set),
-                                        **sampling)
+            request = await asyncio.to_thread(self._prepare, prompt, sampling, n,
+                                              lambda: loop.call_soon_threadsafe(wake.set))
         finally:
             self.preparing -= 1
         self.metrics.submitted(request)
         self._start_driver()
         return [Reply(self, request, s, wake) for s in request.streams]
+
+    def _prepare(self, prompt, sampling: dict, n: int, notify) -> Request:
+        """In a worker thread: render, prepare the images, compile a constraint, queue the request."""
+        tokens, images = prompt(self.model)
+        return self.model.submit(tokens, images, n=n, notify=notify, **sampling)
 
     def cancel(self, request: Request) -> None:
         self.model.scheduler.cancel(request)

@@ -35,6 +35,17 @@ def sampling(body: dict) -> dict:
     return out
 
 
+def response_format(body: dict) -> dict:
+    """OpenAI's `response_format` as the model's keyword ({} when absent); the model compiles and checks
+    the schema itself (ValueError: 400)."""
+    value = body.get("response_format")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RequestError(400, "'response_format' must be an object")
+    return {"response_format": value}
+
+
 def check_messages(body: dict, allow_local_images: bool) -> list[dict]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -80,6 +91,8 @@ async def read_json(request, max_body_bytes: int) -> dict:
         value = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(400, f"malformed JSON: {exc}") from None
+    except RecursionError:  # a schema nested thousands deep, say
+        raise RequestError(400, "malformed JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise RequestError(400, "the request body must be a JSON object")
     return value

@@ -59,6 +59,11 @@ class Tokenizer:
             return self._enc.encode(text, allowed_special="all")
         return self._enc.encode(text, disallowed_special=())
 
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The tiktoken encoding behind this tokenizer (its ranks are the token ids; control tokens are special)."""
+        return self._enc
+
     def token_id(self, text: str) -> int:
         return self.special[text]
 
