@@ -24,6 +24,8 @@ sys.path.insert(0, str(HERE))
 
 from run import configs, cpu_name  # noqa: E402
 
+# An image of 1000 x 1000 pixels takes all 4 tiles (2 x 2 of 560) on Llama 3.2 Vision.
+
 
 def prompt(model, i: int) -> list[int]:
     text = f"Request {i}: write a long and detailed story about a lighthouse keeper and the sea."
@@ -87,11 +89,27 @@ def newcomer(model, n_tokens: int, image=None) -> dict:
     return {"ttft_s": ttft, "longest_stream_gap_s": longest}
 
 
+def two_turns(model, image) -> dict:
+    """A stateless 2-turn chat (the second request carries the whole conversation, as OpenAI clients
+    send it) with a 4-tile image: each turn's time to first token."""
+    conv = [{"role": "user", "content": [{"type": "image", "image": image},
+                                         {"type": "text", "text": "Describe this image."}]}]
+    out = {}
+    for turn in (1, 2):
+        tokens, images = model.chat_prompt(conv)
+        result = model.stream_text(tokens, images, temperature=0.0, max_tokens=8).finish()
+        out[f"turn{turn}_ttft_s"], out[f"turn{turn}_prompt_tokens"] = result.timings.prompt_s, len(tokens)
+        conv += [{"role": "assistant", "content": result.text}, {"role": "user", "content": "And the colours?"}]
+    out["ratio"] = out["turn2_ttft_s"] / out["turn1_ttft_s"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small dimensions: a fast check of the script")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per stream")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "serving.json")
+    parser.add_argument("--model", type=Path, help="a GGUF to use instead of writing the synthetic one")
     args = parser.parse_args()
 
     import mllama
@@ -101,7 +119,8 @@ def main() -> None:
     text, vision, _ = configs(args.quick)
     result = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count()}, "tokens_per_stream": args.tokens, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_synthetic_gguf(Path(tmp) / "q4_k_m.gguf", text, vision, type="q4_k_m", vision_type="bf16")
+        path = args.model or write_synthetic_gguf(Path(tmp) / "q4_k_m.gguf", text, vision, type="q4_k_m",
+                                                  vision_type="bf16")
         with mllama.Model(path, n_seq_max=8, n_ctx=512) as model:
             model.stream_text(prompt(model, 0), temperature=0.0, max_tokens=4).finish()  # warm-up
             for n in (1, 2, 4, 8):
@@ -110,6 +129,8 @@ def main() -> None:
             image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (448, 448, 3), dtype=np.uint8))
             result["new_text_request"] = newcomer(model, args.tokens)
             result["new_image_request"] = newcomer(model, args.tokens, image)
+            big = Image.fromarray(np.random.default_rng(1).integers(0, 256, (1000, 1000, 3), dtype=np.uint8))
+            result["two_turn_chat"] = two_turns(model, big)  # another image: the first turn encodes it
     one = result["runs"][0]["aggregate_tok_s"]
     for run in result["runs"]:
         run["vs_one_stream"] = run["aggregate_tok_s"] / one

@@ -264,7 +264,7 @@ class Scheduler:
                 return
 
     def _start(self, request: Request, free: list[int]) -> bool:
-        engine = self.engine
+        engine, started = self.engine, time.perf_counter()  # prompt time counts the image encodes
         held = sum(im.key in engine.slot_keys for im in request.images)
         slots = engine.claim_slots(request.images)
         if slots is None:
@@ -280,7 +280,7 @@ class Scheduler:
         request.slots = slots
         for stream, seq in zip(request.streams, [first] + others):
             stream.seq = seq
-            stream.record.started = time.perf_counter()
+            stream.record.started = started
             self.busy[seq] = True
         self.running.append(request)
         self.stats["prefix_tokens_reused"] += request.n_evaluated
