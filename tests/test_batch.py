@@ -153,3 +153,15 @@ def test_second_turn_reuses_the_first_turns_cache(model):
     reused = model.scheduler.stats["prefix_tokens_reused"] - before
     assert reused >= len(model.chat_prompt(conv)[0])  # at least the first prompt came from the cache
     assert model.n_decoded - decoded == len(tokens) - reused
+
+
+def test_a_slot_read_by_a_running_request_is_not_overwritten(model, images):
+    request = model.submit([BOS, IMAGE] + model.tokenize("Describe."), images[:1], temperature=0.0, max_tokens=50)
+    model.run_step()  # admitted: its image is in a slot it holds
+    slot = request.slots[0]
+    with pytest.raises(mllama.MllamaError, match=f"image slot {slot} is read by a running generation"):
+        model.encode_pixels(images[1].pixel_values, images[1].aspect_ratio_id, images[1].n_tiles, slot=slot)
+    model.scheduler.cancel(request)
+    model.run_step()
+    assert model.engine.slot_refs[slot] == 0 and model.engine.slot_keys[slot] == images[0].key
+    assert isinstance(request.streams[0].events[-1][1], mllama.GenerationCancelled)

@@ -246,6 +246,8 @@ class Model(Handle, GenerationMixin):
                 slot = self._next_slot
                 self._next_slot = (self._next_slot + 1) % max(1, self._n_slots)
             if 0 <= slot < len(self._engine.slot_keys):
+                if self._engine.slot_refs[slot]:
+                    raise MllamaError(f"image slot {slot} is read by a running generation: choose another slot")
                 self._engine.slot_keys[slot] = None  # the slot no longer holds what the engine put there
             call(lib.mllama_context_encode_image, ctx, slot, ffi.from_buffer("float[]", pixels), pixels.size,
                  int(aspect_ratio_id), int(n_tiles), ffi.from_buffer("float[]", out), out.size)
