@@ -21,6 +21,35 @@ static ggml_tensor * ffn(ggml_context * ctx, const ffn_w & w, ggml_tensor * x) {
     return ggml_mul_mat(ctx, w.down, ggml_mul(ctx, g, ggml_mul_mat(ctx, w.up, x)));  // [n_embd, n]
 }
 
+// Writes each sequence's new K/V rows into its cache cells and attends its queries over its own
+// cells (one attention per sequence part); the outputs in batch order.
+static ggml_tensor * cached_attention(ggml_context * ctx, const mllama_context & c, int il, ggml_tensor * q,
+                                      ggml_tensor * k, ggml_tensor * v, const text_shape & s, const text_inputs & in,
+                                      ggml_cgraph * gf) {
+    const text_hparams & hp = c.model->hp.text;
+    const int64_t hd = hp.n_embd_head;
+    ggml_tensor * ck = c.state.self_k[il], * cv = c.state.self_v[il];
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    ggml_tensor * a = nullptr;
+    for (size_t ip = 0; ip < s.parts->size(); ++ip) {
+        const batch_part & p = (*s.parts)[ip];
+        auto rows = [&](ggml_tensor * t) {  // [hd, heads, n_part]
+            return ggml_view_3d(ctx, t, t->ne[0], t->ne[1], p.n_tokens, t->nb[1], t->nb[2], p.first_row * t->nb[2]);
+        };
+        auto cells = [&](ggml_tensor * cache, int64_t first, int64_t count) {  // [hd, Hkv, count]
+            const int64_t cell = static_cast<int64_t>(p.seq) * c.params.n_ctx + first;
+            return ggml_view_3d(ctx, cache, hd, hp.n_head_kv, count, cache->nb[1], cache->nb[2], cell * cache->nb[2]);
+        };
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, rows(k), cells(ck, p.n_past, p.n_tokens)));
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, rows(v), cells(cv, p.n_past, p.n_tokens)));
+        const int64_t n_kv = p.n_past + p.n_tokens;
+        ggml_tensor * part = attention(ctx, {rows(q), cells(ck, 0, n_kv), cells(cv, 0, n_kv), in.kq_masks[ip],
+                                             scale});  // [n_embd, n_part]
+        a = a ? ggml_concat(ctx, a, part, 1) : part;  // [n_embd, rows so far]
+    }
+    return a;
+}
+
 // ref: MllamaTextSelfAttention.forward: llama3 RoPE (NEOX order), GQA, KV cache.
 static ggml_tensor * self_attention(ggml_context * ctx, const mllama_context & c, int il, ggml_tensor * x,
                                     const text_shape & s, const text_inputs & in, ggml_cgraph * gf,
@@ -40,25 +69,7 @@ static ggml_tensor * self_attention(ggml_context * ctx, const mllama_context & c
     ggml_tensor * q = rope(ggml_reshape_3d(ctx, ggml_mul_mat(ctx, w.wq, x), hd, hp.n_head, n));     // [hd, H, n]
     ggml_tensor * k = rope(ggml_reshape_3d(ctx, ggml_mul_mat(ctx, w.wk, x), hd, hp.n_head_kv, n));  // [hd, Hkv, n]
     ggml_tensor * v = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, w.wv, x), hd, hp.n_head_kv, n);         // [hd, Hkv, n]
-    ggml_tensor * ck = c.state.self_k[il], * cv = c.state.self_v[il];
-    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    ggml_tensor * a = nullptr;
-    for (size_t ip = 0; ip < s.parts->size(); ++ip) {  // each sequence attends to its own cells
-        const batch_part & p = (*s.parts)[ip];
-        auto rows = [&](ggml_tensor * t) {  // [hd, heads, n_part]
-            return ggml_view_3d(ctx, t, t->ne[0], t->ne[1], p.n_tokens, t->nb[1], t->nb[2], p.first_row * t->nb[2]);
-        };
-        auto cells = [&](ggml_tensor * cache, int64_t first, int64_t count) {  // [hd, Hkv, count]
-            const int64_t cell = static_cast<int64_t>(p.seq) * c.params.n_ctx + first;
-            return ggml_view_3d(ctx, cache, hd, hp.n_head_kv, count, cache->nb[1], cache->nb[2], cell * cache->nb[2]);
-        };
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, rows(k), cells(ck, p.n_past, p.n_tokens)));
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, rows(v), cells(cv, p.n_past, p.n_tokens)));
-        const int64_t n_kv = p.n_past + p.n_tokens;
-        ggml_tensor * part = attention(ctx, {rows(q), cells(ck, 0, n_kv), cells(cv, 0, n_kv), in.kq_masks[ip],
-                                             scale});  // [n_embd, n_part]
-        a = a ? ggml_concat(ctx, a, part, 1) : part;  // [n_embd, rows so far]
-    }
+    ggml_tensor * a = cached_attention(ctx, c, il, q, k, v, s, in, gf);  // [n_embd, n]
     return named(ggml_mul_mat(ctx, w.wo, a), prefix, "attn_out");
 }
 
@@ -74,7 +85,8 @@ static ggml_tensor * cross_attention(ggml_context * ctx, const mllama_context & 
     q = rms_norm(ctx, q, w.q_norm, hp.rms_norm_eps);
     const int64_t n_vis = c.state.n_vis;
     const slot_span span = s.slots;
-    ggml_tensor * keys = slot_view(ctx, c.state.cross_k[cross_index], n_vis, span.first, span.count);  // [hd, Hkv, n_keys]
+    ggml_tensor * keys = slot_view(ctx, c.state.cross_k[cross_index], n_vis, span.first,
+                                   span.count);  // [hd, Hkv, span.count * n_vis]
     ggml_tensor * vals = slot_view(ctx, c.state.cross_v[cross_index], n_vis, span.first, span.count);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     const bool small_batch = s.n_tokens <= k_xattn_max_tokens && c.kernels.may_run(cpu_kernel::xattn) &&

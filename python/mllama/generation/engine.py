@@ -170,7 +170,8 @@ class Engine:
               reuse: bool = True) -> int:
         """Point sequence `seq` at a new prompt; returns the tokens its cache keeps (evaluate the rest)."""
         if len(tokens) > self.n_ctx:
-            raise ContextOverflowError(f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx} (n_ctx)")
+            raise ContextOverflowError(
+                f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx} (n_ctx)")
         locs = [i for i, t in enumerate(tokens) if t == self.image_token]
         if len(locs) != len(images):
             raise ValueError(f"the prompt has {len(locs)} <|image|> tokens but {len(images)} images were given")

@@ -29,7 +29,8 @@ class Metrics:
                                      registry=r)
         self.image_hits = Counter("mllama_image_slot_hits", "Images found in an image slot (no encode)", registry=r)
         self.image_cache = Gauge("mllama_image_cache_events", "The image cache's counts since loading (memory_hits, "
-                                 "disk_hits, misses, stores, evictions, bad_files, write_errors)", ["event"], registry=r)
+                                 "disk_hits, misses, stores, evictions, bad_files, write_errors)", ["event"],
+                                 registry=r)
         self.images_encoded = Gauge("mllama_images_encoded", "Images run through the vision tower since loading",
                                     registry=r)
         self.batch_rows = Histogram("mllama_batch_rows", "Rows evaluated per step", registry=r,
