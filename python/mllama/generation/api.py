@@ -15,7 +15,7 @@ from ..text.tokenizer import StreamDecoder
 from . import openai
 from .constrain import Grammar, GrammarState
 from .engine import PreparedImage, prepare_images
-from .constrain import Grammar
+from .logprobs import check as check_logprobs
 from .results import GenerationResult, TextStream
 from .sampling import SamplingParams
 from .scheduler import Request
@@ -93,13 +93,16 @@ class GenerationMixin:
                 raise value
 
     def submit(self, tokens: list[int], images=(), *, n: int = 1, notify=None, grammar=None, response_format=None,
-               **sampling) -> Request:
+               logprobs: bool | None = None, top_logprobs: int | None = None, **sampling) -> Request:
         """Queue a prompt for the batch scheduler (n choices, each constrained by `grammar` or
         `response_format` when given: see compile_grammar); its streams' outboxes receive events as
-        steps run (run_step, or iterate events()). Bad options, images or grammars raise here."""
+        steps run (run_step, or iterate events()). `logprobs`/`top_logprobs` (0..20): each result
+        carries OpenAI's logprobs items (see logprobs.py). Bad options, images or grammars raise here."""
+        top = check_logprobs(logprobs, top_logprobs)
         constraint = self.compile_grammar(grammar, response_format=response_format)
         params, prepared = self.sampling_params(**sampling), self.prepare_images(images)
-        request = Request(list(tokens), prepared, params, self.tokenizer, n=n, notify=notify, grammar=constraint)
+        request = Request(list(tokens), prepared, params, self.tokenizer, n=n, notify=notify, grammar=constraint,
+                          logprobs=top)
         self.scheduler.submit(request)
         return request
 
@@ -196,24 +199,29 @@ class GenerationMixin:
         for i in range(len(request.streams)):
             yield openai.chunk(cid, created, self.name, {"role": "assistant", "content": ""}, None, index=i)
         pending = list(range(len(request.streams)))
+        held: dict[int, list[dict]] = {i: [] for i in pending}  # logprobs items not yet sent, per choice
         try:
             while pending:
                 if not any(request.streams[i].events for i in pending):
                     self.run_step()
                     continue
                 for i in list(pending):
-                    yield from self._choice_chunks(cid, created, request, i, pending)
+                    yield from self._choice_chunks(cid, created, request, i, pending, held[i])
         finally:
             if pending and not self.closed:
                 self.scheduler.cancel(request)
                 self.run_step()
 
-    def _choice_chunks(self, cid: str, created: int, request: Request, i: int, pending: list[int]) -> Iterator[dict]:
+    def _choice_chunks(self, cid: str, created: int, request: Request, i: int, pending: list[int],
+                       held: list[dict]) -> Iterator[dict]:
         events = request.streams[i].events
         while events:
             kind, value = events.popleft()
-            if kind == "text":
-                yield openai.chunk(cid, created, self.name, {"content": value}, None, index=i)
+            if kind == "logprob":
+                held.append(value)
+            elif kind == "text":
+                yield openai.chunk(cid, created, self.name, {"content": value}, None, index=i,
+                                   logprobs=openai.take(held))
             elif kind == "error":
                 pending.remove(i)
                 raise value
@@ -221,5 +229,5 @@ class GenerationMixin:
                 pending.remove(i)
                 usage = value.usage.as_dict() if len(request.streams) == 1 else None
                 yield openai.chunk(cid, created, self.name, {}, value.finish_reason, index=i,
-                                   **({"usage": usage} if usage else {}))
+                                   logprobs=openai.take(held), **({"usage": usage} if usage else {}))
                 return

@@ -19,8 +19,8 @@ def now() -> int:
 def response(cid: str, created: int, model: str, results: GenerationResult | list[GenerationResult]) -> dict:
     """A `chat.completion` object (one choice per result: n > 1 gives several)."""
     results = results if isinstance(results, list) else [results]
-    choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}
-               for i, r in enumerate(results)]
+    choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": logprobs_of(r.logprobs),
+                "finish_reason": r.finish_reason} for i, r in enumerate(results)]
     prompt = results[0].usage.prompt_tokens
     completion = sum(r.usage.completion_tokens for r in results)
     return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
@@ -28,7 +28,40 @@ def response(cid: str, created: int, model: str, results: GenerationResult | lis
 
 
 def chunk(cid: str, created: int, model: str, delta: dict, finish_reason: str | None, index: int = 0,
-          **extra) -> dict:
-    """A `chat.completion.chunk` object (of choice `index`)."""
+          logprobs: list[dict] | None = None, **extra) -> dict:
+    """A `chat.completion.chunk` object (of choice `index`; `logprobs`: the items of its tokens)."""
+    choice = {"index": index, "delta": delta, "logprobs": logprobs_of(logprobs or None), "finish_reason": finish_reason}
     return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}], **extra}
+            "choices": [choice], **extra}
+
+
+def logprobs_of(items: list[dict] | None) -> dict | None:
+    """A choice's `logprobs` object: {"content": items}, or None (not requested)."""
+    return {"content": items} if items is not None else None
+
+
+def take(held: list[dict]) -> list[dict]:
+    """The held logprobs items, emptying the list."""
+    items = held[:]
+    held.clear()
+    return items
+
+
+def text_completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex[:24]}"
+
+
+def text_response(cid: str, created: int, model: str, results: list[GenerationResult]) -> dict:
+    """A `text_completion` object (/v1/completions), one choice per result."""
+    choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+               for i, r in enumerate(results)]
+    prompt = results[0].usage.prompt_tokens
+    completion = sum(r.usage.completion_tokens for r in results)
+    return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+
+
+def text_chunk(cid: str, created: int, model: str, text: str, finish_reason: str | None, index: int) -> dict:
+    """A streamed `text_completion` object: one piece of choice `index`."""
+    return {"id": cid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}

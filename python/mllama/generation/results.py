@@ -38,6 +38,7 @@ class GenerationResult:
     finish_reason: str  # "stop": an end-of-generation token or a stop string; "length": max_tokens or n_ctx
     usage: Usage
     timings: Timings
+    logprobs: list[dict] | None = None  # OpenAI's logprobs items, one per generated token, when requested
 
 
 @dataclass

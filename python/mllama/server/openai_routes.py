@@ -4,7 +4,7 @@ import json
 
 from ..generation import openai
 from .queue import BatchQueue, Reply
-from .requests import RequestError, check_messages, read_json, response_format, sampling
+from .requests import RequestError, check_messages, logprob_options, read_json, response_format, sampling
 
 
 def sse(body: dict) -> str:
@@ -26,7 +26,7 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
         try:
             body = await read_json(request, limits["max_body_bytes"])
             messages = check_messages(body, limits["allow_local_images"])
-            options = {**sampling(body), **response_format(body)}
+            options = {**sampling(body), **response_format(body), **logprob_options(body)}
             n = choices(body)
             replies = await queue.submit(lambda model: model.chat_prompt(messages), options, n=n)
             firsts = [await reply.first() for reply in replies]
@@ -55,13 +55,16 @@ async def events(replies: list[Reply], firsts: list, cid: str, created: int, mod
         for i, (reply, first) in enumerate(zip(replies, firsts)):
             yield sse(openai.chunk(cid, created, model_id, {"role": "assistant", "content": ""}, None, index=i))
             if first:
-                yield sse(openai.chunk(cid, created, model_id, {"content": first}, None, index=i))
+                yield sse(openai.chunk(cid, created, model_id, {"content": first}, None, index=i,
+                                       logprobs=openai.take(reply.held)))
             async for piece in reply:
-                yield sse(openai.chunk(cid, created, model_id, {"content": piece}, None, index=i))
+                yield sse(openai.chunk(cid, created, model_id, {"content": piece}, None, index=i,
+                                       logprobs=openai.take(reply.held)))
             usage = {}
             if include_usage and i == len(replies) - 1:  # usage of every choice, on the last chunk
                 usage = {"usage": openai.response(cid, created, model_id, [r.result for r in replies])["usage"]}
-            yield sse(openai.chunk(cid, created, model_id, {}, reply.result.finish_reason, index=i, **usage))
+            yield sse(openai.chunk(cid, created, model_id, {}, reply.result.finish_reason, index=i,
+                                   logprobs=openai.take(reply.held), **usage))
     except Exception as exc:  # after the headers: report in-band, as OpenAI does
         yield sse({"error": {"message": str(exc)}})
         return
