@@ -3,6 +3,7 @@
 import json
 
 from ..generation import openai
+from ..generation.api import tool_spec
 from .queue import BatchQueue, Reply
 from .requests import RequestError, check_messages, logprob_options, read_json, response_format, sampling
 
@@ -27,17 +28,27 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
             body = await read_json(request, limits["max_body_bytes"])
             messages = check_messages(body, limits["allow_local_images"])
             options = {**sampling(body), **response_format(body), **logprob_options(body)}
-            n = choices(body)
-            replies = await queue.submit(lambda model: model.chat_prompt(messages), options, n=n)
+            spec = tool_spec(body.get("tools"), body.get("tool_choice"), options)
+            tools, n = spec.tools if spec else None, choices(body)
+            replies = await queue.submit(lambda model: model.chat_prompt(messages, tools=tools), options, n=n)
             firsts = [await reply.first() for reply in replies]
         except Exception as exc:
             return error(exc)
         cid, created = openai.completion_id(), openai.now()
-        if not body.get("stream"):
-            for reply in replies:
-                await reply.rest()  # the result holds the whole text, `first` included
-            return openai.response(cid, created, model_id, [reply.result for reply in replies])
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if not body.get("stream") or tools:  # a reply that may be a tool call is streamed once whole
+            try:
+                for reply in replies:
+                    await reply.rest()  # the result holds the whole text, `first` included
+            finally:
+                await replies[0].aclose()
+            whole = openai.response(cid, created, model_id, [reply.result for reply in replies], spec.names if spec else ())
+            if not body.get("stream"):
+                return whole
+            chunks = openai.chunks_of(whole)
+            if not include_usage:
+                del chunks[-1]["usage"]
+            return StreamingResponse(iter([*map(sse, chunks), "data: [DONE]\n\n"]), media_type="text/event-stream")
         return StreamingResponse(events(replies, firsts, cid, created, model_id, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
