@@ -4,6 +4,7 @@ schemas; tools with an image are refused. Model.chat and the server with the off
 
 from __future__ import annotations
 
+import base64
 import json
 
 import jsonschema
@@ -11,7 +12,7 @@ import pytest
 
 import mllama
 from mllama.text.chat_template import default_template, render
-from mllama.text.tools import parse_call
+from mllama.text.tools import call_schema, parse_call
 from test_server import client, data_url, post, start_server
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
@@ -129,3 +130,24 @@ def test_bad_tool_requests(server, extra, fragment):
     body = {"messages": ASK, "max_tokens": 2, **extra}
     status, text = post(server, "/v1/chat/completions", json.dumps(body).encode())
     assert status == 400 and fragment in json.loads(text)["error"]["message"], text
+
+
+def test_ollama_chat_tools_with_the_official_client(server):
+    from ollama import Client
+
+    c = Client(host=server, timeout=120)
+    forced = {"format": call_schema(TOOLS[:1]), "options": {"temperature": 1.0, "seed": 2, "num_predict": 80}}
+    reply = c.chat(model="x", messages=ASK, tools=TOOLS, **forced)  # `format` holds the reply to a call
+    call = reply.message.tool_calls[0]
+    assert reply.done_reason == "stop" and reply.message.content == "" and call.function.name == "get_weather"
+    jsonschema.validate(dict(call.function.arguments), WEATHER)
+    parts = list(c.chat(model="x", messages=ASK, tools=TOOLS, stream=True, **forced))
+    assert [p.message.tool_calls[0].function.name for p in parts if p.message.tool_calls] == ["get_weather"]
+    assert parts[-1].done and not parts[0].done
+    follow = ASK + [{"role": "assistant", "content": "", "tool_calls": [call.model_dump()]},
+                    {"role": "tool", "content": '{"temp": 20}'}]
+    text = c.chat(model="x", messages=follow, tools=TOOLS, options={"temperature": 0, "num_predict": 3})
+    assert text.done and text.message.tool_calls is None and text.eval_count <= 3
+    image = base64.b64decode(data_url().split(",", 1)[1])
+    with pytest.raises(Exception, match="tools cannot be used together with images"):
+        c.chat(model="x", messages=[{"role": "user", "content": "Hi", "images": [image]}], tools=TOOLS)
