@@ -160,13 +160,12 @@ def test_store_errors(era_b, tmp_path, monkeypatch):
 def test_served_from_the_store_it_answers_to_its_ollama_name(era_b, tmp_path, monkeypatch):
     from openai import OpenAI
     from ollama import Client
-    from test_server import start_server
+    from test_server import running
 
     root = make_store(tmp_path / "models", {"application/vnd.ollama.image.model": era_b}, tag="latest")
     monkeypatch.setenv("OLLAMA_MODELS", str(root))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    base, proc = start_server("llama3.2-vision", "--ctx", "256", "--parallel", "1")
-    try:
+    with running("llama3.2-vision", "--ctx", "256", "--parallel", "1") as base:
         c = Client(host=base, timeout=120)
         assert [m.model for m in c.list().models] == ["llama3.2-vision:latest"]
         assert [m.model for m in c.ps().models] == ["llama3.2-vision:latest"]
@@ -179,8 +178,5 @@ def test_served_from_the_store_it_answers_to_its_ollama_name(era_b, tmp_path, mo
         chat = oa.chat.completions.create(model="llama3.2-vision:latest", messages=[{"role": "user", "content": "Hi"}],
                                           max_tokens=2)
         assert chat.model == "llama3.2-vision:latest"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     with mllama.Model("ollama:llama3.2-vision:latest", n_ctx=64) as model:
         assert model.name == "llama3.2-vision:latest" and model.ollama_name == "llama3.2-vision:latest"

@@ -15,7 +15,7 @@ import mllama
 from mllama.cli import build_parser
 from mllama.cli.serve import address
 from mllama.generation.logprobs import log_softmax
-from test_server import client, post, start_server
+from test_server import client, post, running
 
 PROMPT = "<|begin_of_text|>The lighthouse keeper said"
 TEXT_ONLY = [{"role": "user", "content": "Tell me about lighthouses."}]
@@ -23,10 +23,8 @@ TEXT_ONLY = [{"role": "user", "content": "Tell me about lighthouses."}]
 
 @pytest.fixture(scope="module")
 def server(gguf_f32):
-    base, proc = start_server(gguf_f32, "--ctx", "1024", "--parallel", "2")
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    with running(gguf_f32, "--ctx", "1024", "--parallel", "2") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import mllama
 from mllama.text.chat_template import default_template, render
 from mllama.text.tools import call_schema, parse_call
-from test_server import client, data_url, post, start_server
+from test_server import client, data_url, post, running
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
                                             "days": {"type": "integer", "minimum": 1, "maximum": 7}},
@@ -90,10 +90,8 @@ def test_model_chat_forced_auto_and_refused(model):
 
 @pytest.fixture(scope="module")
 def server(gguf_f32):
-    base, proc = start_server(gguf_f32, "--ctx", "1024", "--parallel", "1")
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    with running(gguf_f32, "--ctx", "1024", "--parallel", "1") as base:
+        yield base
 
 
 def test_server_tool_calls_with_the_official_client(server):
