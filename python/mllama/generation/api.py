@@ -30,7 +30,8 @@ def tool_spec(tools, tool_choice, sampling: dict) -> ToolSpec | None:
     if spec is not None and spec.schema is not None:
         if sampling.get("response_format") or sampling.get("grammar"):
             raise ValueError("'tool_choice' forcing a call cannot be combined with 'response_format' or a grammar")
-        sampling["response_format"] = {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": spec.schema}}
+        schema = {"name": "tool_call", "schema": spec.schema}
+        sampling["response_format"] = {"type": "json_schema", "json_schema": schema}
     return spec
 
 

@@ -2,7 +2,7 @@
 Model.generate; or token ids) continued with n choices, streamed as server-sent events or whole."""
 
 from ..generation import openai
-from .openai_routes import choices, sse
+from .openai_routes import choices, results, sse
 from .queue import BatchQueue, Reply
 from .requests import RequestError, read_json, response_format, sampling
 
@@ -65,9 +65,7 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
             return error(exc)
         cid, created = openai.text_completion_id(), openai.now()
         if not body.get("stream"):
-            for reply in replies:
-                await reply.rest()
-            return openai.text_response(cid, created, model_id, [reply.result for reply in replies])
+            return openai.text_response(cid, created, model_id, await results(replies))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return StreamingResponse(events(replies, firsts, cid, created, model_id, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

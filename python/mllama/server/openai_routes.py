@@ -37,20 +37,29 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
         cid, created = openai.completion_id(), openai.now()
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if not body.get("stream") or tools:  # a reply that may be a tool call is streamed once whole
-            try:
-                for reply in replies:
-                    await reply.rest()  # the result holds the whole text, `first` included
-            finally:
-                await replies[0].aclose()
-            whole = openai.response(cid, created, model_id, [reply.result for reply in replies], spec.names if spec else ())
+            whole = openai.response(cid, created, model_id, await results(replies), spec.names if spec else ())
             if not body.get("stream"):
                 return whole
-            chunks = openai.chunks_of(whole)
-            if not include_usage:
-                del chunks[-1]["usage"]
-            return StreamingResponse(iter([*map(sse, chunks), "data: [DONE]\n\n"]), media_type="text/event-stream")
+            return StreamingResponse(iter(whole_events(whole, include_usage)), media_type="text/event-stream")
         return StreamingResponse(events(replies, firsts, cid, created, model_id, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def results(replies: list[Reply]) -> list:
+    """Every choice's GenerationResult once all have ended (a client that goes away stops them)."""
+    try:
+        for reply in replies:
+            await reply.rest()  # the result holds the whole text, `first` included
+    finally:
+        await replies[0].aclose()
+    return [reply.result for reply in replies]
+
+
+def whole_events(whole: dict, include_usage: bool) -> list[str]:
+    chunks = openai.chunks_of(whole)
+    if not include_usage:
+        del chunks[-1]["usage"]
+    return [*map(sse, chunks), "data: [DONE]\n\n"]
 
 
 def choices(body: dict) -> int:
