@@ -155,3 +155,28 @@ def test_store_errors(era_b, tmp_path, monkeypatch):
     monkeypatch.setenv("OLLAMA_MODELS", str(bad))
     with pytest.raises(mllama.ModelLoadError, match="does not match its digest"):
         mllama.Model("ollama:llama3.2-vision:11b")
+
+
+def test_served_from_the_store_it_answers_to_its_ollama_name(era_b, tmp_path, monkeypatch):
+    from openai import OpenAI
+    from ollama import Client
+    from test_server import running
+
+    root = make_store(tmp_path / "models", {"application/vnd.ollama.image.model": era_b}, tag="latest")
+    monkeypatch.setenv("OLLAMA_MODELS", str(root))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with running("llama3.2-vision", "--ctx", "256", "--parallel", "1") as base:
+        c = Client(host=base, timeout=120)
+        assert [m.model for m in c.list().models] == ["llama3.2-vision:latest"]
+        assert [m.model for m in c.ps().models] == ["llama3.2-vision:latest"]
+        assert "vision" in c.show("llama3.2-vision:latest").capabilities
+        reply = c.chat(model="llama3.2-vision:latest", messages=[{"role": "user", "content": "Hi"}],
+                       options={"temperature": 0, "num_predict": 3})
+        assert reply.model == "llama3.2-vision:latest" and reply.done
+        oa = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+        assert [m.id for m in oa.models.list().data] == ["llama3.2-vision:latest"]
+        chat = oa.chat.completions.create(model="llama3.2-vision:latest", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=2)
+        assert chat.model == "llama3.2-vision:latest"
+    with mllama.Model("ollama:llama3.2-vision:latest", n_ctx=64) as model:
+        assert model.name == "llama3.2-vision:latest" and model.ollama_name == "llama3.2-vision:latest"

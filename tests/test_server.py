@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -40,6 +41,17 @@ def start_server(gguf, *flags: str) -> tuple[str, subprocess.Popen]:
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError("the server did not start")
+
+
+@contextmanager
+def running(gguf, *flags: str):
+    """A server (start_server) for the `with` block; its base URL."""
+    base, proc = start_server(gguf, *flags)
+    try:
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

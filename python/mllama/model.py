@@ -28,7 +28,7 @@ from .generation.sampling import SamplingParams
 from .generation.session import Chat
 from .hparams import HParams, from_struct
 from .image.preprocess import ImageConfig, preprocess
-from .ollama_store import resolve
+from .ollama_store import display_name, resolve
 from .settings import Environment, environment, parse_bytes
 from .text.tokenizer import Tokenizer
 
@@ -94,6 +94,9 @@ class Model(Handle, GenerationMixin):
                  log: logging.Logger | None = None):
         env = environment()
         self.path, self.projector = _resolve(path, projector)
+        text = os.fspath(path)
+        is_ollama = isinstance(text, str) and text.startswith("ollama:")
+        self.ollama_name = display_name(text[len("ollama:"):]) if is_ollama else None
         self._log = log or logger
         self._log_handle = ffi.new_handle(self._log)
         strings = _CStrings()
@@ -308,7 +311,9 @@ class Model(Handle, GenerationMixin):
 
     @property
     def name(self) -> str:
-        return self.meta_string("general.name") or self.path.stem
+        """The Ollama name (NAME:TAG) of a model loaded as "ollama:NAME[:TAG]", else the file's general.name
+        or its file name."""
+        return self.ollama_name or self.meta_string("general.name") or self.path.stem
 
     @cached_property
     def tokenizer(self) -> Tokenizer:

@@ -23,6 +23,12 @@ def store_root() -> Path:
     return Path(env) if env else Path.home() / ".ollama" / "models"
 
 
+def display_name(reference: str) -> str:
+    """The name Ollama lists a model under: NAME:TAG, the tag `latest` when none is given."""
+    name, _, tag = reference.partition(":")
+    return f"{name}:{tag or 'latest'}"
+
+
 def manifest_path(root: Path, reference: str) -> Path:
     name, _, tag = reference.partition(":")
     tag = tag or "latest"

@@ -1,21 +1,26 @@
-"""`mllama serve`: the OpenAI-compatible (and Ollama /api/chat) HTTP server. Needs the `server` extra."""
+"""`mllama serve`: the OpenAI-compatible and Ollama-compatible HTTP server. Needs the `server` extra."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import socket
 import sys
 
 from .._native.errors import MllamaError
 from ..server import serve
 from .common import add_model_flags, human, load_model
 
+OLLAMA_PORT = 11434
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs: pip install mllama[server])")
+    p = sub.add_parser("serve", help="OpenAI- and Ollama-compatible HTTP server (needs: pip install mllama[server])")
     add_model_flags(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=None, help=f"port (default 8080; {OLLAMA_PORT} with --ollama)")
+    p.add_argument("--ollama", action="store_true",
+                   help=f"bind Ollama's default address (127.0.0.1:{OLLAMA_PORT}) so Ollama's clients work unchanged")
     p.add_argument("--allow-local-images", action="store_true", help="accept image_url parts naming local files")
     p.add_argument("--parallel", type=int, default=None,
                    help="requests generated together, each with its own n_ctx cache (default: up to 4, as many as "
@@ -25,16 +30,37 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def address(args: argparse.Namespace) -> tuple[str, int]:
+    """The host and port to bind: the flags given, else 127.0.0.1 and 8080 (11434 with --ollama)."""
+    port = args.port if args.port is not None else OLLAMA_PORT if args.ollama else 8080
+    return args.host or "127.0.0.1", port
+
+
+def check_port(host: str, port: int, ollama: bool) -> None:
+    """Fails with a clear message when the address cannot be bound (checked before the model loads)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            hint = " (Ollama itself may be running: stop it, or pass --port)" if ollama or port == OLLAMA_PORT else ""
+            raise MllamaError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:  # the `server` extra
         raise MllamaError(f"the server needs {' and '.join(missing)}: pip install 'mllama[server]'")
     if args.parallel is not None and args.parallel < 1:
         raise MllamaError("--parallel must be at least 1")
+    host, port = address(args)
+    check_port(host, port, args.ollama)
     with load_model(args, n_seq_max=args.parallel or "auto") as model:
         kv = model.memory()["kv_cache"]
-        print(f"mllama serve: {model.name} on http://{args.host}:{args.port}/v1, {model.n_seq_max} requests at a time "
-              f"({human(kv)} of KV cache for {model.n_ctx} tokens each; Ctrl-C to stop)", file=sys.stderr)
-        serve(model, host=args.host, port=args.port, max_queue=args.max_queue, max_body_bytes=args.max_body * 2**20,
+        print(f"mllama serve: {model.name} on http://{host}:{port} (OpenAI /v1, Ollama /api), {model.n_seq_max} "
+              f"requests at a time ({human(kv)} of KV cache for {model.n_ctx} tokens each; Ctrl-C to stop)",
+              file=sys.stderr)
+        serve(model, host=host, port=port, max_queue=args.max_queue, max_body_bytes=args.max_body * 2**20,
               allow_local_images=args.allow_local_images)
     return 0

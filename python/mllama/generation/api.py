@@ -12,13 +12,27 @@ import numpy as np
 from .._native.errors import MllamaError
 from ..text.chat_template import default_template, normalize, render_segments
 from ..text.tokenizer import StreamDecoder
+from ..text.tools import ToolSpec
+from ..text.tools import resolve as resolve_tools
 from . import openai
 from .constrain import Grammar, GrammarState
 from .engine import PreparedImage, prepare_images
-from .constrain import Grammar
+from .logprobs import check as check_logprobs
 from .results import GenerationResult, TextStream
 from .sampling import SamplingParams
 from .scheduler import Request
+
+
+def tool_spec(tools, tool_choice, sampling: dict) -> ToolSpec | None:
+    """A request's tools (see text/tools.py); a forced call constrains the reply to the call's schema,
+    in `sampling` (which must then hold no other constraint)."""
+    spec = resolve_tools(tools, tool_choice)
+    if spec is not None and spec.schema is not None:
+        if sampling.get("response_format") or sampling.get("grammar"):
+            raise ValueError("'tool_choice' forcing a call cannot be combined with 'response_format' or a grammar")
+        schema = {"name": "tool_call", "schema": spec.schema}
+        sampling["response_format"] = {"type": "json_schema", "json_schema": schema}
+    return spec
 
 
 class GenerationMixin:
@@ -57,11 +71,17 @@ class GenerationMixin:
             return self._engine.memory()
 
     # --- prompts ----------------------------------------------------------------------------
-    def chat_prompt(self, messages: list[dict], *, add_generation_prompt: bool = True) -> tuple[list[int], list[Any]]:
-        """Token ids and images of a conversation rendered with the model's chat template."""
+    def chat_prompt(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> tuple[list[int], list[Any]]:
+        """Token ids and images of a conversation rendered with the model's chat template (with `tools`:
+        OpenAI's tool list, shown to the model as the template does; text-only turns)."""
         conv = normalize(messages)
+        if tools is not None and conv.images:
+            raise ValueError("tools cannot be used together with images (Llama 3.2 Vision supports tool calls "
+                             "in text-only conversations): drop the images or 'tools'")
         bos = self.tokenizer.decode([self.hparams.bos_token_id])
-        segments = render_segments(self.chat_template, conv, bos_token=bos, add_generation_prompt=add_generation_prompt)
+        segments = render_segments(self.chat_template, conv, bos_token=bos, add_generation_prompt=add_generation_prompt,
+                                   tools=tools)
         tokens: list[int] = []
         for text, user in segments:
             tokens += self.tokenizer.encode(text, allow_special=not user)
@@ -93,13 +113,16 @@ class GenerationMixin:
                 raise value
 
     def submit(self, tokens: list[int], images=(), *, n: int = 1, notify=None, grammar=None, response_format=None,
-               **sampling) -> Request:
+               logprobs: bool | None = None, top_logprobs: int | None = None, **sampling) -> Request:
         """Queue a prompt for the batch scheduler (n choices, each constrained by `grammar` or
         `response_format` when given: see compile_grammar); its streams' outboxes receive events as
-        steps run (run_step, or iterate events()). Bad options, images or grammars raise here."""
+        steps run (run_step, or iterate events()). `logprobs`/`top_logprobs` (0..20): each result
+        carries OpenAI's logprobs items (see logprobs.py). Bad options, images or grammars raise here."""
+        top = check_logprobs(logprobs, top_logprobs)
         constraint = self.compile_grammar(grammar, response_format=response_format)
         params, prepared = self.sampling_params(**sampling), self.prepare_images(images)
-        request = Request(list(tokens), prepared, params, self.tokenizer, n=n, notify=notify, grammar=constraint)
+        request = Request(list(tokens), prepared, params, self.tokenizer, n=n, notify=notify, grammar=constraint,
+                          logprobs=top)
         self.scheduler.submit(request)
         return request
 
@@ -174,14 +197,18 @@ class GenerationMixin:
         response = self.chat([{"role": "user", "content": content}], **sampling)
         return response["choices"][0]["message"]["content"]
 
-    def chat(self, messages: list[dict], *, stream: bool = False, n: int = 1, **sampling):
+    def chat(self, messages: list[dict], *, stream: bool = False, n: int = 1, tools=None, tool_choice=None, **sampling):
         """An OpenAI-shaped chat completion with n choices (or, with stream=True, an iterator of chunks).
-        `response_format`/`grammar` constrain the reply: see compile_grammar."""
-        tokens, images = self.chat_prompt(messages)
+        `response_format`/`grammar` constrain the reply: see compile_grammar. `tools`/`tool_choice`
+        (text-only turns): a reply that calls a tool comes back as `tool_calls` (streamed once whole)."""
+        spec = tool_spec(tools, tool_choice, sampling)
+        tokens, images = self.chat_prompt(messages, tools=spec.tools if spec else None)
         cid, created = openai.completion_id(), openai.now()
-        if stream:
+        if stream and not (spec and spec.tools):
             return self._chat_chunks(cid, created, self.submit(tokens, images, n=n, **sampling))
-        return openai.response(cid, created, self.name, self.results([self.submit(tokens, images, n=n, **sampling)])[0])
+        results = self.results([self.submit(tokens, images, n=n, **sampling)])[0]
+        whole = openai.response(cid, created, self.name, results, spec.names if spec else ())
+        return iter(openai.chunks_of(whole)) if stream else whole
 
     def chat_many(self, conversations: list[list[dict]], **sampling) -> list[dict]:
         """Chat completions for several conversations at once, evaluated together in batches (as many
@@ -196,24 +223,29 @@ class GenerationMixin:
         for i in range(len(request.streams)):
             yield openai.chunk(cid, created, self.name, {"role": "assistant", "content": ""}, None, index=i)
         pending = list(range(len(request.streams)))
+        held: dict[int, list[dict]] = {i: [] for i in pending}  # logprobs items not yet sent, per choice
         try:
             while pending:
                 if not any(request.streams[i].events for i in pending):
                     self.run_step()
                     continue
                 for i in list(pending):
-                    yield from self._choice_chunks(cid, created, request, i, pending)
+                    yield from self._choice_chunks(cid, created, request, i, pending, held[i])
         finally:
             if pending and not self.closed:
                 self.scheduler.cancel(request)
                 self.run_step()
 
-    def _choice_chunks(self, cid: str, created: int, request: Request, i: int, pending: list[int]) -> Iterator[dict]:
+    def _choice_chunks(self, cid: str, created: int, request: Request, i: int, pending: list[int],
+                       held: list[dict]) -> Iterator[dict]:
         events = request.streams[i].events
         while events:
             kind, value = events.popleft()
-            if kind == "text":
-                yield openai.chunk(cid, created, self.name, {"content": value}, None, index=i)
+            if kind == "logprob":
+                held.append(value)
+            elif kind == "text":
+                yield openai.chunk(cid, created, self.name, {"content": value}, None, index=i,
+                                   logprobs=openai.take(held))
             elif kind == "error":
                 pending.remove(i)
                 raise value
@@ -221,5 +253,5 @@ class GenerationMixin:
                 pending.remove(i)
                 usage = value.usage.as_dict() if len(request.streams) == 1 else None
                 yield openai.chunk(cid, created, self.name, {}, value.finish_reason, index=i,
-                                   **({"usage": usage} if usage else {}))
+                                   logprobs=openai.take(held), **({"usage": usage} if usage else {}))
                 return

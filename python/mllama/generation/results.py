@@ -3,7 +3,7 @@ request gets its own objects; nothing about a request is left on the model."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 
@@ -38,6 +38,7 @@ class GenerationResult:
     finish_reason: str  # "stop": an end-of-generation token or a stop string; "length": max_tokens or n_ctx
     usage: Usage
     timings: Timings
+    logprobs: list[dict] | None = field(default=None, hash=False)  # OpenAI's items, one per token, when asked
 
 
 @dataclass

@@ -19,6 +19,7 @@ import numpy as np
 from .._native.errors import GenerationCancelled, MllamaError
 from ..text.tokenizer import StreamDecoder
 from .constrain import Grammar
+from .logprobs import entry as logprob_entry
 from .engine import Engine, Part, PreparedImage
 from .results import GenerationResult, RunRecord, Timings, Usage
 from .sampling import SamplingParams, find_stop, sample
@@ -37,6 +38,8 @@ class Stream:
         self.next_token: int | None = None  # sampled, evaluated at the next step
         self.record = RunRecord(prompt_tokens=len(request.tokens))
         self.decoder, self.pending, self.text = StreamDecoder(tokenizer), "", []
+        self.tokenizer = tokenizer
+        self.logprobs: list[dict] | None = [] if request.logprobs is not None else None  # OpenAI's items
         self.grammar = request.grammar.start() if request.grammar is not None else None  # its own state
         self.events: deque = deque()
         self.done = False
@@ -71,7 +74,7 @@ class Stream:
         self.record.finish_reason = "stop" if reason == "stop_string" else reason
         if self.pending:
             self._send(self.pending)
-        self.emit("result", result_of("".join(self.text), self.record))
+        self.emit("result", result_of("".join(self.text), self.record, self.logprobs))
         self.done = True
 
 
@@ -79,13 +82,15 @@ class Request:
     """A prompt (tokens and prepared images) to answer with n choices."""
 
     def __init__(self, tokens: list[int], images: list[PreparedImage], params: SamplingParams, tokenizer,
-                 n: int = 1, notify: Callable[[], None] | None = None, grammar: Grammar | None = None):
+                 n: int = 1, notify: Callable[[], None] | None = None, grammar: Grammar | None = None,
+                 logprobs: int | None = None):
         if not tokens:
             raise ValueError("cannot evaluate an empty prompt")
         if n < 1:
             raise ValueError("n must be at least 1")
         self.tokens, self.images, self.params, self.notify = list(tokens), list(images), params, notify
         self.grammar = grammar
+        self.logprobs = logprobs  # None: off; else how many alternatives to report per token
         self.streams = [Stream(self, i, tokenizer) for i in range(n)]
         self.slots: list[int] = []
         self.n_evaluated = 0          # prompt tokens in the first stream's cache
@@ -103,12 +108,12 @@ class Request:
                 s.done = True
 
 
-def result_of(text: str, record: RunRecord) -> GenerationResult:
+def result_of(text: str, record: RunRecord, logprobs: list[dict] | None = None) -> GenerationResult:
     end = time.perf_counter()
     first = record.first_token if record.first_token is not None else end
     started = record.started or first
     return GenerationResult(text, record.finish_reason, Usage(record.prompt_tokens, record.completion_tokens),
-                            Timings(prompt_s=first - started, generate_s=end - first))
+                            Timings(prompt_s=first - started, generate_s=end - first), logprobs)
 
 
 class Scheduler:
@@ -224,6 +229,9 @@ class Scheduler:
         except ValueError as exc:  # the grammar allows nothing, or an llguidance limit
             self._close(request, exc)
             return
+        if s.logprobs is not None:  # from the raw logits (see logprobs.py)
+            s.logprobs.append(logprob_entry(logits, token, request.logprobs, s.tokenizer))
+            s.emit("logprob", s.logprobs[-1])
         s.record.completion_tokens += 1
         self.stats["generated_tokens"] += 1
         s.history.append(token)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import ollama_routes, openai_routes
+from . import completions_routes, ollama_routes, openai_routes
 from .metrics import Metrics
 from .queue import BatchQueue
 from .requests import error_body
@@ -37,6 +37,7 @@ def create_app(model, *, max_queue: int = 8, max_body_bytes: int = 32 * 1024 * 1
         return Response(body, media_type=content_type)
 
     openai_routes.register(app, queue, model_id, limits, error)
+    completions_routes.register(app, queue, model_id, limits, error)
     ollama_routes.register(app, queue, model_id, limits, error)
     return app
 

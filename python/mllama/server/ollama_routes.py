@@ -8,6 +8,8 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 from .._version import __version__
+from ..generation.api import tool_spec
+from ..text.tools import parse_call
 from ..generation.results import GenerationResult
 from .queue import BatchQueue, Reply
 from .requests import RequestError, check_messages, from_ollama, read_json, sampling
@@ -69,10 +71,18 @@ def model_card(model) -> dict:
             "bytes_weights": info["n_bytes_weights"], "on_gpu": info["device"].lower() != "cpu", "n_ctx": model.n_ctx}
 
 
-def line(model_id: str, created: str, key: str, content: str, closing: dict | None) -> str:
+def line(model_id: str, created: str, key: str, content: str, closing: dict | None, calls: list | None = None) -> str:
     item: dict = {"model": model_id, "created_at": created, "done": closing is not None}
-    item.update({"message": {"role": "assistant", "content": content}} if key == "message" else {"response": content})
+    message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+    item.update({"message": message} if key == "message" else {"response": content})
     return json.dumps({**item, **(closing or {})}) + "\n"
+
+
+def tool_calls(text: str, names: tuple) -> list | None:
+    """Ollama's tool_calls (arguments as an object) for a reply that calls one of `names`."""
+    calls = parse_call(text, names) if names else None
+    return [{"function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
+            for c in calls] if calls else None
 
 
 def generate_prompt(body: dict):
@@ -102,22 +112,30 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
         started = time.perf_counter()
         try:
             body = await read_json(request, limits["max_body_bytes"])
+            opts = {**options(body), **output_format(body)}
+            spec = tool_spec(body.get("tools"), None, opts) if key == "message" else None
+            tools, names = (spec.tools, spec.names) if spec else (None, ())
             if key == "message":
                 messages = [from_ollama(m) for m in check_messages(body, limits["allow_local_images"])]
-                prompt = lambda model: model.chat_prompt(messages)  # noqa: E731
+                prompt = lambda model: model.chat_prompt(messages, tools=tools)  # noqa: E731
             elif not body.get("prompt") and not body.get("images"):  # Ollama's way to load a model
                 return JSONResponse(json.loads(line(model_id, now_iso(), key, "", {"done_reason": "load"})))
             else:
                 prompt = generate_prompt(body)
-            reply, = await queue.submit(prompt, {**options(body), **output_format(body)})
+            reply, = await queue.submit(prompt, opts)
             first = await reply.first()
         except Exception as exc:
             return error(exc)
         created = now_iso()
-        if body.get("stream", True) is False:
+        if body.get("stream", True) is False or tools:  # a reply that may be a tool call is sent once whole
             await reply.rest()
-            closing = final_fields(reply.result, started)
-            return JSONResponse(json.loads(line(model_id, created, key, reply.result.text, closing)))
+            closing, text = final_fields(reply.result, started), reply.result.text
+            calls = tool_calls(text, names)
+            text = "" if calls else text
+            if body.get("stream", True) is False:
+                return JSONResponse(json.loads(line(model_id, created, key, text, closing, calls)))
+            lines = [line(model_id, created, key, text, None, calls), line(model_id, created, key, "", closing)]
+            return StreamingResponse(iter(lines), media_type="application/x-ndjson")
         return StreamingResponse(ndjson(reply, first, model_id, created, key, started),
                                  media_type="application/x-ndjson")
 
@@ -140,7 +158,7 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
     @app.post("/api/show")
     async def show():
         return {"modelfile": "", "parameters": "", "template": card["template"], "details": card["details"],
-                "model_info": card["model_info"], "capabilities": ["completion", "vision"],
+                "model_info": card["model_info"], "capabilities": ["completion", "vision", "tools"],
                 "modified_at": card["modified_at"]}
 
     @app.get("/api/ps")

@@ -3,8 +3,9 @@
 import json
 
 from ..generation import openai
+from ..generation.api import tool_spec
 from .queue import BatchQueue, Reply
-from .requests import RequestError, check_messages, read_json, response_format, sampling
+from .requests import RequestError, check_messages, logprob_options, read_json, response_format, sampling
 
 
 def sse(body: dict) -> str:
@@ -26,20 +27,39 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
         try:
             body = await read_json(request, limits["max_body_bytes"])
             messages = check_messages(body, limits["allow_local_images"])
-            options = {**sampling(body), **response_format(body)}
-            n = choices(body)
-            replies = await queue.submit(lambda model: model.chat_prompt(messages), options, n=n)
+            options = {**sampling(body), **response_format(body), **logprob_options(body)}
+            spec = tool_spec(body.get("tools"), body.get("tool_choice"), options)
+            tools, n = spec.tools if spec else None, choices(body)
+            replies = await queue.submit(lambda model: model.chat_prompt(messages, tools=tools), options, n=n)
             firsts = [await reply.first() for reply in replies]
         except Exception as exc:
             return error(exc)
         cid, created = openai.completion_id(), openai.now()
-        if not body.get("stream"):
-            for reply in replies:
-                await reply.rest()  # the result holds the whole text, `first` included
-            return openai.response(cid, created, model_id, [reply.result for reply in replies])
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if not body.get("stream") or tools:  # a reply that may be a tool call is streamed once whole
+            whole = openai.response(cid, created, model_id, await results(replies), spec.names if spec else ())
+            if not body.get("stream"):
+                return whole
+            return StreamingResponse(iter(whole_events(whole, include_usage)), media_type="text/event-stream")
         return StreamingResponse(events(replies, firsts, cid, created, model_id, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def results(replies: list[Reply]) -> list:
+    """Every choice's GenerationResult once all have ended (a client that goes away stops them)."""
+    try:
+        for reply in replies:
+            await reply.rest()  # the result holds the whole text, `first` included
+    finally:
+        await replies[0].aclose()
+    return [reply.result for reply in replies]
+
+
+def whole_events(whole: dict, include_usage: bool) -> list[str]:
+    chunks = openai.chunks_of(whole)
+    if not include_usage:
+        del chunks[-1]["usage"]
+    return [*map(sse, chunks), "data: [DONE]\n\n"]
 
 
 def choices(body: dict) -> int:
@@ -55,13 +75,16 @@ async def events(replies: list[Reply], firsts: list, cid: str, created: int, mod
         for i, (reply, first) in enumerate(zip(replies, firsts)):
             yield sse(openai.chunk(cid, created, model_id, {"role": "assistant", "content": ""}, None, index=i))
             if first:
-                yield sse(openai.chunk(cid, created, model_id, {"content": first}, None, index=i))
+                yield sse(openai.chunk(cid, created, model_id, {"content": first}, None, index=i,
+                                       logprobs=openai.take(reply.held)))
             async for piece in reply:
-                yield sse(openai.chunk(cid, created, model_id, {"content": piece}, None, index=i))
+                yield sse(openai.chunk(cid, created, model_id, {"content": piece}, None, index=i,
+                                       logprobs=openai.take(reply.held)))
             usage = {}
             if include_usage and i == len(replies) - 1:  # usage of every choice, on the last chunk
                 usage = {"usage": openai.response(cid, created, model_id, [r.result for r in replies])["usage"]}
-            yield sse(openai.chunk(cid, created, model_id, {}, reply.result.finish_reason, index=i, **usage))
+            yield sse(openai.chunk(cid, created, model_id, {}, reply.result.finish_reason, index=i,
+                                   logprobs=openai.take(reply.held), **usage))
     except Exception as exc:  # after the headers: report in-band, as OpenAI does
         yield sse({"error": {"message": str(exc)}})
         return

@@ -16,10 +16,12 @@ from .requests import RequestError
 
 
 class Reply:
-    """The async stream of one choice's text pieces; `result` is set once it has ended normally."""
+    """The async stream of one choice's text pieces; `result` is set once it has ended normally.
+    `held` gathers the logprobs items (when requested) of the tokens not yet sent."""
 
     def __init__(self, queue: "BatchQueue", request: Request, stream: Stream, wake: asyncio.Event):
         self.result: GenerationResult | None = None
+        self.held: list[dict] = []
         self._queue, self._request, self._stream, self._wake = queue, request, stream, wake
         self._ended = False
 
@@ -36,7 +38,9 @@ class Reply:
             kind, value = self._stream.events.popleft()
             if kind == "text":
                 return value
-            if kind == "result":
+            if kind == "logprob":
+                self.held.append(value)
+            elif kind == "result":
                 self.result, self._ended = value, True
                 self._queue.metrics.finished(value)
             elif kind == "error":

@@ -7,6 +7,7 @@ import base64
 import json
 
 from .._native.errors import ContextOverflowError, ImageError, TemplateError
+from ..generation.logprobs import check as check_logprobs
 
 SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "max_tokens", "max_completion_tokens", "stop", "seed",
                  "presence_penalty", "frequency_penalty", "repeat_penalty"}
@@ -44,6 +45,15 @@ def response_format(body: dict) -> dict:
     if not isinstance(value, dict):
         raise RequestError(400, "'response_format' must be an object")
     return {"response_format": value}
+
+
+def logprob_options(body: dict) -> dict:
+    """OpenAI's `logprobs` and `top_logprobs` as the model's keywords ({} when off), checked (400)."""
+    try:
+        top = check_logprobs(body.get("logprobs"), body.get("top_logprobs"))
+    except ValueError as exc:
+        raise RequestError(400, str(exc)) from None
+    return {} if top is None else {"logprobs": True, "top_logprobs": top}
 
 
 def check_messages(body: dict, allow_local_images: bool) -> list[dict]:

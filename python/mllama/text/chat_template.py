@@ -12,6 +12,7 @@ strings typed by a user as ordinary text.
 from __future__ import annotations
 
 import base64
+import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,12 +21,20 @@ from importlib.resources import files
 from typing import Any
 
 from .._native.errors import TemplateError
+from .tools import template_message
 
 _MARK = re.compile("\ue000(\\d+)\ue001")
 
 
 def default_template() -> str:
     return files("mllama").joinpath("data/llama32_vision_instruct.jinja").read_text()
+
+
+def tojson(value, indent=None, separators=None, sort_keys=False, ensure_ascii=False) -> str:
+    """JSON as Hugging Face's templates write it (keys in their order, not HTML-escaped); "<|" is written
+    "<\\u007c" (the same JSON) so that no special token can come out of data (tools, tool results)."""
+    text = json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
+    return text.replace("<|", "<\\u007c")
 
 
 @lru_cache(maxsize=8)
@@ -37,6 +46,7 @@ def _compile(source: str):
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = tojson
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
 
@@ -75,6 +85,11 @@ def normalize(messages: list[dict]) -> Conversation:
         if not isinstance(message, dict) or "role" not in message:
             raise ValueError(f"message {i} must be a dict with a 'role'")
         role, content = message["role"], message.get("content", "")
+        if role == "tool" or message.get("tool_calls"):
+            conv.messages.append(template_message(message, i))
+            continue
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            content = "".join(str(p.get("text", "")) for p in content)  # text parts only: one string
         parts: list[dict] = []
         for image in message.get("images", []) or []:  # Ollama style: images come first
             conv.images.append(image)
@@ -108,11 +123,13 @@ def normalize(messages: list[dict]) -> Conversation:
 
 
 def render_segments(template: str, conv: Conversation, *, bos_token: str, add_generation_prompt: bool = True,
-                    date_string: str | None = None) -> list[tuple[str, bool]]:
-    """The rendered prompt as (text, is_user_text) segments."""
+                    date_string: str | None = None, tools: list[dict] | None = None) -> list[tuple[str, bool]]:
+    """The rendered prompt as (text, is_user_text) segments (`tools`: OpenAI's, shown to the model)."""
     from jinja2 import TemplateError as JinjaError
 
     kwargs = {"messages": conv.messages, "bos_token": bos_token, "add_generation_prompt": add_generation_prompt}
+    if tools is not None:
+        kwargs["tools"] = tools
     if date_string is not None:
         kwargs["date_string"] = date_string
     try:

@@ -1,0 +1,92 @@
+"""OpenAI's /v1/completions: a raw prompt (a string, special tokens allowed and no BOS added, as
+Model.generate; or token ids) continued with n choices, streamed as server-sent events or whole."""
+
+from ..generation import openai
+from .openai_routes import choices, results, sse
+from .queue import BatchQueue, Reply
+from .requests import RequestError, read_json, response_format, sampling
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
+
+
+def unsupported(body: dict) -> None:
+    """Options this server does not implement: 400 rather than silently different output."""
+    if body.get("echo"):
+        raise RequestError(400, "'echo': true is not supported")
+    if body.get("suffix"):
+        raise RequestError(400, "'suffix' is not supported")
+    if body.get("logprobs") is not None:
+        raise RequestError(400, "'logprobs' is not supported on /v1/completions (it is on /v1/chat/completions)")
+    if body.get("logit_bias"):
+        raise RequestError(400, "'logit_bias' is not supported")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != body.get("n", 1):
+        raise RequestError(400, "'best_of' is not supported (other than equal to 'n')")
+
+
+def prompt_of(body: dict):
+    """The prompt as a callable giving (tokens, images): a string, token ids, or a list of one of those."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str) and prompt:
+        return lambda model: (model.tokenize(prompt, special=True), [])
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return lambda model: (checked_tokens(prompt, model.tokenizer.n_vocab), [])
+    raise RequestError(400, "'prompt' must be a non-empty string or a non-empty list of token ids (one prompt)")
+
+
+def checked_tokens(tokens: list[int], n_vocab: int) -> list[int]:
+    bad = [t for t in tokens if not 0 <= t < n_vocab]
+    if bad:
+        raise RequestError(400, f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
+    return tokens
+
+
+def options(body: dict) -> dict:
+    """Sampling options (max_tokens 16 unless given, as OpenAI) and response_format."""
+    return {"max_tokens": DEFAULT_MAX_TOKENS, **sampling(body), **response_format(body)}
+
+
+def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None:
+    # FastAPI reads the routes' annotations at run time: no postponed annotations in this module
+    from fastapi import Request
+    from fastapi.responses import StreamingResponse
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        try:
+            body = await read_json(request, limits["max_body_bytes"])
+            unsupported(body)
+            prompt, opts, n = prompt_of(body), options(body), choices(body)
+            replies = await queue.submit(prompt, opts, n=n)
+            firsts = [await reply.first() for reply in replies]
+        except Exception as exc:
+            return error(exc)
+        cid, created = openai.text_completion_id(), openai.now()
+        if not body.get("stream"):
+            return openai.text_response(cid, created, model_id, await results(replies))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(events(replies, firsts, cid, created, model_id, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def events(replies: list[Reply], firsts: list, cid: str, created: int, model_id: str, include_usage: bool):
+    """Each choice's pieces in turn, its finish_reason on its last chunk; then usage (when asked) in a
+    chunk without choices, as OpenAI sends it."""
+    try:
+        for i, (reply, first) in enumerate(zip(replies, firsts)):
+            if first:
+                yield sse(openai.text_chunk(cid, created, model_id, first, None, i))
+            async for piece in reply:
+                yield sse(openai.text_chunk(cid, created, model_id, piece, None, i))
+            yield sse(openai.text_chunk(cid, created, model_id, "", reply.result.finish_reason, i))
+        if include_usage:
+            usage = openai.text_response(cid, created, model_id, [r.result for r in replies])["usage"]
+            yield sse({**openai.text_chunk(cid, created, model_id, "", None, 0), "choices": [], "usage": usage})
+    except Exception as exc:  # after the headers: report in-band, as OpenAI does
+        yield sse({"error": {"message": str(exc)}})
+        return
+    finally:
+        await replies[0].aclose()
+    yield "data: [DONE]\n\n"

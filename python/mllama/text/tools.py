@@ -1,0 +1,109 @@
+"""Tool calls for text-only turns, in the Llama 3.x JSON format the chat template defines: the tools
+go into the first user message, the model answers {"name": ..., "parameters": {...}}, earlier calls are
+rendered back from `tool_calls` and results from `tool` messages. Llama 3.2 Vision does not support
+tools together with images (its model card): that combination is refused."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """What a request's `tools`/`tool_choice` mean: the tools shown to the model (None: none), the
+    names a reply may call, and the JSON schema that forces a call (None: the model may answer in text)."""
+    tools: list[dict] | None
+    names: tuple[str, ...]
+    schema: dict | None
+
+
+def resolve(tools, tool_choice) -> ToolSpec | None:
+    """OpenAI's `tools` and `tool_choice`, checked (ValueError with the reason); None without tools."""
+    if tools is None or tools == []:
+        if tool_choice not in (None, "none", "auto"):
+            raise ValueError("'tool_choice' needs 'tools'")
+        return None
+    if not isinstance(tools, list):
+        raise ValueError("'tools' must be a list")
+    names = tuple(function_name(t, i) for i, t in enumerate(tools))
+    if len(set(names)) != len(names):
+        raise ValueError("the names in 'tools' must be distinct")
+    if tool_choice in (None, "auto"):
+        return ToolSpec(tools, names, None)
+    if tool_choice == "none":
+        return ToolSpec(None, (), None)
+    if tool_choice == "required":
+        return ToolSpec(tools, names, call_schema(tools))
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+        name = (tool_choice.get("function") or {}).get("name")
+        if name not in names:
+            raise ValueError(f"'tool_choice' names a function not in 'tools': {name!r}")
+        return ToolSpec(tools, (name,), call_schema([tools[names.index(name)]]))
+    raise ValueError("'tool_choice' must be \"none\", \"auto\", \"required\" or "
+                     "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+
+
+def function_name(tool, i: int) -> str:
+    if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+        raise ValueError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}")
+    name = tool["function"].get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"tools[{i}].function.name must be a non-empty string")
+    params = tool["function"].get("parameters")
+    if params is not None and not isinstance(params, dict):
+        raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+    return name
+
+
+def call_schema(tools: list[dict]) -> dict:
+    """The JSON schema of a call of one of `tools` in the template's format."""
+    calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                               "parameters": t["function"].get("parameters") or {"type": "object"}},
+              "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+def parse_call(text: str, names: tuple[str, ...]) -> list[dict] | None:
+    """OpenAI's `tool_calls` for a reply that is one call of a known tool; None for a text reply."""
+    body = text.strip().removeprefix("<|python_tag|>").strip()
+    if not body.startswith("{"):
+        return None
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    args = value.get("parameters", value.get("arguments")) if isinstance(value, dict) else None
+    if not isinstance(args, dict) or value.get("name") not in names:
+        return None
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": value["name"], "arguments": json.dumps(args)}}]
+
+
+def template_message(message: dict, i: int) -> dict:
+    """A `tool` message or an assistant message with `tool_calls` as the template reads them: a tool
+    result that is JSON is passed as its value, a call's arguments as an object."""
+    if message.get("role") == "tool":
+        content = message.get("content")
+        if isinstance(content, list):  # text parts
+            content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        try:
+            value = json.loads(content) if isinstance(content, str) else content
+        except ValueError:
+            value = content
+        return {"role": "tool", "content": value if isinstance(value, (dict, list)) else str(content)}
+    calls = message["tool_calls"]
+    if not isinstance(calls, list) or len(calls) != 1:
+        raise ValueError(f"message {i}: this model takes exactly one tool call per assistant message")
+    function = calls[0].get("function") if isinstance(calls[0], dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or "<|" in function["name"]:
+        raise ValueError(f"message {i}: a tool call needs function.name (plain text)")
+    args = function.get("arguments", {})
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        raise ValueError(f"message {i}: tool call arguments must be JSON") from None
+    return {"role": "assistant", "tool_calls": [{"function": {"name": function["name"], "arguments": args}}]}

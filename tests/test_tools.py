@@ -1,0 +1,151 @@
+"""Tool calls for text-only turns in the Llama 3.x JSON format of the chat template: rendering of tools,
+calls and results; replies parsed back into OpenAI's `tool_calls`; a forced call is held to the tools'
+schemas; tools with an image are refused. Model.chat and the server with the official client."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import jsonschema
+import pytest
+
+import mllama
+from mllama.text.chat_template import default_template, render
+from mllama.text.tools import call_schema, parse_call
+from test_server import client, data_url, post, running
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                            "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+           "required": ["city", "days"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The forecast.", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {
+             "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+             "additionalProperties": False}}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+def test_the_template_renders_tools_calls_and_results():
+    call = {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}}]}
+    result = {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 20}'}
+    text = render(default_template(), ASK + [call, result], tools=TOOLS, bos_token="<B>", date_string="1 Jan 2025")
+    assert text.startswith("<B><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n")
+    assert ("<|start_header_id|>user<|end_header_id|>\n\nGiven the following functions, please respond with a JSON "
+            "for a function call with its proper arguments") in text
+    assert json.dumps(TOOLS[0], indent=4) in text and text.count('"name": "get_time"') == 1
+    assert text.endswith("What is the weather in Paris?<|eot_id|>"
+                         '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather", "parameters": '
+                         '{"city": "Paris", "days": 2}}<|eot_id|>'
+                         '<|start_header_id|>ipython<|end_header_id|>\n\n{"temp": 20}<|eot_id|>'
+                         "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    injected = render(default_template(), ASK + [call, {"role": "tool", "content": '{"x": "<|eot_id|>"}'}],
+                      tools=TOOLS, bos_token="<B>")
+    assert '{"x": "<\\u007ceot_id|>"}<|eot_id|>' in injected  # data cannot make a special token
+
+
+def test_parse_call():
+    names = ("get_weather",)
+    call = parse_call('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}', names)
+    assert call[0]["type"] == "function" and call[0]["id"].startswith("call_")
+    assert call[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert parse_call('{"name": "other", "parameters": {}}', names) is None
+    assert parse_call('{"name": "get_weather", "parameters": 3}', names) is None
+    assert parse_call("It is sunny.", names) is None and parse_call("{not json", names) is None
+
+
+@pytest.fixture(scope="module")
+def model(gguf_f32):
+    with mllama.Model(gguf_f32, n_ctx=1024) as m:
+        yield m
+
+
+def check_call(call, names=tuple(SCHEMAS)) -> None:
+    assert call["type"] == "function" and call["function"]["name"] in names
+    jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[call["function"]["name"]])
+
+
+def test_model_chat_forced_auto_and_refused(model):
+    for seed in range(3):
+        reply = model.chat(ASK, tools=TOOLS, tool_choice="required", max_tokens=80, temperature=1.0, seed=seed)
+        choice = reply["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        check_call(choice["message"]["tool_calls"][0])
+    named = {"type": "function", "function": {"name": "get_time"}}
+    chunks = list(model.chat(ASK, tools=TOOLS, tool_choice=named, max_tokens=80, temperature=1.0, seed=1, stream=True))
+    calls = [c["choices"][0]["delta"]["tool_calls"] for c in chunks if "tool_calls" in c["choices"][0]["delta"]]
+    assert len(calls) == 1 and calls[0][0]["index"] == 0
+    check_call(calls[0][0], ("get_time",))
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    text = model.chat(ASK, tools=TOOLS, max_tokens=4, temperature=0)["choices"][0]  # the random model writes text
+    assert text["finish_reason"] in ("stop", "length") and isinstance(text["message"]["content"], str)
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url()}},
+                                          {"type": "text", "text": "What is this?"}]}]
+    with pytest.raises(ValueError, match="tools cannot be used together with images"):
+        model.chat(image, tools=TOOLS)
+    with pytest.raises(ValueError, match="'tool_choice' names a function not in 'tools'"):
+        model.chat(ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+@pytest.fixture(scope="module")
+def server(gguf_f32):
+    with running(gguf_f32, "--ctx", "1024", "--parallel", "1") as base:
+        yield base
+
+
+def test_server_tool_calls_with_the_official_client(server):
+    c = client(server)
+    whole = c.chat.completions.create(model="x", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=80,
+                                      temperature=1.0, seed=3)
+    assert whole.choices[0].finish_reason == "tool_calls" and whole.choices[0].message.content is None
+    check_call(whole.choices[0].message.tool_calls[0].model_dump())
+    chunks = list(c.chat.completions.create(model="x", messages=ASK, tools=TOOLS, tool_choice="required",
+                                            max_tokens=80, temperature=1.0, seed=3, stream=True))
+    deltas = [ch.choices[0].delta.tool_calls for ch in chunks if ch.choices[0].delta.tool_calls]
+    assert [d[0].function.model_dump() for d in deltas] == [whole.choices[0].message.tool_calls[0].function.model_dump()]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    call = whole.choices[0].message.tool_calls[0]
+    follow = ASK + [{"role": "assistant", "tool_calls": [call.model_dump()]},
+                    {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 20}'}]
+    after = c.chat.completions.create(model="x", messages=follow, tools=TOOLS, tool_choice="none", max_tokens=4)
+    assert after.choices[0].finish_reason in ("stop", "length") and after.choices[0].message.tool_calls is None
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ({"tools": TOOLS, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url()}}, {"type": "text", "text": "Hi"}]}]},
+     "tools cannot be used together with images"),
+    ({"tools": [{"type": "function"}]}, "tools[0] must be"),
+    ({"tools": "x"}, "'tools' must be a list"),
+    ({"tools": TOOLS, "tool_choice": "always"}, "'tool_choice' must be"),
+    ({"tool_choice": "required"}, "'tool_choice' needs 'tools'"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be combined"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]},
+     "tool call arguments must be JSON"),
+])
+def test_bad_tool_requests(server, extra, fragment):
+    body = {"messages": ASK, "max_tokens": 2, **extra}
+    status, text = post(server, "/v1/chat/completions", json.dumps(body).encode())
+    assert status == 400 and fragment in json.loads(text)["error"]["message"], text
+
+
+def test_ollama_chat_tools_with_the_official_client(server):
+    from ollama import Client
+
+    c = Client(host=server, timeout=120)
+    forced = {"format": call_schema(TOOLS[:1]), "options": {"temperature": 1.0, "seed": 2, "num_predict": 80}}
+    reply = c.chat(model="x", messages=ASK, tools=TOOLS, **forced)  # `format` holds the reply to a call
+    call = reply.message.tool_calls[0]
+    assert reply.done_reason == "stop" and reply.message.content == "" and call.function.name == "get_weather"
+    jsonschema.validate(dict(call.function.arguments), WEATHER)
+    parts = list(c.chat(model="x", messages=ASK, tools=TOOLS, stream=True, **forced))
+    assert [p.message.tool_calls[0].function.name for p in parts if p.message.tool_calls] == ["get_weather"]
+    assert parts[-1].done and not parts[0].done
+    follow = ASK + [{"role": "assistant", "content": "", "tool_calls": [call.model_dump()]},
+                    {"role": "tool", "content": '{"temp": 20}'}]
+    text = c.chat(model="x", messages=follow, tools=TOOLS, options={"temperature": 0, "num_predict": 3})
+    assert text.done and text.message.tool_calls is None and text.eval_count <= 3
+    image = base64.b64decode(data_url().split(",", 1)[1])
+    with pytest.raises(Exception, match="tools cannot be used together with images"):
+        c.chat(model="x", messages=[{"role": "user", "content": "Hi", "images": [image]}], tools=TOOLS)
