@@ -300,7 +300,11 @@ def test_ollama_json_and_bad_formats(server):
     from test_server import ollama_client, post
 
     whole = ollama_client(server).generate(model="x", prompt="Hi", format="json", options={"num_predict": 2})
-    assert whole.done_reason == "length" and whole.response.startswith("{")
+    assert whole.response.startswith("{")  # two tokens may close the object ("{" "}"), or run out first
+    if whole.done_reason == "stop":
+        assert isinstance(json.loads(whole.response), dict)
+    else:
+        assert whole.done_reason == "length"
     for body, fragment in [({"format": "xml"}, "'format' must be"), ({"format": 3}, "'format' must be"),
                            ({"format": {"type": "object", "properties": {"a": {"type": 7}}}}, "invalid JSON schema")]:
         status, text = post(server, "/api/generate", json.dumps({"prompt": "Hi", **body}).encode())
