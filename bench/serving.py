@@ -76,7 +76,7 @@ def newcomer(model, n_tokens: int, image=None) -> dict:
     while ttft is None:
         model.run_step()
         now = time.perf_counter()
-        if ttft is None and any(k == "token" for k, _ in new.streams[0].events):
+        if any(k == "token" for k, _ in new.streams[0].events):
             ttft = now - before
         for r in running:
             if r.streams[0].events:

@@ -11,6 +11,7 @@ import urllib.request
 import pytest
 
 from test_server import data_url, post, start_server
+from test_server_load import server_rss as rss
 
 
 def ask(base: str, body: dict) -> list[str]:
@@ -28,11 +29,6 @@ def leave_mid_stream(base: str, started: threading.Event) -> None:
         for _ in range(4):
             r.readline()
         started.set()  # the connection closes here: the client is gone
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def metric(base: str, name: str) -> float:

@@ -129,12 +129,13 @@ class Engine:
     def claim_slots(self, images: list[PreparedImage]) -> list[int] | None:
         """A slot holding each image (encoding those no slot holds into the least recently used free
         slots), each claimed until release_slots; None when too few slots are free now."""
-        if len({im.key for im in images}) > self.n_slots:
+        wanted = {im.key for im in images}
+        if len(wanted) > self.n_slots:
             raise ContextOverflowError(f"{len(images)} images exceed the {self.n_slots} image slots (n_image_slots)")
         held = {key: slot for slot, key in enumerate(self.slot_keys) if key is not None}
         missing = list(dict.fromkeys(im.key for im in images if im.key not in held))
-        free = sorted((s for s in range(self.n_slots) if self.slot_refs[s] == 0 and self.slot_keys[s] not in
-                       {im.key for im in images}), key=lambda s: (self.slot_keys[s] is not None, self.slot_used[s]))
+        free = sorted((s for s in range(self.n_slots) if self.slot_refs[s] == 0 and self.slot_keys[s] not in wanted),
+                      key=lambda s: (self.slot_keys[s] is not None, self.slot_used[s]))
         if len(missing) > len(free):
             return None
         by_key = {im.key: im for im in images}
