@@ -20,7 +20,7 @@ HEADER_DIR = ROOT / "csrc" / "include"
 
 def test_version_and_abi():
     assert mllama.__version__ == mllama.native_version()
-    assert mllama.abi_version() == lib.MLLAMA_ABI_VERSION == 3
+    assert mllama.abi_version() == lib.MLLAMA_ABI_VERSION == 4
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")

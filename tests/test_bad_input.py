@@ -169,3 +169,17 @@ def test_unknown_cpu_kernel_is_refused_by_name(small_gguf):
 
     with pytest.raises(mllama.ModelLoadError, match=r"unknown CPU kernel 'bogus' in cpu_kernels 'attn,bogus'"):
         mllama.Model(small_gguf, cpu_kernels="attn,bogus")
+
+
+def test_rpc_asked_of_a_ggml_without_rpc_is_a_clear_error(small_gguf):
+    """Runs where ggml lacks its RPC backend (the prebuilt wheel); CI's ggml has it (tests/test_rpc.py)."""
+    import mllama
+    from mllama._native.placement import rpc_supported
+
+    if rpc_supported():
+        pytest.skip("this ggml has its RPC backend: tests/test_rpc.py covers it")
+    with pytest.raises(mllama.ModelLoadError, match="GGML_RPC=ON"):
+        mllama.Model(small_gguf, rpc=["127.0.0.1:50052"])
+    result = subprocess.run([sys.executable, "-m", "mllama", "rpc-server", "--port", "50052"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1 and "GGML_RPC=ON" in result.stderr

@@ -56,3 +56,16 @@ def test_no_mllama_cpu_kernel_on_a_gpu_context(converted):
             paths = model.op_paths()
         assert paths["device"].startswith(GPUS[0]["name"]) and "never used" in paths["device"]
         assert not any(path.startswith("mllama") for path in paths.values())
+
+
+@pytest.mark.skipif(len(GPUS) < 2, reason="needs two GPUs")
+def test_two_gpus_split_the_text_layers(converted):
+    """The multi-device path (the same as RPC's): 4 text layers, shares 1:1 -> 2 on each GPU, logits as the CPU's."""
+    path = converted("f16")
+    _, cpu_logits, _, _ = run(path, "cpu", "b_4_tiles")
+    names = [GPUS[0]["name"], GPUS[1]["name"]]
+    with mllama.Model(path, n_ctx=512, devices=names, tensor_split=[1, 1]) as model:
+        runs = [(p.first_layer, p.n_layers, p.device) for p in model.placement if p.component == "text"]
+        logits = model.forward(*model.chat_prompt(CASES["b_4_tiles"]))
+    assert runs == [(0, 2, names[0]), (2, 2, names[1])]
+    assert nmse(logits, cpu_logits) <= 1e-4

@@ -1,17 +1,20 @@
 // C ABI shims of the library itself: version, last error, status names, system info, devices, the
-// names table, ggml's types and quantizer, the reference preprocessor's constants.
+// RPC worker and layer split, the names table, ggml's types and quantizer, the reference preprocessor's constants.
 #include "mllama.h"
 
 #include "api/guard.h"
 #include "gguf/names.h"
 #include "gguf/quant.h"
 #include "model/hparams.h"
+#include "model/devices.h"
 #include "runtime/backend.h"
+#include "runtime/rpc.h"
 
 #include "ggml.h"
 
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #ifndef MLLAMA_VERSION_STRING
 #define MLLAMA_VERSION_STRING "0.0.0"
@@ -62,6 +65,26 @@ mllama_status mllama_device_get_info(int32_t index, mllama_device_info * out) {
     return guarded([&] {
         require(out, "device_get_info needs an output struct");
         *out = mllama::device_info(mllama::device_at(index));
+    });
+}
+
+int32_t mllama_rpc_supported(void) { return mllama::rpc_supported() ? 1 : 0; }
+
+mllama_status mllama_rpc_serve(const char * endpoint, const char * devices, int32_t n_threads, const char * cache_dir) {
+    return guarded([&] {
+        require(endpoint && *endpoint, "rpc_serve needs an endpoint host:port");
+        mllama::rpc_serve(endpoint, devices ? devices : "", n_threads, cache_dir ? cache_dir : "");
+    });
+}
+
+mllama_status mllama_split_layers(int32_t n_layer, int32_t n_offload, const float * proportions, int32_t n_devices,
+                                  int32_t * out) {
+    return guarded([&] {
+        require(n_devices >= 0 && (proportions || n_devices == 0) && (out || n_layer == 0),
+                "split_layers needs n_devices proportions and room for n_layer values");
+        const std::vector<int> split =
+            mllama::split_layers(n_layer, n_offload, std::vector<float>(proportions, proportions + n_devices));
+        for (size_t i = 0; i < split.size(); ++i) out[i] = split[i];
     });
 }
 

@@ -35,7 +35,15 @@ mllama_status mllama_model_get_info(const mllama_model * model, mllama_model_inf
     return guarded([&] {
         require(model && out, "model_get_info needs a model and an output struct");
         *out = model->info;
+        out->lost_worker = model->lost_worker ? 1 : 0;
     });
+}
+
+int32_t mllama_model_get_placement(const mllama_model * model, mllama_placement * out, int32_t cap) {
+    if (!model) return mllama::count_error("null model");
+    const int32_t n = static_cast<int32_t>(model->placement.size());
+    for (int32_t i = 0; out && i < cap && i < n; ++i) out[i] = model->placement[static_cast<size_t>(i)];
+    return n;
 }
 
 int32_t mllama_model_cross_layers(const mllama_model * model, int32_t * buf, int32_t cap) {

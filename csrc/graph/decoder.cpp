@@ -6,6 +6,7 @@
 #include "graph/cross_kv.h"
 #include "graph/ops.h"
 #include "kernels/dispatch.h"
+#include "runtime/backend.h"
 #include "model/model.h"
 #include "runtime/context.h"
 
@@ -89,7 +90,9 @@ static ggml_tensor * cross_attention(ggml_context * ctx, const mllama_context & 
                                    span.count);  // [hd, Hkv, span.count * n_vis]
     ggml_tensor * vals = slot_view(ctx, c.state.cross_v[cross_index], n_vis, span.first, span.count);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    const bool small_batch = s.n_tokens <= k_xattn_max_tokens && c.kernels.may_run(cpu_kernel::xattn) &&
+    const cpu_kernel_set kernels =
+        kernels_for_compute(c.kernels, cpu_kernels_allowed_on(m.plan, m.plan.layers[static_cast<size_t>(il)]));
+    const bool small_batch = s.n_tokens <= k_xattn_max_tokens && kernels.may_run(cpu_kernel::xattn) &&
                              decode_attention_supported(q, keys, vals, in.x_mask);
     ggml_tensor * a = small_batch ? decode_attention(ctx, q, keys, vals, in.x_mask, scale)  // [n_embd, n]
                                   : attention(ctx, {q, keys, vals, in.x_mask, scale});

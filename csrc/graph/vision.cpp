@@ -5,6 +5,7 @@
 
 #include "graph/ops.h"
 #include "kernels/dispatch.h"
+#include "runtime/backend.h"
 #include "model/model.h"
 
 #include "ggml.h"
@@ -137,8 +138,9 @@ static ggml_tensor * assemble(ggml_context * ctx, const vision_hparams & hp, ggm
     return named(ggml_cont(ctx, out), "v", "output");                                      // [OD, P, NT]
 }
 
-vision_options vision_options_for(const mllama_model & model, const cpu_kernel_set & kernels) {
+vision_options vision_options_for(const mllama_model & model, const cpu_kernel_set & allowed) {
     vision_options opt;
+    const cpu_kernel_set kernels = kernels_for_compute(allowed, cpu_kernels_allowed_on(model.plan, model.plan.vision));
     if (!cpu_kernels_available() || model.vision.layers.empty()) return opt;
     const vision_hparams & hp = model.hp.vision;
     const ggml_type weight_type = model.vision.layers[0].wq->type;

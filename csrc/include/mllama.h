@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 /* cdef-begin */
-#define MLLAMA_ABI_VERSION 3
+#define MLLAMA_ABI_VERSION 4
 #define MLLAMA_NAME_MAX 128
 #define MLLAMA_TEXT_MAX 256
 
@@ -70,11 +70,13 @@ typedef struct mllama_context mllama_context;
 typedef void (*mllama_log_callback)(int32_t level, const char * text, void * user_data);
 
 /* Defaults (mllama_model_default_params): n_threads 0, device NULL, n_gpu_layers -1, use_mmap 1, check_tensors 0,
- * log_level MLLAMA_LOG_WARN, no log callback, repack 1. */
+ * log_level MLLAMA_LOG_WARN, no log callback, repack 1, rpc_servers/devices/tensor_split NULL, rpc_timeout_ms 0. */
 typedef struct mllama_model_params {
     int32_t n_threads;         /* CPU threads for compute; <= 0: the number of physical cores */
-    const char * device;       /* NULL, "" or "auto": the first GPU if any, else the CPU; "cpu"; or a device name */
-    int32_t n_gpu_layers;      /* text layers placed on a GPU device; -1: all of them */
+    const char * device;       /* the vision tower's device, and the GPU the text layers go to unless `devices` is
+                                  given: NULL, "" or "auto": the first local GPU if any, else the CPU; "cpu"; or a
+                                  device name ("CUDA0", "RPC0", or an RPC endpoint "host:port") */
+    int32_t n_gpu_layers;      /* text layers placed on the device list (the last ones); -1: all of them */
     int32_t use_mmap;          /* map the file instead of reading it (CPU weights only) */
     int32_t check_tensors;     /* scan weight data for NaN/Inf and invalid blocks while loading */
     int32_t log_level;         /* messages below this level are not delivered */
@@ -82,6 +84,15 @@ typedef struct mllama_model_params {
     void * log_user_data;
     int32_t repack;            /* 1: Q4_0/Q4_K/IQ4_NL text matrices in ggml's repacked CPU layout (faster); 0: every
                                   weight stays in the file mapping */
+    const char * rpc_servers;  /* NULL or "": none; else "host:port,host:port": ggml RPC workers (`mllama rpc-server`)
+                                  whose devices join the device list (needs a ggml built with -DGGML_RPC=ON) */
+    const char * devices;      /* the devices the text layers are split over, in order, as a comma list of names
+                                  ("CUDA0,RPC0,CPU"); NULL or "": the local GPUs (see `device`), then the RPC devices;
+                                  the CPU alone when there is none */
+    const float * tensor_split; /* NULL: in proportion to each device's free memory; else n_tensor_split weights
+                                  >= 0, one per device of the list */
+    int32_t n_tensor_split;
+    int32_t rpc_timeout_ms;    /* how long connecting to a worker may take; <= 0: 10000 */
 } mllama_model_params;
 
 /* Defaults (mllama_context_default_params): n_ctx 0 (resolved to min(trained context, 4096)), n_batch 512,
@@ -159,10 +170,11 @@ typedef struct mllama_model_info {
     int64_t n_tensors;
     int32_t use_mmap;
     int32_t n_threads;
-    int32_t n_gpu_layers;      /* text layers actually placed on the GPU device */
-    char device[MLLAMA_NAME_MAX];        /* the device chosen for compute */
+    int32_t n_gpu_layers;      /* text layers placed on devices other than the CPU */
+    char device[MLLAMA_NAME_MAX];        /* the vision tower's device (mllama_model_get_placement: the rest) */
     char name[MLLAMA_TEXT_MAX];          /* general.name, if any */
     char conventions[1024];              /* the file format and the conventions undone at load */
+    int32_t lost_worker;       /* 1 once an RPC worker holding part of the model failed: it must be loaded again */
 } mllama_model_info;
 
 typedef struct mllama_tensor_info {
@@ -173,6 +185,17 @@ typedef struct mllama_tensor_info {
     uint64_t n_bytes;
     char buffer[MLLAMA_NAME_MAX];        /* where the data lives (buffer type name) */
 } mllama_tensor_info;
+
+/* Where one component of a model went (mllama_model_get_placement), and why. */
+typedef struct mllama_placement {
+    char component[32];        /* "vision" (tower + projector), "token_embd", "text" (a run of layers), "output" */
+    int32_t first_layer;       /* text runs: the first layer; else -1 */
+    int32_t n_layers;          /* text runs: layers in the run; else 0 */
+    char device[MLLAMA_NAME_MAX];        /* ggml's device name: "CPU", "CUDA0", "RPC0" */
+    char endpoint[MLLAMA_NAME_MAX];      /* RPC devices: the worker's host:port; else "" */
+    uint64_t n_bytes;          /* weight bytes placed there */
+    char reason[MLLAMA_TEXT_MAX];        /* why it went there */
+} mllama_placement;
 
 typedef struct mllama_device_info {
     char name[MLLAMA_NAME_MAX];
@@ -213,6 +236,18 @@ MLLAMA_API mllama_status mllama_system_info(char * buf, size_t cap);
 MLLAMA_API int32_t mllama_device_count(void);
 MLLAMA_API mllama_status mllama_device_get_info(int32_t index, mllama_device_info * out);
 
+/* ggml RPC (the loaded ggml must be built with -DGGML_RPC=ON; else MLLAMA_ERR_UNSUPPORTED / 0) */
+MLLAMA_API int32_t mllama_rpc_supported(void);
+/* Serves `devices` (comma list of device names; NULL or "": the first GPU, else the CPU) to RPC clients at
+ * endpoint "host:port" with n_threads CPU threads (<= 0: the physical cores) and ggml's tensor cache in cache_dir
+ * (NULL: none). Blocks for the life of the process; returns only on an error (the port taken, a bad name). */
+MLLAMA_API mllama_status mllama_rpc_serve(const char * endpoint, const char * devices, int32_t n_threads,
+                                          const char * cache_dir);
+/* The layer split arithmetic of model loading: device index per text layer (-1: the CPU) into out (n_layer values)
+ * for the last n_offload layers (< 0: all) split in proportion to n_devices weights. */
+MLLAMA_API mllama_status mllama_split_layers(int32_t n_layer, int32_t n_offload, const float * proportions,
+                                             int32_t n_devices, int32_t * out);
+
 /* GGUF names: the single table shared by the loader and the Python converter */
 MLLAMA_API int32_t mllama_name_count(void);
 MLLAMA_API mllama_status mllama_name_get(int32_t index, mllama_name_entry * out);
@@ -239,6 +274,8 @@ MLLAMA_API mllama_status mllama_model_load(const char * path, const char * proje
 MLLAMA_API void mllama_model_free(mllama_model * model);
 MLLAMA_API mllama_status mllama_model_get_hparams(const mllama_model * model, mllama_hparams * out);
 MLLAMA_API mllama_status mllama_model_get_info(const mllama_model * model, mllama_model_info * out);
+/* Where the components went: returns the entry count (or -1 on error), copies up to cap entries. */
+MLLAMA_API int32_t mllama_model_get_placement(const mllama_model * model, mllama_placement * out, int32_t cap);
 /* Integer arrays of the hparams; each returns the element count (or -1 on error) and copies up to cap. */
 MLLAMA_API int32_t mllama_model_cross_layers(const mllama_model * model, int32_t * buf, int32_t cap);
 MLLAMA_API int32_t mllama_model_intermediate_layers(const mllama_model * model, int32_t * buf, int32_t cap);

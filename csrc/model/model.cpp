@@ -3,8 +3,11 @@
 #include "common/error.h"
 #include "gguf/gguf_meta.h"
 #include "gguf/quant.h"
+#include "model/devices.h"
 #include "model/placement.h"
+#include "model/report.h"
 #include "runtime/backend.h"
+#include "runtime/rpc.h"
 
 #include "ggml-backend.h"
 #include "ggml.h"
@@ -15,7 +18,12 @@
 #include <iterator>
 
 mllama_model::~mllama_model() {
-    for (ggml_backend_buffer * buf : buffers) ggml_backend_buffer_free(buf);
+    for (ggml_backend_buffer * buf : buffers) {
+        try {
+            ggml_backend_buffer_free(buf);
+        } catch (const mllama::rpc_fault &) {  // its worker is gone (and its memory with it)
+        }
+    }
     for (ggml_context * ctx : contexts) ggml_free(ctx);
 }
 
@@ -66,7 +74,8 @@ static void fill_info(mllama_model & m) {
     }
     info.use_mmap = m.params.use_mmap;
     info.n_threads = m.params.n_threads;
-    std::snprintf(info.device, sizeof(info.device), "%s", ggml_backend_dev_name(m.compute_device));
+    std::snprintf(info.device, sizeof(info.device), "%s", ggml_backend_dev_name(m.plan.vision));
+    for (size_t il = 0; il + 1 < m.plan.layers.size(); ++il) info.n_gpu_layers += is_cpu(m.plan.layers[il]) ? 0 : 1;
     std::snprintf(info.name, sizeof(info.name), "%s", m.hp.name.c_str());
 }
 
@@ -81,6 +90,11 @@ mllama_model_params default_model_params() {
     p.log_callback = nullptr;
     p.log_user_data = nullptr;
     p.repack = 1;
+    p.rpc_servers = nullptr;
+    p.devices = nullptr;
+    p.tensor_split = nullptr;
+    p.n_tensor_split = 0;
+    p.rpc_timeout_ms = 0;
     return p;
 }
 
@@ -99,43 +113,49 @@ static void open_files(mllama_model & m, const char * path, const char * project
     m.conv = detect_conventions(files);
     m.hp = load_hparams(metadata(m));
     m.hp.text.rope_neox = !m.conv.rope_permuted;
-    m.compute_device = select_device(m.params.device);
+    m.plan = plan_devices(m.params, static_cast<int>(m.hp.text.n_layer));
     if (m.params.use_mmap) {
         for (const auto & f : m.files) f->map();
     }
 }
 
+// Descriptor contexts: the CPU's, then one per other device in use (vision, text layers, output).
+static placement make_placement(mllama_model & m, size_t n_tensors) {
+    placement where;
+    where.layers = m.plan.layers;
+    where.vision = m.plan.vision;
+    where.cpu = new_descriptor_context(n_tensors);
+    m.contexts.push_back(where.cpu);
+    std::vector<ggml_backend_dev_t> used = where.layers;
+    used.push_back(where.vision);
+    for (ggml_backend_dev_t dev : used) {
+        const bool known = std::any_of(where.others.begin(), where.others.end(), [&](auto & o) { return o.first == dev; });
+        if (is_cpu(dev) || known) continue;
+        where.others.emplace_back(dev, new_descriptor_context(n_tensors));
+        m.contexts.push_back(where.others.back().second);
+    }
+    return where;
+}
+
 // Creates the descriptors of every component (checked against the hparams) and allocates them.
 static void load_weights(mllama_model & m) {
-    const bool on_cpu = is_cpu(m.compute_device);
-    const int64_t n_layer = m.hp.text.n_layer, n_gpu_wanted = m.params.n_gpu_layers;
-    const int64_t n_gpu = on_cpu ? 0 : (n_gpu_wanted < 0 ? n_layer : std::min<int64_t>(n_gpu_wanted, n_layer));
-    m.info.n_gpu_layers = static_cast<int32_t>(n_gpu);
-
     std::vector<const gguf_file *> files;
     size_t n_file_tensors = 0;
     for (const auto & f : m.files) {
         files.push_back(f.get());
         n_file_tensors += static_cast<size_t>(f->n_tensors());
     }
-    placement where;
-    where.cpu = new_descriptor_context(n_file_tensors);
-    m.contexts.push_back(where.cpu);
-    where.device = on_cpu ? where.cpu : new_descriptor_context(n_file_tensors);
-    if (!on_cpu) m.contexts.push_back(where.device);
-    where.first_device_layer = static_cast<int>(n_layer - n_gpu);
-
+    const placement where = make_placement(m, n_file_tensors);
     tensor_loader loader(files, m.conv);
     m.text = load_text_weights(m.hp.text, loader, where);
     m.hp.text.n_vocab_embd = m.text.token_embd->ne[1];
     check_token_ids(m.hp, m.hp.text.n_vocab_embd);
-    m.vision = load_vision_weights(m.hp.vision, loader, where.device);  // the vision tower stays on the device
+    m.vision = load_vision_weights(m.hp.vision, loader, where.context_for(where.vision));
     for (const std::string & name : loader.unused()) {
         m.log.log(MLLAMA_LOG_WARN, "ignoring unknown tensor '%s'", name.c_str());
     }
-
     allocate(m, where.cpu, cpu_device(), m.params.use_mmap, loader);
-    if (!on_cpu) allocate(m, where.device, m.compute_device, m.params.use_mmap, loader);
+    for (const auto & [dev, ctx] : where.others) allocate(m, ctx, dev, m.params.use_mmap, loader);
     for (ggml_context * ctx : m.contexts) {
         for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {
             m.tensors[ggml_get_name(t)] = t;
@@ -153,12 +173,21 @@ std::unique_ptr<mllama_model> load_model(const char * path, const char * project
     m->params.use_mmap = params.use_mmap ? 1 : 0;
 
     open_files(*m, path, projector_path);
-    m->params.device = nullptr;  // read by open_files only: the caller's string is not kept
-    load_weights(*m);
+    // read by open_files only: the caller's strings are not kept
+    m->params.device = m->params.rpc_servers = m->params.devices = nullptr;
+    m->params.tensor_split = nullptr;
+    try {
+        load_weights(*m);
+    } catch (const rpc_fault & e) {
+        std::string names;
+        for (const std::string & name : m->plan.endpoints) names += (names.empty() ? "" : ", ") + name;
+        fail(MLLAMA_ERR_BACKEND, "an RPC worker (%s) failed while the weights were sent: %s", names.c_str(), e.what());
+    }
     if (params.check_tensors) validate_data(*m);
     read_gates(m->text, m->vision, m->conv.gates_pretanh);
     fill_info(*m);
     if (m->conv.cross_qk_permuted) permute_cross_norms(*m);
+    report_placement(*m);
     m->log.log(MLLAMA_LOG_INFO, "loaded '%s': %lld tensors, %.1f MiB on %s (%s)", path, (long long) m->info.n_tensors,
                m->info.n_bytes_weights / 1048576.0, m->info.device, m->conv.describe().c_str());
     return m;

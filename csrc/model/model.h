@@ -6,10 +6,12 @@
 #include "gguf/conventions.h"
 #include "gguf/gguf_file.h"
 #include "mllama.h"
+#include "model/devices.h"
 #include "model/hparams.h"
 #include "model/repack.h"
 #include "model/weights.h"
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <string>
@@ -26,7 +28,9 @@ struct mllama_model {
     mllama::vision_w vision;
     mllama_model_info info{};
 
-    ggml_backend_device * compute_device = nullptr;  // where graphs run
+    mllama::device_plan plan;                              // the devices of the vision tower, text layers, output
+    std::vector<mllama_placement> placement;               // where everything went and why (report.cpp)
+    mutable std::atomic<bool> lost_worker{false};          // an RPC worker failed: contexts refuse to run
     std::vector<std::unique_ptr<mllama::gguf_file>> files;  // the model file (and an Ollama projector file)
     mllama::conventions conv;                                // how the files were written
     std::vector<ggml_context *> contexts;                // tensor descriptors, one per buffer

@@ -24,6 +24,14 @@ ggml_context * new_descriptor_context(size_t n_tensors) {
     return ctx;
 }
 
+ggml_context * placement::context_for(ggml_backend_dev_t dev) const {
+    if (is_cpu(dev)) return cpu;
+    for (const auto & [d, ctx] : others) {
+        if (d == dev) return ctx;
+    }
+    fail(MLLAMA_ERR_INTERNAL, "no descriptor context for device %s", ggml_backend_dev_name(dev));
+}
+
 // Quantized text matrices that ggml multiplies faster from its repacked layout go there (copied out
 // of the mapping, whose pages are then released); the embedding table stays (it is read by rows).
 static void allocate_repacked(mllama_model & m, ggml_context * ctx, const tensor_loader & loader) {
@@ -100,27 +108,26 @@ void allocate(mllama_model & m, ggml_context * ctx, ggml_backend_dev_t dev, bool
 // Ollama permuted the cross-attention q/k rows (RoPE-style, per head) but not q_norm/k_norm: give
 // the norms the same permutation, so the normalized q.k products equal the reference's.
 void permute_cross_norms(mllama_model & m) {
-    std::vector<ggml_tensor **> norms;
-    for (text_layer_w & l : m.text.layers) {
-        if (l.is_cross) norms.insert(norms.end(), {&l.cross.q_norm, &l.cross.k_norm});
+    for (size_t il = 0; il < m.text.layers.size(); ++il) {
+        text_layer_w & l = m.text.layers[il];
+        if (!l.is_cross) continue;
+        ggml_context * ctx = new_descriptor_context(2);
+        m.contexts.push_back(ctx);
+        std::vector<std::pair<ggml_tensor *, std::vector<float>>> values;
+        for (ggml_tensor ** norm : {&l.cross.q_norm, &l.cross.k_norm}) {
+            std::vector<float> v(static_cast<size_t>(ggml_nelements(*norm)));
+            ggml_backend_tensor_get(*norm, v.data(), 0, v.size() * sizeof(float));
+            ggml_tensor * t = ggml_dup_tensor(ctx, *norm);
+            ggml_format_name(t, "%s (permuted)", ggml_get_name(*norm));
+            values.emplace_back(t, rope_permute_head(v));
+            *norm = t;
+        }
+        ggml_backend_dev_t dev = m.plan.layers[il];  // beside the layer's other weights
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_dev_buffer_type(dev));
+        if (!buf) fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot allocate the permuted norms on %s", ggml_backend_dev_name(dev));
+        m.buffers.push_back(buf);
+        for (auto & [t, v] : values) ggml_backend_tensor_set(t, v.data(), 0, v.size() * sizeof(float));
     }
-    if (norms.empty()) return;
-    ggml_context * ctx = new_descriptor_context(norms.size());
-    m.contexts.push_back(ctx);
-    std::vector<std::pair<ggml_tensor *, std::vector<float>>> values;
-    for (ggml_tensor ** norm : norms) {
-        std::vector<float> v(static_cast<size_t>(ggml_nelements(*norm)));
-        ggml_backend_tensor_get(*norm, v.data(), 0, v.size() * sizeof(float));
-        ggml_tensor * t = ggml_dup_tensor(ctx, *norm);
-        ggml_format_name(t, "%s (permuted)", ggml_get_name(*norm));
-        values.emplace_back(t, rope_permute_head(v));
-        *norm = t;
-    }
-    ggml_backend_dev_t dev = m.compute_device;
-    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_dev_buffer_type(dev));
-    if (!buf) fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot allocate the permuted norms");
-    m.buffers.push_back(buf);
-    for (auto & [t, v] : values) ggml_backend_tensor_set(t, v.data(), 0, v.size() * sizeof(float));
 }
 
 }  // namespace mllama

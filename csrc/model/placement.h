@@ -1,9 +1,11 @@
-// Where the weights go and the buffers that hold them: descriptors are created per buffer (CPU or
-// the compute device), then allocated: CPU tensors point into the file mappings (or ggml's
+// Where the weights go and the buffers that hold them: descriptors are created per device (the CPU
+// and each other device in use), then allocated: CPU tensors point into the file mappings (or ggml's
 // repacked CPU layout), device tensors are uploaded.
 #pragma once
 
 #include <cstddef>
+#include <utility>
+#include <vector>
 
 struct ggml_context;
 struct ggml_backend_device;
@@ -13,11 +15,16 @@ namespace mllama {
 
 class tensor_loader;
 
-// Where the tensors of each component go: one ggml context per buffer (CPU or the device).
+// Where the tensors of each component go: one ggml context of descriptors per device (the CPU's,
+// then one per other device in use), and each text layer's device (device_plan::layers).
 struct placement {
     ggml_context * cpu = nullptr;
-    ggml_context * device = nullptr;  // == cpu when computing on the CPU
-    int first_device_layer = 0;       // text layers >= this index go to the device
+    std::vector<std::pair<ggml_backend_device *, ggml_context *>> others;
+    std::vector<ggml_backend_device *> layers;  // per text layer, then the output
+    ggml_backend_device * vision = nullptr;
+
+    // The descriptor context of a device in use (the CPU's for the CPU).
+    ggml_context * context_for(ggml_backend_device * dev) const;
 };
 
 // A context for n_tensors descriptors (no data).

@@ -41,8 +41,7 @@ static text_layer_w load_text_layer(const text_hparams & hp, tensor_loader & L, 
 
 text_w load_text_weights(const text_hparams & hp, tensor_loader & L, const placement & where) {
     text_w w;
-    const bool all_on_device = where.first_device_layer == 0;
-    ggml_context * out_ctx = all_on_device ? where.device : where.cpu;
+    ggml_context * out_ctx = where.context_for(where.layers.at(static_cast<size_t>(hp.n_layer)));  // the output
     ggml_tensor * embd = L.descriptor(tn::TOKEN_EMBD);
     const int64_t n_vocab_embd = embd ? embd->ne[1] : hp.n_vocab;
     if (n_vocab_embd < hp.n_vocab) {
@@ -55,7 +54,7 @@ text_w load_text_weights(const text_hparams & hp, tensor_loader & L, const place
     w.output = L.load(out_ctx, tn::OUTPUT, -1, {hp.n_embd, hp.n_vocab}, wkind::matrix);
     w.rope_freqs = L.load_optional(out_ctx, tn::ROPE_FREQS, -1, {hp.n_embd_head / 2}, wkind::f32);
     for (int il = 0; il < hp.n_layer; ++il) {
-        ggml_context * ctx = il >= where.first_device_layer ? where.device : where.cpu;
+        ggml_context * ctx = where.context_for(where.layers.at(static_cast<size_t>(il)));
         w.layers.push_back(load_text_layer(hp, L, ctx, il));
     }
     return w;

@@ -1,13 +1,16 @@
 #include "runtime/compute.h"
 
 #include "common/error.h"
+#include "model/model.h"
 #include "runtime/context.h"
 #include "runtime/pages.h"
+#include "runtime/rpc.h"
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml.h"
 
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -18,6 +21,8 @@ namespace mllama {
 // threads; weights already done are skipped. Only on first use, so that loading (the
 // converter's check, text-only work) does not pull in every page of the file; tables read by rows
 // (token embeddings, position embeddings per aspect ratio) keep faulting in only the rows used.
+inline constexpr int k_fault_probe_ms = 2000;  // per endpoint, naming the one that died
+
 static void populate_weights(mllama_context & c, ggml_cgraph * gf) {
     std::vector<std::pair<const uint8_t *, size_t>> ranges;
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
@@ -33,8 +38,8 @@ static void populate_weights(mllama_context & c, ggml_cgraph * gf) {
     if (!ranges.empty()) populate_pages(std::move(ranges), c.params.n_threads);
 }
 
-void compute(mllama_context & c, const std::function<ggml_cgraph *(ggml_context *)> & build,
-             const std::function<void()> & feed, const std::function<void()> & fetch) {
+static void run_graph(mllama_context & c, const std::function<ggml_cgraph *(ggml_context *)> & build,
+                      const std::function<void()> & feed, const std::function<void()> & fetch) {
     log_scope scope(&c.log);
     ggml_init_params params = {c.graph_meta.size(), c.graph_meta.data(), /*no_alloc=*/true};
     ggml_context * gctx = ggml_init(params);
@@ -55,6 +60,29 @@ void compute(mllama_context & c, const std::function<ggml_cgraph *(ggml_context 
         fail(MLLAMA_ERR_BACKEND, "graph computation failed");
     }
     fetch();
+}
+
+// A lost RPC worker ends the model's life: the weights it held are gone with it.
+[[noreturn]] static void fail_lost_worker(const mllama_context & c, const char * what) {
+    c.model->lost_worker = true;
+    const std::vector<std::string> & all = c.model->plan.endpoints;
+    const std::vector<std::string> dead = unreachable(all, k_fault_probe_ms);
+    std::string names;
+    for (const std::string & e : dead.empty() ? all : dead) names += (names.empty() ? "" : ", ") + e;
+    fail(MLLAMA_ERR_BACKEND, "RPC worker %s %s (%s); the model cannot run any more: close it and load it again",
+         names.c_str(), dead.empty() ? "failed" : "is unreachable", what);
+}
+
+void compute(mllama_context & c, const std::function<ggml_cgraph *(ggml_context *)> & build,
+             const std::function<void()> & feed, const std::function<void()> & fetch) {
+    if (c.model->lost_worker) {
+        fail(MLLAMA_ERR_BACKEND, "an RPC worker of this model failed earlier: close the model and load it again");
+    }
+    try {
+        run_graph(c, build, feed, fetch);
+    } catch (const rpc_fault & e) {
+        fail_lost_worker(c, e.what());
+    }
 }
 
 }  // namespace mllama

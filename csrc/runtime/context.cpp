@@ -5,6 +5,7 @@
 #include "runtime/backend.h"
 #include "runtime/compute.h"
 #include "runtime/rope.h"
+#include "runtime/rpc.h"
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -13,11 +14,21 @@
 #include <algorithm>
 #include <string>
 
+// A worker lost mid-run leaves buffers on its device that ggml-rpc cannot free (it aborts, which
+// rpc.cpp turns into rpc_fault): destruction frees what it can and skips those.
+template <typename F>
+static void free_quietly(F && free_fn) {
+    try {
+        free_fn();
+    } catch (const mllama::rpc_fault &) {
+    }
+}
+
 mllama_context::~mllama_context() {
-    if (sched) ggml_backend_sched_free(sched);
-    if (state_buffer) ggml_backend_buffer_free(state_buffer);
-    if (state_ctx) ggml_free(state_ctx);
-    if (backend_device) ggml_backend_free(backend_device);
+    free_quietly([&] { ggml_backend_sched_free(sched); });
+    for (ggml_backend_buffer * buf : state_buffers) free_quietly([&] { ggml_backend_buffer_free(buf); });
+    for (ggml_context * ctx : state_ctxs) ggml_free(ctx);
+    for (ggml_backend * b : backends) free_quietly([&] { ggml_backend_free(b); });
     if (backend_cpu) ggml_backend_free(backend_cpu);
 }
 
@@ -46,18 +57,45 @@ static ggml_type cache_type(const mllama_model & model, int32_t requested) {
     return model.text.output->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
 }
 
+// The descriptor context of the persistent tensors that live on `dev` (one per device).
+static ggml_context * state_context(mllama_context & c, std::vector<ggml_backend_dev_t> & devs,
+                                    ggml_backend_dev_t dev) {
+    for (size_t i = 0; i < devs.size(); ++i) {
+        if (devs[i] == dev) return c.state_ctxs[i];
+    }
+    const mllama_model & m = *c.model;
+    ggml_init_params params = {ggml_tensor_overhead() * (4 * m.hp.text.n_layer + 8), nullptr, /*no_alloc=*/true};
+    ggml_context * ctx = ggml_init(params);
+    if (!ctx) fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot create the context state");
+    devs.push_back(dev);
+    c.state_ctxs.push_back(ctx);
+    return ctx;
+}
+
+static void allocate_state(mllama_context & c, const std::vector<ggml_backend_dev_t> & devs) {
+    for (size_t i = 0; i < devs.size(); ++i) {
+        ggml_backend_buffer * buf = ggml_backend_alloc_ctx_tensors_from_buft(c.state_ctxs[i],
+                                                                              ggml_backend_dev_buffer_type(devs[i]));
+        if (!buf) {
+            fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot allocate the caches on %s (n_ctx %d x %d sequences, %d image slots)",
+                 ggml_backend_dev_name(devs[i]), c.params.n_ctx, c.params.n_seq_max, c.params.n_image_slots);
+        }
+        ggml_backend_buffer_clear(buf, 0);
+        c.state_buffers.push_back(buf);
+    }
+}
+
 static void create_state(mllama_context & c) {
     const mllama_model & m = *c.model;
     const text_hparams & t = m.hp.text;
     context_state & st = c.state;
     st.n_vis = m.hp.vision.max_tiles * m.hp.vision.n_positions();
     const int64_t n_slots = c.params.n_image_slots;
-    ggml_init_params params = {ggml_tensor_overhead() * (4 * t.n_layer + 8), /*mem_buffer=*/nullptr, /*no_alloc=*/true};
-    c.state_ctx = ggml_init(params);
-    if (!c.state_ctx) fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot create the context state");
+    std::vector<ggml_backend_dev_t> devs;
     const ggml_type xtype = cache_type(m, c.params.cross_kv_f32), ktype = cache_type(m, c.params.kv_f32);
     auto cache = [&](ggml_type type, int64_t n, const char * fmt, int il) {
-        return ggml_format_name(ggml_new_tensor_3d(c.state_ctx, type, t.n_embd_head, t.n_head_kv, n), fmt, il);
+        ggml_context * ctx = state_context(c, devs, m.plan.layers[static_cast<size_t>(il)]);  // the layer's device
+        return ggml_format_name(ggml_new_tensor_3d(ctx, type, t.n_embd_head, t.n_head_kv, n), fmt, il);
     };
     st.self_k.assign(t.n_layer, nullptr);
     st.self_v.assign(t.n_layer, nullptr);
@@ -76,15 +114,10 @@ static void create_state(mllama_context & c) {
     std::vector<float> factors;
     if (t.rope_scaling == rope_scaling_type::llama3 && !m.text.rope_freqs) {
         factors = llama3_rope_factors(t);
-        st.rope_factors = ggml_new_tensor_1d(c.state_ctx, GGML_TYPE_F32, static_cast<int64_t>(factors.size()));
+        ggml_context * ctx = state_context(c, devs, cpu_device());
+        st.rope_factors = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, static_cast<int64_t>(factors.size()));
     }
-    ggml_backend_t backend = c.backend_device ? c.backend_device : c.backend_cpu;
-    c.state_buffer = ggml_backend_alloc_ctx_tensors(c.state_ctx, backend);
-    if (!c.state_buffer) {
-        fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot allocate the caches (n_ctx %d x %d sequences, %lld image slots)",
-             c.params.n_ctx, c.params.n_seq_max, (long long) n_slots);
-    }
-    ggml_backend_buffer_clear(c.state_buffer, 0);
+    allocate_state(c, devs);
     if (st.rope_factors) ggml_backend_tensor_set(st.rope_factors, factors.data(), 0, factors.size() * sizeof(float));
     c.slots.resize(static_cast<size_t>(n_slots));
     c.seq_length.assign(static_cast<size_t>(c.params.n_seq_max), 0);
@@ -108,24 +141,27 @@ static void resolve_params(mllama_context & c, const mllama_model & model) {
     if (p.n_seq_max > k_max_seqs) fail(MLLAMA_ERR_INVALID_ARGUMENT, "n_seq_max must be in [1, %d]", k_max_seqs);
     // a batch builds one self-attention per sequence and layer (about 16 nodes each)
     c.max_nodes = k_max_nodes + static_cast<size_t>(p.n_seq_max) * static_cast<size_t>(model.hp.text.n_layer) * 16;
-    c.kernels = kernels_for_compute(parse_cpu_kernels(p.cpu_kernels), is_cpu(model.compute_device));
+    c.kernels = parse_cpu_kernels(p.cpu_kernels);  // each graph keeps them to what runs on the CPU
 }
 
-// The CPU backend, the compute device's (when not the CPU), and a scheduler over both.
+// The CPU backend, one per other device the model uses, and a scheduler over all of them.
 static void start_backends(mllama_context & c, const mllama_model & model) {
     c.backend_cpu = ggml_backend_dev_init(cpu_device(), /*params=*/nullptr);
     if (!c.backend_cpu) fail(MLLAMA_ERR_BACKEND, "cannot start the CPU backend");
     set_backend_threads(c.backend_cpu, c.params.n_threads);
-    std::vector<ggml_backend_t> backends;
-    if (!is_cpu(model.compute_device)) {
-        c.backend_device = ggml_backend_dev_init(model.compute_device, /*params=*/nullptr);
-        if (!c.backend_device) {
-            fail(MLLAMA_ERR_BACKEND, "cannot start device %s", ggml_backend_dev_name(model.compute_device));
-        }
-        backends.push_back(c.backend_device);
+    std::vector<ggml_backend_dev_t> used{model.plan.vision};
+    used.insert(used.end(), model.plan.layers.begin(), model.plan.layers.end());
+    std::vector<ggml_backend_dev_t> started;
+    for (ggml_backend_dev_t dev : used) {
+        if (is_cpu(dev) || std::find(started.begin(), started.end(), dev) != started.end()) continue;
+        ggml_backend_t backend = ggml_backend_dev_init(dev, /*params=*/nullptr);
+        if (!backend) fail(MLLAMA_ERR_BACKEND, "cannot start device %s", ggml_backend_dev_name(dev));
+        started.push_back(dev);
+        c.backends.push_back(backend);
     }
-    backends.push_back(c.backend_cpu);
-    c.sched = ggml_backend_sched_new(backends.data(), /*bufts=*/nullptr, static_cast<int>(backends.size()), c.max_nodes,
+    std::vector<ggml_backend_t> all = c.backends;
+    all.push_back(c.backend_cpu);
+    c.sched = ggml_backend_sched_new(all.data(), /*bufts=*/nullptr, static_cast<int>(all.size()), c.max_nodes,
                                      /*parallel=*/false, /*op_offload=*/true);
     if (!c.sched) fail(MLLAMA_ERR_BACKEND, "cannot create the scheduler");
     const size_t graph_size = ggml_graph_overhead_custom(c.max_nodes, /*grads=*/false);
@@ -164,8 +200,8 @@ mllama_context_memory context_memory(const mllama_context & c) {
         for (const ggml_tensor * t : *list) out.kv_cache += t ? ggml_nbytes(t) : 0;
     for (const auto * list : {&c.state.cross_k, &c.state.cross_v})
         for (const ggml_tensor * t : *list) out.image_slots += ggml_nbytes(t);
-    for (ggml_backend_t b : {c.backend_device, c.backend_cpu})
-        if (b) out.compute += ggml_backend_sched_get_buffer_size(c.sched, b);
+    for (ggml_backend_t b : c.backends) out.compute += ggml_backend_sched_get_buffer_size(c.sched, b);
+    out.compute += ggml_backend_sched_get_buffer_size(c.sched, c.backend_cpu);
     return out;
 }
 

@@ -37,7 +37,7 @@ struct image_slot {
     int32_t aspect_ratio_id = 0;
 };
 
-// Persistent tensors of a context, in one buffer on the compute device.
+// Persistent tensors of a context, each on the device of its layer.
 struct context_state {
     // Per cross-attention layer: the K (after k_norm) and V of every slot, slot after slot, so the
     // images of a sequence (slots 0..n-1) are one view: [head_dim, n_head_kv, n_slots * n_vis].
@@ -57,13 +57,13 @@ struct mllama_context {
     mllama::logger log;
     mllama::cpu_kernel_set kernels;           // the CPU kernels of ours this context may use
 
-    ggml_backend * backend_device = nullptr;  // nullptr when computing on the CPU
-    ggml_backend * backend_cpu = nullptr;
+    std::vector<ggml_backend *> backends;     // the other devices in use (vision, text layers), in model order
+    ggml_backend * backend_cpu = nullptr;     // always (the scheduler's last backend)
     ggml_backend_sched * sched = nullptr;
     std::vector<uint8_t> graph_meta;          // memory for graph descriptors (no data)
 
-    ggml_context * state_ctx = nullptr;
-    ggml_backend_buffer * state_buffer = nullptr;
+    std::vector<ggml_context *> state_ctxs;   // the persistent tensors, one context and buffer per device
+    std::vector<ggml_backend_buffer *> state_buffers;
     mllama::context_state state;
     std::vector<mllama::image_slot> slots;
     std::vector<int32_t> seq_length;          // positions each sequence's cache holds

@@ -5,9 +5,13 @@
 #include "model/model.h"
 #include "runtime/backend.h"
 #include "runtime/context.h"
+#include "runtime/rpc.h"
 
 #include "ggml-backend.h"
 #include "ggml.h"
+
+#include <utility>
+#include <vector>
 
 namespace mllama {
 
@@ -24,17 +28,41 @@ static std::string cpu_simd() {
 
 static std::string line(const char * family, const std::string & path) { return std::string(family) + ": " + path + "\n"; }
 
+// "3 on CPU, 2 on RPC0 (host:port)": how many text layers each device holds, in model order.
+static std::string text_devices(const mllama_model & m) {
+    std::vector<std::pair<ggml_backend_dev_t, int>> counts;
+    for (size_t il = 0; il + 1 < m.plan.layers.size(); ++il) {
+        ggml_backend_dev_t dev = m.plan.layers[il];
+        if (counts.empty() || counts.back().first != dev) counts.emplace_back(dev, 0);
+        ++counts.back().second;
+    }
+    std::string out;
+    for (const auto & [dev, n] : counts) {
+        const std::string endpoint = rpc_endpoint(dev);
+        out += (out.empty() ? "" : ", ") + std::to_string(n) + " on " + ggml_backend_dev_name(dev) +
+               (endpoint.empty() ? "" : " (" + endpoint + ")");
+    }
+    return out;
+}
+
+static bool all_text_on_cpu(const mllama_model & m) {
+    for (ggml_backend_dev_t dev : m.plan.layers) {
+        if (!is_cpu(dev)) return false;
+    }
+    return true;
+}
+
 std::string op_paths(const mllama_context & c) {
     const mllama_model & m = *c.model;
     const std::string ggml_cpu = "ggml CPU ops (" + cpu_simd() + ")";
-    if (!is_cpu(m.compute_device)) {
-        const std::string dev = ggml_backend_dev_name(m.compute_device);
+    if (!is_cpu(m.plan.vision)) {
+        const std::string dev = ggml_backend_dev_name(m.plan.vision);
         return line("device", dev + " (mllama's CPU kernels are never used on it)") +
-               line("vision encoder, projector, cross K/V", "ggml on " + dev) +
-               line("text layers", std::to_string(m.info.n_gpu_layers) + " of " + std::to_string(m.hp.text.n_layer) +
-                                       " on " + dev + ", the rest " + ggml_cpu) +
+               line("vision encoder, projector", "ggml on " + dev) +
+               line("text layers", text_devices(m) + "; on the CPU: " + ggml_cpu) +
                line("ops the device lacks", ggml_cpu + " (the scheduler's fallback)");
     }
+    const std::string others = all_text_on_cpu(m) ? "" : line("text layers", text_devices(m) + " (ggml there)");
     const vision_options opt = vision_options_for(m, c.kernels);
     const bool xattn = c.kernels.may_run(cpu_kernel::xattn) && !c.state.cross_k.empty() &&
                        c.state.cross_k[0]->type == GGML_TYPE_F16;
@@ -48,7 +76,7 @@ std::string op_paths(const mllama_context & c) {
            line("decode cross-attention", xattn ? "mllama GQA kernel over the F16 image cache (x86 AVX-512)"
                                                 : ggml_cpu + ": flash_attn_ext") +
            line("self-attention, prefill cross-attention", ggml_cpu + ": flash_attn_ext") +
-           line("text matrices", ggml_cpu + ": mul_mat, " + repacked + " in ggml's repacked CPU layout");
+           line("text matrices", ggml_cpu + ": mul_mat, " + repacked + " in ggml's repacked CPU layout") + others;
 }
 
 }  // namespace mllama

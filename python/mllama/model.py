@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,6 +18,7 @@ from ._native.errors import MllamaError, ModelLoadError
 from ._native.ffi import call, cstr, ffi, lib, struct_to_dict
 from ._native.handle import Handle
 from ._native.log import LOG_CALLBACK, log_level_for, logger
+from ._native.placement import Placement, fill_params, read_placement
 from ._native.slot_state import slot_state_info
 from ._native.system import context_defaults
 from .generation.api import GenerationMixin
@@ -77,7 +79,10 @@ class Model(Handle, GenerationMixin):
     Encoded images are cached by content (mllama.generation.image_cache): in memory up to
     `image_cache_bytes` (an int or a string such as "512M"; 0: off; default: max(n_image_slots, 4) x the
     largest image's slot blob) and, with `image_cache_dir`, in that directory for other processes
-    ("": off); None takes MLLAMA_IMAGE_CACHE_BYTES / MLLAMA_IMAGE_CACHE_DIR.
+    ("": off); None takes MLLAMA_IMAGE_CACHE_BYTES / MLLAMA_IMAGE_CACHE_DIR. Several devices: `rpc` lists ggml RPC
+    workers ("host:port", `mllama rpc-server`; None takes MLLAMA_RPC), `devices` the devices the text layers are
+    split over in order (default: local GPUs, then the workers' devices), `tensor_split` their shares (default:
+    their free memory); `device` places the vision tower; `placement` says where everything went and why.
     Use as a context manager or call close(); raises ModelLoadError with the reason on failure.
     Threads may share a Model: their generations queue in its batch scheduler and, with n_seq_max > 1, run together.
     """
@@ -91,6 +96,8 @@ class Model(Handle, GenerationMixin):
                  repack: bool | None = None, cpu_kernels: str | None = None, profile: str | os.PathLike | None = None,
                  dump_dir: str | os.PathLike | None = None, dump_filter: str | None = None,
                  image_cache_dir: str | os.PathLike | None = None, image_cache_bytes: int | str | None = None,
+                 rpc: str | Sequence[str] | None = None, devices: str | Sequence[str] | None = None,
+                 tensor_split: Sequence[float] | str | None = None, rpc_timeout: float | None = None,
                  log: logging.Logger | None = None):
         env = environment()
         self.path, self.projector = _resolve(path, projector)
@@ -110,6 +117,8 @@ class Model(Handle, GenerationMixin):
         params.log_level = log_level_for(self._log)
         params.log_callback = LOG_CALLBACK
         params.log_user_data = self._log_handle
+        keep = fill_params(params, strings, rpc=env.rpc if rpc is None else rpc, devices=devices,
+                           tensor_split=tensor_split, rpc_timeout=rpc_timeout)  # noqa: F841 (alive over the call)
         out = ffi.new("mllama_model **")
         call(lib.mllama_model_load, os.fsencode(self.path), strings(self.projector), params, out, error=ModelLoadError)
         model_ptr = out[0]
@@ -147,6 +156,11 @@ class Model(Handle, GenerationMixin):
         except BaseException:
             self.close()
             raise
+
+    @property
+    def placement(self) -> list[Placement]:
+        """Where the vision tower, the token embedding, each run of text layers and the output went, and why."""
+        return read_placement(self._handle())
 
     @property
     def scheduler(self) -> Scheduler:

@@ -1,5 +1,5 @@
 """The `mllama` command line: one module per command (chat, describe, serve, demo, bench, convert,
-info), each with `add_parser(sub)` and `run(args)`; common.py holds what they share."""
+info, rpc-server), each with `add_parser(sub)` and `run(args)`; common.py holds what they share."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 
 from .._native.errors import MllamaError
 from .._version import __version__
-from . import bench, chat, convert, demo, describe, info, serve
+from . import bench, chat, convert, demo, describe, info, rpc_server, serve
 
-COMMANDS = (convert, chat, describe, serve, demo, bench, info)
+COMMANDS = (convert, chat, describe, serve, demo, bench, info, rpc_server)
 
 
 def build_parser() -> argparse.ArgumentParser:

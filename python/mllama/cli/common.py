@@ -41,7 +41,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model",
                    help="a GGUF file or an Ollama model name like llama3.2-vision:11b (default: $MLLAMA_MODEL)")
     p.add_argument("--projector", help="the projector file of an Ollama 0.4-0.6 text model")
-    p.add_argument("--device", default="auto", help="compute device: auto, cpu or a device name (default auto)")
+    p.add_argument("--device", default="auto",
+                   help="the vision tower's device and the GPU for the text layers: auto, cpu or a device name")
+    p.add_argument("--rpc", help="ggml RPC workers host:port,host:port (`mllama rpc-server`; default $MLLAMA_RPC)")
+    p.add_argument("--devices", help="the devices the text layers are split over, in order (e.g. RPC0,RPC1,CPU)")
+    p.add_argument("--tensor-split", help="their shares of the text layers, e.g. 3,1 (default: their free memory)")
+    p.add_argument("--n-gpu-layers", type=int, default=-1, help="text layers on the device list (default: all)")
     p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default min(trained, 4096))")
     p.add_argument("-v", "--verbose", action="store_true", help="show time to first token and tokens/s")
 
@@ -80,9 +85,15 @@ def sampling_from(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in SAMPLING_KEYS if getattr(args, k, None) is not None}
 
 
+def placement_from(args: argparse.Namespace) -> dict:
+    """The device placement flags as Model keyword arguments."""
+    return {"device": args.device, "rpc": args.rpc, "devices": args.devices, "tensor_split": args.tensor_split,
+            "n_gpu_layers": args.n_gpu_layers}
+
+
 def load_model(args: argparse.Namespace, **params) -> Model:
-    return Model(model_arg(args.model), projector=getattr(args, "projector", None), n_ctx=args.ctx, device=args.device,
-                 **params)
+    return Model(model_arg(args.model), projector=getattr(args, "projector", None), n_ctx=args.ctx,
+                 **placement_from(args), **params)
 
 
 def check_images(paths: list[str]) -> list[str]:

@@ -6,12 +6,14 @@ import argparse
 import json
 import sys
 from collections import Counter
+from dataclasses import asdict
 
 from .._native.cpu_features import cpu_report, warning
+from .._native.placement import Placement
 from .._native.system import devices, system_info
 from ..model import Model
 from ..settings import environment
-from .common import human, model_arg
+from .common import human, model_arg, placement_from
 
 FORMATS = {0: "mllama", 1: "ollama", 2: "ollama-split"}
 
@@ -20,8 +22,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("info", help="show a model's hyperparameters, tensors and the devices")
     p.add_argument("model", nargs="?", help="a GGUF file (default: $MLLAMA_MODEL); none: list devices")
     p.add_argument("-m", "--model", dest="model_opt", help=argparse.SUPPRESS)
-    p.add_argument("--device", default="cpu", help="device to load on (default cpu)")
     p.add_argument("--projector", help="the projector file of an Ollama 0.4-0.6 text model")
+    p.add_argument("--device", default="cpu", help="the vision tower's device (default cpu)")
+    p.add_argument("--rpc", help="ggml RPC workers host:port,host:port (default $MLLAMA_RPC)")
+    p.add_argument("--devices", help="the devices the text layers are split over, in order")
+    p.add_argument("--tensor-split", help="their shares of the text layers (default: their free memory)")
+    p.add_argument("--n-gpu-layers", type=int, default=-1, help="text layers on the device list (default: all)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -53,7 +59,7 @@ def model_summary(model: Model) -> dict:
         "n_threads": info["n_threads"], "use_mmap": bool(info["use_mmap"]), "hparams": model.hparams.as_dict(),
         "format": FORMATS.get(info["format"], "unknown"),
         "conventions": info["conventions"], "projector": str(model.projector) if model.projector else None,
-        "op_paths": model.op_paths(),
+        "op_paths": model.op_paths(), "placement": [asdict(p) for p in model.placement],
     }
 
 
@@ -78,6 +84,9 @@ def print_summary(summary: dict) -> None:
           f"eom {hp['eom_token_id']}, pad {hp['pad_token_id']}, image {hp['image_token_id']}")
     mmap = "on" if summary["use_mmap"] else "off"
     print(f"  runtime: device {summary['device']}, {summary['n_threads']} threads, mmap {mmap}")
+    print("  placement:")
+    for entry in summary["placement"]:
+        print(f"    {Placement(**entry).describe()}")
     print("  ops on this machine:")
     for family, path in summary["op_paths"].items():
         print(f"    {family}: {path}")
@@ -88,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if not target and not environment().model:
         print_devices()
         return 0
-    with Model(model_arg(target), projector=args.projector, device=args.device) as model:
+    with Model(model_arg(target), projector=args.projector, **placement_from(args)) as model:
         summary = model_summary(model)
     if args.json:
         summary["devices"] = devices()

@@ -28,6 +28,10 @@ def create_app(model, *, max_queue: int = 8, max_body_bytes: int = 32 * 1024 * 1
     @app.get("/health")
     async def health():
         scheduler = model.scheduler
+        if model.info["lost_worker"]:  # its weights on that worker are gone: 503 until restarted
+            return JSONResponse({"status": "error", "model": model_id,
+                                 "error": "an RPC worker holding part of the model failed: restart the server"},
+                                status_code=503)
         return {"status": "ok", "model": model_id, "running": len(scheduler.running), "waiting": queue.waiting,
                 "sequences": model.n_seq_max}
 

@@ -1,0 +1,168 @@
+#include "model/devices.h"
+
+#include "common/error.h"
+#include "runtime/backend.h"
+#include "runtime/rpc.h"
+
+#include "ggml-backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+
+namespace mllama {
+
+inline constexpr int k_default_rpc_timeout_ms = 10000;
+
+std::vector<int> split_layers(int n_layer, int n_offload, const std::vector<float> & proportions) {
+    if (n_layer < 0) fail(MLLAMA_ERR_INVALID_ARGUMENT, "n_layer %d < 0", n_layer);
+    double total = 0.0;
+    for (float p : proportions) {
+        if (!std::isfinite(p) || p < 0.0f) fail(MLLAMA_ERR_INVALID_ARGUMENT, "tensor_split values must be >= 0");
+        total += p;
+    }
+    const int n_dev = static_cast<int>(proportions.size());
+    if (n_offload < 0 || n_offload > n_layer) n_offload = n_layer;
+    if (n_offload > 0 && (n_dev == 0 || total <= 0.0)) {
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "tensor_split must give a device a share (%d values, sum %g)", n_dev, total);
+    }
+    std::vector<double> cumulative(static_cast<size_t>(n_dev));
+    double sum = 0.0;
+    for (int d = 0; d < n_dev; ++d) cumulative[d] = (sum += proportions[d]) / total;
+    std::vector<int> out(static_cast<size_t>(n_layer), -1);
+    const int first = n_layer - n_offload;
+    for (int il = first; il < n_layer; ++il) {
+        const double at = static_cast<double>(il - first) / n_offload;  // where the layer starts in [0, 1)
+        const auto it = std::upper_bound(cumulative.begin(), cumulative.end(), at);
+        out[il] = std::min(static_cast<int>(it - cumulative.begin()), n_dev - 1);
+    }
+    return out;
+}
+
+static std::vector<std::string> split_list(const char * list) {
+    std::vector<std::string> out;
+    std::string item;
+    for (const char * p = list ? list : ""; ; ++p) {
+        if (*p == ',' || *p == '\0') {
+            const size_t b = item.find_first_not_of(' '), e = item.find_last_not_of(' ');
+            if (b != std::string::npos) out.push_back(item.substr(b, e - b + 1));
+            item.clear();
+            if (*p == '\0') break;
+        } else {
+            item += *p;
+        }
+    }
+    return out;
+}
+
+ggml_backend_dev_t find_device(const std::string & name, const std::vector<ggml_backend_dev_t> & rpc_devices) {
+    for (ggml_backend_dev_t dev : rpc_devices) {
+        if (name == ggml_backend_dev_name(dev) || name == rpc_endpoint(dev)) return dev;
+    }
+    return select_device(name.c_str());  // the registry's devices, "cpu"; fails on unknown names
+}
+
+static bool is_gpu(ggml_backend_dev_t dev, enum ggml_backend_dev_type type) {
+    return ggml_backend_dev_type(dev) == type;
+}
+
+// The local GPUs the text layers go to when no device list is given.
+static std::vector<ggml_backend_dev_t> local_gpus(const std::string & device) {
+    std::vector<ggml_backend_dev_t> out;
+    if (device == "cpu" || device == "CPU") return out;
+    if (!device.empty() && device != "auto") {
+        ggml_backend_dev_t dev = select_device(device.c_str());
+        if (!is_cpu(dev)) out.push_back(dev);
+        return out;
+    }
+    for (auto type : {GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU}) {  // integrated ones if no other
+        for (int i = 0; i < device_count(); ++i) {
+            if (is_gpu(device_at(i), type)) out.push_back(device_at(i));
+        }
+        if (!out.empty()) break;
+    }
+    return out;
+}
+
+static std::string describe_split(const std::vector<float> & proportions, bool given) {
+    std::string s = given ? "tensor_split" : "free memory (GiB)";
+    for (size_t i = 0; i < proportions.size(); ++i) {
+        char buf[32];
+        std::snprintf(buf, sizeof(buf), given ? "%s%g" : "%s%.1f", i ? ", " : " ",
+                      given ? proportions[i] : proportions[i] / 1073741824.0);
+        s += buf;
+    }
+    return s;
+}
+
+static void choose_split(device_plan & plan, const mllama_model_params & params) {
+    const size_t n_dev = plan.devices.size();
+    if (params.tensor_split && params.n_tensor_split > 0) {
+        if (static_cast<size_t>(params.n_tensor_split) != n_dev) {
+            fail(MLLAMA_ERR_INVALID_ARGUMENT, "tensor_split has %d values for %zu devices", params.n_tensor_split,
+                 n_dev);
+        }
+        plan.proportions.assign(params.tensor_split, params.tensor_split + n_dev);
+        plan.split_reason = describe_split(plan.proportions, true);
+        return;
+    }
+    for (ggml_backend_dev_t dev : plan.devices) {
+        size_t free_mem = 0, total_mem = 0;
+        ggml_backend_dev_memory(dev, &free_mem, &total_mem);
+        plan.proportions.push_back(static_cast<float>(free_mem));
+    }
+    if (std::accumulate(plan.proportions.begin(), plan.proportions.end(), 0.0) <= 0.0) {
+        plan.proportions.assign(n_dev, 1.0f);  // no device reports its memory: an even split
+    }
+    plan.split_reason = describe_split(plan.proportions, false);
+}
+
+static void choose_vision(device_plan & plan, const mllama_model_params & params,
+                          const std::vector<ggml_backend_dev_t> & rpc_devices) {
+    const std::string want = params.device ? params.device : "";
+    if (!want.empty() && want != "auto") {
+        plan.vision = find_device(want, rpc_devices);
+        plan.vision_reason = "device=\"" + want + "\"";
+        return;
+    }
+    const std::vector<ggml_backend_dev_t> gpus = local_gpus("");
+    plan.vision = gpus.empty() ? cpu_device() : gpus[0];
+    plan.vision_reason = gpus.empty() ? "auto: no local GPU" : "auto: the first local GPU";
+}
+
+bool cpu_kernels_allowed_on(const device_plan & plan, ggml_backend_dev_t dev) {
+    if (!is_cpu(dev)) return false;
+    std::vector<ggml_backend_dev_t> used = plan.layers;
+    used.push_back(plan.vision);
+    auto cpu_or_rpc = [](ggml_backend_dev_t d) { return is_cpu(d) || !rpc_endpoint(d).empty(); };
+    return std::all_of(used.begin(), used.end(), cpu_or_rpc);
+}
+
+device_plan plan_devices(const mllama_model_params & params, int n_layer) {
+    device_plan plan;
+    std::vector<ggml_backend_dev_t> rpc_devices;
+    const int timeout_ms = params.rpc_timeout_ms > 0 ? params.rpc_timeout_ms : k_default_rpc_timeout_ms;
+    for (const std::string & endpoint : split_list(params.rpc_servers)) {
+        for (ggml_backend_dev_t dev : rpc_connect(endpoint, timeout_ms)) rpc_devices.push_back(dev);
+        plan.endpoints.push_back(endpoint);
+    }
+    choose_vision(plan, params, rpc_devices);
+    const std::vector<std::string> names = split_list(params.devices);
+    for (const std::string & name : names) plan.devices.push_back(find_device(name, rpc_devices));
+    if (names.empty()) {
+        plan.devices = local_gpus(params.device ? params.device : "");
+        plan.devices.insert(plan.devices.end(), rpc_devices.begin(), rpc_devices.end());
+    }
+    const bool cpu_only = plan.devices.empty() || (plan.devices.size() == 1 && is_cpu(plan.devices[0]));
+    if (cpu_only) plan.devices.assign(1, cpu_device());
+    choose_split(plan, params);
+    const int wanted = params.n_gpu_layers < 0 ? n_layer : std::min(params.n_gpu_layers, n_layer);
+    plan.n_offload = cpu_only ? 0 : wanted;
+    const std::vector<int> split = split_layers(n_layer, plan.n_offload, plan.proportions);
+    for (int d : split) plan.layers.push_back(d < 0 ? cpu_device() : plan.devices[static_cast<size_t>(d)]);
+    plan.layers.push_back(plan.layers.empty() ? cpu_device() : plan.layers.back());  // the output: the last layer's
+    return plan;
+}
+
+}  // namespace mllama

@@ -1,0 +1,48 @@
+// ggml's RPC backend, reached only through the backend registry ("RPC" and its proc addresses), so
+// the same mllama build runs with a ggml built with or without -DGGML_RPC=ON. No network code of
+// our own beyond a reachability check: the protocol, the server and the transport are ggml's.
+//
+// Faults: ggml-rpc aborts the process when a worker dies or answers nonsense (GGML_ABORT). mllama
+// installs an abort callback that turns the aborts raised inside ggml-rpc into an `rpc_fault`
+// exception on the calling thread (other aborts keep ggml's behaviour), so that a lost worker is a
+// status code naming the endpoint instead of a dead process.
+#pragma once
+
+#include "common/error.h"
+
+#include <string>
+#include <vector>
+
+struct ggml_backend_device;
+typedef struct ggml_backend_device * ggml_backend_dev_t;
+
+namespace mllama {
+
+// A worker failed while in use (connection lost, malformed answer). The message is ggml's.
+struct rpc_fault : error {
+    explicit rpc_fault(const std::string & msg) : error(MLLAMA_ERR_BACKEND, msg) {}
+};
+
+// The loaded ggml has the RPC backend (-DGGML_RPC=ON).
+bool rpc_supported();
+
+// Connects to the worker at "host:port" and returns its devices (ggml names them RPC0, RPC1, ...
+// process-wide; their description is the endpoint). Fails with MLLAMA_ERR_BACKEND naming the
+// endpoint within about timeout_ms when nothing answers there, or when it is not a ggml RPC server
+// of this protocol version; with MLLAMA_ERR_UNSUPPORTED when ggml was built without RPC.
+std::vector<ggml_backend_dev_t> rpc_connect(const std::string & endpoint, int timeout_ms);
+
+// The endpoint of an RPC device ("" for other devices).
+std::string rpc_endpoint(ggml_backend_dev_t dev);
+
+// TCP reachability of "host:port" within timeout_ms (a connect, closed at once).
+bool endpoint_reachable(const std::string & endpoint, int timeout_ms);
+
+// The endpoints among `endpoints` that do not accept a connection now (for fault messages).
+std::vector<std::string> unreachable(const std::vector<std::string> & endpoints, int timeout_ms);
+
+// Serves the devices named (comma list; "" the first GPU, else the CPU) at endpoint until the
+// process ends; cache_dir (or "") is ggml's local tensor cache. Blocks.
+void rpc_serve(const std::string & endpoint, const std::string & devices, int n_threads, const std::string & cache_dir);
+
+}  // namespace mllama

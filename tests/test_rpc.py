@@ -1,0 +1,227 @@
+"""A model split over ggml RPC workers (`mllama rpc-server` processes on loopback) and the local CPU:
+the same logits and tokens as the local run, the placement report, and the faults (a worker killed
+mid-generation, never started, the wrong port) as exceptions naming the endpoint.
+
+Needs a ggml built with -DGGML_RPC=ON (.ci/run builds one); elsewhere these tests skip, or fail
+under MLLAMA_REQUIRE_RPC=1 (CI)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mllama
+from mllama._native.errors import MllamaError
+from mllama._native.placement import rpc_supported
+
+if not rpc_supported():
+    if os.environ.get("MLLAMA_REQUIRE_RPC") == "1":
+        raise RuntimeError("MLLAMA_REQUIRE_RPC=1 but the loaded ggml has no RPC backend")
+    pytest.skip("the loaded ggml has no RPC backend (build it with CMAKE_ARGS=-DGGML_RPC=ON)", allow_module_level=True)
+
+FAULT_DEADLINE_S = 60  # the issue's bound for a fault to become an exception
+
+
+def nmse(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.sum((a - b) ** 2) / np.sum(b ** 2))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_worker(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "mllama", "rpc-server", "--port", str(port), "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"rpc-server exited: {proc.stderr.read().decode()}")
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("rpc-server did not start listening")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def workers():
+    ports = [free_port(), free_port()]
+    procs = [start_worker(p) for p in ports]
+    yield [f"127.0.0.1:{p}" for p in ports]
+    for proc in procs:
+        stop(proc)
+
+
+def image(seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (100, 100, 3), dtype=np.uint8))
+
+
+MESSAGES = {
+    "text": [{"role": "user", "content": "Tell me a story about a lighthouse."}],
+    "image": [{"role": "user", "content": [{"type": "image", "image": image()},
+                                           {"type": "text", "text": "Describe this image."}]}],
+}
+
+
+@pytest.fixture(scope="module")
+def local(gguf_f32):
+    with mllama.Model(gguf_f32, n_ctx=256) as m:
+        yield {name: (m.forward(*m.chat_prompt(msgs)),
+                      list(m.generate_tokens(*m.chat_prompt(msgs), temperature=0.0, max_tokens=16)))
+               for name, msgs in MESSAGES.items()}
+
+
+def text_runs(model) -> list[tuple[int, int, str]]:
+    return [(p.first_layer, p.n_layers, p.endpoint or p.device) for p in model.placement if p.component == "text"]
+
+
+@pytest.mark.parametrize("name", MESSAGES)
+def test_split_over_two_workers_and_the_cpu_matches_local(gguf_f32, workers, local, name):
+    # 4 text layers, shares 1:2:1 -> layer 0 on the first worker, 1-2 on the second, 3 (and the output) here
+    with mllama.Model(gguf_f32, n_ctx=256, rpc=workers, devices=[*workers, "CPU"], tensor_split=[1, 2, 1]) as m:
+        assert text_runs(m) == [(0, 1, workers[0]), (1, 2, workers[1]), (3, 1, "CPU")]
+        by_component = {p.component: p for p in m.placement}
+        assert by_component["vision"].device == "CPU"  # the tower stays local
+        assert by_component["output"].device == "CPU" and "tensor_split 1, 2, 1" in m.placement[2].reason
+        tokens, images = m.chat_prompt(MESSAGES[name])
+        logits = m.forward(tokens, images)
+        greedy = list(m.generate_tokens(tokens, images, temperature=0.0, max_tokens=16))
+    ref_logits, ref_greedy = local[name]
+    assert nmse(logits, ref_logits) <= 1e-6
+    assert greedy == ref_greedy
+
+
+def test_default_split_puts_layers_on_the_workers_only(gguf_f32, workers, local):
+    with mllama.Model(gguf_f32, n_ctx=256, rpc=workers, tensor_split=[3, 1]) as m:
+        assert text_runs(m) == [(0, 3, workers[0]), (3, 1, workers[1])]
+        assert m.placement[-1].endpoint == workers[1]  # the output goes with the last layer
+        assert m.info["n_gpu_layers"] == 4
+        assert "text layers" in m.op_paths()
+        tokens, images = m.chat_prompt(MESSAGES["image"])
+        assert nmse(m.forward(tokens, images), local["image"][0]) <= 1e-6
+
+
+def test_vision_tower_on_a_worker(gguf_f32, workers, local):
+    with mllama.Model(gguf_f32, n_ctx=256, rpc=workers[:1], device=workers[0], devices=["CPU"]) as m:
+        vision = m.placement[0]
+        assert (vision.component, vision.endpoint) == ("vision", workers[0])
+        assert text_runs(m) == [(0, 4, "CPU")]
+        tokens, images = m.chat_prompt(MESSAGES["image"])
+        assert nmse(m.forward(tokens, images), local["image"][0]) <= 1e-6
+
+
+def test_n_gpu_layers_keeps_the_first_layers_local(gguf_f32, workers):
+    with mllama.Model(gguf_f32, n_ctx=256, rpc=workers[:1], n_gpu_layers=1) as m:
+        assert text_runs(m) == [(0, 3, "CPU"), (3, 1, workers[0])]
+        assert "n_gpu_layers 1" in m.placement[2].reason
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(tensor_split=[1, 1, 1]), "tensor_split has 3 values for 2 devices"),
+    (dict(tensor_split=[0, 0]), "tensor_split must be weights"),
+    (dict(devices=["RPC-nonexistent"]), "unknown device"),
+])
+def test_bad_placement_arguments_are_clear_errors(gguf_f32, workers, kwargs, message):
+    with pytest.raises((MllamaError, ValueError), match=message):
+        mllama.Model(gguf_f32, n_ctx=256, rpc=workers, **kwargs)
+
+
+@pytest.mark.parametrize("endpoint", ["never-started", "wrong-port", "not-host-port"])
+def test_unreachable_worker_at_load(gguf_f32, endpoint):
+    target = {"never-started": f"127.0.0.1:{free_port()}", "wrong-port": "127.0.0.1:9",
+              "not-host-port": "localhost"}[endpoint]
+    start = time.monotonic()
+    with pytest.raises(MllamaError) as err:
+        mllama.Model(gguf_f32, n_ctx=256, rpc=[target])
+    assert time.monotonic() - start < FAULT_DEADLINE_S
+    assert target in str(err.value)
+    with mllama.Model(gguf_f32, n_ctx=256) as m:  # the next model in this process works
+        assert m.forward([128000, 9906])[-1].shape == (128256,)
+
+
+@pytest.mark.parametrize("peer", ["silent", "http"])
+def test_a_listener_that_is_not_a_worker(gguf_f32, peer):
+    """A service that accepts the connection and never answers, or answers in another protocol."""
+    import threading
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        endpoint = f"127.0.0.1:{listener.getsockname()[1]}"
+
+        def answer_http():  # every connection (mllama's reachability check, then ggml's)
+            try:
+                while True:
+                    conn, _ = listener.accept()
+                    with conn:
+                        if conn.recv(64):
+                            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            except OSError:  # the listener closed at the end of the test
+                return
+
+        if peer == "http":
+            threading.Thread(target=answer_http, daemon=True).start()
+        start = time.monotonic()
+        with pytest.raises(MllamaError, match=endpoint):
+            mllama.Model(gguf_f32, n_ctx=256, rpc=[endpoint], rpc_timeout=2)
+        elapsed = time.monotonic() - start
+        assert elapsed < (2 + 5 + 1 if peer == "silent" else 1.5)  # silent: the timeout, then <= 5 s to unblock
+
+
+def test_worker_killed_mid_generation(gguf_f32, local):
+    port = free_port()
+    proc = start_worker(port)
+    endpoint = f"127.0.0.1:{port}"
+    fds_before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    try:
+        m = mllama.Model(gguf_f32, n_ctx=256, rpc=[endpoint], devices=[endpoint, "CPU"], tensor_split=[1, 1])
+        tokens, images = m.chat_prompt(MESSAGES["text"])
+        stream = m.generate_tokens(tokens, images, temperature=0.0, max_tokens=64)
+        first = [next(stream) for _ in range(4)]
+        assert first == local["text"][1][:4]
+        stop(proc)
+        start = time.monotonic()
+        with pytest.raises(MllamaError, match=endpoint):
+            for _ in stream:
+                pass
+        assert time.monotonic() - start < FAULT_DEADLINE_S
+        with pytest.raises(MllamaError, match="failed earlier|close"):  # the model refuses to run on
+            m.forward(tokens)
+        assert m.info["lost_worker"] == 1  # what `mllama serve`'s /health reports (503)
+        m.close()
+    finally:
+        stop(proc) if proc.poll() is None else None
+    if fds_before is not None:  # at most the dead worker's socket stays open (README: Faults)
+        assert len(os.listdir("/proc/self/fd")) <= fds_before + 1
+    with mllama.Model(gguf_f32, n_ctx=256) as again:
+        assert nmse(again.forward(*again.chat_prompt(MESSAGES["text"])), local["text"][0]) <= 1e-12
+
+
+def test_split_arithmetic_matches_llama_cpp_rule():
+    from mllama._native.placement import split_layers
+
+    assert split_layers(4, -1, [1, 1]) == [0, 0, 1, 1]
+    assert split_layers(5, -1, [1, 1]) == [0, 0, 0, 1, 1]
+    assert split_layers(4, 2, [1]) == [-1, -1, 0, 0]
+    assert split_layers(40, -1, [1, 0, 3]) == [0] * 10 + [2] * 30
+    assert split_layers(3, 0, [1]) == [-1, -1, -1]
+    with pytest.raises(ValueError, match="tensor_split"):
+        split_layers(4, -1, [0, 0])
