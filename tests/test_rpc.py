@@ -215,6 +215,29 @@ def test_worker_killed_mid_generation(gguf_f32, local):
         assert nmse(again.forward(*again.chat_prompt(MESSAGES["text"])), local["text"][0]) <= 1e-12
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the I/O timeout finds ggml's sockets in /proc")
+def test_worker_that_stops_answering(gguf_f32):
+    """A frozen worker (SIGSTOP: connected, silent) fails the call after rpc_io_timeout instead of hanging."""
+    import signal
+
+    port = free_port()
+    proc = start_worker(port)
+    endpoint = f"127.0.0.1:{port}"
+    try:
+        with mllama.Model(gguf_f32, n_ctx=256, rpc=[endpoint], rpc_io_timeout=3) as m:
+            tokens, _ = m.chat_prompt(MESSAGES["text"])
+            m.forward(tokens)
+            proc.send_signal(signal.SIGSTOP)
+            start = time.monotonic()
+            with pytest.raises(MllamaError, match=endpoint):
+                m.forward(tokens[:-1] + [tokens[0]])
+            assert 3 <= time.monotonic() - start < 3 + 10
+            assert m.info["lost_worker"] == 1
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        stop(proc)
+
+
 def test_split_arithmetic_matches_llama_cpp_rule():
     from mllama._native.placement import split_layers
 
@@ -225,3 +248,21 @@ def test_split_arithmetic_matches_llama_cpp_rule():
     assert split_layers(3, 0, [1]) == [-1, -1, -1]
     with pytest.raises(ValueError, match="tensor_split"):
         split_layers(4, -1, [0, 0])
+
+
+@pytest.mark.parametrize("host,warns", [("127.0.0.1", False), ("0.0.0.0", True)])
+def test_rpc_server_warns_when_reachable_from_other_machines(host, warns):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mllama", "rpc-server", "--host", host, "--port", str(port),
+                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):  # until it listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+    assert ("no authentication" in err) == warns, err

@@ -70,7 +70,7 @@ typedef struct mllama_context mllama_context;
 typedef void (*mllama_log_callback)(int32_t level, const char * text, void * user_data);
 
 /* Defaults (mllama_model_default_params): n_threads 0, device NULL, n_gpu_layers -1, use_mmap 1, check_tensors 0,
- * log_level MLLAMA_LOG_WARN, no log callback, repack 1, rpc_servers/devices/tensor_split NULL, rpc_timeout_ms 0. */
+ * log_level MLLAMA_LOG_WARN, no log callback, repack 1, rpc_servers/devices/tensor_split NULL, rpc_timeout_ms 0, rpc_io_timeout_s 0. */
 typedef struct mllama_model_params {
     int32_t n_threads;         /* CPU threads for compute; <= 0: the number of physical cores */
     const char * device;       /* the vision tower's device, and the GPU the text layers go to unless `devices` is
@@ -93,6 +93,8 @@ typedef struct mllama_model_params {
                                   >= 0, one per device of the list */
     int32_t n_tensor_split;
     int32_t rpc_timeout_ms;    /* how long connecting to a worker may take; <= 0: 10000 */
+    int32_t rpc_io_timeout_s;  /* how long one answer of a worker may take (a whole graph's compute on it) before the
+                                  call fails and the model is lost (Linux); <= 0: 600 */
 } mllama_model_params;
 
 /* Defaults (mllama_context_default_params): n_ctx 0 (resolved to min(trained context, 4096)), n_batch 512,

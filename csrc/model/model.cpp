@@ -95,6 +95,7 @@ mllama_model_params default_model_params() {
     p.tensor_split = nullptr;
     p.n_tensor_split = 0;
     p.rpc_timeout_ms = 0;
+    p.rpc_io_timeout_s = 0;
     return p;
 }
 
@@ -188,6 +189,9 @@ std::unique_ptr<mllama_model> load_model(const char * path, const char * project
     fill_info(*m);
     if (m->conv.cross_qk_permuted) permute_cross_norms(*m);
     report_placement(*m);
+    if (!m->plan.endpoints.empty()) {
+        set_io_timeouts(m->plan.endpoints, m->params.rpc_io_timeout_s > 0 ? m->params.rpc_io_timeout_s : 600);
+    }
     m->log.log(MLLAMA_LOG_INFO, "loaded '%s': %lld tensors, %.1f MiB on %s (%s)", path, (long long) m->info.n_tensors,
                m->info.n_bytes_weights / 1048576.0, m->info.device, m->conv.describe().c_str());
     return m;

@@ -21,6 +21,7 @@
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <unistd.h>
 #endif
 
@@ -138,9 +139,9 @@ static bool same_peer(const sockaddr_storage & peer, const addrinfo * ai) {
     return a->sin6_port == b->sin6_port && std::memcmp(&a->sin6_addr, &b->sin6_addr, sizeof(a->sin6_addr)) == 0;
 }
 
-// Shuts down this process's TCP connections to endpoint (found through /proc/self/fd: Linux), so that
-// a ggml call blocked reading from one of them returns (and fails).
-static void shutdown_connections(const std::string & host, const std::string & port) {
+// Calls fn(fd) for each of this process's TCP connections to host:port (found through /proc/self/fd: Linux).
+template <typename Fn>
+static void for_connections(const std::string & host, const std::string & port, Fn && fn) {
     addrinfo hints{};
     hints.ai_socktype = SOCK_STREAM;
     addrinfo * found = nullptr;
@@ -154,14 +155,40 @@ static void shutdown_connections(const std::string & host, const std::string & p
             if (fd <= 2 || fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode)) continue;
             if (getpeername(fd, reinterpret_cast<sockaddr *>(&peer), &len) != 0) continue;
             for (addrinfo * ai = found; ai; ai = ai->ai_next) {
-                if (same_peer(peer, ai)) shutdown(fd, SHUT_RDWR);
+                if (same_peer(peer, ai)) {
+                    fn(fd);
+                    break;
+                }
             }
         }
         closedir(dir);
     }
     freeaddrinfo(found);
 }
+
+// Shuts down the connections to host:port, so that a ggml call blocked reading from one returns (and fails).
+static void shutdown_connections(const std::string & host, const std::string & port) {
+    for_connections(host, port, [](int fd) { shutdown(fd, SHUT_RDWR); });
+}
 #endif
+
+void set_io_timeouts(const std::vector<std::string> & endpoints, int seconds) {
+#if MLLAMA_HAVE_SOCKETS
+    for (const std::string & endpoint : endpoints) {
+        std::string host, port;
+        if (!split_endpoint(endpoint, host, port)) continue;
+        for_connections(host, port, [seconds](int fd) {
+            timeval tv{};
+            tv.tv_sec = seconds;
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+            setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+        });
+    }
+#else
+    (void) endpoints;
+    (void) seconds;
+#endif
+}
 
 // ggml's add_server, given timeout_ms to complete its handshake: it blocks without limit on a peer
 // that accepts the connection and never answers (a service that is not a ggml RPC server).

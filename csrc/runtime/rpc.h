@@ -38,6 +38,11 @@ std::string rpc_endpoint(ggml_backend_dev_t dev);
 // TCP reachability of "host:port" within timeout_ms (a connect, closed at once).
 bool endpoint_reachable(const std::string & endpoint, int timeout_ms);
 
+// Bounds how long this process's connections to these workers wait for an answer (or to send):
+// seconds per call, after which ggml's call fails (an rpc_fault) instead of blocking on a worker
+// that stopped answering. Linux (the connections are found through /proc/self/fd); elsewhere a no-op.
+void set_io_timeouts(const std::vector<std::string> & endpoints, int seconds);
+
 // The endpoints among `endpoints` that do not accept a connection now (for fault messages).
 std::vector<std::string> unreachable(const std::vector<std::string> & endpoints, int timeout_ms);
 

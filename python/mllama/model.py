@@ -82,7 +82,8 @@ class Model(Handle, GenerationMixin):
     ("": off); None takes MLLAMA_IMAGE_CACHE_BYTES / MLLAMA_IMAGE_CACHE_DIR. Several devices: `rpc` lists ggml RPC
     workers ("host:port", `mllama rpc-server`; None takes MLLAMA_RPC), `devices` the devices the text layers are
     split over in order (default: local GPUs, then the workers' devices), `tensor_split` their shares (default:
-    their free memory); `device` places the vision tower; `placement` says where everything went and why.
+    their free memory); `device` places the vision tower; `placement` says where everything went and why;
+    `rpc_timeout` (s, default 10) bounds connecting to a worker, `rpc_io_timeout` (s, default 600) one answer of it.
     Use as a context manager or call close(); raises ModelLoadError with the reason on failure.
     Threads may share a Model: their generations queue in its batch scheduler and, with n_seq_max > 1, run together.
     """
@@ -98,6 +99,7 @@ class Model(Handle, GenerationMixin):
                  image_cache_dir: str | os.PathLike | None = None, image_cache_bytes: int | str | None = None,
                  rpc: str | Sequence[str] | None = None, devices: str | Sequence[str] | None = None,
                  tensor_split: Sequence[float] | str | None = None, rpc_timeout: float | None = None,
+                 rpc_io_timeout: int | None = None,
                  log: logging.Logger | None = None):
         env = environment()
         self.path, self.projector = _resolve(path, projector)
@@ -118,7 +120,8 @@ class Model(Handle, GenerationMixin):
         params.log_callback = LOG_CALLBACK
         params.log_user_data = self._log_handle
         keep = fill_params(params, strings, rpc=env.rpc if rpc is None else rpc, devices=devices,
-                           tensor_split=tensor_split, rpc_timeout=rpc_timeout)  # noqa: F841 (alive over the call)
+                           tensor_split=tensor_split, rpc_timeout=rpc_timeout,
+                           rpc_io_timeout=rpc_io_timeout)  # noqa: F841 (alive over the call)
         out = ffi.new("mllama_model **")
         call(lib.mllama_model_load, os.fsencode(self.path), strings(self.projector), params, out, error=ModelLoadError)
         model_ptr = out[0]

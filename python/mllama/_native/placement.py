@@ -60,7 +60,7 @@ def split_values(tensor_split: Sequence[float] | str | None) -> list[float] | No
     return values
 
 
-def fill_params(params, strings, *, rpc, devices, tensor_split, rpc_timeout) -> list:
+def fill_params(params, strings, *, rpc, devices, tensor_split, rpc_timeout, rpc_io_timeout=None) -> list:
     """Sets the placement fields of mllama_model_params; returns the buffers to keep alive over the call."""
     params.rpc_servers = strings(names_list(rpc, "rpc"))
     params.devices = strings(names_list(devices, "devices"))
@@ -73,6 +73,10 @@ def fill_params(params, strings, *, rpc, devices, tensor_split, rpc_timeout) -> 
         if not rpc_timeout > 0:
             raise ValueError(f"rpc_timeout must be > 0 seconds (got {rpc_timeout!r})")
         params.rpc_timeout_ms = max(1, round(float(rpc_timeout) * 1000))
+    if rpc_io_timeout is not None:
+        if not rpc_io_timeout >= 1:
+            raise ValueError(f"rpc_io_timeout must be >= 1 second (got {rpc_io_timeout!r})")
+        params.rpc_io_timeout_s = int(rpc_io_timeout)
     return keep
 
 
