@@ -136,3 +136,96 @@ def test_completions_logprobs_sampled_at_temperature_1(server, model):
 def test_completions_bad_logprobs(server, extra, fragment):
     status, text = post(server, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2, **extra}).encode())
     assert status == 400 and fragment in json.loads(text)["error"]["message"], text
+
+
+# --- Ollama's /api/chat and /api/generate ------------------------------------------------------------
+TEXT_ONLY = [{"role": "user", "content": "Tell me about lighthouses."}]
+GREEDY = {"temperature": 0, "num_predict": 8}
+
+
+def ollama(server):
+    from test_server import ollama_client
+
+    return ollama_client(server)
+
+
+def check_ollama(items: list[dict], top: int) -> None:
+    """Greedy Ollama items: the top-1 alternative is the emitted token; logprobs <= 0, sorted, k of them."""
+    for it in items:
+        tops = [t["logprob"] for t in it["top_logprobs"]]
+        assert it["logprob"] <= 0 and len(tops) == top and tops == sorted(tops, reverse=True)
+        assert sum(math.exp(v) for v in tops) <= 1 + TOL
+        if top:
+            assert it["top_logprobs"][0]["token"] == it["token"] and tops[0] == it["logprob"]
+
+
+def same_items(got: list[dict], expected: list[dict]) -> None:
+    assert [it["token"] for it in got] == [it["token"] for it in expected]
+    assert [it["logprob"] for it in got] == pytest.approx([it["logprob"] for it in expected], abs=TOL)
+    for a, b in zip(got, expected):
+        assert [t["token"] for t in a["top_logprobs"]] == [t["token"] for t in b["top_logprobs"]]
+        assert [t["logprob"] for t in a["top_logprobs"]] == pytest.approx([t["logprob"] for t in b["top_logprobs"]],
+                                                                          abs=TOL)
+
+
+def ndjson_lines(server, path: str, body: dict) -> list[dict]:
+    status, text = post(server, path, json.dumps(body).encode())
+    assert status == 200, text
+    return [json.loads(x) for x in text.splitlines()]
+
+
+def test_ollama_chat_logprobs_through_the_client(server, model):
+    c = ollama(server)
+    whole = c.chat(model="x", messages=TEXT_ONLY, logprobs=True, top_logprobs=3, options=GREEDY)
+    items = [it.model_dump() for it in whole.logprobs]
+    assert len(items) == whole.eval_count >= 2
+    check_ollama(items, 3)
+    expected = model.chat(TEXT_ONLY, logprobs=True, top_logprobs=3, temperature=0, max_tokens=8)
+    assert whole.message.content == expected["choices"][0]["message"]["content"]
+    same_items(items, expected["choices"][0]["logprobs"]["content"])
+    parts = list(c.chat(model="x", messages=TEXT_ONLY, logprobs=True, top_logprobs=3, options=GREEDY, stream=True))
+    assert len(parts) >= 3 and parts[-1].done
+    same_items([it.model_dump() for p in parts for it in p.logprobs], items)
+    assert c.chat(model="x", messages=TEXT_ONLY, options=GREEDY).logprobs is None
+    tools = [{"type": "function", "function": {"name": "light", "parameters": {"type": "object", "properties": {}}}}]
+    held = list(c.chat(model="x", messages=TEXT_ONLY, tools=tools, logprobs=True, options=GREEDY, stream=True))
+    assert len(held) == 2 and len(held[0].logprobs) == held[1].eval_count and held[1].logprobs == []
+
+
+def test_ollama_generate_logprobs_equal_the_completions_routes(server, model):
+    """The same raw prompt on /api/generate and /v1/completions gives the same numbers; each NDJSON line
+    carries its tokens (their bytes spell its text)."""
+    c = ollama(server)
+    whole = c.generate(model="x", prompt=PROMPT, raw=True, logprobs=True, top_logprobs=2, options=GREEDY)
+    items = [it.model_dump() for it in whole.logprobs]
+    check_ollama(items, 2)
+    legacy = client(server).completions.create(model="x", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=2)
+    lp = legacy.choices[0].logprobs
+    assert whole.response == legacy.choices[0].text
+    assert [it["logprob"] for it in items] == pytest.approx(lp.token_logprobs, abs=TOL)
+    for it, tops in zip(items, lp.top_logprobs):
+        assert [t["logprob"] for t in it["top_logprobs"]] == pytest.approx(list(tops.values()), abs=TOL)
+    lines = ndjson_lines(server, "/api/generate", {"prompt": PROMPT, "raw": True, "logprobs": True,
+                                                   "top_logprobs": 2, "options": GREEDY})
+    for ln in lines:
+        assert b"".join(bytes(it["bytes"]) for it in ln["logprobs"]).decode() == ln["response"]
+    same_items([it for ln in lines for it in ln["logprobs"]], items)
+    assert [it["bytes"] for ln in lines for it in ln["logprobs"]] == \
+        [list(name_bytes(t)) for t in lp.tokens]
+    zero = c.generate(model="x", prompt=PROMPT, raw=True, logprobs=True, options=GREEDY)
+    assert [it.top_logprobs for it in zero.logprobs] == [[]] * len(items)
+    assert [it.logprob for it in zero.logprobs] == pytest.approx([it["logprob"] for it in items], abs=TOL)
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate"])
+@pytest.mark.parametrize("extra, fragment", [
+    ({"logprobs": True, "top_logprobs": 21}, "'top_logprobs' must be an integer from 0 to 20"),
+    ({"logprobs": True, "top_logprobs": -1}, "'top_logprobs' must be an integer from 0 to 20"),
+    ({"logprobs": True, "top_logprobs": "3"}, "'top_logprobs' must be an integer from 0 to 20"),
+    ({"top_logprobs": 2}, "'top_logprobs' needs 'logprobs': true"),
+    ({"logprobs": "yes"}, "'logprobs' must be a boolean"),
+])
+def test_ollama_bad_logprobs(server, path, extra, fragment):
+    body = {"messages": TEXT_ONLY, "prompt": "hi", "options": {"num_predict": 2}, **extra}
+    status, text = post(server, path, json.dumps(body).encode())
+    assert status == 400 and fragment in json.loads(text)["error"]["message"], text
