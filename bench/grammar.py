@@ -1,7 +1,7 @@
 """What constrained decoding costs per token: llguidance's mask at the full 128,257-token vocabulary
 against the decode time of a token on the 11B-dims synthetic model, written to JSON.
 
-    python bench/grammar.py            # ~3 minutes on 2 cores; writes bench/results/grammar.json
+    python bench/grammar.py            # ~4 minutes on 2 cores; writes bench/results/grammar.json
     python bench/grammar.py --quick    # small text dims (the mask figures are the same: same vocabulary)
 
 Model: bench/run.py's text model at 11B dimensions with 5 layers, Q4_K_M, with a small vision tower
@@ -17,7 +17,14 @@ overstated). Figures:
 - grammar_ms_per_token: the worst grammar's mask + advance, plus what the mask adds to sample(),
   over the decode time: the overhead figure;
 - the whole generation loop (stream_text at temperature 1: sampling included) with and without a
-  schema, and the difference per token.
+  schema, and the difference per token;
+- "overlap": the batch scheduler's step per generated token, greedy (argmax: the sampler costs next to
+  nothing), without a grammar and, for each of two grammars, with the mask in line (computed before
+  sampling) and overlapped (computed on the scheduler's worker thread while the next decode runs:
+  Scheduler.overlap_masks), in turns; and the time sampling waited for each mask (the grammar's share
+  of the critical path, from the scheduler's stats) over the decode time. Measured twice: with ggml on
+  every core (the default), and with ggml on one core fewer ("overlap_spare_core": the mask thread
+  then has a core of its own, as it has while a GPU decodes).
 """
 
 from __future__ import annotations
@@ -128,12 +135,56 @@ def loop_costs(model, prompt: list[int], n: int, repeats: int) -> dict:
     return {"unconstrained": statistics.median(plain), "free_string": statistics.median(constrained)}
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's AVX-512 BF16 and AMX flags (lscpu / /proc/cpuinfo), for the record."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in flags if f == "avx512_bf16" or f.startswith("amx"))
+
+
+def step_times(model, prompt: list[int], n: int, constraint: dict) -> tuple[list[float], float]:
+    """(seconds between consecutive tokens: one scheduler step each, seconds sampling waited per mask) of
+    one greedy generation."""
+    stats = model.scheduler.stats
+    masks, waited = stats["grammar_masks"], stats["grammar_mask_wait_s"]
+    request = model.submit(prompt, temperature=0.0, max_tokens=n, **constraint)
+    arrivals = [time.perf_counter() for kind, _ in model.events(request) if kind == "token"]
+    wait = (stats["grammar_mask_wait_s"] - waited) / max(stats["grammar_masks"] - masks, 1)
+    return list(np.diff(arrivals)), wait
+
+
+def overlap_costs(model, prompt: list[int], n: int, repeats: int) -> dict:
+    """Step time per token without a grammar, and with two grammars, the mask in line and overlapped, run
+    in turns (the order rotating); medians over every step of every turn (robust to the other work on a
+    shared machine). The mask's wait is put over the step without a grammar, measured in the same turns."""
+    steps: dict[str, list[float]] = {}
+    waits: dict[str, list[float]] = {}
+    modes = [("none", None, False)] + [(f"{g}_{m}", g, m == "overlapped") for g in ("lark_list", "free_string")
+                                       for m in ("inline", "overlapped")]
+    for turn in range(repeats):
+        for label, grammar, overlap in modes[turn % len(modes):] + modes[:turn % len(modes)]:  # no mode always first
+            model.scheduler.overlap_masks = overlap
+            times, wait = step_times(model, prompt, n, GRAMMARS[grammar] if grammar else {})
+            steps.setdefault(label, []).extend(times)
+            waits.setdefault(label, []).append(wait)
+    model.scheduler.overlap_masks = True
+    plain = statistics.median(steps["none"])
+    out: dict = {"step_ms": {k: round(statistics.median(v) * 1e3, 3) for k, v in steps.items()},
+                 "steps_timed": {k: len(v) for k, v in steps.items()}, "mask_wait_ms": {}, "mask_wait_over_step": {}}
+    for label, values in waits.items():
+        if label != "none":
+            out["mask_wait_ms"][label] = round(statistics.median(values) * 1e3, 4)
+            out["mask_wait_over_step"][label] = round(statistics.median(values) / plain, 5)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small text dimensions")
     parser.add_argument("--steps", type=int, default=300, help="tokens of each mask walk")
     parser.add_argument("--decode", type=int, default=32, help="tokens per timed decode piece")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--overlap-repeats", type=int, default=7, help="turns of the in-line/overlapped comparison")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default bench/results/grammar.json)")
     args = parser.parse_args()
 
@@ -143,7 +194,8 @@ def main() -> None:
 
     text, _, _ = configs(args.quick)
     _, small_vision, _ = configs(True)
-    result = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "ggml": mllama.system_info(),
+    result = {"machine": {"cpu": cpu_name(), "flags": cpu_flags(), "cores": os.cpu_count(),
+                          "ggml": mllama.system_info(),
                           "load_average_at_start": os.getloadavg(), "mllama": mllama.__version__},
               "setup": {"text": {k: text[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
                         "type": "q4_k_m", "steps": args.steps, "decode_tokens": args.decode, "repeats": args.repeats}}
@@ -151,6 +203,12 @@ def main() -> None:
         path = write_synthetic_gguf(Path(tmp) / "grammar.gguf", text, small_vision, type="q4_k_m", vision_type="f16")
         with mllama.Model(path, device="cpu", n_ctx=256, n_image_slots=1) as model:
             result.update(measure(model, args))
+        threads = (os.cpu_count() or 1) - 1
+        if threads >= 1:
+            with mllama.Model(path, device="cpu", n_ctx=256, n_image_slots=1, n_threads=threads) as model:
+                prompt = [model.hparams.bos_token_id] + model.tokenize("Write a JSON object about lighthouses:")
+                result["overlap_spare_core"] = {"n_threads": threads,
+                                                **overlap_costs(model, prompt, args.decode, args.overlap_repeats)}
     result["machine"]["load_average_at_end"] = os.getloadavg()  # other work on the machine skews decode
     text_out = json.dumps(result, indent=2)
     print(text_out)
@@ -183,6 +241,7 @@ def measure(model, args) -> dict:
     out["loop_ms_per_token"] = {k: round(v * 1e3, 3) for k, v in loop.items()}
     difference = loop["free_string"] - loop["unconstrained"]
     out["loop_ms_per_token"]["difference_over_decode"] = round(difference / decode, 4)
+    out["overlap"] = overlap_costs(model, prompt, args.decode, args.overlap_repeats)
     return out
 
 

@@ -68,7 +68,7 @@ def test_completions_stop_seed_and_n(server):
 
 @pytest.mark.parametrize("body, fragment", [
     ({"prompt": "hi", "echo": True}, "'echo': true is not supported"),
-    ({"prompt": "hi", "logprobs": 2}, "'logprobs' is not supported"),
+    ({"prompt": "hi", "logprobs": 6}, "'logprobs' must be an integer from 0 to 5"),
     ({"prompt": "hi", "suffix": "x"}, "'suffix' is not supported"),
     ({"prompt": "hi", "best_of": 3}, "'best_of' is not supported"),
     ({"prompt": "hi", "logit_bias": {"1": 5}}, "'logit_bias' is not supported"),

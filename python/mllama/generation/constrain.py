@@ -6,7 +6,9 @@ Three objects, from the longest-lived to the shortest:
   the end-of-generation ids, the logits' width, `<|image|>` forbidden); one per model, immutable.
 - Grammar: one compiled constraint, immutable and shareable by any number of generations.
 - GrammarState: one generation's position in its grammar (mutable, private to that sequence):
-  `allowed_tokens()` for the next token, then `advance(token)` with the token sampled.
+  `allowed_tokens()` for the next token, then `advance(token)` with the token sampled; `prefetch(pool)`
+  starts the next mask on a worker thread (llguidance drops the GIL), so that it is computed while the
+  model decodes and allowed_tokens only collects it (the batch scheduler does this).
 
 What callers pass (`Grammar.resolve`):
 - response_format (OpenAI's): {"type": "text"} (no constraint), {"type": "json_object"} (any JSON
@@ -21,6 +23,7 @@ true, a schema keyword llguidance cannot enforce is an error; otherwise it is ig
 
 from __future__ import annotations
 
+from concurrent.futures import Executor, Future, wait
 from functools import cached_property
 from typing import Iterable
 
@@ -150,10 +153,22 @@ class GrammarState:
     def __init__(self, matcher: llguidance.LLMatcher, vocabulary: GrammarVocabulary):
         self._matcher, self._vocabulary = matcher, vocabulary
         self._bits = np.zeros(vocabulary.mask_words, dtype=np.int32)
+        self._pending: Future | None = None  # the next mask, computing on a worker thread (prefetch)
+
+    def prefetch(self, pool: Executor) -> None:
+        """Start computing the next mask in `pool`; allowed_tokens() then waits for it and returns it
+        (its errors included). Nothing else may touch this state's matcher meanwhile: the other methods
+        wait for the mask first."""
+        if self._pending is None:
+            self._pending = pool.submit(self._compute_mask)
 
     def allowed_tokens(self) -> np.ndarray:
         """Which tokens may come next: a bool array as wide as the logits. End-of-generation ids only
         where the grammar is satisfied (and nothing else once it is complete); `<|image|>` never."""
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else self._compute_mask()
+
+    def _compute_mask(self) -> np.ndarray:
         self._matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         self._raise_on_error()
         n = self._vocabulary.n_logits
@@ -166,17 +181,26 @@ class GrammarState:
 
     def advance(self, token: int) -> None:
         """Move past the token sampled (one that allowed_tokens allowed)."""
+        self._settle()
+        self._pending = None  # a mask computed before this token no longer applies
         if not self._matcher.consume_token(int(token)):
             raise MllamaError(f"token {token} does not fit the grammar: {self._matcher.get_error()}")
 
     def is_accepting(self) -> bool:
         """The text so far is a complete match (end-of-generation is allowed now)."""
+        self._settle()
         return self._matcher.is_accepting()
 
     @property
     def done(self) -> bool:
         """The grammar is complete: only end-of-generation can follow."""
+        self._settle()
         return self._matcher.is_stopped()
+
+    def _settle(self) -> None:
+        """Wait until a prefetched mask has been computed (it keeps its result for allowed_tokens)."""
+        if self._pending is not None:
+            wait([self._pending])
 
     def _raise_on_error(self) -> None:
         if self._matcher.is_error():  # the grammar hit one of llguidance's limits (too complex)

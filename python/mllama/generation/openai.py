@@ -6,6 +6,7 @@ import time
 import uuid
 
 from ..text.tools import parse_call
+from .logprobs import CompletionLogprobs
 from .results import GenerationResult
 
 
@@ -79,16 +80,24 @@ def text_completion_id() -> str:
 
 
 def text_response(cid: str, created: int, model: str, results: list[GenerationResult]) -> dict:
-    """A `text_completion` object (/v1/completions), one choice per result."""
-    choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
-               for i, r in enumerate(results)]
+    """A `text_completion` object (/v1/completions), one choice per result; logprobs in that endpoint's
+    shape when the results carry them."""
+    choices = [{"index": i, "text": r.text, "logprobs": completion_logprobs(r.logprobs),
+                "finish_reason": r.finish_reason} for i, r in enumerate(results)]
     prompt = results[0].usage.prompt_tokens
     completion = sum(r.usage.completion_tokens for r in results)
     return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
 
 
-def text_chunk(cid: str, created: int, model: str, text: str, finish_reason: str | None, index: int) -> dict:
-    """A streamed `text_completion` object: one piece of choice `index`."""
+def completion_logprobs(items: list[dict] | None) -> dict | None:
+    """A whole choice's logprobs items in /v1/completions' shape (None: not requested)."""
+    return CompletionLogprobs().take(items) if items is not None else None
+
+
+def text_chunk(cid: str, created: int, model: str, text: str, finish_reason: str | None, index: int,
+               logprobs: dict | None = None) -> dict:
+    """A streamed `text_completion` object: one piece of choice `index` (`logprobs`: its tokens', in
+    the endpoint's shape, from the choice's CompletionLogprobs)."""
     return {"id": cid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}

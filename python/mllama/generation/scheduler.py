@@ -5,13 +5,20 @@ stream plus a chunk of prompt of the requests still in prefill. Each stream samp
 parameters and random generator, stops on its own (end-of-generation, stop strings, max_tokens, the
 context) and delivers its text pieces and result to its own outbox. A cancelled request frees its
 sequences at the next step. Not thread-safe on its own: step() runs under the model's lock;
-submit() and cancel() may come from any thread."""
+submit() and cancel() may come from any thread.
+
+Each constrained stream's next grammar mask (its state has consumed the last token sampled) is started
+on a worker thread right before the batch's decode, so that it is computed while the decode runs (the
+native decode and llguidance both release the GIL, and the worker's numpy work then finds the GIL
+free); sampling then only collects it. The output is the same as with the mask computed in line,
+before sampling (`overlap_masks = False`)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -124,7 +131,9 @@ class Scheduler:
         self.busy = [False] * engine.n_seq
         self._mutex = threading.Lock()  # waiting, between submit() and step()
         self.stats = {"steps": 0, "batch_rows": 0, "generated_tokens": 0, "prefix_tokens_reused": 0,
-                      "image_slot_hits": 0}
+                      "image_slot_hits": 0, "grammar_masks": 0, "grammar_mask_wait_s": 0.0}
+        self.overlap_masks = True  # grammar masks on a worker thread during the decode (False: in line)
+        self._mask_pool: ThreadPoolExecutor | None = None  # started with the first constrained stream
 
     def submit(self, request: Request) -> None:
         if len(request.streams) > self.engine.n_seq:
@@ -161,6 +170,7 @@ class Scheduler:
         parts, owners = self._batch()
         if not parts:
             return
+        self._prefetch_masks()
         try:
             logits = self.engine.decode(parts)
         except BaseException as exc:  # the batch's requests get the error; the others go on
@@ -217,7 +227,7 @@ class Scheduler:
                                              "or a numeric overflow"))
             return
         try:
-            allowed = s.grammar.allowed_tokens() if s.grammar is not None else None
+            allowed = self._mask(s) if s.grammar is not None else None
             token = sample(logits, s.history, params, s.rng, allowed)
             if s.record.first_token is None:
                 s.record.first_token = time.perf_counter()
@@ -246,6 +256,27 @@ class Scheduler:
             s.finish("length")
             return
         s.next_token = token
+
+    def _mask(self, s: Stream) -> np.ndarray:
+        """The stream's grammar mask for this step: collected from the worker, or computed here. The
+        time sampling waits for it is the grammar's share of the critical path (stats)."""
+        started = time.perf_counter()
+        allowed = s.grammar.allowed_tokens()
+        self.stats["grammar_masks"] += 1
+        self.stats["grammar_mask_wait_s"] += time.perf_counter() - started
+        return allowed
+
+    def _prefetch_masks(self) -> None:
+        """With overlap_masks, start the next mask of every running constrained stream on the worker
+        thread (a mask already started stays), to be computed while the decode runs."""
+        if not self.overlap_masks:
+            return
+        for request in self.running:
+            for s in request.streams:
+                if s.grammar is not None and not s.done:
+                    if self._mask_pool is None:
+                        self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="mllama-grammar")
+                    s.grammar.prefetch(self._mask_pool)
 
     # --- admission, forks, the end of requests -------------------------------------------------
     def _admit(self) -> None:

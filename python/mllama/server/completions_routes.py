@@ -1,7 +1,9 @@
 """OpenAI's /v1/completions: a raw prompt (a string, special tokens allowed and no BOS added, as
-Model.generate; or token ids) continued with n choices, streamed as server-sent events or whole."""
+Model.generate; or token ids) continued with n choices, streamed as server-sent events or whole;
+`logprobs: k` (0..5) in this endpoint's own shape (generation/logprobs.py), every chunk with its tokens'."""
 
 from ..generation import openai
+from ..generation.logprobs import CompletionLogprobs, check_completion
 from .openai_routes import choices, results, sse
 from .queue import BatchQueue, Reply
 from .requests import RequestError, read_json, response_format, sampling
@@ -15,8 +17,8 @@ def unsupported(body: dict) -> None:
         raise RequestError(400, "'echo': true is not supported")
     if body.get("suffix"):
         raise RequestError(400, "'suffix' is not supported")
-    if body.get("logprobs") is not None:
-        raise RequestError(400, "'logprobs' is not supported on /v1/completions (it is on /v1/chat/completions)")
+    if body.get("top_logprobs") is not None:
+        raise RequestError(400, "'top_logprobs' is for /v1/chat/completions: here 'logprobs' is the number (0..5)")
     if body.get("logit_bias"):
         raise RequestError(400, "'logit_bias' is not supported")
     best_of = body.get("best_of")
@@ -43,9 +45,18 @@ def checked_tokens(tokens: list[int], n_vocab: int) -> list[int]:
     return tokens
 
 
+def logprob_options(body: dict) -> dict:
+    """`logprobs: k` as the model's keywords ({} when null or absent), checked (400)."""
+    try:
+        top = check_completion(body.get("logprobs"))
+    except ValueError as exc:
+        raise RequestError(400, str(exc)) from None
+    return {} if top is None else {"logprobs": True, "top_logprobs": top}
+
+
 def options(body: dict) -> dict:
-    """Sampling options (max_tokens 16 unless given, as OpenAI) and response_format."""
-    return {"max_tokens": DEFAULT_MAX_TOKENS, **sampling(body), **response_format(body)}
+    """Sampling options (max_tokens 16 unless given, as OpenAI), response_format and logprobs."""
+    return {"max_tokens": DEFAULT_MAX_TOKENS, **sampling(body), **response_format(body), **logprob_options(body)}
 
 
 def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None:
@@ -67,20 +78,18 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
         if not body.get("stream"):
             return openai.text_response(cid, created, model_id, await results(replies))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(events(replies, firsts, cid, created, model_id, include_usage),
+        logprobs = "logprobs" in opts
+        return StreamingResponse(events(replies, firsts, cid, created, model_id, include_usage, logprobs),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def events(replies: list[Reply], firsts: list, cid: str, created: int, model_id: str, include_usage: bool):
-    """Each choice's pieces in turn, its finish_reason on its last chunk; then usage (when asked) in a
-    chunk without choices, as OpenAI sends it."""
+async def events(replies: list[Reply], firsts: list, cid: str, created: int, model_id: str, include_usage: bool,
+                 logprobs: bool):
+    """Each choice's chunks in turn; then usage (when asked) in a chunk without choices, as OpenAI sends it."""
     try:
         for i, (reply, first) in enumerate(zip(replies, firsts)):
-            if first:
-                yield sse(openai.text_chunk(cid, created, model_id, first, None, i))
-            async for piece in reply:
-                yield sse(openai.text_chunk(cid, created, model_id, piece, None, i))
-            yield sse(openai.text_chunk(cid, created, model_id, "", reply.result.finish_reason, i))
+            async for line in choice_events(reply, first, i, (cid, created, model_id), logprobs):
+                yield line
         if include_usage:
             usage = openai.text_response(cid, created, model_id, [r.result for r in replies])["usage"]
             yield sse({**openai.text_chunk(cid, created, model_id, "", None, 0), "choices": [], "usage": usage})
@@ -90,3 +99,19 @@ async def events(replies: list[Reply], firsts: list, cid: str, created: int, mod
     finally:
         await replies[0].aclose()
     yield "data: [DONE]\n\n"
+
+
+async def choice_events(reply: Reply, first: str | None, index: int, ids: tuple, logprobs: bool):
+    """One choice's pieces (each with the logprobs of its tokens when asked), its finish_reason last;
+    `ids`: the response's (id, created, model)."""
+    shape = CompletionLogprobs() if logprobs else None
+
+    def chunk(text: str, finish_reason: str | None) -> str:
+        items = shape.take(openai.take(reply.held)) if shape else None
+        return sse(openai.text_chunk(*ids, text, finish_reason, index, items))
+
+    if first:
+        yield chunk(first, None)
+    async for piece in reply:
+        yield chunk(piece, None)
+    yield chunk("", reply.result.finish_reason)

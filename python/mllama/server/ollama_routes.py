@@ -1,5 +1,6 @@
 """Ollama's API for its existing clients: /api/chat and /api/generate (NDJSON streams, or one object
-with "stream": false; durations in nanoseconds), /api/tags, /api/show, /api/ps, /api/version."""
+with "stream": false; durations in nanoseconds; `logprobs`/`top_logprobs` as Ollama 0.12.11+: every
+line carries the items of its tokens), /api/tags, /api/show, /api/ps, /api/version."""
 
 import hashlib
 import json
@@ -10,9 +11,10 @@ from datetime import datetime, timedelta, timezone
 from .._version import __version__
 from ..generation.api import tool_spec
 from ..text.tools import parse_call
+from ..generation.openai import take
 from ..generation.results import GenerationResult
 from .queue import BatchQueue, Reply
-from .requests import RequestError, check_messages, from_ollama, read_json, sampling
+from .requests import RequestError, check_messages, from_ollama, logprob_options, read_json, sampling
 
 
 def options(body: dict) -> dict:
@@ -71,10 +73,15 @@ def model_card(model) -> dict:
             "bytes_weights": info["n_bytes_weights"], "on_gpu": info["device"].lower() != "cpu", "n_ctx": model.n_ctx}
 
 
-def line(model_id: str, created: str, key: str, content: str, closing: dict | None, calls: list | None = None) -> str:
+def line(model_id: str, created: str, key: str, content: str, closing: dict | None, calls: list | None = None,
+         logprobs: list | None = None) -> str:
+    """One response object (an NDJSON line); `logprobs`: the items of its tokens, when requested (Ollama's
+    {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}, the chat route's own items)."""
     item: dict = {"model": model_id, "created_at": created, "done": closing is not None}
     message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
     item.update({"message": message} if key == "message" else {"response": content})
+    if logprobs is not None:
+        item["logprobs"] = logprobs
     return json.dumps({**item, **(closing or {})}) + "\n"
 
 
@@ -112,7 +119,7 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
         started = time.perf_counter()
         try:
             body = await read_json(request, limits["max_body_bytes"])
-            opts = {**options(body), **output_format(body)}
+            opts = {**options(body), **output_format(body), **logprob_options(body)}
             spec = tool_spec(body.get("tools"), None, opts) if key == "message" else None
             tools, names = (spec.tools, spec.names) if spec else (None, ())
             if key == "message":
@@ -126,17 +133,18 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
             first = await reply.first()
         except Exception as exc:
             return error(exc)
-        created = now_iso()
+        created, logprobs = now_iso(), "logprobs" in opts
         if body.get("stream", True) is False or tools:  # a reply that may be a tool call is sent once whole
             await reply.rest()
-            closing, text = final_fields(reply.result, started), reply.result.text
+            closing, text, items = final_fields(reply.result, started), reply.result.text, reply.result.logprobs
             calls = tool_calls(text, names)
             text = "" if calls else text
             if body.get("stream", True) is False:
-                return JSONResponse(json.loads(line(model_id, created, key, text, closing, calls)))
-            lines = [line(model_id, created, key, text, None, calls), line(model_id, created, key, "", closing)]
+                return JSONResponse(json.loads(line(model_id, created, key, text, closing, calls, items)))
+            lines = [line(model_id, created, key, text, None, calls, items),
+                     line(model_id, created, key, "", closing, logprobs=[] if logprobs else None)]
             return StreamingResponse(iter(lines), media_type="application/x-ndjson")
-        return StreamingResponse(ndjson(reply, first, model_id, created, key, started),
+        return StreamingResponse(ndjson(reply, first, (model_id, created, key), started, logprobs),
                                  media_type="application/x-ndjson")
 
     @app.post("/api/chat")
@@ -169,12 +177,17 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
                             "context_length": card["n_ctx"]}]}
 
 
-async def ndjson(reply: Reply, first: str | None, model_id: str, created: str, key: str, started: float):
+async def ndjson(reply: Reply, first: str | None, head: tuple, started: float, logprobs: bool):
+    """The streamed lines (`head`: model, created_at, "message" or "response"), each with the logprobs
+    items of its tokens when requested; the closing fields on the last."""
+    def held() -> list | None:
+        return take(reply.held) if logprobs else None
+
     try:
         if first:
-            yield line(model_id, created, key, first, None)
+            yield line(*head, first, None, logprobs=held())
         async for piece in reply:
-            yield line(model_id, created, key, piece, None)
-        yield line(model_id, created, key, "", final_fields(reply.result, started))
+            yield line(*head, piece, None, logprobs=held())
+        yield line(*head, "", final_fields(reply.result, started), logprobs=held())
     finally:
         await reply.aclose()
