@@ -17,7 +17,7 @@ static void expect(bool ok, const char * what) {
 }
 
 int main() {
-    const cpu_kernel all[] = {cpu_kernel::attn, cpu_kernel::gemm, cpu_kernel::gelu, cpu_kernel::xattn};
+    const cpu_kernel all[] = {cpu_kernel::attn, cpu_kernel::gemm, cpu_kernel::gelu, cpu_kernel::xattn, cpu_kernel::qmm};
     const cpu_kernel_set allowed = parse_cpu_kernels(nullptr);
     const cpu_kernel_set on_gpu = kernels_for_compute(allowed, /*compute_on_cpu=*/false);
     const cpu_kernel_set on_cpu = kernels_for_compute(allowed, /*compute_on_cpu=*/true);
@@ -25,7 +25,7 @@ int main() {
     expect(on_cpu.bits == allowed.bits && allowed.bits != 0, "a CPU context keeps every allowed kernel");
     for (cpu_kernel k : all) {
         expect(!on_gpu.may_run(k), cpu_kernel_name(k));
-        expect(on_cpu.may_run(k) == cpu_kernels_available(), cpu_kernel_name(k));
+        expect(on_cpu.may_run(k) == cpu_kernel_available(k), cpu_kernel_name(k));
     }
     const cpu_kernel_set some = kernels_for_compute(parse_cpu_kernels("attn,xattn"), true);
     expect(some.bits == (static_cast<uint32_t>(cpu_kernel::attn) | static_cast<uint32_t>(cpu_kernel::xattn)),
