@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 SHAPES = {"ffn_down [14336 -> 4096]": (14336, 4096), "output [4096 -> 128256]": (4096, 128256)}
 ROWS = (1, 2, 4, 8)
-WITHOUT_QMM = "attn,gemm,gelu,xattn"
+WITHOUT_QMM = "attn,gemm,gelu,xattn"  # the default set ("1")
+WITH_QMM = WITHOUT_QMM + ",qmm"  # qmm is opt-in (kernels/dispatch.h)
 
 
 def products(driver: Path, runs: int) -> list[dict]:
@@ -74,7 +75,7 @@ def decoding(model_path: Path, runs: int, n_steps: int) -> list[dict]:
     out = []
     for streams in ROWS:
         off = statistics.median(decode_steps(model_path, WITHOUT_QMM, streams, n_steps) for _ in range(runs))
-        on = statistics.median(decode_steps(model_path, "1", streams, n_steps) for _ in range(runs))
+        on = statistics.median(decode_steps(model_path, WITH_QMM, streams, n_steps) for _ in range(runs))
         out.append({"streams": streams, "qmm_off_ms": round(off, 1), "qmm_on_ms": round(on, 1),
                     "speedup": round(off / on, 2)})
         print(out[-1], flush=True)
