@@ -281,8 +281,8 @@ def test_q6k_kernel_in_the_model_matches_ggml(converted, monkeypatch, tmp_path):
 
 
 def test_q6k_kernel_op_paths(converted):
-    """op_paths names the kernel only where it may run: named in cpu_kernels (it is not in the default
-    set yet) and on a CPU with VNNI, for a model that has Q6_K text matrices."""
+    """op_paths names the kernel only where it may run: allowed by cpu_kernels (the default allows it)
+    and on a CPU with VNNI, for a model that has Q6_K text matrices."""
     with mllama.Model(converted("q6_k"), cpu_kernels="0") as model:
         off = model.op_paths()["text matrices q6_K"]
     with mllama.Model(converted("q6_k"), cpu_kernels="attn,xattn") as model:
@@ -294,6 +294,6 @@ def test_q6k_kernel_op_paths(converted):
     with mllama.Model(converted("f16")) as model:
         none = model.op_paths()["text matrices q6_K"]
     assert off.startswith("4, ggml") and others.startswith("4, ggml")
-    assert default.startswith("4, ggml"), default  # opt-in (kernels/dispatch.h k_opt_in_kernels)
+    assert default.startswith("4, mllama Q6_K kernel" if VNNI else "4, ggml"), default
     assert chosen.startswith("4, mllama Q6_K kernel" if VNNI else "4, ggml"), chosen
     assert none == "none in this model"

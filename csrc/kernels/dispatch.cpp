@@ -69,7 +69,6 @@ cpu_kernel_set parse_cpu_kernels(const char * spec) {
     cpu_kernel_set set;
     if (!spec || !*spec || std::strcmp(spec, "1") == 0) {
         for (const auto & k : k_kernel_names) set.bits |= static_cast<uint32_t>(k.kernel);
-        set.bits &= ~static_cast<uint32_t>(k_opt_in_kernels);
         return set;
     }
     if (std::strcmp(spec, "0") == 0) return set;

@@ -50,11 +50,7 @@ cpu_kernel_set kernels_for_compute(cpu_kernel_set allowed, bool compute_on_cpu);
 // "attn", "gemm", "gelu", "xattn", "qmm".
 const char * cpu_kernel_name(cpu_kernel kernel);
 
-// Kernels that only a list names (not in "1"): qmm, until it is measured faster than ggml on a quiet
-// machine (bench/README.md, "Q6_K kernel").
-constexpr cpu_kernel k_opt_in_kernels = cpu_kernel::qmm;
-
-// NULL, "" or "1": all but the opt-in ones; "0": none (ggml's ops only); otherwise a comma list of "attn", "gemm",
+// NULL, "" or "1": all; "0": none (ggml's ops only); otherwise a comma list of "attn", "gemm",
 // "gelu", "xattn", "qmm" (for A/B checks one kernel at a time). An unknown name fails with
 // MLLAMA_ERR_INVALID_ARGUMENT naming it and the valid names.
 cpu_kernel_set parse_cpu_kernels(const char * spec);

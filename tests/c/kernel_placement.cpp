@@ -24,10 +24,9 @@ int main() {
     expect(on_gpu.bits == 0, "a GPU context allows no kernel");
     expect(on_cpu.bits == allowed.bits && allowed.bits != 0, "a CPU context keeps every allowed kernel");
     for (cpu_kernel k : all) {
-        const bool opt_in = k == k_opt_in_kernels;
         const cpu_kernel_set named = kernels_for_compute(parse_cpu_kernels(cpu_kernel_name(k)), true);
         expect(!on_gpu.may_run(k), cpu_kernel_name(k));
-        expect(on_cpu.may_run(k) == (!opt_in && cpu_kernel_available(k)), cpu_kernel_name(k));
+        expect(on_cpu.may_run(k) == cpu_kernel_available(k), cpu_kernel_name(k));
         expect(named.may_run(k) == cpu_kernel_available(k), cpu_kernel_name(k));
     }
     const cpu_kernel_set some = kernels_for_compute(parse_cpu_kernels("attn,xattn"), true);
