@@ -17,9 +17,22 @@
 
 namespace mllama {
 
-static ggml_tensor * ffn(ggml_context * ctx, const ffn_w & w, ggml_tensor * x) {
-    ggml_tensor * g = ggml_silu(ctx, ggml_mul_mat(ctx, w.gate, x));  // [n_ff, n]
-    return ggml_mul_mat(ctx, w.down, ggml_mul(ctx, g, ggml_mul_mat(ctx, w.up, x)));  // [n_embd, n]
+// The kernels layer il's ops may use: none unless the layer computes on the CPU (the per-layer rule);
+// il == n_layer: the output matrix (the last entry of the plan).
+static cpu_kernel_set layer_kernels(const mllama_context & c, size_t il) {
+    return kernels_for_compute(c.kernels, cpu_kernels_allowed_on(c.model->plan, c.model->plan.layers[il]));
+}
+
+// w x^T: our Q6_K kernel for a few rows (decoding) where it may run, else ggml's mul_mat (prefill,
+// other weight types).
+static ggml_tensor * text_matmul(ggml_context * ctx, cpu_kernel_set kernels, ggml_tensor * w, ggml_tensor * x) {
+    if (kernels.may_run(cpu_kernel::qmm) && q6k_matmul_supported(w, x)) return q6k_matmul(ctx, w, x);  // [M, n]
+    return ggml_mul_mat(ctx, w, x);  // [M, n]
+}
+
+static ggml_tensor * ffn(ggml_context * ctx, cpu_kernel_set kernels, const ffn_w & w, ggml_tensor * x) {
+    ggml_tensor * g = ggml_silu(ctx, text_matmul(ctx, kernels, w.gate, x));  // [n_ff, n]
+    return text_matmul(ctx, kernels, w.down, ggml_mul(ctx, g, text_matmul(ctx, kernels, w.up, x)));  // [n_embd, n]
 }
 
 // Writes each sequence's new K/V rows into its cache cells and attends its queries over its own
@@ -67,11 +80,13 @@ static ggml_tensor * self_attention(ggml_context * ctx, const mllama_context & c
         return ggml_rope_ext(ctx, t, in.pos, factors, static_cast<int>(hd), mode, static_cast<int>(hp.rope_orig_ctx),
                              hp.rope_freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow);
     };
-    ggml_tensor * q = rope(ggml_reshape_3d(ctx, ggml_mul_mat(ctx, w.wq, x), hd, hp.n_head, n));     // [hd, H, n]
-    ggml_tensor * k = rope(ggml_reshape_3d(ctx, ggml_mul_mat(ctx, w.wk, x), hd, hp.n_head_kv, n));  // [hd, Hkv, n]
-    ggml_tensor * v = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, w.wv, x), hd, hp.n_head_kv, n);         // [hd, Hkv, n]
+    const cpu_kernel_set kernels = layer_kernels(c, static_cast<size_t>(il));
+    auto mm = [&](ggml_tensor * weight, ggml_tensor * in_rows) { return text_matmul(ctx, kernels, weight, in_rows); };
+    ggml_tensor * q = rope(ggml_reshape_3d(ctx, mm(w.wq, x), hd, hp.n_head, n));     // [hd, H, n]
+    ggml_tensor * k = rope(ggml_reshape_3d(ctx, mm(w.wk, x), hd, hp.n_head_kv, n));  // [hd, Hkv, n]
+    ggml_tensor * v = ggml_reshape_3d(ctx, mm(w.wv, x), hd, hp.n_head_kv, n);         // [hd, Hkv, n]
     ggml_tensor * a = cached_attention(ctx, c, il, q, k, v, s, in, gf);  // [n_embd, n]
-    return named(ggml_mul_mat(ctx, w.wo, a), prefix, "attn_out");
+    return named(mm(w.wo, a), prefix, "attn_out");
 }
 
 // ref: MllamaTextCrossAttention.forward: q_norm/k_norm over the head dim, no RoPE, GQA.
@@ -82,7 +97,9 @@ static ggml_tensor * cross_attention(ggml_context * ctx, const mllama_context & 
     const text_hparams & hp = m.hp.text;
     const cross_attn_w & w = m.text.layers[il].cross;
     const int64_t hd = hp.n_embd_head;
-    ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, w.wq, x), hd, hp.n_head, s.n_tokens);  // [hd, H, n]
+    const cpu_kernel_set kernels = layer_kernels(c, static_cast<size_t>(il));
+    ggml_tensor * q = text_matmul(ctx, kernels, w.wq, x);  // [n_embd, n]
+    q = ggml_reshape_3d(ctx, q, hd, hp.n_head, s.n_tokens);  // [hd, H, n]
     q = rms_norm(ctx, q, w.q_norm, hp.rms_norm_eps);
     const int64_t n_vis = c.state.n_vis;
     const slot_span span = s.slots;
@@ -90,13 +107,11 @@ static ggml_tensor * cross_attention(ggml_context * ctx, const mllama_context & 
                                    span.count);  // [hd, Hkv, span.count * n_vis]
     ggml_tensor * vals = slot_view(ctx, c.state.cross_v[cross_index], n_vis, span.first, span.count);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    const cpu_kernel_set kernels =
-        kernels_for_compute(c.kernels, cpu_kernels_allowed_on(m.plan, m.plan.layers[static_cast<size_t>(il)]));
     const bool small_batch = s.n_tokens <= k_xattn_max_tokens && kernels.may_run(cpu_kernel::xattn) &&
                              decode_attention_supported(q, keys, vals, in.x_mask);
     ggml_tensor * a = small_batch ? decode_attention(ctx, q, keys, vals, in.x_mask, scale)  // [n_embd, n]
                                   : attention(ctx, {q, keys, vals, in.x_mask, scale});
-    a = named(ggml_mul_mat(ctx, w.wo, a), prefix, "cross_out");
+    a = named(text_matmul(ctx, kernels, w.wo, a), prefix, "cross_out");
     return ggml_mul(ctx, a, in.x_rows);  // rows with no image receive nothing (Meta)
 }
 
@@ -127,7 +142,8 @@ static ggml_tensor * cross_layer(ggml_context * ctx, const mllama_context & c, i
     ggml_tensor * x = rms_norm(ctx, h, l.attn_norm, hp.rms_norm_eps);
     ggml_tensor * a = cross_attention(ctx, c, il, cross_index, x, s, in, prefix);
     h = ggml_add(ctx, h, ggml_scale(ctx, a, l.cross.attn_gate_tanh));
-    ggml_tensor * f = ggml_mul(ctx, ffn(ctx, l.ffn, rms_norm(ctx, h, l.ffn_norm, hp.rms_norm_eps)), in.x_rows);
+    ggml_tensor * x_ffn = rms_norm(ctx, h, l.ffn_norm, hp.rms_norm_eps);
+    ggml_tensor * f = ggml_mul(ctx, ffn(ctx, layer_kernels(c, static_cast<size_t>(il)), l.ffn, x_ffn), in.x_rows);
     return named(ggml_add(ctx, h, ggml_scale(ctx, f, l.cross.mlp_gate_tanh)), prefix, "out");  // [n_embd, n]
 }
 
@@ -137,7 +153,8 @@ static ggml_tensor * self_layer(ggml_context * ctx, const mllama_context & c, in
     const text_hparams & hp = c.model->hp.text;
     const text_layer_w & l = c.model->text.layers[il];
     h = ggml_add(ctx, h, self_attention(ctx, c, il, rms_norm(ctx, h, l.attn_norm, hp.rms_norm_eps), s, in, gf, prefix));
-    return named(ggml_add(ctx, h, ffn(ctx, l.ffn, rms_norm(ctx, h, l.ffn_norm, hp.rms_norm_eps))), prefix, "out");
+    ggml_tensor * x_ffn = rms_norm(ctx, h, l.ffn_norm, hp.rms_norm_eps);
+    return named(ggml_add(ctx, h, ffn(ctx, layer_kernels(c, static_cast<size_t>(il)), l.ffn, x_ffn)), prefix, "out");
 }
 
 ggml_tensor * build_text(ggml_context * ctx, const mllama_context & c, const text_shape & s, text_inputs & in,
@@ -159,7 +176,8 @@ ggml_tensor * build_text(ggml_context * ctx, const mllama_context & c, const tex
     }
     h = ggml_get_rows(ctx, h, in.out_rows);                                        // [n_embd, n_out]
     h = rms_norm(ctx, h, m.text.output_norm, hp.rms_norm_eps);
-    return named(ggml_mul_mat(ctx, m.text.output, h), "", "t.logits");           // [n_vocab, n_out]
+    const cpu_kernel_set output_kernels = layer_kernels(c, m.plan.layers.size() - 1);  // the output's device
+    return named(text_matmul(ctx, output_kernels, m.text.output, h), "", "t.logits");  // [n_vocab, n_out]
 }
 
 }  // namespace mllama

@@ -15,8 +15,15 @@ bool cpu_kernels_available() {
                            __builtin_cpu_supports("avx512bf16");
     return ok;
 }
+
+bool cpu_kernel_available(cpu_kernel k) {
+    static const bool vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    return k == cpu_kernel::qmm ? vnni : cpu_kernels_available();
+}
 #else
 bool cpu_kernels_available() { return false; }
+bool cpu_kernel_available(cpu_kernel) { return false; }
 
 // The kernels' entry points, for the graphs to link on other processors: never reached, since no
 // kernel may run where cpu_kernels_available() is false.
@@ -36,13 +43,16 @@ ggml_tensor * decode_attention(ggml_context *, ggml_tensor *, ggml_tensor *, ggm
     no_x86_kernels();
 }
 ggml_tensor * gelu_erf_avx512(ggml_context *, ggml_tensor *) { no_x86_kernels(); }
+bool q6k_matmul_supported(const ggml_tensor *, const ggml_tensor *) { return false; }
+ggml_tensor * q6k_matmul(ggml_context *, ggml_tensor *, ggml_tensor *) { no_x86_kernels(); }
 #endif
 
 static constexpr struct {
     const char * name;
     cpu_kernel kernel;
 } k_kernel_names[] = {
-    {"attn", cpu_kernel::attn}, {"gemm", cpu_kernel::gemm}, {"gelu", cpu_kernel::gelu}, {"xattn", cpu_kernel::xattn}};
+    {"attn", cpu_kernel::attn}, {"gemm", cpu_kernel::gemm}, {"gelu", cpu_kernel::gelu}, {"xattn", cpu_kernel::xattn},
+    {"qmm", cpu_kernel::qmm}};
 
 cpu_kernel_set kernels_for_compute(cpu_kernel_set allowed, bool compute_on_cpu) {
     return compute_on_cpu ? allowed : cpu_kernel_set{};

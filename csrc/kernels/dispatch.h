@@ -1,6 +1,7 @@
 // CPU kernels of our own (kernels/x86/) for the places where ggml's generic CPU ops dominate (profile
 // in bench/README.md): the vision tower's attention over all tiles of an image, the BF16 GEMMs of its
-// linear layers and the exact GELU, and the cross-attention of decoding. All are ggml custom ops, so
+// linear layers and the exact GELU, the cross-attention of decoding, and the Q6_K text matrices of
+// decoding (a few rows at a time). All are ggml custom ops, so
 // they run inside the normal graph on the CPU backend with ggml's threads. This is the one place that
 // says which kernel may run: the CPU must have the features and the context's cpu_kernels allow it.
 #pragma once
@@ -28,13 +29,17 @@ namespace mllama {
 // its registers).
 bool cpu_kernels_available();
 
-enum class cpu_kernel : uint32_t { attn = 1, gemm = 2, gelu = 4, xattn = 8 };
+enum class cpu_kernel : uint32_t { attn = 1, gemm = 2, gelu = 4, xattn = 8, qmm = 16 };
+
+// The CPU has what this kernel needs: qmm, AVX-512 F/BW/VL with VNNI (int8 dot products); the others,
+// cpu_kernels_available().
+bool cpu_kernel_available(cpu_kernel k);
 
 // The kernels a context allows (mllama_context_params.cpu_kernels, parsed once at init).
 struct cpu_kernel_set {
     uint32_t bits = 0;
     // The kernel may run: allowed here and the CPU has the features.
-    bool may_run(cpu_kernel k) const { return (bits & static_cast<uint32_t>(k)) && cpu_kernels_available(); }
+    bool may_run(cpu_kernel k) const { return (bits & static_cast<uint32_t>(k)) && cpu_kernel_available(k); }
 };
 
 // The placement rule: our kernels are CPU ops (ggml custom ops, which no GPU backend runs), so a
@@ -42,11 +47,11 @@ struct cpu_kernel_set {
 // ggml's ops and stay on the device.
 cpu_kernel_set kernels_for_compute(cpu_kernel_set allowed, bool compute_on_cpu);
 
-// "attn", "gemm", "gelu", "xattn".
+// "attn", "gemm", "gelu", "xattn", "qmm".
 const char * cpu_kernel_name(cpu_kernel kernel);
 
 // NULL, "" or "1": all; "0": none (ggml's ops only); otherwise a comma list of "attn", "gemm",
-// "gelu", "xattn" (for A/B checks one kernel at a time). An unknown name fails with
+// "gelu", "xattn", "qmm" (for A/B checks one kernel at a time). An unknown name fails with
 // MLLAMA_ERR_INVALID_ARGUMENT naming it and the valid names.
 cpu_kernel_set parse_cpu_kernels(const char * spec);
 
@@ -84,6 +89,17 @@ bool decode_attention_supported(const ggml_tensor * q, const ggml_tensor * k, co
 // F16 (views allowed); mask: [n_kv, >= T] F16 additive, one row per token -> [D * Hq, T] F32
 // (a token whose keys are all masked gets zeros).
 ggml_tensor * decode_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask, float scale);
+
+// Most rows (tokens) a product takes q6k_matmul for (larger batches: ggml's mul_mat).
+constexpr int64_t k_qmm_max_rows = 8;
+
+// q6k_matmul handles w [K, M] Q6_K (K % 256 == 0, contiguous, in host memory, not repacked) times
+// x [K, N] F32 with 1 <= N <= k_qmm_max_rows contiguous rows, on this CPU.
+bool q6k_matmul_supported(const ggml_tensor * w, const ggml_tensor * x);
+
+// w x^T as ggml_mul_mat(w, x) computes it -> [M, N] F32: x quantized once to ggml's Q8_K values (8-bit
+// blocks of 256), each weight block read once for all N rows, int8 VNNI dot products, F32 sums per block.
+ggml_tensor * q6k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
 
 // 0.5 x (1 + erf(x / sqrt(2))) elementwise on F32, vectorized (max abs error of erf 1.5e-7).
 ggml_tensor * gelu_erf_avx512(ggml_context * ctx, ggml_tensor * x);

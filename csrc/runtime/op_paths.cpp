@@ -2,6 +2,7 @@
 
 #include "graph/vision.h"
 #include "kernels/dispatch.h"
+#include "model/devices.h"
 #include "model/model.h"
 #include "runtime/backend.h"
 #include "runtime/context.h"
@@ -45,6 +46,31 @@ static std::string text_devices(const mllama_model & m) {
     return out;
 }
 
+// How many of the text matrices (the decoder's products and the output) are Q6_K.
+static int q6k_text_matrices(const mllama_model & m) {
+    int n = m.text.output && m.text.output->type == GGML_TYPE_Q6_K ? 1 : 0;
+    for (const text_layer_w & l : m.text.layers) {
+        for (const ggml_tensor * w : {l.self.wq, l.self.wk, l.self.wv, l.self.wo, l.cross.wq, l.cross.wo, l.ffn.gate,
+                                      l.ffn.up, l.ffn.down}) {
+            n += w && w->type == GGML_TYPE_Q6_K ? 1 : 0;
+        }
+    }
+    return n;
+}
+
+// Our Q6_K kernel takes the decode-time products (up to k_qmm_max_rows rows) of the text layers on
+// the CPU, under the decoder's per-layer rule (cpu_kernels_allowed_on).
+static std::string q6k_path(const mllama_context & c, const std::string & ggml_cpu) {
+    const mllama_model & m = *c.model;
+    const int n = q6k_text_matrices(m);
+    if (n == 0) return "none in this model";
+    int on_cpu = 0;
+    for (ggml_backend_dev_t dev : m.plan.layers) on_cpu += cpu_kernels_allowed_on(m.plan, dev) ? 1 : 0;
+    if (!c.kernels.may_run(cpu_kernel::qmm) || on_cpu == 0) return std::to_string(n) + ", " + ggml_cpu + ": mul_mat";
+    return std::to_string(n) + ", mllama Q6_K kernel (x86 AVX512-VNNI) for batches of up to " +
+           std::to_string(k_qmm_max_rows) + " rows, " + ggml_cpu + ": mul_mat above";
+}
+
 static bool all_text_on_cpu(const mllama_model & m) {
     for (ggml_backend_dev_t dev : m.plan.layers) {
         if (!is_cpu(dev)) return false;
@@ -76,7 +102,8 @@ std::string op_paths(const mllama_context & c) {
            line("decode cross-attention", xattn ? "mllama GQA kernel over the F16 image cache (x86 AVX-512)"
                                                 : ggml_cpu + ": flash_attn_ext") +
            line("self-attention, prefill cross-attention", ggml_cpu + ": flash_attn_ext") +
-           line("text matrices", ggml_cpu + ": mul_mat, " + repacked + " in ggml's repacked CPU layout") + others;
+           line("text matrices", ggml_cpu + ": mul_mat, " + repacked + " in ggml's repacked CPU layout") +
+           line("text matrices q6_K", q6k_path(c, ggml_cpu)) + others;
 }
 
 }  // namespace mllama

@@ -1,0 +1,216 @@
+// Q6_K matrix times 1..8 F32 rows on AVX-512 VNNI CPUs (see kernels/dispatch.h): the decode-time text
+// matrices stored in ggml's Q6_K layout, which ggml can neither repack nor multiply by several rows at
+// once without re-reading the weights (figures in bench/README.md).
+//
+// Like ggml, x is first quantized to 8-bit blocks of 256 (one float scale each; the same values as
+// ggml's Q8_K, computed the same way), by a first custom op, once per call. The product op then walks
+// its output channels: each weight block (256 weights: 4 bit ql, 2 bit qh, 16 int8 scales, fp16 d) is
+// unpacked once into four zmm of unsigned 6-bit values and multiplied with every row's int8 block by
+// vpdpbusd. The weights are offset by +32 in the file; the -32 goes in through the activations' per-16
+// sums, which seed each row's accumulator. The four zmm are transposed (4x4 int32 within each 128-bit
+// lane) so that int32 lane q of all four holds the same 16-weight sub-block: four vpdpbusd leave the 16
+// sub-block sums in one zmm, converted to float and multiplied by the 16 sub-block scales (d times the
+// int8 scale, exact in float) and the row's scale into a float accumulator per row, as ggml's dot
+// product does per block. The activations are stored in
+// the same transposed order when they are quantized.
+#include "kernels/dispatch.h"
+
+#if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
+
+#include "ggml-backend.h"
+#include "ggml.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#define MLLAMA_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
+
+namespace mllama {
+namespace {
+
+constexpr int64_t k_block = 256;  // weights per Q6_K block (ggml's QK_K), activations per 8-bit block
+
+// ggml's block_q6_K (ggml-common.h), as it is in memory.
+struct q6k_block {
+    uint8_t ql[k_block / 2];      // low 4 bits: weight 128h + l + 32j in byte 64h + l + 32(j & 1), nibble j >> 1
+    uint8_t qh[k_block / 4];      // high 2 bits: the same weight in byte 32h + l, bits 2j..2j+1
+    int8_t scales[k_block / 16];  // one per 16 consecutive weights
+    uint16_t d;                   // fp16 block scale
+};
+static_assert(sizeof(q6k_block) == 210, "Q6_K block layout");
+
+// One row's 256 activations as int8 (x ~ d q), in the transposed order of the unpacked weights, with
+// -32 times each 16-element sub-block's sum in the matching int32 lane. 384 bytes: rows stay 64-byte
+// multiples apart.
+struct q8_block {
+    int8_t qs[k_block];
+    int32_t neg_bsum32[16];
+    float d;
+    float pad[15];
+};
+static_assert(sizeof(q8_block) == 384, "activation block layout");
+
+// The 4x4 int32 transpose within each 128-bit lane: t[k] lane 4L + j = n[j] lane 4L + k. Weight
+// register j's 128-bit lane L is one 16-weight sub-block (4j + L), so afterwards int32 lane 4L + j of
+// every t[k] belongs to sub-block 4j + L.
+MLLAMA_VNNI_TARGET inline void transpose4(const __m512i n[4], __m512i t[4]) {
+    const __m512i a = _mm512_unpacklo_epi32(n[0], n[1]), b = _mm512_unpackhi_epi32(n[0], n[1]);
+    const __m512i c = _mm512_unpacklo_epi32(n[2], n[3]), d = _mm512_unpackhi_epi32(n[2], n[3]);
+    t[0] = _mm512_unpacklo_epi64(a, c);
+    t[1] = _mm512_unpackhi_epi64(a, c);
+    t[2] = _mm512_unpacklo_epi64(b, d);
+    t[3] = _mm512_unpackhi_epi64(b, d);
+}
+
+// ggml's Q8_K quantization of 256 floats (quantize_row_q8_K_ref: scale -127 / the value of largest
+// magnitude, the first one on ties; round half to even; at most 127), into the transposed order.
+MLLAMA_VNNI_TARGET void quantize_block(const float * x, q8_block & out) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k_block; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+    const float largest = _mm512_reduce_max_ps(amax);
+    if (!(largest > 0.0f)) {  // all zeros (or NaN): ggml stores d = 0 and zero quants
+        std::memset(&out, 0, sizeof(out));
+        return;
+    }
+    float max = 0.0f;
+    for (int64_t i = 0; i < k_block; ++i) {
+        if (std::fabs(x[i]) == largest) {
+            max = x[i];
+            break;
+        }
+    }
+    const float iscale = -127.0f / max;
+    const __m512 scale = _mm512_set1_ps(iscale);
+    __m512i natural[4];  // weights' unpacked order = natural order: register j holds elements 64j..64j+63
+    for (int j = 0; j < 4; ++j) {
+        __m128i parts[4];
+        for (int p = 0; p < 4; ++p) {
+            const __m512 scaled = _mm512_mul_ps(scale, _mm512_loadu_ps(x + 64 * j + 16 * p));
+            const __m512i q = _mm512_cvtps_epi32(scaled);  // nearest, ties to even (MXCSR's default)
+            parts[p] = _mm512_cvtsepi32_epi8(_mm512_min_epi32(q, _mm512_set1_epi32(127)));
+        }
+        natural[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(parts[1], parts[0])),
+                                        _mm256_set_m128i(parts[3], parts[2]), 1);
+    }
+    __m512i t[4];
+    transpose4(natural, t);
+    __m512i bsum = _mm512_setzero_si512();  // lane q: the sum of its sub-block (4 bytes in each t[k])
+    for (int k = 0; k < 4; ++k) {
+        _mm512_storeu_si512(out.qs + 64 * k, t[k]);
+        bsum = _mm512_dpbusd_epi32(bsum, _mm512_set1_epi8(1), t[k]);
+    }
+    _mm512_storeu_si512(out.neg_bsum32, _mm512_mullo_epi32(bsum, _mm512_set1_epi32(-32)));
+    out.d = 1.0f / iscale;
+}
+
+// dst->src[0] = x [K, N] F32 -> dst [K / 256 * 384 bytes, N]; (row, block) pairs split across threads.
+void quantize_rows(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * x = dst->src[0];
+    const int64_t n_blocks = x->ne[0] / k_block, total = n_blocks * x->ne[1];
+    const int64_t per = (total + nth - 1) / nth, w0 = std::min(total, per * ith), w1 = std::min(total, w0 + per);
+    for (int64_t w = w0; w < w1; ++w) {
+        const int64_t row = w / n_blocks, b = w % n_blocks;
+        const auto * xr = reinterpret_cast<const float *>(static_cast<const char *>(x->data) + row * x->nb[1]);
+        auto * out = reinterpret_cast<q8_block *>(static_cast<char *>(dst->data) + row * dst->nb[1]);
+        quantize_block(xr + b * k_block, out[b]);
+    }
+}
+
+// The 6-bit weights of one half block (128 weights) in two zmm, natural order: ql bytes 0..63 of the
+// half give weights 0..63 (low nibbles) and 64..127 (high nibbles); the matching qh bits are byte l's
+// bits 0-1 / 4-5 for the first 32 bytes and 2-3 / 6-7 for the next 32 (shifted down by 2 there).
+MLLAMA_VNNI_TARGET inline void unpack_half(const uint8_t * ql, const uint8_t * qh, __m512i & lo, __m512i & hi) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(0x30);
+    const __m512i l = _mm512_loadu_si512(ql);
+    const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(qh)));
+    const __m512i up = _mm512_sllv_epi64(h, _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4));    // bits 0-1 / 2-3 -> 4-5
+    const __m512i down = _mm512_srlv_epi64(h, _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0));  // bits 4-5 / 6-7 -> 4-5
+    lo = _mm512_ternarylogic_epi32(l, m4, _mm512_and_si512(up, m2), 0xEA);  // (l & m4) | up
+    hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(l, 4), m4, _mm512_and_si512(down, m2), 0xEA);
+}
+
+// One output channel (a row of Q6_K blocks) against R activation rows (stride: blocks between rows).
+template <int R>
+MLLAMA_VNNI_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_block * x, int64_t stride,
+                                float * sums) {
+    // lane 4L + j of the transposed registers is sub-block 4j + L: the scales' bytes in that order
+    const __m128i scale_order = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    __m512 acc[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        const q6k_block & blk = w[b];
+        __m512i n[4], t[4];
+        unpack_half(blk.ql, blk.qh, n[0], n[1]);
+        unpack_half(blk.ql + 64, blk.qh + 32, n[2], n[3]);
+        transpose4(n, t);
+        const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk.scales));
+        // d * scale: an fp16 times an int8, exact in float
+        const __m512i scales8 = _mm512_cvtepi8_epi32(_mm_shuffle_epi8(sc8, scale_order));
+        const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(blk.d)), _mm512_cvtepi32_ps(scales8));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            const q8_block & xb = x[r * stride + b];
+            // two dependency chains of two products each (vpdpbusd's latency, not its throughput, is the bound)
+            __m512i s0 = _mm512_dpbusd_epi32(_mm512_loadu_si512(xb.neg_bsum32), t[0], _mm512_loadu_si512(xb.qs));
+            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), t[1], _mm512_loadu_si512(xb.qs + 64));
+            s0 = _mm512_dpbusd_epi32(s0, t[2], _mm512_loadu_si512(xb.qs + 128));
+            s1 = _mm512_dpbusd_epi32(s1, t[3], _mm512_loadu_si512(xb.qs + 192));
+            const __m512 sums = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));  // exact: |sum| < 2^18
+            acc[r] = _mm512_fmadd_ps(sums, _mm512_mul_ps(scales, _mm512_set1_ps(xb.d)), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+using channel_fn = void (*)(const q6k_block *, int64_t, const q8_block *, int64_t, float *);
+constexpr channel_fn k_channels[k_qmm_max_rows] = {channel<1>, channel<2>, channel<3>, channel<4>,
+                                                   channel<5>, channel<6>, channel<7>, channel<8>};
+
+// dst [M, N] = W x^T; dst->src = {w [K, M] Q6_K, xq (quantize_rows)}; output channels split across
+// threads in contiguous ranges (each thread streams its part of W once).
+void product(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * w = dst->src[0], * xq = dst->src[1];
+    const int64_t n_blocks = w->ne[0] / k_block, M = w->ne[1], N = xq->ne[1];
+    const int64_t per = (M + nth - 1) / nth, m0 = std::min(M, per * ith), m1 = std::min(M, m0 + per);
+    const auto * x = static_cast<const q8_block *>(xq->data);
+    const int64_t stride = static_cast<int64_t>(xq->nb[1] / sizeof(q8_block));
+    const channel_fn fn = k_channels[N - 1];
+    float sums[k_qmm_max_rows];
+    for (int64_t m = m0; m < m1; ++m) {
+        fn(reinterpret_cast<const q6k_block *>(static_cast<const char *>(w->data) + m * w->nb[1]), n_blocks, x, stride,
+           sums);
+        for (int64_t r = 0; r < N; ++r) {
+            reinterpret_cast<float *>(static_cast<char *>(dst->data) + r * dst->nb[1])[m] = sums[r];  // dst [M, N]
+        }
+    }
+}
+
+}  // namespace
+
+bool q6k_matmul_supported(const ggml_tensor * w, const ggml_tensor * x) {
+    return cpu_kernel_available(cpu_kernel::qmm) && w && x && w->type == GGML_TYPE_Q6_K &&
+           ggml_type_size(GGML_TYPE_Q6_K) == sizeof(q6k_block) && ggml_blck_size(GGML_TYPE_Q6_K) == k_block &&
+           w->ne[0] % k_block == 0 && w->ne[0] > 0 && ggml_is_contiguous(w) && w->ne[2] == 1 && w->ne[3] == 1 &&
+           w->extra == nullptr && (!w->buffer || ggml_backend_buffer_is_host(w->buffer)) && x->type == GGML_TYPE_F32 &&
+           x->ne[0] == w->ne[0] && x->ne[1] >= 1 && x->ne[1] <= k_qmm_max_rows && x->ne[2] == 1 && x->ne[3] == 1 &&
+           ggml_is_contiguous_rows(x) && x->nb[0] == sizeof(float);
+}
+
+ggml_tensor * q6k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
+    const int64_t K = w->ne[0], M = w->ne[1], N = x->ne[1];
+    const int64_t row_bytes = K / k_block * static_cast<int64_t>(sizeof(q8_block));
+    ggml_tensor * xq = ggml_custom_4d(ctx, GGML_TYPE_I8, row_bytes, N, 1, 1, &x, /*n_args=*/1, quantize_rows,
+                                      GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // [K / 256 * 384 bytes, N]
+    ggml_tensor * args[] = {w, xq};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, M, N, 1, 1, args, /*n_args=*/2, product, GGML_N_TASKS_MAX,
+                          /*userdata=*/nullptr);  // [M, N]
+}
+
+}  // namespace mllama
+
+#endif  // MLLAMA_X86_KERNELS
