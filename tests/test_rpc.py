@@ -98,6 +98,8 @@ def test_split_over_two_workers_and_the_cpu_matches_local(gguf_f32, workers, loc
     # 4 text layers, shares 1:2:1 -> layer 0 on the first worker, 1-2 on the second, 3 (and the output) here
     with mllama.Model(gguf_f32, n_ctx=256, rpc=workers, devices=[*workers, "CPU"], tensor_split=[1, 2, 1]) as m:
         assert text_runs(m) == [(0, 1, workers[0]), (1, 2, workers[1]), (3, 1, "CPU")]
+        assert m.placement[2].describe().startswith("text layer 0: RPC")
+        assert m.placement[3].describe().startswith("text layers 1-2: RPC") and workers[1] in m.placement[3].describe()
         by_component = {p.component: p for p in m.placement}
         assert by_component["vision"].device == "CPU"  # the tower stays local
         assert by_component["output"].device == "CPU" and "tensor_split 1, 2, 1" in m.placement[2].reason

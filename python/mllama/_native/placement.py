@@ -28,7 +28,8 @@ class Placement:
                 else {"vision": "vision tower + projector", "token_embd": "token embedding"}.get(self.component,
                                                                                                self.component))
         where = self.device + (f" ({self.endpoint})" if self.endpoint else "")
-        return f"{what}: {where}, {self.n_bytes / 2**20:.1f} MiB ({self.reason})"
+        size = f"{self.n_bytes / 2**30:.1f} GiB" if self.n_bytes >= 2**30 else f"{self.n_bytes / 2**20:.1f} MiB"
+        return f"{what}: {where}, {size} ({self.reason})"
 
 
 def rpc_supported() -> bool:
