@@ -84,3 +84,13 @@ def small_gguf(gguf_f32, tmp_path_factory) -> Path:
 
     tok = {"tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.chat_template"}
     return rewrite(gguf_f32, tmp_path_factory.mktemp("small") / "small.gguf", drop_keys=tok)
+
+
+@pytest.fixture(scope="session")
+def api_server(gguf_f32):
+    """One live `mllama serve --ctx 1024 --parallel 2` on the F32 fixture, shared by the API test modules
+    (tests/test_server_api.py, tests/test_logprobs_routes.py): its base URL."""
+    from test_server import running
+
+    with running(gguf_f32, "--ctx", "1024", "--parallel", "2") as base:
+        yield base

@@ -174,7 +174,7 @@ def test_no_cpu_kernel_on_a_gpu_context(tmp_path, x86_kernels):
     subprocess.run(["c++", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", *define,
                     f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'include'}", str(ROOT / "tests" / "c" / "kernel_placement.cpp"),
                     str(ROOT / "csrc" / "kernels" / "dispatch.cpp"), str(ROOT / "csrc" / "common" / "error.cpp"),
-                    "-o", str(exe)], check=True, capture_output=True, text=True)
+                    str(ROOT / "csrc" / "common" / "text.cpp"), "-o", str(exe)], check=True, capture_output=True, text=True)
     proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stdout
     if x86_kernels == "0":
@@ -209,7 +209,8 @@ def build_qmm_driver(out: Path) -> Path:
                     "-Wno-uninitialized", "-Wno-maybe-uninitialized", f"-I{ROOT / 'csrc'}",
                     f"-I{ROOT / 'csrc' / 'include'}", f"-I{ggml / 'include'}", str(ROOT / "tests" / "c" / "qmm_q6k.cpp"),
                     str(ROOT / "csrc" / "kernels" / "x86" / "qmm_q6k.cpp"), str(ROOT / "csrc" / "kernels" / "dispatch.cpp"),
-                    str(ROOT / "csrc" / "common" / "error.cpp"), f"-L{lib_dir}", "-lggml-cpu", "-lggml-base",
+                    str(ROOT / "csrc" / "common" / "error.cpp"), str(ROOT / "csrc" / "common" / "text.cpp"),
+                    f"-L{lib_dir}", "-lggml-cpu", "-lggml-base",
                     f"-Wl,-rpath,{lib_dir}", "-o", str(out)], check=True, capture_output=True, text=True)
     return out
 

@@ -95,3 +95,14 @@ def test_a_prefetched_mask_is_the_in_line_one_and_carries_its_errors(model):
         impossible.prefetch(pool)
         with pytest.raises(ValueError, match="allows no token"):
             impossible.allowed_tokens()
+
+
+def test_closing_the_model_stops_the_mask_thread(gguf_f32):
+    def mask_threads_alive() -> int:
+        return sum(t.name.startswith("mllama-grammar") for t in threading.enumerate())
+
+    before = mask_threads_alive()
+    with mllama.Model(gguf_f32, n_ctx=256) as m:
+        m.chat(ASK, max_tokens=4, temperature=0.0, grammar=LARK)
+        assert mask_threads_alive() == before + 1
+    assert mask_threads_alive() == before

@@ -12,16 +12,15 @@ import pytest
 
 import mllama
 from mllama.generation.logprobs import completion_token, log_softmax
-from test_server import client, post, running
+from test_server import client, post
 
 PROMPT = "<|begin_of_text|>The lighthouse keeper said"
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def server(gguf_f32):
-    with running(gguf_f32, "--ctx", "1024", "--parallel", "2") as base:
-        yield base
+def server(api_server):
+    return api_server
 
 
 @pytest.fixture(scope="module")

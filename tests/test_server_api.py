@@ -15,16 +15,15 @@ import mllama
 from mllama.cli import build_parser
 from mllama.cli.serve import address
 from mllama.generation.logprobs import log_softmax
-from test_server import client, post, running
+from test_server import client, post
 
 PROMPT = "<|begin_of_text|>The lighthouse keeper said"
 TEXT_ONLY = [{"role": "user", "content": "Tell me about lighthouses."}]
 
 
 @pytest.fixture(scope="module")
-def server(gguf_f32):
-    with running(gguf_f32, "--ctx", "1024", "--parallel", "2") as base:
-        yield base
+def server(api_server):
+    return api_server
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 #include "kernels/dispatch.h"
 
 #include "common/error.h"
+#include "common/text.h"
 
 #include <cstring>
 #include <string>
@@ -72,13 +73,7 @@ cpu_kernel_set parse_cpu_kernels(const char * spec) {
         return set;
     }
     if (std::strcmp(spec, "0") == 0) return set;
-    const std::string list = spec;
-    for (size_t begin = 0; begin <= list.size();) {
-        size_t end = list.find(',', begin);
-        if (end == std::string::npos) end = list.size();
-        const std::string entry = list.substr(begin, end - begin);
-        begin = end + 1;
-        if (entry.empty()) continue;
+    for (const std::string & entry : split_list(spec)) {
         bool known = false;
         for (const auto & k : k_kernel_names) {
             if (entry == k.name) set.bits |= static_cast<uint32_t>(k.kernel), known = true;

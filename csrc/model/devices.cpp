@@ -1,6 +1,7 @@
 #include "model/devices.h"
 
 #include "common/error.h"
+#include "common/text.h"
 #include "runtime/backend.h"
 #include "runtime/rpc.h"
 
@@ -12,8 +13,6 @@
 #include <numeric>
 
 namespace mllama {
-
-inline constexpr int k_default_rpc_timeout_ms = 10000;
 
 std::vector<int> split_layers(int n_layer, int n_offload, const std::vector<float> & proportions) {
     if (n_layer < 0) fail(MLLAMA_ERR_INVALID_ARGUMENT, "n_layer %d < 0", n_layer);
@@ -36,22 +35,6 @@ std::vector<int> split_layers(int n_layer, int n_offload, const std::vector<floa
         const double at = static_cast<double>(il - first) / n_offload;  // where the layer starts in [0, 1)
         const auto it = std::upper_bound(cumulative.begin(), cumulative.end(), at);
         out[il] = std::min(static_cast<int>(it - cumulative.begin()), n_dev - 1);
-    }
-    return out;
-}
-
-static std::vector<std::string> split_list(const char * list) {
-    std::vector<std::string> out;
-    std::string item;
-    for (const char * p = list ? list : ""; ; ++p) {
-        if (*p == ',' || *p == '\0') {
-            const size_t b = item.find_first_not_of(' '), e = item.find_last_not_of(' ');
-            if (b != std::string::npos) out.push_back(item.substr(b, e - b + 1));
-            item.clear();
-            if (*p == '\0') break;
-        } else {
-            item += *p;
-        }
     }
     return out;
 }
@@ -131,12 +114,20 @@ static void choose_vision(device_plan & plan, const mllama_model_params & params
     plan.vision_reason = gpus.empty() ? "auto: no local GPU" : "auto: the first local GPU";
 }
 
+std::vector<ggml_backend_dev_t> devices_in_use(const device_plan & plan) {
+    std::vector<ggml_backend_dev_t> out;
+    std::vector<ggml_backend_dev_t> used{plan.vision};
+    used.insert(used.end(), plan.layers.begin(), plan.layers.end());
+    for (ggml_backend_dev_t dev : used) {
+        if (!is_cpu(dev) && std::find(out.begin(), out.end(), dev) == out.end()) out.push_back(dev);
+    }
+    return out;
+}
+
 bool cpu_kernels_allowed_on(const device_plan & plan, ggml_backend_dev_t dev) {
-    if (!is_cpu(dev)) return false;
-    std::vector<ggml_backend_dev_t> used = plan.layers;
-    used.push_back(plan.vision);
-    auto cpu_or_rpc = [](ggml_backend_dev_t d) { return is_cpu(d) || !rpc_endpoint(d).empty(); };
-    return std::all_of(used.begin(), used.end(), cpu_or_rpc);
+    const std::vector<ggml_backend_dev_t> others = devices_in_use(plan);
+    auto is_rpc = [](ggml_backend_dev_t d) { return !rpc_endpoint(d).empty(); };
+    return is_cpu(dev) && std::all_of(others.begin(), others.end(), is_rpc);
 }
 
 device_plan plan_devices(const mllama_model_params & params, int n_layer) {

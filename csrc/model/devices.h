@@ -30,6 +30,10 @@ struct device_plan {
     int n_offload = 0;                              // text layers on the device list
 };
 
+// The devices the plan uses other than the CPU, each once: the vision device's, then the text
+// layers' in order (one backend and one weight context each).
+std::vector<ggml_backend_dev_t> devices_in_use(const device_plan & plan);
+
 // Our CPU kernels (ggml custom ops) may run on a component placed on the CPU: true when that
 // device is the CPU and no local GPU is in the plan (a GPU backend may take CPU-side ops over,
 // which it cannot do with a custom op; RPC devices never do).

@@ -1,6 +1,7 @@
 #include "model/model.h"
 
 #include "common/error.h"
+#include "common/text.h"
 #include "gguf/gguf_meta.h"
 #include "gguf/quant.h"
 #include "model/devices.h"
@@ -18,12 +19,7 @@
 #include <iterator>
 
 mllama_model::~mllama_model() {
-    for (ggml_backend_buffer * buf : buffers) {
-        try {
-            ggml_backend_buffer_free(buf);
-        } catch (const mllama::rpc_fault &) {  // its worker is gone (and its memory with it)
-        }
-    }
+    for (ggml_backend_buffer * buf : buffers) mllama::free_quietly([&] { ggml_backend_buffer_free(buf); });
     for (ggml_context * ctx : contexts) ggml_free(ctx);
 }
 
@@ -127,11 +123,7 @@ static placement make_placement(mllama_model & m, size_t n_tensors) {
     where.vision = m.plan.vision;
     where.cpu = new_descriptor_context(n_tensors);
     m.contexts.push_back(where.cpu);
-    std::vector<ggml_backend_dev_t> used = where.layers;
-    used.push_back(where.vision);
-    for (ggml_backend_dev_t dev : used) {
-        const bool known = std::any_of(where.others.begin(), where.others.end(), [&](auto & o) { return o.first == dev; });
-        if (is_cpu(dev) || known) continue;
+    for (ggml_backend_dev_t dev : devices_in_use(m.plan)) {
         where.others.emplace_back(dev, new_descriptor_context(n_tensors));
         m.contexts.push_back(where.others.back().second);
     }
@@ -180,9 +172,8 @@ std::unique_ptr<mllama_model> load_model(const char * path, const char * project
     try {
         load_weights(*m);
     } catch (const rpc_fault & e) {
-        std::string names;
-        for (const std::string & name : m->plan.endpoints) names += (names.empty() ? "" : ", ") + name;
-        fail(MLLAMA_ERR_BACKEND, "an RPC worker (%s) failed while the weights were sent: %s", names.c_str(), e.what());
+        fail(MLLAMA_ERR_BACKEND, "an RPC worker (%s) failed while the weights were sent: %s",
+             join(m->plan.endpoints).c_str(), e.what());
     }
     if (params.check_tensors) validate_data(*m);
     read_gates(m->text, m->vision, m->conv.gates_pretanh);
@@ -190,7 +181,8 @@ std::unique_ptr<mllama_model> load_model(const char * path, const char * project
     if (m->conv.cross_qk_permuted) permute_cross_norms(*m);
     report_placement(*m);
     if (!m->plan.endpoints.empty()) {
-        set_io_timeouts(m->plan.endpoints, m->params.rpc_io_timeout_s > 0 ? m->params.rpc_io_timeout_s : 600);
+        const int io_s = m->params.rpc_io_timeout_s;
+        set_io_timeouts(m->plan.endpoints, io_s > 0 ? io_s : k_default_rpc_io_timeout_s);
     }
     m->log.log(MLLAMA_LOG_INFO, "loaded '%s': %lld tensors, %.1f MiB on %s (%s)", path, (long long) m->info.n_tensors,
                m->info.n_bytes_weights / 1048576.0, m->info.device, m->conv.describe().c_str());

@@ -1,6 +1,7 @@
 #include "runtime/compute.h"
 
 #include "common/error.h"
+#include "common/text.h"
 #include "model/model.h"
 #include "runtime/context.h"
 #include "runtime/pages.h"
@@ -21,8 +22,6 @@ namespace mllama {
 // threads; weights already done are skipped. Only on first use, so that loading (the
 // converter's check, text-only work) does not pull in every page of the file; tables read by rows
 // (token embeddings, position embeddings per aspect ratio) keep faulting in only the rows used.
-inline constexpr int k_fault_probe_ms = 2000;  // per endpoint, naming the one that died
-
 static void populate_weights(mllama_context & c, ggml_cgraph * gf) {
     std::vector<std::pair<const uint8_t *, size_t>> ranges;
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
@@ -62,13 +61,14 @@ static void run_graph(mllama_context & c, const std::function<ggml_cgraph *(ggml
     fetch();
 }
 
+inline constexpr int k_fault_probe_ms = 2000;  // per endpoint, naming the one that died
+
 // A lost RPC worker ends the model's life: the weights it held are gone with it.
 [[noreturn]] static void fail_lost_worker(const mllama_context & c, const char * what) {
     c.model->lost_worker = true;
     const std::vector<std::string> & all = c.model->plan.endpoints;
     const std::vector<std::string> dead = unreachable(all, k_fault_probe_ms);
-    std::string names;
-    for (const std::string & e : dead.empty() ? all : dead) names += (names.empty() ? "" : ", ") + e;
+    const std::string names = join(dead.empty() ? all : dead);
     fail(MLLAMA_ERR_BACKEND, "RPC worker %s %s (%s); the model cannot run any more: close it and load it again",
          names.c_str(), dead.empty() ? "failed" : "is unreachable", what);
 }

@@ -14,17 +14,10 @@
 #include <algorithm>
 #include <string>
 
-// A worker lost mid-run leaves buffers on its device that ggml-rpc cannot free (it aborts, which
-// rpc.cpp turns into rpc_fault): destruction frees what it can and skips those.
-template <typename F>
-static void free_quietly(F && free_fn) {
-    try {
-        free_fn();
-    } catch (const mllama::rpc_fault &) {
-    }
-}
-
+// A worker lost mid-run leaves buffers on its device that ggml-rpc cannot free: destruction frees
+// what it can and skips those (free_quietly).
 mllama_context::~mllama_context() {
+    using mllama::free_quietly;
     free_quietly([&] { ggml_backend_sched_free(sched); });
     for (ggml_backend_buffer * buf : state_buffers) free_quietly([&] { ggml_backend_buffer_free(buf); });
     for (ggml_context * ctx : state_ctxs) ggml_free(ctx);
@@ -149,14 +142,9 @@ static void start_backends(mllama_context & c, const mllama_model & model) {
     c.backend_cpu = ggml_backend_dev_init(cpu_device(), /*params=*/nullptr);
     if (!c.backend_cpu) fail(MLLAMA_ERR_BACKEND, "cannot start the CPU backend");
     set_backend_threads(c.backend_cpu, c.params.n_threads);
-    std::vector<ggml_backend_dev_t> used{model.plan.vision};
-    used.insert(used.end(), model.plan.layers.begin(), model.plan.layers.end());
-    std::vector<ggml_backend_dev_t> started;
-    for (ggml_backend_dev_t dev : used) {
-        if (is_cpu(dev) || std::find(started.begin(), started.end(), dev) != started.end()) continue;
+    for (ggml_backend_dev_t dev : devices_in_use(model.plan)) {
         ggml_backend_t backend = ggml_backend_dev_init(dev, /*params=*/nullptr);
         if (!backend) fail(MLLAMA_ERR_BACKEND, "cannot start device %s", ggml_backend_dev_name(dev));
-        started.push_back(dev);
         c.backends.push_back(backend);
     }
     std::vector<ggml_backend_t> all = c.backends;

@@ -1,5 +1,6 @@
 #include "runtime/rpc.h"
 
+#include "common/text.h"
 #include "runtime/backend.h"
 
 #include "ggml-backend.h"
@@ -271,15 +272,10 @@ std::string rpc_endpoint(ggml_backend_dev_t dev) {
 }
 
 static std::vector<ggml_backend_dev_t> served_devices(const std::string & names) {
+    std::vector<std::string> list = split_list(names.c_str());
+    if (list.empty()) list.emplace_back("");  // the first GPU, else the CPU
     std::vector<ggml_backend_dev_t> devices;
-    size_t start = 0;
-    while (start <= names.size()) {
-        const size_t comma = names.find(',', start);
-        const std::string name = names.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
-        if (!name.empty() || names.empty()) devices.push_back(select_device(name.c_str()));
-        if (comma == std::string::npos) break;
-        start = comma + 1;
-    }
+    for (const std::string & name : list) devices.push_back(select_device(name.c_str()));
     return devices;
 }
 

@@ -23,6 +23,20 @@ struct rpc_fault : error {
     explicit rpc_fault(const std::string & msg) : error(MLLAMA_ERR_BACKEND, msg) {}
 };
 
+// Defaults of mllama_model_params.rpc_timeout_ms and rpc_io_timeout_s.
+inline constexpr int k_default_rpc_timeout_ms = 10000;
+inline constexpr int k_default_rpc_io_timeout_s = 600;
+
+// Runs a ggml free of something that may live on a lost worker: ggml-rpc aborts there (an rpc_fault
+// here), the memory is gone with the worker, so the fault is dropped.
+template <typename F>
+void free_quietly(F && free_fn) {
+    try {
+        free_fn();
+    } catch (const rpc_fault &) {
+    }
+}
+
 // The loaded ggml has the RPC backend (-DGGML_RPC=ON).
 bool rpc_supported();
 

@@ -142,7 +142,11 @@ class Model(Handle, GenerationMixin):
             lib.mllama_model_free(model_ptr)
             raise
 
+        schedulers: list[Scheduler] = []  # the one made below: its worker thread stops with the model
+
         def free() -> None:
+            for scheduler in schedulers:
+                scheduler.close()
             lib.mllama_context_free(ctx_ptr)
             lib.mllama_model_free(model_ptr)
 
@@ -154,6 +158,7 @@ class Model(Handle, GenerationMixin):
         self._hparams = self._read_hparams()
         self._engine = Engine(ctx_ptr, self._hparams, self.n_ctx, effective["n_batch"], self._n_slots, self.n_seq_max)
         self._scheduler = Scheduler(self._engine, self.eog_ids)
+        schedulers.append(self._scheduler)
         try:
             self._engine.image_cache = self._new_image_cache(env, image_cache_dir, image_cache_bytes)
         except BaseException:

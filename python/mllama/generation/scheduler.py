@@ -153,6 +153,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def close(self) -> None:
+        """Stops the grammar-mask worker thread (the model is being closed)."""
+        if self._mask_pool is not None:
+            self._mask_pool.shutdown(wait=True)
+            self._mask_pool = None
+
     def fail_all(self, exc: BaseException) -> None:
         """Ends every request with `exc` (a step failed outside any one request)."""
         with self._mutex:
