@@ -118,21 +118,30 @@ def test_report_is_quiet_for_a_native_build():
 
 
 REPACK = ggml_features().get("REPACK") == "1"
+EXTRA_TYPES = {"AMX", "KleidiAI", "CPU_REPACK"}  # ggml's extra CPU buffer types (csrc/model/repack.h)
 
 
 @pytest.mark.skipif(not REPACK, reason="this ggml has no repacked CPU layouts")
 def test_repacked_weights_match_the_mapping(converted, monkeypatch):
     prompt = [128000, 9906, 1917, 11, 1268, 527, 499, 30]
-    runs = {}
+    runs, paths = {}, {}
     for repack in ("1", "0"):
         monkeypatch.setenv("MLLAMA_REPACK", repack)
         with mllama.Model(converted("q4_k")) as model:
             buffers = {t.name: t.buffer for t in model.tensors()}
+            paths[repack] = model.op_paths()["text matrices"]
             runs[repack] = (buffers, model.read_tensor("blk.0.ffn_down.weight"), model.forward(prompt),
                             list(model.generate_tokens(prompt, max_tokens=16, temperature=0)))
     (buf_r, w_r, logits_r, toks_r), (buf_m, w_m, logits_m, toks_m) = runs["1"], runs["0"]
-    assert buf_r["blk.0.ffn_down.weight"] == "CPU_REPACK" and buf_m["blk.0.ffn_down.weight"] != "CPU_REPACK"
-    assert buf_r["token_embd.weight"] != "CPU_REPACK"  # read by rows: stays in the mapping
+    # each weight in the first of ggml's extra types that takes it: AMX (an AMX build on an AMX CPU) before CPU_REPACK
+    assert buf_r["blk.0.ffn_down.weight"] in EXTRA_TYPES and buf_m["blk.0.ffn_down.weight"] not in EXTRA_TYPES
+    assert buf_r["token_embd.weight"] not in EXTRA_TYPES  # read by rows: stays in the mapping
+    counts = {}
+    for name in buf_r.values():
+        if name in EXTRA_TYPES:
+            counts[name] = counts.get(name, 0) + 1
+    assert all(f"{name} {n}" in paths["1"] for name, n in counts.items()), (paths["1"], counts)
+    assert paths["0"].endswith("in ggml's extra CPU layouts: none")
     np.testing.assert_array_equal(w_r, w_m)            # read back from the file, not the repacked buffer
     assert nmse(logits_r, logits_m) <= 1e-6
     assert toks_r == toks_m
@@ -285,15 +294,15 @@ def test_q6k_kernel_op_paths(converted):
     """op_paths names the kernel only where it may run: allowed by cpu_kernels (the default allows it)
     and on a CPU with VNNI, for a model that has Q6_K text matrices."""
     with mllama.Model(converted("q6_k"), cpu_kernels="0") as model:
-        off = model.op_paths()["text matrices q6_K"]
+        off = model.op_paths()["text matrices q6_K in the file layout"]
     with mllama.Model(converted("q6_k"), cpu_kernels="attn,xattn") as model:
-        others = model.op_paths()["text matrices q6_K"]
+        others = model.op_paths()["text matrices q6_K in the file layout"]
     with mllama.Model(converted("q6_k")) as model:
-        default = model.op_paths()["text matrices q6_K"]
+        default = model.op_paths()["text matrices q6_K in the file layout"]
     with mllama.Model(converted("q6_k"), cpu_kernels="qmm,xattn") as model:
-        chosen = model.op_paths()["text matrices q6_K"]
+        chosen = model.op_paths()["text matrices q6_K in the file layout"]
     with mllama.Model(converted("f16")) as model:
-        none = model.op_paths()["text matrices q6_K"]
+        none = model.op_paths()["text matrices q6_K in the file layout"]
     assert off.startswith("4, ggml") and others.startswith("4, ggml")
     assert default.startswith("4, mllama Q6_K kernel" if VNNI else "4, ggml"), default
     assert chosen.startswith("4, mllama Q6_K kernel" if VNNI else "4, ggml"), chosen

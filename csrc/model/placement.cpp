@@ -32,19 +32,19 @@ ggml_context * placement::context_for(ggml_backend_dev_t dev) const {
     fail(MLLAMA_ERR_INTERNAL, "no descriptor context for device %s", ggml_backend_dev_name(dev));
 }
 
-// Quantized text matrices that ggml multiplies faster from its repacked layout go there (copied out
-// of the mapping, whose pages are then released); the embedding table stays (it is read by rows).
+// Quantized text matrices that ggml multiplies faster from one of its extra layouts (repack.h) go there
+// (copied out of the mapping, whose pages are then released); the embedding table stays (it is read by rows).
 static void allocate_repacked(mllama_model & m, ggml_context * ctx, const tensor_loader & loader) {
     std::vector<ggml_tensor *> candidates;
     for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {
-        if (t != m.text.token_embd && ggml_is_quantized(t->type)) candidates.push_back(t);
+        if (t != m.text.token_embd) candidates.push_back(t);
     }
-    const std::vector<ggml_tensor *> weights = repackable(candidates, m.params.repack != 0);
-    for (ggml_tensor * t : weights) {
-        const tensor_source & src = loader.source(t);
-        m.repacked[ggml_get_name(t)] = file_span{src.file, src.file->data_offset(src.name)};
+    const std::vector<repack_choice> plan = repack_plan(candidates, m.params.repack != 0);
+    for (const auto & choice : plan) {
+        const tensor_source & src = loader.source(choice.first);
+        m.repacked[ggml_get_name(choice.first)] = file_span{src.file, src.file->data_offset(src.name)};
     }
-    if (ggml_backend_buffer_t buf = load_repacked(weights, m.repacked, m.params.n_threads)) m.buffers.push_back(buf);
+    for (ggml_backend_buffer_t buf : load_repacked(plan, m.repacked, m.params.n_threads)) m.buffers.push_back(buf);
 }
 
 // CPU tensors not repacked point into the mapping of their file (one buffer wraps each mapping).

@@ -4,6 +4,7 @@
 #include "kernels/dispatch.h"
 #include "model/devices.h"
 #include "model/model.h"
+#include "model/repack.h"
 #include "runtime/backend.h"
 #include "runtime/context.h"
 #include "runtime/rpc.h"
@@ -48,11 +49,14 @@ static std::string text_devices(const mllama_model & m) {
 
 // How many of the text matrices (the decoder's products and the output) are Q6_K.
 static int q6k_text_matrices(const mllama_model & m) {
-    int n = m.text.output && m.text.output->type == GGML_TYPE_Q6_K ? 1 : 0;
+    auto in_file_layout = [&](const ggml_tensor * w) {
+        return w && w->type == GGML_TYPE_Q6_K && !m.repacked.count(ggml_get_name(w));
+    };
+    int n = in_file_layout(m.text.output) ? 1 : 0;
     for (const text_layer_w & l : m.text.layers) {
         for (const ggml_tensor * w : {l.self.wq, l.self.wk, l.self.wv, l.self.wo, l.cross.wq, l.cross.wo, l.ffn.gate,
                                       l.ffn.up, l.ffn.down}) {
-            n += w && w->type == GGML_TYPE_Q6_K ? 1 : 0;
+            n += in_file_layout(w) ? 1 : 0;
         }
     }
     return n;
@@ -92,7 +96,7 @@ std::string op_paths(const mllama_context & c) {
     const vision_options opt = vision_options_for(m, c.kernels);
     const bool xattn = c.kernels.may_run(cpu_kernel::xattn) && !c.state.cross_k.empty() &&
                        c.state.cross_k[0]->type == GGML_TYPE_F16;
-    const std::string repacked = std::to_string(m.repacked.size());
+    const std::string repacked = repack_summary(m.tensors, m.repacked);
     return line("device", "CPU, " + ggml_cpu) +
            line("vision attention", opt.bf16_attention ? "mllama BF16 flash attention (x86 AVX512-BF16)"
                                                        : ggml_cpu + ": flash_attn_ext") +
@@ -102,8 +106,9 @@ std::string op_paths(const mllama_context & c) {
            line("decode cross-attention", xattn ? "mllama GQA kernel over the F16 image cache (x86 AVX-512)"
                                                 : ggml_cpu + ": flash_attn_ext") +
            line("self-attention, prefill cross-attention", ggml_cpu + ": flash_attn_ext") +
-           line("text matrices", ggml_cpu + ": mul_mat, " + repacked + " in ggml's repacked CPU layout") +
-           line("text matrices q6_K", q6k_path(c, ggml_cpu)) + others;
+           line("text matrices", ggml_cpu + ": mul_mat; in ggml's extra CPU layouts: " +
+                                    (repacked.empty() ? "none" : repacked)) +
+           line("text matrices q6_K in the file layout", q6k_path(c, ggml_cpu)) + others;
 }
 
 }  // namespace mllama
