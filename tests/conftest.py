@@ -15,9 +15,13 @@ sys.path.insert(0, str(HERE))
 
 # MLLAMA_TEST_KERNELS=FAMILY runs the suite with one kernel family forced on every Model that does
 # not choose its own (tests of one kernel set MLLAMA_CPU_KERNELS themselves): "ggml" (ggml's ops
-# only) or "avx512_bf16" (mllama's x86 kernels; every test skips, with the reason, on a machine
-# without them). Unset: the default, every kernel the machine has.
-KERNEL_FAMILIES = {"ggml": "0", "avx512_bf16": "1"}
+# only), "avx512_bf16" (mllama's x86 kernels without AMX tiles) or "amx" (all of them, the vision
+# GEMMs on AMX tiles); every test skips, with the reason, on a machine without the family's kernels.
+# Unset: the default, every kernel the machine has. (The AMX paths' logic also runs on emulated tiles
+# on any AVX-512 BF16 machine: tests/test_cpu_kernels.py.)
+KERNEL_FAMILIES = {"ggml": "0", "avx512_bf16": "attn,gemm,gelu,xattn,qmm", "amx": "1"}
+FAMILY_NEEDS = {"avx512_bf16": ("AVX512_BF16_KERNELS", "this build or CPU has no AVX-512 BF16 kernels"),
+                "amx": ("AMX_TILE_KERNELS", "this build, CPU or OS has no AMX-BF16 tiles")}
 
 
 def pytest_configure(config):
@@ -29,12 +33,14 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("MLLAMA_TEST_KERNELS") != "avx512_bf16":
+    family = os.environ.get("MLLAMA_TEST_KERNELS")
+    if family not in FAMILY_NEEDS:
         return
     from mllama._native.cpu_features import ggml_features
 
-    if ggml_features().get("AVX512_BF16_KERNELS") != "1":
-        skip = pytest.mark.skip(reason="MLLAMA_TEST_KERNELS=avx512_bf16: this build or CPU has no AVX-512 BF16 kernels")
+    feature, why = FAMILY_NEEDS[family]
+    if ggml_features().get(feature) != "1":
+        skip = pytest.mark.skip(reason=f"MLLAMA_TEST_KERNELS={family}: {why}")
         for item in items:
             item.add_marker(skip)
 

@@ -3,6 +3,7 @@ report of a context, and the CPU-feature report behind `mllama info`'s rebuild w
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -78,6 +79,27 @@ def test_bf16_gemm_matches_ggml_on_bf16_weights(converted, monkeypatch, tmp_path
     assert 0 < nmse(*projected) <= 1e-5
     assert 0 < nmse(gemm_gelu, generic) <= 1e-5  # + GELU fused into fc1 (erf to 1.5e-7)
     assert 0 < nmse(both, generic) <= 2e-5       # + BF16 attention
+
+
+@needs_kernels
+def test_bf16_gemm_on_emulated_amx_tiles_matches_the_avx512_path(converted, monkeypatch, tmp_path):
+    """The whole tower and projector with the GEMMs on AMX tiles (emulated here, real on an AMX CPU
+    without MLLAMA_AMX_EMULATE): the same BF16 products as the AVX-512 path, summed in another order,
+    so the bounds of test_bf16_gemm_matches_ggml_on_bf16_weights hold against it."""
+    path = converted("bf16")
+    monkeypatch.setenv("MLLAMA_AMX_EMULATE", "1")
+    with mllama.Model(path, cpu_kernels="gemm,amx") as model:
+        assert "AMX tiles, emulated" in model.op_paths()["vision linear layers"]
+    with mllama.Model(path, cpu_kernels="gemm") as model:
+        assert "AVX512-BF16" in model.op_paths()["vision linear layers"]
+    avx = encode(path, monkeypatch, "gemm,gelu", dump_dir=tmp_path / "avx")
+    tiles = encode(path, monkeypatch, "gemm,gelu,amx", dump_dir=tmp_path / "tiles")
+    generic = encode(path, monkeypatch, "0")
+    first = [np.load(tmp_path / name / "v.blk.0.attn_out.npy") for name in ("tiles", "avx")]
+    assert nmse(*first) <= 1e-8
+    assert nmse(tiles, avx) <= 1e-5 and nmse(tiles, generic) <= 1e-5
+    projected = [np.load(tmp_path / name / "mm.out.npy") for name in ("tiles", "avx")]
+    assert nmse(*projected) <= 1e-5
 
 
 @needs_kernels
@@ -207,21 +229,27 @@ VNNI = ggml_features().get("AVX512_VNNI_KERNELS") == "1"
 needs_vnni = pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 F/BW/VL with VNNI (the qmm kernel's needs)")
 
 
-def build_qmm_driver(out: Path) -> Path:
-    """tests/c/qmm_q6k.cpp with the kernel's sources alone, against the loaded ggml (bench/qmm.py too)."""
+def build_kernel_driver(out: Path, driver: str, kernels: list[str]) -> Path:
+    """tests/c/DRIVER.cpp with the named kernel sources (csrc/kernels/x86/) alone, against the loaded ggml."""
     import libggml
 
     ggml = Path(libggml.__file__).parent
     lib_dir = next(p for p in (ggml / "lib", ggml / "lib64") if (p / "libggml-base.so").exists())
+    sources = [ROOT / "tests" / "c" / f"{driver}.cpp", *(ROOT / "csrc" / "kernels" / "x86" / f"{k}.cpp" for k in kernels),
+               ROOT / "csrc" / "kernels" / "dispatch.cpp", ROOT / "csrc" / "common" / "error.cpp",
+               ROOT / "csrc" / "common" / "text.cpp"]
     # GCC 12's own intrinsic headers trip -Wuninitialized (`__m512 __Y = __Y;`): not our code
     subprocess.run(["c++", "-std=c++17", "-O3", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
                     "-Wno-uninitialized", "-Wno-maybe-uninitialized", f"-I{ROOT / 'csrc'}",
-                    f"-I{ROOT / 'csrc' / 'include'}", f"-I{ggml / 'include'}", str(ROOT / "tests" / "c" / "qmm_q6k.cpp"),
-                    str(ROOT / "csrc" / "kernels" / "x86" / "qmm_q6k.cpp"), str(ROOT / "csrc" / "kernels" / "dispatch.cpp"),
-                    str(ROOT / "csrc" / "common" / "error.cpp"), str(ROOT / "csrc" / "common" / "text.cpp"),
+                    f"-I{ROOT / 'csrc' / 'include'}", f"-I{ggml / 'include'}", *map(str, sources),
                     f"-L{lib_dir}", "-lggml-cpu", "-lggml-base",
                     f"-Wl,-rpath,{lib_dir}", "-o", str(out)], check=True, capture_output=True, text=True)
     return out
+
+
+def build_qmm_driver(out: Path) -> Path:
+    """tests/c/qmm_q6k.cpp with the kernel's sources alone (bench/qmm.py too)."""
+    return build_kernel_driver(out, "qmm_q6k", ["qmm_q6k"])
 
 
 @pytest.fixture(scope="module")
@@ -307,3 +335,48 @@ def test_q6k_kernel_op_paths(converted):
     assert default.startswith("4, mllama Q6_K kernel" if VNNI else "4, ggml"), default
     assert chosen.startswith("4, mllama Q6_K kernel" if VNNI else "4, ggml"), chosen
     assert none == "none in this model"
+
+
+# --- the BF16 GEMM on AVX-512 and on AMX tiles (csrc/kernels/x86/gemm_bf16.cpp, gemm_amx.cpp) --------
+
+AMX = ggml_features().get("AMX_TILE_KERNELS") == "1"
+
+
+@pytest.fixture(scope="module")
+def gemm_driver(tmp_path_factory):
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler")
+    return build_kernel_driver(tmp_path_factory.mktemp("gemm") / "gemm_bf16", "gemm_bf16",
+                               ["gemm_bf16", "gemm_amx", "gelu"])
+
+
+def gemm_ratios(driver, k, m, n, emulate: bool) -> dict:
+    env = {**os.environ, "MLLAMA_AMX_EMULATE": "1" if emulate else "0"}
+    proc = subprocess.run([str(driver), str(k), str(m), str(n), "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not proc.stdout.startswith("skip"), proc.stdout
+    return dict(item.split("=") for item in proc.stdout.split())
+
+
+@needs_kernels
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("k,m,n", [(32, 16, 1), (64, 48, 31), (96, 80, 33), (1280, 1280, 70), (320, 208, 100)])
+def test_bf16_gemm_on_emulated_tiles_within_the_summation_bound(gemm_driver, k, m, n):
+    """Both GEMM paths against ggml's mul_mat + bias on the same BF16 values: every output within the
+    bound of two F32 summation orders (tests/c/gemm_bf16.cpp: 2 gamma_K sum |x w|). The tile path runs on
+    emulated tiles (the same kernel code, kernels/x86/amx_tiles.h), so its blocking and edges are checked
+    here on any AVX-512 BF16 machine: odd 16-channel groups (M = 16, 48, 80, 208: one B tile), token
+    tails (N not a multiple of 32, N below 16), partial panels, threads splitting the tokens. A layout
+    error (a wrong pair, row or channel) is off by O(|y|), thousands of times the bound."""
+    fields = gemm_ratios(gemm_driver, k, m, n, emulate=True)
+    assert float(fields["avx512"]) <= 1.0, fields
+    assert fields["tiles"] != "none" and float(fields["tiles"]) <= 1.0, fields
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU (or its OS) has no AMX-BF16 tiles: the hardware path is checked on "
+                                    "emulated tiles only (test_bf16_gemm_on_emulated_tiles_within_the_summation_bound)")
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("k,m,n", [(32, 16, 1), (96, 80, 33), (1280, 1280, 70), (5120, 1280, 97)])
+def test_bf16_gemm_on_amx_hardware_within_the_summation_bound(gemm_driver, k, m, n):
+    fields = gemm_ratios(gemm_driver, k, m, n, emulate=False)
+    assert fields["tiles"] != "none" and float(fields["tiles"]) <= 1.0, fields

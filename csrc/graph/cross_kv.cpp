@@ -19,8 +19,9 @@ cross_kv build_cross_kv(ggml_context * ctx, const mllama_model & model, ggml_ten
     const linear_w & proj = model.vision.projector;
     const int64_t n_vis = vision_out->ne[1] * vision_out->ne[2];
     ggml_tensor * x = ggml_reshape_2d(ctx, vision_out, vision_out->ne[0], n_vis);  // [OD, NT * P]
-    x = gemm_kernel_for(proj, opt) ? bf16_linear(ctx, proj.w, x, proj.b, /*gelu=*/false, /*bf16_out=*/false)
-                                   : linear(ctx, x, proj);  // [n_embd, NT * P]
+    x = gemm_kernel_for(proj, opt)
+            ? bf16_linear(ctx, proj.w, x, proj.b, /*gelu=*/false, /*bf16_out=*/false, opt.amx_gemm)
+            : linear(ctx, x, proj);  // [n_embd, NT * P]
     named(x, "mm", "out");
     cross_kv out;
     char prefix[64];

@@ -33,7 +33,7 @@ bool gemm_kernel_for(const linear_w & l, const vision_options & opt) {
 // w x^T: our BF16 GEMM where it applies, ggml's mul_mat otherwise. [M, N] F32.
 static ggml_tensor * product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, const vision_options & opt) {
     if (!gemm_kernel_for({w, nullptr}, opt)) return ggml_mul_mat(ctx, w, x);
-    return bf16_linear(ctx, w, x, /*bias=*/nullptr, /*gelu=*/false, /*bf16_out=*/false);
+    return bf16_linear(ctx, w, x, /*bias=*/nullptr, /*gelu=*/false, /*bf16_out=*/false, opt.amx_gemm);
 }
 
 // fc2(gelu(fc1(x))), exact GELU. With our GEMM, bias and GELU run in fc1's epilogue, which hands
@@ -41,9 +41,10 @@ static ggml_tensor * product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * 
 static ggml_tensor * mlp(ggml_context * ctx, const vision_layer_w & l, ggml_tensor * x, const vision_options & opt) {
     if (gemm_kernel_for(l.ffn_up, opt) && gemm_kernel_for(l.ffn_down, opt)) {
         x = bf16_linear(ctx, l.ffn_up.w, x, l.ffn_up.b, /*gelu=*/opt.fast_gelu,
-                        /*bf16_out=*/opt.fast_gelu);  // [n_ff, N] BF16 (F32 unfused)
+                        /*bf16_out=*/opt.fast_gelu, opt.amx_gemm);  // [n_ff, N] BF16 (F32 unfused)
         if (!opt.fast_gelu) x = ggml_gelu_erf(ctx, x);
-        return bf16_linear(ctx, l.ffn_down.w, x, l.ffn_down.b, /*gelu=*/false, /*bf16_out=*/false);  // [D, N]
+        return bf16_linear(ctx, l.ffn_down.w, x, l.ffn_down.b, /*gelu=*/false, /*bf16_out=*/false,
+                           opt.amx_gemm);  // [D, N]
     }
     x = linear(ctx, x, l.ffn_up);                                                              // [n_ff, N]
     x = opt.fast_gelu ? gelu_erf_avx512(ctx, x) : ggml_gelu_erf(ctx, x);
@@ -149,6 +150,7 @@ vision_options vision_options_for(const mllama_model & model, const cpu_kernel_s
     opt.bf16_attention = kernels.may_run(cpu_kernel::attn) && half_weights && head_fits;
     // F16 weights keep their precision: no BF16 GEMM for them
     opt.bf16_gemm = kernels.may_run(cpu_kernel::gemm) && weight_type == GGML_TYPE_BF16;
+    opt.amx_gemm = opt.bf16_gemm && kernels.may_run(cpu_kernel::amx);
     opt.fast_gelu = kernels.may_run(cpu_kernel::gelu);
     return opt;
 }

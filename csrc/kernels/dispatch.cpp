@@ -4,8 +4,17 @@
 #include "common/error.h"
 #include "common/text.h"
 
+#include <cstdlib>
 #include <cstring>
 #include <string>
+
+#if MLLAMA_X86_KERNELS
+#include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#endif
 
 namespace mllama {
 
@@ -17,14 +26,50 @@ bool cpu_kernels_available() {
     return ok;
 }
 
+// CPUID.(7,0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE; XCR0 bits 17-18: the OS saves tile config and data.
+static bool cpu_and_os_have_tiles() {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return false;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE: xgetbv may run
+    unsigned lo = 0, hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo & (3u << 17)) == (3u << 17);
+}
+
+// Linux hands out the tile data (8 KiB of state per thread) only on request, once per process.
+static bool tiles_granted() {
+#if defined(__linux__)
+    constexpr long k_arch_req_xcomp_perm = 0x1023, k_xfeature_xtiledata = 18;
+    return syscall(SYS_arch_prctl, k_arch_req_xcomp_perm, k_xfeature_xtiledata) == 0;
+#else
+    return false;
+#endif
+}
+
+bool amx_tiles_hardware() {
+    static const bool ready = cpu_kernels_available() && cpu_and_os_have_tiles() && tiles_granted();
+    return ready;
+}
+
+bool amx_tiles_emulated() {  // read at each use (a test switches it within one process)
+    const char * v = std::getenv("MLLAMA_AMX_EMULATE");
+    return v && std::strcmp(v, "1") == 0;
+}
+
+bool amx_tiles_available() { return cpu_kernels_available() && (amx_tiles_emulated() || amx_tiles_hardware()); }
+
 bool cpu_kernel_available(cpu_kernel k) {
     static const bool vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-    return k == cpu_kernel::qmm ? vnni : cpu_kernels_available();
+    if (k == cpu_kernel::qmm) return vnni;
+    return k == cpu_kernel::amx ? amx_tiles_available() : cpu_kernels_available();
 }
 #else
 bool cpu_kernels_available() { return false; }
 bool cpu_kernel_available(cpu_kernel) { return false; }
+bool amx_tiles_available() { return false; }
+bool amx_tiles_hardware() { return false; }
+bool amx_tiles_emulated() { return false; }
 
 // The kernels' entry points, for the graphs to link on other processors: never reached, since no
 // kernel may run where cpu_kernels_available() is false.
@@ -36,7 +81,9 @@ ggml_tensor * bf16_attention(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_
 }
 ggml_tensor * bf16_attention_mask_rows(ggml_context *, ggml_tensor *) { no_x86_kernels(); }
 bool bf16_linear_supported(const ggml_tensor *) { return false; }
-ggml_tensor * bf16_linear(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, bool, bool) { no_x86_kernels(); }
+ggml_tensor * bf16_linear(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, bool, bool, bool) {
+    no_x86_kernels();
+}
 bool decode_attention_supported(const ggml_tensor *, const ggml_tensor *, const ggml_tensor *, const ggml_tensor *) {
     return false;
 }
@@ -53,7 +100,7 @@ static constexpr struct {
     cpu_kernel kernel;
 } k_kernel_names[] = {
     {"attn", cpu_kernel::attn}, {"gemm", cpu_kernel::gemm}, {"gelu", cpu_kernel::gelu}, {"xattn", cpu_kernel::xattn},
-    {"qmm", cpu_kernel::qmm}};
+    {"qmm", cpu_kernel::qmm}, {"amx", cpu_kernel::amx}};
 
 cpu_kernel_set kernels_for_compute(cpu_kernel_set allowed, bool compute_on_cpu) {
     return compute_on_cpu ? allowed : cpu_kernel_set{};

@@ -29,11 +29,19 @@ namespace mllama {
 // its registers).
 bool cpu_kernels_available();
 
-enum class cpu_kernel : uint32_t { attn = 1, gemm = 2, gelu = 4, xattn = 8, qmm = 16 };
+enum class cpu_kernel : uint32_t { attn = 1, gemm = 2, gelu = 4, xattn = 8, qmm = 16, amx = 32 };
 
-// The CPU has what this kernel needs: qmm, AVX-512 F/BW/VL with VNNI (int8 dot products); the others,
-// cpu_kernels_available().
+// The CPU has what this kernel needs: qmm, AVX-512 F/BW/VL with VNNI (int8 dot products); amx,
+// amx_tiles_available(); the others, cpu_kernels_available().
 bool cpu_kernel_available(cpu_kernel k);
+
+// AMX tiles may run: an AVX-512 BF16 CPU with AMX-TILE and AMX-BF16 whose OS saves tile state and
+// granted this process the tile data (Linux arch_prctl), or, on any AVX-512 BF16 CPU,
+// MLLAMA_AMX_EMULATE=1: the tile kernels run on emulated tiles (kernels/x86/amx_tiles.h; slow, for
+// tests of the AMX paths' logic on machines without AMX).
+bool amx_tiles_available();
+bool amx_tiles_hardware();  // the first case: real tiles (reported as AMX_TILE_KERNELS)
+bool amx_tiles_emulated();  // MLLAMA_AMX_EMULATE=1 (the tile kernels use emulated tiles, AMX or not)
 
 // The kernels a context allows (mllama_context_params.cpu_kernels, parsed once at init).
 struct cpu_kernel_set {
@@ -47,11 +55,11 @@ struct cpu_kernel_set {
 // ggml's ops and stay on the device.
 cpu_kernel_set kernels_for_compute(cpu_kernel_set allowed, bool compute_on_cpu);
 
-// "attn", "gemm", "gelu", "xattn", "qmm".
+// "attn", "gemm", "gelu", "xattn", "qmm", "amx" (the gemm kernel on AMX tiles: needs gemm).
 const char * cpu_kernel_name(cpu_kernel kernel);
 
 // NULL, "" or "1": all; "0": none (ggml's ops only); otherwise a comma list of "attn", "gemm",
-// "gelu", "xattn", "qmm" (for A/B checks one kernel at a time). An unknown name fails with
+// "gelu", "xattn", "qmm", "amx" (for A/B checks one kernel at a time). An unknown name fails with
 // MLLAMA_ERR_INVALID_ARGUMENT naming it and the valid names.
 cpu_kernel_set parse_cpu_kernels(const char * spec);
 
@@ -74,7 +82,9 @@ bool bf16_linear_supported(const ggml_tensor * w);
 // CPU's BF16 peak (figures in bench/README.md). w: [K, M] BF16 with M % 16 == 0; x: [K, N] F32 or BF16
 // (converted once);
 // bias: [M] F32 or null -> [M, N], BF16 when bf16_out (the input of a following bf16_linear).
-ggml_tensor * bf16_linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_tensor * bias, bool gelu, bool bf16_out);
+// tiles: on AMX tiles where amx_tiles_available() and K % 32 == 0 (kernels/x86/gemm_amx.cpp).
+ggml_tensor * bf16_linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_tensor * bias, bool gelu, bool bf16_out,
+                          bool tiles);
 
 // Largest head size and query group (query heads per KV head) of decode_attention.
 constexpr int64_t k_xattn_max_head_dim = 256;

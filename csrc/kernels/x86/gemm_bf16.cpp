@@ -2,15 +2,17 @@
 //
 // y[n][m] = sum_k w[m][k] x[n][k] (+ bias[m], then GELU), BF16 operands, F32 accumulation.
 // vdpbf16ps adds a.pair[i] . b.pair[i] into lane i, so the weights are packed per call into
-// panels of 64 output channels, one zmm per 16 channels and k pair:
+// panels of 64 output channels, one zmm per 16 channels and k pair (kernels/x86/gemm_bf16.h):
 //   Wp[panel][k/2][m%64] = (W[m][k], W[m][k+1])
 // and x (BF16 rows, k contiguous) is already a row of k pairs: each pair is broadcast. A micro
 // step keeps 6 tokens x 64 channels in 24 zmm accumulators over the whole k range; a thread walks
 // its tokens in blocks that fit the L3 share, and each weight panel stays in L2 for a block.
+// With the AMX kernel allowed and available, the same packed panels go to kernels/x86/gemm_amx.cpp.
 #include "kernels/dispatch.h"
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
 
+#include "kernels/x86/gemm_bf16.h"
 #include "kernels/x86/simd_math.h"
 
 #include "ggml.h"
@@ -20,23 +22,15 @@
 #include <cstring>
 
 namespace mllama {
+using namespace gemm;
 namespace {
 
-constexpr int64_t k_panel = 64;                  // output channels per weight panel (4 zmm)
 constexpr int k_rows = 6;                        // tokens per micro step
 constexpr int64_t k_block_bytes = 1 << 21;       // BF16 activation bytes per token block (L3 share)
 
-// What follows the product. The custom op receives a pointer to one of the four static entries below:
-// they live as long as the process, so the pointer stays valid for any graph built with it.
-struct epilogue {
-    bool gelu;      // exact GELU after the bias
-    bool bf16_out;  // BF16 output (the input of a following bf16_linear), else F32
-};
-constexpr epilogue k_epilogues[2][2] = {{{false, false}, {false, true}}, {{true, false}, {true, true}}};
-
-int64_t panel_groups(int64_t M, int64_t panel) {  // zmm groups (16 channels) in a panel
-    return std::min<int64_t>(k_panel, M - panel * k_panel) / 16;
-}
+// The custom op's userdata: one of these, indexed [gelu][bf16_out][tiles].
+constexpr epilogue k_epilogues[2][2][2] = {{{{false, false, false}, {false, false, true}}, {{false, true, false}, {false, true, true}}},
+                                           {{{true, false, false}, {true, false, true}}, {{true, true, false}, {true, true, true}}}};
 
 // dst->src[0] = w [K, M] BF16 -> Wp; panels split across threads. One gather per 16 channels and
 // k pair, 16 pairs in a row so that the 16 cache lines read stay in L1 (rows a power-of-two
@@ -82,14 +76,7 @@ MLLAMA_AVX512_TARGET void micro(const gemm_args & a, const uint32_t * x, int64_t
         }
     }
     for (int r = 0; r < R; ++r) {
-        char * out = y + r * y_stride;
-        for (int c = 0; c < C; ++c) {
-            __m512 v = acc[r][c];
-            if (a.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(a.bias + 16 * c));
-            if (a.ep.gelu) v = simd::gelu512(v);
-            if (a.ep.bf16_out) _mm256_storeu_si256(reinterpret_cast<__m256i *>(out) + c, (__m256i) _mm512_cvtneps_pbh(v));
-            else _mm512_storeu_ps(reinterpret_cast<float *>(out) + 16 * c, v);
-        }
+        for (int c = 0; c < C; ++c) finish16(acc[r][c], a.bias, a.ep, y + r * y_stride, 16 * c);
     }
 }
 
@@ -112,8 +99,9 @@ micro_fn micro_for(int rows, int64_t groups) {
 
 // dst [M, N] = Wp x^T; dst->src = {Wp, x [K, N] BF16, bias [M] F32 or null}; userdata: the epilogue;
 // tokens split across threads.
-void gemm(ggml_tensor * dst, int ith, int nth, void * userdata) {
+void gemm_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const epilogue ep = *static_cast<const epilogue *>(userdata);
+    if (ep.tiles) return gemm_tiles(dst, ith, nth, ep);
     const ggml_tensor * x = dst->src[1];
     const ggml_tensor * bias = dst->src[2];
     const int64_t K = x->ne[0], N = x->ne[1], M = dst->ne[0], P = K / 2;
@@ -147,16 +135,17 @@ bool bf16_linear_supported(const ggml_tensor * w) {
            ggml_is_contiguous(w) && w->ne[2] == 1 && w->ne[3] == 1 && w->nb[1] * 16 < (size_t(1) << 31);  // gather offsets
 }
 
-ggml_tensor * bf16_linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_tensor * bias, bool gelu, bool bf16_out) {
+ggml_tensor * bf16_linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_tensor * bias, bool gelu, bool bf16_out,
+                          bool tiles) {
     const int64_t K = w->ne[0], M = w->ne[1], N = ggml_nelements(x) / K;
     ggml_tensor * wp = ggml_custom_4d(ctx, GGML_TYPE_I32, K / 2 * M, 1, 1, 1, &w, /*n_args=*/1, pack_w,
                                       GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // Wp [K / 2 * M]
     if (x->type != GGML_TYPE_BF16) x = ggml_cast(ctx, x, GGML_TYPE_BF16);  // [K, N] BF16
     if (!ggml_is_contiguous(x)) x = ggml_cont(ctx, x);
     x = ggml_reshape_2d(ctx, x, K, N);
-    const epilogue * ep = &k_epilogues[gelu ? 1 : 0][bf16_out ? 1 : 0];
+    const epilogue * ep = &k_epilogues[gelu ? 1 : 0][bf16_out ? 1 : 0][tiles && amx_tiles_available() && K % 32 == 0 ? 1 : 0];
     ggml_tensor * args[] = {wp, x, bias};
-    return ggml_custom_4d(ctx, bf16_out ? GGML_TYPE_BF16 : GGML_TYPE_F32, M, N, 1, 1, args, bias ? 3 : 2, gemm,
+    return ggml_custom_4d(ctx, bf16_out ? GGML_TYPE_BF16 : GGML_TYPE_F32, M, N, 1, 1, args, bias ? 3 : 2, gemm_op,
                           GGML_N_TASKS_MAX, const_cast<epilogue *>(ep));  // [M, N]
 }
 
