@@ -10,7 +10,9 @@ as transformers' MllamaForConditionalGeneration built from the same config (bf16
 then the full 11B at Q4_K_M for the absolute decode speed against the memory-bandwidth roofline.
 Each engine runs in its own process (bench/workers.py), so peak RSS is its own. Figures: vision
 encode of a 4-tile image, time to first token (image + 20-token prompt, preprocessing included for
-mllama), prefill of 64 tokens, decode of 32 tokens with the image in the cross-attention cache.
+mllama), prefill of 64 tokens, decode of 32 tokens with the image in the cross-attention cache; the
+kernel path of each op group (`op_paths`) and the vision tower's GFLOPS next to torch.matmul's on
+the same machine in the same run (`vision_arithmetic`).
 """
 
 from __future__ import annotations
@@ -89,6 +91,37 @@ def configs(quick: bool) -> tuple[dict, dict, dict]:
     return text, VISION_11B, TEXT_11B
 
 
+def vision_tokens(vision: dict) -> int:
+    """Rows of the tower for any image: every one of max_tiles tiles runs (reference §3), positions padded to 8."""
+    positions = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
+    return vision["max_num_tiles"] * ((positions + 7) // 8 * 8)
+
+
+def vision_gflop(vision: dict) -> float:
+    """The tower's matrix arithmetic for one image: per layer q, k, v, o and fc1, fc2 over every row,
+    and the two attention products."""
+    n = vision_tokens(vision)
+    d, f = vision["hidden_size"], vision["intermediate_size"]
+    layers = vision["num_hidden_layers"] + vision["num_global_layers"]
+    return layers * (2 * n * (4 * d * d + 2 * d * f) + 2 * 2 * n * n * d) / 1e9
+
+
+def add_vision_gflops(result: dict, vision: dict) -> None:
+    """Vision GFLOPS of each engine next to torch.matmul's bf16 GFLOPS on the fc1 shape, measured in
+    this run (the machine's practical peak: oneDNN, AMX tiles where the CPU has them)."""
+    from gemm import torch_ms
+
+    n_tok = vision_tokens(vision)
+    ms = torch_ms(vision["hidden_size"], vision["intermediate_size"], n_tok, os.cpu_count() or 1, 3)
+    peak = 2 * vision["hidden_size"] * vision["intermediate_size"] * n_tok / 1e9 / ms * 1e3
+    gflop = vision_gflop(vision)
+    result["vision_arithmetic"] = {"gflop_per_image": round(gflop, 1), "torch_matmul_bf16_gflops": round(peak, 1)}
+    for engine, entry in (("mllama", result["mllama"]["q4_k_m"]), ("transformers", result["transformers"]["bf16"])):
+        gflops = gflop / entry["vision_s"]
+        result["vision_arithmetic"][f"{engine}_gflops"] = round(gflops, 1)
+        result["vision_arithmetic"][f"{engine}_of_torch_matmul"] = round(gflops / peak, 3)
+
+
 def add_derived(entry: dict, bandwidth_gbs: float) -> None:
     """Roofline fraction of the decode speed (against the bandwidth the worker measured right before
     decoding, where it could: this machine's bandwidth varies between minutes) and the RSS bound."""
@@ -146,6 +179,7 @@ def main() -> None:
             path = write_synthetic_gguf(tmp / "full.gguf", full_text, vision, type="q4_k_m", vision_type="bf16")
             result["mllama"]["full_11b_q4_k_m"] = entry = worker("mllama", str(path), "--image", "--decode", "16", *probe_args)
             add_derived(entry, bw)
+    add_vision_gflops(result, vision)
     ref = result["transformers"]["bf16"]
     ours = result["mllama"]["q4_k_m"]
     result["ratios_vs_transformers_bf16"] = {

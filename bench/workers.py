@@ -102,6 +102,7 @@ def run_mllama(args) -> dict:
     out["memory"] = model.memory()
     out["decode_bytes_per_token"] = decode_bytes(model, out["memory"], len(images))
     out["tensor_types"] = sorted({t.type for t in model.tensors()})
+    out["op_paths"] = model.op_paths()
     model.close()
     out["peak_rss"] = peak_rss()
     return out
