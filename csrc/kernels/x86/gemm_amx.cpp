@@ -5,7 +5,8 @@
 // channels, row stride one panel row), C tiles hold 16 tokens x 16 channels in F32. A step keeps
 // 32 tokens x 32 channels in four C tiles over the whole k range (2 A + 2 B tile loads per 4 tile
 // products), then stores them once for the AVX-512 epilogue (bias, GELU, BF16 or F32 out).
-// A thread walks its tokens in blocks that stay in L2 while every panel passes over them.
+// A thread walks its tokens in blocks that stay in L2; over each block, 32 channels of a panel at a
+// time, so that their weights stay in L2 too while the block's steps pass.
 #include "kernels/dispatch.h"
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
@@ -57,58 +58,60 @@ MLLAMA_AMX_TARGET void step(const uint8_t * x, size_t x_stride, const uint8_t * 
 }
 
 struct operands {
-    const ggml_tensor * x;    // [K, N] BF16
-    const uint8_t * wp;       // packed weights (all panels)
-    const float * bias;       // [M] or null
-    char * y;                 // dst data
-    size_t y_row;             // dst->nb[1]
-    size_t out_size;          // bytes per output value
-    int64_t P, M;             // k pairs, output channels
+    const uint8_t * wp;  // packed weights (all panels)
+    const float * bias;  // [M] or null
+    char * y;            // dst data
+    size_t y_row;        // dst->nb[1]
+    int64_t P, M;        // k pairs, output channels
 };
 
-// Tokens t0..t0+rows-1 (rows <= 32) against every panel: steps of 32 channels, the epilogue per step.
+// Tokens of one block (rows of x, stride x_stride bytes; the first is token t0) against 32 channels
+// from channel group g of a panel: one step per 32 tokens, the epilogue after each. The panel's slice
+// (K x 32 BF16) stays in L2 while the block's tokens pass.
 template <class Tiles>
-MLLAMA_AMX_TARGET void token_step(const operands & o, const uint8_t * x, size_t x_stride, int64_t t0, int rows,
-                                  const epilogue & ep, float * c) {
-    const int64_t n_panels = (o.M + k_panel - 1) / k_panel;
-    for (int64_t panel = 0; panel < n_panels; ++panel) {
-        const int64_t groups = panel_groups(o.M, panel);
-        const uint8_t * wp = o.wp + panel * k_panel * o.P * 4;  // full panels before this one
-        const size_t wp_stride = static_cast<size_t>(groups) * amx::k_tile_bytes;
-        for (int64_t g = 0; g < groups; g += 2) {
-            const int nb = groups - g >= 2 ? 2 : 1;
-            if (nb == 2) step<Tiles, 2>(x, x_stride, wp + g * amx::k_tile_bytes, wp_stride, o.P, c);
-            else step<Tiles, 1>(x, x_stride, wp + g * amx::k_tile_bytes, wp_stride, o.P, c);
-            for (int r = 0; r < rows; ++r) {
-                char * out = o.y + (t0 + r) * o.y_row;
-                for (int j = 0; j < nb; ++j) {
-                    finish16(_mm512_loadu_ps(c + r * 32 + j * 16), o.bias, ep, out, panel * k_panel + (g + j) * 16);
-                }
+MLLAMA_AMX_TARGET void channel_step(const operands & o, const uint8_t * x, size_t x_stride, int64_t t0, int64_t n_tok,
+                                    int64_t panel, int64_t g, const epilogue & ep, float * c) {
+    const int64_t groups = panel_groups(o.M, panel);
+    const uint8_t * wp = o.wp + panel * k_panel * o.P * 4 + g * amx::k_tile_bytes;  // full panels before this one
+    const size_t wp_stride = static_cast<size_t>(groups) * amx::k_tile_bytes;
+    const int nb = groups - g >= 2 ? 2 : 1;
+    for (int64_t t = 0; t < n_tok; t += k_step) {
+        if (nb == 2) step<Tiles, 2>(x + t * x_stride, x_stride, wp, wp_stride, o.P, c);
+        else step<Tiles, 1>(x + t * x_stride, x_stride, wp, wp_stride, o.P, c);
+        const int rows = static_cast<int>(std::min<int64_t>(k_step, n_tok - t));
+        for (int r = 0; r < rows; ++r) {
+            char * out = o.y + (t0 + t + r) * o.y_row;
+            for (int j = 0; j < nb; ++j) {
+                finish16(_mm512_loadu_ps(c + r * 32 + j * 16), o.bias, ep, out, panel * k_panel + (g + j) * 16);
             }
         }
     }
 }
 
+// Tokens n0..n1-1 (n0 a multiple of 32) in blocks that stay in L2, every panel over each block. A last
+// partial step reads a zero-padded copy of its rows, so every A tile load has 16 rows.
 template <class Tiles>
-MLLAMA_AMX_TARGET void run(const operands & o, int64_t n0, int64_t n1, const epilogue & ep) {
-    const ggml_tensor * x = o.x;
-    const int64_t K = x->ne[0];
+MLLAMA_AMX_TARGET void run(const operands & o, const ggml_tensor * x, int64_t n0, int64_t n1, const epilogue & ep) {
+    const int64_t K = x->ne[0], n_panels = (o.M + k_panel - 1) / k_panel;
     const int64_t block = std::max<int64_t>(k_step, k_block_bytes / (K * 2) / k_step * k_step);
     alignas(64) float c[k_step * 32];
-    std::vector<uint8_t> tail;  // the last < 32 tokens, zero-padded to a full step
+    static thread_local std::vector<uint8_t> tail;
     amx::tile_scope<Tiles> scope(amx::full_tiles());
     for (int64_t b0 = n0; b0 < n1; b0 += block) {
         const int64_t b1 = std::min(n1, b0 + block);
-        for (int64_t t = b0; t < b1; t += k_step) {
-            const int rows = static_cast<int>(std::min<int64_t>(k_step, b1 - t));
-            const auto * xr = static_cast<const uint8_t *>(x->data) + t * x->nb[1];
-            if (rows == k_step) {
-                token_step<Tiles>(o, xr, x->nb[1], t, rows, ep, c);
-                continue;
-            }
+        const int64_t full = (b1 - b0) / k_step * k_step;  // tokens in whole steps
+        const auto * xb = static_cast<const uint8_t *>(x->data) + b0 * x->nb[1];
+        if (full < b1 - b0) {
             tail.assign(static_cast<size_t>(k_step * K * 2), 0);
-            for (int r = 0; r < rows; ++r) std::memcpy(tail.data() + r * K * 2, xr + r * x->nb[1], K * 2);
-            token_step<Tiles>(o, tail.data(), K * 2, t, rows, ep, c);
+            for (int64_t r = 0; r < b1 - b0 - full; ++r) {
+                std::memcpy(tail.data() + r * K * 2, xb + (full + r) * x->nb[1], static_cast<size_t>(K * 2));
+            }
+        }
+        for (int64_t panel = 0; panel < n_panels; ++panel) {
+            for (int64_t g = 0; g < panel_groups(o.M, panel); g += 2) {
+                channel_step<Tiles>(o, xb, x->nb[1], b0, full, panel, g, ep, c);
+                if (full < b1 - b0) channel_step<Tiles>(o, tail.data(), K * 2, b0 + full, b1 - b0 - full, panel, g, ep, c);
+            }
         }
     }
 }
@@ -119,15 +122,14 @@ void gemm_tiles(ggml_tensor * dst, int ith, int nth, const epilogue & ep) {
     const ggml_tensor * x = dst->src[1];
     const ggml_tensor * bias = dst->src[2];
     const int64_t N = x->ne[1];
-    const operands o{x,         static_cast<const uint8_t *>(dst->src[0]->data),
-                     bias ? static_cast<const float *>(bias->data) : nullptr,
-                     static_cast<char *>(dst->data), dst->nb[1], ggml_type_size(dst->type), x->ne[0] / 2, dst->ne[0]};
+    const operands o{static_cast<const uint8_t *>(dst->src[0]->data), bias ? static_cast<const float *>(bias->data) : nullptr,
+                     static_cast<char *>(dst->data), dst->nb[1], x->ne[0] / 2, dst->ne[0]};
     // tokens split in whole steps, so only the last thread has a partial one
     const int64_t steps = (N + k_step - 1) / k_step, per_thread = (steps + nth - 1) / nth;
     const int64_t n0 = std::min(N, per_thread * ith * k_step), n1 = std::min(N, n0 + per_thread * k_step);
     if (n0 >= n1) return;
-    if (amx_tiles_emulated()) run<amx::emulated_tiles>(o, n0, n1, ep);
-    else run<amx::hw_tiles>(o, n0, n1, ep);
+    if (amx_tiles_emulated()) run<amx::emulated_tiles>(o, x, n0, n1, ep);
+    else run<amx::hw_tiles>(o, x, n0, n1, ep);
 }
 
 }  // namespace gemm
