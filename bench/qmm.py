@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 SHAPES = {"ffn_down [14336 -> 4096]": (14336, 4096), "output [4096 -> 128256]": (4096, 128256)}
 ROWS = (1, 2, 4, 8)
-WITHOUT_QMM = "attn,gemm,gelu,xattn"  # the default set ("1")
-WITH_QMM = WITHOUT_QMM + ",qmm"  # qmm is opt-in (kernels/dispatch.h)
+WITHOUT_QMM = "attn,gemm,gelu,xattn"  # every kernel of the text path but qmm (amx is vision only)
+WITH_QMM = WITHOUT_QMM + ",qmm"  # what the default set ("1") runs for text
 
 
 def products(driver: Path, runs: int) -> list[dict]:
