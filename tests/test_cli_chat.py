@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -24,8 +25,11 @@ def spawn_chat(gguf, *extra, tmp_path):
     import os
 
     env = {**os.environ, **env}
+    # Ctrl-C reaches the child whatever this suite was started from (a background job ignores SIGINT,
+    # and a child inherits that: Python then installs no KeyboardInterrupt handler)
     return pexpect.spawn(sys.executable, ["-m", "mllama", "chat", "-m", str(gguf), "--temperature", "0", *extra],
-                         env=env, encoding="utf-8", timeout=120)
+                         env=env, encoding="utf-8", timeout=120,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_repl_two_turns_image_save_interrupt_and_eof(gguf_f32, picture, tmp_path):

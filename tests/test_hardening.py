@@ -120,12 +120,15 @@ def test_load_close_cycles_release_files_and_maps(small_gguf):
 def test_keyboard_interrupt_mid_generation_leaves_the_model_usable(model):
     prompt = [128000] + model.tokenize("Tell me a long story.")
     expected = list(model.generate_tokens(prompt, temperature=0.0, max_tokens=20))
+    # Python's handler, whatever this suite was started from (a background job ignores SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGINT))
     timer.start()
     with pytest.raises(KeyboardInterrupt):
         for _ in model.generate_tokens([128000] + model.tokenize("Count forever."), temperature=0.0, max_tokens=100000):
             time.sleep(0.001)
     timer.join()
+    signal.signal(signal.SIGINT, previous)
     assert list(model.generate_tokens(prompt, temperature=0.0, max_tokens=20)) == expected
 
 
