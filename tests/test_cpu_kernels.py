@@ -382,3 +382,43 @@ def test_bf16_gemm_on_emulated_tiles_within_the_summation_bound(gemm_driver, k, 
 def test_bf16_gemm_on_amx_hardware_within_the_summation_bound(gemm_driver, k, m, n):
     fields = gemm_ratios(gemm_driver, k, m, n, emulate=False)
     assert fields["tiles"] != "none" and float(fields["tiles"]) <= 1.0, fields
+
+
+@pytest.fixture(scope="module")
+def attn_driver(tmp_path_factory):
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler")
+    return build_kernel_driver(tmp_path_factory.mktemp("attn") / "attn_bf16", "attn_bf16", ["attn_bf16", "attn_amx"])
+
+
+@needs_kernels
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("d,h,n", [(16, 2, 96), (80, 2, 1100), (128, 1, 200), (80, 3, 70)])
+def test_bf16_attention_on_emulated_tiles_within_the_rounding_bound(attn_driver, d, h, n):
+    """Both attention paths against the double-precision softmax on the same BF16 inputs, each output
+    within the bound of the kernel's roundings (tests/c/attn_bf16.cpp: BF16 probabilities, e^x, F32
+    sums). Tiles emulated: D = 80 pads Q and K to 96 channels (three tile steps), D = 128 takes the
+    P V products in two passes (6 + 2 channel groups), N = 1100 two key chunks and a partial key
+    block, N = 70 a partial query tile; masked rows, and a fully masked row that must give zeros."""
+    env = {**os.environ, "MLLAMA_AMX_EMULATE": "1"}
+    proc = subprocess.run([str(attn_driver), str(d), str(h), str(n), "2"], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not proc.stdout.startswith("skip"), proc.stdout
+    fields = dict(item.split("=") for item in proc.stdout.split())
+    assert float(fields["avx512"]) <= 1.0, fields
+    assert fields["tiles"] != "none" and float(fields["tiles"]) <= 1.0, fields
+
+
+@needs_kernels
+def test_vision_attention_on_emulated_amx_tiles_matches_the_avx512_path(converted, monkeypatch):
+    """The tower with the attention's products on AMX tiles (emulated) against the AVX-512 path:
+    the same BF16 operands, so the bound of test_bf16_attention_and_gelu_match_ggml_on_half_weights."""
+    path = converted("f16")
+    monkeypatch.setenv("MLLAMA_AMX_EMULATE", "1")
+    with mllama.Model(path, cpu_kernels="attn,amx") as model:
+        assert "AMX tiles, emulated" in model.op_paths()["vision attention"]
+    tiles = encode(path, monkeypatch, "attn,amx")
+    avx = encode(path, monkeypatch, "attn")
+    generic = encode(path, monkeypatch, "0")
+    assert nmse(tiles, avx) <= 2e-5 and 0 < nmse(tiles, generic) <= 2e-5

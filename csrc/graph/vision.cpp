@@ -64,8 +64,9 @@ static ggml_tensor * vision_layer(ggml_context * ctx, const vision_hparams & hp,
         ggml_tensor * k = ggml_reshape_3d(ctx, product(ctx, l.wk, x, opt), head_dim, hp.n_head, n_tok);
         ggml_tensor * v = ggml_reshape_3d(ctx, product(ctx, l.wv, x, opt), head_dim, hp.n_head, n_tok);
         const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-        ggml_tensor * a = opt.bf16_attention ? bf16_attention(ctx, q, k, v, mask.mask, mask.zero_rows)  // [D, N]
-                                             : attention(ctx, {q, k, v, mask.mask, scale});             // [D, N]
+        ggml_tensor * a = opt.bf16_attention
+                              ? bf16_attention(ctx, q, k, v, mask.mask, mask.zero_rows, opt.amx_attention)  // [D, N]
+                              : attention(ctx, {q, k, v, mask.mask, scale});                             // [D, N]
         a = named(product(ctx, l.wo, a, opt), prefix, "attn_out");
         if (gated) a = ggml_scale(ctx, a, l.attn_gate_tanh);
         h = ggml_add(ctx, h, a);
@@ -151,6 +152,7 @@ vision_options vision_options_for(const mllama_model & model, const cpu_kernel_s
     // F16 weights keep their precision: no BF16 GEMM for them
     opt.bf16_gemm = kernels.may_run(cpu_kernel::gemm) && weight_type == GGML_TYPE_BF16;
     opt.amx_gemm = opt.bf16_gemm && kernels.may_run(cpu_kernel::amx);
+    opt.amx_attention = opt.bf16_attention && kernels.may_run(cpu_kernel::amx);
     opt.fast_gelu = kernels.may_run(cpu_kernel::gelu);
     return opt;
 }

@@ -28,6 +28,7 @@ struct vision_options {
     bool fast_gelu = false;       // vectorized exact GELU (AVX-512 CPU)
     bool bf16_gemm = false;       // BF16 GEMMs for the linear layers (BF16 vision weights, AVX-512 BF16 CPU)
     bool amx_gemm = false;        // those GEMMs on AMX tiles (an AMX CPU, or emulated: kernels/dispatch.h)
+    bool amx_attention = false;   // the attention's two products on AMX tiles
 };
 // kernels: the ones the context may use (none when it computes on a GPU: kernels_for_compute).
 vision_options vision_options_for(const mllama_model & model, const cpu_kernel_set & kernels);

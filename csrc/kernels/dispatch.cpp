@@ -76,7 +76,8 @@ bool amx_tiles_emulated() { return false; }
 [[noreturn]] static void no_x86_kernels() {
     fail(MLLAMA_ERR_INTERNAL, "an x86 kernel was asked for in a build without them");
 }
-ggml_tensor * bf16_attention(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, ggml_tensor *, ggml_tensor *) {
+ggml_tensor * bf16_attention(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, ggml_tensor *, ggml_tensor *,
+                             bool) {
     no_x86_kernels();
 }
 ggml_tensor * bf16_attention_mask_rows(ggml_context *, ggml_tensor *) { no_x86_kernels(); }

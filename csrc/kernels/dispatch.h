@@ -55,7 +55,7 @@ struct cpu_kernel_set {
 // ggml's ops and stay on the device.
 cpu_kernel_set kernels_for_compute(cpu_kernel_set allowed, bool compute_on_cpu);
 
-// "attn", "gemm", "gelu", "xattn", "qmm", "amx" (the gemm kernel on AMX tiles: needs gemm).
+// "attn", "gemm", "gelu", "xattn", "qmm", "amx" (the attn and gemm kernels on AMX tiles).
 const char * cpu_kernel_name(cpu_kernel kernel);
 
 // NULL, "" or "1": all; "0": none (ggml's ops only); otherwise a comma list of "attn", "gemm",
@@ -69,8 +69,9 @@ constexpr int64_t k_bf16_attn_max_head_dim = 128;
 // softmax(Q K^T / sqrt(D) + mask) V with BF16 operands and F32 accumulation, flash-attention
 // tiling (no score matrix in memory). q, k, v: [D, H, N] F32; mask: [N, N] F16 additive, one row
 // per query; mask_rows: bf16_attention_mask_rows(mask), built once for all layers -> [D * H, N] F32.
+// tiles: the two products on AMX tiles where amx_tiles_available() (kernels/x86/attn_amx.cpp).
 ggml_tensor * bf16_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask,
-                             ggml_tensor * mask_rows);
+                             ggml_tensor * mask_rows, bool tiles);
 
 // [N] I32: which rows of the [N, N] mask are all zeros (the attention skips adding those).
 ggml_tensor * bf16_attention_mask_rows(ggml_context * ctx, ggml_tensor * mask);

@@ -75,11 +75,18 @@ static std::string q6k_path(const mllama_context & c, const std::string & ggml_c
            std::to_string(k_qmm_max_rows) + " rows, " + ggml_cpu + ": mul_mat above";
 }
 
+static std::string on_tiles() {
+    return amx_tiles_emulated() ? "(x86 AMX tiles, emulated: MLLAMA_AMX_EMULATE=1)" : "(x86 AMX tiles)";
+}
+
 static std::string vision_gemm(const vision_options & opt, const std::string & ggml_cpu) {
     if (!opt.bf16_gemm) return ggml_cpu + ": mul_mat";
-    if (!opt.amx_gemm) return "mllama BF16 GEMM, bias/GELU fused (x86 AVX512-BF16)";
-    return std::string("mllama BF16 GEMM, bias/GELU fused (x86 AMX tiles") +
-           (amx_tiles_emulated() ? ", emulated: MLLAMA_AMX_EMULATE=1)" : ")");
+    return "mllama BF16 GEMM, bias/GELU fused " + (opt.amx_gemm ? on_tiles() : "(x86 AVX512-BF16)");
+}
+
+static std::string vision_attention(const vision_options & opt, const std::string & ggml_cpu) {
+    if (!opt.bf16_attention) return ggml_cpu + ": flash_attn_ext";
+    return "mllama BF16 flash attention " + (opt.amx_attention ? on_tiles() : "(x86 AVX512-BF16)");
 }
 
 static bool all_text_on_cpu(const mllama_model & m) {
@@ -105,8 +112,7 @@ std::string op_paths(const mllama_context & c) {
                        c.state.cross_k[0]->type == GGML_TYPE_F16;
     const std::string repacked = repack_summary(m.tensors, m.repacked);
     return line("device", "CPU, " + ggml_cpu) +
-           line("vision attention", opt.bf16_attention ? "mllama BF16 flash attention (x86 AVX512-BF16)"
-                                                       : ggml_cpu + ": flash_attn_ext") +
+           line("vision attention", vision_attention(opt, ggml_cpu)) +
            line("vision linear layers", vision_gemm(opt, ggml_cpu)) +
            line("vision GELU", opt.fast_gelu ? "mllama vectorized GELU (x86 AVX-512)" : ggml_cpu + ": gelu_erf") +
            line("decode cross-attention", xattn ? "mllama GQA kernel over the F16 image cache (x86 AVX-512)"

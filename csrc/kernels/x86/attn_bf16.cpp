@@ -1,58 +1,20 @@
 // BF16 flash attention for the vision tower on AVX-512 BF16 CPUs (see kernels/dispatch.h).
 //
 // Two packing ops put K and V in the layouts the dot-product instruction wants (vdpbf16ps adds
-// a.pair[i] . b.pair[i] into lane i), then the attention op walks query tiles x key chunks:
-//   Kp[h][j/16][d/2][j%16] = (K[h][j][d], K[h][j][d+1])      16 keys per zmm, one d pair
-//   Vp[h][j/2][d]          = (V[h][j][d], V[h][j+1][d])      16 channels per zmm, one key pair
-// Keys are padded to a multiple of 64 (masked), channels to a multiple of 16 (zeros).
+// a.pair[i] . b.pair[i] into lane i; kernels/x86/attn_bf16.h), then the attention op walks query
+// tiles x key chunks: 16 keys per zmm and one d pair for the scores, 16 channels per zmm and one key
+// pair for P V. With AMX tiles (kernels/x86/attn_amx.cpp) the same packing feeds tile products.
 #include "kernels/dispatch.h"
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
 
-#include "kernels/x86/simd_math.h"
+#include "kernels/x86/attn_bf16.h"
 
-#include "ggml.h"
-
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <limits>
-#include <vector>
-
-namespace mllama {
+namespace mllama::attn {
 namespace {
 
-constexpr int64_t k_key_block = 64;     // keys per micro step (4 zmm of scores per query row)
-constexpr int64_t k_rows = 4;           // query rows per micro step
-constexpr int64_t k_query_tile = 64;    // query rows sharing one pass over a key chunk
-constexpr int64_t k_key_chunk = 1024;   // keys kept hot in L2 while a query tile walks them
-
-struct dims {
-    int64_t D, H, N;  // head size, heads, tokens
-    int64_t Dv;       // D rounded up to 16 (channel groups of a zmm)
-    int64_t Np;       // N rounded up to k_key_block
-    int64_t groups() const { return Dv / 16; }
-    int64_t pairs() const { return Dv / 2; }
-};
-
-dims dims_of(const ggml_tensor * q) {
-    dims d{q->ne[0], q->ne[1], q->ne[2], 0, 0};
-    d.Dv = (d.D + 15) / 16 * 16;
-    d.Np = (d.N + k_key_block - 1) / k_key_block * k_key_block;
-    return d;
-}
-
-inline uint16_t to_bf16(float f) {  // round to nearest even (inputs are finite)
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof(u));
-    return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-inline uint32_t bf16_pair(float lo, float hi) { return to_bf16(lo) | (static_cast<uint32_t>(to_bf16(hi)) << 16); }
-
-inline float elem(const ggml_tensor * t, int64_t d, int64_t h, int64_t j) {  // t: [D, H, N] F32
-    return *reinterpret_cast<const float *>(static_cast<const char *>(t->data) + d * t->nb[0] + h * t->nb[1] + j * t->nb[2]);
-}
+// The ops' userdata: whether K is packed, and the attention run, for AMX tiles.
+constexpr bool k_layouts[2] = {false, true};
 
 // Channels c0..c0+15 of row (h, j) of t [D, H, N] F32 as 16 BF16 values (zeros past D).
 MLLAMA_AVX512_TARGET inline __m256i row_bf16(const ggml_tensor * t, const dims & d, int64_t h, int64_t j, int64_t c0) {
@@ -62,20 +24,20 @@ MLLAMA_AVX512_TARGET inline __m256i row_bf16(const ggml_tensor * t, const dims &
 }
 
 // dst->src[0] = k [D, H, N] -> Kp, rows (h, 16-key block) split across threads.
-MLLAMA_AVX512_TARGET void pack_k(ggml_tensor * dst, int ith, int nth, void *) {
+MLLAMA_AVX512_TARGET void pack_k(ggml_tensor * dst, int ith, int nth, void * tiles) {
     const ggml_tensor * k = dst->src[0];
-    const dims d = dims_of(k);
+    const dims d = dims_of(k, *static_cast<const bool *>(tiles));
     auto * out = static_cast<uint32_t *>(dst->data);
     const int64_t n_blocks = d.Np / 16;
-    alignas(64) uint32_t pairs[k_bf16_attn_max_head_dim / 2];  // one key's channel pairs
+    alignas(64) uint32_t pairs[(k_bf16_attn_max_head_dim + 31) / 32 * 16];  // one key's channel pairs
     for (int64_t row = ith; row < d.H * n_blocks; row += nth) {
         const int64_t h = row / n_blocks, jb = row % n_blocks;
-        uint32_t * o = out + row * d.pairs() * 16;
+        uint32_t * o = out + row * d.Pk * 16;
         for (int64_t jl = 0; jl < 16; ++jl) {
             const int64_t j = jb * 16 + jl;
-            for (int64_t g = 0; g < d.groups(); ++g)  // 16 channels = 8 pairs per group
+            for (int64_t g = 0; g < d.Pk / 8; ++g)  // 16 channels = 8 pairs per group
                 _mm256_store_si256(reinterpret_cast<__m256i *>(pairs + 8 * g), j < d.N ? row_bf16(k, d, h, j, 16 * g) : _mm256_setzero_si256());
-            for (int64_t p = 0; p < d.pairs(); ++p) o[p * 16 + jl] = pairs[p];
+            for (int64_t p = 0; p < d.Pk; ++p) o[p * 16 + jl] = pairs[p];
         }
     }
 }
@@ -83,7 +45,7 @@ MLLAMA_AVX512_TARGET void pack_k(ggml_tensor * dst, int ith, int nth, void *) {
 // dst->src[0] = v [D, H, N] -> Vp, rows (h, key pair) split across threads.
 MLLAMA_AVX512_TARGET void pack_v(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * v = dst->src[0];
-    const dims d = dims_of(v);
+    const dims d = dims_of(v, false);  // V's layout is the same for both paths
     auto * out = static_cast<uint32_t *>(dst->data);
     const int64_t n_pairs = d.Np / 2;
     for (int64_t row = ith; row < d.H * n_pairs; row += nth) {
@@ -107,26 +69,9 @@ void find_zero_rows(ggml_tensor * dst, int ith, int nth, void *) {
     }
 }
 
-// Running softmax state and output accumulator of one query tile.
-struct tile_state {
-    std::vector<uint32_t> q;   // [k_query_tile][pairs] scaled query, BF16 pairs
-    std::vector<float> m;      // running max per row
-    std::vector<float> l;      // [k_query_tile][16] running sum per row, one partial sum per lane
-    std::vector<float> o;      // [k_query_tile][Dv] unnormalized output
-};
-
-struct job {
-    dims d;
-    int64_t h, i0;             // head, first query row of the tile
-    const uint32_t * kp;       // this head's packed keys
-    const uint32_t * vp;       // this head's packed values
-    const ggml_tensor * mask;  // [N, N] F16
-    const int32_t * zero_rows; // [N]: 1 where the mask row is all zeros
-};
-
 // Scores of k_rows query rows against the 64 keys at jb: s[r][t] covers keys jb + 16 t ..
 MLLAMA_AVX512_TARGET inline void scores(const job & jb_, const uint32_t * q, int64_t jb, __m512 s[k_rows][4]) {
-    const int64_t P = jb_.d.pairs();
+    const int64_t P = jb_.d.Pk;
     for (int r = 0; r < k_rows; ++r)
         for (int t = 0; t < 4; ++t) s[r][t] = _mm512_setzero_ps();
     const uint32_t * kb = jb_.kp + (jb / 16) * P * 16;
@@ -138,57 +83,6 @@ MLLAMA_AVX512_TARGET inline void scores(const job & jb_, const uint32_t * q, int
             for (int t = 0; t < 4; ++t) s[r][t] = _mm512_dpbf16_ps(s[r][t], qb, kv[t]);
         }
     }
-}
-
-// Adds the mask row of query i (keys jb..jb+63) and -inf for padding keys.
-MLLAMA_AVX512_TARGET inline void add_mask(const job & j, int64_t i, int64_t jb, __m512 s[4]) {
-    const auto * row = reinterpret_cast<const uint16_t *>(static_cast<const char *>(j.mask->data) + i * j.mask->nb[1]);
-    for (int t = 0; t < 4; ++t) {
-        const int64_t k0 = jb + 16 * t;
-        const int64_t valid = std::clamp<int64_t>(j.d.N - k0, 0, 16);
-        const __mmask16 live = static_cast<__mmask16>((1u << valid) - 1u);
-        const __m512 m = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, row + k0));
-        s[t] = _mm512_mask_add_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), live, s[t], m);
-    }
-}
-
-// e^x for x <= 0 as softmax needs it: the result is rounded to BF16 (relative step 2^-9), so a
-// degree-5 polynomial (error 2.4e-6) is enough; below -87 it returns e^-87 (~1e-38), which is 0 for
-// every sum it enters (the row maximum contributes 1).
-MLLAMA_AVX512_TARGET inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.69314718055994531f), x);  // |r| <= ln2 / 2
-    __m512 p = _mm512_set1_ps(1.0f / 120.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
-// Softmax step of one row over 64 scores: updates the running max m and per-lane sums l, writes
-// the BF16 probabilities, returns the factor that rescales the row's earlier output.
-MLLAMA_AVX512_TARGET inline float softmax_row(__m512 s[4], float & m, float * l, uint16_t * probs) {
-    const float block_max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(s[0], s[1]), _mm512_max_ps(s[2], s[3])));
-    const float m_new = std::max(m, block_max);
-    if (m_new == -std::numeric_limits<float>::infinity()) {  // everything masked so far
-        std::memset(probs, 0, k_key_block * sizeof(uint16_t));
-        return 1.0f;
-    }
-    const float alpha = m_new == m ? 1.0f : std::exp(m - m_new);  // the max rarely moves after the first blocks
-    m = m_new;
-    const __m512 shift = _mm512_set1_ps(m_new);
-    __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(l), _mm512_set1_ps(alpha));
-    for (int t = 0; t < 4; ++t) {
-        const __m512 p = exp_nonpositive(_mm512_sub_ps(s[t], shift));
-        sum = _mm512_add_ps(sum, p);
-        _mm256_store_si256(reinterpret_cast<__m256i *>(probs + 16 * t), (__m256i) _mm512_cvtneps_pbh(p));
-    }
-    _mm512_storeu_ps(l, sum);
-    return alpha;
 }
 
 // o = alpha o + P V for rows r0..r0+3 over the 64 keys at jb.
@@ -233,7 +127,7 @@ MLLAMA_AVX512_TARGET inline void score_block(const job & j, const uint32_t * q, 
 // some of these rows have a mask (the blocks holding padding keys are masked in any case).
 template <int NG>
 MLLAMA_AVX512_TARGET void sweep(const job & j, tile_state & st, int64_t r0, int64_t jb0, int64_t jb1, bool masked_rows) {
-    const uint32_t * q = st.q.data() + r0 * j.d.pairs();
+    const uint32_t * q = st.q.data() + r0 * j.d.Pk;
     alignas(64) float sbuf[2][k_rows][k_key_block];
     alignas(64) uint16_t probs[k_rows][k_key_block];
     float alpha[k_rows];
@@ -259,11 +153,42 @@ sweep_fn sweep_for(int64_t groups) {
     return table[groups - 1];
 }
 
-// Query rows i0.. of head h: scaled BF16 queries in, normalized output rows out.
 void run_tile(const job & j, const ggml_tensor * q, ggml_tensor * dst, tile_state & st) {
-    const dims & d = j.d;
-    const int64_t P = d.pairs(), n_rows = std::min(k_query_tile, d.N - j.i0);
+    const int64_t n_rows = start_tile(j, q, st);
     const int64_t n_micro = (n_rows + k_rows - 1) / k_rows;
+    std::vector<bool> mask_rows(n_micro);  // micro steps whose rows have a mask
+    for (int64_t m = 0; m < n_micro; ++m) mask_rows[m] = rows_masked(j, m * k_rows, k_rows);
+    const sweep_fn run = sweep_for(j.d.groups());
+    for (int64_t c0 = 0; c0 < j.d.Np; c0 += k_key_chunk)
+        for (int64_t m = 0; m < n_micro; ++m) run(j, st, m * k_rows, c0, std::min(c0 + k_key_chunk, j.d.Np), mask_rows[m]);
+    finish_tile(j, n_rows, dst, st);
+}
+
+// dst->src = {q, Kp, Vp, mask, zero rows}; (head, query tile) pairs split across threads.
+void attend(ggml_tensor * dst, int ith, int nth, void * tiles) {
+    if (*static_cast<const bool *>(tiles)) return attend_tiles(dst, ith, nth);
+    const ggml_tensor * q = dst->src[0];
+    const dims d = dims_of(q, false);
+    const int64_t n_tiles = (d.N + k_query_tile - 1) / k_query_tile;
+    tile_state st;
+    st.q.resize(k_query_tile * d.Pk);
+    st.m.resize(k_query_tile);
+    st.l.resize(k_query_tile * 16);
+    st.o.resize(k_query_tile * d.Dv);
+    for (int64_t w = ith; w < d.H * n_tiles; w += nth) {
+        job j{d, w / n_tiles, (w % n_tiles) * k_query_tile, nullptr, nullptr, dst->src[3],
+              static_cast<const int32_t *>(dst->src[4]->data)};
+        j.kp = static_cast<const uint32_t *>(dst->src[1]->data) + j.h * d.Np * d.Pk;
+        j.vp = static_cast<const uint32_t *>(dst->src[2]->data) + j.h * (d.Np / 2) * d.Dv;
+        run_tile(j, q, dst, st);
+    }
+}
+
+}  // namespace
+
+int64_t start_tile(const job & j, const ggml_tensor * q, tile_state & st) {
+    const dims & d = j.d;
+    const int64_t P = d.Pk, n_rows = std::min(k_query_tile, d.N - j.i0);
     const float scale = 1.0f / std::sqrt(static_cast<float>(d.D));
     std::fill(st.q.begin(), st.q.end(), 0u);
     for (int64_t r = 0; r < n_rows; ++r)
@@ -276,12 +201,18 @@ void run_tile(const job & j, const ggml_tensor * q, ggml_tensor * dst, tile_stat
     std::fill(st.m.begin(), st.m.end(), -std::numeric_limits<float>::infinity());
     std::fill(st.o.begin(), st.o.end(), 0.0f);
     std::fill(st.l.begin(), st.l.end(), 0.0f);
-    std::vector<bool> mask_rows(n_micro);  // micro steps whose rows have a mask
-    for (int64_t m = 0; m < n_micro; ++m)
-        for (int64_t r = 0; r < k_rows; ++r) mask_rows[m] = mask_rows[m] || !j.zero_rows[std::min(j.i0 + m * k_rows + r, d.N - 1)];
-    const sweep_fn run = sweep_for(d.groups());
-    for (int64_t c0 = 0; c0 < d.Np; c0 += k_key_chunk)
-        for (int64_t m = 0; m < n_micro; ++m) run(j, st, m * k_rows, c0, std::min(c0 + k_key_chunk, d.Np), mask_rows[m]);
+    return n_rows;
+}
+
+bool rows_masked(const job & j, int64_t r0, int64_t n) {
+    for (int64_t r = r0; r < r0 + n; ++r) {
+        if (!j.zero_rows[std::min(j.i0 + r, j.d.N - 1)]) return true;
+    }
+    return false;
+}
+
+void finish_tile(const job & j, int64_t n_rows, ggml_tensor * dst, const tile_state & st) {
+    const dims & d = j.d;
     for (int64_t r = 0; r < n_rows; ++r) {  // dst [D * H, N]
         auto * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + (j.i0 + r) * dst->nb[1]) + j.h * d.D;
         float l = 0.0f;
@@ -291,26 +222,10 @@ void run_tile(const job & j, const ggml_tensor * q, ggml_tensor * dst, tile_stat
     }
 }
 
-// dst->src = {q, Kp, Vp, mask, zero rows}; (head, query tile) pairs split across threads.
-void attend(ggml_tensor * dst, int ith, int nth, void *) {
-    const ggml_tensor * q = dst->src[0];
-    const dims d = dims_of(q);
-    const int64_t n_tiles = (d.N + k_query_tile - 1) / k_query_tile;
-    tile_state st;
-    st.q.resize(k_query_tile * d.pairs());
-    st.m.resize(k_query_tile);
-    st.l.resize(k_query_tile * 16);
-    st.o.resize(k_query_tile * d.Dv);
-    for (int64_t w = ith; w < d.H * n_tiles; w += nth) {
-        job j{d, w / n_tiles, (w % n_tiles) * k_query_tile, nullptr, nullptr, dst->src[3],
-              static_cast<const int32_t *>(dst->src[4]->data)};
-        j.kp = static_cast<const uint32_t *>(dst->src[1]->data) + j.h * d.Np * d.pairs();
-        j.vp = static_cast<const uint32_t *>(dst->src[2]->data) + j.h * (d.Np / 2) * d.Dv;
-        run_tile(j, q, dst, st);
-    }
-}
+}  // namespace mllama::attn
 
-}  // namespace
+namespace mllama {
+using namespace attn;
 
 ggml_tensor * bf16_attention_mask_rows(ggml_context * ctx, ggml_tensor * mask) {
     return ggml_custom_4d(ctx, GGML_TYPE_I32, mask->ne[1], 1, 1, 1, &mask, /*n_args=*/1, find_zero_rows, GGML_N_TASKS_MAX,
@@ -318,17 +233,19 @@ ggml_tensor * bf16_attention_mask_rows(ggml_context * ctx, ggml_tensor * mask) {
 }
 
 ggml_tensor * bf16_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask,
-                             ggml_tensor * mask_rows) {
-    const dims d = dims_of(q);
+                             ggml_tensor * mask_rows, bool tiles) {
+    tiles = tiles && amx_tiles_available();
+    void * layout = const_cast<bool *>(&k_layouts[tiles ? 1 : 0]);
+    const dims d = dims_of(q, tiles);
     if (k->nb[0] != sizeof(float)) k = ggml_cont(ctx, k);  // the packing reads channels as rows
     if (v->nb[0] != sizeof(float)) v = ggml_cont(ctx, v);
-    ggml_tensor * kp = ggml_custom_4d(ctx, GGML_TYPE_I32, d.pairs() * d.Np, d.H, 1, 1, &k, /*n_args=*/1, pack_k,
-                                      GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // Kp [pairs * Np, H]
+    ggml_tensor * kp = ggml_custom_4d(ctx, GGML_TYPE_I32, d.Pk * d.Np, d.H, 1, 1, &k, /*n_args=*/1, pack_k,
+                                      GGML_N_TASKS_MAX, layout);  // Kp [Pk * Np, H]
     ggml_tensor * vp = ggml_custom_4d(ctx, GGML_TYPE_I32, d.Dv * d.Np / 2, d.H, 1, 1, &v, /*n_args=*/1, pack_v,
-                                      GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // Vp [Dv * Np / 2, H]
+                                      GGML_N_TASKS_MAX, layout);  // Vp [Dv * Np / 2, H]
     ggml_tensor * args[] = {q, kp, vp, mask, mask_rows};
     return ggml_custom_4d(ctx, GGML_TYPE_F32, d.D * d.H, d.N, 1, 1, args, /*n_args=*/5, attend, GGML_N_TASKS_MAX,
-                          /*userdata=*/nullptr);  // [D * H, N]
+                          layout);  // [D * H, N]
 }
 
 }  // namespace mllama

@@ -1,0 +1,140 @@
+// What the two BF16 vision attention paths share (kernels/x86/attn_bf16.cpp: AVX-512 BF16 dot
+// products; kernels/x86/attn_amx.cpp: AMX tiles): sizes, the packed K and V layouts, the per-tile
+// softmax state and the masked online softmax of one row over 64 keys.
+//
+//   Kp[h][j/16][d/2][j%16] = (K[h][j][d], K[h][j][d+1])      16 keys x one d pair per 64 bytes
+//   Vp[h][j/2][d]          = (V[h][j][d], V[h][j+1][d])      16 channels x one key pair per 64 bytes
+// A 16-key block of Kp is an AMX B tile for Q K^T (d pairs as rows), 16 key pairs of Vp one for P V.
+// Keys are padded to a multiple of 64 (masked), channels with zeros (dims::Dv, dims::Pk).
+#pragma once
+
+#include "kernels/x86/simd_math.h"
+
+#include "ggml.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace mllama::attn {
+
+constexpr int64_t k_key_block = 64;     // keys per micro step (4 zmm of scores per query row)
+constexpr int64_t k_rows = 4;           // query rows per micro step
+constexpr int64_t k_query_tile = 64;    // query rows sharing one pass over a key chunk
+constexpr int64_t k_key_chunk = 1024;   // keys kept hot in L2 while a query tile walks them
+
+struct dims {
+    int64_t D, H, N;  // head size, heads, tokens
+    int64_t Dv;       // D rounded up to 16 (channel groups of a zmm): V's channels
+    int64_t Np;       // N rounded up to k_key_block
+    int64_t Pk;       // channel pairs of Q and K: Dv / 2, or D rounded up to 32 / 2 for AMX tiles (16 pairs a row)
+    int64_t groups() const { return Dv / 16; }
+};
+
+// tiles: the AMX layout of Q and K (their channel pairs padded to whole tile rows).
+inline dims dims_of(const ggml_tensor * q, bool tiles) {
+    dims d{q->ne[0], q->ne[1], q->ne[2], 0, 0, 0};
+    d.Dv = (d.D + 15) / 16 * 16;
+    d.Np = (d.N + k_key_block - 1) / k_key_block * k_key_block;
+    d.Pk = tiles ? (d.D + 31) / 32 * 16 : d.Dv / 2;
+    return d;
+}
+
+inline uint16_t to_bf16(float f) {  // round to nearest even (inputs are finite)
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof(u));
+    return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline uint32_t bf16_pair(float lo, float hi) { return to_bf16(lo) | (static_cast<uint32_t>(to_bf16(hi)) << 16); }
+
+inline float elem(const ggml_tensor * t, int64_t d, int64_t h, int64_t j) {  // t: [D, H, N] F32
+    return *reinterpret_cast<const float *>(static_cast<const char *>(t->data) + d * t->nb[0] + h * t->nb[1] + j * t->nb[2]);
+}
+
+// Running softmax state and output accumulator of one query tile.
+struct tile_state {
+    std::vector<uint32_t> q;   // [k_query_tile][Pk] scaled query, BF16 pairs
+    std::vector<float> m;      // running max per row
+    std::vector<float> l;      // [k_query_tile][16] running sum per row, one partial sum per lane
+    std::vector<float> o;      // [k_query_tile][Dv] unnormalized output
+};
+
+struct job {
+    dims d;
+    int64_t h, i0;             // head, first query row of the tile
+    const uint32_t * kp;       // this head's packed keys
+    const uint32_t * vp;       // this head's packed values
+    const ggml_tensor * mask;  // [N, N] F16
+    const int32_t * zero_rows; // [N]: 1 where the mask row is all zeros
+};
+
+// Adds the mask row of query i (keys jb..jb+63) and -inf for padding keys.
+MLLAMA_AVX512_TARGET inline void add_mask(const job & j, int64_t i, int64_t jb, __m512 s[4]) {
+    const auto * row = reinterpret_cast<const uint16_t *>(static_cast<const char *>(j.mask->data) + i * j.mask->nb[1]);
+    for (int t = 0; t < 4; ++t) {
+        const int64_t k0 = jb + 16 * t;
+        const int64_t valid = std::clamp<int64_t>(j.d.N - k0, 0, 16);
+        const __mmask16 live = static_cast<__mmask16>((1u << valid) - 1u);
+        const __m512 m = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, row + k0));
+        s[t] = _mm512_mask_add_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), live, s[t], m);
+    }
+}
+
+// e^x for x <= 0 as softmax needs it: the result is rounded to BF16 (relative step 2^-9), so a
+// degree-5 polynomial (error 2.4e-6) is enough; below -87 it returns e^-87 (~1e-38), which is 0 for
+// every sum it enters (the row maximum contributes 1).
+MLLAMA_AVX512_TARGET inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.69314718055994531f), x);  // |r| <= ln2 / 2
+    __m512 p = _mm512_set1_ps(1.0f / 120.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// Softmax step of one row over 64 scores: updates the running max m and per-lane sums l, writes
+// the BF16 probabilities, returns the factor that rescales the row's earlier output.
+MLLAMA_AVX512_TARGET inline float softmax_row(__m512 s[4], float & m, float * l, uint16_t * probs) {
+    const float block_max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(s[0], s[1]), _mm512_max_ps(s[2], s[3])));
+    const float m_new = std::max(m, block_max);
+    if (m_new == -std::numeric_limits<float>::infinity()) {  // everything masked so far
+        std::memset(probs, 0, k_key_block * sizeof(uint16_t));
+        return 1.0f;
+    }
+    const float alpha = m_new == m ? 1.0f : std::exp(m - m_new);  // the max rarely moves after the first blocks
+    m = m_new;
+    const __m512 shift = _mm512_set1_ps(m_new);
+    __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(l), _mm512_set1_ps(alpha));
+    for (int t = 0; t < 4; ++t) {
+        const __m512 p = exp_nonpositive(_mm512_sub_ps(s[t], shift));
+        sum = _mm512_add_ps(sum, p);
+        _mm256_store_si256(reinterpret_cast<__m256i *>(probs + 16 * t), (__m256i) _mm512_cvtneps_pbh(p));
+    }
+    _mm512_storeu_ps(l, sum);
+    return alpha;
+}
+
+// Query rows i0.. of head h: scaled BF16 queries into st (zeros past D and past the last row), the
+// running state reset. Returns the number of query rows of the tile.
+int64_t start_tile(const job & j, const ggml_tensor * q, tile_state & st);
+
+// The tile's normalized output rows into dst [D * H, N].
+void finish_tile(const job & j, int64_t n_rows, ggml_tensor * dst, const tile_state & st);
+
+// Whether rows r0..r0+n-1 of the tile have a mask (padding rows reuse the last mask row).
+bool rows_masked(const job & j, int64_t r0, int64_t n);
+
+// dst->src = {q, Kp, Vp, mask, zero rows}, AMX layout (dims_of(q, true)); (head, query tile) pairs
+// split across threads (kernels/x86/attn_amx.cpp).
+void attend_tiles(ggml_tensor * dst, int ith, int nth);
+
+}  // namespace mllama::attn

@@ -1,0 +1,105 @@
+// The vision attention kernel (csrc/kernels/x86/attn_bf16.cpp: AVX-512 BF16; attn_amx.cpp: AMX
+// tiles, emulated under MLLAMA_AMX_EMULATE=1) against softmax(Q K^T / sqrt(D) + mask) V in double
+// precision on the same BF16 inputs; built by tests/test_cpu_kernels.py with the kernels' sources.
+//
+//   attn_bf16 D H N [threads]
+//
+// Inputs: q, k, v [D, H, N] random normal, rounded as the kernel rounds them (q scaled by 1/sqrt(D)
+// first); mask [N, N]: every third query row has -inf at every fifth key, the last row is all -inf
+// (its output must be zeros), the others are zeros. Per output the kernel's error is bounded by
+// its roundings: each probability enters P V rounded to BF16 (2^-9 relative) while the softmax sum
+// uses it unrounded (2^-9), e^x to 2.4e-6, scores in F32: |o - o_ref| <= 2^-8 sum_j p_j |v_j| / sum_j p_j,
+// doubled for margin. Prints the largest error over that bound, "avx512=<ratio> tiles=<ratio|none>".
+#include "kernels/dispatch.h"
+
+#include "ggml-cpu.h"
+#include "ggml.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <random>
+#include <vector>
+
+using namespace mllama;
+
+static float bf16_round(float x) { return ggml_bf16_to_fp32(ggml_fp32_to_bf16(x)); }
+
+static bool masked(int64_t i, int64_t j, int64_t N) { return i == N - 1 || (i % 3 == 0 && (j * 7 + i) % 5 == 0); }
+
+// The largest |out - ref| / bound over all outputs (out: [D * H, N] F32).
+static double worst_ratio(const ggml_tensor * out, const std::vector<float> & q, const std::vector<float> & k,
+                          const std::vector<float> & v, int64_t D, int64_t H, int64_t N) {
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));  // as the kernel scales q
+    double worst = 0;
+    std::vector<double> p(static_cast<size_t>(N));
+    for (int64_t h = 0; h < H; ++h) {
+        for (int64_t i = 0; i < N; ++i) {
+            double m = -std::numeric_limits<double>::infinity();
+            for (int64_t j = 0; j < N; ++j) {
+                double s = 0;
+                for (int64_t d = 0; d < D; ++d) s += double(bf16_round(q[(i * H + h) * D + d] * scale)) * k[(j * H + h) * D + d];
+                p[j] = masked(i, j, N) ? -std::numeric_limits<double>::infinity() : s;
+                m = std::max(m, p[j]);
+            }
+            double sum = 0;
+            for (int64_t j = 0; j < N; ++j) sum += p[j] = std::isinf(m) ? 0.0 : std::exp(p[j] - m);
+            for (int64_t d = 0; d < D; ++d) {
+                double o = 0, abs_o = 0;
+                for (int64_t j = 0; j < N; ++j) o += p[j] * v[(j * H + h) * D + d], abs_o += p[j] * std::fabs(v[(j * H + h) * D + d]);
+                const double ref = sum > 0 ? o / sum : 0.0, bound = 2 * std::ldexp(sum > 0 ? abs_o / sum : 0.0, -8) + 1e-30;
+                const double got = static_cast<const float *>(out->data)[i * D * H + h * D + d];
+                worst = std::max(worst, std::fabs(got - ref) / bound);
+            }
+        }
+    }
+    return worst;
+}
+
+int main(int argc, char ** argv) {
+    if (argc < 4) {
+        std::fprintf(stderr, "usage: %s D H N [threads]\n", argv[0]);
+        return 2;
+    }
+    const int64_t D = std::atoll(argv[1]), H = std::atoll(argv[2]), N = std::atoll(argv[3]);
+    const int threads = argc > 4 ? std::atoi(argv[4]) : 2;
+    if (!cpu_kernels_available()) {
+        std::printf("skip: no AVX-512 BF16 on this CPU\n");
+        return 0;
+    }
+    ggml_init_params params{static_cast<size_t>(40 * D * H * N + 4 * N * N) + (size_t(64) << 20), nullptr, false};
+    ggml_context * ctx = ggml_init(params);
+    std::mt19937_64 rng(static_cast<uint64_t>(D * 1000003 + H * 31 + N));
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    ggml_tensor * t[3];
+    std::vector<float> vals[3];  // q as given; k and v as the kernel rounds them
+    for (int a = 0; a < 3; ++a) {
+        t[a] = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, D, H, N);  // [D, H, N]
+        vals[a].resize(static_cast<size_t>(D * H * N));
+        for (int64_t i = 0; i < D * H * N; ++i) {
+            const float x = normal(rng) * (a == 0 ? 2.0f : 1.0f);  // larger q: peaked softmax rows too
+            static_cast<float *>(t[a]->data)[i] = x;
+            vals[a][i] = a == 0 ? x : bf16_round(x);
+        }
+    }
+    ggml_tensor * mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, N, N);  // [N, N]
+    for (int64_t i = 0; i < N; ++i)
+        for (int64_t j = 0; j < N; ++j)
+            static_cast<ggml_fp16_t *>(mask->data)[i * N + j] =
+                ggml_fp32_to_fp16(masked(i, j, N) ? -std::numeric_limits<float>::infinity() : 0.0f);
+    ggml_tensor * rows = bf16_attention_mask_rows(ctx, mask);
+    ggml_tensor * avx = bf16_attention(ctx, t[0], t[1], t[2], mask, rows, /*tiles=*/false);
+    const bool tiles_run = amx_tiles_available();
+    ggml_tensor * tiles = bf16_attention(ctx, t[0], t[1], t[2], mask, rows, /*tiles=*/true);
+    ggml_cgraph * graph = ggml_new_graph(ctx);
+    ggml_build_forward_expand(graph, avx);
+    ggml_build_forward_expand(graph, tiles);
+    ggml_graph_compute_with_ctx(ctx, graph, threads);
+    std::printf("avx512=%.4f ", worst_ratio(avx, vals[0], vals[1], vals[2], D, H, N));
+    if (tiles_run) std::printf("tiles=%.4f\n", worst_ratio(tiles, vals[0], vals[1], vals[2], D, H, N));
+    else std::printf("tiles=none\n");
+    ggml_free(ctx);
+    return 0;
+}
