@@ -1,0 +1,136 @@
+"""mllama's AMX tile kernels (csrc/kernels/x86/gemm_amx.cpp, attn_amx.cpp): on emulated tiles
+(MLLAMA_AMX_EMULATE=1, csrc/kernels/x86/amx_tiles.h) on any AVX-512 BF16 machine, and on the hardware
+where the CPU has AMX-BF16: the kernels against ggml or a double-precision reference within bounds
+derived from their roundings (tests/c/gemm_bf16.cpp, tests/c/attn_bf16.cpp), and the whole tower
+against the AVX-512 path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import mllama
+from mllama._native.cpu_features import ggml_features
+from test_cpu_kernels import build_kernel_driver, encode, needs_kernels, nmse
+
+AMX = ggml_features().get("AMX_TILE_KERNELS") == "1"
+
+
+@pytest.fixture(scope="module")
+def gemm_driver(tmp_path_factory):
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler")
+    return build_kernel_driver(tmp_path_factory.mktemp("gemm") / "gemm_bf16", "gemm_bf16",
+                               ["gemm_bf16", "gemm_amx", "gelu"])
+
+
+def gemm_ratios(driver, k, m, n, emulate: bool) -> dict:
+    env = {**os.environ, "MLLAMA_AMX_EMULATE": "1" if emulate else "0"}
+    proc = subprocess.run([str(driver), str(k), str(m), str(n), "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not proc.stdout.startswith("skip"), proc.stdout
+    return dict(item.split("=") for item in proc.stdout.split())
+
+
+@needs_kernels
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("k,m,n", [(32, 16, 1), (64, 48, 31), (96, 80, 33), (1280, 1280, 70), (320, 208, 100),
+                                   (5120, 48, 200)])
+def test_bf16_gemm_on_emulated_tiles_within_the_summation_bound(gemm_driver, k, m, n):
+    """Both GEMM paths against ggml's mul_mat + bias on the same BF16 values: every output within the
+    bound of two F32 summation orders (tests/c/gemm_bf16.cpp: 2 gamma_K sum |x w|). The tile path runs on
+    emulated tiles (the same kernel code, kernels/x86/amx_tiles.h), so its blocking and edges are checked
+    here on any AVX-512 BF16 machine: odd 16-channel groups (M = 16, 48, 80, 208: one B tile), token
+    tails (N not a multiple of 32, N below 16), partial panels, threads splitting the tokens, several
+    token blocks per thread (K = 5120: 96 tokens per block, then 32, and 64 + a tail of 8). A layout
+    error (a wrong pair, row or channel) is off by O(|y|), thousands of times the bound."""
+    fields = gemm_ratios(gemm_driver, k, m, n, emulate=True)
+    assert float(fields["avx512"]) <= 1.0, fields
+    assert fields["tiles"] != "none" and float(fields["tiles"]) <= 1.0, fields
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU (or its OS) has no AMX-BF16 tiles: the hardware path is checked on "
+                                    "emulated tiles only (test_bf16_gemm_on_emulated_tiles_within_the_summation_bound)")
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("k,m,n", [(32, 16, 1), (96, 80, 33), (1280, 1280, 70), (5120, 1280, 97)])
+def test_bf16_gemm_on_amx_hardware_within_the_summation_bound(gemm_driver, k, m, n):
+    fields = gemm_ratios(gemm_driver, k, m, n, emulate=False)
+    assert fields["tiles"] != "none" and float(fields["tiles"]) <= 1.0, fields
+
+
+@pytest.fixture(scope="module")
+def attn_driver(tmp_path_factory):
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler")
+    return build_kernel_driver(tmp_path_factory.mktemp("attn") / "attn_bf16", "attn_bf16", ["attn_bf16", "attn_amx"])
+
+
+@needs_kernels
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("d,h,n", [(16, 2, 96), (80, 2, 1100), (128, 1, 200), (80, 3, 70)])
+def test_bf16_attention_on_emulated_tiles_within_the_rounding_bound(attn_driver, d, h, n):
+    """Both attention paths against the double-precision softmax on the same BF16 inputs, each output
+    within the bound of the kernel's roundings (tests/c/attn_bf16.cpp: BF16 probabilities, e^x, F32
+    sums). Tiles emulated: D = 80 pads Q and K to 96 channels (three tile steps), D = 128 takes the
+    P V products in two passes (6 + 2 channel groups), N = 1100 two key chunks and a partial key
+    block, N = 70 a partial query tile; masked rows, and a fully masked row that must give zeros."""
+    env = {**os.environ, "MLLAMA_AMX_EMULATE": "1"}
+    proc = subprocess.run([str(attn_driver), str(d), str(h), str(n), "2"], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not proc.stdout.startswith("skip"), proc.stdout
+    fields = dict(item.split("=") for item in proc.stdout.split())
+    assert float(fields["avx512"]) <= 1.0, fields
+    assert fields["tiles"] != "none" and float(fields["tiles"]) <= 1.0, fields
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU (or its OS) has no AMX-BF16 tiles: the hardware path is checked on "
+                                    "emulated tiles only (test_bf16_attention_on_emulated_tiles_within_the_rounding_bound)")
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("d,h,n", [(80, 2, 1100), (128, 1, 200), (80, 3, 70)])
+def test_bf16_attention_on_amx_hardware_within_the_rounding_bound(attn_driver, d, h, n):
+    env = {**os.environ, "MLLAMA_AMX_EMULATE": "0"}
+    proc = subprocess.run([str(attn_driver), str(d), str(h), str(n), "2"], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    fields = dict(item.split("=") for item in proc.stdout.split())
+    assert fields["tiles"] != "none" and float(fields["tiles"]) <= 1.0, fields
+
+
+@needs_kernels
+def test_vision_attention_on_emulated_amx_tiles_matches_the_avx512_path(converted, monkeypatch):
+    """The tower with the attention's products on AMX tiles (emulated) against the AVX-512 path:
+    the same BF16 operands, so the bound of test_bf16_attention_and_gelu_match_ggml_on_half_weights."""
+    path = converted("f16")
+    monkeypatch.setenv("MLLAMA_AMX_EMULATE", "1")
+    with mllama.Model(path, cpu_kernels="attn,amx") as model:
+        assert "AMX tiles, emulated" in model.op_paths()["vision attention"]
+    tiles = encode(path, monkeypatch, "attn,amx")
+    avx = encode(path, monkeypatch, "attn")
+    generic = encode(path, monkeypatch, "0")
+    assert nmse(tiles, avx) <= 2e-5 and 0 < nmse(tiles, generic) <= 2e-5
+
+
+@needs_kernels
+def test_bf16_gemm_on_emulated_amx_tiles_matches_the_avx512_path(converted, monkeypatch, tmp_path):
+    """The whole tower and projector with the GEMMs on AMX tiles (emulated here, real on an AMX CPU
+    without MLLAMA_AMX_EMULATE): the same BF16 products as the AVX-512 path, summed in another order,
+    so the bounds of test_bf16_gemm_matches_ggml_on_bf16_weights hold against it."""
+    path = converted("bf16")
+    monkeypatch.setenv("MLLAMA_AMX_EMULATE", "1")
+    with mllama.Model(path, cpu_kernels="gemm,amx") as model:
+        assert "AMX tiles, emulated" in model.op_paths()["vision linear layers"]
+    with mllama.Model(path, cpu_kernels="gemm") as model:
+        assert "AVX512-BF16" in model.op_paths()["vision linear layers"]
+    avx = encode(path, monkeypatch, "gemm,gelu", dump_dir=tmp_path / "avx")
+    tiles = encode(path, monkeypatch, "gemm,gelu,amx", dump_dir=tmp_path / "tiles")
+    generic = encode(path, monkeypatch, "0")
+    first = [np.load(tmp_path / name / "v.blk.0.attn_out.npy") for name in ("tiles", "avx")]
+    assert nmse(*first) <= 1e-8
+    assert nmse(tiles, avx) <= 1e-5 and nmse(tiles, generic) <= 1e-5
+    projected = [np.load(tmp_path / name / "mm.out.npy") for name in ("tiles", "avx")]
+    assert nmse(*projected) <= 1e-5
