@@ -117,6 +117,15 @@ def test_report_is_quiet_for_a_native_build():
     assert report["unused_by_ggml"] == [] and warning(report) is None
 
 
+def test_report_on_an_amx_cpu_asks_for_ggml_built_with_amx():
+    info = ("CPU: AVX=1 AVX2=1 F16C=1 FMA=1 AVX512=1 AVX512_BF16=1 LLAMAFILE=1 | mllama: AVX512_BF16_KERNELS=1 "
+            "AMX_TILE_KERNELS=1")
+    report = cpu_report({"avx", "avx2", "f16c", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}, info)
+    assert report["cpu_amx_bf16"] and report["mllama_amx_tiles"]
+    assert report["unused_by_ggml"] == ["AMX_INT8"]  # ggml's AMX layout for the text matrices needs a native build
+    assert "AMX_INT8" in warning(report)
+
+
 REPACK = ggml_features().get("REPACK") == "1"
 EXTRA_TYPES = {"AMX", "KleidiAI", "CPU_REPACK"}  # ggml's extra CPU buffer types (csrc/model/repack.h)
 
