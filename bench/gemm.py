@@ -1,8 +1,9 @@
 """The vision tower's BF16 GEMMs, side by side in one process each: ggml's mul_mat, mllama's AVX-512
-BF16 kernel, mllama's AMX tile kernel (where the CPU has AMX) and torch.matmul in bf16 (oneDNN: AMX
-tiles where the CPU has them; the machine's practical peak), on the shapes of the 11B vision tower
-for one 4-tile image (tests/c/gemm_bf16.cpp times ours and ggml's; every result is checked against
-ggml's within the summation-order bound first).
+BF16 kernel and AMX tile kernel (where the CPU has them), mllama's AVX2 kernel (any x86 CPU with AVX2),
+and torch.matmul in bf16 and fp32 (oneDNN: AMX tiles where the CPU has them; the faster of the two is
+the machine's practical peak: on a CPU without AVX-512 BF16, fp32), on the shapes of the 11B vision
+tower for one 4-tile image (tests/c/gemm_bf16.cpp and gemm_avx2.cpp time ours and ggml's; every
+result is checked against ggml's within the summation-order bound first).
 
     python bench/gemm.py [--threads 2] [--reps 3] [--json bench/results/gemm.json]
 """
@@ -26,12 +27,12 @@ SHAPES = {"q, k, v, o [1280 -> 1280]": (1280, 1280), "fc1 [1280 -> 5120]": (1280
           "fc2 [5120 -> 1280]": (5120, 1280), "projector [7680 -> 4096]": (7680, 4096)}
 
 
-def torch_ms(k: int, m: int, n: int, threads: int, reps: int) -> float:
+def torch_ms(k: int, m: int, n: int, threads: int, reps: int, dtype: str = "bf16") -> float:
     import torch
 
     torch.set_num_threads(threads)
-    x = torch.randn(n, k).to(torch.bfloat16)
-    w = torch.randn(m, k).to(torch.bfloat16)
+    x = torch.randn(n, k).to(getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[dtype]))
+    w = torch.randn(m, k).to(x.dtype)
     torch.matmul(x, w.t())  # warm-up (oneDNN picks its kernel)
     times = []
     for _ in range(reps):
@@ -53,21 +54,28 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        driver = build_kernel_driver(Path(tmp) / "gemm_bf16", "gemm_bf16", ["gemm_bf16", "gemm_amx", "gelu"])
+        drivers = [build_kernel_driver(Path(tmp) / "gemm_bf16", "gemm_bf16", ["gemm_bf16", "gemm_amx", "gelu"]),
+                   build_kernel_driver(Path(tmp) / "gemm_avx2", "gemm_avx2", ["gemm_avx2", "gelu"])]
         for name, (k, m) in SHAPES.items():
             env = {**os.environ, "MLLAMA_AMX_EMULATE": "0"}
-            proc = subprocess.run([str(driver), str(k), str(m), str(args.tokens), str(args.threads), str(args.reps)],
-                                  capture_output=True, text=True, check=True, env=env)
-            fields = dict(item.split("=") for item in proc.stdout.split())
+            fields = {}
+            for driver in drivers:
+                proc = subprocess.run([str(driver), str(k), str(m), str(args.tokens), str(args.threads), str(args.reps)],
+                                      capture_output=True, text=True, check=True, env=env)
+                if not proc.stdout.startswith("skip"):
+                    fields.update(item.split("=") for item in proc.stdout.split())
             gflop = 2 * k * m * args.tokens / 1e9
-            ref_ms = torch_ms(k, m, args.tokens, args.threads, args.reps)
-            row = {"shape": name, "tokens": args.tokens, "within_bound": {"avx512": fields["avx512"], "tiles": fields["tiles"]},
-                   "torch_gflops": round(gflop / ref_ms * 1e3, 1)}
-            for path in ("ggml", "avx512", "tiles"):
-                if path == "tiles" and fields["tiles"] == "none":
+            torch_gflops = {dtype: round(gflop / torch_ms(k, m, args.tokens, args.threads, args.reps, dtype) * 1e3, 1)
+                            for dtype in ("bf16", "fp32")}
+            row = {"shape": name, "tokens": args.tokens,
+                   "within_bound": {p: fields[p] for p in ("avx512", "tiles", "avx2", "gelu") if p in fields},
+                   "torch_gflops": torch_gflops["bf16"], "torch_fp32_gflops": torch_gflops["fp32"]}
+            peak = max(torch_gflops.values())
+            for path in ("ggml", "avx512", "tiles", "avx2"):
+                if fields.get(path, "none") == "none" or f"{path}_gflops" not in fields:
                     continue
                 row[f"{path}_gflops"] = round(float(fields[f"{path}_gflops"]), 1)
-                row[f"{path}_vs_torch"] = round(row[f"{path}_gflops"] / row["torch_gflops"], 2)
+                row[f"{path}_vs_torch"] = round(row[f"{path}_gflops"] / peak, 2)
             rows.append(row)
             print(row, flush=True)
     result = {"machine": cpu_report(), "threads": args.threads, "gemms": rows}

@@ -106,20 +106,24 @@ def vision_gflop(vision: dict) -> float:
     return layers * (2 * n * (4 * d * d + 2 * d * f) + 2 * 2 * n * n * d) / 1e9
 
 
-def add_vision_gflops(result: dict, vision: dict) -> None:
-    """Vision GFLOPS of each engine next to torch.matmul's bf16 GFLOPS on the fc1 shape, measured in
-    this run (the machine's practical peak: oneDNN, AMX tiles where the CPU has them)."""
+def add_vision_gflops(result: dict, vision: dict, dtypes: list[str]) -> None:
+    """Vision GFLOPS of each engine next to torch.matmul's GFLOPS on the fc1 shape in each timed dtype,
+    measured in this run (the machine's practical peak: oneDNN, AMX tiles where the CPU has them)."""
     from gemm import torch_ms
 
     n_tok = vision_tokens(vision)
-    ms = torch_ms(vision["hidden_size"], vision["intermediate_size"], n_tok, os.cpu_count() or 1, 3)
-    peak = 2 * vision["hidden_size"] * vision["intermediate_size"] * n_tok / 1e9 / ms * 1e3
     gflop = vision_gflop(vision)
-    result["vision_arithmetic"] = {"gflop_per_image": round(gflop, 1), "torch_matmul_bf16_gflops": round(peak, 1)}
-    for engine, entry in (("mllama", result["mllama"]["q4_k_m"]), ("transformers", result["transformers"]["bf16"])):
-        gflops = gflop / entry["vision_s"]
-        result["vision_arithmetic"][f"{engine}_gflops"] = round(gflops, 1)
-        result["vision_arithmetic"][f"{engine}_of_torch_matmul"] = round(gflops / peak, 3)
+    arithmetic = result["vision_arithmetic"] = {"gflop_per_image": round(gflop, 1)}
+    mllama_gflops = gflop / result["mllama"]["q4_k_m"]["vision_s"]
+    arithmetic["mllama_gflops"] = round(mllama_gflops, 1)
+    for dtype in dtypes:
+        ms = torch_ms(vision["hidden_size"], vision["intermediate_size"], n_tok, os.cpu_count() or 1, 3, dtype)
+        peak = 2 * vision["hidden_size"] * vision["intermediate_size"] * n_tok / 1e9 / ms * 1e3
+        arithmetic[f"torch_matmul_{dtype}_gflops"] = round(peak, 1)
+        arithmetic[f"mllama_of_torch_matmul_{dtype}"] = round(mllama_gflops / peak, 3)
+        ref_gflops = gflop / result["transformers"][dtype]["vision_s"]
+        arithmetic[f"transformers_{dtype}_gflops"] = round(ref_gflops, 1)
+        arithmetic[f"transformers_{dtype}_of_torch_matmul_{dtype}"] = round(ref_gflops / peak, 3)
 
 
 def add_derived(entry: dict, bandwidth_gbs: float) -> None:
@@ -136,14 +140,34 @@ def add_derived(entry: dict, bandwidth_gbs: float) -> None:
     entry["load_s_per_gb"] = round(entry["load_s"] / (entry["file_bytes"] / 1e9), 3)
 
 
+def ratios(result: dict, dtype: str) -> dict:
+    """mllama Q4_K_M (and F16) against transformers in `dtype`: time ratios (< 1: mllama faster) and speed
+    ratios (> 1: mllama faster)."""
+    ref = result["transformers"][dtype]
+    ours = result["mllama"]["q4_k_m"]
+    return {
+        "vision_time": round(ours["vision_s"] / ref["vision_s"], 3),
+        "ttft": round(ours["ttft_s"] / ref["ttft_s"], 3),
+        **{f"prefill_speed_{t}": round(result["mllama"][t]["prefill_tok_s"] / ref["prefill_tok_s"], 3) for t in ("q4_k_m", "f16")},
+        **{f"decode_speed_{t}": round(result["mllama"][t]["decode_tok_s"] / ref["decode_tok_s"], 3) for t in ("q4_k_m", "f16")},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small dimensions: a fast check of the pipeline")
     parser.add_argument("--fp32", action="store_true", help="also time transformers in fp32")
+    parser.add_argument("--transformers", default=None,
+                        help="comma list of transformers dtypes to time (default bf16, with --fp32 bf16,fp32): on a CPU "
+                             "without AVX-512 BF16, torch's bf16 matmul is several times slower than its fp32 one, "
+                             "and fp32 is the fair reference there")
     parser.add_argument("--skip-full", action="store_true", help="skip the full-size 11B Q4_K_M decode")
     parser.add_argument("--work", type=Path, default=None, help="folder for the GGUF files (default: a temp folder)")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default bench/results/bench.json)")
     args = parser.parse_args()
+    dtypes = args.transformers.split(",") if args.transformers else ["bf16"] + (["fp32"] if args.fp32 else [])
+    if not dtypes or set(dtypes) - {"bf16", "fp32"}:
+        parser.error(f"--transformers takes bf16 and/or fp32, not {args.transformers!r}")
     out_path = args.out or HERE / "results" / ("bench-quick.json" if args.quick else "bench.json")
 
     import mllama
@@ -171,7 +195,7 @@ def main() -> None:
             path.unlink()
         cfg = tmp / "config.json"
         cfg.write_text(json.dumps({"text_config": text, "vision_config": vision, "image_token_index": 128256}))
-        for dtype in ["bf16"] + (["fp32"] if args.fp32 else []):
+        for dtype in dtypes:
             print(f"transformers {dtype}", flush=True)
             result["transformers"][dtype] = worker("transformers", str(cfg), "--dtype", dtype)
         if not args.skip_full:
@@ -179,15 +203,9 @@ def main() -> None:
             path = write_synthetic_gguf(tmp / "full.gguf", full_text, vision, type="q4_k_m", vision_type="bf16")
             result["mllama"]["full_11b_q4_k_m"] = entry = worker("mllama", str(path), "--image", "--decode", "16", *probe_args)
             add_derived(entry, bw)
-    add_vision_gflops(result, vision)
-    ref = result["transformers"]["bf16"]
-    ours = result["mllama"]["q4_k_m"]
-    result["ratios_vs_transformers_bf16"] = {
-        "vision_time": round(ours["vision_s"] / ref["vision_s"], 3),
-        "ttft": round(ours["ttft_s"] / ref["ttft_s"], 3),
-        **{f"prefill_speed_{t}": round(result["mllama"][t]["prefill_tok_s"] / ref["prefill_tok_s"], 3) for t in ("q4_k_m", "f16")},
-        **{f"decode_speed_{t}": round(result["mllama"][t]["decode_tok_s"] / ref["decode_tok_s"], 3) for t in ("q4_k_m", "f16")},
-    }
+    add_vision_gflops(result, vision, dtypes)
+    for dtype in dtypes:
+        result[f"ratios_vs_transformers_{dtype}"] = ratios(result, dtype)
     text_out = json.dumps(result, indent=2)
     print(text_out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

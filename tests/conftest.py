@@ -15,12 +15,14 @@ sys.path.insert(0, str(HERE))
 
 # MLLAMA_TEST_KERNELS=FAMILY runs the suite with one kernel family forced on every Model that does
 # not choose its own (tests of one kernel set MLLAMA_CPU_KERNELS themselves): "ggml" (ggml's ops
-# only), "avx512_bf16" (mllama's x86 kernels without AMX tiles) or "amx" (all of them, the vision
-# GEMMs on AMX tiles); every test skips, with the reason, on a machine without the family's kernels.
+# only), "avx2" (the kernels' AVX2 forms, MLLAMA_AVX512=0: what a CPU without AVX-512 runs),
+# "avx512_bf16" (mllama's x86 kernels without AMX tiles) or "amx" (all of them, the vision GEMMs on AMX
+# tiles); every test skips, with the reason, on a machine without the family's kernels.
 # Unset: the default, every kernel the machine has. (The AMX paths' logic also runs on emulated tiles
 # on any AVX-512 BF16 machine: tests/test_cpu_kernels.py.)
-KERNEL_FAMILIES = {"ggml": "0", "avx512_bf16": "attn,gemm,gelu,xattn,qmm", "amx": "1"}
-FAMILY_NEEDS = {"avx512_bf16": ("AVX512_BF16_KERNELS", "this build or CPU has no AVX-512 BF16 kernels"),
+KERNEL_FAMILIES = {"ggml": "0", "avx2": "attn,gemm,gelu", "avx512_bf16": "attn,gemm,gelu,xattn,qmm", "amx": "1"}
+FAMILY_NEEDS = {"avx2": ("AVX2_KERNELS", "this build or CPU has no AVX2 kernels (x86-64 with AVX2, FMA, F16C)"),
+                "avx512_bf16": ("AVX512_BF16_KERNELS", "this build or CPU has no AVX-512 BF16 kernels"),
                 "amx": ("AMX_TILE_KERNELS", "this build, CPU or OS has no AMX-BF16 tiles")}
 
 
@@ -30,6 +32,8 @@ def pytest_configure(config):
         raise pytest.UsageError(f"MLLAMA_TEST_KERNELS={family}: choose one of {', '.join(KERNEL_FAMILIES)}")
     if family:
         os.environ["MLLAMA_CPU_KERNELS"] = KERNEL_FAMILIES[family]
+    if family == "avx2":
+        os.environ["MLLAMA_AVX512"] = "0"
 
 
 def pytest_collection_modifyitems(config, items):

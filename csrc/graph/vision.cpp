@@ -47,7 +47,7 @@ static ggml_tensor * mlp(ggml_context * ctx, const vision_layer_w & l, ggml_tens
                            opt.amx_gemm);  // [D, N]
     }
     x = linear(ctx, x, l.ffn_up);                                                              // [n_ff, N]
-    x = opt.fast_gelu ? gelu_erf_avx512(ctx, x) : ggml_gelu_erf(ctx, x);
+    x = opt.fast_gelu ? gelu_erf_fast(ctx, x) : ggml_gelu_erf(ctx, x);
     return linear(ctx, x, l.ffn_down);                                                         // [D, N]
 }
 
@@ -143,7 +143,7 @@ static ggml_tensor * assemble(ggml_context * ctx, const vision_hparams & hp, ggm
 vision_options vision_options_for(const mllama_model & model, const cpu_kernel_set & allowed) {
     vision_options opt;
     const cpu_kernel_set kernels = kernels_for_compute(allowed, cpu_kernels_allowed_on(model.plan, model.plan.vision));
-    if (!cpu_kernels_available() || model.vision.layers.empty()) return opt;
+    if (kernel_family() == cpu_family::none || model.vision.layers.empty()) return opt;
     const vision_hparams & hp = model.hp.vision;
     const ggml_type weight_type = model.vision.layers[0].wq->type;
     const bool half_weights = weight_type == GGML_TYPE_F16 || weight_type == GGML_TYPE_BF16;  // F32 weights: exact path

@@ -19,11 +19,27 @@
 namespace mllama {
 
 #if MLLAMA_X86_KERNELS
+static bool avx512_allowed() {  // read at each use (a test switches it within one process)
+    const char * v = std::getenv("MLLAMA_AVX512");
+    return !(v && std::strcmp(v, "0") == 0);
+}
+
 bool cpu_kernels_available() {
-    static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                           __builtin_cpu_supports("avx512bf16");
-    return ok;
+    static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                            __builtin_cpu_supports("avx512bf16");
+    return cpu && avx512_allowed();
+}
+
+bool avx2_kernels_available() {
+    static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                            __builtin_cpu_supports("f16c");
+    return cpu;
+}
+
+cpu_family kernel_family() {
+    if (cpu_kernels_available()) return cpu_family::avx512_bf16;
+    return avx2_kernels_available() ? cpu_family::avx2 : cpu_family::none;
 }
 
 // CPUID.(7,0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE; XCR0 bits 17-18: the OS saves tile config and data.
@@ -61,11 +77,20 @@ bool amx_tiles_available() { return cpu_kernels_available() && (amx_tiles_emulat
 bool cpu_kernel_available(cpu_kernel k) {
     static const bool vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-    if (k == cpu_kernel::qmm) return vnni;
-    return k == cpu_kernel::amx ? amx_tiles_available() : cpu_kernels_available();
+    switch (k) {
+        case cpu_kernel::qmm: return vnni && avx512_allowed();
+        case cpu_kernel::amx: return amx_tiles_available();
+        case cpu_kernel::attn:
+        case cpu_kernel::gemm:
+        case cpu_kernel::gelu: return kernel_family() != cpu_family::none;  // AVX-512 BF16 or AVX2
+        default: return cpu_kernels_available();
+    }
 }
+
 #else
 bool cpu_kernels_available() { return false; }
+bool avx2_kernels_available() { return false; }
+cpu_family kernel_family() { return cpu_family::none; }
 bool cpu_kernel_available(cpu_kernel) { return false; }
 bool amx_tiles_available() { return false; }
 bool amx_tiles_hardware() { return false; }
@@ -91,7 +116,7 @@ bool decode_attention_supported(const ggml_tensor *, const ggml_tensor *, const 
 ggml_tensor * decode_attention(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, ggml_tensor *, float) {
     no_x86_kernels();
 }
-ggml_tensor * gelu_erf_avx512(ggml_context *, ggml_tensor *) { no_x86_kernels(); }
+ggml_tensor * gelu_erf_fast(ggml_context *, ggml_tensor *) { no_x86_kernels(); }
 bool q6k_matmul_supported(const ggml_tensor *, const ggml_tensor *) { return false; }
 ggml_tensor * q6k_matmul(ggml_context *, ggml_tensor *, ggml_tensor *) { no_x86_kernels(); }
 #endif

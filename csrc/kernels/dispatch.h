@@ -26,13 +26,22 @@ struct ggml_tensor;
 namespace mllama {
 
 // This build has the x86 kernels and the CPU has AVX-512 with BF16 dot products (and the OS saves
-// its registers).
+// its registers), and MLLAMA_AVX512 is not "0" (read at each use: "0" makes an AVX-512 CPU run the
+// AVX2 kernels, for tests of that family on any x86 machine).
 bool cpu_kernels_available();
+
+// This build has the x86 kernels and the CPU has AVX2 with FMA and F16C.
+bool avx2_kernels_available();
+
+// The family of x86 kernels that runs here, one for every kernel: AVX-512 BF16 (AMX tiles on top where
+// amx_tiles_available()), else AVX2 (only the kernels with an AVX2 form: attn, gemm and gelu), else none.
+enum class cpu_family { none, avx2, avx512_bf16 };
+cpu_family kernel_family();
 
 enum class cpu_kernel : uint32_t { attn = 1, gemm = 2, gelu = 4, xattn = 8, qmm = 16, amx = 32 };
 
 // The CPU has what this kernel needs: qmm, AVX-512 F/BW/VL with VNNI (int8 dot products); amx,
-// amx_tiles_available(); the others, cpu_kernels_available().
+// amx_tiles_available(); attn, gemm and gelu, a kernel_family(); the others, cpu_kernels_available().
 bool cpu_kernel_available(cpu_kernel k);
 
 // AMX tiles may run: an AVX-512 BF16 CPU with AMX-TILE and AMX-BF16 whose OS saves tile state and
@@ -79,11 +88,11 @@ ggml_tensor * bf16_attention_mask_rows(ggml_context * ctx, ggml_tensor * mask);
 // The BF16 GEMM below handles w (its layout and type, on this CPU).
 bool bf16_linear_supported(const ggml_tensor * w);
 
-// w x^T (+ bias, then exact GELU when gelu) with BF16 operands and F32 accumulation, near the
-// CPU's BF16 peak (figures in bench/README.md). w: [K, M] BF16 with M % 16 == 0; x: [K, N] F32 or BF16
-// (converted once);
-// bias: [M] F32 or null -> [M, N], BF16 when bf16_out (the input of a following bf16_linear).
-// tiles: on AMX tiles where amx_tiles_available() and K % 32 == 0 (kernels/x86/gemm_amx.cpp).
+// w x^T (+ bias, then exact GELU when gelu) with BF16 weights and F32 accumulation, near the CPU's
+// peak (figures in bench/README.md). w: [K, M] BF16 with M % 16 == 0; x: [K, N] F32 or BF16; bias: [M]
+// F32 or null -> [M, N]. AVX-512 BF16 family: x rounded to BF16 once, BF16 out when bf16_out (the input
+// of a following bf16_linear), AMX tiles when tiles, amx_tiles_available() and K % 32 == 0
+// (kernels/x86/gemm_amx.cpp). AVX2 family: x in F32, F32 out whatever bf16_out says.
 ggml_tensor * bf16_linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_tensor * bias, bool gelu, bool bf16_out,
                           bool tiles);
 
@@ -113,6 +122,6 @@ bool q6k_matmul_supported(const ggml_tensor * w, const ggml_tensor * x);
 ggml_tensor * q6k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
 
 // 0.5 x (1 + erf(x / sqrt(2))) elementwise on F32, vectorized (max abs error of erf 1.5e-7).
-ggml_tensor * gelu_erf_avx512(ggml_context * ctx, ggml_tensor * x);
+ggml_tensor * gelu_erf_fast(ggml_context * ctx, ggml_tensor * x);
 
 }  // namespace mllama

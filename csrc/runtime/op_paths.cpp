@@ -79,14 +79,17 @@ static std::string on_tiles() {
     return amx_tiles_emulated() ? "(x86 AMX tiles, emulated: MLLAMA_AMX_EMULATE=1)" : "(x86 AMX tiles)";
 }
 
+// The kernel family's name for an op without AMX tiles ("(x86 AVX512-BF16)", "(x86 AVX2)").
+static std::string family() { return kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX512-BF16)"; }
+
 static std::string vision_gemm(const vision_options & opt, const std::string & ggml_cpu) {
     if (!opt.bf16_gemm) return ggml_cpu + ": mul_mat";
-    return "mllama BF16 GEMM, bias/GELU fused " + (opt.amx_gemm ? on_tiles() : "(x86 AVX512-BF16)");
+    return "mllama BF16 GEMM, bias/GELU fused " + (opt.amx_gemm ? on_tiles() : family());
 }
 
 static std::string vision_attention(const vision_options & opt, const std::string & ggml_cpu) {
     if (!opt.bf16_attention) return ggml_cpu + ": flash_attn_ext";
-    return "mllama BF16 flash attention " + (opt.amx_attention ? on_tiles() : "(x86 AVX512-BF16)");
+    return "mllama BF16 flash attention " + (opt.amx_attention ? on_tiles() : family());
 }
 
 static bool all_text_on_cpu(const mllama_model & m) {
@@ -114,7 +117,7 @@ std::string op_paths(const mllama_context & c) {
     return line("device", "CPU, " + ggml_cpu) +
            line("vision attention", vision_attention(opt, ggml_cpu)) +
            line("vision linear layers", vision_gemm(opt, ggml_cpu)) +
-           line("vision GELU", opt.fast_gelu ? "mllama vectorized GELU (x86 AVX-512)" : ggml_cpu + ": gelu_erf") +
+           line("vision GELU", opt.fast_gelu ? "mllama vectorized GELU " + family() : ggml_cpu + ": gelu_erf") +
            line("decode cross-attention", xattn ? "mllama GQA kernel over the F16 image cache (x86 AVX-512)"
                                                 : ggml_cpu + ": flash_attn_ext") +
            line("self-attention, prefill cross-attention", ggml_cpu + ": flash_attn_ext") +

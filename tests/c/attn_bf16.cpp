@@ -9,8 +9,14 @@
 // (its output must be zeros), the others are zeros. Per output the kernel's error is bounded by
 // its roundings: each probability enters P V rounded to BF16 (2^-9 relative) while the softmax sum
 // uses it unrounded (2^-9), e^x to 2.4e-6, scores in F32: |o - o_ref| <= 2^-8 sum_j p_j |v_j| / sum_j p_j,
-// doubled for margin. Prints the largest error over that bound, "avx512=<ratio> tiles=<ratio|none>".
+// doubled for margin. The AVX2 path (attn_avx2.cpp) keeps Q and the probabilities in F32: against the
+// reference on unrounded q its error comes from the F32 scores (at most gamma_D max_j sum_d |q_d k_jd|
+// each, so each probability moves by twice that relatively), e^x (2e-7) and the F32 sums of P V and of
+// the probabilities (gamma_N each): |o - o_ref| <= (2 gamma_D S + 4e-7 + 2 gamma_N) sum_j p_j |v_j| /
+// sum_j p_j, doubled for margin. Prints the largest error over each path's bound,
+// "avx512=<ratio> tiles=<ratio|none> avx2=<ratio|none>".
 #include "kernels/dispatch.h"
+#include "kernels/x86/entry_points.h"
 
 #include "ggml-cpu.h"
 #include "ggml.h"
@@ -29,27 +35,34 @@ static float bf16_round(float x) { return ggml_bf16_to_fp32(ggml_fp32_to_bf16(x)
 
 static bool masked(int64_t i, int64_t j, int64_t N) { return i == N - 1 || (i % 3 == 0 && (j * 7 + i) % 5 == 0); }
 
-// The largest |out - ref| / bound over all outputs (out: [D * H, N] F32).
+// The largest |out - ref| / bound over all outputs (out: [D * H, N] F32); f32: the AVX2 path's bound.
 static double worst_ratio(const ggml_tensor * out, const std::vector<float> & q, const std::vector<float> & k,
-                          const std::vector<float> & v, int64_t D, int64_t H, int64_t N) {
+                          const std::vector<float> & v, int64_t D, int64_t H, int64_t N, bool f32 = false) {
+    const double u = std::ldexp(1.0, -24), gamma_d = D * u / (1 - D * u), gamma_n = N * u / (1 - N * u);
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));  // as the kernel scales q
     double worst = 0;
     std::vector<double> p(static_cast<size_t>(N));
     for (int64_t h = 0; h < H; ++h) {
         for (int64_t i = 0; i < N; ++i) {
-            double m = -std::numeric_limits<double>::infinity();
+            double m = -std::numeric_limits<double>::infinity(), largest = 0;  // largest: max_j sum_d |q_d k_jd|
             for (int64_t j = 0; j < N; ++j) {
-                double s = 0;
-                for (int64_t d = 0; d < D; ++d) s += double(bf16_round(q[(i * H + h) * D + d] * scale)) * k[(j * H + h) * D + d];
+                double s = 0, abs_s = 0;
+                for (int64_t d = 0; d < D; ++d) {
+                    const float qd = q[(i * H + h) * D + d] * scale;
+                    s += double(f32 ? qd : bf16_round(qd)) * k[(j * H + h) * D + d];
+                    abs_s += std::fabs(double(qd) * k[(j * H + h) * D + d]);
+                }
                 p[j] = masked(i, j, N) ? -std::numeric_limits<double>::infinity() : s;
                 m = std::max(m, p[j]);
+                largest = std::max(largest, abs_s);
             }
+            const double relative = f32 ? 2 * (2 * gamma_d * largest + 4e-7 + 2 * gamma_n) : 2 * std::ldexp(1.0, -8);
             double sum = 0;
             for (int64_t j = 0; j < N; ++j) sum += p[j] = std::isinf(m) ? 0.0 : std::exp(p[j] - m);
             for (int64_t d = 0; d < D; ++d) {
                 double o = 0, abs_o = 0;
                 for (int64_t j = 0; j < N; ++j) o += p[j] * v[(j * H + h) * D + d], abs_o += p[j] * std::fabs(v[(j * H + h) * D + d]);
-                const double ref = sum > 0 ? o / sum : 0.0, bound = 2 * std::ldexp(sum > 0 ? abs_o / sum : 0.0, -8) + 1e-30;
+                const double ref = sum > 0 ? o / sum : 0.0, bound = relative * (sum > 0 ? abs_o / sum : 0.0) + 1e-30;
                 const double got = static_cast<const float *>(out->data)[i * D * H + h * D + d];
                 worst = std::max(worst, std::fabs(got - ref) / bound);
             }
@@ -65,8 +78,8 @@ int main(int argc, char ** argv) {
     }
     const int64_t D = std::atoll(argv[1]), H = std::atoll(argv[2]), N = std::atoll(argv[3]);
     const int threads = argc > 4 ? std::atoi(argv[4]) : 2;
-    if (!cpu_kernels_available()) {
-        std::printf("skip: no AVX-512 BF16 on this CPU\n");
+    if (!avx2_kernels_available()) {
+        std::printf("skip: no AVX2 on this CPU\n");
         return 0;
     }
     ggml_init_params params{static_cast<size_t>(40 * D * H * N + 4 * N * N) + (size_t(64) << 20), nullptr, false};
@@ -90,16 +103,23 @@ int main(int argc, char ** argv) {
             static_cast<ggml_fp16_t *>(mask->data)[i * N + j] =
                 ggml_fp32_to_fp16(masked(i, j, N) ? -std::numeric_limits<float>::infinity() : 0.0f);
     ggml_tensor * rows = bf16_attention_mask_rows(ctx, mask);
-    ggml_tensor * avx = bf16_attention(ctx, t[0], t[1], t[2], mask, rows, /*tiles=*/false);
-    const bool tiles_run = amx_tiles_available();
-    ggml_tensor * tiles = bf16_attention(ctx, t[0], t[1], t[2], mask, rows, /*tiles=*/true);
+    const bool avx512_run = cpu_kernels_available(), tiles_run = amx_tiles_available();
     ggml_cgraph * graph = ggml_new_graph(ctx);
-    ggml_build_forward_expand(graph, avx);
-    ggml_build_forward_expand(graph, tiles);
+    ggml_tensor * avx2 = attention_avx2(ctx, t[0], t[1], t[2], mask, rows);
+    ggml_build_forward_expand(graph, avx2);
+    ggml_tensor * avx = nullptr, * tiles = nullptr;
+    if (avx512_run) {
+        avx = bf16_attention_avx512(ctx, t[0], t[1], t[2], mask, rows, /*tiles=*/false);
+        tiles = bf16_attention_avx512(ctx, t[0], t[1], t[2], mask, rows, /*tiles=*/true);
+        ggml_build_forward_expand(graph, avx);
+        ggml_build_forward_expand(graph, tiles);
+    }
     ggml_graph_compute_with_ctx(ctx, graph, threads);
-    std::printf("avx512=%.4f ", worst_ratio(avx, vals[0], vals[1], vals[2], D, H, N));
-    if (tiles_run) std::printf("tiles=%.4f\n", worst_ratio(tiles, vals[0], vals[1], vals[2], D, H, N));
-    else std::printf("tiles=none\n");
+    if (avx512_run) std::printf("avx512=%.4f ", worst_ratio(avx, vals[0], vals[1], vals[2], D, H, N));
+    else std::printf("avx512=none ");
+    if (tiles_run) std::printf("tiles=%.4f ", worst_ratio(tiles, vals[0], vals[1], vals[2], D, H, N));
+    else std::printf("tiles=none ");
+    std::printf("avx2=%.4f\n", worst_ratio(avx2, vals[0], vals[1], vals[2], D, H, N, /*f32=*/true));
     ggml_free(ctx);
     return 0;
 }

@@ -9,6 +9,7 @@
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
 
 #include "kernels/x86/attn_bf16.h"
+#include "kernels/x86/entry_points.h"
 
 namespace mllama::attn {
 namespace {
@@ -232,8 +233,8 @@ ggml_tensor * bf16_attention_mask_rows(ggml_context * ctx, ggml_tensor * mask) {
                           /*userdata=*/nullptr);  // [N]
 }
 
-ggml_tensor * bf16_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask,
-                             ggml_tensor * mask_rows, bool tiles) {
+ggml_tensor * bf16_attention_avx512(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask,
+                                    ggml_tensor * mask_rows, bool tiles) {
     tiles = tiles && amx_tiles_available();
     void * layout = const_cast<bool *>(&k_layouts[tiles ? 1 : 0]);
     const dims d = dims_of(q, tiles);

@@ -1,10 +1,12 @@
-// Exact-form GELU, 0.5 x (1 + erf(x / sqrt(2))), vectorized for AVX-512 (see kernels/dispatch.h).
+// Exact-form GELU, 0.5 x (1 + erf(x / sqrt(2))), vectorized for AVX-512 and for AVX2 (see kernels/dispatch.h).
 // erf by Abramowitz & Stegun 7.1.26 (max abs error 1.5e-7, the size of a float rounding step
 // near 1); ggml's gelu_erf calls the scalar erff per element (figures in bench/README.md).
 #include "kernels/dispatch.h"
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
 
+#include "kernels/x86/entry_points.h"
+#include "kernels/x86/simd_avx2.h"
 #include "kernels/x86/simd_math.h"
 
 #include "ggml.h"
@@ -30,11 +32,33 @@ MLLAMA_AVX512_TARGET void gelu_op(ggml_tensor * dst, const ggml_tensor * a, int 
     }
 }
 
+// The same with 8 floats at a time; the last partial vector through a copy.
+MLLAMA_AVX2_TARGET void gelu_op_avx2(ggml_tensor * dst, const ggml_tensor * a, int ith, int nth, void *) {
+    const int64_t n = ggml_nelements(a);
+    const int64_t per = (n / nth + 15) / 16 * 16;
+    const int64_t i0 = std::min(n, per * ith), i1 = ith == nth - 1 ? n : std::min(n, i0 + per);
+    const auto * x = static_cast<const float *>(a->data);
+    auto * y = static_cast<float *>(dst->data);
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) _mm256_storeu_ps(y + i, simd::gelu256(_mm256_loadu_ps(x + i)));
+    if (i < i1) {
+        float tail[8] = {};
+        std::copy(x + i, x + i1, tail);
+        _mm256_storeu_ps(tail, simd::gelu256(_mm256_loadu_ps(tail)));
+        std::copy(tail, tail + (i1 - i), y + i);
+    }
+}
+
 }  // namespace
 
 ggml_tensor * gelu_erf_avx512(ggml_context * ctx, ggml_tensor * x) {
     if (!ggml_is_contiguous(x)) x = ggml_cont(ctx, x);
     return ggml_map_custom1(ctx, x, gelu_op, GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // same shape as x
+}
+
+ggml_tensor * gelu_erf_avx2(ggml_context * ctx, ggml_tensor * x) {
+    if (!ggml_is_contiguous(x)) x = ggml_cont(ctx, x);
+    return ggml_map_custom1(ctx, x, gelu_op_avx2, GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // same shape as x
 }
 
 }  // namespace mllama

@@ -12,6 +12,7 @@
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
 
+#include "kernels/x86/entry_points.h"
 #include "kernels/x86/gemm_bf16.h"
 #include "kernels/x86/simd_math.h"
 
@@ -131,12 +132,12 @@ void gemm_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
 }  // namespace
 
 bool bf16_linear_supported(const ggml_tensor * w) {
-    return cpu_kernels_available() && w->type == GGML_TYPE_BF16 && w->ne[0] % 2 == 0 && w->ne[1] % 16 == 0 &&
+    return cpu_kernel_available(cpu_kernel::gemm) && w->type == GGML_TYPE_BF16 && w->ne[0] % 2 == 0 && w->ne[1] % 16 == 0 &&
            ggml_is_contiguous(w) && w->ne[2] == 1 && w->ne[3] == 1 && w->nb[1] * 16 < (size_t(1) << 31);  // gather offsets
 }
 
-ggml_tensor * bf16_linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_tensor * bias, bool gelu, bool bf16_out,
-                          bool tiles) {
+ggml_tensor * bf16_linear_avx512(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_tensor * bias, bool gelu,
+                                 bool bf16_out, bool tiles) {
     const int64_t K = w->ne[0], M = w->ne[1], N = ggml_nelements(x) / K;
     ggml_tensor * wp = ggml_custom_4d(ctx, GGML_TYPE_I32, K / 2 * M, 1, 1, 1, &w, /*n_args=*/1, pack_w,
                                       GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // Wp [K / 2 * M]

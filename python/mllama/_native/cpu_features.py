@@ -52,6 +52,7 @@ def cpu_report(flags: set[str] | None = None, info: str | None = None) -> dict:
     return {"machine": platform.machine(), "cpu_supports": supported, "ggml_uses": used, "unused_by_ggml": unused,
             "gemm_path": gemm, "llamafile": llamafile,
             "mllama_kernels": features.get("AVX512_BF16_KERNELS") == "1",
+            "mllama_avx2_kernels": features.get("AVX2_KERNELS") == "1",
             "cpu_amx_bf16": "amx_bf16" in flags, "mllama_amx_tiles": features.get("AMX_TILE_KERNELS") == "1",
             "mllama_kernels_built": features.get("X86_KERNELS") == "1"}
 

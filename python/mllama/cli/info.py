@@ -39,11 +39,17 @@ def print_devices() -> None:
         print(f"  {d['name']} ({d['type']}): {d['description']}{mem}")
     print(f"ggml: {system_info()}")
     report = cpu_report()
-    kernels = ("on" if report["mllama_kernels"] else "off (this CPU lacks AVX-512 BF16)") if report["mllama_kernels_built"] \
-        else "not in this build (x86-64 only: ggml's ops run instead)"
+    if not report["mllama_kernels_built"]:
+        kernels = "not in this build (x86-64 only: ggml's ops run instead)"
+    elif report["mllama_kernels"]:
+        kernels = "AVX-512 BF16" + (" + AMX tiles" if report["mllama_amx_tiles"] else "") + \
+            " (vision attention, BF16-weight GEMMs, GELU; decode cross-attention, Q6_K products)"
+    elif report["mllama_avx2_kernels"]:
+        kernels = "AVX2 (vision attention, BF16-weight GEMMs, GELU; this CPU lacks AVX-512 BF16)"
+    else:
+        kernels = "off (this CPU lacks AVX2 with FMA)"
     print(f"cpu: {report['machine']}, supports {' '.join(report['cpu_supports']) or 'unknown'}; "
-          f"GEMM path: {report['gemm_path']}; mllama AVX-512 BF16 kernels (vision attention, BF16-weight GEMMs, "
-          f"GELU, decode cross-attention): {kernels}")
+          f"GEMM path: {report['gemm_path']}; mllama kernels: {kernels}")
     note = warning(report)
     if note:
         print(note, file=sys.stderr)

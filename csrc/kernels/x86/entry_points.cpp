@@ -1,0 +1,29 @@
+// The entry points of kernels/dispatch.h for the kernels with forms for several CPU families: each
+// picks its form by kernel_family() (dispatch.cpp says which family runs here).
+#include "kernels/x86/entry_points.h"
+
+#include "kernels/dispatch.h"
+
+#if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
+
+namespace mllama {
+
+ggml_tensor * bf16_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask,
+                             ggml_tensor * mask_rows, bool tiles) {
+    if (kernel_family() == cpu_family::avx2) return attention_avx2(ctx, q, k, v, mask, mask_rows);  // [D * H, N]
+    return bf16_attention_avx512(ctx, q, k, v, mask, mask_rows, tiles);
+}
+
+ggml_tensor * bf16_linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_tensor * bias, bool gelu, bool bf16_out,
+                          bool tiles) {
+    if (kernel_family() == cpu_family::avx2) return bf16_linear_avx2(ctx, w, x, bias, gelu);  // [M, N] F32
+    return bf16_linear_avx512(ctx, w, x, bias, gelu, bf16_out, tiles);
+}
+
+ggml_tensor * gelu_erf_fast(ggml_context * ctx, ggml_tensor * x) {
+    return kernel_family() == cpu_family::avx2 ? gelu_erf_avx2(ctx, x) : gelu_erf_avx512(ctx, x);
+}
+
+}  // namespace mllama
+
+#endif  // MLLAMA_X86_KERNELS

@@ -1,0 +1,115 @@
+"""The AVX2 kernel family (CPUs without AVX-512 BF16: csrc/kernels/x86/gemm_avx2.cpp, attn_avx2.cpp and
+gelu.cpp's AVX2 form): each kernel against ggml or a double-precision reference within bounds derived
+from its roundings (tests/c/gemm_avx2.cpp, tests/c/attn_bf16.cpp), and the whole tower against ggml's
+ops. On an AVX-512 BF16 machine MLLAMA_AVX512=0 makes the kernels take their AVX2 forms, so the family
+is checked on every x86 machine with AVX2."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from mllama._native.cpu_features import cpu_flags, ggml_features
+from test_cpu_kernels import build_kernel_driver, encode, nmse
+
+AVX2 = ggml_features().get("AVX2_KERNELS") == "1"
+needs_avx2 = pytest.mark.skipif(not AVX2, reason="this build or CPU has no AVX2 kernels (x86-64 with AVX2, FMA, F16C)")
+needs_cxx = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+
+
+def run_driver(driver, *args) -> dict:
+    proc = subprocess.run([str(driver), *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not proc.stdout.startswith("skip"), proc.stdout
+    return dict(item.split("=") for item in proc.stdout.split())
+
+
+@pytest.fixture(scope="module")
+def gemm_driver(tmp_path_factory):
+    return build_kernel_driver(tmp_path_factory.mktemp("gemm") / "gemm_avx2", "gemm_avx2", ["gemm_avx2", "gelu"])
+
+
+@pytest.fixture(scope="module")
+def attn_driver(tmp_path_factory):
+    return build_kernel_driver(tmp_path_factory.mktemp("attn") / "attn_bf16", "attn_bf16", ["attn_avx2"])
+
+
+@needs_avx2
+@needs_cxx
+@pytest.mark.parametrize("k,m,n", [(2, 16, 1), (32, 16, 1), (64, 48, 31), (96, 80, 33), (514, 32, 7), (1280, 1280, 70),
+                                   (320, 208, 251), (5120, 48, 200)])
+def test_avx2_gemm_within_the_summation_bound(gemm_driver, k, m, n):
+    """The GEMM with bias, and with bias and GELU, against ggml's mul_mat + bias (+ gelu_erf) on the same
+    BF16 values: every output within the bound of two F32 summation orders (tests/c/gemm_avx2.cpp). The
+    shapes reach the edges of the blocking: K of one pair and K past a 256-k chunk (514: a 1-pair last
+    chunk), 5120 (20 chunks), token tails of every micro-step size (N % 5), several 120-token blocks per
+    thread (N = 251), one or many 16-channel groups. A wrong pair, channel or token is off by O(|y|),
+    thousands of times the bound (swapped k values of a pair read ~9e4 of it)."""
+    fields = run_driver(gemm_driver, k, m, n, 2)
+    assert float(fields["avx2"]) <= 1.0, fields
+    assert float(fields["gelu"]) <= 1.0, fields
+
+
+@needs_avx2
+@needs_cxx
+@pytest.mark.parametrize("d,h,n", [(80, 2, 100), (80, 3, 257), (64, 1, 64), (16, 2, 33), (128, 1, 130), (72, 2, 70),
+                                   (80, 1, 1100)])
+def test_avx2_attention_within_its_rounding_bound(attn_driver, d, h, n):
+    """Masked attention against the double-precision softmax on unrounded queries and BF16 keys and
+    values: within the bound of F32 scores, e^x and F32 sums (tests/c/attn_bf16.cpp), for head sizes that
+    are not multiples of 16 (72) or odd multiples of 8, key counts that leave partial 8-key groups and
+    64-key blocks, more keys than one 512-key chunk, fully masked rows (zeros) and masked keys."""
+    fields = run_driver(attn_driver, d, h, n, 2)
+    assert fields["avx2"] != "none" and float(fields["avx2"]) <= 1.0, fields
+
+
+@pytest.fixture
+def avx2_family(monkeypatch):
+    monkeypatch.setenv("MLLAMA_AVX512", "0")  # an AVX-512 CPU runs the AVX2 forms too
+
+
+@needs_avx2
+def test_avx2_tower_matches_ggml_on_bf16_weights(converted, monkeypatch, avx2_family):
+    """The tower and projector with the AVX2 kernels against ggml's ops on the same BF16 weights. The
+    GEMM takes x in F32 where ggml rounds it to BF16 (fc1's and o's inputs, fc2's GELU output), so it is
+    closer to the F32 computation than ggml; the attention rounds K and V to BF16 as the AVX-512 path
+    does (its bound there: 2e-5)."""
+    path = converted("bf16")
+    reference = encode(converted("f32"), monkeypatch, "0")  # the same BF16 weights, computed in F32
+    generic = encode(path, monkeypatch, "0")
+    gemm = encode(path, monkeypatch, "gemm")
+    gemm_gelu = encode(path, monkeypatch, "gemm,gelu")
+    every = encode(path, monkeypatch, None)
+    assert 0 < nmse(gemm, generic) <= 1e-5
+    assert nmse(gemm, reference) <= nmse(generic, reference)
+    assert 0 < nmse(gemm_gelu, generic) <= 1e-5
+    assert nmse(gemm_gelu, reference) <= nmse(generic, reference)
+    assert 0 < nmse(every, generic) <= 2e-5
+
+
+@needs_avx2
+@pytest.mark.parametrize("n_tiles,ar_id", [(4, 6), (1, 1)])
+def test_avx2_attention_and_gelu_match_ggml_on_f16_weights(converted, monkeypatch, avx2_family, n_tiles, ar_id):
+    """F16 weights keep ggml's products (no BF16 GEMM for them); the attention and GELU kernels run."""
+    generic = encode(converted("f16"), monkeypatch, "0", n_tiles, ar_id)
+    every = encode(converted("f16"), monkeypatch, None, n_tiles, ar_id)
+    exact = encode(converted("f32"), monkeypatch, "0", n_tiles, ar_id)
+    assert 0 < nmse(every, generic) <= 2e-5
+    assert nmse(every, exact) <= nmse(generic, exact) + 2e-5
+
+
+@needs_avx2
+def test_avx512_switch_is_read_per_model(converted, monkeypatch):
+    """MLLAMA_AVX512=0 is read when a model builds its graphs, not once per process: on an AVX-512 BF16
+    CPU the two families sum differently, elsewhere both runs are the AVX2 family's, bit for bit."""
+    path = converted("bf16")
+    monkeypatch.delenv("MLLAMA_AVX512", raising=False)
+    default = encode(path, monkeypatch, None)
+    monkeypatch.setenv("MLLAMA_AVX512", "0")
+    avx2 = encode(path, monkeypatch, None)
+    if "avx512_bf16" in cpu_flags():
+        assert nmse(default, avx2) > 0
+    else:
+        assert nmse(default, avx2) == 0
