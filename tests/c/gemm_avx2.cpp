@@ -61,7 +61,8 @@ static double worst_ratio(const ggml_tensor * ours, const ggml_tensor * ref, con
             double bound = 2 * gamma * abs_sum + 2 * u * std::fabs(b);
             if (pre) {
                 const double y = static_cast<const float *>(pre->data)[n * M + m];  // GELU's input
-                bound = 1.13 * (2 * gamma * abs_sum + 2 * u * std::fabs(y)) + 0.5 * (1.5e-7 + 16 * u) * std::fabs(y) + 4 * u * std::fabs(b);
+                bound = 1.13 * (2 * gamma * abs_sum + 2 * u * std::fabs(y)) + 0.5 * (1.5e-7 + 16 * u) * std::fabs(y) +
+                        4 * u * std::fabs(b);
             }
             worst = std::max(worst, std::fabs(a - b) / (bound + 1e-30));
         }

@@ -54,7 +54,8 @@ uint16_t to_bf16(float f) {  // round to nearest even (inputs are finite)
 // Channel c of row (h, j) of t [D, H, N] F32 as BF16 (zero past D or N).
 uint32_t bf16_at(const ggml_tensor * t, const dims & d, int64_t c, int64_t h, int64_t j) {
     if (c >= d.D || j >= d.N) return 0;
-    return to_bf16(*reinterpret_cast<const float *>(static_cast<const char *>(t->data) + c * t->nb[0] + h * t->nb[1] + j * t->nb[2]));
+    const char * at = static_cast<const char *>(t->data) + c * t->nb[0] + h * t->nb[1] + j * t->nb[2];
+    return to_bf16(*reinterpret_cast<const float *>(at));
 }
 
 // dst->src[0] = k [D, H, N] -> Kp; (head, 8-key block) rows split across threads.
@@ -66,7 +67,8 @@ void pack_k(ggml_tensor * dst, int ith, int nth, void *) {
         const int64_t h = row / (d.Np / 8), j0 = row % (d.Np / 8) * 8;
         for (int64_t p = 0; p < d.P; ++p)
             for (int64_t jl = 0; jl < 8; ++jl)
-                out[(row * d.P + p) * 8 + jl] = bf16_at(k, d, 2 * p, h, j0 + jl) | bf16_at(k, d, 2 * p + 1, h, j0 + jl) << 16;
+                out[(row * d.P + p) * 8 + jl] = bf16_at(k, d, 2 * p, h, j0 + jl) |
+                                                bf16_at(k, d, 2 * p + 1, h, j0 + jl) << 16;
     }
 }
 
@@ -79,6 +81,14 @@ void pack_v(ggml_tensor * dst, int ith, int nth, void *) {
         const int64_t h = row / (d.Np / 2), j = row % (d.Np / 2) * 2;
         for (int64_t c = 0; c < d.Dv; ++c) out[row * d.Dv + c] = bf16_at(v, d, c, h, j) | bf16_at(v, d, c, h, j + 1) << 16;
     }
+}
+
+// 8 lanes of BF16 pairs as two F32 vectors: the pairs' first values (shifted up 16) and second ones
+// (the low halves masked off).
+MLLAMA_AVX2_TARGET inline void split_pairs(const uint32_t * at, __m256 & first, __m256 & second) {
+    const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(at));
+    first = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+    second = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
 struct tile {
@@ -99,18 +109,17 @@ struct job {
 // Scores of k_rows query rows (q: [k_rows][2 P]) against the 64 keys at jb -> s [k_rows][64].
 MLLAMA_AVX2_TARGET void scores(const job & j, const float * q, int64_t jb, float (*s)[k_key_block]) {
     const int64_t P = j.d.P;
-    const __m256 high = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
     for (int64_t kb = 0; kb < k_key_block; kb += 16) {  // 16 keys: two 8-key blocks of Kp
         const uint32_t * k0 = j.kp + (jb + kb) / 8 * P * 8, * k1 = k0 + P * 8;
         __m256 acc[2 * k_rows];
         for (auto & a : acc) a = _mm256_setzero_ps();
         for (int64_t p = 0; p < P; ++p) {
-            const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(k0 + p * 8));
-            const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(k1 + p * 8));
-            const __m256 lo0 = _mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), lo1 = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
-            const __m256 hi0 = _mm256_and_ps(_mm256_castsi256_ps(a), high), hi1 = _mm256_and_ps(_mm256_castsi256_ps(b), high);
+            __m256 lo0, hi0, lo1, hi1;  // keys 0-7 and 8-15 at channels 2p (lo) and 2p + 1 (hi)
+            split_pairs(k0 + p * 8, lo0, hi0);
+            split_pairs(k1 + p * 8, lo1, hi1);
             for (int r = 0; r < k_rows; ++r) {
-                const __m256 qa = _mm256_broadcast_ss(q + r * 2 * P + 2 * p), qb = _mm256_broadcast_ss(q + r * 2 * P + 2 * p + 1);
+                const float * qr = q + r * 2 * P + 2 * p;
+                const __m256 qa = _mm256_broadcast_ss(qr), qb = _mm256_broadcast_ss(qr + 1);
                 acc[2 * r] = _mm256_fmadd_ps(qb, hi0, _mm256_fmadd_ps(qa, lo0, acc[2 * r]));
                 acc[2 * r + 1] = _mm256_fmadd_ps(qb, hi1, _mm256_fmadd_ps(qa, lo1, acc[2 * r + 1]));
             }
@@ -139,7 +148,8 @@ MLLAMA_AVX2_TARGET float softmax_row(const job & j, int64_t i, int64_t jb, bool 
             v[t] = _mm256_add_ps(v[t], _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(mrow + k0))));
         } else if (masked) {  // the block's last keys: the mask where there are keys, -inf past them
             alignas(32) float tail[8];
-            for (int64_t e = 0; e < 8; ++e) tail[e] = k0 + e < j.d.N ? s[8 * t + e] + ggml_fp16_to_fp32(mrow[k0 + e]) : k_neg_inf;
+            for (int64_t e = 0; e < 8; ++e)
+                tail[e] = k0 + e < j.d.N ? s[8 * t + e] + ggml_fp16_to_fp32(mrow[k0 + e]) : k_neg_inf;
             v[t] = _mm256_load_ps(tail);
         }
         vmax = _mm256_max_ps(vmax, v[t]);
@@ -164,18 +174,17 @@ MLLAMA_AVX2_TARGET float softmax_row(const job & j, int64_t i, int64_t jb, bool 
 }
 
 // o = alpha o + P V for rows r0..r0+3 of the tile over the 64 keys at jb (probabilities p [k_rows][64]).
-MLLAMA_AVX2_TARGET void pv(const job & j, tile & st, int64_t r0, int64_t jb, const float (*p)[k_key_block], const float * alpha) {
+MLLAMA_AVX2_TARGET void pv(const job & j, tile & st, int64_t r0, int64_t jb, const float (*p)[k_key_block],
+                           const float * alpha) {
     const int64_t Dv = j.d.Dv;
-    const __m256 high = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
     for (int64_t c0 = 0; c0 < Dv; c0 += 16) {  // 16 channels at a time
         __m256 acc[2 * k_rows];
         for (auto & a : acc) a = _mm256_setzero_ps();
         const uint32_t * vb = j.vp + (jb / 2) * Dv + c0;
         for (int64_t jp = 0; jp < k_key_block / 2; ++jp) {
-            const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(vb + jp * Dv));
-            const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(vb + jp * Dv + 8));
-            const __m256 lo0 = _mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), lo1 = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
-            const __m256 hi0 = _mm256_and_ps(_mm256_castsi256_ps(a), high), hi1 = _mm256_and_ps(_mm256_castsi256_ps(b), high);
+            __m256 lo0, hi0, lo1, hi1;  // channels 0-7 and 8-15 of keys 2jp (lo) and 2jp + 1 (hi)
+            split_pairs(vb + jp * Dv, lo0, hi0);
+            split_pairs(vb + jp * Dv + 8, lo1, hi1);
             for (int r = 0; r < k_rows; ++r) {
                 const __m256 pa = _mm256_broadcast_ss(p[r] + 2 * jp), pb = _mm256_broadcast_ss(p[r] + 2 * jp + 1);
                 acc[2 * r] = _mm256_fmadd_ps(pb, hi0, _mm256_fmadd_ps(pa, lo0, acc[2 * r]));
@@ -201,7 +210,8 @@ MLLAMA_AVX2_TARGET void sweep(const job & j, tile & st, int64_t r0, int64_t jb0,
         scores(j, q, jb, s);
         const bool masked = masked_rows || jb + k_key_block > j.d.N;
         for (int r = 0; r < k_rows; ++r)  // padding rows reuse the last mask row
-            alpha[r] = softmax_row(j, std::min(j.i0 + r0 + r, j.d.N - 1), jb, masked, s[r], st.m[r0 + r], st.l.data() + (r0 + r) * 8);
+            alpha[r] = softmax_row(j, std::min(j.i0 + r0 + r, j.d.N - 1), jb, masked, s[r], st.m[r0 + r],
+                                   st.l.data() + (r0 + r) * 8);
         pv(j, st, r0, jb, s, alpha);
     }
 }

@@ -89,7 +89,8 @@ template <int R>
 MLLAMA_AVX2_TARGET void micro(const gemm_args & a, const float * x, float * y, int64_t y_stride) {
     __m256 acc[2 * R];  // token r: channels 0-7 in acc[2r], 8-15 in acc[2r + 1]
 #pragma GCC unroll 12
-    for (int i = 0; i < 2 * R; ++i) acc[i] = a.first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + (i / 2) * y_stride + 8 * (i % 2));
+    for (int i = 0; i < 2 * R; ++i)
+        acc[i] = a.first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + (i / 2) * y_stride + 8 * (i % 2));
     const float * w = a.w;
     for (int64_t k = 0; k < a.k_count; ++k, w += 16, x += k_rows) {
         const __m256 w0 = _mm256_load_ps(w), w1 = _mm256_load_ps(w + 8);
@@ -146,8 +147,8 @@ void gemm_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
                                   p0 == 0, p0 + pairs == P, gelu};
                 for (int64_t t = b0; t < b1; t += k_rows) {
                     const int rows = static_cast<int>(std::min<int64_t>(k_rows, b1 - t));
-                    k_micro[rows - 1](a, xp.data() + (t - b0) * 2 * pairs, static_cast<float *>(dst->data) + t * y_stride + 16 * g,
-                                      y_stride);
+                    float * y = static_cast<float *>(dst->data) + t * y_stride + 16 * g;
+                    k_micro[rows - 1](a, xp.data() + (t - b0) * 2 * pairs, y, y_stride);
                 }
             }
         }
