@@ -31,9 +31,14 @@ bool cpu_kernels_available() {
     return cpu && avx512_allowed();
 }
 
+// CPUID.1:ECX bit 29 (clang's __builtin_cpu_supports knows no "f16c").
+static bool cpu_has_f16c() {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+}
+
 bool avx2_kernels_available() {
-    static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                            __builtin_cpu_supports("f16c");
+    static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
     return cpu;
 }
 

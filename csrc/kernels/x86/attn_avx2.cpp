@@ -5,9 +5,10 @@
 // gives 8 lanes of two BF16 values: shifted up 16 they are the first value as F32, masked the second.
 //   Kp[h][j/8][d/2][j%8] = (K[h][j][d], K[h][j][d+1])    8 keys x one channel pair
 //   Vp[h][j/2][c]        = (V[h][j][c], V[h][j+1][c])    8 channels x one key pair (attn_bf16.h's Vp)
-// Q (scaled) and the probabilities stay F32, every product is an F32 FMA. A query tile of 64 rows walks
-// the keys in chunks that stay in L2, 4 rows at a time: their scores against 64 keys (16 at a time, in
-// 8 ymm), the masked online softmax of each row, then P V into the rows' unnormalized outputs.
+// Q (scaled) and the probabilities stay F32, every product is an F32 FMA. A query tile of 60 rows walks
+// the keys in chunks of 512, each widened to F32 once per tile (kf, vf: 320 KiB at head size 80, in L2),
+// 5 rows at a time: their scores against 64 keys (16 at a time, in 10 ymm), the masked online softmax of
+// each row, then P V into the rows' unnormalized outputs (16 channels at a time).
 #include "kernels/dispatch.h"
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
@@ -28,8 +29,8 @@ namespace mllama {
 namespace {
 
 constexpr int64_t k_key_block = 64;    // keys per softmax step
-constexpr int k_rows = 4;              // query rows per micro step
-constexpr int64_t k_query_tile = 64;   // query rows sharing one pass over a key chunk
+constexpr int k_rows = 5;              // query rows per micro step (10 ymm sums: more than the 8 FMAs in flight)
+constexpr int64_t k_query_tile = 60;   // query rows sharing one pass over a key chunk (12 micro steps)
 constexpr int64_t k_key_chunk = 512;   // keys kept hot in L2 while a query tile walks them
 constexpr float k_neg_inf = -std::numeric_limits<float>::infinity();
 
@@ -96,32 +97,57 @@ struct tile {
     std::vector<float> m;  // running max per row
     std::vector<float> l;  // [k_query_tile][8] running sum per row, one partial sum per lane
     std::vector<float> o;  // [k_query_tile][Dv] unnormalized output
+    std::vector<float> chunk;  // room for the two below, 32-byte aligned
+    float * kf = nullptr;      // the key chunk widened to F32: [key / 8][2 P][8]
+    float * vf = nullptr;      // the value chunk widened to F32: [key][Dv]
 };
 
 struct job {
     dims d;
     int64_t h, i0;              // head, first query row of the tile
     const uint32_t * kp, * vp;  // this head's packed keys and values
+    int64_t c0;                 // the first key of the chunk in tile::kf and tile::vf
     const ggml_tensor * mask;   // [N, N] F16
     const int32_t * zero_rows;  // [N]: 1 where the mask row is all zeros
 };
 
+// Keys c0..c1 (whole 8-key blocks) of Kp and Vp widened to F32 (tile::kf, tile::vf): once per query tile
+// and key chunk, for all of the tile's micro steps, whose loops are then loads and FMAs only.
+MLLAMA_AVX2_TARGET void widen_chunk(const job & j, int64_t c0, int64_t c1, tile & st) {
+    const int64_t P = j.d.P, Dv = j.d.Dv;
+    for (int64_t b = c0 / 8; b < c1 / 8; ++b) {
+        float * kf = st.kf + (b - c0 / 8) * 2 * P * 8;
+        for (int64_t p = 0; p < P; ++p) {
+            __m256 lo, hi;  // the 8 keys at channels 2p and 2p + 1
+            split_pairs(j.kp + (b * P + p) * 8, lo, hi);
+            _mm256_store_ps(kf + 2 * p * 8, lo);
+            _mm256_store_ps(kf + (2 * p + 1) * 8, hi);
+        }
+    }
+    for (int64_t jp = c0 / 2; jp < c1 / 2; ++jp) {
+        float * vf = st.vf + (2 * jp - c0) * Dv;
+        for (int64_t c = 0; c < Dv; c += 8) {
+            __m256 lo, hi;  // channels c..c+7 of keys 2jp and 2jp + 1
+            split_pairs(j.vp + jp * Dv + c, lo, hi);
+            _mm256_store_ps(vf + c, lo);
+            _mm256_store_ps(vf + Dv + c, hi);
+        }
+    }
+}
+
 // Scores of k_rows query rows (q: [k_rows][2 P]) against the 64 keys at jb -> s [k_rows][64].
-MLLAMA_AVX2_TARGET void scores(const job & j, const float * q, int64_t jb, float (*s)[k_key_block]) {
-    const int64_t P = j.d.P;
-    for (int64_t kb = 0; kb < k_key_block; kb += 16) {  // 16 keys: two 8-key blocks of Kp
-        const uint32_t * k0 = j.kp + (jb + kb) / 8 * P * 8, * k1 = k0 + P * 8;
+MLLAMA_AVX2_TARGET void scores(const job & j, const tile & st, const float * q, int64_t jb, float (*s)[k_key_block]) {
+    const int64_t K = 2 * j.d.P;  // channels, padded to even
+    for (int64_t kb = 0; kb < k_key_block; kb += 16) {  // 16 keys: two 8-key blocks
+        const float * k0 = st.kf + (jb - j.c0 + kb) / 8 * K * 8, * k1 = k0 + K * 8;
         __m256 acc[2 * k_rows];
         for (auto & a : acc) a = _mm256_setzero_ps();
-        for (int64_t p = 0; p < P; ++p) {
-            __m256 lo0, hi0, lo1, hi1;  // keys 0-7 and 8-15 at channels 2p (lo) and 2p + 1 (hi)
-            split_pairs(k0 + p * 8, lo0, hi0);
-            split_pairs(k1 + p * 8, lo1, hi1);
+        for (int64_t c = 0; c < K; ++c) {
+            const __m256 w0 = _mm256_load_ps(k0 + 8 * c), w1 = _mm256_load_ps(k1 + 8 * c);
             for (int r = 0; r < k_rows; ++r) {
-                const float * qr = q + r * 2 * P + 2 * p;
-                const __m256 qa = _mm256_broadcast_ss(qr), qb = _mm256_broadcast_ss(qr + 1);
-                acc[2 * r] = _mm256_fmadd_ps(qb, hi0, _mm256_fmadd_ps(qa, lo0, acc[2 * r]));
-                acc[2 * r + 1] = _mm256_fmadd_ps(qb, hi1, _mm256_fmadd_ps(qa, lo1, acc[2 * r + 1]));
+                const __m256 qc = _mm256_broadcast_ss(q + r * K + c);
+                acc[2 * r] = _mm256_fmadd_ps(qc, w0, acc[2 * r]);
+                acc[2 * r + 1] = _mm256_fmadd_ps(qc, w1, acc[2 * r + 1]);
             }
         }
         for (int r = 0; r < k_rows; ++r) {
@@ -173,22 +199,21 @@ MLLAMA_AVX2_TARGET float softmax_row(const job & j, int64_t i, int64_t jb, bool 
     return alpha;
 }
 
-// o = alpha o + P V for rows r0..r0+3 of the tile over the 64 keys at jb (probabilities p [k_rows][64]).
+// o = alpha o + P V for rows r0..r0+k_rows-1 of the tile over the 64 keys at jb (probabilities p
+// [k_rows][64]).
 MLLAMA_AVX2_TARGET void pv(const job & j, tile & st, int64_t r0, int64_t jb, const float (*p)[k_key_block],
                            const float * alpha) {
     const int64_t Dv = j.d.Dv;
     for (int64_t c0 = 0; c0 < Dv; c0 += 16) {  // 16 channels at a time
         __m256 acc[2 * k_rows];
         for (auto & a : acc) a = _mm256_setzero_ps();
-        const uint32_t * vb = j.vp + (jb / 2) * Dv + c0;
-        for (int64_t jp = 0; jp < k_key_block / 2; ++jp) {
-            __m256 lo0, hi0, lo1, hi1;  // channels 0-7 and 8-15 of keys 2jp (lo) and 2jp + 1 (hi)
-            split_pairs(vb + jp * Dv, lo0, hi0);
-            split_pairs(vb + jp * Dv + 8, lo1, hi1);
+        const float * vb = st.vf + (jb - j.c0) * Dv + c0;
+        for (int64_t key = 0; key < k_key_block; ++key) {
+            const __m256 w0 = _mm256_load_ps(vb + key * Dv), w1 = _mm256_load_ps(vb + key * Dv + 8);
             for (int r = 0; r < k_rows; ++r) {
-                const __m256 pa = _mm256_broadcast_ss(p[r] + 2 * jp), pb = _mm256_broadcast_ss(p[r] + 2 * jp + 1);
-                acc[2 * r] = _mm256_fmadd_ps(pb, hi0, _mm256_fmadd_ps(pa, lo0, acc[2 * r]));
-                acc[2 * r + 1] = _mm256_fmadd_ps(pb, hi1, _mm256_fmadd_ps(pa, lo1, acc[2 * r + 1]));
+                const __m256 pk = _mm256_broadcast_ss(p[r] + key);
+                acc[2 * r] = _mm256_fmadd_ps(pk, w0, acc[2 * r]);
+                acc[2 * r + 1] = _mm256_fmadd_ps(pk, w1, acc[2 * r + 1]);
             }
         }
         for (int r = 0; r < k_rows; ++r) {
@@ -200,14 +225,14 @@ MLLAMA_AVX2_TARGET void pv(const job & j, tile & st, int64_t r0, int64_t jb, con
     }
 }
 
-// Rows r0..r0+3 of the tile against the key blocks jb0..jb1. masked_rows: some of them have a mask
+// Rows r0..r0+k_rows-1 of the tile against the key blocks jb0..jb1 (the chunk widened into st). masked_rows: some of them have a mask
 // (the block holding padding keys is masked in any case).
 MLLAMA_AVX2_TARGET void sweep(const job & j, tile & st, int64_t r0, int64_t jb0, int64_t jb1, bool masked_rows) {
     const float * q = st.q.data() + r0 * 2 * j.d.P;
     alignas(32) float s[k_rows][k_key_block];
     float alpha[k_rows];
     for (int64_t jb = jb0; jb < jb1; jb += k_key_block) {
-        scores(j, q, jb, s);
+        scores(j, st, q, jb, s);
         const bool masked = masked_rows || jb + k_key_block > j.d.N;
         for (int r = 0; r < k_rows; ++r)  // padding rows reuse the last mask row
             alpha[r] = softmax_row(j, std::min(j.i0 + r0 + r, j.d.N - 1), jb, masked, s[r], st.m[r0 + r],
@@ -216,7 +241,7 @@ MLLAMA_AVX2_TARGET void sweep(const job & j, tile & st, int64_t r0, int64_t jb0,
     }
 }
 
-void run_tile(const job & j, const ggml_tensor * q, ggml_tensor * dst, tile & st) {
+void run_tile(job j, const ggml_tensor * q, ggml_tensor * dst, tile & st) {
     const dims & d = j.d;
     const int64_t n_rows = std::min(k_query_tile, d.N - j.i0);
     const float scale = 1.0f / std::sqrt(static_cast<float>(d.D));
@@ -229,12 +254,16 @@ void run_tile(const job & j, const ggml_tensor * q, ggml_tensor * dst, tile & st
     std::fill(st.m.begin(), st.m.end(), k_neg_inf);
     std::fill(st.l.begin(), st.l.end(), 0.0f);
     std::fill(st.o.begin(), st.o.end(), 0.0f);
-    for (int64_t c0 = 0; c0 < d.Np; c0 += k_key_chunk)
+    for (int64_t c0 = 0; c0 < d.Np; c0 += k_key_chunk) {
+        const int64_t c1 = std::min(c0 + k_key_chunk, d.Np);
+        widen_chunk(j, c0, c1, st);
+        j.c0 = c0;
         for (int64_t r0 = 0; r0 < n_rows; r0 += k_rows) {
             bool masked = false;
             for (int64_t r = r0; r < r0 + k_rows; ++r) masked = masked || !j.zero_rows[std::min(j.i0 + r, d.N - 1)];
-            sweep(j, st, r0, c0, std::min(c0 + k_key_chunk, d.Np), masked);
+            sweep(j, st, r0, c0, c1, masked);
         }
+    }
     for (int64_t r = 0; r < n_rows; ++r) {  // dst [D * H, N]
         auto * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + (j.i0 + r) * dst->nb[1]) + j.h * d.D;
         float l = 0.0f;
@@ -254,10 +283,13 @@ void attend(ggml_tensor * dst, int ith, int nth, void *) {
     st.m.resize(k_query_tile);
     st.l.resize(k_query_tile * 8);
     st.o.resize(k_query_tile * d.Dv);
+    st.chunk.resize(k_key_chunk * (2 * d.P + d.Dv) + 8);  // + 8: room to align to 32 bytes
+    st.kf = st.chunk.data() + (8 - reinterpret_cast<uintptr_t>(st.chunk.data()) / sizeof(float) % 8) % 8;
+    st.vf = st.kf + k_key_chunk * 2 * d.P;  // 2 P * 8 and Dv floats per 8 keys: multiples of 8
     for (int64_t w = ith; w < d.H * n_tiles; w += nth) {
         const int64_t h = w / n_tiles;
         const job j{d, h, (w % n_tiles) * k_query_tile, static_cast<const uint32_t *>(dst->src[1]->data) + h * d.Np * d.P,
-                    static_cast<const uint32_t *>(dst->src[2]->data) + h * (d.Np / 2) * d.Dv, dst->src[3],
+                    static_cast<const uint32_t *>(dst->src[2]->data) + h * (d.Np / 2) * d.Dv, 0, dst->src[3],
                     static_cast<const int32_t *>(dst->src[4]->data)};
         run_tile(j, q, dst, st);
     }
