@@ -72,7 +72,7 @@ def main() -> None:
                    "torch_gflops": torch_gflops["bf16"], "torch_fp32_gflops": torch_gflops["fp32"]}
             peak = max(torch_gflops.values())
             for path in ("ggml", "avx512", "tiles", "avx2"):
-                if fields.get(path, "none") == "none" or f"{path}_gflops" not in fields:
+                if f"{path}_gflops" not in fields or fields.get(path) == "none":  # not run here
                     continue
                 row[f"{path}_gflops"] = round(float(fields[f"{path}_gflops"]), 1)
                 row[f"{path}_vs_torch"] = round(row[f"{path}_gflops"] / peak, 2)

@@ -81,7 +81,8 @@ int main(int argc, char ** argv) {
         std::printf("skip: no AVX2 with FMA and F16C on this CPU\n");
         return 0;
     }
-    ggml_init_params params{static_cast<size_t>(2 * K * M + 12 * K * N + 24 * M * N + 4 * M) + (size_t(64) << 20),
+    // w, and its packed copy for each of the two products; x and its F32 view; five [M, N] outputs
+    ggml_init_params params{static_cast<size_t>(6 * K * M + 12 * K * N + 24 * M * N + 4 * M) + (size_t(64) << 20),
                             nullptr, false};
     ggml_context * ctx = ggml_init(params);
     std::mt19937_64 rng(static_cast<uint64_t>(K * 1000003 + M * 31 + N));

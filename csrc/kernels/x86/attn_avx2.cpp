@@ -225,8 +225,8 @@ MLLAMA_AVX2_TARGET void pv(const job & j, tile & st, int64_t r0, int64_t jb, con
     }
 }
 
-// Rows r0..r0+k_rows-1 of the tile against the key blocks jb0..jb1 (the chunk widened into st). masked_rows: some of them have a mask
-// (the block holding padding keys is masked in any case).
+// Rows r0..r0+k_rows-1 of the tile against the key blocks jb0..jb1 (the chunk widened into st).
+// masked_rows: some of them have a mask (the block holding padding keys is masked in any case).
 MLLAMA_AVX2_TARGET void sweep(const job & j, tile & st, int64_t r0, int64_t jb0, int64_t jb1, bool masked_rows) {
     const float * q = st.q.data() + r0 * 2 * j.d.P;
     alignas(32) float s[k_rows][k_key_block];
