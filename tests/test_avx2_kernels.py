@@ -73,9 +73,10 @@ def avx2_family(monkeypatch):
 @needs_avx2
 def test_avx2_tower_matches_ggml_on_bf16_weights(converted, monkeypatch, avx2_family):
     """The tower and projector with the AVX2 kernels against ggml's ops on the same BF16 weights. The
-    GEMM takes x in F32 where ggml rounds it to BF16 (fc1's and o's inputs, fc2's GELU output), so it is
-    closer to the F32 computation than ggml; the attention rounds K and V to BF16 as the AVX-512 path
-    does (its bound there: 2e-5)."""
+    GEMM takes x in F32 where ggml rounds it to BF16 (every product's input: the layer norm's output
+    for q, k and v, the attention's for o, fc1's, and fc2's GELU output), so it is closer to the F32
+    computation than ggml; the attention rounds K and V to BF16 as the AVX-512 path does (its bound
+    there: 2e-5)."""
     path = converted("bf16")
     reference = encode(converted("f32"), monkeypatch, "0")  # the same BF16 weights, computed in F32
     generic = encode(path, monkeypatch, "0")

@@ -57,9 +57,12 @@ static ggml_tensor * vision_layer(ggml_context * ctx, const vision_hparams & hp,
     const int64_t n_tok = h->ne[1], head_dim = hp.n_embd / hp.n_head;
     {  // self-attention over all tiles of the image
         ggml_tensor * x = layer_norm(ctx, h, l.attn_norm, hp.norm_eps);
-        // half-precision weights: convert the input once for q, k and v (ggml would convert it
-        // inside each product, with the same rounding)
-        if (half_weight(l.wq)) x = ggml_cast(ctx, x, l.wq->type);  // [D, N] F16/BF16
+        // half-precision weights: convert the input once for q, k and v, to the type the products
+        // multiply in (ggml's would convert it inside each product, with the same rounding)
+        const ggml_type x_type = !gemm_kernel_for({l.wq, nullptr}, opt) ? l.wq->type
+                                 : bf16_linear_takes_f32()              ? GGML_TYPE_F32
+                                                                        : GGML_TYPE_BF16;
+        if (half_weight(l.wq) && x_type != x->type) x = ggml_cast(ctx, x, x_type);  // [D, N] F16/BF16 (or F32)
         ggml_tensor * q = ggml_reshape_3d(ctx, product(ctx, l.wq, x, opt), head_dim, hp.n_head, n_tok);  // [hd, H, N]
         ggml_tensor * k = ggml_reshape_3d(ctx, product(ctx, l.wk, x, opt), head_dim, hp.n_head, n_tok);
         ggml_tensor * v = ggml_reshape_3d(ctx, product(ctx, l.wv, x, opt), head_dim, hp.n_head, n_tok);

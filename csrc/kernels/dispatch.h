@@ -96,6 +96,10 @@ bool bf16_linear_supported(const ggml_tensor * w);
 ggml_tensor * bf16_linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_tensor * bias, bool gelu, bool bf16_out,
                           bool tiles);
 
+// bf16_linear multiplies x in F32 (the AVX2 family), else in BF16: an input shared by several products
+// is best converted to that type once.
+bool bf16_linear_takes_f32();
+
 // Largest head size and query group (query heads per KV head) of decode_attention.
 constexpr int64_t k_xattn_max_head_dim = 256;
 constexpr int64_t k_xattn_max_group = 16;

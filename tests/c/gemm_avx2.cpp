@@ -16,12 +16,12 @@
 // milliseconds and GFLOPS of each ("ggml_ms=... avx2_ms=... ggml_gflops=... avx2_gflops=...").
 #include "kernels/dispatch.h"
 #include "kernels/x86/entry_points.h"
+#include "timing.h"
 
 #include "ggml-cpu.h"
 #include "ggml.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -29,17 +29,6 @@
 #include <vector>
 
 using namespace mllama;
-
-static double median_ms(ggml_context * ctx, ggml_cgraph * graph, int threads, int reps) {
-    std::vector<double> ms;
-    for (int r = 0; r < reps; ++r) {
-        const auto t0 = std::chrono::steady_clock::now();
-        ggml_graph_compute_with_ctx(ctx, graph, threads);
-        ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-    }
-    std::sort(ms.begin(), ms.end());
-    return ms[ms.size() / 2];
-}
 
 // The largest |ours - ref| / bound over the outputs (every token row up to 2e8 multiply-adds of
 // checking, else evenly spaced rows: the bench's shapes).
@@ -110,7 +99,7 @@ int main(int argc, char ** argv) {
     if (reps > 0) {
         ggml_cgraph * product = ggml_new_graph(ctx);  // ggml's product + bias alone
         ggml_build_forward_expand(product, ref);
-        const double ggml_ms = median_ms(ctx, product, threads, reps), avx2_ms = median_ms(ctx, graphs[1], threads, reps);
+        const double ggml_ms = median_ms(ctx, {product}, threads, reps), avx2_ms = median_ms(ctx, {graphs[1]}, threads, reps);
         const double gflop = 2.0 * K * M * N / 1e9;
         std::printf("ggml_ms=%.3f avx2_ms=%.3f ggml_gflops=%.1f avx2_gflops=%.1f\n", ggml_ms, avx2_ms,
                     gflop / ggml_ms * 1e3, gflop / avx2_ms * 1e3);

@@ -12,12 +12,12 @@
 // "avx512=<ratio> tiles=<ratio|none>", then with reps > 0 the median milliseconds of each
 // ("ggml_ms=... avx512_ms=... tiles_ms=...") and their GFLOPS.
 #include "kernels/dispatch.h"
+#include "timing.h"
 
 #include "ggml-cpu.h"
 #include "ggml.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -25,17 +25,6 @@
 #include <vector>
 
 using namespace mllama;
-
-static double median_ms(ggml_context * ctx, ggml_cgraph * graph, int threads, int reps) {
-    std::vector<double> ms;
-    for (int r = 0; r < reps; ++r) {
-        const auto t0 = std::chrono::steady_clock::now();
-        ggml_graph_compute_with_ctx(ctx, graph, threads);
-        ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-    }
-    std::sort(ms.begin(), ms.end());
-    return ms[ms.size() / 2];
-}
 
 static float bf16_value(const ggml_tensor * t, int64_t i) {
     return ggml_bf16_to_fp32(static_cast<const ggml_bf16_t *>(t->data)[i]);
@@ -106,7 +95,7 @@ int main(int argc, char ** argv) {
     else std::printf("tiles=none\n");
     if (reps > 0) {
         double ms[3];
-        for (int i = 0; i < 3; ++i) ms[i] = median_ms(ctx, graphs[i], threads, reps);
+        for (int i = 0; i < 3; ++i) ms[i] = median_ms(ctx, {graphs[i]}, threads, reps);
         const double gflop = 2.0 * K * M * N / 1e9;
         std::printf("ggml_ms=%.3f avx512_ms=%.3f tiles_ms=%.3f ggml_gflops=%.1f avx512_gflops=%.1f tiles_gflops=%.1f\n",
                     ms[0], ms[1], ms[2], gflop / ms[0] * 1e3, gflop / ms[1] * 1e3, gflop / ms[2] * 1e3);

@@ -10,12 +10,12 @@
 // runs ("ggml_ms=... qmm_ms=... weight_bytes=..."), each run reading a different copy of the weights
 // when one copy fits in a cache (at least 512 MB read per pass over the copies).
 #include "kernels/dispatch.h"
+#include "timing.h"
 
 #include "ggml-cpu.h"
 #include "ggml.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -39,17 +39,6 @@ static ggml_tensor * random_q6k(ggml_context * ctx, int64_t K, int64_t M, std::m
         std::memcpy(bytes + b * block + block - sizeof(d), &d, sizeof(d));
     }
     return w;
-}
-
-static double median_ms(ggml_context * ctx, std::vector<ggml_cgraph *> & graphs, int threads, int reps) {
-    std::vector<double> ms;
-    for (int r = 0; r < reps; ++r) {
-        const auto t0 = std::chrono::steady_clock::now();
-        ggml_graph_compute_with_ctx(ctx, graphs[static_cast<size_t>(r) % graphs.size()], threads);
-        ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-    }
-    std::sort(ms.begin(), ms.end());
-    return ms[ms.size() / 2];
 }
 
 int main(int argc, char ** argv) {

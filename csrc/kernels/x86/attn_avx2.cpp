@@ -13,6 +13,7 @@
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
 
+#include "kernels/x86/attn_bf16.h"  // to_bf16: the same rounding as the AVX-512 path
 #include "kernels/x86/entry_points.h"
 #include "kernels/x86/simd_avx2.h"
 
@@ -46,17 +47,11 @@ dims dims_of(const ggml_tensor * q) {
             (q->ne[2] + k_key_block - 1) / k_key_block * k_key_block};
 }
 
-uint16_t to_bf16(float f) {  // round to nearest even (inputs are finite)
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof(u));
-    return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 // Channel c of row (h, j) of t [D, H, N] F32 as BF16 (zero past D or N).
 uint32_t bf16_at(const ggml_tensor * t, const dims & d, int64_t c, int64_t h, int64_t j) {
     if (c >= d.D || j >= d.N) return 0;
     const char * at = static_cast<const char *>(t->data) + c * t->nb[0] + h * t->nb[1] + j * t->nb[2];
-    return to_bf16(*reinterpret_cast<const float *>(at));
+    return attn::to_bf16(*reinterpret_cast<const float *>(at));
 }
 
 // dst->src[0] = k [D, H, N] -> Kp; (head, 8-key block) rows split across threads.

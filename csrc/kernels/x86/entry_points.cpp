@@ -20,6 +20,8 @@ ggml_tensor * bf16_linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, 
     return bf16_linear_avx512(ctx, w, x, bias, gelu, bf16_out, tiles);
 }
 
+bool bf16_linear_takes_f32() { return kernel_family() == cpu_family::avx2; }
+
 ggml_tensor * gelu_erf_fast(ggml_context * ctx, ggml_tensor * x) {
     return kernel_family() == cpu_family::avx2 ? gelu_erf_avx2(ctx, x) : gelu_erf_avx512(ctx, x);
 }

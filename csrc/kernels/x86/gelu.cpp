@@ -13,15 +13,21 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 namespace mllama {
 namespace {
 
-// dst = gelu(a), contiguous F32; the elements split across threads in 16-aligned ranges.
-MLLAMA_AVX512_TARGET void gelu_op(ggml_tensor * dst, const ggml_tensor * a, int ith, int nth, void *) {
-    const int64_t n = ggml_nelements(a);
+// Thread ith's elements of n: 16-aligned ranges, the last thread takes the rest.
+std::pair<int64_t, int64_t> thread_range(int64_t n, int ith, int nth) {
     const int64_t per = (n / nth + 15) / 16 * 16;
-    const int64_t i0 = std::min(n, per * ith), i1 = ith == nth - 1 ? n : std::min(n, i0 + per);
+    const int64_t i0 = std::min(n, per * ith);
+    return {i0, ith == nth - 1 ? n : std::min(n, i0 + per)};
+}
+
+// dst = gelu(a), contiguous F32, split across threads by thread_range.
+MLLAMA_AVX512_TARGET void gelu_op(ggml_tensor * dst, const ggml_tensor * a, int ith, int nth, void *) {
+    const auto [i0, i1] = thread_range(ggml_nelements(a), ith, nth);
     const auto * x = static_cast<const float *>(a->data);
     auto * y = static_cast<float *>(dst->data);
     int64_t i = i0;
@@ -34,9 +40,7 @@ MLLAMA_AVX512_TARGET void gelu_op(ggml_tensor * dst, const ggml_tensor * a, int 
 
 // The same with 8 floats at a time; the last partial vector through a copy.
 MLLAMA_AVX2_TARGET void gelu_op_avx2(ggml_tensor * dst, const ggml_tensor * a, int ith, int nth, void *) {
-    const int64_t n = ggml_nelements(a);
-    const int64_t per = (n / nth + 15) / 16 * 16;
-    const int64_t i0 = std::min(n, per * ith), i1 = ith == nth - 1 ? n : std::min(n, i0 + per);
+    const auto [i0, i1] = thread_range(ggml_nelements(a), ith, nth);
     const auto * x = static_cast<const float *>(a->data);
     auto * y = static_cast<float *>(dst->data);
     int64_t i = i0;
