@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE))
 # tiles); every test skips, with the reason, on a machine without the family's kernels.
 # Unset: the default, every kernel the machine has. (The AMX paths' logic also runs on emulated tiles
 # on any AVX-512 BF16 machine: tests/test_cpu_kernels.py.)
-KERNEL_FAMILIES = {"ggml": "0", "avx2": "attn,gemm,gelu", "avx512_bf16": "attn,gemm,gelu,xattn,qmm", "amx": "1"}
+KERNEL_FAMILIES = {"ggml": "0", "avx2": "attn,gemm,gelu,xattn,qmm", "avx512_bf16": "attn,gemm,gelu,xattn,qmm", "amx": "1"}
 FAMILY_NEEDS = {"avx2": ("AVX2_KERNELS", "this build or CPU has no AVX2 kernels (x86-64 with AVX2, FMA, F16C)"),
                 "avx512_bf16": ("AVX512_BF16_KERNELS", "this build or CPU has no AVX-512 BF16 kernels"),
                 "amx": ("AMX_TILE_KERNELS", "this build, CPU or OS has no AMX-BF16 tiles")}

@@ -1,7 +1,7 @@
-"""The AVX2 kernel family (CPUs without AVX-512 BF16: csrc/kernels/x86/gemm_avx2.cpp, attn_avx2.cpp and
-gelu.cpp's AVX2 form): each kernel against ggml or a double-precision reference within bounds derived
-from its roundings (tests/c/gemm_avx2.cpp, tests/c/attn_bf16.cpp), and the whole tower against ggml's
-ops. On an AVX-512 BF16 machine MLLAMA_AVX512=0 makes the kernels take their AVX2 forms, so the family
+"""The AVX2 kernel family (CPUs without AVX-512 BF16: csrc/kernels/x86/gemm_avx2.cpp, attn_avx2.cpp,
+xattn_avx2.cpp and gelu.cpp's AVX2 form): each kernel against ggml or a double-precision reference within
+bounds derived from its roundings (tests/c/gemm_avx2.cpp, attn_bf16.cpp, xattn.cpp), and the whole tower
+and the decode cross-attention against ggml's ops. On an AVX-512 BF16 machine MLLAMA_AVX512=0 makes the kernels take their AVX2 forms, so the family
 is checked on every x86 machine with AVX2."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from mllama._native.cpu_features import cpu_flags, ggml_features
-from test_cpu_kernels import build_kernel_driver, encode, nmse
+from test_cpu_kernels import assert_cross_attention_matches_ggml, build_kernel_driver, encode, nmse
 
 AVX2 = ggml_features().get("AVX2_KERNELS") == "1"
 needs_avx2 = pytest.mark.skipif(not AVX2, reason="this build or CPU has no AVX2 kernels (x86-64 with AVX2, FMA, F16C)")
@@ -65,6 +65,28 @@ def test_avx2_attention_within_its_rounding_bound(attn_driver, d, h, n):
     assert fields["avx2"] != "none" and float(fields["avx2"]) <= 1.0, fields
 
 
+@pytest.fixture(scope="module")
+def xattn_driver(tmp_path_factory):
+    return build_kernel_driver(tmp_path_factory.mktemp("xattn") / "xattn", "xattn", ["xattn", "xattn_avx2"])
+
+
+@needs_avx2
+@needs_cxx
+@pytest.mark.parametrize("d,hq,hkv,t,n_kv", [(128, 32, 8, 1, 1601), (64, 5, 1, 3, 130), (16, 3, 3, 2, 65),
+                                             (128, 16, 1, 1, 200), (32, 8, 2, 4, 7), (256, 4, 2, 1, 300)])
+def test_decode_cross_attention_within_its_rounding_bound(xattn_driver, d, hq, hkv, t, n_kv):
+    """The decode cross-attention (both forms where the CPU has AVX-512, the AVX2 one everywhere) against
+    the double-precision softmax on the same F16 keys and values, within the bound of F32 scores, e^x and
+    F32 sums (tests/c/xattn.cpp): the model's heads (32 over 8, 1601 keys), query groups of 1, 2, 4, 5 and
+    16 heads (the AVX2 form takes four at a time), odd live-key counts, a block of 64 hidden keys, biases,
+    a token that sees no key (zeros), head sizes 16 to 256. Mutations (a head's probabilities read for its
+    neighbour's, a repeated key counted in the softmax sum, hidden keys not skipped) give 130 to 1e30 times
+    the bound."""
+    fields = run_driver(xattn_driver, d, hq, hkv, t, n_kv, 2)
+    assert float(fields["avx2"]) <= 1.0, fields
+    assert fields["avx512"] == "none" or float(fields["avx512"]) <= 1.0, fields
+
+
 @pytest.fixture
 def avx2_family(monkeypatch):
     monkeypatch.setenv("MLLAMA_AVX512", "0")  # an AVX-512 CPU runs the AVX2 forms too
@@ -99,6 +121,12 @@ def test_avx2_attention_and_gelu_match_ggml_on_f16_weights(converted, monkeypatc
     exact = encode(converted("f32"), monkeypatch, "0", n_tiles, ar_id)
     assert 0 < nmse(every, generic) <= 2e-5
     assert nmse(every, exact) <= nmse(generic, exact) + 2e-5
+
+
+@needs_avx2
+def test_avx2_decode_cross_attention_matches_ggml(converted, monkeypatch, tmp_path, avx2_family):
+    """The model's decode cross-attention on the AVX2 form against ggml's flash attention (F16 caches)."""
+    assert_cross_attention_matches_ggml(converted, monkeypatch, tmp_path)
 
 
 @needs_avx2

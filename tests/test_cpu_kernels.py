@@ -3,6 +3,7 @@ report of a context, and the CPU-feature report behind `mllama info`'s rebuild w
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -156,30 +157,39 @@ def test_repacked_weights_match_the_mapping(converted, monkeypatch):
     assert toks_r == toks_m
 
 
-@needs_kernels
-def test_decode_cross_attention_kernel_matches_ggml(converted, monkeypatch, tmp_path):
-    """F16 caches (the f16 model): decoding takes our GQA kernel for the cross-attention layers."""
+def decode_cross_attention(converted, monkeypatch, tmp_path, kernels: str):
+    """The f16 model (F16 image caches) with an image: logits of a 7-token prefill (the decode kernel
+    takes up to k_xattn_max_tokens tokens) and of one step, and the cross-attention layers' outputs."""
     from mllama.generation.engine import PreparedImage
 
-    def run(kernels: str):
-        monkeypatch.setenv("MLLAMA_CPU_KERNELS", kernels)
-        with mllama.Model(converted("f16"), n_ctx=64, n_image_slots=1, dump_dir=tmp_path / kernels, dump_filter="cross_out") as m:
-            hp = m.hparams
-            shape = (hp.v_max_tiles, 3, hp.v_image_size, hp.v_image_size)
-            image = PreparedImage(np.random.default_rng(0).standard_normal(shape).astype(np.float32), 6, 4, "x")
-            m.engine.encode(0, image)
-            prefill = np.asarray(m.engine.evaluate([128000, 128256, 1, 2, 3, 4, 5], [image]))  # 7 tokens: the kernel too
-            step = np.asarray(m.engine.step(7, 1))
-            outs = {p.name: np.load(p) for p in sorted((tmp_path / kernels).glob("*cross_out.npy"))}
-        return prefill, step, outs
+    monkeypatch.setenv("MLLAMA_CPU_KERNELS", kernels)
+    with mllama.Model(converted("f16"), n_ctx=64, n_image_slots=1, dump_dir=tmp_path / kernels, dump_filter="cross_out") as m:
+        assert (kernels != "0") == m.op_paths()["decode cross-attention"].startswith("mllama")
+        hp = m.hparams
+        shape = (hp.v_max_tiles, 3, hp.v_image_size, hp.v_image_size)
+        image = PreparedImage(np.random.default_rng(0).standard_normal(shape).astype(np.float32), 6, 4, "x")
+        m.engine.encode(0, image)
+        prefill = np.asarray(m.engine.evaluate([128000, 128256, 1, 2, 3, 4, 5], [image]))
+        step = np.asarray(m.engine.step(7, 1))
+        outs = {p.name: np.load(p) for p in sorted((tmp_path / kernels).glob("*cross_out.npy"))}
+    return prefill, step, outs
 
-    prefill_ggml, step_ggml, outs_ggml = run("0")
-    prefill_ours, step_ours, outs_ours = run("xattn")
+
+def assert_cross_attention_matches_ggml(converted, monkeypatch, tmp_path):
+    prefill_ggml, step_ggml, outs_ggml = decode_cross_attention(converted, monkeypatch, tmp_path, "0")
+    prefill_ours, step_ours, outs_ours = decode_cross_attention(converted, monkeypatch, tmp_path, "xattn")
     assert len(outs_ggml) == 2 and outs_ggml.keys() == outs_ours.keys()
     for name in outs_ggml:  # ggml rounds q to F16 before the dot products; we keep F32
         assert 0 < nmse(outs_ours[name], outs_ggml[name]) <= 1e-5
     assert 0 < nmse(prefill_ours, prefill_ggml) <= 1e-5
     assert 0 < nmse(step_ours, step_ggml) <= 1e-5
+
+
+@needs_kernels
+def test_decode_cross_attention_kernel_matches_ggml(converted, monkeypatch, tmp_path):
+    """F16 caches (the f16 model): decoding takes our GQA kernel for the cross-attention layers
+    (the AVX2 form: tests/test_avx2_kernels.py)."""
+    assert_cross_attention_matches_ggml(converted, monkeypatch, tmp_path)
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
@@ -205,10 +215,12 @@ def test_op_paths_name_the_kernels_the_context_uses(converted):
     with mllama.Model(converted("f16")) as model:
         default = model.op_paths()
     assert generic["device"].startswith("CPU") and all("mllama" not in path for path in generic.values())
-    assert default["decode cross-attention"].startswith("mllama" if KERNELS else "ggml")
-    features = ggml_features()  # the vision attention (F16 vision weights here) has an AVX2 form too
+    features = ggml_features()  # the vision attention (F16 vision weights here) and xattn have AVX2 forms too
     family = ("(x86 AMX tiles)" if features.get("AMX_TILE_KERNELS") == "1" else "(x86 AVX512-BF16)" if KERNELS
               else "(x86 AVX2)" if features.get("AVX2_KERNELS") == "1" else None)
+    assert default["decode cross-attention"].startswith("mllama" if family else "ggml")
+    assert family is None or default["decode cross-attention"].endswith("(x86 AVX2)" if family == "(x86 AVX2)"
+                                                                        else "(x86 AVX512-BF16)")
     assert default["vision attention"].startswith("mllama" if family else "ggml")
     assert family is None or default["vision attention"].endswith(family), default["vision attention"]
     assert default["vision linear layers"].startswith("ggml")  # the BF16 GEMM wants BF16 weights
@@ -217,7 +229,15 @@ def test_op_paths_name_the_kernels_the_context_uses(converted):
 # --- the Q6_K kernel (qmm: csrc/kernels/x86/qmm_q6k.cpp) ---------------------------------------------
 
 VNNI = ggml_features().get("AVX512_VNNI_KERNELS") == "1"
-needs_vnni = pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 F/BW/VL with VNNI (the qmm kernel's needs)")
+AVX2 = ggml_features().get("AVX2_KERNELS") == "1"
+# The kernel's two forms: AVX-512 VNNI where the CPU has it; AVX2 on any x86 with AVX2 (MLLAMA_AVX512=0
+# makes an AVX-512 CPU take it).
+QMM_FORMS = [pytest.param("avx512_vnni", marks=pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI")),
+             pytest.param("avx2", marks=pytest.mark.skipif(not AVX2, reason="this build or CPU has no AVX2 kernels"))]
+
+
+def qmm_form_env(form: str) -> dict:
+    return {**os.environ, "MLLAMA_AVX512": "0"} if form == "avx2" else dict(os.environ)
 
 
 def build_kernel_driver(out: Path, driver: str, kernels: list[str]) -> Path:
@@ -254,20 +274,23 @@ def qmm_driver(tmp_path_factory):
     return build_qmm_driver(tmp_path_factory.mktemp("qmm") / "qmm_q6k")
 
 
-@needs_vnni
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("form", QMM_FORMS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("k,m", [(256, 1), (512, 7), (4096, 33), (1024, 100), (14336, 67)])
-def test_q6k_kernel_matches_ggml_mul_mat(qmm_driver, k, m, rows):
+def test_q6k_kernel_matches_ggml_mul_mat(qmm_driver, k, m, rows, form):
     """The kernel against ggml's mul_mat on the same random Q6_K blocks (every bit pattern, scales of
     -128 included) and the same F32 rows (one 256-block all zeros), on 2 threads. Both quantize x to
     8-bit blocks with ggml's Q8_K rule (the kernel reproduces it: scale -127/max, round half to even),
     and both sum each block exactly in int32 (at most 16 * 63 * 127 per 16 weights, 2^31 far away), so
     the integer block sums are equal; only the float sums differ in order: ggml adds d * sumi per
-    block in 8 lanes, the kernel d * (scale * sub-block sum) in 16. That is a few float roundings
-    (2^-24 relative) per output, an NMSE of ~1e-14 (measured: up to 1.5e-13 at K = 14336), so 1e-10
-    holds with room, and a wrong quantization (one int8 off by 1 in a block: ~1e-6) would not pass."""
-    proc = subprocess.run([str(qmm_driver), str(k), str(m), str(rows), "2"], capture_output=True, text=True, timeout=120)
+    block in 8 lanes, the kernel d * (scale * sub-block sum) in 16 (the AVX2 form: d * sumi in 8 lanes,
+    with the scales in the integer sums as ggml's AVX2 code has them, which may round past 2^24). That is a
+    few float roundings (2^-24 relative) per output, an NMSE of ~1e-14 (measured: up to 1.5e-13 at K =
+    14336; 0 for the AVX2 form), so 1e-10 holds with room, and a wrong quantization (one int8 off by 1 in
+    a block: ~1e-6) would not pass."""
+    proc = subprocess.run([str(qmm_driver), str(k), str(m), str(rows), "2"], capture_output=True, text=True, timeout=120,
+                          env=qmm_form_env(form))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not proc.stdout.startswith("skip"), proc.stdout
     fields = dict(item.split("=") for item in proc.stdout.split())
@@ -292,8 +315,8 @@ def qmm_run(path, monkeypatch, kernels: str, profile: Path | None = None):
     return np.stack(logits), tokens
 
 
-@needs_vnni
-def test_q6k_kernel_in_the_model_matches_ggml(converted, monkeypatch, tmp_path):
+@pytest.mark.parametrize("form", QMM_FORMS)
+def test_q6k_kernel_in_the_model_matches_ggml(converted, monkeypatch, tmp_path, form):
     """The q6_k conversion (its ffn_down matrices are Q6_K: K = n_ff = 256) decoding with the kernel
     and with ggml's ops alone. Until the first Q6_K product both runs compute the same ops; its output
     differs only in float summation order (NMSE ~1e-14, the test above). Downstream, that may flip a
@@ -303,6 +326,8 @@ def test_q6k_kernel_in_the_model_matches_ggml(converted, monkeypatch, tmp_path):
     few float roundings came out the same). The bound, 1e-6, allows one such flip and still fails any
     real error (a wrong sub-block scale: ~1e-2); the profile shows that the kernel did run."""
     path = converted("q6_k")
+    if form == "avx2":
+        monkeypatch.setenv("MLLAMA_AVX512", "0")
     ours, tokens_ours = qmm_run(path, monkeypatch, "qmm", tmp_path / "qmm.tsv")
     ggml, tokens_ggml = qmm_run(path, monkeypatch, "0")
     assert ours.shape == ggml.shape and np.all(np.isfinite(ours))
@@ -315,7 +340,7 @@ def test_q6k_kernel_in_the_model_matches_ggml(converted, monkeypatch, tmp_path):
 
 def test_q6k_kernel_op_paths(converted):
     """op_paths names the kernel only where it may run: allowed by cpu_kernels (the default allows it)
-    and on a CPU with VNNI, for a model that has Q6_K text matrices."""
+    and on a CPU with one of its forms (AVX2, AVX-512 VNNI), for a model that has Q6_K text matrices."""
     with mllama.Model(converted("q6_k"), cpu_kernels="0") as model:
         off = model.op_paths()["text matrices q6_K in the file layout"]
     with mllama.Model(converted("q6_k"), cpu_kernels="attn,xattn") as model:
@@ -327,6 +352,7 @@ def test_q6k_kernel_op_paths(converted):
     with mllama.Model(converted("f16")) as model:
         none = model.op_paths()["text matrices q6_K in the file layout"]
     assert off.startswith("4, ggml") and others.startswith("4, ggml")
-    assert default.startswith("4, mllama Q6_K kernel" if VNNI else "4, ggml"), default
-    assert chosen.startswith("4, mllama Q6_K kernel" if VNNI else "4, ggml"), chosen
+    form = "(x86 AVX512-VNNI)" if VNNI else "(x86 AVX2)"
+    assert default.startswith(f"4, mllama Q6_K kernel {form}" if VNNI or AVX2 else "4, ggml"), default
+    assert chosen.startswith(f"4, mllama Q6_K kernel {form}" if VNNI or AVX2 else "4, ggml"), chosen
     assert none == "none in this model"

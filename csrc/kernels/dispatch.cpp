@@ -83,11 +83,13 @@ bool cpu_kernel_available(cpu_kernel k) {
     static const bool vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
     switch (k) {
-        case cpu_kernel::qmm: return vnni && avx512_allowed();
+        case cpu_kernel::qmm:  // AVX-512 VNNI, or the AVX2 form (an AVX-512 BF16 CPU without VNNI: none)
+            return kernel_family() == cpu_family::avx2 || (vnni && kernel_family() == cpu_family::avx512_bf16);
         case cpu_kernel::amx: return amx_tiles_available();
         case cpu_kernel::attn:
         case cpu_kernel::gemm:
-        case cpu_kernel::gelu: return kernel_family() != cpu_family::none;  // AVX-512 BF16 or AVX2
+        case cpu_kernel::gelu:
+        case cpu_kernel::xattn: return kernel_family() != cpu_family::none;  // AVX-512 BF16 or AVX2
         default: return cpu_kernels_available();
     }
 }

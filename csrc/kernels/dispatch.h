@@ -34,14 +34,15 @@ bool cpu_kernels_available();
 bool avx2_kernels_available();
 
 // The family of x86 kernels that runs here, one for every kernel: AVX-512 BF16 (AMX tiles on top where
-// amx_tiles_available()), else AVX2 (only the kernels with an AVX2 form: attn, gemm and gelu), else none.
+// amx_tiles_available()), else AVX2 (only the kernels with an AVX2 form: attn, gemm, gelu, xattn and qmm), else none.
 enum class cpu_family { none, avx2, avx512_bf16 };
 cpu_family kernel_family();
 
 enum class cpu_kernel : uint32_t { attn = 1, gemm = 2, gelu = 4, xattn = 8, qmm = 16, amx = 32 };
 
-// The CPU has what this kernel needs: qmm, AVX-512 F/BW/VL with VNNI (int8 dot products); amx,
-// amx_tiles_available(); attn, gemm and gelu, a kernel_family(); the others, cpu_kernels_available().
+// The CPU has what this kernel needs: qmm, the AVX2 family or the AVX-512 BF16 one with VNNI (int8 dot
+// products); amx, amx_tiles_available(); attn, gemm, gelu and xattn, a kernel_family(); the others,
+// cpu_kernels_available().
 bool cpu_kernel_available(cpu_kernel k);
 
 // AMX tiles may run: an AVX-512 BF16 CPU with AMX-TILE and AMX-BF16 whose OS saves tile state and
@@ -122,7 +123,8 @@ constexpr int64_t k_qmm_max_rows = 8;
 bool q6k_matmul_supported(const ggml_tensor * w, const ggml_tensor * x);
 
 // w x^T as ggml_mul_mat(w, x) computes it -> [M, N] F32: x quantized once to ggml's Q8_K values (8-bit
-// blocks of 256), each weight block read once for all N rows, int8 VNNI dot products, F32 sums per block.
+// blocks of 256), each weight block read once for all N rows, int8 dot products (VNNI; AVX2: vpmaddubsw),
+// F32 sums per block.
 ggml_tensor * q6k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
 
 // 0.5 x (1 + erf(x / sqrt(2))) elementwise on F32, vectorized (max abs error of erf 1.5e-7).

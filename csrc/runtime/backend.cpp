@@ -114,7 +114,7 @@ std::string system_info() {
     return out + " | mllama: X86_KERNELS=" + (MLLAMA_X86_KERNELS ? "1" : "0") +
            " AVX2_KERNELS=" + (avx2_kernels_available() ? "1" : "0") +
            " AVX512_BF16_KERNELS=" + (cpu_kernels_available() ? "1" : "0") +
-           " AVX512_VNNI_KERNELS=" + (cpu_kernel_available(cpu_kernel::qmm) ? "1" : "0") +
+           " AVX512_VNNI_KERNELS=" + (cpu_kernels_available() && cpu_kernel_available(cpu_kernel::qmm) ? "1" : "0") +
            " AMX_TILE_KERNELS=" + (amx_tiles_hardware() ? "1" : "0");
 }
 

@@ -71,7 +71,8 @@ static std::string q6k_path(const mllama_context & c, const std::string & ggml_c
     int on_cpu = 0;
     for (ggml_backend_dev_t dev : m.plan.layers) on_cpu += cpu_kernels_allowed_on(m.plan, dev) ? 1 : 0;
     if (!c.kernels.may_run(cpu_kernel::qmm) || on_cpu == 0) return std::to_string(n) + ", " + ggml_cpu + ": mul_mat";
-    return std::to_string(n) + ", mllama Q6_K kernel (x86 AVX512-VNNI) for batches of up to " +
+    const char * form = kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX512-VNNI)";
+    return std::to_string(n) + ", mllama Q6_K kernel " + form + " for batches of up to " +
            std::to_string(k_qmm_max_rows) + " rows, " + ggml_cpu + ": mul_mat above";
 }
 
@@ -118,7 +119,7 @@ std::string op_paths(const mllama_context & c) {
            line("vision attention", vision_attention(opt, ggml_cpu)) +
            line("vision linear layers", vision_gemm(opt, ggml_cpu)) +
            line("vision GELU", opt.fast_gelu ? "mllama vectorized GELU " + family() : ggml_cpu + ": gelu_erf") +
-           line("decode cross-attention", xattn ? "mllama GQA kernel over the F16 image cache (x86 AVX-512)"
+           line("decode cross-attention", xattn ? "mllama GQA kernel over the F16 image cache " + family()
                                                 : ggml_cpu + ": flash_attn_ext") +
            line("self-attention, prefill cross-attention", ggml_cpu + ": flash_attn_ext") +
            line("text matrices", ggml_cpu + ": mul_mat; in ggml's extra CPU layouts: " +

@@ -1,6 +1,6 @@
-// q6k_matmul (csrc/kernels/x86/qmm_q6k.cpp) against ggml's own mul_mat on the same Q6_K weights and
-// the same F32 rows, on ggml's CPU threads; built by tests/test_cpu_kernels.py and bench/qmm.py with
-// the kernel's sources alone.
+// q6k_matmul (csrc/kernels/x86/qmm_q6k.cpp: AVX-512 VNNI; qmm_q6k_avx2.cpp: AVX2, or any CPU's under
+// MLLAMA_AVX512=0) against ggml's own mul_mat on the same Q6_K weights and the same F32 rows, on ggml's
+// CPU threads; built by tests/test_cpu_kernels.py and bench/qmm.py with the kernels' sources.
 //
 //   qmm_q6k K M N [threads] [reps]
 //
@@ -49,7 +49,7 @@ int main(int argc, char ** argv) {
     const int64_t K = std::atoll(argv[1]), M = std::atoll(argv[2]), N = std::atoll(argv[3]);
     const int threads = argc > 4 ? std::atoi(argv[4]) : 2, reps = argc > 5 ? std::atoi(argv[5]) : 0;
     if (!cpu_kernel_available(cpu_kernel::qmm)) {
-        std::printf("skip: no AVX-512 VNNI on this CPU\n");
+        std::printf("skip: no form of the kernel for this CPU (AVX2 or AVX-512 VNNI)\n");
         return 0;
     }
     const size_t w_bytes = static_cast<size_t>(K / 256 * M) * ggml_type_size(GGML_TYPE_Q6_K);

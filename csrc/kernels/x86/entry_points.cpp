@@ -26,6 +26,10 @@ ggml_tensor * gelu_erf_fast(ggml_context * ctx, ggml_tensor * x) {
     return kernel_family() == cpu_family::avx2 ? gelu_erf_avx2(ctx, x) : gelu_erf_avx512(ctx, x);
 }
 
+ggml_tensor * q6k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
+    return kernel_family() == cpu_family::avx2 ? q6k_matmul_avx2(ctx, w, x) : q6k_matmul_avx512(ctx, w, x);  // [M, N]
+}
+
 }  // namespace mllama
 
 #endif  // MLLAMA_X86_KERNELS

@@ -27,4 +27,8 @@ ggml_tensor * attention_avx2(ggml_context * ctx, ggml_tensor * q, ggml_tensor * 
 ggml_tensor * gelu_erf_avx512(ggml_context * ctx, ggml_tensor * x);
 ggml_tensor * gelu_erf_avx2(ggml_context * ctx, ggml_tensor * x);
 
+// q6k_matmul on AVX-512 VNNI dot products (kernels/x86/qmm_q6k.cpp) and on AVX2 (kernels/x86/qmm_q6k_avx2.cpp).
+ggml_tensor * q6k_matmul_avx512(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
+ggml_tensor * q6k_matmul_avx2(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
+
 }  // namespace mllama

@@ -17,6 +17,9 @@
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
 
+#include "kernels/x86/entry_points.h"
+#include "kernels/x86/q6k_block.h"
+
 #include "ggml-backend.h"
 #include "ggml.h"
 
@@ -32,16 +35,8 @@
 namespace mllama {
 namespace {
 
-constexpr int64_t k_block = 256;  // weights per Q6_K block (ggml's QK_K), activations per 8-bit block
-
-// ggml's block_q6_K (ggml-common.h), as it is in memory.
-struct q6k_block {
-    uint8_t ql[k_block / 2];      // low 4 bits: weight 128h + l + 32j in byte 64h + l + 32(j & 1), nibble j >> 1
-    uint8_t qh[k_block / 4];      // high 2 bits: the same weight in byte 32h + l, bits 2j..2j+1
-    int8_t scales[k_block / 16];  // one per 16 consecutive weights
-    uint16_t d;                   // fp16 block scale
-};
-static_assert(sizeof(q6k_block) == 210, "Q6_K block layout");
+using q6k::k_block;
+using q6k::q6k_block;
 
 // One row's 256 activations as int8 (x ~ d q), in the transposed order of the unpacked weights, with
 // -32 times each 16-element sub-block's sum in the matching int32 lane. 384 bytes: rows stay 64-byte
@@ -76,13 +71,7 @@ MLLAMA_VNNI_TARGET void quantize_block(const float * x, q8_block & out) {
         std::memset(&out, 0, sizeof(out));
         return;
     }
-    float max = 0.0f;
-    for (int64_t i = 0; i < k_block; ++i) {
-        if (std::fabs(x[i]) == largest) {
-            max = x[i];
-            break;
-        }
-    }
+    const float max = q6k::first_of_magnitude(x, largest);
     const float iscale = -127.0f / max;
     const __m512 scale = _mm512_set1_ps(iscale);
     __m512i natural[4];  // weights' unpacked order = natural order: register j holds elements 64j..64j+63
@@ -167,28 +156,10 @@ MLLAMA_VNNI_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_
     for (int r = 0; r < R; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-using channel_fn = void (*)(const q6k_block *, int64_t, const q8_block *, int64_t, float *);
-constexpr channel_fn k_channels[k_qmm_max_rows] = {channel<1>, channel<2>, channel<3>, channel<4>,
-                                                   channel<5>, channel<6>, channel<7>, channel<8>};
+constexpr q6k::channel_fn<q8_block> k_channels[k_qmm_max_rows] = {channel<1>, channel<2>, channel<3>, channel<4>,
+                                                                   channel<5>, channel<6>, channel<7>, channel<8>};
 
-// dst [M, N] = W x^T; dst->src = {w [K, M] Q6_K, xq (quantize_rows)}; output channels split across
-// threads in contiguous ranges (each thread streams its part of W once).
-void product(ggml_tensor * dst, int ith, int nth, void *) {
-    const ggml_tensor * w = dst->src[0], * xq = dst->src[1];
-    const int64_t n_blocks = w->ne[0] / k_block, M = w->ne[1], N = xq->ne[1];
-    const int64_t per = (M + nth - 1) / nth, m0 = std::min(M, per * ith), m1 = std::min(M, m0 + per);
-    const auto * x = static_cast<const q8_block *>(xq->data);
-    const int64_t stride = static_cast<int64_t>(xq->nb[1] / sizeof(q8_block));
-    const channel_fn fn = k_channels[N - 1];
-    float sums[k_qmm_max_rows];
-    for (int64_t m = m0; m < m1; ++m) {
-        fn(reinterpret_cast<const q6k_block *>(static_cast<const char *>(w->data) + m * w->nb[1]), n_blocks, x, stride,
-           sums);
-        for (int64_t r = 0; r < N; ++r) {
-            reinterpret_cast<float *>(static_cast<char *>(dst->data) + r * dst->nb[1])[m] = sums[r];  // dst [M, N]
-        }
-    }
-}
+void product(ggml_tensor * dst, int ith, int nth, void *) { q6k::for_each_channel(dst, ith, nth, k_channels); }
 
 }  // namespace
 
@@ -201,14 +172,8 @@ bool q6k_matmul_supported(const ggml_tensor * w, const ggml_tensor * x) {
            ggml_is_contiguous_rows(x) && x->nb[0] == sizeof(float);
 }
 
-ggml_tensor * q6k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
-    const int64_t K = w->ne[0], M = w->ne[1], N = x->ne[1];
-    const int64_t row_bytes = K / k_block * static_cast<int64_t>(sizeof(q8_block));
-    ggml_tensor * xq = ggml_custom_4d(ctx, GGML_TYPE_I8, row_bytes, N, 1, 1, &x, /*n_args=*/1, quantize_rows,
-                                      GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // [K / 256 * 384 bytes, N]
-    ggml_tensor * args[] = {w, xq};
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, M, N, 1, 1, args, /*n_args=*/2, product, GGML_N_TASKS_MAX,
-                          /*userdata=*/nullptr);  // [M, N]
+ggml_tensor * q6k_matmul_avx512(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
+    return q6k::matmul_graph(ctx, w, x, sizeof(q8_block), quantize_rows, product);  // [M, N]
 }
 
 }  // namespace mllama

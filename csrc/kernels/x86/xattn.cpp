@@ -1,4 +1,4 @@
-// Attention of a few query tokens over a long F16 K/V cache on AVX-512 CPUs (see kernels/dispatch.h):
+// Attention of a few query tokens over a long F16 K/V cache (see kernels/dispatch.h), its AVX-512 form:
 // the cross-attention of decoding, over every image key of the sequence. ggml's CPU flash attention
 // walks every query head over every key with F16 dot products; here each thread takes one KV head
 // and token, reads each key and value row once for the whole query group (GQA), skips masked keys,
@@ -8,6 +8,7 @@
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
 
 #include "kernels/x86/simd_math.h"
+#include "kernels/x86/xattn.h"
 
 #include "ggml.h"
 
@@ -20,19 +21,7 @@
 namespace mllama {
 namespace {
 
-constexpr int64_t k_block = 64;  // keys per softmax step
-
-struct shape {
-    int64_t D, Hq, T, Hkv, n_kv, G;  // head size, query heads, tokens, KV heads, keys, queries per KV head
-};
-
-shape shape_of(const ggml_tensor * q, const ggml_tensor * k) {
-    return {q->ne[0], q->ne[1], q->ne[2], k->ne[1], k->ne[2], q->ne[1] / k->ne[1]};
-}
-
-const ggml_fp16_t * row_of(const ggml_tensor * t, int64_t h, int64_t j) {  // t: [D, H, n] F16
-    return reinterpret_cast<const ggml_fp16_t *>(static_cast<const char *>(t->data) + h * t->nb[1] + j * t->nb[2]);
-}
+using namespace xattn;
 
 MLLAMA_AVX512_TARGET inline float dot(const float * q, const ggml_fp16_t * k, int64_t D) {
     __m512 acc = _mm512_setzero_ps();
@@ -57,13 +46,6 @@ MLLAMA_AVX512_TARGET inline void accumulate(float * o, const float * p, const gg
         for (int64_t i = 0; i < w; ++i) _mm512_storeu_ps(o + d0 + 16 * i, acc[i]);
     }
 }
-
-// Running softmax state of one query head.
-struct query_state {
-    float * q;  // [D] scaled query
-    float * o;  // [D] unnormalized output
-    float m, l;
-};
 
 // Scores, softmax step and value accumulation of one query group (KV head h) over keys j0..j0+n.
 MLLAMA_AVX512_TARGET void group_block(const ggml_tensor * dst, const shape & s, int64_t h, const ggml_fp16_t * mrow, int64_t j0,
@@ -104,7 +86,7 @@ MLLAMA_AVX512_TARGET void group_block(const ggml_tensor * dst, const shape & s, 
 
 // KV heads h0..h1 and token t. Keys in the outer loop: the cache holds a key's heads side by
 // side, so the threads (each with its own heads) stream the cache instead of striding through it.
-MLLAMA_AVX512_TARGET void attend_heads(ggml_tensor * dst, const shape & s, int64_t h0, int64_t h1, int64_t t) {
+void attend_heads(ggml_tensor * dst, const shape & s, int64_t h0, int64_t h1, int64_t t, group_block_fn group_block) {
     const ggml_tensor * q = dst->src[0], * mask = dst->src[3];
     const int64_t n_q = (h1 - h0) * s.G;
     std::vector<float> buf(static_cast<size_t>(2 * n_q * s.D));
@@ -124,14 +106,19 @@ MLLAMA_AVX512_TARGET void attend_heads(ggml_tensor * dst, const shape & s, int64
     }
 }
 
-// Each thread takes a contiguous range of (token, KV head) pairs, cut into per-token head ranges.
-void attend(ggml_tensor * dst, int ith, int nth, void *) {
+// The family's group_block, chosen when the graph is built (kernel_family() may change between graphs).
+constexpr group_block_fn k_group_blocks[] = {group_block, group_block_avx2};
+
+// Each thread takes a contiguous range of (token, KV head) pairs, cut into per-token head ranges;
+// userdata: the family's entry of k_group_blocks.
+void attend(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const group_block_fn group_block = *static_cast<const group_block_fn *>(userdata);
     const shape s = shape_of(dst->src[0], dst->src[1]);
     const int64_t total = s.Hkv * s.T, per = (total + nth - 1) / nth;
     const int64_t w0 = std::min(total, per * ith), w1 = std::min(total, w0 + per);
     for (int64_t w = w0; w < w1;) {
         const int64_t t = w / s.Hkv, h0 = w % s.Hkv, h1 = std::min(s.Hkv, h0 + (w1 - w));
-        attend_heads(dst, s, h0, h1, t);
+        attend_heads(dst, s, h0, h1, t, group_block);
         w += h1 - h0;
     }
 }
@@ -140,7 +127,7 @@ void attend(ggml_tensor * dst, int ith, int nth, void *) {
 
 bool decode_attention_supported(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v, const ggml_tensor * mask) {
     const shape s = shape_of(q, k);
-    return cpu_kernels_available() && q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F16 && v->type == GGML_TYPE_F16 &&
+    return kernel_family() != cpu_family::none && q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F16 && v->type == GGML_TYPE_F16 &&
            mask && mask->type == GGML_TYPE_F16 && q->nb[0] == sizeof(float) && k->nb[0] == sizeof(ggml_fp16_t) &&
            v->nb[0] == sizeof(ggml_fp16_t) && s.D % 16 == 0 && s.D <= k_xattn_max_head_dim && s.Hq % s.Hkv == 0 &&
            s.G <= k_xattn_max_group && v->ne[0] == s.D && v->ne[1] == s.Hkv && v->ne[2] == s.n_kv && mask->ne[0] >= s.n_kv &&
@@ -151,8 +138,9 @@ ggml_tensor * decode_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor 
     // the scale goes on the query in the graph (the same F32 products the kernel would take), so the
     // op needs no parameters
     ggml_tensor * args[] = {ggml_scale(ctx, q, scale), k, v, mask};  // q: [D, Hq, T]
+    const group_block_fn * family = &k_group_blocks[kernel_family() == cpu_family::avx2 ? 1 : 0];
     return ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0] * q->ne[1], q->ne[2], 1, 1, args, /*n_args=*/4, attend,
-                          GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // [D * Hq, T]
+                          GGML_N_TASKS_MAX, const_cast<group_block_fn *>(family));  // [D * Hq, T]
 }
 
 }  // namespace mllama

@@ -1,0 +1,149 @@
+// The decode cross-attention's AVX2 form (kernels/x86/xattn.h; CPUs without AVX-512). The query group
+// goes in quads of four heads: a pair of keys gives the quad's 8 scores in one ymm (8 F32 dot-product
+// chains, one horizontal reduction for all 8), the softmax step runs on the four heads at once, and the
+// value sums read each value row once per 16 channels for all four heads (8 accumulators). Keys the
+// mask hides are dropped before any product; K and V are widened from F16 by F16C, sums are F32.
+#include "kernels/dispatch.h"
+
+#if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
+
+#include "kernels/x86/simd_avx2.h"
+#include "kernels/x86/xattn.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace mllama::xattn {
+namespace {
+
+constexpr int64_t k_quad = 4;  // query heads per pass: one key's scores of a quad fill half a ymm
+
+MLLAMA_AVX2_TARGET inline __m256 widen(const ggml_fp16_t * x) {  // 8 F16 -> 8 F32
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(x)));
+}
+
+// The totals of 8 vectors, in order, in one ymm: two levels of hadd leave each 128-bit half with the
+// partial sums of its lanes, then the halves are added.
+MLLAMA_AVX2_TARGET inline __m256 totals(const __m256 a[8]) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(t, u, 0x20), _mm256_permute2f128_ps(t, u, 0x31));
+}
+
+// The dot products of two keys with the quad's queries: [k0.q0 .. k0.q3, k1.q0 .. k1.q3].
+MLLAMA_AVX2_TARGET inline __m256 scores2(const float * const q[k_quad], const ggml_fp16_t * k0, const ggml_fp16_t * k1,
+                                         int64_t D) {
+    __m256 acc[2 * k_quad];
+    for (auto & a : acc) a = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+        const __m256 a = widen(k0 + d), b = widen(k1 + d);
+        for (int g = 0; g < k_quad; ++g) {
+            const __m256 qg = _mm256_loadu_ps(q[g] + d);
+            acc[g] = _mm256_fmadd_ps(qg, a, acc[g]);
+            acc[k_quad + g] = _mm256_fmadd_ps(qg, b, acc[k_quad + g]);
+        }
+    }
+    return totals(acc);
+}
+
+// The live keys of one block: their cache indices and mask biases.
+struct live_keys {
+    int64_t index[k_block];
+    float bias[k_block];
+    int64_t n = 0;
+};
+
+// p[i] = the quad's scores of live key i (an odd count also fills p[n], dropped later).
+MLLAMA_AVX2_TARGET void quad_scores(const ggml_tensor * k, int64_t h, const live_keys & keys, const float * const q[k_quad],
+                                    int64_t D, float (*p)[k_quad]) {
+    for (int64_t i = 0; i < keys.n; i += 2) {
+        const int64_t i1 = std::min(i + 1, keys.n - 1);
+        const __m256 bias = _mm256_setr_m128(_mm_set1_ps(keys.bias[i]), _mm_set1_ps(keys.bias[i1]));
+        const __m256 s = scores2(q, row_of(k, h, keys.index[i]), row_of(k, h, keys.index[i1]), D);
+        _mm256_store_ps(p[i], _mm256_add_ps(s, bias));
+    }
+}
+
+// The online-softmax step of the quad's n_heads live heads: new maxima, old sums rescaled, p[i]
+// turned into probabilities (p[n] zeroed).
+MLLAMA_AVX2_TARGET void quad_softmax(query_state * qs, int64_t n_heads, int64_t n_live, int64_t D, float (*p)[k_quad]) {
+    __m128 mx = _mm_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t i = 0; i < n_live; ++i) mx = _mm_max_ps(mx, _mm_load_ps(p[i]));
+    alignas(16) float m_new[k_quad];
+    _mm_store_ps(m_new, mx);  // finite: every key here is live
+    for (int64_t g = 0; g < n_heads; ++g) {
+        query_state & st = qs[g];
+        m_new[g] = std::max(st.m, m_new[g]);
+        if (m_new[g] == st.m) continue;
+        const float alpha = std::exp(st.m - m_new[g]);  // 0 on the first live block
+        for (int64_t d = 0; d < D; ++d) st.o[d] *= alpha;
+        st.l *= alpha;
+        st.m = m_new[g];
+    }
+    const __m256 m2 = _mm256_broadcast_ps(reinterpret_cast<const __m128 *>(m_new));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n_live; i += 2) {
+        __m256 e = simd::exp256(_mm256_sub_ps(_mm256_load_ps(p[i]), m2));
+        if (i + 1 == n_live) e = _mm256_blend_ps(e, _mm256_setzero_ps(), 0xF0);  // p[n]: a repeated key
+        _mm256_store_ps(p[i], e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    alignas(16) float l[k_quad];
+    _mm_store_ps(l, _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1)));
+    for (int64_t g = 0; g < n_heads; ++g) qs[g].l += l[g];
+}
+
+// o_g += sum_i p[i][g] v_i for the quad's live heads, 16 channels (2 ymm per head) at a time.
+MLLAMA_AVX2_TARGET void quad_values(const ggml_tensor * v, int64_t h, const live_keys & keys, query_state * qs,
+                                    int64_t n_heads, int64_t D, const float (*p)[k_quad]) {
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        __m256 acc[2 * k_quad];
+        for (int64_t g = 0; g < k_quad; ++g) {
+            const float * o = qs[g < n_heads ? g : 0].o + d0;  // a missing head: summed, not stored
+            acc[2 * g] = _mm256_loadu_ps(o);
+            acc[2 * g + 1] = _mm256_loadu_ps(o + 8);
+        }
+        for (int64_t i = 0; i < keys.n; ++i) {
+            const ggml_fp16_t * vr = row_of(v, h, keys.index[i]) + d0;
+            const __m256 v0 = widen(vr), v1 = widen(vr + 8);
+            for (int64_t g = 0; g < k_quad; ++g) {
+                const __m256 pg = _mm256_broadcast_ss(&p[i][g]);
+                acc[2 * g] = _mm256_fmadd_ps(pg, v0, acc[2 * g]);
+                acc[2 * g + 1] = _mm256_fmadd_ps(pg, v1, acc[2 * g + 1]);
+            }
+        }
+        for (int64_t g = 0; g < n_heads; ++g) {
+            _mm256_storeu_ps(qs[g].o + d0, acc[2 * g]);
+            _mm256_storeu_ps(qs[g].o + d0 + 8, acc[2 * g + 1]);
+        }
+    }
+}
+
+}  // namespace
+
+MLLAMA_AVX2_TARGET void group_block_avx2(const ggml_tensor * dst, const shape & s, int64_t h, const ggml_fp16_t * mrow,
+                                         int64_t j0, int64_t n, query_state * qs) {
+    live_keys keys;
+    for (int64_t j = j0; j < j0 + n; ++j) {
+        const float bias = _cvtsh_ss(mrow[j]);
+        if (bias == -std::numeric_limits<float>::infinity()) continue;
+        keys.index[keys.n] = j;
+        keys.bias[keys.n++] = bias;
+    }
+    if (keys.n == 0) return;
+    alignas(32) float p[k_block + 1][k_quad];  // key i's scores, then probabilities, of the quad's heads
+    for (int64_t g0 = 0; g0 < s.G; g0 += k_quad) {
+        query_state * quad = qs + g0;
+        const int64_t n_heads = std::min(k_quad, s.G - g0);
+        const float * q[k_quad];
+        for (int64_t g = 0; g < k_quad; ++g) q[g] = quad[g < n_heads ? g : 0].q;  // a missing head repeats the first
+        quad_scores(dst->src[1], h, keys, q, s.D, p);
+        quad_softmax(quad, n_heads, keys.n, s.D, p);
+        quad_values(dst->src[2], h, keys, quad, n_heads, s.D, p);
+    }
+}
+
+}  // namespace mllama::xattn
+
+#endif  // MLLAMA_X86_KERNELS

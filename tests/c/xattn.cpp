@@ -1,0 +1,141 @@
+// The decode cross-attention kernel (csrc/kernels/x86/xattn.cpp: AVX-512; xattn_avx2.cpp: AVX2, also run
+// on AVX-512 CPUs under MLLAMA_AVX512=0) against softmax(q k^T scale + mask) v in double precision on the
+// same inputs; built by tests/test_avx2_kernels.py with the kernels' sources.
+//
+//   xattn D Hq Hkv T n_kv [threads]
+//
+// Inputs: q [D, Hq, T] F32 random normal (x2: peaked rows too), k and v [D, Hkv, n_kv] F16, mask
+// [n_kv, T] F16: key j of token t is hidden (-inf) when (7 j + t) % 5 == 0 or j lies in 64..127 (a
+// whole block with no live key), gets bias -2 when j % 11 == 0, else 0; the last token of T > 1 sees
+// no key (its output must be zeros). The kernel computes in F32 from the same F16 values, so per
+// output |o - o_ref| <= 2 [rel sum_j p_j |v_j| + N u max_j |v_j|] / sum_j p_j, where rel = 2 gamma_D S
+// (S = max_j sum_d |q_d k_jd|, the F32 scores' error moves a probability by twice it relatively) + 4u
+// (the bias and the running maximum subtracted) + 4e-7 (e^x) + 2 gamma_N (the F32 sums of p v and of p)
+// + 2u per softmax rescale (one per 64-key block), N u max|v| covers (s - m)'s rounding on the small
+// probabilities (e^x u |x| <= u / e each); the 2 is margin. Prints the largest error over the bound,
+// "avx512=<ratio|none> avx2=<ratio>".
+#include "kernels/dispatch.h"
+
+#include "ggml-cpu.h"
+#include "ggml.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <random>
+#include <vector>
+
+using namespace mllama;
+
+struct problem {
+    int64_t D, Hq, Hkv, T, n_kv;
+};
+
+static float mask_bias(int64_t t, int64_t j, int64_t T) {
+    if ((T > 1 && t == T - 1) || (7 * j + t) % 5 == 0 || (j >= 64 && j < 128)) return -std::numeric_limits<float>::infinity();
+    return j % 11 == 0 ? -2.0f : 0.0f;
+}
+
+// The largest |out - ref| / bound over all outputs (out: [D * Hq, T] F32; q already scaled as the graph scales it).
+static double worst_ratio(const problem & p, const ggml_tensor * out, const std::vector<float> & q,
+                          const std::vector<float> & k, const std::vector<float> & v) {
+    const double u = std::ldexp(1.0, -24);
+    const double gamma_d = p.D * u / (1 - p.D * u), gamma_n = p.n_kv * u / (1 - p.n_kv * u);
+    const int64_t G = p.Hq / p.Hkv, rescales = (p.n_kv + 63) / 64;
+    double worst = 0;
+    std::vector<double> s(static_cast<size_t>(p.n_kv));
+    for (int64_t t = 0; t < p.T; ++t) {
+        for (int64_t hq = 0; hq < p.Hq; ++hq) {
+            const int64_t h = hq / G;
+            const float * qr = q.data() + (t * p.Hq + hq) * p.D;
+            double m = -std::numeric_limits<double>::infinity(), largest = 0, v_max = 0;
+            for (int64_t j = 0; j < p.n_kv; ++j) {
+                const float * kr = k.data() + (j * p.Hkv + h) * p.D;
+                double dot = 0, abs_dot = 0;
+                for (int64_t d = 0; d < p.D; ++d) dot += double(qr[d]) * kr[d], abs_dot += std::fabs(double(qr[d]) * kr[d]);
+                s[j] = dot + mask_bias(t, j, p.T);
+                m = std::max(m, s[j]);
+                largest = std::max(largest, abs_dot);
+                for (int64_t d = 0; d < p.D; ++d) v_max = std::max(v_max, double(std::fabs(v[(j * p.Hkv + h) * p.D + d])));
+            }
+            double sum = 0;
+            for (int64_t j = 0; j < p.n_kv; ++j) sum += s[j] = std::isinf(m) ? 0.0 : std::exp(s[j] - m);
+            const double rel = 2 * gamma_d * largest + 4 * u + 4e-7 + 2 * gamma_n + 2 * u * rescales;
+            for (int64_t d = 0; d < p.D; ++d) {
+                double o = 0, abs_o = 0;
+                for (int64_t j = 0; j < p.n_kv; ++j) {
+                    const double vj = v[(j * p.Hkv + h) * p.D + d];
+                    o += s[j] * vj, abs_o += s[j] * std::fabs(vj);
+                }
+                const double ref = sum > 0 ? o / sum : 0.0;
+                const double bound = sum > 0 ? 2 * (rel * abs_o + p.n_kv * u * v_max) / sum + 1e-30 : 1e-30;
+                const double got = static_cast<const float *>(out->data)[t * p.D * p.Hq + hq * p.D + d];
+                worst = std::max(worst, std::fabs(got - ref) / bound);
+            }
+        }
+    }
+    return worst;
+}
+
+// The kernel's output for the family the environment selects (MLLAMA_AVX512), or null where it does not run.
+static ggml_tensor * run(const problem & p, ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
+                         ggml_tensor * mask, int threads) {
+    if (!decode_attention_supported(q, k, v, mask)) return nullptr;
+    ggml_tensor * out = decode_attention(ctx, q, k, v, mask, 1.0f / std::sqrt(static_cast<float>(p.D)));  // [D * Hq, T]
+    ggml_cgraph * graph = ggml_new_graph(ctx);
+    ggml_build_forward_expand(graph, out);
+    ggml_graph_compute_with_ctx(ctx, graph, threads);
+    return out;
+}
+
+int main(int argc, char ** argv) {
+    if (argc < 6) {
+        std::fprintf(stderr, "usage: %s D Hq Hkv T n_kv [threads]\n", argv[0]);
+        return 2;
+    }
+    const problem p{std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]), std::atoll(argv[5])};
+    const int threads = argc > 6 ? std::atoi(argv[6]) : 2;
+    if (!avx2_kernels_available()) {
+        std::printf("skip: no AVX2 on this CPU\n");
+        return 0;
+    }
+    const size_t bytes = size_t(8) * (p.D * p.Hq * p.T * 4 + p.D * p.Hkv * p.n_kv + p.n_kv * p.T) + (size_t(16) << 20);
+    ggml_context * ctx = ggml_init({bytes, nullptr, false});
+    std::mt19937_64 rng(static_cast<uint64_t>(p.D * 1000003 + p.Hq * 31 + p.n_kv));
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    ggml_tensor * q = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, p.D, p.Hq, p.T);     // [D, Hq, T]
+    ggml_tensor * k = ggml_new_tensor_3d(ctx, GGML_TYPE_F16, p.D, p.Hkv, p.n_kv);  // [D, Hkv, n_kv]
+    ggml_tensor * v = ggml_new_tensor_3d(ctx, GGML_TYPE_F16, p.D, p.Hkv, p.n_kv);  // [D, Hkv, n_kv]
+    ggml_tensor * mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, p.n_kv, p.T);     // [n_kv, T]
+    const float scale = 1.0f / std::sqrt(static_cast<float>(p.D));
+    std::vector<float> q_scaled(static_cast<size_t>(ggml_nelements(q))), kf(static_cast<size_t>(ggml_nelements(k)));
+    std::vector<float> vf(kf.size());
+    for (size_t i = 0; i < q_scaled.size(); ++i) {
+        const float x = 2.0f * normal(rng);
+        static_cast<float *>(q->data)[i] = x;
+        q_scaled[i] = x * scale;  // as ggml_scale computes it in the graph
+    }
+    for (size_t i = 0; i < kf.size(); ++i) {
+        static_cast<ggml_fp16_t *>(k->data)[i] = ggml_fp32_to_fp16(normal(rng));
+        static_cast<ggml_fp16_t *>(v->data)[i] = ggml_fp32_to_fp16(normal(rng));
+        kf[i] = ggml_fp16_to_fp32(static_cast<ggml_fp16_t *>(k->data)[i]);
+        vf[i] = ggml_fp16_to_fp32(static_cast<ggml_fp16_t *>(v->data)[i]);
+    }
+    for (int64_t t = 0; t < p.T; ++t)
+        for (int64_t j = 0; j < p.n_kv; ++j)
+            static_cast<ggml_fp16_t *>(mask->data)[t * p.n_kv + j] = ggml_fp32_to_fp16(mask_bias(t, j, p.T));
+    const ggml_tensor * avx512 = cpu_kernels_available() ? run(p, ctx, q, k, v, mask, threads) : nullptr;
+    setenv("MLLAMA_AVX512", "0", 1);  // the AVX2 form, on any CPU with AVX2
+    const ggml_tensor * avx2 = run(p, ctx, q, k, v, mask, threads);
+    if (!avx2) {
+        std::printf("unsupported shape\n");
+        return 1;
+    }
+    if (avx512) std::printf("avx512=%.4f ", worst_ratio(p, avx512, q_scaled, kf, vf));
+    else std::printf("avx512=none ");
+    std::printf("avx2=%.4f\n", worst_ratio(p, avx2, q_scaled, kf, vf));
+    ggml_free(ctx);
+    return 0;
+}
