@@ -1,4 +1,5 @@
-"""The Q6_K kernel (`qmm`, csrc/kernels/x86/qmm_q6k.cpp) against ggml's mul_mat, side by side.
+"""The Q6_K kernel (`qmm`: csrc/kernels/x86/qmm_q6k.cpp on AVX-512 VNNI CPUs, qmm_q6k_avx2.cpp on AVX2 ones;
+MLLAMA_AVX512=0 times the AVX2 form on an AVX-512 CPU) against ggml's mul_mat, side by side.
 
 1. The two Q6_K products of the 11B model, [14336 -> 4096] (ffn_down) and [4096 -> 128256] (output),
    at 1, 2, 4 and 8 rows: tests/c/qmm_q6k.cpp times ggml's mul_mat and the kernel on the same random
