@@ -3,9 +3,11 @@ MLLAMA_AVX512=0 times the AVX2 form on an AVX-512 CPU) against ggml's mul_mat, s
 
 1. The two Q6_K products of the 11B model, [14336 -> 4096] (ffn_down) and [4096 -> 128256] (output),
    at 1, 2, 4 and 8 rows: tests/c/qmm_q6k.cpp times ggml's mul_mat and the kernel on the same random
-   weights in one process (copies of the weights rotate so that each run reads them from memory).
+   weights in one process (copies of the weights rotate so that each run reads them from memory); then
+   the Q4_K kernel on ggml's repacked weights (qmm_q4k_avx2.cpp, the AVX2 family: tests/c/qmm_q4k.cpp) on
+   [14336 -> 4096] and [4096 -> 14336].
 2. Whole decode steps of 1, 2, 4, 8 streams on the 11B-dims synthetic model (5 text layers, Q4_K_M:
-   Q6_K output and some Q6_K ffn_down), every kernel on vs every kernel but qmm, text only.
+   Q6_K output and some Q6_K ffn_down, Q4_K repacked), every kernel on vs every kernel but qmm, text only.
 
 The machine may be shared: every figure is the median of --runs runs (each itself a median of reps).
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,24 +36,40 @@ WITHOUT_QMM = "attn,gemm,gelu,xattn"  # every kernel of the text path but qmm (a
 WITH_QMM = WITHOUT_QMM + ",qmm"  # what the default set ("1") runs for text
 
 
-def products(driver: Path, runs: int) -> list[dict]:
-    out = []
-    for name, (k, m) in SHAPES.items():
-        for rows in ROWS:
-            reps = 15 if k * m < 1e8 else 7
-            fields = []
-            for _ in range(runs):
-                proc = subprocess.run([str(driver), str(k), str(m), str(rows), "2", str(reps)], capture_output=True,
-                                      text=True, check=True)
-                fields.append(dict(item.split("=") for item in proc.stdout.split()))
-            ggml_ms = statistics.median(float(f["ggml_ms"]) for f in fields)
-            qmm_ms = statistics.median(float(f["qmm_ms"]) for f in fields)
-            gb = float(fields[0]["weight_bytes"]) / 1e9
-            out.append({"matrix": name, "rows": rows, "ggml_ms": round(ggml_ms, 2), "qmm_ms": round(qmm_ms, 2),
-                        "ggml_gbs": round(gb / ggml_ms * 1e3, 1), "qmm_gbs": round(gb / qmm_ms * 1e3, 1),
-                        "speedup": round(ggml_ms / qmm_ms, 2)})
-            print(out[-1], flush=True)
+def timed(driver: Path, name: str, k: int, m: int, rows: int, runs: int, reps: int, env: dict | None = None) -> dict | None:
+    """Medians over `runs` runs of a product driver (tests/c/qmm_*.cpp) timing ggml and the kernel; None
+    where the driver skips (its kernel does not run here)."""
+    fields = []
+    for _ in range(runs):
+        proc = subprocess.run([str(driver), str(k), str(m), str(rows), "2", str(reps)], capture_output=True, text=True,
+                              check=True, env=env)
+        if proc.stdout.startswith("skip"):
+            return None
+        fields.append(dict(item.split("=") for item in proc.stdout.splitlines()[-1].split()))
+    ggml_ms = statistics.median(float(f["ggml_ms"]) for f in fields)
+    qmm_ms = statistics.median(float(f["qmm_ms"]) for f in fields)
+    gb = float(fields[0]["weight_bytes"]) / 1e9
+    out = {"matrix": name, "rows": rows, "ggml_ms": round(ggml_ms, 2), "qmm_ms": round(qmm_ms, 2),
+           "ggml_gbs": round(gb / ggml_ms * 1e3, 1), "qmm_gbs": round(gb / qmm_ms * 1e3, 1),
+           "speedup": round(ggml_ms / qmm_ms, 2)}
+    print(out, flush=True)
     return out
+
+
+def products(driver: Path, runs: int) -> list[dict]:
+    timings = [timed(driver, name, k, m, rows, runs, 15 if k * m < 1e8 else 7)
+               for name, (k, m) in SHAPES.items() for rows in ROWS]
+    return [t for t in timings if t]
+
+
+Q4K_SHAPES = {"ffn_down [14336 -> 4096]": (14336, 4096), "ffn_gate/up [4096 -> 14336]": (4096, 14336)}
+
+
+def q4k_products(driver: Path, runs: int) -> list[dict]:
+    """The Q4_K kernel (AVX2 family: MLLAMA_AVX512=0) against ggml's mul_mat on ggml's repacked weights."""
+    env = {**os.environ, "MLLAMA_AVX512": "0"}
+    timings = [timed(driver, name, k, m, rows, runs, 9, env) for name, (k, m) in Q4K_SHAPES.items() for rows in ROWS]
+    return [t for t in timings if t]
 
 
 def decode_steps(model_path: Path, kernels: str, streams: int, n_steps: int) -> float:
@@ -94,8 +113,12 @@ def main() -> None:
     args = parser.parse_args()
     from test_cpu_kernels import build_qmm_driver
 
+    from test_cpu_kernels import build_kernel_driver
+
     with tempfile.TemporaryDirectory() as tmp:
-        result = {"products": products(build_qmm_driver(Path(tmp) / "qmm_q6k"), args.runs)}
+        result = {"products": products(build_qmm_driver(Path(tmp) / "qmm_q6k"), args.runs),
+                  "q4k_products": q4k_products(build_kernel_driver(Path(tmp) / "qmm_q4k", "qmm_q4k", ["qmm_q4k_avx2"]),
+                                               args.runs)}
     if not args.skip_decode:
         if not args.model.exists():
             from mllama.dev.synthetic_gguf import write_synthetic_gguf

@@ -27,6 +27,7 @@ static cpu_kernel_set layer_kernels(const mllama_context & c, size_t il) {
 // other weight types).
 static ggml_tensor * text_matmul(ggml_context * ctx, cpu_kernel_set kernels, ggml_tensor * w, ggml_tensor * x) {
     if (kernels.may_run(cpu_kernel::qmm) && q6k_matmul_supported(w, x)) return q6k_matmul(ctx, w, x);  // [M, n]
+    if (kernels.may_run(cpu_kernel::qmm) && q4k_matmul_supported(w, x)) return q4k_matmul(ctx, w, x);  // [M, n]
     return ggml_mul_mat(ctx, w, x);  // [M, n]
 }
 

@@ -12,6 +12,8 @@
 #include "ggml-backend.h"
 #include "ggml.h"
 
+#include <cstring>
+
 #include <utility>
 #include <vector>
 
@@ -76,6 +78,21 @@ static std::string q6k_path(const mllama_context & c, const std::string & ggml_c
            std::to_string(k_qmm_max_rows) + " rows, " + ggml_cpu + ": mul_mat above";
 }
 
+// Our Q4_K kernel takes the decode-time products of the q4_K matrices ggml repacked (CPU_REPACK), on the
+// AVX2 family (kernels/dispatch.h's q4k_matmul).
+static std::string q4k_path(const mllama_context & c) {
+    if (!c.kernels.may_run(cpu_kernel::qmm) || kernel_family() != cpu_family::avx2) return "";
+    int n = 0;
+    for (const auto & [name, t] : c.model->tensors) {
+        const bool repacked = t->type == GGML_TYPE_Q4_K && t->buffer && t->extra &&
+                              std::strcmp(ggml_backend_buft_name(ggml_backend_buffer_get_type(t->buffer)), "CPU_REPACK") == 0;
+        n += repacked ? 1 : 0;
+    }
+    if (n == 0) return "";
+    return "; the " + std::to_string(n) + " repacked q4_K: mllama Q4_K kernel (x86 AVX2) for batches of up to " +
+           std::to_string(k_qmm_max_rows) + " rows";
+}
+
 static std::string on_tiles() {
     return amx_tiles_emulated() ? "(x86 AMX tiles, emulated: MLLAMA_AMX_EMULATE=1)" : "(x86 AMX tiles)";
 }
@@ -123,7 +140,7 @@ std::string op_paths(const mllama_context & c) {
                                                 : ggml_cpu + ": flash_attn_ext") +
            line("self-attention, prefill cross-attention", ggml_cpu + ": flash_attn_ext") +
            line("text matrices", ggml_cpu + ": mul_mat; in ggml's extra CPU layouts: " +
-                                    (repacked.empty() ? "none" : repacked)) +
+                                    (repacked.empty() ? "none" : repacked) + q4k_path(c)) +
            line("text matrices q6_K in the file layout", q6k_path(c, ggml_cpu)) + others;
 }
 

@@ -60,12 +60,10 @@ static double worst_ratio(const ggml_tensor * ours, const ggml_tensor * ref, con
 }
 
 int main(int argc, char ** argv) {
-    if (argc < 4) {
-        std::fprintf(stderr, "usage: %s K M N [threads] [reps]\n", argv[0]);
-        return 2;
-    }
-    const int64_t K = std::atoll(argv[1]), M = std::atoll(argv[2]), N = std::atoll(argv[3]);
-    const int threads = argc > 4 ? std::atoi(argv[4]) : 2, reps = argc > 5 ? std::atoi(argv[5]) : 0;
+    product_args args;
+    if (!parse_product_args(argc, argv, args)) return 2;
+    const int64_t K = args.K, M = args.M, N = args.N;
+    const int threads = args.threads, reps = args.reps;
     if (!avx2_kernels_available()) {
         std::printf("skip: no AVX2 with FMA and F16C on this CPU\n");
         return 0;

@@ -42,12 +42,10 @@ static ggml_tensor * random_q6k(ggml_context * ctx, int64_t K, int64_t M, std::m
 }
 
 int main(int argc, char ** argv) {
-    if (argc < 4) {
-        std::fprintf(stderr, "usage: %s K M N [threads] [reps]\n", argv[0]);
-        return 2;
-    }
-    const int64_t K = std::atoll(argv[1]), M = std::atoll(argv[2]), N = std::atoll(argv[3]);
-    const int threads = argc > 4 ? std::atoi(argv[4]) : 2, reps = argc > 5 ? std::atoi(argv[5]) : 0;
+    product_args args;
+    if (!parse_product_args(argc, argv, args)) return 2;
+    const int64_t K = args.K, M = args.M, N = args.N;
+    const int threads = args.threads, reps = args.reps;
     if (!cpu_kernel_available(cpu_kernel::qmm)) {
         std::printf("skip: no form of the kernel for this CPU (AVX2 or AVX-512 VNNI)\n");
         return 0;
@@ -63,23 +61,18 @@ int main(int argc, char ** argv) {
     auto * xd = static_cast<float *>(x->data);
     for (int64_t i = 0; i < K * N; ++i) xd[i] = normal(rng);
     std::fill(xd + (N - 1) * K, xd + (N - 1) * K + 256, 0.0f);
-    std::vector<ggml_cgraph *> ref_graphs, qmm_graphs;
-    ggml_tensor * ref = nullptr, * ours = nullptr;
+    paired_graphs graphs;
     for (int c = 0; c < copies; ++c) {
         ggml_tensor * w = random_q6k(ctx, K, M, rng);
         if (!q6k_matmul_supported(w, x)) {
             std::printf("unsupported shape\n");
             return 1;
         }
-        ref = ggml_mul_mat(ctx, w, x);  // [M, N]
-        ours = q6k_matmul(ctx, w, x);   // [M, N]
-        ref_graphs.push_back(ggml_new_graph(ctx));
-        qmm_graphs.push_back(ggml_new_graph(ctx));
-        ggml_build_forward_expand(ref_graphs.back(), ref);
-        ggml_build_forward_expand(qmm_graphs.back(), ours);
+        graphs.add(ctx, ggml_mul_mat(ctx, w, x), q6k_matmul(ctx, w, x));  // [M, N] each
     }
-    ggml_graph_compute_with_ctx(ctx, ref_graphs.back(), threads);
-    ggml_graph_compute_with_ctx(ctx, qmm_graphs.back(), threads);
+    ggml_graph_compute_with_ctx(ctx, graphs.ref.back(), threads);
+    ggml_graph_compute_with_ctx(ctx, graphs.ours.back(), threads);
+    const ggml_tensor * ref = graphs.ref_out, * ours = graphs.ours_out;
     double err = 0, norm = 0, max_abs = 0;
     for (int64_t i = 0; i < M * N; ++i) {
         const double a = static_cast<const float *>(ours->data)[i], b = static_cast<const float *>(ref->data)[i];
@@ -87,7 +80,7 @@ int main(int argc, char ** argv) {
     }
     std::printf("nmse=%.3e max_abs=%.3e\n", norm > 0 ? err / norm : err, max_abs);
     if (reps > 0) {
-        const double ggml_ms = median_ms(ctx, ref_graphs, threads, reps), qmm_ms = median_ms(ctx, qmm_graphs, threads, reps);
+        const double ggml_ms = median_ms(ctx, graphs.ref, threads, reps), qmm_ms = median_ms(ctx, graphs.ours, threads, reps);
         std::printf("ggml_ms=%.4f qmm_ms=%.4f weight_bytes=%zu copies=%d\n", ggml_ms, qmm_ms, w_bytes, copies);
     }
     ggml_free(ctx);

@@ -1,4 +1,5 @@
-// Timing shared by the kernels' test drivers (tests/c/*.cpp), for bench/gemm.py and bench/qmm.py.
+// Shared by the kernels' test drivers (tests/c/*.cpp; timed by bench/gemm.py and bench/qmm.py): the
+// product drivers' arguments, their paired graphs (ggml's op and ours), and timing.
 #pragma once
 
 #include "ggml-cpu.h"
@@ -7,7 +8,39 @@
 #include <algorithm>
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <vector>
+
+// "K M N [threads] [reps]": a product of [K, M] weights with N rows; false (usage printed) when short.
+struct product_args {
+    int64_t K = 0, M = 0, N = 0;
+    int threads = 2, reps = 0;
+};
+
+inline bool parse_product_args(int argc, char ** argv, product_args & a) {
+    if (argc < 4) {
+        std::fprintf(stderr, "usage: %s K M N [threads] [reps]\n", argv[0]);
+        return false;
+    }
+    a.K = std::atoll(argv[1]), a.M = std::atoll(argv[2]), a.N = std::atoll(argv[3]);
+    a.threads = argc > 4 ? std::atoi(argv[4]) : 2, a.reps = argc > 5 ? std::atoi(argv[5]) : 0;
+    return true;
+}
+
+// One graph per weight copy for ggml's product and for ours; the last outputs are kept for the checks.
+struct paired_graphs {
+    std::vector<ggml_cgraph *> ref, ours;
+    ggml_tensor * ref_out = nullptr, * ours_out = nullptr;
+
+    void add(ggml_context * ctx, ggml_tensor * ref_product, ggml_tensor * our_product) {
+        ref.push_back(ggml_new_graph(ctx));
+        ours.push_back(ggml_new_graph(ctx));
+        ggml_build_forward_expand(ref.back(), ref_out = ref_product);
+        ggml_build_forward_expand(ours.back(), ours_out = our_product);
+    }
+};
 
 // Median milliseconds of reps computations, rotating through the graphs (copies of the same product on
 // different weights, so that each run reads them from memory; one graph: the same one every time).

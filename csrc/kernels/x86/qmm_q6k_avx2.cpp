@@ -14,6 +14,7 @@
 
 #include "kernels/x86/entry_points.h"
 #include "kernels/x86/q6k_block.h"
+#include "kernels/x86/q8k_avx2.h"
 #include "kernels/x86/simd_avx2.h"
 
 #include "ggml.h"
@@ -27,15 +28,7 @@ namespace {
 
 using q6k::k_block;
 using q6k::q6k_block;
-
-// One row's 256 activations as ggml's Q8_K values, in natural order. 320 bytes: rows stay 32-byte aligned.
-struct q8_block {
-    int8_t qs[k_block];
-    int16_t bsums[k_block / 16];  // the sum of each 16 consecutive qs
-    float d;
-    float pad[7];
-};
-static_assert(sizeof(q8_block) == 320, "activation block layout");
+using q8_block = q8k_block;
 
 // ggml's Q8_K quantization of 256 floats (quantize_row_q8_K_ref: scale -127 / the value of largest
 // magnitude, the first one on ties; round half to even; at most 127).
@@ -73,8 +66,10 @@ MLLAMA_AVX2_TARGET void quantize_block(const float * x, q8_block & out) {
     out.d = 1.0f / iscale;
 }
 
+}  // namespace
+
 // dst->src[0] = x [K, N] F32 -> dst [K / 256 * 320 bytes, N]; (row, block) pairs split across threads.
-void quantize_rows(ggml_tensor * dst, int ith, int nth, void *) {
+void q8k_quantize_rows_avx2(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * x = dst->src[0];
     const int64_t n_blocks = x->ne[0] / k_block, total = n_blocks * x->ne[1];
     const int64_t per = (total + nth - 1) / nth, w0 = std::min(total, per * ith), w1 = std::min(total, w0 + per);
@@ -85,6 +80,8 @@ void quantize_rows(ggml_tensor * dst, int ith, int nth, void *) {
         quantize_block(xr + b * k_block, out[b]);
     }
 }
+
+namespace {
 
 // pshufb controls that put scale 2c (low 128 bits) and 2c + 1 (high) in the high byte of every int16 lane
 // (an arithmetic shift right by 8 then sign-extends it): chunk c's two sub-blocks.
@@ -161,7 +158,7 @@ void product(ggml_tensor * dst, int ith, int nth, void *) { q6k::for_each_channe
 }  // namespace
 
 ggml_tensor * q6k_matmul_avx2(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
-    return q6k::matmul_graph(ctx, w, x, sizeof(q8_block), quantize_rows, product);  // [M, N]
+    return q6k::matmul_graph(ctx, w, x, sizeof(q8_block), q8k_quantize_rows_avx2, product);  // [M, N]
 }
 
 }  // namespace mllama

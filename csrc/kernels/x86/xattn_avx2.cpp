@@ -38,6 +38,7 @@ MLLAMA_AVX2_TARGET inline __m256 scores2(const float * const q[k_quad], const gg
     for (auto & a : acc) a = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) {
         const __m256 a = widen(k0 + d), b = widen(k1 + d);
+#pragma GCC unroll 4
         for (int g = 0; g < k_quad; ++g) {
             const __m256 qg = _mm256_loadu_ps(q[g] + d);
             acc[g] = _mm256_fmadd_ps(qg, a, acc[g]);
@@ -98,8 +99,9 @@ MLLAMA_AVX2_TARGET void quad_softmax(query_state * qs, int64_t n_heads, int64_t 
 MLLAMA_AVX2_TARGET void quad_values(const ggml_tensor * v, int64_t h, const live_keys & keys, query_state * qs,
                                     int64_t n_heads, int64_t D, const float (*p)[k_quad]) {
     for (int64_t d0 = 0; d0 < D; d0 += 16) {
-        __m256 acc[2 * k_quad];
-        for (int64_t g = 0; g < k_quad; ++g) {
+        __m256 acc[2 * k_quad];  // in registers: every loop over g is unrolled
+#pragma GCC unroll 4
+        for (int g = 0; g < k_quad; ++g) {
             const float * o = qs[g < n_heads ? g : 0].o + d0;  // a missing head: summed, not stored
             acc[2 * g] = _mm256_loadu_ps(o);
             acc[2 * g + 1] = _mm256_loadu_ps(o + 8);
@@ -107,13 +109,16 @@ MLLAMA_AVX2_TARGET void quad_values(const ggml_tensor * v, int64_t h, const live
         for (int64_t i = 0; i < keys.n; ++i) {
             const ggml_fp16_t * vr = row_of(v, h, keys.index[i]) + d0;
             const __m256 v0 = widen(vr), v1 = widen(vr + 8);
-            for (int64_t g = 0; g < k_quad; ++g) {
+#pragma GCC unroll 4
+            for (int g = 0; g < k_quad; ++g) {
                 const __m256 pg = _mm256_broadcast_ss(&p[i][g]);
                 acc[2 * g] = _mm256_fmadd_ps(pg, v0, acc[2 * g]);
                 acc[2 * g + 1] = _mm256_fmadd_ps(pg, v1, acc[2 * g + 1]);
             }
         }
-        for (int64_t g = 0; g < n_heads; ++g) {
+#pragma GCC unroll 4
+        for (int g = 0; g < k_quad; ++g) {
+            if (g >= n_heads) break;
             _mm256_storeu_ps(qs[g].o + d0, acc[2 * g]);
             _mm256_storeu_ps(qs[g].o + d0 + 8, acc[2 * g + 1]);
         }
@@ -130,6 +135,15 @@ MLLAMA_AVX2_TARGET void group_block_avx2(const ggml_tensor * dst, const shape & 
         if (bias == -std::numeric_limits<float>::infinity()) continue;
         keys.index[keys.n] = j;
         keys.bias[keys.n++] = bias;
+    }
+    // the next block's rows of this head, into L2 while this block computes (rows 2 KiB apart or more:
+    // the hardware prefetcher left the kernel waiting on them)
+    const int64_t next_end = std::min(j0 + 2 * n, s.n_kv), row_bytes = s.D * static_cast<int64_t>(sizeof(ggml_fp16_t));
+    for (int64_t j = j0 + n; j < next_end; ++j) {
+        for (int64_t line = 0; line < row_bytes; line += 64) {
+            _mm_prefetch(reinterpret_cast<const char *>(row_of(dst->src[1], h, j)) + line, _MM_HINT_T1);
+            _mm_prefetch(reinterpret_cast<const char *>(row_of(dst->src[2], h, j)) + line, _MM_HINT_T1);
+        }
     }
     if (keys.n == 0) return;
     alignas(32) float p[k_block + 1][k_quad];  // key i's scores, then probabilities, of the quad's heads
