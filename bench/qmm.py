@@ -4,8 +4,8 @@ MLLAMA_AVX512=0 times the AVX2 form on an AVX-512 CPU) against ggml's mul_mat, s
 1. The two Q6_K products of the 11B model, [14336 -> 4096] (ffn_down) and [4096 -> 128256] (output),
    at 1, 2, 4 and 8 rows: tests/c/qmm_q6k.cpp times ggml's mul_mat and the kernel on the same random
    weights in one process (copies of the weights rotate so that each run reads them from memory); then
-   the Q4_K kernel on ggml's repacked weights (qmm_q4k_avx2.cpp, the AVX2 family: tests/c/qmm_q4k.cpp) on
-   [14336 -> 4096] and [4096 -> 14336].
+   the Q4_K kernel on ggml's repacked weights (tests/c/qmm_q4k.cpp: qmm_q4k_avx512.cpp on AVX-512 VNNI CPUs,
+   where the AVX2 form qmm_q4k_avx2.cpp is timed too) on [14336 -> 4096] and [4096 -> 14336].
 2. Whole decode steps of 1, 2, 4, 8 streams on the 11B-dims synthetic model (5 text layers, Q4_K_M:
    Q6_K output and some Q6_K ffn_down, Q4_K repacked), every kernel on vs every kernel but qmm, text only.
 
@@ -66,10 +66,17 @@ Q4K_SHAPES = {"ffn_down [14336 -> 4096]": (14336, 4096), "ffn_gate/up [4096 -> 1
 
 
 def q4k_products(driver: Path, runs: int) -> list[dict]:
-    """The Q4_K kernel (AVX2 family: MLLAMA_AVX512=0) against ggml's mul_mat on ggml's repacked weights."""
-    env = {**os.environ, "MLLAMA_AVX512": "0"}
-    timings = [timed(driver, name, k, m, rows, runs, 9, env) for name, (k, m) in Q4K_SHAPES.items() for rows in ROWS]
-    return [t for t in timings if t]
+    """The Q4_K kernel's form for this CPU, and on an AVX-512 CPU its AVX2 form too (MLLAMA_AVX512=0), against
+    ggml's mul_mat on ggml's repacked weights."""
+    first = subprocess.run([str(driver), "256", "8", "1"], capture_output=True, text=True, check=True).stdout
+    if first.startswith("skip"):
+        return []
+    forms = {"avx512": dict(os.environ), "avx2": {**os.environ, "MLLAMA_AVX512": "0"}}
+    if first.startswith("form=avx2"):
+        del forms["avx512"]
+    timings = [{"form": form, **t} for form, env in forms.items() for name, (k, m) in Q4K_SHAPES.items() for rows in ROWS
+               if (t := timed(driver, name, k, m, rows, runs, 9, env))]
+    return timings
 
 
 def decode_steps(model_path: Path, kernels: str, streams: int, n_steps: int) -> float:
@@ -111,13 +118,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--skip-decode", action="store_true")
     args = parser.parse_args()
-    from test_cpu_kernels import build_qmm_driver
-
     from test_cpu_kernels import build_kernel_driver
+    from test_qmm_kernels import build_qmm_driver
 
     with tempfile.TemporaryDirectory() as tmp:
         result = {"products": products(build_qmm_driver(Path(tmp) / "qmm_q6k"), args.runs),
-                  "q4k_products": q4k_products(build_kernel_driver(Path(tmp) / "qmm_q4k", "qmm_q4k", ["qmm_q4k_avx2"]),
+                  "q4k_products": q4k_products(build_kernel_driver(Path(tmp) / "qmm_q4k", "qmm_q4k",
+                                                                    ["qmm_q4k_avx2", "qmm_q4k_avx512"]),
                                                args.runs)}
     if not args.skip_decode:
         if not args.model.exists():

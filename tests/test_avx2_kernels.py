@@ -1,20 +1,19 @@
 """The AVX2 kernel family (CPUs without AVX-512 BF16: csrc/kernels/x86/gemm_avx2.cpp, attn_avx2.cpp,
-xattn_avx2.cpp, qmm_q4k_avx2.cpp and gelu.cpp's AVX2 form; qmm_q6k_avx2.cpp: tests/test_cpu_kernels.py):
+xattn_avx2.cpp and gelu.cpp's AVX2 form; qmm_q6k_avx2.cpp and qmm_q4k_avx2.cpp: tests/test_qmm_kernels.py):
 each kernel against ggml or a double-precision reference within bounds derived from its roundings
-(tests/c/gemm_avx2.cpp, attn_bf16.cpp, xattn.cpp, qmm_q4k.cpp), and the whole tower, the decode
-cross-attention and the Q4_K products against ggml's ops. On an AVX-512 BF16 machine MLLAMA_AVX512=0 makes
+(tests/c/gemm_avx2.cpp, attn_bf16.cpp, xattn.cpp), and the whole tower and the decode cross-attention
+against ggml's ops. On an AVX-512 BF16 machine MLLAMA_AVX512=0 makes
 the kernels take their AVX2 forms, so the family is checked on every x86 machine with AVX2."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 
 import pytest
 
 from mllama._native.cpu_features import cpu_flags, ggml_features
-from test_cpu_kernels import assert_cross_attention_matches_ggml, assert_qmm_matches_ggml, build_kernel_driver, encode, nmse
+from test_cpu_kernels import assert_cross_attention_matches_ggml, build_kernel_driver, encode, nmse
 
 AVX2 = ggml_features().get("AVX2_KERNELS") == "1"
 needs_avx2 = pytest.mark.skipif(not AVX2, reason="this build or CPU has no AVX2 kernels (x86-64 with AVX2, FMA, F16C)")
@@ -87,44 +86,6 @@ def test_decode_cross_attention_within_its_rounding_bound(xattn_driver, d, hq, h
     fields = run_driver(xattn_driver, d, hq, hkv, t, n_kv, 2)
     assert float(fields["avx2"]) <= 1.0, fields
     assert fields["avx512"] == "none" or float(fields["avx512"]) <= 1.0, fields
-
-
-@pytest.fixture(scope="module")
-def q4k_driver(tmp_path_factory):
-    return build_kernel_driver(tmp_path_factory.mktemp("q4k") / "qmm_q4k", "qmm_q4k", ["qmm_q4k_avx2"])
-
-
-@needs_avx2
-@needs_cxx
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
-@pytest.mark.parametrize("k,m", [(256, 8), (512, 16), (4096, 40), (1024, 96), (14336, 24)])
-def test_q4k_kernel_matches_ggml_repacked_mul_mat(q4k_driver, k, m, rows):
-    """The Q4_K kernel on ggml's repacked layout (CPU_REPACK's block_q4_Kx8, ggml's own repacking) against
-    ggml's mul_mat on the same tensor, random blocks (every bit pattern of quants and packed 6-bit scales
-    and mins) and rows (one 256-block all zeros), 2 threads. Both quantize x to the same Q8_K values and
-    sum each 32-weight sub-block exactly in integers; they differ only in float summation order (a few
-    roundings of 2^-24 per output: NMSE ~1e-14, measured up to 1.2e-13), so 1e-10 holds with room while a
-    wrong scale, min, channel or activation offset gives 1e-3 to 0.5 (checked by mutation). ggml's own
-    product on the file layout agrees with its repacked one just as closely (plain_nmse)."""
-    env = {**os.environ, "MLLAMA_AVX512": "0"}  # the AVX2 family on any x86 with AVX2
-    proc = subprocess.run([str(q4k_driver), str(k), str(m), str(rows), "2"], capture_output=True, text=True, timeout=120,
-                          env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert not proc.stdout.startswith("skip"), proc.stdout
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("nmse="))
-    fields = dict(item.split("=") for item in line.split())
-    assert float(fields["nmse"]) <= 1e-10 and float(fields["plain_nmse"]) <= 1e-10, proc.stdout
-
-
-@needs_avx2
-def test_q4k_kernel_in_the_model_matches_ggml(converted, monkeypatch, tmp_path):
-    """The q4_k conversion (its ffn_down matrices are Q4_K, K = n_ff = 256, repacked by ggml at load)
-    decoding with the kernel and with ggml's ops alone, on the AVX2 family: the same reasoning and bound as
-    the Q6_K kernel's model test (tests/test_cpu_kernels.py), and the profile shows that the kernel ran
-    (its product reads the 8-bit activations: one 320-byte block per row for K = 256)."""
-    monkeypatch.setenv("MLLAMA_AVX512", "0")
-    path = converted("q4_k")
-    assert_qmm_matches_ggml(path, monkeypatch, tmp_path, ["CUSTOM i8[320,", "MUL_MAT q4_K[256,"])
 
 
 @pytest.fixture

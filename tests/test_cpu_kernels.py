@@ -1,9 +1,9 @@
 """Our CPU kernels (csrc/kernels/) against ggml's generic ops on the same model, the memory
-report of a context, and the CPU-feature report behind `mllama info`'s rebuild warning."""
+report of a context, and the CPU-feature report behind `mllama info`'s rebuild warning (the quantized
+decode kernels: tests/test_qmm_kernels.py)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,7 +13,6 @@ import pytest
 
 import mllama
 from mllama._native.cpu_features import cpu_report, ggml_features, warning
-from mllama.generation.engine import Part
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ggml_features().get("AVX512_BF16_KERNELS") == "1"
@@ -226,20 +225,6 @@ def test_op_paths_name_the_kernels_the_context_uses(converted):
     assert default["vision linear layers"].startswith("ggml")  # the BF16 GEMM wants BF16 weights
 
 
-# --- the Q6_K kernel (qmm: csrc/kernels/x86/qmm_q6k.cpp) ---------------------------------------------
-
-VNNI = ggml_features().get("AVX512_VNNI_KERNELS") == "1"
-AVX2 = ggml_features().get("AVX2_KERNELS") == "1"
-# The kernel's two forms: AVX-512 VNNI where the CPU has it; AVX2 on any x86 with AVX2 (MLLAMA_AVX512=0
-# makes an AVX-512 CPU take it).
-QMM_FORMS = [pytest.param("avx512_vnni", marks=pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI")),
-             pytest.param("avx2", marks=pytest.mark.skipif(not AVX2, reason="this build or CPU has no AVX2 kernels"))]
-
-
-def qmm_form_env(form: str) -> dict:
-    return {**os.environ, "MLLAMA_AVX512": "0"} if form == "avx2" else dict(os.environ)
-
-
 def build_kernel_driver(out: Path, driver: str, kernels: list[str]) -> Path:
     """tests/c/DRIVER.cpp with the kernels' sources (csrc/kernels/; `kernels`: the ones it tests), against the
     loaded ggml."""
@@ -260,105 +245,3 @@ def build_kernel_driver(out: Path, driver: str, kernels: list[str]) -> Path:
                     f"-L{lib_dir}", "-lggml-cpu", "-lggml-base",
                     f"-Wl,-rpath,{lib_dir}", "-o", str(out)], check=True, capture_output=True, text=True)
     return out
-
-
-def build_qmm_driver(out: Path) -> Path:
-    """tests/c/qmm_q6k.cpp with the kernel's sources alone (bench/qmm.py too)."""
-    return build_kernel_driver(out, "qmm_q6k", ["qmm_q6k"])
-
-
-@pytest.fixture(scope="module")
-def qmm_driver(tmp_path_factory):
-    if shutil.which("c++") is None:
-        pytest.skip("no C++ compiler")
-    return build_qmm_driver(tmp_path_factory.mktemp("qmm") / "qmm_q6k")
-
-
-@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
-@pytest.mark.parametrize("form", QMM_FORMS)
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
-@pytest.mark.parametrize("k,m", [(256, 1), (512, 7), (4096, 33), (1024, 100), (14336, 67)])
-def test_q6k_kernel_matches_ggml_mul_mat(qmm_driver, k, m, rows, form):
-    """The kernel against ggml's mul_mat on the same random Q6_K blocks (every bit pattern, scales of
-    -128 included) and the same F32 rows (one 256-block all zeros), on 2 threads. Both quantize x to
-    8-bit blocks with ggml's Q8_K rule (the kernel reproduces it: scale -127/max, round half to even),
-    and both sum each block exactly in int32 (at most 16 * 63 * 127 per 16 weights, 2^31 far away), so
-    the integer block sums are equal; only the float sums differ in order: ggml adds d * sumi per
-    block in 8 lanes, the kernel d * (scale * sub-block sum) in 16 (the AVX2 form: d * sumi in 8 lanes,
-    with the scales in the integer sums as ggml's AVX2 code has them, which may round past 2^24). That is a
-    few float roundings (2^-24 relative) per output, an NMSE of ~1e-14 (measured: up to 1.5e-13 at K =
-    14336; 0 for the AVX2 form), so 1e-10 holds with room, and a wrong quantization (one int8 off by 1 in
-    a block: ~1e-6) would not pass."""
-    proc = subprocess.run([str(qmm_driver), str(k), str(m), str(rows), "2"], capture_output=True, text=True, timeout=120,
-                          env=qmm_form_env(form))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert not proc.stdout.startswith("skip"), proc.stdout
-    fields = dict(item.split("=") for item in proc.stdout.split())
-    assert float(fields["nmse"]) <= 1e-10, proc.stdout
-
-
-def qmm_run(path, monkeypatch, kernels: str, profile: Path | None = None):
-    """Logits of a 12-token prefill (ggml: more than 8 rows), of 6 single-token steps, of a 5-token
-    prompt in a second sequence (5 rows: the kernel), of 2 sequences stepped together, and 16 greedy
-    tokens."""
-    monkeypatch.setenv("MLLAMA_CPU_KERNELS", kernels)
-    prompt = [128000, 9906, 1917, 11, 1268, 527, 499, 30, 358, 1097, 7060, 13]
-    with mllama.Model(path, n_seq_max=2, n_ctx=128, profile=str(profile) if profile else None) as m:
-        engine = m.engine
-        logits = [engine.evaluate(prompt, [])]
-        for token in (40, 1097, 264, 1296, 315, 279):
-            logits.append(engine.step(token, 0))
-        logits.append(engine.evaluate(prompt[:5], [], seq=1))
-        logits.extend(engine.decode([Part(s, [791], len(engine.seqs[s].tokens), [], engine.rows_for(s, [791]), [0])
-                                     for s in (0, 1)]))
-        tokens = list(m.generate_tokens(prompt, max_tokens=16, temperature=0))
-    return np.stack(logits), tokens
-
-
-@pytest.mark.parametrize("form", QMM_FORMS)
-def test_q6k_kernel_in_the_model_matches_ggml(converted, monkeypatch, tmp_path, form):
-    """The q6_k conversion (its ffn_down matrices are Q6_K: K = n_ff = 256) decoding with the kernel
-    and with ggml's ops alone. Until the first Q6_K product both runs compute the same ops; its output
-    differs only in float summation order (NMSE ~1e-14, the test above). Downstream, that may flip a
-    rounding of the next 8-bit quantization of activations (Q8_K, and Q8_0 for the q8_0 matrices): one
-    int8 off by one in a block of 32..256 changes that product by at most 1/127 of the block's largest
-    input, an NMSE of ~1e-6 per flip at most. Measured here: 0 (K = 256 is one block per output, whose
-    few float roundings came out the same). The bound, 1e-6, allows one such flip and still fails any
-    real error (a wrong sub-block scale: ~1e-2); the profile shows that the kernel did run."""
-    path = converted("q6_k")
-    if form == "avx2":
-        monkeypatch.setenv("MLLAMA_AVX512", "0")
-    # the decode steps and the 5-token prompt take the kernel, the 12-token prefill ggml's mul_mat
-    assert_qmm_matches_ggml(path, monkeypatch, tmp_path, ["CUSTOM q6_K[256,", "MUL_MAT q6_K[256,"])
-
-
-def assert_qmm_matches_ggml(path, monkeypatch, tmp_path, profiled: list[str]):
-    """qmm_run with the qmm kernels and with ggml's ops alone: NMSE <= 1e-6, the same greedy tokens, and
-    the kernel's run profile holds each of `profiled`."""
-    ours, tokens_ours = qmm_run(path, monkeypatch, "qmm", tmp_path / "qmm.tsv")
-    ggml, tokens_ggml = qmm_run(path, monkeypatch, "0")
-    assert ours.shape == ggml.shape and np.all(np.isfinite(ours))
-    assert nmse(ours, ggml) <= 1e-6, nmse(ours, ggml)
-    assert tokens_ours == tokens_ggml and len(tokens_ours) > 0
-    ops = (tmp_path / "qmm.tsv").read_text()
-    assert all(op in ops for op in profiled), ops
-
-
-def test_q6k_kernel_op_paths(converted):
-    """op_paths names the kernel only where it may run: allowed by cpu_kernels (the default allows it)
-    and on a CPU with one of its forms (AVX2, AVX-512 VNNI), for a model that has Q6_K text matrices."""
-    with mllama.Model(converted("q6_k"), cpu_kernels="0") as model:
-        off = model.op_paths()["text matrices q6_K in the file layout"]
-    with mllama.Model(converted("q6_k"), cpu_kernels="attn,xattn") as model:
-        others = model.op_paths()["text matrices q6_K in the file layout"]
-    with mllama.Model(converted("q6_k")) as model:
-        default = model.op_paths()["text matrices q6_K in the file layout"]
-    with mllama.Model(converted("q6_k"), cpu_kernels="qmm,xattn") as model:
-        chosen = model.op_paths()["text matrices q6_K in the file layout"]
-    with mllama.Model(converted("f16")) as model:
-        none = model.op_paths()["text matrices q6_K in the file layout"]
-    assert off.startswith("4, ggml") and others.startswith("4, ggml")
-    form = "(x86 AVX512-VNNI)" if VNNI else "(x86 AVX2)"
-    assert default.startswith(f"4, mllama Q6_K kernel {form}" if VNNI or AVX2 else "4, ggml"), default
-    assert chosen.startswith(f"4, mllama Q6_K kernel {form}" if VNNI or AVX2 else "4, ggml"), chosen
-    assert none == "none in this model"

@@ -1,7 +1,7 @@
 // CPU kernels of our own (kernels/x86/) for the places where ggml's generic CPU ops dominate (profile
 // in bench/README.md): the vision tower's attention over all tiles of an image, the BF16 GEMMs of its
-// linear layers and the exact GELU, the cross-attention of decoding, and the Q6_K text matrices (and on
-// AVX2 the Q4_K ones ggml repacked) of decoding (a few rows at a time). All are ggml custom ops, so
+// linear layers and the exact GELU, the cross-attention of decoding, and the Q6_K text matrices and the
+// Q4_K ones ggml repacked of decoding (a few rows at a time). All are ggml custom ops, so
 // they run inside the normal graph on the CPU backend with ggml's threads. This is the one place that
 // says which kernel may run: the CPU must have the features and the context's cpu_kernels allow it.
 #pragma once
@@ -128,11 +128,11 @@ bool q6k_matmul_supported(const ggml_tensor * w, const ggml_tensor * x);
 ggml_tensor * q6k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
 
 // q4k_matmul handles w [K, M] Q4_K in ggml's repacked layout (its CPU_REPACK buffer: block_q4_Kx8, M % 8
-// == 0) times x [K, N] F32 with 1 <= N <= k_qmm_max_rows contiguous rows, on this CPU: the AVX2 family only.
+// == 0) times x [K, N] F32 with 1 <= N <= k_qmm_max_rows contiguous rows, on this CPU (where qmm is available).
 bool q4k_matmul_supported(const ggml_tensor * w, const ggml_tensor * x);
 
 // w x^T as ggml_mul_mat(w, x) computes it -> [M, N] F32: x quantized once to ggml's Q8_K values, each
-// weight block read once for all N rows (kernels/x86/qmm_q4k_avx2.cpp).
+// weight block read once for all N rows (kernels/x86/qmm_q4k_avx512.cpp, qmm_q4k_avx2.cpp).
 ggml_tensor * q4k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
 
 // 0.5 x (1 + erf(x / sqrt(2))) elementwise on F32, vectorized (max abs error of erf 1.5e-7).

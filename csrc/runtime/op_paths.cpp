@@ -78,10 +78,10 @@ static std::string q6k_path(const mllama_context & c, const std::string & ggml_c
            std::to_string(k_qmm_max_rows) + " rows, " + ggml_cpu + ": mul_mat above";
 }
 
-// Our Q4_K kernel takes the decode-time products of the q4_K matrices ggml repacked (CPU_REPACK), on the
-// AVX2 family (kernels/dispatch.h's q4k_matmul).
+// Our Q4_K kernel takes the decode-time products of the q4_K matrices ggml repacked (CPU_REPACK)
+// (kernels/dispatch.h's q4k_matmul).
 static std::string q4k_path(const mllama_context & c) {
-    if (!c.kernels.may_run(cpu_kernel::qmm) || kernel_family() != cpu_family::avx2) return "";
+    if (!c.kernels.may_run(cpu_kernel::qmm)) return "";
     int n = 0;
     for (const auto & [name, t] : c.model->tensors) {
         const bool repacked = t->type == GGML_TYPE_Q4_K && t->buffer && t->extra &&
@@ -89,7 +89,8 @@ static std::string q4k_path(const mllama_context & c) {
         n += repacked ? 1 : 0;
     }
     if (n == 0) return "";
-    return "; the " + std::to_string(n) + " repacked q4_K: mllama Q4_K kernel (x86 AVX2) for batches of up to " +
+    const char * form = kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX512-VNNI)";
+    return "; the " + std::to_string(n) + " repacked q4_K: mllama Q4_K kernel " + form + " for batches of up to " +
            std::to_string(k_qmm_max_rows) + " rows";
 }
 

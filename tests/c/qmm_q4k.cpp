@@ -1,13 +1,13 @@
-// q4k_matmul (csrc/kernels/x86/qmm_q4k_avx2.cpp) against ggml's own mul_mat on the same Q4_K weights in
-// ggml's CPU_REPACK buffer (repacked by ggml as the model loader has it) and the same F32 rows, on ggml's CPU
-// threads; built by tests/test_avx2_kernels.py and bench/qmm.py with the kernels' sources. The AVX2 family
-// only: run with MLLAMA_AVX512=0 on an AVX-512 CPU.
+// q4k_matmul (csrc/kernels/x86/qmm_q4k_avx512.cpp or qmm_q4k_avx2.cpp, the form of this CPU's family) against
+// ggml's own mul_mat on the same Q4_K weights in ggml's CPU_REPACK buffer (repacked by ggml as the model
+// loader has it) and the same F32 rows, on ggml's CPU threads; built by tests/test_qmm_kernels.py and
+// bench/qmm.py with the kernels' sources. MLLAMA_AVX512=0 runs the AVX2 form on an AVX-512 CPU.
 //
 //   qmm_q4k K M N [threads] [reps]
 //
-// Weights: random bytes in every field of each block (every bit pattern of the quants and of the packed
-// 6-bit scales and mins) with random fp16 d and dmin; x: random normal rows, the first block of the last
-// row all zeros. Prints "nmse=<kernel vs ggml> max_abs=<...> plain_nmse=<ggml repacked vs ggml on the file
+// Prints "form=avx512|avx2" first. Weights: random bytes in every field of each block (every bit pattern of
+// the quants and of the packed 6-bit scales and mins) with random fp16 d and dmin; x: random normal rows,
+// the first block of the last row all zeros. Prints "nmse=<kernel vs ggml> max_abs=<...> plain_nmse=<ggml repacked vs ggml on the file
 // layout>", then with reps > 0 the median time of each over reps runs ("ggml_ms=... qmm_ms=...
 // weight_bytes=..."), each run reading a different copy of the weights when one copy fits in a cache.
 #include "kernels/dispatch.h"
@@ -70,10 +70,11 @@ int main(int argc, char ** argv) {
     const int64_t K = args.K, M = args.M, N = args.N;
     const int threads = args.threads, reps = args.reps;
     ggml_backend_buffer_type_t repack = repack_buffer_type();
-    if (kernel_family() != cpu_family::avx2 || !repack) {
-        std::printf("skip: not the AVX2 family (MLLAMA_AVX512=0 on an AVX-512 CPU) or no CPU_REPACK buffer\n");
+    if (!cpu_kernel_available(cpu_kernel::qmm) || !repack) {
+        std::printf("skip: no qmm kernel on this CPU (AVX2, or AVX-512 with VNNI) or no CPU_REPACK buffer\n");
         return 0;
     }
+    std::printf("form=%s\n", kernel_family() == cpu_family::avx2 ? "avx2" : "avx512");
     const size_t w_bytes = static_cast<size_t>(K / 256 * M) * ggml_type_size(GGML_TYPE_Q4_K);
     const int copies = reps > 0 ? static_cast<int>(std::max<size_t>(1, (size_t(512) << 20) / w_bytes + 1)) : 1;
     std::mt19937_64 rng(static_cast<uint64_t>(K * 1000003 + M * 31 + N));

@@ -1,6 +1,6 @@
 // q6k_matmul (csrc/kernels/x86/qmm_q6k.cpp: AVX-512 VNNI; qmm_q6k_avx2.cpp: AVX2, or any CPU's under
 // MLLAMA_AVX512=0) against ggml's own mul_mat on the same Q6_K weights and the same F32 rows, on ggml's
-// CPU threads; built by tests/test_cpu_kernels.py and bench/qmm.py with the kernels' sources.
+// CPU threads; built by tests/test_qmm_kernels.py and bench/qmm.py with the kernels' sources.
 //
 //   qmm_q6k K M N [threads] [reps]
 //

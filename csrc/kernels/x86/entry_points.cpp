@@ -3,6 +3,7 @@
 #include "kernels/x86/entry_points.h"
 
 #include "kernels/dispatch.h"
+#include "kernels/x86/q4k_block.h"
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
 
@@ -28,6 +29,14 @@ ggml_tensor * gelu_erf_fast(ggml_context * ctx, ggml_tensor * x) {
 
 ggml_tensor * q6k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
     return kernel_family() == cpu_family::avx2 ? q6k_matmul_avx2(ctx, w, x) : q6k_matmul_avx512(ctx, w, x);  // [M, N]
+}
+
+bool q4k_matmul_supported(const ggml_tensor * w, const ggml_tensor * x) {
+    return cpu_kernel_available(cpu_kernel::qmm) && q4k::layout_supported(w, x);
+}
+
+ggml_tensor * q4k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
+    return kernel_family() == cpu_family::avx2 ? q4k_matmul_avx2(ctx, w, x) : q4k_matmul_avx512(ctx, w, x);  // [M, N]
 }
 
 }  // namespace mllama

@@ -31,4 +31,8 @@ ggml_tensor * gelu_erf_avx2(ggml_context * ctx, ggml_tensor * x);
 ggml_tensor * q6k_matmul_avx512(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
 ggml_tensor * q6k_matmul_avx2(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
 
+// q4k_matmul on AVX-512 VNNI (kernels/x86/qmm_q4k_avx512.cpp) and on AVX2 (kernels/x86/qmm_q4k_avx2.cpp).
+ggml_tensor * q4k_matmul_avx512(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
+ggml_tensor * q4k_matmul_avx2(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
+
 }  // namespace mllama

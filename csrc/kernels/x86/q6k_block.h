@@ -14,6 +14,7 @@
 namespace mllama::q6k {
 
 constexpr int64_t k_block = 256;  // weights per Q6_K block (ggml's QK_K), activations per 8-bit block
+constexpr int64_t k_prefetch_blocks = 10;  // the forms prefetch the block this far ahead (~2 KiB) into L1
 
 // ggml's block_q6_K (ggml-common.h), as it is in memory.
 struct q6k_block {

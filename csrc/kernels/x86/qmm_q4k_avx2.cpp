@@ -15,6 +15,8 @@
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
 
+#include "kernels/x86/entry_points.h"
+#include "kernels/x86/q4k_block.h"
 #include "kernels/x86/q8k_avx2.h"
 #include "kernels/x86/simd_avx2.h"
 
@@ -27,51 +29,21 @@
 namespace mllama {
 namespace {
 
-constexpr int64_t k_block = 256;     // weights per Q4_K block
-constexpr int64_t k_interleave = 8;  // channels per repacked block
+using q4k::block_mins;
+using q4k::k_block;
+using q4k::k_interleave;
+using q4k::q4kx8_block;
 
-// ggml's block_q4_Kx8 (ggml-cpu/repack.h, libggml-python 0.20.2): the blocks of channels 8g..8g+7 at one
-// k offset. qs: 8 bytes of channel i % 8 at byte offset 8 (i / 8) of its block_q4_K qs, for i = 0..127;
-// scales: per sub-block s, 12 bytes (at 12 s for s < 4, 48 + 12 (s - 4) after) packing the 8 channels'
-// 6-bit scales and mins (make_block_q4_Kx8 in ggml-cpu/repack.cpp).
-struct q4kx8_block {
-    uint16_t d[k_interleave], dmin[k_interleave];  // fp16
-    uint8_t scales[96];
-    uint8_t qs[k_block * k_interleave / 2];
-};
-static_assert(sizeof(q4kx8_block) == 1152, "block_q4_Kx8 layout");
-
-// One block's scales and mins, sub-block s in sub[s]: bytes [scale ch0-3, min ch0-3, scale ch4-7, min ch4-7].
-// packed: the block's scales, followed by its quants.
-MLLAMA_AVX2_TARGET inline void decode_scales(const uint8_t * packed, __m128i sub[8]) {
-    const __m128i m6 = _mm_set1_epi8(63), m4 = _mm_set1_epi8(15), top2 = _mm_set1_epi8(static_cast<char>(0xC0));
-    const __m128i low_half = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m128i nibbles = _mm_setr_epi8(-128, -128, -128, -128, -128, -128, -128, -128, 8, 9, 10, 11, 8, 9, 10, 11);
-    const __m128i to_high = _mm_setr_epi8(-128, -128, -128, -128, -128, -128, -128, -128, 0, 1, 2, 3, 4, 5, 6, 7);
-    const __m128i first4 = _mm_setr_epi32(-1, 0, -1, 0);  // within the high half: bytes 8-11 of 8-15
-    for (int s = 0; s < 8; ++s) {
-        // the sub-block's 12 bytes and 4 more, unused (within the block: its quants follow the scales)
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i *>(packed + (s < 4 ? 12 * s : 48 + 12 * (s - 4))));
-        const __m128i low6 = _mm_and_si128(_mm_and_si128(b, m6), low_half);                      // ch0-3
-        const __m128i high2 = _mm_shuffle_epi8(_mm_srli_epi16(_mm_and_si128(b, top2), 2), to_high);  // bits 4-5
-        const __m128i n = _mm_shuffle_epi8(b, nibbles);  // bytes 8-11 twice: scales' low nibbles, then mins' high ones
-        const __m128i n4 = _mm_blendv_epi8(_mm_and_si128(_mm_srli_epi16(n, 4), m4), _mm_and_si128(n, m4), first4);
-        sub[s] = _mm_or_si128(low6, _mm_or_si128(high2, _mm_andnot_si128(low_half, n4)));
-    }
-}
-
-// What every row needs of one block besides its weights: per sub-block s and channel half h the scales as
-// int16 (channel 4h + L / 4 in lane L, for vpmaddwd on vpmaddubsw's pair sums), and per sub-block pair p
-// the 8 channels' mins as int16 pairs (m(ch, 2p), m(ch, 2p + 1)), and d, dmin in float.
+// What every row needs of one block: per sub-block s and channel half h the scales as int16 (channel
+// 4h + L / 4 in lane L, for vpmaddwd on vpmaddubsw's pair sums), and the mins and fp16 factors.
 struct block_factors {
     __m256i scale16[8][2];
-    __m256i min_pairs[4];
-    __m256 d, dmin;
+    block_mins mins;
 };
 
 MLLAMA_AVX2_TARGET inline void factors(const q4kx8_block & blk, block_factors & f) {
     __m128i sub[8];
-    decode_scales(blk.scales, sub);
+    q4k::decode_scales(blk.scales, sub);
     // int16 lane L of half h: the scale byte of channel 4h + L / 4 (byte 8h + L / 4), zero-extended
     const __m256i c0 = _mm256_setr_epi8(0, -128, 0, -128, 0, -128, 0, -128, 1, -128, 1, -128, 1, -128, 1, -128,
                                         2, -128, 2, -128, 2, -128, 2, -128, 3, -128, 3, -128, 3, -128, 3, -128);
@@ -82,13 +54,7 @@ MLLAMA_AVX2_TARGET inline void factors(const q4kx8_block & blk, block_factors & 
         f.scale16[s][0] = _mm256_shuffle_epi8(both, c0);
         f.scale16[s][1] = _mm256_shuffle_epi8(both, c1);
     }
-    const __m128i mins = _mm_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, -128, -128, -128, -128, -128, -128, -128, -128);
-    for (int p = 0; p < 4; ++p) {
-        const __m128i pairs = _mm_unpacklo_epi8(_mm_shuffle_epi8(sub[2 * p], mins), _mm_shuffle_epi8(sub[2 * p + 1], mins));
-        f.min_pairs[p] = _mm256_cvtepu8_epi16(pairs);
-    }
-    f.d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(blk.d)));
-    f.dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(blk.dmin)));
+    q4k::mins_of(blk, sub, f.mins);
 }
 
 // acc += the block's 8 channel sums with one row (natural channel order). Byte offset 8i of each channel's
@@ -120,16 +86,7 @@ MLLAMA_AVX2_TARGET inline __m256 row_block(const q4kx8_block & blk, const block_
     // lanes [0, 1, 4, 5 | 2, 3, 6, 7] after the pair sums -> natural order
     const __m256i natural = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
     const __m256i sums = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(isum[0], isum[1]), natural);
-    __m256i msum = _mm256_setzero_si256();
-    for (int p = 0; p < 4; ++p) {  // the activations' 32-sums of sub-blocks 2p and 2p + 1, as an int16 pair
-        const int16_t b0 = static_cast<int16_t>(x.bsums[4 * p] + x.bsums[4 * p + 1]);
-        const int16_t b1 = static_cast<int16_t>(x.bsums[4 * p + 2] + x.bsums[4 * p + 3]);
-        const uint32_t pair = static_cast<uint16_t>(b0) | (static_cast<uint32_t>(static_cast<uint16_t>(b1)) << 16);
-        msum = _mm256_add_epi32(msum, _mm256_madd_epi16(f.min_pairs[p], _mm256_set1_epi32(static_cast<int32_t>(pair))));
-    }
-    const __m256 dx = _mm256_set1_ps(x.d);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(f.d, dx), acc);
-    return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(f.dmin, dx), acc);
+    return q4k::finish_row(sums, f.mins, x, acc);
 }
 
 // Channel groups g0..g1 of W (n_blocks per channel) against N rows of xq -> dst [M, N].
@@ -141,11 +98,7 @@ MLLAMA_AVX2_TARGET void product_groups(const q4kx8_block * w, int64_t n_blocks, 
         for (int64_t r = 0; r < N; ++r) acc[r] = _mm256_setzero_ps();
         for (int64_t b = 0; b < n_blocks; ++b) {
             const q4kx8_block & blk = w[g * n_blocks + b];
-            // two blocks ahead (2.3 KiB), as the Q6_K kernel does
-            const auto ahead = reinterpret_cast<uintptr_t>(&blk) + 2 * sizeof(q4kx8_block);
-            for (int line = 0; line < 18; ++line) {
-                _mm_prefetch(reinterpret_cast<const char *>(ahead + 64 * line), _MM_HINT_T0);
-            }
+            q4k::prefetch_ahead(blk);
             factors(blk, f);
             for (int64_t r = 0; r < N; ++r) {
                 const auto * xr = reinterpret_cast<const q8k_block *>(static_cast<const char *>(xq->data) + r * xq->nb[1]);
@@ -159,22 +112,17 @@ MLLAMA_AVX2_TARGET void product_groups(const q4kx8_block * w, int64_t n_blocks, 
     }
 }
 
-// dst [M, N] = W x^T; dst->src[0] = xq (q8k_quantize_rows_avx2), userdata = W [K, M] in the repacked layout;
-// groups of 8 channels split across threads in contiguous ranges.
+// userdata: W [K, M] in the repacked layout.
 void product(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    const auto * w = static_cast<const ggml_tensor *>(userdata);
-    const ggml_tensor * xq = dst->src[0];
-    const int64_t n_blocks = w->ne[0] / k_block, n_groups = w->ne[1] / k_interleave, N = xq->ne[1];
-    const int64_t per = (n_groups + nth - 1) / nth, g0 = std::min(n_groups, per * ith), g1 = std::min(n_groups, g0 + per);
-    product_groups(static_cast<const q4kx8_block *>(w->data), n_blocks, g0, g1, xq, dst, N);
+    q4k::for_each_group(static_cast<const ggml_tensor *>(userdata), dst, ith, nth, product_groups);
 }
 
 }  // namespace
 
-bool q4k_matmul_supported(const ggml_tensor * w, const ggml_tensor * x) {
-    if (kernel_family() != cpu_family::avx2 || !w || !x || w->type != GGML_TYPE_Q4_K || !w->buffer || !w->extra) {
-        return false;
-    }
+namespace q4k {
+
+bool layout_supported(const ggml_tensor * w, const ggml_tensor * x) {
+    if (!w || !x || w->type != GGML_TYPE_Q4_K || !w->buffer || !w->extra) return false;
     const char * buft = ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer));
     return std::strcmp(buft, "CPU_REPACK") == 0 && ggml_type_size(GGML_TYPE_Q4_K) * k_interleave == sizeof(q4kx8_block) &&
            w->ne[0] % k_block == 0 && w->ne[0] > 0 && w->ne[1] % k_interleave == 0 && w->ne[2] == 1 && w->ne[3] == 1 &&
@@ -183,7 +131,7 @@ bool q4k_matmul_supported(const ggml_tensor * w, const ggml_tensor * x) {
            x->nb[0] == sizeof(float);
 }
 
-ggml_tensor * q4k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
+ggml_tensor * matmul_graph(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_custom_op_t product) {
     const int64_t K = w->ne[0], M = w->ne[1], N = x->ne[1];
     const int64_t row_bytes = K / k_block * static_cast<int64_t>(sizeof(q8k_block));
     ggml_tensor * xq = ggml_custom_4d(ctx, GGML_TYPE_I8, row_bytes, N, 1, 1, &x, /*n_args=*/1, q8k_quantize_rows_avx2,
@@ -191,6 +139,12 @@ ggml_tensor * q4k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
     // w goes in by userdata, not as a source: ggml's CPU backend lets the repack buffer type decide which
     // ops may read its tensors, and it accepts only mul_mat (w lives as long as the model)
     return ggml_custom_4d(ctx, GGML_TYPE_F32, M, N, 1, 1, &xq, /*n_args=*/1, product, GGML_N_TASKS_MAX, w);  // [M, N]
+}
+
+}  // namespace q4k
+
+ggml_tensor * q4k_matmul_avx2(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
+    return q4k::matmul_graph(ctx, w, x, product);  // [M, N]
 }
 
 }  // namespace mllama

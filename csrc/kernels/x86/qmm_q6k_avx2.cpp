@@ -106,8 +106,6 @@ MLLAMA_AVX2_TARGET inline __m256i chunk(const q6k_block & blk, int c) {
     return _mm256_or_si256(low4, _mm256_and_si256(high2, _mm256_set1_epi8(0x30)));
 }
 
-constexpr int64_t k_prefetch_blocks = 10;
-
 // One output channel (a row of Q6_K blocks) against R activation rows (stride: blocks between rows).
 template <int R>
 MLLAMA_AVX2_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_block * x, int64_t stride, float * sums) {
@@ -115,7 +113,7 @@ MLLAMA_AVX2_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_
     for (int64_t b = 0; b < n_blocks; ++b) {
         const q6k_block & blk = w[b];
         // the block 10 ahead (~2 KiB): the hardware prefetcher alone left the product short of the memory's speed
-        const uintptr_t ahead = reinterpret_cast<uintptr_t>(w + b) + k_prefetch_blocks * sizeof(q6k_block);
+        const uintptr_t ahead = reinterpret_cast<uintptr_t>(w + b) + q6k::k_prefetch_blocks * sizeof(q6k_block);
         for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char *>(ahead + 64 * line), _MM_HINT_T0);
         const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk.scales));
         const __m256i both = _mm256_broadcastsi128_si256(sc8);

@@ -1,0 +1,110 @@
+// What the Q4_K kernel's forms share (kernels/dispatch.h's q4k_matmul; kernels/x86/qmm_q4k_avx2.cpp: AVX2,
+// qmm_q4k_avx512.cpp: AVX-512 VNNI): ggml's repacked block layout, the decoding of its packed scales and
+// mins, the per-row finish of a block (mins and fp16 scales), the split of channel groups across threads
+// and the graph's two custom ops. Every function here needs the AVX2 target: call them only from functions
+// compiled with MLLAMA_AVX2_TARGET or a superset of it.
+#pragma once
+
+#include "kernels/dispatch.h"
+#include "kernels/x86/q8k_avx2.h"
+#include "kernels/x86/simd_avx2.h"
+
+#include "ggml.h"
+
+#include <algorithm>
+#include <cstdint>
+
+namespace mllama::q4k {
+
+constexpr int64_t k_block = 256;     // weights per Q4_K block
+constexpr int64_t k_interleave = 8;  // channels per repacked block
+
+// ggml's block_q4_Kx8 (ggml-cpu/repack.h, libggml-python 0.20.2): the blocks of channels 8g..8g+7 at one
+// k offset. qs: 8 bytes of channel i % 8 at byte offset 8 (i / 8) of its block_q4_K qs, for i = 0..127;
+// scales: per sub-block s, 12 bytes (at 12 s for s < 4, 48 + 12 (s - 4) after) packing the 8 channels'
+// 6-bit scales and mins (make_block_q4_Kx8 in ggml-cpu/repack.cpp).
+struct q4kx8_block {
+    uint16_t d[k_interleave], dmin[k_interleave];  // fp16
+    uint8_t scales[96];
+    uint8_t qs[k_block * k_interleave / 2];
+};
+static_assert(sizeof(q4kx8_block) == 1152, "block_q4_Kx8 layout");
+
+// One block's scales and mins, sub-block s in sub[s]: bytes [scale ch0-3, min ch0-3, scale ch4-7, min ch4-7].
+// packed: the block's scales, followed by its quants.
+MLLAMA_AVX2_TARGET inline void decode_scales(const uint8_t * packed, __m128i sub[8]) {
+    const __m128i m6 = _mm_set1_epi8(63), m4 = _mm_set1_epi8(15), top2 = _mm_set1_epi8(static_cast<char>(0xC0));
+    const __m128i low_half = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m128i nibbles = _mm_setr_epi8(-128, -128, -128, -128, -128, -128, -128, -128, 8, 9, 10, 11, 8, 9, 10, 11);
+    const __m128i to_high = _mm_setr_epi8(-128, -128, -128, -128, -128, -128, -128, -128, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m128i first4 = _mm_setr_epi32(-1, 0, -1, 0);  // within the high half: bytes 8-11 of 8-15
+    for (int s = 0; s < 8; ++s) {
+        // the sub-block's 12 bytes and 4 more, unused (within the block: its quants follow the scales)
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i *>(packed + (s < 4 ? 12 * s : 48 + 12 * (s - 4))));
+        const __m128i low6 = _mm_and_si128(_mm_and_si128(b, m6), low_half);                      // ch0-3
+        const __m128i high2 = _mm_shuffle_epi8(_mm_srli_epi16(_mm_and_si128(b, top2), 2), to_high);  // bits 4-5
+        const __m128i n = _mm_shuffle_epi8(b, nibbles);  // bytes 8-11 twice: scales' low nibbles, then mins' high ones
+        const __m128i n4 = _mm_blendv_epi8(_mm_and_si128(_mm_srli_epi16(n, 4), m4), _mm_and_si128(n, m4), first4);
+        sub[s] = _mm_or_si128(low6, _mm_or_si128(high2, _mm_andnot_si128(low_half, n4)));
+    }
+}
+
+// What every row needs of a block for its mins and fp16 scales: per sub-block pair p the 8 channels' mins
+// as int16 pairs (m(ch, 2p), m(ch, 2p + 1)), and d, dmin in float (natural channel order).
+struct block_mins {
+    __m256i min_pairs[4];
+    __m256 d, dmin;
+};
+
+MLLAMA_AVX2_TARGET inline void mins_of(const q4kx8_block & blk, const __m128i sub[8], block_mins & f) {
+    const __m128i mins = _mm_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, -128, -128, -128, -128, -128, -128, -128, -128);
+    for (int p = 0; p < 4; ++p) {
+        const __m128i pairs = _mm_unpacklo_epi8(_mm_shuffle_epi8(sub[2 * p], mins), _mm_shuffle_epi8(sub[2 * p + 1], mins));
+        f.min_pairs[p] = _mm256_cvtepu8_epi16(pairs);
+    }
+    f.d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(blk.d)));
+    f.dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(blk.dmin)));
+}
+
+// acc + the block's 8 channel results with row x, given their exact integer sums of scale times quants
+// times activations (natural channel order): minus dmin times the mins' products with the activations'
+// sub-block sums, each term scaled by the fp16 factor and the row's scale, as ggml's product does.
+MLLAMA_AVX2_TARGET inline __m256 finish_row(__m256i sums, const block_mins & f, const q8k_block & x, __m256 acc) {
+    __m256i msum = _mm256_setzero_si256();
+    for (int p = 0; p < 4; ++p) {  // the activations' 32-sums of sub-blocks 2p and 2p + 1, as an int16 pair
+        const int16_t b0 = static_cast<int16_t>(x.bsums[4 * p] + x.bsums[4 * p + 1]);
+        const int16_t b1 = static_cast<int16_t>(x.bsums[4 * p + 2] + x.bsums[4 * p + 3]);
+        const uint32_t pair = static_cast<uint16_t>(b0) | (static_cast<uint32_t>(static_cast<uint16_t>(b1)) << 16);
+        msum = _mm256_add_epi32(msum, _mm256_madd_epi16(f.min_pairs[p], _mm256_set1_epi32(static_cast<int32_t>(pair))));
+    }
+    const __m256 dx = _mm256_set1_ps(x.d);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(f.d, dx), acc);
+    return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(f.dmin, dx), acc);
+}
+
+// Two blocks ahead (2.3 KiB) into L1, as the Q6_K kernel does.
+MLLAMA_AVX2_TARGET inline void prefetch_ahead(const q4kx8_block & blk) {
+    const auto ahead = reinterpret_cast<uintptr_t>(&blk) + 2 * sizeof(q4kx8_block);
+    for (int line = 0; line < 18; ++line) _mm_prefetch(reinterpret_cast<const char *>(ahead + 64 * line), _MM_HINT_T0);
+}
+
+// Channel groups g0..g1 of W (n_blocks per channel) against N rows of xq -> dst [M, N].
+using groups_fn = void (*)(const q4kx8_block * w, int64_t n_blocks, int64_t g0, int64_t g1, const ggml_tensor * xq,
+                           ggml_tensor * dst, int64_t N);
+
+// dst [M, N] = W x^T; dst->src[0] = xq (q8k_quantize_rows_avx2), w = W [K, M] in the repacked layout; groups
+// of 8 channels split across threads in contiguous ranges (each thread streams its part of W once).
+inline void for_each_group(const ggml_tensor * w, ggml_tensor * dst, int ith, int nth, groups_fn groups) {
+    const ggml_tensor * xq = dst->src[0];
+    const int64_t n_blocks = w->ne[0] / k_block, n_groups = w->ne[1] / k_interleave, N = xq->ne[1];
+    const int64_t per = (n_groups + nth - 1) / nth, g0 = std::min(n_groups, per * ith), g1 = std::min(n_groups, g0 + per);
+    groups(static_cast<const q4kx8_block *>(w->data), n_blocks, g0, g1, xq, dst, N);
+}
+
+// The shapes and layout the forms take (w in ggml's CPU_REPACK buffer; x: 1..k_qmm_max_rows F32 rows).
+bool layout_supported(const ggml_tensor * w, const ggml_tensor * x);
+
+// x [K, N] quantized to Q8_K rows (q8k_quantize_rows_avx2), then `product` (userdata: w) -> [M, N].
+ggml_tensor * matmul_graph(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_custom_op_t product);
+
+}  // namespace mllama::q4k

@@ -1,0 +1,155 @@
+// Q4_K matrices in ggml's repacked layout times 1..8 F32 rows on AVX-512 VNNI CPUs (kernels/dispatch.h's
+// q4k_matmul): the AVX2 form's arithmetic (kernels/x86/qmm_q4k_avx2.cpp, the same integer sums and the
+// same float steps, so the two agree bit for bit) on 512-bit registers, where one zmm holds all 8
+// channels' 8 quant bytes of a repacked row. ggml's own product runs a batch of fewer than 4 rows as one
+// pass over the weights per row (figures in bench/README.md).
+//
+// Per block (8 channels x 256 weights), per 64-byte row of quants (sub-blocks 2c and 2c + 1, 8 weights of
+// each per channel): the nibbles are masked out once for up to 4 activation rows; for each row vpmaddubsw
+// multiplies them by the row's 8 activations broadcast to every channel, four such products (one 32-weight
+// sub-block) are summed in int16 (at most 4 * 2 * 15 * 127), and vpdpwssd applies the sub-block scales
+// into int32 (two lanes per channel, added at the end).
+#include "kernels/dispatch.h"
+
+#if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
+
+#include "kernels/x86/entry_points.h"
+#include "kernels/x86/q4k_block.h"
+#include "kernels/x86/q8k_avx2.h"
+
+#include "ggml.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#define MLLAMA_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+namespace mllama {
+namespace {
+
+using q4k::block_mins;
+using q4k::q4kx8_block;
+
+constexpr int k_row_chunk = 4;  // activation rows per pass over a block's quants (their sums stay in registers)
+
+// pshufb controls that spread sub-block scales over int16 lanes: lane L (0..31) gets the scale of channel
+// L / 4, which decode_scales leaves in byte L / 4 (channels 0-3) or 4 + L / 4 (channels 4-7).
+struct scale_control {
+    alignas(64) int8_t bytes[64];
+    scale_control() {
+        for (int i = 0; i < 64; ++i) {
+            const int channel = i / 8;  // int16 lane i / 2, 4 lanes per channel
+            bytes[i] = static_cast<int8_t>(i % 2 ? -128 : (channel < 4 ? channel : channel + 4));
+        }
+    }
+};
+const scale_control k_scale_control;
+
+// What every row needs of one block: per sub-block s its 8 channels' scales as int16 lanes (channel L / 4
+// in lane L), and the mins and fp16 factors.
+struct block_factors {
+    __m512i scale16[8];
+    block_mins mins;
+};
+
+MLLAMA_VNNI_TARGET inline void factors(const q4kx8_block & blk, block_factors & f) {
+    __m128i sub[8];
+    q4k::decode_scales(blk.scales, sub);
+    const __m512i control = _mm512_load_si512(k_scale_control.bytes);
+    for (int s = 0; s < 8; ++s) f.scale16[s] = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(sub[s]), control);
+    q4k::mins_of(blk, sub, f.mins);
+}
+
+// acc[r] += the block's 8 channel results with rows x[r], r < R. Row i = 4c + k of the quants (64 bytes,
+// 8 per channel in channel order) holds weights 64c + 8k + 0..7 in the low nibbles (sub-block 2c) and
+// 64c + 32 + 8k + 0..7 in the high ones (sub-block 2c + 1).
+template <int R>
+MLLAMA_VNNI_TARGET inline void rows_block(const q4kx8_block & blk, const block_factors & f, const q8k_block * const * x,
+                                          __m256 * acc) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    __m512i isum[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) isum[r] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+        __m512i lo[R], hi[R];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k) {
+            const __m512i q = _mm512_loadu_si512(blk.qs + 64 * (4 * c + k));
+            const __m512i q_lo = _mm512_and_si512(q, m4), q_hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) {  // int16: 4 products of at most 2 * 15 * 127
+                int64_t xl, xh;
+                std::memcpy(&xl, x[r]->qs + 64 * c + 8 * k, 8);
+                std::memcpy(&xh, x[r]->qs + 64 * c + 32 + 8 * k, 8);
+                lo[r] = _mm512_add_epi16(lo[r], _mm512_maddubs_epi16(q_lo, _mm512_set1_epi64(xl)));
+                hi[r] = _mm512_add_epi16(hi[r], _mm512_maddubs_epi16(q_hi, _mm512_set1_epi64(xh)));
+            }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            isum[r] = _mm512_dpwssd_epi32(isum[r], lo[r], f.scale16[2 * c]);
+            isum[r] = _mm512_dpwssd_epi32(isum[r], hi[r], f.scale16[2 * c + 1]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {  // int32 lanes 2j, 2j + 1 -> channel j (the low half of each 64-bit lane)
+        const __m256i sums = _mm512_cvtepi64_epi32(_mm512_add_epi32(isum[r], _mm512_srli_epi64(isum[r], 32)));
+        acc[r] = q4k::finish_row(sums, f.mins, *x[r], acc[r]);
+    }
+}
+
+// Rows first..first + n - 1 (n <= k_row_chunk) of one block.
+MLLAMA_VNNI_TARGET inline void chunk_block(int64_t n, const q4kx8_block & blk, const block_factors & f,
+                                           const q8k_block * const * x, __m256 * acc) {
+    switch (n) {
+        case 1: return rows_block<1>(blk, f, x, acc);
+        case 2: return rows_block<2>(blk, f, x, acc);
+        case 3: return rows_block<3>(blk, f, x, acc);
+        default: return rows_block<4>(blk, f, x, acc);
+    }
+}
+
+// Channel groups g0..g1 of W (n_blocks per channel) against N rows of xq -> dst [M, N].
+MLLAMA_VNNI_TARGET void product_groups(const q4kx8_block * w, int64_t n_blocks, int64_t g0, int64_t g1,
+                                       const ggml_tensor * xq, ggml_tensor * dst, int64_t N) {
+    block_factors f;
+    __m256 acc[k_qmm_max_rows];
+    const q8k_block * x[k_qmm_max_rows];
+    for (int64_t g = g0; g < g1; ++g) {
+        for (int64_t r = 0; r < N; ++r) acc[r] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < n_blocks; ++b) {
+            const q4kx8_block & blk = w[g * n_blocks + b];
+            q4k::prefetch_ahead(blk);
+            factors(blk, f);
+            for (int64_t r = 0; r < N; ++r) {
+                x[r] = reinterpret_cast<const q8k_block *>(static_cast<const char *>(xq->data) + r * xq->nb[1]) + b;
+            }
+            for (int64_t r = 0; r < N; r += k_row_chunk) chunk_block(std::min<int64_t>(k_row_chunk, N - r), blk, f, x + r, acc + r);
+        }
+        for (int64_t r = 0; r < N; ++r) {  // dst [M, N]
+            auto * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + r * dst->nb[1]);
+            _mm256_storeu_ps(out + q4k::k_interleave * g, acc[r]);
+        }
+    }
+}
+
+// userdata: W [K, M] in the repacked layout.
+void product(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    q4k::for_each_group(static_cast<const ggml_tensor *>(userdata), dst, ith, nth, product_groups);
+}
+
+}  // namespace
+
+ggml_tensor * q4k_matmul_avx512(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
+    return q4k::matmul_graph(ctx, w, x, product);  // [M, N]
+}
+
+}  // namespace mllama
+
+#endif  // MLLAMA_X86_KERNELS
