@@ -137,7 +137,7 @@ std::string op_paths(const mllama_context & c) {
            line("vision attention", vision_attention(opt, ggml_cpu)) +
            line("vision linear layers", vision_gemm(opt, ggml_cpu)) +
            line("vision GELU", opt.fast_gelu ? "mllama vectorized GELU " + family() : ggml_cpu + ": gelu_erf") +
-           line("decode cross-attention", xattn ? "mllama GQA kernel over the F16 image cache " + family()
+           line("decode cross-attention", xattn ? std::string("mllama GQA kernel over the F16 image cache (x86 AVX2)")
                                                 : ggml_cpu + ": flash_attn_ext") +
            line("self-attention, prefill cross-attention", ggml_cpu + ": flash_attn_ext") +
            line("text matrices", ggml_cpu + ": mul_mat; in ggml's extra CPU layouts: " +

@@ -1,6 +1,6 @@
-// The decode cross-attention kernel (csrc/kernels/x86/xattn.cpp: AVX-512; xattn_avx2.cpp: AVX2, also run
-// on AVX-512 CPUs under MLLAMA_AVX512=0) against softmax(q k^T scale + mask) v in double precision on the
-// same inputs; built by tests/test_avx2_kernels.py with the kernels' sources.
+// The decode cross-attention kernel (csrc/kernels/x86/xattn.cpp, its block step in xattn_avx2.cpp: AVX2 on
+// every x86 family) against softmax(q k^T scale + mask) v in double precision on the same inputs; built by
+// tests/test_avx2_kernels.py with the kernels' sources.
 //
 //   xattn D Hq Hkv T n_kv [threads] [reps]
 //
@@ -13,9 +13,9 @@
 // (the bias and the running maximum subtracted) + 4e-7 (e^x) + 2 gamma_N (the F32 sums of p v and of p)
 // + 2u per softmax rescale (one per 64-key block), N u max|v| covers (s - m)'s rounding on the small
 // probabilities (e^x u |x| <= u / e each); the 2 is margin. Prints the largest error over the bound,
-// "avx512=<ratio|none> avx2=<ratio>", then with reps > 0 the median time of the AVX2 form and of ggml's
-// flash attention (F32 precision, as the decoder calls it) over reps runs, each on another copy of the
-// cache when one fits in a cache (at least 256 MB per pass): "ggml_ms=... avx2_ms=... cache_bytes=...".
+// "avx2=<ratio>", then with reps > 0 the median time of ggml's flash attention (F32 precision, as the
+// decoder calls it) and of the kernel over reps runs, each on another copy of the cache when one fits in
+// a cache (at least 256 MB per pass): "ggml_ms=... avx2_ms=... cache_bytes=...".
 #include "kernels/dispatch.h"
 #include "timing.h"
 
@@ -93,10 +93,14 @@ static ggml_tensor * run(const problem & p, ggml_context * ctx, ggml_tensor * q,
     return out;
 }
 
-// The AVX2 form (MLLAMA_AVX512=0 already set) and ggml's flash attention on `copies` caches of random F16.
-static void time_against_ggml(const problem & p, ggml_context * ctx, ggml_tensor * q, ggml_tensor * mask, int copies,
-                              int threads, int reps, size_t cache_bytes) {
+// `copies` caches of random F16 with our kernel's graph and ggml's flash attention (F32 precision, as the
+// decoder calls it) on each.
+struct timed_graphs {
     std::vector<ggml_cgraph *> ours, theirs;
+};
+
+static timed_graphs timing_graphs(const problem & p, ggml_context * ctx, ggml_tensor * q, ggml_tensor * mask, int copies) {
+    timed_graphs g;
     for (int c = 0; c < copies; ++c) {
         ggml_tensor * k = ggml_new_tensor_3d(ctx, GGML_TYPE_F16, p.D, p.Hkv, p.n_kv);  // [D, Hkv, n_kv]
         ggml_tensor * v = ggml_new_tensor_3d(ctx, GGML_TYPE_F16, p.D, p.Hkv, p.n_kv);  // [D, Hkv, n_kv]
@@ -105,16 +109,15 @@ static void time_against_ggml(const problem & p, ggml_context * ctx, ggml_tensor
             static_cast<ggml_fp16_t *>(v->data)[i] = ggml_fp32_to_fp16(static_cast<float>((i * 104729) % 997) / 997.0f - 0.5f);
         }
         const float scale = 1.0f / std::sqrt(static_cast<float>(p.D));
-        ours.push_back(ggml_new_graph(ctx));
-        ggml_build_forward_expand(ours.back(), decode_attention(ctx, q, k, v, mask, scale));  // [D * Hq, T]
+        g.ours.push_back(ggml_new_graph(ctx));
+        ggml_build_forward_expand(g.ours.back(), decode_attention(ctx, q, k, v, mask, scale));  // [D * Hq, T]
         ggml_tensor * fa = ggml_flash_attn_ext(ctx, ggml_permute(ctx, q, 0, 2, 1, 3), ggml_permute(ctx, k, 0, 2, 1, 3),
                                                ggml_permute(ctx, v, 0, 2, 1, 3), mask, scale, 0.0f, 0.0f);  // [D, Hq, T]
         ggml_flash_attn_ext_set_prec(fa, GGML_PREC_F32);
-        theirs.push_back(ggml_new_graph(ctx));
-        ggml_build_forward_expand(theirs.back(), fa);
+        g.theirs.push_back(ggml_new_graph(ctx));
+        ggml_build_forward_expand(g.theirs.back(), fa);
     }
-    const double ggml_ms = median_ms(ctx, theirs, threads, reps), avx2_ms = median_ms(ctx, ours, threads, reps);
-    std::printf("ggml_ms=%.4f avx2_ms=%.4f cache_bytes=%zu copies=%d\n", ggml_ms, avx2_ms, cache_bytes, copies);
+    return g;
 }
 
 int main(int argc, char ** argv) {
@@ -131,7 +134,7 @@ int main(int argc, char ** argv) {
     const size_t cache_bytes = size_t(4) * p.D * p.Hkv * p.n_kv;  // K and V, F16
     const int copies = reps > 0 ? static_cast<int>((size_t(256) << 20) / cache_bytes + 1) : 0;
     const size_t bytes = size_t(8) * (p.D * p.Hq * p.T * 4 + p.D * p.Hkv * p.n_kv + p.n_kv * p.T) +
-                         size_t(2) * copies * (cache_bytes + size_t(8) * p.D * p.Hq * p.T) + (size_t(16) << 20);
+                         size_t(3) * copies * (cache_bytes + size_t(8) * p.D * p.Hq * p.T) + (size_t(16) << 20);
     ggml_context * ctx = ggml_init({bytes, nullptr, false});
     std::mt19937_64 rng(static_cast<uint64_t>(p.D * 1000003 + p.Hq * 31 + p.n_kv));
     std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -156,17 +159,17 @@ int main(int argc, char ** argv) {
     for (int64_t t = 0; t < p.T; ++t)
         for (int64_t j = 0; j < p.n_kv; ++j)
             static_cast<ggml_fp16_t *>(mask->data)[t * p.n_kv + j] = ggml_fp32_to_fp16(mask_bias(t, j, p.T));
-    const ggml_tensor * avx512 = cpu_kernels_available() ? run(p, ctx, q, k, v, mask, threads) : nullptr;
-    setenv("MLLAMA_AVX512", "0", 1);  // the AVX2 form, on any CPU with AVX2
     const ggml_tensor * avx2 = run(p, ctx, q, k, v, mask, threads);
     if (!avx2) {
         std::printf("unsupported shape\n");
         return 1;
     }
-    if (avx512) std::printf("avx512=%.4f ", worst_ratio(p, avx512, q_scaled, kf, vf));
-    else std::printf("avx512=none ");
     std::printf("avx2=%.4f\n", worst_ratio(p, avx2, q_scaled, kf, vf));
-    if (reps > 0) time_against_ggml(p, ctx, q, mask, copies, threads, reps, cache_bytes);
+    if (reps > 0) {
+        const timed_graphs timed = timing_graphs(p, ctx, q, mask, copies);
+        const double ggml_ms = median_ms(ctx, timed.theirs, threads, reps), avx2_ms = median_ms(ctx, timed.ours, threads, reps);
+        std::printf("ggml_ms=%.4f avx2_ms=%.4f cache_bytes=%zu copies=%d\n", ggml_ms, avx2_ms, cache_bytes, copies);
+    }
     ggml_free(ctx);
     return 0;
 }

@@ -72,10 +72,8 @@ MLLAMA_AVX2_TARGET inline void mins_of(const q4kx8_block & blk, const __m128i su
 MLLAMA_AVX2_TARGET inline __m256 finish_row(__m256i sums, const block_mins & f, const q8k_block & x, __m256 acc) {
     __m256i msum = _mm256_setzero_si256();
     for (int p = 0; p < 4; ++p) {  // the activations' 32-sums of sub-blocks 2p and 2p + 1, as an int16 pair
-        const int16_t b0 = static_cast<int16_t>(x.bsums[4 * p] + x.bsums[4 * p + 1]);
-        const int16_t b1 = static_cast<int16_t>(x.bsums[4 * p + 2] + x.bsums[4 * p + 3]);
-        const uint32_t pair = static_cast<uint16_t>(b0) | (static_cast<uint32_t>(static_cast<uint16_t>(b1)) << 16);
-        msum = _mm256_add_epi32(msum, _mm256_madd_epi16(f.min_pairs[p], _mm256_set1_epi32(static_cast<int32_t>(pair))));
+        const __m256i pair = _mm256_set1_epi32(static_cast<int32_t>(x.bsum_pairs[p]));
+        msum = _mm256_add_epi32(msum, _mm256_madd_epi16(f.min_pairs[p], pair));
     }
     const __m256 dx = _mm256_set1_ps(x.d);
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(f.d, dx), acc);

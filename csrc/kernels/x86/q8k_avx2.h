@@ -12,9 +12,10 @@ namespace mllama {
 // One row's 256 activations. 320 bytes: rows stay 32-byte aligned.
 struct q8k_block {
     int8_t qs[256];
-    int16_t bsums[16];  // the sum of each 16 consecutive qs
-    float d;            // x ~ d qs
-    float pad[7];
+    int16_t bsums[16];       // the sum of each 16 consecutive qs
+    float d;                 // x ~ d qs
+    uint32_t bsum_pairs[4];  // for the Q4_K mins: the sums of qs 64p..64p+31 and 64p+32..64p+63 as an int16 pair
+    float pad[3];
 };
 static_assert(sizeof(q8k_block) == 320, "activation block layout");
 

@@ -55,11 +55,41 @@ struct block_factors {
     block_mins mins;
 };
 
+// q4k::decode_scales for four sub-blocks per zmm: z[h] lane i holds sub-block 4h + i as
+// [scale ch0-3, min ch0-3, scale ch4-7, min ch4-7] (the same steps per 128-bit lane).
+MLLAMA_VNNI_TARGET inline void decode_scales4(const uint8_t * packed, __m512i z[2]) {
+    const __m512i m6 = _mm512_set1_epi8(63), m4 = _mm512_set1_epi8(15), top2 = _mm512_set1_epi8(static_cast<char>(0xC0));
+    const __m512i low_half = _mm512_broadcast_i32x4(_mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0));
+    const __m512i nibbles = _mm512_broadcast_i32x4(
+        _mm_setr_epi8(-128, -128, -128, -128, -128, -128, -128, -128, 8, 9, 10, 11, 8, 9, 10, 11));
+    const __m512i to_high = _mm512_broadcast_i32x4(
+        _mm_setr_epi8(-128, -128, -128, -128, -128, -128, -128, -128, 0, 1, 2, 3, 4, 5, 6, 7));
+    // lane i <- the 12 bytes of sub-block i (dwords 3i..3i+2 of the 48) and one unused dword
+    const __m512i spread = _mm512_setr_epi32(0, 1, 2, 0, 3, 4, 5, 0, 6, 7, 8, 0, 9, 10, 11, 0);
+    for (int h = 0; h < 2; ++h) {  // 64 bytes from 48 h: within the block (its quants follow the scales)
+        const __m512i b = _mm512_permutexvar_epi32(spread, _mm512_loadu_si512(packed + 48 * h));
+        const __m512i low6 = _mm512_and_si512(_mm512_and_si512(b, m6), low_half);                                // ch0-3
+        const __m512i high2 = _mm512_shuffle_epi8(_mm512_srli_epi16(_mm512_and_si512(b, top2), 2), to_high);  // bits 4-5
+        const __m512i n = _mm512_shuffle_epi8(b, nibbles);  // bytes 8-11 twice: scales' low nibbles, mins' high ones
+        const __m512i n4 = _mm512_mask_blend_epi32(0x5555, _mm512_and_si512(_mm512_srli_epi16(n, 4), m4), _mm512_and_si512(n, m4));
+        z[h] = _mm512_or_si512(low6, _mm512_or_si512(high2, _mm512_andnot_si512(low_half, n4)));
+    }
+}
+
 MLLAMA_VNNI_TARGET inline void factors(const q4kx8_block & blk, block_factors & f) {
-    __m128i sub[8];
-    q4k::decode_scales(blk.scales, sub);
+    __m512i z[2];
+    decode_scales4(blk.scales, z);
     const __m512i control = _mm512_load_si512(k_scale_control.bytes);
-    for (int s = 0; s < 8; ++s) f.scale16[s] = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(sub[s]), control);
+    const __m512i lanes[8] = {  // sub-block s in every 128-bit lane
+        _mm512_shuffle_i32x4(z[0], z[0], 0x00), _mm512_shuffle_i32x4(z[0], z[0], 0x55),
+        _mm512_shuffle_i32x4(z[0], z[0], 0xAA), _mm512_shuffle_i32x4(z[0], z[0], 0xFF),
+        _mm512_shuffle_i32x4(z[1], z[1], 0x00), _mm512_shuffle_i32x4(z[1], z[1], 0x55),
+        _mm512_shuffle_i32x4(z[1], z[1], 0xAA), _mm512_shuffle_i32x4(z[1], z[1], 0xFF)};
+    __m128i sub[8];
+    for (int s = 0; s < 8; ++s) {
+        f.scale16[s] = _mm512_shuffle_epi8(lanes[s], control);
+        sub[s] = _mm512_castsi512_si128(lanes[s]);
+    }
     q4k::mins_of(blk, sub, f.mins);
 }
 
