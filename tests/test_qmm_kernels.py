@@ -129,20 +129,38 @@ def test_q4k_kernel_matches_ggml_repacked_mul_mat(q4k_driver, k, m, rows, form):
     assert float(fields["nmse"]) <= 1e-10 and float(fields["plain_nmse"]) <= 1e-10, proc.stdout
 
 
+@pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI (the AVX2 form takes up to 8 rows)")
+@pytest.mark.parametrize("rows", [9, 16, 33, 64])
+@pytest.mark.parametrize("k,m", [(256, 8), (4096, 40), (14336, 24)])
+def test_q4k_kernel_avx512_takes_short_prefills(q4k_driver, k, m, rows):
+    """The AVX-512 form also takes 9-64 rows (short prefills), in chunks of 4 rows per pass over a block:
+    the same check and bound as above. 65 rows are not its (ggml's product takes them)."""
+    proc = subprocess.run([str(q4k_driver), str(k), str(m), str(rows), "2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("form=avx512\n"), proc.stdout
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("nmse="))
+    fields = dict(item.split("=") for item in line.split())
+    assert float(fields["nmse"]) <= 1e-10 and float(fields["plain_nmse"]) <= 1e-10, proc.stdout
+    over = subprocess.run([str(q4k_driver), str(k), str(m), "65", "2"], capture_output=True, text=True, timeout=120)
+    assert over.returncode == 1 and "unsupported shape" in over.stdout, over.stdout
+
+
 @pytest.mark.parametrize("form", QMM_FORMS)
 def test_q4k_kernel_in_the_model_matches_ggml(converted, monkeypatch, tmp_path, form):
     """The q4_k conversion (its ffn_down matrices are Q4_K, K = n_ff = 256, repacked by ggml at load)
     decoding with the kernel and with ggml's ops alone: the same reasoning and bound as the Q6_K kernel's
     model test, the profile shows that the kernel ran (its product reads the 8-bit activations: one
-    320-byte block per row for K = 256) and op_paths names the form."""
+    320-byte block per row for K = 256; the 12-token prefill: ggml's product on AVX2, the kernel on
+    AVX-512) and op_paths names the form and its row limit."""
     if form == "avx2":
         monkeypatch.setenv("MLLAMA_AVX512", "0")
     path = converted("q4_k")
-    assert_qmm_matches_ggml(path, monkeypatch, tmp_path, ["CUSTOM i8[320,", "MUL_MAT q4_K[256,"])
+    profiled = ["CUSTOM i8[320,", "MUL_MAT q4_K[256," if form == "avx2" else "CUSTOM i8[320,12,"]
+    assert_qmm_matches_ggml(path, monkeypatch, tmp_path, profiled)
     with mllama.Model(path, cpu_kernels="qmm") as model:
         line = model.op_paths()["text matrices"]
-    name = "AVX2" if form == "avx2" else "AVX512-VNNI"
-    assert f"repacked q4_K: mllama Q4_K kernel (x86 {name})" in line, line
+    name, rows = ("AVX2", 8) if form == "avx2" else ("AVX512-VNNI", 64)
+    assert f"repacked q4_K: mllama Q4_K kernel (x86 {name}) for batches of up to {rows} rows" in line, line
 
 
 def assert_qmm_matches_ggml(path, monkeypatch, tmp_path, profiled: list[str]):

@@ -127,6 +127,7 @@ ggml_tensor * decode_attention(ggml_context *, ggml_tensor *, ggml_tensor *, ggm
 ggml_tensor * gelu_erf_fast(ggml_context *, ggml_tensor *) { no_x86_kernels(); }
 bool q6k_matmul_supported(const ggml_tensor *, const ggml_tensor *) { return false; }
 ggml_tensor * q6k_matmul(ggml_context *, ggml_tensor *, ggml_tensor *) { no_x86_kernels(); }
+int64_t q4k_max_rows() { return 0; }
 bool q4k_matmul_supported(const ggml_tensor *, const ggml_tensor *) { return false; }
 ggml_tensor * q4k_matmul(ggml_context *, ggml_tensor *, ggml_tensor *) { no_x86_kernels(); }
 #endif

@@ -91,7 +91,7 @@ static std::string q4k_path(const mllama_context & c) {
     if (n == 0) return "";
     const char * form = kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX512-VNNI)";
     return "; the " + std::to_string(n) + " repacked q4_K: mllama Q4_K kernel " + form + " for batches of up to " +
-           std::to_string(k_qmm_max_rows) + " rows";
+           std::to_string(q4k_max_rows()) + " rows";
 }
 
 static std::string on_tiles() {

@@ -99,7 +99,7 @@ inline void for_each_group(const ggml_tensor * w, ggml_tensor * dst, int ith, in
     groups(static_cast<const q4kx8_block *>(w->data), n_blocks, g0, g1, xq, dst, N);
 }
 
-// The shapes and layout the forms take (w in ggml's CPU_REPACK buffer; x: 1..k_qmm_max_rows F32 rows).
+// The shapes and layout the forms take (w in ggml's CPU_REPACK buffer; x: 1..k_q4k_max_rows F32 rows).
 bool layout_supported(const ggml_tensor * w, const ggml_tensor * x);
 
 // x [K, N] quantized to Q8_K rows (q8k_quantize_rows_avx2), then `product` (userdata: w) -> [M, N].

@@ -93,7 +93,7 @@ MLLAMA_AVX2_TARGET inline __m256 row_block(const q4kx8_block & blk, const block_
 MLLAMA_AVX2_TARGET void product_groups(const q4kx8_block * w, int64_t n_blocks, int64_t g0, int64_t g1,
                                        const ggml_tensor * xq, ggml_tensor * dst, int64_t N) {
     block_factors f;
-    __m256 acc[k_qmm_max_rows];
+    __m256 acc[k_q4k_max_rows];
     for (int64_t g = g0; g < g1; ++g) {
         for (int64_t r = 0; r < N; ++r) acc[r] = _mm256_setzero_ps();
         for (int64_t b = 0; b < n_blocks; ++b) {
@@ -127,7 +127,7 @@ bool layout_supported(const ggml_tensor * w, const ggml_tensor * x) {
     return std::strcmp(buft, "CPU_REPACK") == 0 && ggml_type_size(GGML_TYPE_Q4_K) * k_interleave == sizeof(q4kx8_block) &&
            w->ne[0] % k_block == 0 && w->ne[0] > 0 && w->ne[1] % k_interleave == 0 && w->ne[2] == 1 && w->ne[3] == 1 &&
            ggml_is_contiguous(w) && x->type == GGML_TYPE_F32 && x->ne[0] == w->ne[0] && x->ne[1] >= 1 &&
-           x->ne[1] <= k_qmm_max_rows && x->ne[2] == 1 && x->ne[3] == 1 && ggml_is_contiguous_rows(x) &&
+           x->ne[1] <= k_q4k_max_rows && x->ne[2] == 1 && x->ne[3] == 1 && ggml_is_contiguous_rows(x) &&
            x->nb[0] == sizeof(float);
 }
 

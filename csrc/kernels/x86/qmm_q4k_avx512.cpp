@@ -1,5 +1,5 @@
-// Q4_K matrices in ggml's repacked layout times 1..8 F32 rows on AVX-512 VNNI CPUs (kernels/dispatch.h's
-// q4k_matmul): the AVX2 form's arithmetic (kernels/x86/qmm_q4k_avx2.cpp, the same integer sums and the
+// Q4_K matrices in ggml's repacked layout times 1..64 F32 rows on AVX-512 VNNI CPUs (kernels/dispatch.h's
+// q4k_matmul: decode batches and short prefills): the AVX2 form's arithmetic (kernels/x86/qmm_q4k_avx2.cpp, the same integer sums and the
 // same float steps, so the two agree bit for bit) on 512-bit registers, where one zmm holds all 8
 // channels' 8 quant bytes of a repacked row. ggml's own product runs a batch of fewer than 4 rows as one
 // pass over the weights per row (figures in bench/README.md).
@@ -149,8 +149,8 @@ MLLAMA_VNNI_TARGET inline void chunk_block(int64_t n, const q4kx8_block & blk, c
 MLLAMA_VNNI_TARGET void product_groups(const q4kx8_block * w, int64_t n_blocks, int64_t g0, int64_t g1,
                                        const ggml_tensor * xq, ggml_tensor * dst, int64_t N) {
     block_factors f;
-    __m256 acc[k_qmm_max_rows];
-    const q8k_block * x[k_qmm_max_rows];
+    __m256 acc[k_q4k_max_rows];
+    const q8k_block * x[k_q4k_max_rows];
     for (int64_t g = g0; g < g1; ++g) {
         for (int64_t r = 0; r < N; ++r) acc[r] = _mm256_setzero_ps();
         for (int64_t b = 0; b < n_blocks; ++b) {
