@@ -7,9 +7,10 @@
 //
 // Prints "form=avx512|avx2" first. Weights: random bytes in every field of each block (every bit pattern of
 // the quants and of the packed 6-bit scales and mins) with random fp16 d and dmin; x: random normal rows,
-// the first block of the last row all zeros. Prints "nmse=<kernel vs ggml> max_abs=<...> plain_nmse=<ggml repacked vs ggml on the file
-// layout>", then with reps > 0 the median time of each over reps runs ("ggml_ms=... qmm_ms=...
-// weight_bytes=..."), each run reading a different copy of the weights when one copy fits in a cache.
+// the first block of the last row all zeros. Prints "nmse=<kernel vs ggml> max_abs=<...> plain_nmse=<ggml
+// repacked vs ggml on the file layout>", then with reps > 0 the median time of each over reps runs
+// ("ggml_ms=... qmm_ms=... weight_bytes=..."), each run reading a different copy of the weights when one
+// copy fits in a cache.
 #include "kernels/dispatch.h"
 #include "timing.h"
 

@@ -167,7 +167,8 @@ int main(int argc, char ** argv) {
     std::printf("avx2=%.4f\n", worst_ratio(p, avx2, q_scaled, kf, vf));
     if (reps > 0) {
         const timed_graphs timed = timing_graphs(p, ctx, q, mask, copies);
-        const double ggml_ms = median_ms(ctx, timed.theirs, threads, reps), avx2_ms = median_ms(ctx, timed.ours, threads, reps);
+        const double ggml_ms = median_ms(ctx, timed.theirs, threads, reps);
+        const double avx2_ms = median_ms(ctx, timed.ours, threads, reps);
         std::printf("ggml_ms=%.4f avx2_ms=%.4f cache_bytes=%zu copies=%d\n", ggml_ms, avx2_ms, cache_bytes, copies);
     }
     ggml_free(ctx);
