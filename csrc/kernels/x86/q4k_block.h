@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 namespace mllama::q4k {
 
@@ -86,17 +87,28 @@ MLLAMA_AVX2_TARGET inline void prefetch_ahead(const q4kx8_block & blk) {
     for (int line = 0; line < 18; ++line) _mm_prefetch(reinterpret_cast<const char *>(ahead + 64 * line), _MM_HINT_T0);
 }
 
-// Channel groups g0..g1 of W (n_blocks per channel) against N rows of xq -> dst [M, N].
-using groups_fn = void (*)(const q4kx8_block * w, int64_t n_blocks, int64_t g0, int64_t g1, const ggml_tensor * xq,
-                           ggml_tensor * dst, int64_t N);
+// One group of 8 channels (its n_blocks blocks from w) against N rows (x[r]: row r's activation blocks):
+// out[8 r + i] = channel i's result with row r. A form's inner loop.
+using group_fn = void (*)(const q4kx8_block * w, int64_t n_blocks, const q8k_block * const * x, int64_t N, float * out);
 
 // dst [M, N] = W x^T; dst->src[0] = xq (q8k_quantize_rows_avx2), w = W [K, M] in the repacked layout; groups
 // of 8 channels split across threads in contiguous ranges (each thread streams its part of W once).
-inline void for_each_group(const ggml_tensor * w, ggml_tensor * dst, int ith, int nth, groups_fn groups) {
+inline void for_each_group(const ggml_tensor * w, ggml_tensor * dst, int ith, int nth, group_fn group) {
     const ggml_tensor * xq = dst->src[0];
     const int64_t n_blocks = w->ne[0] / k_block, n_groups = w->ne[1] / k_interleave, N = xq->ne[1];
     const int64_t per = (n_groups + nth - 1) / nth, g0 = std::min(n_groups, per * ith), g1 = std::min(n_groups, g0 + per);
-    groups(static_cast<const q4kx8_block *>(w->data), n_blocks, g0, g1, xq, dst, N);
+    const q8k_block * x[k_q4k_max_rows];
+    for (int64_t r = 0; r < N; ++r) {
+        x[r] = reinterpret_cast<const q8k_block *>(static_cast<const char *>(xq->data) + r * xq->nb[1]);
+    }
+    float out[k_interleave * k_q4k_max_rows];
+    for (int64_t g = g0; g < g1; ++g) {
+        group(static_cast<const q4kx8_block *>(w->data) + g * n_blocks, n_blocks, x, N, out);
+        for (int64_t r = 0; r < N; ++r) {  // dst [M, N]
+            std::memcpy(static_cast<char *>(dst->data) + r * dst->nb[1] + g * k_interleave * sizeof(float),
+                        out + k_interleave * r, k_interleave * sizeof(float));
+        }
+    }
 }
 
 // The shapes and layout the forms take (w in ggml's CPU_REPACK buffer; x: 1..k_q4k_max_rows F32 rows).

@@ -33,6 +33,22 @@ inline float first_of_magnitude(const float * x, float largest) {
     return largest;
 }
 
+// dst->src[0] = x [K, N] F32 (K % 256 == 0) -> dst: each row's K / 256 activation blocks, written by
+// quantize; (row, block) pairs split across threads. The body of the quantizing ops of the quantized
+// products' forms (one per block layout).
+template <class Q8, void (*quantize)(const float * x, Q8 & out)>
+void quantize_rows(ggml_tensor * dst, int ith, int nth) {
+    const ggml_tensor * x = dst->src[0];
+    const int64_t n_blocks = x->ne[0] / k_block, total = n_blocks * x->ne[1];
+    const int64_t per = (total + nth - 1) / nth, w0 = std::min(total, per * ith), w1 = std::min(total, w0 + per);
+    for (int64_t w = w0; w < w1; ++w) {
+        const int64_t row = w / n_blocks, b = w % n_blocks;
+        const auto * xr = reinterpret_cast<const float *>(static_cast<const char *>(x->data) + row * x->nb[1]);
+        auto * out = reinterpret_cast<Q8 *>(static_cast<char *>(dst->data) + row * dst->nb[1]);
+        quantize(xr + b * k_block, out[b]);
+    }
+}
+
 // One output channel (a row of n_blocks Q6_K blocks) against R rows of activation blocks (stride: blocks
 // between rows), one function per R = 1..k_qmm_max_rows: sums[r] = the channel's dot product with row r.
 template <class Q8>

@@ -89,32 +89,23 @@ MLLAMA_AVX2_TARGET inline __m256 row_block(const q4kx8_block & blk, const block_
     return q4k::finish_row(sums, f.mins, x, acc);
 }
 
-// Channel groups g0..g1 of W (n_blocks per channel) against N rows of xq -> dst [M, N].
-MLLAMA_AVX2_TARGET void product_groups(const q4kx8_block * w, int64_t n_blocks, int64_t g0, int64_t g1,
-                                       const ggml_tensor * xq, ggml_tensor * dst, int64_t N) {
+// One group of 8 channels against N rows (q4k::group_fn).
+MLLAMA_AVX2_TARGET void group(const q4kx8_block * w, int64_t n_blocks, const q8k_block * const * x, int64_t N,
+                              float * out) {
     block_factors f;
     __m256 acc[k_q4k_max_rows];
-    for (int64_t g = g0; g < g1; ++g) {
-        for (int64_t r = 0; r < N; ++r) acc[r] = _mm256_setzero_ps();
-        for (int64_t b = 0; b < n_blocks; ++b) {
-            const q4kx8_block & blk = w[g * n_blocks + b];
-            q4k::prefetch_ahead(blk);
-            factors(blk, f);
-            for (int64_t r = 0; r < N; ++r) {
-                const auto * xr = reinterpret_cast<const q8k_block *>(static_cast<const char *>(xq->data) + r * xq->nb[1]);
-                acc[r] = row_block(blk, f, xr[b], acc[r]);
-            }
-        }
-        for (int64_t r = 0; r < N; ++r) {  // dst [M, N]
-            auto * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + r * dst->nb[1]);
-            _mm256_storeu_ps(out + k_interleave * g, acc[r]);
-        }
+    for (int64_t r = 0; r < N; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        q4k::prefetch_ahead(w[b]);
+        factors(w[b], f);
+        for (int64_t r = 0; r < N; ++r) acc[r] = row_block(w[b], f, x[r][b], acc[r]);
     }
+    for (int64_t r = 0; r < N; ++r) _mm256_storeu_ps(out + k_interleave * r, acc[r]);
 }
 
 // userdata: W [K, M] in the repacked layout.
 void product(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    q4k::for_each_group(static_cast<const ggml_tensor *>(userdata), dst, ith, nth, product_groups);
+    q4k::for_each_group(static_cast<const ggml_tensor *>(userdata), dst, ith, nth, group);
 }
 
 }  // namespace

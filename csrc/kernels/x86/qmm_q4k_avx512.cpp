@@ -95,12 +95,12 @@ MLLAMA_VNNI_TARGET inline void factors(const q4kx8_block & blk, block_factors & 
     q4k::mins_of(blk, sub, f.mins);
 }
 
-// acc[r] += the block's 8 channel results with rows x[r], r < R. Row i = 4c + k of the quants (64 bytes,
+// acc[r] += the block's 8 channel results with rows x[r] (their block b), r < R. Row i = 4c + k of the quants (64 bytes,
 // 8 per channel in channel order) holds weights 64c + 8k + 0..7 in the low nibbles (sub-block 2c) and
 // 64c + 32 + 8k + 0..7 in the high ones (sub-block 2c + 1).
 template <int R>
 MLLAMA_VNNI_TARGET inline void rows_block(const q4kx8_block & blk, const block_factors & f, const q8k_block * const * x,
-                                          __m256 * acc) {
+                                          int64_t b, __m256 * acc) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     __m512i isum[R];
 #pragma GCC unroll 4
@@ -117,8 +117,8 @@ MLLAMA_VNNI_TARGET inline void rows_block(const q4kx8_block & blk, const block_f
 #pragma GCC unroll 4
             for (int r = 0; r < R; ++r) {  // int16: 4 products of at most 2 * 15 * 127
                 int64_t xl, xh;
-                std::memcpy(&xl, x[r]->qs + 64 * c + 8 * k, 8);
-                std::memcpy(&xh, x[r]->qs + 64 * c + 32 + 8 * k, 8);
+                std::memcpy(&xl, x[r][b].qs + 64 * c + 8 * k, 8);
+                std::memcpy(&xh, x[r][b].qs + 64 * c + 32 + 8 * k, 8);
                 lo[r] = _mm512_add_epi16(lo[r], _mm512_maddubs_epi16(q_lo, _mm512_set1_epi64(xl)));
                 hi[r] = _mm512_add_epi16(hi[r], _mm512_maddubs_epi16(q_hi, _mm512_set1_epi64(xh)));
             }
@@ -132,50 +132,40 @@ MLLAMA_VNNI_TARGET inline void rows_block(const q4kx8_block & blk, const block_f
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {  // int32 lanes 2j, 2j + 1 -> channel j (the low half of each 64-bit lane)
         const __m256i sums = _mm512_cvtepi64_epi32(_mm512_add_epi32(isum[r], _mm512_srli_epi64(isum[r], 32)));
-        acc[r] = q4k::finish_row(sums, f.mins, *x[r], acc[r]);
+        acc[r] = q4k::finish_row(sums, f.mins, x[r][b], acc[r]);
     }
 }
 
-// Rows first..first + n - 1 (n <= k_row_chunk) of one block.
+// Rows x[0..n) (n <= k_row_chunk) of block b.
 MLLAMA_VNNI_TARGET inline void chunk_block(int64_t n, const q4kx8_block & blk, const block_factors & f,
-                                           const q8k_block * const * x, __m256 * acc) {
+                                           const q8k_block * const * x, int64_t b, __m256 * acc) {
     switch (n) {
-        case 1: return rows_block<1>(blk, f, x, acc);
-        case 2: return rows_block<2>(blk, f, x, acc);
-        case 3: return rows_block<3>(blk, f, x, acc);
-        default: return rows_block<4>(blk, f, x, acc);
+        case 1: return rows_block<1>(blk, f, x, b, acc);
+        case 2: return rows_block<2>(blk, f, x, b, acc);
+        case 3: return rows_block<3>(blk, f, x, b, acc);
+        default: return rows_block<4>(blk, f, x, b, acc);
     }
 }
 
-// Channel groups g0..g1 of W (n_blocks per channel) against N rows of xq -> dst [M, N].
-MLLAMA_VNNI_TARGET void product_groups(const q4kx8_block * w, int64_t n_blocks, int64_t g0, int64_t g1,
-                                       const ggml_tensor * xq, ggml_tensor * dst, int64_t N) {
+// One group of 8 channels against N rows (q4k::group_fn), k_row_chunk rows per pass over each block.
+MLLAMA_VNNI_TARGET void group(const q4kx8_block * w, int64_t n_blocks, const q8k_block * const * x, int64_t N,
+                              float * out) {
     block_factors f;
     __m256 acc[k_q4k_max_rows];
-    const q8k_block * x[k_q4k_max_rows];
-    for (int64_t g = g0; g < g1; ++g) {
-        for (int64_t r = 0; r < N; ++r) acc[r] = _mm256_setzero_ps();
-        for (int64_t b = 0; b < n_blocks; ++b) {
-            const q4kx8_block & blk = w[g * n_blocks + b];
-            q4k::prefetch_ahead(blk);
-            factors(blk, f);
-            for (int64_t r = 0; r < N; ++r) {
-                x[r] = reinterpret_cast<const q8k_block *>(static_cast<const char *>(xq->data) + r * xq->nb[1]) + b;
-            }
-            for (int64_t r = 0; r < N; r += k_row_chunk) {
-                chunk_block(std::min<int64_t>(k_row_chunk, N - r), blk, f, x + r, acc + r);
-            }
-        }
-        for (int64_t r = 0; r < N; ++r) {  // dst [M, N]
-            auto * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + r * dst->nb[1]);
-            _mm256_storeu_ps(out + q4k::k_interleave * g, acc[r]);
+    for (int64_t r = 0; r < N; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        q4k::prefetch_ahead(w[b]);
+        factors(w[b], f);
+        for (int64_t r = 0; r < N; r += k_row_chunk) {
+            chunk_block(std::min<int64_t>(k_row_chunk, N - r), w[b], f, x + r, b, acc + r);
         }
     }
+    for (int64_t r = 0; r < N; ++r) _mm256_storeu_ps(out + q4k::k_interleave * r, acc[r]);
 }
 
 // userdata: W [K, M] in the repacked layout.
 void product(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    q4k::for_each_group(static_cast<const ggml_tensor *>(userdata), dst, ith, nth, product_groups);
+    q4k::for_each_group(static_cast<const ggml_tensor *>(userdata), dst, ith, nth, group);
 }
 
 }  // namespace

@@ -73,17 +73,9 @@ MLLAMA_AVX2_TARGET void quantize_block(const float * x, q8_block & out) {
 
 }  // namespace
 
-// dst->src[0] = x [K, N] F32 -> dst [K / 256 * 320 bytes, N]; (row, block) pairs split across threads.
+// dst->src[0] = x [K, N] F32 -> dst [K / 256 * 320 bytes, N].
 void q8k_quantize_rows_avx2(ggml_tensor * dst, int ith, int nth, void *) {
-    const ggml_tensor * x = dst->src[0];
-    const int64_t n_blocks = x->ne[0] / k_block, total = n_blocks * x->ne[1];
-    const int64_t per = (total + nth - 1) / nth, w0 = std::min(total, per * ith), w1 = std::min(total, w0 + per);
-    for (int64_t w = w0; w < w1; ++w) {
-        const int64_t row = w / n_blocks, b = w % n_blocks;
-        const auto * xr = reinterpret_cast<const float *>(static_cast<const char *>(x->data) + row * x->nb[1]);
-        auto * out = reinterpret_cast<q8_block *>(static_cast<char *>(dst->data) + row * dst->nb[1]);
-        quantize_block(xr + b * k_block, out[b]);
-    }
+    q6k::quantize_rows<q8_block, quantize_block>(dst, ith, nth);
 }
 
 namespace {
