@@ -7,6 +7,10 @@
 
 #include "ggml.h"
 
+#if __has_include(<unistd.h>)
+#include <unistd.h>  // sysconf
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -14,7 +18,10 @@
 namespace mllama::q6k {
 
 constexpr int64_t k_block = 256;  // weights per Q6_K block (ggml's QK_K), activations per 8-bit block
-constexpr int64_t k_prefetch_blocks = 10;  // the forms prefetch the block this far ahead (~2 KiB) into L1
+// The forms prefetch the block this far ahead (8.4 KiB) into L1: one row took 1.15-1.4x the time (single
+// core, from memory) with the 10 blocks ahead of the first version, which left the memory's latency exposed.
+constexpr int64_t k_prefetch_blocks = 40;
+constexpr int64_t k_cache_line = 64;
 
 // ggml's block_q6_K (ggml-common.h), as it is in memory.
 struct q6k_block {
@@ -33,6 +40,20 @@ inline float first_of_magnitude(const float * x, float largest) {
     return largest;
 }
 
+// The quantized activations xq: N rows of K / 256 blocks each, back to back from the first cache line boundary
+// in xq's data. ggml's buffers align tensors to 32 bytes only, and zmm loads that split two cache lines made
+// the 8-row Q6_K product 1.3-2.2x slower; xq holds k_cache_line - 1 bytes of slack for the alignment.
+template <class Q8>
+Q8 * activation_rows(const ggml_tensor * xq) {
+    static_assert(sizeof(Q8) % 32 == 0, "activation blocks keep the rows' alignment");
+    const auto start = reinterpret_cast<uintptr_t>(xq->data);
+    return reinterpret_cast<Q8 *>((start + k_cache_line - 1) & ~static_cast<uintptr_t>(k_cache_line - 1));
+}
+
+inline int64_t activation_bytes(int64_t K, int64_t N, size_t q8_bytes) {
+    return K / k_block * static_cast<int64_t>(q8_bytes) * N + k_cache_line - 1;
+}
+
 // dst->src[0] = x [K, N] F32 (K % 256 == 0) -> dst: each row's K / 256 activation blocks, written by
 // quantize; (row, block) pairs split across threads. The body of the quantizing ops of the quantized
 // products' forms (one per block layout).
@@ -41,11 +62,11 @@ void quantize_rows(ggml_tensor * dst, int ith, int nth) {
     const ggml_tensor * x = dst->src[0];
     const int64_t n_blocks = x->ne[0] / k_block, total = n_blocks * x->ne[1];
     const int64_t per = (total + nth - 1) / nth, w0 = std::min(total, per * ith), w1 = std::min(total, w0 + per);
+    Q8 * rows = activation_rows<Q8>(dst);
     for (int64_t w = w0; w < w1; ++w) {
         const int64_t row = w / n_blocks, b = w % n_blocks;
         const auto * xr = reinterpret_cast<const float *>(static_cast<const char *>(x->data) + row * x->nb[1]);
-        auto * out = reinterpret_cast<Q8 *>(static_cast<char *>(dst->data) + row * dst->nb[1]);
-        quantize(xr + b * k_block, out[b]);
+        quantize(xr + b * k_block, rows[w]);
     }
 }
 
@@ -54,22 +75,54 @@ void quantize_rows(ggml_tensor * dst, int ith, int nth) {
 template <class Q8>
 using channel_fn = void (*)(const q6k_block * w, int64_t n_blocks, const Q8 * x, int64_t stride, float * sums);
 
-// dst [M, N] = W x^T; dst->src = {w [K, M] Q6_K, xq: N rows of Q8 blocks}; output channels split across
-// threads in contiguous ranges (each thread streams its part of W once).
+constexpr int64_t k_tile_bytes = int64_t(256) << 10;  // the weights of a tile of channels (they stay in L2)
+
+// The L1 data cache's size: sysconf where the C library knows it, else 32 KiB (the smallest of the x86 families
+// the kernels run on).
+inline int64_t l1d_bytes() {
+    static const int64_t bytes = [] {
+#if defined(_SC_LEVEL1_DCACHE_SIZE)
+        const long n = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+        if (n >= (16 << 10) && n <= (4 << 20)) return static_cast<int64_t>(n);
+#endif
+        return static_cast<int64_t>(32) << 10;
+    }();
+    return bytes;
+}
+
+// Rows per pass over a tile of weights, for N rows of row_bytes activations: all of them where they fit in 7/8
+// of L1 (the rest holds the weights' prefetched blocks), else as few and even passes as may be, of at least
+// min_rows each. Activations that did not fit (8 rows of the 4096-wide output matrix, 48 KB) made the 8-row
+// Q6_K product take 1.7x its time; a pass's weights, read from memory by the first, come from L2 for the next.
+inline int64_t rows_per_pass(int64_t N, int64_t row_bytes, int64_t min_rows) {
+    const int64_t fit = std::max(min_rows, l1d_bytes() * 7 / 8 / std::max<int64_t>(1, row_bytes));
+    const int64_t n_passes = (N + fit - 1) / fit;
+    return (N + n_passes - 1) / n_passes;
+}
+
+// dst [M, N] = W x^T; dst->src = {w [K, M] Q6_K, xq: N rows of Q8 blocks (activation_rows)}; output channels
+// split across threads in contiguous ranges (each thread streams its part of W once), in tiles of k_tile_bytes,
+// each tile taking the rows in passes (rows_per_pass; a pass of more than 4 rows gains little over two passes).
 template <class Q8>
 void for_each_channel(ggml_tensor * dst, int ith, int nth, const channel_fn<Q8> (&channels)[k_qmm_max_rows]) {
     const ggml_tensor * w = dst->src[0], * xq = dst->src[1];
-    const int64_t n_blocks = w->ne[0] / k_block, M = w->ne[1], N = xq->ne[1];
+    const int64_t n_blocks = w->ne[0] / k_block, M = w->ne[1], N = dst->ne[1];
     const int64_t per = (M + nth - 1) / nth, m0 = std::min(M, per * ith), m1 = std::min(M, m0 + per);
-    const auto * x = static_cast<const Q8 *>(xq->data);
-    const int64_t stride = static_cast<int64_t>(xq->nb[1] / sizeof(Q8));
-    const channel_fn<Q8> channel = channels[N - 1];
+    const int64_t pass_rows = rows_per_pass(N, n_blocks * static_cast<int64_t>(sizeof(Q8)), 4);
+    const int64_t tile = std::max<int64_t>(1, k_tile_bytes / static_cast<int64_t>(w->nb[1]));
+    const Q8 * x = activation_rows<Q8>(xq);
     float sums[k_qmm_max_rows];
-    for (int64_t m = m0; m < m1; ++m) {
-        channel(reinterpret_cast<const q6k_block *>(static_cast<const char *>(w->data) + m * w->nb[1]), n_blocks, x, stride,
-                sums);
-        for (int64_t r = 0; r < N; ++r) {
-            reinterpret_cast<float *>(static_cast<char *>(dst->data) + r * dst->nb[1])[m] = sums[r];  // dst [M, N]
+    for (int64_t t0 = m0; t0 < m1; t0 += tile) {
+        for (int64_t r0 = 0; r0 < N; r0 += pass_rows) {
+            const int64_t rows = std::min(pass_rows, N - r0);
+            for (int64_t m = t0; m < std::min(m1, t0 + tile); ++m) {
+                const auto * w_row = static_cast<const char *>(w->data) + m * w->nb[1];
+                const auto * wm = reinterpret_cast<const q6k_block *>(w_row);
+                channels[rows - 1](wm, n_blocks, x + r0 * n_blocks, n_blocks, sums);
+                for (int64_t r = 0; r < rows; ++r) {  // dst [M, N]
+                    reinterpret_cast<float *>(static_cast<char *>(dst->data) + (r0 + r) * dst->nb[1])[m] = sums[r];
+                }
+            }
         }
     }
 }
@@ -78,9 +131,8 @@ void for_each_channel(ggml_tensor * dst, int ith, int nth, const channel_fn<Q8> 
 inline ggml_tensor * matmul_graph(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, size_t q8_bytes,
                                   ggml_custom_op_t quantize, ggml_custom_op_t product) {
     const int64_t K = w->ne[0], M = w->ne[1], N = x->ne[1];
-    const int64_t row_bytes = K / k_block * static_cast<int64_t>(q8_bytes);
-    ggml_tensor * xq = ggml_custom_4d(ctx, GGML_TYPE_I8, row_bytes, N, 1, 1, &x, /*n_args=*/1, quantize, GGML_N_TASKS_MAX,
-                                      /*userdata=*/nullptr);  // [row_bytes, N]
+    ggml_tensor * xq = ggml_custom_4d(ctx, GGML_TYPE_I8, activation_bytes(K, N, q8_bytes), 1, 1, 1, &x, /*n_args=*/1,
+                                      quantize, GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // [bytes]
     ggml_tensor * args[] = {w, xq};
     return ggml_custom_4d(ctx, GGML_TYPE_F32, M, N, 1, 1, args, /*n_args=*/2, product, GGML_N_TASKS_MAX,
                           /*userdata=*/nullptr);  // [M, N]

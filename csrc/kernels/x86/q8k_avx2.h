@@ -19,7 +19,8 @@ struct q8k_block {
 };
 static_assert(sizeof(q8k_block) == 320, "activation block layout");
 
-// ggml custom op: dst->src[0] = x [K, N] F32 (K % 256 == 0) -> dst [K / 256 * sizeof(q8k_block) bytes, N].
+// ggml custom op: dst->src[0] = x [K, N] F32 (K % 256 == 0) -> dst: N rows of K / 256 blocks
+// (kernels/x86/q6k_block.h's activation_rows).
 void q8k_quantize_rows_avx2(ggml_tensor * dst, int ith, int nth, void * userdata);
 
 }  // namespace mllama

@@ -124,9 +124,9 @@ bool layout_supported(const ggml_tensor * w, const ggml_tensor * x) {
 
 ggml_tensor * matmul_graph(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_custom_op_t product) {
     const int64_t K = w->ne[0], M = w->ne[1], N = x->ne[1];
-    const int64_t row_bytes = K / k_block * static_cast<int64_t>(sizeof(q8k_block));
-    ggml_tensor * xq = ggml_custom_4d(ctx, GGML_TYPE_I8, row_bytes, N, 1, 1, &x, /*n_args=*/1, q8k_quantize_rows_avx2,
-                                      GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // [row_bytes, N]
+    const int64_t bytes = q6k::activation_bytes(K, N, sizeof(q8k_block));
+    ggml_tensor * xq = ggml_custom_4d(ctx, GGML_TYPE_I8, bytes, 1, 1, 1, &x, /*n_args=*/1, q8k_quantize_rows_avx2,
+                                      GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // [bytes]
     // w goes in by userdata, not as a source: ggml's CPU backend lets the repack buffer type decide which
     // ops may read its tensors, and it accepts only mul_mat (w lives as long as the model)
     return ggml_custom_4d(ctx, GGML_TYPE_F32, M, N, 1, 1, &xq, /*n_args=*/1, product, GGML_N_TASKS_MAX, w);  // [M, N]

@@ -125,7 +125,7 @@ MLLAMA_VNNI_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < n_blocks; ++b) {
         const q6k_block & blk = w[b];
-        // the block 10 ahead (~2 KiB): without it the product ran short of the memory's speed from 2 rows
+        // k_prefetch_blocks ahead: without it the product ran short of the memory's speed from 2 rows
         const uintptr_t ahead = reinterpret_cast<uintptr_t>(w + b) + q6k::k_prefetch_blocks * sizeof(q6k_block);
         for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char *>(ahead + 64 * line), _MM_HINT_T0);
         __m512i n[4], t[4];
