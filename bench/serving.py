@@ -2,9 +2,11 @@
 and 8 concurrent streams on the 11B-dims synthetic model (5 text layers, Q4_K_M; vision tower BF16),
 time to first token of a new request while 4 others stream, and what a new request's image encode
 does to the streams already running. Everything in one process, one run, through the batch scheduler
-(Model.submit + run_step, the path `mllama serve` drives).
+(Model.submit + run_step, the path `mllama serve` drives). The stream counts run in --rounds rounds of
+1, 2, 4, 8 streams, interleaved so that a shared machine's drift falls on all of them alike; each count
+reports its median round (by aggregate tokens/s), and the ratios are between medians.
 
-    python bench/serving.py [--quick] [--tokens 32] [--out bench/results/serving.json]
+    python bench/serving.py [--quick] [--tokens 32] [--rounds 3] [--out bench/results/serving.json]
 """
 
 from __future__ import annotations
@@ -104,10 +106,21 @@ def two_turns(model, image) -> dict:
     return out
 
 
+STREAM_COUNTS = (1, 2, 4, 8)
+
+
+def median_round(runs: list[dict]) -> dict:
+    """The run with the median aggregate tokens/s (the lower middle one for an even count), with every
+    round's aggregate beside it."""
+    ordered = sorted(runs, key=lambda r: r["aggregate_tok_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "aggregate_tok_s_rounds": [r["aggregate_tok_s"] for r in runs]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small dimensions: a fast check of the script")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per stream")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of 1, 2, 4, 8 streams")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "serving.json")
     parser.add_argument("--model", type=Path, help="a GGUF to use instead of writing the synthetic one")
     args = parser.parse_args()
@@ -117,15 +130,19 @@ def main() -> None:
     from PIL import Image
 
     text, vision, _ = configs(args.quick)
-    result = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count()}, "tokens_per_stream": args.tokens, "runs": []}
+    result = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count()}, "tokens_per_stream": args.tokens,
+              "rounds": max(1, args.rounds), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or write_synthetic_gguf(Path(tmp) / "q4_k_m.gguf", text, vision, type="q4_k_m",
                                                   vision_type="bf16")
         with mllama.Model(path, n_seq_max=8, n_ctx=512) as model:
             model.stream_text(prompt(model, 0), temperature=0.0, max_tokens=4).finish()  # warm-up
-            for n in (1, 2, 4, 8):
-                result["runs"].append(streams(model, n, args.tokens))
-                print(json.dumps(result["runs"][-1]), flush=True)
+            rounds: dict[int, list[dict]] = {n: [] for n in STREAM_COUNTS}
+            for _ in range(max(1, args.rounds)):
+                for n in STREAM_COUNTS:
+                    rounds[n].append(streams(model, n, args.tokens))
+                    print(json.dumps(rounds[n][-1]), flush=True)
+            result["runs"] = [median_round(rounds[n]) for n in STREAM_COUNTS]
             image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (448, 448, 3), dtype=np.uint8))
             result["new_text_request"] = newcomer(model, args.tokens)
             result["new_image_request"] = newcomer(model, args.tokens, image)
