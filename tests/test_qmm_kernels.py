@@ -57,7 +57,7 @@ def test_q6k_kernel_matches_ggml_mul_mat(qmm_driver, k, m, rows, form):
     few float roundings (2^-24 relative) per output, an NMSE of ~1e-14 (measured: up to 1.8e-13 at K =
     14336; 0 for the AVX2 form), so 1e-10 holds with room, and a wrong quantization (one int8 off by 1 in
     a block: ~1e-6) would not pass. K = 14336 with 5 and 8 rows takes the rows in two passes over each tile of
-    channels (q6k::rows_per_pass: 21 KB of activations per row), M = 67 two tiles per thread."""
+    channels (q6k::rows_per_pass: 18 KB of activations per row), M = 67 two tiles per thread."""
     proc = subprocess.run([str(qmm_driver), str(k), str(m), str(rows), "2"], capture_output=True, text=True, timeout=120,
                           env=qmm_form_env(form))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -151,13 +151,14 @@ def test_q4k_kernel_in_the_model_matches_ggml(converted, monkeypatch, tmp_path, 
     """The q4_k conversion (its ffn_down matrices are Q4_K, K = n_ff = 256, repacked by ggml at load)
     decoding with the kernel and with ggml's ops alone: the same reasoning and bound as the Q6_K kernel's
     model test, the profile shows that the kernel ran (its product reads the 8-bit activations: one
-    320-byte block per row for K = 256, and 63 bytes of slack to start them on a cache line; the 12-token
-    prefill: ggml's product on AVX2, the kernel on AVX-512) and op_paths names the form and its row limit."""
+    320-byte block and its 4-byte scale per row for K = 256, and 63 bytes of slack to start them on a cache
+    line; the 12-token prefill: ggml's product on AVX2, the kernel on AVX-512) and op_paths names the form
+    and its row limit."""
     if form == "avx2":
         monkeypatch.setenv("MLLAMA_AVX512", "0")
     path = converted("q4_k")
     def activations(rows: int) -> str:
-        return f"CUSTOM i8[{320 * rows + 63},1,1]"
+        return f"CUSTOM i8[{(320 + 4) * rows + 63},1,1]"
 
     profiled = [activations(1), "MUL_MAT q4_K[256," if form == "avx2" else activations(12)]
     assert_qmm_matches_ggml(path, monkeypatch, tmp_path, profiled)

@@ -50,30 +50,39 @@ Q8 * activation_rows(const ggml_tensor * xq) {
     return reinterpret_cast<Q8 *>((start + k_cache_line - 1) & ~static_cast<uintptr_t>(k_cache_line - 1));
 }
 
+// After the rows: each (row, block)'s scale d (x ~ d q), row-major, n_blocks_total = N * K / 256 of them.
+template <class Q8>
+float * activation_scales(const ggml_tensor * xq, int64_t n_blocks_total) {
+    return reinterpret_cast<float *>(activation_rows<Q8>(xq) + n_blocks_total);
+}
+
 inline int64_t activation_bytes(int64_t K, int64_t N, size_t q8_bytes) {
-    return K / k_block * static_cast<int64_t>(q8_bytes) * N + k_cache_line - 1;
+    return K / k_block * N * static_cast<int64_t>(q8_bytes + sizeof(float)) + k_cache_line - 1;
 }
 
 // dst->src[0] = x [K, N] F32 (K % 256 == 0) -> dst: each row's K / 256 activation blocks, written by
-// quantize; (row, block) pairs split across threads. The body of the quantizing ops of the quantized
-// products' forms (one per block layout).
-template <class Q8, void (*quantize)(const float * x, Q8 & out)>
+// quantize, which returns the block's scale (activation_scales); (row, block) pairs split across threads.
+// The body of the quantizing ops of the quantized products' forms (one per block layout).
+template <class Q8, float (*quantize)(const float * x, Q8 & out)>
 void quantize_rows(ggml_tensor * dst, int ith, int nth) {
     const ggml_tensor * x = dst->src[0];
     const int64_t n_blocks = x->ne[0] / k_block, total = n_blocks * x->ne[1];
     const int64_t per = (total + nth - 1) / nth, w0 = std::min(total, per * ith), w1 = std::min(total, w0 + per);
     Q8 * rows = activation_rows<Q8>(dst);
+    float * scales = activation_scales<Q8>(dst, total);
     for (int64_t w = w0; w < w1; ++w) {
         const int64_t row = w / n_blocks, b = w % n_blocks;
         const auto * xr = reinterpret_cast<const float *>(static_cast<const char *>(x->data) + row * x->nb[1]);
-        quantize(xr + b * k_block, rows[w]);
+        scales[w] = quantize(xr + b * k_block, rows[w]);
     }
 }
 
-// One output channel (a row of n_blocks Q6_K blocks) against R rows of activation blocks (stride: blocks
-// between rows), one function per R = 1..k_qmm_max_rows: sums[r] = the channel's dot product with row r.
+// One output channel (a row of n_blocks Q6_K blocks) against R rows of activation blocks x and their scales d
+// (stride: blocks between rows), one function per R = 1..k_qmm_max_rows: sums[r] = the channel's dot product
+// with row r.
 template <class Q8>
-using channel_fn = void (*)(const q6k_block * w, int64_t n_blocks, const Q8 * x, int64_t stride, float * sums);
+using channel_fn = void (*)(const q6k_block * w, int64_t n_blocks, const Q8 * x, const float * d, int64_t stride,
+                            float * sums);
 
 constexpr int64_t k_tile_bytes = int64_t(256) << 10;  // the weights of a tile of channels (they stay in L2)
 
@@ -92,8 +101,9 @@ inline int64_t l1d_bytes() {
 
 // Rows per pass over a tile of weights, for N rows of row_bytes activations: all of them where they fit in 7/8
 // of L1 (the rest holds the weights' prefetched blocks), else as few and even passes as may be, of at least
-// min_rows each. Activations that did not fit (8 rows of the 4096-wide output matrix, 48 KB) made the 8-row
-// Q6_K product take 1.7x its time; a pass's weights, read from memory by the first, come from L2 for the next.
+// min_rows each. Activations that did not fit (8 rows of the 4096-wide output matrix in 384-byte blocks, 48 KB)
+// made the 8-row Q6_K product take 1.7x its time; a pass's weights, read from memory by the first, come from L2 for
+// the next.
 inline int64_t rows_per_pass(int64_t N, int64_t row_bytes, int64_t min_rows) {
     const int64_t fit = std::max(min_rows, l1d_bytes() * 7 / 8 / std::max<int64_t>(1, row_bytes));
     const int64_t n_passes = (N + fit - 1) / fit;
@@ -111,6 +121,7 @@ void for_each_channel(ggml_tensor * dst, int ith, int nth, const channel_fn<Q8> 
     const int64_t pass_rows = rows_per_pass(N, n_blocks * static_cast<int64_t>(sizeof(Q8)), 4);
     const int64_t tile = std::max<int64_t>(1, k_tile_bytes / static_cast<int64_t>(w->nb[1]));
     const Q8 * x = activation_rows<Q8>(xq);
+    const float * d = activation_scales<Q8>(xq, N * n_blocks);
     float sums[k_qmm_max_rows];
     for (int64_t t0 = m0; t0 < m1; t0 += tile) {
         for (int64_t r0 = 0; r0 < N; r0 += pass_rows) {
@@ -118,7 +129,7 @@ void for_each_channel(ggml_tensor * dst, int ith, int nth, const channel_fn<Q8> 
             for (int64_t m = t0; m < std::min(m1, t0 + tile); ++m) {
                 const auto * w_row = static_cast<const char *>(w->data) + m * w->nb[1];
                 const auto * wm = reinterpret_cast<const q6k_block *>(w_row);
-                channels[rows - 1](wm, n_blocks, x + r0 * n_blocks, n_blocks, sums);
+                channels[rows - 1](wm, n_blocks, x + r0 * n_blocks, d + r0 * n_blocks, n_blocks, sums);
                 for (int64_t r = 0; r < rows; ++r) {  // dst [M, N]
                     reinterpret_cast<float *>(static_cast<char *>(dst->data) + (r0 + r) * dst->nb[1])[m] = sums[r];
                 }

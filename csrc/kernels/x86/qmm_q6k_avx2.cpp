@@ -32,7 +32,7 @@ using q8_block = q8k_block;
 
 // ggml's Q8_K quantization of 256 floats (quantize_row_q8_K_ref: scale -127 / the value of largest
 // magnitude, the first one on ties; round half to even; at most 127).
-MLLAMA_AVX2_TARGET void quantize_block(const float * x, q8_block & out) {
+MLLAMA_AVX2_TARGET float quantize_block(const float * x, q8_block & out) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 amax = _mm256_setzero_ps();
     for (int64_t i = 0; i < k_block; i += 8) amax = _mm256_max_ps(amax, _mm256_and_ps(abs_mask, _mm256_loadu_ps(x + i)));
@@ -41,7 +41,7 @@ MLLAMA_AVX2_TARGET void quantize_block(const float * x, q8_block & out) {
     const float largest = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
     if (!(largest > 0.0f)) {  // all zeros (or NaN): ggml stores d = 0 and zero quants
         std::memset(&out, 0, sizeof(out));
-        return;
+        return 0.0f;
     }
     const float max = q6k::first_of_magnitude(x, largest);
     const float iscale = -127.0f / max;
@@ -69,11 +69,12 @@ MLLAMA_AVX2_TARGET void quantize_block(const float * x, q8_block & out) {
         const auto hi = static_cast<uint16_t>(out.bsums[4 * p + 2] + out.bsums[4 * p + 3]);
         out.bsum_pairs[p] = lo | static_cast<uint32_t>(hi) << 16;
     }
+    return out.d;
 }
 
 }  // namespace
 
-// dst->src[0] = x [K, N] F32 -> dst [K / 256 * 320 bytes, N].
+// dst->src[0] = x [K, N] F32 -> dst: N rows of K / 256 blocks and their scales (q6k::activation_rows).
 void q8k_quantize_rows_avx2(ggml_tensor * dst, int ith, int nth, void *) {
     q6k::quantize_rows<q8_block, quantize_block>(dst, ith, nth);
 }
@@ -105,7 +106,8 @@ MLLAMA_AVX2_TARGET inline __m256i chunk(const q6k_block & blk, int c) {
 
 // One output channel (a row of Q6_K blocks) against R activation rows (stride: blocks between rows).
 template <int R>
-MLLAMA_AVX2_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_block * x, int64_t stride, float * sums) {
+MLLAMA_AVX2_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_block * x, const float * d, int64_t stride,
+                                float * sums) {
     alignas(32) float acc[R][8] = {};  // in memory: with R = 8 the int32 sums take half the registers
     for (int64_t b = 0; b < n_blocks; ++b) {
         const q6k_block & blk = w[b];
@@ -131,9 +133,9 @@ MLLAMA_AVX2_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_
                 isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q, xq), sc));
             }
         }
-        const float d = _cvtsh_ss(blk.d);
+        const float dw = _cvtsh_ss(blk.d);
         for (int r = 0; r < R; ++r) {  // int32 -> float rounds past 2^24 (32 products of up to 2^20 per lane), as ggml's
-            const __m256 scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(d * x[r * stride + b].d));
+            const __m256 scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(dw * d[r * stride + b]));
             _mm256_store_ps(acc[r], _mm256_add_ps(_mm256_load_ps(acc[r]), scaled));
         }
     }
