@@ -106,8 +106,8 @@ MLLAMA_AVX2_TARGET inline __m256i chunk(const q6k_block & blk, int c) {
 
 // One output channel (a row of Q6_K blocks) against R activation rows (stride: blocks between rows).
 template <int R>
-MLLAMA_AVX2_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_block * x, const float * d, int64_t stride,
-                                float * sums) {
+MLLAMA_AVX2_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_block * x, const float * d,
+                                int64_t stride, float * sums) {
     alignas(32) float acc[R][8] = {};  // in memory: with R = 8 the int32 sums take half the registers
     for (int64_t b = 0; b < n_blocks; ++b) {
         const q6k_block & blk = w[b];
