@@ -112,7 +112,7 @@ inline int64_t rows_per_pass(int64_t N, int64_t row_bytes, int64_t min_rows) {
 
 // dst [M, N] = W x^T; dst->src = {w [K, M] Q6_K, xq: N rows of Q8 blocks (activation_rows)}; output channels
 // split across threads in contiguous ranges (each thread streams its part of W once), in tiles of k_tile_bytes,
-// each tile taking the rows in passes (rows_per_pass; a pass of more than 4 rows gains little over two passes).
+// each tile taking the rows in passes (rows_per_pass: one pass wherever their activations fit L1).
 template <class Q8>
 void for_each_channel(ggml_tensor * dst, int ith, int nth, const channel_fn<Q8> (&channels)[k_qmm_max_rows]) {
     const ggml_tensor * w = dst->src[0], * xq = dst->src[1];
