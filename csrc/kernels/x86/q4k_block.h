@@ -70,14 +70,15 @@ MLLAMA_AVX2_TARGET inline void mins_of(const q4kx8_block & blk, const __m128i su
 
 // acc + the block's 8 channel results with row x, given their exact integer sums of scale times quants
 // times activations (natural channel order): minus dmin times the mins' products with the activations'
-// sub-block sums, each term scaled by the fp16 factor and the row's scale, as ggml's product does.
-MLLAMA_AVX2_TARGET inline __m256 finish_row(__m256i sums, const block_mins & f, const q8k_block & x, __m256 acc) {
+// sub-block sums, each term scaled by the fp16 factor and the row's scale d, as ggml's product does.
+MLLAMA_AVX2_TARGET inline __m256 finish_row(__m256i sums, const block_mins & f, const q8k_block & x, float d,
+                                            __m256 acc) {
     __m256i msum = _mm256_setzero_si256();
     for (int p = 0; p < 4; ++p) {  // the activations' 32-sums of sub-blocks 2p and 2p + 1, as an int16 pair
         const __m256i pair = _mm256_set1_epi32(static_cast<int32_t>(x.bsum_pairs[p]));
         msum = _mm256_add_epi32(msum, _mm256_madd_epi16(f.min_pairs[p], pair));
     }
-    const __m256 dx = _mm256_set1_ps(x.d);
+    const __m256 dx = _mm256_set1_ps(d);
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(f.d, dx), acc);
     return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(f.dmin, dx), acc);
 }
@@ -91,23 +92,28 @@ MLLAMA_AVX2_TARGET inline void prefetch_ahead(const q4kx8_block & blk) {
     for (int line = 0; line < 18; ++line) _mm_prefetch(reinterpret_cast<const char *>(ahead + 64 * line), _MM_HINT_T0);
 }
 
-// One group of 8 channels (its n_blocks blocks from w) against N rows (x[r]: row r's activation blocks):
-// out[8 r + i] = channel i's result with row r. A form's inner loop.
-using group_fn = void (*)(const q4kx8_block * w, int64_t n_blocks, const q8k_block * const * x, int64_t N, float * out);
+// One group of 8 channels (its n_blocks blocks from w) against N rows (x[r]: row r's activation blocks, d[r]:
+// their scales): out[8 r + i] = channel i's result with row r. A form's inner loop.
+using group_fn = void (*)(const q4kx8_block * w, int64_t n_blocks, const q8k_block * const * x, const float * const * d,
+                          int64_t N, float * out);
 
 // dst [M, N] = W x^T; dst->src[0] = xq (q8k_quantize_rows_avx2, q6k::activation_rows), w = W [K, M] in the
 // repacked layout; groups of 8 channels split across threads in contiguous ranges (each thread streams its part
 // of W once). All rows go in one pass over the weights: passes over tiles (as the Q6_K kernel makes, to keep the
-// activations in L1) took 1.1-1.3x the time from 8 rows on.
+// activations in L1) took 1.03-1.3x the time at 8-64 rows.
 inline void for_each_group(const ggml_tensor * w, ggml_tensor * dst, int ith, int nth, group_fn group) {
     const ggml_tensor * xq = dst->src[0];
     const int64_t n_blocks = w->ne[0] / k_block, n_groups = w->ne[1] / k_interleave, N = dst->ne[1];
     const int64_t per = (n_groups + nth - 1) / nth, g0 = std::min(n_groups, per * ith), g1 = std::min(n_groups, g0 + per);
     const q8k_block * x[k_q4k_max_rows];
-    for (int64_t r = 0; r < N; ++r) x[r] = q6k::activation_rows<q8k_block>(xq) + r * n_blocks;
+    const float * d[k_q4k_max_rows];
+    for (int64_t r = 0; r < N; ++r) {
+        x[r] = q6k::activation_rows<q8k_block>(xq) + r * n_blocks;
+        d[r] = q6k::activation_scales<q8k_block>(xq, N * n_blocks) + r * n_blocks;
+    }
     float out[k_interleave * k_q4k_max_rows];
     for (int64_t g = g0; g < g1; ++g) {
-        group(static_cast<const q4kx8_block *>(w->data) + g * n_blocks, n_blocks, x, N, out);
+        group(static_cast<const q4kx8_block *>(w->data) + g * n_blocks, n_blocks, x, d, N, out);
         for (int64_t r = 0; r < N; ++r) {  // dst [M, N]
             std::memcpy(static_cast<char *>(dst->data) + r * dst->nb[1] + g * k_interleave * sizeof(float),
                         out + k_interleave * r, k_interleave * sizeof(float));

@@ -100,12 +100,12 @@ inline int64_t l1d_bytes() {
 }
 
 // Rows per pass over a tile of weights, for N rows of row_bytes activations: all of them where they fit in 7/8
-// of L1 (the rest holds the weights' prefetched blocks), else as few and even passes as may be, of at least
-// min_rows each. Activations that did not fit (8 rows of the 4096-wide output matrix in 384-byte blocks, 48 KB)
-// made the 8-row Q6_K product take 1.7x its time; a pass's weights, read from memory by the first, come from L2 for
-// the next.
-inline int64_t rows_per_pass(int64_t N, int64_t row_bytes, int64_t min_rows) {
-    const int64_t fit = std::max(min_rows, l1d_bytes() * 7 / 8 / std::max<int64_t>(1, row_bytes));
+// of L1 (the rest holds the weights' prefetched blocks), else as few and even passes as may be, of at least 4
+// rows each (8 rows of ffn_down, whose activations never fit: passes of 2 took 1.06x the time of passes of 4).
+// Activations that did not fit (8 rows of the 4096-wide output matrix in 384-byte blocks, 48 KB) made the 8-row
+// Q6_K product take 1.7x its time; a pass's weights, read from memory by the first, come from L2 for the next.
+inline int64_t rows_per_pass(int64_t N, int64_t row_bytes) {
+    const int64_t fit = std::max<int64_t>(4, l1d_bytes() * 7 / 8 / std::max<int64_t>(1, row_bytes));
     const int64_t n_passes = (N + fit - 1) / fit;
     return (N + n_passes - 1) / n_passes;
 }
@@ -118,7 +118,7 @@ void for_each_channel(ggml_tensor * dst, int ith, int nth, const channel_fn<Q8> 
     const ggml_tensor * w = dst->src[0], * xq = dst->src[1];
     const int64_t n_blocks = w->ne[0] / k_block, M = w->ne[1], N = dst->ne[1];
     const int64_t per = (M + nth - 1) / nth, m0 = std::min(M, per * ith), m1 = std::min(M, m0 + per);
-    const int64_t pass_rows = rows_per_pass(N, n_blocks * static_cast<int64_t>(sizeof(Q8)), 4);
+    const int64_t pass_rows = rows_per_pass(N, n_blocks * static_cast<int64_t>(sizeof(Q8)));
     const int64_t tile = std::max<int64_t>(1, k_tile_bytes / static_cast<int64_t>(w->nb[1]));
     const Q8 * x = activation_rows<Q8>(xq);
     const float * d = activation_scales<Q8>(xq, N * n_blocks);

@@ -13,9 +13,8 @@ namespace mllama {
 struct q8k_block {
     int8_t qs[256];
     int16_t bsums[16];       // the sum of each 16 consecutive qs
-    float d;                 // x ~ d qs (also in q6k::activation_scales, where the Q6_K forms read it)
     uint32_t bsum_pairs[4];  // for the Q4_K mins: the sums of qs 64p..64p+31 and 64p+32..64p+63 as an int16 pair
-    float pad[3];
+    float pad[4];            // d (x ~ d qs) is in q6k::activation_scales
 };
 static_assert(sizeof(q8k_block) == 320, "activation block layout");
 

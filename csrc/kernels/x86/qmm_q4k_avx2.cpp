@@ -61,7 +61,7 @@ MLLAMA_AVX2_TARGET inline void factors(const q4kx8_block & blk, block_factors & 
 // quants (i = 4c + k) holds, for channels 4h..4h+3 in qs[64 i + 32 h], weights 64c + 8k + 0..7 in the low
 // nibbles (sub-block 2c) and 64c + 32 + 8k + 0..7 in the high ones (sub-block 2c + 1).
 MLLAMA_AVX2_TARGET inline __m256 row_block(const q4kx8_block & blk, const block_factors & f, const q8k_block & x,
-                                           __m256 acc) {
+                                           float d, __m256 acc) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256i isum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
     for (int c = 0; c < 4; ++c) {
@@ -86,19 +86,19 @@ MLLAMA_AVX2_TARGET inline __m256 row_block(const q4kx8_block & blk, const block_
     // lanes [0, 1, 4, 5 | 2, 3, 6, 7] after the pair sums -> natural order
     const __m256i natural = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
     const __m256i sums = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(isum[0], isum[1]), natural);
-    return q4k::finish_row(sums, f.mins, x, acc);
+    return q4k::finish_row(sums, f.mins, x, d, acc);
 }
 
 // One group of 8 channels against N rows (q4k::group_fn).
-MLLAMA_AVX2_TARGET void group(const q4kx8_block * w, int64_t n_blocks, const q8k_block * const * x, int64_t N,
-                              float * out) {
+MLLAMA_AVX2_TARGET void group(const q4kx8_block * w, int64_t n_blocks, const q8k_block * const * x,
+                              const float * const * d, int64_t N, float * out) {
     block_factors f;
     __m256 acc[k_q4k_max_rows];
     for (int64_t r = 0; r < N; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n_blocks; ++b) {
         q4k::prefetch_ahead(w[b]);
         factors(w[b], f);
-        for (int64_t r = 0; r < N; ++r) acc[r] = row_block(w[b], f, x[r][b], acc[r]);
+        for (int64_t r = 0; r < N; ++r) acc[r] = row_block(w[b], f, x[r][b], d[r][b], acc[r]);
     }
     for (int64_t r = 0; r < N; ++r) _mm256_storeu_ps(out + k_interleave * r, acc[r]);
 }

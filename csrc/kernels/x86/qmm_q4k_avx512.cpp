@@ -11,8 +11,8 @@
 // 32-weight sub-block) in int32 lanes, two per channel (at most 16 * 15 * 127: exact in int16); vpackssdw
 // packs the two sub-blocks' sums into int16 and one vpdpwssd applies both sub-blocks' scales into int32.
 // The integer block sums are the AVX2 form's, so are the float steps after them. (The first version summed
-// vpmaddubsw products with int16 adds and applied each sub-block's scales apart: 1.1-1.35x the time from 4
-// rows on; chunks of 6 or 8 rows spill registers and took 1.2-2x the time of 4.)
+// vpmaddubsw products with int16 adds and applied each sub-block's scales apart: 1.1-1.35x the time at 8-64
+// rows; chunks of 6 or 8 rows instead of 4 took 1.2-3x the time at 8-64 rows.)
 #include "kernels/dispatch.h"
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
@@ -108,7 +108,7 @@ MLLAMA_VNNI_TARGET inline void factors(const q4kx8_block & blk, block_factors & 
 // 64c + 32 + 8k + 0..7 in the high ones (sub-block 2c + 1).
 template <int R>
 MLLAMA_VNNI_TARGET inline void rows_block(const q4kx8_block & blk, const block_factors & f, const q8k_block * const * x,
-                                          int64_t b, __m256 * acc) {
+                                          const float * const * d, int64_t b, __m256 * acc) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     __m512i isum[R];
 #pragma GCC unroll 4
@@ -143,24 +143,25 @@ MLLAMA_VNNI_TARGET inline void rows_block(const q4kx8_block & blk, const block_f
     for (int r = 0; r < R; ++r) {
         const __m512i both = _mm512_add_epi32(isum[r], _mm512_shuffle_epi32(isum[r], _MM_PERM_BADC));
         const __m256i sums = _mm512_castsi512_si256(_mm512_permutexvar_epi32(natural, both));  // channels 0..7
-        acc[r] = q4k::finish_row(sums, f.mins, x[r][b], acc[r]);
+        acc[r] = q4k::finish_row(sums, f.mins, x[r][b], d[r][b], acc[r]);
     }
 }
 
 // Rows x[0..n) (n <= k_row_chunk) of block b.
 MLLAMA_VNNI_TARGET inline void chunk_block(int64_t n, const q4kx8_block & blk, const block_factors & f,
-                                           const q8k_block * const * x, int64_t b, __m256 * acc) {
+                                           const q8k_block * const * x, const float * const * d, int64_t b,
+                                           __m256 * acc) {
     switch (n) {
-        case 1: return rows_block<1>(blk, f, x, b, acc);
-        case 2: return rows_block<2>(blk, f, x, b, acc);
-        case 3: return rows_block<3>(blk, f, x, b, acc);
-        default: return rows_block<4>(blk, f, x, b, acc);
+        case 1: return rows_block<1>(blk, f, x, d, b, acc);
+        case 2: return rows_block<2>(blk, f, x, d, b, acc);
+        case 3: return rows_block<3>(blk, f, x, d, b, acc);
+        default: return rows_block<4>(blk, f, x, d, b, acc);
     }
 }
 
 // One group of 8 channels against N rows (q4k::group_fn), k_row_chunk rows per pass over each block.
-MLLAMA_VNNI_TARGET void group(const q4kx8_block * w, int64_t n_blocks, const q8k_block * const * x, int64_t N,
-                              float * out) {
+MLLAMA_VNNI_TARGET void group(const q4kx8_block * w, int64_t n_blocks, const q8k_block * const * x,
+                              const float * const * d, int64_t N, float * out) {
     block_factors f;
     __m256 acc[k_q4k_max_rows];
     for (int64_t r = 0; r < N; ++r) acc[r] = _mm256_setzero_ps();
@@ -168,7 +169,7 @@ MLLAMA_VNNI_TARGET void group(const q4kx8_block * w, int64_t n_blocks, const q8k
         q4k::prefetch_ahead(w[b]);
         factors(w[b], f);
         for (int64_t r = 0; r < N; r += k_row_chunk) {
-            chunk_block(std::min<int64_t>(k_row_chunk, N - r), w[b], f, x + r, b, acc + r);
+            chunk_block(std::min<int64_t>(k_row_chunk, N - r), w[b], f, x + r, d + r, b, acc + r);
         }
     }
     for (int64_t r = 0; r < N; ++r) _mm256_storeu_ps(out + q4k::k_interleave * r, acc[r]);

@@ -41,7 +41,7 @@ using q6k::q6k_block;
 // One row's 256 activations as int8 (x ~ d q; d in q6k::activation_scales), in the transposed order of the
 // unpacked weights, with -32 times each 16-element sub-block's sum in the matching int32 lane. 320 bytes, five
 // cache lines: 8 rows of the 4096-wide output matrix take 40 KB and one pass (with d in the block, 384
-// bytes, they took two: 1.4x the time).
+// bytes, they took two: 1.2x the time).
 struct q8_block {
     int8_t qs[k_block];
     int32_t neg_bsum32[16];
@@ -95,7 +95,7 @@ MLLAMA_VNNI_TARGET float quantize_block(const float * x, q8_block & out) {
     return 1.0f / iscale;  // d
 }
 
-// dst->src[0] = x [K, N] F32 -> dst [K / 256 * 384 bytes, N].
+// dst->src[0] = x [K, N] F32 -> dst: N rows of K / 256 blocks and their scales (q6k::activation_rows).
 void quantize_rows(ggml_tensor * dst, int ith, int nth, void *) {
     q6k::quantize_rows<q8_block, quantize_block>(dst, ith, nth);
 }

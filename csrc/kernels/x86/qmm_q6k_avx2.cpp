@@ -63,13 +63,13 @@ MLLAMA_AVX2_TARGET float quantize_block(const float * x, q8_block & out) {
         out.bsums[i / 16] = static_cast<int16_t>(_mm256_extract_epi32(eights, 0) + _mm256_extract_epi32(eights, 1));
         out.bsums[i / 16 + 1] = static_cast<int16_t>(_mm256_extract_epi32(eights, 4) + _mm256_extract_epi32(eights, 5));
     }
-    out.d = 1.0f / iscale;
+    const float d = 1.0f / iscale;
     for (int p = 0; p < 4; ++p) {  // |sum of 32| <= 32 * 127: exact in int16
         const auto lo = static_cast<uint16_t>(out.bsums[4 * p] + out.bsums[4 * p + 1]);
         const auto hi = static_cast<uint16_t>(out.bsums[4 * p + 2] + out.bsums[4 * p + 3]);
         out.bsum_pairs[p] = lo | static_cast<uint32_t>(hi) << 16;
     }
-    return out.d;
+    return d;
 }
 
 }  // namespace
