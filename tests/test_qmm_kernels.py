@@ -1,7 +1,8 @@
 """The quantized decode kernels (qmm): the Q6_K products in the file layout (csrc/kernels/x86/qmm_q6k.cpp on
 AVX-512 VNNI, qmm_q6k_avx2.cpp on AVX2) and the Q4_K ones on ggml's repacked layout (qmm_q4k_avx512.cpp,
 qmm_q4k_avx2.cpp), each form against ggml's mul_mat on the same weights (tests/c/qmm_q6k.cpp,
-tests/c/qmm_q4k.cpp) and inside the model against ggml's ops alone."""
+tests/c/qmm_q4k.cpp) and inside the model against ggml's ops alone; the threads' sharing of their work
+(csrc/kernels/work_chunks.h, tests/c/work_chunks.cpp)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 import mllama
 from mllama._native.cpu_features import ggml_features
 from mllama.generation.engine import Part
-from test_cpu_kernels import build_kernel_driver, nmse
+from test_cpu_kernels import ROOT, build_kernel_driver, nmse
 
 VNNI = ggml_features().get("AVX512_VNNI_KERNELS") == "1"
 AVX2 = ggml_features().get("AVX2_KERNELS") == "1"
@@ -45,10 +46,10 @@ def qmm_driver(tmp_path_factory):
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
 @pytest.mark.parametrize("form", QMM_FORMS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
-@pytest.mark.parametrize("k,m", [(256, 1), (512, 7), (4096, 33), (1024, 100), (14336, 67)])
-def test_q6k_kernel_matches_ggml_mul_mat(qmm_driver, k, m, rows, form):
+@pytest.mark.parametrize("k,m,threads", [(256, 1, 2), (512, 7, 2), (4096, 33, 2), (1024, 100, 3), (14336, 67, 2)])
+def test_q6k_kernel_matches_ggml_mul_mat(qmm_driver, k, m, threads, rows, form):
     """The kernel against ggml's mul_mat on the same random Q6_K blocks (every bit pattern, scales of
-    -128 included) and the same F32 rows (one 256-block all zeros), on 2 threads. Both quantize x to
+    -128 included) and the same F32 rows (one 256-block all zeros), on 2 or 3 threads. Both quantize x to
     8-bit blocks with ggml's Q8_K rule (the kernel reproduces it: scale -127/max, round half to even),
     and both sum each block exactly in int32 (at most 16 * 63 * 127 per 16 weights, 2^31 far away), so
     the integer block sums are equal; only the float sums differ in order: ggml adds d * sumi per
@@ -56,14 +57,30 @@ def test_q6k_kernel_matches_ggml_mul_mat(qmm_driver, k, m, rows, form):
     with the scales in the integer sums as ggml's AVX2 code has them, which may round past 2^24). That is a
     few float roundings (2^-24 relative) per output, an NMSE of ~1e-14 (measured: up to 1.8e-13 at K =
     14336; 0 for the AVX2 form), so 1e-10 holds with room, and a wrong quantization (one int8 off by 1 in
-    a block: ~1e-6) would not pass. K = 14336 with 5 and 8 rows takes the rows in two passes over each tile of
-    channels (q6k::rows_per_pass: 18 KB of activations per row), M = 67 two tiles per thread."""
-    proc = subprocess.run([str(qmm_driver), str(k), str(m), str(rows), "2"], capture_output=True, text=True, timeout=120,
-                          env=qmm_form_env(form))
+    a block: ~1e-6) would not pass. K = 14336 with 5 and 8 rows takes the rows in two passes over each chunk of
+    channels (q6k::rows_per_pass: 18 KB of activations per row); the threads claim the channels in chunks
+    (q6k::chunk_items: M = 67 in chunks of 9 channels, M = 100 in chunks of 9 for 3 threads), so a chunk left out
+    or a thread's write lost shows as a wrong channel."""
+    proc = subprocess.run([str(qmm_driver), str(k), str(m), str(rows), str(threads)], capture_output=True, text=True,
+                          timeout=120, env=qmm_form_env(form))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not proc.stdout.startswith("skip"), proc.stdout
     fields = dict(item.split("=") for item in proc.stdout.split())
     assert float(fields["nmse"]) <= 1e-10, proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_work_chunks_each_claimed_once_owners_in_order(tmp_path):
+    """The products' work sharing under real threads (1-40 of them, 1-1000 chunks, uneven progress, one thread
+    starting only after the others are done): every chunk claimed exactly once, each segment's owner taking its
+    chunks from the front in order before any other's, the late thread finding nothing left. Off-by-one slips
+    in the claims (a chunk taken twice or never, an owner skipping) fail it (checked by mutation)."""
+    exe = tmp_path / "work_chunks"
+    subprocess.run(["c++", "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", f"-I{ROOT / 'csrc'}",
+                    str(ROOT / "tests" / "c" / "work_chunks.cpp"), "-o", str(exe)], check=True, capture_output=True,
+                   text=True)
+    proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stdout + proc.stderr
 
 
 def qmm_run(path, monkeypatch, kernels: str, profile: Path | None = None):
@@ -110,18 +127,19 @@ def q4k_driver(tmp_path_factory):
 
 @pytest.mark.parametrize("form", QMM_FORMS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
-@pytest.mark.parametrize("k,m", [(256, 8), (512, 16), (4096, 40), (1024, 96), (14336, 24)])
-def test_q4k_kernel_matches_ggml_repacked_mul_mat(q4k_driver, k, m, rows, form):
+@pytest.mark.parametrize("k,m,threads", [(256, 8, 2), (512, 16, 2), (4096, 40, 2), (1024, 96, 3), (14336, 24, 2)])
+def test_q4k_kernel_matches_ggml_repacked_mul_mat(q4k_driver, k, m, threads, rows, form):
     """The Q4_K kernel on ggml's repacked layout (CPU_REPACK's block_q4_Kx8, ggml's own repacking) against
     ggml's mul_mat on the same tensor, random blocks (every bit pattern of quants and packed 6-bit scales
-    and mins) and rows (one 256-block all zeros), 2 threads. Both quantize x to the same Q8_K values and
+    and mins) and rows (one 256-block all zeros), 2 or 3 threads (M = 96: 12 groups of 8 channels, claimed in
+    chunks of 1 by 3 threads). Both quantize x to the same Q8_K values and
     sum each 32-weight sub-block exactly in integers; they differ only in float summation order (a few
     roundings of 2^-24 per output: NMSE ~1e-14, measured up to 1.3e-13), so 1e-10 holds with room while a
     wrong scale, min, channel or activation offset gives 1e-3 to 0.5 (checked by mutation). ggml's own
     product on the file layout agrees with its repacked one just as closely (plain_nmse). The two forms
     have the same integer sums and float steps: their results are equal bit for bit."""
-    proc = subprocess.run([str(q4k_driver), str(k), str(m), str(rows), "2"], capture_output=True, text=True, timeout=120,
-                          env=qmm_form_env(form))
+    proc = subprocess.run([str(q4k_driver), str(k), str(m), str(rows), str(threads)], capture_output=True, text=True,
+                          timeout=120, env=qmm_form_env(form))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not proc.stdout.startswith("skip"), proc.stdout
     assert proc.stdout.startswith(f"form={form.split('_')[0]}\n"), proc.stdout
@@ -151,14 +169,14 @@ def test_q4k_kernel_in_the_model_matches_ggml(converted, monkeypatch, tmp_path, 
     """The q4_k conversion (its ffn_down matrices are Q4_K, K = n_ff = 256, repacked by ggml at load)
     decoding with the kernel and with ggml's ops alone: the same reasoning and bound as the Q6_K kernel's
     model test, the profile shows that the kernel ran (its product reads the 8-bit activations: one
-    320-byte block and its 4-byte scale per row for K = 256, and 63 bytes of slack to start them on a cache
-    line; the 12-token prefill: ggml's product on AVX2, the kernel on AVX-512) and op_paths names the form
-    and its row limit."""
+    320-byte block and its 4-byte scale per row for K = 256, after the 256-byte work state of the product
+    (kernels/work_chunks.h) and 63 bytes of slack to start the rows on a cache line; the 12-token prefill:
+    ggml's product on AVX2, the kernel on AVX-512) and op_paths names the form and its row limit."""
     if form == "avx2":
         monkeypatch.setenv("MLLAMA_AVX512", "0")
     path = converted("q4_k")
     def activations(rows: int) -> str:
-        return f"CUSTOM i8[{(320 + 4) * rows + 63},1,1]"
+        return f"CUSTOM i8[{256 + (320 + 4) * rows + 63},1,1]"
 
     profiled = [activations(1), "MUL_MAT q4_K[256," if form == "avx2" else activations(12)]
     assert_qmm_matches_ggml(path, monkeypatch, tmp_path, profiled)

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "kernels/dispatch.h"
+#include "kernels/work_chunks.h"
 
 #include "ggml.h"
 
@@ -40,13 +41,14 @@ inline float first_of_magnitude(const float * x, float largest) {
     return largest;
 }
 
-// The quantized activations xq: N rows of K / 256 blocks each, back to back from the first cache line boundary
-// in xq's data. ggml's buffers align tensors to 32 bytes only, and zmm loads that split two cache lines made
-// the 8-row Q6_K product 1.3-2.2x slower; xq holds k_cache_line - 1 bytes of slack for the alignment.
+// The quantized activations xq: first the product's work state (work_state), then N rows of K / 256 blocks
+// each, back to back from the next cache line boundary. ggml's buffers align tensors to 32 bytes only, and zmm
+// loads that split two cache lines made the 8-row Q6_K product 1.3-2.2x slower; xq holds k_cache_line - 1
+// bytes of slack for the alignment.
 template <class Q8>
 Q8 * activation_rows(const ggml_tensor * xq) {
     static_assert(sizeof(Q8) % 32 == 0, "activation blocks keep the rows' alignment");
-    const auto start = reinterpret_cast<uintptr_t>(xq->data);
+    const auto start = reinterpret_cast<uintptr_t>(xq->data) + work::k_state_bytes;
     return reinterpret_cast<Q8 *>((start + k_cache_line - 1) & ~static_cast<uintptr_t>(k_cache_line - 1));
 }
 
@@ -57,17 +59,22 @@ float * activation_scales(const ggml_tensor * xq, int64_t n_blocks_total) {
 }
 
 inline int64_t activation_bytes(int64_t K, int64_t N, size_t q8_bytes) {
-    return K / k_block * N * static_cast<int64_t>(q8_bytes + sizeof(float)) + k_cache_line - 1;
+    return work::k_state_bytes + K / k_block * N * static_cast<int64_t>(q8_bytes + sizeof(float)) + k_cache_line - 1;
 }
 
+// The work state of the product that reads xq (work::claimer): xq's first bytes.
+inline void * work_state(const ggml_tensor * xq) { return xq->data; }
+
 // dst->src[0] = x [K, N] F32 (K % 256 == 0) -> dst: each row's K / 256 activation blocks, written by
-// quantize, which returns the block's scale (activation_scales); (row, block) pairs split across threads.
+// quantize, which returns the block's scale (activation_scales); (row, block) pairs split across threads; the
+// product's work state reset.
 // The body of the quantizing ops of the quantized products' forms (one per block layout).
 template <class Q8, float (*quantize)(const float * x, Q8 & out)>
 void quantize_rows(ggml_tensor * dst, int ith, int nth) {
     const ggml_tensor * x = dst->src[0];
     const int64_t n_blocks = x->ne[0] / k_block, total = n_blocks * x->ne[1];
     const int64_t per = (total + nth - 1) / nth, w0 = std::min(total, per * ith), w1 = std::min(total, w0 + per);
+    if (ith == 0) work::reset(work_state(dst));
     Q8 * rows = activation_rows<Q8>(dst);
     float * scales = activation_scales<Q8>(dst, total);
     for (int64_t w = w0; w < w1; ++w) {
@@ -83,8 +90,6 @@ void quantize_rows(ggml_tensor * dst, int ith, int nth) {
 template <class Q8>
 using channel_fn = void (*)(const q6k_block * w, int64_t n_blocks, const Q8 * x, const float * d, int64_t stride,
                             float * sums);
-
-constexpr int64_t k_tile_bytes = int64_t(256) << 10;  // the weights of a tile of channels (they stay in L2)
 
 // The L1 data cache's size: sysconf where the C library knows it, else 32 KiB (the smallest of the x86 families
 // the kernels run on).
@@ -111,22 +116,23 @@ inline int64_t rows_per_pass(int64_t N, int64_t row_bytes) {
 }
 
 // dst [M, N] = W x^T; dst->src = {w [K, M] Q6_K, xq: N rows of Q8 blocks (activation_rows)}; output channels
-// split across threads in contiguous ranges (each thread streams its part of W once), in tiles of k_tile_bytes,
-// each tile taking the rows in passes (rows_per_pass: one pass wherever their activations fit L1).
+// in chunks (work::chunk_items, work::claimer), each chunk taking the rows in passes (rows_per_pass: one pass wherever
+// their activations fit L1; later passes read the chunk's weights from L2).
 template <class Q8>
 void for_each_channel(ggml_tensor * dst, int ith, int nth, const channel_fn<Q8> (&channels)[k_qmm_max_rows]) {
     const ggml_tensor * w = dst->src[0], * xq = dst->src[1];
     const int64_t n_blocks = w->ne[0] / k_block, M = w->ne[1], N = dst->ne[1];
-    const int64_t per = (M + nth - 1) / nth, m0 = std::min(M, per * ith), m1 = std::min(M, m0 + per);
     const int64_t pass_rows = rows_per_pass(N, n_blocks * static_cast<int64_t>(sizeof(Q8)));
-    const int64_t tile = std::max<int64_t>(1, k_tile_bytes / static_cast<int64_t>(w->nb[1]));
+    const int64_t chunk = work::chunk_items(M, static_cast<int64_t>(w->nb[1]), nth), n_chunks = (M + chunk - 1) / chunk;
     const Q8 * x = activation_rows<Q8>(xq);
     const float * d = activation_scales<Q8>(xq, N * n_blocks);
     float sums[k_qmm_max_rows];
-    for (int64_t t0 = m0; t0 < m1; t0 += tile) {
+    work::claimer claims(work_state(xq), n_chunks, ith, nth);
+    for (int64_t c = 0; claims.next(c);) {
+        const int64_t m0 = c * chunk, m1 = std::min(M, m0 + chunk);
         for (int64_t r0 = 0; r0 < N; r0 += pass_rows) {
             const int64_t rows = std::min(pass_rows, N - r0);
-            for (int64_t m = t0; m < std::min(m1, t0 + tile); ++m) {
+            for (int64_t m = m0; m < m1; ++m) {
                 const auto * w_row = static_cast<const char *>(w->data) + m * w->nb[1];
                 const auto * wm = reinterpret_cast<const q6k_block *>(w_row);
                 channels[rows - 1](wm, n_blocks, x + r0 * n_blocks, d + r0 * n_blocks, n_blocks, sums);
