@@ -138,12 +138,18 @@ MLLAMA_VNNI_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
             const q8_block & xb = x[r * stride + b];
-            // two dependency chains of two products each (vpdpbusd's latency, not its throughput, is the bound)
-            __m512i s0 = _mm512_dpbusd_epi32(_mm512_loadu_si512(xb.neg_bsum32), t[0], _mm512_loadu_si512(xb.qs));
-            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), t[1], _mm512_loadu_si512(xb.qs + 64));
-            s0 = _mm512_dpbusd_epi32(s0, t[2], _mm512_loadu_si512(xb.qs + 128));
-            s1 = _mm512_dpbusd_epi32(s1, t[3], _mm512_loadu_si512(xb.qs + 192));
-            const __m512 sums = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));  // exact: |sum| < 2^18
+            __m512i isums = _mm512_dpbusd_epi32(_mm512_loadu_si512(xb.neg_bsum32), t[0], _mm512_loadu_si512(xb.qs));
+            if constexpr (R == 1) {  // two dependency chains of two products each (vpdpbusd's latency is the bound)
+                __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), t[1], _mm512_loadu_si512(xb.qs + 64));
+                isums = _mm512_dpbusd_epi32(isums, t[2], _mm512_loadu_si512(xb.qs + 128));
+                s1 = _mm512_dpbusd_epi32(s1, t[3], _mm512_loadu_si512(xb.qs + 192));
+                isums = _mm512_add_epi32(isums, s1);
+            } else {  // one chain per row, the rows' chains side by side: no add (2-4% faster at 2-8 rows)
+                isums = _mm512_dpbusd_epi32(isums, t[1], _mm512_loadu_si512(xb.qs + 64));
+                isums = _mm512_dpbusd_epi32(isums, t[2], _mm512_loadu_si512(xb.qs + 128));
+                isums = _mm512_dpbusd_epi32(isums, t[3], _mm512_loadu_si512(xb.qs + 192));
+            }
+            const __m512 sums = _mm512_cvtepi32_ps(isums);  // exact: |sum| < 2^18
             acc[r] = _mm512_fmadd_ps(sums, _mm512_mul_ps(scales, _mm512_set1_ps(d[r * stride + b])), acc[r]);
         }
     }
