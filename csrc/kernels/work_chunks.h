@@ -1,8 +1,8 @@
 // How the quantized products' threads share their work (kernels/x86/q6k_block.h's for_each_channel,
 // q4k_block.h's for_each_group): chunks of output channels claimed at run time, not one fixed share per thread.
-// With fixed halves, the two threads of a 2-core machine finished each call 0.3-1.2 ms apart (an interrupt, a
+// With fixed halves, the two threads of a 2-core machine finished a call 0.3-1.2 ms apart on average (an interrupt, a
 // slower moment of the memory: their busy times were equal over many calls, not per call), and the first to
-// finish waited at ggml's barrier: 2-15% of an 8-row decode step, more while other processes used the cores. So
+// finish waited at ggml's barrier: 3-15% of an 8-row decode step, more while other processes used the cores. So
 // each thread still owns a contiguous segment of the chunks and walks it from the front, streaming the weights
 // as before, but a thread whose segment is done takes chunks from the back of the others' segments. The claims
 // are compare-and-swaps on one 64-bit word per segment, reset to zero before the product runs (by the quantizing
