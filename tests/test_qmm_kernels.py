@@ -59,7 +59,7 @@ def test_q6k_kernel_matches_ggml_mul_mat(qmm_driver, k, m, threads, rows, form):
     14336; 0 for the AVX2 form), so 1e-10 holds with room, and a wrong quantization (one int8 off by 1 in
     a block: ~1e-6) would not pass. K = 14336 with 5 and 8 rows takes the rows in two passes over each chunk of
     channels (q6k::rows_per_pass: 18 KB of activations per row); the threads claim the channels in chunks
-    (q6k::chunk_items: M = 67 in chunks of 9 channels, M = 100 in chunks of 9 for 3 threads), so a chunk left out
+    (work::chunks_of: M = 67 in chunks of 9 channels, M = 100 in chunks of 9 for 3 threads), so a chunk left out
     or a thread's write lost shows as a wrong channel."""
     proc = subprocess.run([str(qmm_driver), str(k), str(m), str(rows), str(threads)], capture_output=True, text=True,
                           timeout=120, env=qmm_form_env(form))

@@ -1,12 +1,12 @@
 // How the quantized products' threads share their work (kernels/x86/q6k_block.h's for_each_channel,
 // q4k_block.h's for_each_group): chunks of output channels claimed at run time, not one fixed share per thread.
-// With fixed halves, the two threads of a 2-core machine finished a call 0.3-1.2 ms apart on average (an interrupt, a
-// slower moment of the memory: their busy times were equal over many calls, not per call), and the first to
-// finish waited at ggml's barrier: 3-15% of an 8-row decode step, more while other processes used the cores. So
-// each thread still owns a contiguous segment of the chunks and walks it from the front, streaming the weights
-// as before, but a thread whose segment is done takes chunks from the back of the others' segments. The claims
-// are compare-and-swaps on one 64-bit word per segment, reset to zero before the product runs (by the quantizing
-// op that every product follows).
+// With fixed halves, the two threads of a 2-core machine finished a call 0.3-1.2 ms apart on average (an
+// interrupt, a slower moment of the memory: their busy times were equal over many calls, not per call), and the
+// first to finish waited at ggml's barrier: 3-15% of an 8-row decode step, more while other processes used the
+// cores. So each thread still owns a contiguous segment of the chunks and walks it from the front, streaming the
+// weights as before, but a thread whose segment is done takes chunks from the back of the others' segments. The
+// claims are compare-and-swaps on one 64-bit word per segment, reset to zero before the product runs (by the
+// quantizing op that every product follows).
 #pragma once
 
 #include <algorithm>
@@ -22,14 +22,20 @@ constexpr int64_t k_state_bytes = k_max_segments * static_cast<int64_t>(sizeof(u
 
 inline void reset(void * state) { std::memset(state, 0, k_state_bytes); }
 
-// Items per chunk: about k_chunk_bytes of weights (they stay in L2 for a product's next pass over them), but
-// at least 4 chunks per thread, so that no thread waits long for the last one.
+// A product's n_items (channels, groups of channels) in chunks of `items` each, `count` chunks: about
+// k_chunk_bytes of weights per chunk (they stay in L2 for a product's next pass over them), but at least 4
+// chunks per thread, so that no thread waits long for the last one.
 constexpr int64_t k_chunk_bytes = int64_t(256) << 10;
 
-inline int64_t chunk_items(int64_t n_items, int64_t item_bytes, int nth) {
+struct chunking {
+    int64_t items, count;
+};
+
+inline chunking chunks_of(int64_t n_items, int64_t item_bytes, int nth) {
     const int64_t by_bytes = k_chunk_bytes / std::max<int64_t>(1, item_bytes);
     const int64_t by_threads = (n_items + 4 * int64_t(nth) - 1) / (4 * int64_t(nth));
-    return std::max<int64_t>(1, std::min(by_bytes, by_threads));
+    const int64_t items = std::max<int64_t>(1, std::min(by_bytes, by_threads));
+    return {items, (n_items + items - 1) / items};
 }
 
 // One thread's claims on n_chunks chunks: next() gives chunk indices until all chunks are claimed (each

@@ -98,14 +98,13 @@ using group_fn = void (*)(const q4kx8_block * w, int64_t n_blocks, const q8k_blo
                           int64_t N, float * out);
 
 // dst [M, N] = W x^T; dst->src[0] = xq (q8k_quantize_rows_avx2, q6k::activation_rows), w = W [K, M] in the
-// repacked layout; groups of 8 channels in chunks (work::chunk_items, work::claimer). All rows go in one pass
-// over the weights: passes over tiles (as the Q6_K kernel makes, to keep the activations in L1) took 1.03-1.3x
-// the time at 8-64 rows.
+// repacked layout; groups of 8 channels in chunks (work::chunks_of, work::claimer). All rows go in one pass
+// over the weights: passes over 256 KB of them (as the Q6_K kernel makes, to keep the activations in L1) took
+// 1.03-1.3x the time at 8-64 rows.
 inline void for_each_group(const ggml_tensor * w, ggml_tensor * dst, int ith, int nth, group_fn group) {
     const ggml_tensor * xq = dst->src[0];
     const int64_t n_blocks = w->ne[0] / k_block, n_groups = w->ne[1] / k_interleave, N = dst->ne[1];
-    const int64_t chunk = work::chunk_items(n_groups, n_blocks * static_cast<int64_t>(sizeof(q4kx8_block)), nth);
-    const int64_t n_chunks = (n_groups + chunk - 1) / chunk;
+    const work::chunking chunks = work::chunks_of(n_groups, n_blocks * static_cast<int64_t>(sizeof(q4kx8_block)), nth);
     const q8k_block * x[k_q4k_max_rows];
     const float * d[k_q4k_max_rows];
     for (int64_t r = 0; r < N; ++r) {
@@ -113,9 +112,9 @@ inline void for_each_group(const ggml_tensor * w, ggml_tensor * dst, int ith, in
         d[r] = q6k::activation_scales<q8k_block>(xq, N * n_blocks) + r * n_blocks;
     }
     float out[k_interleave * k_q4k_max_rows];
-    work::claimer claims(q6k::work_state(xq), n_chunks, ith, nth);
+    work::claimer claims(q6k::work_state(xq), chunks.count, ith, nth);
     for (int64_t c = 0; claims.next(c);) {
-        for (int64_t g = c * chunk; g < std::min(n_groups, (c + 1) * chunk); ++g) {
+        for (int64_t g = c * chunks.items; g < std::min(n_groups, (c + 1) * chunks.items); ++g) {
             group(static_cast<const q4kx8_block *>(w->data) + g * n_blocks, n_blocks, x, d, N, out);
             for (int64_t r = 0; r < N; ++r) {  // dst [M, N]
                 std::memcpy(static_cast<char *>(dst->data) + r * dst->nb[1] + g * k_interleave * sizeof(float),

@@ -104,7 +104,7 @@ inline int64_t l1d_bytes() {
     return bytes;
 }
 
-// Rows per pass over a tile of weights, for N rows of row_bytes activations: all of them where they fit in 7/8
+// Rows per pass over a chunk of weights, for N rows of row_bytes activations: all of them where they fit in 7/8
 // of L1 (the rest holds the weights' prefetched blocks), else as few and even passes as may be, of at least 4
 // rows each (8 rows of ffn_down, whose activations never fit: passes of 2 took 1.06x the time of passes of 4).
 // Activations that did not fit (8 rows of the 4096-wide output matrix in 384-byte blocks, 48 KB) made the 8-row
@@ -116,20 +116,20 @@ inline int64_t rows_per_pass(int64_t N, int64_t row_bytes) {
 }
 
 // dst [M, N] = W x^T; dst->src = {w [K, M] Q6_K, xq: N rows of Q8 blocks (activation_rows)}; output channels
-// in chunks (work::chunk_items, work::claimer), each chunk taking the rows in passes (rows_per_pass: one pass wherever
-// their activations fit L1; later passes read the chunk's weights from L2).
+// in chunks (work::chunks_of, work::claimer), each chunk taking the rows in passes (rows_per_pass: one pass
+// wherever their activations fit L1; later passes read the chunk's weights from L2).
 template <class Q8>
 void for_each_channel(ggml_tensor * dst, int ith, int nth, const channel_fn<Q8> (&channels)[k_qmm_max_rows]) {
     const ggml_tensor * w = dst->src[0], * xq = dst->src[1];
     const int64_t n_blocks = w->ne[0] / k_block, M = w->ne[1], N = dst->ne[1];
     const int64_t pass_rows = rows_per_pass(N, n_blocks * static_cast<int64_t>(sizeof(Q8)));
-    const int64_t chunk = work::chunk_items(M, static_cast<int64_t>(w->nb[1]), nth), n_chunks = (M + chunk - 1) / chunk;
+    const work::chunking chunks = work::chunks_of(M, static_cast<int64_t>(w->nb[1]), nth);
     const Q8 * x = activation_rows<Q8>(xq);
     const float * d = activation_scales<Q8>(xq, N * n_blocks);
     float sums[k_qmm_max_rows];
-    work::claimer claims(work_state(xq), n_chunks, ith, nth);
+    work::claimer claims(work_state(xq), chunks.count, ith, nth);
     for (int64_t c = 0; claims.next(c);) {
-        const int64_t m0 = c * chunk, m1 = std::min(M, m0 + chunk);
+        const int64_t m0 = c * chunks.items, m1 = std::min(M, m0 + chunks.items);
         for (int64_t r0 = 0; r0 < N; r0 += pass_rows) {
             const int64_t rows = std::min(pass_rows, N - r0);
             for (int64_t m = m0; m < m1; ++m) {
