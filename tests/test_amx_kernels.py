@@ -76,7 +76,7 @@ def test_bf16_attention_on_emulated_tiles_within_the_rounding_bound(attn_driver,
     """Both attention paths against the double-precision softmax on the same BF16 inputs, each output
     within the bound of the kernel's roundings (tests/c/attn_bf16.cpp: BF16 probabilities, e^x, F32
     sums). Tiles emulated: D = 80 pads Q and K to 96 channels (three tile steps), D = 128 takes the
-    P V products in two passes (6 + 2 channel groups), N = 1100 two key chunks and a partial key
+    P V products in two passes (6 + 2 channel groups), N = 1100 several key chunks and a partial key
     block, N = 70 a partial query tile; masked rows, and a fully masked row that must give zeros."""
     env = {**os.environ, "MLLAMA_AMX_EMULATE": "1"}
     proc = subprocess.run([str(attn_driver), str(d), str(h), str(n), "2"], capture_output=True, text=True, timeout=300,

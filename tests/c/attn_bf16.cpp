@@ -4,11 +4,12 @@
 //
 //   attn_bf16 D H N [threads]
 //
-// Inputs: q, k, v [D, H, N] random normal, rounded as the kernel rounds them (q scaled by 1/sqrt(D)
-// first); mask [N, N]: every third query row has -inf at every fifth key, the last row is all -inf
-// (its output must be zeros), the others are zeros. Per output the kernel's error is bounded by
+// Inputs: q, k, v [D, H, N] random normal (some keys larger, below), rounded as the kernel rounds them (q scaled by log2(e) / sqrt(D)
+// first: the BF16 paths' scores are in base 2, turned back with ln 2 here); mask [N, N]: every third
+// query row has -inf at every fifth key, the last row is all -inf (its output must be zeros), the
+// others are zeros. Per output the kernel's error is bounded by
 // its roundings: each probability enters P V rounded to BF16 (2^-9 relative) while the softmax sum
-// uses it unrounded (2^-9), e^x to 2.4e-6, scores in F32: |o - o_ref| <= 2^-8 sum_j p_j |v_j| / sum_j p_j,
+// uses it unrounded (2^-9), 2^x to 2.7e-6, scores in F32: |o - o_ref| <= 2^-8 sum_j p_j |v_j| / sum_j p_j,
 // doubled for margin. The AVX2 path (attn_avx2.cpp) keeps Q and the probabilities in F32: against the
 // reference on unrounded q its error comes from the F32 scores (at most gamma_D max_j sum_d |q_d k_jd|
 // each, so each probability moves by twice that relatively), e^x (2e-7) and the F32 sums of P V and of
@@ -16,6 +17,7 @@
 // sum_j p_j, doubled for margin. Prints the largest error over each path's bound,
 // "avx512=<ratio> tiles=<ratio|none> avx2=<ratio|none>".
 #include "kernels/dispatch.h"
+#include "kernels/x86/attn_bf16.h"
 #include "kernels/x86/entry_points.h"
 
 #include "ggml-cpu.h"
@@ -39,7 +41,9 @@ static bool masked(int64_t i, int64_t j, int64_t N) { return i == N - 1 || (i % 
 static double worst_ratio(const ggml_tensor * out, const std::vector<float> & q, const std::vector<float> & k,
                           const std::vector<float> & v, int64_t D, int64_t H, int64_t N, bool f32 = false) {
     const double u = std::ldexp(1.0, -24), gamma_d = D * u / (1 - D * u), gamma_n = N * u / (1 - N * u);
-    const float scale = 1.0f / std::sqrt(static_cast<float>(D));  // as the kernel scales q
+    // as the kernels scale q: the BF16 paths by log2(e) / sqrt(D) (their scores are in base 2), AVX2 by 1 / sqrt(D)
+    const float scale = f32 ? 1.0f / std::sqrt(static_cast<float>(D)) : attn::query_scale(D);
+    const double to_natural = f32 ? 1.0 : std::log(2.0);  // a base-2 score times ln 2
     double worst = 0;
     std::vector<double> p(static_cast<size_t>(N));
     for (int64_t h = 0; h < H; ++h) {
@@ -52,9 +56,9 @@ static double worst_ratio(const ggml_tensor * out, const std::vector<float> & q,
                     s += double(f32 ? qd : bf16_round(qd)) * k[(j * H + h) * D + d];
                     abs_s += std::fabs(double(qd) * k[(j * H + h) * D + d]);
                 }
-                p[j] = masked(i, j, N) ? -std::numeric_limits<double>::infinity() : s;
+                p[j] = masked(i, j, N) ? -std::numeric_limits<double>::infinity() : s * to_natural;
                 m = std::max(m, p[j]);
-                largest = std::max(largest, abs_s);
+                largest = std::max(largest, abs_s * to_natural);
             }
             const double relative = f32 ? 2 * (2 * gamma_d * largest + 4e-7 + 2 * gamma_n) : 2 * std::ldexp(1.0, -8);
             double sum = 0;
@@ -92,7 +96,10 @@ int main(int argc, char ** argv) {
         t[a] = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, D, H, N);  // [D, H, N]
         vals[a].resize(static_cast<size_t>(D * H * N));
         for (int64_t i = 0; i < D * H * N; ++i) {
-            const float x = normal(rng) * (a == 0 ? 2.0f : 1.0f);  // larger q: peaked softmax rows too
+            // larger q: peaked softmax rows too; every 97th key 6x larger from key 50 on: row maxima that
+            // jump after the first blocks (the running maximum moves, the earlier sums are rescaled)
+            const bool jump = a == 1 && (i / (D * H)) % 97 == 50;
+            const float x = normal(rng) * (a == 0 ? 2.0f : jump ? 6.0f : 1.0f);
             static_cast<float *>(t[a]->data)[i] = x;
             vals[a][i] = a == 0 ? x : bf16_round(x);
         }

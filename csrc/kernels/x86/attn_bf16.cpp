@@ -187,18 +187,26 @@ void attend(ggml_tensor * dst, int ith, int nth, void * tiles) {
 
 }  // namespace
 
+// Query row i of head h times scale as BF16 pairs into out (Pk pairs; those past D stay as they are).
+MLLAMA_AVX512_TARGET static void query_pairs(const ggml_tensor * q, const dims & d, int64_t h, int64_t i, float scale,
+                                             uint32_t * out) {
+    if (q->nb[0] != sizeof(float)) {  // a strided view: one pair at a time
+        for (int64_t c = 0; c < d.D; c += 2)
+            out[c / 2] = bf16_pair(elem(q, c, h, i) * scale, c + 1 < d.D ? elem(q, c + 1, h, i) * scale : 0.0f);
+        return;
+    }
+    const auto * row = reinterpret_cast<const float *>(static_cast<const char *>(q->data) + h * q->nb[1] + i * q->nb[2]);
+    for (int64_t c0 = 0; c0 < d.D; c0 += 16) {  // 16 channels = 8 pairs, zeros past D
+        const __mmask16 live = static_cast<__mmask16>((1u << std::min<int64_t>(d.D - c0, 16)) - 1u);
+        const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, row + c0), _mm512_set1_ps(scale));
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + c0 / 2), (__m256i) _mm512_cvtneps_pbh(x));
+    }
+}
+
 int64_t start_tile(const job & j, const ggml_tensor * q, tile_state & st) {
-    const dims & d = j.d;
-    const int64_t P = d.Pk, n_rows = std::min(k_query_tile, d.N - j.i0);
-    const float scale = 1.0f / std::sqrt(static_cast<float>(d.D));
+    const int64_t n_rows = std::min(k_query_tile, j.d.N - j.i0);
     std::fill(st.q.begin(), st.q.end(), 0u);
-    for (int64_t r = 0; r < n_rows; ++r)
-        for (int64_t p = 0; p < P; ++p) {
-            const int64_t c = 2 * p;
-            const float lo = c < d.D ? elem(q, c, j.h, j.i0 + r) * scale : 0.0f;
-            const float hi = c + 1 < d.D ? elem(q, c + 1, j.h, j.i0 + r) * scale : 0.0f;
-            st.q[r * P + p] = bf16_pair(lo, hi);
-        }
+    for (int64_t r = 0; r < n_rows; ++r) query_pairs(q, j.d, j.h, j.i0 + r, query_scale(j.d.D), st.q.data() + r * j.d.Pk);
     std::fill(st.m.begin(), st.m.end(), -std::numeric_limits<float>::infinity());
     std::fill(st.o.begin(), st.o.end(), 0.0f);
     std::fill(st.l.begin(), st.l.end(), 0.0f);
