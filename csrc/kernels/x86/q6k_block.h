@@ -91,6 +91,12 @@ template <class Q8>
 using channel_fn = void (*)(const q6k_block * w, int64_t n_blocks, const Q8 * x, const float * d, int64_t stride,
                             float * sums);
 
+// Two adjacent output channels (w, and w_next the weight row after it) against the same R = 2..k_qmm_max_rows
+// rows, each activation block read once for both: sums[r] and sums_next[r].
+template <class Q8>
+using pair_fn = void (*)(const q6k_block * w, const q6k_block * w_next, int64_t n_blocks, const Q8 * x, const float * d,
+                         int64_t stride, float * sums, float * sums_next);
+
 // The L1 data cache's size: sysconf where the C library knows it, else 32 KiB (the smallest of the x86 families
 // the kernels run on).
 inline int64_t l1d_bytes() {
@@ -104,9 +110,9 @@ inline int64_t l1d_bytes() {
     return bytes;
 }
 
-// Rows per pass over a chunk of weights, for N rows of row_bytes activations: all of them where they fit in 7/8
-// of L1 (the rest holds the weights' prefetched blocks), else as few and even passes as may be, of at least 4
-// rows each (8 rows of ffn_down, whose activations never fit: passes of 2 took 1.06x the time of passes of 4).
+// Rows per pass over a chunk of weights, one channel at a time (the AVX2 form), for N rows of row_bytes
+// activations: all of them where they fit in 7/8 of L1 (the rest holds the weights' prefetched blocks), else
+// as few and even passes as may be, of at least 4 rows each (8 rows of ffn_down, whose activations never fit: passes of 2 took 1.06x the time of passes of 4).
 // Activations that did not fit (8 rows of the 4096-wide output matrix in 384-byte blocks, 48 KB) made the 8-row
 // Q6_K product take 1.7x its time; a pass's weights, read from memory by the first, come from L2 for the next.
 inline int64_t rows_per_pass(int64_t N, int64_t row_bytes) {
@@ -115,31 +121,51 @@ inline int64_t rows_per_pass(int64_t N, int64_t row_bytes) {
     return (N + n_passes - 1) / n_passes;
 }
 
-// dst [M, N] = W x^T; dst->src = {w [K, M] Q6_K, xq: N rows of Q8 blocks (activation_rows)}; output channels
-// in chunks (work::chunks_of, work::claimer), each chunk taking the rows in passes (rows_per_pass: one pass
-// wherever their activations fit L1; later passes read the chunk's weights from L2).
+// Output channels m0..m1 against rows r0..r0+rows-1, into dst [M, N]: in pairs where `pairs` is given and
+// there are two rows or more, else one channel at a time.
 template <class Q8>
-void for_each_channel(ggml_tensor * dst, int ith, int nth, const channel_fn<Q8> (&channels)[k_qmm_max_rows]) {
+void channel_range(ggml_tensor * dst, int64_t m0, int64_t m1, int64_t r0, int64_t rows, const Q8 * x, const float * d,
+                   const channel_fn<Q8> (&channels)[k_qmm_max_rows], const pair_fn<Q8> * pairs) {
+    const ggml_tensor * w = dst->src[0];
+    const int64_t n_blocks = w->ne[0] / k_block;
+    float sums[2][k_qmm_max_rows];
+    for (int64_t m = m0; m < m1;) {
+        const auto * wm = reinterpret_cast<const q6k_block *>(static_cast<const char *>(w->data) + m * w->nb[1]);
+        const int64_t n_channels = pairs && rows >= 2 && m + 1 < m1 ? 2 : 1;
+        if (n_channels == 2) {
+            const auto * wn = reinterpret_cast<const q6k_block *>(reinterpret_cast<const char *>(wm) + w->nb[1]);
+            pairs[rows - 1](wm, wn, n_blocks, x + r0 * n_blocks, d + r0 * n_blocks, n_blocks, sums[0], sums[1]);
+        } else {
+            channels[rows - 1](wm, n_blocks, x + r0 * n_blocks, d + r0 * n_blocks, n_blocks, sums[0]);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+            auto * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + (r0 + r) * dst->nb[1]);
+            for (int64_t c = 0; c < n_channels; ++c) out[m + c] = sums[c][r];
+        }
+        m += n_channels;
+    }
+}
+
+// dst [M, N] = W x^T; dst->src = {w [K, M] Q6_K, xq: N rows of Q8 blocks (activation_rows)}; output channels
+// in chunks (work::chunks_of, work::claimer). With `pairs` (the AVX-512 form) every row goes in one pass, two
+// channels at a time: each activation block then serves two channels' products, and the 8 rows of the
+// output matrix, whose activations (40 KB) overflow a 32 KiB L1, took 0.85x the time of two passes of 4 rows
+// one channel at a time (Zen 4; ffn_down 0.85x too). Without, each chunk takes the rows in passes
+// (rows_per_pass: one pass wherever their activations fit L1; later passes read the chunk's weights from L2).
+template <class Q8>
+void for_each_channel(ggml_tensor * dst, int ith, int nth, const channel_fn<Q8> (&channels)[k_qmm_max_rows],
+                      const pair_fn<Q8> * pairs = nullptr) {
     const ggml_tensor * w = dst->src[0], * xq = dst->src[1];
     const int64_t n_blocks = w->ne[0] / k_block, M = w->ne[1], N = dst->ne[1];
-    const int64_t pass_rows = rows_per_pass(N, n_blocks * static_cast<int64_t>(sizeof(Q8)));
+    const int64_t pass_rows = pairs ? N : rows_per_pass(N, n_blocks * static_cast<int64_t>(sizeof(Q8)));
     const work::chunking chunks = work::chunks_of(M, static_cast<int64_t>(w->nb[1]), nth);
     const Q8 * x = activation_rows<Q8>(xq);
     const float * d = activation_scales<Q8>(xq, N * n_blocks);
-    float sums[k_qmm_max_rows];
     work::claimer claims(work_state(xq), chunks.count, ith, nth);
     for (int64_t c = 0; claims.next(c);) {
         const int64_t m0 = c * chunks.items, m1 = std::min(M, m0 + chunks.items);
         for (int64_t r0 = 0; r0 < N; r0 += pass_rows) {
-            const int64_t rows = std::min(pass_rows, N - r0);
-            for (int64_t m = m0; m < m1; ++m) {
-                const auto * w_row = static_cast<const char *>(w->data) + m * w->nb[1];
-                const auto * wm = reinterpret_cast<const q6k_block *>(w_row);
-                channels[rows - 1](wm, n_blocks, x + r0 * n_blocks, d + r0 * n_blocks, n_blocks, sums);
-                for (int64_t r = 0; r < rows; ++r) {  // dst [M, N]
-                    reinterpret_cast<float *>(static_cast<char *>(dst->data) + (r0 + r) * dst->nb[1])[m] = sums[r];
-                }
-            }
+            channel_range(dst, m0, m1, r0, std::min(pass_rows, N - r0), x, d, channels, pairs);
         }
     }
 }

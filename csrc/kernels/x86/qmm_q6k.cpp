@@ -12,7 +12,8 @@
 // sub-block sums in one zmm, converted to float and multiplied by the 16 sub-block scales (d times the
 // int8 scale, exact in float) and the row's scale into a float accumulator per row, as ggml's dot
 // product does per block. The activations are stored in
-// the same transposed order when they are quantized.
+// the same transposed order when they are quantized. From two rows on, two adjacent output channels go
+// together (channel_pair), so that each activation block loaded serves both, and all rows take one pass.
 #include "kernels/dispatch.h"
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
@@ -156,10 +157,66 @@ MLLAMA_VNNI_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_
     for (int r = 0; r < R; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
+// channel<R> (R >= 2) for two adjacent output channels: each activation block is loaded once and feeds both
+// channels' products; the sums and their order are channel<R>'s, so the results are the same bit for bit.
+template <int R>
+MLLAMA_VNNI_TARGET void channel_pair(const q6k_block * w, const q6k_block * w_next, int64_t n_blocks, const q8_block * x,
+                                     const float * d, int64_t stride, float * sums, float * sums_next) {
+    const __m128i scale_order = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    __m512 acc[2][R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        __m512i t[2][4];
+        __m512 scales[2];
+#pragma GCC unroll 2
+        for (int c = 0; c < 2; ++c) {
+            const q6k_block & blk = (c ? w_next : w)[b];
+            const uintptr_t ahead = reinterpret_cast<uintptr_t>(&blk) + q6k::k_prefetch_blocks * sizeof(q6k_block);
+            for (int line = 0; line < 4; ++line) {
+                _mm_prefetch(reinterpret_cast<const char *>(ahead + 64 * line), _MM_HINT_T0);
+            }
+            __m512i n[4];
+            unpack_half(blk.ql, blk.qh, n[0], n[1]);
+            unpack_half(blk.ql + 64, blk.qh + 32, n[2], n[3]);
+            transpose4(n, t[c]);
+            const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk.scales));
+            const __m512i scales8 = _mm512_cvtepi8_epi32(_mm_shuffle_epi8(sc8, scale_order));
+            scales[c] = _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(blk.d)), _mm512_cvtepi32_ps(scales8));
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            const q8_block & xb = x[r * stride + b];
+            const __m512i seed = _mm512_loadu_si512(xb.neg_bsum32);
+            __m512i s0 = seed, s1 = seed;
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; ++k) {
+                const __m512i xk = _mm512_loadu_si512(xb.qs + 64 * k);
+                s0 = _mm512_dpbusd_epi32(s0, t[0][k], xk);
+                s1 = _mm512_dpbusd_epi32(s1, t[1][k], xk);
+            }
+            const __m512 dr = _mm512_set1_ps(d[r * stride + b]);
+            acc[0][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(scales[0], dr), acc[0][r]);
+            acc[1][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(scales[1], dr), acc[1][r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        sums[r] = _mm512_reduce_add_ps(acc[0][r]);
+        sums_next[r] = _mm512_reduce_add_ps(acc[1][r]);
+    }
+}
+
+// (one row takes channel<1> and its two chains: channel_pair<1> is there to fill the table)
+constexpr q6k::pair_fn<q8_block> k_pairs[k_qmm_max_rows] = {channel_pair<1>, channel_pair<2>, channel_pair<3>,
+                                                             channel_pair<4>, channel_pair<5>, channel_pair<6>,
+                                                             channel_pair<7>, channel_pair<8>};
+
 constexpr q6k::channel_fn<q8_block> k_channels[k_qmm_max_rows] = {channel<1>, channel<2>, channel<3>, channel<4>,
                                                                    channel<5>, channel<6>, channel<7>, channel<8>};
 
-void product(ggml_tensor * dst, int ith, int nth, void *) { q6k::for_each_channel(dst, ith, nth, k_channels); }
+void product(ggml_tensor * dst, int ith, int nth, void *) {
+    q6k::for_each_channel(dst, ith, nth, k_channels, k_pairs);
+}
 
 }  // namespace
 
