@@ -121,8 +121,8 @@ inline int64_t rows_per_pass(int64_t N, int64_t row_bytes) {
     return (N + n_passes - 1) / n_passes;
 }
 
-// Output channels m0..m1 against rows r0..r0+rows-1, into dst [M, N]: in pairs where `pairs` is given and
-// there are two rows or more, else one channel at a time.
+// Output channels m0..m1 against rows r0..r0+rows-1, into dst [M, N]: in pairs where `pairs` is given, else
+// one channel at a time.
 template <class Q8>
 void channel_range(ggml_tensor * dst, int64_t m0, int64_t m1, int64_t r0, int64_t rows, const Q8 * x, const float * d,
                    const channel_fn<Q8> (&channels)[k_qmm_max_rows], const pair_fn<Q8> * pairs) {
@@ -131,7 +131,7 @@ void channel_range(ggml_tensor * dst, int64_t m0, int64_t m1, int64_t r0, int64_
     float sums[2][k_qmm_max_rows];
     for (int64_t m = m0; m < m1;) {
         const auto * wm = reinterpret_cast<const q6k_block *>(static_cast<const char *>(w->data) + m * w->nb[1]);
-        const int64_t n_channels = pairs && rows >= 2 && m + 1 < m1 ? 2 : 1;
+        const int64_t n_channels = pairs && m + 1 < m1 ? 2 : 1;
         if (n_channels == 2) {
             const auto * wn = reinterpret_cast<const q6k_block *>(reinterpret_cast<const char *>(wm) + w->nb[1]);
             pairs[rows - 1](wm, wn, n_blocks, x + r0 * n_blocks, d + r0 * n_blocks, n_blocks, sums[0], sums[1]);
@@ -146,17 +146,24 @@ void channel_range(ggml_tensor * dst, int64_t m0, int64_t m1, int64_t r0, int64_
     }
 }
 
+// Rows from which channel pairs (pair_fn) pay: on Zen 4, one core, output matrix, two channels at a time took
+// 1.5x the time at 2 rows and 1.3x at 3 (two weight rows streamed at once read the memory slower), about the
+// same at 4, 0.75-0.8x at 5-8.
+constexpr int64_t k_pair_min_rows = 4;
+
 // dst [M, N] = W x^T; dst->src = {w [K, M] Q6_K, xq: N rows of Q8 blocks (activation_rows)}; output channels
-// in chunks (work::chunks_of, work::claimer). With `pairs` (the AVX-512 form) every row goes in one pass, two
-// channels at a time: each activation block then serves two channels' products, and the 8 rows of the
-// output matrix, whose activations (40 KB) overflow a 32 KiB L1, took 0.85x the time of two passes of 4 rows
-// one channel at a time (Zen 4; ffn_down 0.85x too). Without, each chunk takes the rows in passes
-// (rows_per_pass: one pass wherever their activations fit L1; later passes read the chunk's weights from L2).
+// in chunks (work::chunks_of, work::claimer). With `pairs` (the AVX-512 form) and k_pair_min_rows rows or more,
+// every row goes in one pass, two channels at a time: each activation block then serves two channels'
+// products, and the 8 rows of the output matrix, whose activations (40 KB) overflow a 32 KiB L1, took 0.7x
+// the time of two passes of 4 rows one channel at a time (Zen 4, 2 threads; ffn_down 0.85x). Else each chunk
+// takes the rows in passes (rows_per_pass: one pass wherever their activations fit L1; later passes read the
+// chunk's weights from L2).
 template <class Q8>
 void for_each_channel(ggml_tensor * dst, int ith, int nth, const channel_fn<Q8> (&channels)[k_qmm_max_rows],
                       const pair_fn<Q8> * pairs = nullptr) {
     const ggml_tensor * w = dst->src[0], * xq = dst->src[1];
     const int64_t n_blocks = w->ne[0] / k_block, M = w->ne[1], N = dst->ne[1];
+    if (N < k_pair_min_rows) pairs = nullptr;
     const int64_t pass_rows = pairs ? N : rows_per_pass(N, n_blocks * static_cast<int64_t>(sizeof(Q8)));
     const work::chunking chunks = work::chunks_of(M, static_cast<int64_t>(w->nb[1]), nth);
     const Q8 * x = activation_rows<Q8>(xq);

@@ -12,7 +12,7 @@
 // sub-block sums in one zmm, converted to float and multiplied by the 16 sub-block scales (d times the
 // int8 scale, exact in float) and the row's scale into a float accumulator per row, as ggml's dot
 // product does per block. The activations are stored in
-// the same transposed order when they are quantized. From two rows on, two adjacent output channels go
+// the same transposed order when they are quantized. From four rows on, two adjacent output channels go
 // together (channel_pair), so that each activation block loaded serves both, and all rows take one pass.
 #include "kernels/dispatch.h"
 
@@ -157,7 +157,7 @@ MLLAMA_VNNI_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_
     for (int r = 0; r < R; ++r) sums[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-// channel<R> (R >= 2) for two adjacent output channels: each activation block is loaded once and feeds both
+// channel<R> for two adjacent output channels: each activation block is loaded once and feeds both
 // channels' products; the sums and their order are channel<R>'s, so the results are the same bit for bit.
 template <int R>
 MLLAMA_VNNI_TARGET void channel_pair(const q6k_block * w, const q6k_block * w_next, int64_t n_blocks, const q8_block * x,
@@ -206,7 +206,7 @@ MLLAMA_VNNI_TARGET void channel_pair(const q6k_block * w, const q6k_block * w_ne
     }
 }
 
-// (one row takes channel<1> and its two chains: channel_pair<1> is there to fill the table)
+// (q6k::k_pair_min_rows: fewer rows take channel<R>; the smaller pairs are there to fill the table)
 constexpr q6k::pair_fn<q8_block> k_pairs[k_qmm_max_rows] = {channel_pair<1>, channel_pair<2>, channel_pair<3>,
                                                              channel_pair<4>, channel_pair<5>, channel_pair<6>,
                                                              channel_pair<7>, channel_pair<8>};
