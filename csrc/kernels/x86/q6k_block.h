@@ -91,8 +91,8 @@ template <class Q8>
 using channel_fn = void (*)(const q6k_block * w, int64_t n_blocks, const Q8 * x, const float * d, int64_t stride,
                             float * sums);
 
-// Two adjacent output channels (w, and w_next the weight row after it) against the same R = 2..k_qmm_max_rows
-// rows, each activation block read once for both: sums[r] and sums_next[r].
+// Two adjacent output channels (w, and w_next the weight row after it) against the same R rows, each activation
+// block read once for both: sums[r] and sums_next[r] (used from k_pair_min_rows rows on).
 template <class Q8>
 using pair_fn = void (*)(const q6k_block * w, const q6k_block * w_next, int64_t n_blocks, const Q8 * x, const float * d,
                          int64_t stride, float * sums, float * sums_next);
@@ -112,7 +112,8 @@ inline int64_t l1d_bytes() {
 
 // Rows per pass over a chunk of weights, one channel at a time (the AVX2 form), for N rows of row_bytes
 // activations: all of them where they fit in 7/8 of L1 (the rest holds the weights' prefetched blocks), else
-// as few and even passes as may be, of at least 4 rows each (8 rows of ffn_down, whose activations never fit: passes of 2 took 1.06x the time of passes of 4).
+// as few and even passes as may be, of at least 4 rows each (8 rows of ffn_down, whose activations never fit:
+// passes of 2 took 1.06x the time of passes of 4).
 // Activations that did not fit (8 rows of the 4096-wide output matrix in 384-byte blocks, 48 KB) made the 8-row
 // Q6_K product take 1.7x its time; a pass's weights, read from memory by the first, come from L2 for the next.
 inline int64_t rows_per_pass(int64_t N, int64_t row_bytes) {
