@@ -74,7 +74,7 @@ def attn_driver(tmp_path_factory):
 @pytest.mark.parametrize("d,h,n", [(16, 2, 96), (80, 2, 1100), (128, 1, 200), (80, 3, 70)])
 def test_bf16_attention_on_emulated_tiles_within_the_rounding_bound(attn_driver, d, h, n):
     """Both attention paths against the double-precision softmax on the same BF16 inputs, each output
-    within the bound of the kernel's roundings (tests/c/attn_bf16.cpp: BF16 probabilities, e^x, F32
+    within the bound of the kernel's roundings (tests/c/attn_bf16.cpp: BF16 probabilities, 2^x, F32
     sums). Tiles emulated: D = 80 pads Q and K to 96 channels (three tile steps), D = 128 takes the
     P V products in two passes (6 + 2 channel groups), N = 1100 several key chunks and a partial key
     block, N = 70 a partial query tile; masked rows, and a fully masked row that must give zeros."""

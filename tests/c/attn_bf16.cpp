@@ -4,11 +4,11 @@
 //
 //   attn_bf16 D H N [threads]
 //
-// Inputs: q, k, v [D, H, N] random normal (some keys larger, below), rounded as the kernel rounds them (q scaled by log2(e) / sqrt(D)
-// first: the BF16 paths' scores are in base 2, turned back with ln 2 here); mask [N, N]: every third
-// query row has -inf at every fifth key, the last row is all -inf (its output must be zeros), the
-// others are zeros. Per output the kernel's error is bounded by
-// its roundings: each probability enters P V rounded to BF16 (2^-9 relative) while the softmax sum
+// Inputs: q, k, v [D, H, N] random normal (some keys larger, below), rounded as the kernel rounds them
+// (q scaled by log2(e) / sqrt(D) first: the BF16 paths' scores are in base 2, turned back with ln 2
+// here); mask [N, N]: every third query row has -inf at every fifth key, the last row is all -inf (its
+// output must be zeros), the others are zeros. Per output the kernel's error is bounded by its roundings:
+// each probability enters P V rounded to BF16 (2^-9 relative) while the softmax sum
 // uses it unrounded (2^-9), 2^x to 2.7e-6, scores in F32: |o - o_ref| <= 2^-8 sum_j p_j |v_j| / sum_j p_j,
 // doubled for margin. The AVX2 path (attn_avx2.cpp) keeps Q and the probabilities in F32: against the
 // reference on unrounded q its error comes from the F32 scores (at most gamma_D max_j sum_d |q_d k_jd|

@@ -205,8 +205,9 @@ MLLAMA_AVX512_TARGET static void query_pairs(const ggml_tensor * q, const dims &
 
 int64_t start_tile(const job & j, const ggml_tensor * q, tile_state & st) {
     const int64_t n_rows = std::min(k_query_tile, j.d.N - j.i0);
+    const float scale = query_scale(j.d.D);
     std::fill(st.q.begin(), st.q.end(), 0u);
-    for (int64_t r = 0; r < n_rows; ++r) query_pairs(q, j.d, j.h, j.i0 + r, query_scale(j.d.D), st.q.data() + r * j.d.Pk);
+    for (int64_t r = 0; r < n_rows; ++r) query_pairs(q, j.d, j.h, j.i0 + r, scale, st.q.data() + r * j.d.Pk);
     std::fill(st.m.begin(), st.m.end(), -std::numeric_limits<float>::infinity());
     std::fill(st.o.begin(), st.o.end(), 0.0f);
     std::fill(st.l.begin(), st.l.end(), 0.0f);

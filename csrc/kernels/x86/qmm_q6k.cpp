@@ -114,28 +114,34 @@ MLLAMA_VNNI_TARGET inline void unpack_half(const uint8_t * ql, const uint8_t * q
     hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(l, 4), m4, _mm512_and_si512(down, m2), 0xEA);
 }
 
+// Weight block *blk unpacked and transposed (t: transpose4's order) with its 16 sub-block scales times d
+// (an fp16 times an int8, exact in float), in the same lane order; the block q6k::k_prefetch_blocks ahead is
+// prefetched (without it the product ran short of the memory's speed from 2 rows).
+MLLAMA_VNNI_TARGET inline void load_block(const q6k_block * blk, __m512i t[4], __m512 & scales) {
+    // lane 4L + j of the transposed registers is sub-block 4j + L: the scales' bytes in that order
+    const __m128i scale_order = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const uintptr_t ahead = reinterpret_cast<uintptr_t>(blk) + q6k::k_prefetch_blocks * sizeof(q6k_block);
+    for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char *>(ahead + 64 * line), _MM_HINT_T0);
+    __m512i n[4];
+    unpack_half(blk->ql, blk->qh, n[0], n[1]);
+    unpack_half(blk->ql + 64, blk->qh + 32, n[2], n[3]);
+    transpose4(n, t);
+    const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk->scales));
+    const __m512i scales8 = _mm512_cvtepi8_epi32(_mm_shuffle_epi8(sc8, scale_order));
+    scales = _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(blk->d)), _mm512_cvtepi32_ps(scales8));
+}
+
 // One output channel (a row of Q6_K blocks) against R activation rows (stride: blocks between rows).
 template <int R>
 MLLAMA_VNNI_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_block * x, const float * d,
                                 int64_t stride, float * sums) {
-    // lane 4L + j of the transposed registers is sub-block 4j + L: the scales' bytes in that order
-    const __m128i scale_order = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     __m512 acc[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < n_blocks; ++b) {
-        const q6k_block & blk = w[b];
-        // k_prefetch_blocks ahead: without it the product ran short of the memory's speed from 2 rows
-        const uintptr_t ahead = reinterpret_cast<uintptr_t>(w + b) + q6k::k_prefetch_blocks * sizeof(q6k_block);
-        for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char *>(ahead + 64 * line), _MM_HINT_T0);
-        __m512i n[4], t[4];
-        unpack_half(blk.ql, blk.qh, n[0], n[1]);
-        unpack_half(blk.ql + 64, blk.qh + 32, n[2], n[3]);
-        transpose4(n, t);
-        const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk.scales));
-        // d * scale: an fp16 times an int8, exact in float
-        const __m512i scales8 = _mm512_cvtepi8_epi32(_mm_shuffle_epi8(sc8, scale_order));
-        const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(blk.d)), _mm512_cvtepi32_ps(scales8));
+        __m512i t[4];
+        __m512 scales;
+        load_block(w + b, t, scales);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
             const q8_block & xb = x[r * stride + b];
@@ -160,30 +166,17 @@ MLLAMA_VNNI_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_
 // channel<R> for two adjacent output channels: each activation block is loaded once and feeds both
 // channels' products; the sums and their order are channel<R>'s, so the results are the same bit for bit.
 template <int R>
-MLLAMA_VNNI_TARGET void channel_pair(const q6k_block * w, const q6k_block * w_next, int64_t n_blocks, const q8_block * x,
-                                     const float * d, int64_t stride, float * sums, float * sums_next) {
-    const __m128i scale_order = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+MLLAMA_VNNI_TARGET void channel_pair(const q6k_block * w, const q6k_block * w_next, int64_t n_blocks,
+                                     const q8_block * x, const float * d, int64_t stride, float * sums,
+                                     float * sums_next) {
     __m512 acc[2][R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < n_blocks; ++b) {
         __m512i t[2][4];
         __m512 scales[2];
-#pragma GCC unroll 2
-        for (int c = 0; c < 2; ++c) {
-            const q6k_block & blk = (c ? w_next : w)[b];
-            const uintptr_t ahead = reinterpret_cast<uintptr_t>(&blk) + q6k::k_prefetch_blocks * sizeof(q6k_block);
-            for (int line = 0; line < 4; ++line) {
-                _mm_prefetch(reinterpret_cast<const char *>(ahead + 64 * line), _MM_HINT_T0);
-            }
-            __m512i n[4];
-            unpack_half(blk.ql, blk.qh, n[0], n[1]);
-            unpack_half(blk.ql + 64, blk.qh + 32, n[2], n[3]);
-            transpose4(n, t[c]);
-            const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk.scales));
-            const __m512i scales8 = _mm512_cvtepi8_epi32(_mm_shuffle_epi8(sc8, scale_order));
-            scales[c] = _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(blk.d)), _mm512_cvtepi32_ps(scales8));
-        }
+        load_block(w + b, t[0], scales[0]);
+        load_block(w_next + b, t[1], scales[1]);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
             const q8_block & xb = x[r * stride + b];
