@@ -115,13 +115,12 @@ MLLAMA_VNNI_TARGET inline void unpack_half(const uint8_t * ql, const uint8_t * q
 }
 
 // Weight block *blk unpacked and transposed (t: transpose4's order) with its 16 sub-block scales times d
-// (an fp16 times an int8, exact in float), in the same lane order; the block q6k::k_prefetch_blocks ahead is
-// prefetched (without it the product ran short of the memory's speed from 2 rows).
+// (an fp16 times an int8, exact in float), in the same lane order; the blocks ahead prefetched
+// (q6k::prefetch_ahead: without it the product ran short of the memory's speed from 2 rows).
 MLLAMA_VNNI_TARGET inline void load_block(const q6k_block * blk, __m512i t[4], __m512 & scales) {
     // lane 4L + j of the transposed registers is sub-block 4j + L: the scales' bytes in that order
     const __m128i scale_order = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    const uintptr_t ahead = reinterpret_cast<uintptr_t>(blk) + q6k::k_prefetch_blocks * sizeof(q6k_block);
-    for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char *>(ahead + 64 * line), _MM_HINT_T0);
+    q6k::prefetch_ahead(blk);
     __m512i n[4];
     unpack_half(blk->ql, blk->qh, n[0], n[1]);
     unpack_half(blk->ql + 64, blk->qh + 32, n[2], n[3]);
