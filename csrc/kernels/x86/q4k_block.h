@@ -84,7 +84,7 @@ MLLAMA_AVX2_TARGET inline __m256 finish_row(__m256i sums, const block_mins & f, 
 }
 
 // Eight blocks ahead (9 KiB) into L1, as the Q6_K kernel does (two, the first version's distance, took 1.05-1.2x
-// the time for 1-4 rows), and 24 ahead (27 KiB) into L2 (q6k::k_prefetch_l2_blocks: without it, on Zen 4 with
+// the time for 1-4 rows), and 24 ahead (27 KiB) into L2 (as q6k::k_prefetch_l2_blocks; without it, on Zen 4 with
 // 2 threads, 4096 x 14336 took 1.2-1.4x the time at 1-4 rows; 16-64 ahead were alike).
 constexpr int64_t k_prefetch_blocks = 8;
 constexpr int64_t k_prefetch_l2_blocks = 24;
