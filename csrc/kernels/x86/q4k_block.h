@@ -89,13 +89,8 @@ MLLAMA_AVX2_TARGET inline __m256 finish_row(__m256i sums, const block_mins & f, 
 constexpr int64_t k_prefetch_blocks = 8;
 constexpr int64_t k_prefetch_l2_blocks = 24;
 
-MLLAMA_AVX2_TARGET inline void prefetch_ahead(const q4kx8_block & blk) {
-    const auto near = reinterpret_cast<uintptr_t>(&blk) + k_prefetch_blocks * sizeof(q4kx8_block);
-    const auto far = reinterpret_cast<uintptr_t>(&blk) + k_prefetch_l2_blocks * sizeof(q4kx8_block);
-    for (int line = 0; line < 18; ++line) {  // 1152 bytes: 18 lines
-        _mm_prefetch(reinterpret_cast<const char *>(near + q6k::k_cache_line * line), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char *>(far + q6k::k_cache_line * line), _MM_HINT_T1);
-    }
+MLLAMA_AVX2_TARGET inline void prefetch_ahead(const q4kx8_block & blk) {  // 1152 bytes: 18 lines
+    q6k::prefetch_lines(&blk, 18, k_prefetch_blocks * sizeof(q4kx8_block), k_prefetch_l2_blocks * sizeof(q4kx8_block));
 }
 
 // One group of 8 channels (its n_blocks blocks from w) against N rows (x[r]: row r's activation blocks, d[r]:

@@ -39,15 +39,21 @@ struct q6k_block {
 };
 static_assert(sizeof(q6k_block) == 210, "Q6_K block layout");
 
-// Prefetches for the weight block at blk: the one k_prefetch_blocks ahead into L1, k_prefetch_l2_blocks ahead
-// into L2 (a prefetch never faults: past the matrix's end they are only wasted).
-inline void prefetch_ahead(const q6k_block * blk) {
-    const auto near = reinterpret_cast<uintptr_t>(blk) + k_prefetch_blocks * sizeof(q6k_block);
-    const auto far = reinterpret_cast<uintptr_t>(blk) + k_prefetch_l2_blocks * sizeof(q6k_block);
-    for (int line = 0; line < 4; ++line) {  // the 210 bytes span at most 4 lines
-        _mm_prefetch(reinterpret_cast<const char *>(near + k_cache_line * line), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char *>(far + k_cache_line * line), _MM_HINT_T1);
+// The n_lines cache lines from `near` bytes after p into L1 and those from `far` bytes after it into L2, as the
+// quantized products' forms prefetch their weight blocks (a prefetch never faults: past a matrix's end they
+// are only wasted).
+inline void prefetch_lines(const void * p, int n_lines, int64_t near, int64_t far) {
+    const auto base = reinterpret_cast<uintptr_t>(p);
+    for (int line = 0; line < n_lines; ++line) {
+        _mm_prefetch(reinterpret_cast<const char *>(base + near + k_cache_line * line), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char *>(base + far + k_cache_line * line), _MM_HINT_T1);
     }
+}
+
+// The weight block k_prefetch_blocks ahead of blk into L1, the one k_prefetch_l2_blocks ahead into L2 (the 210
+// bytes span at most 4 lines).
+inline void prefetch_ahead(const q6k_block * blk) {
+    prefetch_lines(blk, 4, k_prefetch_blocks * sizeof(q6k_block), k_prefetch_l2_blocks * sizeof(q6k_block));
 }
 
 // The first of x[0..256) whose magnitude is `largest`: ggml's Q8_K scale is -127 over it, sign included.
