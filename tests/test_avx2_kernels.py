@@ -33,6 +33,11 @@ def gemm_driver(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def layer_norm_driver(tmp_path_factory):
+    return build_kernel_driver(tmp_path_factory.mktemp("layer_norm") / "layer_norm", "layer_norm", ["layer_norm"])
+
+
+@pytest.fixture(scope="module")
 def attn_driver(tmp_path_factory):
     return build_kernel_driver(tmp_path_factory.mktemp("attn") / "attn_bf16", "attn_bf16", ["attn_avx2"])
 
@@ -51,6 +56,17 @@ def test_avx2_gemm_within_the_summation_bound(gemm_driver, k, m, n):
     fields = run_driver(gemm_driver, k, m, n, 2)
     assert float(fields["avx2"]) <= 1.0, fields
     assert float(fields["gelu"]) <= 1.0, fields
+
+
+@needs_avx2
+@needs_cxx
+@pytest.mark.parametrize("n,rows,bias", [(1280, 37, 1), (100, 5, 1), (7, 3, 0)])
+def test_avx2_layer_norm_within_its_rounding_bound(layer_norm_driver, monkeypatch, n, rows, bias):
+    """The AVX2 form of the fused layer norm (F32 out, the AVX2 GEMM's input) against the exact norm in
+    double, within the error of its F32 sums (tests/c/layer_norm.cpp); n % 8 != 0 reaches the scalar tail."""
+    monkeypatch.setenv("MLLAMA_AVX512", "0")  # an AVX-512 CPU runs the AVX2 form too
+    fields = run_driver(layer_norm_driver, n, rows, bias, 3)
+    assert fields["type"] == "f32" and float(fields["ratio"]) <= 1.0, fields
 
 
 @needs_avx2

@@ -80,6 +80,25 @@ def test_bf16_gemm_matches_ggml_on_bf16_weights(converted, monkeypatch, tmp_path
     assert 0 < nmse(both, generic) <= 2e-5       # + BF16 attention
 
 
+@pytest.fixture(scope="module")
+def layer_norm_driver(tmp_path_factory):
+    return build_kernel_driver(tmp_path_factory.mktemp("layer_norm") / "layer_norm", "layer_norm", ["layer_norm"])
+
+
+@needs_kernels
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("n,rows,bias", [(1280, 37, 1), (100, 5, 1), (1283, 9, 0), (16, 3, 0), (1, 2, 1)])
+def test_fused_layer_norm_within_its_rounding_bound(layer_norm_driver, n, rows, bias):
+    """The layer norm fused with the cast to BF16 in front of the GEMMs (csrc/kernels/x86/layer_norm.cpp)
+    against the exact norm in double: every output within its F32 sums' error plus the BF16 rounding
+    (tests/c/layer_norm.cpp derives the bound). Rows of n % 32 != 0 reach the masked tails; a missing
+    mean, weight or bias is off by hundreds of times the bound."""
+    proc = subprocess.run([str(layer_norm_driver), str(n), str(rows), str(bias), "3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    fields = dict(item.split("=") for item in proc.stdout.split())
+    assert fields["type"] == "bf16" and float(fields["ratio"]) <= 1.0, fields
+
+
 @needs_kernels
 def test_f32_weights_keep_exact_attention(gguf_f32, monkeypatch):
     generic = encode(gguf_f32, monkeypatch, "0")

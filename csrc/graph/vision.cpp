@@ -36,6 +36,14 @@ static ggml_tensor * product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * 
     return bf16_linear(ctx, w, x, /*bias=*/nullptr, /*gelu=*/false, /*bf16_out=*/false, opt.amx_gemm);
 }
 
+// The layer norm of h for products that all take our GEMM (fused: one pass, the GEMM's input type out), else
+// ggml's norm, mul and add in F32. [D, N]
+static ggml_tensor * norm_for_products(ggml_context * ctx, ggml_tensor * h, const norm_w & n, float eps, bool our_gemm) {
+    const bool f32 = h->type == GGML_TYPE_F32 && h->nb[0] == sizeof(float) && n.w->type == GGML_TYPE_F32 &&
+                     (!n.b || n.b->type == GGML_TYPE_F32);
+    return our_gemm && f32 ? layer_norm_for_linear(ctx, h, n.w, n.b, eps) : layer_norm(ctx, h, n, eps);
+}
+
 // fc2(gelu(fc1(x))), exact GELU. With our GEMM, bias and GELU run in fc1's epilogue, which hands
 // fc2 its input in BF16 (the rounding ggml's product would apply to it anyway).
 static ggml_tensor * mlp(ggml_context * ctx, const vision_layer_w & l, ggml_tensor * x, const vision_options & opt) {
@@ -56,9 +64,12 @@ static ggml_tensor * vision_layer(ggml_context * ctx, const vision_hparams & hp,
                                   const layer_mask & mask, bool gated, const char * prefix, const vision_options & opt) {
     const int64_t n_tok = h->ne[1], head_dim = hp.n_embd / hp.n_head;
     {  // self-attention over all tiles of the image
-        ggml_tensor * x = layer_norm(ctx, h, l.attn_norm, hp.norm_eps);
+        const bool our_gemm = gemm_kernel_for({l.wq, nullptr}, opt) && gemm_kernel_for({l.wk, nullptr}, opt) &&
+                              gemm_kernel_for({l.wv, nullptr}, opt);
+        ggml_tensor * x = norm_for_products(ctx, h, l.attn_norm, hp.norm_eps, our_gemm);
         // half-precision weights: convert the input once for q, k and v, to the type the products
-        // multiply in (ggml's would convert it inside each product, with the same rounding)
+        // multiply in (ggml's would convert it inside each product, with the same rounding; the fused norm
+        // already did)
         const ggml_type x_type = !gemm_kernel_for({l.wq, nullptr}, opt) ? l.wq->type
                                  : bf16_linear_takes_f32()              ? GGML_TYPE_F32
                                                                         : GGML_TYPE_BF16;
@@ -75,7 +86,8 @@ static ggml_tensor * vision_layer(ggml_context * ctx, const vision_hparams & hp,
         h = ggml_add(ctx, h, a);
     }
     {  // MLP with exact (erf) GELU
-        ggml_tensor * x = layer_norm(ctx, h, l.ffn_norm, hp.norm_eps);
+        const bool our_gemm = gemm_kernel_for(l.ffn_up, opt) && gemm_kernel_for(l.ffn_down, opt);  // mlp's test
+        ggml_tensor * x = norm_for_products(ctx, h, l.ffn_norm, hp.norm_eps, our_gemm);
         x = mlp(ctx, l, x, opt);
         x = named(x, prefix, "ffn_out");  // [D, N]
         if (gated) x = ggml_scale(ctx, x, l.ffn_gate_tanh);

@@ -101,6 +101,11 @@ ggml_tensor * bf16_linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, 
 // is best converted to that type once.
 bool bf16_linear_takes_f32();
 
+// The layer norm ((x - mean) / sqrt(var + eps)) * w + b of each row of x [n, N] F32 (w, b: [n] F32; b may be
+// null), in one pass per row, stored in the type bf16_linear multiplies (BF16, or F32 on the AVX2 family): for
+// inputs of bf16_linear only, since the BF16 result is rounded. kernels/x86/layer_norm.cpp. -> [n, N]
+ggml_tensor * layer_norm_for_linear(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, float eps);
+
 // Largest head size and query group (query heads per KV head) of decode_attention.
 constexpr int64_t k_xattn_max_head_dim = 256;
 constexpr int64_t k_xattn_max_group = 16;

@@ -23,6 +23,11 @@ ggml_tensor * bf16_linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, 
 
 bool bf16_linear_takes_f32() { return kernel_family() == cpu_family::avx2; }
 
+ggml_tensor * layer_norm_for_linear(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, float eps) {
+    if (kernel_family() == cpu_family::avx2) return layer_norm_f32_avx2(ctx, x, w, b, eps);  // [n, N] F32
+    return layer_norm_bf16_avx512(ctx, x, w, b, eps);                                         // [n, N] BF16
+}
+
 ggml_tensor * gelu_erf_fast(ggml_context * ctx, ggml_tensor * x) {
     return kernel_family() == cpu_family::avx2 ? gelu_erf_avx2(ctx, x) : gelu_erf_avx512(ctx, x);
 }

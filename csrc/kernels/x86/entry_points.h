@@ -23,6 +23,10 @@ ggml_tensor * bf16_attention_avx512(ggml_context * ctx, ggml_tensor * q, ggml_te
 ggml_tensor * attention_avx2(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask,
                              ggml_tensor * mask_rows);
 
+// layer_norm_for_linear in one pass per row, BF16 out on AVX-512, F32 out on AVX2 (kernels/x86/layer_norm.cpp).
+ggml_tensor * layer_norm_bf16_avx512(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, float eps);
+ggml_tensor * layer_norm_f32_avx2(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, float eps);
+
 // The exact GELU, 16 or 8 floats at a time (kernels/x86/gelu.cpp).
 ggml_tensor * gelu_erf_avx512(ggml_context * ctx, ggml_tensor * x);
 ggml_tensor * gelu_erf_avx2(ggml_context * ctx, ggml_tensor * x);

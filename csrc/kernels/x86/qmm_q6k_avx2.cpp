@@ -137,12 +137,7 @@ MLLAMA_AVX2_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_
             _mm256_store_ps(acc[r], _mm256_add_ps(_mm256_load_ps(acc[r]), scaled));
         }
     }
-    for (int r = 0; r < R; ++r) {
-        const __m256 a = _mm256_load_ps(acc[r]);
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        sums[r] = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-    }
+    for (int r = 0; r < R; ++r) sums[r] = simd::hsum256(_mm256_load_ps(acc[r]));
 }
 
 constexpr q6k::channel_fn<q8_block> k_channels[k_qmm_max_rows] = {channel<1>, channel<2>, channel<3>, channel<4>,
