@@ -24,21 +24,26 @@ MLLAMA_AVX512_TARGET inline __m256i row_bf16(const ggml_tensor * t, const dims &
     return (__m256i) _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(live, row + c0));
 }
 
-// dst->src[0] = k [D, H, N] -> Kp, rows (h, 16-key block) split across threads.
+// dst->src[0] = k [D, H, N] -> Kp, rows (h, 16-key block) split across threads: 16 keys x 16 channel pairs
+// at a time, transposed in registers (the scalar scatter of each key's pairs took ~2/3 of the packing).
 MLLAMA_AVX512_TARGET void pack_k(ggml_tensor * dst, int ith, int nth, void * tiles) {
     const ggml_tensor * k = dst->src[0];
     const dims d = dims_of(k, *static_cast<const bool *>(tiles));
     auto * out = static_cast<uint32_t *>(dst->data);
     const int64_t n_blocks = d.Np / 16;
-    alignas(64) uint32_t pairs[(k_bf16_attn_max_head_dim + 31) / 32 * 16];  // one key's channel pairs
     for (int64_t row = ith; row < d.H * n_blocks; row += nth) {
         const int64_t h = row / n_blocks, jb = row % n_blocks;
         uint32_t * o = out + row * d.Pk * 16;
-        for (int64_t jl = 0; jl < 16; ++jl) {
-            const int64_t j = jb * 16 + jl;
-            for (int64_t g = 0; g < d.Pk / 8; ++g)  // 16 channels = 8 pairs per group
-                _mm256_store_si256(reinterpret_cast<__m256i *>(pairs + 8 * g), j < d.N ? row_bf16(k, d, h, j, 16 * g) : _mm256_setzero_si256());
-            for (int64_t p = 0; p < d.Pk; ++p) o[p * 16 + jl] = pairs[p];
+        for (int64_t p0 = 0; p0 < d.Pk; p0 += 16) {
+            __m512i keys[16], pairs[16];  // keys[jl]: key jl's pairs p0..p0+15; pairs[i]: pair p0 + i of the 16 keys
+            for (int64_t jl = 0; jl < 16; ++jl) {
+                const int64_t j = jb * 16 + jl;
+                keys[jl] = j < d.N ? _mm512_inserti64x4(_mm512_castsi256_si512(row_bf16(k, d, h, j, 2 * p0)),
+                                                         row_bf16(k, d, h, j, 2 * p0 + 16), 1)
+                                   : _mm512_setzero_si512();
+            }
+            simd::transpose16(keys, pairs);
+            for (int64_t i = 0; i < std::min<int64_t>(16, d.Pk - p0); ++i) _mm512_storeu_si512(o + (p0 + i) * 16, pairs[i]);
         }
     }
 }

@@ -33,31 +33,6 @@ constexpr int64_t k_block_bytes = 1 << 21;       // BF16 activation bytes per to
 constexpr epilogue k_epilogues[2][2][2] = {{{{false, false, false}, {false, false, true}}, {{false, true, false}, {false, true, true}}},
                                            {{{true, false, false}, {true, false, true}}, {{true, true, false}, {true, true, true}}}};
 
-// The 16 x 16 transpose of 32-bit elements: out[j] lane i = in[i] lane j (an unpack of dwords, one of qwords,
-// then two shuffles of 128-bit lanes).
-MLLAMA_AVX512_TARGET inline void transpose16(const __m512i in[16], __m512i out[16]) {
-    __m512i a[16], b[16];
-    for (int k = 0; k < 8; ++k) {
-        a[2 * k] = _mm512_unpacklo_epi32(in[2 * k], in[2 * k + 1]);
-        a[2 * k + 1] = _mm512_unpackhi_epi32(in[2 * k], in[2 * k + 1]);
-    }
-    for (int k = 0; k < 4; ++k) {  // b[4k + c] lane L: rows 4k..4k+3, column 4L + c
-        b[4 * k + 0] = _mm512_unpacklo_epi64(a[4 * k], a[4 * k + 2]);
-        b[4 * k + 1] = _mm512_unpackhi_epi64(a[4 * k], a[4 * k + 2]);
-        b[4 * k + 2] = _mm512_unpacklo_epi64(a[4 * k + 1], a[4 * k + 3]);
-        b[4 * k + 3] = _mm512_unpackhi_epi64(a[4 * k + 1], a[4 * k + 3]);
-    }
-    for (int c = 0; c < 4; ++c) {  // column 4L + c gathers 128-bit lane L of b[c], b[4 + c], b[8 + c], b[12 + c]
-        const __m512i e0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), e1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
-        const __m512i e2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
-        const __m512i e3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
-        out[c] = _mm512_shuffle_i32x4(e0, e2, 0x88);
-        out[4 + c] = _mm512_shuffle_i32x4(e0, e2, 0xDD);
-        out[8 + c] = _mm512_shuffle_i32x4(e1, e3, 0x88);
-        out[12 + c] = _mm512_shuffle_i32x4(e1, e3, 0xDD);
-    }
-}
-
 // dst->src[0] = w [K, M] BF16 -> Wp; panels split across threads. 16 rows x 16 k pairs (a cache line of each
 // row) at a time, transposed in registers (gathers took ~10x longer: 1.6 s of a 4-tile image on Zen 4).
 MLLAMA_AVX512_TARGET void pack_w(ggml_tensor * dst, int ith, int nth, void *) {
@@ -75,7 +50,7 @@ MLLAMA_AVX512_TARGET void pack_w(ggml_tensor * dst, int ith, int nth, void *) {
                 __m512i rows[16], cols[16];  // rows[i]: channel i's pairs p0..; cols[j]: pair p0 + j's 16 channels
                 for (int i = 0; i < 16; ++i)
                     rows[i] = _mm512_maskz_loadu_epi32(valid, first + i * w->nb[1] + p0 * sizeof(uint32_t));
-                transpose16(rows, cols);
+                simd::transpose16(rows, cols);
                 for (int64_t j = 0; j < n_pairs; ++j) _mm512_storeu_si512(o + ((p0 + j) * groups + g) * 16, cols[j]);
             }
         }

@@ -1,4 +1,4 @@
-// AVX-512 helpers shared by the CPU kernels (attention, GELU). Every function here needs the
+// AVX-512 helpers shared by the CPU kernels (attention, GELU, packing transposes). Every function here needs the
 // "avx512f" target: call them only from functions compiled with MLLAMA_AVX512_TARGET.
 #pragma once
 
@@ -49,6 +49,31 @@ MLLAMA_AVX512_TARGET static inline __m512 gelu512(__m512 x) {
     const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
     const __m512 erf = _mm512_mask_sub_ps(erf_abs, negative, _mm512_setzero_ps(), erf_abs);
     return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.0f), erf));
+}
+
+// The 16 x 16 transpose of 32-bit elements: out[j] lane i = in[i] lane j (an unpack of dwords, one of qwords,
+// then two shuffles of 128-bit lanes).
+MLLAMA_AVX512_TARGET static inline void transpose16(const __m512i in[16], __m512i out[16]) {
+    __m512i a[16], b[16];
+    for (int k = 0; k < 8; ++k) {
+        a[2 * k] = _mm512_unpacklo_epi32(in[2 * k], in[2 * k + 1]);
+        a[2 * k + 1] = _mm512_unpackhi_epi32(in[2 * k], in[2 * k + 1]);
+    }
+    for (int k = 0; k < 4; ++k) {  // b[4k + c] lane L: rows 4k..4k+3, column 4L + c
+        b[4 * k + 0] = _mm512_unpacklo_epi64(a[4 * k], a[4 * k + 2]);
+        b[4 * k + 1] = _mm512_unpackhi_epi64(a[4 * k], a[4 * k + 2]);
+        b[4 * k + 2] = _mm512_unpacklo_epi64(a[4 * k + 1], a[4 * k + 3]);
+        b[4 * k + 3] = _mm512_unpackhi_epi64(a[4 * k + 1], a[4 * k + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {  // column 4L + c gathers 128-bit lane L of b[c], b[4 + c], b[8 + c], b[12 + c]
+        const __m512i e0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), e1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+        const __m512i e2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+        const __m512i e3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+        out[c] = _mm512_shuffle_i32x4(e0, e2, 0x88);
+        out[4 + c] = _mm512_shuffle_i32x4(e0, e2, 0xDD);
+        out[8 + c] = _mm512_shuffle_i32x4(e1, e3, 0x88);
+        out[12 + c] = _mm512_shuffle_i32x4(e1, e3, 0xDD);
+    }
 }
 
 }  // namespace mllama::simd
