@@ -21,6 +21,10 @@ struct cross_kv {
 cross_kv build_cross_kv(ggml_context * ctx, const mllama_model & model, ggml_tensor * vision_out,
                         const vision_options & opt);
 
+// How many of the cross-attention K and V projections take our BF16 GEMM on their weights decoded to BF16
+// (dequantize_bf16: quantized weights, where the vision tower's BF16 GEMM runs); the others take ggml's mul_mat.
+int cross_kv_products_on_gemm(const mllama_model & model, const vision_options & opt);
+
 // A view of `n_slots` consecutive image slots of a cross-attention cache tensor [hd, Hkv, n_slots * n_vis].
 ggml_tensor * slot_view(ggml_context * ctx, ggml_tensor * t, int64_t n_vis, int64_t first_slot, int64_t n_slots);
 

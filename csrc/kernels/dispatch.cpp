@@ -115,6 +115,8 @@ ggml_tensor * bf16_attention(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_
 ggml_tensor * bf16_attention_mask_rows(ggml_context *, ggml_tensor *) { no_x86_kernels(); }
 bool bf16_linear_supported(const ggml_tensor *) { return false; }
 bool bf16_linear_takes_f32() { no_x86_kernels(); }
+bool dequantize_bf16_supported(const ggml_tensor *) { return false; }
+ggml_tensor * dequantize_bf16(ggml_context *, ggml_tensor *, ggml_tensor *) { no_x86_kernels(); }
 ggml_tensor * layer_norm_for_linear(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, float) { no_x86_kernels(); }
 ggml_tensor * bf16_linear(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, bool, bool, bool) {
     no_x86_kernels();

@@ -101,6 +101,16 @@ ggml_tensor * bf16_linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, 
 // is best converted to that type once.
 bool bf16_linear_takes_f32();
 
+// dequantize_bf16 takes w: a quantized type in the file layout that ggml converts to float, or Q4_K in ggml's
+// repacked layout (CPU_REPACK); [K, M] with M % 16 == 0, in host memory, on a CPU with a kernel family.
+bool dequantize_bf16_supported(const ggml_tensor * w);
+
+// w [K, M] decoded as ggml decodes it and rounded to BF16, once per graph run, for bf16_linear: products over
+// many rows (the cross-attention K and V of an image) run at the BF16 GEMM's speed, about twice ggml's quantized
+// GEMM's. anchor: the product's input (the op's source, so that the scheduler places it with the product).
+// kernels/x86/dequant_bf16.cpp. -> [K, M] BF16
+ggml_tensor * dequantize_bf16(ggml_context * ctx, ggml_tensor * w, ggml_tensor * anchor);
+
 // The layer norm ((x - mean) / sqrt(var + eps)) * w + b of each row of x [n, N] F32 (w, b: [n] F32; b may be
 // null), in one pass per row, stored in the type bf16_linear multiplies (BF16, or F32 on the AVX2 family): for
 // inputs of bf16_linear only, since the BF16 result is rounded. kernels/x86/layer_norm.cpp. -> [n, N]

@@ -1,5 +1,6 @@
 #include "runtime/op_paths.h"
 
+#include "graph/cross_kv.h"
 #include "graph/vision.h"
 #include "kernels/dispatch.h"
 #include "model/devices.h"
@@ -111,6 +112,18 @@ static std::string vision_attention(const vision_options & opt, const std::strin
     return "mllama BF16 flash attention " + (opt.amx_attention ? on_tiles() : family());
 }
 
+// The K and V projections of an image's tokens for the cross-attention layers.
+static std::string image_cross_kv(const mllama_model & m, const vision_options & opt, const std::string & ggml_cpu) {
+    int total = 0;
+    for (const text_layer_w & l : m.text.layers) total += l.is_cross ? 2 : 0;
+    const int n = cross_kv_products_on_gemm(m, opt);
+    if (n == 0) return ggml_cpu + ": mul_mat";
+    const std::string rest = n < total ? ", " + std::to_string(total - n) + " of " + std::to_string(total) + " " +
+                                             ggml_cpu + ": mul_mat"
+                                       : "";
+    return "mllama BF16 GEMM on the weights decoded to BF16 " + (opt.amx_gemm ? on_tiles() : family()) + rest;
+}
+
 static bool all_text_on_cpu(const mllama_model & m) {
     for (ggml_backend_dev_t dev : m.plan.layers) {
         if (!is_cpu(dev)) return false;
@@ -136,6 +149,7 @@ std::string op_paths(const mllama_context & c) {
     return line("device", "CPU, " + ggml_cpu) +
            line("vision attention", vision_attention(opt, ggml_cpu)) +
            line("vision linear layers", vision_gemm(opt, ggml_cpu)) +
+           line("image cross-attention K/V", image_cross_kv(m, opt, ggml_cpu)) +
            line("vision GELU", opt.fast_gelu ? "mllama vectorized GELU " + family() : ggml_cpu + ": gelu_erf") +
            line("decode cross-attention", xattn ? std::string("mllama GQA kernel over the F16 image cache (x86 AVX2)")
                                                 : ggml_cpu + ": flash_attn_ext") +
