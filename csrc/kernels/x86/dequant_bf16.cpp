@@ -9,11 +9,9 @@
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
 
-#include "kernels/x86/entry_points.h"
 #include "kernels/x86/q4k_block.h"
 
 #include "ggml-backend.h"
-#include "ggml-cpu.h"
 #include "ggml.h"
 
 #include <algorithm>
@@ -24,7 +22,7 @@
 namespace mllama {
 namespace {
 
-// One block_q4_Kx8 (channels 8g..8g+7, weights 256 b..256 b + 255) into rows of out (row stride: K values).
+// One block_q4_Kx8 (channels 8g..8g+7 at one k offset) decoded: rows[c][i] = channel 8g + c's weight i of the block.
 MLLAMA_AVX2_TARGET void decode_q4kx8(const q4k::q4kx8_block & blk, float (*rows)[q4k::k_block]) {
     __m128i sub[8];
     q4k::decode_scales(blk.scales, sub);  // sub[s]: [scale ch0-3, min ch0-3, scale ch4-7, min ch4-7]

@@ -1,8 +1,8 @@
 // The layer norm in front of the vision tower's BF16 GEMMs, in one pass over each row (see kernels/dispatch.h):
 // ggml's norm, the weight's mul, the bias' add and the cast to the GEMM's input type are four passes over the
-// [n_embd, n_tokens] activations, and ggml's norm sums in scalar doubles (7 ms per norm of a 4-tile image
-// on Zen 4, ~1.5 s of the image with the rest; bench/README.md). Per row: the mean, then the variance of
-// x - mean (two passes over the row, as ggml does, while it sits in L1), then ((x - mean) * inv_std) * w + b
+// [n_embd, n_tokens] activations, and ggml's norm sums in scalar doubles (7 ms per norm of a 4-tile image on
+// Zen 4; the four took 0.88 s of the image, this pass 0.16 s: bench/README.md). Per row: the mean, then the
+// variance of x - mean (two passes over the row, as ggml does, while it sits in L1), then ((x - mean) * inv_std) * w + b
 // rounded as ggml rounds those three steps, stored as BF16 (AVX-512 family: what its GEMM multiplies) or
 // F32 (AVX2 family). The sums are F32 in 16 or 8 lanes, ggml's in double: the results differ by the
 // rounding of those sums (tests/c/layer_norm.cpp holds them to that bound).
