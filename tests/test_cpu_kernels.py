@@ -242,6 +242,7 @@ def test_op_paths_name_the_kernels_the_context_uses(converted):
     assert default["vision attention"].startswith("mllama" if family else "ggml")
     assert family is None or default["vision attention"].endswith(family), default["vision attention"]
     assert default["vision linear layers"].startswith("ggml")  # the BF16 GEMM wants BF16 weights
+    assert default["image cross-attention K/V"].startswith("ggml")  # so does its cross K/V path (and F16 stays F16)
 
 
 def build_kernel_driver(out: Path, driver: str, kernels: list[str]) -> Path:
