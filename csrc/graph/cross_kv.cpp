@@ -14,8 +14,8 @@
 namespace mllama {
 
 // Our BF16 GEMM takes the cross-attention K or V projection of the image tokens: it runs for the vision tower
-// and w is quantized (decoded to BF16 once per image by dequantize_bf16: on 6404 rows twice the speed of ggml's
-// quantized GEMM; bench/README.md).
+// and w is quantized (decoded to BF16 once per image by dequantize_bf16: over an image's tokens twice the speed
+// of ggml's quantized GEMM; bench/README.md).
 static bool gemm_for_projection(const ggml_tensor * w, const vision_options & opt) {
     return opt.bf16_gemm && dequantize_bf16_supported(w);
 }

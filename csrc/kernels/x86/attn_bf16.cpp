@@ -25,7 +25,7 @@ MLLAMA_AVX512_TARGET inline __m256i row_bf16(const ggml_tensor * t, const dims &
 }
 
 // dst->src[0] = k [D, H, N] -> Kp, rows (h, 16-key block) split across threads: 16 keys x 16 channel pairs
-// at a time, transposed in registers (the scalar scatter of each key's pairs took ~2/3 of the packing).
+// at a time, transposed in registers (the GEMM's weight packing, gemm_bf16.cpp, does the same).
 MLLAMA_AVX512_TARGET void pack_k(ggml_tensor * dst, int ith, int nth, void * tiles) {
     const ggml_tensor * k = dst->src[0];
     const dims d = dims_of(k, *static_cast<const bool *>(tiles));

@@ -1,6 +1,6 @@
 // Quantized weights as BF16 for the BF16 GEMM (see kernels/dispatch.h's dequantize_bf16): the cross-attention K
-// and V projections of an image multiply a [n_embd -> n_kv_embd] matrix by every vision token (6404 rows for a
-// 4-tile image), where ggml's quantized GEMM (8-bit activations, integer dot products) ran at half the BF16
+// and V projections of an image multiply a [n_embd -> n_kv_embd] matrix by every vision token (max_tiles x
+// n_positions rows), where ggml's quantized GEMM (8-bit activations, integer dot products) ran at half the BF16
 // GEMM's speed (bench/README.md). The weights are decoded once per call, as ggml decodes them (d * scale * q -
 // dmin * min in F32), and rounded to BF16 (relative 2^-9, below the Q8_K rounding of the activations that ggml's
 // product applies instead). Q4_K in ggml's repacked layout (block_q4_Kx8, kernels/x86/q4k_block.h) decodes here;
@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace mllama {
@@ -31,14 +30,14 @@ MLLAMA_AVX2_TARGET void decode_q4kx8(const q4k::q4kx8_block & blk, float (*rows)
     for (int c = 0; c < q4k::k_interleave; ++c) {
         const float d = ggml_fp16_to_fp32(blk.d[c]), dmin = ggml_fp16_to_fp32(blk.dmin[c]);
         const int scale_byte = c < 4 ? c : c + 4, min_byte = scale_byte + 4;
-        for (int t = 0; t < 16; ++t) {  // channel c's qs bytes 8t..8t+7 sit at chunk 8t + c
-            const uint8_t * q = blk.qs + (8 * t + c) * 8;
-            for (int i = 0; i < 8; ++i) {
-                const int o = 8 * t + i, j = o / 32, l = o % 32;  // qs byte o: weights 64j + l and 64j + 32 + l
-                const float d_lo = d * packed[2 * j][scale_byte], m_lo = dmin * packed[2 * j][min_byte];
-                const float d_hi = d * packed[2 * j + 1][scale_byte], m_hi = dmin * packed[2 * j + 1][min_byte];
-                rows[c][64 * j + l] = d_lo * static_cast<float>(q[i] & 0xF) - m_lo;
-                rows[c][64 * j + 32 + l] = d_hi * static_cast<float>(q[i] >> 4) - m_hi;
+        for (int j = 0; j < 4; ++j) {  // qs bytes 32j..32j+31: weights 64j + l (low nibbles), 64j + 32 + l (high)
+            const float d_lo = d * packed[2 * j][scale_byte], m_lo = dmin * packed[2 * j][min_byte];
+            const float d_hi = d * packed[2 * j + 1][scale_byte], m_hi = dmin * packed[2 * j + 1][min_byte];
+            for (int l = 0; l < 32; ++l) {
+                const int o = 32 * j + l;
+                const uint8_t q = blk.qs[(o / 8 * 8 + c) * 8 + o % 8];  // channel c's qs bytes 8t..8t+7: chunk 8t + c
+                rows[c][64 * j + l] = d_lo * static_cast<float>(q & 0xF) - m_lo;
+                rows[c][64 * j + 32 + l] = d_hi * static_cast<float>(q >> 4) - m_hi;
             }
         }
     }
@@ -74,11 +73,6 @@ void dequantize_rows(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
 }
 
-bool in_repack_buffer(const ggml_tensor * w) {
-    return w->buffer && w->extra &&
-           std::strcmp(ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer)), "CPU_REPACK") == 0;
-}
-
 }  // namespace
 
 bool dequantize_bf16_supported(const ggml_tensor * w) {
@@ -86,7 +80,7 @@ bool dequantize_bf16_supported(const ggml_tensor * w) {
         !ggml_is_contiguous(w) || w->ne[1] % 16 != 0 || w->ne[0] % 2 != 0 || !w->buffer) {
         return false;
     }
-    if (in_repack_buffer(w)) {  // ggml's repacked layout (in CPU memory, not "host" to ggml): Q4_K only
+    if (q4k::in_repack_buffer(w)) {  // ggml's repacked layout (in CPU memory, not "host" to ggml): Q4_K only
         return w->type == GGML_TYPE_Q4_K && w->ne[0] % q4k::k_block == 0 && w->ne[1] % q4k::k_interleave == 0 &&
                ggml_type_size(GGML_TYPE_Q4_K) * q4k::k_interleave == sizeof(q4k::q4kx8_block);
     }
@@ -97,7 +91,7 @@ ggml_tensor * dequantize_bf16(ggml_context * ctx, ggml_tensor * w, ggml_tensor *
     // w goes in by userdata (ggml's CPU backend lets the repack buffer type decide which ops read its tensors,
     // and it accepts only mul_mat; w lives as long as the model); anchor, the product's input, is the op's
     // source, so that the scheduler puts the op with the product
-    const ggml_custom_op_t op = in_repack_buffer(w) ? dequantize_q4kx8 : dequantize_rows;
+    const ggml_custom_op_t op = q4k::in_repack_buffer(w) ? dequantize_q4kx8 : dequantize_rows;
     return ggml_custom_4d(ctx, GGML_TYPE_BF16, w->ne[0], w->ne[1], 1, 1, &anchor, /*n_args=*/1, op, GGML_N_TASKS_MAX,
                           w);  // [K, M]
 }

@@ -1,7 +1,7 @@
 // The layer norm in front of the vision tower's BF16 GEMMs, in one pass over each row (see kernels/dispatch.h):
 // ggml's norm, the weight's mul, the bias' add and the cast to the GEMM's input type are four passes over the
-// [n_embd, n_tokens] activations, and ggml's norm sums in scalar doubles (7 ms per norm of a 4-tile image on
-// Zen 4; the four took 0.88 s of the image, this pass 0.16 s: bench/README.md). Per row: the mean, then the
+// [n_embd, n_tokens] activations, and ggml's norm sums in scalar doubles (7.6 ms per norm of a 4-tile image on
+// Zen 4; the four took 0.83 s of the image, this pass 0.16 s: bench/README.md). Per row: the mean, then the
 // variance of x - mean (two passes over the row, as ggml does, while it sits in L1), then ((x - mean) * inv_std) * w + b
 // rounded as ggml rounds those three steps, stored as BF16 (AVX-512 family: what its GEMM multiplies) or
 // F32 (AVX2 family). The sums are F32 in 16 or 8 lanes, ggml's in double: the results differ by the
@@ -38,23 +38,27 @@ float eps_of(const void * userdata) {
     return eps;
 }
 
-struct norm_rows {
-    const ggml_tensor * x;
-    const float * w, * b;  // [n] each; b null: no bias
-    int64_t n, r0, r1;     // row length; this thread's rows
+// One row of the op: x -> y (the output row, BF16 or F32), with the weight w, the bias b (null: none) and eps.
+struct norm_row {
+    const float * x;
+    void * y;
+    const float * w, * b;
+    int64_t n;
+    float eps;
 };
 
-// dst->src = {x [n, N] F32, w [n] F32, b [n] F32 (optional)}; rows split across threads.
-norm_rows rows_of(const ggml_tensor * dst, int ith, int nth) {
+// dst->src = {x [n, N] F32, w [n] F32, b [n] F32 (optional)}; rows split across threads, each through row_fn.
+template <void (*row_fn)(const norm_row &)>
+void for_each_row(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const ggml_tensor * x = dst->src[0];
     const int64_t n_rows = x->ne[1], per = (n_rows + nth - 1) / nth;
     const int64_t r0 = std::min(n_rows, per * ith), r1 = std::min(n_rows, r0 + per);
+    const auto * w = static_cast<const float *>(dst->src[1]->data);
     const auto * b = dst->src[2] ? static_cast<const float *>(dst->src[2]->data) : nullptr;
-    return {x, static_cast<const float *>(dst->src[1]->data), b, x->ne[0], r0, r1};
-}
-
-const float * row_of(const ggml_tensor * t, int64_t r) {
-    return reinterpret_cast<const float *>(static_cast<const char *>(t->data) + r * t->nb[1]);
+    for (int64_t r = r0; r < r1; ++r) {
+        row_fn({reinterpret_cast<const float *>(static_cast<const char *>(x->data) + r * x->nb[1]),
+                static_cast<char *>(dst->data) + r * dst->nb[1], w, b, x->ne[0], eps_of(userdata)});
+    }
 }
 
 // Lanes i..i+15 of a row of n that exist.
@@ -62,73 +66,65 @@ inline __mmask16 live_lanes(int64_t n, int64_t i) {
     return static_cast<__mmask16>(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1u);
 }
 
-MLLAMA_AVX512_TARGET void layer_norm_bf16_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    const norm_rows a = rows_of(dst, ith, nth);
-    const float eps = eps_of(userdata);
+MLLAMA_AVX512_TARGET void layer_norm_bf16_row(const norm_row & a) {
+    const float * x = a.x;
+    auto * y = static_cast<uint16_t *>(a.y);
     const int64_t n32 = a.n / 32 * 32;
-    for (int64_t r = a.r0; r < a.r1; ++r) {
-        const float * x = row_of(a.x, r);
-        auto * y = reinterpret_cast<uint16_t *>(static_cast<char *>(dst->data) + r * dst->nb[1]);
-        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();  // two chains of sums
-        for (int64_t i = 0; i < n32; i += 32) {
-            s0 = _mm512_add_ps(s0, _mm512_loadu_ps(x + i));
-            s1 = _mm512_add_ps(s1, _mm512_loadu_ps(x + i + 16));
-        }
-        for (int64_t i = n32; i < a.n; i += 16) s0 = _mm512_add_ps(s0, _mm512_maskz_loadu_ps(live_lanes(a.n, i), x + i));
-        const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) / static_cast<float>(a.n));
-        s0 = s1 = _mm512_setzero_ps();
-        for (int64_t i = 0; i < n32; i += 32) {
-            const __m512 d0 = _mm512_sub_ps(_mm512_loadu_ps(x + i), mean);
-            const __m512 d1 = _mm512_sub_ps(_mm512_loadu_ps(x + i + 16), mean);
-            s0 = _mm512_fmadd_ps(d0, d0, s0);
-            s1 = _mm512_fmadd_ps(d1, d1, s1);
-        }
-        for (int64_t i = n32; i < a.n; i += 16) {
-            const __mmask16 live = live_lanes(a.n, i);
-            const __m512 d = _mm512_maskz_sub_ps(live, _mm512_maskz_loadu_ps(live, x + i), mean);
-            s0 = _mm512_fmadd_ps(d, d, s0);
-        }
-        const float variance = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) / static_cast<float>(a.n);
-        const __m512 inv_std = _mm512_set1_ps(1.0f / std::sqrt(variance + eps));
-        for (int64_t i = 0; i < a.n; i += 16) {
-            const __mmask16 live = live_lanes(a.n, i);
-            __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, x + i), mean), inv_std);
-            v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(live, a.w + i));
-            if (a.b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, a.b + i));
-            _mm256_mask_storeu_epi16(y + i, live, (__m256i) _mm512_cvtneps_pbh(v));
-        }
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();  // two chains of sums
+    for (int64_t i = 0; i < n32; i += 32) {
+        s0 = _mm512_add_ps(s0, _mm512_loadu_ps(x + i));
+        s1 = _mm512_add_ps(s1, _mm512_loadu_ps(x + i + 16));
+    }
+    for (int64_t i = n32; i < a.n; i += 16) s0 = _mm512_add_ps(s0, _mm512_maskz_loadu_ps(live_lanes(a.n, i), x + i));
+    const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) / static_cast<float>(a.n));
+    s0 = s1 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n32; i += 32) {
+        const __m512 d0 = _mm512_sub_ps(_mm512_loadu_ps(x + i), mean);
+        const __m512 d1 = _mm512_sub_ps(_mm512_loadu_ps(x + i + 16), mean);
+        s0 = _mm512_fmadd_ps(d0, d0, s0);
+        s1 = _mm512_fmadd_ps(d1, d1, s1);
+    }
+    for (int64_t i = n32; i < a.n; i += 16) {
+        const __mmask16 live = live_lanes(a.n, i);
+        const __m512 d = _mm512_maskz_sub_ps(live, _mm512_maskz_loadu_ps(live, x + i), mean);
+        s0 = _mm512_fmadd_ps(d, d, s0);
+    }
+    const float variance = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) / static_cast<float>(a.n);
+    const __m512 inv_std = _mm512_set1_ps(1.0f / std::sqrt(variance + a.eps));
+    for (int64_t i = 0; i < a.n; i += 16) {
+        const __mmask16 live = live_lanes(a.n, i);
+        __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, x + i), mean), inv_std);
+        v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(live, a.w + i));
+        if (a.b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, a.b + i));
+        _mm256_mask_storeu_epi16(y + i, live, (__m256i) _mm512_cvtneps_pbh(v));
     }
 }
 
-MLLAMA_AVX2_TARGET void layer_norm_f32_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    const norm_rows a = rows_of(dst, ith, nth);
-    const float eps = eps_of(userdata);
+MLLAMA_AVX2_TARGET void layer_norm_f32_row(const norm_row & a) {
+    const float * x = a.x;
+    auto * y = static_cast<float *>(a.y);
     const int64_t n8 = a.n / 8 * 8;
-    for (int64_t r = a.r0; r < a.r1; ++r) {
-        const float * x = row_of(a.x, r);
-        auto * y = reinterpret_cast<float *>(static_cast<char *>(dst->data) + r * dst->nb[1]);
-        __m256 s = _mm256_setzero_ps();
-        for (int64_t i = 0; i < n8; i += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(x + i));
-        float sum = simd::hsum256(s);
-        for (int64_t i = n8; i < a.n; ++i) sum += x[i];
-        const float mean = sum / static_cast<float>(a.n);
-        const __m256 m = _mm256_set1_ps(mean);
-        s = _mm256_setzero_ps();
-        for (int64_t i = 0; i < n8; i += 8) {
-            const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), m);
-            s = _mm256_fmadd_ps(d, d, s);
-        }
-        float squares = simd::hsum256(s);
-        for (int64_t i = n8; i < a.n; ++i) squares += (x[i] - mean) * (x[i] - mean);
-        const float inv_std = 1.0f / std::sqrt(squares / static_cast<float>(a.n) + eps);
-        const __m256 is = _mm256_set1_ps(inv_std);
-        for (int64_t i = 0; i < n8; i += 8) {
-            __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), m), is), _mm256_loadu_ps(a.w + i));
-            if (a.b) v = _mm256_add_ps(v, _mm256_loadu_ps(a.b + i));
-            _mm256_storeu_ps(y + i, v);
-        }
-        for (int64_t i = n8; i < a.n; ++i) y[i] = (x[i] - mean) * inv_std * a.w[i] + (a.b ? a.b[i] : 0.0f);
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n8; i += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(x + i));
+    float sum = simd::hsum256(s);
+    for (int64_t i = n8; i < a.n; ++i) sum += x[i];
+    const float mean = sum / static_cast<float>(a.n);
+    const __m256 m = _mm256_set1_ps(mean);
+    s = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n8; i += 8) {
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), m);
+        s = _mm256_fmadd_ps(d, d, s);
     }
+    float squares = simd::hsum256(s);
+    for (int64_t i = n8; i < a.n; ++i) squares += (x[i] - mean) * (x[i] - mean);
+    const float inv_std = 1.0f / std::sqrt(squares / static_cast<float>(a.n) + a.eps);
+    const __m256 is = _mm256_set1_ps(inv_std);
+    for (int64_t i = 0; i < n8; i += 8) {
+        __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), m), is), _mm256_loadu_ps(a.w + i));
+        if (a.b) v = _mm256_add_ps(v, _mm256_loadu_ps(a.b + i));
+        _mm256_storeu_ps(y + i, v);
+    }
+    for (int64_t i = n8; i < a.n; ++i) y[i] = (x[i] - mean) * inv_std * a.w[i] + (a.b ? a.b[i] : 0.0f);
 }
 
 ggml_tensor * layer_norm_op(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, float eps,
@@ -141,11 +137,11 @@ ggml_tensor * layer_norm_op(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w
 }  // namespace
 
 ggml_tensor * layer_norm_bf16_avx512(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, float eps) {
-    return layer_norm_op(ctx, x, w, b, eps, GGML_TYPE_BF16, layer_norm_bf16_op);  // [n, N] BF16
+    return layer_norm_op(ctx, x, w, b, eps, GGML_TYPE_BF16, for_each_row<layer_norm_bf16_row>);  // [n, N] BF16
 }
 
 ggml_tensor * layer_norm_f32_avx2(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, float eps) {
-    return layer_norm_op(ctx, x, w, b, eps, GGML_TYPE_F32, layer_norm_f32_op);  // [n, N] F32
+    return layer_norm_op(ctx, x, w, b, eps, GGML_TYPE_F32, for_each_row<layer_norm_f32_row>);  // [n, N] F32
 }
 
 }  // namespace mllama

@@ -10,6 +10,7 @@
 #include "kernels/x86/q8k_avx2.h"
 #include "kernels/x86/simd_avx2.h"
 
+#include "ggml-backend.h"
 #include "ggml.h"
 
 #include <algorithm>
@@ -31,6 +32,12 @@ struct q4kx8_block {
     uint8_t qs[k_block * k_interleave / 2];
 };
 static_assert(sizeof(q4kx8_block) == 1152, "block_q4_Kx8 layout");
+
+// w lives in ggml's CPU_REPACK buffer (its extra: the repacked layout, block_q4_Kx8 for Q4_K).
+inline bool in_repack_buffer(const ggml_tensor * w) {
+    return w->buffer && w->extra &&
+           std::strcmp(ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer)), "CPU_REPACK") == 0;
+}
 
 // One block's scales and mins, sub-block s in sub[s]: bytes [scale ch0-3, min ch0-3, scale ch4-7, min ch4-7].
 // packed: the block's scales, followed by its quants.

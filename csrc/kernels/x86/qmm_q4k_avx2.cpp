@@ -113,9 +113,8 @@ void product(ggml_tensor * dst, int ith, int nth, void * userdata) {
 namespace q4k {
 
 bool layout_supported(const ggml_tensor * w, const ggml_tensor * x) {
-    if (!w || !x || w->type != GGML_TYPE_Q4_K || !w->buffer || !w->extra) return false;
-    const char * buft = ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer));
-    return std::strcmp(buft, "CPU_REPACK") == 0 && ggml_type_size(GGML_TYPE_Q4_K) * k_interleave == sizeof(q4kx8_block) &&
+    if (!w || !x || w->type != GGML_TYPE_Q4_K || !in_repack_buffer(w)) return false;
+    return ggml_type_size(GGML_TYPE_Q4_K) * k_interleave == sizeof(q4kx8_block) &&
            w->ne[0] % k_block == 0 && w->ne[0] > 0 && w->ne[1] % k_interleave == 0 && w->ne[2] == 1 && w->ne[3] == 1 &&
            ggml_is_contiguous(w) && x->type == GGML_TYPE_F32 && x->ne[0] == w->ne[0] && x->ne[1] >= 1 &&
            x->ne[1] <= k_q4k_max_rows && x->ne[2] == 1 && x->ne[3] == 1 && ggml_is_contiguous_rows(x) &&
