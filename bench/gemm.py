@@ -27,17 +27,21 @@ SHAPES = {"q, k, v, o [1280 -> 1280]": (1280, 1280), "fc1 [1280 -> 5120]": (1280
           "fc2 [5120 -> 1280]": (5120, 1280), "projector [7680 -> 4096]": (7680, 4096)}
 
 
-def torch_ms(k: int, m: int, n: int, threads: int, reps: int, dtype: str = "bf16") -> float:
+def torch_ms(k: int, m: int, n: int, threads: int, reps: int, dtype: str = "bf16", device: str = "cpu") -> float:
+    """torch.matmul's median time in ms for [n, k] x [k, m] on `device` (cpu, or cuda: cuBLAS)."""
     import torch
 
     torch.set_num_threads(threads)
-    x = torch.randn(n, k).to(getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[dtype]))
-    w = torch.randn(m, k).to(x.dtype)
-    torch.matmul(x, w.t())  # warm-up (oneDNN picks its kernel)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    x = torch.randn(n, k, device=device).to(getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[dtype]))
+    w = torch.randn(m, k, device=device).to(x.dtype)
+    torch.matmul(x, w.t())  # warm-up (oneDNN or cuBLAS picks its kernel)
+    sync()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         torch.matmul(x, w.t())
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def hf_inputs_for(tokens: list[int], pre, dtype):
+def hf_inputs_for(tokens: list[int], pre, dtype, device="cpu"):
     import torch
     from transformers.models.mllama.processing_mllama import (convert_sparse_cross_attention_mask_to_dense,
                                                               get_cross_attention_token_mask)
@@ -15,6 +15,7 @@ def hf_inputs_for(tokens: list[int], pre, dtype):
     sparse = get_cross_attention_token_mask(tokens, 128256)
     dense = convert_sparse_cross_attention_mask_to_dense([sparse], [[pre.n_tiles]], max_num_tiles=pre.pixel_values.shape[0],
                                                          length=len(tokens))
-    return {"input_ids": torch.tensor([tokens]), "pixel_values": torch.from_numpy(pre.pixel_values[None, None]).to(dtype),
+    inputs = {"input_ids": torch.tensor([tokens]), "pixel_values": torch.from_numpy(pre.pixel_values[None, None]).to(dtype),
             "aspect_ratio_ids": torch.tensor([[pre.aspect_ratio_id]]), "aspect_ratio_mask": torch.from_numpy(mask),
             "cross_attention_mask": torch.from_numpy(dense)}
+    return {name: value.to(device) for name, value in inputs.items()}

@@ -62,6 +62,23 @@ def read_bandwidth_gbs(probe: Path | None, gib: float = 2.0, passes: int = 5) ->
         return x.numel() * 4 / best / 1e9, "torch.sum"
 
 
+def gpu_bandwidth_gbs(gib: float = 2.0, passes: int = 5) -> float:
+    """A GPU's memory bandwidth: a device-to-device copy through torch, bytes read and written."""
+    import torch
+
+    x = torch.empty(int(gib * (1 << 30)), dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        y.copy_(x)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * x.numel() / best / 1e9
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name"):
@@ -106,7 +123,7 @@ def vision_gflop(vision: dict) -> float:
     return layers * (2 * n * (4 * d * d + 2 * d * f) + 2 * 2 * n * n * d) / 1e9
 
 
-def add_vision_gflops(result: dict, vision: dict, dtypes: list[str]) -> None:
+def add_vision_gflops(result: dict, vision: dict, dtypes: list[str], device: str = "cpu") -> None:
     """Vision GFLOPS of each engine next to torch.matmul's GFLOPS on the fc1 shape in each timed dtype,
     measured in this run (the machine's practical peak: oneDNN, AMX tiles where the CPU has them)."""
     from gemm import torch_ms
@@ -117,7 +134,8 @@ def add_vision_gflops(result: dict, vision: dict, dtypes: list[str]) -> None:
     mllama_gflops = gflop / result["mllama"]["q4_k_m"]["vision_s"]
     arithmetic["mllama_gflops"] = round(mllama_gflops, 1)
     for dtype in dtypes:
-        ms = torch_ms(vision["hidden_size"], vision["intermediate_size"], n_tok, os.cpu_count() or 1, 3, dtype)
+        ms = torch_ms(vision["hidden_size"], vision["intermediate_size"], n_tok, os.cpu_count() or 1, 3, dtype,
+                      "cpu" if device == "cpu" else "cuda")
         peak = 2 * vision["hidden_size"] * vision["intermediate_size"] * n_tok / 1e9 / ms * 1e3
         arithmetic[f"torch_matmul_{dtype}_gflops"] = round(peak, 1)
         arithmetic[f"mllama_of_torch_matmul_{dtype}"] = round(mllama_gflops / peak, 3)
@@ -162,6 +180,8 @@ def main() -> None:
                              "without AVX-512 BF16, torch's bf16 matmul is several times slower than its fp32 one, "
                              "and fp32 is the fair reference there")
     parser.add_argument("--skip-full", action="store_true", help="skip the full-size 11B Q4_K_M decode")
+    parser.add_argument("--device", default="cpu",
+                        help="where both engines run: cpu, or a ggml GPU device (CUDA0) for mllama and cuda for transformers")
     parser.add_argument("--work", type=Path, default=None, help="folder for the GGUF files (default: a temp folder)")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default bench/results/bench.json)")
     args = parser.parse_args()
@@ -183,10 +203,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         tmp = Path(tmp)
         print("measuring read bandwidth", flush=True)
-        probe_lib = build_probe(tmp)
-        bw, probe = read_bandwidth_gbs(probe_lib)
-        result["machine"].update(read_bandwidth_gbs=round(bw, 1), bandwidth_probe=probe)
-        probe_args = ["--bandwidth-probe", str(probe_lib)] if probe_lib else []
+        on_gpu = args.device != "cpu"
+        probe_lib = None if on_gpu else build_probe(tmp)
+        bw, probe = (gpu_bandwidth_gbs(), "torch device-to-device copy") if on_gpu else read_bandwidth_gbs(probe_lib)
+        result["machine"].update(read_bandwidth_gbs=round(bw, 1), bandwidth_probe=probe, device=args.device)
+        probe_args = (["--bandwidth-probe", str(probe_lib)] if probe_lib else []) + ["--device", args.device]
         for type_name in ("q4_k_m", "f16"):
             print(f"mllama {type_name}", flush=True)
             path = write_synthetic_gguf(tmp / f"{type_name}.gguf", text, vision, type=type_name, vision_type="bf16")
@@ -197,13 +218,14 @@ def main() -> None:
         cfg.write_text(json.dumps({"text_config": text, "vision_config": vision, "image_token_index": 128256}))
         for dtype in dtypes:
             print(f"transformers {dtype}", flush=True)
-            result["transformers"][dtype] = worker("transformers", str(cfg), "--dtype", dtype)
+            result["transformers"][dtype] = worker("transformers", str(cfg), "--dtype", dtype,
+                                                   "--device", "cuda" if on_gpu else "cpu")
         if not args.skip_full:
             print("mllama full 11B q4_k_m", flush=True)
             path = write_synthetic_gguf(tmp / "full.gguf", full_text, vision, type="q4_k_m", vision_type="bf16")
             result["mllama"]["full_11b_q4_k_m"] = entry = worker("mllama", str(path), "--image", "--decode", "16", *probe_args)
             add_derived(entry, bw)
-    add_vision_gflops(result, vision, dtypes)
+    add_vision_gflops(result, vision, dtypes, args.device)
     for dtype in dtypes:
         result[f"ratios_vs_transformers_{dtype}"] = ratios(result, dtype)
     text_out = json.dumps(result, indent=2)

@@ -61,11 +61,11 @@ def run_mllama(args) -> dict:
     from mllama.generation.engine import PreparedImage
 
     t0 = time.perf_counter()
-    mllama.Model(args.model, device="cpu").close()  # warms the page cache
+    mllama.Model(args.model, device=args.device).close()  # warms the page cache
     cold_or_warm = time.perf_counter() - t0
     prompt, ttft_prompt = prompts(args.prompt, args.ttft_prompt)
     t0 = time.perf_counter()
-    model = mllama.Model(args.model, device="cpu", n_ctx=args.prompt + args.decode * args.repeats + 16, n_image_slots=1)
+    model = mllama.Model(args.model, device=args.device, n_ctx=args.prompt + args.decode * args.repeats + 16, n_image_slots=1)
     out = {"load_s": time.perf_counter() - t0, "first_load_s": cold_or_warm, "threads": model.info["n_threads"],
            "file_bytes": model.info["file_size"]}
     engine = model.engine
@@ -125,37 +125,47 @@ def run_transformers(args) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    device = torch.device("cpu" if args.device == "cpu" else "cuda")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cfg = json.loads(Path(args.model).read_text())
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = MllamaForConditionalGeneration(MllamaConfig(**cfg)).to(dtype).eval()
-    out = {"build_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    with device:  # built where it runs (a GPU initializes the random weights in a moment)
+        model = MllamaForConditionalGeneration(MllamaConfig(**cfg)).to(dtype).eval()
+    out = {"build_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name()}
     prompt, ttft_prompt = prompts(args.prompt, args.ttft_prompt)
     pre = mllama.preprocess(bench_image(), {"size": {"height": 560, "width": 560}, "max_image_tiles": 4,
                                             "image_mean": [0.48145466, 0.4578275, 0.40821073],
                                             "image_std": [0.26862954, 0.26130258, 0.27577711]})
     captured = {}
     vision = model.model.vision_model
-    vision.register_forward_pre_hook(lambda *a: captured.__setitem__("v0", time.perf_counter()))
+    def started(*_) -> None:  # a pre-hook's return value would replace the inputs
+        sync()
+        captured["v0"] = time.perf_counter()
+
+    vision.register_forward_pre_hook(started)
     # image encode = vision tower + projector, as in mllama's figure (which also holds the cross-attention
     # K/V projections that transformers runs inside its prefill: our side does more work)
     def projected(module, inputs, output):
+        sync()
         captured.update(states=output, v1=time.perf_counter())
 
     model.model.multi_modal_projector.register_forward_hook(projected)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        model(**hf_inputs_for(ttft_prompt, pre, dtype)).logits[0, -1].argmax()
+        int(model(**hf_inputs_for(ttft_prompt, pre, dtype, device)).logits[0, -1].argmax())
         out.update(ttft_s=time.perf_counter() - t0, vision_s=captured["v1"] - captured["v0"])
         states = captured["states"]
         states = states.reshape(-1, states.shape[-2], model.config.text_config.hidden_size)  # as MllamaModel does
-        inputs = hf_inputs_for(prompt, pre, dtype)
+        inputs = hf_inputs_for(prompt, pre, dtype, device)
         inputs.pop("pixel_values"), inputs.pop("aspect_ratio_ids")
         model(**inputs, cross_attention_states=states)  # warm-up at the timed shape
         runs = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             res = model(**inputs, cross_attention_states=states, use_cache=True)
+            sync()
             runs.append(len(prompt) / (time.perf_counter() - t0))
         out.update(prefill_runs_tok_s=runs, prefill_tok_s=statistics.median(runs))
         past, token = res.past_key_values, res.logits[0, -1].argmax()
@@ -166,9 +176,12 @@ def run_transformers(args) -> dict:
             for _ in range(args.decode):
                 res = model(input_ids=token.view(1, 1), past_key_values=past, cross_attention_mask=mask_row, use_cache=True)
                 past, token = res.past_key_values, res.logits[0, -1].argmax()
+            sync()
             runs.append(args.decode / (time.perf_counter() - t0))
         out.update(decode_runs_tok_s=runs, decode_tok_s=statistics.median(runs))
     out["peak_rss"] = peak_rss()
+    if device.type == "cuda":
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     return out
 
 
@@ -182,6 +195,7 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed prefills and decode pieces; the median is reported")
     parser.add_argument("--image", action="store_true")
+    parser.add_argument("--device", default="cpu", help="mllama: a ggml device name (CUDA0); transformers: cpu or a GPU")
     parser.add_argument("--bandwidth-probe", default=None, help="bandwidth.so built by run.py")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))

@@ -27,6 +27,9 @@ FAMILY_NEEDS = {"avx2": ("AVX2_KERNELS", "this build or CPU has no AVX2 kernels 
 
 
 def pytest_configure(config):
+    # The suite tests the CPU paths wherever it runs: a Model that names no device stays on the CPU, also on a
+    # machine with a GPU (tests/test_gpu.py names its devices); MLLAMA_DEVICE set outside says otherwise.
+    os.environ.setdefault("MLLAMA_DEVICE", "cpu")
     family = os.environ.get("MLLAMA_TEST_KERNELS")
     if family and family not in KERNEL_FAMILIES:
         raise pytest.UsageError(f"MLLAMA_TEST_KERNELS={family}: choose one of {', '.join(KERNEL_FAMILIES)}")

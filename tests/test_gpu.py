@@ -25,7 +25,10 @@ def run(path, device, case, **kwargs):
         return feats, logits, buffers, model.info
 
 
-@pytest.mark.parametrize("type_name,bound", [("f32", 1e-6), ("f16", 1e-4), ("q8_0", 1e-3)])
+# ggml runs F32 products through cuBLAS with TF32 tensor-core math (CUBLAS_TF32_TENSOR_OP_MATH on its handles):
+# the products' inputs are rounded to 10-bit mantissas, F16's, so F32 weights get the F16 bound on a GPU
+# (seen on an H200: logits 4.1e-6 for F32, where the CPU's F32 arithmetic alone would give ~1e-12).
+@pytest.mark.parametrize("type_name,bound", [("f32", 1e-4), ("f16", 1e-4), ("q8_0", 1e-3)])
 @pytest.mark.parametrize("case", ["b_4_tiles", "c_two_images"])
 def test_gpu_matches_cpu(converted, type_name, bound, case):
     path = converted(type_name)
@@ -64,7 +67,7 @@ def test_two_gpus_split_the_text_layers(converted):
     path = converted("f16")
     _, cpu_logits, _, _ = run(path, "cpu", "b_4_tiles")
     names = [GPUS[0]["name"], GPUS[1]["name"]]
-    with mllama.Model(path, n_ctx=512, devices=names, tensor_split=[1, 1]) as model:
+    with mllama.Model(path, n_ctx=512, device=names[0], devices=names, tensor_split=[1, 1]) as model:
         runs = [(p.first_layer, p.n_layers, p.device) for p in model.placement if p.component == "text"]
         logits = model.forward(*model.chat_prompt(CASES["b_4_tiles"]))
     assert runs == [(0, 2, names[0]), (2, 2, names[1])]

@@ -82,7 +82,8 @@ class Model(Handle, GenerationMixin):
     ("": off); None takes MLLAMA_IMAGE_CACHE_BYTES / MLLAMA_IMAGE_CACHE_DIR. Several devices: `rpc` lists ggml RPC
     workers ("host:port", `mllama rpc-server`; None takes MLLAMA_RPC), `devices` the devices the text layers are
     split over in order (default: local GPUs, then the workers' devices), `tensor_split` their shares (default:
-    their free memory); `device` places the vision tower; `placement` says where everything went and why;
+    their free memory); `device` places the vision tower ("auto": the first local GPU, else the CPU; "cpu": everything
+    on the CPU; None takes MLLAMA_DEVICE, else "auto"); `placement` says where everything went and why;
     `rpc_timeout` (s, default 10) bounds connecting to a worker, `rpc_io_timeout` (s, default 600) one answer of it.
     Use as a context manager or call close(); raises ModelLoadError with the reason on failure.
     Threads may share a Model: their generations queue in its batch scheduler and, with n_seq_max > 1, run together.
@@ -90,7 +91,7 @@ class Model(Handle, GenerationMixin):
 
     def __init__(self, path: str | os.PathLike, *, projector: str | os.PathLike | None = None,
                  n_ctx: int | None = None, n_batch: int | None = None, n_threads: int | None = None,
-                 device: str = "auto", n_gpu_layers: int = -1, use_mmap: bool = True, check_tensors: bool = False,
+                 device: str | None = None, n_gpu_layers: int = -1, use_mmap: bool = True, check_tensors: bool = False,
                  n_image_slots: int | None = None, n_seq_max: int | str | None = None,
                  cross_kv_f32: bool | None = None,
                  kv_f32: bool | None = None,
@@ -111,7 +112,7 @@ class Model(Handle, GenerationMixin):
         strings = _CStrings()
         params = ffi.new("mllama_model_params *", lib.mllama_model_default_params())
         params.n_threads = int(n_threads or 0)
-        params.device = strings(device or "auto")
+        params.device = strings(device or env.device or "auto")
         params.n_gpu_layers = int(n_gpu_layers)
         params.use_mmap = 1 if use_mmap else 0
         params.check_tensors = 1 if check_tensors else 0

@@ -24,6 +24,7 @@ class Environment:
     image_cache_dir: str | None    # MLLAMA_IMAGE_CACHE_DIR: keep encoded images in this directory too
     image_cache_bytes: int | None  # MLLAMA_IMAGE_CACHE_BYTES: memory budget of the image cache (0: off)
     rpc: str | None            # MLLAMA_RPC: ggml RPC workers "host:port,host:port" (Model(rpc=...))
+    device: str | None         # MLLAMA_DEVICE: the default of Model(device=...): auto, cpu or a device name
 
 
 def environment() -> Environment:
@@ -33,7 +34,8 @@ def environment() -> Environment:
                        cpu_kernels=env.get("MLLAMA_CPU_KERNELS") or None, repack=env.get("MLLAMA_REPACK", "1") != "0",
                        image_cache_dir=env.get("MLLAMA_IMAGE_CACHE_DIR") or None,
                        image_cache_bytes=parse_bytes(env["MLLAMA_IMAGE_CACHE_BYTES"], "MLLAMA_IMAGE_CACHE_BYTES")
-                       if env.get("MLLAMA_IMAGE_CACHE_BYTES") else None, rpc=env.get("MLLAMA_RPC") or None)
+                       if env.get("MLLAMA_IMAGE_CACHE_BYTES") else None, rpc=env.get("MLLAMA_RPC") or None,
+                       device=env.get("MLLAMA_DEVICE") or None)
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

@@ -41,8 +41,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model",
                    help="a GGUF file or an Ollama model name like llama3.2-vision:11b (default: $MLLAMA_MODEL)")
     p.add_argument("--projector", help="the projector file of an Ollama 0.4-0.6 text model")
-    p.add_argument("--device", default="auto",
-                   help="the vision tower's device and the GPU for the text layers: auto, cpu or a device name")
+    p.add_argument("--device", default=None, help="the vision tower's device and the GPU for the text layers: "
+                   "auto, cpu or a device name (default: $MLLAMA_DEVICE, else auto)")
     p.add_argument("--rpc", help="ggml RPC workers host:port,host:port (`mllama rpc-server`; default $MLLAMA_RPC)")
     p.add_argument("--devices", help="the devices the text layers are split over, in order (e.g. RPC0,RPC1,CPU)")
     p.add_argument("--tensor-split", help="their shares of the text layers, e.g. 3,1 (default: their free memory)")
