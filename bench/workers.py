@@ -99,6 +99,8 @@ def run_mllama(args) -> dict:
             token = int(np.argmax(engine.step(token, len(images))))
         runs.append(args.decode / (time.perf_counter() - t0))
     out.update(decode_runs_tok_s=runs, decode_tok_s=statistics.median(runs))
+    if args.bandwidth_probe:  # and after: the roofline takes the higher of the two (the stricter one)
+        out["read_bandwidth_gbs_after_decode"] = round(probe_in_child(args.bandwidth_probe), 1)
     out["memory"] = model.memory()
     out["decode_bytes_per_token"] = decode_bytes(model, out["memory"], len(images))
     out["tensor_types"] = sorted({t.type for t in model.tensors()})
