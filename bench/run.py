@@ -146,7 +146,7 @@ def add_vision_gflops(result: dict, vision: dict, dtypes: list[str], device: str
 
 def add_derived(entry: dict, bandwidth_gbs: float) -> None:
     """Roofline fraction of the decode speed (against the higher of the bandwidths the worker measured right
-    before and right after decoding, where it could: a VM's bandwidth drifts between minutes, 25-36 GB/s on
+    before and right after decoding, where it could: a VM's bandwidth drifts between minutes, 25-39 GB/s on
     the Zen 4 machine within an hour) and the RSS bound."""
     around = [entry[k] for k in ("read_bandwidth_gbs_at_decode", "read_bandwidth_gbs_after_decode") if k in entry]
     bandwidth_gbs = max(around) if around else bandwidth_gbs
