@@ -187,14 +187,15 @@ def test_rpc_asked_of_a_ggml_without_rpc_is_a_clear_error(small_gguf):
 
 def test_mllama_device_is_the_default_device(gguf_f32, monkeypatch):
     """MLLAMA_DEVICE places a Model that names no device (the suite runs with it set to cpu: conftest.py); an
-    explicit device wins; a name no backend offers is a ModelLoadError that lists the devices there are."""
+    explicit device wins; a name no backend offers is a ModelLoadError that names the variable and lists the
+    devices there are."""
     import mllama
 
     monkeypatch.setenv("MLLAMA_DEVICE", "cpu")
     with mllama.Model(gguf_f32, n_ctx=256) as model:
         assert (model.placement[0].component, model.placement[0].reason) == ("vision", 'device="cpu"')
     monkeypatch.setenv("MLLAMA_DEVICE", "NoSuchDevice0")
-    with pytest.raises(mllama.ModelLoadError, match=r"unknown device 'NoSuchDevice0' \(available: .*CPU"):
+    with pytest.raises(mllama.ModelLoadError, match=r"^MLLAMA_DEVICE: unknown device 'NoSuchDevice0' \(available: .*CPU"):
         mllama.Model(gguf_f32, n_ctx=256)
     with mllama.Model(gguf_f32, n_ctx=256, device="auto") as model:
         assert model.placement[0].reason.startswith("auto: ")

@@ -124,7 +124,12 @@ class Model(Handle, GenerationMixin):
                            tensor_split=tensor_split, rpc_timeout=rpc_timeout,
                            rpc_io_timeout=rpc_io_timeout)  # noqa: F841 (alive over the call)
         out = ffi.new("mllama_model **")
-        call(lib.mllama_model_load, os.fsencode(self.path), strings(self.projector), params, out, error=ModelLoadError)
+        try:
+            call(lib.mllama_model_load, os.fsencode(self.path), strings(self.projector), params, out, error=ModelLoadError)
+        except ModelLoadError as exc:
+            if device is None and env.device and "unknown device" in str(exc):  # say where the name came from
+                raise ModelLoadError(f"MLLAMA_DEVICE: {exc}", exc.status) from exc
+            raise
         model_ptr = out[0]
         defaults = context_defaults()
         try:
