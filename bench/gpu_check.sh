@@ -6,7 +6,7 @@
 # when a step fails. About 10 minutes on an H200 with a 16-core Xeon host (2026-12-04).
 #
 #   bash bench/gpu_wheels.sh                  # here, once: .whl/ (mllama, ggml built for CUDA, what the machine lacks)
-#   bash bench/gpu_check.sh [OUT_DIR]         # there, with .whl/ carried; writes 7 files (+ the caller's log)
+#   bash bench/gpu_check.sh [OUT_DIR]         # there, with .whl/ carried; writes at most 7 files (+ the caller's log)
 #
 # With .whl/, its wheels and tarballs are installed into /tmp/site first; without it, the installed packages run.
 set -u
@@ -35,7 +35,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 python3 -c "import mllama; print(mllama.devices()); print(mllama.system_info())" || exit 1
 
 step "tests/test_gpu.py"
-timeout 150 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs 2>&1 | tee "$out/test_gpu.log" | tail -15
+timeout 150 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs 2>&1 | tail -40
 
 step "bench/run.py --device CUDA0 --skip-full"
 timeout 240 python3 bench/run.py --device CUDA0 --skip-full --out "$out/bench-gpu.json" > "$out/bench-gpu.log" 2>&1
@@ -51,7 +51,15 @@ if [ "$(left)" -gt 100 ]; then
     python3 -m mllama.dev.synthetic_gguf /tmp/full.gguf --preset 11b --type q4_k_m > /dev/null &&
         timeout $(( $(left) - 5 )) python3 bench/workers.py mllama /tmp/full.gguf --image --decode 16 --device CUDA0 \
         > "$out/full-gpu.json"
-    echo "rc=$?"; summary "$out/full-gpu.json"; rm -f /tmp/full.gguf
+    echo "rc=$?"; summary "$out/full-gpu.json"
+    step "its decode profiled (MLLAMA_PROFILE: a sync per node, so the shares matter, not the total)"
+    timeout 60 python3 -c "import sys, numpy as np, mllama; sys.path.insert(0, 'bench'); from workers import bench_image
+from mllama.generation.engine import PreparedImage
+with mllama.Model('/tmp/full.gguf', device='CUDA0', n_ctx=256, n_image_slots=1, profile=sys.argv[1]) as m:
+    pre = mllama.preprocess(bench_image(), m); img = PreparedImage(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles, 'b')
+    m.engine.encode(0, img); tok = int(np.argmax(m.engine.evaluate([128000, 128256, 1000, 2000], [img])))
+    for _ in range(16): tok = int(np.argmax(m.engine.step(tok, 1)))" "$out/prof-gpu.tsv" && head -12 "$out/prof-gpu.tsv"
+    rm -f /tmp/full.gguf
 fi
 
 if grep -q -w amx_bf16 /proc/cpuinfo && [ "$(left)" -gt 240 ]; then
