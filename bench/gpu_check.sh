@@ -3,7 +3,8 @@
 # tests/test_gpu.py, the GPU benchmark (both engines on the GPU: bench/run.py --device CUDA0, then the full-size
 # 11B Q4_K_M), and where the host CPU has AMX tiles: the AMX kernel tests, bench/gemm.py and both engines on the
 # CPU. Each step has a time limit (BUDGET_S in all, default 580 s) and the run reports what it measured even
-# when a step fails. About 10 minutes on an H200 with a 16-core Xeon host (2026-12-04).
+# when a step fails. About 10 minutes on an H200 with a 16-core Xeon host: an estimate from the steps' times
+# in the two calls of 2026-12-04 (7 and 5 minutes), which ran them in another order.
 #
 #   bash bench/gpu_wheels.sh                  # here, once: .whl/ (mllama, ggml built for CUDA, what the machine lacks)
 #   bash bench/gpu_check.sh [OUT_DIR]         # there, with .whl/ carried; writes at most 7 files (+ the caller's log)

@@ -2,7 +2,10 @@
 # Prepares .whl/ for bench/gpu_check.sh on a machine without a GPU, for a GPU machine without a network (the lent
 # H100/H200: Python 3.12 with torch and CUDA 13 there). Needs nvcc 13 here, pip, and Python 3.12 at $PY312.
 #
-#   PY312=/root/.pyenv/versions/3.12.1/bin/python3.12 bash bench/gpu_wheels.sh   # ~30 min on 2 cores (ggml's CUDA)
+#   PY312=/root/.pyenv/versions/3.12.1/bin/python3.12 bash bench/gpu_wheels.sh   # ~21 min on 2 cores (ggml's CUDA)
+#
+# (2026-12-04: ggml's CUDA wheel was built by hand with the pip line below, then this script ran end to end
+# reusing it from $WORK/ggml; the .whl/ it made ran on the H200.)
 #
 # What it does, and why each step:
 # - cuBLAS from PyPI (nvidia-cublas 13.0) into the toolkit, where ggml's CMake looks for it, when the toolkit

@@ -55,9 +55,10 @@ void for_each_row(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int64_t r0 = std::min(n_rows, per * ith), r1 = std::min(n_rows, r0 + per);
     const auto * w = static_cast<const float *>(dst->src[1]->data);
     const auto * b = dst->src[2] ? static_cast<const float *>(dst->src[2]->data) : nullptr;
+    const float eps = eps_of(userdata);
     for (int64_t r = r0; r < r1; ++r) {
         row_fn({reinterpret_cast<const float *>(static_cast<const char *>(x->data) + r * x->nb[1]),
-                static_cast<char *>(dst->data) + r * dst->nb[1], w, b, x->ne[0], eps_of(userdata)});
+                static_cast<char *>(dst->data) + r * dst->nb[1], w, b, x->ne[0], eps});
     }
 }
 
