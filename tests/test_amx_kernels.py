@@ -75,13 +75,15 @@ def attn_driver(tmp_path_factory):
 
 @needs_kernels
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
-@pytest.mark.parametrize("d,h,n", [(16, 2, 96), (80, 2, 1100), (128, 1, 200), (80, 3, 70)])
+@pytest.mark.parametrize("d,h,n", [(16, 2, 170), (80, 2, 1100), (128, 1, 200), (80, 3, 70), (80, 1, 300)])
 def test_bf16_attention_on_emulated_tiles_within_the_rounding_bound(attn_driver, d, h, n):
     """Both attention paths against the double-precision softmax on the same BF16 inputs, each output
     within the bound of the kernel's roundings (tests/c/attn_bf16.cpp: BF16 probabilities, 2^x, F32
     sums). Tiles emulated: D = 80 pads Q and K to 96 channels (three tile steps), D = 128 takes the
     P V products in two passes (6 + 2 channel groups), N = 1100 several key chunks and a partial key
-    block, N = 70 a partial query tile; masked rows, and a fully masked row that must give zeros."""
+    block, N = 70 a partial query tile; steps of 4 key blocks (256 keys) and of 3 (N = 170), 2 (N = 70,
+    1100) and 1 (N = 300) at the end of the keys; masked rows, and a fully masked row that must give
+    zeros."""
     env = {**os.environ, "MLLAMA_AMX_EMULATE": "1"}
     proc = subprocess.run([str(attn_driver), str(d), str(h), str(n), "2"], capture_output=True, text=True, timeout=300,
                           env=env)
@@ -95,7 +97,7 @@ def test_bf16_attention_on_emulated_tiles_within_the_rounding_bound(attn_driver,
 @pytest.mark.skipif(not AMX, reason="this CPU (or its OS) has no AMX-BF16 tiles: the hardware path is checked on "
                                     "emulated tiles only (test_bf16_attention_on_emulated_tiles_within_the_rounding_bound)")
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
-@pytest.mark.parametrize("d,h,n", [(80, 2, 1100), (128, 1, 200), (80, 3, 70)])
+@pytest.mark.parametrize("d,h,n", [(80, 2, 1100), (128, 1, 200), (80, 3, 70), (80, 1, 300)])
 def test_bf16_attention_on_amx_hardware_within_the_rounding_bound(attn_driver, d, h, n):
     env = {**os.environ, "MLLAMA_AMX_EMULATE": "0"}
     proc = subprocess.run([str(attn_driver), str(d), str(h), str(n), "2"], capture_output=True, text=True, timeout=300,

@@ -185,6 +185,23 @@ def test_rpc_asked_of_a_ggml_without_rpc_is_a_clear_error(small_gguf):
     assert result.returncode == 1 and "GGML_RPC=ON" in result.stderr
 
 
+def test_repack_modes_and_bad_values(gguf_f32, monkeypatch):
+    """Model(repack=...) and MLLAMA_REPACK take True/1, False/0 or "amx" (ggml's AMX layout too: settings.repack_mode);
+    anything else is a ValueError that names where it came from, before anything is loaded."""
+    import mllama
+    from mllama.settings import repack_mode
+
+    assert [repack_mode(v) for v in (True, False, "1", "0", " AMX ", 2)] == [1, 0, 1, 0, 2, 2]
+    with pytest.raises(ValueError, match=r"^repack must be True/1, False/0 or 'amx', not 'yes'"):
+        mllama.Model(gguf_f32, n_ctx=256, repack="yes")
+    monkeypatch.setenv("MLLAMA_REPACK", "on")
+    with pytest.raises(ValueError, match=r"^MLLAMA_REPACK must be .* not 'on'"):
+        mllama.Model(gguf_f32, n_ctx=256)
+    monkeypatch.setenv("MLLAMA_REPACK", "amx")
+    with mllama.Model(gguf_f32, n_ctx=256) as model:
+        assert model.forward([128000, 9906]).shape[-1] == model.hparams.n_vocab
+
+
 def test_mllama_device_is_the_default_device(gguf_f32, monkeypatch):
     """MLLAMA_DEVICE places a Model that names no device (the suite runs with it set to cpu: conftest.py); an
     explicit device wins; a name no backend offers is a ModelLoadError that names the variable and lists the

@@ -39,7 +39,7 @@ static void allocate_repacked(mllama_model & m, ggml_context * ctx, const tensor
     for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {
         if (t != m.text.token_embd) candidates.push_back(t);
     }
-    const std::vector<repack_choice> plan = repack_plan(candidates, m.params.repack != 0);
+    const std::vector<repack_choice> plan = repack_plan(candidates, m.params.repack);
     for (const auto & choice : plan) {
         const tensor_source & src = loader.source(choice.first);
         m.repacked[ggml_get_name(choice.first)] = file_span{src.file, src.file->data_offset(src.name)};

@@ -15,13 +15,16 @@
 
 namespace mllama {
 
-// The CPU device's extra buffer types in ggml's order of preference (AMX before CPU_REPACK).
-static std::vector<ggml_backend_buffer_type_t> extra_buffer_types() {
+// The CPU device's extra buffer types in ggml's order of preference (AMX before CPU_REPACK), AMX only
+// with_amx (repack.h says why).
+static std::vector<ggml_backend_buffer_type_t> extra_buffer_types(bool with_amx) {
     std::vector<ggml_backend_buffer_type_t> out;
     ggml_backend_dev_t cpu = cpu_device();
     auto get_extra = reinterpret_cast<ggml_backend_dev_get_extra_bufts_t>(
         ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(cpu), "ggml_backend_dev_get_extra_bufts"));
-    for (ggml_backend_buffer_type_t * b = get_extra ? get_extra(cpu) : nullptr; b && *b; ++b) out.push_back(*b);
+    for (ggml_backend_buffer_type_t * b = get_extra ? get_extra(cpu) : nullptr; b && *b; ++b) {
+        if (with_amx || std::strcmp(ggml_backend_buft_name(*b), "AMX") != 0) out.push_back(*b);
+    }
     return out;
 }
 
@@ -43,10 +46,10 @@ static bool supported(ggml_backend_buffer_type_t buft, ggml_tensor * w) {
     return ok;
 }
 
-std::vector<repack_choice> repack_plan(const std::vector<ggml_tensor *> & candidates, bool enabled) {
+std::vector<repack_choice> repack_plan(const std::vector<ggml_tensor *> & candidates, int mode) {
     std::vector<repack_choice> out;
-    if (!enabled) return out;
-    const std::vector<ggml_backend_buffer_type_t> types = extra_buffer_types();
+    if (mode == 0) return out;
+    const std::vector<ggml_backend_buffer_type_t> types = extra_buffer_types(/*with_amx=*/mode == 2);
     for (ggml_tensor * t : candidates) {
         if (!ggml_is_quantized(t->type) || ggml_n_dims(t) != 2) continue;
         for (ggml_backend_buffer_type_t buft : types) {

@@ -1,7 +1,10 @@
 // ggml's extra CPU buffer types: weight layouts its CPU backend multiplies faster than the file layout
 // (figures in bench/README.md): "AMX" (int8 tiles, Intel CPUs with AMX, ggml built for them),
 // "KleidiAI" (ARM) and "CPU_REPACK" (Q4_0, Q4_K, IQ4_NL interleaved 8 rows at a time). As llama.cpp
-// does, each weight goes to the first type, in ggml's order of preference, whose mat-mul takes it.
+// does, each weight goes to the first type, in ggml's order of preference, whose mat-mul takes it; but
+// "AMX" only when asked (mllama_model_params.repack = 2, MLLAMA_REPACK=amx): on the one AMX machine seen
+// (bench/README.md, 2026-12-04) a native ggml build with the text matrices in that layout died of SIGILL
+// in the image's first graph, and the same model ran with them in CPU_REPACK.
 // These weights live in anonymous memory, so the mmap pages they were copied from are released right
 // after (no second copy stays resident). mllama_model_params.repack = 0 keeps every weight in the mapping.
 #pragma once
@@ -30,8 +33,8 @@ struct file_span {
 using repack_choice = std::pair<ggml_tensor *, ggml_backend_buffer_type *>;
 
 // The weights among `candidates` that one of ggml's extra CPU buffer types multiplies, each with the
-// first such type (none when !enabled or this ggml has no extra types).
-std::vector<repack_choice> repack_plan(const std::vector<ggml_tensor *> & candidates, bool enabled);
+// first such type (mode: mllama_model_params.repack; none for 0 or when this ggml has no extra types).
+std::vector<repack_choice> repack_plan(const std::vector<ggml_tensor *> & candidates, int mode);
 
 // Allocate the weights of `plan` in one buffer per type and fill each from its span in the mapped file
 // (ggml repacks while copying; n_threads copy at once), then drop those pages from this process.

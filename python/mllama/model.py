@@ -31,7 +31,7 @@ from .generation.session import Chat
 from .hparams import HParams, from_struct
 from .image.preprocess import ImageConfig, preprocess
 from .ollama_store import display_name, resolve
-from .settings import Environment, environment, parse_bytes
+from .settings import Environment, environment, parse_bytes, repack_mode
 from .text.tokenizer import Tokenizer
 
 
@@ -75,7 +75,8 @@ class Model(Handle, GenerationMixin):
     n_seq_max 1: sequences generated at once, each with its own n_ctx cache, batched in every decode; "auto":
     up to 4, as many as a quarter of the free memory holds).
     repack, cpu_kernels, profile, dump_dir and dump_filter left as None come from the environment
-    (mllama.settings: MLLAMA_REPACK, MLLAMA_CPU_KERNELS, MLLAMA_PROFILE, MLLAMA_DUMP_DIR, MLLAMA_DUMP_FILTER).
+    (mllama.settings: MLLAMA_REPACK, MLLAMA_CPU_KERNELS, MLLAMA_PROFILE, MLLAMA_DUMP_DIR, MLLAMA_DUMP_FILTER);
+    repack="amx" puts the quantized text matrices in ggml's AMX layout where it can (settings.repack_mode).
     Encoded images are cached by content (mllama.generation.image_cache): in memory up to
     `image_cache_bytes` (an int or a string such as "512M"; 0: off; default: max(n_image_slots, 4) x the
     largest image's slot blob) and, with `image_cache_dir`, in that directory for other processes
@@ -95,7 +96,7 @@ class Model(Handle, GenerationMixin):
                  n_image_slots: int | None = None, n_seq_max: int | str | None = None,
                  cross_kv_f32: bool | None = None,
                  kv_f32: bool | None = None,
-                 repack: bool | None = None, cpu_kernels: str | None = None, profile: str | os.PathLike | None = None,
+                 repack: bool | str | None = None, cpu_kernels: str | None = None, profile: str | os.PathLike | None = None,
                  dump_dir: str | os.PathLike | None = None, dump_filter: str | None = None,
                  image_cache_dir: str | os.PathLike | None = None, image_cache_bytes: int | str | None = None,
                  rpc: str | Sequence[str] | None = None, devices: str | Sequence[str] | None = None,
@@ -116,7 +117,7 @@ class Model(Handle, GenerationMixin):
         params.n_gpu_layers = int(n_gpu_layers)
         params.use_mmap = 1 if use_mmap else 0
         params.check_tensors = 1 if check_tensors else 0
-        params.repack = 1 if (env.repack if repack is None else repack) else 0
+        params.repack = env.repack if repack is None else repack_mode(repack)
         params.log_level = log_level_for(self._log)
         params.log_callback = LOG_CALLBACK
         params.log_user_data = self._log_handle

@@ -20,18 +20,32 @@ class Environment:
     dump_filter: str | None    # MLLAMA_DUMP_FILTER: regex over node names to dump
     profile: str | None        # MLLAMA_PROFILE: per-op timings written to this TSV file
     cpu_kernels: str | None    # MLLAMA_CPU_KERNELS: "0" none, "1" all, or a list such as "attn,gemm"
-    repack: bool               # MLLAMA_REPACK=0: keep every weight in the file mapping
+    repack: int                # MLLAMA_REPACK: 0 keep every weight in the file mapping, amx (2): ggml's AMX layout too
     image_cache_dir: str | None    # MLLAMA_IMAGE_CACHE_DIR: keep encoded images in this directory too
     image_cache_bytes: int | None  # MLLAMA_IMAGE_CACHE_BYTES: memory budget of the image cache (0: off)
     rpc: str | None            # MLLAMA_RPC: ggml RPC workers "host:port,host:port" (Model(rpc=...))
     device: str | None         # MLLAMA_DEVICE: the default of Model(device=...): auto, cpu or a device name
 
 
+def repack_mode(value: bool | int | str, source: str = "repack") -> int:
+    """mllama_model_params.repack from Model(repack=...) or MLLAMA_REPACK: 0 (False, "0"): every weight in the file
+    mapping; 1 (True, "1", the default): quantized text matrices in ggml's extra CPU layouts but its AMX one; 2
+    ("amx"): ggml's AMX int8 layout first (a native ggml build on an AMX CPU; csrc/model/repack.h says why it is
+    not the default). Anything else: ValueError naming `source`."""
+    if isinstance(value, int) and value in (0, 1, 2):  # bools too
+        return int(value)
+    modes = {"0": 0, "1": 1, "amx": 2}
+    if not isinstance(value, str) or value.strip().lower() not in modes:
+        raise ValueError(f"{source} must be True/1, False/0 or 'amx', not {value!r}")
+    return modes[value.strip().lower()]
+
+
 def environment() -> Environment:
     env = os.environ
     return Environment(model=env.get("MLLAMA_MODEL") or None, dump_dir=env.get("MLLAMA_DUMP_DIR") or None,
                        dump_filter=env.get("MLLAMA_DUMP_FILTER") or None, profile=env.get("MLLAMA_PROFILE") or None,
-                       cpu_kernels=env.get("MLLAMA_CPU_KERNELS") or None, repack=env.get("MLLAMA_REPACK", "1") != "0",
+                       cpu_kernels=env.get("MLLAMA_CPU_KERNELS") or None,
+                       repack=repack_mode(env.get("MLLAMA_REPACK") or "1", "MLLAMA_REPACK"),
                        image_cache_dir=env.get("MLLAMA_IMAGE_CACHE_DIR") or None,
                        image_cache_bytes=parse_bytes(env["MLLAMA_IMAGE_CACHE_BYTES"], "MLLAMA_IMAGE_CACHE_BYTES")
                        if env.get("MLLAMA_IMAGE_CACHE_BYTES") else None, rpc=env.get("MLLAMA_RPC") or None,

@@ -2,8 +2,11 @@
 // tiles, emulated under MLLAMA_AMX_EMULATE=1) against softmax(Q K^T / sqrt(D) + mask) V in double
 // precision on the same BF16 inputs; built by tests/test_cpu_kernels.py with the kernels' sources.
 //
-//   attn_bf16 D H N [threads]
+//   attn_bf16 D H N [threads] [reps]
 //
+// With reps > 0 it times each path instead (median milliseconds of reps runs, the packing of K and V
+// included, and GFLOPS of the two products: 4 D N^2 H), without the check (whose reference is slow at
+// the tower's sizes): "avx512_ms=... tiles_ms=... avx2_ms=..." (bench/gemm.py --attention).
 // Inputs: q, k, v [D, H, N] random normal (some keys larger, below), rounded as the kernel rounds them
 // (q scaled by log2(e) / sqrt(D) first: the BF16 paths' scores are in base 2, turned back with ln 2
 // here); mask [N, N]: every third query row has -inf at every fifth key, the last row is all -inf (its
@@ -19,6 +22,7 @@
 #include "kernels/dispatch.h"
 #include "kernels/x86/attn_bf16.h"
 #include "kernels/x86/entry_points.h"
+#include "timing.h"
 
 #include "ggml-cpu.h"
 #include "ggml.h"
@@ -77,11 +81,11 @@ static double worst_ratio(const ggml_tensor * out, const std::vector<float> & q,
 
 int main(int argc, char ** argv) {
     if (argc < 4) {
-        std::fprintf(stderr, "usage: %s D H N [threads]\n", argv[0]);
+        std::fprintf(stderr, "usage: %s D H N [threads] [reps]\n", argv[0]);
         return 2;
     }
     const int64_t D = std::atoll(argv[1]), H = std::atoll(argv[2]), N = std::atoll(argv[3]);
-    const int threads = argc > 4 ? std::atoi(argv[4]) : 2;
+    const int threads = argc > 4 ? std::atoi(argv[4]) : 2, reps = argc > 5 ? std::atoi(argv[5]) : 0;
     if (!avx2_kernels_available()) {
         std::printf("skip: no AVX2 on this CPU\n");
         return 0;
@@ -111,22 +115,38 @@ int main(int argc, char ** argv) {
                 ggml_fp32_to_fp16(masked(i, j, N) ? -std::numeric_limits<float>::infinity() : 0.0f);
     ggml_tensor * rows = bf16_attention_mask_rows(ctx, mask);
     const bool avx512_run = cpu_kernels_available(), tiles_run = amx_tiles_available();
-    ggml_cgraph * graph = ggml_new_graph(ctx);
-    ggml_tensor * avx2 = attention_avx2(ctx, t[0], t[1], t[2], mask, rows);
-    ggml_build_forward_expand(graph, avx2);
-    ggml_tensor * avx = nullptr, * tiles = nullptr;
+    ggml_tensor * outs[3] = {nullptr, nullptr, attention_avx2(ctx, t[0], t[1], t[2], mask, rows)};  // avx512, tiles, avx2
     if (avx512_run) {
-        avx = bf16_attention_avx512(ctx, t[0], t[1], t[2], mask, rows, /*tiles=*/false);
-        tiles = bf16_attention_avx512(ctx, t[0], t[1], t[2], mask, rows, /*tiles=*/true);
-        ggml_build_forward_expand(graph, avx);
-        ggml_build_forward_expand(graph, tiles);
+        outs[0] = bf16_attention_avx512(ctx, t[0], t[1], t[2], mask, rows, /*tiles=*/false);
+        outs[1] = bf16_attention_avx512(ctx, t[0], t[1], t[2], mask, rows, /*tiles=*/true);
     }
+    const bool runs[3] = {avx512_run, tiles_run, true};
+    const char * names[3] = {"avx512", "tiles", "avx2"};
+    if (reps > 0) {
+        const double gflop = 4.0 * D * double(N) * N * H / 1e9;
+        for (int i = 0; i < 3; ++i) {
+            if (!runs[i]) {
+                std::printf("%s_ms=none ", names[i]);
+                continue;
+            }
+            ggml_cgraph * graph = ggml_new_graph(ctx);
+            ggml_build_forward_expand(graph, outs[i]);
+            const double ms = median_ms(ctx, {graph}, threads, reps);
+            std::printf("%s_ms=%.3f %s_gflops=%.1f ", names[i], ms, names[i], gflop / ms * 1e3);
+        }
+        std::printf("\n");
+        ggml_free(ctx);
+        return 0;
+    }
+    ggml_cgraph * graph = ggml_new_graph(ctx);
+    for (int i = 0; i < 3; ++i)
+        if (runs[i]) ggml_build_forward_expand(graph, outs[i]);
     ggml_graph_compute_with_ctx(ctx, graph, threads);
-    if (avx512_run) std::printf("avx512=%.4f ", worst_ratio(avx, vals[0], vals[1], vals[2], D, H, N));
-    else std::printf("avx512=none ");
-    if (tiles_run) std::printf("tiles=%.4f ", worst_ratio(tiles, vals[0], vals[1], vals[2], D, H, N));
-    else std::printf("tiles=none ");
-    std::printf("avx2=%.4f\n", worst_ratio(avx2, vals[0], vals[1], vals[2], D, H, N, /*f32=*/true));
+    for (int i = 0; i < 2; ++i) {
+        if (runs[i]) std::printf("%s=%.4f ", names[i], worst_ratio(outs[i], vals[0], vals[1], vals[2], D, H, N));
+        else std::printf("%s=none ", names[i]);
+    }
+    std::printf("avx2=%.4f\n", worst_ratio(outs[2], vals[0], vals[1], vals[2], D, H, N, /*f32=*/true));
     ggml_free(ctx);
     return 0;
 }

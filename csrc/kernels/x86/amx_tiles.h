@@ -71,12 +71,13 @@ struct hw_tiles {
     }
     // C += A B: A 16 rows x 16 BF16 pairs, B 16 pair rows x 16 columns (each a BF16 pair), C 16 x 16 F32.
     // The combinations the kernels use: GEMM C0..3 from A 4, 5 and B 6, 7; attention scores C0..3 from
-    // A 4 and B 5; attention P V, C0..5 from A 6 and B 7.
+    // A 4, 5 or 6 and B 7; attention P V, C0..5 from A 6 and B 7.
     template <int C, int A, int B> MLLAMA_AMX_TARGET static void dot_bf16() {
 #define MLLAMA_TILE_DOT(c, a, b) else if constexpr (C == c && A == a && B == b) _tile_dpbf16ps(c, a, b);
         if constexpr (false) {}
         MLLAMA_TILE_DOT(0, 4, 6) MLLAMA_TILE_DOT(1, 4, 7) MLLAMA_TILE_DOT(2, 5, 6) MLLAMA_TILE_DOT(3, 5, 7)
-        MLLAMA_TILE_DOT(0, 4, 5) MLLAMA_TILE_DOT(1, 4, 5) MLLAMA_TILE_DOT(2, 4, 5) MLLAMA_TILE_DOT(3, 4, 5)
+        MLLAMA_TILE_DOT(0, 4, 7) MLLAMA_TILE_DOT(2, 4, 7) MLLAMA_TILE_DOT(3, 4, 7)
+        MLLAMA_TILE_DOT(0, 5, 7) MLLAMA_TILE_DOT(1, 5, 7) MLLAMA_TILE_DOT(2, 5, 7)
         MLLAMA_TILE_DOT(0, 6, 7) MLLAMA_TILE_DOT(1, 6, 7) MLLAMA_TILE_DOT(2, 6, 7) MLLAMA_TILE_DOT(3, 6, 7)
         MLLAMA_TILE_DOT(4, 6, 7) MLLAMA_TILE_DOT(5, 6, 7)
         else static_assert(C < 0, "a tile combination not listed in hw_tiles::dot_bf16");

@@ -115,31 +115,33 @@ MLLAMA_AVX512_TARGET inline __m512 exp2_softmax(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-// Softmax step of one row over 64 base-2 scores: updates the running max m and per-lane sums l,
-// writes the BF16 probabilities, returns the factor that rescales the row's earlier output. The
-// maximum moves only when a score passes m + k_max_drift (always on the first live block), so a
-// probability is at most 2^k_max_drift and most blocks need no maximum at all.
-MLLAMA_AVX512_TARGET inline float softmax_row(__m512 s[4], float & m, float * l, uint16_t * probs) {
+// Softmax step of one row over 16 NV base-2 scores (64 on the AVX-512 path, up to a key chunk on AMX
+// tiles): updates the running max m and per-lane sums l, writes the BF16 probabilities, returns the
+// factor that rescales the row's earlier output. The maximum moves only when a score passes
+// m + k_max_drift (always on the first live block), so a probability is at most 2^k_max_drift and
+// most blocks need no maximum at all.
+template <int NV>
+MLLAMA_AVX512_TARGET inline float softmax_row(__m512 (&s)[NV], float & m, float * l, uint16_t * probs) {
     const __m512 limit = _mm512_set1_ps(m + k_max_drift);
-    const __mmask16 over = static_cast<__mmask16>(
-        _mm512_cmp_ps_mask(s[0], limit, _CMP_GT_OQ) | _mm512_cmp_ps_mask(s[1], limit, _CMP_GT_OQ) |
-        _mm512_cmp_ps_mask(s[2], limit, _CMP_GT_OQ) | _mm512_cmp_ps_mask(s[3], limit, _CMP_GT_OQ));
+    __mmask16 over = 0;
+    for (int t = 0; t < NV; ++t) over |= _mm512_cmp_ps_mask(s[t], limit, _CMP_GT_OQ);
     float alpha = 1.0f;
     if (over) {
-        const float m_new =
-            _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(s[0], s[1]), _mm512_max_ps(s[2], s[3])));  // > m
+        __m512 top = s[0];
+        for (int t = 1; t < NV; ++t) top = _mm512_max_ps(top, s[t]);
+        const float m_new = _mm512_reduce_max_ps(top);  // > m
         alpha = std::exp2(m - m_new);  // 0 on the first live block (m = -inf)
         m = m_new;
     } else if (m == -std::numeric_limits<float>::infinity()) {  // everything masked so far
-        std::memset(probs, 0, k_key_block * sizeof(uint16_t));
+        std::memset(probs, 0, NV * 16 * sizeof(uint16_t));
         return 1.0f;
     }
     const __m512 shift = _mm512_set1_ps(m);
     __m512 sum = alpha == 1.0f ? _mm512_loadu_ps(l) : _mm512_mul_ps(_mm512_loadu_ps(l), _mm512_set1_ps(alpha));
-    for (int t = 0; t < 4; ++t) {
+    for (int t = 0; t < NV; ++t) {
         const __m512 p = exp2_softmax(_mm512_sub_ps(s[t], shift));
         sum = _mm512_add_ps(sum, p);
-        _mm256_store_si256(reinterpret_cast<__m256i *>(probs + 16 * t), (__m256i) _mm512_cvtneps_pbh(p));
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(probs + 16 * t), (__m256i) _mm512_cvtneps_pbh(p));
     }
     _mm512_storeu_ps(l, sum);
     return alpha;

@@ -5,8 +5,8 @@
 // channels, row stride one panel row), C tiles hold 16 tokens x 16 channels in F32. A step keeps
 // 32 tokens x 32 channels in four C tiles over the whole k range (2 A + 2 B tile loads per 4 tile
 // products), then stores them once for the AVX-512 epilogue (bias, GELU, BF16 or F32 out).
-// A thread walks its tokens in blocks that stay in L2; over each block, 32 channels of a panel at a
-// time, so that their weights stay in L2 too while the block's steps pass.
+// A thread walks its tokens in small blocks (k_block_bytes); over each block, 32 channels of a panel
+// at a time, so that their weights stay in L2 while the block's steps pass.
 #include "kernels/dispatch.h"
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
@@ -26,7 +26,13 @@ namespace gemm {
 namespace {
 
 constexpr int k_step = 2 * amx::k_tile_rows;  // tokens per step: two A tiles
-constexpr int64_t k_block_bytes = 1 << 20;    // BF16 activation bytes per token block (an L2 share)
+// BF16 activation bytes per token block (64 KiB: one step of 32 tokens at K = 1280 or 5120). Over the tower's
+// three shapes on the 16-core Xeon of bench/README.md (2026-12-04, bench/amx_sweep.sh, which times others: -D
+// at build time), 256 KiB took 15% less time than 1 or 4 MiB, and 64 KiB 10% less than 256 KiB in a second run
+#ifndef MLLAMA_AMX_GEMM_BLOCK_BYTES
+#define MLLAMA_AMX_GEMM_BLOCK_BYTES (64 << 10)
+#endif
+constexpr int64_t k_block_bytes = MLLAMA_AMX_GEMM_BLOCK_BYTES;
 
 // Tiles: C(i, j) = tmm(2 i + j) for tokens 16 i.. and channels 16 j..; A(i) = tmm(4 + i); B(j) = tmm(6 + j).
 // x: 32 token rows (stride x_stride bytes), wp: the panel's first pair row at channel group g (stride

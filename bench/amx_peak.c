@@ -1,0 +1,118 @@
+// The rates a CPU's AMX tile unit and AVX-512 BF16 units reach here, on one thread and on all of them: the
+// practical peak the AMX kernels' GFLOPS are read against (bench/amx_sweep.sh runs it; a virtual machine may
+// give much less than the data sheet's 1024 BF16 FLOP per cycle and core).
+//
+//   cc -O2 -mamx-tile -mamx-bf16 -mavx512f -mavx512bf16 -pthread bench/amx_peak.c -o amx_peak && ./amx_peak [threads]
+//
+// tmul: four C tiles from two A and two B tiles already loaded (tdpbf16ps alone); tmul_l1: each step loads its
+// two A and two B tiles from 4 KiB (L1); tmul_l2: from 1 MiB per thread, walked in order (L2); dpbf16: eight
+// independent vdpbf16ps chains. Prints GFLOPS: "<name>_1t=... <name>_<threads>t=...".
+#define _GNU_SOURCE
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+enum { k_steps = 1 << 20, k_l2_bytes = 1 << 20 };
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static void configure(void) {
+    tile_config c;
+    memset(&c, 0, sizeof(c));
+    c.palette = 1;
+    for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
+    _tile_loadconfig(&c);
+}
+
+#define FOUR_PRODUCTS() do { _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7); } while (0)
+#define FOUR_LOADS(p) do { _tile_loadd(4, (p), 64); _tile_loadd(5, (p) + 1024, 64); _tile_loadd(6, (p) + 2048, 64); \
+                           _tile_loadd(7, (p) + 3072, 64); } while (0)
+
+// Returns the FLOPs done.
+static double run(int kind, uint8_t * buf) {
+    double flops = 0;
+    if (kind < 3) {
+        configure();
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        FOUR_LOADS(buf);
+        for (long s = 0; s < k_steps; ++s) {
+            if (kind > 0) {
+                const uint8_t * p = buf + (kind == 1 ? 0 : (size_t)(s * 4096) % k_l2_bytes);
+                FOUR_LOADS(p);
+            }
+            FOUR_PRODUCTS();
+        }
+        _tile_stored(0, buf, 64);
+        _tile_release();
+        flops = 4.0 * k_steps * 16 * 16 * 32 * 2;
+    } else {
+        __m512 acc[8];
+        for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
+        const __m512bh a = (__m512bh)_mm512_loadu_si512(buf), b = (__m512bh)_mm512_loadu_si512(buf + 64);
+        for (long s = 0; s < 8L * k_steps; ++s) {
+            for (int i = 0; i < 8; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+            __asm__ volatile("" : "+v"(acc[0]), "+v"(acc[1]), "+v"(acc[2]), "+v"(acc[3]), "+v"(acc[4]), "+v"(acc[5]),
+                             "+v"(acc[6]), "+v"(acc[7]));
+        }
+        for (int i = 1; i < 8; ++i) acc[0] = _mm512_add_ps(acc[0], acc[i]);
+        _mm512_storeu_ps((float *)buf, acc[0]);
+        flops = 8.0 * 8 * k_steps * 16 * 2 * 2;
+    }
+    return flops;
+}
+
+typedef struct { int kind; double flops; } job;
+
+static void * worker(void * arg) {
+    job * j = arg;
+    uint8_t * buf = aligned_alloc(4096, k_l2_bytes + 4096);
+    for (size_t i = 0; i < k_l2_bytes + 4096; ++i) buf[i] = (uint8_t)(i * 7 % 61);  // small BF16 values
+    j->flops = run(j->kind, buf);
+    free(buf);
+    return NULL;
+}
+
+static double gflops(int kind, int threads) {
+    pthread_t tid[256];
+    job jobs[256];
+    const double t0 = now();
+    for (int i = 0; i < threads; ++i) jobs[i].kind = kind, pthread_create(&tid[i], NULL, worker, &jobs[i]);
+    double flops = 0;
+    for (int i = 0; i < threads; ++i) pthread_join(tid[i], NULL), flops += jobs[i].flops;
+    return flops / (now() - t0) / 1e9;
+}
+
+int main(int argc, char ** argv) {
+    const int threads = argc > 1 ? atoi(argv[1]) : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) {  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+        printf("no AMX tile data permission\n");
+        return 1;
+    }
+    const char * names[] = {"tmul", "tmul_l1", "tmul_l2", "dpbf16"};
+    for (int kind = 0; kind < 4; ++kind) {
+        printf("%s_1t=%.1f %s_%dt=%.1f ", names[kind], gflops(kind, 1), names[kind], threads,
+               gflops(kind, threads > 256 ? 256 : threads));
+        fflush(stdout);
+    }
+    printf("\n");
+    return 0;
+}

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The AMX kernels' tuning constants, timed on an AMX machine in one run: the vision attention (tests/c/attn_bf16.cpp,
+# the tower's shape: D 80, 16 heads, 4 x 1608 tokens) per step length (ATTN_STEPS, keys: MLLAMA_AMX_ATTN_STEP_KEYS)
+# and an earlier kernels/x86/attn_amx.cpp where OLD_ATTN names one; the GEMM (tests/c/gemm_bf16.cpp, the tower's
+# shapes) per token block (GEMM_BLOCKS, KiB: MLLAMA_AMX_GEMM_BLOCK_BYTES); at all the CPU's threads and at half
+# of them (where the CPU runs two threads per core, the tile unit is shared); then the tile unit's own rates
+# (bench/amx_peak.c). The GEMM driver checks its results against ggml within the summation bound first; the
+# attention's check is tests/test_amx_kernels.py.
+#
+#   bash bench/amx_sweep.sh [OUT_FILE] [OLD_ATTN]     # ~2 minutes on a 16-core Xeon
+set -u
+out=${1:-/dev/stdout}
+old=${2:-}
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d)
+ggml=$(python3 -c "import libggml, pathlib; print(pathlib.Path(libggml.__file__).parent)") || exit 1
+lib=$(ls -d "$ggml"/lib64 "$ggml"/lib 2>/dev/null | head -1)
+threads=$(nproc)
+tokens=${TOKENS:-6432}  # 4 tiles x 1608 rows
+attn_steps=${ATTN_STEPS:-256 128}     # keys per step of the attention
+gemm_blocks=${GEMM_BLOCKS:-256 1024}  # KiB of activations per token block of the GEMM (the first: also at half the threads)
+half=${HALF_THREADS-1}                 # empty: no runs at half the threads
+build() {  # NAME DRIVER [c++ flags...]: the driver with every kernel source (an old attention in place of ours)
+    local name=$1 driver=$2
+    shift 2
+    local kernels=("$root"/csrc/kernels/x86/*.cpp)
+    if [ "$name" = attn_old ]; then
+        kernels=("${kernels[@]/*attn_amx.cpp/$old}")
+    fi
+    c++ -std=c++17 -O3 -Wno-unused-parameter "$@" -I"$root/csrc" -I"$root/csrc/include" -I"$ggml/include" \
+        "$root/tests/c/$driver.cpp" "${kernels[@]}" "$root/csrc/kernels/dispatch.cpp" "$root/csrc/common/error.cpp" \
+        "$root/csrc/common/text.cpp" -L"$lib" -lggml-cpu -lggml-base -Wl,-rpath,"$lib" -o "$work/$name"
+}
+{
+    echo "== $(lscpu | grep -E '^Model name' | sed 's/  */ /g'); $threads threads; $(lscpu | grep -E '^Thread' | sed 's/  */ /g')"
+    for keys in $attn_steps; do build "attn_$keys" attn_bf16 "-DMLLAMA_AMX_ATTN_STEP_KEYS=$keys" & done
+    [ -n "$old" ] && build attn_old attn_bf16 &
+    for kb in $gemm_blocks; do build "gemm_$kb" gemm_bf16 "-DMLLAMA_AMX_GEMM_BLOCK_BYTES=($kb<<10)" & done
+    cc -O2 -mamx-tile -mamx-bf16 -mavx512f -mavx512bf16 -pthread "$root/bench/amx_peak.c" -o "$work/amx_peak" &
+    wait
+    echo "amx_peak $("$work/amx_peak")"
+    for t in "$threads" ${half:+$((threads / 2))}; do
+        for v in $attn_steps old; do
+            [ -x "$work/attn_$v" ] && echo "attn_$v threads=$t $("$work/attn_$v" 80 16 "$tokens" "$t" 3)"
+        done
+    done
+    runs=$(for kb in $gemm_blocks; do echo "$kb,$threads"; done; [ -n "$half" ] && echo "${gemm_blocks%% *},$((threads / 2))")
+    for run in $runs; do
+        set -- ${run/,/ }
+        for shape in "1280 1280" "1280 5120" "5120 1280"; do
+            echo "gemm_block=${1}KiB threads=$2 K,M=$shape $("$work/gemm_$1" $shape "$tokens" "$2" 3 | tr '\n' ' ')"
+        done
+    done
+} 2>&1 | tee "$out"
+rm -rf "$work"
