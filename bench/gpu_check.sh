@@ -84,7 +84,7 @@ if [ -n "$amx" ] && want cpu_profile && [ "$(left)" -gt 60 ]; then
     step "one image profiled on the CPU (MLLAMA_PROFILE)"
     profile_image "$out/prof-cpu.tsv"
     rc=$?
-    if [ "$rc" = 132 ] && [ -n "${cpu_site:-}" ]; then  # SIGILL: the native CPU build uses what this CPU lacks
+    if [ "$rc" = 132 ] && [ -n "${cpu_site:-}" ]; then  # SIGILL from the native build (its AMX layout: repack.h)
         dmesg 2>/dev/null | grep -i -E "trap|invalid opcode" | tail -3
         grep -m1 "^flags" /proc/cpuinfo
         if command -v gdb > /dev/null; then  # the instruction and where

@@ -84,8 +84,8 @@ typedef struct mllama_model_params {
     void * log_user_data;
     int32_t repack;            /* 1: quantized text matrices in the first of ggml's extra CPU layouts that takes each
                                   (CPU_REPACK for Q4_0/Q4_K/IQ4_NL; faster); 2: ggml's AMX int8 tiles first (a
-                                  native build on an AMX CPU; it crashed on the one such machine tried); 0: every
-                                  weight stays in the file mapping */
+                                  native build on an AMX CPU; a GCC 12 build of it dies of SIGILL: repack.h); 0:
+                                  every weight stays in the file mapping */
     const char * rpc_servers;  /* NULL or "": none; else "host:port,host:port": ggml RPC workers (`mllama rpc-server`)
                                   whose devices join the device list (needs a ggml built with -DGGML_RPC=ON) */
     const char * devices;      /* the devices the text layers are split over, in order, as a comma list of names

@@ -4,7 +4,10 @@
 // does, each weight goes to the first type, in ggml's order of preference, whose mat-mul takes it; but
 // "AMX" only when asked (mllama_model_params.repack = 2, MLLAMA_REPACK=amx): on the one AMX machine seen
 // (bench/README.md, 2026-12-04) a native ggml build with the text matrices in that layout died of SIGILL
-// in the image's first graph, and the same model ran with them in CPU_REPACK.
+// in its first product. ggml configures a thread's tiles from a struct on the stack through GCC's
+// ldtilecfg intrinsic, which tells the compiler it reads 8 of the 64 bytes: built with GCC 12, the stores
+// of the tiles' shapes are gone (disassembly of ggml_backend_amx_mul_mat) and the next tile instruction
+// faults (llama.cpp PR #26954).
 // These weights live in anonymous memory, so the mmap pages they were copied from are released right
 // after (no second copy stays resident). mllama_model_params.repack = 0 keeps every weight in the mapping.
 #pragma once

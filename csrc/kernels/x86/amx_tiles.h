@@ -30,13 +30,16 @@ struct alignas(64) tile_config {
 };
 static_assert(sizeof(tile_config) == 64, "ldtilecfg reads 64 bytes");
 
-// Every tile 16 rows x 64 bytes: the only shape the kernels use.
-inline tile_config full_tiles() {
-    tile_config c;
+// Every tile 16 rows x 64 bytes: the only shape the kernels use (a constant in read-only data: a
+// configuration built on the stack for GCC's ldtilecfg intrinsic can lose its stores to the optimizer, see
+// hw_tiles; llama.cpp PR #26954 reports ggml's own AMX kernels dying of SIGILL that way).
+constexpr tile_config make_full_tiles() {
+    tile_config c{};
     c.palette = 1;
     for (int t = 0; t < 8; ++t) c.rows[t] = k_tile_rows, c.colsb[t] = k_tile_bytes;
     return c;
 }
+inline constexpr tile_config k_full_tiles = make_full_tiles();
 
 // The instructions. Tile numbers are part of the instruction (GCC's intrinsics paste them into the
 // assembly text), hence one literal call per tile number, chosen at compile time.
@@ -50,9 +53,14 @@ inline tile_config full_tiles() {
     else if constexpr ((T) == 6) CALL(6);                                                               \
     else CALL(7)
 
+// GCC's intrinsics tell the compiler less than the instructions do: ldtilecfg / sttilecfg as reading and
+// writing 8 bytes of the 64 (amxtileintrin.h, GCC 11-13), tileloadd / tilestored as touching no memory at
+// all. So the configuration goes through asm with the whole struct as its operand, and a tile load or store
+// is a compiler barrier: no store to what a tile loads stays behind it, no read of what a tile stored moves
+// ahead of it (the emulated tiles, plain C++, cannot show such a reordering).
 struct hw_tiles {
-    MLLAMA_AMX_TARGET static void store_config(tile_config * c) { _tile_storeconfig(c); }
-    MLLAMA_AMX_TARGET static void load_config(const tile_config * c) { _tile_loadconfig(c); }
+    static void store_config(tile_config * c) { __asm__ volatile("sttilecfg %0" : "=m"(*c)); }
+    static void load_config(const tile_config * c) { __asm__ volatile("ldtilecfg %0" : : "m"(*c)); }
     MLLAMA_AMX_TARGET static void release() { _tile_release(); }
     template <int T> MLLAMA_AMX_TARGET static void zero() {
 #define MLLAMA_TILE_ZERO(t) _tile_zero(t)
@@ -60,6 +68,7 @@ struct hw_tiles {
 #undef MLLAMA_TILE_ZERO
     }
     template <int T> MLLAMA_AMX_TARGET static void load(const void * p, size_t stride) {
+        __asm__ volatile("" : : : "memory");
 #define MLLAMA_TILE_LOAD(t) _tile_loadd(t, p, stride)
         MLLAMA_TILE_SWITCH(T, MLLAMA_TILE_LOAD);
 #undef MLLAMA_TILE_LOAD
@@ -68,6 +77,7 @@ struct hw_tiles {
 #define MLLAMA_TILE_STORE(t) _tile_stored(t, p, stride)
         MLLAMA_TILE_SWITCH(T, MLLAMA_TILE_STORE);
 #undef MLLAMA_TILE_STORE
+        __asm__ volatile("" : : : "memory");
     }
     // C += A B: A 16 rows x 16 BF16 pairs, B 16 pair rows x 16 columns (each a BF16 pair), C 16 x 16 F32.
     // The combinations the kernels use: GEMM C0..3 from A 4, 5 and B 6, 7; attention scores C0..3 from

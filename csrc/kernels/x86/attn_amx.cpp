@@ -240,7 +240,7 @@ MLLAMA_AMX_TARGET void run(ggml_tensor * dst, int ith, int nth) {
     st.o.resize(k_query_tile * d.Dv);
     auto ws = std::make_unique<workspace>();
     ws->pv.resize(static_cast<size_t>(k_block_rows * d.Dv));
-    amx::tile_scope<Tiles> scope(amx::full_tiles());
+    amx::tile_scope<Tiles> scope(amx::k_full_tiles);
     for (int64_t w = ith; w < d.H * n_tiles; w += nth) {
         job j{d, w / n_tiles, (w % n_tiles) * k_query_tile, nullptr, nullptr, dst->src[3],
               static_cast<const int32_t *>(dst->src[4]->data)};

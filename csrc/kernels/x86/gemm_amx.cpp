@@ -102,7 +102,7 @@ MLLAMA_AMX_TARGET void run(const operands & o, const ggml_tensor * x, int64_t n0
     const int64_t block = std::max<int64_t>(k_step, k_block_bytes / (K * 2) / k_step * k_step);
     alignas(64) float c[k_step * 32];
     static thread_local std::vector<uint8_t> tail;
-    amx::tile_scope<Tiles> scope(amx::full_tiles());
+    amx::tile_scope<Tiles> scope(amx::k_full_tiles);
     for (int64_t b0 = n0; b0 < n1; b0 += block) {
         const int64_t b1 = std::min(n1, b0 + block);
         const int64_t full = (b1 - b0) / k_step * k_step;  // tokens in whole steps
