@@ -6,7 +6,7 @@
 //
 // With reps > 0 it times each path instead (median milliseconds of reps runs, the packing of K and V
 // included, and GFLOPS of the two products: 4 D N^2 H), without the check (whose reference is slow at
-// the tower's sizes): "avx512_ms=... tiles_ms=... avx2_ms=..." (bench/gemm.py --attention).
+// the tower's sizes): "avx512_ms=... tiles_ms=... avx2_ms=..." (bench/amx_sweep.sh).
 // Inputs: q, k, v [D, H, N] random normal (some keys larger, below), rounded as the kernel rounds them
 // (q scaled by log2(e) / sqrt(D) first: the BF16 paths' scores are in base 2, turned back with ln 2
 // here); mask [N, N]: every third query row has -inf at every fifth key, the last row is all -inf (its
@@ -79,6 +79,24 @@ static double worst_ratio(const ggml_tensor * out, const std::vector<float> & q,
     return worst;
 }
 
+static const char * const k_names[3] = {"avx512", "tiles", "avx2"};
+
+// Median milliseconds and GFLOPS of each path that runs here (gflop: the two products' work).
+static void print_times(ggml_context * ctx, ggml_tensor * const outs[3], const bool runs[3], double gflop, int threads,
+                        int reps) {
+    for (int i = 0; i < 3; ++i) {
+        if (!runs[i]) {
+            std::printf("%s_ms=none ", k_names[i]);
+            continue;
+        }
+        ggml_cgraph * graph = ggml_new_graph(ctx);
+        ggml_build_forward_expand(graph, outs[i]);
+        const double ms = median_ms(ctx, {graph}, threads, reps);
+        std::printf("%s_ms=%.3f %s_gflops=%.1f ", k_names[i], ms, k_names[i], gflop / ms * 1e3);
+    }
+    std::printf("\n");
+}
+
 int main(int argc, char ** argv) {
     if (argc < 4) {
         std::fprintf(stderr, "usage: %s D H N [threads] [reps]\n", argv[0]);
@@ -121,20 +139,8 @@ int main(int argc, char ** argv) {
         outs[1] = bf16_attention_avx512(ctx, t[0], t[1], t[2], mask, rows, /*tiles=*/true);
     }
     const bool runs[3] = {avx512_run, tiles_run, true};
-    const char * names[3] = {"avx512", "tiles", "avx2"};
     if (reps > 0) {
-        const double gflop = 4.0 * D * double(N) * N * H / 1e9;
-        for (int i = 0; i < 3; ++i) {
-            if (!runs[i]) {
-                std::printf("%s_ms=none ", names[i]);
-                continue;
-            }
-            ggml_cgraph * graph = ggml_new_graph(ctx);
-            ggml_build_forward_expand(graph, outs[i]);
-            const double ms = median_ms(ctx, {graph}, threads, reps);
-            std::printf("%s_ms=%.3f %s_gflops=%.1f ", names[i], ms, names[i], gflop / ms * 1e3);
-        }
-        std::printf("\n");
+        print_times(ctx, outs, runs, 4.0 * D * double(N) * N * H / 1e9, threads, reps);
         ggml_free(ctx);
         return 0;
     }
@@ -143,8 +149,8 @@ int main(int argc, char ** argv) {
         if (runs[i]) ggml_build_forward_expand(graph, outs[i]);
     ggml_graph_compute_with_ctx(ctx, graph, threads);
     for (int i = 0; i < 2; ++i) {
-        if (runs[i]) std::printf("%s=%.4f ", names[i], worst_ratio(outs[i], vals[0], vals[1], vals[2], D, H, N));
-        else std::printf("%s=none ", names[i]);
+        if (runs[i]) std::printf("%s=%.4f ", k_names[i], worst_ratio(outs[i], vals[0], vals[1], vals[2], D, H, N));
+        else std::printf("%s=none ", k_names[i]);
     }
     std::printf("avx2=%.4f\n", worst_ratio(outs[2], vals[0], vals[1], vals[2], D, H, N, /*f32=*/true));
     ggml_free(ctx);
