@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The AMX kernels' tuning constants, timed on an AMX machine in one run: the vision attention (tests/c/attn_bf16.cpp,
-# the tower's shape: D 80, 16 heads, 4 x 1608 tokens) per step length (ATTN_STEPS, keys: MLLAMA_AMX_ATTN_STEP_KEYS)
-# and an earlier kernels/x86/attn_amx.cpp where OLD_ATTN names one; the GEMM (tests/c/gemm_bf16.cpp, the tower's
-# shapes) per token block (GEMM_BLOCKS, KiB: MLLAMA_AMX_GEMM_BLOCK_BYTES); at all the CPU's threads and at half
-# of them (where the CPU runs two threads per core, the tile unit is shared); then the tile unit's own rates
-# (bench/amx_peak.c). The GEMM driver checks its results against ggml within the summation bound first; the
-# attention's check is tests/test_amx_kernels.py.
+# the tower's shape: D 80, 16 heads, 4 x 1608 tokens) per step length (ATTN_STEPS, keys: MLLAMA_AMX_ATTN_STEP_KEYS),
+# an earlier kernels/x86/attn_amx.cpp where OLD_ATTN names one, and once with its time split over the phases of a
+# step (MLLAMA_AMX_ATTN_PHASES); the GEMM (tests/c/gemm_bf16.cpp, the tower's shapes) per token block (GEMM_BLOCKS,
+# KiB: MLLAMA_AMX_GEMM_BLOCK_BYTES); at all the CPU's threads and at half of them (where the CPU runs two threads
+# per core, the tile unit is shared); then the tile unit's own rates (bench/amx_peak.c). The GEMM driver checks its
+# results against ggml within the summation bound first; the attention's check is tests/test_amx_kernels.py.
 #
 #   bash bench/amx_sweep.sh [OUT_FILE] [OLD_ATTN]     # ~2 minutes on a 16-core Xeon
 set -u
@@ -35,12 +35,13 @@ build() {  # NAME DRIVER [c++ flags...]: the driver with every kernel source (an
     echo "== $(lscpu | grep -E '^Model name' | sed 's/  */ /g'); $threads threads; $(lscpu | grep -E '^Thread' | sed 's/  */ /g')"
     for keys in $attn_steps; do build "attn_$keys" attn_bf16 "-DMLLAMA_AMX_ATTN_STEP_KEYS=$keys" & done
     [ -n "$old" ] && build attn_old attn_bf16 &
+    build attn_phases attn_bf16 -DMLLAMA_AMX_ATTN_PHASES &
     for kb in $gemm_blocks; do build "gemm_$kb" gemm_bf16 "-DMLLAMA_AMX_GEMM_BLOCK_BYTES=($kb<<10)" & done
     cc -O2 -mamx-tile -mamx-bf16 -mavx512f -mavx512bf16 -pthread "$root/bench/amx_peak.c" -o "$work/amx_peak" &
     wait
     echo "amx_peak $("$work/amx_peak")"
     for t in "$threads" ${half:+$((threads / 2))}; do
-        for v in $attn_steps old; do
+        for v in $attn_steps old phases; do
             [ -x "$work/attn_$v" ] && echo "attn_$v threads=$t $("$work/attn_$v" 80 16 "$tokens" "$t" 3)"
         done
     done

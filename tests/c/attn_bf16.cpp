@@ -6,7 +6,8 @@
 //
 // With reps > 0 it times each path instead (median milliseconds of reps runs, the packing of K and V
 // included, and GFLOPS of the two products: 4 D N^2 H), without the check (whose reference is slow at
-// the tower's sizes): "avx512_ms=... tiles_ms=... avx2_ms=..." (bench/amx_sweep.sh).
+// the tower's sizes): "avx512_ms=... tiles_ms=... avx2_ms=..." (bench/amx_sweep.sh); built with
+// -DMLLAMA_AMX_ATTN_PHASES, also the tile path's time stamp ticks per phase of its steps, as shares.
 // Inputs: q, k, v [D, H, N] random normal (some keys larger, below), rounded as the kernel rounds them
 // (q scaled by log2(e) / sqrt(D) first: the BF16 paths' scores are in base 2, turned back with ln 2
 // here); mask [N, N]: every third query row has -inf at every fifth key, the last row is all -inf (its
@@ -94,6 +95,13 @@ static void print_times(ggml_context * ctx, ggml_tensor * const outs[3], const b
         const double ms = median_ms(ctx, {graph}, threads, reps);
         std::printf("%s_ms=%.3f %s_gflops=%.1f ", k_names[i], ms, k_names[i], gflop / ms * 1e3);
     }
+#ifdef MLLAMA_AMX_ATTN_PHASES
+    uint64_t ticks[4];
+    attn::tile_phase_ticks(ticks);
+    const double total = double(ticks[0] + ticks[1] + ticks[2] + ticks[3]) + 1e-9;
+    std::printf("tiles_phases=scores:%.2f,pv:%.2f,softmax:%.2f,update:%.2f ", ticks[0] / total, ticks[1] / total,
+                ticks[2] / total, ticks[3] / total);
+#endif
     std::printf("\n");
 }
 

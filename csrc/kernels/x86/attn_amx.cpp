@@ -20,6 +20,12 @@
 
 #include <memory>
 
+#ifdef MLLAMA_AMX_ATTN_PHASES
+#include <atomic>
+
+#include <x86intrin.h>
+#endif
+
 namespace mllama::attn {
 namespace {
 
@@ -30,6 +36,20 @@ constexpr int k_pv_groups = 6;                  // channel groups (C tiles) of P
 #define MLLAMA_AMX_ATTN_STEP_KEYS k_key_chunk
 #endif
 constexpr int64_t k_step_keys = MLLAMA_AMX_ATTN_STEP_KEYS;
+// Where a step's time goes (attn_bf16.h's tile_phase_ticks): each phase between two reads of the time
+// stamp counter, which does not wait for the tile unit, so the split is what the core saw, not exact.
+#ifdef MLLAMA_AMX_ATTN_PHASES
+std::atomic<uint64_t> g_phase_ticks[4];
+#define MLLAMA_PHASE(i, ...)                                  \
+    do {                                                      \
+        const uint64_t t0_ = __rdtsc();                       \
+        __VA_ARGS__;                                          \
+        local_ticks[i] += __rdtsc() - t0_;                    \
+    } while (0)
+#else
+#define MLLAMA_PHASE(i, ...) __VA_ARGS__
+#endif
+
 static_assert(k_key_chunk % k_step_keys == 0 && k_step_keys % k_key_block == 0 && k_step_keys <= 4 * k_key_block,
               "a step is 1 to 4 blocks of 64 keys within a key chunk");
 
@@ -217,15 +237,21 @@ MLLAMA_AMX_TARGET void sweep_tile(const job & j, tile_state & st, int64_t n_rows
             }
         }
     }
+#ifdef MLLAMA_AMX_ATTN_PHASES
+    uint64_t local_ticks[4] = {};
+#endif
     score_step<Tiles>(j, st, steps[0], ws.s);
     softmax_step(j, st, steps[0], ws.s, ws.buf[0]);
     for (size_t i = 0; i < steps.size(); ++i) {
         const step next = i + 1 < steps.size() ? steps[i + 1] : step{};
-        if (next.n_keys) score_step<Tiles>(j, st, next, ws.s);
-        pv_step<Tiles>(j, steps[i], ws.buf[i & 1], ws.pv.data());
-        softmax_step(j, st, next, ws.s, ws.buf[(i + 1) & 1]);
-        update_output(j, st, steps[i], ws.buf[i & 1], ws.pv.data());
+        if (next.n_keys) MLLAMA_PHASE(0, score_step<Tiles>(j, st, next, ws.s));
+        MLLAMA_PHASE(1, pv_step<Tiles>(j, steps[i], ws.buf[i & 1], ws.pv.data()));
+        MLLAMA_PHASE(2, softmax_step(j, st, next, ws.s, ws.buf[(i + 1) & 1]));
+        MLLAMA_PHASE(3, update_output(j, st, steps[i], ws.buf[i & 1], ws.pv.data()));
     }
+#ifdef MLLAMA_AMX_ATTN_PHASES
+    for (int p = 0; p < 4; ++p) g_phase_ticks[p] += local_ticks[p];
+#endif
 }
 
 template <class Tiles>
@@ -253,6 +279,12 @@ MLLAMA_AMX_TARGET void run(ggml_tensor * dst, int ith, int nth) {
 }
 
 }  // namespace
+
+#ifdef MLLAMA_AMX_ATTN_PHASES
+void tile_phase_ticks(uint64_t out[4]) {
+    for (int p = 0; p < 4; ++p) out[p] = g_phase_ticks[p].load();
+}
+#endif
 
 void attend_tiles(ggml_tensor * dst, int ith, int nth) {
     if (amx_tiles_emulated()) run<amx::emulated_tiles>(dst, ith, nth);

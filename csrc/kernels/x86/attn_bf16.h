@@ -161,4 +161,10 @@ bool rows_masked(const job & j, int64_t r0, int64_t n);
 // split across threads (kernels/x86/attn_amx.cpp).
 void attend_tiles(ggml_tensor * dst, int ith, int nth);
 
+// Built with -DMLLAMA_AMX_ATTN_PHASES (bench/amx_sweep.sh): the time stamp counter's ticks that attend_tiles
+// spent in each phase of its steps, summed over threads and calls: scores, P V, softmax, update of o.
+#ifdef MLLAMA_AMX_ATTN_PHASES
+void tile_phase_ticks(uint64_t out[4]);
+#endif
+
 }  // namespace mllama::attn
