@@ -13,30 +13,29 @@ out=${1:-/dev/stdout}
 old=${2:-}
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
-ggml=$(python3 -c "import libggml, pathlib; print(pathlib.Path(libggml.__file__).parent)") || exit 1
-lib=$(ls -d "$ggml"/lib64 "$ggml"/lib 2>/dev/null | head -1)
 threads=$(nproc)
 tokens=${TOKENS:-6432}  # 4 tiles x 1608 rows
 attn_steps=${ATTN_STEPS:-256 128}     # keys per step of the attention
-gemm_blocks=${GEMM_BLOCKS:-256 1024}  # KiB of activations per token block of the GEMM (the first: also at half the threads)
+gemm_blocks=${GEMM_BLOCKS:-64 256}    # KiB of activations per token block of the GEMM (the first: also at half the threads)
 half=${HALF_THREADS-1}                 # empty: no runs at half the threads
-build() {  # NAME DRIVER [c++ flags...]: the driver with every kernel source (an old attention in place of ours)
+build() {  # NAME DRIVER [NAME=VALUE...]: the tests' build of the driver (an old attention in place of ours for attn_old)
     local name=$1 driver=$2
     shift 2
-    local kernels=("$root"/csrc/kernels/x86/*.cpp)
-    if [ "$name" = attn_old ]; then
-        kernels=("${kernels[@]/*attn_amx.cpp/$old}")
-    fi
-    c++ -std=c++17 -O3 -Wno-unused-parameter "$@" -I"$root/csrc" -I"$root/csrc/include" -I"$ggml/include" \
-        "$root/tests/c/$driver.cpp" "${kernels[@]}" "$root/csrc/kernels/dispatch.cpp" "$root/csrc/common/error.cpp" \
-        "$root/csrc/common/text.cpp" -L"$lib" -lggml-cpu -lggml-base -Wl,-rpath,"$lib" -o "$work/$name"
+    python3 - "$root" "$work/$name" "$driver" "$([ "$name" = attn_old ] && echo "$old")" "$@" <<'EOF'
+import sys
+from pathlib import Path
+root, out, driver, old, *defines = sys.argv[1:]
+sys.path.insert(0, f"{root}/tests")
+from test_cpu_kernels import build_kernel_driver
+build_kernel_driver(Path(out), driver, [], defines, {"attn_amx": Path(old).resolve()} if old else None)
+EOF
 }
 {
     echo "== $(lscpu | grep -E '^Model name' | sed 's/  */ /g'); $threads threads; $(lscpu | grep -E '^Thread' | sed 's/  */ /g')"
-    for keys in $attn_steps; do build "attn_$keys" attn_bf16 "-DMLLAMA_AMX_ATTN_STEP_KEYS=$keys" & done
+    for keys in $attn_steps; do build "attn_$keys" attn_bf16 "MLLAMA_AMX_ATTN_STEP_KEYS=$keys" & done
     [ -n "$old" ] && build attn_old attn_bf16 &
-    build attn_phases attn_bf16 -DMLLAMA_AMX_ATTN_PHASES &
-    for kb in $gemm_blocks; do build "gemm_$kb" gemm_bf16 "-DMLLAMA_AMX_GEMM_BLOCK_BYTES=($kb<<10)" & done
+    build attn_phases attn_bf16 MLLAMA_AMX_ATTN_PHASES &
+    for kb in $gemm_blocks; do build "gemm_$kb" gemm_bf16 "MLLAMA_AMX_GEMM_BLOCK_BYTES=($kb<<10)" & done
     cc -O2 -mamx-tile -mamx-bf16 -mavx512f -mavx512bf16 -pthread "$root/bench/amx_peak.c" -o "$work/amx_peak" &
     wait
     echo "amx_peak $("$work/amx_peak")"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -247,9 +248,11 @@ def test_op_paths_name_the_kernels_the_context_uses(converted):
     assert default["image cross-attention K/V"].startswith("ggml")  # so does its cross K/V path (and F16 stays F16)
 
 
-def build_kernel_driver(out: Path, driver: str, kernels: list[str]) -> Path:
+def build_kernel_driver(out: Path, driver: str, kernels: list[str], defines: Sequence[str] = (),
+                        replace: dict[str, Path] | None = None) -> Path:
     """tests/c/DRIVER.cpp with the kernels' sources (csrc/kernels/; `kernels`: the ones it tests), against the
-    loaded ggml."""
+    loaded ggml; `defines` ("NAME=VALUE": tuning constants) and `replace` (a kernel's file name without .cpp ->
+    another source in its place) are for bench/amx_sweep.sh's variants."""
     import libggml
 
     ggml = Path(libggml.__file__).parent
@@ -257,12 +260,13 @@ def build_kernel_driver(out: Path, driver: str, kernels: list[str]) -> Path:
     # every kernel source: kernels/dispatch.cpp picks among all of them (kernels/x86/entry_points.h)
     x86 = sorted((ROOT / "csrc" / "kernels" / "x86").glob("*.cpp"))
     assert all(ROOT / "csrc" / "kernels" / "x86" / f"{k}.cpp" in x86 for k in kernels), kernels
+    x86 = [(replace or {}).get(path.stem, path) for path in x86]
     sources = [ROOT / "tests" / "c" / f"{driver}.cpp", *x86,
                ROOT / "csrc" / "kernels" / "dispatch.cpp", ROOT / "csrc" / "common" / "error.cpp",
                ROOT / "csrc" / "common" / "text.cpp"]
     # GCC 12's own intrinsic headers trip -Wuninitialized (`__m512 __Y = __Y;`): not our code
     subprocess.run(["c++", "-std=c++17", "-O3", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
-                    "-Wno-uninitialized", "-Wno-maybe-uninitialized", f"-I{ROOT / 'csrc'}",
+                    "-Wno-uninitialized", "-Wno-maybe-uninitialized", *(f"-D{d}" for d in defines), f"-I{ROOT / 'csrc'}",
                     f"-I{ROOT / 'csrc' / 'include'}", f"-I{ggml / 'include'}", *map(str, sources),
                     f"-L{lib_dir}", "-lggml-cpu", "-lggml-base",
                     f"-Wl,-rpath,{lib_dir}", "-o", str(out)], check=True, capture_output=True, text=True)

@@ -221,6 +221,7 @@ struct workspace {
     step_buffers buf[2];
     std::vector<float> pv;    // [16][Dv]
     std::vector<step> steps;  // of the current query tile
+    bool masked[k_query_tile / k_block_rows];  // whether each 16-row block of the query tile has a mask
 };
 
 // The steps of a query tile (key chunks outer, 16-row blocks inner), overlapped as the file's head says.
@@ -229,11 +230,11 @@ MLLAMA_AMX_TARGET void sweep_tile(const job & j, tile_state & st, int64_t n_rows
     std::vector<step> & steps = ws.steps;
     steps.clear();
     const int64_t n_blocks = (n_rows + k_block_rows - 1) / k_block_rows;
+    for (int64_t b = 0; b < n_blocks; ++b) ws.masked[b] = rows_masked(j, b * k_block_rows, k_block_rows);
     for (int64_t c0 = 0; c0 < j.d.Np; c0 += k_key_chunk) {  // keys chunk by chunk, each chunk step by step
         for (int64_t b = 0; b < n_blocks; ++b) {
             for (int64_t k0 = c0; k0 < std::min(c0 + k_key_chunk, j.d.Np); k0 += k_step_keys) {
-                steps.push_back({b * k_block_rows, k0, std::min(k_step_keys, j.d.Np - k0),
-                                 rows_masked(j, b * k_block_rows, k_block_rows)});
+                steps.push_back({b * k_block_rows, k0, std::min(k_step_keys, j.d.Np - k0), ws.masked[b]});
             }
         }
     }
