@@ -1,8 +1,8 @@
-"""mllama's AMX tile kernels (csrc/kernels/x86/gemm_amx.cpp, attn_amx.cpp): on emulated tiles
+"""mllama's AMX tile kernels (csrc/kernels/x86/gemm_amx.cpp, attn_amx.cpp, qmm_q4k_amx.cpp): on emulated tiles
 (MLLAMA_AMX_EMULATE=1, csrc/kernels/x86/amx_tiles.h) on any AVX-512 BF16 machine, and on the hardware
 where the CPU has AMX-BF16: the kernels against ggml or a double-precision reference within bounds
-derived from their roundings (tests/c/gemm_bf16.cpp, tests/c/attn_bf16.cpp), and the whole tower
-against the AVX-512 path."""
+derived from their roundings (tests/c/gemm_bf16.cpp, tests/c/attn_bf16.cpp, tests/c/qmm_q4k.cpp), the whole tower
+against the AVX-512 path, and a Q4_K model's prefill against ggml's."""
 
 from __future__ import annotations
 
@@ -140,3 +140,74 @@ def test_bf16_gemm_on_emulated_amx_tiles_matches_the_avx512_path(converted, monk
     assert nmse(tiles, avx) <= 1e-5 and nmse(tiles, generic) <= 1e-5
     projected = [np.load(tmp_path / name / "mm.out.npy") for name in ("tiles", "avx")]
     assert nmse(*projected) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def q4k_tiles_driver(tmp_path_factory):
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler")
+    return build_kernel_driver(tmp_path_factory.mktemp("q4k") / "qmm_q4k", "qmm_q4k", ["qmm_q4k_amx"])
+
+
+def q4k_tiles_fields(driver, k, m, n, emulate: bool) -> dict:
+    env = {**os.environ, "MLLAMA_AMX_EMULATE": "1" if emulate else "0", "QMM_Q4K_TILES": "1"}
+    proc = subprocess.run([str(driver), str(k), str(m), str(n), "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not proc.stdout.startswith("skip"), proc.stdout
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("nmse="))
+    return dict(item.split("=") for item in line.split())
+
+
+@needs_kernels
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("k,m,n", [(256, 16, 32), (512, 64, 37), (4096, 48, 64), (4096, 32, 100), (256, 16, 200),
+                                   (14336, 32, 33)])
+def test_q4k_tiles_on_emulated_tiles_within_the_rounding_bound(q4k_tiles_driver, k, m, n):
+    """The Q4_K product on AMX tiles (emulated) against W decoded by ggml times x in double, on random
+    blocks (every bit pattern of quants, scales and mins) in ggml's repacked layout: every output within
+    2^-8 sum |w x| (two BF16 roundings per term) plus the F32 summation's K 2^-24 (tests/c/qmm_q4k.cpp's
+    bound_ratio <= 1). Odd units of 16 channels per thread (M = 48: 3 units on 2 threads), row tails (33, 37,
+    100: a partial tile and zero rows, its sums kept aside between slabs), passes of 1 to 4 row tiles (32, 64,
+    100, 200 rows), one block and many, one slab of the k range and several (K = 4096 at 64 and 100 rows: 2
+    and 4 slabs; K = 14336 at 33 rows: 6), where C goes back to dst between slabs. A wrong pair, channel,
+    sub-block scale or min, or a lost slab, is off by O(|y|), far past the bound (here the ratio stays below
+    0.25)."""
+    fields = q4k_tiles_fields(q4k_tiles_driver, k, m, n, emulate=True)
+    assert float(fields["bound_ratio"]) <= 1.0 and float(fields["plain_nmse"]) <= 1e-10, fields
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU (or its OS) has no AMX-BF16 tiles: the hardware path is checked on "
+                                    "emulated tiles only (test_q4k_tiles_on_emulated_tiles_within_the_rounding_bound)")
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("k,m,n", [(512, 64, 37), (4096, 48, 64), (14336, 32, 200)])
+def test_q4k_tiles_on_amx_hardware_within_the_rounding_bound(q4k_tiles_driver, k, m, n):
+    fields = q4k_tiles_fields(q4k_tiles_driver, k, m, n, emulate=False)
+    assert float(fields["bound_ratio"]) <= 1.0, fields
+
+
+@needs_kernels
+def test_q4k_prefill_on_emulated_amx_tiles_matches_ggml(converted, monkeypatch, tmp_path):
+    """The q4_k conversion (its ffn_down matrices are Q4_K, repacked by ggml) with a 40-token prefill, which
+    takes the tile product (from 32 rows; emulated tiles), against ggml's ops alone: the logits of every
+    prompt token, the profile shows the tile path's BF16 rows, and op_paths names it. The bound: the two
+    paths' products differ by ggml's rounding of the rows to Q8_K (per element at most 1/254 of its 256-block's
+    largest value, which is at most 16 times the block's rms: an error energy of at most 256 / (3 x 254^2) =
+    1.3e-3 of the rows', uniform rounding) and the tile path's BF16 roundings (2^-8 relative, 1.5e-5 in
+    energy); the ffn_down products are one part of each layer's residual update, so the logits' NMSE stays
+    below 2e-3 (measured ~4e-4 here). A wrong channel, pair or scale gives O(1).
+    """
+    path = converted("q4_k")
+    monkeypatch.setenv("MLLAMA_AMX_EMULATE", "1")
+    prompt = [128000] + [(9906 + 37 * i) % 20000 + 300 for i in range(39)]
+    logits = {}
+    for kernels in ("amx", "0"):
+        monkeypatch.setenv("MLLAMA_CPU_KERNELS", kernels)
+        profile = tmp_path / f"{kernels}.tsv"
+        with mllama.Model(path, n_ctx=128, profile=str(profile)) as m:
+            logits[kernels] = m.engine.evaluate(prompt, [], all_logits=True)
+            if kernels == "amx":
+                assert "Q4_K kernel (x86 AMX tiles, emulated: MLLAMA_AMX_EMULATE=1) from 32 rows" in \
+                    m.op_paths()["text matrices"], m.op_paths()["text matrices"]
+    assert logits["amx"].shape == (40, logits["0"].shape[1]) and np.all(np.isfinite(logits["amx"]))
+    assert 0 < nmse(logits["amx"], logits["0"]) <= 2e-3, nmse(logits["amx"], logits["0"])
+    assert "CUSTOM bf16[256,48,1]" in (tmp_path / "amx.tsv").read_text()  # x in BF16, 40 rows padded to 48

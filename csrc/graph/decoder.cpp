@@ -24,9 +24,11 @@ static cpu_kernel_set layer_kernels(const mllama_context & c, size_t il) {
 }
 
 // w x^T: our Q6_K and Q4_K kernels for a few rows (decoding; Q4_K on AVX-512: short prefills too) where
-// they may run, else ggml's mul_mat (prefill, other weight types).
+// they may run, Q4_K on AMX tiles from k_q4k_tiles_min_rows rows (prefill), else ggml's mul_mat (prefill,
+// other weight types).
 static ggml_tensor * text_matmul(ggml_context * ctx, cpu_kernel_set kernels, ggml_tensor * w, ggml_tensor * x) {
     if (kernels.may_run(cpu_kernel::qmm) && q6k_matmul_supported(w, x)) return q6k_matmul(ctx, w, x);  // [M, n]
+    if (kernels.may_run(cpu_kernel::amx) && q4k_tiles_supported(w, x)) return q4k_matmul_tiles(ctx, w, x);  // [M, n]
     if (kernels.may_run(cpu_kernel::qmm) && q4k_matmul_supported(w, x)) return q4k_matmul(ctx, w, x);  // [M, n]
     return ggml_mul_mat(ctx, w, x);  // [M, n]
 }

@@ -65,7 +65,8 @@ struct cpu_kernel_set {
 // ggml's ops and stay on the device.
 cpu_kernel_set kernels_for_compute(cpu_kernel_set allowed, bool compute_on_cpu);
 
-// "attn", "gemm", "gelu", "xattn", "qmm", "amx" (the attn and gemm kernels on AMX tiles).
+// "attn", "gemm", "gelu", "xattn", "qmm", "amx" (the attn and gemm kernels, and prefill's Q4_K products, on AMX
+// tiles).
 const char * cpu_kernel_name(cpu_kernel kernel);
 
 // NULL, "" or "1": all; "0": none (ggml's ops only); otherwise a comma list of "attn", "gemm",
@@ -155,6 +156,21 @@ bool q4k_matmul_supported(const ggml_tensor * w, const ggml_tensor * x);
 // w x^T as ggml_mul_mat(w, x) computes it -> [M, N] F32: x quantized once to ggml's Q8_K values, each
 // weight block read once for all N rows (kernels/x86/qmm_q4k_avx512.cpp, qmm_q4k_avx2.cpp).
 ggml_tensor * q4k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
+
+// Fewest rows (tokens) that take q4k_matmul_tiles: below, tiles are mostly padding and the decode of the weights
+// to BF16 is shared by too few rows (an estimate, to be measured on an AMX machine: bench/README.md).
+#ifndef MLLAMA_AMX_Q4K_MIN_ROWS
+#define MLLAMA_AMX_Q4K_MIN_ROWS 32
+#endif
+constexpr int64_t k_q4k_tiles_min_rows = MLLAMA_AMX_Q4K_MIN_ROWS;
+
+// q4k_matmul_tiles handles w (as q4k_matmul: Q4_K in ggml's repacked layout, M % 16 == 0 here) times x [K, N]
+// F32 with N >= k_q4k_tiles_min_rows contiguous rows, where AMX tiles may run (the amx kernel).
+bool q4k_tiles_supported(const ggml_tensor * w, const ggml_tensor * x);
+
+// w x^T on AMX tiles -> [M, N] F32: the weights decoded to BF16 as ggml decodes them (once per call), x rounded
+// to BF16, F32 sums (kernels/x86/qmm_q4k_amx.cpp). Prefill's products on CPUs with AMX-BF16.
+ggml_tensor * q4k_matmul_tiles(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
 
 // 0.5 x (1 + erf(x / sqrt(2))) elementwise on F32, vectorized (max abs error of erf 1.5e-7).
 ggml_tensor * gelu_erf_fast(ggml_context * ctx, ggml_tensor * x);

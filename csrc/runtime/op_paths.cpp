@@ -79,10 +79,15 @@ static std::string q6k_path(const mllama_context & c, const std::string & ggml_c
            std::to_string(k_qmm_max_rows) + " rows, " + ggml_cpu + ": mul_mat above";
 }
 
+static std::string on_tiles() {
+    return amx_tiles_emulated() ? "(x86 AMX tiles, emulated: MLLAMA_AMX_EMULATE=1)" : "(x86 AMX tiles)";
+}
+
 // Our Q4_K kernel takes the decode-time products of the q4_K matrices ggml repacked (CPU_REPACK)
-// (kernels/dispatch.h's q4k_matmul).
+// (kernels/dispatch.h's q4k_matmul), and on AMX tiles those of prefill (q4k_matmul_tiles).
 static std::string q4k_path(const mllama_context & c) {
-    if (!c.kernels.may_run(cpu_kernel::qmm)) return "";
+    const bool vnni = c.kernels.may_run(cpu_kernel::qmm), tiles = c.kernels.may_run(cpu_kernel::amx);
+    if (!vnni && !tiles) return "";
     int n = 0;
     for (const auto & [name, t] : c.model->tensors) {
         const bool repacked = t->type == GGML_TYPE_Q4_K && t->buffer && t->extra &&
@@ -90,14 +95,19 @@ static std::string q4k_path(const mllama_context & c) {
         n += repacked ? 1 : 0;
     }
     if (n == 0) return "";
-    const char * form = kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX512-VNNI)";
-    return "; the " + std::to_string(n) + " repacked q4_K: mllama Q4_K kernel " + form + " for batches of up to " +
-           std::to_string(q4k_max_rows()) + " rows";
+    std::string out = "; the " + std::to_string(n) + " repacked q4_K:";
+    if (vnni) {
+        const char * form = kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX512-VNNI)";
+        out += std::string(" mllama Q4_K kernel ") + form + " for batches of up to " + std::to_string(q4k_max_rows()) +
+               " rows";
+    }
+    if (tiles) {
+        out += std::string(vnni ? "," : "") + " mllama Q4_K kernel " + on_tiles() + " from " +
+               std::to_string(k_q4k_tiles_min_rows) + " rows";
+    }
+    return out;
 }
 
-static std::string on_tiles() {
-    return amx_tiles_emulated() ? "(x86 AMX tiles, emulated: MLLAMA_AMX_EMULATE=1)" : "(x86 AMX tiles)";
-}
 
 // The kernel family's name for an op without AMX tiles ("(x86 AVX512-BF16)", "(x86 AVX2)").
 static std::string family() { return kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX512-BF16)"; }

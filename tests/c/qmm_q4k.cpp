@@ -5,6 +5,10 @@
 //
 //   qmm_q4k K M N [threads] [reps]
 //
+// QMM_Q4K_TILES=1 runs q4k_matmul_tiles (AMX tiles: kernels/x86/qmm_q4k_amx.cpp, emulated with
+// MLLAMA_AMX_EMULATE=1) instead and, without reps, prints bound_ratio too (its error over its rounding bound: <= 1);
+// QMM_COPIES=n times n copies of the weights (1: they stay in the caches, the arithmetic alone).
+//
 // Prints "form=avx512|avx2" first. Weights: random bytes in every field of each block (every bit pattern of
 // the quants and of the packed 6-bit scales and mins) with random fp16 d and dmin; x: random normal rows,
 // the first block of the last row all zeros. Prints "nmse=<kernel vs ggml> max_abs=<...> plain_nmse=<ggml
@@ -65,19 +69,48 @@ static double nmse_of(const ggml_tensor * a, const ggml_tensor * b, double * max
     return norm > 0 ? err / norm : err;
 }
 
+// The tile path's error bound (kernels/x86/qmm_q4k_amx.cpp): each term w x carries two BF16 roundings, so
+// |ours - exact| <= 2^-8 sum_k |w x| (+ F32 summation, K 2^-24 of the same sum). The largest ratio of the error
+// to that bound over all outputs; exact: W decoded by ggml (the file layout) times x in double.
+static double bound_ratio(const ggml_tensor * plain, const ggml_tensor * x, const ggml_tensor * ours) {
+    const int64_t K = plain->ne[0], M = plain->ne[1], N = x->ne[1];
+    std::vector<float> w(static_cast<size_t>(K));
+    double worst = 0;
+    for (int64_t m = 0; m < M; ++m) {
+        const char * row = static_cast<const char *>(plain->data) + m * plain->nb[1];
+        ggml_get_type_traits(GGML_TYPE_Q4_K)->to_float(row, w.data(), K);
+        for (int64_t n = 0; n < N; ++n) {
+            const float * xr = static_cast<const float *>(x->data) + n * K;
+            double exact = 0, magnitude = 0;
+            for (int64_t k = 0; k < K; ++k) exact += double(w[k]) * xr[k], magnitude += std::fabs(double(w[k]) * xr[k]);
+            const double got = static_cast<const float *>(ours->data)[n * M + m];
+            const double bound = (std::ldexp(1.0, -8) + K * std::ldexp(1.0, -24)) * magnitude + 1e-30;
+            worst = std::max(worst, std::fabs(got - exact) / bound);
+        }
+    }
+    return worst;
+}
+
 int main(int argc, char ** argv) {
     product_args args;
     if (!parse_product_args(argc, argv, args)) return 2;
     const int64_t K = args.K, M = args.M, N = args.N;
     const int threads = args.threads, reps = args.reps;
     ggml_backend_buffer_type_t repack = repack_buffer_type();
+    const bool tiles = std::getenv("QMM_Q4K_TILES") && std::strcmp(std::getenv("QMM_Q4K_TILES"), "1") == 0;
+    if (tiles && !cpu_kernel_available(cpu_kernel::amx)) {
+        std::printf("skip: no AMX tiles (hardware, or MLLAMA_AMX_EMULATE=1 on an AVX-512 BF16 CPU)\n");
+        return 0;
+    }
     if (!cpu_kernel_available(cpu_kernel::qmm) || !repack) {
         std::printf("skip: no qmm kernel on this CPU (AVX2, or AVX-512 with VNNI) or no CPU_REPACK buffer\n");
         return 0;
     }
     std::printf("form=%s\n", kernel_family() == cpu_family::avx2 ? "avx2" : "avx512");
     const size_t w_bytes = static_cast<size_t>(K / 256 * M) * ggml_type_size(GGML_TYPE_Q4_K);
-    const int copies = reps > 0 ? static_cast<int>(std::max<size_t>(1, (size_t(512) << 20) / w_bytes + 1)) : 1;
+    const char * copies_env = std::getenv("QMM_COPIES");
+    const int copies = copies_env ? std::max(1, std::atoi(copies_env))
+                       : reps > 0 ? static_cast<int>(std::max<size_t>(1, (size_t(512) << 20) / w_bytes + 1)) : 1;
     std::mt19937_64 rng(static_cast<uint64_t>(K * 1000003 + M * 31 + N));
     ggml_context * weights = ggml_init({ggml_tensor_overhead() * (copies + 1), nullptr, true});
     const size_t ctx_bytes = w_bytes + static_cast<size_t>(8 * K * N + 16 * M * N) * copies + (size_t(64) << 20);
@@ -98,11 +131,12 @@ int main(int argc, char ** argv) {
     }
     paired_graphs graphs;
     for (ggml_tensor * w : ws) {
-        if (!q4k_matmul_supported(w, x)) {
+        if (tiles ? !q4k_tiles_supported(w, x) : !q4k_matmul_supported(w, x)) {
             std::printf("unsupported shape\n");
             return 1;
         }
-        graphs.add(ctx, ggml_mul_mat(ctx, w, x), q4k_matmul(ctx, w, x));  // [M, N] each
+        ggml_tensor * ours = tiles ? q4k_matmul_tiles(ctx, w, x) : q4k_matmul(ctx, w, x);  // [M, N]
+        graphs.add(ctx, ggml_mul_mat(ctx, w, x), ours);
     }
     ggml_tensor * unpacked = ggml_mul_mat(ctx, plain, x);  // [M, N]
     ggml_cgraph * plain_graph = ggml_new_graph(ctx);
@@ -113,7 +147,9 @@ int main(int argc, char ** argv) {
     double max_abs = 0;
     const double nmse = nmse_of(graphs.ours_out, graphs.ref_out, &max_abs);
     const double plain_nmse = nmse_of(graphs.ref_out, unpacked, nullptr);
-    std::printf("nmse=%.3e max_abs=%.3e plain_nmse=%.3e\n", nmse, max_abs, plain_nmse);
+    std::printf("nmse=%.3e max_abs=%.3e plain_nmse=%.3e", nmse, max_abs, plain_nmse);
+    if (tiles && reps == 0) std::printf(" bound_ratio=%.3e", bound_ratio(plain, x, graphs.ours_out));  // O(K M N)
+    std::printf("\n");
     if (reps > 0) {
         const double ggml_ms = median_ms(ctx, graphs.ref, threads, reps), qmm_ms = median_ms(ctx, graphs.ours, threads, reps);
         std::printf("ggml_ms=%.4f qmm_ms=%.4f weight_bytes=%zu copies=%d\n", ggml_ms, qmm_ms, w_bytes, copies);
