@@ -186,28 +186,31 @@ def test_q4k_tiles_on_amx_hardware_within_the_rounding_bound(q4k_tiles_driver, k
 
 
 @needs_kernels
-def test_q4k_prefill_on_emulated_amx_tiles_matches_ggml(converted, monkeypatch, tmp_path):
-    """The q4_k conversion (its ffn_down matrices are Q4_K, repacked by ggml) with a 40-token prefill, which
-    takes the tile product (from 32 rows; emulated tiles), against ggml's ops alone: the logits of every
-    prompt token, the profile shows the tile path's BF16 rows, and op_paths names it. The bound: the two
-    paths' products differ by ggml's rounding of the rows to Q8_K (per element at most 1/254 of its 256-block's
-    largest value, which is at most 16 times the block's rms: an error energy of at most 256 / (3 x 254^2) =
-    1.3e-3 of the rows', uniform rounding) and the tile path's BF16 roundings (2^-8 relative, 1.5e-5 in
-    energy); the ffn_down products are one part of each layer's residual update, so the logits' NMSE stays
-    below 2e-3 (measured ~4e-4 here). A wrong channel, pair or scale gives O(1).
-    """
-    path = converted("q4_k")
+@pytest.mark.parametrize("model,profiled,path", [
+    ("q4_k", "CUSTOM bf16[256,48,1]", ("text matrices", "Q4_K kernel (x86 AMX tiles, emulated: MLLAMA_AMX_EMULATE=1) "
+                                                         "from 32 rows")),
+    ("q6_k", "CUSTOM bf16[256,64,1]", ("text matrices in the file layout, prefill",
+                                       "from 32 rows, up to 512 MiB as BF16: decoded to BF16 for mllama BF16 GEMM "
+                                       "(x86 AMX tiles, emulated: MLLAMA_AMX_EMULATE=1)"))])
+def test_prefill_on_emulated_amx_tiles_matches_ggml(converted, monkeypatch, tmp_path, model, profiled, path):
+    """A 40-token prefill (all logits) on emulated AMX tiles against ggml's ops alone: the q4_k conversion's
+    ffn_down matrices (Q4_K, repacked by ggml) take the Q4_K tile product (its rows in BF16: 40 padded to 48,
+    profiled), the q6_k conversion's (Q6_K) and its other matrices (Q8_0) are decoded to BF16 for the tile GEMM
+    (the ffn_down's copy, K = n_ff = 256 by n_embd = 64, profiled); op_paths names the path. The bound: both paths
+    differ from ggml's by ggml's rounding of the rows to 8 bits (Q8_K, Q8_0: per element at most 1/254 of its
+    block's largest value, which is at most sqrt(256) = 16 times the block's rms: an error energy of at most
+    256 / (3 x 254^2) = 1.3e-3 of the rows', uniform rounding) and their own BF16 roundings (2^-8 relative,
+    1.5e-5 in energy); the products are one part of each layer's residual update, so the logits' NMSE stays
+    below 2e-3 (measured 4-8e-4 here). A wrong channel, pair or scale gives O(1)."""
     monkeypatch.setenv("MLLAMA_AMX_EMULATE", "1")
     prompt = [128000] + [(9906 + 37 * i) % 20000 + 300 for i in range(39)]
     logits = {}
     for kernels in ("amx", "0"):
         monkeypatch.setenv("MLLAMA_CPU_KERNELS", kernels)
-        profile = tmp_path / f"{kernels}.tsv"
-        with mllama.Model(path, n_ctx=128, profile=str(profile)) as m:
+        with mllama.Model(converted(model), n_ctx=128, profile=str(tmp_path / f"{kernels}.tsv")) as m:
             logits[kernels] = m.engine.evaluate(prompt, [], all_logits=True)
             if kernels == "amx":
-                assert "Q4_K kernel (x86 AMX tiles, emulated: MLLAMA_AMX_EMULATE=1) from 32 rows" in \
-                    m.op_paths()["text matrices"], m.op_paths()["text matrices"]
+                assert path[1] in m.op_paths()[path[0]], m.op_paths()
     assert logits["amx"].shape == (40, logits["0"].shape[1]) and np.all(np.isfinite(logits["amx"]))
     assert 0 < nmse(logits["amx"], logits["0"]) <= 2e-3, nmse(logits["amx"], logits["0"])
-    assert "CUSTOM bf16[256,48,1]" in (tmp_path / "amx.tsv").read_text()  # x in BF16, 40 rows padded to 48
+    assert profiled in (tmp_path / "amx.tsv").read_text()

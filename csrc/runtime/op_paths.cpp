@@ -83,6 +83,14 @@ static std::string on_tiles() {
     return amx_tiles_emulated() ? "(x86 AMX tiles, emulated: MLLAMA_AMX_EMULATE=1)" : "(x86 AMX tiles)";
 }
 
+// Prefill's products of the quantized matrices in the file layout (graph/decoder.cpp's prefill_on_tiles).
+static std::string prefill_path(const mllama_context & c) {
+    if (!c.kernels.may_run(cpu_kernel::amx)) return "";
+    return line("text matrices in the file layout, prefill", "from " + std::to_string(k_q4k_tiles_min_rows) +
+                " rows, up to " + std::to_string(k_prefill_decode_max_bytes >> 20) +
+                " MiB as BF16: decoded to BF16 for mllama BF16 GEMM " + on_tiles());
+}
+
 // Our Q4_K kernel takes the decode-time products of the q4_K matrices ggml repacked (CPU_REPACK)
 // (kernels/dispatch.h's q4k_matmul), and on AMX tiles those of prefill (q4k_matmul_tiles).
 static std::string q4k_path(const mllama_context & c) {
@@ -166,7 +174,7 @@ std::string op_paths(const mllama_context & c) {
            line("self-attention, prefill cross-attention", ggml_cpu + ": flash_attn_ext") +
            line("text matrices", ggml_cpu + ": mul_mat; in ggml's extra CPU layouts: " +
                                     (repacked.empty() ? "none" : repacked) + q4k_path(c)) +
-           line("text matrices q6_K in the file layout", q6k_path(c, ggml_cpu)) + others;
+           line("text matrices q6_K in the file layout", q6k_path(c, ggml_cpu)) + prefill_path(c) + others;
 }
 
 }  // namespace mllama
