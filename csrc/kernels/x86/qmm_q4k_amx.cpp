@@ -242,10 +242,13 @@ MLLAMA_AVX512_TARGET void to_bf16_rows(ggml_tensor * dst, int ith, int nth, void
     const int64_t K = x->ne[0], N = x->ne[1], padded = dst->ne[1];
     for (int64_t r = ith; r < padded; r += nth) {
         auto * out = reinterpret_cast<__m256i *>(static_cast<char *>(dst->data) + r * dst->nb[1]);
+        if (r >= N) {
+            std::memset(out, 0, static_cast<size_t>(K) * sizeof(uint16_t));
+            continue;
+        }
         const auto * in = reinterpret_cast<const float *>(static_cast<const char *>(x->data) + r * x->nb[1]);
         for (int64_t k = 0; k < K; k += 16) {
-            _mm256_storeu_si256(out + k / 16,
-                                r < N ? (__m256i) _mm512_cvtneps_pbh(_mm512_loadu_ps(in + k)) : _mm256_setzero_si256());
+            _mm256_storeu_si256(out + k / 16, (__m256i) _mm512_cvtneps_pbh(_mm512_loadu_ps(in + k)));
         }
     }
 }
@@ -254,6 +257,7 @@ MLLAMA_AVX512_TARGET void to_bf16_rows(ggml_tensor * dst, int ith, int nth, void
 
 bool q4k_tiles_supported(const ggml_tensor * w, const ggml_tensor * x) {
     return cpu_kernel_available(cpu_kernel::amx) && w && x && w->type == GGML_TYPE_Q4_K && q4k::in_repack_buffer(w) &&
+           ggml_type_size(GGML_TYPE_Q4_K) * q4k::k_interleave == sizeof(q4kx8_block) &&
            w->ne[0] % q4k::k_block == 0 && w->ne[0] > 0 && w->ne[1] % k_unit == 0 && w->ne[2] == 1 && w->ne[3] == 1 &&
            ggml_is_contiguous(w) && x->type == GGML_TYPE_F32 && x->ne[0] == w->ne[0] &&
            x->ne[1] >= k_q4k_tiles_min_rows && x->ne[2] == 1 && x->ne[3] == 1 && ggml_is_contiguous_rows(x) &&
