@@ -83,12 +83,12 @@ static std::string on_tiles() {
     return amx_tiles_emulated() ? "(x86 AMX tiles, emulated: MLLAMA_AMX_EMULATE=1)" : "(x86 AMX tiles)";
 }
 
-// Prefill's products of the quantized matrices in the file layout (graph/decoder.cpp's prefill_on_tiles).
+// Prefill's products of the BF16 and quantized matrices in the file layout (graph/decoder.cpp's prefill_on_tiles).
 static std::string prefill_path(const mllama_context & c) {
     if (!c.kernels.may_run(cpu_kernel::amx)) return "";
     return line("text matrices in the file layout, prefill", "from " + std::to_string(k_q4k_tiles_min_rows) +
                 " rows, up to " + std::to_string(k_prefill_decode_max_bytes >> 20) +
-                " MiB as BF16: decoded to BF16 for mllama BF16 GEMM " + on_tiles());
+                " MiB as BF16: BF16, or quantized decoded to BF16, for mllama BF16 GEMM " + on_tiles());
 }
 
 // Our Q4_K kernel takes the decode-time products of the q4_K matrices ggml repacked (CPU_REPACK)
