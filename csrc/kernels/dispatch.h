@@ -166,7 +166,8 @@ constexpr int64_t k_q4k_tiles_min_rows = MLLAMA_AMX_Q4K_MIN_ROWS;
 
 // Largest matrix, in BF16 bytes, that prefill multiplies on the tile GEMM (graph/decoder.cpp: BF16, and quantized
 // types other than repacked Q4_K decoded whole, from k_q4k_tiles_min_rows rows): the copy and the GEMM's packed
-// panels take up to twice that in the compute buffer. The 11B's ffn matrices take 112 MiB, the 90B's 448 MiB; never the output matrix (1-2 GiB).
+// panels take up to twice that in the compute buffer. The 11B's ffn matrices take 112 MiB, the 90B's 448 MiB;
+// never the output matrix (1-2 GiB).
 constexpr int64_t k_prefill_decode_max_bytes = int64_t(512) << 20;
 
 // q4k_matmul_tiles handles w (as q4k_matmul: Q4_K in ggml's repacked layout, M % 16 == 0 here) times x [K, N]
