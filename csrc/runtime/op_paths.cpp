@@ -116,7 +116,6 @@ static std::string q4k_path(const mllama_context & c) {
     return out;
 }
 
-
 // The kernel family's name for an op without AMX tiles ("(x86 AVX512-BF16)", "(x86 AVX2)").
 static std::string family() { return kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX512-BF16)"; }
 
