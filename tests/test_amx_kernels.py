@@ -151,7 +151,8 @@ def q4k_tiles_driver(tmp_path_factory):
 
 def q4k_tiles_fields(driver, k, m, n, emulate: bool) -> dict:
     env = {**os.environ, "MLLAMA_AMX_EMULATE": "1" if emulate else "0", "QMM_Q4K_TILES": "1"}
-    proc = subprocess.run([str(driver), str(k), str(m), str(n), "2"], capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run([str(driver), str(k), str(m), str(n), "2"], capture_output=True, text=True, timeout=300,
+                          env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not proc.stdout.startswith("skip"), proc.stdout
     line = next(line for line in proc.stdout.splitlines() if line.startswith("nmse="))
@@ -185,14 +186,33 @@ def test_q4k_tiles_on_amx_hardware_within_the_rounding_bound(q4k_tiles_driver, k
     assert float(fields["bound_ratio"]) <= 1.0, fields
 
 
-@needs_kernels
-@pytest.mark.parametrize("model,profiled,path", [
-    ("q4_k", "CUSTOM bf16[256,48,1]", ("text matrices", "Q4_K kernel (x86 AMX tiles, emulated: MLLAMA_AMX_EMULATE=1) "
-                                                         "from 32 rows")),
+PREFILL_PATHS = [  # conversion, an op of its tile path in the profile, (op_paths key, text without "emulated...")
+    ("q4_k", "CUSTOM bf16[256,48,1]", ("text matrices", "Q4_K kernel (x86 AMX tiles")),
     ("q6_k", "CUSTOM bf16[256,64,1]", ("text matrices in the file layout, prefill",
                                        "from 32 rows, up to 512 MiB as BF16: BF16, or quantized decoded to BF16, "
-                                       "for mllama BF16 GEMM (x86 AMX tiles, emulated: MLLAMA_AMX_EMULATE=1)")),
-    ("bf16", "CUSTOM i32[8192,1,1] x bf16", ("text matrices in the file layout, prefill", "(x86 AMX tiles, emulated"))])
+                                       "for mllama BF16 GEMM (x86 AMX tiles")),
+    ("bf16", "CUSTOM i32[8192,1,1] x bf16", ("text matrices in the file layout, prefill", "(x86 AMX tiles"))]
+
+
+def assert_prefill_on_tiles_matches_ggml(converted, monkeypatch, tmp_path, model, profiled, path, emulate: bool):
+    monkeypatch.setenv("MLLAMA_AMX_EMULATE", "1" if emulate else "0")
+    prompt = [128000] + [(9906 + 37 * i) % 20000 + 300 for i in range(39)]
+    logits = {}
+    for kernels in ("amx", "0"):
+        monkeypatch.setenv("MLLAMA_CPU_KERNELS", kernels)
+        with mllama.Model(converted(model), n_ctx=128, profile=str(tmp_path / f"{kernels}.tsv")) as m:
+            logits[kernels] = m.engine.evaluate(prompt, [], all_logits=True)
+            if kernels == "amx":
+                line = m.op_paths()[path[0]]
+                assert path[1] + (", emulated" if emulate else ")") in line, line
+    assert logits["amx"].shape == (40, logits["0"].shape[1]) and np.all(np.isfinite(logits["amx"]))
+    bound = 1e-6 if model == "bf16" else 2e-3
+    assert 0 < nmse(logits["amx"], logits["0"]) <= bound, nmse(logits["amx"], logits["0"])
+    assert profiled in (tmp_path / "amx.tsv").read_text()
+
+
+@needs_kernels
+@pytest.mark.parametrize("model,profiled,path", PREFILL_PATHS)
 def test_prefill_on_emulated_amx_tiles_matches_ggml(converted, monkeypatch, tmp_path, model, profiled, path):
     """A 40-token prefill (all logits) on emulated AMX tiles against ggml's ops alone: the q4_k conversion's
     ffn_down matrices (Q4_K, repacked by ggml) take the Q4_K tile product (its rows in BF16: 40 padded to 48,
@@ -205,15 +225,12 @@ def test_prefill_on_emulated_amx_tiles_matches_ggml(converted, monkeypatch, tmp_
     below 2e-3 (measured 4-8e-4 here). A wrong channel, pair or scale gives O(1). The bf16 conversion's matrices
     go to the tile GEMM as they are (the ffn_down's packed panels, 256 / 2 pairs x 64 channels, profiled): the
     same BF16 products as ggml's (which rounds the rows to BF16 too), summed in another order, so 1e-6."""
-    monkeypatch.setenv("MLLAMA_AMX_EMULATE", "1")
-    prompt = [128000] + [(9906 + 37 * i) % 20000 + 300 for i in range(39)]
-    logits = {}
-    for kernels in ("amx", "0"):
-        monkeypatch.setenv("MLLAMA_CPU_KERNELS", kernels)
-        with mllama.Model(converted(model), n_ctx=128, profile=str(tmp_path / f"{kernels}.tsv")) as m:
-            logits[kernels] = m.engine.evaluate(prompt, [], all_logits=True)
-            if kernels == "amx":
-                assert path[1] in m.op_paths()[path[0]], m.op_paths()
-    assert logits["amx"].shape == (40, logits["0"].shape[1]) and np.all(np.isfinite(logits["amx"]))
-    assert 0 < nmse(logits["amx"], logits["0"]) <= (1e-6 if model == "bf16" else 2e-3), nmse(logits["amx"], logits["0"])
-    assert profiled in (tmp_path / "amx.tsv").read_text()
+    assert_prefill_on_tiles_matches_ggml(converted, monkeypatch, tmp_path, model, profiled, path, emulate=True)
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU (or its OS) has no AMX-BF16 tiles: the hardware path is checked on "
+                                    "emulated tiles only (test_prefill_on_emulated_amx_tiles_matches_ggml)")
+@pytest.mark.parametrize("model,profiled,path", PREFILL_PATHS)
+def test_prefill_on_amx_hardware_matches_ggml(converted, monkeypatch, tmp_path, model, profiled, path):
+    """The same on the hardware tiles, inside the model's graph on ggml's threads."""
+    assert_prefill_on_tiles_matches_ggml(converted, monkeypatch, tmp_path, model, profiled, path, emulate=False)
