@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The AMX kernels' tuning constants, timed on an AMX machine in one run: the vision attention (tests/c/attn_bf16.cpp,
-# the tower's shape: D 80, 16 heads, 4 x 1608 tokens) per step length (ATTN_STEPS, keys: MLLAMA_AMX_ATTN_STEP_KEYS),
-# an earlier kernels/x86/attn_amx.cpp where OLD_ATTN names one, and once with its time split over the phases of a
-# step (MLLAMA_AMX_ATTN_PHASES); the GEMM (tests/c/gemm_bf16.cpp, the tower's shapes) per token block (GEMM_BLOCKS,
-# KiB: MLLAMA_AMX_GEMM_BLOCK_BYTES); at all the CPU's threads and at half of them (where the CPU runs two threads
-# per core, the tile unit is shared); then the tile unit's own rates (bench/amx_peak.c); then the Q4_K product on
-# tiles (kernels/x86/qmm_q4k_amx.cpp, tests/c/qmm_q4k.cpp with QMM_Q4K_TILES=1) against our VNNI kernel and ggml's
-# product at prefill's row counts. The GEMM driver checks its results against ggml within the summation bound
-# first; the attention's and the Q4_K product's checks are tests/test_amx_kernels.py.
+# The AMX kernels' tuning constants, timed on an AMX machine in one run, in this order: the tile unit's own rates
+# (bench/amx_peak.c); the Q4_K product on tiles (kernels/x86/qmm_q4k_amx.cpp, tests/c/qmm_q4k.cpp with
+# QMM_Q4K_TILES=1) against our VNNI kernel and ggml's product at prefill's row counts; the vision attention
+# (tests/c/attn_bf16.cpp, the tower's shape: D 80, 16 heads, 4 x 1608 tokens) per step length (ATTN_STEPS, keys:
+# MLLAMA_AMX_ATTN_STEP_KEYS), an earlier kernels/x86/attn_amx.cpp where OLD_ATTN names one, and once with its time
+# split over the phases of a step (MLLAMA_AMX_ATTN_PHASES); the GEMM (tests/c/gemm_bf16.cpp, the tower's shapes)
+# per token block (GEMM_BLOCKS, KiB: MLLAMA_AMX_GEMM_BLOCK_BYTES); the last two at all the CPU's threads and at half
+# of them (where the CPU runs two threads per core, the tile unit is shared). The GEMM driver checks its results
+# against ggml within the summation bound first; the attention's and the Q4_K product's checks are
+# tests/test_amx_kernels.py.
 #
 #   bash bench/amx_sweep.sh [OUT_FILE] [OLD_ATTN]     # ~2 minutes on a 16-core Xeon
 set -u
@@ -42,6 +43,15 @@ EOF
     cc -O2 -mamx-tile -mamx-bf16 -mavx512f -mavx512bf16 -pthread "$root/bench/amx_peak.c" -o "$work/amx_peak" &
     wait
     echo "amx_peak $("$work/amx_peak")"
+    for shape in "4096 14336" "14336 4096"; do  # the text layers' ffn_up/gate and ffn_down (Q4_K, repacked by ggml)
+        for rows in 32 64 256; do  # prefill: AMX tiles against our VNNI kernel (up to 64 rows) and ggml's product
+            # 6 copies of the weights (198 MB, past the L3): each run reads them from memory, and fills fewer
+            tiles=$(QMM_COPIES=6 QMM_Q4K_TILES=1 "$work/q4k" $shape $rows "$threads" 5 | tail -1)
+            echo "q4k K,M=$shape rows=$rows tiles: $tiles"
+            [ "$rows" -gt 64 ] && continue  # the VNNI kernel's limit
+            echo "q4k K,M=$shape rows=$rows vnni: $(QMM_COPIES=6 "$work/q4k" $shape $rows "$threads" 5 | tail -1)"
+        done
+    done
     for t in "$threads" ${half:+$((threads / 2))}; do
         for v in $attn_steps old phases; do
             [ -x "$work/attn_$v" ] && echo "attn_$v threads=$t $("$work/attn_$v" 80 16 "$tokens" "$t" 3)"
@@ -52,15 +62,6 @@ EOF
         set -- ${run/,/ }
         for shape in "1280 1280" "1280 5120" "5120 1280"; do
             echo "gemm_block=${1}KiB threads=$2 K,M=$shape $("$work/gemm_$1" $shape "$tokens" "$2" 3 | tr '\n' ' ')"
-        done
-    done
-    for shape in "4096 14336" "14336 4096"; do  # the text layers' ffn_up/gate and ffn_down (Q4_K, repacked by ggml)
-        for rows in 32 64 256; do  # prefill: AMX tiles against our VNNI kernel (up to 64 rows) and ggml's product
-            # 6 copies of the weights (198 MB, past the L3): each run reads them from memory, and fills fewer
-            tiles=$(QMM_COPIES=6 QMM_Q4K_TILES=1 "$work/q4k" $shape $rows "$threads" 5 | tail -1)
-            echo "q4k K,M=$shape rows=$rows tiles: $tiles"
-            [ "$rows" -gt 64 ] && continue  # the VNNI kernel's limit
-            echo "q4k K,M=$shape rows=$rows vnni: $(QMM_COPIES=6 "$work/q4k" $shape $rows "$threads" 5 | tail -1)"
         done
     done
 } 2>&1 | tee "$out"

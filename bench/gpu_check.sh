@@ -56,11 +56,11 @@ summary() {  # FILE: the figures of one bench/workers.py result
 
 if [ -n "$amx" ] && want sweep; then
     step "AMX tuning sweep (bench/amx_sweep.sh)"
-    cpu_run timeout 200 bash bench/amx_sweep.sh "$out/sweep.txt" ${OLD_ATTN:-} > /dev/null 2>&1; cat "$out/sweep.txt"
+    cpu_run timeout 240 bash bench/amx_sweep.sh "$out/sweep.txt" ${OLD_ATTN:-} > /dev/null 2>&1; cat "$out/sweep.txt"
 fi
 if [ -n "$amx" ] && want amx_tests; then
     step "AMX kernel tests on the hardware tiles, then every model on the tile path (SIGINT at the limit: a summary)"
-    cpu_run timeout -s INT 60 python3 -m pytest tests/test_amx_kernels.py -k hardware -q -p no:cacheprovider 2>&1 | tail -3
+    cpu_run timeout -s INT 120 python3 -m pytest tests/test_amx_kernels.py -k hardware -q -p no:cacheprovider 2>&1 | tail -3
     MLLAMA_TEST_KERNELS=amx cpu_run timeout -s INT 120 python3 -m pytest tests/test_cpu_kernels.py -q -p no:cacheprovider \
         2>&1 | tail -6
 fi
