@@ -191,7 +191,8 @@ MLLAMA_AMX_TARGET void unit_slab(const uint8_t * panel, int64_t t0, int64_t n_ti
     }
 }
 
-// dst [M, N] = W x^T; dst->src[0] = x rounded to BF16 (to_bf16_rows), userdata = W [K, M] in the repacked layout.
+// dst [M, N] = W x^T; dst->src[0] = x rounded to BF16, zero rows up to a multiple of 16; userdata = W [K, M] in the
+// repacked layout.
 // The k range goes in slabs whose BF16 rows (k_slab_bytes) stay in L2 while each of the thread's units decodes its
 // part of the slab and multiplies it; C accumulates in dst between slabs.
 template <class Tiles>
@@ -236,23 +237,6 @@ void product(ggml_tensor * dst, int ith, int nth, void * userdata) {
     else product_on<amx::hw_tiles>(dst, ith, nth, w);
 }
 
-// dst [K, N padded to 16] BF16 = src[0] [K, N] F32 rounded to nearest even, zero rows after N; rows across threads.
-MLLAMA_AVX512_TARGET void to_bf16_rows(ggml_tensor * dst, int ith, int nth, void *) {
-    const ggml_tensor * x = dst->src[0];
-    const int64_t K = x->ne[0], N = x->ne[1], padded = dst->ne[1];
-    for (int64_t r = ith; r < padded; r += nth) {
-        auto * out = reinterpret_cast<__m256i *>(static_cast<char *>(dst->data) + r * dst->nb[1]);
-        if (r >= N) {
-            std::memset(out, 0, static_cast<size_t>(K) * sizeof(uint16_t));
-            continue;
-        }
-        const auto * in = reinterpret_cast<const float *>(static_cast<const char *>(x->data) + r * x->nb[1]);
-        for (int64_t k = 0; k < K; k += 16) {
-            _mm256_storeu_si256(out + k / 16, (__m256i) _mm512_cvtneps_pbh(_mm512_loadu_ps(in + k)));
-        }
-    }
-}
-
 }  // namespace
 
 bool q4k_tiles_supported(const ggml_tensor * w, const ggml_tensor * x) {
@@ -265,10 +249,11 @@ bool q4k_tiles_supported(const ggml_tensor * w, const ggml_tensor * x) {
 }
 
 ggml_tensor * q4k_matmul_tiles(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
-    const int64_t K = w->ne[0], M = w->ne[1], N = x->ne[1];
+    const int64_t M = w->ne[1], N = x->ne[1];
     const int64_t padded = (N + amx::k_tile_rows - 1) / amx::k_tile_rows * amx::k_tile_rows;
-    ggml_tensor * xb = ggml_custom_4d(ctx, GGML_TYPE_BF16, K, padded, 1, 1, &x, /*n_args=*/1, to_bf16_rows,
-                                      GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // [K, padded] BF16
+    // zero rows up to whole A tiles, rounded to BF16 by ggml as bf16_linear's input is
+    ggml_tensor * padded_x = ggml_pad(ctx, x, 0, static_cast<int>(padded - N), 0, 0);  // [K, padded] F32
+    ggml_tensor * xb = ggml_cast(ctx, padded_x, GGML_TYPE_BF16);                       // [K, padded] BF16
     // w goes in by userdata, as in q4k::matmul_graph (the repack buffer type accepts only mul_mat as its reader)
     return ggml_custom_4d(ctx, GGML_TYPE_F32, M, N, 1, 1, &xb, /*n_args=*/1, product, GGML_N_TASKS_MAX, w);  // [M, N]
 }
