@@ -45,7 +45,7 @@ def qmm_driver(tmp_path_factory):
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
 @pytest.mark.parametrize("form", QMM_FORMS)
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 17, 64])
 @pytest.mark.parametrize("k,m,threads", [(256, 1, 2), (512, 7, 2), (4096, 33, 2), (1024, 100, 3), (14336, 67, 2)])
 def test_q6k_kernel_matches_ggml_mul_mat(qmm_driver, k, m, threads, rows, form):
     """The kernel against ggml's mul_mat on the same random Q6_K blocks (every bit pattern, scales of
@@ -58,9 +58,10 @@ def test_q6k_kernel_matches_ggml_mul_mat(qmm_driver, k, m, threads, rows, form):
     few float roundings (2^-24 relative) per output, an NMSE of ~1e-14 (measured: up to 1.8e-13 at K =
     14336; 0 for the AVX2 form), so 1e-10 holds with room, and a wrong quantization (one int8 off by 1 in
     a block: ~1e-6) would not pass. K = 14336 with 5 and 8 rows takes the rows in two passes over each chunk of
-    channels (q6k::rows_per_pass: 18 KB of activations per row); the threads claim the channels in chunks
-    (work::chunks_of: M = 67 in chunks of 9 channels, M = 100 in chunks of 9 for 3 threads), so a chunk left out
-    or a thread's write lost shows as a wrong channel."""
+    channels in the AVX2 form (q6k::rows_per_pass: 18 KB of activations per row); 9, 17 and 64 rows (prefill)
+    go in even passes of at most 8 (5 + 4, 6 + 6 + 5, 8 x 8), so a pass that skips or repeats a row shows;
+    the threads claim the channels in chunks (work::chunks_of: M = 67 in chunks of 9 channels, M = 100 in
+    chunks of 9 for 3 threads), so a chunk left out or a thread's write lost shows as a wrong channel."""
     proc = subprocess.run([str(qmm_driver), str(k), str(m), str(rows), str(threads)], capture_output=True, text=True,
                           timeout=120, env=qmm_form_env(form))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -84,7 +85,7 @@ def test_work_chunks_each_claimed_once_owners_in_order(tmp_path):
 
 
 def qmm_run(path, monkeypatch, kernels: str, profile: Path | None = None):
-    """Logits of a 12-token prefill (ggml: more than 8 rows), of 6 single-token steps, of a 5-token
+    """Logits of a 12-token prefill (more than 8 rows: ggml for the Q4_K AVX2 form), of 6 single-token steps, of a 5-token
     prompt in a second sequence (5 rows: the kernel), of 2 sequences stepped together, and 16 greedy
     tokens."""
     monkeypatch.setenv("MLLAMA_CPU_KERNELS", kernels)
@@ -110,12 +111,13 @@ def test_q6k_kernel_in_the_model_matches_ggml(converted, monkeypatch, tmp_path, 
     int8 off by one in a block of 32..256 changes that product by at most 1/127 of the block's largest
     input, an NMSE of ~1e-6 per flip at most. Measured here: 0 (K = 256 is one block per output, whose
     few float roundings came out the same). The bound, 1e-6, allows one such flip and still fails any
-    real error (a wrong sub-block scale: ~1e-2); the profile shows that the kernel did run."""
+    real error (a wrong sub-block scale: ~1e-2); the profile shows that the kernel ran for every Q6_K product,
+    the 12-token prefill's included (passes of 6 rows), and ggml's mul_mat for none."""
     path = converted("q6_k")
     if form == "avx2":
         monkeypatch.setenv("MLLAMA_AVX512", "0")
-    # the decode steps and the 5-token prompt take the kernel, the 12-token prefill ggml's mul_mat
-    assert_qmm_matches_ggml(path, monkeypatch, tmp_path, ["CUSTOM q6_K[256,", "MUL_MAT q6_K[256,"])
+    ops = assert_qmm_matches_ggml(path, monkeypatch, tmp_path, ["CUSTOM q6_K[256,"])
+    assert "MUL_MAT q6_K" not in ops, ops
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +190,7 @@ def test_q4k_kernel_in_the_model_matches_ggml(converted, monkeypatch, tmp_path, 
 
 def assert_qmm_matches_ggml(path, monkeypatch, tmp_path, profiled: list[str]):
     """qmm_run with the qmm kernels and with ggml's ops alone: NMSE <= 1e-6, the same greedy tokens, and
-    the kernel's run profile holds each of `profiled`."""
+    the kernel's run profile holds each of `profiled` (returned)."""
     ours, tokens_ours = qmm_run(path, monkeypatch, "qmm", tmp_path / "qmm.tsv")
     ggml, tokens_ggml = qmm_run(path, monkeypatch, "0")
     assert ours.shape == ggml.shape and np.all(np.isfinite(ours))
@@ -196,6 +198,7 @@ def assert_qmm_matches_ggml(path, monkeypatch, tmp_path, profiled: list[str]):
     assert tokens_ours == tokens_ggml and len(tokens_ours) > 0
     ops = (tmp_path / "qmm.tsv").read_text()
     assert all(op in ops for op in profiled), ops
+    return ops
 
 
 def test_q6k_kernel_op_paths(converted):
@@ -213,6 +216,7 @@ def test_q6k_kernel_op_paths(converted):
         none = model.op_paths()["text matrices q6_K in the file layout"]
     assert off.startswith("4, ggml") and others.startswith("4, ggml")
     form = "(x86 AVX512-VNNI)" if VNNI else "(x86 AVX2)"
-    assert default.startswith(f"4, mllama Q6_K kernel {form}" if VNNI or AVX2 else "4, ggml"), default
+    assert default.startswith(f"4, mllama Q6_K kernel {form} in passes of up to 8 rows" if VNNI or AVX2
+                              else "4, ggml"), default
     assert chosen.startswith(f"4, mllama Q6_K kernel {form}" if VNNI or AVX2 else "4, ggml"), chosen
     assert none == "none in this model"

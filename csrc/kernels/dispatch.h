@@ -131,11 +131,12 @@ bool decode_attention_supported(const ggml_tensor * q, const ggml_tensor * k, co
 // (a token whose keys are all masked gets zeros).
 ggml_tensor * decode_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask, float scale);
 
-// Most rows (tokens) a product takes q6k_matmul for (larger batches: ggml's mul_mat).
+// Most rows (tokens) q6k_matmul multiplies in one pass over the weights (larger batches: passes of up to this
+// many rows, each over weights in L2), and the most the Q4_K kernel's AVX2 form takes.
 constexpr int64_t k_qmm_max_rows = 8;
 
 // q6k_matmul handles w [K, M] Q6_K (K % 256 == 0, contiguous, in host memory, not repacked) times
-// x [K, N] F32 with 1 <= N <= k_qmm_max_rows contiguous rows, on this CPU.
+// x [K, N] F32 with N >= 1 contiguous rows, on this CPU.
 bool q6k_matmul_supported(const ggml_tensor * w, const ggml_tensor * x);
 
 // w x^T as ggml_mul_mat(w, x) computes it -> [M, N] F32: x quantized once to ggml's Q8_K values (8-bit

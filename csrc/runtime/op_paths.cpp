@@ -65,8 +65,9 @@ static int q6k_text_matrices(const mllama_model & m) {
     return n;
 }
 
-// Our Q6_K kernel takes the decode-time products (up to k_qmm_max_rows rows) of the text layers on
-// the CPU, under the decoder's per-layer rule (cpu_kernels_allowed_on).
+// Our Q6_K kernel takes the products of the text layers on the CPU (every batch, in passes of up to
+// k_qmm_max_rows rows; on AMX tiles prefill's from k_q4k_tiles_min_rows rows go to the tile GEMM instead, as
+// prefill_path says), under the decoder's per-layer rule (cpu_kernels_allowed_on).
 static std::string q6k_path(const mllama_context & c, const std::string & ggml_cpu) {
     const mllama_model & m = *c.model;
     const int n = q6k_text_matrices(m);
@@ -75,8 +76,10 @@ static std::string q6k_path(const mllama_context & c, const std::string & ggml_c
     for (ggml_backend_dev_t dev : m.plan.layers) on_cpu += cpu_kernels_allowed_on(m.plan, dev) ? 1 : 0;
     if (!c.kernels.may_run(cpu_kernel::qmm) || on_cpu == 0) return std::to_string(n) + ", " + ggml_cpu + ": mul_mat";
     const char * form = kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX512-VNNI)";
-    return std::to_string(n) + ", mllama Q6_K kernel " + form + " for batches of up to " +
-           std::to_string(k_qmm_max_rows) + " rows, " + ggml_cpu + ": mul_mat above";
+    std::string out = std::to_string(n) + ", mllama Q6_K kernel " + form + " in passes of up to " +
+                      std::to_string(k_qmm_max_rows) + " rows";
+    if (c.kernels.may_run(cpu_kernel::amx)) out += " (prefill from " + std::to_string(k_q4k_tiles_min_rows) + " rows: tiles)";
+    return out;
 }
 
 static std::string on_tiles() {

@@ -9,6 +9,7 @@
 // Prints "nmse=<kernel vs ggml> max_abs=<...>", then with reps > 0 the median time of each over reps
 // runs ("ggml_ms=... qmm_ms=... weight_bytes=..."), each run reading a different copy of the weights
 // when one copy fits in a cache (at least 512 MB read per pass over the copies).
+// QMM_COPIES=n times n copies of the weights (1: they stay in the caches, the arithmetic alone).
 #include "kernels/dispatch.h"
 #include "timing.h"
 
@@ -51,7 +52,9 @@ int main(int argc, char ** argv) {
         return 0;
     }
     const size_t w_bytes = static_cast<size_t>(K / 256 * M) * ggml_type_size(GGML_TYPE_Q6_K);
-    const int copies = reps > 0 ? static_cast<int>(std::max<size_t>(1, (size_t(512) << 20) / w_bytes + 1)) : 1;
+    const char * copies_env = std::getenv("QMM_COPIES");
+    const int copies = copies_env ? std::max(1, std::atoi(copies_env))
+                       : reps > 0 ? static_cast<int>(std::max<size_t>(1, (size_t(512) << 20) / w_bytes + 1)) : 1;
     ggml_init_params params{copies * w_bytes + static_cast<size_t>(8 * K * N + 4 * M * N) * copies + (size_t(64) << 20),
                             nullptr, false};
     ggml_context * ctx = ggml_init(params);

@@ -120,6 +120,12 @@ template <class Q8>
 using pair_fn = void (*)(const q6k_block * w, const q6k_block * w_next, int64_t n_blocks, const Q8 * x, const float * d,
                          int64_t stride, float * sums, float * sums_next);
 
+// Rows per pass when N rows go in passes of at most `most` rows: as few passes as may be, as even as may be.
+inline int64_t even_passes(int64_t N, int64_t most) {
+    const int64_t n_passes = (N + most - 1) / most;
+    return (N + n_passes - 1) / n_passes;
+}
+
 // The L1 data cache's size: sysconf where the C library knows it, else 32 KiB (the smallest of the x86 families
 // the kernels run on).
 inline int64_t l1d_bytes() {
@@ -134,15 +140,14 @@ inline int64_t l1d_bytes() {
 }
 
 // Rows per pass over a chunk of weights, one channel at a time (the AVX2 form), for N rows of row_bytes
-// activations: all of them where they fit in 7/8 of L1 (the rest holds the weights' prefetched blocks), else
-// as few and even passes as may be, of at least 4 rows each (8 rows of ffn_down, whose activations never fit:
-// passes of 2 took 1.06x the time of passes of 4).
+// activations: all of them where they fit in 7/8 of L1 (the rest holds the weights' prefetched blocks) and are at
+// most k_qmm_max_rows (the channel functions' rows), else as few and even passes as may be, of at least 4 rows
+// each (8 rows of ffn_down, whose activations never fit: passes of 2 took 1.06x the time of passes of 4).
 // Activations that did not fit (8 rows of the 4096-wide output matrix in 384-byte blocks, 48 KB) made the 8-row
 // Q6_K product take 1.7x its time; a pass's weights, read from memory by the first, come from L2 for the next.
 inline int64_t rows_per_pass(int64_t N, int64_t row_bytes) {
-    const int64_t fit = std::max<int64_t>(4, l1d_bytes() * 7 / 8 / std::max<int64_t>(1, row_bytes));
-    const int64_t n_passes = (N + fit - 1) / fit;
-    return (N + n_passes - 1) / n_passes;
+    const int64_t fit = std::clamp<int64_t>(l1d_bytes() * 7 / 8 / std::max<int64_t>(1, row_bytes), 4, k_qmm_max_rows);
+    return even_passes(N, fit);
 }
 
 // Output channels m0..m1 against rows r0..r0+rows-1, into dst [M, N]: in pairs where `pairs` is given, else
@@ -176,19 +181,21 @@ void channel_range(ggml_tensor * dst, int64_t m0, int64_t m1, int64_t r0, int64_
 constexpr int64_t k_pair_min_rows = 4;
 
 // dst [M, N] = W x^T; dst->src = {w [K, M] Q6_K, xq: N rows of Q8 blocks (activation_rows)}; output channels
-// in chunks (work::chunks_of, work::claimer). With `pairs` (the AVX-512 form) and k_pair_min_rows rows or more,
-// every row goes in one pass, two channels at a time: each activation block then serves two channels'
-// products, and the 8 rows of the output matrix, whose activations (40 KB) overflow a 32 KiB L1, took 0.7x
-// the time of two passes of 4 rows one channel at a time (Zen 4, 2 threads; ffn_down 0.85x). Else each chunk
-// takes the rows in passes (rows_per_pass: one pass wherever their activations fit L1; later passes read the
-// chunk's weights from L2).
+// in chunks (work::chunks_of, work::claimer: <= 256 KiB of weights, which stay in L2 while the chunk's passes
+// over the rows read them). With `pairs` (the AVX-512 form) and k_pair_min_rows rows or more, the rows go in
+// passes of up to k_qmm_max_rows (one pass in decode), two channels at a time: each activation block then serves
+// two channels' products, and the 8 rows of the output matrix, whose activations (40 KB) overflow a 32 KiB L1,
+// took 0.7x the time of two passes of 4 rows one channel at a time (Zen 4, 2 threads; ffn_down 0.85x). Else
+// each chunk takes the rows in passes of rows_per_pass (one pass wherever their activations fit L1). Prefill's
+// batches go in passes of 8 as well: ggml's own product of a Q6_K matrix multiplies one row at a time.
 template <class Q8>
 void for_each_channel(ggml_tensor * dst, int ith, int nth, const channel_fn<Q8> (&channels)[k_qmm_max_rows],
                       const pair_fn<Q8> * pairs = nullptr) {
     const ggml_tensor * w = dst->src[0], * xq = dst->src[1];
     const int64_t n_blocks = w->ne[0] / k_block, M = w->ne[1], N = dst->ne[1];
     if (N < k_pair_min_rows) pairs = nullptr;
-    const int64_t pass_rows = pairs ? N : rows_per_pass(N, n_blocks * static_cast<int64_t>(sizeof(Q8)));
+    const int64_t pass_rows = pairs ? even_passes(N, k_qmm_max_rows)
+                                    : rows_per_pass(N, n_blocks * static_cast<int64_t>(sizeof(Q8)));
     const work::chunking chunks = work::chunks_of(M, static_cast<int64_t>(w->nb[1]), nth);
     const Q8 * x = activation_rows<Q8>(xq);
     const float * d = activation_scales<Q8>(xq, N * n_blocks);

@@ -1,6 +1,6 @@
-// Q6_K matrix times 1..8 F32 rows on AVX-512 VNNI CPUs (see kernels/dispatch.h): the decode-time text
-// matrices stored in ggml's Q6_K layout, which ggml can neither repack nor multiply by several rows at
-// once without re-reading the weights (figures in bench/README.md).
+// Q6_K matrix times F32 rows on AVX-512 VNNI CPUs (see kernels/dispatch.h): the text matrices stored in ggml's
+// Q6_K layout, which ggml can neither repack nor multiply by several rows at once without re-reading the
+// weights (figures in bench/README.md); decode batches in one pass over the weights, prefill's in passes of 8.
 //
 // Like ggml, x is first quantized to 8-bit blocks of 256 (one float scale each; the same values as
 // ggml's Q8_K, computed the same way), by a first custom op, once per call. The product op then walks
@@ -217,7 +217,7 @@ bool q6k_matmul_supported(const ggml_tensor * w, const ggml_tensor * x) {
            ggml_type_size(GGML_TYPE_Q6_K) == sizeof(q6k_block) && ggml_blck_size(GGML_TYPE_Q6_K) == k_block &&
            w->ne[0] % k_block == 0 && w->ne[0] > 0 && ggml_is_contiguous(w) && w->ne[2] == 1 && w->ne[3] == 1 &&
            w->extra == nullptr && (!w->buffer || ggml_backend_buffer_is_host(w->buffer)) && x->type == GGML_TYPE_F32 &&
-           x->ne[0] == w->ne[0] && x->ne[1] >= 1 && x->ne[1] <= k_qmm_max_rows && x->ne[2] == 1 && x->ne[3] == 1 &&
+           x->ne[0] == w->ne[0] && x->ne[1] >= 1 && x->ne[2] == 1 && x->ne[3] == 1 &&
            ggml_is_contiguous_rows(x) && x->nb[0] == sizeof(float);
 }
 

@@ -1,4 +1,4 @@
-// The Q6_K matrix times 1..8 F32 rows (kernels/dispatch.h's q6k_matmul), its AVX2 form: CPUs without
+// The Q6_K matrix times F32 rows (kernels/dispatch.h's q6k_matmul; passes of up to 8), its AVX2 form: CPUs without
 // AVX-512 VNNI (AMD Zen 1-3, Intel client cores, older Xeons). The arithmetic is ggml's: x quantized to
 // Q8_K values (int8 blocks of 256, one float scale, per-16 sums), the block's integer sum exact in int32,
 // then one float multiply-add per block.
