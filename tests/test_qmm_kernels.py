@@ -151,19 +151,21 @@ def test_q4k_kernel_matches_ggml_repacked_mul_mat(q4k_driver, k, m, threads, row
 
 
 @pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI (the AVX2 form takes up to 8 rows)")
-@pytest.mark.parametrize("rows", [9, 16, 33, 64])
+@pytest.mark.parametrize("rows", [9, 16, 33, 64, 65, 130])
 @pytest.mark.parametrize("k,m", [(256, 8), (4096, 40), (14336, 24)])
-def test_q4k_kernel_avx512_takes_short_prefills(q4k_driver, k, m, rows):
-    """The AVX-512 form also takes 9-64 rows (short prefills), in chunks of 4 rows per pass over a block:
-    the same check and bound as above. 65 rows are not its (ggml's product takes them)."""
+def test_q4k_kernel_avx512_takes_prefills(q4k_driver, k, m, rows):
+    """The AVX-512 form also takes prefills: up to 64 rows in one pass over the weights (chunks of 4 rows per
+    pass over a block), more in even passes of at most 64 (65 = 33 + 32, 130 = 44 + 43 + 43), so a pass that
+    skips or repeats a row shows: the same check and bound as above. The AVX2 form leaves 9 rows to ggml."""
     proc = subprocess.run([str(q4k_driver), str(k), str(m), str(rows), "2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("form=avx512\n"), proc.stdout
     line = next(line for line in proc.stdout.splitlines() if line.startswith("nmse="))
     fields = dict(item.split("=") for item in line.split())
     assert float(fields["nmse"]) <= 1e-10 and float(fields["plain_nmse"]) <= 1e-10, proc.stdout
-    over = subprocess.run([str(q4k_driver), str(k), str(m), "65", "2"], capture_output=True, text=True, timeout=120)
-    assert over.returncode == 1 and "unsupported shape" in over.stdout, over.stdout
+    avx2 = subprocess.run([str(q4k_driver), str(k), str(m), "9", "2"], capture_output=True, text=True, timeout=120,
+                          env=qmm_form_env("avx2"))
+    assert avx2.returncode == 1 and "unsupported shape" in avx2.stdout, avx2.stdout
 
 
 @pytest.mark.parametrize("form", QMM_FORMS)
@@ -184,8 +186,8 @@ def test_q4k_kernel_in_the_model_matches_ggml(converted, monkeypatch, tmp_path, 
     assert_qmm_matches_ggml(path, monkeypatch, tmp_path, profiled)
     with mllama.Model(path, cpu_kernels="qmm") as model:
         line = model.op_paths()["text matrices"]
-    name, rows = ("AVX2", 8) if form == "avx2" else ("AVX512-VNNI", 64)
-    assert f"repacked q4_K: mllama Q4_K kernel (x86 {name}) for batches of up to {rows} rows" in line, line
+    rows = "for batches of up to 8 rows" if form == "avx2" else "in passes of up to 64 rows"
+    assert f"repacked q4_K: mllama Q4_K kernel (x86 {'AVX2' if form == 'avx2' else 'AVX512-VNNI'}) {rows}" in line, line
 
 
 def assert_qmm_matches_ggml(path, monkeypatch, tmp_path, profiled: list[str]):

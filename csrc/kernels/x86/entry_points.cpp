@@ -39,7 +39,8 @@ ggml_tensor * q6k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
 int64_t q4k_max_rows() { return kernel_family() == cpu_family::avx2 ? k_qmm_max_rows : k_q4k_max_rows; }
 
 bool q4k_matmul_supported(const ggml_tensor * w, const ggml_tensor * x) {
-    return cpu_kernel_available(cpu_kernel::qmm) && q4k::layout_supported(w, x) && x->ne[1] <= q4k_max_rows();
+    const bool rows = kernel_family() != cpu_family::avx2 || x->ne[1] <= k_qmm_max_rows;  // AVX-512: any, in passes
+    return cpu_kernel_available(cpu_kernel::qmm) && q4k::layout_supported(w, x) && rows;
 }
 
 ggml_tensor * q4k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {

@@ -106,33 +106,38 @@ using group_fn = void (*)(const q4kx8_block * w, int64_t n_blocks, const q8k_blo
                           int64_t N, float * out);
 
 // dst [M, N] = W x^T; dst->src[0] = xq (q8k_quantize_rows_avx2, q6k::activation_rows), w = W [K, M] in the
-// repacked layout; groups of 8 channels in chunks (work::chunks_of, work::claimer). All rows go in one pass
-// over the weights: passes over 256 KB of them (as the Q6_K kernel makes, to keep the activations in L1) took
-// 1.03-1.3x the time at 8-64 rows.
-inline void for_each_group(const ggml_tensor * w, ggml_tensor * dst, int ith, int nth, group_fn group) {
+// repacked layout; groups of 8 channels in chunks (work::chunks_of, work::claimer). Up to max_rows rows go in one
+// pass over the weights: passes over 256 KB of them (as the Q6_K kernel makes, to keep the activations in L1)
+// took 1.03-1.3x the time at 8-64 rows. More rows (prefill) go in even passes of up to max_rows over each chunk,
+// whose weights stay in L2 between passes (ggml's own repacked product ran 2.5x slower at 200 rows on Zen 4).
+inline void for_each_group(const ggml_tensor * w, ggml_tensor * dst, int ith, int nth, group_fn group,
+                           int64_t max_rows) {
     const ggml_tensor * xq = dst->src[0];
     const int64_t n_blocks = w->ne[0] / k_block, n_groups = w->ne[1] / k_interleave, N = dst->ne[1];
+    const int64_t pass_rows = q6k::even_passes(N, std::min(max_rows, k_q4k_max_rows));
     const work::chunking chunks = work::chunks_of(n_groups, n_blocks * static_cast<int64_t>(sizeof(q4kx8_block)), nth);
-    const q8k_block * x[k_q4k_max_rows];
-    const float * d[k_q4k_max_rows];
-    for (int64_t r = 0; r < N; ++r) {
-        x[r] = q6k::activation_rows<q8k_block>(xq) + r * n_blocks;
-        d[r] = q6k::activation_scales<q8k_block>(xq, N * n_blocks) + r * n_blocks;
-    }
+    const q8k_block * rows = q6k::activation_rows<q8k_block>(xq);
+    const float * scales = q6k::activation_scales<q8k_block>(xq, N * n_blocks);
     float out[k_interleave * k_q4k_max_rows];
     work::claimer claims(q6k::work_state(xq), chunks.count, ith, nth);
     for (int64_t c = 0; claims.next(c);) {
-        for (int64_t g = c * chunks.items; g < std::min(n_groups, (c + 1) * chunks.items); ++g) {
-            group(static_cast<const q4kx8_block *>(w->data) + g * n_blocks, n_blocks, x, d, N, out);
-            for (int64_t r = 0; r < N; ++r) {  // dst [M, N]
-                std::memcpy(static_cast<char *>(dst->data) + r * dst->nb[1] + g * k_interleave * sizeof(float),
-                            out + k_interleave * r, k_interleave * sizeof(float));
+        for (int64_t r0 = 0; r0 < N; r0 += pass_rows) {
+            const int64_t n = std::min(pass_rows, N - r0);
+            const q8k_block * x[k_q4k_max_rows];
+            const float * d[k_q4k_max_rows];
+            for (int64_t r = 0; r < n; ++r) x[r] = rows + (r0 + r) * n_blocks, d[r] = scales + (r0 + r) * n_blocks;
+            for (int64_t g = c * chunks.items; g < std::min(n_groups, (c + 1) * chunks.items); ++g) {
+                group(static_cast<const q4kx8_block *>(w->data) + g * n_blocks, n_blocks, x, d, n, out);
+                for (int64_t r = 0; r < n; ++r) {  // dst [M, N]
+                    std::memcpy(static_cast<char *>(dst->data) + (r0 + r) * dst->nb[1] + g * k_interleave * sizeof(float),
+                                out + k_interleave * r, k_interleave * sizeof(float));
+                }
             }
         }
     }
 }
 
-// The shapes and layout the forms take (w in ggml's CPU_REPACK buffer; x: 1..k_q4k_max_rows F32 rows).
+// The shapes and layout the forms take (w in ggml's CPU_REPACK buffer; x: F32 rows).
 bool layout_supported(const ggml_tensor * w, const ggml_tensor * x);
 
 // x [K, N] quantized to Q8_K rows (q8k_quantize_rows_avx2), then `product` (userdata: w) -> [M, N].

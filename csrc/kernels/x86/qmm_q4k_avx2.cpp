@@ -105,7 +105,7 @@ MLLAMA_AVX2_TARGET void group(const q4kx8_block * w, int64_t n_blocks, const q8k
 
 // userdata: W [K, M] in the repacked layout.
 void product(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    q4k::for_each_group(static_cast<const ggml_tensor *>(userdata), dst, ith, nth, group);
+    q4k::for_each_group(static_cast<const ggml_tensor *>(userdata), dst, ith, nth, group, k_qmm_max_rows);
 }
 
 }  // namespace
@@ -117,7 +117,7 @@ bool layout_supported(const ggml_tensor * w, const ggml_tensor * x) {
     return ggml_type_size(GGML_TYPE_Q4_K) * k_interleave == sizeof(q4kx8_block) &&
            w->ne[0] % k_block == 0 && w->ne[0] > 0 && w->ne[1] % k_interleave == 0 && w->ne[2] == 1 && w->ne[3] == 1 &&
            ggml_is_contiguous(w) && x->type == GGML_TYPE_F32 && x->ne[0] == w->ne[0] && x->ne[1] >= 1 &&
-           x->ne[1] <= k_q4k_max_rows && x->ne[2] == 1 && x->ne[3] == 1 && ggml_is_contiguous_rows(x) &&
+           x->ne[2] == 1 && x->ne[3] == 1 && ggml_is_contiguous_rows(x) &&
            x->nb[0] == sizeof(float);
 }
 

@@ -177,7 +177,7 @@ MLLAMA_VNNI_TARGET void group(const q4kx8_block * w, int64_t n_blocks, const q8k
 
 // userdata: W [K, M] in the repacked layout.
 void product(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    q4k::for_each_group(static_cast<const ggml_tensor *>(userdata), dst, ith, nth, group);
+    q4k::for_each_group(static_cast<const ggml_tensor *>(userdata), dst, ith, nth, group, k_q4k_max_rows);
 }
 
 }  // namespace
