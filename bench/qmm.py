@@ -2,11 +2,11 @@
 MLLAMA_AVX512=0 times the AVX2 form on an AVX-512 CPU) against ggml's mul_mat, side by side.
 
 1. The two Q6_K products of the 11B model, [14336 -> 4096] (ffn_down) and [4096 -> 128256] (output),
-   at 1, 2, 4 and 8 rows: tests/c/qmm_q6k.cpp times ggml's mul_mat and the kernel on the same random
-   weights in one process (copies of the weights rotate so that each run reads them from memory); then
-   the Q4_K kernel on ggml's repacked weights (tests/c/qmm_q4k.cpp: qmm_q4k_avx512.cpp on AVX-512 VNNI CPUs,
-   also at 16 and 64 rows, where the AVX2 form qmm_q4k_avx2.cpp is timed too) on [14336 -> 4096] and
-   [4096 -> 14336].
+   at 1, 2, 4 and 8 rows (ffn_down also at 16, 64 and 200: prefill, in passes of 8): tests/c/qmm_q6k.cpp
+   times ggml's mul_mat and the kernel on the same random weights in one process (copies of the weights
+   rotate so that each run reads them from memory); then the Q4_K kernel on ggml's repacked weights
+   (tests/c/qmm_q4k.cpp: qmm_q4k_avx512.cpp on AVX-512 VNNI CPUs, also at 16, 64 and 200 rows (in passes of
+   up to 64), where the AVX2 form qmm_q4k_avx2.cpp is timed too) on [14336 -> 4096] and [4096 -> 14336].
 2. Whole decode steps of 1, 2, 4, 8 streams on the 11B-dims synthetic model (5 text layers, Q4_K_M:
    Q6_K output and some Q6_K ffn_down, Q4_K repacked), every kernel on vs every kernel but qmm, text only.
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 SHAPES = {"ffn_down [14336 -> 4096]": (14336, 4096), "output [4096 -> 128256]": (4096, 128256)}
 ROWS = (1, 2, 4, 8)
-PREFILL_ROWS = (16, 64)  # the Q4_K kernel's AVX-512 form takes up to 64 rows
+PREFILL_ROWS = (16, 64, 200)  # prefill: Q6_K in passes of 8 rows, Q4_K (AVX-512 form) in passes of up to 64
 WITHOUT_QMM = "attn,gemm,gelu,xattn"  # every kernel of the text path but qmm (amx is vision only)
 WITH_QMM = WITHOUT_QMM + ",qmm"  # what the default set ("1") runs for text
 
@@ -60,7 +60,7 @@ def timed(driver: Path, name: str, k: int, m: int, rows: int, runs: int, reps: i
 
 def products(driver: Path, runs: int) -> list[dict]:
     timings = [timed(driver, name, k, m, rows, runs, 15 if k * m < 1e8 else 7)
-               for name, (k, m) in SHAPES.items() for rows in ROWS]
+               for name, (k, m) in SHAPES.items() for rows in ROWS + (PREFILL_ROWS if m < 1e5 else ())]
     return [t for t in timings if t]
 
 
@@ -76,7 +76,7 @@ def q4k_products(driver: Path, runs: int) -> list[dict]:
     forms = {"avx512": dict(os.environ), "avx2": {**os.environ, "MLLAMA_AVX512": "0"}}
     if first.startswith("form=avx2"):
         del forms["avx512"]
-    rows_of = {"avx512": ROWS + PREFILL_ROWS, "avx2": ROWS}  # the AVX-512 form also takes short prefills
+    rows_of = {"avx512": ROWS + PREFILL_ROWS, "avx2": ROWS}  # the AVX-512 form also takes prefills
     return [{"form": form, **t} for form, env in forms.items() for name, (k, m) in Q4K_SHAPES.items()
             for rows in rows_of[form] if (t := timed(driver, name, k, m, rows, runs, 9, env))]
 
