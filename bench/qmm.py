@@ -5,8 +5,8 @@ MLLAMA_AVX512=0 times the AVX2 form on an AVX-512 CPU) against ggml's mul_mat, s
    at 1, 2, 4 and 8 rows (ffn_down also at 16, 64 and 200: prefill, in passes of 8): tests/c/qmm_q6k.cpp
    times ggml's mul_mat and the kernel on the same random weights in one process (copies of the weights
    rotate so that each run reads them from memory); then the Q4_K kernel on ggml's repacked weights
-   (tests/c/qmm_q4k.cpp: qmm_q4k_avx512.cpp on AVX-512 VNNI CPUs, also at 16, 64 and 200 rows (in passes of
-   up to 64), where the AVX2 form qmm_q4k_avx2.cpp is timed too) on [14336 -> 4096] and [4096 -> 14336].
+   (tests/c/qmm_q4k.cpp: qmm_q4k_avx512.cpp on AVX-512 VNNI CPUs, where the AVX2 form qmm_q4k_avx2.cpp is timed
+   too; also at 16, 64 and 200 rows, in passes of up to 64 / 8) on [14336 -> 4096] and [4096 -> 14336].
 2. Whole decode steps of 1, 2, 4, 8 streams on the 11B-dims synthetic model (5 text layers, Q4_K_M:
    Q6_K output and some Q6_K ffn_down, Q4_K repacked), every kernel on vs every kernel but qmm, text only.
 
@@ -76,7 +76,7 @@ def q4k_products(driver: Path, runs: int) -> list[dict]:
     forms = {"avx512": dict(os.environ), "avx2": {**os.environ, "MLLAMA_AVX512": "0"}}
     if first.startswith("form=avx2"):
         del forms["avx512"]
-    rows_of = {"avx512": ROWS + PREFILL_ROWS, "avx2": ROWS}  # the AVX-512 form also takes prefills
+    rows_of = {"avx512": ROWS + PREFILL_ROWS, "avx2": ROWS + PREFILL_ROWS}
     return [{"form": form, **t} for form, env in forms.items() for name, (k, m) in Q4K_SHAPES.items()
             for rows in rows_of[form] if (t := timed(driver, name, k, m, rows, runs, 9, env))]
 

@@ -85,7 +85,7 @@ def test_work_chunks_each_claimed_once_owners_in_order(tmp_path):
 
 
 def qmm_run(path, monkeypatch, kernels: str, profile: Path | None = None):
-    """Logits of a 12-token prefill (more than 8 rows: ggml for the Q4_K AVX2 form), of 6 single-token steps, of a 5-token
+    """Logits of a 12-token prefill (more than 8 rows: passes), of 6 single-token steps, of a 5-token
     prompt in a second sequence (5 rows: the kernel), of 2 sequences stepped together, and 16 greedy
     tokens."""
     monkeypatch.setenv("MLLAMA_CPU_KERNELS", kernels)
@@ -150,22 +150,21 @@ def test_q4k_kernel_matches_ggml_repacked_mul_mat(q4k_driver, k, m, threads, row
     assert float(fields["nmse"]) <= 1e-10 and float(fields["plain_nmse"]) <= 1e-10, proc.stdout
 
 
-@pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI (the AVX2 form takes up to 8 rows)")
+@pytest.mark.parametrize("form", QMM_FORMS)
 @pytest.mark.parametrize("rows", [9, 16, 33, 64, 65, 130])
 @pytest.mark.parametrize("k,m", [(256, 8), (4096, 40), (14336, 24)])
-def test_q4k_kernel_avx512_takes_prefills(q4k_driver, k, m, rows):
-    """The AVX-512 form also takes prefills: up to 64 rows in one pass over the weights (chunks of 4 rows per
-    pass over a block), more in even passes of at most 64 (65 = 33 + 32, 130 = 44 + 43 + 43), so a pass that
-    skips or repeats a row shows: the same check and bound as above. The AVX2 form leaves 9 rows to ggml."""
-    proc = subprocess.run([str(q4k_driver), str(k), str(m), str(rows), "2"], capture_output=True, text=True, timeout=120)
+def test_q4k_kernel_takes_prefills(q4k_driver, k, m, rows, form):
+    """Both forms also take prefills: the AVX-512 form up to 64 rows in one pass over the weights (chunks of 4
+    rows per pass over a block), more in even passes of at most 64 (65 = 33 + 32, 130 = 44 + 43 + 43); the AVX2
+    form in even passes of at most 8 (9 = 5 + 4, 33 = 7 x 4 + 5 ...), so a pass that skips or repeats a row shows:
+    the same check and bound as above."""
+    proc = subprocess.run([str(q4k_driver), str(k), str(m), str(rows), "2"], capture_output=True, text=True, timeout=120,
+                          env=qmm_form_env(form))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.startswith("form=avx512\n"), proc.stdout
+    assert proc.stdout.startswith(f"form={form.split('_')[0]}\n"), proc.stdout
     line = next(line for line in proc.stdout.splitlines() if line.startswith("nmse="))
     fields = dict(item.split("=") for item in line.split())
     assert float(fields["nmse"]) <= 1e-10 and float(fields["plain_nmse"]) <= 1e-10, proc.stdout
-    avx2 = subprocess.run([str(q4k_driver), str(k), str(m), "9", "2"], capture_output=True, text=True, timeout=120,
-                          env=qmm_form_env("avx2"))
-    assert avx2.returncode == 1 and "unsupported shape" in avx2.stdout, avx2.stdout
 
 
 @pytest.mark.parametrize("form", QMM_FORMS)
@@ -174,20 +173,20 @@ def test_q4k_kernel_in_the_model_matches_ggml(converted, monkeypatch, tmp_path, 
     decoding with the kernel and with ggml's ops alone: the same reasoning and bound as the Q6_K kernel's
     model test, the profile shows that the kernel ran (its product reads the 8-bit activations: one
     320-byte block and its 4-byte scale per row for K = 256, after the 256-byte work state of the product
-    (kernels/work_chunks.h) and 63 bytes of slack to start the rows on a cache line; the 12-token prefill:
-    ggml's product on AVX2, the kernel on AVX-512) and op_paths names the form and its row limit."""
+    (kernels/work_chunks.h) and 63 bytes of slack to start the rows on a cache line; the 12-token prefill too,
+    ggml's product for none) and op_paths names the form and its rows per pass."""
     if form == "avx2":
         monkeypatch.setenv("MLLAMA_AVX512", "0")
     path = converted("q4_k")
     def activations(rows: int) -> str:
         return f"CUSTOM i8[{256 + (320 + 4) * rows + 63},1,1]"
 
-    profiled = [activations(1), "MUL_MAT q4_K[256," if form == "avx2" else activations(12)]
-    assert_qmm_matches_ggml(path, monkeypatch, tmp_path, profiled)
+    ops = assert_qmm_matches_ggml(path, monkeypatch, tmp_path, [activations(1), activations(12)])
+    assert "MUL_MAT q4_K" not in ops, ops
     with mllama.Model(path, cpu_kernels="qmm") as model:
         line = model.op_paths()["text matrices"]
-    rows = "for batches of up to 8 rows" if form == "avx2" else "in passes of up to 64 rows"
-    assert f"repacked q4_K: mllama Q4_K kernel (x86 {'AVX2' if form == 'avx2' else 'AVX512-VNNI'}) {rows}" in line, line
+    name, rows = ("AVX2", 8) if form == "avx2" else ("AVX512-VNNI", 64)
+    assert f"repacked q4_K: mllama Q4_K kernel (x86 {name}) in passes of up to {rows} rows" in line, line
 
 
 def assert_qmm_matches_ggml(path, monkeypatch, tmp_path, profiled: list[str]):

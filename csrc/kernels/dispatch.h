@@ -146,12 +146,13 @@ ggml_tensor * q6k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
 
 // Most rows (tokens) the Q4_K kernel's AVX-512 form takes in one pass over the weights: with them read once
 // for all rows it also beats ggml's repacked product on prefills (64 rows: 1.5-2x on Zen 5; more rows go in
-// passes: 1.85-2x at 65-512 rows on Zen 4); the AVX2 form takes batches of up to k_qmm_max_rows.
+// passes: 1.85-2x at 65-512 rows on Zen 4); the AVX2 form goes in passes of k_qmm_max_rows (1.3-1.5x the
+// AVX2 wheel's ggml at 16-200 rows; passes of 64 were no faster).
 constexpr int64_t k_q4k_max_rows = 64;
 
 // q4k_matmul handles w [K, M] Q4_K in ggml's repacked layout (its CPU_REPACK buffer: block_q4_Kx8, M % 8
-// == 0) times x [K, N] F32 with N >= 1 contiguous rows (the AVX2 form: N <= k_qmm_max_rows), on this CPU
-// (where qmm is available). q4k_max_rows(): the most rows of one pass over the weights.
+// == 0) times x [K, N] F32 with N >= 1 contiguous rows, on this CPU (where qmm is available).
+// q4k_max_rows(): the most rows of one pass over the weights.
 int64_t q4k_max_rows();
 bool q4k_matmul_supported(const ggml_tensor * w, const ggml_tensor * x);
 

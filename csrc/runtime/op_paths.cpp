@@ -109,9 +109,8 @@ static std::string q4k_path(const mllama_context & c) {
     std::string out = "; the " + std::to_string(n) + " repacked q4_K:";
     if (vnni) {
         const char * form = kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX512-VNNI)";
-        const bool avx2 = kernel_family() == cpu_family::avx2;
-        out += std::string(" mllama Q4_K kernel ") + form + (avx2 ? " for batches of up to " : " in passes of up to ") +
-               std::to_string(q4k_max_rows()) + " rows";
+        out += std::string(" mllama Q4_K kernel ") + form + " in passes of up to " + std::to_string(q4k_max_rows()) +
+               " rows";
     }
     if (tiles) {
         out += std::string(vnni ? "," : "") + " mllama Q4_K kernel " + on_tiles() + " from " +

@@ -39,8 +39,7 @@ ggml_tensor * q6k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
 int64_t q4k_max_rows() { return kernel_family() == cpu_family::avx2 ? k_qmm_max_rows : k_q4k_max_rows; }
 
 bool q4k_matmul_supported(const ggml_tensor * w, const ggml_tensor * x) {
-    const bool rows_taken = kernel_family() != cpu_family::avx2 || x->ne[1] <= k_qmm_max_rows;  // AVX-512: in passes
-    return cpu_kernel_available(cpu_kernel::qmm) && q4k::layout_supported(w, x) && rows_taken;
+    return cpu_kernel_available(cpu_kernel::qmm) && q4k::layout_supported(w, x);
 }
 
 ggml_tensor * q4k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {

@@ -109,7 +109,8 @@ using group_fn = void (*)(const q4kx8_block * w, int64_t n_blocks, const q8k_blo
 // repacked layout; groups of 8 channels in chunks (work::chunks_of, work::claimer). Up to max_rows rows go in one
 // pass over the weights: passes over 256 KB of them (as the Q6_K kernel makes, to keep the activations in L1)
 // took 1.03-1.3x the time at 8-64 rows. More rows (prefill) go in even passes of up to max_rows over each chunk,
-// whose weights stay in L2 between passes (ggml's own repacked product ran 2.5x slower at 200 rows on Zen 4).
+// whose weights stay in L2 between passes (ggml's own repacked product ran 1.9-2x slower at 65-512 rows on Zen 4
+// than the AVX-512 form, 1.3-1.5x slower at 16-200 rows than the AVX2 form in passes of 8).
 inline void for_each_group(const ggml_tensor * w, ggml_tensor * dst, int ith, int nth, group_fn group,
                            int64_t max_rows) {
     const ggml_tensor * xq = dst->src[0];

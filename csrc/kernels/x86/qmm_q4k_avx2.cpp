@@ -1,6 +1,6 @@
-// Q4_K matrices in ggml's repacked layout times 1..8 F32 rows on AVX2 (kernels/dispatch.h's q4k_matmul):
-// the text matrices that ggml's CPU_REPACK buffer holds as block_q4_Kx8 (8 output channels' blocks
-// interleaved, 8 bytes of quants at a time), multiplied by a decode batch with each weight read once.
+// Q4_K matrices in ggml's repacked layout times F32 rows on AVX2 (kernels/dispatch.h's q4k_matmul): the text
+// matrices that ggml's CPU_REPACK buffer holds as block_q4_Kx8 (8 output channels' blocks interleaved, 8 bytes
+// of quants at a time), multiplied by a decode batch with each weight read once (prefill: passes of 8 rows).
 // ggml's own product runs a batch of fewer than 4 rows as one pass over the weights per row and is
 // compute-bound from 2 rows on AVX2 (figures in bench/README.md).
 //
