@@ -90,13 +90,14 @@ def xattn_driver(tmp_path_factory):
 @needs_avx2
 @needs_cxx
 @pytest.mark.parametrize("d,hq,hkv,t,n_kv", [(128, 32, 8, 1, 1601), (64, 5, 1, 3, 130), (16, 3, 3, 2, 65),
-                                             (128, 16, 1, 1, 200), (32, 8, 2, 4, 7), (256, 4, 2, 1, 300)])
+                                             (128, 16, 1, 1, 200), (32, 8, 2, 4, 7), (256, 4, 2, 1, 300),
+                                             (128, 32, 8, 40, 400), (64, 8, 2, 70, 129)])
 def test_decode_cross_attention_within_its_rounding_bound(xattn_driver, d, hq, hkv, t, n_kv):
     """The decode cross-attention (its one form, AVX2, on every x86 family) against the double-precision
     softmax on the same F16 keys and values, within the bound of F32 scores, e^x and F32 sums
     (tests/c/xattn.cpp): the model's heads (32 over 8, 1601 keys), query groups of 1, 2, 4, 5 and
     16 heads (the AVX2 form takes four at a time), odd live-key counts, a block of 64 hidden keys, biases,
-    a token that sees no key (zeros), head sizes 16 to 256. Mutations (a head's probabilities read for its
+    a token that sees no key (zeros), head sizes 16 to 256, prefill's 40 and 70 tokens. Mutations (a head's probabilities read for its
     neighbour's, a repeated key counted in the softmax sum, hidden keys not skipped) give 130 to 1e30 times
     the bound."""
     fields = run_driver(xattn_driver, d, hq, hkv, t, n_kv, 2)

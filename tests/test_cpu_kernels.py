@@ -180,18 +180,18 @@ def test_repacked_weights_match_the_mapping(converted, monkeypatch):
 
 
 def decode_cross_attention(converted, monkeypatch, tmp_path, kernels: str):
-    """The f16 model (F16 image caches) with an image: logits of a 7-token prefill (the decode kernel
-    takes up to k_xattn_max_tokens tokens) and of one step, and the cross-attention layers' outputs."""
+    """The f16 model (F16 image caches) with an image: logits of a 20-token prefill and of one step (the kernel
+    takes both; it took up to 16 tokens before prefill came to it), and the cross-attention layers' outputs."""
     from mllama.generation.engine import PreparedImage
 
     monkeypatch.setenv("MLLAMA_CPU_KERNELS", kernels)
     with mllama.Model(converted("f16"), n_ctx=64, n_image_slots=1, dump_dir=tmp_path / kernels, dump_filter="cross_out") as m:
-        assert (kernels != "0") == m.op_paths()["decode cross-attention"].startswith("mllama")
+        assert (kernels != "0") == m.op_paths()["cross-attention"].startswith("mllama")
         hp = m.hparams
         shape = (hp.v_max_tiles, 3, hp.v_image_size, hp.v_image_size)
         image = PreparedImage(np.random.default_rng(0).standard_normal(shape).astype(np.float32), 6, 4, "x")
         m.engine.encode(0, image)
-        prefill = np.asarray(m.engine.evaluate([128000, 128256, 1, 2, 3, 4, 5], [image]))
+        prefill = np.asarray(m.engine.evaluate([128000, 128256, *range(1, 19)], [image]))
         step = np.asarray(m.engine.step(7, 1))
         outs = {p.name: np.load(p) for p in sorted((tmp_path / kernels).glob("*cross_out.npy"))}
     return prefill, step, outs
@@ -209,7 +209,7 @@ def assert_cross_attention_matches_ggml(converted, monkeypatch, tmp_path):
 
 @needs_kernels
 def test_decode_cross_attention_kernel_matches_ggml(converted, monkeypatch, tmp_path):
-    """F16 caches (the f16 model): decoding takes our GQA kernel for the cross-attention layers
+    """F16 caches (the f16 model): decoding and prefill take our GQA kernel for the cross-attention layers
     (the AVX2 form: tests/test_avx2_kernels.py)."""
     assert_cross_attention_matches_ggml(converted, monkeypatch, tmp_path)
 
@@ -240,9 +240,9 @@ def test_op_paths_name_the_kernels_the_context_uses(converted):
     features = ggml_features()  # the vision attention (F16 vision weights here) and xattn have AVX2 forms too
     family = ("(x86 AMX tiles)" if features.get("AMX_TILE_KERNELS") == "1" else "(x86 AVX512-BF16)" if KERNELS
               else "(x86 AVX2)" if features.get("AVX2_KERNELS") == "1" else None)
-    assert default["decode cross-attention"].startswith("mllama" if family else "ggml")
+    assert default["cross-attention"].startswith("mllama" if family else "ggml")
     # the cross-attention's one form, AVX2, runs on every x86 family
-    assert family is None or default["decode cross-attention"].endswith("(x86 AVX2)"), default["decode cross-attention"]
+    assert family is None or default["cross-attention"].endswith("(x86 AVX2)"), default["cross-attention"]
     assert default["vision attention"].startswith("mllama" if family else "ggml")
     assert family is None or default["vision attention"].endswith(family), default["vision attention"]
     assert default["vision linear layers"].startswith("ggml")  # the BF16 GEMM wants BF16 weights

@@ -171,9 +171,9 @@ std::string op_paths(const mllama_context & c) {
            line("vision linear layers", vision_gemm(opt, ggml_cpu)) +
            line("image cross-attention K/V", image_cross_kv(m, opt, ggml_cpu)) +
            line("vision GELU", opt.fast_gelu ? "mllama vectorized GELU " + family() : ggml_cpu + ": gelu_erf") +
-           line("decode cross-attention", xattn ? std::string("mllama GQA kernel over the F16 image cache (x86 AVX2)")
-                                                : ggml_cpu + ": flash_attn_ext") +
-           line("self-attention, prefill cross-attention", ggml_cpu + ": flash_attn_ext") +
+           line("cross-attention", xattn ? std::string("mllama GQA kernel over the F16 image cache (x86 AVX2)")
+                                         : ggml_cpu + ": flash_attn_ext") +
+           line("self-attention", ggml_cpu + ": flash_attn_ext") +
            line("text matrices", ggml_cpu + ": mul_mat; in ggml's extra CPU layouts: " +
                                     (repacked.empty() ? "none" : repacked) + q4k_path(c)) +
            line("text matrices q6_K in the file layout", q6k_path(c, ggml_cpu)) + prefill_path(c) + others;

@@ -1,5 +1,5 @@
-// Attention of a few query tokens over a long F16 K/V cache (see kernels/dispatch.h), its driver: the
-// cross-attention of decoding, over every image key of the sequence. ggml's CPU flash attention walks
+// Attention of a batch's query tokens over a long F16 K/V cache (see kernels/dispatch.h), its driver: the
+// cross-attention of decoding and prefill, over every image key of the sequence. ggml's CPU flash attention walks
 // every query head over every key with F16 dot products; here each thread takes one KV head and token,
 // reads each key and value row once for the whole query group (GQA), skips masked keys, and accumulates
 // in F32 (figures in bench/README.md). The block step is xattn_avx2.cpp's on every x86 family: an AVX-512
