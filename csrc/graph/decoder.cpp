@@ -35,15 +35,14 @@ static bool prefill_on_tiles(const ggml_tensor * w, const ggml_tensor * x) {
 }
 
 // w x^T: on AMX tiles from k_q4k_tiles_min_rows rows (prefill: repacked Q4_K by our tile product, BF16 and other
-// quantized types by the tile GEMM), else our Q6_K kernel (any rows) and Q4_K kernel (a few rows: decoding; on
-// AVX-512 short prefills too) where they may run, else ggml's mul_mat (prefill, other weight types).
+// quantized types by the tile GEMM), else our Q6_K and Q4_K kernels where they may run (every batch: decode in
+// one pass over the weights, prefill in passes over L2-sized chunks), else ggml's mul_mat (other weight types).
 static ggml_tensor * text_matmul(ggml_context * ctx, cpu_kernel_set kernels, ggml_tensor * w, ggml_tensor * x) {
     if (kernels.may_run(cpu_kernel::amx) && q4k_tiles_supported(w, x)) return q4k_matmul_tiles(ctx, w, x);  // [M, n]
     if (kernels.may_run(cpu_kernel::amx) && prefill_on_tiles(w, x)) {
         ggml_tensor * w_bf16 = w->type == GGML_TYPE_BF16 ? w : dequantize_bf16(ctx, w, x);  // [K, M]
         return bf16_linear(ctx, w_bf16, x, /*bias=*/nullptr, /*gelu=*/false, /*bf16_out=*/false, /*tiles=*/true);
     }
-    // Q6_K: decode and, below the tiles' rows or without them, prefill too (ggml multiplies it row by row)
     if (kernels.may_run(cpu_kernel::qmm) && q6k_matmul_supported(w, x)) return q6k_matmul(ctx, w, x);  // [M, n]
     if (kernels.may_run(cpu_kernel::qmm) && q4k_matmul_supported(w, x)) return q4k_matmul(ctx, w, x);  // [M, n]
     return ggml_mul_mat(ctx, w, x);  // [M, n]
