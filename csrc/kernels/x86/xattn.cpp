@@ -1,10 +1,10 @@
 // Attention of a batch's query tokens over a long F16 K/V cache (see kernels/dispatch.h), its driver: the
 // cross-attention of decoding and prefill, over every image key of the sequence. ggml's CPU flash attention walks
-// every query head over every key with F16 dot products; here each thread takes one KV head and token,
-// reads each key and value row once for the whole query group (GQA), skips masked keys, and accumulates
-// in F32 (figures in bench/README.md). The block step is xattn_avx2.cpp's on every x86 family: an AVX-512
-// form (one dot product per key and head, each reduced across its register) took 1.7-2x its time on Zen 5
-// and was removed.
+// every query head over every key with F16 dot products; here each thread takes KV heads of a chunk of tokens
+// (one in decode), reads each key and value row once for the whole query group (GQA) and, from L1/L2, for the
+// chunk's other tokens, skips masked keys, and accumulates in F32 (figures in bench/README.md). The block step
+// is xattn_avx2.cpp's on every x86 family: an AVX-512 form (one dot product per key and head, each reduced
+// across its register) took 1.7-2x its time on Zen 5 and was removed.
 #include "kernels/dispatch.h"
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
@@ -24,38 +24,54 @@ namespace {
 
 using namespace xattn;
 
-// KV heads h0..h1 and token t. Keys in the outer loop: the cache holds a key's heads side by
-// side, so the threads (each with its own heads) stream the cache instead of striding through it.
-void attend_heads(ggml_tensor * dst, const shape & s, int64_t h0, int64_t h1, int64_t t) {
+// Tokens that walk the keys together (prefill): each key block read from memory once serves all of them from
+// L1/L2 instead of each token streaming the cache again.
+constexpr int64_t k_token_chunk = 8;
+
+// KV heads h0..h1 of tokens t0..t1. Keys in the outer loop: the cache holds a key's heads side by side, so the
+// threads (each with its own heads) stream the cache instead of striding through it.
+void attend_heads(ggml_tensor * dst, const shape & s, int64_t h0, int64_t h1, int64_t t0, int64_t t1) {
     const ggml_tensor * q = dst->src[0], * mask = dst->src[3];
-    const int64_t n_q = (h1 - h0) * s.G;
-    std::vector<float> buf(static_cast<size_t>(2 * n_q * s.D));
-    std::vector<query_state> qs(static_cast<size_t>(n_q));
-    for (int64_t i = 0; i < n_q; ++i) {
-        const auto * qr = reinterpret_cast<const float *>(static_cast<const char *>(q->data) + (h0 * s.G + i) * q->nb[1] + t * q->nb[2]);
-        qs[i] = {buf.data() + 2 * i * s.D, buf.data() + (2 * i + 1) * s.D, -std::numeric_limits<float>::infinity(), 0.0f};
-        std::copy(qr, qr + s.D, qs[i].q);
-    }
-    const auto * mrow = reinterpret_cast<const ggml_fp16_t *>(static_cast<const char *>(mask->data) + t * mask->nb[1]);
-    for (int64_t j0 = 0; j0 < s.n_kv; j0 += k_block)
-        for (int64_t h = h0; h < h1; ++h) {
-            group_block_avx2(dst, s, h, mrow, j0, std::min(k_block, s.n_kv - j0), qs.data() + (h - h0) * s.G);
+    const int64_t n_q = (h1 - h0) * s.G, n_t = t1 - t0;  // query heads per token, tokens
+    std::vector<float> buf(static_cast<size_t>(2 * n_t * n_q * s.D));
+    std::vector<query_state> qs(static_cast<size_t>(n_t * n_q));  // token-major: qs[(t - t0) n_q + i]
+    for (int64_t t = t0; t < t1; ++t)
+        for (int64_t i = 0; i < n_q; ++i) {
+            const int64_t at = (t - t0) * n_q + i;
+            const char * row = static_cast<const char *>(q->data) + (h0 * s.G + i) * q->nb[1] + t * q->nb[2];
+            const auto * qr = reinterpret_cast<const float *>(row);
+            float * mem = buf.data() + 2 * at * s.D;
+            qs[at] = {mem, mem + s.D, -std::numeric_limits<float>::infinity(), 0.0f};
+            std::copy(qr, qr + s.D, qs[at].q);
         }
-    for (int64_t i = 0; i < n_q; ++i) {  // dst [D * Hq, T]; no live key: 0
-        auto * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + t * dst->nb[1]) + (h0 * s.G + i) * s.D;
-        const float inv = qs[i].l > 0.0f ? 1.0f / qs[i].l : 0.0f;
-        for (int64_t d = 0; d < s.D; ++d) out[d] = qs[i].o[d] * inv;
-    }
+    auto mask_row = [&](int64_t t) {
+        return reinterpret_cast<const ggml_fp16_t *>(static_cast<const char *>(mask->data) + t * mask->nb[1]);
+    };
+    for (int64_t j0 = 0; j0 < s.n_kv; j0 += k_block)
+        for (int64_t h = h0; h < h1; ++h)
+            for (int64_t t = t0; t < t1; ++t) {
+                group_block_avx2(dst, s, h, mask_row(t), j0, std::min(k_block, s.n_kv - j0),
+                                 qs.data() + (t - t0) * n_q + (h - h0) * s.G, /*prefetch_next=*/t == t0);
+            }
+    for (int64_t t = t0; t < t1; ++t)
+        for (int64_t i = 0; i < n_q; ++i) {  // dst [D * Hq, T]; no live key: 0
+            const query_state & st = qs[(t - t0) * n_q + i];
+            auto * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + t * dst->nb[1]) + (h0 * s.G + i) * s.D;
+            const float inv = st.l > 0.0f ? 1.0f / st.l : 0.0f;
+            for (int64_t d = 0; d < s.D; ++d) out[d] = st.o[d] * inv;
+        }
 }
 
-// Each thread takes a contiguous range of (token, KV head) pairs, cut into per-token head ranges.
+// Work units: (chunk of k_token_chunk tokens, KV head), chunk-major; each thread takes a contiguous range of
+// them, cut into per-chunk head ranges (decode: one chunk, the heads split across threads as before).
 void attend(ggml_tensor * dst, int ith, int nth, void *) {
     const shape s = shape_of(dst->src[0], dst->src[1]);
-    const int64_t total = s.Hkv * s.T, per = (total + nth - 1) / nth;
+    const int64_t n_chunks = (s.T + k_token_chunk - 1) / k_token_chunk;
+    const int64_t total = s.Hkv * n_chunks, per = (total + nth - 1) / nth;
     const int64_t w0 = std::min(total, per * ith), w1 = std::min(total, w0 + per);
     for (int64_t w = w0; w < w1;) {
-        const int64_t t = w / s.Hkv, h0 = w % s.Hkv, h1 = std::min(s.Hkv, h0 + (w1 - w));
-        attend_heads(dst, s, h0, h1, t);
+        const int64_t c = w / s.Hkv, h0 = w % s.Hkv, h1 = std::min(s.Hkv, h0 + (w1 - w));
+        attend_heads(dst, s, h0, h1, c * k_token_chunk, std::min(s.T, (c + 1) * k_token_chunk));
         w += h1 - h0;
     }
 }

@@ -1,7 +1,8 @@
-// The decode cross-attention kernel (kernels/dispatch.h's decode_attention) shared between its driver
+// The cross-attention kernel (kernels/dispatch.h's decode_attention) shared between its driver
 // (kernels/x86/xattn.cpp) and its block step (kernels/x86/xattn_avx2.cpp, AVX2, run on every x86 family):
-// each thread takes a range of KV heads of one token and walks their keys in blocks; group_block_avx2
-// does the scores, the online-softmax step and the value sums of one query group over one block.
+// each thread takes a range of KV heads of a chunk of tokens (one in decode) and walks their keys in blocks;
+// group_block_avx2 does the scores, the online-softmax step and the value sums of one query group of one
+// token over one block.
 #pragma once
 
 #include "ggml.h"
@@ -32,8 +33,9 @@ struct query_state {
 };
 
 // Scores, softmax step and value sums of the query group of KV head h (qs: its G heads) over keys
-// j0..j0+n; mrow: the token's mask row (-inf: the key is skipped). dst->src = {q, k, v, mask}.
+// j0..j0+n; mrow: the token's mask row (-inf: the key is skipped); prefetch_next: the next block's rows into L2
+// (once per block for the tokens that walk it together). dst->src = {q, k, v, mask}.
 void group_block_avx2(const ggml_tensor * dst, const shape & s, int64_t h, const ggml_fp16_t * mrow, int64_t j0, int64_t n,
-                      query_state * qs);
+                      query_state * qs, bool prefetch_next);
 
 }  // namespace mllama::xattn
