@@ -121,10 +121,10 @@ ggml_tensor * layer_norm_for_linear(ggml_context *, ggml_tensor *, ggml_tensor *
 ggml_tensor * bf16_linear(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, bool, bool, bool) {
     no_x86_kernels();
 }
-bool decode_attention_supported(const ggml_tensor *, const ggml_tensor *, const ggml_tensor *, const ggml_tensor *) {
+bool image_cache_attention_supported(const ggml_tensor *, const ggml_tensor *, const ggml_tensor *, const ggml_tensor *) {
     return false;
 }
-ggml_tensor * decode_attention(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, ggml_tensor *, float) {
+ggml_tensor * image_cache_attention(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, ggml_tensor *, float) {
     no_x86_kernels();
 }
 ggml_tensor * gelu_erf_fast(ggml_context *, ggml_tensor *) { no_x86_kernels(); }

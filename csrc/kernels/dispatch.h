@@ -117,19 +117,21 @@ ggml_tensor * dequantize_bf16(ggml_context * ctx, ggml_tensor * w, ggml_tensor *
 // inputs of bf16_linear only, since the BF16 result is rounded. kernels/x86/layer_norm.cpp. -> [n, N]
 ggml_tensor * layer_norm_for_linear(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, float eps);
 
-// Largest head size and query group (query heads per KV head) of decode_attention.
+// Largest head size and query group (query heads per KV head) of image_cache_attention.
 constexpr int64_t k_xattn_max_head_dim = 256;
 constexpr int64_t k_xattn_max_group = 16;
 
-bool decode_attention_supported(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v, const ggml_tensor * mask);
+bool image_cache_attention_supported(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v,
+                                     const ggml_tensor * mask);
 
 // softmax(q k^T scale + mask) v for a batch's tokens (decode and prefill) over a long F16 cache (the image's
-// cross-attention keys; chunks of 8 tokens walk it together: 1.7-2.3x ggml's flash attention at 64-200 tokens
+// cross-attention keys; chunks of 8 tokens walk it together: 1.7-2.5x ggml's flash attention at 64-200 tokens
 // on Zen 4), F32 accumulation, grouped
 // query heads (query head i reads KV head i / (Hq / Hkv)). q: [D, Hq, T] F32; k, v: [D, Hkv, n_kv]
 // F16 (views allowed); mask: [n_kv, >= T] F16 additive, one row per token -> [D * Hq, T] F32
 // (a token whose keys are all masked gets zeros).
-ggml_tensor * decode_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask, float scale);
+ggml_tensor * image_cache_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
+                                    ggml_tensor * mask, float scale);
 
 // Most rows (tokens) q6k_matmul multiplies in one pass over the weights (larger batches: passes of up to this
 // many rows, each over weights in L2), and the most the Q4_K kernel's AVX2 form takes.

@@ -85,8 +85,8 @@ static double worst_ratio(const problem & p, const ggml_tensor * out, const std:
 // The kernel's output for the family the environment selects (MLLAMA_AVX512), or null where it does not run.
 static ggml_tensor * run(const problem & p, ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
                          ggml_tensor * mask, int threads) {
-    if (!decode_attention_supported(q, k, v, mask)) return nullptr;
-    ggml_tensor * out = decode_attention(ctx, q, k, v, mask, 1.0f / std::sqrt(static_cast<float>(p.D)));  // [D * Hq, T]
+    if (!image_cache_attention_supported(q, k, v, mask)) return nullptr;
+    ggml_tensor * out = image_cache_attention(ctx, q, k, v, mask, 1.0f / std::sqrt(static_cast<float>(p.D)));  // [D * Hq, T]
     ggml_cgraph * graph = ggml_new_graph(ctx);
     ggml_build_forward_expand(graph, out);
     ggml_graph_compute_with_ctx(ctx, graph, threads);
@@ -110,7 +110,7 @@ static timed_graphs timing_graphs(const problem & p, ggml_context * ctx, ggml_te
         }
         const float scale = 1.0f / std::sqrt(static_cast<float>(p.D));
         g.ours.push_back(ggml_new_graph(ctx));
-        ggml_build_forward_expand(g.ours.back(), decode_attention(ctx, q, k, v, mask, scale));  // [D * Hq, T]
+        ggml_build_forward_expand(g.ours.back(), image_cache_attention(ctx, q, k, v, mask, scale));  // [D * Hq, T]
         ggml_tensor * fa = ggml_flash_attn_ext(ctx, ggml_permute(ctx, q, 0, 2, 1, 3), ggml_permute(ctx, k, 0, 2, 1, 3),
                                                ggml_permute(ctx, v, 0, 2, 1, 3), mask, scale, 0.0f, 0.0f);  // [D, Hq, T]
         ggml_flash_attn_ext_set_prec(fa, GGML_PREC_F32);

@@ -78,7 +78,7 @@ void attend(ggml_tensor * dst, int ith, int nth, void *) {
 
 }  // namespace
 
-bool decode_attention_supported(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v, const ggml_tensor * mask) {
+bool image_cache_attention_supported(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v, const ggml_tensor * mask) {
     const shape s = shape_of(q, k);
     return kernel_family() != cpu_family::none && q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F16 && v->type == GGML_TYPE_F16 &&
            mask && mask->type == GGML_TYPE_F16 && q->nb[0] == sizeof(float) && k->nb[0] == sizeof(ggml_fp16_t) &&
@@ -87,7 +87,7 @@ bool decode_attention_supported(const ggml_tensor * q, const ggml_tensor * k, co
            mask->ne[1] >= s.T;
 }
 
-ggml_tensor * decode_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask, float scale) {
+ggml_tensor * image_cache_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask, float scale) {
     // the scale goes on the query in the graph (the same F32 products the kernel would take), so the
     // op needs no parameters
     ggml_tensor * args[] = {ggml_scale(ctx, q, scale), k, v, mask};  // q: [D, Hq, T]

@@ -1,4 +1,4 @@
-// The cross-attention kernel (kernels/dispatch.h's decode_attention) shared between its driver
+// The cross-attention kernel (kernels/dispatch.h's image_cache_attention) shared between its driver
 // (kernels/x86/xattn.cpp) and its block step (kernels/x86/xattn_avx2.cpp, AVX2, run on every x86 family):
 // each thread takes a range of KV heads of a chunk of tokens (one in decode) and walks their keys in blocks;
 // group_block_avx2 does the scores, the online-softmax step and the value sums of one query group of one
