@@ -134,7 +134,7 @@ ggml_tensor * image_cache_attention(ggml_context * ctx, ggml_tensor * q, ggml_te
                                     ggml_tensor * mask, float scale);
 
 // Most rows (tokens) q6k_matmul multiplies in one pass over the weights (larger batches: passes of up to this
-// many rows, each over weights in L2), and the most the Q4_K kernel's AVX2 form takes.
+// many rows, each over weights in L2), and the Q4_K kernel's AVX2 form's rows per pass.
 constexpr int64_t k_qmm_max_rows = 8;
 
 // q6k_matmul handles w [K, M] Q6_K (K % 256 == 0, contiguous, in host memory, not repacked) times
