@@ -104,6 +104,17 @@ def test_decode_cross_attention_within_its_rounding_bound(xattn_driver, d, hq, h
     assert float(fields["avx2"]) <= 1.0, fields
 
 
+@needs_avx2
+@needs_cxx
+@pytest.mark.parametrize("t,threads", [(8, 16), (5, 3), (40, 16)])
+def test_cross_attention_token_chunks_on_many_threads(xattn_driver, t, threads):
+    """The kernel's work split on more threads than 2: tokens in chunks sized so that every thread gets a unit
+    (8 tokens x 8 KV heads on 16 threads: chunks of 4; 5 tokens on 3 threads: 8; 40 on 16: 8, some threads
+    with several chunks), the same bound as above: a token or head left out, or written twice, fails it."""
+    fields = run_driver(xattn_driver, 128, 32, 8, t, 400, threads)
+    assert float(fields["avx2"]) <= 1.0, fields
+
+
 @pytest.fixture
 def avx2_family(monkeypatch):
     monkeypatch.setenv("MLLAMA_AVX512", "0")  # an AVX-512 CPU runs the AVX2 forms too

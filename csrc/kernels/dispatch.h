@@ -148,7 +148,7 @@ ggml_tensor * q6k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
 
 // Most rows (tokens) the Q4_K kernel's AVX-512 form takes in one pass over the weights: with them read once
 // for all rows it also beats ggml's repacked product on prefills (64 rows: 1.5-2x on Zen 5; more rows go in
-// passes: 1.85-2x at 65-512 rows on Zen 4); the AVX2 form goes in passes of k_qmm_max_rows (1.3-1.5x the
+// passes: 1.83-1.99x at 65-512 rows on Zen 4); the AVX2 form goes in passes of k_qmm_max_rows (1.26-1.53x the
 // AVX2 wheel's ggml at 16-200 rows; passes of 64 were no faster).
 constexpr int64_t k_q4k_max_rows = 64;
 

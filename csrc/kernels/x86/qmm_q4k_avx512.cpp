@@ -1,6 +1,7 @@
 // Q4_K matrices in ggml's repacked layout times F32 rows on AVX-512 VNNI CPUs (kernels/dispatch.h's q4k_matmul:
-// decode batches and prefills, up to 64 rows per pass over the weights): the AVX2 form's arithmetic (kernels/x86/qmm_q4k_avx2.cpp,
-// the same integer sums and the same float steps, so the two agree bit for bit) on 512-bit registers,
+// decode batches and prefills, up to 64 rows per pass over the weights): the AVX2 form's arithmetic
+// (kernels/x86/qmm_q4k_avx2.cpp, the same integer sums and the same float steps, so the two agree bit for bit)
+// on 512-bit registers,
 // where one zmm holds all 8 channels' 8 quant bytes of a repacked row. ggml's own product runs a batch of
 // fewer than 4 rows as one pass over the weights per row, and reaches ~400 GFLOPS on 64 rows where this
 // kernel reaches ~560-770 (figures in bench/README.md).

@@ -24,8 +24,8 @@ namespace {
 
 using namespace xattn;
 
-// Tokens that walk the keys together (prefill): each key block read from memory once serves all of them from
-// L1/L2 instead of each token streaming the cache again.
+// Most tokens that walk the keys together (prefill, decode batches): each key block read from memory once serves
+// all of them from L1/L2 instead of each token streaming the cache again.
 constexpr int64_t k_token_chunk = 8;
 
 // KV heads h0..h1 of tokens t0..t1. Keys in the outer loop: the cache holds a key's heads side by side, so the
@@ -56,22 +56,25 @@ void attend_heads(ggml_tensor * dst, const shape & s, int64_t h0, int64_t h1, in
     for (int64_t t = t0; t < t1; ++t)
         for (int64_t i = 0; i < n_q; ++i) {  // dst [D * Hq, T]; no live key: 0
             const query_state & st = qs[(t - t0) * n_q + i];
-            auto * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + t * dst->nb[1]) + (h0 * s.G + i) * s.D;
+            auto * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + t * dst->nb[1]) +
+                         (h0 * s.G + i) * s.D;
             const float inv = st.l > 0.0f ? 1.0f / st.l : 0.0f;
             for (int64_t d = 0; d < s.D; ++d) out[d] = st.o[d] * inv;
         }
 }
 
-// Work units: (chunk of k_token_chunk tokens, KV head), chunk-major; each thread takes a contiguous range of
-// them, cut into per-chunk head ranges (decode: one chunk, the heads split across threads as before).
+// Work units: (chunk of tokens, KV head), chunk-major; each thread takes a contiguous range of them, cut into
+// per-chunk head ranges. Chunks of up to k_token_chunk tokens, fewer where the units would not give every
+// thread one (a decode batch of 8 rows on 16 threads: chunks of 4; one row: the heads split across threads).
 void attend(ggml_tensor * dst, int ith, int nth, void *) {
     const shape s = shape_of(dst->src[0], dst->src[1]);
-    const int64_t n_chunks = (s.T + k_token_chunk - 1) / k_token_chunk;
+    const int64_t chunk = std::clamp<int64_t>(s.T * s.Hkv / nth, 1, k_token_chunk);
+    const int64_t n_chunks = (s.T + chunk - 1) / chunk;
     const int64_t total = s.Hkv * n_chunks, per = (total + nth - 1) / nth;
     const int64_t w0 = std::min(total, per * ith), w1 = std::min(total, w0 + per);
     for (int64_t w = w0; w < w1;) {
         const int64_t c = w / s.Hkv, h0 = w % s.Hkv, h1 = std::min(s.Hkv, h0 + (w1 - w));
-        attend_heads(dst, s, h0, h1, c * k_token_chunk, std::min(s.T, (c + 1) * k_token_chunk));
+        attend_heads(dst, s, h0, h1, c * chunk, std::min(s.T, (c + 1) * chunk));
         w += h1 - h0;
     }
 }
