@@ -9,7 +9,7 @@ vision tower, as GGUF written directly (mllama.dev.synthetic_gguf: F16 and Q4_K_
 as transformers' MllamaForConditionalGeneration built from the same config (bf16; --fp32 adds fp32);
 then the full 11B at Q4_K_M for the absolute decode speed against the memory-bandwidth roofline.
 Each engine runs in its own process (bench/workers.py), so peak RSS is its own. Figures: vision
-encode of a 4-tile image, time to first token (image + 20-token prompt, preprocessing included for
+encode of a 4-tile image (--image-tiles: of smaller ones too), time to first token (image + 20-token prompt, preprocessing included for
 mllama), prefill of 64 tokens, decode of 32 tokens with the image in the cross-attention cache; the
 kernel path of each op group (`op_paths`) and the vision tower's GFLOPS next to torch.matmul's on
 the same machine in the same run (`vision_arithmetic`).
@@ -167,6 +167,8 @@ def ratios(result: dict, dtype: str) -> dict:
     ours = result["mllama"]["q4_k_m"]
     return {
         "vision_time": round(ours["vision_s"] / ref["vision_s"], 3),
+        **{f"vision_time_{n}_tiles": round(ours["vision_s_by_tiles"][n] / ref["vision_s_by_tiles"][n], 3)
+           for n in ours.get("vision_s_by_tiles", {}) if n in ref.get("vision_s_by_tiles", {})},
         "ttft": round(ours["ttft_s"] / ref["ttft_s"], 3),
         **{f"prefill_speed_{t}": round(result["mllama"][t]["prefill_tok_s"] / ref["prefill_tok_s"], 3) for t in ("q4_k_m", "f16")},
         **{f"decode_speed_{t}": round(result["mllama"][t]["decode_tok_s"] / ref["decode_tok_s"], 3) for t in ("q4_k_m", "f16")},
@@ -182,12 +184,16 @@ def main() -> None:
                              "without AVX-512 BF16, torch's bf16 matmul is several times slower than its fp32 one, "
                              "and fp32 is the fair reference there")
     parser.add_argument("--skip-full", action="store_true", help="skip the full-size 11B Q4_K_M decode")
+    parser.add_argument("--image-tiles", default="",
+                        help="comma list of tile counts (1-3): also time the encode of images that small, in both engines "
+                             "(every image runs max_tiles tiles; ours skip the padding x padding pairs the mask hides)")
     parser.add_argument("--device", default="cpu",
                         help="where both engines run: cpu, or a ggml GPU device (CUDA0) for mllama and cuda for transformers")
     parser.add_argument("--work", type=Path, default=None, help="folder for the GGUF files (default: a temp folder)")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default bench/results/bench.json)")
     args = parser.parse_args()
     dtypes = args.transformers.split(",") if args.transformers else ["bf16"] + (["fp32"] if args.fp32 else [])
+    extra_tiles = ["--extra-tiles", args.image_tiles] if args.image_tiles else []
     if not dtypes or set(dtypes) - {"bf16", "fp32"}:
         parser.error(f"--transformers takes bf16 and/or fp32, not {args.transformers!r}")
     out_path = args.out or HERE / "results" / ("bench-quick.json" if args.quick else "bench.json")
@@ -213,7 +219,8 @@ def main() -> None:
         for type_name in ("q4_k_m", "f16"):
             print(f"mllama {type_name}", flush=True)
             path = write_synthetic_gguf(tmp / f"{type_name}.gguf", text, vision, type=type_name, vision_type="bf16")
-            result["mllama"][type_name] = entry = worker("mllama", str(path), "--image", *probe_args)
+            extra = extra_tiles if type_name == "q4_k_m" else []  # the same BF16 tower in both files
+            result["mllama"][type_name] = entry = worker("mllama", str(path), "--image", *probe_args, *extra)
             add_derived(entry, bw)
             path.unlink()
         cfg = tmp / "config.json"
@@ -221,7 +228,7 @@ def main() -> None:
         for dtype in dtypes:
             print(f"transformers {dtype}", flush=True)
             result["transformers"][dtype] = worker("transformers", str(cfg), "--dtype", dtype,
-                                                   "--device", "cuda" if on_gpu else "cpu")
+                                                   "--device", "cuda" if on_gpu else "cpu", *extra_tiles)
         if not args.skip_full:
             print("mllama full 11B q4_k_m", flush=True)
             path = write_synthetic_gguf(tmp / "full.gguf", full_text, vision, type="q4_k_m", vision_type="bf16")

@@ -45,9 +45,13 @@ def probe_in_child(lib_path: str) -> float:
     return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
 
 
-def bench_image() -> np.ndarray:
-    """1120 x 1120 noise: 4 tiles (aspect ratio 2 x 2) at 560-px tiles."""
-    return np.random.default_rng(0).integers(0, 256, (1120, 1120, 3), dtype=np.uint8)
+# height x width of the noise image that preprocessing cuts into this many 560-px tiles (at most 4)
+IMAGE_SHAPES = {1: (560, 560), 2: (560, 1120), 3: (560, 1680), 4: (1120, 1120)}
+
+
+def bench_image(tiles: int = 4) -> np.ndarray:
+    """Noise of IMAGE_SHAPES[tiles]: 1120 x 1120 is 4 tiles (aspect ratio 2 x 2), 560 x 560 one."""
+    return np.random.default_rng(0).integers(0, 256, (*IMAGE_SHAPES[tiles], 3), dtype=np.uint8)
 
 
 def prompts(n_prompt: int, n_ttft: int) -> tuple[list[int], list[int]]:
@@ -103,6 +107,12 @@ def run_mllama(args) -> dict:
         out["read_bandwidth_gbs_after_decode"] = round(probe_in_child(args.bandwidth_probe), 1)
     out["memory"] = model.memory()
     out["decode_bytes_per_token"] = decode_bytes(model, out["memory"], len(images))
+    for tiles in args.extra_tiles:  # images of fewer tiles: their padding rows skip the padding tiles' keys
+        pre = mllama.preprocess(bench_image(tiles), model)
+        assert pre.n_tiles == tiles, (pre.n_tiles, tiles)
+        t0 = time.perf_counter()
+        engine.encode(0, PreparedImage(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles, f"bench-{tiles}"))
+        out.setdefault("vision_s_by_tiles", {})[str(tiles)] = time.perf_counter() - t0
     out["tensor_types"] = sorted({t.type for t in model.tensors()})
     out["op_paths"] = model.op_paths()
     model.close()
@@ -116,6 +126,10 @@ def decode_bytes(model, memory: dict, n_images: int) -> int:
     skip = ("token_embd.weight", "cross_attn_k_proj", "cross_attn_v_proj")
     total = sum(t.nbytes for t in model.tensors() if not t.name.startswith(("v.", "mm.")) and not any(s in t.name for s in skip))
     return total + (memory["image_slots"] if n_images else 0)
+
+
+PREPROCESS_560 = {"size": {"height": 560, "width": 560}, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                  "image_std": [0.26862954, 0.26130258, 0.27577711]}
 
 
 def run_transformers(args) -> dict:
@@ -137,9 +151,7 @@ def run_transformers(args) -> dict:
     out = {"build_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "torch": torch.__version__,
            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name()}
     prompt, ttft_prompt = prompts(args.prompt, args.ttft_prompt)
-    pre = mllama.preprocess(bench_image(), {"size": {"height": 560, "width": 560}, "max_image_tiles": 4,
-                                            "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                                            "image_std": [0.26862954, 0.26130258, 0.27577711]})
+    pre = mllama.preprocess(bench_image(), {**PREPROCESS_560, "max_image_tiles": 4})
     captured = {}
     vision = model.model.vision_model
     def started(*_) -> None:  # a pre-hook's return value would replace the inputs
@@ -181,6 +193,10 @@ def run_transformers(args) -> dict:
             sync()
             runs.append(args.decode / (time.perf_counter() - t0))
         out.update(decode_runs_tok_s=runs, decode_tok_s=statistics.median(runs))
+        for tiles in args.extra_tiles:  # vision + projector of images of fewer tiles
+            pre_n = mllama.preprocess(bench_image(tiles), {**PREPROCESS_560, "max_image_tiles": 4})
+            model(**hf_inputs_for(ttft_prompt, pre_n, dtype, device))
+            out.setdefault("vision_s_by_tiles", {})[str(tiles)] = captured["v1"] - captured["v0"]
     out["peak_rss"] = peak_rss()
     if device.type == "cuda":
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
@@ -199,6 +215,8 @@ def main() -> None:
     parser.add_argument("--image", action="store_true")
     parser.add_argument("--device", default="cpu", help="mllama: a ggml device name (CUDA0); transformers: cpu or a GPU")
     parser.add_argument("--bandwidth-probe", default=None, help="bandwidth.so built by run.py")
+    parser.add_argument("--extra-tiles", type=lambda v: [int(t) for t in v.split(",") if t], default=[],
+                        help="comma list of tile counts (1-3) whose image encode is timed too, after the rest")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     result = run_mllama(args) if args.engine == "mllama" else run_transformers(args)

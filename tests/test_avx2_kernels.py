@@ -7,6 +7,7 @@ the kernels take their AVX2 forms, so the family is checked on every x86 machine
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -20,8 +21,9 @@ needs_avx2 = pytest.mark.skipif(not AVX2, reason="this build or CPU has no AVX2 
 needs_cxx = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
 
 
-def run_driver(driver, *args) -> dict:
-    proc = subprocess.run([str(driver), *map(str, args)], capture_output=True, text=True, timeout=300)
+def run_driver(driver, *args, env: dict | None = None) -> dict:
+    proc = subprocess.run([str(driver), *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not proc.stdout.startswith("skip"), proc.stdout
     return dict(item.split("=") for item in proc.stdout.split())
@@ -80,6 +82,25 @@ def test_avx2_attention_within_its_rounding_bound(attn_driver, d, h, n):
     64-key blocks, more keys than one 512-key chunk, fully masked rows (zeros) and masked keys."""
     fields = run_driver(attn_driver, d, h, n, 2)
     assert fields["avx2"] != "none" and float(fields["avx2"]) <= 1.0, fields
+
+
+@needs_avx2
+@needs_cxx
+@pytest.mark.parametrize("d,h,n", [(80, 2, 300), (80, 3, 1100), (16, 2, 170), (128, 1, 200)])
+def test_attention_skips_the_key_blocks_the_mask_hides_exactly(attn_driver, d, h, n):
+    """The vision mask (padding x padding pairs -inf: ATTN_MASK=pad in tests/c/attn_bf16.cpp) hides the padding
+    keys' blocks from the padding rows, and rows that are all padding skip them (kernels/x86/attn_mask.h): every
+    path (AVX2; AVX-512 BF16 and emulated AMX tiles where the CPU has AVX-512 BF16) within its rounding bound and
+    bit for bit what it gives without the skip. The shapes: hidden blocks within one key chunk and across whole
+    chunks (N = 1100: the AVX2 path skips widening a chunk no row of a tile sees), steps the tile path trims
+    (keys from N / 3 on), small and two-pass head sizes."""
+    fields = run_driver(attn_driver, d, h, n, 2, env={"ATTN_MASK": "pad", "MLLAMA_AMX_EMULATE": "1"})
+    assert int(fields["hidden"]) == (n + 63) // 64 - (n // 3 + 63) // 64 > 0, fields
+    assert fields["same"] == "1", fields
+    assert float(fields["avx2"]) <= 1.0, fields
+    for path in ("avx512", "tiles"):
+        assert fields[path] == "none" or float(fields[path]) <= 1.0, fields
+    assert (fields["avx512"] == "none") == (fields["tiles"] == "none"), fields
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,8 @@ constexpr int64_t k_bf16_attn_max_head_dim = 128;
 ggml_tensor * bf16_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask,
                              ggml_tensor * mask_rows, bool tiles);
 
-// [N] I32: which rows of the [N, N] mask are all zeros (the attention skips adding those).
+// [N + Np / 64] I32: which rows of the [N, N] mask are all zeros (the attention adds no mask to those), then which
+// 64-key blocks it hides from every other row (rows that all have a mask skip those: kernels/x86/attn_mask.h).
 ggml_tensor * bf16_attention_mask_rows(ggml_context * ctx, ggml_tensor * mask);
 
 // The BF16 GEMM below handles w (its layout and type, on this CPU).

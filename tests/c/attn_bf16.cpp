@@ -11,7 +11,10 @@
 // Inputs: q, k, v [D, H, N] random normal (some keys larger, below), rounded as the kernel rounds them
 // (q scaled by log2(e) / sqrt(D) first: the BF16 paths' scores are in base 2, turned back with ln 2
 // here); mask [N, N]: every third query row has -inf at every fifth key, the last row is all -inf (its
-// output must be zeros), the others are zeros. Per output the kernel's error is bounded by its roundings:
+// output must be zeros), the others are zeros. ATTN_MASK=pad: the vision tower's mask instead (padding x padding
+// pairs -inf; here the rows and keys from N / 3 on and every 37th are padding), whose key blocks past the first
+// third the attention skips for rows that are all padding (kernels/x86/attn_mask.h): each path also runs
+// without that skip (mask rows with no hidden block) and must give the same outputs bit for bit. Per output the kernel's error is bounded by its roundings:
 // each probability enters P V rounded to BF16 (2^-9 relative) while the softmax sum
 // uses it unrounded (2^-9), 2^x to 2.7e-6, scores in F32: |o - o_ref| <= 2^-8 sum_j p_j |v_j| / sum_j p_j,
 // doubled for margin. The AVX2 path (attn_avx2.cpp) keeps Q and the probabilities in F32: against the
@@ -19,7 +22,8 @@
 // each, so each probability moves by twice that relatively), e^x (2e-7) and the F32 sums of P V and of
 // the probabilities (gamma_N each): |o - o_ref| <= (2 gamma_D S + 4e-7 + 2 gamma_N) sum_j p_j |v_j| /
 // sum_j p_j, doubled for margin. Prints the largest error over each path's bound,
-// "avx512=<ratio> tiles=<ratio|none> avx2=<ratio|none>".
+// "avx512=<ratio> tiles=<ratio|none> avx2=<ratio|none> hidden=<hidden key blocks> same=<1: skipping changed
+// no output bit>".
 #include "kernels/dispatch.h"
 #include "kernels/x86/attn_bf16.h"
 #include "kernels/x86/entry_points.h"
@@ -32,6 +36,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -40,7 +45,31 @@ using namespace mllama;
 
 static float bf16_round(float x) { return ggml_bf16_to_fp32(ggml_fp32_to_bf16(x)); }
 
-static bool masked(int64_t i, int64_t j, int64_t N) { return i == N - 1 || (i % 3 == 0 && (j * 7 + i) % 5 == 0); }
+static bool g_pad_mask = false;  // ATTN_MASK=pad
+
+static bool padding(int64_t i, int64_t N) { return i >= N / 3 || i % 37 == 36; }
+
+static bool masked(int64_t i, int64_t j, int64_t N) {
+    if (g_pad_mask) return padding(i, N) && padding(j, N);
+    return i == N - 1 || (i % 3 == 0 && (j * 7 + i) % 5 == 0);
+}
+
+// Mask rows with no hidden key block (the attention then skips nothing), and the number of hidden blocks in rows.
+static ggml_tensor * rows_without_skips(ggml_context * ctx, const ggml_tensor * rows, int64_t N, int * n_hidden) {
+    ggml_tensor * plain = ggml_dup_tensor(ctx, rows);  // [N + Np / 64]
+    const auto * in = static_cast<const int32_t *>(rows->data);
+    auto * out = static_cast<int32_t *>(plain->data);
+    *n_hidden = 0;
+    for (int64_t i = 0; i < rows->ne[0]; ++i) {
+        out[i] = i < N ? in[i] : 0;
+        *n_hidden += i >= N && in[i];
+    }
+    return plain;
+}
+
+static bool same_bits(const ggml_tensor * a, const ggml_tensor * b) {
+    return std::memcmp(a->data, b->data, ggml_nbytes(a)) == 0;
+}
 
 // The largest |out - ref| / bound over all outputs (out: [D * H, N] F32); f32: the AVX2 path's bound.
 static double worst_ratio(const ggml_tensor * out, const std::vector<float> & q, const std::vector<float> & k,
@@ -112,11 +141,12 @@ int main(int argc, char ** argv) {
     }
     const int64_t D = std::atoll(argv[1]), H = std::atoll(argv[2]), N = std::atoll(argv[3]);
     const int threads = argc > 4 ? std::atoi(argv[4]) : 2, reps = argc > 5 ? std::atoi(argv[5]) : 0;
+    g_pad_mask = std::getenv("ATTN_MASK") && std::strcmp(std::getenv("ATTN_MASK"), "pad") == 0;
     if (!avx2_kernels_available()) {
         std::printf("skip: no AVX2 on this CPU\n");
         return 0;
     }
-    ggml_init_params params{static_cast<size_t>(40 * D * H * N + 4 * N * N) + (size_t(64) << 20), nullptr, false};
+    ggml_init_params params{static_cast<size_t>(80 * D * H * N + 4 * N * N) + (size_t(64) << 20), nullptr, false};
     ggml_context * ctx = ggml_init(params);
     std::mt19937_64 rng(static_cast<uint64_t>(D * 1000003 + H * 31 + N));
     std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -140,11 +170,19 @@ int main(int argc, char ** argv) {
             static_cast<ggml_fp16_t *>(mask->data)[i * N + j] =
                 ggml_fp32_to_fp16(masked(i, j, N) ? -std::numeric_limits<float>::infinity() : 0.0f);
     ggml_tensor * rows = bf16_attention_mask_rows(ctx, mask);
+    ggml_cgraph * rows_graph = ggml_new_graph(ctx);
+    ggml_build_forward_expand(rows_graph, rows);
+    ggml_graph_compute_with_ctx(ctx, rows_graph, threads);
+    int n_hidden = 0;
+    ggml_tensor * plain_rows = rows_without_skips(ctx, rows, N, &n_hidden);
     const bool avx512_run = cpu_kernels_available(), tiles_run = amx_tiles_available();
     ggml_tensor * outs[3] = {nullptr, nullptr, attention_avx2(ctx, t[0], t[1], t[2], mask, rows)};  // avx512, tiles, avx2
+    ggml_tensor * plain[3] = {nullptr, nullptr, attention_avx2(ctx, t[0], t[1], t[2], mask, plain_rows)};
     if (avx512_run) {
-        outs[0] = bf16_attention_avx512(ctx, t[0], t[1], t[2], mask, rows, /*tiles=*/false);
-        outs[1] = bf16_attention_avx512(ctx, t[0], t[1], t[2], mask, rows, /*tiles=*/true);
+        for (int tiles = 0; tiles < 2; ++tiles) {
+            outs[tiles] = bf16_attention_avx512(ctx, t[0], t[1], t[2], mask, rows, tiles == 1);
+            plain[tiles] = bf16_attention_avx512(ctx, t[0], t[1], t[2], mask, plain_rows, tiles == 1);
+        }
     }
     const bool runs[3] = {avx512_run, tiles_run, true};
     if (reps > 0) {
@@ -154,13 +192,16 @@ int main(int argc, char ** argv) {
     }
     ggml_cgraph * graph = ggml_new_graph(ctx);
     for (int i = 0; i < 3; ++i)
-        if (runs[i]) ggml_build_forward_expand(graph, outs[i]);
+        if (runs[i]) ggml_build_forward_expand(graph, outs[i]), ggml_build_forward_expand(graph, plain[i]);
     ggml_graph_compute_with_ctx(ctx, graph, threads);
+    bool same = true;
+    for (int i = 0; i < 3; ++i) same = same && (!runs[i] || same_bits(outs[i], plain[i]));
     for (int i = 0; i < 2; ++i) {
         if (runs[i]) std::printf("%s=%.4f ", k_names[i], worst_ratio(outs[i], vals[0], vals[1], vals[2], D, H, N));
         else std::printf("%s=none ", k_names[i]);
     }
-    std::printf("avx2=%.4f\n", worst_ratio(outs[2], vals[0], vals[1], vals[2], D, H, N, /*f32=*/true));
+    std::printf("avx2=%.4f ", worst_ratio(outs[2], vals[0], vals[1], vals[2], D, H, N, /*f32=*/true));
+    std::printf("hidden=%d same=%d\n", n_hidden, same ? 1 : 0);
     ggml_free(ctx);
     return 0;
 }

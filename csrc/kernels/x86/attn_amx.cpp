@@ -221,8 +221,22 @@ struct workspace {
     step_buffers buf[2];
     std::vector<float> pv;    // [16][Dv]
     std::vector<step> steps;  // of the current query tile
-    bool masked[k_query_tile / k_block_rows];  // whether each 16-row block of the query tile has a mask
+    bool masked[k_query_tile / k_block_rows];      // whether some row of each 16-row block of the tile has a mask
+    bool all_masked[k_query_tile / k_block_rows];  // whether all do (they skip the key blocks the mask hides)
 };
+
+// The steps of 16 rows over keys k0..k0 + n - 1; rows that all have a mask take only the keys from the first
+// block to the last that the mask does not hide from them (none: no step).
+void add_step(const job & j, std::vector<step> & steps, int64_t r0, int64_t k0, int64_t n, bool masked,
+              bool all_masked) {
+    if (all_masked) {
+        const int64_t first = j.masks.next_live(k0, k0 + n);
+        int64_t end = first;
+        for (int64_t jb = first; jb < k0 + n; jb = j.masks.next_live(jb + k_key_block, k0 + n)) end = jb + k_key_block;
+        k0 = first, n = end - first;
+    }
+    if (n > 0) steps.push_back({r0, k0, n, masked});
+}
 
 // The steps of a query tile (key chunks outer, 16-row blocks inner), overlapped as the file's head says.
 template <class Tiles>
@@ -230,14 +244,19 @@ MLLAMA_AMX_TARGET void sweep_tile(const job & j, tile_state & st, int64_t n_rows
     std::vector<step> & steps = ws.steps;
     steps.clear();
     const int64_t n_blocks = (n_rows + k_block_rows - 1) / k_block_rows;
-    for (int64_t b = 0; b < n_blocks; ++b) ws.masked[b] = rows_masked(j, b * k_block_rows, k_block_rows);
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        ws.masked[b] = j.rows_masked(b * k_block_rows, k_block_rows);
+        ws.all_masked[b] = j.rows_all_masked(b * k_block_rows, k_block_rows);
+    }
     for (int64_t c0 = 0; c0 < j.d.Np; c0 += k_key_chunk) {  // keys chunk by chunk, each chunk step by step
         for (int64_t b = 0; b < n_blocks; ++b) {
             for (int64_t k0 = c0; k0 < std::min(c0 + k_key_chunk, j.d.Np); k0 += k_step_keys) {
-                steps.push_back({b * k_block_rows, k0, std::min(k_step_keys, j.d.Np - k0), ws.masked[b]});
+                const int64_t n = std::min(k_step_keys, j.d.Np - k0);
+                add_step(j, steps, b * k_block_rows, k0, n, ws.masked[b], ws.all_masked[b]);
             }
         }
     }
+    if (steps.empty()) return;  // every key hidden from every row: the outputs stay zeros
 #ifdef MLLAMA_AMX_ATTN_PHASES
     uint64_t local_ticks[4] = {};
 #endif
@@ -269,8 +288,7 @@ MLLAMA_AMX_TARGET void run(ggml_tensor * dst, int ith, int nth) {
     ws->pv.resize(static_cast<size_t>(k_block_rows * d.Dv));
     amx::tile_scope<Tiles> scope(amx::k_full_tiles);
     for (int64_t w = ith; w < d.H * n_tiles; w += nth) {
-        job j{d, w / n_tiles, (w % n_tiles) * k_query_tile, nullptr, nullptr, dst->src[3],
-              static_cast<const int32_t *>(dst->src[4]->data)};
+        job j{d, w / n_tiles, (w % n_tiles) * k_query_tile, nullptr, nullptr, dst->src[3], mask_view_of(dst->src[4], d.N)};
         j.kp = static_cast<const uint32_t *>(dst->src[1]->data) + j.h * d.Np * d.Pk;
         j.vp = static_cast<const uint32_t *>(dst->src[2]->data) + j.h * (d.Np / 2) * d.Dv;
         const int64_t n_rows = start_tile(j, q, st);

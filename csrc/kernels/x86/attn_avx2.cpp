@@ -14,6 +14,7 @@
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
 
 #include "kernels/x86/attn_bf16.h"  // to_bf16: the same rounding as the AVX-512 path
+#include "kernels/x86/attn_mask.h"
 #include "kernels/x86/entry_points.h"
 #include "kernels/x86/simd_avx2.h"
 
@@ -103,8 +104,9 @@ struct job {
     const uint32_t * kp, * vp;  // this head's packed keys and values
     int64_t c0;                 // the first key of the chunk in tile::kf and tile::vf
     const ggml_tensor * mask;   // [N, N] F16
-    const int32_t * zero_rows;  // [N]: 1 where the mask row is all zeros
+    attn::mask_view masks;      // its zero rows and hidden key blocks (attn_mask.h)
 };
+static_assert(k_key_block == attn::k_mask_block, "a key block is one block of the mask's hidden flags");
 
 // Keys c0..c1 (whole 8-key blocks) of Kp and Vp widened to F32 (tile::kf, tile::vf): once per query tile
 // and key chunk, for all of the tile's micro steps, whose loops are then loads and FMAs only.
@@ -221,12 +223,15 @@ MLLAMA_AVX2_TARGET void pv(const job & j, tile & st, int64_t r0, int64_t jb, con
 }
 
 // Rows r0..r0+k_rows-1 of the tile against the key blocks jb0..jb1 (the chunk widened into st).
-// masked_rows: some of them have a mask (the block holding padding keys is masked in any case).
-MLLAMA_AVX2_TARGET void sweep(const job & j, tile & st, int64_t r0, int64_t jb0, int64_t jb1, bool masked_rows) {
+// masked_rows: some of them have a mask (the block holding padding keys is masked in any case); all_masked: all
+// of them, which skip the blocks the mask hides from them (attn_mask.h).
+MLLAMA_AVX2_TARGET void sweep(const job & j, tile & st, int64_t r0, int64_t jb0, int64_t jb1, bool masked_rows,
+                              bool all_masked) {
     const float * q = st.q.data() + r0 * 2 * j.d.P;
     alignas(32) float s[k_rows][k_key_block];
     float alpha[k_rows];
-    for (int64_t jb = jb0; jb < jb1; jb += k_key_block) {
+    const auto live = [&](int64_t jb) { return all_masked ? j.masks.next_live(jb, jb1) : jb; };
+    for (int64_t jb = live(jb0); jb < jb1; jb = live(jb + k_key_block)) {
         scores(j, st, q, jb, s);
         const bool masked = masked_rows || jb + k_key_block > j.d.N;
         for (int r = 0; r < k_rows; ++r)  // padding rows reuse the last mask row
@@ -249,14 +254,14 @@ void run_tile(job j, const ggml_tensor * q, ggml_tensor * dst, tile & st) {
     std::fill(st.m.begin(), st.m.end(), k_neg_inf);
     std::fill(st.l.begin(), st.l.end(), 0.0f);
     std::fill(st.o.begin(), st.o.end(), 0.0f);
+    const bool tile_masked = j.masks.all_masked(j.i0, n_rows);  // every row: the chunks hidden from all need no work
     for (int64_t c0 = 0; c0 < d.Np; c0 += k_key_chunk) {
         const int64_t c1 = std::min(c0 + k_key_chunk, d.Np);
+        if (tile_masked && j.masks.next_live(c0, c1) == c1) continue;
         widen_chunk(j, c0, c1, st);
         j.c0 = c0;
         for (int64_t r0 = 0; r0 < n_rows; r0 += k_rows) {
-            bool masked = false;
-            for (int64_t r = r0; r < r0 + k_rows; ++r) masked = masked || !j.zero_rows[std::min(j.i0 + r, d.N - 1)];
-            sweep(j, st, r0, c0, c1, masked);
+            sweep(j, st, r0, c0, c1, j.masks.any_masked(j.i0 + r0, k_rows), j.masks.all_masked(j.i0 + r0, k_rows));
         }
     }
     for (int64_t r = 0; r < n_rows; ++r) {  // dst [D * H, N]
@@ -268,7 +273,7 @@ void run_tile(job j, const ggml_tensor * q, ggml_tensor * dst, tile & st) {
     }
 }
 
-// dst->src = {q, Kp, Vp, mask, zero rows}; (head, query tile) pairs split across threads.
+// dst->src = {q, Kp, Vp, mask, mask rows}; (head, query tile) pairs split across threads.
 void attend(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * q = dst->src[0];
     const dims d = dims_of(q);
@@ -285,7 +290,7 @@ void attend(ggml_tensor * dst, int ith, int nth, void *) {
         const int64_t h = w / n_tiles;
         const job j{d, h, (w % n_tiles) * k_query_tile, static_cast<const uint32_t *>(dst->src[1]->data) + h * d.Np * d.P,
                     static_cast<const uint32_t *>(dst->src[2]->data) + h * (d.Np / 2) * d.Dv, 0, dst->src[3],
-                    static_cast<const int32_t *>(dst->src[4]->data)};
+                    attn::mask_view_of(dst->src[4], d.N)};
         run_tile(j, q, dst, st);
     }
 }

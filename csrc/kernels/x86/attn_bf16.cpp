@@ -65,16 +65,6 @@ MLLAMA_AVX512_TARGET void pack_v(ggml_tensor * dst, int ith, int nth, void *) {
     }
 }
 
-// dst->src[0] = mask [N, N] F16 -> dst [N] I32: 1 where the row is all zeros (+0 or -0).
-void find_zero_rows(ggml_tensor * dst, int ith, int nth, void *) {
-    const ggml_tensor * mask = dst->src[0];
-    auto * out = static_cast<int32_t *>(dst->data);
-    for (int64_t i = ith; i < mask->ne[1]; i += nth) {
-        const auto * row = reinterpret_cast<const uint16_t *>(static_cast<const char *>(mask->data) + i * mask->nb[1]);
-        out[i] = std::all_of(row, row + mask->ne[0], [](uint16_t h) { return (h & 0x7fffu) == 0; }) ? 1 : 0;
-    }
-}
-
 // Scores of k_rows query rows against the 64 keys at jb: s[r][t] covers keys jb + 16 t ..
 MLLAMA_AVX512_TARGET inline void scores(const job & jb_, const uint32_t * q, int64_t jb, __m512 s[k_rows][4]) {
     const int64_t P = jb_.d.Pk;
@@ -130,15 +120,21 @@ MLLAMA_AVX512_TARGET inline void score_block(const job & j, const uint32_t * q, 
 // Rows r0..r0+3 against the key blocks jb0..jb1, software-pipelined: the softmax of a block sits in
 // program order right before the scores of the next one, which do not depend on it, so the core
 // runs the dot products while the softmax waits on its reductions and exponentials. masked_rows:
-// some of these rows have a mask (the blocks holding padding keys are masked in any case).
+// some of these rows have a mask (the blocks holding padding keys are masked in any case); all_masked:
+// all of them, which skip the blocks the mask hides from them (attn_mask.h).
 template <int NG>
-MLLAMA_AVX512_TARGET void sweep(const job & j, tile_state & st, int64_t r0, int64_t jb0, int64_t jb1, bool masked_rows) {
+MLLAMA_AVX512_TARGET void sweep(const job & j, tile_state & st, int64_t r0, int64_t jb0, int64_t jb1, bool masked_rows,
+                                bool all_masked) {
+    const auto live = [&](int64_t jb) { return all_masked ? j.masks.next_live(jb, jb1) : jb; };
+    jb0 = live(jb0);
+    if (jb0 >= jb1) return;
     const uint32_t * q = st.q.data() + r0 * j.d.Pk;
     alignas(64) float sbuf[2][k_rows][k_key_block];
     alignas(64) uint16_t probs[k_rows][k_key_block];
     float alpha[k_rows];
     score_block(j, q, jb0, sbuf[0]);
-    for (int64_t jb = jb0, b = 0; jb < jb1; jb += k_key_block, ++b) {
+    for (int64_t jb = jb0, next = 0, b = 0; jb < jb1; jb = next, ++b) {
+        next = live(jb + k_key_block);
         float (*cur)[k_key_block] = sbuf[b & 1];
         const bool masked = masked_rows || jb + k_key_block > j.d.N;
         for (int r = 0; r < k_rows; ++r) {
@@ -147,12 +143,12 @@ MLLAMA_AVX512_TARGET void sweep(const job & j, tile_state & st, int64_t r0, int6
             if (masked) add_mask(j, std::min(j.i0 + r0 + r, j.d.N - 1), jb, s);  // padding rows reuse the last mask row
             alpha[r] = softmax_row(s, st.m[r0 + r], st.l.data() + (r0 + r) * 16, probs[r]);
         }
-        if (jb + k_key_block < jb1) score_block(j, q, jb + k_key_block, sbuf[(b + 1) & 1]);
+        if (next < jb1) score_block(j, q, next, sbuf[(b + 1) & 1]);
         pv<NG>(j, st, r0, jb, probs, alpha);
     }
 }
 
-using sweep_fn = void (*)(const job &, tile_state &, int64_t, int64_t, int64_t, bool);
+using sweep_fn = void (*)(const job &, tile_state &, int64_t, int64_t, int64_t, bool, bool);
 
 sweep_fn sweep_for(int64_t groups) {
     static const sweep_fn table[] = {sweep<1>, sweep<2>, sweep<3>, sweep<4>, sweep<5>, sweep<6>, sweep<7>, sweep<8>};
@@ -162,15 +158,18 @@ sweep_fn sweep_for(int64_t groups) {
 void run_tile(const job & j, const ggml_tensor * q, ggml_tensor * dst, tile_state & st) {
     const int64_t n_rows = start_tile(j, q, st);
     const int64_t n_micro = (n_rows + k_rows - 1) / k_rows;
-    std::vector<bool> mask_rows(n_micro);  // micro steps whose rows have a mask
-    for (int64_t m = 0; m < n_micro; ++m) mask_rows[m] = rows_masked(j, m * k_rows, k_rows);
+    std::vector<bool> some(n_micro), all(n_micro);  // micro steps some / all of whose rows have a mask
+    for (int64_t m = 0; m < n_micro; ++m) {
+        some[m] = j.rows_masked(m * k_rows, k_rows);
+        all[m] = j.rows_all_masked(m * k_rows, k_rows);
+    }
     const sweep_fn run = sweep_for(j.d.groups());
     for (int64_t c0 = 0; c0 < j.d.Np; c0 += k_key_chunk)
-        for (int64_t m = 0; m < n_micro; ++m) run(j, st, m * k_rows, c0, std::min(c0 + k_key_chunk, j.d.Np), mask_rows[m]);
+        for (int64_t m = 0; m < n_micro; ++m) run(j, st, m * k_rows, c0, std::min(c0 + k_key_chunk, j.d.Np), some[m], all[m]);
     finish_tile(j, n_rows, dst, st);
 }
 
-// dst->src = {q, Kp, Vp, mask, zero rows}; (head, query tile) pairs split across threads.
+// dst->src = {q, Kp, Vp, mask, mask rows}; (head, query tile) pairs split across threads.
 void attend(ggml_tensor * dst, int ith, int nth, void * tiles) {
     if (*static_cast<const bool *>(tiles)) return attend_tiles(dst, ith, nth);
     const ggml_tensor * q = dst->src[0];
@@ -182,8 +181,7 @@ void attend(ggml_tensor * dst, int ith, int nth, void * tiles) {
     st.l.resize(k_query_tile * 16);
     st.o.resize(k_query_tile * d.Dv);
     for (int64_t w = ith; w < d.H * n_tiles; w += nth) {
-        job j{d, w / n_tiles, (w % n_tiles) * k_query_tile, nullptr, nullptr, dst->src[3],
-              static_cast<const int32_t *>(dst->src[4]->data)};
+        job j{d, w / n_tiles, (w % n_tiles) * k_query_tile, nullptr, nullptr, dst->src[3], mask_view_of(dst->src[4], d.N)};
         j.kp = static_cast<const uint32_t *>(dst->src[1]->data) + j.h * d.Np * d.Pk;
         j.vp = static_cast<const uint32_t *>(dst->src[2]->data) + j.h * (d.Np / 2) * d.Dv;
         run_tile(j, q, dst, st);
@@ -219,13 +217,6 @@ int64_t start_tile(const job & j, const ggml_tensor * q, tile_state & st) {
     return n_rows;
 }
 
-bool rows_masked(const job & j, int64_t r0, int64_t n) {
-    for (int64_t r = r0; r < r0 + n; ++r) {
-        if (!j.zero_rows[std::min(j.i0 + r, j.d.N - 1)]) return true;
-    }
-    return false;
-}
-
 void finish_tile(const job & j, int64_t n_rows, ggml_tensor * dst, const tile_state & st) {
     const dims & d = j.d;
     for (int64_t r = 0; r < n_rows; ++r) {  // dst [D * H, N]
@@ -241,11 +232,6 @@ void finish_tile(const job & j, int64_t n_rows, ggml_tensor * dst, const tile_st
 
 namespace mllama {
 using namespace attn;
-
-ggml_tensor * bf16_attention_mask_rows(ggml_context * ctx, ggml_tensor * mask) {
-    return ggml_custom_4d(ctx, GGML_TYPE_I32, mask->ne[1], 1, 1, 1, &mask, /*n_args=*/1, find_zero_rows, GGML_N_TASKS_MAX,
-                          /*userdata=*/nullptr);  // [N]
-}
 
 ggml_tensor * bf16_attention_avx512(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask,
                                     ggml_tensor * mask_rows, bool tiles) {

@@ -8,6 +8,7 @@
 // Keys are padded to a multiple of 64 (masked), channels with zeros (dims::Dv, dims::Pk).
 #pragma once
 
+#include "kernels/x86/attn_mask.h"
 #include "kernels/x86/simd_math.h"
 
 #include "ggml.h"
@@ -71,7 +72,11 @@ struct job {
     const uint32_t * kp;       // this head's packed keys
     const uint32_t * vp;       // this head's packed values
     const ggml_tensor * mask;  // [N, N] F16
-    const int32_t * zero_rows; // [N]: 1 where the mask row is all zeros
+    mask_view masks;           // its zero rows and hidden key blocks (attn_mask.h)
+
+    // Whether rows r0..r0+n-1 of the tile all have a mask / any has one (padding rows reuse the last mask row).
+    bool rows_all_masked(int64_t r0, int64_t n) const { return masks.all_masked(i0 + r0, n); }
+    bool rows_masked(int64_t r0, int64_t n) const { return masks.any_masked(i0 + r0, n); }
 };
 
 // log2(e): the scores are kept in base 2 (start_tile scales the queries by log2(e) / sqrt(D)), so the
@@ -154,10 +159,7 @@ int64_t start_tile(const job & j, const ggml_tensor * q, tile_state & st);
 // The tile's normalized output rows into dst [D * H, N].
 void finish_tile(const job & j, int64_t n_rows, ggml_tensor * dst, const tile_state & st);
 
-// Whether rows r0..r0+n-1 of the tile have a mask (padding rows reuse the last mask row).
-bool rows_masked(const job & j, int64_t r0, int64_t n);
-
-// dst->src = {q, Kp, Vp, mask, zero rows}, AMX layout (dims_of(q, true)); (head, query tile) pairs
+// dst->src = {q, Kp, Vp, mask, mask rows}, AMX layout (dims_of(q, true)); (head, query tile) pairs
 // split across threads (kernels/x86/attn_amx.cpp).
 void attend_tiles(ggml_tensor * dst, int ith, int nth);
 
