@@ -9,10 +9,10 @@ vision tower, as GGUF written directly (mllama.dev.synthetic_gguf: F16 and Q4_K_
 as transformers' MllamaForConditionalGeneration built from the same config (bf16; --fp32 adds fp32);
 then the full 11B at Q4_K_M for the absolute decode speed against the memory-bandwidth roofline.
 Each engine runs in its own process (bench/workers.py), so peak RSS is its own. Figures: vision
-encode of a 4-tile image (--image-tiles: of smaller ones too), time to first token (image + 20-token prompt, preprocessing included for
-mllama), prefill of 64 tokens, decode of 32 tokens with the image in the cross-attention cache; the
-kernel path of each op group (`op_paths`) and the vision tower's GFLOPS next to torch.matmul's on
-the same machine in the same run (`vision_arithmetic`).
+encode of a 4-tile image (--image-tiles: of smaller ones too), time to first token (image + 20-token
+prompt, preprocessing included for mllama), prefill of 64 tokens, decode of 32 tokens with the image
+in the cross-attention cache; the kernel path of each op group (`op_paths`) and the vision tower's
+GFLOPS next to torch.matmul's on the same machine in the same run (`vision_arithmetic`).
 """
 
 from __future__ import annotations

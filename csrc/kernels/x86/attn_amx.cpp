@@ -288,7 +288,8 @@ MLLAMA_AMX_TARGET void run(ggml_tensor * dst, int ith, int nth) {
     ws->pv.resize(static_cast<size_t>(k_block_rows * d.Dv));
     amx::tile_scope<Tiles> scope(amx::k_full_tiles);
     for (int64_t w = ith; w < d.H * n_tiles; w += nth) {
-        job j{d, w / n_tiles, (w % n_tiles) * k_query_tile, nullptr, nullptr, dst->src[3], mask_view_of(dst->src[4], d.N)};
+        job j{d, w / n_tiles, (w % n_tiles) * k_query_tile, nullptr, nullptr, dst->src[3],
+              mask_view_of(dst->src[4], d.N)};
         j.kp = static_cast<const uint32_t *>(dst->src[1]->data) + j.h * d.Np * d.Pk;
         j.vp = static_cast<const uint32_t *>(dst->src[2]->data) + j.h * (d.Np / 2) * d.Dv;
         const int64_t n_rows = start_tile(j, q, st);

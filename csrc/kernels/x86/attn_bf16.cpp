@@ -164,8 +164,10 @@ void run_tile(const job & j, const ggml_tensor * q, ggml_tensor * dst, tile_stat
         all[m] = j.rows_all_masked(m * k_rows, k_rows);
     }
     const sweep_fn run = sweep_for(j.d.groups());
-    for (int64_t c0 = 0; c0 < j.d.Np; c0 += k_key_chunk)
-        for (int64_t m = 0; m < n_micro; ++m) run(j, st, m * k_rows, c0, std::min(c0 + k_key_chunk, j.d.Np), some[m], all[m]);
+    for (int64_t c0 = 0; c0 < j.d.Np; c0 += k_key_chunk) {
+        const int64_t c1 = std::min(c0 + k_key_chunk, j.d.Np);
+        for (int64_t m = 0; m < n_micro; ++m) run(j, st, m * k_rows, c0, c1, some[m], all[m]);
+    }
     finish_tile(j, n_rows, dst, st);
 }
 
@@ -181,7 +183,8 @@ void attend(ggml_tensor * dst, int ith, int nth, void * tiles) {
     st.l.resize(k_query_tile * 16);
     st.o.resize(k_query_tile * d.Dv);
     for (int64_t w = ith; w < d.H * n_tiles; w += nth) {
-        job j{d, w / n_tiles, (w % n_tiles) * k_query_tile, nullptr, nullptr, dst->src[3], mask_view_of(dst->src[4], d.N)};
+        job j{d, w / n_tiles, (w % n_tiles) * k_query_tile, nullptr, nullptr, dst->src[3],
+              mask_view_of(dst->src[4], d.N)};
         j.kp = static_cast<const uint32_t *>(dst->src[1]->data) + j.h * d.Np * d.Pk;
         j.vp = static_cast<const uint32_t *>(dst->src[2]->data) + j.h * (d.Np / 2) * d.Dv;
         run_tile(j, q, dst, st);
