@@ -68,6 +68,17 @@ cross_kv build_cross_kv(ggml_context * ctx, const mllama_model & model, ggml_ten
     return out;
 }
 
+ggml_tensor * image_tiles(ggml_context * ctx, ggml_tensor * vision_out, int64_t n_tiles) {
+    if (n_tiles >= vision_out->ne[2]) return vision_out;
+    return ggml_view_3d(ctx, vision_out, vision_out->ne[0], vision_out->ne[1], n_tiles, vision_out->nb[1],
+                        vision_out->nb[2], 0);  // [OD, P, n_tiles]
+}
+
+ggml_tensor * slot_rows(ggml_context * ctx, ggml_tensor * t, int64_t n_vis, int64_t slot, int64_t n_rows) {
+    const size_t offset = static_cast<size_t>(slot * n_vis) * t->nb[2];
+    return ggml_view_3d(ctx, t, t->ne[0], t->ne[1], n_rows, t->nb[1], t->nb[2], offset);  // [hd, Hkv, n_rows]
+}
+
 ggml_tensor * slot_view(ggml_context * ctx, ggml_tensor * t, int64_t n_vis, int64_t first_slot, int64_t n_slots) {
     const size_t offset = static_cast<size_t>(first_slot * n_vis) * t->nb[2];
     return ggml_view_3d(ctx, t, t->ne[0], t->ne[1], n_vis * n_slots, t->nb[1], t->nb[2],

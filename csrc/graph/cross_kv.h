@@ -14,7 +14,8 @@ namespace mllama {
 struct vision_options;
 
 // Projector, then for every cross-attention layer K = k_norm(k_proj(x)) and V = v_proj(x), each
-// [head_dim, n_head_kv, max_tiles * n_positions] (vision token index = tile * n_positions + p).
+// [head_dim, n_head_kv, n_tiles * n_positions] (vision token index = tile * n_positions + p) for the tiles of
+// vision_out [OD, n_positions, n_tiles] (image_tiles: the image's own; the decoder masks the others).
 struct cross_kv {
     std::vector<ggml_tensor *> k, v;  // one per cross-attention layer, in layer order
 };
@@ -27,5 +28,11 @@ int cross_kv_products_on_gemm(const mllama_model & model, const vision_options &
 
 // A view of `n_slots` consecutive image slots of a cross-attention cache tensor [hd, Hkv, n_slots * n_vis].
 ggml_tensor * slot_view(ggml_context * ctx, ggml_tensor * t, int64_t n_vis, int64_t first_slot, int64_t n_slots);
+
+// The first n_tiles tiles of the vision output [OD, n_positions, max_tiles] -> [OD, n_positions, n_tiles].
+ggml_tensor * image_tiles(ggml_context * ctx, ggml_tensor * vision_out, int64_t n_tiles);
+
+// A view of the first n_rows vision tokens of image slot `slot` of a cross-attention cache tensor: [hd, Hkv, n_rows].
+ggml_tensor * slot_rows(ggml_context * ctx, ggml_tensor * t, int64_t n_vis, int64_t slot, int64_t n_rows);
 
 }  // namespace mllama

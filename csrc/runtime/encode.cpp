@@ -6,6 +6,7 @@
 #include "model/model.h"
 #include "runtime/compute.h"
 #include "runtime/context.h"
+#include "runtime/slot_state.h"
 
 #include "ggml-backend.h"
 #include "ggml.h"
@@ -58,10 +59,12 @@ void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_
         out = build_vision(ctx, m, in, opt);
         ggml_set_output(out);
         ggml_build_forward_expand(gf, out);
-        const cross_kv kv = build_cross_kv(ctx, m, out, opt);
+        // the projector and the K/V of the image's own tiles: the decoder masks the others (their rows are zeroed after)
+        const cross_kv kv = build_cross_kv(ctx, m, image_tiles(ctx, out, n_tiles), opt);
         for (size_t i = 0; i < kv.k.size(); ++i) {  // into the slot: persistent, read by the decoder
-            ggml_tensor * k_slot = slot_view(ctx, c.state.cross_k[i], c.state.n_vis, slot, /*n_slots=*/1);
-            ggml_tensor * v_slot = slot_view(ctx, c.state.cross_v[i], c.state.n_vis, slot, /*n_slots=*/1);
+            const int64_t n_rows = kv.k[i]->ne[2];
+            ggml_tensor * k_slot = slot_rows(ctx, c.state.cross_k[i], c.state.n_vis, slot, n_rows);
+            ggml_tensor * v_slot = slot_rows(ctx, c.state.cross_v[i], c.state.n_vis, slot, n_rows);
             ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.k[i], k_slot));
             ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.v[i], v_slot));
         }
@@ -76,6 +79,7 @@ void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_
         if (features) ggml_backend_tensor_get(out, features, 0, ggml_nbytes(out));
     };
     compute(c, build, feed, fetch);
+    clear_missing_tiles(c, slot, n_tiles);
     s.used = true;
     s.n_tiles = n_tiles;
     s.aspect_ratio_id = aspect_ratio_id;

@@ -170,21 +170,32 @@ uint64_t get_slot_state(const mllama_context & c, int32_t slot, void * dst, uint
     return size;
 }
 
+void clear_missing_tiles(mllama_context & c, int32_t slot, int32_t n_tiles) {
+    const int64_t max_tiles = c.model->hp.vision.max_tiles;
+    if (n_tiles >= max_tiles) return;
+    const size_t offset = slot_offset(c, slot) + tile_bytes(c, n_tiles);
+    const std::vector<uint8_t> zeros(tile_bytes(c, max_tiles - n_tiles));
+    for (size_t i = 0; i < c.state.cross_k.size(); ++i) {
+        for (ggml_tensor * t : {c.state.cross_k[i], c.state.cross_v[i]}) {
+            ggml_backend_tensor_set(t, zeros.data(), offset, zeros.size());
+        }
+    }
+}
+
 void set_slot_state(mllama_context & c, int32_t slot, const void * src, uint64_t size) {
     check_slot_index(c, slot);
     const slot_header h = read_header(c, src, size);
     image_slot & s = c.slots[slot];
     s.used = false;
     const size_t bytes = tile_bytes(c, h.n_tiles), offset = slot_offset(c, slot);
-    const std::vector<uint8_t> zeros(tile_bytes(c, h.max_tiles - h.n_tiles));
     const auto * in = static_cast<const uint8_t *>(src) + sizeof(h);
     for (size_t i = 0; i < c.state.cross_k.size(); ++i) {
         for (ggml_tensor * t : {c.state.cross_k[i], c.state.cross_v[i]}) {
             ggml_backend_tensor_set(t, in, offset, bytes);
-            if (!zeros.empty()) ggml_backend_tensor_set(t, zeros.data(), offset + bytes, zeros.size());
             in += bytes;
         }
     }
+    clear_missing_tiles(c, slot, h.n_tiles);
     s.used = true;
     s.n_tiles = h.n_tiles;
     s.aspect_ratio_id = h.aspect_ratio_id;

@@ -21,4 +21,8 @@ uint64_t get_slot_state(const mllama_context & ctx, int32_t slot, void * dst, ui
 // anything is written. The tiles the image does not have are zeroed (the decoder masks them).
 void set_slot_state(mllama_context & ctx, int32_t slot, const void * src, uint64_t size);
 
+// Zeroes the rows of the tiles past n_tiles in every cross-attention K and V of `slot` (the decoder masks them;
+// zeros keep every path that reads them finite, and a slot encoded or restored the same bytes).
+void clear_missing_tiles(mllama_context & ctx, int32_t slot, int32_t n_tiles);
+
 }  // namespace mllama
