@@ -122,15 +122,16 @@ def test_dumps_match_transformers_hooks(gguf_f32, hf_model, tmp_path):
         vision_reference(hf_model, pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles)
         import torch
 
-        with torch.no_grad():  # the image's own tiles, as ours (the decoder masks the others)
-            vision_out = np.load(ref_dir / "v.output.npy")
-            hf_model.model.multi_modal_projector(torch.from_numpy(vision_out[..., :pre.n_tiles, :, :]))
+        with torch.no_grad():
+            hf_model.model.multi_modal_projector(torch.from_numpy(np.load(ref_dir / "v.output.npy")))
     finally:
         dumper.close()
     results = compare(ours_dir, ref_dir, threshold=1e-6)
     names = {r.name for r in results}
     assert {"v.pre_ln", "v.blk.0.attn_out", "v.blk.2.out", "v.global.blk.0.ffn_out", "v.output", "mm.out"} <= names
     assert first_divergence(results) is None, [(r.name, r.nmse) for r in results if r.diverged]
+    # a 2-tile image: our projector takes its two tiles, transformers' all four (the leading two compared)
+    assert pre.n_tiles == 2 and [r.name for r in results if r.leading] == ["mm.out"]
 
 
 def test_dump_tool_finds_an_injected_divergence(gguf_f32, tmp_path):

@@ -5,7 +5,9 @@
 Each folder holds <name>.npy files (mllama writes them with dump_dir=..., or MLLAMA_DUMP_DIR; the
 test-side PyTorch hook dumper writes the same names from transformers). Stages are taken in the
 evaluation order of the first folder (its order.txt), else by name. Arrays are compared after
-flattening when their element counts agree.
+flattening when their element counts agree; where ours holds fewer, with the reference's leading values (the
+projector's output and the cross-attention K/V cover an image's own tiles, which come first, while transformers
+projects all of them).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class StageResult:
     nmse: float | None  # None: shapes differ
     max_abs: float | None
     diverged: bool
+    leading: bool = False  # ours held fewer values: compared with the reference's leading ones
 
 
 def nmse(a: np.ndarray, b: np.ndarray) -> float:
@@ -46,12 +49,14 @@ def compare(ours: Path, ref: Path, threshold: float = 1e-4) -> list[StageResult]
         a_path, b_path = ours / f"{name}.npy", ref / f"{name}.npy"
         if not a_path.exists() or not b_path.exists():
             continue
-        a, b = np.load(a_path), np.load(b_path)
-        if a.size != b.size:
+        a, b = np.load(a_path).ravel(), np.load(b_path).ravel()
+        if a.size > b.size or a.size == 0:
             results.append(StageResult(name, None, None, True))
             continue
+        leading = a.size < b.size
+        b = b[:a.size]
         err = nmse(a, b)
-        results.append(StageResult(name, err, float(np.max(np.abs(a.ravel() - b.ravel()))), not err <= threshold))
+        results.append(StageResult(name, err, float(np.max(np.abs(a - b))), not err <= threshold, leading))
     return results
 
 
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(r.name) for r in results)
     for r in results:
         detail = "shape differs" if r.nmse is None else f"nmse {r.nmse:.3e}  max|d| {r.max_abs:.3e}"
+        detail += "  (the reference's leading values)" if r.leading else ""
         print(f"{r.name:<{width}}  {detail}{'  <-- diverges' if r.diverged else ''}")
     first = first_divergence(results)
     print(f"first divergence: {first.name}" if first else f"all {len(results)} stages within {args.threshold:g}")
