@@ -129,7 +129,7 @@ MLLAMA_AVX2_TARGET void quad_values(const ggml_tensor * v, int64_t h, const live
 }  // namespace
 
 MLLAMA_AVX2_TARGET void group_block_avx2(const ggml_tensor * dst, const shape & s, int64_t h, const ggml_fp16_t * mrow,
-                                         int64_t j0, int64_t n, query_state * qs, bool prefetch_next) {
+                                         int64_t j0, int64_t n, query_state * qs, const bool * next_live) {
     live_keys keys;
     for (int64_t j = j0; j < j0 + n; ++j) {
         const float bias = _cvtsh_ss(mrow[j]);
@@ -139,9 +139,10 @@ MLLAMA_AVX2_TARGET void group_block_avx2(const ggml_tensor * dst, const shape & 
     }
     // the next block's rows of this head, into L2 while this block computes (rows 2 KiB apart or more:
     // the hardware prefetcher left the kernel waiting on them)
-    const int64_t next_end = prefetch_next ? std::min(j0 + 2 * n, s.n_kv) : j0,
+    const int64_t next_end = next_live ? std::min(j0 + 2 * n, s.n_kv) : j0,
                   row_bytes = s.D * static_cast<int64_t>(sizeof(ggml_fp16_t));
     for (int64_t j = j0 + n; j < next_end; ++j) {
+        if (!next_live[j - j0 - n]) continue;
         for (int64_t line = 0; line < row_bytes; line += 64) {
             _mm_prefetch(reinterpret_cast<const char *>(row_of(dst->src[1], h, j)) + line, _MM_HINT_T1);
             _mm_prefetch(reinterpret_cast<const char *>(row_of(dst->src[2], h, j)) + line, _MM_HINT_T1);
