@@ -185,8 +185,9 @@ def main() -> None:
                              "and fp32 is the fair reference there")
     parser.add_argument("--skip-full", action="store_true", help="skip the full-size 11B Q4_K_M decode")
     parser.add_argument("--image-tiles", default="",
-                        help="comma list of tile counts (1-3): also time the encode of images that small, in both engines "
-                             "(every image runs max_tiles tiles; ours skip the padding x padding pairs the mask hides)")
+                        help="comma list of tile counts (1-3): also time the encode of images that small, in both "
+                             "engines (every image runs max_tiles tiles; ours skip the padding x padding pairs the mask "
+                             "hides)")
     parser.add_argument("--device", default="cpu",
                         help="where both engines run: cpu, or a ggml GPU device (CUDA0) for mllama and cuda for transformers")
     parser.add_argument("--work", type=Path, default=None, help="folder for the GGUF files (default: a temp folder)")

@@ -59,7 +59,7 @@ void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_
         out = build_vision(ctx, m, in, opt);
         ggml_set_output(out);
         ggml_build_forward_expand(gf, out);
-        // the projector and the K/V of the image's own tiles: the decoder masks the others (their rows are zeroed after)
+        // the projector and the K/V of the image's own tiles (the decoder masks the others; their rows zeroed after)
         const cross_kv kv = build_cross_kv(ctx, m, image_tiles(ctx, out, n_tiles), opt);
         for (size_t i = 0; i < kv.k.size(); ++i) {  // into the slot: persistent, read by the decoder
             const int64_t n_rows = kv.k[i]->ne[2];
