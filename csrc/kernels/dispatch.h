@@ -74,6 +74,9 @@ const char * cpu_kernel_name(cpu_kernel kernel);
 // MLLAMA_ERR_INVALID_ARGUMENT naming it and the valid names.
 cpu_kernel_set parse_cpu_kernels(const char * spec);
 
+// -inf as F16 bits: where an additive attention mask hides a key from a row (the kernels skip such keys).
+constexpr uint16_t k_f16_neg_inf = 0xFC00;
+
 // Largest head size the attention kernel handles (larger heads use ggml's flash attention).
 constexpr int64_t k_bf16_attn_max_head_dim = 128;
 

@@ -12,8 +12,6 @@
 namespace mllama {
 namespace {
 
-constexpr uint16_t k_f16_neg_inf = 0xFC00;
-
 const uint16_t * mask_row(const ggml_tensor * mask, int64_t i) {
     return reinterpret_cast<const uint16_t *>(static_cast<const char *>(mask->data) + i * mask->nb[1]);
 }
@@ -30,7 +28,8 @@ void find_zero_rows(ggml_tensor * dst, int ith, int nth, void *) {
 
 // dst->src = {mask [N, N] F16, zero rows [N]} -> dst [N + Np / 64] I32: the zero rows, then per 64-key block 1
 // where every row with a mask has -inf at each of the block's keys. A block the mask shows is found at the first
-// such row (one cache line); a hidden one reads its column of the mask once: a few ms per image.
+// such row (one cache line); a hidden one reads its column of the mask once (1-tile image of the 11B tower, 6432
+// rows: 8 ms on Zen 4, MLLAMA_PROFILE).
 void find_hidden_blocks(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * mask = dst->src[0];
     const auto * zero_rows = static_cast<const int32_t *>(dst->src[1]->data);

@@ -28,14 +28,13 @@ using namespace xattn;
 // all of them from L1/L2 instead of each token streaming the cache again.
 constexpr int64_t k_token_chunk = 8;
 
-// live[i] = whether some token t0..t1 sees key j0 + i (its mask row is not -inf there), i < n.
+// seen[i] = whether some token t0..t1 sees key j0 + i (its mask row is not -inf there), i < n.
 template <class MaskRow>
-void live_keys(const MaskRow & mask_row, int64_t t0, int64_t t1, int64_t j0, int64_t n, bool * live) {
-    constexpr ggml_fp16_t k_neg_inf = 0xFC00;
-    std::fill(live, live + n, false);
+void seen_keys(const MaskRow & mask_row, int64_t t0, int64_t t1, int64_t j0, int64_t n, bool * seen) {
+    std::fill(seen, seen + n, false);
     for (int64_t t = t0; t < t1; ++t) {
         const ggml_fp16_t * row = mask_row(t) + j0;
-        for (int64_t i = 0; i < n; ++i) live[i] = live[i] || row[i] != k_neg_inf;
+        for (int64_t i = 0; i < n; ++i) seen[i] = seen[i] || row[i] != k_f16_neg_inf;
     }
 }
 
@@ -58,13 +57,13 @@ void attend_heads(ggml_tensor * dst, const shape & s, int64_t h0, int64_t h1, in
     auto mask_row = [&](int64_t t) {
         return reinterpret_cast<const ggml_fp16_t *>(static_cast<const char *>(mask->data) + t * mask->nb[1]);
     };
-    bool live[2][k_block];  // keys of this block / the next that some token of the chunk sees
-    live_keys(mask_row, t0, t1, 0, std::min(k_block, s.n_kv), live[0]);
+    bool seen[2][k_block];  // keys of this block / the next that some token of the chunk sees
+    seen_keys(mask_row, t0, t1, 0, std::min(k_block, s.n_kv), seen[0]);
     for (int64_t j0 = 0, b = 0; j0 < s.n_kv; j0 += k_block, ++b) {
         const int64_t n = std::min(k_block, s.n_kv - j0), n_next = std::clamp<int64_t>(s.n_kv - j0 - n, 0, k_block);
-        const bool * now = live[b & 1];
-        bool * next = live[(b + 1) & 1];
-        live_keys(mask_row, t0, t1, j0 + n, n_next, next);
+        const bool * now = seen[b & 1];
+        bool * next = seen[(b + 1) & 1];
+        seen_keys(mask_row, t0, t1, j0 + n, n_next, next);
         // a block no token sees (the tiles a 1-tile image lacks) is neither read nor prefetched
         if (std::none_of(now, now + n, [](bool x) { return x; })) continue;
         for (int64_t h = h0; h < h1; ++h)

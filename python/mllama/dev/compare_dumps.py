@@ -5,9 +5,9 @@
 Each folder holds <name>.npy files (mllama writes them with dump_dir=..., or MLLAMA_DUMP_DIR; the
 test-side PyTorch hook dumper writes the same names from transformers). Stages are taken in the
 evaluation order of the first folder (its order.txt), else by name. Arrays are compared after
-flattening when their element counts agree; where ours holds fewer, with the reference's leading values (the
-projector's output and the cross-attention K/V cover an image's own tiles, which come first, while transformers
-projects all of them).
+flattening when their element counts agree; where ours holds fewer rows of the same width (last dimension), with
+the reference's leading rows (the projector's output covers an image's own tiles, which come first, while
+transformers projects all of them). Any other difference is a shape difference.
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ def compare(ours: Path, ref: Path, threshold: float = 1e-4) -> list[StageResult]
         a_path, b_path = ours / f"{name}.npy", ref / f"{name}.npy"
         if not a_path.exists() or not b_path.exists():
             continue
-        a, b = np.load(a_path).ravel(), np.load(b_path).ravel()
-        if a.size > b.size or a.size == 0:
+        a, b = np.load(a_path), np.load(b_path)
+        leading = a.size < b.size and a.ndim > 0 and b.ndim > 0 and a.shape[-1] == b.shape[-1]
+        if a.size != b.size and not leading:
             results.append(StageResult(name, None, None, True))
             continue
-        leading = a.size < b.size
-        b = b[:a.size]
+        a, b = a.ravel(), b.ravel()[:a.size]
         err = nmse(a, b)
         results.append(StageResult(name, err, float(np.max(np.abs(a - b))), not err <= threshold, leading))
     return results
