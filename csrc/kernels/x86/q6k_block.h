@@ -50,6 +50,14 @@ inline void prefetch_lines(const void * p, int n_lines, int64_t near, int64_t fa
     }
 }
 
+// The n_lines cache lines from `far` bytes after p into L2 only.
+inline void prefetch_lines_l2(const void * p, int n_lines, int64_t far) {
+    const auto base = reinterpret_cast<uintptr_t>(p) + far;
+    for (int line = 0; line < n_lines; ++line) {
+        _mm_prefetch(reinterpret_cast<const char *>(base + k_cache_line * line), _MM_HINT_T1);
+    }
+}
+
 // The weight block k_prefetch_blocks ahead of blk into L1, the one k_prefetch_l2_blocks ahead into L2 (the 210
 // bytes span at most 4 lines).
 inline void prefetch_ahead(const q6k_block * blk) {
