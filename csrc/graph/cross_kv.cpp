@@ -80,9 +80,7 @@ ggml_tensor * slot_rows(ggml_context * ctx, ggml_tensor * t, int64_t n_vis, int6
 }
 
 ggml_tensor * slot_view(ggml_context * ctx, ggml_tensor * t, int64_t n_vis, int64_t first_slot, int64_t n_slots) {
-    const size_t offset = static_cast<size_t>(first_slot * n_vis) * t->nb[2];
-    return ggml_view_3d(ctx, t, t->ne[0], t->ne[1], n_vis * n_slots, t->nb[1], t->nb[2],
-                        offset);  // [hd, Hkv, n_slots * n_vis]
+    return slot_rows(ctx, t, n_vis, first_slot, n_vis * n_slots);  // [hd, Hkv, n_slots * n_vis]
 }
 
 }  // namespace mllama
