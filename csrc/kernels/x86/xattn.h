@@ -34,7 +34,7 @@ struct query_state {
 
 // Scores, softmax step and value sums of the query group of KV head h (qs: its G heads) over keys
 // j0..j0+n; mrow: the token's mask row (-inf: the key is skipped); next_live: which rows of the next block some
-// token sees, prefetched into L2 (once per block for the tokens that walk it together; null: none).
+// token sees, prefetched into L2 during the scores (once per block for the tokens that walk it together; null: none).
 // dst->src = {q, k, v, mask}.
 void group_block_avx2(const ggml_tensor * dst, const shape & s, int64_t h, const ggml_fp16_t * mrow, int64_t j0, int64_t n,
                       query_state * qs, const bool * next_live);

@@ -56,10 +56,37 @@ struct live_keys {
     int64_t n = 0;
 };
 
-// p[i] = the quad's scores of live key i (an odd count also fills p[n], dropped later).
+// The next block's rows of one KV head (K and V) that some token sees, prefetched into L2 a few at a time while
+// this block's scores compute: issued all at once (512 lines for a head of 128 channels) they held the core
+// until the memory had served most of them, so the block's arithmetic and its successor's reads took turns
+// (Zen 4, 2 threads, one token over a 4-tile image: 1.35-1.55 ms per layer -> 1.00-1.19; bench/README.md).
+struct next_rows {
+    const ggml_tensor * k, * v;
+    int64_t h, j0, n;   // rows j0..j0 + n of KV head h
+    const bool * live;  // live[i]: some token sees row j0 + i
+    int64_t done = 0;   // rows prefetched so far
+
+    MLLAMA_AVX2_TARGET void prefetch_until(int64_t end) {  // rows done..end (at most n)
+        const int64_t row_bytes = k->ne[0] * static_cast<int64_t>(sizeof(ggml_fp16_t));
+        for (end = std::min(end, n); done < end; ++done) {
+            if (!live[done]) continue;
+            const auto * kr = reinterpret_cast<const char *>(row_of(k, h, j0 + done));
+            const auto * vr = reinterpret_cast<const char *>(row_of(v, h, j0 + done));
+            for (int64_t line = 0; line < row_bytes; line += 64) {
+                _mm_prefetch(kr + line, _MM_HINT_T1);
+                _mm_prefetch(vr + line, _MM_HINT_T1);
+            }
+        }
+    }
+};
+
+// p[i] = the quad's scores of live key i (an odd count also fills p[n], dropped later); the next block's rows
+// prefetched along the way (next: null for none).
 MLLAMA_AVX2_TARGET void quad_scores(const ggml_tensor * k, int64_t h, const live_keys & keys, const float * const q[k_quad],
-                                    int64_t D, float (*p)[k_quad]) {
+                                    int64_t D, float (*p)[k_quad], next_rows * next) {
+    const int64_t n_pairs = (keys.n + 1) / 2, per_pair = next ? (next->n + n_pairs - 1) / n_pairs : 0;
     for (int64_t i = 0; i < keys.n; i += 2) {
+        if (next) next->prefetch_until(next->done + per_pair);
         const int64_t i1 = std::min(i + 1, keys.n - 1);
         const __m256 bias = _mm256_setr_m128(_mm_set1_ps(keys.bias[i]), _mm_set1_ps(keys.bias[i1]));
         const __m256 s = scores2(q, row_of(k, h, keys.index[i]), row_of(k, h, keys.index[i1]), D);
@@ -137,25 +164,21 @@ MLLAMA_AVX2_TARGET void group_block_avx2(const ggml_tensor * dst, const shape & 
         keys.index[keys.n] = j;
         keys.bias[keys.n++] = bias;
     }
-    // the next block's rows of this head, into L2 while this block computes (rows 2 KiB apart or more:
-    // the hardware prefetcher left the kernel waiting on them)
-    const int64_t next_end = next_live ? std::min(j0 + 2 * n, s.n_kv) : j0,
-                  row_bytes = s.D * static_cast<int64_t>(sizeof(ggml_fp16_t));
-    for (int64_t j = j0 + n; j < next_end; ++j) {
-        if (!next_live[j - j0 - n]) continue;
-        for (int64_t line = 0; line < row_bytes; line += 64) {
-            _mm_prefetch(reinterpret_cast<const char *>(row_of(dst->src[1], h, j)) + line, _MM_HINT_T1);
-            _mm_prefetch(reinterpret_cast<const char *>(row_of(dst->src[2], h, j)) + line, _MM_HINT_T1);
-        }
+    // the next block's rows of this head, into L2 while this block computes (rows 2 KiB apart or more: the
+    // hardware prefetcher left the kernel waiting on them)
+    next_rows next{dst->src[1], dst->src[2], h, j0 + n, next_live ? std::clamp<int64_t>(s.n_kv - j0 - n, 0, n) : 0,
+                   next_live};
+    if (keys.n == 0) {
+        next.prefetch_until(next.n);
+        return;
     }
-    if (keys.n == 0) return;
     alignas(32) float p[k_block + 1][k_quad];  // key i's scores, then probabilities, of the quad's heads
     for (int64_t g0 = 0; g0 < s.G; g0 += k_quad) {
         query_state * quad = qs + g0;
         const int64_t n_heads = std::min(k_quad, s.G - g0);
         const float * q[k_quad];
         for (int64_t g = 0; g < k_quad; ++g) q[g] = quad[g < n_heads ? g : 0].q;  // a missing head repeats the first
-        quad_scores(dst->src[1], h, keys, q, s.D, p);
+        quad_scores(dst->src[1], h, keys, q, s.D, p, g0 == 0 && next.n > 0 ? &next : nullptr);
         quad_softmax(quad, n_heads, keys.n, s.D, p);
         quad_values(dst->src[2], h, keys, quad, n_heads, s.D, p);
     }
