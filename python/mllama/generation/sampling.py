@@ -56,23 +56,64 @@ def apply_penalties(logits: np.ndarray, history: Sequence[int], p: SamplingParam
     return out
 
 
+def descending_order(logits: np.ndarray) -> np.ndarray:
+    """np.argsort(-logits, kind="stable") for float32 logits, 2.5x quicker (5 ms for a vocabulary of 128K): one
+    unique uint64 per logit, the float's bits mapped to an order-preserving integer, reversed, in the high 32 bits
+    and the index in the low 32, sorted."""
+    bits = (logits + np.float32(0)).view(np.int32).astype(np.int64)  # + 0: -0.0 is 0.0
+    ascending = np.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    keys = ((0x7FFFFFFF - ascending).astype(np.uint64) << np.uint64(32)) | np.arange(len(bits), dtype=np.uint64)
+    return (np.sort(keys) & np.uint64(0xFFFFFFFF)).astype(np.int64)
+
+
+def sorted_prefix(logits: np.ndarray, m: int) -> np.ndarray:
+    """The first entries, at least m of them, of descending_order(logits) (float32), without sorting the rest: every
+    logit left out is smaller than every one kept, so ties with the m-th largest are all kept."""
+    n = len(logits)
+    if m >= n:
+        return descending_order(logits)
+    kept = np.flatnonzero(logits >= np.partition(logits, n - m)[n - m])
+    return kept[np.argsort(-logits[kept], kind="stable")]
+
+
+def scaled_logits(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
+    return logits.astype(np.float64) / max(p.temperature, 1e-6)
+
+
+def keeps_all(p: SamplingParams, n_candidates: int) -> bool:
+    """Whether every candidate stays in play: top-k, top-p and min-p all off."""
+    return not (p.top_k and 0 < p.top_k < n_candidates) and p.top_p >= 1.0 and p.min_p <= 0.0
+
+
 def probabilities(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
-    """(candidate ids, their probabilities) after top-k, temperature, top-p and min-p."""
-    ids = np.arange(len(logits))
-    values = logits.astype(np.float64)
-    if p.top_k and 0 < p.top_k < len(values):
-        keep = np.argpartition(-values, p.top_k - 1)[: p.top_k]
-        ids, values = ids[keep], values[keep]
-    order = np.argsort(-values, kind="stable")
-    ids, values = ids[order], values[order] / max(p.temperature, 1e-6)
-    probs = np.exp(values - values[0])
-    probs /= probs.sum()
-    if p.top_p < 1.0:
-        cut = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
-        ids, probs = ids[:cut], probs[:cut]
-    if p.min_p > 0.0:
-        keep = probs >= p.min_p * probs[0]
-        ids, probs = ids[keep], probs[keep]
+    """(candidate ids, their probabilities) after top-k, temperature, top-p and min-p (logits taken as float32);
+    ids in decreasing order of probability, ties by lower id. Top-p and min-p keep a prefix of that order, found
+    by sorting the top 256 candidates before all of them (numpy's sort of a whole vocabulary took 12-15 ms a token)."""
+    logits = np.asarray(logits, dtype=np.float32)
+    candidates = np.arange(len(logits))
+    if p.top_k and 0 < p.top_k < len(logits):
+        candidates = sorted_prefix(logits, p.top_k)[: p.top_k]
+        logits = logits[candidates]
+    scaled = scaled_logits(logits, p)
+    weights = np.exp(scaled - scaled.max())
+    total = weights.sum()
+    m = len(logits) if keeps_all(p, len(logits)) else 256
+    while True:  # order: positions in candidates, in decreasing order of logit
+        order = sorted_prefix(logits, m)
+        probs = weights[order] / total
+        cut, found = len(order), False  # how many of `order` survive, once the cut falls within it
+        if p.top_p < 1.0:
+            at = int(np.searchsorted(np.cumsum(probs), p.top_p))
+            if at < len(order):
+                cut, found = at + 1, True
+        if p.min_p > 0.0:
+            keep = probs >= p.min_p * probs[0]  # a prefix: probs do not increase along `order`
+            if not keep[-1]:
+                cut, found = min(cut, int(np.argmin(keep))), True
+        if found or len(order) == len(logits):
+            break
+        m = len(logits)
+    ids, probs = candidates[order[:cut]], probs[:cut]
     return ids, probs / probs.sum()
 
 
@@ -86,6 +127,10 @@ def sample(logits: np.ndarray, history: Sequence[int], p: SamplingParams, rng: n
         logits = logits[in_play]
     if p.temperature <= 0.0:
         choice = int(np.argmax(logits))
+    elif keeps_all(p, len(logits)):  # probabilities' distribution, drawn in id order: the vocabulary is not sorted
+        scaled = scaled_logits(logits, p)
+        weights = np.exp(scaled - scaled.max())
+        choice = int(rng.choice(len(weights), p=weights / weights.sum()))
     else:
         ids, probs = probabilities(logits, p)
         choice = int(ids[rng.choice(len(ids), p=probs)])
