@@ -88,7 +88,8 @@ def reference_probabilities(logits: np.ndarray, p: SamplingParams) -> tuple[np.n
 @pytest.mark.parametrize("scale", [0.3, 3.0, 30.0])  # flat (a deep top-p cut: the whole sort) to peaked (top 256)
 @pytest.mark.parametrize("params", [dict(temperature=0.8, top_p=0.9), dict(temperature=1.0, top_p=0.99),
                                     dict(temperature=0.6, top_p=1.0, min_p=0.05), dict(temperature=1.5, top_p=1.0),
-                                    dict(temperature=0.7, top_k=40, top_p=0.9), dict(temperature=1.0, top_k=300, top_p=0.5)])
+                                    dict(temperature=0.7, top_k=40, top_p=0.9),
+                                    dict(temperature=1.0, top_k=300, top_p=0.5)])
 def test_probabilities_match_the_full_sort(scale, params):
     rng = np.random.default_rng(5)
     logits = (rng.standard_normal(128256) * scale).astype(np.float32)

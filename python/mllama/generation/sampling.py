@@ -97,9 +97,9 @@ def probabilities(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np
     scaled = scaled_logits(logits, p)
     weights = np.exp(scaled - scaled.max())
     total = weights.sum()
-    m = len(logits) if keeps_all(p, len(logits)) else 256
-    while True:  # order: positions in candidates, in decreasing order of logit
-        order = sorted_prefix(logits, m)
+    n = len(logits)
+    for m in (n,) if keeps_all(p, n) or n <= 256 else (256, n):
+        order = sorted_prefix(logits, m)  # positions in candidates, in decreasing order of logit
         probs = weights[order] / total
         cut, found = len(order), False  # how many of `order` survive, once the cut falls within it
         if p.top_p < 1.0:
@@ -110,9 +110,8 @@ def probabilities(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np
             keep = probs >= p.min_p * probs[0]  # a prefix: probs do not increase along `order`
             if not keep[-1]:
                 cut, found = min(cut, int(np.argmin(keep))), True
-        if found or len(order) == len(logits):
+        if found:
             break
-        m = len(logits)
     ids, probs = candidates[order[:cut]], probs[:cut]
     return ids, probs / probs.sum()
 
