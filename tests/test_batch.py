@@ -128,6 +128,22 @@ def test_chat_many_equals_each_chat_alone(model):
     assert model.scheduler.running == [] and not any(model.scheduler.busy)
 
 
+def test_parallel_draws_equal_draws_in_line(gguf_f32):
+    """Four sampled streams in one batch draw side by side on the scheduler's pool: the same tokens as drawing one
+    after the other (two fresh models, so that both runs evaluate the same batches: a sampled reply in a batch
+    may differ from the same request alone, whose logits differ by rounding)."""
+    convs = conversations()[:4]
+    replies = []
+    for parallel in (True, False):
+        with mllama.Model(gguf_f32, n_seq_max=4, n_ctx=512) as m:
+            if not parallel:
+                m.scheduler._draw_in_parallel = lambda jobs: {}
+            out = m.chat_many(convs, temperature=1.0, top_p=0.9, seed=3, max_tokens=8)
+            assert (m.scheduler._draw_pool is not None) == parallel
+            replies.append([r["choices"][0]["message"]["content"] for r in out])
+    assert replies[0] == replies[1] and len(set(replies[0])) == 4
+
+
 def test_n_choices_share_the_prompt(model):
     conv = conversations()[1]
     greedy = model.chat(conv, n=3, temperature=0.0, max_tokens=6)

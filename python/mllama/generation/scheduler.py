@@ -11,14 +11,17 @@ Each constrained stream's next grammar mask (its state has consumed the last tok
 on a worker thread right before the batch's decode, so that it is computed while the decode runs (the
 native decode and llguidance both release the GIL, and the worker's numpy work then finds the GIL
 free); sampling then only collects it. The output is the same as with the mask computed in line,
-before sampling (`overlap_masks = False`)."""
+before sampling (`overlap_masks = False`). The draws of the step's unconstrained sampled streams run side by side
+on a small thread pool (numpy's sorts and exponentials release the GIL); each stream's generator is its own, so
+the tokens are those of drawing one after the other."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -134,6 +137,7 @@ class Scheduler:
                       "image_slot_hits": 0, "grammar_masks": 0, "grammar_mask_wait_s": 0.0}
         self.overlap_masks = True  # grammar masks on a worker thread during the decode (False: in line)
         self._mask_pool: ThreadPoolExecutor | None = None  # started with the first constrained stream
+        self._draw_pool: ThreadPoolExecutor | None = None  # started with the first step of two sampled streams
 
     def submit(self, request: Request) -> None:
         if len(request.streams) > self.engine.n_seq:
@@ -155,9 +159,10 @@ class Scheduler:
 
     def close(self) -> None:
         """Stops the grammar-mask worker thread (the model is being closed)."""
-        if self._mask_pool is not None:
-            self._mask_pool.shutdown(wait=True)
-            self._mask_pool = None
+        for pool in (self._mask_pool, self._draw_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._mask_pool = self._draw_pool = None
 
     def fail_all(self, exc: BaseException) -> None:
         """Ends every request with `exc` (a step failed outside any one request)."""
@@ -185,18 +190,28 @@ class Scheduler:
             return
         self.stats["steps"] += 1
         self.stats["batch_rows"] += sum(len(p.tokens) for p in parts)
-        row = 0
-        for (request, stream), part in zip(owners, parts):
-            if not part.outputs:
-                continue
+        rows = [(request, stream) for (request, stream), part in zip(owners, parts) if part.outputs]
+        drawn = self._draw_in_parallel([(s, logits[row]) for row, (request, stream) in enumerate(rows)
+                                        for s in (request.streams if stream is None else [stream])])
+        for row, (request, stream) in enumerate(rows):
             if stream is None:  # a prompt finished: every choice samples from its logits
                 self._fork(request)
                 for s in request.streams:
-                    self._sample(s, logits[row])
+                    self._sample(s, logits[row], drawn.get(id(s)))
             else:
-                self._sample(stream, logits[row])
-            row += 1
+                self._sample(stream, logits[row], drawn.get(id(stream)))
         self._reap()
+
+    def _draw_in_parallel(self, jobs: list[tuple[Stream, np.ndarray]]) -> dict[int, Future]:
+        """The draws of the streams that sample without a grammar, started on the draw pool (id(stream) ->
+        its future token) where there are two or more of them; the others sample in line (_sample)."""
+        jobs = [(s, row) for s, row in jobs if not s.done and s.grammar is None and s.request.params.temperature > 0.0
+                and np.isfinite(row).all()]
+        if len(jobs) < 2:
+            return {}
+        if self._draw_pool is None:
+            self._draw_pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="mllama-sample")
+        return {id(s): self._draw_pool.submit(sample, row, s.history, s.request.params, s.rng) for s, row in jobs}
 
     def _batch(self) -> tuple[list[Part], list[tuple[Request, Stream | None]]]:
         engine, budget = self.engine, self.engine.n_batch
@@ -224,7 +239,7 @@ class Scheduler:
             budget -= len(chunk)
         return parts, owners
 
-    def _sample(self, s: Stream, logits: np.ndarray) -> None:
+    def _sample(self, s: Stream, logits: np.ndarray, drawn: Future | None = None) -> None:
         if s.done:
             return
         request, params = s.request, s.request.params
@@ -234,7 +249,7 @@ class Scheduler:
             return
         try:
             allowed = self._mask(s) if s.grammar is not None else None
-            token = sample(logits, s.history, params, s.rng, allowed)
+            token = drawn.result() if drawn is not None else sample(logits, s.history, params, s.rng, allowed)
             if s.record.first_token is None:
                 s.record.first_token = time.perf_counter()
             if token in self.eog_ids:
