@@ -158,7 +158,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def close(self) -> None:
-        """Stops the grammar-mask worker thread (the model is being closed)."""
+        """Stops the worker threads, the grammar masks' and the draws' (the model is being closed)."""
         for pool in (self._mask_pool, self._draw_pool):
             if pool is not None:
                 pool.shutdown(wait=True)
