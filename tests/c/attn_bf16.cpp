@@ -15,13 +15,13 @@
 // pairs -inf; here the rows and keys from N / 3 on and every 37th are padding), whose key blocks past the first
 // third the attention skips for rows that are all padding (kernels/x86/attn_mask.h): each path also runs
 // without that skip (mask rows with no hidden block) and must give the same outputs bit for bit. Per output the
-// kernel's error is bounded by its roundings: each probability enters P V rounded to BF16 (2^-9 relative)
-// while the softmax sum uses it unrounded (2^-9), 2^x to 2.7e-6, scores in F32: |o - o_ref| <= 2^-8 sum_j p_j |v_j| / sum_j p_j,
-// doubled for margin. The AVX2 path (attn_avx2.cpp) keeps Q and the probabilities in F32: against the
-// reference on unrounded q its error comes from the F32 scores (at most gamma_D max_j sum_d |q_d k_jd|
-// each, so each probability moves by twice that relatively), e^x (2e-7) and the F32 sums of P V and of
-// the probabilities (gamma_N each): |o - o_ref| <= (2 gamma_D S + 4e-7 + 2 gamma_N) sum_j p_j |v_j| /
-// sum_j p_j, doubled for margin. Prints the largest error over each path's bound,
+// kernel's error is bounded by its roundings: each probability enters P V rounded to BF16 (2^-9 relative) while the
+// softmax sum uses it unrounded (2^-9), 2^x to 2.7e-6, scores in F32: |o - o_ref| <= 2^-8 sum_j p_j |v_j| / sum_j p_j,
+// doubled for margin. The AVX2 path (attn_avx2.cpp) keeps Q and the probabilities in F32: against the reference on
+// unrounded q its error comes from the F32 scores (at most gamma_D max_j sum_d |q_d k_jd| each, so each probability
+// moves by twice that relatively), e^x (2e-7) and the F32 sums of P V and of the probabilities (gamma_N each):
+// |o - o_ref| <= (2 gamma_D S + 4e-7 + 2 gamma_N) sum_j p_j |v_j| / sum_j p_j, doubled for margin. Prints the largest
+// error over each path's bound,
 // "avx512=<ratio> tiles=<ratio|none> avx2=<ratio|none> hidden=<hidden key blocks> same=<1: skipping changed
 // no output bit>".
 #include "kernels/dispatch.h"

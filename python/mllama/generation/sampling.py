@@ -57,7 +57,7 @@ def apply_penalties(logits: np.ndarray, history: Sequence[int], p: SamplingParam
 
 
 def descending_order(logits: np.ndarray) -> np.ndarray:
-    """np.argsort(-logits, kind="stable") for float32 logits, 2.5x quicker (5 ms for a vocabulary of 128K): one
+    """np.argsort(-logits, kind="stable") for float32 logits, 2.3x quicker (5.6 ms against 13 for 128K): one
     unique uint64 per logit, the float's bits mapped to an order-preserving integer, reversed, in the high 32 bits
     and the index in the low 32, sorted."""
     bits = (logits + np.float32(0)).view(np.int32).astype(np.int64)  # + 0: -0.0 is 0.0
@@ -76,8 +76,10 @@ def sorted_prefix(logits: np.ndarray, m: int) -> np.ndarray:
     return kept[np.argsort(-logits[kept], kind="stable")]
 
 
-def scaled_logits(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
-    return logits.astype(np.float64) / max(p.temperature, 1e-6)
+def softmax_weights(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
+    """exp((logits - max) / temperature) in float64: the probabilities times their sum."""
+    scaled = logits.astype(np.float64) / max(p.temperature, 1e-6)
+    return np.exp(scaled - scaled.max())
 
 
 def keeps_all(p: SamplingParams, n_candidates: int) -> bool:
@@ -94,8 +96,7 @@ def probabilities(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np
     if p.top_k and 0 < p.top_k < len(logits):
         candidates = sorted_prefix(logits, p.top_k)[: p.top_k]
         logits = logits[candidates]
-    scaled = scaled_logits(logits, p)
-    weights = np.exp(scaled - scaled.max())
+    weights = softmax_weights(logits, p)
     total = weights.sum()
     n = len(logits)
     for m in (n,) if keeps_all(p, n) or n <= 256 else (256, n):
@@ -127,8 +128,7 @@ def sample(logits: np.ndarray, history: Sequence[int], p: SamplingParams, rng: n
     if p.temperature <= 0.0:
         choice = int(np.argmax(logits))
     elif keeps_all(p, len(logits)):  # probabilities' distribution, drawn in id order: the vocabulary is not sorted
-        scaled = scaled_logits(logits, p)
-        weights = np.exp(scaled - scaled.max())
+        weights = softmax_weights(logits, p)
         choice = int(rng.choice(len(weights), p=weights / weights.sum()))
     else:
         ids, probs = probabilities(logits, p)

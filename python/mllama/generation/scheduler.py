@@ -243,7 +243,7 @@ class Scheduler:
         if s.done:
             return
         request, params = s.request, s.request.params
-        if not np.isfinite(logits).all():
+        if drawn is None and not np.isfinite(logits).all():  # a drawn stream's logits were checked before
             self._close(request, MllamaError("the model produced non-finite logits (NaN or Inf): corrupt weights "
                                              "or a numeric overflow"))
             return
