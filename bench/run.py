@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -145,14 +146,22 @@ def add_vision_gflops(result: dict, vision: dict, dtypes: list[str], device: str
 
 
 def add_derived(entry: dict, bandwidth_gbs: float) -> None:
-    """Roofline fraction of the decode speed (against the higher of the bandwidths the worker measured right
-    before and right after decoding, where it could: a VM's bandwidth drifts between minutes, 25-39 GB/s on
-    the Zen 4 machine within an hour) and the RSS bound."""
-    around = [entry[k] for k in ("read_bandwidth_gbs_at_decode", "read_bandwidth_gbs_after_decode") if k in entry]
-    bandwidth_gbs = max(around) if around else bandwidth_gbs
-    roofline = bandwidth_gbs * 1e9 / entry["decode_bytes_per_token"]
+    """Roofline fraction of the decode speed and the RSS bound. Each timed piece of the decode is held against the
+    higher of the bandwidths the worker measured right before and right after it, where it could (a VM's bandwidth
+    drifts between minutes: 25-39 GB/s on the Zen 4 machine within an hour, and its memory switches between a
+    ~35 and a ~60 GB/s state within a run); the fraction is the median piece's."""
+    per_token = entry["decode_bytes_per_token"]
+    probes = entry.get("read_bandwidth_gbs_around_decode", [])
+    if len(probes) == len(entry["decode_runs_tok_s"]) + 1:
+        rooflines = [max(before, after) * 1e9 / per_token for before, after in zip(probes, probes[1:])]
+        fractions = [tok_s / roof for tok_s, roof in zip(entry["decode_runs_tok_s"], rooflines)]
+        entry["decode_roofline_fractions"] = [round(f, 3) for f in fractions]
+        roofline, fraction = statistics.median(rooflines), statistics.median(fractions)
+    else:
+        roofline = bandwidth_gbs * 1e9 / per_token
+        fraction = entry["decode_tok_s"] / roofline
     entry["decode_roofline_tok_s"] = round(roofline, 2)
-    entry["decode_roofline_fraction"] = round(entry["decode_tok_s"] / roofline, 3)
+    entry["decode_roofline_fraction"] = round(fraction, 3)
     mem = entry["memory"]
     bound = entry["file_bytes"] + mem["kv_cache"] + mem["image_slots"] + mem["compute"]
     entry["rss_bound_bytes"] = bound
@@ -233,7 +242,8 @@ def main() -> None:
         if not args.skip_full:
             print("mllama full 11B q4_k_m", flush=True)
             path = write_synthetic_gguf(tmp / "full.gguf", full_text, vision, type="q4_k_m", vision_type="bf16")
-            result["mllama"]["full_11b_q4_k_m"] = entry = worker("mllama", str(path), "--image", "--decode", "16", *probe_args)
+            result["mllama"]["full_11b_q4_k_m"] = entry = worker("mllama", str(path), "--image", "--decode", "8", "--repeats", "5",
+                                                                     *probe_args)
             add_derived(entry, bw)
     add_vision_gflops(result, vision, dtypes, args.device)
     for dtype in dtypes:

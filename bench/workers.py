@@ -94,17 +94,22 @@ def run_mllama(args) -> dict:
         token = int(np.argmax(engine.evaluate(prompt, images)))
         runs.append(len(prompt) / (time.perf_counter() - t0))
     out.update(prefill_runs_tok_s=runs, prefill_tok_s=statistics.median(runs))
-    if args.bandwidth_probe:  # the machine's bandwidth drifts: measure it next to the decode
-        out["read_bandwidth_gbs_at_decode"] = round(probe_in_child(args.bandwidth_probe), 1)
+    # The machine's bandwidth drifts (a shared VM's memory switches between states within minutes): it is
+    # measured before the first piece of the decode and after each, so that each piece has a roofline of its own
+    # (bench/run.py's add_derived).
+    probes = [round(probe_in_child(args.bandwidth_probe), 1)] if args.bandwidth_probe else []
     runs = []
     for _ in range(args.repeats):  # one generation, timed in pieces
         t0 = time.perf_counter()
         for _ in range(args.decode):
             token = int(np.argmax(engine.step(token, len(images))))
         runs.append(args.decode / (time.perf_counter() - t0))
+        if args.bandwidth_probe:
+            probes.append(round(probe_in_child(args.bandwidth_probe), 1))
     out.update(decode_runs_tok_s=runs, decode_tok_s=statistics.median(runs))
-    if args.bandwidth_probe:  # and after: the roofline takes the higher of the two (the stricter one)
-        out["read_bandwidth_gbs_after_decode"] = round(probe_in_child(args.bandwidth_probe), 1)
+    if probes:
+        out.update(read_bandwidth_gbs_around_decode=probes, read_bandwidth_gbs_at_decode=probes[0],
+                   read_bandwidth_gbs_after_decode=probes[-1])
     out["memory"] = model.memory()
     out["decode_bytes_per_token"] = decode_bytes(model, out["memory"], len(images))
     for tiles in args.extra_tiles:  # images of fewer tiles: their padding rows skip the padding tiles' keys
@@ -122,10 +127,14 @@ def run_mllama(args) -> dict:
 
 def decode_bytes(model, memory: dict, n_images: int) -> int:
     """Bytes one decode step must read: every text weight except the embedding table (one row) and
-    the cross-attention K/V projections (their output is cached), plus the image's cross K/V."""
+    the cross-attention K/V projections (their output is cached), plus the image's cross K/V; with no image,
+    not the cross-attention layers' weights either (the decoder skips those layers, as the reference does)."""
     skip = ("token_embd.weight", "cross_attn_k_proj", "cross_attn_v_proj")
-    total = sum(t.nbytes for t in model.tensors() if not t.name.startswith(("v.", "mm.")) and not any(s in t.name for s in skip))
-    return total + (memory["image_slots"] if n_images else 0)
+    text = [t for t in model.tensors() if not t.name.startswith(("v.", "mm.")) and not any(s in t.name for s in skip)]
+    if not n_images:
+        cross_layers = {t.name.split(".")[1] for t in text if ".cross_attn_" in t.name}
+        text = [t for t in text if not (t.name.startswith("blk.") and t.name.split(".")[1] in cross_layers)]
+    return sum(t.nbytes for t in text) + (memory["image_slots"] if n_images else 0)
 
 
 PREPROCESS_560 = {"size": {"height": 560, "width": 560}, "image_mean": [0.48145466, 0.4578275, 0.40821073],
