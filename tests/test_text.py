@@ -86,6 +86,20 @@ def test_logits_and_greedy_tokens(model, hf_model, name):
     assert nmse(np.stack(step_logits), ref[len(tokens) - 1:len(tokens) + 8]) <= 1e-6
 
 
+@pytest.mark.parametrize("name", ["d_text_before_image", "e_image_second_turn", "c_two_images"])
+def test_prompt_chunks_before_an_image(gguf_f32, hf_model, name):
+    """A prompt evaluated in chunks of 4 tokens (n_batch): chunks that come before an image's token carry no
+    cross-attention rows for it yet (the first version gave them no image column and refused the batch)."""
+    with mllama.Model(gguf_f32, n_ctx=512, n_batch=4) as chunked:
+        tokens, pre, images = prompt(chunked, name)
+        assert tokens.index(128256) > 4
+        ours = chunked.forward(tokens, images)
+        ref = hf_logits(hf_model, tokens, pre)
+        assert nmse(ours, ref) <= 1e-6, nmse(ours, ref)
+        assert list(chunked.generate_tokens(tokens, images, temperature=0.0, max_tokens=8)) == \
+            hf_greedy(hf_model, tokens, pre, 8, EOS)
+
+
 def test_rows_before_the_first_image_get_no_cross_attention(model, gguf_f32):
     """Meta semantics: the test fails if rows before the first image receive cross-attention output."""
     from tiny_checkpoint import build_model

@@ -190,10 +190,12 @@ class Engine:
         self.seqs[dst] = SequenceState(list(s.tokens), list(s.image_keys), list(s.slots))
 
     def rows_for(self, seq: int, tokens: list[int]) -> np.ndarray:
-        """The row/image table of `tokens` appended to the sequence."""
+        """The row/image table of `tokens` appended to the sequence: a column per image slot of the sequence, those
+        of images whose <|image|> token is still to come all zeros (a prompt chunk before its images)."""
         state = self.seqs[seq]
         ranges = image_ranges(state.tokens + tokens, self.image_token)
-        return row_table(ranges, len(state.tokens), len(tokens))[:, :len(state.slots)]
+        table = row_table(ranges, len(state.tokens), len(tokens))[:, :len(state.slots)]
+        return np.pad(table, ((0, 0), (0, len(state.slots) - table.shape[1])))
 
     # --- single-sequence use (forward, bench, tests) -------------------------------------------
     def evaluate(self, tokens: list[int], images: list[PreparedImage], all_logits: bool = False,
