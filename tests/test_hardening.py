@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -160,3 +161,126 @@ def test_interleaved_generations_in_one_thread_queue_and_finish(model):
     next(third)
     third.close()  # an abandoned generation frees its sequence
     assert model.scheduler.running == [] and not any(model.scheduler.busy)
+
+
+@pytest.mark.parametrize("options, error, fragment", [
+    ({"max_tokens": "5"}, TypeError, "max_tokens must be an integer"),
+    ({"temperature": "hot"}, TypeError, "temperature must be a number"),
+    ({"top_k": 1.5}, TypeError, "top_k must be an integer"),
+    ({"stop": [None]}, TypeError, "stop must be a string"),
+    ({"top_p": 7.0}, ValueError, "top_p must be within [0, 1]"),
+    ({"min_p": 2.0}, ValueError, "min_p must be within [0, 1]"),
+    ({"repeat_penalty": 0.0}, ValueError, "repeat_penalty must be > 0"),
+    ({"temperature": float("nan")}, ValueError, "temperature must be finite"),
+    ({"frequency_penalty": 3.0}, ValueError, "frequency_penalty must be within [-2, 2]"),
+    ({"max_tokens": 0}, ValueError, "max_tokens must be at least 1"),
+])
+def test_bad_sampling_options_raise_at_the_call_and_leave_the_model_usable(model, options, error, fragment):
+    messages = [{"role": "user", "content": "Hello there"}]
+    expected = model.chat(messages, max_tokens=3, temperature=0)["choices"][0]["message"]["content"]
+    with pytest.raises(error, match=re.escape(fragment)):
+        model.chat(messages, **options)
+    assert model.scheduler.running == [] and model.scheduler.n_waiting == 0 and not any(model.scheduler.busy)
+    assert model.chat(messages, max_tokens=3, temperature=0)["choices"][0]["message"]["content"] == expected
+
+
+def test_a_request_failing_mid_generation_ends_alone(model, monkeypatch):
+    """Any exception while one request samples (not only ValueError) ends that request; the model goes on."""
+    from mllama.generation.scheduler import Scheduler
+
+    sample = Scheduler._sample_stream
+
+    def failing(self, s, logits, drawn):
+        if s.request.params.seed == 13 and s.record.completion_tokens == 2:
+            raise KeyError("a failure of this request's own")
+        return sample(self, s, logits, drawn)
+
+    monkeypatch.setattr(Scheduler, "_sample_stream", failing)
+    prompt = [128000] + model.tokenize("Tell me something.")
+    with pytest.raises(KeyError, match="own"):
+        list(model.generate_tokens(prompt, temperature=0.0, max_tokens=8, seed=13))
+    assert model.scheduler.running == [] and not any(model.scheduler.busy)
+    assert len(list(model.generate_tokens(prompt, temperature=0.0, max_tokens=8, seed=14))) == 8
+
+
+def test_requests_nobody_reads_do_not_run(model, tmp_path):
+    """A chat_many with one bad conversation runs none of them; a stream dropped before it is read is cancelled."""
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not an image")
+    good = [{"role": "user", "content": "Hello there"}]
+    bad = [{"role": "user", "content": [{"type": "image", "image": str(not_an_image)}, {"type": "text", "text": "Hi"}]}]
+    with pytest.raises(ImageError, match="notes.jpg"):  # the error names the file
+        model.chat_many([good, good, bad])
+    assert model.scheduler.n_waiting == 0 and model.scheduler.running == []
+    stream = model.chat(good, stream=True, max_tokens=50)
+    del stream
+    generated = model.scheduler.stats["generated_tokens"]
+    model.chat(good, max_tokens=2)
+    assert model.scheduler.stats["generated_tokens"] - generated == 2
+
+
+def test_a_failed_turn_leaves_the_chat_history_as_it_was(model):
+    chat = model.chat_session()
+    chat.send("Hello", max_tokens=2, temperature=0)
+    before = [dict(m) for m in chat.messages]
+    with pytest.raises(TypeError):
+        chat.send("Again", not_an_option=1)
+    with pytest.raises(mllama.ContextOverflowError):
+        chat.send("word " * 400)  # over n_ctx 256
+    assert chat.messages == before
+    chat.send("Again", max_tokens=2, temperature=0)
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+
+
+@pytest.mark.parametrize("sizes", [{"n_ctx": -5}, {"n_batch": -1}, {"n_threads": -3}, {"n_seq_max": -2},
+                                   {"n_ctx": 2.5}, {"n_image_slots": True}])
+def test_model_sizes_are_checked(small_gguf, sizes):
+    with pytest.raises(ValueError, match=f"{next(iter(sizes))} must be a whole number"):
+        mllama.Model(small_gguf, **sizes)
+
+
+CLOSE_RACE = """
+import sys, threading, mllama
+from mllama import ModelClosedError
+for _ in range(30):
+    m = mllama.Model(sys.argv[1], n_ctx=64)
+    started = threading.Event()
+    def read():
+        try:
+            while True:
+                m.meta_string("general.name"), m.tensors(), m.info
+                started.set()
+        except ModelClosedError:
+            started.set()
+    t = threading.Thread(target=read)
+    t.start()
+    started.wait()
+    m.close()
+    t.join()
+print("ok")
+"""
+
+
+def test_close_waits_for_the_c_calls_of_other_threads(small_gguf):
+    """close() frees the model only once no other thread is inside a C call on it (it freed it under a streaming
+    thread's metadata read: a crash), and no call starts once it waits."""
+    m = mllama.Model(small_gguf, n_ctx=64)
+    with m.using():  # what meta_string, tensors, info... hold around their C calls
+        closer = threading.Thread(target=m.close)
+        closer.start()
+        closer.join(0.3)
+        assert closer.is_alive() and not m.closed
+        with pytest.raises(mllama.ModelClosedError):
+            m.meta_string("general.name")
+    closer.join(30)
+    assert m.closed and not closer.is_alive()
+
+
+def test_closing_a_model_while_another_thread_reads_it(small_gguf):
+    """Readers in a tight loop neither crash close() nor starve it (in a child: a crash fails the test only)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", CLOSE_RACE, str(small_gguf)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -78,7 +78,9 @@ def test_modes_match_reference(mode):
     else:
         image = base.convert(mode)
     ours = preprocess(image, ImageConfig.from_preprocessor_config(pre_config(T)))
-    ref_pixels, ref_id, _ = reference(image, pre_config(T))
+    # 16-bit grayscale is scaled to 8 bits, where transformers' conversion clips it to white (README, "Faithful
+    # to the trained model"): the reference of its 8-bit version
+    ref_pixels, ref_id, _ = reference(base.getchannel("R") if mode == "I;16" else image, pre_config(T))
     assert ours.aspect_ratio_id == ref_id
     assert np.array_equal(ours.pixel_values, ref_pixels)
 
@@ -160,8 +162,24 @@ def test_truncated_and_missing_files(tmp_path):
     with pytest.raises(ImageError, match="no such file"):
         preprocess(tmp_path / "missing.png", cfg)
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ImageError):
+    with pytest.raises(ImageError, match="notes.txt'"):  # the error names the file
         preprocess(tmp_path / "notes.txt", cfg)
+
+
+def test_wide_grayscale_is_scaled_not_clipped(tmp_path):
+    """16-bit grayscale (PNG) is scaled from 0..65535 and float (TIFF) from 0..1, not clipped to white or black as
+    Pillow's conversion (and transformers') does: the same picture as its 8-bit version, within one level."""
+    from mllama.image.preprocess import load_image, to_rgb
+
+    levels = np.tile(np.arange(0, 256, dtype=np.uint8), (8, 1))  # 8 x 256: every 8-bit level
+    wide = {"I;16": (levels.astype(np.uint16) * 257, "PNG"), "F": (levels.astype(np.float32) / 255, "TIFF")}
+    for mode, (values, fmt) in wide.items():
+        path = tmp_path / f"wide.{fmt.lower()}"
+        Image.fromarray(values).save(path, format=fmt)
+        image = load_image(path)
+        assert image.mode.startswith(mode[0])
+        rgb = to_rgb(image).astype(int)
+        assert rgb.shape == (8, 256, 3) and np.abs(rgb - levels[..., None]).max() <= 1, mode
 
 
 def test_decompression_bomb(monkeypatch):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ._native import dtypes as T
+from ._native.context_params import CStrings, auto_sequences, check_sizes, new_context
 from ._native.errors import MllamaError, ModelLoadError
 from ._native.ffi import call, cstr, ffi, lib, struct_to_dict
 from ._native.handle import Handle
@@ -53,19 +54,6 @@ def _resolve(path, projector) -> tuple[Path, Path | None]:
     return Path(path), Path(projector) if projector else None
 
 
-class _CStrings:
-    """char[] buffers that must outlive a C call taking their pointers."""
-
-    def __init__(self):
-        self._keep = []
-
-    def __call__(self, value: str | os.PathLike | None):
-        if not value:
-            return ffi.NULL
-        self._keep.append(ffi.new("char[]", os.fsencode(value)))
-        return self._keep[-1]
-
-
 class Model(Handle, GenerationMixin):
     """A loaded mllama GGUF model (immutable weights and hyperparameters).
 
@@ -103,6 +91,8 @@ class Model(Handle, GenerationMixin):
                  tensor_split: Sequence[float] | str | None = None, rpc_timeout: float | None = None,
                  rpc_io_timeout: int | None = None,
                  log: logging.Logger | None = None):
+        check_sizes(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_image_slots=n_image_slots,
+                     n_seq_max=None if n_seq_max == "auto" else n_seq_max)
         env = environment()
         self.path, self.projector = _resolve(path, projector)
         text = os.fspath(path)
@@ -110,7 +100,7 @@ class Model(Handle, GenerationMixin):
         self.ollama_name = display_name(text[len("ollama:"):]) if is_ollama else None
         self._log = log or logger
         self._log_handle = ffi.new_handle(self._log)
-        strings = _CStrings()
+        strings = CStrings()
         params = ffi.new("mllama_model_params *", lib.mllama_model_default_params())
         params.n_threads = int(n_threads or 0)
         params.device = strings(device or env.device or "auto")
@@ -134,7 +124,7 @@ class Model(Handle, GenerationMixin):
         model_ptr = out[0]
         defaults = context_defaults()
         try:
-            ctx_ptr, effective = _new_context(model_ptr, dict(
+            ctx_ptr, effective = new_context(model_ptr, dict(
                 n_ctx=n_ctx or defaults["n_ctx"], n_batch=n_batch or defaults["n_batch"], n_threads=n_threads or 0,
                 n_image_slots=defaults["n_image_slots"] if n_image_slots is None else n_image_slots,
                 n_seq_max=auto_sequences(model_ptr, n_ctx or defaults["n_ctx"]) if n_seq_max == "auto" else
@@ -175,7 +165,8 @@ class Model(Handle, GenerationMixin):
     @property
     def placement(self) -> list[Placement]:
         """Where the vision tower, the token embedding, each run of text layers and the output went, and why."""
-        return read_placement(self._handle())
+        with self.using() as handle:
+            return read_placement(handle)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -220,7 +211,8 @@ class Model(Handle, GenerationMixin):
 
     def _read_hparams(self) -> HParams:
         h = ffi.new("mllama_hparams *")
-        call(lib.mllama_model_get_hparams, self._handle(), h)
+        with self.using() as handle:
+            call(lib.mllama_model_get_hparams, handle, h)
         flat = self._int_array(lib.mllama_model_aspect_ratios)
         return from_struct(h, {"cross_attention_layers": self._int_array(lib.mllama_model_cross_layers),
                                "intermediate_layers": self._int_array(lib.mllama_model_intermediate_layers),
@@ -230,23 +222,27 @@ class Model(Handle, GenerationMixin):
     def info(self) -> dict:
         """File size, parameter count, bytes of weights, device, threads, mmap."""
         info = ffi.new("mllama_model_info *")
-        call(lib.mllama_model_get_info, self._handle(), info)
+        with self.using() as handle:
+            call(lib.mllama_model_get_info, handle, info)
         return struct_to_dict(info)
 
     def _int_array(self, fn) -> list[int]:
-        n = fn(self._handle(), ffi.NULL, 0)
-        buf = ffi.new("int32_t[]", max(1, n))
-        fn(self._handle(), buf, n)
+        with self.using() as handle:
+            n = fn(handle, ffi.NULL, 0)
+            buf = ffi.new("int32_t[]", max(1, n))
+            fn(handle, buf, n)
         return [int(buf[i]) for i in range(n)]
 
     # --- weights ----------------------------------------------------------------------------
     def tensors(self) -> list[TensorInfo]:
         info = ffi.new("mllama_tensor_info *")
         out = []
-        for i in range(lib.mllama_model_tensor_count(self._handle())):
-            call(lib.mllama_model_tensor_get_info, self._handle(), i, info)
-            shape = tuple(int(info.ne[d]) for d in range(max(1, info.n_dims)))
-            out.append(TensorInfo(cstr(info.name), T.by_id(info.type).name, shape, int(info.n_bytes), cstr(info.buffer)))
+        with self.using() as handle:
+            for i in range(lib.mllama_model_tensor_count(handle)):
+                call(lib.mllama_model_tensor_get_info, handle, i, info)
+                shape = tuple(int(info.ne[d]) for d in range(max(1, info.n_dims)))
+                out.append(TensorInfo(cstr(info.name), T.by_id(info.type).name, shape, int(info.n_bytes),
+                                      cstr(info.buffer)))
         return out
 
     def read_tensor(self, name: str) -> np.ndarray:
@@ -255,7 +251,8 @@ class Model(Handle, GenerationMixin):
         if info is None:
             raise KeyError(name)
         out = np.empty(int(np.prod(info.shape)), dtype=np.float32)
-        call(lib.mllama_model_tensor_read_f32, self._handle(), name.encode(), ffi.from_buffer("float[]", out), out.size)
+        with self.using() as handle:
+            call(lib.mllama_model_tensor_read_f32, handle, name.encode(), ffi.from_buffer("float[]", out), out.size)
         return out.reshape(tuple(reversed(info.shape)))
 
     # --- images -----------------------------------------------------------------------------
@@ -316,26 +313,29 @@ class Model(Handle, GenerationMixin):
     def meta_string(self, key: str) -> str | None:
         """A string metadata value of the file (None when absent or not a string)."""
         n = ffi.new("uint64_t *")
-        if lib.mllama_model_meta_string(self._handle(), key.encode(), ffi.NULL, 0, n) != lib.MLLAMA_OK:
-            return None
-        buf = ffi.new("char[]", n[0] + 1)
-        call(lib.mllama_model_meta_string, self._handle(), key.encode(), buf, n[0] + 1, n)
+        with self.using() as handle:
+            if lib.mllama_model_meta_string(handle, key.encode(), ffi.NULL, 0, n) != lib.MLLAMA_OK:
+                return None
+            buf = ffi.new("char[]", n[0] + 1)
+            call(lib.mllama_model_meta_string, handle, key.encode(), buf, n[0] + 1, n)
         return ffi.string(buf, n[0]).decode("utf-8", "replace")
 
     def meta_number(self, key: str) -> float | None:
         """A numeric (or bool) metadata value of the file, None when absent."""
         value = ffi.new("double *")
-        if lib.mllama_model_meta_number(self._handle(), key.encode(), value) != lib.MLLAMA_OK:
-            return None
+        with self.using() as handle:
+            if lib.mllama_model_meta_number(handle, key.encode(), value) != lib.MLLAMA_OK:
+                return None
         return float(value[0])
 
     def meta_ints(self, key: str) -> list[int]:
         """An integer-array metadata value of the file ([] when absent)."""
-        n = lib.mllama_model_meta_ints(self._handle(), key.encode(), ffi.NULL, 0)
-        if n <= 0:
-            return []
-        buf = ffi.new("int64_t[]", n)
-        lib.mllama_model_meta_ints(self._handle(), key.encode(), buf, n)
+        with self.using() as handle:
+            n = lib.mllama_model_meta_ints(handle, key.encode(), ffi.NULL, 0)
+            if n <= 0:
+                return []
+            buf = ffi.new("int64_t[]", n)
+            lib.mllama_model_meta_ints(handle, key.encode(), buf, n)
         return [int(buf[i]) for i in range(n)]
 
     @property
@@ -347,11 +347,12 @@ class Model(Handle, GenerationMixin):
     @cached_property
     def tokenizer(self) -> Tokenizer:
         n = ffi.new("uint64_t *")
-        call(lib.mllama_model_vocab, self._handle(), ffi.NULL, 0, n, ffi.NULL, 0, error=ModelLoadError)
-        text = ffi.new("char[]", n[0])
         n_tokens = self.hparams.n_tokens
-        types = ffi.new("int32_t[]", max(1, n_tokens))
-        call(lib.mllama_model_vocab, self._handle(), text, n[0], n, types, n_tokens, error=ModelLoadError)
+        with self.using() as handle:
+            call(lib.mllama_model_vocab, handle, ffi.NULL, 0, n, ffi.NULL, 0, error=ModelLoadError)
+            text = ffi.new("char[]", n[0])
+            types = ffi.new("int32_t[]", max(1, n_tokens))
+            call(lib.mllama_model_vocab, handle, text, n[0], n, types, n_tokens, error=ModelLoadError)
         tokens = ffi.buffer(text, n[0])[:].decode("utf-8").split("\0")[:n_tokens]
         return Tokenizer(tokens, list(types), self.meta_string("tokenizer.ggml.pre") or "llama-bpe")
 
@@ -386,36 +387,6 @@ class Model(Handle, GenerationMixin):
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<mllama.Model {str(self.path)!r} {state}>"
-
-
-def auto_sequences(model_ptr, n_ctx: int, most: int = 4) -> int:
-    """How many sequences to hold by default: up to `most`, as many whose self-attention caches (F16)
-    fit in a quarter of the host memory free now (caches on a GPU: pass n_seq_max for its memory)."""
-    h = ffi.new("mllama_hparams *")
-    call(lib.mllama_model_get_hparams, model_ptr, h)
-    n_ctx = min(n_ctx, h.n_ctx_train) if n_ctx > 0 else min(h.n_ctx_train, 4096)
-    n_self = h.n_layer - lib.mllama_model_cross_layers(model_ptr, ffi.NULL, 0)
-    per_seq = n_self * 2 * n_ctx * h.n_head_kv * h.n_embd_head * 2
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
-    return max(1, min(most, free // 4 // max(per_seq, 1)))
-
-
-def _new_context(model_ptr, values: dict, *, dump_dir, dump_filter, cpu_kernels, profile) -> tuple:
-    """A context for the model; returns it and its effective (resolved) sizes."""
-    strings = _CStrings()
-    params = ffi.new("mllama_context_params *", lib.mllama_context_default_params())
-    for key, value in values.items():
-        setattr(params, key, int(value))
-    if dump_dir:
-        Path(dump_dir).mkdir(parents=True, exist_ok=True)
-    params.dump_dir, params.dump_filter = strings(dump_dir), strings(dump_filter)
-    params.cpu_kernels, params.profile_path = strings(cpu_kernels), strings(profile)
-    out = ffi.new("mllama_context **")
-    call(lib.mllama_context_init, model_ptr, params, out, error=ModelLoadError)
-    effective = ffi.new("mllama_context_params *")
-    call(lib.mllama_context_get_params, out[0], effective)
-    return out[0], {"n_ctx": int(effective.n_ctx), "n_batch": int(effective.n_batch),
-                    "n_image_slots": int(effective.n_image_slots), "n_seq_max": int(effective.n_seq_max)}
 
 
 __all__ = ["Model", "TensorInfo"]

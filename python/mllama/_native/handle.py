@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import threading
 import weakref
+from contextlib import contextmanager
 from typing import Callable
 
 from .errors import ModelClosedError
 
 
 class Handle:
-    """Owns one C handle: idempotent close(), context manager, released at garbage collection."""
+    """Owns one C handle: idempotent close(), context manager, released at garbage collection. Calls that run
+    outside `_lock` (metadata, weights) hold the handle with `using()`: close() waits for them, so that no thread
+    is inside the C library when it frees the handle (that crashed the interpreter)."""
 
     def __init__(self, ptr, free: Callable[[], None]):
         """`free` releases `ptr` (and anything created from it); it runs once, at close() or GC."""
         self._ptr = ptr
         self._lock = threading.RLock()
         self._finalizer = weakref.finalize(self, free)
+        self._users, self._closing = 0, False
+        self._users_changed = threading.Condition()
 
     @property
     def closed(self) -> bool:
@@ -27,8 +32,26 @@ class Handle:
             raise ModelClosedError(f"{type(self).__name__} is closed")
         return self._ptr
 
+    @contextmanager
+    def using(self):
+        """The handle, which stays open until the block ends (ModelClosedError when it is closed already)."""
+        with self._users_changed:
+            if self._closing:
+                raise ModelClosedError(f"{type(self).__name__} is closed")
+            ptr = self._handle()
+            self._users += 1
+        try:
+            yield ptr
+        finally:
+            with self._users_changed:
+                self._users -= 1
+                self._users_changed.notify_all()
+
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._users_changed:
+            self._closing = True  # no new users: the ones inside finish, then the handle goes
+            while self._users:
+                self._users_changed.wait()
             self._finalizer()
 
     def __enter__(self):

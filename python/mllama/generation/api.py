@@ -5,6 +5,7 @@ results (a TextStream's GenerationResult, a response dict): nothing about a requ
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any, Iterator
 
 import numpy as np
@@ -118,13 +119,21 @@ class GenerationMixin:
         `response_format` when given: see compile_grammar); its streams' outboxes receive events as
         steps run (run_step, or iterate events()). `logprobs`/`top_logprobs` (0..20): each result
         carries OpenAI's logprobs items (see logprobs.py). Bad options, images or grammars raise here."""
+        request = self.build_request(tokens, images, n=n, notify=notify, grammar=grammar,
+                                     response_format=response_format, logprobs=logprobs, top_logprobs=top_logprobs,
+                                     **sampling)
+        self.scheduler.submit(request)
+        return request
+
+    def build_request(self, tokens: list[int], images=(), *, n: int = 1, notify=None, grammar=None,
+                      response_format=None, logprobs: bool | None = None, top_logprobs: int | None = None,
+                      **sampling) -> Request:
+        """submit's Request, checked and with its images prepared, not yet queued (scheduler.submit queues it)."""
         top = check_logprobs(logprobs, top_logprobs)
         constraint = self.compile_grammar(grammar, response_format=response_format)
         params, prepared = self.sampling_params(**sampling), self.prepare_images(images)
-        request = Request(list(tokens), prepared, params, self.tokenizer, n=n, notify=notify, grammar=constraint,
-                          logprobs=top)
-        self.scheduler.submit(request)
-        return request
+        return Request(list(tokens), prepared, params, self.tokenizer, n=n, notify=notify, grammar=constraint,
+                       logprobs=top)
 
     def run_step(self) -> None:
         """One step of the batch scheduler: admit waiting requests, evaluate one batch, sample."""
@@ -180,8 +189,12 @@ class GenerationMixin:
     def results(self, requests: list[Request]) -> list[list[GenerationResult]]:
         """Run steps until every request has ended; each one's results (one per choice). The first
         error of a request is raised after all have ended."""
-        while any(not s.done for r in requests for s in r.streams):
-            self.run_step()
+        try:
+            while any(not s.done for r in requests for s in r.streams):
+                self.run_step()
+        except BaseException:  # interrupted (KeyboardInterrupt), or the model failed: nothing is left running
+            self._cancel(requests)
+            raise
         out, error = [], None
         for r in requests:
             ends = [next(v for k, v in s.events if k in ("result", "error")) for s in r.streams]
@@ -190,6 +203,13 @@ class GenerationMixin:
         if error is not None:
             raise error
         return out
+
+    def _cancel(self, requests: list[Request]) -> None:
+        """Stop requests that will not be read, freeing their sequences now."""
+        if requests and not self.closed:
+            for request in requests:
+                self.scheduler.cancel(request)
+            self.run_step()
 
     def describe(self, image, prompt: str = "Describe this image.", **sampling) -> str:
         """A description of one image (a one-turn chat: the image, then the prompt)."""
@@ -205,7 +225,10 @@ class GenerationMixin:
         tokens, images = self.chat_prompt(messages, tools=spec.tools if spec else None)
         cid, created = openai.completion_id(), openai.now()
         if stream and not (spec and spec.tools):
-            return self._chat_chunks(cid, created, self.submit(tokens, images, n=n, **sampling))
+            request = self.submit(tokens, images, n=n, **sampling)
+            chunks = self._chat_chunks(cid, created, request)
+            weakref.finalize(chunks, _cancel_unfinished, self.scheduler, request)  # dropped before it was read
+            return chunks
         results = self.results([self.submit(tokens, images, n=n, **sampling)])[0]
         whole = openai.response(cid, created, self.name, results, spec.names if spec else ())
         return iter(openai.chunks_of(whole)) if stream else whole
@@ -213,7 +236,13 @@ class GenerationMixin:
     def chat_many(self, conversations: list[list[dict]], **sampling) -> list[dict]:
         """Chat completions for several conversations at once, evaluated together in batches (as many
         at a time as the context has sequences: n_seq_max); responses in the same order."""
-        requests = [self.submit(*self.chat_prompt(messages), **sampling) for messages in conversations]
+        requests = []
+        try:
+            for messages in conversations:
+                requests.append(self.submit(*self.chat_prompt(messages), **sampling))
+        except BaseException:  # a bad conversation: none of them runs
+            self._cancel(requests)
+            raise
         cid, created = openai.completion_id, openai.now()
         return [openai.response(cid(), created, self.name, ends) for ends in self.results(requests)]
 
@@ -255,3 +284,9 @@ class GenerationMixin:
                 yield openai.chunk(cid, created, self.name, {}, value.finish_reason, index=i,
                                    logprobs=openai.take(held), **({"usage": usage} if usage else {}))
                 return
+
+
+def _cancel_unfinished(scheduler, request: Request) -> None:
+    """A request whose stream of chunks was dropped unread: stopped at the next step, not generated for no one."""
+    if any(not s.done for s in request.streams):
+        scheduler.cancel(request)

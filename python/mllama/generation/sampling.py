@@ -27,6 +27,33 @@ class SamplingParams:
     max_tokens: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
 
+    def __post_init__(self) -> None:
+        """ValueError (TypeError for a wrong type) for values the sampler cannot honour: a NaN temperature, a
+        top-p of 7, a repeat penalty of 0 (a division by zero) would otherwise fail or mislead mid-generation."""
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+                raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+            if not np.isfinite(value):
+                raise ValueError(f"{name} must be finite, not {value}")
+        for name in ("top_k", "repeat_last_n", "seed", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise TypeError(f"{name} must be an integer, not {type(value).__name__}")
+        if not all(isinstance(text, str) for text in self.stop):
+            raise TypeError("stop must be a string or a sequence of strings")
+        checks = ((0.0 <= self.top_p <= 1.0, "top_p must be within [0, 1]"),
+                  (0.0 <= self.min_p <= 1.0, "min_p must be within [0, 1]"),
+                  (self.top_k >= 0, "top_k must be >= 0 (0: off)"),
+                  (self.repeat_penalty > 0.0, "repeat_penalty must be > 0 (1: off)"),
+                  (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be within [-2, 2]"),
+                  (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be within [-2, 2]"),
+                  (self.repeat_last_n >= -1, "repeat_last_n must be >= -1 (-1: the whole history)"),
+                  (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"))
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
     def with_overrides(self, **kwargs) -> "SamplingParams":
         known = {k: v for k, v in kwargs.items() if v is not None}
         if "stop" in known and isinstance(known["stop"], str):

@@ -42,7 +42,7 @@ class Stream:
     def __init__(self, request: "Request", index: int, tokenizer):
         self.request, self.index = request, index
         seed = request.params.seed
-        self.rng = np.random.default_rng(None if seed is None else seed + index)
+        self.rng = np.random.default_rng(None if seed is None else (seed + index) % 2**64)  # any int seed
         self.seq = -1
         self.history = list(request.tokens)
         self.next_token: int | None = None  # sampled, evaluated at the next step
@@ -52,9 +52,12 @@ class Stream:
         self.logprobs: list[dict] | None = [] if request.logprobs is not None else None  # OpenAI's items
         self.grammar = request.grammar.start() if request.grammar is not None else None  # its own state
         self.events: deque = deque()
-        self.done = False
+        self.done = False   # set once the result (or error) is in `events`
+        self.ended = False  # set just before it goes there
 
     def emit(self, kind: str, value) -> None:
+        if kind in ("result", "error"):  # before it can be read: a reader of the result finds the stream ended
+            self.ended = True
         self.events.append((kind, value))
         if self.request.notify:
             self.request.notify()
@@ -85,7 +88,7 @@ class Stream:
         if self.pending:
             self._send(self.pending)
         self.emit("result", result_of("".join(self.text), self.record, self.logprobs))
-        self.done = True
+        self.done = True  # after the result is in the outbox: a reader that finds the stream done finds its result
 
 
 class Request:
@@ -242,24 +245,26 @@ class Scheduler:
     def _sample(self, s: Stream, logits: np.ndarray, drawn: Future | None = None) -> None:
         if s.done:
             return
+        try:
+            self._sample_stream(s, logits, drawn)
+        except Exception as exc:  # this request's own failure (its grammar, its options): it ends, the others go on
+            self._close(s.request, exc)
+
+    def _sample_stream(self, s: Stream, logits: np.ndarray, drawn: Future | None) -> None:
         request, params = s.request, s.request.params
         if drawn is None and not np.isfinite(logits).all():  # a drawn stream's logits were checked before
             self._close(request, MllamaError("the model produced non-finite logits (NaN or Inf): corrupt weights "
                                              "or a numeric overflow"))
             return
-        try:
-            allowed = self._mask(s) if s.grammar is not None else None
-            token = drawn.result() if drawn is not None else sample(logits, s.history, params, s.rng, allowed)
-            if s.record.first_token is None:
-                s.record.first_token = time.perf_counter()
-            if token in self.eog_ids:
-                s.finish("stop")
-                return
-            if s.grammar is not None:
-                s.grammar.advance(token)
-        except ValueError as exc:  # the grammar allows nothing, or an llguidance limit
-            self._close(request, exc)
+        allowed = self._mask(s) if s.grammar is not None else None  # ValueError: the grammar allows nothing
+        token = drawn.result() if drawn is not None else sample(logits, s.history, params, s.rng, allowed)
+        if s.record.first_token is None:
+            s.record.first_token = time.perf_counter()
+        if token in self.eog_ids:
+            s.finish("stop")
             return
+        if s.grammar is not None:
+            s.grammar.advance(token)  # ValueError: an llguidance limit
         if s.logprobs is not None:  # from the raw logits (see logprobs.py)
             s.logprobs.append(logprob_entry(logits, token, request.logprobs, s.tokenizer))
             s.emit("logprob", s.logprobs[-1])
@@ -306,8 +311,9 @@ class Scheduler:
                 if not self.waiting:
                     return
                 request = self.waiting[0]
-                if request.cancelled:
+                if request.cancelled:  # stopped while it waited: its readers learn of it
                     self.waiting.popleft()
+                    request.fail(GenerationCancelled("the request was cancelled"))
                     continue
                 free = [i for i, b in enumerate(self.busy) if not b]
                 if len(free) < len(request.streams):

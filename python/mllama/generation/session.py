@@ -34,16 +34,26 @@ class Chat:
         return TextStream(lambda stream: self._record(stream, tokens, images, sampling))
 
     def _record(self, stream: TextStream, tokens, images, sampling) -> Iterator[str]:
-        text = []
-        pieces = self.model.stream_text(tokens, images, **sampling)
+        text, failed = [], False
         try:
-            for piece in pieces:
-                text.append(piece)
-                yield piece
-            stream.result = pieces.result
-        finally:  # an interrupted reply is kept as far as it went, so the history stays consistent
-            pieces.close()
-            self.messages.append({"role": "assistant", "content": "".join(text)})
+            pieces = self.model.stream_text(tokens, images, **sampling)
+            try:
+                for piece in pieces:
+                    text.append(piece)
+                    yield piece
+                stream.result = pieces.result
+            finally:
+                pieces.close()
+        except GeneratorExit:  # the caller stopped reading: the reply is kept as far as it went
+            raise
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            if failed and not text:  # the turn never happened (bad options, a prompt over the context): nor its question
+                self.messages.pop()
+            else:  # an interrupted reply is kept as far as it went, so the history stays consistent
+                self.messages.append({"role": "assistant", "content": "".join(text)})
 
     def clear(self) -> None:
         system = [m for m in self.messages[:1] if m["role"] == "system"]

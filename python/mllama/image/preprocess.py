@@ -55,8 +55,9 @@ class Preprocessed:
 
 
 # --- loading ----------------------------------------------------------------------------------
-def _open(data: Any):
-    from PIL import Image, ImageOps
+def _open(data: Any, source: str):
+    """The decoded image in `data` (a binary file object); `source` names it in errors ("'photo.jpg'", "data")."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -65,9 +66,11 @@ def _open(data: Any):
             image.load()  # decode now: truncated or corrupt data fails here, not later
             return ImageOps.exif_transpose(image)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError(f"image too large: {exc}") from None
+            raise ImageError(f"image {source} too large: {exc}") from None
+        except UnidentifiedImageError:
+            raise ImageError(f"cannot read image {source}: not an image, or a format Pillow cannot read") from None
         except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageError(f"cannot read image: {exc}") from None
+            raise ImageError(f"cannot read image {source}: {exc}") from None
 
 
 def load_image(image: Any):
@@ -83,15 +86,15 @@ def load_image(image: Any):
     if isinstance(image, (bytes, bytearray, memoryview)):
         if len(image) == 0:
             raise ImageError("cannot read image: empty data")
-        return _open(io.BytesIO(bytes(image)))
+        return _open(io.BytesIO(bytes(image)), f"data ({len(image)} bytes)")
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
             raise ImageError(f"cannot read image: no such file '{path}'")
         with open(path, "rb") as f:
-            return _open(io.BytesIO(f.read()))
+            return _open(io.BytesIO(f.read()), f"'{path}'")
     if hasattr(image, "read"):
-        return _open(io.BytesIO(image.read()))
+        return _open(io.BytesIO(image.read()), f"'{getattr(image, 'name', 'file object')}'")
     raise ImageError(f"unsupported image input of type {type(image).__name__}")
 
 
@@ -110,9 +113,13 @@ def _from_array(array: np.ndarray):
 
 
 def to_rgb(image) -> np.ndarray:
-    """uint8 HxWx3: transparency composited onto white, other modes converted by Pillow."""
+    """uint8 HxWx3: transparency composited onto white, other modes converted by Pillow; 16-bit and 32-bit integer
+    grayscale scaled from 0..65535 and float grayscale from 0..1 (or clipped to 0..255 where it exceeds 1), where
+    Pillow's conversion would clip them to white (as transformers' does)."""
     from PIL import Image
 
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _wide_gray_to_8bit(image)
     try:
         has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
         if has_alpha:
@@ -127,6 +134,18 @@ def to_rgb(image) -> np.ndarray:
     if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:
         raise ImageError(f"image has no pixels ({image.size[0]}x{image.size[1]})")
     return array
+
+
+def _wide_gray_to_8bit(image):
+    """An "I;16*", "I" or "F" image as an 8-bit "L" one (round half to even)."""
+    from PIL import Image
+
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        values = values * 255.0 if np.nanmax(values, initial=0.0) <= 1.0 else values
+    else:
+        values = np.clip(values, 0, 65535) / 257.0
+    return Image.fromarray(np.rint(np.nan_to_num(np.clip(values, 0, 255))).astype(np.uint8))
 
 
 # --- geometry (float64 arithmetic, as the reference) --------------------------------------------

@@ -74,6 +74,10 @@ def _decode_image_url(url: str) -> Any:
     return url
 
 
+ROLES = ("system", "user", "assistant", "tool", "ipython")
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system message
+
+
 def normalize(messages: list[dict]) -> Conversation:
     conv = Conversation([])
 
@@ -85,6 +89,11 @@ def normalize(messages: list[dict]) -> Conversation:
         if not isinstance(message, dict) or "role" not in message:
             raise ValueError(f"message {i} must be a dict with a 'role'")
         role, content = message["role"], message.get("content", "")
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
+        if role not in ROLES:
+            raise ValueError(f"message {i}: unknown role {role!r:.40} (one of {', '.join(ROLES)}, or developer)")
+        if role != message["role"]:
+            message = {**message, "role": role}
         if role == "tool" or message.get("tool_calls"):
             conv.messages.append(template_message(message, i))
             continue
@@ -108,8 +117,10 @@ def normalize(messages: list[dict]) -> Conversation:
                 if kind == "text":
                     parts.append(text_part(str(part.get("text", ""))))
                 elif kind == "image_url":
-                    url = part["image_url"]["url"] if isinstance(part.get("image_url"), dict) else part.get("image_url")
-                    conv.images.append(_decode_image_url(str(url)))
+                    url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else part.get("image_url")
+                    if not isinstance(url, str):
+                        raise ValueError(f"message {i}: an image_url's url must be a string")
+                    conv.images.append(_decode_image_url(url))
                     parts.append({"type": "image"})
                 elif kind == "image":
                     conv.images.append(part.get("image", part.get("url")))
@@ -118,6 +129,8 @@ def normalize(messages: list[dict]) -> Conversation:
                     raise ValueError(f"message {i}: unsupported content part {part!r:.80}")
         elif content is not None:
             raise ValueError(f"message {i}: content must be a string or a list of parts")
+        if role != "user" and any(part.get("type") == "image" for part in parts):
+            raise ValueError(f"message {i}: images go in user messages, not in a {role} message")
         conv.messages.append({"role": role, "content": parts})
     return conv
 

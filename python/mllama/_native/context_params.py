@@ -1,0 +1,62 @@
+"""What a context is made with: the C strings its parameters point to, the sizes checked before loading, the
+default number of sequences, and the context itself with its effective sizes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelLoadError
+from .ffi import call, ffi, lib
+
+
+class CStrings:
+    """char[] buffers that must outlive a C call taking their pointers."""
+
+    def __init__(self):
+        self._keep = []
+
+    def __call__(self, value: str | os.PathLike | None):
+        if not value:
+            return ffi.NULL
+        self._keep.append(ffi.new("char[]", os.fsencode(value)))
+        return self._keep[-1]
+
+
+def auto_sequences(model_ptr, n_ctx: int, most: int = 4) -> int:
+    """How many sequences to hold by default: up to `most`, as many whose self-attention caches (F16)
+    fit in a quarter of the host memory free now (caches on a GPU: pass n_seq_max for its memory)."""
+    h = ffi.new("mllama_hparams *")
+    call(lib.mllama_model_get_hparams, model_ptr, h)
+    n_ctx = min(n_ctx, h.n_ctx_train) if n_ctx > 0 else min(h.n_ctx_train, 4096)
+    n_self = h.n_layer - lib.mllama_model_cross_layers(model_ptr, ffi.NULL, 0)
+    per_seq = n_self * 2 * n_ctx * h.n_head_kv * h.n_embd_head * 2
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
+    return max(1, min(most, free // 4 // max(per_seq, 1)))
+
+
+def check_sizes(**sizes) -> None:
+    """ValueError for a size that is not a whole number >= 0 (0 and None: the default; n_seq_max may be "auto")."""
+    for name, value in sizes.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
+            raise ValueError(f"{name} must be a whole number >= 0 (0 or None: the default), not {value!r}")
+
+
+def new_context(model_ptr, values: dict, *, dump_dir, dump_filter, cpu_kernels, profile) -> tuple:
+    """A context for the model; returns it and its effective (resolved) sizes."""
+    strings = CStrings()
+    params = ffi.new("mllama_context_params *", lib.mllama_context_default_params())
+    for key, value in values.items():
+        setattr(params, key, int(value))
+    if dump_dir:
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
+    params.dump_dir, params.dump_filter = strings(dump_dir), strings(dump_filter)
+    params.cpu_kernels, params.profile_path = strings(cpu_kernels), strings(profile)
+    out = ffi.new("mllama_context **")
+    call(lib.mllama_context_init, model_ptr, params, out, error=ModelLoadError)
+    effective = ffi.new("mllama_context_params *")
+    call(lib.mllama_context_get_params, out[0], effective)
+    return out[0], {"n_ctx": int(effective.n_ctx), "n_batch": int(effective.n_batch),
+                    "n_image_slots": int(effective.n_image_slots), "n_seq_max": int(effective.n_seq_max)}
