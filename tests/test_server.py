@@ -218,9 +218,12 @@ def ask(base: str, kind: str, text: str, max_tokens: int) -> tuple:
         usage = r["usage"]
         return r["choices"][0]["message"]["content"], r["choices"][0]["finish_reason"], usage["prompt_tokens"], usage["completion_tokens"]
     chunks = [json.loads(line[6:]) for line in reply.splitlines() if line.startswith("data: {")]
-    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-    last = chunks[-1]
-    return content, last["choices"][0]["finish_reason"], last["usage"]["prompt_tokens"], last["usage"]["completion_tokens"]
+    # OpenAI's include_usage: "usage": null on every chunk but a last one without choices, which has it
+    *with_choices, last = chunks
+    assert last["choices"] == [] and all(c["usage"] is None and len(c["choices"]) == 1 for c in with_choices)
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in with_choices)
+    finish = with_choices[-1]["choices"][0]["finish_reason"]
+    return content, finish, last["usage"]["prompt_tokens"], last["usage"]["completion_tokens"]
 
 
 def test_overlapping_requests_each_carry_their_own_usage_and_finish_reason(gguf_f32):
@@ -296,4 +299,9 @@ def test_ollama_chat_with_the_official_client_and_bad_requests(server):
                                  ("/api/generate", {"prompt": "Hi", "images": ["%%%"]}, "base64"),
                                  ("/api/chat", {"messages": [{"role": "user", "content": "Hi"}], "options": 1}, "'options'")]:
         status, text = post(server, path, json.dumps(body).encode())
-        assert status == 400 and fragment in json.loads(text)["error"]["message"], (path, body, text)
+        assert status == 400 and fragment in json.loads(text)["error"], (path, body, text)  # Ollama's shape
+    from ollama import ResponseError
+
+    with pytest.raises(ResponseError) as failed:  # the client reads the error as a string, as from Ollama
+        c.generate(model="x", prompt="Hi", images=[b"not an image"])
+    assert failed.value.status_code == 400 and "cannot read image" in failed.value.error

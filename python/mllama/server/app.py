@@ -9,20 +9,36 @@ from typing import Any
 from . import completions_routes, ollama_routes, openai_routes
 from .metrics import Metrics
 from .queue import BatchQueue
-from .requests import error_body
+from .requests import RequestError, error_body, ollama_error_body
 
 
-def create_app(model, *, max_queue: int = 8, max_body_bytes: int = 32 * 1024 * 1024, allow_local_images: bool = False):
+# Origins whose pages may call the server without --allow-origin: this machine's, and desktop apps' (Ollama's default)
+LOCAL_ORIGINS = r"(https?://(localhost|127\.0\.0\.1|\[::1\]|0\.0\.0\.0)(:\d+)?|(app|file|tauri|vscode-webview)://.*)"
+
+
+def create_app(model, *, max_queue: int = 8, max_body_bytes: int = 32 * 1024 * 1024, allow_local_images: bool = False,
+               allow_origins: list[str] = ()):
     from fastapi import FastAPI
+    from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
 
     app = FastAPI(title="mllama", version=getattr(model, "__version__", "0"))
+    app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_origin_regex=LOCAL_ORIGINS,
+                       allow_methods=["*"], allow_headers=["*"])
     queue = BatchQueue(model, max_queue, Metrics(model))
     model_id = model.name
     limits = {"max_body_bytes": max_body_bytes, "allow_local_images": allow_local_images}
 
     def error(exc: BaseException) -> JSONResponse:
         status, body, headers = error_body(exc)
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def unknown_route(request, exc: HTTPException):  # a wrong path or method, in the API's own error shape
+        wrong = RequestError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                             dict(exc.headers or {}))
+        status, body, headers = (ollama_error_body if request.url.path.startswith("/api/") else error_body)(wrong)
         return JSONResponse(body, status_code=status, headers=headers)
 
     @app.get("/health")
@@ -42,7 +58,7 @@ def create_app(model, *, max_queue: int = 8, max_body_bytes: int = 32 * 1024 * 1
 
     openai_routes.register(app, queue, model_id, limits, error)
     completions_routes.register(app, queue, model_id, limits, error)
-    ollama_routes.register(app, queue, model_id, limits, error)
+    ollama_routes.register(app, queue, model_id, limits)
     return app
 
 

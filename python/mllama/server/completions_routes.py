@@ -4,8 +4,8 @@ Model.generate; or token ids) continued with n choices, streamed as server-sent 
 
 from ..generation import openai
 from ..generation.logprobs import CompletionLogprobs, check_completion
-from .openai_routes import choices, results, sse
-from .queue import BatchQueue, Reply
+from .openai_routes import choices, inband_error, sse
+from .queue import BatchQueue, ClientGone, Reply, first_pieces, results, while_connected
 from .requests import RequestError, read_json, response_format, sampling
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
@@ -62,7 +62,7 @@ def options(body: dict) -> dict:
 def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None:
     # FastAPI reads the routes' annotations at run time: no postponed annotations in this module
     from fastapi import Request
-    from fastapi.responses import StreamingResponse
+    from fastapi.responses import Response, StreamingResponse
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -71,12 +71,15 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
             unsupported(body)
             prompt, opts, n = prompt_of(body), options(body), choices(body)
             replies = await queue.submit(prompt, opts, n=n)
-            firsts = [await reply.first() for reply in replies]
+            firsts = await while_connected(request, first_pieces(replies), replies)
+            cid, created = openai.text_completion_id(), openai.now()
+            if not body.get("stream"):
+                ended = await while_connected(request, results(replies), replies)
+                return openai.text_response(cid, created, model_id, ended)
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it
         except Exception as exc:
             return error(exc)
-        cid, created = openai.text_completion_id(), openai.now()
-        if not body.get("stream"):
-            return openai.text_response(cid, created, model_id, await results(replies))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         logprobs = "logprobs" in opts
         return StreamingResponse(events(replies, firsts, cid, created, model_id, include_usage, logprobs),
@@ -85,30 +88,32 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
 
 async def events(replies: list[Reply], firsts: list, cid: str, created: int, model_id: str, include_usage: bool,
                  logprobs: bool):
-    """Each choice's chunks in turn; then usage (when asked) in a chunk without choices, as OpenAI sends it."""
+    """Each choice's chunks in turn; then usage (when asked) in a chunk without choices, as OpenAI sends it (the
+    other chunks then carry "usage": null)."""
     try:
         for i, (reply, first) in enumerate(zip(replies, firsts)):
-            async for line in choice_events(reply, first, i, (cid, created, model_id), logprobs):
+            async for line in choice_events(reply, first, i, (cid, created, model_id), logprobs, include_usage):
                 yield line
         if include_usage:
             usage = openai.text_response(cid, created, model_id, [r.result for r in replies])["usage"]
             yield sse({**openai.text_chunk(cid, created, model_id, "", None, 0), "choices": [], "usage": usage})
     except Exception as exc:  # after the headers: report in-band, as OpenAI does
-        yield sse({"error": {"message": str(exc)}})
+        yield sse(inband_error(exc))
         return
     finally:
         await replies[0].aclose()
     yield "data: [DONE]\n\n"
 
 
-async def choice_events(reply: Reply, first: str | None, index: int, ids: tuple, logprobs: bool):
+async def choice_events(reply: Reply, first: str | None, index: int, ids: tuple, logprobs: bool, null_usage: bool):
     """One choice's pieces (each with the logprobs of its tokens when asked), its finish_reason last;
     `ids`: the response's (id, created, model)."""
     shape = CompletionLogprobs() if logprobs else None
+    extra = {"usage": None} if null_usage else {}
 
     def chunk(text: str, finish_reason: str | None) -> str:
         items = shape.take(openai.take(reply.held)) if shape else None
-        return sse(openai.text_chunk(*ids, text, finish_reason, index, items))
+        return sse({**openai.text_chunk(*ids, text, finish_reason, index, items), **extra})
 
     if first:
         yield chunk(first, None)

@@ -13,8 +13,20 @@ from ..generation.api import tool_spec
 from ..text.tools import parse_call
 from ..generation.openai import take
 from ..generation.results import GenerationResult
-from .queue import BatchQueue, Reply
-from .requests import RequestError, check_messages, from_ollama, logprob_options, read_json, sampling
+from .queue import BatchQueue, ClientGone, Reply, first_pieces, results, while_connected
+from .requests import (RequestError, check_messages, from_ollama, logprob_options, ollama_error_body, read_json,
+                       sampling)
+
+
+OLLAMA_API_VERSION = "0.12.11"  # the Ollama release whose API these routes follow (logprobs came with it)
+
+
+def loads_only(body: dict, key: str) -> bool:
+    """A request that only loads (or unloads) the model, as Ollama's clients send it: /api/chat with no
+    messages, /api/generate with no prompt and no images."""
+    if key == "message":
+        return body.get("messages") in (None, [])
+    return not body.get("prompt") and not body.get("images")
 
 
 def options(body: dict) -> dict:
@@ -106,14 +118,18 @@ def generate_prompt(body: dict):
     return lambda model: model.chat_prompt(messages)
 
 
-def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None:
+def register(app, queue: BatchQueue, model_id: str, limits: dict) -> None:
     # FastAPI reads the routes' annotations at run time: this module must not use postponed
     # annotations (`from __future__ import annotations`), or `Request` would not resolve here
     from fastapi import Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
     card = model_card(queue.model)
     tag = {k: card[k] for k in ("name", "model", "modified_at", "size", "digest", "details")}
+
+    def error(exc: BaseException) -> JSONResponse:  # Ollama's shape: {"error": "<message>"}
+        status, body, headers = ollama_error_body(exc)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     async def answer(request: Request, key: str):
         started = time.perf_counter()
@@ -122,30 +138,41 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
             opts = {**options(body), **output_format(body), **logprob_options(body)}
             spec = tool_spec(body.get("tools"), None, opts) if key == "message" else None
             tools, names = (spec.tools, spec.names) if spec else (None, ())
+            if loads_only(body, key):  # Ollama's way to load (or, keep_alive 0, unload) a model
+                reason = "unload" if body.get("keep_alive") in (0, "0", "0s", "0m") else "load"
+                return JSONResponse(json.loads(line(model_id, now_iso(), key, "", {"done_reason": reason})))
             if key == "message":
                 messages = [from_ollama(m) for m in check_messages(body, limits["allow_local_images"])]
                 prompt = lambda model: model.chat_prompt(messages, tools=tools)  # noqa: E731
-            elif not body.get("prompt") and not body.get("images"):  # Ollama's way to load a model
-                return JSONResponse(json.loads(line(model_id, now_iso(), key, "", {"done_reason": "load"})))
             else:
                 prompt = generate_prompt(body)
-            reply, = await queue.submit(prompt, opts)
-            first = await reply.first()
+            replies = await queue.submit(prompt, opts)
+            first, = await while_connected(request, first_pieces(replies), replies)
+            reply, created, logprobs = replies[0], now_iso(), "logprobs" in opts
+            if body.get("stream", True) is False or tools:  # a reply that may be a tool call is sent once whole
+                result, = await while_connected(request, results(replies), replies)
+                closing, text, items = final_fields(result, started), result.text, result.logprobs
+                calls = tool_calls(text, names)
+                text = "" if calls else text
+                if body.get("stream", True) is False:
+                    return JSONResponse(json.loads(line(model_id, created, key, text, closing, calls, items)))
+                lines = [line(model_id, created, key, text, None, calls, items),
+                         line(model_id, created, key, "", closing, logprobs=[] if logprobs else None)]
+                return StreamingResponse(iter(lines), media_type="application/x-ndjson")
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it
         except Exception as exc:
             return error(exc)
-        created, logprobs = now_iso(), "logprobs" in opts
-        if body.get("stream", True) is False or tools:  # a reply that may be a tool call is sent once whole
-            await reply.rest()
-            closing, text, items = final_fields(reply.result, started), reply.result.text, reply.result.logprobs
-            calls = tool_calls(text, names)
-            text = "" if calls else text
-            if body.get("stream", True) is False:
-                return JSONResponse(json.loads(line(model_id, created, key, text, closing, calls, items)))
-            lines = [line(model_id, created, key, text, None, calls, items),
-                     line(model_id, created, key, "", closing, logprobs=[] if logprobs else None)]
-            return StreamingResponse(iter(lines), media_type="application/x-ndjson")
         return StreamingResponse(ndjson(reply, first, (model_id, created, key), started, logprobs),
                                  media_type="application/x-ndjson")
+
+    @app.get("/")
+    async def root():  # Ollama's clients (its CLI: HEAD /) check that the server runs
+        return PlainTextResponse("Ollama is running")
+
+    @app.head("/")
+    async def root_head():
+        return PlainTextResponse("Ollama is running")
 
     @app.post("/api/chat")
     async def ollama_chat(request: Request):
@@ -156,8 +183,8 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
         return await answer(request, "response")
 
     @app.get("/api/version")
-    async def version():
-        return {"version": __version__}
+    async def version():  # the Ollama API version these routes follow (clients enable features by it)
+        return {"version": OLLAMA_API_VERSION, "mllama": __version__}
 
     @app.get("/api/tags")
     async def tags():
@@ -189,5 +216,7 @@ async def ndjson(reply: Reply, first: str | None, head: tuple, started: float, l
         async for piece in reply:
             yield line(*head, piece, None, logprobs=held())
         yield line(*head, "", final_fields(reply.result, started), logprobs=held())
+    except Exception as exc:  # after the headers: a last line with the error, as Ollama sends it
+        yield json.dumps({"error": str(exc) or ollama_error_body(exc)[1]["error"]}) + "\n"
     finally:
         await reply.aclose()

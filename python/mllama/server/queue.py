@@ -60,10 +60,48 @@ class Reply:
         return "".join([piece async for piece in self])
 
     async def aclose(self) -> None:
-        """Stop the request (a client that went away): its sequences are freed at the next step."""
-        if not self._ended or any(not s.done for s in self._request.streams):
+        """Stop the request (a client that went away): its sequences are freed at the next step. Counted once."""
+        if self._request.cancelled:
+            return
+        if not self._ended or any(not s.ended for s in self._request.streams):
             self._queue.cancel(self._request)
             self._queue.metrics.cancelled.inc()
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready (its request has been stopped)."""
+
+
+async def while_connected(request, awaitable, replies: list[Reply], poll_s: float = 0.25):
+    """The value of `awaitable` (a coroutine over `replies`), polling the HTTP request for a disconnect meanwhile:
+    a client that goes away while its request waits, prefills or generates a whole (non-streamed) answer stops it,
+    and its sequences are freed at the next step (streamed answers learn of it from the response itself)."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                await replies[0].aclose()
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def first_pieces(replies: list[Reply]) -> list[str | None]:
+    return [await reply.first() for reply in replies]
+
+
+async def results(replies: list[Reply]) -> list[GenerationResult]:
+    """Every choice's GenerationResult once all have ended."""
+    try:
+        for reply in replies:
+            await reply.rest()  # the result holds the whole text, `first` included
+    finally:
+        await replies[0].aclose()
+    return [reply.result for reply in replies]
 
 
 class BatchQueue:
@@ -71,12 +109,14 @@ class BatchQueue:
         self.model, self.max_queue = model, max_queue
         self.metrics = metrics or Metrics(model)
         self.preparing = 0  # requests being rendered before they reach the scheduler's queue
+        self._counts = threading.Lock()  # preparing: the event loop adds, the worker thread that queues subtracts
         self._work = threading.Event()
         self._driver: threading.Thread | None = None
 
     @property
     def waiting(self) -> int:
-        return self.model.scheduler.n_waiting + self.preparing
+        with self._counts:
+            return self.model.scheduler.n_waiting + self.preparing
 
     async def submit(self, prompt: Callable[[Any], tuple[list[int], list]], sampling: dict, n: int = 1) -> list[Reply]:
         """Render the prompt (`prompt` gives the tokens and images from the model) and prepare its
@@ -85,20 +125,30 @@ class BatchQueue:
         if self.waiting - self._free_sequences() >= self.max_queue:  # those that would wait for a sequence
             raise RequestError(503, "the server is busy: the wait queue is full", {"Retry-After": "1"})
         loop, wake = asyncio.get_running_loop(), asyncio.Event()
-        self.preparing += 1
-        try:
-            request = await asyncio.to_thread(self._prepare, prompt, sampling, n,
-                                              lambda: loop.call_soon_threadsafe(wake.set))
-        finally:
-            self.preparing -= 1
+        with self._counts:
+            self.preparing += 1
+        request = await asyncio.to_thread(self._prepare, prompt, sampling, n,
+                                          lambda: loop.call_soon_threadsafe(wake.set))
         self.metrics.submitted(request)
         self._start_driver()
         return [Reply(self, request, s, wake) for s in request.streams]
 
     def _prepare(self, prompt, sampling: dict, n: int, notify) -> Request:
-        """In a worker thread: render, prepare the images, compile a constraint, queue the request."""
-        tokens, images = prompt(self.model)
-        return self.model.submit(tokens, images, n=n, notify=notify, **sampling)
+        """In a worker thread: render, prepare the images, compile a constraint, queue the request (no longer
+        `preparing` from the moment the scheduler counts it as waiting, under one lock: `waiting` never counts it
+        twice, which refused requests before the queue was full)."""
+        queued = False
+        try:
+            tokens, images = prompt(self.model)
+            request = self.model.build_request(tokens, images, n=n, notify=notify, **sampling)
+            with self._counts:
+                self.model.scheduler.submit(request)
+                self.preparing, queued = self.preparing - 1, True
+            return request
+        finally:
+            if not queued:
+                with self._counts:
+                    self.preparing -= 1
 
     def cancel(self, request: Request) -> None:
         self.model.scheduler.cancel(request)

@@ -16,23 +16,34 @@ NUMBER_KEYS = (("temperature", float), ("top_p", float), ("min_p", float), ("pre
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str, headers: dict | None = None):
+    """An HTTP error: status, message, headers, and OpenAI's `param` (the field at fault) and `code` where known."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None, param: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
+        self.param, self.code = param, code
 
 
 def sampling(body: dict) -> dict:
-    """The sampling options of an OpenAI-style body (or Ollama's `options`), type-checked."""
+    """The sampling options of an OpenAI-style body (or Ollama's `options`), type- and range-checked (the ranges
+    the sampler cannot honour are SamplingParams' own checks, which give 400 too)."""
     out = {k: body[k] for k in SAMPLING_KEYS if body.get(k) is not None}
     if "max_completion_tokens" in out:
         out["max_tokens"] = out.pop("max_completion_tokens")
     for key, kind in NUMBER_KEYS:
-        if key in out and (isinstance(out[key], bool) or not isinstance(out[key], (int, float))):
-            raise RequestError(400, f"'{key}' must be a number")
-        if key in out:
-            out[key] = kind(out[key])
+        if key not in out:
+            continue
+        value = out[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RequestError(400, f"'{key}' must be a number", param=key)
+        if kind is int and not float(value).is_integer():
+            raise RequestError(400, f"'{key}' must be an integer, not {value}", param=key)
+        out[key] = kind(value)
     if "max_tokens" in out and out["max_tokens"] < 1:
-        raise RequestError(400, "'max_tokens' must be at least 1")
+        raise RequestError(400, "'max_tokens' must be at least 1", param="max_tokens")
+    if out.get("temperature", 0.0) < 0.0:  # the Python API reads a negative temperature as greedy; the APIs refuse it
+        raise RequestError(400, "'temperature' must be >= 0", param="temperature")
     return out
 
 
@@ -67,7 +78,9 @@ def check_messages(body: dict, allow_local_images: bool) -> list[dict]:
         for part in content if isinstance(content, list) else []:
             if isinstance(part, dict) and part.get("type") == "image_url":
                 image_url = part.get("image_url", "")
-                url = image_url.get("url", "") if isinstance(image_url, dict) else str(image_url)
+                url = image_url.get("url", "") if isinstance(image_url, dict) else image_url
+                if not isinstance(url, str):
+                    raise RequestError(400, "an image_url's url must be a string", param="messages")
                 if not url.startswith("data:") and not allow_local_images:
                     raise RequestError(400, "image_url must be a data: URL (local paths need --allow-local-images)")
     return messages
@@ -117,9 +130,20 @@ def error_status(exc: BaseException) -> int:
 
 
 def error_body(exc: BaseException) -> tuple[int, dict, dict]:
-    """(status, OpenAI-style error body, headers) for an exception; internal errors are not detailed."""
+    """(status, OpenAI's error body, headers) for an exception; internal errors are not detailed. `code` is
+    OpenAI's where one applies ("context_length_exceeded": clients such as LiteLLM and LangChain read it)."""
     status = error_status(exc)
     message = exc.message if isinstance(exc, RequestError) else str(exc) if status != 500 else "internal error"
     headers = exc.headers if isinstance(exc, RequestError) else {}
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return status, {"error": {"message": message, "type": kind}}, headers
+    param = exc.param if isinstance(exc, RequestError) else None
+    code = exc.code if isinstance(exc, RequestError) else None
+    if isinstance(exc, ContextOverflowError):
+        param, code = "messages", "context_length_exceeded"
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}, headers
+
+
+def ollama_error_body(exc: BaseException) -> tuple[int, dict, dict]:
+    """error_body in Ollama's shape: {"error": "<message>"}."""
+    status, body, headers = error_body(exc)
+    return status, {"error": body["error"]["message"]}, headers
