@@ -64,3 +64,26 @@ def test_debug_shows_traceback(tmp_path):
 def test_bad_flag_exits_nonzero():
     proc = run("convert", "--type", "q9_9", "x", "-o", "y")
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_info_json_without_a_model():
+    import os
+
+    proc = run("info", "--json", env={k: v for k, v in os.environ.items() if k != "MLLAMA_MODEL"})
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert any(d["type"] == "cpu" for d in data["devices"]) and "machine" in data["cpu"]
+
+
+def test_bad_numbers_are_one_line_errors(gguf_f32):
+    port = run("serve", "-m", str(gguf_f32), "--port", "99999")
+    assert port.returncode == 2 and "a port is 0..65535" in port.stderr and "Traceback" not in port.stderr
+    tokens = run("describe", "--max-tokens", "0", "-m", str(gguf_f32), "missing.png")
+    lines = tokens.stderr.strip().splitlines()
+    assert tokens.returncode == 1 and len(lines) == 1 and "max_tokens must be at least 1" in lines[0], tokens.stderr
+
+
+def test_a_closed_pipe_is_not_an_error(gguf_f32):
+    proc = subprocess.run(f"{sys.executable} -m mllama info {gguf_f32} | head -1", shell=True, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.stdout.count("\n") == 1 and "Broken pipe" not in proc.stderr and "Error" not in proc.stderr

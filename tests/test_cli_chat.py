@@ -48,6 +48,18 @@ def test_repl_two_turns_image_save_interrupt_and_eof(gguf_f32, picture, tmp_path
     child.expect("saved 4 messages")
     child.expect("> ")
     conversation = json.loads(save.read_text())
+    save.write_text("the user's own file")
+    child.sendline(f"/save {save}")  # never over an existing file
+    child.expect("exists: /save! ")
+    child.expect("> ")
+    child.sendline(f"/save {tmp_path}")  # a folder: reported, and the chat goes on
+    child.expect("cannot save to ")
+    child.expect("> ")
+    assert save.read_text() == "the user's own file"
+    child.sendline(f"/save! {save}")
+    child.expect("saved 4 messages")
+    child.expect("> ")
+    assert json.loads(save.read_text()) == conversation
     assert [m["role"] for m in conversation] == ["user", "assistant", "user", "assistant"]
     assert conversation[0]["content"][0]["type"] == "image"
     child.sendeof()

@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     add_model_flags(p)
     p.add_argument("--image", help="image to encode (default: a generated test image)")
     p.add_argument("--prompt", default="Describe this image in detail.")
-    p.add_argument("--decode", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--decode", type=positive_int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -30,6 +30,13 @@ def peak_rss_bytes() -> int:
     """The process's peak resident memory (ru_maxrss: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def measure(model, image, prompt: str, n_decode: int) -> dict:

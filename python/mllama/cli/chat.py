@@ -17,7 +17,7 @@ from .common import (add_model_flags, add_sampling_flags, check_images, constrai
 HELP = """commands:
   /image PATH   attach an image to the next message
   /clear        forget the conversation
-  /save FILE    write the conversation as JSON
+  /save FILE    write the conversation as JSON (/save! FILE replaces an existing file)
   /help         this help
   /exit         quit (also Ctrl-D; Ctrl-C stops a reply, twice at the prompt quits)"""
 
@@ -67,15 +67,33 @@ def _command(line: str, chat, pending: list[str]) -> bool:
         chat.clear()
         pending.clear()
         print("conversation cleared")
-    elif cmd == "/save":
-        if not arg:
-            print("usage: /save FILE")
-        else:
-            Path(arg).expanduser().write_text(json.dumps(_serializable(chat.messages), indent=2) + "\n")
-            print(f"saved {len(chat.messages)} messages to {arg}")
+    elif cmd in ("/save", "/save!"):
+        _save(arg, chat, overwrite=cmd == "/save!")
     else:
         print(f"unknown command {cmd} (/help lists them)")
     return True
+
+
+def _save(arg: str, chat, overwrite: bool) -> None:
+    """/save FILE: the conversation as JSON, never over an existing file (/save! FILE replaces it); a file that
+    cannot be written is reported, and the chat goes on."""
+    if not arg:
+        print("usage: /save FILE (/save! FILE replaces an existing file)")
+        return
+    path = Path(arg).expanduser()
+    if path.is_dir():
+        print(f"cannot save to {arg}: it is a folder")
+        return
+    try:
+        with open(path, "w" if overwrite else "x") as f:
+            f.write(json.dumps(_serializable(chat.messages), indent=2) + "\n")
+    except FileExistsError:
+        print(f"{arg} exists: /save! {arg} replaces it")
+        return
+    except OSError as exc:
+        print(f"cannot save to {arg}: {exc.strerror or exc}")
+        return
+    print(f"saved {len(chat.messages)} messages to {arg}")
 
 
 def _serializable(messages: list[dict]) -> list[dict]:
@@ -90,11 +108,12 @@ def _serializable(messages: list[dict]) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    options = sampling_from(args)
     images = check_images(args.image or [])
     constraint = constraint_from(args)
     with load_model(args) as model:
         grammar = model.compile_grammar(**constraint)  # compiled once for every reply
-        chat = model.chat_session(system=args.system, grammar=grammar, **sampling_from(args))
+        chat = model.chat_session(system=args.system, grammar=grammar, **options)
         if not sys.stdin.isatty():
             prompt = sys.stdin.read().strip()
             if prompt:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .._native.errors import MllamaError
 from ..generation.results import TextStream
+from ..generation.sampling import SamplingParams
 from ..model import Model
 from ..ollama_store import manifest_path, store_root
 from ..settings import environment
@@ -82,7 +83,10 @@ def constraint_from(args: argparse.Namespace) -> dict:
 
 
 def sampling_from(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k) for k in SAMPLING_KEYS if getattr(args, k, None) is not None}
+    """The sampling flags given, checked before any model loads (ValueError: a one-line error)."""
+    sampling = {k: getattr(args, k) for k in SAMPLING_KEYS if getattr(args, k, None) is not None}
+    SamplingParams().with_overrides(**sampling)
+    return sampling
 
 
 def placement_from(args: argparse.Namespace) -> dict:

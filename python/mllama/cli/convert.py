@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument("--type", default="f16", choices=text_types, metavar="TYPE",
                    help="type of the text weights: " + ", ".join(text_types) + " (default f16; q4_k_m is the usual choice)")
     p.add_argument("--vision-type", choices=list(VISION_TYPES), default=None,
-                   help="type of the vision tower and projector matrices (default: f32 for --type f32, else f16)")
+                   help="type of the vision tower and projector matrices (default: f32 for --type f32, bf16 for --type "
+                        "bf16, else f16)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

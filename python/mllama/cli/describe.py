@@ -22,10 +22,11 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    options = sampling_from(args)
     images = check_images(args.images)
     constraint = constraint_from(args)
     with load_model(args) as model:
-        sampling = {**sampling_from(args), "grammar": model.compile_grammar(**constraint)}  # compiled once
+        sampling = {**options, "grammar": model.compile_grammar(**constraint)}  # compiled once
         for path in images:
             if args.json:
                 content = [{"type": "image", "image": path}, {"type": "text", "text": args.prompt}]

@@ -101,7 +101,10 @@ def print_summary(summary: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     target = args.model_opt or args.model
     if not target and not environment().model:
-        print_devices()
+        if args.json:
+            print(json.dumps({"devices": devices(), "ggml": system_info(), "cpu": cpu_report()}, indent=2))
+        else:
+            print_devices()
         return 0
     with Model(model_arg(target), projector=args.projector, **placement_from(args)) as model:
         summary = model_summary(model)

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI- and Ollama-compatible HTTP server (needs: pip install mllama[server])")
     add_model_flags(p)
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=None, help=f"port (default 8080; {OLLAMA_PORT} with --ollama)")
+    p.add_argument("--port", type=port_number, default=None, help=f"port (default 8080; {OLLAMA_PORT} with --ollama)")
     p.add_argument("--ollama", action="store_true",
                    help=f"bind Ollama's default address (127.0.0.1:{OLLAMA_PORT}) so Ollama's clients work unchanged")
     p.add_argument("--allow-local-images", action="store_true", help="accept image_url parts naming local files")
@@ -27,7 +27,22 @@ def add_parser(sub) -> None:
                         "a quarter of the free memory holds)")
     p.add_argument("--max-queue", type=int, default=8, help="requests that may wait for a sequence (default 8)")
     p.add_argument("--max-body", type=int, default=32, help="largest request body in MiB (default 32)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin whose pages may call the server (CORS; repeatable, * for any). Pages served "
+                        "from this machine (localhost, 127.0.0.1) and app://, file://, tauri:// and "
+                        "vscode-webview:// pages may always, as with Ollama")
     p.set_defaults(func=run)
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 0..65535 (argparse's type for --port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535, not {port}")
+    return port
 
 
 def address(args: argparse.Namespace) -> tuple[str, int]:
@@ -62,5 +77,5 @@ def run(args: argparse.Namespace) -> int:
               f"requests at a time ({human(kv)} of KV cache for {model.n_ctx} tokens each; Ctrl-C to stop)",
               file=sys.stderr)
         serve(model, host=host, port=port, max_queue=args.max_queue, max_body_bytes=args.max_body * 2**20,
-              allow_local_images=args.allow_local_images)
+              allow_local_images=args.allow_local_images, allow_origins=args.allow_origin)
     return 0

@@ -136,6 +136,8 @@ def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, type: str = "f
             verify: bool = True) -> Path:
     """Convert the checkpoint folder `hf_dir` to the GGUF file `output`; returns the output path."""
     folder, out = Path(hf_dir), Path(output)
+    if not isinstance(type, str):
+        raise TypeError(f"type must be a type name such as 'q4_k_m' or 'f16', not {type!r}")
     type = type.lower()
     text_type = T.lookup(MIXES.get(type, type))
     vtype_name = vision_type or ("f32" if text_type.name.lower() == "f32" else "bf16" if text_type.name.lower() == "bf16" else "f16")
