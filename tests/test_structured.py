@@ -309,3 +309,15 @@ def test_ollama_json_and_bad_formats(server):
                            ({"format": {"type": "object", "properties": {"a": {"type": 7}}}}, "invalid JSON schema")]:
         status, text = post(server, "/api/generate", json.dumps({"prompt": "Hi", **body}).encode())
         assert status == 400 and fragment in json.loads(text)["error"], (body, text)  # Ollama's shape
+
+
+def test_a_schema_past_llguidances_limits_is_the_requests_error(model):
+    """A schema that compiles but that llguidance cannot follow (its item limit) fails as the request's error, a
+    ValueError (HTTP 400), not as a token that "does not fit" (an internal error, 500); True is any JSON value."""
+    recursive = {"$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}}, "required": ["c"]}},
+                 "$ref": "#/$defs/n"}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": recursive}}
+    with pytest.raises(ValueError, match="constrained decoding failed"):
+        model.chat([{"role": "user", "content": "Hi"}], response_format=fmt, max_tokens=5)
+    anything = {"type": "json_schema", "json_schema": {"name": "x", "schema": True}}
+    assert model.compile_grammar(response_format=anything) is not None

@@ -88,6 +88,46 @@ def test_model_chat_forced_auto_and_refused(model):
         model.chat(ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
 
 
+PYDANTIC_LIKE = {"$defs": {"Item": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 4}},
+                                   "required": ["name"], "additionalProperties": False}},
+                 "type": "object", "properties": {"items": {"type": "array", "items": {"$ref": "#/$defs/Item"},
+                                                            "maxItems": 2}},
+                 "required": ["items"], "additionalProperties": False}
+
+
+def test_a_forced_call_of_a_tool_whose_parameters_use_defs(model):
+    """Nested models (pydantic's `$defs` and `$ref`) in a forced call: their refs still resolve in the call's schema
+    (it wraps the parameters: "#/$defs/Item" pointed at the wrapper's root, and the call was refused)."""
+    tools = [{"type": "function", "function": {"name": "order", "parameters": PYDANTIC_LIKE}}]
+    schema = call_schema(tools)
+    jsonschema.validate({"name": "order", "parameters": {"items": [{"name": "tea"}]}}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"name": "order", "parameters": {"items": [{"nom": "tea"}]}}, schema)
+    for seed in range(3):
+        choice = model.chat(ASK, tools=tools, tool_choice="required", max_tokens=120, temperature=1.0,
+                            seed=seed)["choices"][0]
+        if choice["finish_reason"] == "tool_calls":
+            jsonschema.validate(json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]), PYDANTIC_LIKE)
+        else:  # the random model may write long strings: cut, never a call that breaks the schema
+            assert choice["finish_reason"] == "length"
+
+
+def test_a_forced_call_complete_at_max_tokens_is_a_call(model):
+    """A constrained reply that is complete when max_tokens runs out ends with "stop" (a call: "tool_calls"), not
+    "length": the grammar allows nothing more, and a cut reply is not a call."""
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    forced = {"tools": tools, "tool_choice": "required", "temperature": 1.0}
+    seed = next(seed for seed in range(20)  # a seed whose call the random model completes (most write on)
+                if model.chat(ASK, **forced, max_tokens=40, seed=seed)["choices"][0]["finish_reason"] == "tool_calls")
+    n = model.chat(ASK, **forced, max_tokens=40, seed=seed)["usage"]["completion_tokens"]
+    exact = model.chat(ASK, **forced, max_tokens=n, seed=seed)["choices"][0]  # the same draws, up to the limit
+    assert exact["finish_reason"] == "tool_calls" and exact["message"]["tool_calls"][0]["function"]["name"] == "f"
+    cut = model.chat(ASK, **forced, max_tokens=n - 1, seed=seed)["choices"][0]
+    assert cut["finish_reason"] == "length" and cut["message"].get("tool_calls") is None
+    with pytest.raises(ValueError, match="must be a JSON schema of type \"object\""):
+        model.chat(ASK, tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}])
+
+
 @pytest.fixture(scope="module")
 def server(gguf_f32):
     with running(gguf_f32, "--ctx", "1024", "--parallel", "1") as base:

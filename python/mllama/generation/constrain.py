@@ -87,6 +87,7 @@ class Grammar:
             raise ValueError("a JSON schema must be an object")
         try:
             options = {**JSON_LAYOUT, "lenient": not strict}
+            schema = {} if schema is True else schema  # any JSON value: llguidance takes the empty schema for it
             text = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"invalid JSON schema: {exc}") from None
@@ -184,6 +185,8 @@ class GrammarState:
         self._settle()
         self._pending = None  # a mask computed before this token no longer applies
         if not self._matcher.consume_token(int(token)):
+            if self._matcher.is_error():  # the grammar hit one of llguidance's limits: the request's, not ours
+                raise ValueError(f"constrained decoding failed: {self._matcher.get_error()}")
             raise MllamaError(f"token {token} does not fit the grammar: {self._matcher.get_error()}")
 
     def is_accepting(self) -> bool:

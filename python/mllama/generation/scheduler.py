@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
@@ -40,7 +41,7 @@ class Stream:
     (("text", str), ("result", GenerationResult), ("error", exception))."""
 
     def __init__(self, request: "Request", index: int, tokenizer):
-        self.request, self.index = request, index
+        self._request, self.index = weakref.ref(request), index  # no cycle: a finished request is freed at once
         seed = request.params.seed
         self.rng = np.random.default_rng(None if seed is None else (seed + index) % 2**64)  # any int seed
         self.seq = -1
@@ -54,6 +55,11 @@ class Stream:
         self.events: deque = deque()
         self.done = False   # set once the result (or error) is in `events`
         self.ended = False  # set just before it goes there
+
+    @property
+    def request(self) -> "Request":
+        """The request of this stream (alive while the scheduler or a reader holds it)."""
+        return self._request()
 
     def emit(self, kind: str, value) -> None:
         if kind in ("result", "error"):  # before it can be read: a reader of the result finds the stream ended
@@ -264,7 +270,7 @@ class Scheduler:
             s.finish("stop")
             return
         if s.grammar is not None:
-            s.grammar.advance(token)  # ValueError: an llguidance limit
+            s.grammar.advance(token)  # ValueError: one of llguidance's limits
         if s.logprobs is not None:  # from the raw logits (see logprobs.py)
             s.logprobs.append(logprob_entry(logits, token, request.logprobs, s.tokenizer))
             s.emit("logprob", s.logprobs[-1])
@@ -274,6 +280,9 @@ class Scheduler:
         s.emit("token", token)
         if s.push_text(token, params.stop):
             s.finish("stop_string")
+            return
+        if s.grammar is not None and s.grammar.done:  # complete: only end-of-generation could follow
+            s.finish("stop")
             return
         # the last sampled token is never evaluated, so a full context still yields one token
         room = self.engine.n_ctx - len(request.tokens) + 1

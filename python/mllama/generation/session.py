@@ -50,7 +50,7 @@ class Chat:
             failed = True
             raise
         finally:
-            if failed and not text:  # the turn never happened (bad options, a prompt over the context): nor its question
+            if failed and not text:  # the turn never happened (bad options, a prompt over the context): drop it
                 self.messages.pop()
             else:  # an interrupted reply is kept as far as it went, so the history stays consistent
                 self.messages.append({"role": "assistant", "content": "".join(text)})

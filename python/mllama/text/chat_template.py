@@ -117,7 +117,8 @@ def normalize(messages: list[dict]) -> Conversation:
                 if kind == "text":
                     parts.append(text_part(str(part.get("text", ""))))
                 elif kind == "image_url":
-                    url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else part.get("image_url")
+                    image_url = part.get("image_url")
+                    url = image_url.get("url") if isinstance(image_url, dict) else image_url
                     if not isinstance(url, str):
                         raise ValueError(f"message {i}: an image_url's url must be a string")
                     conv.images.append(_decode_image_url(url))

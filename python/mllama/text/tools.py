@@ -54,17 +54,32 @@ def function_name(tool, i: int) -> str:
     if not isinstance(name, str) or not name:
         raise ValueError(f"tools[{i}].function.name must be a non-empty string")
     params = tool["function"].get("parameters")
-    if params is not None and not isinstance(params, dict):
-        raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+    if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
+        raise ValueError(f"tools[{i}].function.parameters must be a JSON schema of type \"object\" (the call's "
+                         "arguments are an object)")
     return name
 
 
 def call_schema(tools: list[dict]) -> dict:
-    """The JSON schema of a call of one of `tools` in the template's format."""
+    """The JSON schema of a call of one of `tools` in the template's format. Each tool's parameters go under
+    `$defs` as "tool{i}", their own `$ref`s rebased there: "#/$defs/Item" (pydantic's nested models) would
+    otherwise point into the wrapper schema."""
+    defs = {f"tool{i}": rebase_refs(t["function"].get("parameters") or {"type": "object"}, f"#/$defs/tool{i}")
+            for i, t in enumerate(tools)}
     calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
-                                               "parameters": t["function"].get("parameters") or {"type": "object"}},
-              "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
-    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+                                               "parameters": {"$ref": f"#/$defs/tool{i}"}},
+              "required": ["name", "parameters"], "additionalProperties": False} for i, t in enumerate(tools)]
+    return {**(calls[0] if len(calls) == 1 else {"anyOf": calls}), "$defs": defs}
+
+
+def rebase_refs(schema, root: str):
+    """`schema` with every local `$ref` ("#...") made relative to `root` (the JSON pointer it moves to)."""
+    if isinstance(schema, dict):
+        return {k: root + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#") else rebase_refs(v, root)
+                for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [rebase_refs(v, root) for v in schema]
+    return schema
 
 
 def parse_call(text: str, names: tuple[str, ...]) -> list[dict] | None:
