@@ -109,11 +109,14 @@ def test_lru_eviction_keeps_the_byte_budget(small_gguf):
 
 def test_a_second_model_with_the_same_directory_skips_the_vision_tower(small_gguf, tmp_path):
     folder, image = tmp_path / "cache", picture((100, 100), seed=4)
+    folder.mkdir()
+    folder.chmod(0o755)  # a directory others may read: so may they its files (mkstemp's 0600 kept them out)
     with mllama.Model(small_gguf, image_cache_dir=folder, profile=tmp_path / "a.tsv") as a:
         want = forward_fresh(a, image)
         assert a.engine.n_encoded == 1 and a.image_cache.stats.stores == 1
     files = list(folder.iterdir())
     assert len(files) == 1 and re.fullmatch(r"[0-9a-f]{64}\.mlslot", files[0].name)  # no temp file left
+    assert files[0].stat().st_mode & 0o777 == 0o644
     with mllama.Model(small_gguf, image_cache_dir=folder, image_cache_bytes="0", profile=tmp_path / "b.tsv") as b:
         got = forward_fresh(b, image)
         assert b.engine.n_encoded == 0 and b.image_cache.stats.disk_hits == 1

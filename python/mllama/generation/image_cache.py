@@ -179,6 +179,8 @@ class ImageCache:
         tmp = None
         try:
             fd, tmp = tempfile.mkstemp(prefix=".mlslot-", suffix=".tmp", dir=self.directory)
+            # readable by whoever may read the directory (mkstemp's 0600 kept other accounts sharing it out)
+            os.chmod(tmp, os.stat(self.directory).st_mode & 0o666)
             with os.fdopen(fd, "wb") as f:
                 f.write(header)
                 f.write(blob)
