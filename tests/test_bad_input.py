@@ -6,6 +6,7 @@ killing the test run; the child reports the exception type and message on stdout
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
 
+import mllama
+from mllama import ModelLoadError
 from gguf_edit import rewrite
 
 CHILD = textwrap.dedent("""
@@ -216,3 +219,19 @@ def test_mllama_device_is_the_default_device(gguf_f32, monkeypatch):
         mllama.Model(gguf_f32, n_ctx=256)
     with mllama.Model(gguf_f32, n_ctx=256, device="auto") as model:
         assert model.placement[0].reason.startswith("auto: ")
+
+
+@pytest.mark.parametrize("variables, error, fragment", [
+    ({"MLLAMA_PROFILE": "{tmp}/no/such/folder/p.tsv"}, ValueError, "MLLAMA_PROFILE: "),
+    ({"MLLAMA_PROFILE": "{tmp}"}, ValueError, "MLLAMA_PROFILE: "),  # a folder: nothing was written, nothing said
+    ({"MLLAMA_DUMP_DIR": "{tmp}/a_file"}, ValueError, "MLLAMA_DUMP_DIR: cannot make the folder"),
+    ({"MLLAMA_CPU_KERNELS": "garbage"}, ModelLoadError, "MLLAMA_CPU_KERNELS: unknown CPU kernel 'garbage'"),
+    ({"MLLAMA_DUMP_DIR": "{tmp}/dumps", "MLLAMA_DUMP_FILTER": "("}, ModelLoadError, "MLLAMA_DUMP_FILTER: invalid"),
+    ({"MLLAMA_IMAGE_CACHE_DIR": "{tmp}/a_file"}, ValueError, "MLLAMA_IMAGE_CACHE_DIR: "),
+])
+def test_bad_settings_name_their_variable(small_gguf, tmp_path, monkeypatch, variables, error, fragment):
+    (tmp_path / "a_file").write_text("not a folder")
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value.format(tmp=tmp_path))
+    with pytest.raises(error, match=re.escape(fragment)):
+        mllama.Model(small_gguf, n_ctx=64)

@@ -252,3 +252,56 @@ def test_unknown_type_is_rejected(hf_dir, tmp_path):
         mllama.convert(hf_dir, tmp_path / "o.gguf", type="q9_9")
     with pytest.raises(mllama.ConversionError, match="vision weights are kept unquantized"):
         mllama.convert(hf_dir, tmp_path / "o.gguf", type="q8_0", vision_type="q8_0")
+
+
+@pytest.mark.parametrize("index, message", [
+    ('{"metadata": {}}', "unreadable checkpoint index"),
+    ("[1, 2]", "unreadable checkpoint index"),
+    ("{not json", "unreadable checkpoint index"),
+    ('{"weight_map": {}}', "does not list"),  # its shard's tensors, named nowhere
+])
+def test_a_bad_shard_index_is_a_conversion_error_naming_it(hf_dir, tmp_path, index, message):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for f in hf_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "model.safetensors.index.json").write_text(index)
+    if "weight_map" in index:  # an index that names no shard lists none: give it the one shard, but no tensor
+        (folder / "model.safetensors.index.json").write_text('{"weight_map": {"x": "model.safetensors"}}')
+    with pytest.raises(mllama.ConversionError, match=message):
+        mllama.convert(folder, tmp_path / "o.gguf")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_output_paths_that_would_lose_something(hf_dir, tmp_path):
+    with pytest.raises(mllama.ConversionError, match="is a folder"):  # not "exists: pass --force"
+        mllama.convert(hf_dir, tmp_path)
+    copy = tmp_path / "hf"
+    copy.mkdir()
+    for f in hf_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    weights = (copy / "model.safetensors").read_bytes()
+    with pytest.raises(mllama.ConversionError, match="a file of the checkpoint"):
+        mllama.convert(copy, copy / "model.safetensors", force=True)
+    assert (copy / "model.safetensors").read_bytes() == weights
+
+
+def test_sigterm_during_convert_leaves_no_partial_file(hf_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "mllama", "convert", str(hf_dir), "-o", str(out / "x.gguf"),
+                             "--type", "q2_k", "-q"], stderr=subprocess.PIPE, text=True)
+    for _ in range(2000):  # until its partial file exists
+        if out.is_dir() and any(p.name.endswith(".partial") for p in out.iterdir()):
+            break
+        time.sleep(0.005)
+    else:
+        proc.kill()
+        pytest.fail("no partial file appeared")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM, proc.stderr.read()
+    assert list(out.iterdir()) == []

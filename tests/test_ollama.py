@@ -155,6 +155,13 @@ def test_store_errors(era_b, tmp_path, monkeypatch):
     monkeypatch.setenv("OLLAMA_MODELS", str(bad))
     with pytest.raises(mllama.ModelLoadError, match="does not match its digest"):
         mllama.Model("ollama:llama3.2-vision:11b")
+    with pytest.raises(mllama.ModelLoadError, match="invalid Ollama model name"):  # no way out of the store
+        mllama.Model("ollama:llama3.2-vision:../11b")
+    manifest = next((bad / "manifests").rglob("11b"))
+    for layers in ([1, 2], {"a": 1}):
+        manifest.write_text(json.dumps({"layers": layers}))
+        with pytest.raises(mllama.ModelLoadError, match="unreadable Ollama manifest .*not a list of objects"):
+            mllama.Model("ollama:llama3.2-vision:11b")
 
 
 def test_served_from_the_store_it_answers_to_its_ollama_name(era_b, tmp_path, monkeypatch):
@@ -180,3 +187,15 @@ def test_served_from_the_store_it_answers_to_its_ollama_name(era_b, tmp_path, mo
         assert chat.model == "llama3.2-vision:latest"
     with mllama.Model("ollama:llama3.2-vision:latest", n_ctx=64) as model:
         assert model.name == "llama3.2-vision:latest" and model.ollama_name == "llama3.2-vision:latest"
+
+
+def test_cli_names_a_missing_tag_of_a_stored_model_as_ollamas(era_b, tmp_path, monkeypatch):
+    """`-m llama3.2-vision:90b` with only 11b in the store: the store's error (which tags it has), not "no such
+    file 'llama3.2-vision:90b'"; a plain missing path stays a path."""
+    from mllama.cli.common import model_arg
+
+    root = make_store(tmp_path / "models", {"application/vnd.ollama.image.model": era_b})
+    monkeypatch.setenv("OLLAMA_MODELS", str(root))
+    assert model_arg("llama3.2-vision:90b") == "ollama:llama3.2-vision:90b"
+    assert model_arg("llama3.2-vision") == "ollama:llama3.2-vision"  # latest: not there, but the model is
+    assert model_arg("mymodel") == "mymodel" and model_arg("a/b/c/d/e") == "a/b/c/d/e"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ._native import dtypes as T
-from ._native.context_params import CStrings, auto_sequences, check_sizes, new_context
+from ._native.context_params import CStrings, auto_sequences, check_outputs, check_sizes, new_context
 from ._native.errors import MllamaError, ModelLoadError
 from ._native.ffi import call, cstr, ffi, lib, struct_to_dict
 from ._native.handle import Handle
@@ -123,18 +123,23 @@ class Model(Handle, GenerationMixin):
             raise
         model_ptr = out[0]
         defaults = context_defaults()
+        outputs = {"dump_dir": dump_dir, "dump_filter": dump_filter, "cpu_kernels": cpu_kernels, "profile": profile}
+        sources = {k: k if v is not None else f"MLLAMA_{k.upper()}" for k, v in outputs.items()}
+        outputs = {k: getattr(env, k) if v is None else v for k, v in outputs.items()}
         try:
+            check_outputs(outputs["profile"], outputs["dump_dir"], sources)
             ctx_ptr, effective = new_context(model_ptr, dict(
                 n_ctx=n_ctx or defaults["n_ctx"], n_batch=n_batch or defaults["n_batch"], n_threads=n_threads or 0,
                 n_image_slots=defaults["n_image_slots"] if n_image_slots is None else n_image_slots,
                 n_seq_max=auto_sequences(model_ptr, n_ctx or defaults["n_ctx"]) if n_seq_max == "auto" else
                 n_seq_max or 1,
                 cross_kv_f32=-1 if cross_kv_f32 is None else int(bool(cross_kv_f32)),
-                kv_f32=-1 if kv_f32 is None else int(bool(kv_f32))),
-                dump_dir=env.dump_dir if dump_dir is None else dump_dir,
-                dump_filter=env.dump_filter if dump_filter is None else dump_filter,
-                cpu_kernels=env.cpu_kernels if cpu_kernels is None else cpu_kernels,
-                profile=env.profile if profile is None else profile)
+                kv_f32=-1 if kv_f32 is None else int(bool(kv_f32))), **outputs)
+        except ModelLoadError as exc:  # a value from the environment: say which variable
+            lib.mllama_model_free(model_ptr)
+            named = [sources[k] for k, says in (("cpu_kernels", "cpu_kernels"), ("dump_filter", "dump filter"))
+                     if says in str(exc) and sources[k].startswith("MLLAMA_")]
+            raise (ModelLoadError(f"{named[0]}: {exc}", exc.status) if named else exc) from None
         except BaseException:
             lib.mllama_model_free(model_ptr)
             raise
@@ -199,8 +204,12 @@ class Model(Handle, GenerationMixin):
             return None
         paths = [p for p in (self.path, self.projector) if p is not None]
         identity = model_identity(paths, self._hparams, info, self.op_paths())
-        return for_model(info, identity=identity, n_slots=self._n_slots, max_bytes=max_bytes,
-                         directory=directory or None)
+        try:
+            return for_model(info, identity=identity, n_slots=self._n_slots, max_bytes=max_bytes,
+                             directory=directory or None)
+        except ValueError as exc:  # the directory came from the environment: say which variable
+            raise ValueError(f"MLLAMA_IMAGE_CACHE_DIR: {exc}") if env.image_cache_dir and directory == \
+                env.image_cache_dir else exc from None
 
     # --- metadata ---------------------------------------------------------------------------
     @property

@@ -37,7 +37,7 @@ def manifest_path(root: Path, reference: str) -> Path:
         parts = [DEFAULT_REGISTRY, "library", parts[0]]
     elif len(parts) == 2:
         parts = [DEFAULT_REGISTRY, *parts]
-    if not all(parts) or any(p in (".", "..") for p in parts + [tag]):
+    if not all(parts) or any(p in (".", "..") for p in parts + [tag]) or "/" in tag or "\\" in reference:
         raise ModelLoadError(f"invalid Ollama model name '{reference}'")
     return root.joinpath("manifests", *parts, tag)
 
@@ -87,6 +87,8 @@ def resolve(reference: str, root: Path | None = None) -> tuple[Path, Path | None
     try:
         manifest = json.loads(path.read_text())
         layers = manifest["layers"]
+        if not isinstance(layers, list) or not all(isinstance(layer, dict) for layer in layers):
+            raise TypeError("'layers' is not a list of objects")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"unreadable Ollama manifest {path}: {exc}") from None
     files: dict[str, Path] = {}

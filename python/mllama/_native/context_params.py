@@ -44,14 +44,25 @@ def check_sizes(**sizes) -> None:
             raise ValueError(f"{name} must be a whole number >= 0 (0 or None: the default), not {value!r}")
 
 
+def check_outputs(profile, dump_dir, sources: dict[str, str]) -> None:
+    """ValueError naming where a value came from (`sources`: option -> "profile", or MLLAMA_PROFILE when the
+    environment gave it) for a profile path that is a folder or whose folder is missing (nothing was written, and
+    nothing said so), or a dump folder that cannot be made; makes the dump folder."""
+    if profile and (Path(profile).is_dir() or not Path(profile).parent.is_dir()):
+        raise ValueError(f"{sources['profile']}: {profile} must name a file in an existing folder")
+    if dump_dir:
+        try:
+            Path(dump_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"{sources['dump_dir']}: cannot make the folder {dump_dir}: {exc.strerror or exc}") from None
+
+
 def new_context(model_ptr, values: dict, *, dump_dir, dump_filter, cpu_kernels, profile) -> tuple:
     """A context for the model; returns it and its effective (resolved) sizes."""
     strings = CStrings()
     params = ffi.new("mllama_context_params *", lib.mllama_context_default_params())
     for key, value in values.items():
         setattr(params, key, int(value))
-    if dump_dir:
-        Path(dump_dir).mkdir(parents=True, exist_ok=True)
     params.dump_dir, params.dump_filter = strings(dump_dir), strings(dump_filter)
     params.cpu_kernels, params.profile_path = strings(cpu_kernels), strings(profile)
     out = ffi.new("mllama_context **")

@@ -33,9 +33,14 @@ def model_arg(value: str | None) -> str:
     if not model:
         raise MllamaError("no model given: pass -m/--model or set MLLAMA_MODEL")
     looks_like_path = model.startswith(("/", ".", "~")) or model.endswith(".gguf") or Path(model).exists()
-    if not model.startswith("ollama:") and not looks_like_path and manifest_path(store_root(), model).is_file():
-        return "ollama:" + model
-    return model
+    if model.startswith("ollama:") or looks_like_path:
+        return model
+    try:
+        manifest = manifest_path(store_root(), model)
+    except MllamaError:  # not an Ollama name: a path that does not exist, said as such when it is opened
+        return model
+    # a name with a tag, or one the store has under another tag: the store says which tags it has
+    return "ollama:" + model if manifest.is_file() or ":" in model or manifest.parent.is_dir() else model
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 
 from .._native.dtypes import writable_type_names
 from ..convert import MIXES, VISION_TYPES, convert
@@ -25,8 +26,18 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = convert(args.hf_dir, args.output, type=args.type, vision_type=args.vision_type, force=args.force,
-                  progress=not args.quiet)
+    # SIGTERM (timeout, docker stop, systemd) and SIGHUP end the conversion as Ctrl-C does: through convert's
+    # cleanup, which removes its partial file (a signal's default action left it behind)
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig}
+    try:
+        out = convert(args.hf_dir, args.output, type=args.type, vision_type=args.vision_type, force=args.force,
+                      progress=not args.quiet)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if not args.quiet:
         print(f"wrote {out} ({human(out.stat().st_size)})")
     return 0

@@ -143,10 +143,12 @@ def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, type: str = "f
     vtype_name = vision_type or ("f32" if text_type.name.lower() == "f32" else "bf16" if text_type.name.lower() == "bf16" else "f16")
     if vtype_name not in VISION_TYPES:
         raise ConversionError(f"vision weights are kept unquantized: vision_type must be one of {', '.join(VISION_TYPES)}")
+    if out.is_dir():
+        raise ConversionError(f"{out} is a folder: name the GGUF file to write")
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
-    if out.exists() and out.is_dir():
-        raise ConversionError(f"{out} is a folder")
+    if out.exists() and out.resolve().parent == folder.resolve() and out.suffix in (".safetensors", ".json"):
+        raise ConversionError(f"{out} is a file of the checkpoint being converted: write the GGUF elsewhere")
     cfg = read_config(folder)
     tok = read_tokenizer(folder)
     meta = metadata(cfg, tok)

@@ -106,8 +106,13 @@ def open_checkpoint(folder: Path) -> dict[str, SourceTensor]:
     """All tensors of a Hugging Face folder: model.safetensors or the shards of its index."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+            if not all(isinstance(f, str) for f in files):
+                raise TypeError("its weight_map's values are not file names")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConversionError(f"unreadable checkpoint index {index}: {exc!s:.200}") from None
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
@@ -118,4 +123,7 @@ def open_checkpoint(folder: Path) -> dict[str, SourceTensor]:
         if not path.exists():
             raise ConversionError(f"{folder}: shard '{name}' named by the index is missing")
         tensors.update(read_header(path))
+    if index.exists() and set(tensors) - set(weight_map):
+        missing = sorted(set(tensors) - set(weight_map))
+        raise ConversionError(f"{index} does not list {len(missing)} tensor(s) of its shards, e.g. '{missing[0]}'")
     return tensors
