@@ -60,6 +60,13 @@ def test_repl_two_turns_image_save_interrupt_and_eof(gguf_f32, picture, tmp_path
     child.expect("saved 4 messages")
     child.expect("> ")
     assert json.loads(save.read_text()) == conversation
+    child.sendline("//usr is a folder")  # "//" sends a message that starts with a slash
+    child.expect("> ")
+    assert "unknown command" not in child.before
+    child.sendline(f"/save! {save}")
+    child.expect("saved 6 messages")
+    child.expect("> ")
+    assert json.loads(save.read_text())[4]["content"][-1]["text"] == "/usr is a folder"
     assert [m["role"] for m in conversation] == ["user", "assistant", "user", "assistant"]
     assert conversation[0]["content"][0]["type"] == "image"
     child.sendeof()
@@ -102,14 +109,19 @@ def test_describe_json(gguf_f32, picture):
     (["describe", "missing.png", "-m", "MODEL"], "no such image file"),
     (["chat", "-m", "/nonexistent.gguf"], "cannot open"),
     (["chat"], "no model given"),
+    (["chat", "-m", "MODEL", "--grammar", "missing.lark"], "--grammar missing.lark: No such file"),
+    (["chat", "-m", "MODEL", "--grammar", "bad.lark"], "invalid Lark grammar"),  # llguidance's caret lines joined
+    (["chat", "-m", "MODEL"], "no prompt on stdin"),
+    (["bench", "-m", "MODEL", "--ctx", "17", "--decode", "4"], "leaves no room to decode"),
 ])
 def test_cli_errors_are_one_line(gguf_f32, tmp_path, args, fragment, monkeypatch):
     import os
 
     args = [str(gguf_f32) if a == "MODEL" else a for a in args]
     env = {k: v for k, v in os.environ.items() if k != "MLLAMA_MODEL"}
+    (tmp_path / "bad.lark").write_text("start: bad[\n")
     proc = subprocess.run([sys.executable, "-m", "mllama", *args], capture_output=True, text=True, timeout=60, env=env,
-                          cwd=tmp_path)
+                          cwd=tmp_path, stdin=subprocess.DEVNULL)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in proc.stderr

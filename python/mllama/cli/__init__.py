@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     except (MllamaError, OSError, ValueError) as exc:
         if args.debug:
             raise
-        print(f"mllama: error: {exc}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line
+        print(f"mllama: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from ..image.preprocess import load_image
+from .._native.errors import MllamaError
 from .common import add_model_flags, load_model
 from .demo import demo_image
 
@@ -75,6 +76,12 @@ def run(args: argparse.Namespace) -> int:
     image = load_image(args.image) if args.image else demo_image()
     with load_model(args) as model:
         result = measure(model, image, args.prompt, args.decode)
+    if result["decode_tokens"] < args.decode:  # the context ran out: a decode speed of fewer tokens, or of none
+        if not result["decode_tokens"]:
+            raise MllamaError(f"the context ({model.n_ctx} tokens) leaves no room to decode after the prompt: "
+                              "raise --ctx")
+        print(f"mllama: warning: decoded {result['decode_tokens']} of {args.decode} tokens (the context is full)",
+              file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -19,7 +19,8 @@ HELP = """commands:
   /clear        forget the conversation
   /save FILE    write the conversation as JSON (/save! FILE replaces an existing file)
   /help         this help
-  /exit         quit (also Ctrl-D; Ctrl-C stops a reply, twice at the prompt quits)"""
+  /exit         quit (also Ctrl-D; Ctrl-C stops a reply, twice at the prompt quits)
+  //text        send "/text" (a message that starts with a slash)"""
 
 
 def add_parser(sub) -> None:
@@ -116,8 +117,9 @@ def run(args: argparse.Namespace) -> int:
         chat = model.chat_session(system=args.system, grammar=grammar, **options)
         if not sys.stdin.isatty():
             prompt = sys.stdin.read().strip()
-            if prompt:
-                print_stream(chat.send(prompt, images=images, stream=True), args.verbose)
+            if not prompt:
+                raise MllamaError("no prompt on stdin (pipe the message, or run `mllama chat` in a terminal)")
+            print_stream(chat.send(prompt, images=images, stream=True), args.verbose)
             return 0
         _setup_readline()
         print(f"mllama chat: {model.name} ({model.info['device']}). /help for commands, Ctrl-D to quit.")
@@ -139,10 +141,11 @@ def run(args: argparse.Namespace) -> int:
             line = line.strip()
             if not line:
                 continue
-            if line.startswith("/"):
+            if line.startswith("/") and not line.startswith("//"):
                 if not _command(line, chat, pending):
                     return 0
                 continue
+            line = line[1:] if line.startswith("//") else line  # "//x" sends "/x"
             n_messages = len(chat.messages)
             try:
                 stream = chat.send(line, images=pending, stream=True)

@@ -77,14 +77,24 @@ def constraint_from(args: argparse.Namespace) -> dict:
     if getattr(args, "json_schema", None):
         path = Path(args.json_schema)
         try:
-            schema = json.loads(path.read_text())
+            schema = json.loads(read_flag_file(path, "--json-schema"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not JSON: {exc}") from None
         return {"response_format": {"type": "json_schema",
                                     "json_schema": {"name": path.stem, "schema": schema, "strict": True}}}
     if getattr(args, "grammar", None):
-        return {"grammar": Path(args.grammar).read_text()}
+        return {"grammar": read_flag_file(Path(args.grammar), "--grammar")}
     return {}
+
+
+def read_flag_file(path: Path, flag: str) -> str:
+    """The text of a file a flag names; errors name the flag and the file."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{flag} {path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: {exc.strerror or exc}") from None
 
 
 def sampling_from(args: argparse.Namespace) -> dict:
