@@ -27,6 +27,17 @@ def human(n: float) -> str:
     return str(n)
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 0..65535 (argparse's type for --port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535, not {port}")
+    return port
+
+
 def model_arg(value: str | None) -> str:
     """A GGUF path; a name like llama3.2-vision[:TAG] that is not a file resolves in the Ollama store."""
     model = value or environment().model

@@ -10,6 +10,7 @@ import threading
 
 from .._native.errors import MllamaError
 from .._native.placement import rpc_supported, serve
+from .common import port_number
 
 NO_AUTH_WARNING = ("mllama rpc-server: WARNING: bound to {host}, reachable from other machines. ggml's RPC protocol "
                    "has no authentication and no encryption: anyone who reaches this port can run code on its "
@@ -20,7 +21,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("rpc-server",
                        help="serve this machine's devices to mllama clients (ggml RPC; no authentication)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=50052, help="port (default 50052)")
+    p.add_argument("--port", type=port_number, default=50052, help="port (default 50052)")
     p.add_argument("--device", default="", help="devices to serve, comma list (default: the first GPU, else the CPU)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: the physical cores)")
     p.add_argument("--cache", default=None, help="directory for ggml's tensor cache (weights sent once, by hash)")

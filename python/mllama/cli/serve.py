@@ -9,7 +9,7 @@ import sys
 
 from .._native.errors import MllamaError
 from ..server import serve
-from .common import add_model_flags, human, load_model
+from .common import add_model_flags, human, load_model, port_number
 
 OLLAMA_PORT = 11434
 
@@ -32,17 +32,6 @@ def add_parser(sub) -> None:
                         "from this machine (localhost, 127.0.0.1) and app://, file://, tauri:// and "
                         "vscode-webview:// pages may always, as with Ollama")
     p.set_defaults(func=run)
-
-
-def port_number(text: str) -> int:
-    """A TCP port, 0..65535 (argparse's type for --port)."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0..65535, not {port}")
-    return port
 
 
 def address(args: argparse.Namespace) -> tuple[str, int]:

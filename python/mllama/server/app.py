@@ -30,16 +30,19 @@ def create_app(model, *, max_queue: int = 8, max_body_bytes: int = 32 * 1024 * 1
     model_id = model.name
     limits = {"max_body_bytes": max_body_bytes, "allow_local_images": allow_local_images}
 
-    def error(exc: BaseException) -> JSONResponse:
-        status, body, headers = error_body(exc)
-        return JSONResponse(body, status_code=status, headers=headers)
+    def response(shape):  # an exception as a JSON error response in one API's shape (error_body, ollama_error_body)
+        def error(exc: BaseException) -> JSONResponse:
+            status, body, headers = shape(exc)
+            return JSONResponse(body, status_code=status, headers=headers)
+        return error
+
+    error, ollama_error = response(error_body), response(ollama_error_body)
 
     @app.exception_handler(HTTPException)
     async def unknown_route(request, exc: HTTPException):  # a wrong path or method, in the API's own error shape
         wrong = RequestError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                              dict(exc.headers or {}))
-        status, body, headers = (ollama_error_body if request.url.path.startswith("/api/") else error_body)(wrong)
-        return JSONResponse(body, status_code=status, headers=headers)
+        return (ollama_error if request.url.path.startswith("/api/") else error)(wrong)
 
     @app.get("/health")
     async def health():
@@ -58,7 +61,7 @@ def create_app(model, *, max_queue: int = 8, max_body_bytes: int = 32 * 1024 * 1
 
     openai_routes.register(app, queue, model_id, limits, error)
     completions_routes.register(app, queue, model_id, limits, error)
-    ollama_routes.register(app, queue, model_id, limits)
+    ollama_routes.register(app, queue, model_id, limits, ollama_error)
     return app
 
 

@@ -4,7 +4,7 @@ Model.generate; or token ids) continued with n choices, streamed as server-sent 
 
 from ..generation import openai
 from ..generation.logprobs import CompletionLogprobs, check_completion
-from .openai_routes import choices, inband_error, sse
+from .openai_routes import choices, inband_error, sse, usage_chunk
 from .queue import BatchQueue, ClientGone, Reply, first_pieces, results, while_connected
 from .requests import RequestError, read_json, response_format, sampling
 
@@ -96,7 +96,7 @@ async def events(replies: list[Reply], firsts: list, cid: str, created: int, mod
                 yield line
         if include_usage:
             usage = openai.text_response(cid, created, model_id, [r.result for r in replies])["usage"]
-            yield sse({**openai.text_chunk(cid, created, model_id, "", None, 0), "choices": [], "usage": usage})
+            yield sse(usage_chunk(openai.text_chunk(cid, created, model_id, "", None, 0), usage))
     except Exception as exc:  # after the headers: report in-band, as OpenAI does
         yield sse(inband_error(exc))
         return

@@ -118,7 +118,8 @@ def generate_prompt(body: dict):
     return lambda model: model.chat_prompt(messages)
 
 
-def register(app, queue: BatchQueue, model_id: str, limits: dict) -> None:
+def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None:
+    """`error`: an exception as a JSON response in Ollama's shape, {"error": "<message>"}."""
     # FastAPI reads the routes' annotations at run time: this module must not use postponed
     # annotations (`from __future__ import annotations`), or `Request` would not resolve here
     from fastapi import Request
@@ -126,10 +127,6 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict) -> None:
 
     card = model_card(queue.model)
     tag = {k: card[k] for k in ("name", "model", "modified_at", "size", "digest", "details")}
-
-    def error(exc: BaseException) -> JSONResponse:  # Ollama's shape: {"error": "<message>"}
-        status, body, headers = ollama_error_body(exc)
-        return JSONResponse(body, status_code=status, headers=headers)
 
     async def answer(request: Request, key: str):
         started = time.perf_counter()
