@@ -347,10 +347,10 @@ class Model(Handle, GenerationMixin):
             lib.mllama_model_meta_ints(handle, key.encode(), buf, n)
         return [int(buf[i]) for i in range(n)]
 
-    @property
+    @cached_property
     def name(self) -> str:
         """The Ollama name (NAME:TAG) of a model loaded as "ollama:NAME[:TAG]", else the file's general.name
-        or its file name."""
+        or its file name (read once: every streamed chunk carries it)."""
         return self.ollama_name or self.meta_string("general.name") or self.path.stem
 
     @cached_property
