@@ -89,6 +89,23 @@ def test_ctrl_c_stops_a_reply_and_returns_to_the_prompt(gguf_f32, tmp_path):
     assert child.exitstatus == 0
 
 
+def test_a_long_repl_chat_leaves_out_its_oldest_messages(gguf_f32, tmp_path):
+    child = spawn_chat(gguf_f32, "--max-tokens", "4", "--ctx", "128", tmp_path=tmp_path)
+    child.expect("> ")
+    notes = 0
+    for t in range(12):
+        child.sendline(f"Tell me about the number {t}, and then about the one after it.")
+        index = child.expect([r"the oldest (\d+) messages are left out", "> "])
+        if index == 0:
+            notes += 1
+            child.expect("> ")
+        assert "\nerror: " not in "\n" + child.before.replace("\r", "")  # the REPL's error line
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and notes >= 2
+
+
 def test_chat_from_a_pipe(gguf_f32):
     proc = subprocess.run([sys.executable, "-m", "mllama", "chat", "-m", str(gguf_f32), "--temperature", "0", "--max-tokens", "8"],
                           input="Hello there", capture_output=True, text=True, timeout=120)

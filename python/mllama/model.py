@@ -156,7 +156,8 @@ class Model(Handle, GenerationMixin):
         self._ctx = ctx_ptr
         self._n_slots = effective["n_image_slots"]
         self._next_slot = 0
-        self.n_ctx, self.n_seq_max = effective["n_ctx"], effective["n_seq_max"]
+        self.n_ctx, self.n_seq_max = effective["n_ctx"], effective["n_seq_max"]  # n_ctx: per sequence
+        self.n_image_slots = self._n_slots  # images one prompt may hold
         self._hparams = self._read_hparams()
         self._engine = Engine(ctx_ptr, self._hparams, self.n_ctx, effective["n_batch"], self._n_slots, self.n_seq_max)
         self._scheduler = Scheduler(self._engine, self.eog_ids)
@@ -389,9 +390,10 @@ class Model(Handle, GenerationMixin):
         return SamplingParams().with_overrides(temperature=0.0 if do_sample == 0.0 else temperature, top_p=top_p,
                                                top_k=int(top_k) if top_k is not None else None)
 
-    def chat_session(self, *, system: str | None = None, **sampling) -> Chat:
-        """A multi-turn Chat that reuses the caches between turns."""
-        return Chat(self, system=system, **sampling)
+    def chat_session(self, *, system: str | None = None, truncate: bool = True, **sampling) -> Chat:
+        """A multi-turn Chat that reuses the caches between turns; a history that outgrows the context
+        leaves out its oldest messages from the prompt (generation/context_fit.py) unless truncate=False."""
+        return Chat(self, system=system, truncate=truncate, **sampling)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"

@@ -146,10 +146,13 @@ def run(args: argparse.Namespace) -> int:
                     return 0
                 continue
             line = line[1:] if line.startswith("//") else line  # "//x" sends "/x"
-            n_messages = len(chat.messages)
+            n_messages, n_left_out = len(chat.messages), chat.n_left_out
             try:
                 stream = chat.send(line, images=pending, stream=True)
                 pending = []
+                if chat.n_left_out > n_left_out:
+                    print(f"(the context is full: the oldest {chat.n_left_out} messages are left out of the prompt)",
+                          file=sys.stderr)
                 print_stream(stream, args.verbose)
             except KeyboardInterrupt:
                 print("\n[stopped]")

@@ -17,6 +17,7 @@ from ..text.tools import ToolSpec
 from ..text.tools import resolve as resolve_tools
 from . import openai
 from .constrain import Grammar, GrammarState
+from .context_fit import fit_chat
 from .engine import PreparedImage, prepare_images
 from .logprobs import check as check_logprobs
 from .results import GenerationResult, TextStream
@@ -87,6 +88,14 @@ class GenerationMixin:
         for text, user in segments:
             tokens += self.tokenizer.encode(text, allow_special=not user)
         return tokens, conv.images
+
+    def prompt_for(self, messages: list[dict], *, tools: list[dict] | None = None, truncate: bool = False,
+                   max_tokens=None) -> tuple[list[int], list[Any]]:
+        """chat_prompt, or with truncate=True fitted to the context (context_fit.fit_chat)."""
+        if not truncate:
+            return self.chat_prompt(messages, tools=tools)
+        fitted = fit_chat(self, messages, tools=tools, max_tokens=max_tokens)
+        return fitted.tokens, fitted.images
 
     @property
     def chat_template(self) -> str:
@@ -220,12 +229,16 @@ class GenerationMixin:
         response = self.chat([{"role": "user", "content": content}], **sampling)
         return response["choices"][0]["message"]["content"]
 
-    def chat(self, messages: list[dict], *, stream: bool = False, n: int = 1, tools=None, tool_choice=None, **sampling):
+    def chat(self, messages: list[dict], *, stream: bool = False, n: int = 1, tools=None, tool_choice=None,
+             truncate: bool = False, **sampling):
         """An OpenAI-shaped chat completion with n choices (or, with stream=True, an iterator of chunks).
         `response_format`/`grammar` constrain the reply: see compile_grammar. `tools`/`tool_choice`
-        (text-only turns): a reply that calls a tool comes back as `tool_calls` (streamed once whole)."""
+        (text-only turns): a reply that calls a tool comes back as `tool_calls` (streamed once whole).
+        truncate=True: a conversation too long for the context leaves out its oldest messages
+        (generation/context_fit.py) instead of raising ContextOverflowError."""
         spec = tool_spec(tools, tool_choice, sampling)
-        tokens, images = self.chat_prompt(messages, tools=spec.tools if spec else None)
+        tokens, images = self.prompt_for(messages, tools=spec.tools if spec else None, truncate=truncate,
+                                         max_tokens=sampling.get("max_tokens", self.default_sampling.max_tokens))
         cid, created = openai.completion_id(), openai.now()
         if stream and not (spec and spec.tools):
             request = self.submit(tokens, images, n=n, **sampling)

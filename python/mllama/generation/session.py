@@ -1,19 +1,23 @@
 """A multi-turn chat that keeps the model's caches across turns: each turn re-renders the whole
 conversation, and the engine evaluates only the tokens after the longest common prefix (and encodes
-only images it does not already hold)."""
+only images it does not already hold). A conversation that outgrows the context leaves out its oldest
+messages from the prompt (context_fit.py; the history keeps them), unless truncate=False."""
 
 from __future__ import annotations
 
 from typing import Any, Iterator
 
+from .context_fit import fit_chat
 from .results import TextStream
 
 
 class Chat:
-    def __init__(self, model, *, system: str | None = None, **sampling):
+    def __init__(self, model, *, system: str | None = None, truncate: bool = True, **sampling):
         self.model = model
         self.sampling = sampling
+        self.truncate = truncate
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.n_left_out = 0  # the oldest messages of the history the last turn's prompt left out
 
     def send(self, content: str, images: tuple[Any, ...] | list[Any] = (), *, stream: bool = False, **sampling):
         """Add a user turn and return the assistant's reply, or with stream=True a TextStream of its
@@ -22,12 +26,18 @@ class Chat:
         parts: list[dict] = [{"type": "image", "image": image} for image in self.model.prepare_images(images)]
         parts.append({"type": "text", "text": content})
         self.messages.append({"role": "user", "content": parts})
+        sampling = {**self.sampling, **sampling}
         try:
-            tokens, all_images = self.model.chat_prompt(self.messages)
+            if self.truncate:
+                max_tokens = sampling.get("max_tokens", self.model.default_sampling.max_tokens)
+                fitted = fit_chat(self.model, self.messages, max_tokens=max_tokens)
+                tokens, all_images, self.n_left_out = fitted.tokens, fitted.images, fitted.n_left_out
+            else:
+                tokens, all_images = self.model.chat_prompt(self.messages)
         except BaseException:
             self.messages.pop()
             raise
-        pieces = self._reply(tokens, all_images, {**self.sampling, **sampling})
+        pieces = self._reply(tokens, all_images, sampling)
         return pieces if stream else pieces.finish().text
 
     def _reply(self, tokens, images, sampling) -> TextStream:
@@ -57,4 +67,4 @@ class Chat:
 
     def clear(self) -> None:
         system = [m for m in self.messages[:1] if m["role"] == "system"]
-        self.messages = system
+        self.messages, self.n_left_out = system, 0

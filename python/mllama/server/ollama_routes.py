@@ -4,12 +4,14 @@ line carries the items of its tokens), /api/tags, /api/show, /api/ps, /api/versi
 
 import hashlib
 import json
+import logging
 import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 from .._version import __version__
 from ..generation.api import tool_spec
+from ..generation.context_fit import fit_chat
 from ..text.tools import parse_call
 from ..generation.openai import take
 from ..generation.results import GenerationResult
@@ -17,6 +19,8 @@ from .queue import BatchQueue, ClientGone, Reply, first_pieces, results, while_c
 from .requests import (RequestError, check_messages, from_ollama, logprob_options, ollama_error_body, read_json,
                        sampling)
 
+
+log = logging.getLogger("mllama.server")
 
 OLLAMA_API_VERSION = "0.12.11"  # the Ollama release whose API these routes follow (logprobs came with it)
 
@@ -104,6 +108,30 @@ def tool_calls(text: str, names: tuple) -> list | None:
             for c in calls] if calls else None
 
 
+def truncates(body: dict) -> bool:
+    """Ollama's `truncate` (default true): a chat history too long for the context leaves out its oldest
+    messages. (`shift`, Ollama's context shift while it generates, is read but not done: a reply that fills
+    the context ends with done_reason "length".)"""
+    for key in ("truncate", "shift"):
+        if body.get(key) is not None and not isinstance(body[key], bool):
+            raise RequestError(400, f"'{key}' must be true or false")
+    return body.get("truncate") is not False
+
+
+def chat_prompt(messages: list[dict], tools, truncate: bool, max_tokens):
+    """The prompt of /api/chat for the queue: the messages fitted to the context unless truncate is false
+    (messages left out are logged, as Ollama does)."""
+    def prompt(model):
+        if not truncate:
+            return model.chat_prompt(messages, tools=tools)
+        fitted = fit_chat(model, messages, tools=tools, max_tokens=max_tokens)
+        if fitted.n_left_out:
+            log.warning("left out the %d oldest of %d messages to fit the context (%d tokens)",
+                        fitted.n_left_out, len(messages), model.n_ctx)
+        return fitted.tokens, fitted.images
+    return prompt
+
+
 def generate_prompt(body: dict):
     """The prompt of /api/generate: the chat template around prompt, system and images, or with
     "raw": true the prompt as it is (special tokens allowed)."""
@@ -140,7 +168,7 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
                 return JSONResponse(json.loads(line(model_id, now_iso(), key, "", {"done_reason": reason})))
             if key == "message":
                 messages = [from_ollama(m) for m in check_messages(body, limits["allow_local_images"])]
-                prompt = lambda model: model.chat_prompt(messages, tools=tools)  # noqa: E731
+                prompt = chat_prompt(messages, tools, truncates(body), opts.get("max_tokens"))
             else:
                 prompt = generate_prompt(body)
             replies = await queue.submit(prompt, opts)
