@@ -95,7 +95,7 @@ def test_a_long_repl_chat_leaves_out_its_oldest_messages(gguf_f32, tmp_path):
     notes = 0
     for t in range(12):
         child.sendline(f"Tell me about the number {t}, and then about the one after it.")
-        index = child.expect([r"the oldest (\d+) messages are left out", "> "])
+        index = child.expect([r"the oldest (\d+) messages were left out", "> "])
         if index == 0:
             notes += 1
             child.expect("> ")

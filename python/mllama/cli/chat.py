@@ -150,10 +150,10 @@ def run(args: argparse.Namespace) -> int:
             try:
                 stream = chat.send(line, images=pending, stream=True)
                 pending = []
-                if chat.n_left_out > n_left_out:
-                    print(f"(the context is full: the oldest {chat.n_left_out} messages are left out of the prompt)",
-                          file=sys.stderr)
                 print_stream(stream, args.verbose)
+                if chat.n_left_out > n_left_out:
+                    print(f"(the context is full: the oldest {chat.n_left_out} messages were left out of the prompt)",
+                          file=sys.stderr)
             except KeyboardInterrupt:
                 print("\n[stopped]")
             except (MllamaError, ValueError) as exc:

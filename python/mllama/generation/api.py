@@ -249,13 +249,15 @@ class GenerationMixin:
         whole = openai.response(cid, created, self.name, results, spec.names if spec else ())
         return iter(openai.chunks_of(whole)) if stream else whole
 
-    def chat_many(self, conversations: list[list[dict]], **sampling) -> list[dict]:
+    def chat_many(self, conversations: list[list[dict]], *, truncate: bool = False, **sampling) -> list[dict]:
         """Chat completions for several conversations at once, evaluated together in batches (as many
-        at a time as the context has sequences: n_seq_max); responses in the same order."""
+        at a time as the context has sequences: n_seq_max); responses in the same order. truncate: as chat's."""
         requests = []
+        max_tokens = sampling.get("max_tokens", self.default_sampling.max_tokens)
         try:
             for messages in conversations:
-                requests.append(self.submit(*self.chat_prompt(messages), **sampling))
+                prompt = self.prompt_for(messages, truncate=truncate, max_tokens=max_tokens)
+                requests.append(self.submit(*prompt, **sampling))
         except BaseException:  # a bad conversation: none of them runs
             self._cancel(requests)
             raise

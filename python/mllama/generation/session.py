@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from .context_fit import fit_chat
+from .context_fit import FittedPrompt, fit_chat
 from .results import TextStream
 
 
@@ -17,36 +17,42 @@ class Chat:
         self.sampling = sampling
         self.truncate = truncate
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
-        self.n_left_out = 0  # the oldest messages of the history the last turn's prompt left out
+        self.n_left_out = 0  # messages of the history the last turn's prompt left out
+        self._unread: dict | None = None  # the user message of a streamed turn whose reply has not started
 
     def send(self, content: str, images: tuple[Any, ...] | list[Any] = (), *, stream: bool = False, **sampling):
         """Add a user turn and return the assistant's reply, or with stream=True a TextStream of its
-        pieces (its `result` holds the finish reason, usage and timings once it has ended)."""
+        pieces (its `result` holds the finish reason, usage and timings once it has ended). A streamed
+        reply closed or dropped before it was read leaves no turn (it goes at the next send)."""
+        self._drop_unread()
         # preprocessed once here: later turns re-render the conversation without redoing the images
         parts: list[dict] = [{"type": "image", "image": image} for image in self.model.prepare_images(images)]
         parts.append({"type": "text", "text": content})
-        self.messages.append({"role": "user", "content": parts})
+        message = {"role": "user", "content": parts}
+        self.messages.append(message)
         sampling = {**self.sampling, **sampling}
         try:
-            if self.truncate:
-                max_tokens = sampling.get("max_tokens", self.model.default_sampling.max_tokens)
-                fitted = fit_chat(self.model, self.messages, max_tokens=max_tokens)
-                tokens, all_images, self.n_left_out = fitted.tokens, fitted.images, fitted.n_left_out
-            else:
-                tokens, all_images = self.model.chat_prompt(self.messages)
+            max_tokens = sampling.get("max_tokens", self.model.default_sampling.max_tokens)
+            fitted = (fit_chat(self.model, self.messages, max_tokens=max_tokens) if self.truncate else
+                      FittedPrompt(*self.model.chat_prompt(self.messages)))
         except BaseException:
             self.messages.pop()
             raise
-        pieces = self._reply(tokens, all_images, sampling)
+        self._unread = message
+        pieces = TextStream(lambda stream: self._record(stream, message, fitted, sampling))
         return pieces if stream else pieces.finish().text
 
-    def _reply(self, tokens, images, sampling) -> TextStream:
-        return TextStream(lambda stream: self._record(stream, tokens, images, sampling))
+    def _drop_unread(self) -> None:
+        if self._unread is not None and self.messages and self.messages[-1] is self._unread:
+            self.messages.pop()
+        self._unread = None
 
-    def _record(self, stream: TextStream, tokens, images, sampling) -> Iterator[str]:
+    def _record(self, stream: TextStream, message: dict, fitted: FittedPrompt, sampling) -> Iterator[str]:
+        if self._unread is message:
+            self._unread = None
         text, failed = [], False
         try:
-            pieces = self.model.stream_text(tokens, images, **sampling)
+            pieces = self.model.stream_text(fitted.tokens, fitted.images, **sampling)
             try:
                 for piece in pieces:
                     text.append(piece)
@@ -64,7 +70,9 @@ class Chat:
                 self.messages.pop()
             else:  # an interrupted reply is kept as far as it went, so the history stays consistent
                 self.messages.append({"role": "assistant", "content": "".join(text)})
+                self.n_left_out = fitted.n_left_out
 
     def clear(self) -> None:
+        self._unread = None
         system = [m for m in self.messages[:1] if m["role"] == "system"]
         self.messages, self.n_left_out = system, 0

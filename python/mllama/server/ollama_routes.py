@@ -125,7 +125,7 @@ def chat_prompt(messages: list[dict], tools, truncate: bool, max_tokens):
         if not truncate:
             return model.chat_prompt(messages, tools=tools)
         fitted = fit_chat(model, messages, tools=tools, max_tokens=max_tokens)
-        if fitted.n_left_out:
+        if fitted.n_left_out and len(fitted.tokens) <= model.n_ctx:  # (a prompt still over it fails: no cut)
             log.warning("left out the %d oldest of %d messages to fit the context (%d tokens)",
                         fitted.n_left_out, len(messages), model.n_ctx)
         return fitted.tokens, fitted.images
