@@ -80,7 +80,8 @@ def test_images_beyond_the_slots_go_with_their_messages(model):
     images = [Image.new("RGB", (40, 30), color) for color in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
     messages = []
     for t, image in enumerate(images):
-        messages += [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]},
+        content = [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]
+        messages += [{"role": "user", "content": content},
                      {"role": "assistant", "content": f"Color {t}."}]
     messages.append({"role": "user", "content": "Which was last?"})
     fitted = fit_chat(model, messages)
