@@ -8,7 +8,8 @@
 //
 // Per block (8 channels x 256 weights), per 64-byte row of quants (sub-blocks 2c and 2c + 1, 8 weights of
 // each per channel): the nibbles are masked out once for up to 4 activation rows (the high ones in place, as 16
-// times their value, shifted down once per sub-block sum: 4% less time at one row on Zen 4); for each row vpdpbusd
+// times their value, shifted down once per sub-block sum: one op less per 64 bytes; 4% less time at one row for the
+// group alone on Zen 4, whole decode steps unchanged within noise); for each row vpdpbusd
 // multiplies them by the row's 8 activations broadcast to every channel and sums four rows of quants (one
 // 32-weight sub-block) in int32 lanes, two per channel (at most 16 * 15 * 127: exact in int16); vpackssdw
 // packs the two sub-blocks' sums into int16 and one vpdpwssd applies both sub-blocks' scales into int32.
