@@ -188,6 +188,24 @@ def test_rpc_asked_of_a_ggml_without_rpc_is_a_clear_error(small_gguf):
     assert result.returncode == 1 and "GGML_RPC=ON" in result.stderr
 
 
+def test_rpc_server_host_and_cache_arguments(tmp_path, monkeypatch):
+    """ggml's RPC server binds a numeric IPv4 address: a name is resolved, IPv6 refused; --cache is made (with its
+    parents, "~" expanded) and a file of the user's in its place is refused, untouched."""
+    from mllama.cli.rpc_server import bind_address, cache_directory
+
+    assert bind_address("localhost") == "127.0.0.1" and bind_address("0.0.0.0") == "0.0.0.0"
+    for host in ("::1", "[::1]", "no-such-host.invalid", ""):
+        with pytest.raises(ValueError, match=r"^--host .*IPv4"):
+            bind_address(host)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_directory("~/cache/rpc") == str(tmp_path / "cache" / "rpc") and (tmp_path / "cache/rpc").is_dir()
+    assert cache_directory("~/cache/rpc") == str(tmp_path / "cache" / "rpc") and cache_directory(None) is None
+    (tmp_path / "mine").write_text("my file")
+    with pytest.raises(ValueError, match="not a directory"):
+        cache_directory(str(tmp_path / "mine"))
+    assert (tmp_path / "mine").read_text() == "my file"
+
+
 def test_repack_modes_and_bad_values(gguf_f32, monkeypatch):
     """Model(repack=...) and MLLAMA_REPACK take True/1, False/0 or "amx" (ggml's AMX layout too: settings.repack_mode);
     anything else is a ValueError that names where it came from, before anything is loaded."""
@@ -228,6 +246,7 @@ def test_mllama_device_is_the_default_device(gguf_f32, monkeypatch):
     ({"MLLAMA_CPU_KERNELS": "garbage"}, ModelLoadError, "MLLAMA_CPU_KERNELS: unknown CPU kernel 'garbage'"),
     ({"MLLAMA_DUMP_DIR": "{tmp}/dumps", "MLLAMA_DUMP_FILTER": "("}, ModelLoadError, "MLLAMA_DUMP_FILTER: invalid"),
     ({"MLLAMA_IMAGE_CACHE_DIR": "{tmp}/a_file"}, ValueError, "MLLAMA_IMAGE_CACHE_DIR: "),
+    ({"MLLAMA_RPC": "127.0.0.1:1,localhost"}, ValueError, "MLLAMA_RPC: 'localhost' is not host:port"),
 ])
 def test_bad_settings_name_their_variable(small_gguf, tmp_path, monkeypatch, variables, error, fragment):
     (tmp_path / "a_file").write_text("not a folder")

@@ -130,6 +130,26 @@ def test_vision_tower_on_a_worker(gguf_f32, workers, local):
         assert nmse(m.forward(tokens, images), local["image"][0]) <= 1e-6
 
 
+def test_device_names_a_worker_without_a_device_list(gguf_f32, workers, local):
+    """device= a worker (its endpoint or its device name): the tower there, the text layers over every worker."""
+    with mllama.Model(gguf_f32, n_ctx=256, rpc=workers, device=workers[1], tensor_split=[1, 1]) as m:
+        assert (m.placement[0].component, m.placement[0].endpoint) == ("vision", workers[1])
+        assert text_runs(m) == [(0, 2, workers[1]), (2, 2, workers[0])]
+        tokens, images = m.chat_prompt(MESSAGES["image"])
+        assert nmse(m.forward(tokens, images), local["image"][0]) <= 1e-6
+
+
+def test_one_worker_named_twice_is_refused(gguf_f32, workers):
+    """Two spellings of one worker would wait on each other (a worker serves one client at a time)."""
+    port = workers[0].rsplit(":", 1)[1]
+    start = time.monotonic()
+    with pytest.raises(MllamaError, match=f"are the same worker \\(127.0.0.1:{port}\\)"):
+        mllama.Model(gguf_f32, n_ctx=256, rpc=[workers[0], f"localhost:{port}"])
+    assert time.monotonic() - start < FAULT_DEADLINE_S
+    with mllama.Model(gguf_f32, n_ctx=256, rpc=workers[:1]) as m:  # the worker still serves
+        assert text_runs(m) == [(0, 4, workers[0])]
+
+
 def test_n_gpu_layers_keeps_the_first_layers_local(gguf_f32, workers):
     with mllama.Model(gguf_f32, n_ctx=256, rpc=workers[:1], n_gpu_layers=1) as m:
         assert text_runs(m) == [(0, 3, "CPU"), (3, 1, workers[0])]
@@ -139,19 +159,23 @@ def test_n_gpu_layers_keeps_the_first_layers_local(gguf_f32, workers):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(tensor_split=[1, 1, 1]), "tensor_split has 3 values for 2 devices"),
     (dict(tensor_split=[0, 0]), "tensor_split must be weights"),
-    (dict(devices=["RPC-nonexistent"]), "unknown device"),
+    (dict(devices=["RPC-nonexistent"]), r"unknown device 'RPC-nonexistent' \(available: CPU.*, RPC.* \(127\.0\.0\.1:"),
 ])
 def test_bad_placement_arguments_are_clear_errors(gguf_f32, workers, kwargs, message):
     with pytest.raises((MllamaError, ValueError), match=message):
         mllama.Model(gguf_f32, n_ctx=256, rpc=workers, **kwargs)
 
 
-@pytest.mark.parametrize("endpoint", ["never-started", "wrong-port", "not-host-port"])
-def test_unreachable_worker_at_load(gguf_f32, endpoint):
+@pytest.mark.parametrize("endpoint,error,message", [
+    ("never-started", MllamaError, "no answer"), ("wrong-port", MllamaError, "no answer"),
+    ("not-host-port", ValueError, "is not host:port"), ("ipv6", MllamaError, "IPv4 only"),
+    ("no-such-host", MllamaError, "not found")])
+def test_unreachable_worker_at_load(gguf_f32, endpoint, error, message):
     target = {"never-started": f"127.0.0.1:{free_port()}", "wrong-port": "127.0.0.1:9",
-              "not-host-port": "localhost"}[endpoint]
+              "not-host-port": "localhost", "ipv6": f"[::1]:{free_port()}",
+              "no-such-host": "no-such-host.invalid:50052"}[endpoint]
     start = time.monotonic()
-    with pytest.raises(MllamaError) as err:
+    with pytest.raises(error, match=message) as err:
         mllama.Model(gguf_f32, n_ctx=256, rpc=[target])
     assert time.monotonic() - start < FAULT_DEADLINE_S
     assert target in str(err.value)
@@ -215,6 +239,16 @@ def test_worker_killed_mid_generation(gguf_f32, local):
         assert len(os.listdir("/proc/self/fd")) <= fds_before + 1
     with mllama.Model(gguf_f32, n_ctx=256) as again:
         assert nmse(again.forward(*again.chat_prompt(MESSAGES["text"])), local["text"][0]) <= 1e-12
+    restarted = start_worker(port)  # ggml keeps the dead connection of that endpoint: refused at once, said why
+    try:
+        start = time.monotonic()
+        with pytest.raises(MllamaError, match=f"{endpoint} was lost earlier in this process"):
+            mllama.Model(gguf_f32, n_ctx=256, rpc=[endpoint])
+        assert time.monotonic() - start < 5
+        with mllama.Model(gguf_f32, n_ctx=256, rpc=[f"localhost:{port}"]) as other_name:  # README's workaround
+            assert nmse(other_name.forward(*other_name.chat_prompt(MESSAGES["text"])), local["text"][0]) <= 1e-6
+    finally:
+        stop(restarted)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the I/O timeout finds ggml's sockets in /proc")
@@ -252,7 +286,7 @@ def test_split_arithmetic_matches_llama_cpp_rule():
         split_layers(4, -1, [0, 0])
 
 
-@pytest.mark.parametrize("host,warns", [("127.0.0.1", False), ("0.0.0.0", True)])
+@pytest.mark.parametrize("host,warns", [("127.0.0.1", False), ("localhost", False), ("0.0.0.0", True)])
 def test_rpc_server_warns_when_reachable_from_other_machines(host, warns):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mllama", "rpc-server", "--host", host, "--port", str(port),

@@ -71,6 +71,30 @@ def test_an_error_after_the_first_token_ends_each_answer_in_its_apis_shape(app, 
     assert model.scheduler.running == [] and not any(model.scheduler.busy)
 
 
+def test_a_lost_worker_is_503_with_its_message_and_an_internal_error_is_logged(app, monkeypatch, caplog):
+    """A failed device or RPC worker (C status "backend error") is the server's state, said to the client (503);
+    any other fault is a 500 whose details go to the server's log only."""
+    from mllama._native.errors import MllamaError
+
+    fault: list[BaseException] = []
+
+    def failing(self, s, logits, drawn):
+        raise fault[0]
+
+    monkeypatch.setattr(Scheduler, "_sample_stream", failing)
+    lost = "RPC worker 127.0.0.1:50052 was lost: connection reset"
+    fault[:] = [MllamaError(lost, "backend error")]
+    whole = app.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 4})
+    assert whole.status_code == 503 and whole.json()["error"]["message"] == lost, whole.text
+    whole = app.post("/api/generate", json={"prompt": "Hi", "stream": False, "options": {"num_predict": 4}})
+    assert whole.status_code == 503 and whole.json() == {"error": lost}
+    fault[:] = [ZeroDivisionError("a bug's details")]
+    with caplog.at_level("ERROR", logger="mllama.server"):
+        whole = app.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 4})
+    assert whole.status_code == 500 and "details" not in whole.text
+    assert "internal error: ZeroDivisionError: a bug's details" in caplog.text
+
+
 def test_ollama_error_shape_load_requests_and_probes(app):
     bad = app.post("/api/chat", json={"messages": [{"role": "user", "content": "Hi", "images": ["%%%"]}]})
     assert bad.status_code == 400 and isinstance(bad.json()["error"], str) and "base64" in bad.json()["error"]

@@ -43,20 +43,30 @@ ggml_backend_dev_t find_device(const std::string & name, const std::vector<ggml_
     for (ggml_backend_dev_t dev : rpc_devices) {
         if (name == ggml_backend_dev_name(dev) || name == rpc_endpoint(dev)) return dev;
     }
-    return select_device(name.c_str());  // the registry's devices, "cpu"; fails on unknown names
+    bool known = name.empty() || name == "auto" || name == "cpu" || name == "CPU";
+    std::string names;
+    for (int i = 0; i < device_count(); ++i) {
+        known = known || name == ggml_backend_dev_name(device_at(i));
+        names += (names.empty() ? "" : ", ") + std::string(ggml_backend_dev_name(device_at(i)));
+    }
+    for (ggml_backend_dev_t dev : rpc_devices) {
+        names += ", " + std::string(ggml_backend_dev_name(dev)) + " (" + rpc_endpoint(dev) + ")";
+    }
+    if (!known) fail(MLLAMA_ERR_INVALID_ARGUMENT, "unknown device '%s' (available: %s)", name.c_str(), names.c_str());
+    return select_device(name.c_str());  // the registry's devices, "cpu"
 }
 
 static bool is_gpu(ggml_backend_dev_t dev, enum ggml_backend_dev_type type) {
     return ggml_backend_dev_type(dev) == type;
 }
 
-// The local GPUs the text layers go to when no device list is given.
-static std::vector<ggml_backend_dev_t> local_gpus(const std::string & device) {
+// The GPUs the text layers go to when no device list is given: the one named by `device` (chosen: the
+// vision tower's, a local GPU or an RPC worker's), else every local one.
+static std::vector<ggml_backend_dev_t> named_or_local_gpus(const std::string & device, ggml_backend_dev_t chosen) {
     std::vector<ggml_backend_dev_t> out;
     if (device == "cpu" || device == "CPU") return out;
     if (!device.empty() && device != "auto") {
-        ggml_backend_dev_t dev = select_device(device.c_str());
-        if (!is_cpu(dev)) out.push_back(dev);
+        if (!is_cpu(chosen)) out.push_back(chosen);
         return out;
     }
     for (auto type : {GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU}) {  // integrated ones if no other
@@ -109,7 +119,7 @@ static void choose_vision(device_plan & plan, const mllama_model_params & params
         plan.vision_reason = "device=\"" + want + "\"";
         return;
     }
-    const std::vector<ggml_backend_dev_t> gpus = local_gpus("");
+    const std::vector<ggml_backend_dev_t> gpus = named_or_local_gpus("", nullptr);
     plan.vision = gpus.empty() ? cpu_device() : gpus[0];
     plan.vision_reason = gpus.empty() ? "auto: no local GPU" : "auto: the first local GPU";
 }
@@ -130,20 +140,44 @@ bool cpu_kernels_allowed_on(const device_plan & plan, ggml_backend_dev_t dev) {
     return is_cpu(dev) && std::all_of(others.begin(), others.end(), is_rpc);
 }
 
+void bound_rpc_calls(const device_plan & plan) {
+    if (!plan.endpoints.empty()) set_io_timeouts(plan.endpoints, plan.rpc_io_timeout_s);
+}
+
+// Connects to each worker once (two spellings of one worker would wait on each other: a worker serves one
+// client connection at a time), bounding its calls as soon as it answers.
+static std::vector<ggml_backend_dev_t> connect_workers(device_plan & plan, const mllama_model_params & params) {
+    const int timeout_ms = params.rpc_timeout_ms > 0 ? params.rpc_timeout_ms : k_default_rpc_timeout_ms;
+    std::vector<ggml_backend_dev_t> rpc_devices;
+    std::vector<std::string> peers;
+    for (const std::string & endpoint : split_list(params.rpc_servers)) {
+        const std::string peer = rpc_peer(endpoint);
+        const auto same = std::find(peers.begin(), peers.end(), peer);
+        if (same != peers.end()) {
+            fail(MLLAMA_ERR_INVALID_ARGUMENT, "RPC workers %s and %s are the same worker (%s): name each worker once",
+                 plan.endpoints[static_cast<size_t>(same - peers.begin())].c_str(), endpoint.c_str(), peer.c_str());
+        }
+        for (ggml_backend_dev_t dev : rpc_connect(endpoint, timeout_ms)) rpc_devices.push_back(dev);
+        peers.push_back(peer);
+        plan.endpoints.push_back(endpoint);
+        bound_rpc_calls(plan);
+    }
+    return rpc_devices;
+}
+
 device_plan plan_devices(const mllama_model_params & params, int n_layer) {
     device_plan plan;
-    std::vector<ggml_backend_dev_t> rpc_devices;
-    const int timeout_ms = params.rpc_timeout_ms > 0 ? params.rpc_timeout_ms : k_default_rpc_timeout_ms;
-    for (const std::string & endpoint : split_list(params.rpc_servers)) {
-        for (ggml_backend_dev_t dev : rpc_connect(endpoint, timeout_ms)) rpc_devices.push_back(dev);
-        plan.endpoints.push_back(endpoint);
-    }
+    plan.rpc_io_timeout_s = params.rpc_io_timeout_s > 0 ? params.rpc_io_timeout_s : k_default_rpc_io_timeout_s;
+    const std::vector<ggml_backend_dev_t> rpc_devices = connect_workers(plan, params);
     choose_vision(plan, params, rpc_devices);
     const std::vector<std::string> names = split_list(params.devices);
     for (const std::string & name : names) plan.devices.push_back(find_device(name, rpc_devices));
     if (names.empty()) {
-        plan.devices = local_gpus(params.device ? params.device : "");
-        plan.devices.insert(plan.devices.end(), rpc_devices.begin(), rpc_devices.end());
+        plan.devices = named_or_local_gpus(params.device ? params.device : "", plan.vision);
+        for (ggml_backend_dev_t dev : rpc_devices) {  // each once (device="RPC0" named one of them)
+            const bool listed = std::find(plan.devices.begin(), plan.devices.end(), dev) != plan.devices.end();
+            if (!listed) plan.devices.push_back(dev);
+        }
     }
     const bool cpu_only = plan.devices.empty() || (plan.devices.size() == 1 && is_cpu(plan.devices[0]));
     if (cpu_only) plan.devices.assign(1, cpu_device());

@@ -28,7 +28,12 @@ struct device_plan {
     std::string split_reason;                       // "tensor_split 1, 1" or "free memory: ..."
     std::string vision_reason;
     int n_offload = 0;                              // text layers on the device list
+    int rpc_io_timeout_s = 0;                       // every call on an RPC worker's connections: at most this
 };
+
+// Bounds the calls on every connection to the plan's RPC workers open now (set_io_timeouts): called once
+// connected, and again after each allocation on a worker (ggml opens a connection per buffer).
+void bound_rpc_calls(const device_plan & plan);
 
 // The devices the plan uses other than the CPU, each once: the vision device's, then the text
 // layers' in order (one backend and one weight context each).

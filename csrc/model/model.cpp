@@ -110,7 +110,12 @@ static void open_files(mllama_model & m, const char * path, const char * project
     m.conv = detect_conventions(files);
     m.hp = load_hparams(metadata(m));
     m.hp.text.rope_neox = !m.conv.rope_permuted;
-    m.plan = plan_devices(m.params, static_cast<int>(m.hp.text.n_layer));
+    try {
+        m.plan = plan_devices(m.params, static_cast<int>(m.hp.text.n_layer));
+    } catch (const rpc_fault & e) {  // a worker lost while its devices were asked for their memory
+        fail(MLLAMA_ERR_BACKEND, "RPC worker %s failed while the devices were planned: %s",
+             join(lost_workers(split_list(m.params.rpc_servers))).c_str(), e.what());
+    }
     if (m.params.use_mmap) {
         for (const auto & f : m.files) f->map();
     }
@@ -172,18 +177,15 @@ std::unique_ptr<mllama_model> load_model(const char * path, const char * project
     try {
         load_weights(*m);
     } catch (const rpc_fault & e) {
-        fail(MLLAMA_ERR_BACKEND, "an RPC worker (%s) failed while the weights were sent: %s",
-             join(m->plan.endpoints).c_str(), e.what());
+        fail(MLLAMA_ERR_BACKEND, "RPC worker %s failed while the weights were sent: %s",
+             join(lost_workers(m->plan.endpoints)).c_str(), e.what());
     }
     if (params.check_tensors) validate_data(*m);
     read_gates(m->text, m->vision, m->conv.gates_pretanh);
     fill_info(*m);
     if (m->conv.cross_qk_permuted) permute_cross_norms(*m);
     report_placement(*m);
-    if (!m->plan.endpoints.empty()) {
-        const int io_s = m->params.rpc_io_timeout_s;
-        set_io_timeouts(m->plan.endpoints, io_s > 0 ? io_s : k_default_rpc_io_timeout_s);
-    }
+    bound_rpc_calls(m->plan);
     m->log.log(MLLAMA_LOG_INFO, "loaded '%s': %lld tensors, %.1f MiB on %s (%s)", path, (long long) m->info.n_tensors,
                m->info.n_bytes_weights / 1048576.0, m->info.device, m->conv.describe().c_str());
     return m;

@@ -77,6 +77,7 @@ static void allocate_copied(mllama_model & m, ggml_context * ctx, ggml_backend_d
     ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_dev_buffer_type(dev));
     if (!buf) fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot allocate the weights on %s", ggml_backend_dev_name(dev));
     m.buffers.push_back(buf);
+    bound_rpc_calls(m.plan);  // the buffer's connection, before its weights are sent
     ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
     std::vector<uint8_t> staging;
     for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) {

@@ -61,16 +61,15 @@ static void run_graph(mllama_context & c, const std::function<ggml_cgraph *(ggml
     fetch();
 }
 
-inline constexpr int k_fault_probe_ms = 2000;  // per endpoint, naming the one that died
-
 // A lost RPC worker ends the model's life: the weights it held are gone with it.
 [[noreturn]] static void fail_lost_worker(const mllama_context & c, const char * what) {
     c.model->lost_worker = true;
     const std::vector<std::string> & all = c.model->plan.endpoints;
-    const std::vector<std::string> dead = unreachable(all, k_fault_probe_ms);
-    const std::string names = join(dead.empty() ? all : dead);
-    fail(MLLAMA_ERR_BACKEND, "RPC worker %s %s (%s); the model cannot run any more: close it and load it again",
-         names.c_str(), dead.empty() ? "failed" : "is unreachable", what);
+    bool all_answer = false;
+    const std::vector<std::string> dead = lost_workers(all, &all_answer);
+    fail(MLLAMA_ERR_BACKEND, "RPC worker %s %s (%s); the model cannot run any more: close it and load it again "
+         "(in a new process, if it needs this worker: README, Faults)", join(dead).c_str(),
+         all_answer ? "failed" : "is unreachable", what);
 }
 
 void compute(mllama_context & c, const std::function<ggml_cgraph *(ggml_context *)> & build,

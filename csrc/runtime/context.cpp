@@ -1,6 +1,7 @@
 #include "runtime/context.h"
 
 #include "common/error.h"
+#include "common/text.h"
 #include "model/model.h"
 #include "runtime/backend.h"
 #include "runtime/compute.h"
@@ -73,6 +74,7 @@ static void allocate_state(mllama_context & c, const std::vector<ggml_backend_de
             fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot allocate the caches on %s (n_ctx %d x %d sequences, %d image slots)",
                  ggml_backend_dev_name(devs[i]), c.params.n_ctx, c.params.n_seq_max, c.params.n_image_slots);
         }
+        bound_rpc_calls(c.model->plan);  // the buffer's connection, before it is cleared
         ggml_backend_buffer_clear(buf, 0);
         c.state_buffers.push_back(buf);
     }
@@ -110,7 +112,12 @@ static void create_state(mllama_context & c) {
         ggml_context * ctx = state_context(c, devs, cpu_device());
         st.rope_factors = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, static_cast<int64_t>(factors.size()));
     }
-    allocate_state(c, devs);
+    try {
+        allocate_state(c, devs);
+    } catch (const rpc_fault & e) {
+        fail(MLLAMA_ERR_BACKEND, "RPC worker %s failed while the context's caches were allocated: %s",
+             join(lost_workers(m.plan.endpoints)).c_str(), e.what());
+    }
     if (st.rope_factors) ggml_backend_tensor_set(st.rope_factors, factors.data(), 0, factors.size() * sizeof(float));
     c.slots.resize(static_cast<size_t>(n_slots));
     c.seq_length.assign(static_cast<size_t>(c.params.n_seq_max), 0);

@@ -6,6 +6,7 @@
 #include "ggml-backend.h"
 #include "ggml.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -18,6 +19,7 @@
 #define MLLAMA_HAVE_SOCKETS 1
 #include <dirent.h>
 #include <fcntl.h>
+#include <arpa/inet.h>
 #include <netdb.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -84,6 +86,36 @@ static bool split_endpoint(const std::string & endpoint, std::string & host, std
 }
 
 #if MLLAMA_HAVE_SOCKETS
+// host's IPv4 addresses (nullptr: none): ggml's RPC client resolves with gethostbyname and connects over
+// IPv4 only, its server binds a numeric IPv4 address only.
+static addrinfo * resolve_ipv4(const std::string & host, const std::string & port) {
+    addrinfo hints{};
+    hints.ai_family = AF_INET;
+    hints.ai_socktype = SOCK_STREAM;
+    addrinfo * found = nullptr;
+    if (getaddrinfo(host.c_str(), port.c_str(), &hints, &found) != 0) return nullptr;
+    return found;
+}
+
+// Fails unless endpoint's host has an IPv4 address, saying why: not found, or IPv6 only.
+static void require_ipv4(const std::string & endpoint, const std::string & host, const std::string & port) {
+    if (addrinfo * found = resolve_ipv4(host, port)) {
+        freeaddrinfo(found);
+        return;
+    }
+    addrinfo hints{};
+    hints.ai_socktype = SOCK_STREAM;
+    addrinfo * any = nullptr;
+    const bool resolves = getaddrinfo(host.c_str(), port.c_str(), &hints, &any) == 0;
+    if (any) freeaddrinfo(any);
+    if (resolves) {
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "RPC worker %s: ggml's RPC backend connects over IPv4 only, and %s has no "
+             "IPv4 address (name the worker by an IPv4 address or a host name that has one)", endpoint.c_str(),
+             host.c_str());
+    }
+    fail(MLLAMA_ERR_INVALID_ARGUMENT, "RPC worker %s: host '%s' not found", endpoint.c_str(), host.c_str());
+}
+
 // A non-blocking connect to one address, waited for up to timeout_ms.
 static bool connect_within(const addrinfo * ai, int timeout_ms) {
     const int fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
@@ -105,11 +137,8 @@ bool endpoint_reachable(const std::string & endpoint, int timeout_ms) {
     std::string host, port;
     if (!split_endpoint(endpoint, host, port)) return false;
 #if MLLAMA_HAVE_SOCKETS
-    addrinfo hints{};
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    addrinfo * found = nullptr;
-    if (getaddrinfo(host.c_str(), port.c_str(), &hints, &found) != 0) return false;
+    addrinfo * found = resolve_ipv4(host, port);
+    if (!found) return false;
     bool ok = false;
     for (addrinfo * ai = found; ai && !ok; ai = ai->ai_next) ok = connect_within(ai, timeout_ms);
     freeaddrinfo(found);
@@ -119,12 +148,53 @@ bool endpoint_reachable(const std::string & endpoint, int timeout_ms) {
 #endif
 }
 
+std::string rpc_peer(const std::string & endpoint) {
+    std::string host, port;
+    if (!split_endpoint(endpoint, host, port)) return endpoint;
+#if MLLAMA_HAVE_SOCKETS
+    addrinfo * found = resolve_ipv4(host, port);
+    if (!found) return endpoint;
+    char numeric[NI_MAXHOST] = "";
+    const bool ok = getnameinfo(found->ai_addr, found->ai_addrlen, numeric, sizeof(numeric), nullptr, 0,
+                                NI_NUMERICHOST) == 0;
+    freeaddrinfo(found);
+    return ok ? std::string(numeric) + ":" + port : endpoint;
+#else
+    return endpoint;
+#endif
+}
+
+static std::mutex g_lost_mutex;
+static std::vector<std::string> g_lost;  // endpoints, as ggml keys its connections
+
+void mark_lost(const std::vector<std::string> & endpoints) {
+    std::lock_guard<std::mutex> lock(g_lost_mutex);
+    for (const std::string & e : endpoints) {
+        if (std::find(g_lost.begin(), g_lost.end(), e) == g_lost.end()) g_lost.push_back(e);
+    }
+}
+
+static bool lost_earlier(const std::string & endpoint) {
+    std::lock_guard<std::mutex> lock(g_lost_mutex);
+    return std::find(g_lost.begin(), g_lost.end(), endpoint) != g_lost.end();
+}
+
 std::vector<std::string> unreachable(const std::vector<std::string> & endpoints, int timeout_ms) {
     std::vector<std::string> out;
     for (const std::string & e : endpoints) {
         if (!endpoint_reachable(e, timeout_ms)) out.push_back(e);
     }
     return out;
+}
+
+inline constexpr int k_fault_probe_ms = 2000;  // per endpoint, naming the one that died
+
+std::vector<std::string> lost_workers(const std::vector<std::string> & endpoints, bool * all_answer) {
+    std::vector<std::string> dead = unreachable(endpoints, k_fault_probe_ms);
+    if (all_answer) *all_answer = dead.empty();
+    if (dead.empty()) dead = endpoints;
+    mark_lost(dead);
+    return dead;
 }
 
 #if MLLAMA_HAVE_SOCKETS
@@ -251,6 +321,14 @@ std::vector<ggml_backend_dev_t> rpc_connect(const std::string & endpoint, int ti
     if (!split_endpoint(endpoint, host, port)) {
         fail(MLLAMA_ERR_INVALID_ARGUMENT, "RPC endpoint '%s' is not host:port", endpoint.c_str());
     }
+#if MLLAMA_HAVE_SOCKETS
+    require_ipv4(endpoint, host, port);
+#endif
+    if (lost_earlier(endpoint)) {
+        fail(MLLAMA_ERR_BACKEND, "RPC worker %s was lost earlier in this process, and ggml keeps its broken "
+             "connection until the process ends: restart this process to use the worker again, or name it by "
+             "another address of its machine (README: Faults)", endpoint.c_str());
+    }
     if (!endpoint_reachable(endpoint, timeout_ms)) {
         fail(MLLAMA_ERR_BACKEND, "RPC worker %s: no answer within %d ms (is `mllama rpc-server` running there?)",
              endpoint.c_str(), timeout_ms);
@@ -286,6 +364,13 @@ void rpc_serve(const std::string & endpoint, const std::string & devices, int n_
     if (!split_endpoint(endpoint, host, port)) {
         fail(MLLAMA_ERR_INVALID_ARGUMENT, "RPC endpoint '%s' is not host:port", endpoint.c_str());
     }
+#if MLLAMA_HAVE_SOCKETS
+    in_addr numeric{};
+    if (inet_pton(AF_INET, host.c_str(), &numeric) != 1) {
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "RPC server address '%s': ggml's RPC server binds a numeric IPv4 address "
+             "(127.0.0.1, 0.0.0.0 or one of this machine's)", host.c_str());
+    }
+#endif
     std::vector<ggml_backend_dev_t> served = served_devices(devices);
     for (ggml_backend_dev_t dev : served) {
         if (!rpc_endpoint(dev).empty()) fail(MLLAMA_ERR_INVALID_ARGUMENT, "a worker cannot serve an RPC device");

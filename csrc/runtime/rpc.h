@@ -46,6 +46,10 @@ bool rpc_supported();
 // of this protocol version; with MLLAMA_ERR_UNSUPPORTED when ggml was built without RPC.
 std::vector<ggml_backend_dev_t> rpc_connect(const std::string & endpoint, int timeout_ms);
 
+// What endpoint ("host:port") names: its first IPv4 address (what ggml connects to), numeric ("127.0.0.1:50052");
+// the endpoint itself when it has none (rpc_connect then says why).
+std::string rpc_peer(const std::string & endpoint);
+
 // The endpoint of an RPC device ("" for other devices).
 std::string rpc_endpoint(ggml_backend_dev_t dev);
 
@@ -56,6 +60,14 @@ bool endpoint_reachable(const std::string & endpoint, int timeout_ms);
 // seconds per call, after which ggml's call fails (an rpc_fault) instead of blocking on a worker
 // that stopped answering. Linux (the connections are found through /proc/self/fd); elsewhere a no-op.
 void set_io_timeouts(const std::vector<std::string> & endpoints, int seconds);
+
+// Workers lost while in use: ggml keeps one connection per endpoint string for the life of the process,
+// broken from then on, so rpc_connect refuses these endpoints at once (saying why) instead of failing later.
+void mark_lost(const std::vector<std::string> & endpoints);
+
+// After an rpc_fault: the endpoints among these that no longer accept a connection (all of them when
+// each still does: a frozen worker; *all_answer then true), marked lost; for the fault's message.
+std::vector<std::string> lost_workers(const std::vector<std::string> & endpoints, bool * all_answer = nullptr);
 
 // The endpoints among `endpoints` that do not accept a connection now (for fault messages).
 std::vector<std::string> unreachable(const std::vector<std::string> & endpoints, int timeout_ms);

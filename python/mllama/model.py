@@ -112,8 +112,8 @@ class Model(Handle, GenerationMixin):
         params.log_callback = LOG_CALLBACK
         params.log_user_data = self._log_handle
         keep = fill_params(params, strings, rpc=env.rpc if rpc is None else rpc, devices=devices,
-                           tensor_split=tensor_split, rpc_timeout=rpc_timeout,
-                           rpc_io_timeout=rpc_io_timeout)  # noqa: F841 (alive over the call)
+                           tensor_split=tensor_split, rpc_timeout=rpc_timeout, rpc_io_timeout=rpc_io_timeout,
+                           rpc_source="MLLAMA_RPC" if rpc is None else "rpc")  # noqa: F841 (alive over the call)
         out = ffi.new("mllama_model **")
         try:
             call(lib.mllama_model_load, os.fsencode(self.path), strings(self.projector), params, out, error=ModelLoadError)

@@ -47,6 +47,17 @@ def names_list(value: str | Sequence[str] | None, what: str) -> str | None:
     return ",".join(p.strip() for item in items for p in item.split(",") if p.strip()) or None
 
 
+def rpc_list(value: str | Sequence[str] | None, source: str = "rpc") -> str | None:
+    """The RPC workers as "host:port,host:port", each checked (ValueError naming `source`: "rpc" or the
+    environment variable the list came from)."""
+    joined = names_list(value, source)
+    for endpoint in (joined or "").split(","):
+        host, colon, port = endpoint.rpartition(":")
+        if endpoint and not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"{source}: {endpoint!r} is not host:port (e.g. 192.168.1.20:50052)")
+    return joined
+
+
 def split_values(tensor_split: Sequence[float] | str | None) -> list[float] | None:
     """[3, 1] or "3,1" -> weights >= 0, not all zero; None -> None (free memory decides)."""
     if tensor_split is None:
@@ -61,9 +72,10 @@ def split_values(tensor_split: Sequence[float] | str | None) -> list[float] | No
     return values
 
 
-def fill_params(params, strings, *, rpc, devices, tensor_split, rpc_timeout, rpc_io_timeout=None) -> list:
+def fill_params(params, strings, *, rpc, devices, tensor_split, rpc_timeout, rpc_io_timeout=None,
+                rpc_source="rpc") -> list:
     """Sets the placement fields of mllama_model_params; returns the buffers to keep alive over the call."""
-    params.rpc_servers = strings(names_list(rpc, "rpc"))
+    params.rpc_servers = strings(rpc_list(rpc, rpc_source))
     params.devices = strings(names_list(devices, "devices"))
     values = split_values(tensor_split)
     keep = []

@@ -61,11 +61,19 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="the vision tower's device and the GPU for the text layers: "
                    "auto, cpu or a device name (default: $MLLAMA_DEVICE, else auto)")
     p.add_argument("--rpc", help="ggml RPC workers host:port,host:port (`mllama rpc-server`; default $MLLAMA_RPC)")
+    add_rpc_timeout_flags(p)
     p.add_argument("--devices", help="the devices the text layers are split over, in order (e.g. RPC0,RPC1,CPU)")
     p.add_argument("--tensor-split", help="their shares of the text layers, e.g. 3,1 (default: their free memory)")
     p.add_argument("--n-gpu-layers", type=int, default=-1, help="text layers on the device list (default: all)")
     p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default min(trained, 4096))")
     p.add_argument("-v", "--verbose", action="store_true", help="show time to first token and tokens/s")
+
+
+def add_rpc_timeout_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rpc-timeout", type=float, default=None,
+                   help="seconds to wait for an RPC worker to accept the connection (default 10)")
+    p.add_argument("--rpc-io-timeout", type=int, default=None,
+                   help="seconds an RPC worker may take to answer one call before it counts as lost (default 600)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -118,7 +126,7 @@ def sampling_from(args: argparse.Namespace) -> dict:
 def placement_from(args: argparse.Namespace) -> dict:
     """The device placement flags as Model keyword arguments."""
     return {"device": args.device, "rpc": args.rpc, "devices": args.devices, "tensor_split": args.tensor_split,
-            "n_gpu_layers": args.n_gpu_layers}
+            "n_gpu_layers": args.n_gpu_layers, "rpc_timeout": args.rpc_timeout, "rpc_io_timeout": args.rpc_io_timeout}
 
 
 def load_model(args: argparse.Namespace, **params) -> Model:

@@ -13,7 +13,7 @@ from .._native.placement import Placement
 from .._native.system import devices, system_info
 from ..model import Model
 from ..settings import environment
-from .common import human, model_arg, placement_from
+from .common import add_rpc_timeout_flags, human, model_arg, placement_from
 
 FORMATS = {0: "mllama", 1: "ollama", 2: "ollama-split"}
 
@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--projector", help="the projector file of an Ollama 0.4-0.6 text model")
     p.add_argument("--device", default="cpu", help="the vision tower's device (default cpu)")
     p.add_argument("--rpc", help="ggml RPC workers host:port,host:port (default $MLLAMA_RPC)")
+    add_rpc_timeout_flags(p)
     p.add_argument("--devices", help="the devices the text layers are split over, in order")
     p.add_argument("--tensor-split", help="their shares of the text layers (default: their free memory)")
     p.add_argument("--n-gpu-layers", type=int, default=-1, help="text layers on the device list (default: all)")

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 
-from .._native.errors import ContextOverflowError, ImageError, TemplateError
+from .._native.errors import ContextOverflowError, ImageError, MllamaError, TemplateError
 from ..generation.logprobs import check as check_logprobs
+
+log = logging.getLogger("mllama.server")
 
 SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "max_tokens", "max_completion_tokens", "stop", "seed",
                  "presence_penalty", "frequency_penalty", "repeat_penalty"}
@@ -121,11 +124,16 @@ async def read_json(request, max_body_bytes: int) -> dict:
     return value
 
 
+BACKEND_STATUS = "backend error"  # the C library's name of MLLAMA_ERR_BACKEND (a device or an RPC worker failed)
+
+
 def error_status(exc: BaseException) -> int:
     if isinstance(exc, RequestError):
         return exc.status
     if isinstance(exc, (ImageError, TemplateError, ContextOverflowError, ValueError, TypeError, KeyError)):
         return 400
+    if isinstance(exc, MllamaError) and exc.status == BACKEND_STATUS:
+        return 503  # a lost RPC worker or a failed device: the server cannot answer until it is restarted
     return 500
 
 
@@ -134,6 +142,8 @@ def error_body(exc: BaseException) -> tuple[int, dict, dict]:
     OpenAI's where one applies ("context_length_exceeded": clients such as LiteLLM and LangChain read it)."""
     status = error_status(exc)
     message = exc.message if isinstance(exc, RequestError) else str(exc) if status != 500 else "internal error"
+    if status == 500:  # not detailed to the client: in the server's log
+        log.error("internal error: %s: %s", type(exc).__name__, exc)
     headers = exc.headers if isinstance(exc, RequestError) else {}
     kind = "invalid_request_error" if status < 500 else "server_error"
     param = exc.param if isinstance(exc, RequestError) else None
