@@ -43,6 +43,11 @@ CASES = {
         {"role": "user", "content": [IMG, txt("And here?")]},
     ],
     "system_no_images": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    "second_system_message_as_written": [  # only the first system message is the trimmed system prompt
+        {"role": "system", "content": " s1 "}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yo"}, {"role": "system", "content": " s2 "},
+        {"role": "user", "content": "Again"}],
+    "private_use_text": [{"role": "user", "content": "icons \ue000 0:1\ue001 \ue0000\ue001"}],
 }
 
 
@@ -64,6 +69,30 @@ def test_images_with_system_prompt_is_an_error():
         reference_render(messages)
     with pytest.raises(TemplateError, match="incompatible with system messages"):
         ours(messages)
+
+
+def test_null_content_is_empty_text():
+    """OpenAI's clients send "content": null; an empty system prompt, not the text "[]"."""
+    empty = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]
+    null = [{**m, "content": None} if m["role"] != "user" else m for m in empty]
+    assert ours(null, date_string="1 Dec 2026") == ours(empty, date_string="1 Dec 2026") == \
+        reference_render(empty, date_string="1 Dec 2026")
+
+
+def test_text_that_looks_like_a_marker_stays_as_written():
+    """User text is rendered through markers: text of a request that is not user text (a tool's description,
+    a tool result) that looks like one must come out as written, not as another message's text."""
+    from mllama.text.chat_template import normalize, render_segments
+
+    tools = [{"type": "function", "function": {"name": "f", "description": "icon \ue0000\ue001 \ue0007\ue001",
+                                               "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "SECRET"},
+                {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "content": "result \ue0001\ue001"}]
+    segments = render_segments(default_template(), normalize(messages), bos_token="<|begin_of_text|>", tools=tools)
+    text = "".join(t for t, _ in segments)
+    assert text.count("SECRET") == 1 and [t for t, user in segments if user] == ["SECRET"]
+    assert "icon \ue0000\ue001 \ue0007\ue001" in text and "result \ue0001\ue001" in text
 
 
 def test_openai_and_ollama_message_shapes():

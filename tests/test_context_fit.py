@@ -67,7 +67,7 @@ def test_a_growing_conversation_keeps_its_prompt_prefix_between_cuts(model):
     cuts = [p.n_left_out for p in prompts]
     assert cuts == sorted(cuts) and cuts[0] < cuts[-1]
     # the cut moves by half the room the system prompt leaves (its grid), not by one turn each turn
-    fitting = _Fitting(model, history(40), None, N_CTX - reply_room(N_CTX, None))
+    fitting = _Fitting(model, history(40), {"tools": None}, N_CTX - reply_room(N_CTX, None))
     growth = fitting.before[2 * 40] - fitting.before[2 * 8]
     assert sum(a != b for a, b in zip(cuts, cuts[1:])) <= growth // fitting.quantum + 1 < len(cuts) // 2
     for before, after in zip(prompts, prompts[1:]):

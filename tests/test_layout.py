@@ -137,3 +137,12 @@ def test_readme_map_lists_every_source_file():
     listed, present = readme_map(), source_files()
     assert not present - listed, f"missing from the README map: {sorted(present - listed)}"
     assert not listed - present, f"in the README map but not in the tree: {sorted(listed - present)}"
+
+
+def test_the_installed_package_ships_its_type_marker_and_template():
+    """PEP 561: type checkers read mllama's annotations only when the package carries py.typed."""
+    from importlib.resources import files
+
+    installed = files("mllama")
+    assert installed.joinpath("py.typed").is_file()
+    assert installed.joinpath("data", "llama32_vision_instruct.jinja").is_file()

@@ -284,6 +284,8 @@ def test_ollama_generate_with_the_official_client(server):
     assert streamed[-1].done and streamed[-1].eval_count == whole.eval_count
     raw = c.generate(model="x", prompt="<|begin_of_text|>Once upon a time", raw=True, options={"temperature": 0, "num_predict": 3})
     assert raw.prompt_eval_count == 5 and raw.eval_count <= 3
+    no_bos = c.generate(model="x", prompt="Once upon a time", raw=True, options={"temperature": 0, "num_predict": 3})
+    assert no_bos.prompt_eval_count == 5 and no_bos.response == raw.response  # Ollama's raw mode puts the BOS first
     loaded = c.generate(model="x", prompt="")  # Ollama's way to load a model
     assert loaded.done and loaded.done_reason == "load"
 

@@ -38,7 +38,10 @@ def test_completions_whole_streamed_and_token_ids(server, model):
     assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
     text, choice = whole.choices[0].text, whole.choices[0]
     assert choice.index == 0 and choice.logprobs is None and choice.finish_reason in ("stop", "length")
-    assert whole.usage.prompt_tokens == len(model.tokenize(PROMPT, special=True))  # no BOS added
+    assert whole.usage.prompt_tokens == len(model.tokenize(PROMPT, special=True))  # it starts with the BOS
+    no_bos = c.completions.create(model="x", prompt=PROMPT.removeprefix("<|begin_of_text|>"), max_tokens=12,
+                                  temperature=0)  # one is put first, as llama.cpp's server and vLLM do
+    assert no_bos.usage.prompt_tokens == whole.usage.prompt_tokens and no_bos.choices[0].text == whole.choices[0].text
     assert text == model.generate(PROMPT, max_tokens=12, temperature=0, stream=False)
     chunks = list(c.completions.create(model="x", prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
                                        stream_options={"include_usage": True}))

@@ -91,3 +91,22 @@ def test_stream_decoder_holds_back_split_characters(tokenizer):
     pieces = [decoder.push(t) for t in ids] + [decoder.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stream_decoder_skips_special_tokens_when_asked(tokenizer):
+    """What a reply shows of the special tokens a model generates: nothing (vLLM's skip_special_tokens, llama.cpp's
+    server without --special), or their text; a split character across a skipped token still joins up."""
+    emoji = tokenizer.encode("😀")
+    ids = tokenizer.encode("Hi") + [tokenizer.token_id("<|reserved_special_token_0|>")] + emoji[:1] + \
+        [tokenizer.token_id("<|python_tag|>")] + emoji[1:] + tokenizer.encode(" x")
+    for skip, expected in ((True, "Hi😀 x"), (False, None)):
+        decoder = StreamDecoder(tokenizer, skip_special=skip)
+        pieces = [decoder.push(t) for t in ids] + [decoder.flush()]
+        assert "".join(pieces) == (expected or tokenizer.decode(ids))
+    assert "<|python_tag|>" in tokenizer.decode(ids)
+
+
+def test_each_lone_surrogate_is_one_replacement_character(tokenizer):
+    """JSON can carry a lone surrogate ("\\ud83d"): one U+FFFD, as a decoder of UTF-16 gives; a split pair joins."""
+    assert tokenizer.encode("a\ud83db") == tokenizer.encode("a\ufffdb")
+    assert tokenizer.encode("a\ud83d\ude00b") == tokenizer.encode("a😀b")

@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a reply the terminal's encoding lacks (cp1252): "?", not an error
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="mllama: %(message)s")
     try:
         return args.func(args)

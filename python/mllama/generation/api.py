@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .._native.errors import MllamaError
-from ..text.chat_template import default_template, normalize, render_segments
+from ..text.chat_template import default_template, normalize, render_segments, system_turn_first
 from ..text.tokenizer import StreamDecoder
 from ..text.tools import ToolSpec
 from ..text.tools import resolve as resolve_tools
@@ -74,16 +74,22 @@ class GenerationMixin:
 
     # --- prompts ----------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict], *, add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None) -> tuple[list[int], list[Any]]:
+                    tools: list[dict] | None = None, system_with_images: bool = False) -> tuple[list[int], list[Any]]:
         """Token ids and images of a conversation rendered with the model's chat template (with `tools`:
-        OpenAI's tool list, shown to the model as the template does; text-only turns)."""
+        OpenAI's tool list, shown to the model as the template does; text-only turns). Meta's template refuses
+        a system prompt next to images (TemplateError); system_with_images=True renders it as Ollama's
+        template does instead: a plain system turn before the conversation (the Ollama routes)."""
         conv = normalize(messages)
         if tools is not None and conv.images:
             raise ValueError("tools cannot be used together with images (Llama 3.2 Vision supports tool calls "
                              "in text-only conversations): drop the images or 'tools'")
         bos = self.tokenizer.decode([self.hparams.bos_token_id])
+        system = conv.messages.pop(0) if system_with_images and conv.images and conv.messages and \
+            conv.messages[0]["role"] == "system" else None
         segments = render_segments(self.chat_template, conv, bos_token=bos, add_generation_prompt=add_generation_prompt,
                                    tools=tools)
+        if system is not None:
+            segments = system_turn_first(segments, bos, conv, system["content"])
         tokens: list[int] = []
         for text, user in segments:
             tokens += self.tokenizer.encode(text, allow_special=not user)

@@ -40,28 +40,30 @@ def reply_room(n_ctx: int, max_tokens) -> int:
     return min(max_tokens, quarter) if valid else quarter
 
 
-def fit_chat(model, messages: list[dict], *, tools: list[dict] | None = None,
-             max_tokens: int | None = None) -> FittedPrompt:
+def fit_chat(model, messages: list[dict], *, tools: list[dict] | None = None, max_tokens: int | None = None,
+             system_with_images: bool = False) -> FittedPrompt:
     """The prompt of `messages` (Model.chat_prompt) within the model's context: as it is when it leaves
     reply_room() tokens free and holds at most n_image_slots images, otherwise without its oldest messages
     (module docstring). A last message too long on its own is left to the engine's error."""
-    fit = _Fitting(model, messages, tools, model.n_ctx - reply_room(model.n_ctx, max_tokens))
+    normalize(messages)  # a bad message is named by its index in `messages`, not in a shorter candidate
+    render = {"tools": tools, "system_with_images": system_with_images}  # Model.chat_prompt's keywords
+    fit = _Fitting(model, messages, render, model.n_ctx - reply_room(model.n_ctx, max_tokens))
     if len(fit.rest) < 2 or fit.clearly_over is False:
-        tokens, images = model.chat_prompt(messages, tools=tools)
+        tokens, images = model.chat_prompt(messages, **render)
         if len(fit.rest) < 2 or fit.fits(tokens, images):
             return FittedPrompt(tokens, images)
     if not fit.cuts:  # nothing the template could start with: the engine says what is too long
-        return FittedPrompt(*model.chat_prompt(messages, tools=tools))
+        return FittedPrompt(*model.chat_prompt(messages, **render))
     first = fit.first_fitting()
     if first is None:
         kept = fit.kept(fit.cuts[-1])
-        return FittedPrompt(*model.chat_prompt(kept, tools=tools), n_left_out=len(messages) - len(kept))
+        return FittedPrompt(*model.chat_prompt(kept, **render), n_left_out=len(messages) - len(kept))
     cut = fit.on_grid(first)
     kept = fit.kept(cut)
-    tokens, images = model.chat_prompt(kept, tools=tools)
+    tokens, images = model.chat_prompt(kept, **render)
     if cut != first and not fit.fits(tokens, images):  # the grid's cut holds more images or a longer question
         kept = fit.kept(first)
-        tokens, images = model.chat_prompt(kept, tools=tools)
+        tokens, images = model.chat_prompt(kept, **render)
     return FittedPrompt(tokens, images, n_left_out=len(messages) - len(kept))
 
 
@@ -69,8 +71,9 @@ class _Fitting:
     """One conversation's candidate cuts. `rest`: the messages after the system prompt (indices into
     `messages`); a cut c keeps rest[c:] (and the user message before it when rest[c] is not one)."""
 
-    def __init__(self, model, messages: list[dict], tools, budget: int):
-        self.model, self.messages, self.tools, self.budget = model, messages, tools, budget
+    def __init__(self, model, messages: list[dict], render: dict, budget: int):
+        self.model, self.messages, self.render, self.budget = model, messages, render, budget
+        tools = render["tools"]
         self.head = messages[:1] if messages and _role(messages[0]) == "system" else []
         self.rest = list(range(len(self.head), len(messages)))
         parts = [normalize([messages[i]]) for i in self.rest]
@@ -112,12 +115,12 @@ class _Fitting:
     def first_fitting(self) -> int | None:
         """The cut that keeps the most messages and fits: from the first whose estimate fits (the images
         counted exactly), checked on the rendered prompt, moving on while it does not fit."""
-        head = len(self.model.chat_prompt(self.kept(self.cuts[-1]), tools=self.tools)[0]) - self.estimate(
+        head = len(self.model.chat_prompt(self.kept(self.cuts[-1]), **self.render)[0]) - self.estimate(
             self.cuts[-1])[0]  # the rendered cost of the system prompt and the template's frame
         start = next((i for i, c in enumerate(self.cuts) if head + self.estimate(c)[0] <= self.budget and
                       self.estimate(c)[1] <= self.model.n_image_slots), len(self.cuts) - 1)
         for c in self.cuts[start:]:
-            if self.fits(*self.model.chat_prompt(self.kept(c), tools=self.tools)):
+            if self.fits(*self.model.chat_prompt(self.kept(c), **self.render)):
                 return c
         return None
 

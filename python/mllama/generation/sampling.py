@@ -26,6 +26,7 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    skip_special_tokens: bool = True  # special tokens the model generates give no text (vLLM's option)
 
     def __post_init__(self) -> None:
         """ValueError (TypeError for a wrong type) for values the sampler cannot honour: a NaN temperature, a
@@ -40,6 +41,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
                 raise TypeError(f"{name} must be an integer, not {type(value).__name__}")
+        if not isinstance(self.skip_special_tokens, bool):
+            raise TypeError(f"skip_special_tokens must be true or false, not {type(self.skip_special_tokens).__name__}")
         if not all(isinstance(text, str) for text in self.stop):
             raise TypeError("stop must be a string or a sequence of strings")
         checks = ((0.0 <= self.top_p <= 1.0, "top_p must be within [0, 1]"),

@@ -48,7 +48,8 @@ class Stream:
         self.history = list(request.tokens)
         self.next_token: int | None = None  # sampled, evaluated at the next step
         self.record = RunRecord(prompt_tokens=len(request.tokens))
-        self.decoder, self.pending, self.text = StreamDecoder(tokenizer), "", []
+        self.decoder = StreamDecoder(tokenizer, skip_special=request.params.skip_special_tokens)
+        self.pending, self.text = "", []
         self.tokenizer = tokenizer
         self.logprobs: list[dict] | None = [] if request.logprobs is not None else None  # OpenAI's items
         self.grammar = request.grammar.start() if request.grammar is not None else None  # its own state

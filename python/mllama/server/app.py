@@ -13,7 +13,8 @@ from .requests import RequestError, error_body, ollama_error_body
 
 
 # Origins whose pages may call the server without --allow-origin: this machine's, and desktop apps' (Ollama's default)
-LOCAL_ORIGINS = r"(https?://(localhost|127\.0\.0\.1|\[::1\]|0\.0\.0\.0)(:\d+)?|(app|file|tauri|vscode-webview)://.*)"
+LOCAL_ORIGINS = (r"(https?://(localhost|127\.0\.0\.1|\[::1\]|0\.0\.0\.0)(:\d+)?"
+                 r"|(app|file|tauri|vscode-webview|vscode-file)://.*)")
 
 
 def create_app(model, *, max_queue: int = 8, max_body_bytes: int = 32 * 1024 * 1024, allow_local_images: bool = False,

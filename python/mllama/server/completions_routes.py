@@ -6,7 +6,7 @@ from ..generation import openai
 from ..generation.logprobs import CompletionLogprobs, check_completion
 from .openai_routes import choices, inband_error, sse, usage_chunk
 from .queue import BatchQueue, ClientGone, Reply, first_pieces, results, while_connected
-from .requests import RequestError, read_json, response_format, sampling
+from .requests import RequestError, raw_tokens, read_json, response_format, sampling
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
@@ -32,7 +32,7 @@ def prompt_of(body: dict):
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
-        return lambda model: (model.tokenize(prompt, special=True), [])
+        return lambda model: (raw_tokens(model, prompt), [])
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return lambda model: (checked_tokens(prompt, model.tokenizer.n_vocab), [])
     raise RequestError(400, "'prompt' must be a non-empty string or a non-empty list of token ids (one prompt)")

@@ -1,59 +1,25 @@
 """Ollama's API for its existing clients: /api/chat and /api/generate (NDJSON streams, or one object
 with "stream": false; durations in nanoseconds; `logprobs`/`top_logprobs` as Ollama 0.12.11+: every
-line carries the items of its tokens), /api/tags, /api/show, /api/ps, /api/version."""
+line carries the items of its tokens), /api/tags, /api/show, /api/ps, /api/version; Ollama's routes for
+what mllama does not do (embeddings, pulling and making models) answer 501 saying so."""
 
 import hashlib
 import json
-import logging
 import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 from .._version import __version__
 from ..generation.api import tool_spec
-from ..generation.context_fit import fit_chat
-from ..text.tools import parse_call
 from ..generation.openai import take
 from ..generation.results import GenerationResult
+from ..text.tools import parse_call
+from .ollama_requests import (chat_prompt, generate_prompt, loads_only, options, output_format, refuse_unsupported,
+                              truncates)
 from .queue import BatchQueue, ClientGone, Reply, first_pieces, results, while_connected
-from .requests import (RequestError, check_messages, from_ollama, logprob_options, ollama_error_body, read_json,
-                       sampling)
-
-
-log = logging.getLogger("mllama.server")
+from .requests import RequestError, check_messages, from_ollama, logprob_options, ollama_error_body, read_json
 
 OLLAMA_API_VERSION = "0.12.11"  # the Ollama release whose API these routes follow (logprobs came with it)
-
-
-def loads_only(body: dict, key: str) -> bool:
-    """A request that only loads (or unloads) the model, as Ollama's clients send it: /api/chat with no
-    messages, /api/generate with no prompt and no images."""
-    if key == "message":
-        return body.get("messages") in (None, [])
-    return not body.get("prompt") and not body.get("images")
-
-
-def options(body: dict) -> dict:
-    """Sampling from Ollama's `options` (num_predict > 0 is max_tokens)."""
-    opts = body.get("options") or {}
-    if not isinstance(opts, dict):
-        raise RequestError(400, "'options' must be an object")
-    n_predict = opts.get("num_predict")
-    extra = {"max_tokens": n_predict} if isinstance(n_predict, int) and n_predict > 0 else {}
-    return sampling({**opts, **extra})
-
-
-def output_format(body: dict) -> dict:
-    """Ollama's `format` ("json" or a JSON schema object) as the model's response_format keyword;
-    the model compiles and checks the schema (ValueError: 400)."""
-    fmt = body.get("format")
-    if fmt is None or fmt == "":
-        return {}
-    if fmt == "json":
-        return {"response_format": {"type": "json_object"}}
-    if isinstance(fmt, dict):
-        return {"response_format": {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}}
-    raise RequestError(400, "'format' must be \"json\" or a JSON schema object")
 
 
 def now_iso() -> str:
@@ -69,6 +35,14 @@ def final_fields(result: GenerationResult, started: float) -> dict:
             "eval_duration": int(t.generate_s * 1e9)}
 
 
+def human_count(n: int) -> str:
+    """A parameter count as Ollama writes it: 10.7B, 16.74M, 850K."""
+    for scale, suffix, digits in ((1e9, "B", 1), (1e6, "M", 2), (1e3, "K", 0)):
+        if n >= scale:
+            return f"{n / scale:.{digits}f}{suffix}"
+    return str(n)
+
+
 def model_card(model) -> dict:
     """What /api/tags, /api/show and /api/ps say about the loaded model."""
     info = model.info
@@ -77,7 +51,7 @@ def model_card(model) -> dict:
     # identifies the loaded file (path, size, modification time); hashing its content would read gigabytes
     digest = hashlib.sha256(f"{model.path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
     details = {"parent_model": "", "format": "gguf", "family": "mllama", "families": ["mllama"],
-               "parameter_size": f"{info['n_params'] / 1e9:.1f}B",
+               "parameter_size": human_count(info["n_params"]),
                "quantization_level": text_types.most_common(1)[0][0].upper() if text_types else ""}
     hp = model.hparams
     model_info = {"general.architecture": "mllama", "general.parameter_count": info["n_params"],
@@ -102,48 +76,19 @@ def line(model_id: str, created: str, key: str, content: str, closing: dict | No
 
 
 def tool_calls(text: str, names: tuple) -> list | None:
-    """Ollama's tool_calls (arguments as an object) for a reply that calls one of `names`."""
+    """Ollama's tool_calls (an id, the call's index, arguments as an object) for a reply that calls one of `names`."""
     calls = parse_call(text, names) if names else None
-    return [{"function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
-            for c in calls] if calls else None
+    return [{"id": c["id"], "function": {"index": i, "name": c["function"]["name"],
+                                         "arguments": json.loads(c["function"]["arguments"])}}
+            for i, c in enumerate(calls)] if calls else None
 
 
-def truncates(body: dict) -> bool:
-    """Ollama's `truncate` (default true): a chat history too long for the context leaves out its oldest
-    messages. (`shift`, Ollama's context shift while it generates, is read but not done: a reply that fills
-    the context ends with done_reason "length".)"""
-    for key in ("truncate", "shift"):
-        if body.get(key) is not None and not isinstance(body[key], bool):
-            raise RequestError(400, f"'{key}' must be true or false")
-    return body.get("truncate") is not False
-
-
-def chat_prompt(messages: list[dict], tools, truncate: bool, max_tokens):
-    """The prompt of /api/chat for the queue: the messages fitted to the context unless truncate is false
-    (messages left out are logged, as Ollama does)."""
-    def prompt(model):
-        if not truncate:
-            return model.chat_prompt(messages, tools=tools)
-        fitted = fit_chat(model, messages, tools=tools, max_tokens=max_tokens)
-        if fitted.n_left_out and len(fitted.tokens) <= model.n_ctx:  # (a prompt still over it fails: no cut)
-            log.warning("left out the %d oldest of %d messages to fit the context (%d tokens)",
-                        fitted.n_left_out, len(messages), model.n_ctx)
-        return fitted.tokens, fitted.images
-    return prompt
-
-
-def generate_prompt(body: dict):
-    """The prompt of /api/generate: the chat template around prompt, system and images, or with
-    "raw": true the prompt as it is (special tokens allowed)."""
-    prompt = body.get("prompt") or ""
-    if not isinstance(prompt, str):
-        raise RequestError(400, "'prompt' must be a string")
-    images = from_ollama({"images": body.get("images") or []}).get("images", [])
-    if body.get("raw"):
-        return lambda model: (model.tokenize(prompt, special=True), images)
-    messages = [{"role": "system", "content": body["system"]}] if body.get("system") else []
-    messages.append({"role": "user", "content": prompt, "images": images})
-    return lambda model: model.chat_prompt(messages)
+def may_be_call(text: str) -> bool:
+    """Whether a reply that begins with `text` may still be a tool call (parse_call: a JSON object, maybe after
+    <|python_tag|>): streamed pieces are held back until it is known."""
+    body = text.lstrip()
+    tag = "<|python_tag|>"
+    return body.startswith("{") or tag.startswith(body) or (body.startswith(tag) and may_be_call(body[len(tag):]))
 
 
 def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None:
@@ -160,6 +105,7 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
         started = time.perf_counter()
         try:
             body = await read_json(request, limits["max_body_bytes"])
+            refuse_unsupported(body, model_id)
             opts = {**options(body), **output_format(body), **logprob_options(body)}
             spec = tool_spec(body.get("tools"), None, opts) if key == "message" else None
             tools, names = (spec.tools, spec.names) if spec else (None, ())
@@ -173,22 +119,17 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
                 prompt = generate_prompt(body)
             replies = await queue.submit(prompt, opts)
             first, = await while_connected(request, first_pieces(replies), replies)
-            reply, created, logprobs = replies[0], now_iso(), "logprobs" in opts
-            if body.get("stream", True) is False or tools:  # a reply that may be a tool call is sent once whole
+            reply, logprobs = replies[0], "logprobs" in opts
+            if body.get("stream", True) is False:
                 result, = await while_connected(request, results(replies), replies)
-                closing, text, items = final_fields(result, started), result.text, result.logprobs
-                calls = tool_calls(text, names)
-                text = "" if calls else text
-                if body.get("stream", True) is False:
-                    return JSONResponse(json.loads(line(model_id, created, key, text, closing, calls, items)))
-                lines = [line(model_id, created, key, text, None, calls, items),
-                         line(model_id, created, key, "", closing, logprobs=[] if logprobs else None)]
-                return StreamingResponse(iter(lines), media_type="application/x-ndjson")
+                calls = tool_calls(result.text, names)
+                return JSONResponse(json.loads(line(model_id, now_iso(), key, "" if calls else result.text,
+                                                    final_fields(result, started), calls, result.logprobs)))
         except ClientGone:
             return Response(status_code=499)  # nobody reads it
         except Exception as exc:
             return error(exc)
-        return StreamingResponse(ndjson(reply, first, (model_id, created, key), started, logprobs),
+        return StreamingResponse(ndjson(reply, first, (model_id, key), started, logprobs, names),
                                  media_type="application/x-ndjson")
 
     @app.get("/")
@@ -207,19 +148,51 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
     async def ollama_generate(request: Request):
         return await answer(request, "response")
 
-    @app.get("/api/version")
+    @app.api_route("/api/version", methods=["GET", "HEAD"])
     async def version():  # the Ollama API version these routes follow (clients enable features by it)
         return {"version": OLLAMA_API_VERSION, "mllama": __version__}
 
-    @app.get("/api/tags")
+    @app.api_route("/api/tags", methods=["GET", "HEAD"])
     async def tags():
         return {"models": [tag]}
 
     @app.post("/api/show")
-    async def show():
+    async def show(request: Request):
+        try:
+            body = await read_json(request, limits["max_body_bytes"])
+            if not (body.get("model") or body.get("name")):
+                raise RequestError(400, "model is required")
+        except Exception as exc:
+            return error(exc)
         return {"modelfile": "", "parameters": "", "template": card["template"], "details": card["details"],
                 "model_info": card["model_info"], "capabilities": ["completion", "vision", "tools"],
                 "modified_at": card["modified_at"]}
+
+    @app.post("/api/pull")
+    async def pull(request: Request):  # scripts pull before they chat: the model served is there already
+        try:
+            body = await read_json(request, limits["max_body_bytes"])
+            name = str(body.get("model") or body.get("name") or "")
+            if name.removesuffix(":latest") != model_id.removesuffix(":latest"):
+                raise RequestError(501, f"mllama serves one model ({model_id}) and does not pull others ('{name}')")
+        except Exception as exc:
+            return error(exc)
+        if body.get("stream", True) is False:
+            return {"status": "success"}
+        return StreamingResponse(iter([json.dumps({"status": "success"}) + "\n"]), media_type="application/x-ndjson")
+
+    def not_done(what: str):
+        async def refuse(request: Request):
+            return error(RequestError(501, f"{request.method} {request.url.path}: mllama {what}"))
+        return refuse
+
+    for path in ("/api/embed", "/api/embeddings"):
+        app.post(path)(not_done("does not compute embeddings (a generative model only): use an embedding "
+                                "model's server"))
+    for path, method in (("/api/create", "post"), ("/api/copy", "post"), ("/api/push", "post"),
+                         ("/api/delete", "delete"), ("/api/blobs/{digest}", "post"), ("/api/blobs/{digest}", "head")):
+        getattr(app, method)(path)(not_done(f"serves one model file ({model_id}) and does not make, copy, push or "
+                                            "delete models"))
 
     @app.get("/api/ps")
     async def ps():
@@ -229,18 +202,37 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
                             "context_length": card["n_ctx"]}]}
 
 
-async def ndjson(reply: Reply, first: str | None, head: tuple, started: float, logprobs: bool):
-    """The streamed lines (`head`: model, created_at, "message" or "response"), each with the logprobs
-    items of its tokens when requested; the closing fields on the last."""
-    def held() -> list | None:
-        return take(reply.held) if logprobs else None
+async def pieces(first: str | None, reply: Reply):
+    if first:
+        yield first
+    async for piece in reply:
+        yield piece
 
+
+async def ndjson(reply: Reply, first: str | None, head: tuple, started: float, logprobs: bool, names: tuple = ()):
+    """The streamed lines (`head`: model and "message" or "response"; each line stamped when sent), each with
+    the logprobs items of its tokens when requested; the closing fields on the last. With tools (`names`), the
+    text is held back while the reply may still be a tool call, and a call is sent as tool_calls."""
+    def held() -> list:
+        return take(reply.held) if logprobs else []
+
+    model_id, key = head
+    holding, pending, pending_items = bool(names), "", []  # the text held back, and its logprobs items
     try:
-        if first:
-            yield line(*head, first, None, logprobs=held())
-        async for piece in reply:
-            yield line(*head, piece, None, logprobs=held())
-        yield line(*head, "", final_fields(reply.result, started), logprobs=held())
+        async for piece in pieces(first, reply):
+            items = held()
+            if holding:
+                pending, pending_items = pending + piece, pending_items + items
+                if may_be_call(pending):
+                    continue
+                holding, piece, items = False, pending, pending_items
+            yield line(model_id, now_iso(), key, piece, None, logprobs=items if logprobs else None)
+        if holding and pending:
+            calls = tool_calls(pending, names)
+            yield line(model_id, now_iso(), key, "" if calls else pending, None, calls,
+                       pending_items if logprobs else None)
+        closing = final_fields(reply.result, started)
+        yield line(model_id, now_iso(), key, "", closing, logprobs=held() if logprobs else None)
     except Exception as exc:  # after the headers: a last line with the error, as Ollama sends it
         yield json.dumps({"error": str(exc) or ollama_error_body(exc)[1]["error"]}) + "\n"
     finally:

@@ -13,7 +13,7 @@ from ..generation.logprobs import check as check_logprobs
 log = logging.getLogger("mllama.server")
 
 SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "max_tokens", "max_completion_tokens", "stop", "seed",
-                 "presence_penalty", "frequency_penalty", "repeat_penalty"}
+                 "presence_penalty", "frequency_penalty", "repeat_penalty", "skip_special_tokens"}
 NUMBER_KEYS = (("temperature", float), ("top_p", float), ("min_p", float), ("presence_penalty", float),
                ("frequency_penalty", float), ("repeat_penalty", float), ("max_tokens", int), ("top_k", int), ("seed", int))
 
@@ -43,11 +43,21 @@ def sampling(body: dict) -> dict:
         if kind is int and not float(value).is_integer():
             raise RequestError(400, f"'{key}' must be an integer, not {value}", param=key)
         out[key] = kind(value)
+    if not isinstance(out.get("skip_special_tokens", True), bool):  # vLLM's option (default true)
+        raise RequestError(400, "'skip_special_tokens' must be true or false", param="skip_special_tokens")
     if "max_tokens" in out and out["max_tokens"] < 1:
         raise RequestError(400, "'max_tokens' must be at least 1", param="max_tokens")
     if out.get("temperature", 0.0) < 0.0:  # the Python API reads a negative temperature as greedy; the APIs refuse it
         raise RequestError(400, "'temperature' must be >= 0", param="temperature")
     return out
+
+
+def raw_tokens(model, text: str) -> list[int]:
+    """A raw prompt's tokens (special-token strings count) after a BOS unless it starts with one: as llama.cpp's
+    server, vLLM and Ollama's raw mode read a completion prompt."""
+    tokens = model.tokenize(text, special=True)
+    bos = model.hparams.bos_token_id
+    return tokens if tokens[:1] == [bos] else [bos, *tokens]
 
 
 def response_format(body: dict) -> dict:

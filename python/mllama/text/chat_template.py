@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -23,7 +24,6 @@ from typing import Any
 from .._native.errors import TemplateError
 from .tools import template_message
 
-_MARK = re.compile("\ue000(\\d+)\ue001")
 
 
 def default_template() -> str:
@@ -56,6 +56,15 @@ class Conversation:
     messages: list[dict]                      # template-ready messages (text parts replaced by markers)
     images: list[Any] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    # in every marker: no text of a request (tools, tool results, icon fonts' private-use characters) can be one
+    nonce: str = field(default_factory=lambda: secrets.token_hex(8))
+
+    def marker(self, i: int) -> str:
+        return f"\ue000{self.nonce}:{i}\ue001"
+
+    @property
+    def markers(self) -> re.Pattern:
+        return re.compile(f"\ue000{self.nonce}:(\\d+)\ue001")
 
 
 def _decode_image_url(url: str) -> Any:
@@ -83,12 +92,13 @@ def normalize(messages: list[dict]) -> Conversation:
 
     def text_part(text: str) -> dict:
         conv.texts.append(text)
-        return {"type": "text", "text": f"\ue000{len(conv.texts) - 1}\ue001"}
+        return {"type": "text", "text": conv.marker(len(conv.texts) - 1)}
 
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
             raise ValueError(f"message {i} must be a dict with a 'role'")
         role, content = message["role"], message.get("content", "")
+        content = "" if content is None else content  # OpenAI's clients send null content (an empty message)
         role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
         if role not in ROLES:
             raise ValueError(f"message {i}: unknown role {role!r:.40} (one of {', '.join(ROLES)}, or developer)")
@@ -104,8 +114,8 @@ def normalize(messages: list[dict]) -> Conversation:
             conv.images.append(image)
             parts.append({"type": "image"})
         if isinstance(content, str):
-            if role == "system":
-                content = content.strip()  # the template trims the system prompt
+            if role == "system" and i == 0:
+                content = content.strip()  # the template trims the system prompt (the first system message)
             if parts:
                 parts.append(text_part(content))
             else:
@@ -152,7 +162,7 @@ def render_segments(template: str, conv: Conversation, *, bos_token: str, add_ge
         raise TemplateError(f"chat template error: {exc}") from None
     segments: list[tuple[str, bool]] = []
     pos = 0
-    for match in _MARK.finditer(rendered):
+    for match in conv.markers.finditer(rendered):
         if match.start() > pos:
             segments.append((rendered[pos:match.start()], False))
         segments.append((conv.texts[int(match.group(1))], True))
@@ -165,3 +175,20 @@ def render_segments(template: str, conv: Conversation, *, bos_token: str, add_ge
 def render(template: str, messages: list[dict], **kwargs) -> str:
     """The rendered prompt as one string (user text inserted back)."""
     return "".join(text for text, _ in render_segments(template, normalize(messages), **kwargs))
+
+
+SYSTEM_TURN = ("<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>")  # Llama 3's frame of a turn
+
+
+def system_turn_first(segments: list[tuple[str, bool]], bos: str, conv: Conversation,
+                      marker: str) -> list[tuple[str, bool]]:
+    """`segments` (`conv` rendered without its system message) with that message (`marker`: its text's
+    marker) as a plain system turn right after the BOS: what Ollama's template writes for a system prompt
+    next to images, where Meta's refuses it."""
+    first, is_user = segments[0] if segments else ("", True)
+    found = conv.markers.fullmatch(marker)
+    if is_user or not first.startswith(bos) or found is None:
+        raise TemplateError("the chat template does not start with the BOS token: cannot place the system prompt")
+    head, tail = SYSTEM_TURN
+    system = conv.texts[int(found.group(1))]
+    return [(bos + head, False), (system, True), (tail + first[len(bos):], False), *segments[1:]]

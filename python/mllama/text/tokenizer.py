@@ -49,12 +49,13 @@ class Tokenizer:
         self.special = special
         self._enc = tiktoken.Encoding("mllama", pat_str=PATTERNS[pre], mergeable_ranks=ranks, special_tokens=special)
         self._id_bytes = {i: tok.encode() for tok, i in special.items()}
+        self.special_ids = frozenset(special.values())
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         """Token ids of `text`; special-token strings are ordinary text unless allow_special.
         Lone surrogates (text that was never valid UTF-8) become U+FFFD."""
-        if not text.isascii():
-            text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        if not text.isascii():  # (UTF-16 pairs split surrogates up again; each lone one is one U+FFFD)
+            text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
         if allow_special:
             return self._enc.encode(text, allowed_special="all")
         return self._enc.encode(text, disallowed_special=())
@@ -77,13 +78,18 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns tokens into text as they come, holding back an incomplete UTF-8 character."""
+    """Turns tokens into text as they come, holding back an incomplete UTF-8 character. With skip_special,
+    special tokens (<|python_tag|>, reserved ones, ...) give no text: a reply shows what the model wrote
+    (vLLM's skip_special_tokens, llama.cpp's server without --special)."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
         self.tokenizer = tokenizer
         self.pending = b""
+        self.skipped = tokenizer.special_ids if skip_special else frozenset()
 
     def push(self, token: int) -> str:
+        if token in self.skipped:
+            return ""
         self.pending += self.tokenizer.token_bytes(token)
         cut = _complete_prefix(self.pending)
         text, self.pending = self.pending[:cut], self.pending[cut:]

@@ -1,0 +1,94 @@
+"""What an Ollama request asks for: its options, output format, prompt (chat or generate) and the fields
+Ollama refuses for this model (thinking, insert, a template of the client's), refused here the same way."""
+
+import logging
+
+from ..generation.context_fit import fit_chat
+from .requests import RequestError, from_ollama, raw_tokens, sampling
+
+log = logging.getLogger("mllama.server")
+
+
+def loads_only(body: dict, key: str) -> bool:
+    """A request that only loads (or unloads) the model, as Ollama's clients send it: /api/chat with no
+    messages, /api/generate with no prompt and no images."""
+    if key == "message":
+        return body.get("messages") in (None, [])
+    return not body.get("prompt") and not body.get("images")
+
+
+def options(body: dict) -> dict:
+    """Sampling from Ollama's `options` (num_predict > 0 is max_tokens)."""
+    opts = body.get("options") or {}
+    if not isinstance(opts, dict):
+        raise RequestError(400, "'options' must be an object")
+    n_predict = opts.get("num_predict")
+    extra = {"max_tokens": n_predict} if isinstance(n_predict, int) and n_predict > 0 else {}
+    return sampling({**opts, **extra})
+
+
+def output_format(body: dict) -> dict:
+    """Ollama's `format` ("json" or a JSON schema object) as the model's response_format keyword;
+    the model compiles and checks the schema (ValueError: 400)."""
+    fmt = body.get("format")
+    if fmt is None or fmt == "":
+        return {}
+    if fmt == "json":
+        return {"response_format": {"type": "json_object"}}
+    if isinstance(fmt, dict):
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}}
+    raise RequestError(400, "'format' must be \"json\" or a JSON schema object")
+
+
+def refuse_unsupported(body: dict, model_id: str) -> None:
+    """400 for what Ollama itself refuses for this model (with its messages), and for what mllama cannot do
+    that Ollama would: better said than silently ignored."""
+    if body.get("raw") and (body.get("system") or body.get("template") or body.get("context")):
+        raise RequestError(400, "raw mode does not support template, system, or context")
+    if body.get("think") not in (None, False):
+        raise RequestError(400, f'"{model_id}" does not support thinking')
+    if body.get("suffix"):
+        raise RequestError(400, f'"{model_id}" does not support insert')
+    if body.get("template"):
+        raise RequestError(400, "'template' is not supported: mllama renders the model's own chat template "
+                                "(send \"raw\": true with a prompt written in full instead)")
+    if body.get("context"):
+        raise RequestError(400, "'context' (deprecated by Ollama) is not supported: send the conversation to /api/chat")
+
+
+def truncates(body: dict) -> bool:
+    """Ollama's `truncate` (default true): a chat history too long for the context leaves out its oldest
+    messages. (`shift`, Ollama's context shift while it generates, is read but not done: a reply that fills
+    the context ends with done_reason "length".)"""
+    for key in ("truncate", "shift"):
+        if body.get(key) is not None and not isinstance(body[key], bool):
+            raise RequestError(400, f"'{key}' must be true or false")
+    return body.get("truncate") is not False
+
+
+def chat_prompt(messages: list[dict], tools, truncate: bool, max_tokens):
+    """The prompt of /api/chat for the queue: the messages fitted to the context unless truncate is false
+    (messages left out are logged, as Ollama does); a system prompt next to images as Ollama writes it."""
+    def prompt(model):
+        if not truncate:
+            return model.chat_prompt(messages, tools=tools, system_with_images=True)
+        fitted = fit_chat(model, messages, tools=tools, max_tokens=max_tokens, system_with_images=True)
+        if fitted.n_left_out and len(fitted.tokens) <= model.n_ctx:  # (a prompt still over it fails: no cut)
+            log.warning("left out the %d oldest of %d messages to fit the context (%d tokens)",
+                        fitted.n_left_out, len(messages), model.n_ctx)
+        return fitted.tokens, fitted.images
+    return prompt
+
+
+def generate_prompt(body: dict):
+    """The prompt of /api/generate: the chat template around prompt, system and images, or with
+    "raw": true the prompt as it is (special tokens allowed)."""
+    prompt = body.get("prompt") or ""
+    if not isinstance(prompt, str):
+        raise RequestError(400, "'prompt' must be a string")
+    images = from_ollama({"images": body.get("images") or []}).get("images", [])
+    if body.get("raw"):
+        return lambda model: (raw_tokens(model, prompt), images)
+    messages = [{"role": "system", "content": body["system"]}] if body.get("system") else []
+    messages.append({"role": "user", "content": prompt, "images": images})
+    return lambda model: model.chat_prompt(messages, system_with_images=True)

@@ -1,0 +1,143 @@
+"""Ollama's API where its clients depend on the details: a system prompt next to images (Ollama's template
+accepts it, Meta's refuses it), tool calls streamed as Ollama streams them (text at once, a call as
+tool_calls with an id and index), what Ollama refuses for this model refused the same way, Ollama's routes
+for what mllama does not do answered 501 (pull of the served model: success), /api/show's checks, HEAD
+probes; and special tokens a model generates give no text unless asked (vLLM's skip_special_tokens)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mllama.generation.scheduler as scheduler
+from test_server_protocol import app, model  # noqa: F401 (the module's model, n_seq_max 2, and its app)
+
+
+@pytest.fixture
+def forced(monkeypatch, model):
+    """forced(ids): the next greedy replies are these tokens, then <|eot_id|>."""
+    script: list[int] = []
+    end = model.tokenizer.token_id("<|eot_id|>")
+
+    def sample(logits, history, params, rng, allowed=None):
+        return script.pop(0) if script else end
+
+    monkeypatch.setattr(scheduler, "sample", sample)
+    return lambda ids: script.__init__(ids)
+
+
+def png() -> str:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(out, "PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def lines(response) -> list[dict]:
+    return [json.loads(line) for line in response.text.splitlines() if line]
+
+
+def test_a_system_prompt_next_to_images_as_ollama_writes_it(app, model):
+    """Ollama's llama3.2-vision template writes a system turn first; Meta's template (the OpenAI routes, the
+    Python API) refuses it."""
+    options = {"temperature": 0, "num_predict": 4}
+    image = png()
+    chat = app.post("/api/chat", json={"messages": [{"role": "system", "content": "Be brief."},
+                                                     {"role": "user", "content": "What is it?", "images": [image]}],
+                                       "stream": False, "options": options})
+    generate = app.post("/api/generate", json={"system": "Be brief.", "prompt": "What is it?", "images": [image],
+                                               "stream": False, "options": options})
+    assert chat.status_code == generate.status_code == 200, (chat.text, generate.text)
+    bare, _ = model.chat_prompt([{"role": "user", "content": "What is it?", "images": [image]}])
+    system = model.tokenize("<|start_header_id|>system<|end_header_id|>\n\n", special=True) + \
+        model.tokenize("Be brief.") + model.tokenize("<|eot_id|>", special=True)
+    expected = bare[:1] + system + bare[1:]
+    assert chat.json()["prompt_eval_count"] == generate.json()["prompt_eval_count"] == len(expected)
+    assert model.chat_prompt([{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "What is it?", "images": [image]}],
+                             system_with_images=True)[0] == expected
+    assert chat.json()["message"]["content"] == generate.json()["response"]
+    refused = app.post("/v1/chat/completions", json={"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}},
+                                     {"type": "text", "text": "What is it?"}]}]})
+    assert refused.status_code == 400 and "incompatible with system messages" in refused.text
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def test_tool_calls_stream_as_ollama_streams_them(app, model, forced):
+    call = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    forced(model.tokenize(call))
+    items = lines(app.post("/api/chat", json={"messages": ASK, "tools": TOOLS, "options": {"temperature": 0}}))
+    assert [i["done"] for i in items] == [False, True] and items[0]["message"]["content"] == ""
+    calls = items[0]["message"]["tool_calls"]
+    assert calls == [{"id": calls[0]["id"], "function": {"index": 0, "name": "get_weather",
+                                                          "arguments": {"city": "Paris"}}}]
+    assert calls[0]["id"].startswith("call_") and items[-1]["done_reason"] == "stop"
+    words = " It is sunny in Paris today, as every day."
+    forced(model.tokenize(words))
+    items = lines(app.post("/api/chat", json={"messages": ASK, "tools": TOOLS, "options": {"temperature": 0}}))
+    texts = [i["message"]["content"] for i in items if not i["done"]]
+    assert len(texts) == len(model.tokenize(words)) and "".join(texts) == words  # a piece a line, not held back
+    assert all("tool_calls" not in i["message"] for i in items)
+    forced(model.tokenize('{"not": "a call"}'))
+    items = lines(app.post("/api/chat", json={"messages": ASK, "tools": TOOLS, "options": {"temperature": 0}}))
+    assert "".join(i["message"]["content"] for i in items) == '{"not": "a call"}'
+
+
+def test_special_tokens_give_no_text_unless_asked(app, model, forced):
+    tag = model.tokenizer.token_id("<|python_tag|>")
+    reserved = model.tokenizer.token_id("<|reserved_special_token_0|>")
+    ids = model.tokenize("Hello") + [reserved, tag] + model.tokenize(" x_y")
+    forced(list(ids))
+    assert model.chat(ASK, temperature=0)["choices"][0]["message"]["content"] == "Hello x_y"
+    forced(list(ids))
+    cut = model.chat(ASK, temperature=0, stop=["_"])  # a stop string never cuts a special token's text
+    assert cut["choices"][0]["message"]["content"] == "Hello x"
+    forced(list(ids))
+    shown = model.chat(ASK, temperature=0, skip_special_tokens=False)["choices"][0]["message"]["content"]
+    assert shown == "Hello<|reserved_special_token_0|><|python_tag|> x_y"
+    for value, status in ((False, 200), ("no", 400)):
+        forced(list(ids))
+        reply = app.post("/v1/chat/completions", json={"messages": ASK, "skip_special_tokens": value})
+        assert reply.status_code == status, reply.text
+    assert "<|python_tag|>" in reply.text or status == 400
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ({"think": True}, "does not support thinking"), ({"think": "high"}, "does not support thinking"),
+    ({"suffix": "}"}, "does not support insert"), ({"template": "{{ .Prompt }}"}, "'template' is not supported"),
+    ({"context": [1, 2, 3]}, "'context' (deprecated by Ollama) is not supported"),
+    ({"raw": True, "system": "Be brief."}, "raw mode does not support template, system, or context"),
+])
+def test_what_ollama_refuses_is_refused(app, extra, fragment):
+    reply = app.post("/api/generate", json={"prompt": "Hi", "stream": False, **extra})
+    assert reply.status_code == 400 and fragment in reply.json()["error"], reply.text
+    assert app.post("/api/generate", json={"prompt": "Hi", "stream": False, "think": False,
+                                           "options": {"num_predict": 1}}).status_code == 200
+
+
+def test_routes_for_what_mllama_does_not_do(app, model):
+    for method, path in (("post", "/api/embed"), ("post", "/api/embeddings"), ("post", "/api/create"),
+                         ("post", "/api/copy"), ("post", "/api/push"), ("delete", "/api/delete")):
+        reply = app.request(method.upper(), path, json={"model": model.name, "input": "x"})
+        assert reply.status_code == 501 and path in reply.json()["error"], (path, reply.text)
+    assert "embeddings" in app.post("/api/embed", json={"model": "x", "input": "y"}).json()["error"]
+    assert lines(app.post("/api/pull", json={"model": model.name})) == [{"status": "success"}]
+    assert app.post("/api/pull", json={"model": model.name + ":latest", "stream": False}).json() == {"status": "success"}
+    other = app.post("/api/pull", json={"model": "qwen3:8b"})
+    assert other.status_code == 501 and "does not pull" in other.json()["error"]
+    assert app.post("/api/show", json={}).json() == {"error": "model is required"}
+    show = app.post("/api/show", json={"model": model.name}).json()
+    assert show["details"]["parameter_size"].endswith("M") and "vision" in show["capabilities"]
+    for path in ("/api/tags", "/api/version", "/"):
+        assert app.head(path).status_code == 200, path
