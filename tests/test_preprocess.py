@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -126,8 +128,19 @@ def test_every_input_kind_gives_the_same_pixels(tmp_path):
     cfg = ImageConfig.from_preprocessor_config(pre_config(T))
     expected = preprocess(image, cfg).pixel_values
     data = path.read_bytes()
-    for source in (str(path), path, data, io.BytesIO(data), np.asarray(image)):
+    encoded = base64.b64encode(data).decode()  # a string of base64, as Ollama's clients pass images
+    for source in (str(path), path, data, io.BytesIO(data), np.asarray(image), encoded, "data:image/png;base64,"
+                   + encoded, "file://" + str(path)):
         assert np.array_equal(preprocess(source, cfg).pixel_values, expected)
+
+
+def test_image_names_that_are_not_files_say_what_they_are(tmp_path):
+    cfg = ImageConfig.from_preprocessor_config(pre_config(T))
+    for name, fragment in (("http://host/x.png", "'http://host/x.png': remote URLs are not fetched"),
+                           (str(tmp_path), "is a directory"), ("Q" * 5000, "base64 data (5000 characters)"),
+                           (str(tmp_path / "no.png"), "no such file"), ("no-such_file." * 400, "no such file")):
+        with pytest.raises(ImageError, match=re.escape(fragment)):
+            preprocess(name, cfg)
 
 
 def test_config_from_the_model(gguf_f32, hf_dir):

@@ -35,17 +35,19 @@ class Handle:
     @contextmanager
     def using(self):
         """The handle, which stays open until the block ends (ModelClosedError when it is closed already)."""
-        with self._users_changed:
-            if self._closing:
-                raise ModelClosedError(f"{type(self).__name__} is closed")
-            ptr = self._handle()
-            self._users += 1
+        entered = False  # counted in the same try that uncounts it: an interrupt (Ctrl-C) in between leaks nothing
         try:
+            with self._users_changed:
+                if self._closing:
+                    raise ModelClosedError(f"{type(self).__name__} is closed")
+                ptr = self._handle()
+                self._users, entered = self._users + 1, True  # one line: nothing can come in between
             yield ptr
         finally:
-            with self._users_changed:
-                self._users -= 1
-                self._users_changed.notify_all()
+            if entered:
+                with self._users_changed:
+                    self._users -= 1
+                    self._users_changed.notify_all()
 
     def close(self) -> None:
         with self._lock, self._users_changed:

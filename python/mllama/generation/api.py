@@ -19,6 +19,7 @@ from . import openai
 from .constrain import Grammar, GrammarState
 from .context_fit import fit_chat
 from .engine import PreparedImage, prepare_images
+from .interrupts import deferred_interrupts
 from .logprobs import check as check_logprobs
 from .results import GenerationResult, TextStream
 from .sampling import SamplingParams
@@ -64,7 +65,9 @@ class GenerationMixin:
     @property
     def n_decoded(self) -> int:
         """Tokens the decoder has evaluated so far (prompt and generated)."""
-        return self._engine.n_decoded
+        with self._lock:
+            self._handle()  # (its context is gone once closed)
+            return self._engine.n_decoded
 
     def memory(self) -> dict:
         """Bytes held beside the weights: kv_cache, image_slots and compute (scheduler buffers so far)."""
@@ -151,10 +154,13 @@ class GenerationMixin:
                        logprobs=top)
 
     def run_step(self) -> None:
-        """One step of the batch scheduler: admit waiting requests, evaluate one batch, sample."""
-        with self._lock:
+        """One step of the batch scheduler: admit waiting requests, evaluate one batch, sample. Ctrl-C within
+        it is raised after it (interrupts.py); a step asked for within a step (the cleanup of a stream dropped
+        unread, run by the garbage collector in the middle of one) is left to the next one."""
+        with self._lock, deferred_interrupts():
             self._handle()
-            self.scheduler.step()
+            if not self.scheduler.stepping:
+                self.scheduler.step()
 
     def events(self, request: Request, index: int = 0) -> Iterator[tuple[str, Any]]:
         """The events of one choice ("token", "text", then "result" or "error"), running steps while

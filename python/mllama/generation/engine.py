@@ -130,7 +130,7 @@ class Engine:
         """A slot holding each image (encoding those no slot holds into the least recently used free
         slots), each claimed until release_slots; None when too few slots are free now."""
         wanted = {im.key for im in images}
-        if len(wanted) > self.n_slots:
+        if len(images) > self.n_slots:  # the same image twice takes two of a sequence's slots (its row table's)
             raise ContextOverflowError(f"{len(images)} images exceed the {self.n_slots} image slots (n_image_slots)")
         held = {key: slot for slot, key in enumerate(self.slot_keys) if key is not None}
         missing = list(dict.fromkeys(im.key for im in images if im.key not in held))

@@ -148,6 +148,7 @@ class Scheduler:
         self.overlap_masks = True  # grammar masks on a worker thread during the decode (False: in line)
         self._mask_pool: ThreadPoolExecutor | None = None  # started with the first constrained stream
         self._draw_pool: ThreadPoolExecutor | None = None  # started with the first step of two sampled streams
+        self.stepping = False  # within step() (a step is never run within another)
 
     def submit(self, request: Request) -> None:
         if len(request.streams) > self.engine.n_seq:
@@ -186,6 +187,13 @@ class Scheduler:
     # --- one step ------------------------------------------------------------------------------
     def step(self) -> None:
         """Admit, evaluate one batch, sample; call under the model's lock."""
+        self.stepping = True
+        try:
+            self._step()
+        finally:
+            self.stepping = False
+
+    def _step(self) -> None:
         self._reap()
         self._admit()
         parts, owners = self._batch()
@@ -194,22 +202,31 @@ class Scheduler:
         self._prefetch_masks()
         try:
             logits = self.engine.decode(parts)
-        except BaseException as exc:  # the batch's requests get the error; the others go on
+        except Exception as exc:  # the batch's requests get the error; the others go on
             for request in {id(r): r for r, _ in owners}.values():
                 self._close(request, exc)
             return
+        except BaseException:  # an interrupt: the batch is undone (decode trimmed its cache), evaluated again next
+            self._unbatch(parts, owners)
+            raise
         self.stats["steps"] += 1
         self.stats["batch_rows"] += sum(len(p.tokens) for p in parts)
         rows = [(request, stream) for (request, stream), part in zip(owners, parts) if part.outputs]
         drawn = self._draw_in_parallel([(s, logits[row]) for row, (request, stream) in enumerate(rows)
                                         for s in (request.streams if stream is None else [stream])])
-        for row, (request, stream) in enumerate(rows):
-            if stream is None:  # a prompt finished: every choice samples from its logits
-                self._fork(request)
-                for s in request.streams:
-                    self._sample(s, logits[row], drawn.get(id(s)))
-            else:
-                self._sample(stream, logits[row], drawn.get(id(stream)))
+        try:
+            for row, (request, stream) in enumerate(rows):
+                if stream is None:  # a prompt finished: every choice samples from its logits
+                    self._fork(request)
+                    for s in request.streams:
+                        self._sample(s, logits[row], drawn.get(id(s)))
+                else:
+                    self._sample(stream, logits[row], drawn.get(id(stream)))
+        except BaseException as exc:  # an interrupt not deferred (interrupts.py): no stream left without its token
+            for request, _ in rows:
+                if any(not s.done and s.next_token is None for s in request.streams):
+                    self._close(request, exc)
+            raise
         self._reap()
 
     def _draw_in_parallel(self, jobs: list[tuple[Stream, np.ndarray]]) -> dict[int, Future]:
@@ -248,6 +265,14 @@ class Scheduler:
             request.n_evaluated += len(chunk)
             budget -= len(chunk)
         return parts, owners
+
+    def _unbatch(self, parts: list[Part], owners: list[tuple[Request, Stream | None]]) -> None:
+        """Undoes _batch: each stream's token and each prompt's chunk wait for the next batch."""
+        for part, (request, stream) in zip(parts, owners):
+            if stream is not None:
+                stream.next_token = part.tokens[0]
+            else:
+                request.n_evaluated -= len(part.tokens)
 
     def _sample(self, s: Stream, logits: np.ndarray, drawn: Future | None = None) -> None:
         if s.done:
@@ -350,15 +375,19 @@ class Scheduler:
             order = sorted(free, key=lambda q: -reuse[q])  # the longest cached prefix for the prompt
             first, others = order[0], sorted(order[1:], key=lambda q: reuse[q])[:len(request.streams) - 1]
             request.n_evaluated = engine.start(first, request.tokens, request.images, slots)
-        except BaseException:
+            request.slots = slots
+            for stream, seq in zip(request.streams, [first] + others):
+                stream.seq = seq
+                stream.record.started = started
+                self.busy[seq] = True
+            self.running.append(request)
+        except BaseException:  # nothing of it is kept: its slots, its sequences
+            for stream in request.streams:
+                if stream.seq >= 0:
+                    self.busy[stream.seq], stream.seq = False, -1
+            request.slots = []
             engine.release_slots(slots)
             raise
-        request.slots = slots
-        for stream, seq in zip(request.streams, [first] + others):
-            stream.seq = seq
-            stream.record.started = started
-            self.busy[seq] = True
-        self.running.append(request)
         self.stats["prefix_tokens_reused"] += request.n_evaluated
         self.stats["image_slot_hits"] += held
         return True

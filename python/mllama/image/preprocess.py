@@ -6,9 +6,11 @@ exactly 0.0. Pure Pillow + numpy; every constant comes from the model file.
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +76,8 @@ def _open(data: Any, source: str):
 
 
 def load_image(image: Any):
-    """A PIL image from a path, pathlib.Path, bytes, binary file object, PIL image or uint8 array.
+    """A PIL image from a path, pathlib.Path, bytes, binary file object, PIL image, uint8 array, data: URL or
+    base64 string (as Ollama's clients pass images).
 
     Files and bytes get their EXIF orientation applied (as transformers' load_image does)."""
     from PIL import Image
@@ -88,14 +91,46 @@ def load_image(image: Any):
             raise ImageError("cannot read image: empty data")
         return _open(io.BytesIO(bytes(image)), f"data ({len(image)} bytes)")
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise ImageError(f"cannot read image: no such file '{path}'")
-        with open(path, "rb") as f:
-            return _open(io.BytesIO(f.read()), f"'{path}'")
+        return _from_name(os.fspath(image))
     if hasattr(image, "read"):
         return _open(io.BytesIO(image.read()), f"'{getattr(image, 'name', 'file object')}'")
     raise ImageError(f"unsupported image input of type {type(image).__name__}")
+
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/\r\n]{64,}={0,2}")
+
+
+def _from_name(name: str | bytes):
+    """An image named by a string: a file, a data: URL, or base64 data (as Ollama's clients pass images)."""
+    text = os.fsdecode(name)
+    if text.startswith("data:") and "," in text:
+        return _from_base64(text.partition(",")[2], "data: URL")
+    if "://" in text and not text.startswith("file://"):
+        raise ImageError(f"cannot read image '{text:.80}': remote URLs are not fetched (pass a local path, bytes or "
+                         "a data: URL)")
+    path = Path(text.removeprefix("file://"))
+    try:
+        is_file, is_dir = path.is_file(), path.is_dir()
+    except (OSError, ValueError):  # a name too long to be a file's
+        is_file = is_dir = False
+    if is_file:
+        with open(path, "rb") as f:
+            return _open(io.BytesIO(f.read()), f"'{path}'")
+    if is_dir:
+        raise ImageError(f"cannot read image: '{path}' is a directory")
+    if _BASE64.fullmatch(text):
+        return _from_base64(text, f"base64 data ({len(text)} characters)")
+    raise ImageError(f"cannot read image: no such file '{text:.200}'")
+
+
+def _from_base64(payload: str, what: str):
+    try:
+        data = base64.b64decode(payload, validate=False)
+    except ValueError as exc:
+        raise ImageError(f"cannot read image: invalid base64 in the {what}: {exc}") from None
+    if not data:
+        raise ImageError(f"cannot read image: empty {what}")
+    return _open(io.BytesIO(data), what)
 
 
 def _from_array(array: np.ndarray):
