@@ -141,3 +141,18 @@ def test_routes_for_what_mllama_does_not_do(app, model):
     assert show["details"]["parameter_size"].endswith("M") and "vision" in show["capabilities"]
     for path in ("/api/tags", "/api/version", "/"):
         assert app.head(path).status_code == 200, path
+    load = app.post("/api/generate", json={"prompt": "", "images": [png()]}).json()  # Ollama: no prompt, a load
+    assert load["done"] and load["done_reason"] == "load" and load["response"] == ""
+
+
+def test_options_that_are_not_done_are_said_once(app, monkeypatch, caplog):
+    from mllama.server import ollama_requests
+
+    monkeypatch.setattr(ollama_requests, "_said", set())
+    options = {"num_ctx": 8192, "mirostat": 1, "repeat_last_n": 0, "num_predict": 2, "temperature": 0}
+    with caplog.at_level("WARNING", logger="mllama.server"):
+        for _ in range(2):
+            assert app.post("/api/generate", json={"prompt": "Hi", "stream": False, "options": options}).status_code == 200
+    said = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert said == ["Ollama option 'mirostat' ignored: not done by mllama",
+                    "Ollama option 'num_ctx' ignored: the server's own flags set it (mllama serve --help)"]

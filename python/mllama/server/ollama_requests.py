@@ -11,20 +11,31 @@ log = logging.getLogger("mllama.server")
 
 def loads_only(body: dict, key: str) -> bool:
     """A request that only loads (or unloads) the model, as Ollama's clients send it: /api/chat with no
-    messages, /api/generate with no prompt and no images."""
+    messages, /api/generate with no prompt (images or not: Ollama answers those with "load" too)."""
     if key == "message":
         return body.get("messages") in (None, [])
-    return not body.get("prompt") and not body.get("images")
+    return not body.get("prompt")
+
+
+# Ollama's options that size or place the loaded model: the server's own flags decide them (README)
+SERVER_OPTIONS = {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "numa", "num_keep"}
+_said: set[str] = set()  # the options already logged as ignored (once each)
 
 
 def options(body: dict) -> dict:
-    """Sampling from Ollama's `options` (num_predict > 0 is max_tokens)."""
+    """Sampling from Ollama's `options` (num_predict > 0 is max_tokens); the others are logged once each as
+    ignored, as Ollama logs the options it does not know."""
     opts = body.get("options") or {}
     if not isinstance(opts, dict):
         raise RequestError(400, "'options' must be an object")
     n_predict = opts.get("num_predict")
     extra = {"max_tokens": n_predict} if isinstance(n_predict, int) and n_predict > 0 else {}
-    return sampling({**opts, **extra})
+    taken = sampling({**opts, **extra})
+    for key in sorted({k for k, v in opts.items() if v is not None} - set(taken) - {"num_predict"} - _said):
+        _said.add(key)
+        why = "the server's own flags set it (mllama serve --help)" if key in SERVER_OPTIONS else "not done by mllama"
+        log.warning("Ollama option %r ignored: %s", key, why)
+    return taken
 
 
 def output_format(body: dict) -> dict:

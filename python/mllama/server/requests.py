@@ -13,9 +13,10 @@ from ..generation.logprobs import check as check_logprobs
 log = logging.getLogger("mllama.server")
 
 SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "max_tokens", "max_completion_tokens", "stop", "seed",
-                 "presence_penalty", "frequency_penalty", "repeat_penalty", "skip_special_tokens"}
+                 "presence_penalty", "frequency_penalty", "repeat_penalty", "repeat_last_n", "skip_special_tokens"}
 NUMBER_KEYS = (("temperature", float), ("top_p", float), ("min_p", float), ("presence_penalty", float),
-               ("frequency_penalty", float), ("repeat_penalty", float), ("max_tokens", int), ("top_k", int), ("seed", int))
+               ("frequency_penalty", float), ("repeat_penalty", float), ("max_tokens", int), ("top_k", int), ("seed", int),
+               ("repeat_last_n", int))
 
 
 class RequestError(Exception):
