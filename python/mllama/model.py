@@ -23,6 +23,7 @@ from ._native.placement import Placement, fill_params, read_placement
 from ._native.slot_state import slot_state_info
 from ._native.system import context_defaults
 from .generation.api import GenerationMixin
+from .generation.async_api import AsyncGenerationMixin
 from .generation.constrain import GrammarVocabulary
 from .generation.engine import Engine
 from .generation.image_cache import ImageCache, for_model, model_identity
@@ -54,7 +55,7 @@ def _resolve(path, projector) -> tuple[Path, Path | None]:
     return Path(path), Path(projector) if projector else None
 
 
-class Model(Handle, GenerationMixin):
+class Model(Handle, GenerationMixin, AsyncGenerationMixin):
     """A loaded mllama GGUF model (immutable weights and hyperparameters).
 
     `path` is a GGUF file or "ollama:llama3.2-vision[:TAG]" (the local Ollama store, read-only);

@@ -279,41 +279,73 @@ class GenerationMixin:
     create_chat_completion = chat  # llama-cpp-python's name
 
     def _chat_chunks(self, cid: str, created: int, request: Request) -> Iterator[dict]:
-        for i in range(len(request.streams)):
-            yield openai.chunk(cid, created, self.name, {"role": "assistant", "content": ""}, None, index=i)
-        pending = list(range(len(request.streams)))
-        held: dict[int, list[dict]] = {i: [] for i in pending}  # logprobs items not yet sent, per choice
+        chunks = ChatChunks(self, cid, created, request)
+        yield from chunks.first()
         try:
-            while pending:
-                if not any(request.streams[i].events for i in pending):
+            while chunks.pending:
+                ready = chunks.ready()
+                if ready is None:
                     self.run_step()
                     continue
-                for i in list(pending):
-                    yield from self._choice_chunks(cid, created, request, i, pending, held[i])
+                yield from ready
+                chunks.raise_error()
         finally:
-            if pending and not self.closed:
+            if chunks.pending and not self.closed:
                 self.scheduler.cancel(request)
                 self.run_step()
 
-    def _choice_chunks(self, cid: str, created: int, request: Request, i: int, pending: list[int],
-                       held: list[dict]) -> Iterator[dict]:
-        events = request.streams[i].events
+
+
+class ChatChunks:
+    """The OpenAI chunks of a request's choices as its streams' events arrive, for a reader that runs the steps
+    itself (Model.chat(stream=True)) or awaits them (Model.achat)."""
+
+    def __init__(self, model, cid: str, created: int, request: Request):
+        self.model, self.cid, self.created, self.request = model, cid, created, request
+        self.pending = list(range(len(request.streams)))  # choices not ended yet
+        self.held: dict[int, list[dict]] = {i: [] for i in self.pending}  # logprobs items not yet sent
+        self.error: BaseException | None = None
+
+    def first(self) -> list[dict]:
+        return [openai.chunk(self.cid, self.created, self.model.name, {"role": "assistant", "content": ""}, None,
+                             index=i) for i in self.pending]
+
+    def ready(self) -> list[dict] | None:
+        """The chunks of the events that arrived (None: none arrived, a step must run); an error ends it."""
+        if not any(self.request.streams[i].events for i in self.pending):
+            return None
+        out: list[dict] = []
+        for i in list(self.pending):
+            out += self._choice(i)
+            if self.error is not None:
+                break
+        return out
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _choice(self, i: int) -> list[dict]:
+        events, held, out = self.request.streams[i].events, self.held[i], []
+        name, n_choices = self.model.name, len(self.request.streams)
         while events:
             kind, value = events.popleft()
             if kind == "logprob":
                 held.append(value)
             elif kind == "text":
-                yield openai.chunk(cid, created, self.name, {"content": value}, None, index=i,
-                                   logprobs=openai.take(held))
+                out.append(openai.chunk(self.cid, self.created, name, {"content": value}, None, index=i,
+                                        logprobs=openai.take(held)))
             elif kind == "error":
-                pending.remove(i)
-                raise value
+                self.pending.remove(i)
+                self.error = value
+                break
             elif kind == "result":
-                pending.remove(i)
-                usage = value.usage.as_dict() if len(request.streams) == 1 else None
-                yield openai.chunk(cid, created, self.name, {}, value.finish_reason, index=i,
-                                   logprobs=openai.take(held), **({"usage": usage} if usage else {}))
-                return
+                self.pending.remove(i)
+                usage = value.usage.as_dict() if n_choices == 1 else None
+                out.append(openai.chunk(self.cid, self.created, name, {}, value.finish_reason, index=i,
+                                        logprobs=openai.take(held), **({"usage": usage} if usage else {})))
+                break
+        return out
 
 
 def _cancel_unfinished(scheduler, request: Request) -> None:
