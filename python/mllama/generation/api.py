@@ -180,7 +180,7 @@ class GenerationMixin:
                 self.run_step()  # frees its sequences now
 
     def generate(self, prompt: str | list[int], images=(), *, stream: bool = True, grammar=None,
-                 response_format=None, **sampling):
+                 response_format=None, **sampling) -> TextStream | str:
         """Text for a raw prompt (string with special tokens allowed, or token ids): a stream of text
         pieces, or the whole text with stream=False. Stops at an end-of-generation token, a stop
         string, max_tokens or the end of the context. `grammar`/`response_format`: see compile_grammar."""
@@ -242,7 +242,7 @@ class GenerationMixin:
         return response["choices"][0]["message"]["content"]
 
     def chat(self, messages: list[dict], *, stream: bool = False, n: int = 1, tools=None, tool_choice=None,
-             truncate: bool = False, **sampling):
+             truncate: bool = False, **sampling) -> dict | Iterator[dict]:
         """An OpenAI-shaped chat completion with n choices (or, with stream=True, an iterator of chunks).
         `response_format`/`grammar` constrain the reply: see compile_grammar. `tools`/`tool_choice`
         (text-only turns): a reply that calls a tool comes back as `tool_calls` (streamed once whole).

@@ -16,7 +16,7 @@ from .scheduler import Request
 
 class AsyncGenerationMixin:
     async def achat(self, messages: list[dict], *, stream: bool = False, n: int = 1, tools=None, tool_choice=None,
-                    truncate: bool = False, **sampling):
+                    truncate: bool = False, **sampling) -> dict | AsyncIterator[dict]:
         """Model.chat for asyncio: the response dict, or with stream=True an async iterator of its chunks."""
         spec = tool_spec(tools, tool_choice, sampling)
         max_tokens = sampling.get("max_tokens", self.default_sampling.max_tokens)
