@@ -95,6 +95,10 @@ def test_a_dropped_stream_cleaned_up_by_the_gc_within_a_step(gguf_f32, monkeypat
             return real(self, parts)
 
         monkeypatch.setattr(engine_module.Engine, "decode", decode)
+        cancels = []  # whether each cancel came within a step (the dropped stream's, run by the GC there)
+        cancel = scheduler_module.Scheduler.cancel
+        monkeypatch.setattr(scheduler_module.Scheduler, "cancel",
+                            lambda self, request: (cancels.append(self.stepping), cancel(self, request)))
         gc.disable()
         try:
             dropped = m.stream_text(m.tokenize("<|begin_of_text|>" + "a first prompt " * 10, special=True), **GREEDY)
@@ -106,6 +110,7 @@ def test_a_dropped_stream_cleaned_up_by_the_gc_within_a_step(gguf_f32, monkeypat
             del dropped
             collect.append(True)
             assert text_of(read_b + list(b)) == expected_b and text_of(c) == expected_c
+            assert cancels[:1] == [True]  # the cleanup did run within a step, and only cancelled there
         finally:
             gc.enable()
 
@@ -117,6 +122,7 @@ def test_an_interrupt_on_the_way_into_using_leaves_no_user(gguf_f32):
     source, first = inspect.getsourcelines(handle_module.Handle.using.__wrapped__)
     lines = range(first, first + next(i for i, text in enumerate(source) if "finally:" in text))
     m = mllama.Model(gguf_f32, n_ctx=256)
+    raised = 0
     for line in lines:
         def tracer(frame, event, arg, line=line):
             if frame.f_code.co_filename == handle_module.__file__ and event == "line" and frame.f_lineno == line:
@@ -128,10 +134,11 @@ def test_an_interrupt_on_the_way_into_using_leaves_no_user(gguf_f32):
         try:
             m.tensors()  # metadata: through using()
         except KeyboardInterrupt:
-            pass
+            raised += 1
         finally:
             sys.settrace(None)
         assert m._users == 0, line
+    assert raised >= 6  # every line that runs on the way in: 7 of these 11 (decorator, def, docstring, raise: not)
     closing = threading.Thread(target=m.close)
     closing.start()
     closing.join(30)

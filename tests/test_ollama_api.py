@@ -103,14 +103,17 @@ def test_special_tokens_give_no_text_unless_asked(app, model, forced):
     forced(list(ids))
     cut = model.chat(ASK, temperature=0, stop=["_"])  # a stop string never cuts a special token's text
     assert cut["choices"][0]["message"]["content"] == "Hello x"
+    forced(list(ids))  # but one that names a special token still stops the reply there
+    named = model.chat(ASK, temperature=0, stop=["<|python_tag|>"])["choices"][0]
+    assert (named["message"]["content"], named["finish_reason"]) == ("Hello", "stop")
     forced(list(ids))
     shown = model.chat(ASK, temperature=0, skip_special_tokens=False)["choices"][0]["message"]["content"]
     assert shown == "Hello<|reserved_special_token_0|><|python_tag|> x_y"
-    for value, status in ((False, 200), ("no", 400)):
-        forced(list(ids))
-        reply = app.post("/v1/chat/completions", json={"messages": ASK, "skip_special_tokens": value})
-        assert reply.status_code == status, reply.text
-    assert "<|python_tag|>" in reply.text or status == 400
+    forced(list(ids))
+    shown = app.post("/v1/chat/completions", json={"messages": ASK, "skip_special_tokens": False})
+    assert shown.json()["choices"][0]["message"]["content"] == "Hello<|reserved_special_token_0|><|python_tag|> x_y"
+    bad = app.post("/v1/chat/completions", json={"messages": ASK, "skip_special_tokens": "no"})
+    assert bad.status_code == 400 and "'skip_special_tokens' must be true or false" in bad.text
 
 
 @pytest.mark.parametrize("extra, fragment", [

@@ -98,6 +98,9 @@ def test_a_lost_worker_is_503_with_its_message_and_an_internal_error_is_logged(a
 def test_ollama_error_shape_load_requests_and_probes(app):
     bad = app.post("/api/chat", json={"messages": [{"role": "user", "content": "Hi", "images": ["%%%"]}]})
     assert bad.status_code == 400 and isinstance(bad.json()["error"], str) and "base64" in bad.json()["error"]
+    path = app.post("/api/chat", json={"messages": [{"role": "user", "content": [{"type": "image",
+                                                                                  "image": "/etc/hostname"}]}]})
+    assert path.status_code == 400 and "not part of the API" in path.json()["error"]
     for body, reason in (({"messages": []}, "load"), ({}, "load"), ({"messages": [], "keep_alive": 0}, "unload")):
         reply = app.post("/api/chat", json=body).json()
         assert reply["done"] and reply["done_reason"] == reason and reply["message"]["content"] == ""
@@ -126,6 +129,10 @@ def test_ollama_error_shape_load_requests_and_probes(app):
                                                                                       "AAAA"}}]}, *HI]},
      400, "images go in user messages", None),
     ({"messages": [{"role": "user", "content": "word " * 600}]}, 400, "the context holds", "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "image": "/etc/hostname"}]}]}, 400,
+     "not part of the API", "messages"),  # no file of the server's is read without --allow-local-images
+    ({"messages": [{"role": "user", "content": "Hi", "images": ["/etc/hostname"]}]}, 400, "'images' is Ollama's",
+     "messages"),
 ])
 def test_openai_request_checks(app, extra, status, fragment, param):
     reply = app.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 2, **extra})

@@ -13,6 +13,11 @@ def _status_name(status: int) -> str:
     return ffi.string(lib.mllama_status_name(status)).decode()
 
 
+def is_backend_error(exc: BaseException) -> bool:
+    """Whether an exception is the C library's MLLAMA_ERR_BACKEND (a device or an RPC worker failed)."""
+    return isinstance(exc, MllamaError) and exc.status == _status_name(lib.MLLAMA_ERR_BACKEND)
+
+
 def last_error() -> str:
     return ffi.string(lib.mllama_last_error()).decode("utf-8", "replace")
 

@@ -23,7 +23,7 @@ from .interrupts import deferred_interrupts
 from .logprobs import check as check_logprobs
 from .results import GenerationResult, TextStream
 from .sampling import SamplingParams
-from .scheduler import Request
+from .request import Request
 
 
 def tool_spec(tools, tool_choice, sampling: dict) -> ToolSpec | None:

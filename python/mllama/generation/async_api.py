@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator
 
 from . import openai
 from .api import ChatChunks, tool_spec
-from .scheduler import Request
+from .request import Request
 
 
 class AsyncGenerationMixin:

@@ -257,6 +257,13 @@ class Engine:
                     lib.mllama_context_seq_trim(self.ctx, p.seq, p.n_past)
         return logits
 
+    def undo(self, parts: list[Part]) -> None:
+        """Forgets what a batch evaluated, whatever an interrupted decode got to (its tokens are evaluated again)."""
+        for p in parts:
+            state = self.seqs[p.seq]
+            state.tokens = state.tokens[:p.n_past]
+            lib.mllama_context_seq_trim(self.ctx, p.seq, p.n_past)
+
     def length(self, seq: int) -> int:
         out = ffi.new("int32_t *")
         call(lib.mllama_context_seq_length, self.ctx, seq, out)

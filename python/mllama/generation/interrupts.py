@@ -14,16 +14,24 @@ from contextlib import contextmanager
 
 @contextmanager
 def deferred_interrupts():
-    """Within the block, SIGINT is recorded instead of raised; KeyboardInterrupt is raised at its end."""
+    """Within the block, a first SIGINT is recorded instead of raised and KeyboardInterrupt is raised at its end;
+    a second one is raised at once (a long step can still be cut short)."""
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+
+    def on_sigint(signum, frame):
+        if received:  # a second Ctrl-C: at once, as without this (the step's own fallbacks keep it whole)
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        if received:
-            raise KeyboardInterrupt
+    if received:
+        raise KeyboardInterrupt

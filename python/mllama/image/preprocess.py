@@ -103,8 +103,11 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/\r\n]{64,}={0,2}")
 def _from_name(name: str | bytes):
     """An image named by a string: a file, a data: URL, or base64 data (as Ollama's clients pass images)."""
     text = os.fsdecode(name)
-    if text.startswith("data:") and "," in text:
-        return _from_base64(text.partition(",")[2], "data: URL")
+    if text.startswith("data:"):
+        header, _, payload = text.partition(",")
+        if ";base64" not in header:
+            raise ImageError("cannot read image: only base64 data: URLs are supported")
+        return _from_base64(payload, "data: URL")
     if "://" in text and not text.startswith("file://"):
         raise ImageError(f"cannot read image '{text:.80}': remote URLs are not fetched (pass a local path, bytes or "
                          "a data: URL)")
@@ -125,7 +128,7 @@ def _from_name(name: str | bytes):
 
 def _from_base64(payload: str, what: str):
     try:
-        data = base64.b64decode(payload, validate=False)
+        data = base64.b64decode("".join(payload.split()), validate=True)
     except ValueError as exc:
         raise ImageError(f"cannot read image: invalid base64 in the {what}: {exc}") from None
     if not data:

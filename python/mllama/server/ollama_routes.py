@@ -113,7 +113,7 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
                 reason = "unload" if body.get("keep_alive") in (0, "0", "0s", "0m") else "load"
                 return JSONResponse(json.loads(line(model_id, now_iso(), key, "", {"done_reason": reason})))
             if key == "message":
-                messages = [from_ollama(m) for m in check_messages(body, limits["allow_local_images"])]
+                messages = [from_ollama(m) for m in check_messages(body, limits["allow_local_images"], True)]
                 prompt = chat_prompt(messages, tools, truncates(body), opts.get("max_tokens"))
             else:
                 prompt = generate_prompt(body)
@@ -173,6 +173,8 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
         try:
             body = await read_json(request, limits["max_body_bytes"])
             name = str(body.get("model") or body.get("name") or "")
+            if not name:
+                raise RequestError(400, "model is required")
             if name.removesuffix(":latest") != model_id.removesuffix(":latest"):
                 raise RequestError(501, f"mllama serves one model ({model_id}) and does not pull others ('{name}')")
         except Exception as exc:

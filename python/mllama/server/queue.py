@@ -10,7 +10,7 @@ import threading
 from typing import Any, Callable
 
 from ..generation.results import GenerationResult
-from ..generation.scheduler import Request, Stream
+from ..generation.request import Request, Stream
 from .metrics import Metrics
 from .requests import RequestError
 

@@ -7,7 +7,8 @@ import base64
 import json
 import logging
 
-from .._native.errors import ContextOverflowError, ImageError, MllamaError, TemplateError
+from .._native.errors import ContextOverflowError, ImageError, TemplateError
+from .._native.ffi import is_backend_error
 from ..generation.logprobs import check as check_logprobs
 
 log = logging.getLogger("mllama.server")
@@ -81,15 +82,24 @@ def logprob_options(body: dict) -> dict:
     return {} if top is None else {"logprobs": True, "top_logprobs": top}
 
 
-def check_messages(body: dict, allow_local_images: bool) -> list[dict]:
+def check_messages(body: dict, allow_local_images: bool, base64_images: bool = False) -> list[dict]:
+    """The request's messages; no image of them names a file of this machine unless allow_local_images (an
+    `image_url` that is not a data: URL, a part of the Python API's "image" type, an `images` entry: except on
+    the Ollama routes, base64_images, where `images` are base64 data, decoded by from_ollama)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "'messages' must be a non-empty list")
     for m in messages:
         if not isinstance(m, dict):
             raise RequestError(400, "each message must be an object")
+        if m.get("images") and not (allow_local_images or base64_images):
+            raise RequestError(400, "'images' is Ollama's field (its routes: /api/chat); here, use image_url parts "
+                                    "with data: URLs", param="messages")
         content = m.get("content")
         for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") == "image" and not allow_local_images:
+                raise RequestError(400, "content parts of type 'image' are not part of the API: use image_url "
+                                        "parts with data: URLs", param="messages")
             if isinstance(part, dict) and part.get("type") == "image_url":
                 image_url = part.get("image_url", "")
                 url = image_url.get("url", "") if isinstance(image_url, dict) else image_url
@@ -135,15 +145,12 @@ async def read_json(request, max_body_bytes: int) -> dict:
     return value
 
 
-BACKEND_STATUS = "backend error"  # the C library's name of MLLAMA_ERR_BACKEND (a device or an RPC worker failed)
-
-
 def error_status(exc: BaseException) -> int:
     if isinstance(exc, RequestError):
         return exc.status
     if isinstance(exc, (ImageError, TemplateError, ContextOverflowError, ValueError, TypeError, KeyError)):
         return 400
-    if isinstance(exc, MllamaError) and exc.status == BACKEND_STATUS:
+    if is_backend_error(exc):
         return 503  # a lost RPC worker or a failed device: the server cannot answer until it is restarted
     return 500
 

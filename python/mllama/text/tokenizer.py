@@ -87,6 +87,9 @@ class StreamDecoder:
         self.pending = b""
         self.skipped = tokenizer.special_ids if skip_special else frozenset()
 
+    def skips(self, token: int) -> bool:
+        return token in self.skipped
+
     def push(self, token: int) -> str:
         if token in self.skipped:
             return ""
