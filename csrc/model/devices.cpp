@@ -144,6 +144,15 @@ void bound_rpc_calls(const device_plan & plan) {
     if (!plan.endpoints.empty()) set_io_timeouts(plan.endpoints, plan.rpc_io_timeout_s);
 }
 
+// A 1-byte buffer on an RPC device (device_plan::rpc_anchors), freed quietly: its worker may be gone by then.
+static std::shared_ptr<ggml_backend_buffer> anchor_connection(ggml_backend_dev_t dev) {
+    ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(ggml_backend_dev_buffer_type(dev), 1);
+    if (!buf) fail(MLLAMA_ERR_BACKEND, "RPC worker %s: cannot allocate on it", rpc_endpoint(dev).c_str());
+    return std::shared_ptr<ggml_backend_buffer>(buf, [](ggml_backend_buffer_t b) {
+        free_quietly([b] { ggml_backend_buffer_free(b); });
+    });
+}
+
 // Connects to each worker once (two spellings of one worker would wait on each other: a worker serves one
 // client connection at a time), bounding its calls as soon as it answers.
 static std::vector<ggml_backend_dev_t> connect_workers(device_plan & plan, const mllama_model_params & params) {
@@ -157,9 +166,11 @@ static std::vector<ggml_backend_dev_t> connect_workers(device_plan & plan, const
             fail(MLLAMA_ERR_INVALID_ARGUMENT, "RPC workers %s and %s are the same worker (%s): name each worker once",
                  plan.endpoints[static_cast<size_t>(same - peers.begin())].c_str(), endpoint.c_str(), peer.c_str());
         }
-        for (ggml_backend_dev_t dev : rpc_connect(endpoint, timeout_ms)) rpc_devices.push_back(dev);
+        const std::vector<ggml_backend_dev_t> served = rpc_connect(endpoint, timeout_ms);
+        rpc_devices.insert(rpc_devices.end(), served.begin(), served.end());
         peers.push_back(peer);
         plan.endpoints.push_back(endpoint);
+        plan.rpc_anchors.push_back(anchor_connection(served.front()));
         bound_rpc_calls(plan);
     }
     return rpc_devices;

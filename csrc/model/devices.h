@@ -5,11 +5,13 @@
 
 #include "mllama.h"
 
+#include <memory>
 #include <string>
 #include <vector>
 
 struct ggml_backend_device;
 typedef struct ggml_backend_device * ggml_backend_dev_t;
+struct ggml_backend_buffer;
 
 namespace mllama {
 
@@ -29,10 +31,13 @@ struct device_plan {
     std::string vision_reason;
     int n_offload = 0;                              // text layers on the device list
     int rpc_io_timeout_s = 0;                       // every call on an RPC worker's connections: at most this
+    // A 1-byte buffer on each worker from its connect to the end of the load: ggml keeps a worker's connection
+    // only while a buffer holds it (one per endpoint, shared), so the planning's calls reuse one that is bounded.
+    std::vector<std::shared_ptr<ggml_backend_buffer>> rpc_anchors;
 };
 
 // Bounds the calls on every connection to the plan's RPC workers open now (set_io_timeouts): called once
-// connected, and again after each allocation on a worker (ggml opens a connection per buffer).
+// connected (its anchor allocated), and again after each allocation on a worker.
 void bound_rpc_calls(const device_plan & plan);
 
 // The devices the plan uses other than the CPU, each once: the vision device's, then the text

@@ -186,6 +186,7 @@ std::unique_ptr<mllama_model> load_model(const char * path, const char * project
     if (m->conv.cross_qk_permuted) permute_cross_norms(*m);
     report_placement(*m);
     bound_rpc_calls(m->plan);
+    m->plan.rpc_anchors.clear();  // the weights' buffers hold the connections now
     m->log.log(MLLAMA_LOG_INFO, "loaded '%s': %lld tensors, %.1f MiB on %s (%s)", path, (long long) m->info.n_tensors,
                m->info.n_bytes_weights / 1048576.0, m->info.device, m->conv.describe().c_str());
     return m;

@@ -74,9 +74,9 @@ static void allocate_state(mllama_context & c, const std::vector<ggml_backend_de
             fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot allocate the caches on %s (n_ctx %d x %d sequences, %d image slots)",
                  ggml_backend_dev_name(devs[i]), c.params.n_ctx, c.params.n_seq_max, c.params.n_image_slots);
         }
+        c.state_buffers.push_back(buf);  // (freed with the context, also when clearing it fails)
         bound_rpc_calls(c.model->plan);  // the buffer's connection, before it is cleared
         ggml_backend_buffer_clear(buf, 0);
-        c.state_buffers.push_back(buf);
     }
 }
 
@@ -115,6 +115,7 @@ static void create_state(mllama_context & c) {
     try {
         allocate_state(c, devs);
     } catch (const rpc_fault & e) {
+        m.lost_worker = true;  // its weights on that worker are gone too
         fail(MLLAMA_ERR_BACKEND, "RPC worker %s failed while the context's caches were allocated: %s",
              join(lost_workers(m.plan.endpoints)).c_str(), e.what());
     }

@@ -192,9 +192,8 @@ inline constexpr int k_fault_probe_ms = 2000;  // per endpoint, naming the one t
 std::vector<std::string> lost_workers(const std::vector<std::string> & endpoints, bool * all_answer) {
     std::vector<std::string> dead = unreachable(endpoints, k_fault_probe_ms);
     if (all_answer) *all_answer = dead.empty();
-    if (dead.empty()) dead = endpoints;
-    mark_lost(dead);
-    return dead;
+    mark_lost(dead);  // (when all answer, which one failed is not known: none is marked, a new load finds out)
+    return dead.empty() ? endpoints : dead;
 }
 
 #if MLLAMA_HAVE_SOCKETS

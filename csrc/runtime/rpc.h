@@ -65,8 +65,8 @@ void set_io_timeouts(const std::vector<std::string> & endpoints, int seconds);
 // broken from then on, so rpc_connect refuses these endpoints at once (saying why) instead of failing later.
 void mark_lost(const std::vector<std::string> & endpoints);
 
-// After an rpc_fault: the endpoints among these that no longer accept a connection (all of them when
-// each still does: a frozen worker; *all_answer then true), marked lost; for the fault's message.
+// After an rpc_fault: the endpoints among these that no longer accept a connection, marked lost (all of them,
+// none marked, when each still does: a frozen worker; *all_answer then true); for the fault's message.
 std::vector<std::string> lost_workers(const std::vector<std::string> & endpoints, bool * all_answer = nullptr);
 
 // The endpoints among `endpoints` that do not accept a connection now (for fault messages).
