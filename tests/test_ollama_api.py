@@ -116,6 +116,28 @@ def test_special_tokens_give_no_text_unless_asked(app, model, forced):
     assert bad.status_code == 400 and "'skip_special_tokens' must be true or false" in bad.text
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_text_offsets_leave_out_skipped_special_tokens(app, model, forced, stream):
+    """/v1/completions' text_offset points into the text the reply has: a skipped special token takes none."""
+    ids = model.tokenize("Hello") + [model.tokenizer.token_id("<|python_tag|>")] + model.tokenize(" x_y, z")
+    forced(list(ids))
+    reply = app.post("/v1/completions", json={"prompt": "Hi", "logprobs": 1, "max_tokens": 16, "stream": stream})
+    if stream:
+        chunks = [json.loads(line[6:]) for line in reply.text.splitlines() if line.startswith("data: {")]
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+        tokens = [t for c in chunks if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["tokens"]]
+        offsets = [o for c in chunks if c["choices"][0]["logprobs"] for o in c["choices"][0]["logprobs"]["text_offset"]]
+    else:
+        choice = reply.json()["choices"][0]
+        text, tokens, offsets = choice["text"], choice["logprobs"]["tokens"], choice["logprobs"]["text_offset"]
+    assert text == "Hello x_y, z" and "<|python_tag|>" in tokens and len(offsets) == len(ids)
+    for i, (token, offset) in enumerate(zip(tokens, offsets)):
+        if token == "<|python_tag|>":
+            assert offset == offsets[i + 1] == len("Hello")
+        else:
+            assert text[offset:offset + len(token)] == token, (token, offset)
+
+
 @pytest.mark.parametrize("extra, fragment", [
     ({"think": True}, "does not support thinking"), ({"think": "high"}, "does not support thinking"),
     ({"suffix": "}"}, "does not support insert"), ({"template": "{{ .Prompt }}"}, "'template' is not supported"),
@@ -136,7 +158,8 @@ def test_routes_for_what_mllama_does_not_do(app, model):
         assert reply.status_code == 501 and path in reply.json()["error"], (path, reply.text)
     assert "embeddings" in app.post("/api/embed", json={"model": "x", "input": "y"}).json()["error"]
     assert lines(app.post("/api/pull", json={"model": model.name})) == [{"status": "success"}]
-    assert app.post("/api/pull", json={"model": model.name + ":latest", "stream": False}).json() == {"status": "success"}
+    latest = app.post("/api/pull", json={"model": model.name + ":latest", "stream": False})
+    assert latest.json() == {"status": "success"}
     other = app.post("/api/pull", json={"model": "qwen3:8b"})
     assert other.status_code == 501 and "does not pull" in other.json()["error"]
     assert app.post("/api/show", json={}).json() == {"error": "model is required"}
@@ -155,7 +178,8 @@ def test_options_that_are_not_done_are_said_once(app, monkeypatch, caplog):
     options = {"num_ctx": 8192, "mirostat": 1, "repeat_last_n": 0, "num_predict": 2, "temperature": 0}
     with caplog.at_level("WARNING", logger="mllama.server"):
         for _ in range(2):
-            assert app.post("/api/generate", json={"prompt": "Hi", "stream": False, "options": options}).status_code == 200
+            reply = app.post("/api/generate", json={"prompt": "Hi", "stream": False, "options": options})
+            assert reply.status_code == 200
     said = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
     assert said == ["Ollama option 'mirostat' ignored: not done by mllama",
                     "Ollama option 'num_ctx' ignored: the server's own flags set it (mllama serve --help)"]

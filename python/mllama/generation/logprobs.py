@@ -74,11 +74,13 @@ def completion_token(data: bytes) -> str:
 
 class CompletionLogprobs:
     """One choice's logprobs in /v1/completions' shape, made from its items as they come (whole, or a
-    chunk's tokens at a time): the text offset runs on from one call to the next."""
+    chunk's tokens at a time): the text offset runs on from one call to the next, over the tokens' text
+    that is in the reply (not that of `silent` tokens)."""
 
-    def __init__(self):
+    def __init__(self, silent: frozenset[bytes] = frozenset()):
         self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._offset = 0  # characters of the choice's text before the next token
+        self._silent = silent  # the text of tokens that give none (special tokens, skip_special_tokens)
 
     def take(self, items: list[dict]) -> dict:
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -91,5 +93,6 @@ class CompletionLogprobs:
             out["token_logprobs"].append(item["logprob"])
             out["top_logprobs"].append(top)
             out["text_offset"].append(self._offset)
-            self._offset += len(self._text.decode(data))  # a split character counts once it is whole
+            if data not in self._silent:
+                self._offset += len(self._text.decode(data))  # a split character counts once it is whole
         return out

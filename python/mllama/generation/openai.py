@@ -79,10 +79,11 @@ def text_completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex[:24]}"
 
 
-def text_response(cid: str, created: int, model: str, results: list[GenerationResult]) -> dict:
+def text_response(cid: str, created: int, model: str, results: list[GenerationResult],
+                  silent: frozenset[bytes] = frozenset()) -> dict:
     """A `text_completion` object (/v1/completions), one choice per result; logprobs in that endpoint's
-    shape when the results carry them."""
-    choices = [{"index": i, "text": r.text, "logprobs": completion_logprobs(r.logprobs),
+    shape when the results carry them (`silent`: the text of tokens the reply leaves out)."""
+    choices = [{"index": i, "text": r.text, "logprobs": completion_logprobs(r.logprobs, silent),
                 "finish_reason": r.finish_reason} for i, r in enumerate(results)]
     prompt = results[0].usage.prompt_tokens
     completion = sum(r.usage.completion_tokens for r in results)
@@ -90,9 +91,9 @@ def text_response(cid: str, created: int, model: str, results: list[GenerationRe
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
 
 
-def completion_logprobs(items: list[dict] | None) -> dict | None:
+def completion_logprobs(items: list[dict] | None, silent: frozenset[bytes] = frozenset()) -> dict | None:
     """A whole choice's logprobs items in /v1/completions' shape (None: not requested)."""
-    return CompletionLogprobs().take(items) if items is not None else None
+    return CompletionLogprobs(silent).take(items) if items is not None else None
 
 
 def text_chunk(cid: str, created: int, model: str, text: str, finish_reason: str | None, index: int,

@@ -73,21 +73,22 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
             replies = await queue.submit(prompt, opts, n=n)
             firsts = await while_connected(request, first_pieces(replies), replies)
             cid, created = openai.text_completion_id(), openai.now()
+            silent = queue.model.tokenizer.special_bytes if opts.get("skip_special_tokens", True) else frozenset()
             if not body.get("stream"):
                 ended = await while_connected(request, results(replies), replies)
-                return openai.text_response(cid, created, model_id, ended)
+                return openai.text_response(cid, created, model_id, ended, silent)
         except ClientGone:
             return Response(status_code=499)  # nobody reads it
         except Exception as exc:
             return error(exc)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        logprobs = "logprobs" in opts
+        logprobs = silent if "logprobs" in opts else None
         return StreamingResponse(events(replies, firsts, cid, created, model_id, include_usage, logprobs),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def events(replies: list[Reply], firsts: list, cid: str, created: int, model_id: str, include_usage: bool,
-                 logprobs: bool):
+                 logprobs: frozenset[bytes] | None):
     """Each choice's chunks in turn; then usage (when asked) in a chunk without choices, as OpenAI sends it (the
     other chunks then carry "usage": null)."""
     try:
@@ -105,10 +106,11 @@ async def events(replies: list[Reply], firsts: list, cid: str, created: int, mod
     yield "data: [DONE]\n\n"
 
 
-async def choice_events(reply: Reply, first: str | None, index: int, ids: tuple, logprobs: bool, null_usage: bool):
-    """One choice's pieces (each with the logprobs of its tokens when asked), its finish_reason last;
-    `ids`: the response's (id, created, model)."""
-    shape = CompletionLogprobs() if logprobs else None
+async def choice_events(reply: Reply, first: str | None, index: int, ids: tuple, logprobs: frozenset[bytes] | None,
+                        null_usage: bool):
+    """One choice's pieces (each with the logprobs of its tokens when asked: `logprobs` is then the text of the
+    tokens the reply leaves out), its finish_reason last; `ids`: the response's (id, created, model)."""
+    shape = CompletionLogprobs(logprobs) if logprobs is not None else None
     extra = {"usage": None} if null_usage else {}
 
     def chunk(text: str, finish_reason: str | None) -> str:

@@ -50,6 +50,7 @@ class Tokenizer:
         self._enc = tiktoken.Encoding("mllama", pat_str=PATTERNS[pre], mergeable_ranks=ranks, special_tokens=special)
         self._id_bytes = {i: tok.encode() for tok, i in special.items()}
         self.special_ids = frozenset(special.values())
+        self.special_bytes = frozenset(self._id_bytes.values())  # their text
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         """Token ids of `text`; special-token strings are ordinary text unless allow_special.
