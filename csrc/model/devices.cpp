@@ -39,23 +39,6 @@ std::vector<int> split_layers(int n_layer, int n_offload, const std::vector<floa
     return out;
 }
 
-ggml_backend_dev_t find_device(const std::string & name, const std::vector<ggml_backend_dev_t> & rpc_devices) {
-    for (ggml_backend_dev_t dev : rpc_devices) {
-        if (name == ggml_backend_dev_name(dev) || name == rpc_endpoint(dev)) return dev;
-    }
-    bool known = name.empty() || name == "auto" || name == "cpu" || name == "CPU";
-    std::string names;
-    for (int i = 0; i < device_count(); ++i) {
-        known = known || name == ggml_backend_dev_name(device_at(i));
-        names += (names.empty() ? "" : ", ") + std::string(ggml_backend_dev_name(device_at(i)));
-    }
-    for (ggml_backend_dev_t dev : rpc_devices) {
-        names += ", " + std::string(ggml_backend_dev_name(dev)) + " (" + rpc_endpoint(dev) + ")";
-    }
-    if (!known) fail(MLLAMA_ERR_INVALID_ARGUMENT, "unknown device '%s' (available: %s)", name.c_str(), names.c_str());
-    return select_device(name.c_str());  // the registry's devices, "cpu"
-}
-
 static bool is_gpu(ggml_backend_dev_t dev, enum ggml_backend_dev_type type) {
     return ggml_backend_dev_type(dev) == type;
 }
@@ -115,7 +98,7 @@ static void choose_vision(device_plan & plan, const mllama_model_params & params
                           const std::vector<ggml_backend_dev_t> & rpc_devices) {
     const std::string want = params.device ? params.device : "";
     if (!want.empty() && want != "auto") {
-        plan.vision = find_device(want, rpc_devices);
+        plan.vision = select_device(want.c_str(), rpc_devices);
         plan.vision_reason = "device=\"" + want + "\"";
         return;
     }
@@ -182,7 +165,7 @@ device_plan plan_devices(const mllama_model_params & params, int n_layer) {
     const std::vector<ggml_backend_dev_t> rpc_devices = connect_workers(plan, params);
     choose_vision(plan, params, rpc_devices);
     const std::vector<std::string> names = split_list(params.devices);
-    for (const std::string & name : names) plan.devices.push_back(find_device(name, rpc_devices));
+    for (const std::string & name : names) plan.devices.push_back(select_device(name.c_str(), rpc_devices));
     if (names.empty()) {
         plan.devices = named_or_local_gpus(params.device ? params.device : "", plan.vision);
         for (ggml_backend_dev_t dev : rpc_devices) {  // each once (device="RPC0" named one of them)

@@ -53,8 +53,4 @@ bool cpu_kernels_allowed_on(const device_plan & plan, ggml_backend_dev_t dev);
 // layers (n_layer of them). Fails with MLLAMA_ERR_INVALID_ARGUMENT on unknown names or a bad split.
 device_plan plan_devices(const mllama_model_params & params, int n_layer);
 
-// A device by name among the registry's and the given RPC devices; "cpu", or an RPC endpoint
-// ("host:port": its first device) also name one.
-ggml_backend_dev_t find_device(const std::string & name, const std::vector<ggml_backend_dev_t> & rpc_devices);
-
 }  // namespace mllama

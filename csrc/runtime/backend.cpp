@@ -55,8 +55,13 @@ ggml_backend_dev_t cpu_device() {
 
 bool is_cpu(ggml_backend_dev_t dev) { return ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU; }
 
-ggml_backend_dev_t select_device(const char * request) {
+ggml_backend_dev_t select_device(const char * request, const std::vector<ggml_backend_dev_t> & extra) {
     const std::string want = request ? request : "";
+    std::string listed;  // `extra` (devices outside the registry: RPC workers'), by name or description
+    for (ggml_backend_dev_t dev : extra) {
+        if (want == ggml_backend_dev_name(dev) || want == ggml_backend_dev_description(dev)) return dev;
+        listed += ", " + std::string(ggml_backend_dev_name(dev)) + " (" + ggml_backend_dev_description(dev) + ")";
+    }
     if (want.empty() || want == "auto") {
         if (ggml_backend_dev_t gpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU)) return gpu;
         if (ggml_backend_dev_t igpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_IGPU)) return igpu;
@@ -69,7 +74,8 @@ ggml_backend_dev_t select_device(const char * request) {
         if (want == ggml_backend_dev_name(dev)) return dev;
         names += (names.empty() ? "" : ", ") + std::string(ggml_backend_dev_name(dev));
     }
-    fail(MLLAMA_ERR_INVALID_ARGUMENT, "unknown device '%s' (available: %s)", want.c_str(), names.c_str());
+    fail(MLLAMA_ERR_INVALID_ARGUMENT, "unknown device '%s' (available: %s%s)", want.c_str(), names.c_str(),
+         listed.c_str());
 }
 
 int physical_core_count() {

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 struct ggml_backend;
 struct ggml_backend_device;
@@ -17,8 +18,9 @@ int device_count();
 ggml_backend_dev_t device_at(int index);
 mllama_device_info device_info(ggml_backend_dev_t dev);
 ggml_backend_dev_t cpu_device();
-// "auto"/""/nullptr: the first GPU (or integrated GPU), else the CPU; "cpu"; or an exact device name.
-ggml_backend_dev_t select_device(const char * request);
+// "auto"/""/nullptr: the first GPU (or integrated GPU), else the CPU; "cpu"; or an exact device name, of the
+// registry or of `extra` (RPC workers' devices, by name or by their endpoint, ggml-rpc's description of them).
+ggml_backend_dev_t select_device(const char * request, const std::vector<ggml_backend_dev_t> & extra = {});
 bool is_cpu(ggml_backend_dev_t dev);
 
 int physical_core_count();

@@ -216,14 +216,11 @@ class GenerationMixin:
         except BaseException:  # interrupted (KeyboardInterrupt), or the model failed: nothing is left running
             self._cancel(requests)
             raise
-        out, error = [], None
-        for r in requests:
-            ends = [next(v for k, v in s.events if k in ("result", "error")) for s in r.streams]
-            error = error or next((e for e in ends if isinstance(e, BaseException)), None)
-            out.append(ends)
+        ends = [ends_of(r) for r in requests]
+        error = next((e for request_ends in ends for e in request_ends if isinstance(e, BaseException)), None)
         if error is not None:
             raise error
-        return out
+        return ends
 
     def _cancel(self, requests: list[Request]) -> None:
         """Stop requests that will not be read, freeing their sequences now."""
@@ -294,6 +291,11 @@ class GenerationMixin:
                 self.scheduler.cancel(request)
                 self.run_step()
 
+
+
+def ends_of(request: Request) -> list:
+    """How each choice of an ended request ended: its GenerationResult, or its exception."""
+    return [next(v for k, v in s.events if k in ("result", "error")) for s in request.streams]
 
 
 class ChatChunks:

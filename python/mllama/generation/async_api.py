@@ -10,7 +10,7 @@ import asyncio
 from typing import Any, AsyncIterator
 
 from . import openai
-from .api import ChatChunks, tool_spec
+from .api import ChatChunks, ends_of, tool_spec
 from .request import Request
 
 
@@ -51,7 +51,7 @@ class AsyncGenerationMixin:
         except BaseException:  # cancelled (or the model failed): the request stops at the next step
             self.scheduler.cancel(request)
             raise
-        ends = [next(v for k, v in s.events if k in ("result", "error")) for s in request.streams]
+        ends = ends_of(request)
         error = next((e for e in ends if isinstance(e, BaseException)), None)
         if error is not None:
             raise error

@@ -13,7 +13,7 @@ from .._version import __version__
 from ..generation.api import tool_spec
 from ..generation.openai import take
 from ..generation.results import GenerationResult
-from ..text.tools import parse_call
+from ..text.tools import may_be_call, parse_call
 from .ollama_requests import (chat_prompt, generate_prompt, loads_only, options, output_format, refuse_unsupported,
                               truncates)
 from .queue import BatchQueue, ClientGone, Reply, first_pieces, results, while_connected
@@ -81,14 +81,6 @@ def tool_calls(text: str, names: tuple) -> list | None:
     return [{"id": c["id"], "function": {"index": i, "name": c["function"]["name"],
                                          "arguments": json.loads(c["function"]["arguments"])}}
             for i, c in enumerate(calls)] if calls else None
-
-
-def may_be_call(text: str) -> bool:
-    """Whether a reply that begins with `text` may still be a tool call (parse_call: a JSON object, maybe after
-    <|python_tag|>): streamed pieces are held back until it is known."""
-    body = text.lstrip()
-    tag = "<|python_tag|>"
-    return body.startswith("{") or tag.startswith(body) or (body.startswith(tag) and may_be_call(body[len(tag):]))
 
 
 def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None:

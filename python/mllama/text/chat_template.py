@@ -11,19 +11,17 @@ strings typed by a user as ordinary text.
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib.resources import files
 from typing import Any
 
 from .._native.errors import TemplateError
 from .tools import template_message
-
 
 
 def default_template() -> str:
@@ -62,7 +60,7 @@ class Conversation:
     def marker(self, i: int) -> str:
         return f"\ue000{self.nonce}:{i}\ue001"
 
-    @property
+    @cached_property
     def markers(self) -> re.Pattern:
         return re.compile(f"\ue000{self.nonce}:(\\d+)\ue001")
 

@@ -82,9 +82,12 @@ def rebase_refs(schema, root: str):
     return schema
 
 
+PYTHON_TAG = "<|python_tag|>"  # may open a call (when the reply keeps special tokens' text)
+
+
 def parse_call(text: str, names: tuple[str, ...]) -> list[dict] | None:
     """OpenAI's `tool_calls` for a reply that is one call of a known tool; None for a text reply."""
-    body = text.strip().removeprefix("<|python_tag|>").strip()
+    body = text.strip().removeprefix(PYTHON_TAG).strip()
     if not body.startswith("{"):
         return None
     try:
@@ -96,6 +99,14 @@ def parse_call(text: str, names: tuple[str, ...]) -> list[dict] | None:
         return None
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": value["name"], "arguments": json.dumps(args)}}]
+
+
+def may_be_call(text: str) -> bool:
+    """Whether a reply that begins with `text` may still be one parse_call reads (a JSON object, maybe after
+    the python tag): a stream holds its pieces back until it is known."""
+    body = text.lstrip()
+    return body.startswith("{") or PYTHON_TAG.startswith(body) or \
+        (body.startswith(PYTHON_TAG) and may_be_call(body[len(PYTHON_TAG):]))
 
 
 def template_message(message: dict, i: int) -> dict:
