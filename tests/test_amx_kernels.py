@@ -15,7 +15,7 @@ import pytest
 
 import mllama
 from mllama._native.cpu_features import ggml_features
-from test_cpu_kernels import build_kernel_driver, encode, needs_kernels, nmse
+from test_cpu_kernels import KERNELS, build_kernel_driver, encode, needs_kernels, nmse
 
 AMX = ggml_features().get("AMX_TILE_KERNELS") == "1"
 
@@ -105,6 +105,23 @@ def test_bf16_attention_on_amx_hardware_within_the_rounding_bound(attn_driver, d
     assert proc.returncode == 0, proc.stdout + proc.stderr
     fields = dict(item.split("=") for item in proc.stdout.split())
     assert fields["tiles"] != "none" and float(fields["tiles"]) <= 1.0, fields
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("mask", ["", "pad"])
+def test_attention_softmax_takes_and_gives_no_subnormals(attn_driver, mask):
+    """No path's F32 operations raise MXCSR's denormal-operand or underflow flag, masked keys included
+    (tests/c/attn_bf16.cpp ATTN_FP_FLAGS): on Intel cores each such operation is a microcode assist, and the
+    softmax's 2^-127 for masked keys made the attention 3x slower on an AMX Xeon. The flags are the same on every
+    x86 CPU, so this fails on AMD too. The tile path runs on hardware tiles only (emulated ones are plain F32)."""
+    env = {**os.environ, "MLLAMA_AMX_EMULATE": "0", "ATTN_FP_FLAGS": "1", "ATTN_MASK": mask}
+    proc = subprocess.run([str(attn_driver), "80", "2", "300"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if proc.stdout.startswith("skip"):
+        pytest.skip(proc.stdout.strip())
+    fields = dict(item.split("=") for item in proc.stdout.split())
+    expected = {"avx2": "0", "avx512": "0" if KERNELS else "none", "tiles": "0" if AMX else "none"}
+    assert {path: fields[f"{path}_subnormal"] for path in expected} == expected, fields
 
 
 @needs_kernels

@@ -23,7 +23,10 @@
 // |o - o_ref| <= (2 gamma_D S + 4e-7 + 2 gamma_N) sum_j p_j |v_j| / sum_j p_j, doubled for margin. Prints the largest
 // error over each path's bound,
 // "avx512=<ratio> tiles=<ratio|none> avx2=<ratio|none> hidden=<hidden key blocks> same=<1: skipping changed
-// no output bit>".
+// no output bit>". ATTN_FP_FLAGS=1 runs each path on this thread alone instead and prints the MXCSR flags it raised
+// there, "avx512_subnormal=<0|1> ...": 1 where an F32 operation took or gave a subnormal (DE or UE), which Intel
+// cores do in a microcode assist of ~150 cycles each (a softmax whose 2^x gave 2^-127 for every masked key ran 3x
+// slower there: bench/README.md); AMD's do not slow down, so only this flag shows it on every CPU.
 #include "kernels/dispatch.h"
 #include "kernels/x86/attn_bf16.h"
 #include "kernels/x86/entry_points.h"
@@ -40,6 +43,8 @@
 #include <limits>
 #include <random>
 #include <vector>
+
+#include <xmmintrin.h>
 
 using namespace mllama;
 
@@ -134,6 +139,24 @@ static void print_times(ggml_context * ctx, ggml_tensor * const outs[3], const b
     std::printf("\n");
 }
 
+// Each path on this thread alone (ggml's thread 0 is its caller): whether its F32 operations raised MXCSR's
+// denormal-operand (DE) or underflow (UE) flag.
+static void print_subnormal_flags(ggml_context * ctx, ggml_tensor * const outs[3], const bool runs[3]) {
+    for (int i = 0; i < 3; ++i) {
+        if (!runs[i]) {
+            std::printf("%s_subnormal=none ", k_names[i]);
+            continue;
+        }
+        ggml_cgraph * graph = ggml_new_graph(ctx);
+        ggml_build_forward_expand(graph, outs[i]);
+        _mm_setcsr(_mm_getcsr() & ~0x3Fu);  // the six exception flags cleared
+        ggml_graph_compute_with_ctx(ctx, graph, 1);
+        const unsigned flags = _mm_getcsr();
+        std::printf("%s_subnormal=%d ", k_names[i], (flags & (_MM_EXCEPT_DENORM | _MM_EXCEPT_UNDERFLOW)) ? 1 : 0);
+    }
+    std::printf("\n");
+}
+
 int main(int argc, char ** argv) {
     if (argc < 4) {
         std::fprintf(stderr, "usage: %s D H N [threads] [reps]\n", argv[0]);
@@ -185,6 +208,11 @@ int main(int argc, char ** argv) {
         }
     }
     const bool runs[3] = {avx512_run, tiles_run, true};
+    if (std::getenv("ATTN_FP_FLAGS") && std::strcmp(std::getenv("ATTN_FP_FLAGS"), "1") == 0) {
+        print_subnormal_flags(ctx, outs, runs);
+        ggml_free(ctx);
+        return 0;
+    }
     if (reps > 0) {
         print_times(ctx, outs, runs, 4.0 * D * double(N) * N * H / 1e9, threads, reps);
         ggml_free(ctx);
