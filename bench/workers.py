@@ -2,6 +2,7 @@
 
     python bench/workers.py mllama MODEL.gguf --prompt 64 --decode 32 [--image]
     python bench/workers.py transformers CONFIG.json --dtype bf16 --prompt 64 --decode 32
+    python bench/workers.py ENGINE MODEL --serve    # bench/paired.py's: one timing per request line (serve_*)
 """
 
 from __future__ import annotations
@@ -212,6 +213,76 @@ def run_transformers(args) -> dict:
     return out
 
 
+def serve_mllama(args) -> None:
+    """bench/paired.py's mllama side: the model loaded once, then per line on stdin ("image" or "prefill") one
+    timed piece, printed as a JSON line (the image encode as in run_mllama; a prefill of --prompt tokens with the
+    image in the cross-attention cache)."""
+    import mllama
+    from mllama.generation.engine import PreparedImage
+
+    prompt, _ = prompts(args.prompt, args.ttft_prompt)
+    with mllama.Model(args.model, device=args.device, n_ctx=args.prompt + 16, n_image_slots=1) as model:
+        engine = model.engine
+        pre = mllama.preprocess(bench_image(), model)
+        served, encoded = 0, None
+        print(json.dumps({"ready": True, "threads": model.info["n_threads"]}), flush=True)
+        for line in sys.stdin:
+            request = line.strip()
+            if request not in ("image", "prefill"):
+                break
+            if request == "image" or encoded is None:  # a new name each time: encoded again, never found cached
+                served += 1
+                encoded = PreparedImage(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles, f"paired-{served}")
+                t0 = time.perf_counter()
+                engine.encode(0, encoded)
+                if request == "image":
+                    print(json.dumps({"vision_s": time.perf_counter() - t0}), flush=True)
+                    continue
+            engine.state.tokens = []
+            t0 = time.perf_counter()
+            int(np.argmax(engine.evaluate(prompt, [encoded])))
+            print(json.dumps({"prefill_tok_s": len(prompt) / (time.perf_counter() - t0)}), flush=True)
+
+
+def serve_transformers(args) -> None:
+    """bench/paired.py's transformers side, as serve_mllama: the image encode timed as in run_transformers (the
+    tower and projector, inside a forward of the 20-token prompt), the prefill with the image's states given."""
+    import torch
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    import mllama
+    from reference_inputs import hf_inputs_for
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    model = MllamaForConditionalGeneration(MllamaConfig(**json.loads(Path(args.model).read_text()))).to(dtype).eval()
+    prompt, ttft_prompt = prompts(args.prompt, args.ttft_prompt)
+    pre = mllama.preprocess(bench_image(), {**PREPROCESS_560, "max_image_tiles": 4})
+    captured = {}
+    model.model.vision_model.register_forward_pre_hook(lambda *_: captured.update(v0=time.perf_counter()))
+    model.model.multi_modal_projector.register_forward_hook(
+        lambda module, inputs, output: captured.update(states=output, v1=time.perf_counter()))
+    print(json.dumps({"ready": True, "threads": torch.get_num_threads()}), flush=True)
+    with torch.inference_mode():
+        for line in sys.stdin:
+            request = line.strip()
+            if request not in ("image", "prefill"):
+                break
+            if request == "image" or "states" not in captured:
+                model(**hf_inputs_for(ttft_prompt, pre, dtype, torch.device("cpu")))
+            if request == "image":
+                print(json.dumps({"vision_s": captured["v1"] - captured["v0"]}), flush=True)
+                continue
+            states = captured["states"]
+            states = states.reshape(-1, states.shape[-2], model.config.text_config.hidden_size)
+            inputs = hf_inputs_for(prompt, pre, dtype, torch.device("cpu"))
+            inputs.pop("pixel_values"), inputs.pop("aspect_ratio_ids")
+            t0 = time.perf_counter()
+            model(**inputs, cross_attention_states=states, use_cache=True)
+            print(json.dumps({"prefill_tok_s": len(prompt) / (time.perf_counter() - t0)}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("engine", choices=["mllama", "transformers"])
@@ -226,8 +297,11 @@ def main() -> None:
     parser.add_argument("--bandwidth-probe", default=None, help="bandwidth.so built by run.py")
     parser.add_argument("--extra-tiles", type=lambda v: [int(t) for t in v.split(",") if t], default=[],
                         help="comma list of tile counts (1-3) whose image encode is timed too, after the rest")
+    parser.add_argument("--serve", action="store_true", help="timings on request, one per stdin line (bench/paired.py)")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
+    if args.serve:
+        return serve_mllama(args) if args.engine == "mllama" else serve_transformers(args)
     result = run_mllama(args) if args.engine == "mllama" else run_transformers(args)
     print(json.dumps(result))
 
