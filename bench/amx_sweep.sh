@@ -64,5 +64,5 @@ EOF
             echo "gemm_block=${1}KiB threads=$2 K,M=$shape $("$work/gemm_$1" $shape "$tokens" "$2" 3 | tr '\n' ' ')"
         done
     done
-} 2>&1 | tee "$out"
+} 2>&1 | grep -v "^repack: " | tee "$out"  # ggml says so for each copy of the Q4_K weights
 rm -rf "$work"
