@@ -1,7 +1,7 @@
 """Both engines' image encode and prefill taking turns in one run: the ratio that holds on a machine whose speed
 drifts while it is measured.
 
-    python bench/paired.py                       # ~10 minutes on 2 cores; writes bench/results/paired.json
+    python bench/paired.py                       # ~12 minutes on 2 cores; writes bench/results/paired.json
     python bench/paired.py --rounds 6 --out F    # more rounds
     python bench/paired.py --quick --out /tmp/p.json   # small dimensions: the pipeline in a minute
 
@@ -10,11 +10,11 @@ whose speed swings from one minute to the next (the 2-core AMX Xeon of bench/REA
 in one bench/run.py and 43.8 s in the next, transformers' 58.2 s and 38.3 s, so the ratio went from 0.52x to 1.15x)
 that ratio says more about the machine than about the engines. Here both models stay loaded in two processes
 (`bench/workers.py ENGINE MODEL --serve`: mllama's 11B-dims Q4_K_M with BF16 vision, transformers bf16 built from
-the same config, as bench/run.py), and each round times one image encode of each engine, then one 64-token prefill
-of each, in alternating order (mllama first in even rounds, transformers first in odd ones), so that both sample the
-same minutes. A first round (each engine's first image and prefill: packing weights, allocating buffers,
-building primitives) is kept apart; each timed round's ratios (mllama / transformers: time for the image, speed for the prefill) and their
-medians go to the JSON.
+the same config, as bench/run.py; both on the CPU), and each round times one image encode of each engine, then one
+64-token prefill of each, in alternating order (mllama first in even rounds, transformers first in odd ones), so
+that both sample the same minutes. A first round (each engine's first image and prefill: packing weights, allocating
+buffers, building primitives) is kept apart; each timed round's ratios (mllama / transformers: time for the image,
+speed for the prefill) and their medians go to the JSON.
 """
 
 from __future__ import annotations
