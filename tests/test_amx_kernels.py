@@ -245,6 +245,29 @@ def test_prefill_on_emulated_amx_tiles_matches_ggml(converted, monkeypatch, tmp_
     assert_prefill_on_tiles_matches_ggml(converted, monkeypatch, tmp_path, model, profiled, path, emulate=True)
 
 
+@needs_kernels
+@pytest.mark.parametrize("n_tokens,decoded", [(40, False), (520, True)])
+def test_q6k_prefill_is_decoded_for_the_tiles_only_from_512_rows(converted, monkeypatch, tmp_path, n_tokens, decoded):
+    """With every kernel on (emulated tiles), a Q6_K matrix goes to the tile GEMM, decoded whole to BF16 and packed,
+    only from k_q6k_tiles_min_rows (512) rows: below, our Q6_K kernel takes it (that fixed cost was ~94 ms for an 11B
+    ffn_down on a 2-core AMX Xeon, against 25 ms for a 64-row product in the kernel). The q6_k conversion's ffn_down
+    (K = 256 by 64) has its decoded copy packed ("CUSTOM bf16[256,64,1]") only in the 520-token prefill; op_paths says
+    so; both prefills' logits match ggml's within test_prefill_on_emulated_amx_tiles_matches_ggml's bound."""
+    monkeypatch.setenv("MLLAMA_AMX_EMULATE", "1")
+    prompt = [128000] + [(9906 + 37 * i) % 20000 + 300 for i in range(n_tokens - 1)]
+    logits = {}
+    for kernels in ("", "0"):
+        monkeypatch.setenv("MLLAMA_CPU_KERNELS", kernels) if kernels else monkeypatch.delenv("MLLAMA_CPU_KERNELS",
+                                                                                             raising=False)
+        with mllama.Model(converted("q6_k"), n_ctx=640, profile=str(tmp_path / f"k{kernels}.tsv")) as m:
+            logits[kernels] = m.engine.evaluate(prompt, [], all_logits=False)
+            if not kernels:
+                line = m.op_paths()["text matrices in the file layout, prefill"]
+                assert "(q6_K, which the Q6_K kernel takes below, from 512)" in line, line
+    assert ("CUSTOM bf16[256,64,1]" in (tmp_path / "k.tsv").read_text()) == decoded
+    assert 0 < nmse(logits[""], logits["0"]) <= 2e-3, nmse(logits[""], logits["0"])
+
+
 @pytest.mark.skipif(not AMX, reason="this CPU (or its OS) has no AMX-BF16 tiles: the hardware path is checked on "
                                     "emulated tiles only (test_prefill_on_emulated_amx_tiles_matches_ggml)")
 @pytest.mark.parametrize("model,profiled,path", PREFILL_PATHS)

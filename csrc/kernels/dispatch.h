@@ -173,6 +173,13 @@ ggml_tensor * q4k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
 #endif
 constexpr int64_t k_q4k_tiles_min_rows = MLLAMA_AMX_Q4K_MIN_ROWS;
 
+// Fewest rows that take a Q6_K matrix (which our Q6_K kernel multiplies in every batch) to the tile GEMM, decoded
+// whole to BF16 and packed first. On the 2-core AMX Xeon of bench/README.md (2026-12-05) that fixed cost was
+// ~94 ms for an 11B ffn_down [14336 -> 4096] (ggml's decoding 75 ms, the packing 19), against 25 ms for all of a
+// 64-row prefill's product in our Q6_K kernel (0.39 ms a row; the tile GEMM ~0.2-0.33): the tiles win from ~500
+// rows on. Other quantized types (no kernel of ours but ggml's product) keep k_q4k_tiles_min_rows.
+constexpr int64_t k_q6k_tiles_min_rows = 512;
+
 // Largest matrix, in BF16 bytes, that prefill multiplies on the tile GEMM (graph/decoder.cpp: BF16, and quantized
 // types other than repacked Q4_K decoded whole, from k_q4k_tiles_min_rows rows): the copy and the GEMM's packed
 // panels take up to twice that in the compute buffer. The 11B's ffn matrices take 112 MiB, the 90B's 448 MiB;
