@@ -78,7 +78,9 @@ static std::string q6k_path(const mllama_context & c, const std::string & ggml_c
     const char * form = kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX512-VNNI)";
     std::string out = std::to_string(n) + ", mllama Q6_K kernel " + form + " in passes of up to " +
                       std::to_string(k_qmm_max_rows) + " rows";
-    if (c.kernels.may_run(cpu_kernel::amx)) out += " (prefill from " + std::to_string(k_q6k_tiles_min_rows) + " rows: tiles)";
+    if (c.kernels.may_run(cpu_kernel::amx)) {
+        out += " (prefill from " + std::to_string(k_q6k_tiles_min_rows) + " rows: tiles)";
+    }
     return out;
 }
 
@@ -89,9 +91,10 @@ static std::string on_tiles() {
 // Prefill's products of the BF16 and quantized matrices in the file layout (graph/decoder.cpp's prefill_on_tiles).
 static std::string prefill_path(const mllama_context & c) {
     if (!c.kernels.may_run(cpu_kernel::amx)) return "";
-    const std::string q6k = c.kernels.may_run(cpu_kernel::qmm)
-                                ? " (q6_K, which the Q6_K kernel takes below, from " + std::to_string(k_q6k_tiles_min_rows) + ")"
-                                : "";
+    std::string q6k;
+    if (c.kernels.may_run(cpu_kernel::qmm)) {
+        q6k = " (q6_K, which the Q6_K kernel takes below, from " + std::to_string(k_q6k_tiles_min_rows) + ")";
+    }
     return line("text matrices in the file layout, prefill", "from " + std::to_string(k_q4k_tiles_min_rows) + " rows" +
                 q6k + ", up to " + std::to_string(k_prefill_decode_max_bytes >> 20) +
                 " MiB as BF16: BF16, or quantized decoded to BF16, for mllama BF16 GEMM " + on_tiles());
