@@ -142,6 +142,35 @@ PREPROCESS_560 = {"size": {"height": 560, "width": 560}, "image_mean": [0.481454
                   "image_std": [0.26862954, 0.26130258, 0.27577711]}
 
 
+def vision_timer(model, sync) -> dict:
+    """Hooks that time transformers' image encode, vision tower + projector, as in mllama's figure (which also holds
+    the cross-attention K/V projections that transformers runs inside its prefill: our side does more work): the
+    returned dict gets v0, v1 (perf_counter) and the projector's output (states) at each forward with an image."""
+    captured = {}
+
+    def started(*_) -> None:  # a pre-hook's return value would replace the inputs
+        sync()
+        captured["v0"] = time.perf_counter()
+
+    def projected(module, inputs, output):
+        sync()
+        captured.update(states=output, v1=time.perf_counter())
+
+    model.model.vision_model.register_forward_pre_hook(started)
+    model.model.multi_modal_projector.register_forward_hook(projected)
+    return captured
+
+
+def prefill_inputs(model, states, prompt: list[int], pre, dtype, device) -> dict:
+    """transformers' inputs for a prefill of prompt with the image's projected states given (no vision run)."""
+    from reference_inputs import hf_inputs_for
+
+    inputs = hf_inputs_for(prompt, pre, dtype, device)
+    inputs.pop("pixel_values"), inputs.pop("aspect_ratio_ids")
+    states = states.reshape(-1, states.shape[-2], model.config.text_config.hidden_size)  # as MllamaModel does
+    return {**inputs, "cross_attention_states": states}
+
+
 def run_transformers(args) -> dict:
     import torch
     from transformers import MllamaConfig, MllamaForConditionalGeneration
@@ -162,33 +191,17 @@ def run_transformers(args) -> dict:
            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name()}
     prompt, ttft_prompt = prompts(args.prompt, args.ttft_prompt)
     pre = mllama.preprocess(bench_image(), {**PREPROCESS_560, "max_image_tiles": 4})
-    captured = {}
-    vision = model.model.vision_model
-    def started(*_) -> None:  # a pre-hook's return value would replace the inputs
-        sync()
-        captured["v0"] = time.perf_counter()
-
-    vision.register_forward_pre_hook(started)
-    # image encode = vision tower + projector, as in mllama's figure (which also holds the cross-attention
-    # K/V projections that transformers runs inside its prefill: our side does more work)
-    def projected(module, inputs, output):
-        sync()
-        captured.update(states=output, v1=time.perf_counter())
-
-    model.model.multi_modal_projector.register_forward_hook(projected)
+    captured = vision_timer(model, sync)
     with torch.inference_mode():
         t0 = time.perf_counter()
         int(model(**hf_inputs_for(ttft_prompt, pre, dtype, device)).logits[0, -1].argmax())
         out.update(ttft_s=time.perf_counter() - t0, vision_s=captured["v1"] - captured["v0"])
-        states = captured["states"]
-        states = states.reshape(-1, states.shape[-2], model.config.text_config.hidden_size)  # as MllamaModel does
-        inputs = hf_inputs_for(prompt, pre, dtype, device)
-        inputs.pop("pixel_values"), inputs.pop("aspect_ratio_ids")
-        model(**inputs, cross_attention_states=states)  # warm-up at the timed shape
+        inputs = prefill_inputs(model, captured["states"], prompt, pre, dtype, device)
+        model(**inputs)  # warm-up at the timed shape
         runs = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            res = model(**inputs, cross_attention_states=states, use_cache=True)
+            res = model(**inputs, use_cache=True)
             sync()
             runs.append(len(prompt) / (time.perf_counter() - t0))
         out.update(prefill_runs_tok_s=runs, prefill_tok_s=statistics.median(runs))
@@ -259,10 +272,7 @@ def serve_transformers(args) -> None:
     model = MllamaForConditionalGeneration(MllamaConfig(**json.loads(Path(args.model).read_text()))).to(dtype).eval()
     prompt, ttft_prompt = prompts(args.prompt, args.ttft_prompt)
     pre = mllama.preprocess(bench_image(), {**PREPROCESS_560, "max_image_tiles": 4})
-    captured = {}
-    model.model.vision_model.register_forward_pre_hook(lambda *_: captured.update(v0=time.perf_counter()))
-    model.model.multi_modal_projector.register_forward_hook(
-        lambda module, inputs, output: captured.update(states=output, v1=time.perf_counter()))
+    captured = vision_timer(model, lambda: None)
     print(json.dumps({"ready": True, "threads": torch.get_num_threads()}), flush=True)
     with torch.inference_mode():
         for line in sys.stdin:
@@ -274,12 +284,9 @@ def serve_transformers(args) -> None:
             if request == "image":
                 print(json.dumps({"vision_s": captured["v1"] - captured["v0"]}), flush=True)
                 continue
-            states = captured["states"]
-            states = states.reshape(-1, states.shape[-2], model.config.text_config.hidden_size)
-            inputs = hf_inputs_for(prompt, pre, dtype, torch.device("cpu"))
-            inputs.pop("pixel_values"), inputs.pop("aspect_ratio_ids")
+            inputs = prefill_inputs(model, captured["states"], prompt, pre, dtype, torch.device("cpu"))
             t0 = time.perf_counter()
-            model(**inputs, cross_attention_states=states, use_cache=True)
+            model(**inputs, use_cache=True)
             print(json.dumps({"prefill_tok_s": len(prompt) / (time.perf_counter() - t0)}), flush=True)
 
 
