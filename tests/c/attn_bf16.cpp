@@ -25,7 +25,7 @@
 // "avx512=<ratio> tiles=<ratio|none> avx2=<ratio|none> hidden=<hidden key blocks> same=<1: skipping changed
 // no output bit>". ATTN_FP_FLAGS=1 runs each path on this thread alone instead and prints the MXCSR flags it raised
 // there, "avx512_subnormal=<0|1> ...": 1 where an F32 operation took or gave a subnormal (DE or UE), which Intel
-// cores do in a microcode assist of ~150 cycles each (a softmax whose 2^x gave 2^-127 for every masked key ran 3x
+// cores do in a microcode assist each (a softmax whose 2^x gave 2^-127 for every masked key ran 1.8-3x
 // slower there: bench/README.md); AMD's do not slow down, so only this flag shows it on every CPU.
 #include "kernels/dispatch.h"
 #include "kernels/x86/attn_bf16.h"

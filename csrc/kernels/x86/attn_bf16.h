@@ -108,8 +108,8 @@ MLLAMA_AVX512_TARGET inline void add_mask(const job & j, int64_t i, int64_t jb, 
 // 2^-9), so a degree-4 polynomial for 2^f on [-1/2, 1/2] (relative error 2.7e-6, fitted to the
 // relative error) is enough; below -125 it returns 2^-125 (~2e-38), which is 0 for every sum it
 // enters (the row maximum contributes 1 or more), and -inf (a masked key) gives it too. Never a subnormal:
-// an F32 operation that gives or takes one costs a microcode assist (~150 cycles) on Intel cores, and with
-// 2^-127 for every masked key the attention ran 3x slower on an AMX Xeon (tests/c/attn_bf16.cpp's
+// an F32 operation that gives or takes one costs a microcode assist on Intel cores, and with
+// 2^-127 for every masked key the attention ran 1.8-3x slower on an AMX Xeon (tests/c/attn_bf16.cpp's
 // ATTN_FP_FLAGS checks it on any x86 CPU).
 MLLAMA_AVX512_TARGET inline __m512 exp2_softmax(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-125.0f));
