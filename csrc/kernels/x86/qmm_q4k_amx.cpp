@@ -10,7 +10,11 @@
 // them (d * scale * q - dmin * min in F32) and rounded to nearest even, as kernels/x86/dequant_bf16.cpp does.
 // The rows, rounded to BF16 once per call (zero rows up to a multiple of 16), pass 64 at a time: four C tiles
 // (16 rows x 16 channels, F32) accumulate over a slab of the k range, B in tile 7, A in tiles 4 and 5; slabs keep
-// the rows' part in L2 across a thread's units, and C goes back to dst between them. Each product
+// the rows' part in L2 across a thread's units, and C goes back to dst between them. The next unit's tiles are
+// decoded during a unit's first pass, a step between each sub-block's products: the vector units decode while
+// the tile unit multiplies (64 rows of [4096 -> 14336] on the 2-core AMX Xeon of bench/README.md, 12 runs taking
+// turns: least 9.3 ms against 11.5 decoding first, first quartile 10.6 against 12.3; 32 rows: 6.3 against 7.8,
+// our VNNI kernel 6.6; 256 rows: no change). Each product
 // term carries two BF16 roundings (weight and activation, 2^-9 each, relative): |error| <= 2^-8 sum |w x|,
 // against ggml's Q8_K activations (1/254 of a block's largest, absolute) in its product.
 #include "kernels/dispatch.h"
@@ -100,15 +104,38 @@ MLLAMA_AVX512_TARGET inline void tile_row(__m256i q, const pair_factors & f, int
     _mm512_storeu_si512(out, (__m512i) _mm512_cvtne2ps_pbh(hi, lo));
 }
 
-// The B tiles of block b of the unit's two groups (g0, g1: their blocks at one k offset) -> 8 tiles at panel.
-MLLAMA_AVX512_TARGET void decode_pair(const q4kx8_block & g0, const q4kx8_block & g1, uint8_t * panel) {
-    pair_factors f;
-    factors_of(g0, 0, f);
-    factors_of(g1, 1, f);
-    const __m512i first = _mm512_load_si512(k_pair_control.first), second = _mm512_load_si512(k_pair_control.second);
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    for (int c = 0; c < 4; ++c) {      // sub-blocks 2c (low nibbles) and 2c + 1 (high ones)
-        for (int kq = 0; kq < 4; ++kq) {  // quant row 4c + kq: weights 8 kq..8 kq + 7 of each sub-block
+// A unit's B tiles of one slab, decoded a step at a time: each step decodes half of a sub-block pair's two tiles
+// (quant rows 4 c + 2 h, + 1 of block b: tile rows 8 h..8 h + 7 of sub-blocks 2 c and 2 c + 1), the block's
+// factors first; 8 steps a block, as many as the slab has tiles. The row pass of the unit before runs the steps
+// between its tile products (row_pass), so that the vector units decode while the tile unit multiplies.
+class slab_decoder {
+  public:
+    // g0, g1: the unit's two groups' first blocks of the slab (nb blocks); panel: where its tiles go
+    slab_decoder(const q4kx8_block * g0, const q4kx8_block * g1, int64_t nb, uint8_t * panel)
+        : g0_(g0), g1_(g1), panel_(panel), n_steps_(nb * k_steps_per_block) {}
+
+    MLLAMA_AVX512_TARGET void step() {
+        if (done_ == n_steps_) return;
+        const int64_t b = done_ / k_steps_per_block;
+        const int c = static_cast<int>(done_ % k_steps_per_block) / 2, h = static_cast<int>(done_ % 2);
+        if (c == 0 && h == 0) factors_of(g0_[b], 0, f_), factors_of(g1_[b], 1, f_);
+        decode_half(g0_[b], g1_[b], c, h, panel_ + b * k_steps_per_block * k_tile_bytes);
+        ++done_;
+    }
+    MLLAMA_AVX512_TARGET void finish() {
+        while (done_ < n_steps_) step();
+    }
+
+  private:
+    static constexpr int64_t k_steps_per_block = q4k::k_block / k_sub;
+
+    // tile rows 8 h..8 h + 7 of sub-blocks 2 c (low nibbles) and 2 c + 1 (high ones) of a block -> its tiles at panel
+    MLLAMA_AVX512_TARGET void decode_half(const q4kx8_block & g0, const q4kx8_block & g1, int c, int h,
+                                          uint8_t * panel) const {
+        const __m512i first = _mm512_load_si512(k_pair_control.first);
+        const __m512i second = _mm512_load_si512(k_pair_control.second);
+        const __m512i m4 = _mm512_set1_epi8(0x0F);
+        for (int kq = 2 * h; kq < 2 * h + 2; ++kq) {  // quant row 4c + kq: weights 8 kq..8 kq + 7 of each sub-block
             const __m512i r0 = _mm512_loadu_si512(g0.qs + 64 * (4 * c + kq));
             const __m512i r1 = _mm512_loadu_si512(g1.qs + 64 * (4 * c + kq));
             const __m512i pairs[2] = {_mm512_permutex2var_epi16(r0, first, r1),
@@ -118,14 +145,19 @@ MLLAMA_AVX512_TARGET void decode_pair(const q4kx8_block & g0, const q4kx8_block 
                 const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(pairs[half], 4), m4);
                 uint8_t * even = panel + 2 * c * k_tile_bytes + (4 * kq + 2 * half) * amx::k_tile_bytes;  // row p
                 uint8_t * odd = even + k_tile_bytes;  // the same row of sub-block 2c + 1's tile
-                tile_row(_mm512_castsi512_si256(lo), f, 2 * c, even);
-                tile_row(_mm512_extracti64x4_epi64(lo, 1), f, 2 * c, even + amx::k_tile_bytes);
-                tile_row(_mm512_castsi512_si256(hi), f, 2 * c + 1, odd);
-                tile_row(_mm512_extracti64x4_epi64(hi, 1), f, 2 * c + 1, odd + amx::k_tile_bytes);
+                tile_row(_mm512_castsi512_si256(lo), f_, 2 * c, even);
+                tile_row(_mm512_extracti64x4_epi64(lo, 1), f_, 2 * c, even + amx::k_tile_bytes);
+                tile_row(_mm512_castsi512_si256(hi), f_, 2 * c + 1, odd);
+                tile_row(_mm512_extracti64x4_epi64(hi, 1), f_, 2 * c + 1, odd + amx::k_tile_bytes);
             }
         }
     }
-}
+
+    const q4kx8_block * g0_, * g1_;
+    uint8_t * panel_;
+    int64_t n_steps_, done_ = 0;
+    pair_factors f_;
+};
 
 // Where C tile i of a row pass lives between slabs: its 16 rows of dst (channels c0..c0 + 15), or, for a tile
 // that runs past the last row, the unit's 16 x 16 floats in a side buffer.
@@ -135,10 +167,11 @@ struct c_home {
 };
 
 // C(i) = tmm(i) (+)= A (tmm 4 + i % 2: rows 16 i.. of x) B (tmm 7) over n_tiles sub-blocks of the panel, i < NT;
-// C starts at zero on the first slab, else from its home, and goes back there.
+// C starts at zero on the first slab, else from its home, and goes back there. next (or null): the next unit's
+// decoder, one step after each tile step's products.
 template <class Tiles, int NT>
 MLLAMA_AMX_TARGET void row_pass(const uint8_t * panel, int64_t n_tiles, const uint8_t * x, size_t x_row, bool first,
-                                const c_home * c) {
+                                const c_home * c, slab_decoder * next) {
     if (first) {
         Tiles::template zero<0>();
         if constexpr (NT > 1) Tiles::template zero<1>();
@@ -159,6 +192,7 @@ MLLAMA_AMX_TARGET void row_pass(const uint8_t * panel, int64_t n_tiles, const ui
         if constexpr (NT > 1) Tiles::template load<5>(a + a_stride, x_row), Tiles::template dot_bf16<1, 5, 7>();
         if constexpr (NT > 2) Tiles::template load<4>(a + 2 * a_stride, x_row), Tiles::template dot_bf16<2, 4, 7>();
         if constexpr (NT > 3) Tiles::template load<5>(a + 3 * a_stride, x_row), Tiles::template dot_bf16<3, 5, 7>();
+        if (next) next->step();
     }
     Tiles::template store<0>(c[0].p, c[0].stride);
     if constexpr (NT > 1) Tiles::template store<1>(c[1].p, c[1].stride);
@@ -167,10 +201,10 @@ MLLAMA_AMX_TARGET void row_pass(const uint8_t * panel, int64_t n_tiles, const ui
 }
 
 // One slab (sub-blocks t0.. of its panel, n_tiles of them) of a unit (channels c0..c0 + 15) for all rows, 64 at a
-// time; tail: the unit's side buffer for the row tile past the last row.
+// time; tail: the unit's side buffer for the row tile past the last row. The first pass runs next's steps.
 template <class Tiles>
 MLLAMA_AMX_TARGET void unit_slab(const uint8_t * panel, int64_t t0, int64_t n_tiles, const ggml_tensor * xb,
-                                 ggml_tensor * dst, int64_t c0, uint8_t * tail) {
+                                 ggml_tensor * dst, int64_t c0, uint8_t * tail, slab_decoder * next) {
     const int64_t n_rows = dst->ne[1], padded = xb->ne[1];
     for (int64_t r0 = 0; r0 < padded; r0 += k_row_tiles * amx::k_tile_rows) {
         const uint8_t * x = static_cast<const uint8_t *>(xb->data) + r0 * xb->nb[1] + t0 * amx::k_tile_bytes;
@@ -183,18 +217,20 @@ MLLAMA_AMX_TARGET void unit_slab(const uint8_t * panel, int64_t t0, int64_t n_ti
                        : c_home{tail, k_unit * sizeof(float)};
         }
         switch (nt) {
-            case 1: row_pass<Tiles, 1>(panel, n_tiles, x, xb->nb[1], t0 == 0, c); break;
-            case 2: row_pass<Tiles, 2>(panel, n_tiles, x, xb->nb[1], t0 == 0, c); break;
-            case 3: row_pass<Tiles, 3>(panel, n_tiles, x, xb->nb[1], t0 == 0, c); break;
-            default: row_pass<Tiles, 4>(panel, n_tiles, x, xb->nb[1], t0 == 0, c);
+            case 1: row_pass<Tiles, 1>(panel, n_tiles, x, xb->nb[1], t0 == 0, c, next); break;
+            case 2: row_pass<Tiles, 2>(panel, n_tiles, x, xb->nb[1], t0 == 0, c, next); break;
+            case 3: row_pass<Tiles, 3>(panel, n_tiles, x, xb->nb[1], t0 == 0, c, next); break;
+            default: row_pass<Tiles, 4>(panel, n_tiles, x, xb->nb[1], t0 == 0, c, next);
         }
+        next = nullptr;
     }
 }
 
 // dst [M, N] = W x^T; dst->src[0] = x rounded to BF16, zero rows up to a multiple of 16; userdata = W [K, M] in the
 // repacked layout.
-// The k range goes in slabs whose BF16 rows (k_slab_bytes) stay in L2 while each of the thread's units decodes its
-// part of the slab and multiplies it; C accumulates in dst between slabs.
+// The k range goes in slabs whose BF16 rows (k_slab_bytes) stay in L2 while each of the thread's units multiplies
+// its part of the slab, decoded into one of two panels during the unit before's first row pass; C accumulates in
+// dst between slabs.
 template <class Tiles>
 MLLAMA_AMX_TARGET void product_on(ggml_tensor * dst, int ith, int nth, const ggml_tensor * w) {
     const ggml_tensor * xb = dst->src[0];
@@ -205,21 +241,28 @@ MLLAMA_AMX_TARGET void product_on(ggml_tensor * dst, int ith, int nth, const ggm
     if (u0 >= u1) return;
     const int64_t row_block_bytes = padded * amx::k_tile_bytes * tiles_per_block;  // all rows, one block's k
     const int64_t slab_blocks = std::clamp<int64_t>(k_slab_bytes / row_block_bytes, 1, n_blocks);
-    static thread_local std::vector<uint8_t> panel, tails;  // a unit's B tiles of one slab; the units' tail tiles
-    panel.resize(static_cast<size_t>(slab_blocks * tiles_per_block * k_tile_bytes));
+    const size_t panel_bytes = static_cast<size_t>(slab_blocks * tiles_per_block * k_tile_bytes);
+    static thread_local std::vector<uint8_t> panels, tails;  // two units' B tiles of a slab; the units' tail tiles
+    panels.resize(2 * panel_bytes);
     tails.resize(static_cast<size_t>((u1 - u0) * amx::k_tile_rows * k_unit * sizeof(float)));
     amx::tile_scope<Tiles> scope(amx::k_full_tiles);
     const auto * blocks = static_cast<const q4kx8_block *>(w->data);
-    for (int64_t b0 = 0; b0 < n_blocks; b0 += slab_blocks) {
-        const int64_t nb = std::min(slab_blocks, n_blocks - b0);
-        for (int64_t u = u0; u < u1; ++u) {
-            const q4kx8_block * g0 = blocks + 2 * u * n_blocks + b0, * g1 = g0 + n_blocks;  // groups 2u, 2u + 1
-            for (int64_t b = 0; b < nb; ++b) {
-                decode_pair(g0[b], g1[b], panel.data() + b * tiles_per_block * k_tile_bytes);
-            }
-            unit_slab<Tiles>(panel.data(), b0 * tiles_per_block, nb * tiles_per_block, xb, dst, u * k_unit,
-                             tails.data() + (u - u0) * amx::k_tile_rows * k_unit * sizeof(float));
-        }
+    // job j: unit u0 + j % n_mine of slab j / n_mine, its tiles in panel j % 2
+    const int64_t n_mine = u1 - u0, n_jobs = (n_blocks + slab_blocks - 1) / slab_blocks * n_mine;
+    auto decoder_of = [&](int64_t j) {
+        const int64_t b0 = j / n_mine * slab_blocks, u = u0 + j % n_mine;
+        const q4kx8_block * g0 = blocks + 2 * u * n_blocks + b0;  // groups 2u, 2u + 1
+        return slab_decoder(g0, g0 + n_blocks, std::min(slab_blocks, n_blocks - b0), panels.data() + j % 2 * panel_bytes);
+    };
+    slab_decoder next = decoder_of(0);
+    next.finish();
+    for (int64_t j = 0; j < n_jobs; ++j) {
+        const int64_t b0 = j / n_mine * slab_blocks, u = u0 + j % n_mine, nb = std::min(slab_blocks, n_blocks - b0);
+        if (j + 1 < n_jobs) next = decoder_of(j + 1);
+        unit_slab<Tiles>(panels.data() + j % 2 * panel_bytes, b0 * tiles_per_block, nb * tiles_per_block, xb, dst,
+                         u * k_unit, tails.data() + (u - u0) * amx::k_tile_rows * k_unit * sizeof(float),
+                         j + 1 < n_jobs ? &next : nullptr);
+        next.finish();
     }
     const int64_t n_rows = dst->ne[1], tail_row = n_rows / amx::k_tile_rows * amx::k_tile_rows;
     for (int64_t u = u0; u < u1 && tail_row < n_rows; ++u) {  // the rows of the tail tiles that exist
@@ -227,6 +270,28 @@ MLLAMA_AMX_TARGET void product_on(ggml_tensor * dst, int ith, int nth, const ggm
             std::memcpy(static_cast<char *>(dst->data) + r * dst->nb[1] + u * k_unit * sizeof(float),
                         tails.data() + ((u - u0) * amx::k_tile_rows + r - tail_row) * k_unit * sizeof(float),
                         k_unit * sizeof(float));
+        }
+    }
+}
+
+// dst [K, padded] BF16 = dst->src[0] [K, N] F32 rounded to nearest even (as ggml's cast rounds), then zero rows up
+// to padded (whole A tiles); threads split the rows. One op in place of ggml's pad and cast (the pad alone took
+// ~0.75 ms a matrix for 64 rows of 4096 on the 2-core AMX Xeon of bench/README.md, single-threaded).
+MLLAMA_AVX512_TARGET void bf16_tile_rows(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * x = dst->src[0];
+    const int64_t K = x->ne[0], N = x->ne[1], padded = dst->ne[1];
+    const int64_t per_thread = (padded + nth - 1) / nth;
+    const int64_t r0 = std::min(padded, per_thread * ith), r1 = std::min(padded, r0 + per_thread);
+    for (int64_t r = r0; r < r1; ++r) {
+        auto * out = reinterpret_cast<uint16_t *>(static_cast<char *>(dst->data) + r * dst->nb[1]);
+        if (r >= N) {
+            std::memset(out, 0, static_cast<size_t>(K) * sizeof(uint16_t));
+            continue;
+        }
+        const auto * in = reinterpret_cast<const float *>(static_cast<const char *>(x->data) + r * x->nb[1]);
+        for (int64_t k = 0; k < K; k += 16) {
+            const __mmask16 live = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+            _mm256_mask_storeu_epi16(out + k, live, (__m256i) _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(live, in + k)));
         }
     }
 }
@@ -251,9 +316,8 @@ bool q4k_tiles_supported(const ggml_tensor * w, const ggml_tensor * x) {
 ggml_tensor * q4k_matmul_tiles(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
     const int64_t M = w->ne[1], N = x->ne[1];
     const int64_t padded = (N + amx::k_tile_rows - 1) / amx::k_tile_rows * amx::k_tile_rows;
-    // zero rows up to whole A tiles, rounded to BF16 by ggml as bf16_linear's input is
-    ggml_tensor * padded_x = ggml_pad(ctx, x, 0, static_cast<int>(padded - N), 0, 0);  // [K, padded] F32
-    ggml_tensor * xb = ggml_cast(ctx, padded_x, GGML_TYPE_BF16);                       // [K, padded] BF16
+    ggml_tensor * xb = ggml_custom_4d(ctx, GGML_TYPE_BF16, x->ne[0], padded, 1, 1, &x, /*n_args=*/1, bf16_tile_rows,
+                                      GGML_N_TASKS_MAX, nullptr);  // [K, padded] BF16
     // w goes in by userdata, as in q4k::matmul_graph (the repack buffer type accepts only mul_mat as its reader)
     return ggml_custom_4d(ctx, GGML_TYPE_F32, M, N, 1, 1, &xb, /*n_args=*/1, product, GGML_N_TASKS_MAX, w);  // [M, N]
 }
