@@ -1,8 +1,8 @@
-"""mllama's AMX tile kernels (csrc/kernels/x86/gemm_amx.cpp, attn_amx.cpp, qmm_q4k_amx.cpp): on emulated tiles
-(MLLAMA_AMX_EMULATE=1, csrc/kernels/x86/amx_tiles.h) on any AVX-512 BF16 machine, and on the hardware
+"""mllama's AMX tile kernels (csrc/kernels/x86/gemm_amx.cpp, attn_amx.cpp, qmm_q4k_amx.cpp, qmm_q6k_amx.cpp): on
+emulated tiles (MLLAMA_AMX_EMULATE=1, csrc/kernels/x86/amx_tiles.h) on any AVX-512 BF16 machine, and on the hardware
 where the CPU has AMX-BF16: the kernels against ggml or a double-precision reference within bounds
-derived from their roundings (tests/c/gemm_bf16.cpp, tests/c/attn_bf16.cpp, tests/c/qmm_q4k.cpp), the whole tower
-against the AVX-512 path, and a Q4_K model's prefill against ggml's."""
+derived from their roundings (tests/c/gemm_bf16.cpp, tests/c/attn_bf16.cpp, tests/c/qmm_q4k.cpp, qmm_q6k.cpp), the
+whole tower against the AVX-512 path, and quantized models' prefill against ggml's."""
 
 from __future__ import annotations
 
@@ -166,8 +166,15 @@ def q4k_tiles_driver(tmp_path_factory):
     return build_kernel_driver(tmp_path_factory.mktemp("q4k") / "qmm_q4k", "qmm_q4k", ["qmm_q4k_amx"])
 
 
-def q4k_tiles_fields(driver, k, m, n, emulate: bool) -> dict:
-    env = {**os.environ, "MLLAMA_AMX_EMULATE": "1" if emulate else "0", "QMM_Q4K_TILES": "1"}
+@pytest.fixture(scope="module")
+def q6k_tiles_driver(tmp_path_factory):
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler")
+    return build_kernel_driver(tmp_path_factory.mktemp("q6k") / "qmm_q6k", "qmm_q6k", ["qmm_q6k_amx"])
+
+
+def tiles_fields(driver, k, m, n, emulate: bool, switch: str = "QMM_Q4K_TILES") -> dict:
+    env = {**os.environ, "MLLAMA_AMX_EMULATE": "1" if emulate else "0", switch: "1"}
     proc = subprocess.run([str(driver), str(k), str(m), str(n), "2"], capture_output=True, text=True, timeout=300,
                           env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -176,22 +183,36 @@ def q4k_tiles_fields(driver, k, m, n, emulate: bool) -> dict:
     return dict(item.split("=") for item in line.split())
 
 
+# Odd units of 16 channels per thread (M = 48: 3 units on 2 threads), row tails (33, 37, 100: a partial tile and zero
+# rows, its sums kept aside between slabs), passes of 1 to 4 row tiles (32, 64, 100, 200 rows), one block and many,
+# one slab of the k range and several (K = 4096 at 64 and 100 rows: 2 and 4 slabs; K = 14336 at 33 rows: 6), where C
+# goes back to dst between slabs, and the decoding of the next unit or slab during a pass (one unit a thread: M = 32).
+TILE_SHAPES = [(256, 16, 32), (512, 64, 37), (4096, 48, 64), (4096, 32, 100), (256, 16, 200), (14336, 32, 33)]
+
+
 @needs_kernels
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
-@pytest.mark.parametrize("k,m,n", [(256, 16, 32), (512, 64, 37), (4096, 48, 64), (4096, 32, 100), (256, 16, 200),
-                                   (14336, 32, 33)])
+@pytest.mark.parametrize("k,m,n", TILE_SHAPES)
 def test_q4k_tiles_on_emulated_tiles_within_the_rounding_bound(q4k_tiles_driver, k, m, n):
     """The Q4_K product on AMX tiles (emulated) against W decoded by ggml times x in double, on random
     blocks (every bit pattern of quants, scales and mins) in ggml's repacked layout: every output within
-    2^-8 sum |w x| (two BF16 roundings per term) plus the F32 summation's K 2^-24 (tests/c/qmm_q4k.cpp's
-    bound_ratio <= 1). Odd units of 16 channels per thread (M = 48: 3 units on 2 threads), row tails (33, 37,
-    100: a partial tile and zero rows, its sums kept aside between slabs), passes of 1 to 4 row tiles (32, 64,
-    100, 200 rows), one block and many, one slab of the k range and several (K = 4096 at 64 and 100 rows: 2
-    and 4 slabs; K = 14336 at 33 rows: 6), where C goes back to dst between slabs. A wrong pair, channel,
-    sub-block scale or min, or a lost slab, is off by O(|y|), far past the bound (here the ratio stays below
-    0.25)."""
-    fields = q4k_tiles_fields(q4k_tiles_driver, k, m, n, emulate=True)
+    2^-8 sum |w x| (two BF16 roundings per term) plus the F32 summation's K 2^-24 (tests/c/tile_bound.h's
+    bound_ratio <= 1), over TILE_SHAPES. A wrong pair, channel, sub-block scale or min, or a lost slab, is off by
+    O(|y|), far past the bound (here the ratio stays below 0.25)."""
+    fields = tiles_fields(q4k_tiles_driver, k, m, n, emulate=True)
     assert float(fields["bound_ratio"]) <= 1.0 and float(fields["plain_nmse"]) <= 1e-10, fields
+
+
+@needs_kernels
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("k,m,n", TILE_SHAPES)
+def test_q6k_tiles_on_emulated_tiles_within_the_rounding_bound(q6k_tiles_driver, k, m, n):
+    """The Q6_K product on AMX tiles (emulated) against W decoded by ggml times x in double, on random blocks (every
+    bit pattern of ql, qh and the int8 scales) in the file layout: the bound and shapes of the Q4_K test. A channel
+    or pair in the wrong place of the transposed tile, a wrong nibble, high-bit pair or 16-weight scale, is off by
+    O(|y|) (here the ratio stays below 0.25)."""
+    fields = tiles_fields(q6k_tiles_driver, k, m, n, emulate=True, switch="QMM_Q6K_TILES")
+    assert float(fields["bound_ratio"]) <= 1.0, fields
 
 
 @pytest.mark.skipif(not AMX, reason="this CPU (or its OS) has no AMX-BF16 tiles: the hardware path is checked on "
@@ -199,13 +220,24 @@ def test_q4k_tiles_on_emulated_tiles_within_the_rounding_bound(q4k_tiles_driver,
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
 @pytest.mark.parametrize("k,m,n", [(512, 64, 37), (4096, 48, 64), (14336, 32, 200)])
 def test_q4k_tiles_on_amx_hardware_within_the_rounding_bound(q4k_tiles_driver, k, m, n):
-    fields = q4k_tiles_fields(q4k_tiles_driver, k, m, n, emulate=False)
+    fields = tiles_fields(q4k_tiles_driver, k, m, n, emulate=False)
+    assert float(fields["bound_ratio"]) <= 1.0, fields
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU (or its OS) has no AMX-BF16 tiles: the hardware path is checked on "
+                                    "emulated tiles only (test_q6k_tiles_on_emulated_tiles_within_the_rounding_bound)")
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("k,m,n", [(512, 64, 37), (4096, 48, 64), (14336, 32, 200)])
+def test_q6k_tiles_on_amx_hardware_within_the_rounding_bound(q6k_tiles_driver, k, m, n):
+    fields = tiles_fields(q6k_tiles_driver, k, m, n, emulate=False, switch="QMM_Q6K_TILES")
     assert float(fields["bound_ratio"]) <= 1.0, fields
 
 
 PREFILL_PATHS = [  # conversion, an op of its tile path in the profile, (op_paths key, text without "emulated...")
     ("q4_k", "CUSTOM bf16[256,48,1]", ("text matrices", "Q4_K kernel (x86 AMX tiles")),
-    ("q6_k", "CUSTOM bf16[256,64,1]", ("text matrices in the file layout, prefill",
+    ("q6_k", "CUSTOM bf16[256,48,1]", ("text matrices q6_K in the file layout",
+                                       "prefill from 32 rows: mllama Q6_K kernel (x86 AMX tiles")),
+    ("q6_k", "CUSTOM bf16[64,256,1]", ("text matrices in the file layout, prefill",
                                        "from 32 rows, up to 512 MiB as BF16: BF16, or quantized decoded to BF16, "
                                        "for mllama BF16 GEMM (x86 AMX tiles")),
     ("bf16", "CUSTOM i32[8192,1,1] x bf16", ("text matrices in the file layout, prefill", "(x86 AMX tiles"))]
@@ -233,39 +265,41 @@ def assert_prefill_on_tiles_matches_ggml(converted, monkeypatch, tmp_path, model
 def test_prefill_on_emulated_amx_tiles_matches_ggml(converted, monkeypatch, tmp_path, model, profiled, path):
     """A 40-token prefill (all logits) on emulated AMX tiles against ggml's ops alone: the q4_k conversion's
     ffn_down matrices (Q4_K, repacked by ggml) take the Q4_K tile product (its rows in BF16: 40 padded to 48,
-    profiled), the q6_k conversion's (Q6_K) and its other matrices (Q8_0) are decoded to BF16 for the tile GEMM
-    (the ffn_down's copy, K = n_ff = 256 by n_embd = 64, profiled); op_paths names the path. The bound: both paths
-    differ from ggml's by ggml's rounding of the rows to 8 bits (Q8_K, Q8_0: per element at most 1/254 of its
-    block's largest value, which is at most sqrt(256) = 16 times the block's rms: an error energy of at most
-    256 / (3 x 254^2) = 1.3e-3 of the rows', uniform rounding) and their own BF16 roundings (2^-8 relative,
-    1.5e-5 in energy); the products are one part of each layer's residual update, so the logits' NMSE stays
-    below 2e-3 (measured 4-8e-4 here). A wrong channel, pair or scale gives O(1). The bf16 conversion's matrices
-    go to the tile GEMM as they are (the ffn_down's packed panels, 256 / 2 pairs x 64 channels, profiled): the
-    same BF16 products as ggml's (which rounds the rows to BF16 too), summed in another order, so 1e-6."""
+    profiled), the q6_k conversion's (Q6_K) the Q6_K tile product (the same), and its other matrices (Q8_0) are
+    decoded to BF16 for the tile GEMM (the ffn_gate's and ffn_up's copies, K = n_embd = 64 by n_ff = 256, packed:
+    profiled); op_paths names each path. The bound: the paths differ from ggml's by ggml's rounding of the rows to 8
+    bits (Q8_K, Q8_0: per element at most 1/254 of its block's largest value, which is at most sqrt(256) = 16 times
+    the block's rms: an error energy of at most 256 / (3 x 254^2) = 1.3e-3 of the rows', uniform rounding) and their
+    own BF16 roundings (2^-8 relative, 1.5e-5 in energy); the products are one part of each layer's residual update,
+    so the logits' NMSE stays below 2e-3 (measured 4-8e-4 here). A wrong channel, pair or scale gives O(1). The bf16
+    conversion's matrices go to the tile GEMM as they are (the ffn_down's packed panels, 256 / 2 pairs x 64 channels,
+    profiled): the same BF16 products as ggml's (which rounds the rows to BF16 too), summed in another order, so
+    1e-6."""
     assert_prefill_on_tiles_matches_ggml(converted, monkeypatch, tmp_path, model, profiled, path, emulate=True)
 
 
 @needs_kernels
-@pytest.mark.parametrize("n_tokens,decoded", [(40, False), (520, True)])
-def test_q6k_prefill_is_decoded_for_the_tiles_only_from_512_rows(converted, monkeypatch, tmp_path, n_tokens, decoded):
-    """With every kernel on (emulated tiles), a Q6_K matrix goes to the tile GEMM, decoded whole to BF16 and packed,
-    only from k_q6k_tiles_min_rows (512) rows: below, our Q6_K kernel takes it (that fixed cost was ~94 ms for an 11B
-    ffn_down on a 2-core AMX Xeon, against 25 ms for a 64-row product in the kernel). The q6_k conversion's ffn_down
-    (K = 256 by 64) has its decoded copy packed ("CUSTOM bf16[256,64,1]") only in the 520-token prefill; op_paths says
-    so; both prefills' logits match ggml's within test_prefill_on_emulated_amx_tiles_matches_ggml's bound."""
+@pytest.mark.parametrize("n_tokens,on_tiles", [(24, False), (40, True)])
+def test_q6k_prefill_takes_the_q6k_tile_product_from_32_rows(converted, monkeypatch, tmp_path, n_tokens, on_tiles):
+    """With every kernel on (emulated tiles), a Q6_K matrix takes the Q6_K tile product from k_q6k_tiles_min_rows
+    (32) rows, and below our Q6_K kernel; it is never decoded whole to BF16 for the tile GEMM (which took ~94 ms
+    for an 11B ffn_down on a 2-core AMX Xeon, against 25 ms for a 64-row product in our Q6_K kernel and 13 in the
+    tile product). The q6_k conversion's ffn_down (K = 256 by 64): its tile product's rows ("CUSTOM bf16[256,48,1]":
+    40 rows padded to 48) only in the 40-token prefill, its decoded copy's packing ("CUSTOM bf16[256,64,1]") in
+    neither; both prefills' logits match ggml's within test_prefill_on_emulated_amx_tiles_matches_ggml's bound, and the
+    tile product's differ from them (its BF16 roundings)."""
     monkeypatch.setenv("MLLAMA_AMX_EMULATE", "1")
     prompt = [128000] + [(9906 + 37 * i) % 20000 + 300 for i in range(n_tokens - 1)]
     logits = {}
     for kernels in ("", "0"):
         monkeypatch.setenv("MLLAMA_CPU_KERNELS", kernels) if kernels else monkeypatch.delenv("MLLAMA_CPU_KERNELS",
                                                                                              raising=False)
-        with mllama.Model(converted("q6_k"), n_ctx=640, profile=str(tmp_path / f"k{kernels}.tsv")) as m:
+        with mllama.Model(converted("q6_k"), n_ctx=128, profile=str(tmp_path / f"k{kernels}.tsv")) as m:
             logits[kernels] = m.engine.evaluate(prompt, [], all_logits=False)
-            if not kernels:
-                line = m.op_paths()["text matrices in the file layout, prefill"]
-                assert "(q6_K, which the Q6_K kernel takes below, from 512)" in line, line
-    assert ("CUSTOM bf16[256,64,1]" in (tmp_path / "k.tsv").read_text()) == decoded
-    assert 0 < nmse(logits[""], logits["0"]) <= 2e-3, nmse(logits[""], logits["0"])
+    profile = (tmp_path / "k.tsv").read_text()
+    assert ("CUSTOM bf16[256,48,1]" in profile) == on_tiles and "CUSTOM bf16[256,64,1]" not in profile, profile
+    # below 32 rows our Q6_K kernel computes ggml's own sums (the same Q8_K rows): 0 here, within the bound anywhere
+    assert (0 < nmse(logits[""], logits["0"]) or not on_tiles) and nmse(logits[""], logits["0"]) <= 2e-3
 
 
 @pytest.mark.skipif(not AMX, reason="this CPU (or its OS) has no AMX-BF16 tiles: the hardware path is checked on "

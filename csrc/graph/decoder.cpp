@@ -25,22 +25,25 @@ static cpu_kernel_set layer_kernels(const mllama_context & c, size_t il) {
 
 // Prefill's products of the other text matrices on AMX tiles: BF16 ones as they are, quantized ones (Q6_K, Q8_0,
 // Q4_K in the file layout...) decoded to BF16 by ggml's own decoding once per graph run (as the cross-attention
-// K/V of an image, graph/cross_kv.cpp), then the tile GEMM; from as many rows as the Q4_K tile product (Q6_K, which
-// our Q6_K kernel takes below that, from k_q6k_tiles_min_rows), K % 32 == 0 for the tiles. The decoded copy and the
+// K/V of an image, graph/cross_kv.cpp), then the tile GEMM; from as many rows as the Q4_K tile product (a Q6_K that
+// the Q6_K tile product cannot take, which our Q6_K kernel takes below that, from k_q6k_decoded_min_rows), K % 32 == 0
+// for the tiles. The decoded copy and the
 // GEMM's packed panels live in the compute buffer: k_prefill_decode_max_bytes bounds them. F16 matrices keep
 // ggml's product (BF16 would round their weights).
 static bool prefill_on_tiles(cpu_kernel_set kernels, const ggml_tensor * w, const ggml_tensor * x) {
     const bool bf16 = w->type == GGML_TYPE_BF16 && bf16_linear_supported(w);
     const bool q6k_kernel = kernels.may_run(cpu_kernel::qmm) && q6k_matmul_supported(w, x);
-    return x->ne[1] >= (q6k_kernel ? k_q6k_tiles_min_rows : k_q4k_tiles_min_rows) && w->ne[0] % 32 == 0 &&
+    return x->ne[1] >= (q6k_kernel ? k_q6k_decoded_min_rows : k_q4k_tiles_min_rows) && w->ne[0] % 32 == 0 &&
            (bf16 || dequantize_bf16_supported(w)) && 2 * ggml_nelements(w) <= k_prefill_decode_max_bytes;
 }
 
-// w x^T: on AMX tiles from k_q4k_tiles_min_rows rows (prefill: repacked Q4_K by our tile product, BF16 and other
-// quantized types by the tile GEMM), else our Q6_K and Q4_K kernels where they may run (every batch: decode in
-// one pass over the weights, prefill in passes over L2-sized chunks), else ggml's mul_mat (other weight types).
+// w x^T: on AMX tiles from k_q4k_tiles_min_rows rows (prefill: repacked Q4_K and Q6_K by our tile products, BF16
+// and other quantized types by the tile GEMM), else our Q6_K and Q4_K kernels where they may run (every batch:
+// decode in one pass over the weights, prefill in passes over L2-sized chunks), else ggml's mul_mat (other weight
+// types).
 static ggml_tensor * text_matmul(ggml_context * ctx, cpu_kernel_set kernels, ggml_tensor * w, ggml_tensor * x) {
     if (kernels.may_run(cpu_kernel::amx) && q4k_tiles_supported(w, x)) return q4k_matmul_tiles(ctx, w, x);  // [M, n]
+    if (kernels.may_run(cpu_kernel::amx) && q6k_tiles_supported(w, x)) return q6k_matmul_tiles(ctx, w, x);  // [M, n]
     if (kernels.may_run(cpu_kernel::amx) && prefill_on_tiles(kernels, w, x)) {
         ggml_tensor * w_bf16 = w->type == GGML_TYPE_BF16 ? w : dequantize_bf16(ctx, w, x);  // [K, M]
         return bf16_linear(ctx, w_bf16, x, /*bias=*/nullptr, /*gelu=*/false, /*bf16_out=*/false, /*tiles=*/true);

@@ -135,6 +135,8 @@ bool q4k_matmul_supported(const ggml_tensor *, const ggml_tensor *) { return fal
 ggml_tensor * q4k_matmul(ggml_context *, ggml_tensor *, ggml_tensor *) { no_x86_kernels(); }
 bool q4k_tiles_supported(const ggml_tensor *, const ggml_tensor *) { return false; }
 ggml_tensor * q4k_matmul_tiles(ggml_context *, ggml_tensor *, ggml_tensor *) { no_x86_kernels(); }
+bool q6k_tiles_supported(const ggml_tensor *, const ggml_tensor *) { return false; }
+ggml_tensor * q6k_matmul_tiles(ggml_context *, ggml_tensor *, ggml_tensor *) { no_x86_kernels(); }
 #endif
 
 static constexpr struct {

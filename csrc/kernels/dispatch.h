@@ -167,18 +167,24 @@ bool q4k_matmul_supported(const ggml_tensor * w, const ggml_tensor * x);
 ggml_tensor * q4k_matmul(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
 
 // Fewest rows (tokens) that take q4k_matmul_tiles: below, tiles are mostly padding and the decode of the weights
-// to BF16 is shared by too few rows (an estimate, to be measured on an AMX machine: bench/README.md).
+// to BF16 is shared by too few rows (measured: k_q6k_tiles_min_rows).
 #ifndef MLLAMA_AMX_Q4K_MIN_ROWS
 #define MLLAMA_AMX_Q4K_MIN_ROWS 32
 #endif
 constexpr int64_t k_q4k_tiles_min_rows = MLLAMA_AMX_Q4K_MIN_ROWS;
 
-// Fewest rows that take a Q6_K matrix (which our Q6_K kernel multiplies in every batch) to the tile GEMM, decoded
+// Fewest rows that take a Q6_K matrix to q6k_matmul_tiles (below, our Q6_K kernel, which multiplies every batch):
+// as for Q4_K. On the 2-core AMX Xeon of bench/README.md (2026-12-05, tests/c/qmm_q6k.cpp, an 11B ffn_down, 8 runs
+// taking turns, least times) tiles and our Q6_K kernel took 9.7 and 9.6 ms at 32 rows, 11.8 and 15.1 at 48, 12.8 and
+// 19.7 at 64; the Q4_K products ([4096 -> 14336]) 7.3 and 7.2 at 32 rows, 9.1 and 10.3 at 48.
+constexpr int64_t k_q6k_tiles_min_rows = k_q4k_tiles_min_rows;
+
+// Fewest rows that take a Q6_K matrix that q6k_matmul_tiles cannot multiply (M % 16 != 0) to the tile GEMM, decoded
 // whole to BF16 and packed first. On the 2-core AMX Xeon of bench/README.md (2026-12-05) that fixed cost was
 // ~94 ms for an 11B ffn_down [14336 -> 4096] (ggml's decoding 75 ms, the packing 19), against 25 ms for all of a
 // 64-row prefill's product in our Q6_K kernel (0.39 ms a row; the tile GEMM ~0.2-0.33): the tiles win from ~500
 // rows on. Other quantized types (no kernel of ours but ggml's product) keep k_q4k_tiles_min_rows.
-constexpr int64_t k_q6k_tiles_min_rows = 512;
+constexpr int64_t k_q6k_decoded_min_rows = 512;
 
 // Largest matrix, in BF16 bytes, that prefill multiplies on the tile GEMM (graph/decoder.cpp: BF16, and quantized
 // types other than repacked Q4_K decoded whole, from k_q4k_tiles_min_rows rows): the copy and the GEMM's packed
@@ -193,6 +199,14 @@ bool q4k_tiles_supported(const ggml_tensor * w, const ggml_tensor * x);
 // w x^T on AMX tiles -> [M, N] F32: the weights decoded to BF16 as ggml decodes them (once per call), x rounded
 // to BF16, F32 sums (kernels/x86/qmm_q4k_amx.cpp). Prefill's products on CPUs with AMX-BF16.
 ggml_tensor * q4k_matmul_tiles(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
+
+// q6k_matmul_tiles handles w (as q6k_matmul: Q6_K in the file layout, M % 16 == 0 here) times x [K, N] F32 with
+// N >= k_q6k_tiles_min_rows contiguous rows, where AMX tiles may run (the amx kernel).
+bool q6k_tiles_supported(const ggml_tensor * w, const ggml_tensor * x);
+
+// w x^T on AMX tiles -> [M, N] F32: the weights decoded to BF16 as ggml decodes them (once per call), x rounded
+// to BF16, F32 sums (kernels/x86/qmm_q6k_amx.cpp). Prefill's products on CPUs with AMX-BF16.
+ggml_tensor * q6k_matmul_tiles(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
 
 // 0.5 x (1 + erf(x / sqrt(2))) elementwise on F32, vectorized (max abs error of erf 1.5e-7).
 ggml_tensor * gelu_erf_fast(ggml_context * ctx, ggml_tensor * x);

@@ -65,27 +65,33 @@ static int q6k_text_matrices(const mllama_model & m) {
     return n;
 }
 
+static std::string on_tiles() {
+    return amx_tiles_emulated() ? "(x86 AMX tiles, emulated: MLLAMA_AMX_EMULATE=1)" : "(x86 AMX tiles)";
+}
+
 // Our Q6_K kernel takes the products of the text layers on the CPU (every batch, in passes of up to
-// k_qmm_max_rows rows; on AMX tiles prefill's from k_q6k_tiles_min_rows rows go to the tile GEMM instead, as
-// prefill_path says), under the decoder's per-layer rule (cpu_kernels_allowed_on).
+// k_qmm_max_rows rows), and on AMX tiles our Q6_K tile product prefill's from k_q6k_tiles_min_rows rows (where
+// it cannot, the tile GEMM from k_q6k_decoded_min_rows, as prefill_path says), under the decoder's per-layer rule
+// (cpu_kernels_allowed_on).
 static std::string q6k_path(const mllama_context & c, const std::string & ggml_cpu) {
     const mllama_model & m = *c.model;
     const int n = q6k_text_matrices(m);
     if (n == 0) return "none in this model";
     int on_cpu = 0;
     for (ggml_backend_dev_t dev : m.plan.layers) on_cpu += cpu_kernels_allowed_on(m.plan, dev) ? 1 : 0;
-    if (!c.kernels.may_run(cpu_kernel::qmm) || on_cpu == 0) return std::to_string(n) + ", " + ggml_cpu + ": mul_mat";
-    const char * form = kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX512-VNNI)";
-    std::string out = std::to_string(n) + ", mllama Q6_K kernel " + form + " in passes of up to " +
-                      std::to_string(k_qmm_max_rows) + " rows";
+    if (on_cpu == 0) return std::to_string(n) + ", " + ggml_cpu + ": mul_mat";
+    std::string out = std::to_string(n) + ", ";
+    if (c.kernels.may_run(cpu_kernel::qmm)) {
+        const char * form = kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX512-VNNI)";
+        out += std::string("mllama Q6_K kernel ") + form + " in passes of up to " + std::to_string(k_qmm_max_rows) +
+               " rows";
+    } else {
+        out += ggml_cpu + ": mul_mat";
+    }
     if (c.kernels.may_run(cpu_kernel::amx)) {
-        out += " (prefill from " + std::to_string(k_q6k_tiles_min_rows) + " rows: tiles)";
+        out += "; prefill from " + std::to_string(k_q6k_tiles_min_rows) + " rows: mllama Q6_K kernel " + on_tiles();
     }
     return out;
-}
-
-static std::string on_tiles() {
-    return amx_tiles_emulated() ? "(x86 AMX tiles, emulated: MLLAMA_AMX_EMULATE=1)" : "(x86 AMX tiles)";
 }
 
 // Prefill's products of the BF16 and quantized matrices in the file layout (graph/decoder.cpp's prefill_on_tiles).
@@ -93,7 +99,7 @@ static std::string prefill_path(const mllama_context & c) {
     if (!c.kernels.may_run(cpu_kernel::amx)) return "";
     std::string q6k;
     if (c.kernels.may_run(cpu_kernel::qmm)) {
-        q6k = " (q6_K, which the Q6_K kernel takes below, from " + std::to_string(k_q6k_tiles_min_rows) + ")";
+        q6k = " (q6_K: those the Q6_K tile kernel cannot take, from " + std::to_string(k_q6k_decoded_min_rows) + ")";
     }
     return line("text matrices in the file layout, prefill", "from " + std::to_string(k_q4k_tiles_min_rows) + " rows" +
                 q6k + ", up to " + std::to_string(k_prefill_decode_max_bytes >> 20) +

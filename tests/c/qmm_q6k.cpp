@@ -10,7 +10,10 @@
 // runs ("ggml_ms=... qmm_ms=... weight_bytes=..."), each run reading a different copy of the weights
 // when one copy fits in a cache (at least 512 MB read per pass over the copies).
 // QMM_COPIES=n times n copies of the weights (1: they stay in the caches, the arithmetic alone).
+// QMM_Q6K_TILES=1 runs q6k_matmul_tiles (AMX tiles: kernels/x86/qmm_q6k_amx.cpp, emulated with
+// MLLAMA_AMX_EMULATE=1) instead and, without reps, prints bound_ratio too (its error over its rounding bound: <= 1).
 #include "kernels/dispatch.h"
+#include "tile_bound.h"
 #include "timing.h"
 
 #include "ggml-cpu.h"
@@ -47,6 +50,11 @@ int main(int argc, char ** argv) {
     if (!parse_product_args(argc, argv, args)) return 2;
     const int64_t K = args.K, M = args.M, N = args.N;
     const int threads = args.threads, reps = args.reps;
+    const bool tiles = std::getenv("QMM_Q6K_TILES") && std::strcmp(std::getenv("QMM_Q6K_TILES"), "1") == 0;
+    if (tiles && !cpu_kernel_available(cpu_kernel::amx)) {
+        std::printf("skip: no AMX tiles (hardware, or MLLAMA_AMX_EMULATE=1 on an AVX-512 BF16 CPU)\n");
+        return 0;
+    }
     if (!cpu_kernel_available(cpu_kernel::qmm)) {
         std::printf("skip: no form of the kernel for this CPU (AVX2 or AVX-512 VNNI)\n");
         return 0;
@@ -67,11 +75,11 @@ int main(int argc, char ** argv) {
     paired_graphs graphs;
     for (int c = 0; c < copies; ++c) {
         ggml_tensor * w = random_q6k(ctx, K, M, rng);
-        if (!q6k_matmul_supported(w, x)) {
+        if (tiles ? !q6k_tiles_supported(w, x) : !q6k_matmul_supported(w, x)) {
             std::printf("unsupported shape\n");
             return 1;
         }
-        graphs.add(ctx, ggml_mul_mat(ctx, w, x), q6k_matmul(ctx, w, x));  // [M, N] each
+        graphs.add(ctx, ggml_mul_mat(ctx, w, x), tiles ? q6k_matmul_tiles(ctx, w, x) : q6k_matmul(ctx, w, x));  // [M, N]
     }
     ggml_graph_compute_with_ctx(ctx, graphs.ref.back(), threads);
     ggml_graph_compute_with_ctx(ctx, graphs.ours.back(), threads);
@@ -81,7 +89,9 @@ int main(int argc, char ** argv) {
         const double a = static_cast<const float *>(ours->data)[i], b = static_cast<const float *>(ref->data)[i];
         err += (a - b) * (a - b), norm += b * b, max_abs = std::max(max_abs, std::fabs(a - b));
     }
-    std::printf("nmse=%.3e max_abs=%.3e\n", norm > 0 ? err / norm : err, max_abs);
+    std::printf("nmse=%.3e max_abs=%.3e", norm > 0 ? err / norm : err, max_abs);
+    if (tiles && reps == 0) std::printf(" bound_ratio=%.3e", bound_ratio(ref->src[0], x, ours));
+    std::printf("\n");
     if (reps > 0) {
         const double ggml_ms = median_ms(ctx, graphs.ref, threads, reps), qmm_ms = median_ms(ctx, graphs.ours, threads, reps);
         std::printf("ggml_ms=%.4f qmm_ms=%.4f weight_bytes=%zu copies=%d\n", ggml_ms, qmm_ms, w_bytes, copies);

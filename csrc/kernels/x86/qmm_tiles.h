@@ -1,0 +1,201 @@
+// What the quantized products on AMX tiles share (kernels/x86/qmm_q4k_amx.cpp: Q4_K in ggml's repacked layout,
+// qmm_q6k_amx.cpp: Q6_K in the file layout; kernels/dispatch.h's q4k_matmul_tiles and q6k_matmul_tiles): the rows
+// rounded to BF16 and padded to whole A tiles, and the passes of the rows over a unit of 16 output channels whose
+// weights a Decoder turns into BF16 B tiles.
+//
+// Output channels go in units of 16 (the columns of a B tile), split across threads. A unit's weights are decoded
+// once per call into B tiles, one per 32-weight sub-block of the k range: tile row p holds the pair (2p, 2p + 1)
+// of the sub-block's weights of all 16 channels as BF16. The rows pass 64 at a time: four C tiles (16 rows x 16
+// channels, F32) accumulate over a slab of the k range, B in tile 7, A in tiles 4 and 5; slabs keep the rows' part
+// in L2 across a thread's units, and C goes back to dst between them. The next unit's tiles are decoded during a
+// unit's first pass, a Decoder step after each tile product: the vector units decode while the tile unit
+// multiplies, in small steps (a large one fills the core's window of instructions before the next products). On
+// the 2-core AMX Xeon of bench/README.md (least of 6-12 runs taking turns; its speed drifts between runs), 64 rows
+// of a Q4_K [4096 -> 14336]: 9.3 ms with a step a sub-block against 11.5 decoding first, then 11.8 with four steps
+// against 15.2 with one in a slower hour; 64 rows of a Q6_K [14336 -> 4096]: 16.1 ms with a step a sub-block, 14.3
+// with two, 13.1 with four (our Q6_K kernel: 19.2).
+//
+// A Decoder(w, unit, b0, nb, panel) decodes the unit's blocks b0..b0 + nb - 1 (256 weights each) into panel, 8
+// tiles a block, in k_steps_per_tile calls of step() a tile (finish(): all that is left).
+#pragma once
+
+#include "kernels/dispatch.h"
+
+#if MLLAMA_X86_KERNELS
+
+#include "kernels/x86/amx_tiles.h"
+#include "kernels/x86/simd_math.h"
+
+#include "ggml.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace mllama::qmm_tiles {
+
+constexpr int64_t k_block = 256;    // weights per quantized block (Q4_K, Q6_K)
+constexpr int64_t k_unit = 16;      // output channels per pass: the 16 columns of a B tile
+constexpr int64_t k_sub = 32;       // weights per sub-block: the 32 BF16 of an A tile row
+constexpr int64_t k_tiles_per_block = k_block / k_sub;
+constexpr int64_t k_row_tiles = 4;  // C tiles: rows per pass over a unit's panel = 64
+constexpr int64_t k_steps_per_tile = 4;  // decoder steps per tile: one after each of a row pass's 4 products
+constexpr int64_t k_tile_bytes = amx::k_tile_rows * amx::k_tile_bytes;  // 1 KiB
+// BF16 rows per slab of the k range: they stay in L2 (2 MiB a core on Sapphire Rapids) next to a unit's B tiles
+// of the slab while every unit of a thread passes over them. An estimate, to be tuned on an AMX machine.
+#ifndef MLLAMA_AMX_Q4K_SLAB_BYTES
+#define MLLAMA_AMX_Q4K_SLAB_BYTES (256 << 10)
+#endif
+constexpr int64_t k_slab_bytes = MLLAMA_AMX_Q4K_SLAB_BYTES;
+
+// Where C tile i of a row pass lives between slabs: its 16 rows of dst (channels c0..c0 + 15), or, for a tile
+// that runs past the last row, the unit's 16 x 16 floats in a side buffer.
+struct c_home {
+    uint8_t * p;
+    size_t stride;
+};
+
+// C(i) = tmm(i) (+)= A (tmm 4 + i % 2: rows 16 i.. of x) B (tmm 7) over n_tiles sub-blocks of the panel, i < NT;
+// C starts at zero on the first slab, else from its home, and goes back there. next (or null): the next unit's
+// decoder, k_steps_per_tile steps a tile step, one after each product.
+template <class Tiles, int NT, class Decoder>
+MLLAMA_AMX_TARGET void row_pass(const uint8_t * panel, int64_t n_tiles, const uint8_t * x, size_t x_row, bool first,
+                                const c_home * c, Decoder * next) {
+    if (first) {
+        Tiles::template zero<0>();
+        if constexpr (NT > 1) Tiles::template zero<1>();
+        if constexpr (NT > 2) Tiles::template zero<2>();
+        if constexpr (NT > 3) Tiles::template zero<3>();
+    } else {
+        Tiles::template load<0>(c[0].p, c[0].stride);
+        if constexpr (NT > 1) Tiles::template load<1>(c[1].p, c[1].stride);
+        if constexpr (NT > 2) Tiles::template load<2>(c[2].p, c[2].stride);
+        if constexpr (NT > 3) Tiles::template load<3>(c[3].p, c[3].stride);
+    }
+    const size_t a_stride = amx::k_tile_rows * x_row;
+    for (int64_t t = 0; t < n_tiles; ++t) {
+        const uint8_t * a = x + t * amx::k_tile_bytes;
+        Tiles::template load<7>(panel + t * k_tile_bytes, amx::k_tile_bytes);
+        Tiles::template load<4>(a, x_row);
+        Tiles::template dot_bf16<0, 4, 7>();
+        if (next) next->step();
+        if constexpr (NT > 1) Tiles::template load<5>(a + a_stride, x_row), Tiles::template dot_bf16<1, 5, 7>();
+        if (next) next->step();
+        if constexpr (NT > 2) Tiles::template load<4>(a + 2 * a_stride, x_row), Tiles::template dot_bf16<2, 4, 7>();
+        if (next) next->step();
+        if constexpr (NT > 3) Tiles::template load<5>(a + 3 * a_stride, x_row), Tiles::template dot_bf16<3, 5, 7>();
+        if (next) next->step();
+    }
+    Tiles::template store<0>(c[0].p, c[0].stride);
+    if constexpr (NT > 1) Tiles::template store<1>(c[1].p, c[1].stride);
+    if constexpr (NT > 2) Tiles::template store<2>(c[2].p, c[2].stride);
+    if constexpr (NT > 3) Tiles::template store<3>(c[3].p, c[3].stride);
+}
+
+// One slab (sub-blocks t0.. of its panel, n_tiles of them) of a unit (channels c0..c0 + 15) for all rows, 64 at a
+// time; tail: the unit's side buffer for the row tile past the last row. The first pass runs next's steps.
+template <class Tiles, class Decoder>
+MLLAMA_AMX_TARGET void unit_slab(const uint8_t * panel, int64_t t0, int64_t n_tiles, const ggml_tensor * xb,
+                                 ggml_tensor * dst, int64_t c0, uint8_t * tail, Decoder * next) {
+    const int64_t n_rows = dst->ne[1], padded = xb->ne[1];
+    for (int64_t r0 = 0; r0 < padded; r0 += k_row_tiles * amx::k_tile_rows) {
+        const uint8_t * x = static_cast<const uint8_t *>(xb->data) + r0 * xb->nb[1] + t0 * amx::k_tile_bytes;
+        const int nt = static_cast<int>(std::min<int64_t>(k_row_tiles, (padded - r0) / amx::k_tile_rows));
+        c_home c[k_row_tiles];
+        for (int i = 0; i < nt; ++i) {
+            const int64_t r = r0 + i * amx::k_tile_rows;
+            c[i] = r + amx::k_tile_rows <= n_rows
+                       ? c_home{static_cast<uint8_t *>(dst->data) + r * dst->nb[1] + c0 * sizeof(float), dst->nb[1]}
+                       : c_home{tail, k_unit * sizeof(float)};
+        }
+        switch (nt) {
+            case 1: row_pass<Tiles, 1, Decoder>(panel, n_tiles, x, xb->nb[1], t0 == 0, c, next); break;
+            case 2: row_pass<Tiles, 2, Decoder>(panel, n_tiles, x, xb->nb[1], t0 == 0, c, next); break;
+            case 3: row_pass<Tiles, 3, Decoder>(panel, n_tiles, x, xb->nb[1], t0 == 0, c, next); break;
+            default: row_pass<Tiles, 4, Decoder>(panel, n_tiles, x, xb->nb[1], t0 == 0, c, next);
+        }
+        next = nullptr;
+    }
+}
+
+// dst [M, N] = w x^T, thread ith of nth; dst->src[0] = x rounded to BF16, zero rows up to a multiple of 16; w [K, M]:
+// what Decoder reads. The k range goes in slabs whose BF16 rows (k_slab_bytes) stay in L2 while each of the thread's units multiplies
+// its part of the slab, decoded into one of two panels during the unit before's first row pass; C accumulates in
+// dst between slabs.
+template <class Tiles, class Decoder>
+MLLAMA_AMX_TARGET void product_on(ggml_tensor * dst, int ith, int nth, const ggml_tensor * w) {
+    const ggml_tensor * xb = dst->src[0];
+    const int64_t n_blocks = w->ne[0] / k_block, n_units = w->ne[1] / k_unit, padded = xb->ne[1];
+    const int64_t per_thread = (n_units + nth - 1) / nth;
+    const int64_t u0 = std::min(n_units, per_thread * ith), u1 = std::min(n_units, u0 + per_thread);
+    if (u0 >= u1) return;
+    const int64_t row_block_bytes = padded * amx::k_tile_bytes * k_tiles_per_block;  // all rows, one block's k
+    const int64_t slab_blocks = std::clamp<int64_t>(k_slab_bytes / row_block_bytes, 1, n_blocks);
+    const size_t panel_bytes = static_cast<size_t>(slab_blocks * k_tiles_per_block * k_tile_bytes);
+    static thread_local std::vector<uint8_t> panels, tails;  // two units' B tiles of a slab; the units' tail tiles
+    panels.resize(2 * panel_bytes);
+    tails.resize(static_cast<size_t>((u1 - u0) * amx::k_tile_rows * k_unit * sizeof(float)));
+    amx::tile_scope<Tiles> scope(amx::k_full_tiles);
+    // job j: unit u0 + j % n_mine of slab j / n_mine, its tiles in panel j % 2
+    const int64_t n_mine = u1 - u0, n_jobs = (n_blocks + slab_blocks - 1) / slab_blocks * n_mine;
+    auto decoder_of = [&](int64_t j) {
+        const int64_t b0 = j / n_mine * slab_blocks;
+        return Decoder(w, u0 + j % n_mine, b0, std::min(slab_blocks, n_blocks - b0), panels.data() + j % 2 * panel_bytes);
+    };
+    Decoder next = decoder_of(0);
+    next.finish();
+    for (int64_t j = 0; j < n_jobs; ++j) {
+        const int64_t b0 = j / n_mine * slab_blocks, u = u0 + j % n_mine, nb = std::min(slab_blocks, n_blocks - b0);
+        if (j + 1 < n_jobs) next = decoder_of(j + 1);
+        unit_slab<Tiles, Decoder>(panels.data() + j % 2 * panel_bytes, b0 * k_tiles_per_block, nb * k_tiles_per_block,
+                                  xb, dst, u * k_unit, tails.data() + (u - u0) * amx::k_tile_rows * k_unit * sizeof(float),
+                                  j + 1 < n_jobs ? &next : nullptr);
+        next.finish();
+    }
+    const int64_t n_rows = dst->ne[1], tail_row = n_rows / amx::k_tile_rows * amx::k_tile_rows;
+    for (int64_t u = u0; u < u1 && tail_row < n_rows; ++u) {  // the rows of the tail tiles that exist
+        for (int64_t r = tail_row; r < n_rows; ++r) {
+            std::memcpy(static_cast<char *>(dst->data) + r * dst->nb[1] + u * k_unit * sizeof(float),
+                        tails.data() + ((u - u0) * amx::k_tile_rows + r - tail_row) * k_unit * sizeof(float),
+                        k_unit * sizeof(float));
+        }
+    }
+}
+
+// dst [K, padded] BF16 = dst->src[0] [K, N] F32 rounded to nearest even (as ggml's cast rounds), then zero rows up
+// to padded (whole A tiles); threads split the rows. One op in place of ggml's pad and cast (the pad alone took
+// ~0.75 ms a matrix for 64 rows of 4096 on the 2-core AMX Xeon of bench/README.md, single-threaded).
+MLLAMA_AVX512_TARGET inline void bf16_tile_rows(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * x = dst->src[0];
+    const int64_t K = x->ne[0], N = x->ne[1], padded = dst->ne[1];
+    const int64_t per_thread = (padded + nth - 1) / nth;
+    const int64_t r0 = std::min(padded, per_thread * ith), r1 = std::min(padded, r0 + per_thread);
+    for (int64_t r = r0; r < r1; ++r) {
+        auto * out = reinterpret_cast<uint16_t *>(static_cast<char *>(dst->data) + r * dst->nb[1]);
+        if (r >= N) {
+            std::memset(out, 0, static_cast<size_t>(K) * sizeof(uint16_t));
+            continue;
+        }
+        const auto * in = reinterpret_cast<const float *>(static_cast<const char *>(x->data) + r * x->nb[1]);
+        for (int64_t k = 0; k < K; k += 16) {
+            const __mmask16 live = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+            _mm256_mask_storeu_epi16(out + k, live, (__m256i) _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(live, in + k)));
+        }
+    }
+}
+
+// w x^T -> [M, N] F32 on the tile unit: x [K, N] F32 rounded to BF16 and padded (bf16_tile_rows), then product
+// (product_on with the weight type's decoder) on ggml's threads; w goes in by userdata (ggml's repack buffer type
+// accepts only mul_mat as a reader of its tensors).
+inline ggml_tensor * matmul_graph(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_custom_op_t product) {
+    const int64_t M = w->ne[1], N = x->ne[1];
+    const int64_t padded = (N + amx::k_tile_rows - 1) / amx::k_tile_rows * amx::k_tile_rows;
+    ggml_tensor * xb = ggml_custom_4d(ctx, GGML_TYPE_BF16, x->ne[0], padded, 1, 1, &x, /*n_args=*/1, bf16_tile_rows,
+                                      GGML_N_TASKS_MAX, nullptr);  // [K, padded] BF16
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, M, N, 1, 1, &xb, /*n_args=*/1, product, GGML_N_TASKS_MAX, w);  // [M, N]
+}
+
+}  // namespace mllama::qmm_tiles
+
+#endif  // MLLAMA_X86_KERNELS
