@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The AMX kernels' tuning constants, timed on an AMX machine in one run, in this order: the tile unit's own rates
 # (bench/amx_peak.c); the Q4_K product on tiles (kernels/x86/qmm_q4k_amx.cpp, tests/c/qmm_q4k.cpp with
-# QMM_Q4K_TILES=1) against our VNNI kernel and ggml's product at prefill's row counts; the vision attention
+# QMM_Q4K_TILES=1) against our VNNI kernel and ggml's product at prefill's row counts, the Q6_K one (qmm_q6k_amx.cpp,
+# tests/c/qmm_q6k.cpp with QMM_Q6K_TILES=1) against our Q6_K kernel; the vision attention
 # (tests/c/attn_bf16.cpp, the tower's shape: D 80, 16 heads, 4 x 1608 tokens) per step length (ATTN_STEPS, keys:
 # MLLAMA_AMX_ATTN_STEP_KEYS), an earlier kernels/x86/attn_amx.cpp where OLD_ATTN names one, and once with its time
 # split over the phases of a step (MLLAMA_AMX_ATTN_PHASES); the GEMM (tests/c/gemm_bf16.cpp, the tower's shapes)
@@ -40,6 +41,7 @@ EOF
     build attn_phases attn_bf16 MLLAMA_AMX_ATTN_PHASES &
     for kb in $gemm_blocks; do build "gemm_$kb" gemm_bf16 "MLLAMA_AMX_GEMM_BLOCK_BYTES=($kb<<10)" & done
     build q4k qmm_q4k &
+    build q6k qmm_q6k &
     cc -O2 -mamx-tile -mamx-bf16 -mavx512f -mavx512bf16 -pthread "$root/bench/amx_peak.c" -o "$work/amx_peak" &
     wait
     echo "amx_peak $("$work/amx_peak")"
@@ -51,6 +53,11 @@ EOF
             [ "$rows" -gt 64 ] && continue  # the VNNI kernel's limit
             echo "q4k K,M=$shape rows=$rows vnni: $(QMM_COPIES=6 "$work/q4k" $shape $rows "$threads" 5 | tail -1)"
         done
+    done
+    for rows in 32 64 256; do  # the Q6_K ffn_down [14336 -> 4096] of Q4_K_M files: tiles against our Q6_K kernel
+        tiles=$(QMM_COPIES=6 QMM_Q6K_TILES=1 "$work/q6k" 14336 4096 $rows "$threads" 5 | tail -1)
+        echo "q6k K,M=14336 4096 rows=$rows tiles: $tiles"
+        echo "q6k K,M=14336 4096 rows=$rows kernel: $(QMM_COPIES=6 "$work/q6k" 14336 4096 $rows "$threads" 5 | tail -1)"
     done
     for t in "$threads" ${half:+$((threads / 2))}; do
         for v in $attn_steps old phases; do

@@ -10,11 +10,12 @@ whose speed swings from one minute to the next (the 2-core AMX Xeon of bench/REA
 in one bench/run.py and 43.8 s in the next, transformers' 58.2 s and 38.3 s, so the ratio went from 0.52x to 1.15x)
 that ratio says more about the machine than about the engines. Here both models stay loaded in two processes
 (`bench/workers.py ENGINE MODEL --serve`: mllama's 11B-dims Q4_K_M with BF16 vision, transformers bf16 built from
-the same config, as bench/run.py; both on the CPU), and each round times one image encode of each engine, then one
-64-token prefill of each, in alternating order (mllama first in even rounds, transformers first in odd ones), so
-that both sample the same minutes. A first round (each engine's first image and prefill: packing weights, allocating
-buffers, building primitives) is kept apart; each timed round's ratios (mllama / transformers: time for the image,
-speed for the prefill) and their medians go to the JSON.
+the same config, as bench/run.py; both on the CPU), and each round times one image encode of each engine, then
+--prefills 64-token prefills of each (their median: a prefill takes under a second, and one alone swung by 1.5x from
+round to round), in alternating order (mllama first in even rounds, transformers first in odd ones; the prefills
+taking turns within a round too), so that both sample the same minutes. A first round (each engine's first image
+and prefill: packing weights, allocating buffers, building primitives) is kept apart; each timed round's ratios
+(mllama / transformers: time for the image, speed for the prefill) and their medians go to the JSON.
 """
 
 from __future__ import annotations
@@ -71,14 +72,20 @@ def write_models(work: Path, quick: bool) -> tuple[Path, Path]:
     return gguf, config
 
 
-def rounds(servers: dict[str, Server], n_rounds: int) -> list[dict]:
+def rounds(servers: dict[str, Server], n_rounds: int, n_prefills: int) -> list[dict]:
     out = []
     for r in range(n_rounds):
         order = list(servers) if r % 2 == 0 else list(reversed(servers))
         entry = {"order": order}
-        for request, field in (("image", "vision_s"), ("prefill", "prefill_tok_s")):
-            for name in order:
-                entry[f"{name}_{field}"] = servers[name].ask(request)[field]
+        for name in order:
+            entry[f"{name}_vision_s"] = servers[name].ask("image")["vision_s"]
+        prefills = {name: [] for name in order}
+        for i in range(n_prefills):  # taking turns within the round too (ABBA...): the median of each engine's
+            for name in order if i % 2 == 0 else reversed(order):
+                prefills[name].append(servers[name].ask("prefill")["prefill_tok_s"])
+        for name in order:
+            entry[f"{name}_prefill_runs_tok_s"] = prefills[name]
+            entry[f"{name}_prefill_tok_s"] = statistics.median(prefills[name])
         entry["vision_ratio"] = entry["mllama_vision_s"] / entry["transformers_vision_s"]
         entry["prefill_ratio"] = entry["mllama_prefill_tok_s"] / entry["transformers_prefill_tok_s"]
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in entry.items()}), flush=True)
@@ -89,6 +96,7 @@ def rounds(servers: dict[str, Server], n_rounds: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--prefills", type=int, default=3, help="prefills of each engine per round (their median)")
     parser.add_argument("--quick", action="store_true", help="small dimensions: a check of the pipeline")
     parser.add_argument("--work", type=Path, default=None, help="folder for the GGUF file (default: a temp folder)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "paired.json")
@@ -102,8 +110,8 @@ def main() -> None:
         gguf, config = write_models(Path(tmp), args.quick)
         servers = {"mllama": Server("mllama", str(gguf)), "transformers": Server("transformers", str(config))}
         try:  # a first round untimed in the ratios: packing weights, allocating buffers, building primitives
-            first = rounds(servers, 1)[0]
-            runs = rounds(servers, args.rounds)
+            first = rounds(servers, 1, args.prefills)[0]
+            runs = rounds(servers, args.rounds, args.prefills)
         finally:
             for server in servers.values():
                 server.close()

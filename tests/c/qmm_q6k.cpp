@@ -79,7 +79,8 @@ int main(int argc, char ** argv) {
             std::printf("unsupported shape\n");
             return 1;
         }
-        graphs.add(ctx, ggml_mul_mat(ctx, w, x), tiles ? q6k_matmul_tiles(ctx, w, x) : q6k_matmul(ctx, w, x));  // [M, N]
+        ggml_tensor * ours = tiles ? q6k_matmul_tiles(ctx, w, x) : q6k_matmul(ctx, w, x);  // [M, N]
+        graphs.add(ctx, ggml_mul_mat(ctx, w, x), ours);
     }
     ggml_graph_compute_with_ctx(ctx, graphs.ref.back(), threads);
     ggml_graph_compute_with_ctx(ctx, graphs.ours.back(), threads);

@@ -47,7 +47,8 @@ MLLAMA_AVX512_TARGET inline void transpose_group(const __m512i rows[4], __m512i 
 MLLAMA_AVX512_TARGET inline void lanes_to_columns(const __m512i u[16], uint8_t * out) {
     for (int k = 0; k < 4; ++k) {
         // v: lanes 0 and 2 of u[k], u[4 + k]; w: of u[8 + k], u[12 + k]; v1, w1: lanes 1 and 3
-        const __m512i v = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88), w = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88);
+        const __m512i v = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88);
+        const __m512i w = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88);
         const __m512i v1 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xdd);
         const __m512i w1 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xdd);
         _mm512_storeu_si512(out + 64 * k, _mm512_shuffle_i32x4(v, w, 0x88));          // column k: lanes 0
