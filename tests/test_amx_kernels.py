@@ -183,10 +183,11 @@ def tiles_fields(driver, k, m, n, emulate: bool, switch: str = "QMM_Q4K_TILES") 
     return dict(item.split("=") for item in line.split())
 
 
-# Odd units of 16 channels per thread (M = 48: 3 units on 2 threads), row tails (33, 37, 100: a partial tile and zero
-# rows, its sums kept aside between slabs), passes of 1 to 4 row tiles (32, 64, 100, 200 rows), one block and many,
-# one slab of the k range and several (K = 4096 at 64 and 100 rows: 2 and 4 slabs; K = 14336 at 33 rows: 6), where C
-# goes back to dst between slabs, and the decoding of the next unit or slab during a pass (one unit a thread: M = 32).
+# Units of 16 channels in pairs and alone (M = 16; M = 48: a pair and a single unit on 2 threads), row tails (33, 37,
+# 100: a partial tile and zero rows, its sums kept aside between slabs), passes of 1 and 2 row tiles (32 to 200 rows),
+# one block and many, one slab of the k range and several (K = 4096 at 64 and 100 rows: 2 and 4 slabs; K = 14336 at
+# 33 rows: 6), where C goes back to dst between slabs, and the decoding of the next pair or slab during a pass (one
+# pair a thread: M = 32).
 TILE_SHAPES = [(256, 16, 32), (512, 64, 37), (4096, 48, 64), (4096, 32, 100), (256, 16, 200), (14336, 32, 33)]
 
 
