@@ -94,11 +94,12 @@ class q6k_decoder {
         return reinterpret_cast<const q6k_block *>(first_ + channel * row_bytes_)[b];
     }
 
-    // channels c, c + 1's block b (210 bytes: four cache lines each, from its first byte)
+    // channels c, c + 1's block b (210 bytes: four or five cache lines, from its first byte to its last)
     void prefetch(int64_t b, int c) const {
         for (int i = c; i < c + 2; ++i) {
             const auto * p = reinterpret_cast<const char *>(&block(i, b));
-            for (int line = 0; line < 4; ++line) _mm_prefetch(p + 64 * line, _MM_HINT_T0);
+            for (size_t at = 0; at < sizeof(q6k_block); at += 64) _mm_prefetch(p + at, _MM_HINT_T0);
+            _mm_prefetch(p + sizeof(q6k_block) - 1, _MM_HINT_T0);
         }
     }
 
