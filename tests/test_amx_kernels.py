@@ -216,21 +216,15 @@ def test_q6k_tiles_on_emulated_tiles_within_the_rounding_bound(q6k_tiles_driver,
     assert float(fields["bound_ratio"]) <= 1.0, fields
 
 
-@pytest.mark.skipif(not AMX, reason="this CPU (or its OS) has no AMX-BF16 tiles: the hardware path is checked on "
-                                    "emulated tiles only (test_q4k_tiles_on_emulated_tiles_within_the_rounding_bound)")
+@pytest.mark.skipif(not AMX, reason="this CPU (or its OS) has no AMX-BF16 tiles: the hardware paths are checked on "
+                                    "emulated tiles only (test_q4k_tiles_on_emulated_tiles_within_the_rounding_bound, "
+                                    "test_q6k_tiles_on_emulated_tiles_within_the_rounding_bound)")
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("kind", ["q4k", "q6k"])
 @pytest.mark.parametrize("k,m,n", [(512, 64, 37), (4096, 48, 64), (14336, 32, 200)])
-def test_q4k_tiles_on_amx_hardware_within_the_rounding_bound(q4k_tiles_driver, k, m, n):
-    fields = tiles_fields(q4k_tiles_driver, k, m, n, emulate=False)
-    assert float(fields["bound_ratio"]) <= 1.0, fields
-
-
-@pytest.mark.skipif(not AMX, reason="this CPU (or its OS) has no AMX-BF16 tiles: the hardware path is checked on "
-                                    "emulated tiles only (test_q6k_tiles_on_emulated_tiles_within_the_rounding_bound)")
-@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
-@pytest.mark.parametrize("k,m,n", [(512, 64, 37), (4096, 48, 64), (14336, 32, 200)])
-def test_q6k_tiles_on_amx_hardware_within_the_rounding_bound(q6k_tiles_driver, k, m, n):
-    fields = tiles_fields(q6k_tiles_driver, k, m, n, emulate=False, switch="QMM_Q6K_TILES")
+def test_tile_products_on_amx_hardware_within_the_rounding_bound(request, kind, k, m, n):
+    driver = request.getfixturevalue(f"{kind}_tiles_driver")
+    fields = tiles_fields(driver, k, m, n, emulate=False, switch=f"QMM_{kind.upper()}_TILES")
     assert float(fields["bound_ratio"]) <= 1.0, fields
 
 

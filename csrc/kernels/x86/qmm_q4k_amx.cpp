@@ -134,12 +134,6 @@ class q4k_decoder {
     pair_factors f_;
 };
 
-void product(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    const auto * w = static_cast<const ggml_tensor *>(userdata);
-    if (amx_tiles_emulated()) product_on<amx::emulated_tiles, q4k_decoder>(dst, ith, nth, w);
-    else product_on<amx::hw_tiles, q4k_decoder>(dst, ith, nth, w);
-}
-
 }  // namespace
 
 bool q4k_tiles_supported(const ggml_tensor * w, const ggml_tensor * x) {
@@ -152,7 +146,7 @@ bool q4k_tiles_supported(const ggml_tensor * w, const ggml_tensor * x) {
 }
 
 ggml_tensor * q4k_matmul_tiles(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
-    return qmm_tiles::matmul_graph(ctx, w, x, product);  // [M, N]
+    return qmm_tiles::matmul_graph<q4k_decoder>(ctx, w, x);  // [M, N]
 }
 
 }  // namespace mllama

@@ -20,6 +20,7 @@
 
 #include "kernels/x86/entry_points.h"
 #include "kernels/x86/q6k_block.h"
+#include "kernels/x86/simd_math.h"
 
 #include "ggml-backend.h"
 #include "ggml.h"
@@ -49,17 +50,6 @@ struct q8_block {
 };
 static_assert(sizeof(q8_block) == 320, "activation block layout");
 
-// The 4x4 int32 transpose within each 128-bit lane: t[k] lane 4L + j = n[j] lane 4L + k. Weight
-// register j's 128-bit lane L is one 16-weight sub-block (4j + L), so afterwards int32 lane 4L + j of
-// every t[k] belongs to sub-block 4j + L.
-MLLAMA_VNNI_TARGET inline void transpose4(const __m512i n[4], __m512i t[4]) {
-    const __m512i a = _mm512_unpacklo_epi32(n[0], n[1]), b = _mm512_unpackhi_epi32(n[0], n[1]);
-    const __m512i c = _mm512_unpacklo_epi32(n[2], n[3]), d = _mm512_unpackhi_epi32(n[2], n[3]);
-    t[0] = _mm512_unpacklo_epi64(a, c);
-    t[1] = _mm512_unpackhi_epi64(a, c);
-    t[2] = _mm512_unpacklo_epi64(b, d);
-    t[3] = _mm512_unpackhi_epi64(b, d);
-}
 
 // ggml's Q8_K quantization of 256 floats (quantize_row_q8_K_ref: scale -127 / the value of largest
 // magnitude, the first one on ties; round half to even; at most 127), into the transposed order.
@@ -86,7 +76,7 @@ MLLAMA_VNNI_TARGET float quantize_block(const float * x, q8_block & out) {
                                         _mm256_set_m128i(parts[3], parts[2]), 1);
     }
     __m512i t[4];
-    transpose4(natural, t);
+    simd::transpose4_in_lanes(natural, t);
     __m512i bsum = _mm512_setzero_si512();  // lane q: the sum of its sub-block (4 bytes in each t[k])
     for (int k = 0; k < 4; ++k) {
         _mm512_storeu_si512(out.qs + 64 * k, t[k]);
@@ -114,7 +104,9 @@ MLLAMA_VNNI_TARGET inline void unpack_half(const uint8_t * ql, const uint8_t * q
     hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(l, 4), m4, _mm512_and_si512(down, m2), 0xEA);
 }
 
-// Weight block *blk unpacked and transposed (t: transpose4's order) with its 16 sub-block scales times d
+// Weight block *blk unpacked and transposed within lanes (simd::transpose4_in_lanes: weight register j's 128-bit lane
+// L is one 16-weight sub-block, 4j + L, so afterwards int32 lane 4L + j of every t[k] belongs to sub-block 4j + L)
+// with its 16 sub-block scales times d
 // (an fp16 times an int8, exact in float), in the same lane order; the blocks ahead prefetched
 // (q6k::prefetch_ahead: without it the product ran short of the memory's speed from 2 rows).
 MLLAMA_VNNI_TARGET inline void load_block(const q6k_block * blk, __m512i t[4], __m512 & scales) {
@@ -124,7 +116,7 @@ MLLAMA_VNNI_TARGET inline void load_block(const q6k_block * blk, __m512i t[4], _
     __m512i n[4];
     unpack_half(blk->ql, blk->qh, n[0], n[1]);
     unpack_half(blk->ql + 64, blk->qh + 32, n[2], n[3]);
-    transpose4(n, t);
+    simd::transpose4_in_lanes(n, t);  // t[k] lane 4L + j = n[j] lane 4L + k
     const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk->scales));
     const __m512i scales8 = _mm512_cvtepi8_epi32(_mm_shuffle_epi8(sc8, scale_order));
     scales = _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(blk->d)), _mm512_cvtepi32_ps(scales8));

@@ -30,37 +30,9 @@ using namespace qmm_tiles;
 
 static_assert(q6k::k_block == k_block, "Q6_K blocks of the tiles' block size");
 
-// A 16 x 16 matrix of 32-bit elements transposed in two stages: by rows 4 g..4 g + 3 (group g), within each 128-bit
-// lane, as each group's rows are ready; then across the lanes (lanes_to_columns).
-// rows: rows 4 g..4 g + 3 -> u[4 g + k], lane L: column 4 L + k of the group's four rows.
-MLLAMA_AVX512_TARGET inline void transpose_group(const __m512i rows[4], __m512i u[4]) {
-    // lane L of t0: rows 0, 1 at columns 4 L, 4 L + 1; t1: 4 L + 2, + 3; t2, t3: the same of rows 2, 3
-    const __m512i t0 = _mm512_unpacklo_epi32(rows[0], rows[1]), t1 = _mm512_unpackhi_epi32(rows[0], rows[1]);
-    const __m512i t2 = _mm512_unpacklo_epi32(rows[2], rows[3]), t3 = _mm512_unpackhi_epi32(rows[2], rows[3]);
-    u[0] = _mm512_unpacklo_epi64(t0, t2);
-    u[1] = _mm512_unpackhi_epi64(t0, t2);
-    u[2] = _mm512_unpacklo_epi64(t1, t3);
-    u[3] = _mm512_unpackhi_epi64(t1, t3);
-}
-
-// u (transpose_group of all four groups) -> column p of the matrix at out + 64 p.
-MLLAMA_AVX512_TARGET inline void lanes_to_columns(const __m512i u[16], uint8_t * out) {
-    for (int k = 0; k < 4; ++k) {
-        // v: lanes 0 and 2 of u[k], u[4 + k]; w: of u[8 + k], u[12 + k]; v1, w1: lanes 1 and 3
-        const __m512i v = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88);
-        const __m512i w = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88);
-        const __m512i v1 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xdd);
-        const __m512i w1 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xdd);
-        _mm512_storeu_si512(out + 64 * k, _mm512_shuffle_i32x4(v, w, 0x88));          // column k: lanes 0
-        _mm512_storeu_si512(out + 64 * (8 + k), _mm512_shuffle_i32x4(v, w, 0xdd));    // column 8 + k: lanes 2
-        _mm512_storeu_si512(out + 64 * (4 + k), _mm512_shuffle_i32x4(v1, w1, 0x88));  // column 4 + k: lanes 1
-        _mm512_storeu_si512(out + 64 * (12 + k), _mm512_shuffle_i32x4(v1, w1, 0xdd)); // column 12 + k: lanes 3
-    }
-}
-
 // A unit's B tiles of blocks b0..b0 + nb - 1 (qmm_tiles.h's Decoder), a step at a time: step (s, g) of a block
-// decodes channels 4 g..4 g + 3 of sub-block s (tile s) and transposes their group; the last group's step writes
-// the tile. The block's scales come first, and each sub-block's first step prefetches two channels' block two ahead.
+// decodes channels 4 g..4 g + 3 of sub-block s (tile s) and transposes their group within lanes (the first half of
+// simd::transpose16); the last group's step finishes the transpose and writes the tile. The block's scales come first, and each sub-block's first step prefetches two channels' block two ahead.
 class q6k_decoder {
   public:
     q6k_decoder(const ggml_tensor * w, int64_t unit, int64_t b0, int64_t nb, uint8_t * panel)
@@ -74,7 +46,7 @@ class q6k_decoder {
         if (q == 0) scales_of(b);
         if (g == 0 && b + k_prefetch_blocks < n_blocks_) prefetch(b + k_prefetch_blocks, 2 * s);
         decode_group(b, s, g);
-        if (g == k_groups - 1) lanes_to_columns(u_, panel_ + (b * k_tiles_per_block + s) * k_tile_bytes);
+        if (g == k_groups - 1) write_tile(panel_ + (b * k_tiles_per_block + s) * k_tile_bytes);
         ++done_;
     }
     MLLAMA_AVX512_TARGET void finish() {
@@ -136,7 +108,14 @@ class q6k_decoder {
                                             _mm512_set1_ps(ds[1]));  // l = 16..31
             rows[r] = (__m512i) _mm512_cvtne2ps_pbh(w1, w0);  // 16 pairs (2p, 2p + 1) of channel i
         }
-        transpose_group(rows, u_ + 4 * g);
+        simd::transpose4_in_lanes(rows, u_ + 4 * g);
+    }
+
+    // u_ (the four groups) -> tile row p = pair p of the 16 channels, at out
+    MLLAMA_AVX512_TARGET void write_tile(uint8_t * out) const {
+        __m512i pairs[16];
+        simd::lanes_to_columns(u_, pairs);
+        for (int p = 0; p < amx::k_tile_rows; ++p) _mm512_storeu_si512(out + p * amx::k_tile_bytes, pairs[p]);
     }
 
     const uint8_t * first_;  // the unit's first channel's block b0
@@ -144,14 +123,8 @@ class q6k_decoder {
     uint8_t * panel_;
     int64_t n_blocks_, n_steps_, done_ = 0;
     alignas(64) float ds_[k_unit][16];
-    __m512i u_[16];  // the tile's groups, transposed within lanes
+    __m512i u_[16];  // the tile's groups, transposed within lanes (simd::transpose4_in_lanes)
 };
-
-void product(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    const auto * w = static_cast<const ggml_tensor *>(userdata);
-    if (amx_tiles_emulated()) product_on<amx::emulated_tiles, q6k_decoder>(dst, ith, nth, w);
-    else product_on<amx::hw_tiles, q6k_decoder>(dst, ith, nth, w);
-}
 
 }  // namespace
 
@@ -165,7 +138,7 @@ bool q6k_tiles_supported(const ggml_tensor * w, const ggml_tensor * x) {
 }
 
 ggml_tensor * q6k_matmul_tiles(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
-    return qmm_tiles::matmul_graph(ctx, w, x, product);  // [M, N]
+    return qmm_tiles::matmul_graph<q6k_decoder>(ctx, w, x);  // [M, N]
 }
 
 }  // namespace mllama

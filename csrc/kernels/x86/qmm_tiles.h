@@ -16,7 +16,7 @@
 // the 2-core AMX Xeon of bench/README.md (least of 6-12 runs taking turns; its speed drifts between runs), 64 rows
 // of a Q4_K [4096 -> 14336]: 9.3 ms with a step a sub-block against 11.5 decoding first, then 11.8 with four steps
 // against 15.2 with one in a slower hour; 64 rows of a Q6_K [14336 -> 4096]: 16.1 ms with a step a sub-block, 14.3
-// with two, 13.1 with four (our Q6_K kernel: 19.2).
+// with two (our Q6_K kernel in that run: 19.2), 13.1 with four (in that run: 20.0).
 //
 // A Decoder(w, unit, b0, nb, panel) decodes the unit's blocks b0..b0 + nb - 1 (256 weights each) into panel, 8
 // tiles a block, in k_steps_per_tile calls of step() a tile (finish(): all that is left).
@@ -208,15 +208,25 @@ MLLAMA_AVX512_TARGET inline void bf16_tile_rows(ggml_tensor * dst, int ith, int 
     }
 }
 
+// The product op: w by userdata, on the hardware tiles or the emulated ones.
+template <class Decoder>
+void product(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const auto * w = static_cast<const ggml_tensor *>(userdata);
+    if (amx_tiles_emulated()) product_on<amx::emulated_tiles, Decoder>(dst, ith, nth, w);
+    else product_on<amx::hw_tiles, Decoder>(dst, ith, nth, w);
+}
+
 // w x^T -> [M, N] F32 on the tile unit: x [K, N] F32 rounded to BF16 and padded (bf16_tile_rows), then product
-// (product_on with the weight type's decoder) on ggml's threads; w goes in by userdata (ggml's repack buffer type
-// accepts only mul_mat as a reader of its tensors).
-inline ggml_tensor * matmul_graph(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_custom_op_t product) {
+// with the weight type's decoder on ggml's threads; w goes in by userdata (ggml's repack buffer type accepts only
+// mul_mat as a reader of its tensors).
+template <class Decoder>
+ggml_tensor * matmul_graph(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
     const int64_t M = w->ne[1], N = x->ne[1];
     const int64_t padded = (N + amx::k_tile_rows - 1) / amx::k_tile_rows * amx::k_tile_rows;
     ggml_tensor * xb = ggml_custom_4d(ctx, GGML_TYPE_BF16, x->ne[0], padded, 1, 1, &x, /*n_args=*/1, bf16_tile_rows,
                                       GGML_N_TASKS_MAX, nullptr);  // [K, padded] BF16
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, M, N, 1, 1, &xb, /*n_args=*/1, product, GGML_N_TASKS_MAX, w);  // [M, N]
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, M, N, 1, 1, &xb, /*n_args=*/1, product<Decoder>, GGML_N_TASKS_MAX,
+                          w);  // [M, N]
 }
 
 }  // namespace mllama::qmm_tiles

@@ -1,5 +1,6 @@
 // AVX-512 helpers shared by the CPU kernels (attention, GELU, packing transposes). Every function here needs the
-// "avx512f" target: call them only from functions compiled with MLLAMA_AVX512_TARGET.
+// "avx512f" target: call them only from functions compiled with MLLAMA_AVX512_TARGET (transpose4_in_lanes: any
+// target with avx512f, such as the VNNI kernels').
 #pragma once
 
 #if !(defined(__x86_64__) || defined(_M_X64))
@@ -51,21 +52,22 @@ MLLAMA_AVX512_TARGET static inline __m512 gelu512(__m512 x) {
     return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.0f), erf));
 }
 
-// The 16 x 16 transpose of 32-bit elements: out[j] lane i = in[i] lane j (an unpack of dwords, one of qwords,
-// then two shuffles of 128-bit lanes).
-MLLAMA_AVX512_TARGET static inline void transpose16(const __m512i in[16], __m512i out[16]) {
-    __m512i a[16], b[16];
-    for (int k = 0; k < 8; ++k) {
-        a[2 * k] = _mm512_unpacklo_epi32(in[2 * k], in[2 * k + 1]);
-        a[2 * k + 1] = _mm512_unpackhi_epi32(in[2 * k], in[2 * k + 1]);
-    }
-    for (int k = 0; k < 4; ++k) {  // b[4k + c] lane L: rows 4k..4k+3, column 4L + c
-        b[4 * k + 0] = _mm512_unpacklo_epi64(a[4 * k], a[4 * k + 2]);
-        b[4 * k + 1] = _mm512_unpackhi_epi64(a[4 * k], a[4 * k + 2]);
-        b[4 * k + 2] = _mm512_unpacklo_epi64(a[4 * k + 1], a[4 * k + 3]);
-        b[4 * k + 3] = _mm512_unpackhi_epi64(a[4 * k + 1], a[4 * k + 3]);
-    }
-    for (int c = 0; c < 4; ++c) {  // column 4L + c gathers 128-bit lane L of b[c], b[4 + c], b[8 + c], b[12 + c]
+// The first half of a 16 x 16 transpose of 32-bit elements, rows 4k..4k + 3 of it (in): within each 128-bit lane, a
+// 4 x 4 transpose, out[c] lane L = column 4L + c of the four rows (an unpack of dwords, one of qwords). Only the
+// "avx512f" target, so that every AVX-512 kernel (the VNNI ones too) inlines it.
+__attribute__((target("avx512f"))) static inline void transpose4_in_lanes(const __m512i in[4], __m512i out[4]) {
+    const __m512i a0 = _mm512_unpacklo_epi32(in[0], in[1]), a1 = _mm512_unpackhi_epi32(in[0], in[1]);
+    const __m512i a2 = _mm512_unpacklo_epi32(in[2], in[3]), a3 = _mm512_unpackhi_epi32(in[2], in[3]);
+    out[0] = _mm512_unpacklo_epi64(a0, a2);
+    out[1] = _mm512_unpackhi_epi64(a0, a2);
+    out[2] = _mm512_unpacklo_epi64(a1, a3);
+    out[3] = _mm512_unpackhi_epi64(a1, a3);
+}
+
+// The second half: b[4k..4k + 3] = transpose4_in_lanes of rows 4k..4k + 3 -> out[j] lane i = row i's element j (two
+// shuffles of 128-bit lanes: column 4L + c gathers lane L of b[c], b[4 + c], b[8 + c], b[12 + c]).
+MLLAMA_AVX512_TARGET static inline void lanes_to_columns(const __m512i b[16], __m512i out[16]) {
+    for (int c = 0; c < 4; ++c) {
         const __m512i e0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), e1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
         const __m512i e2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
         const __m512i e3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
@@ -74,6 +76,13 @@ MLLAMA_AVX512_TARGET static inline void transpose16(const __m512i in[16], __m512
         out[8 + c] = _mm512_shuffle_i32x4(e1, e3, 0x88);
         out[12 + c] = _mm512_shuffle_i32x4(e1, e3, 0xDD);
     }
+}
+
+// The 16 x 16 transpose of 32-bit elements: out[j] lane i = in[i] lane j.
+MLLAMA_AVX512_TARGET static inline void transpose16(const __m512i in[16], __m512i out[16]) {
+    __m512i b[16];
+    for (int k = 0; k < 4; ++k) transpose4_in_lanes(in + 4 * k, b + 4 * k);
+    lanes_to_columns(b, out);
 }
 
 }  // namespace mllama::simd
