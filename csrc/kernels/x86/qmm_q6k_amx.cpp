@@ -32,7 +32,8 @@ static_assert(q6k::k_block == k_block, "Q6_K blocks of the tiles' block size");
 
 // A unit's B tiles of blocks b0..b0 + nb - 1 (qmm_tiles.h's Decoder), a step at a time: step (s, g) of a block
 // decodes channels 4 g..4 g + 3 of sub-block s (tile s) and transposes their group within lanes (the first half of
-// simd::transpose16); the last group's step finishes the transpose and writes the tile. The block's scales come first, and each sub-block's first step prefetches two channels' block two ahead.
+// simd::transpose16); the last group's step finishes the transpose and writes the tile. The block's scales come
+// first, and each sub-block's first step prefetches two channels' block two ahead.
 class q6k_decoder {
   public:
     q6k_decoder(const ggml_tensor * w, int64_t unit, int64_t b0, int64_t nb, uint8_t * panel)
