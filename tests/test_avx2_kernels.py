@@ -1,5 +1,6 @@
 """The AVX2 kernel family (CPUs without AVX-512 BF16: csrc/kernels/x86/gemm_avx2.cpp, attn_avx2.cpp,
-xattn_avx2.cpp and gelu.cpp's AVX2 form; qmm_q6k_avx2.cpp and qmm_q4k_avx2.cpp: tests/test_qmm_kernels.py):
+xattn_avx2.cpp and gelu.cpp's AVX2 form; qmm_q6k_avx2.cpp and qmm_q4k_avx2.cpp: tests/test_qmm_kernels.py; the
+cross-attention's driver checks its AVX-512 form, xattn_avx512.cpp, here too):
 each kernel against ggml or a double-precision reference within bounds derived from its roundings
 (tests/c/gemm_avx2.cpp, attn_bf16.cpp, xattn.cpp), and the whole tower and the decode cross-attention
 against ggml's ops. On an AVX-512 BF16 machine MLLAMA_AVX512=0 makes
@@ -105,24 +106,33 @@ def test_attention_skips_the_key_blocks_the_mask_hides_exactly(attn_driver, d, h
 
 @pytest.fixture(scope="module")
 def xattn_driver(tmp_path_factory):
-    return build_kernel_driver(tmp_path_factory.mktemp("xattn") / "xattn", "xattn", ["xattn", "xattn_avx2"])
+    return build_kernel_driver(tmp_path_factory.mktemp("xattn") / "xattn", "xattn", ["xattn", "xattn_avx2", "xattn_avx512"])
+
+
+def assert_both_xattn_forms_within_bound(fields: dict) -> None:
+    """The AVX2 form always; the AVX-512 form where the AVX-512 BF16 family runs, and only there."""
+    assert float(fields["avx2"]) <= 1.0, fields
+    avx512_family = ggml_features().get("AVX512_BF16_KERNELS") == "1"
+    assert (fields["avx512"] != "none") == avx512_family, fields
+    assert fields["avx512"] == "none" or float(fields["avx512"]) <= 1.0, fields
 
 
 @needs_avx2
 @needs_cxx
 @pytest.mark.parametrize("d,hq,hkv,t,n_kv", [(128, 32, 8, 1, 1601), (64, 5, 1, 3, 130), (16, 3, 3, 2, 65),
                                              (128, 16, 1, 1, 200), (32, 8, 2, 4, 7), (256, 4, 2, 1, 300),
-                                             (128, 32, 8, 40, 400), (64, 8, 2, 70, 129)])
+                                             (128, 32, 8, 40, 400), (64, 8, 2, 70, 129), (96, 8, 2, 3, 150)])
 def test_decode_cross_attention_within_its_rounding_bound(xattn_driver, d, hq, hkv, t, n_kv):
-    """The decode cross-attention (its one form, AVX2, on every x86 family) against the double-precision
-    softmax on the same F16 keys and values, within the bound of F32 scores, e^x and F32 sums
-    (tests/c/xattn.cpp): the model's heads (32 over 8, 1601 keys), query groups of 1, 2, 4, 5 and
-    16 heads (the AVX2 form takes four at a time), odd live-key counts, a block of 64 hidden keys, biases,
-    a token that sees no key (zeros), head sizes 16 to 256, prefill's 40 and 70 tokens. Mutations (a head's probabilities read for its
-    neighbour's, a repeated key counted in the softmax sum, hidden keys not skipped) give 130 to 1e30 times
-    the bound."""
+    """The decode cross-attention's two block steps (AVX2 on every x86 CPU, AVX-512 where the AVX-512 BF16
+    family runs) against the double-precision softmax on the same F16 keys and values, within the bound of F32
+    scores, e^x and F32 sums (tests/c/xattn.cpp): the model's heads (32 over 8, 1601 keys), query groups of 1,
+    2, 4, 5 and 16 heads (both forms take four at a time), live-key counts of every remainder mod 4 (the AVX-512
+    form takes keys in fours), a block of 64 hidden keys, biases, a token that sees no key (zeros), head sizes 16
+    to 256 (the AVX-512 form's value sums 64 channels at a time, then 16), prefill's 40 and 70 tokens. Mutations
+    (a head's probabilities read for its neighbour's, a repeated key counted in the softmax sum, hidden keys not
+    skipped) give 130 to 1e30 times the bound."""
     fields = run_driver(xattn_driver, d, hq, hkv, t, n_kv, 2)
-    assert float(fields["avx2"]) <= 1.0, fields
+    assert_both_xattn_forms_within_bound(fields)
 
 
 @needs_avx2
@@ -133,7 +143,7 @@ def test_cross_attention_token_chunks_on_many_threads(xattn_driver, t, threads):
     (8 tokens x 8 KV heads on 16 threads: chunks of 4; 5 tokens on 3 threads: 8; 40 on 16: 8, some threads
     with several chunks), the same bound as above: a token or head left out, or written twice, fails it."""
     fields = run_driver(xattn_driver, 128, 32, 8, t, 400, threads)
-    assert float(fields["avx2"]) <= 1.0, fields
+    assert_both_xattn_forms_within_bound(fields)
 
 
 @pytest.fixture

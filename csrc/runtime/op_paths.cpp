@@ -133,6 +133,8 @@ static std::string q4k_path(const mllama_context & c) {
 
 // The kernel family's name for an op without AMX tiles ("(x86 AVX512-BF16)", "(x86 AVX2)").
 static std::string family() { return kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX512-BF16)"; }
+// The cross-attention's block step: AVX-512 (F32 FMAs, no BF16) in the AVX-512 BF16 family, else AVX2.
+static std::string vector_form() { return kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX-512)"; }
 
 static std::string vision_gemm(const vision_options & opt, const std::string & ggml_cpu) {
     if (!opt.bf16_gemm) return ggml_cpu + ": mul_mat";
@@ -183,7 +185,7 @@ std::string op_paths(const mllama_context & c) {
            line("vision linear layers", vision_gemm(opt, ggml_cpu)) +
            line("image cross-attention K/V", image_cross_kv(m, opt, ggml_cpu)) +
            line("vision GELU", opt.fast_gelu ? "mllama vectorized GELU " + family() : ggml_cpu + ": gelu_erf") +
-           line("cross-attention", xattn ? std::string("mllama GQA kernel over the F16 image cache (x86 AVX2)")
+           line("cross-attention", xattn ? "mllama GQA kernel over the F16 image cache " + vector_form()
                                          : ggml_cpu + ": flash_attn_ext") +
            line("self-attention", ggml_cpu + ": flash_attn_ext") +
            line("text matrices", ggml_cpu + ": mul_mat; in ggml's extra CPU layouts: " +

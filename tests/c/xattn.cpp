@@ -1,5 +1,5 @@
-// The decode cross-attention kernel (csrc/kernels/x86/xattn.cpp, its block step in xattn_avx2.cpp: AVX2 on
-// every x86 family) against softmax(q k^T scale + mask) v in double precision on the same inputs; built by
+// The decode cross-attention kernel (csrc/kernels/x86/xattn.cpp, its block step in xattn_avx2.cpp and
+// xattn_avx512.cpp) against softmax(q k^T scale + mask) v in double precision on the same inputs; built by
 // tests/test_avx2_kernels.py with the kernels' sources.
 //
 //   xattn D Hq Hkv T n_kv [threads] [reps]
@@ -12,10 +12,11 @@
 // (S = max_j sum_d |q_d k_jd|, the F32 scores' error moves a probability by twice it relatively) + 4u
 // (the bias and the running maximum subtracted) + 4e-7 (e^x) + 2 gamma_N (the F32 sums of p v and of p)
 // + 2u per softmax rescale (one per 64-key block), N u max|v| covers (s - m)'s rounding on the small
-// probabilities (e^x u |x| <= u / e each); the 2 is margin. Prints the largest error over the bound,
-// "avx2=<ratio>", then with reps > 0 the median time of ggml's flash attention (F32 precision, as the
-// decoder calls it) and of the kernel over reps runs, each on another copy of the cache when one fits in
-// a cache (at least 256 MB per pass): "ggml_ms=... avx2_ms=... cache_bytes=...".
+// probabilities (e^x u |x| <= u / e each); the 2 is margin. Prints the largest error over the bound of each
+// form of the block step: "avx2=<ratio> avx512=<ratio>" (avx512=none where the AVX-512 BF16 family does not run:
+// the CPU lacks it or MLLAMA_AVX512=0), then with reps > 0 the median time of ggml's flash attention (F32
+// precision, as the decoder calls it) and of each form over reps runs, each on another copy of the cache when one
+// fits in a cache (at least 256 MB per pass): "ggml_ms=... avx2_ms=... avx512_ms=... cache_bytes=...".
 #include "kernels/dispatch.h"
 #include "timing.h"
 
@@ -28,6 +29,7 @@
 #include <cstdlib>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 using namespace mllama;
@@ -80,6 +82,18 @@ static double worst_ratio(const problem & p, const ggml_tensor * out, const std:
         }
     }
     return worst;
+}
+
+// Runs fn with the AVX-512 BF16 family off (MLLAMA_AVX512=0: the AVX2 form) or as the environment has it.
+template <class Fn>
+static auto with_form(bool avx2, Fn fn) {
+    const char * was = std::getenv("MLLAMA_AVX512");
+    const std::string saved = was ? was : "";
+    if (avx2) setenv("MLLAMA_AVX512", "0", 1);
+    auto result = fn();
+    if (!was) unsetenv("MLLAMA_AVX512");
+    else setenv("MLLAMA_AVX512", saved.c_str(), 1);
+    return result;
 }
 
 // The kernel's output for the family the environment selects (MLLAMA_AVX512), or null where it does not run.
@@ -159,17 +173,22 @@ int main(int argc, char ** argv) {
     for (int64_t t = 0; t < p.T; ++t)
         for (int64_t j = 0; j < p.n_kv; ++j)
             static_cast<ggml_fp16_t *>(mask->data)[t * p.n_kv + j] = ggml_fp32_to_fp16(mask_bias(t, j, p.T));
-    const ggml_tensor * avx2 = run(p, ctx, q, k, v, mask, threads);
+    const bool avx512 = kernel_family() == cpu_family::avx512_bf16;
+    const ggml_tensor * avx2 = with_form(true, [&] { return run(p, ctx, q, k, v, mask, threads); });
     if (!avx2) {
         std::printf("unsupported shape\n");
         return 1;
     }
-    std::printf("avx2=%.4f\n", worst_ratio(p, avx2, q_scaled, kf, vf));
+    std::printf("avx2=%.4f ", worst_ratio(p, avx2, q_scaled, kf, vf));
+    if (avx512) std::printf("avx512=%.4f\n", worst_ratio(p, run(p, ctx, q, k, v, mask, threads), q_scaled, kf, vf));
+    else std::printf("avx512=none\n");
     if (reps > 0) {
         const timed_graphs timed = timing_graphs(p, ctx, q, mask, copies);
         const double ggml_ms = median_ms(ctx, timed.theirs, threads, reps);
-        const double avx2_ms = median_ms(ctx, timed.ours, threads, reps);
-        std::printf("ggml_ms=%.4f avx2_ms=%.4f cache_bytes=%zu copies=%d\n", ggml_ms, avx2_ms, cache_bytes, copies);
+        const double avx2_ms = with_form(true, [&] { return median_ms(ctx, timed.ours, threads, reps); });
+        const double avx512_ms = avx512 ? median_ms(ctx, timed.ours, threads, reps) : 0.0;
+        std::printf("ggml_ms=%.4f avx2_ms=%.4f avx512_ms=%.4f cache_bytes=%zu copies=%d\n", ggml_ms, avx2_ms, avx512_ms,
+                    cache_bytes, copies);
     }
     ggml_free(ctx);
     return 0;

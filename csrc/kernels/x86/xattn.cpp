@@ -3,8 +3,8 @@
 // every query head over every key with F16 dot products; here each thread takes KV heads of a chunk of tokens
 // (one in decode), reads each key and value row once for the whole query group (GQA) and, from L1/L2, for the
 // chunk's other tokens, skips masked keys, and accumulates in F32 (figures in bench/README.md). The block step
-// is xattn_avx2.cpp's on every x86 family: an AVX-512 form (one dot product per key and head, each reduced
-// across its register) took 1.7-2x its time on Zen 5 and was removed.
+// is xattn_avx512.cpp's in the AVX-512 BF16 family, else xattn_avx2.cpp's (an earlier AVX-512 form, one dot
+// product per key and head, each reduced across its register, had taken 1.7-2x the AVX2 form's time on Zen 5).
 #include "kernels/dispatch.h"
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
@@ -40,7 +40,8 @@ void seen_keys(const MaskRow & mask_row, int64_t t0, int64_t t1, int64_t j0, int
 
 // KV heads h0..h1 of tokens t0..t1. Keys in the outer loop: the cache holds a key's heads side by side, so the
 // threads (each with its own heads) stream the cache instead of striding through it.
-void attend_heads(ggml_tensor * dst, const shape & s, int64_t h0, int64_t h1, int64_t t0, int64_t t1) {
+void attend_heads(ggml_tensor * dst, const shape & s, group_block_fn group_block, int64_t h0, int64_t h1, int64_t t0,
+                  int64_t t1) {
     const ggml_tensor * q = dst->src[0], * mask = dst->src[3];
     const int64_t n_q = (h1 - h0) * s.G, n_t = t1 - t0;  // query heads per token, tokens
     std::vector<float> buf(static_cast<size_t>(2 * n_t * n_q * s.D));
@@ -68,7 +69,7 @@ void attend_heads(ggml_tensor * dst, const shape & s, int64_t h0, int64_t h1, in
         if (std::none_of(now, now + n, [](bool x) { return x; })) continue;
         for (int64_t h = h0; h < h1; ++h)
             for (int64_t t = t0; t < t1; ++t) {
-                group_block_avx2(dst, s, h, mask_row(t), j0, n, qs.data() + (t - t0) * n_q + (h - h0) * s.G,
+                group_block(dst, s, h, mask_row(t), j0, n, qs.data() + (t - t0) * n_q + (h - h0) * s.G,
                                  t == t0 ? next : nullptr);
             }
     }
@@ -87,13 +88,14 @@ void attend_heads(ggml_tensor * dst, const shape & s, int64_t h0, int64_t h1, in
 // thread one (a decode batch of 8 rows on 16 threads: chunks of 4; one row: the heads split across threads).
 void attend(ggml_tensor * dst, int ith, int nth, void *) {
     const shape s = shape_of(dst->src[0], dst->src[1]);
+    const group_block_fn group_block = kernel_family() == cpu_family::avx512_bf16 ? group_block_avx512 : group_block_avx2;
     const int64_t chunk = std::clamp<int64_t>(s.T * s.Hkv / nth, 1, k_token_chunk);
     const int64_t n_chunks = (s.T + chunk - 1) / chunk;
     const int64_t total = s.Hkv * n_chunks, per = (total + nth - 1) / nth;
     const int64_t w0 = std::min(total, per * ith), w1 = std::min(total, w0 + per);
     for (int64_t w = w0; w < w1;) {
         const int64_t c = w / s.Hkv, h0 = w % s.Hkv, h1 = std::min(s.Hkv, h0 + (w1 - w));
-        attend_heads(dst, s, h0, h1, c * chunk, std::min(s.T, (c + 1) * chunk));
+        attend_heads(dst, s, group_block, h0, h1, c * chunk, std::min(s.T, (c + 1) * chunk));
         w += h1 - h0;
     }
 }

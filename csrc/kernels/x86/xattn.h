@@ -1,17 +1,22 @@
 // The cross-attention kernel (kernels/dispatch.h's image_cache_attention) shared between its driver
-// (kernels/x86/xattn.cpp) and its block step (kernels/x86/xattn_avx2.cpp, AVX2, run on every x86 family):
-// each thread takes a range of KV heads of a chunk of tokens (one in decode) and walks their keys in blocks;
-// group_block_avx2 does the scores, the online-softmax step and the value sums of one query group of one
-// token over one block.
+// (kernels/x86/xattn.cpp) and its block step, in two forms: AVX-512 (kernels/x86/xattn_avx512.cpp, the
+// AVX-512 BF16 family) and AVX2 (kernels/x86/xattn_avx2.cpp, the AVX2 family). Each thread takes a range of KV
+// heads of a chunk of tokens (one in decode) and walks their keys in blocks; a block step does the scores, the
+// online-softmax step and the value sums of one query group of one token over one block.
 #pragma once
 
 #include "ggml.h"
 
+#include <immintrin.h>
+
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 
 namespace mllama::xattn {
 
 constexpr int64_t k_block = 64;  // keys per softmax step
+static_assert(k_block % 4 == 0, "the AVX-512 form takes keys in fours");
 
 struct shape {
     int64_t D, Hq, T, Hkv, n_kv, G;  // head size, query heads, tokens, KV heads, keys, queries per KV head
@@ -32,11 +37,58 @@ struct query_state {
     float m, l;
 };
 
+// The live keys of one block: their cache indices and mask biases (the AVX-512 form fills a last group of four
+// keys with copies of the last live key: k_block is a multiple of 4).
+struct live_keys {
+    int64_t index[k_block];
+    float bias[k_block];
+    int64_t n = 0;
+};
+
+// Keys j0..j0+n of the mask row that are not -inf (F16C: both forms' targets have it).
+__attribute__((target("f16c"))) inline void collect_live(const ggml_fp16_t * mrow, int64_t j0, int64_t n, live_keys & keys) {
+    keys.n = 0;
+    for (int64_t j = j0; j < j0 + n; ++j) {
+        const float bias = _cvtsh_ss(mrow[j]);
+        if (bias == -std::numeric_limits<float>::infinity()) continue;
+        keys.index[keys.n] = j;
+        keys.bias[keys.n++] = bias;
+    }
+}
+
+// The next block's rows of one KV head (K and V) that some token sees, prefetched into L2 a few at a time while
+// this block's scores compute: issued all at once (512 lines for a head of 128 channels) they held the core
+// until the memory had served most of them, so the block's arithmetic and its successor's reads took turns
+// (Zen 4, 2 threads, one token over a 4-tile image: 1.35-1.55 ms per layer -> 1.00-1.19; bench/README.md).
+struct next_rows {
+    const ggml_tensor * k, * v;
+    int64_t h, j0, n;   // rows j0..j0 + n of KV head h
+    const bool * live;  // live[i]: some token sees row j0 + i
+    int64_t done = 0;   // rows prefetched so far
+
+    void prefetch_until(int64_t end) {  // rows done..end (at most n)
+        const int64_t row_bytes = k->ne[0] * static_cast<int64_t>(sizeof(ggml_fp16_t));
+        for (end = std::min(end, n); done < end; ++done) {
+            if (!live[done]) continue;
+            const auto * kr = reinterpret_cast<const char *>(row_of(k, h, j0 + done));
+            const auto * vr = reinterpret_cast<const char *>(row_of(v, h, j0 + done));
+            for (int64_t line = 0; line < row_bytes; line += 64) {
+                _mm_prefetch(kr + line, _MM_HINT_T1);
+                _mm_prefetch(vr + line, _MM_HINT_T1);
+            }
+        }
+    }
+};
+
 // Scores, softmax step and value sums of the query group of KV head h (qs: its G heads) over keys
 // j0..j0+n; mrow: the token's mask row (-inf: the key is skipped); next_live: which rows of the next block some
 // token sees, prefetched into L2 during the scores (once per block for the tokens that walk it together; null: none).
 // dst->src = {q, k, v, mask}.
+using group_block_fn = void (*)(const ggml_tensor * dst, const shape & s, int64_t h, const ggml_fp16_t * mrow, int64_t j0,
+                                int64_t n, query_state * qs, const bool * next_live);
 void group_block_avx2(const ggml_tensor * dst, const shape & s, int64_t h, const ggml_fp16_t * mrow, int64_t j0, int64_t n,
                       query_state * qs, const bool * next_live);
+void group_block_avx512(const ggml_tensor * dst, const shape & s, int64_t h, const ggml_fp16_t * mrow, int64_t j0, int64_t n,
+                        query_state * qs, const bool * next_live);
 
 }  // namespace mllama::xattn

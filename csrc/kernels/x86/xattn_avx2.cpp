@@ -1,5 +1,5 @@
-// The decode cross-attention's block step (kernels/x86/xattn.h), AVX2, on every x86 family (on Zen 5 it
-// took half the time of the AVX-512 form it replaced: bench/README.md). The query group
+// The decode cross-attention's block step (kernels/x86/xattn.h), AVX2, for the AVX2 family (the AVX-512 BF16
+// family runs xattn_avx512.cpp's form of it). The query group
 // goes in quads of four heads: a pair of keys gives the quad's 8 scores in one ymm (8 F32 dot-product
 // chains, one horizontal reduction for all 8), the softmax step runs on the four heads at once, and the
 // value sums read each value row once per 16 channels for all four heads (8 accumulators). Keys the
@@ -48,37 +48,6 @@ MLLAMA_AVX2_TARGET inline __m256 scores2(const float * const q[k_quad], const gg
     }
     return totals(acc);
 }
-
-// The live keys of one block: their cache indices and mask biases.
-struct live_keys {
-    int64_t index[k_block];
-    float bias[k_block];
-    int64_t n = 0;
-};
-
-// The next block's rows of one KV head (K and V) that some token sees, prefetched into L2 a few at a time while
-// this block's scores compute: issued all at once (512 lines for a head of 128 channels) they held the core
-// until the memory had served most of them, so the block's arithmetic and its successor's reads took turns
-// (Zen 4, 2 threads, one token over a 4-tile image: 1.35-1.55 ms per layer -> 1.00-1.19; bench/README.md).
-struct next_rows {
-    const ggml_tensor * k, * v;
-    int64_t h, j0, n;   // rows j0..j0 + n of KV head h
-    const bool * live;  // live[i]: some token sees row j0 + i
-    int64_t done = 0;   // rows prefetched so far
-
-    MLLAMA_AVX2_TARGET void prefetch_until(int64_t end) {  // rows done..end (at most n)
-        const int64_t row_bytes = k->ne[0] * static_cast<int64_t>(sizeof(ggml_fp16_t));
-        for (end = std::min(end, n); done < end; ++done) {
-            if (!live[done]) continue;
-            const auto * kr = reinterpret_cast<const char *>(row_of(k, h, j0 + done));
-            const auto * vr = reinterpret_cast<const char *>(row_of(v, h, j0 + done));
-            for (int64_t line = 0; line < row_bytes; line += 64) {
-                _mm_prefetch(kr + line, _MM_HINT_T1);
-                _mm_prefetch(vr + line, _MM_HINT_T1);
-            }
-        }
-    }
-};
 
 // p[i] = the quad's scores of live key i (an odd count also fills p[n], dropped later); the next block's rows
 // prefetched along the way (next: null for none).
@@ -158,12 +127,7 @@ MLLAMA_AVX2_TARGET void quad_values(const ggml_tensor * v, int64_t h, const live
 MLLAMA_AVX2_TARGET void group_block_avx2(const ggml_tensor * dst, const shape & s, int64_t h, const ggml_fp16_t * mrow,
                                          int64_t j0, int64_t n, query_state * qs, const bool * next_live) {
     live_keys keys;
-    for (int64_t j = j0; j < j0 + n; ++j) {
-        const float bias = _cvtsh_ss(mrow[j]);
-        if (bias == -std::numeric_limits<float>::infinity()) continue;
-        keys.index[keys.n] = j;
-        keys.bias[keys.n++] = bias;
-    }
+    collect_live(mrow, j0, n, keys);
     // the next block's rows of this head, into L2 while this block computes (rows 2 KiB apart or more: the
     // hardware prefetcher left the kernel waiting on them)
     next_rows next{dst->src[1], dst->src[2], h, j0 + n, next_live ? std::clamp<int64_t>(s.n_kv - j0 - n, 0, n) : 0,
