@@ -16,7 +16,8 @@
 // form of the block step: "avx2=<ratio> avx512=<ratio>" (avx512=none where the AVX-512 BF16 family does not run:
 // the CPU lacks it or MLLAMA_AVX512=0), then with reps > 0 the median time of ggml's flash attention (F32
 // precision, as the decoder calls it) and of each form over reps runs, each on another copy of the cache when one
-// fits in a cache (at least 256 MB per pass): "ggml_ms=... avx2_ms=... avx512_ms=... cache_bytes=...".
+// fits in a cache (at least 256 MB per pass; XATTN_COPIES=n: n copies, 1 to time the arithmetic from the caches):
+// "ggml_ms=... avx2_ms=... avx512_ms=... cache_bytes=... copies=...".
 #include "kernels/dispatch.h"
 #include "timing.h"
 
@@ -146,7 +147,10 @@ int main(int argc, char ** argv) {
         return 0;
     }
     const size_t cache_bytes = size_t(4) * p.D * p.Hkv * p.n_kv;  // K and V, F16
-    const int copies = reps > 0 ? static_cast<int>((size_t(256) << 20) / cache_bytes + 1) : 0;
+    const char * copies_env = std::getenv("XATTN_COPIES");  // 1: the cache stays in L2/L3, the arithmetic alone
+    const int copies = reps <= 0 ? 0
+                       : copies_env ? std::max(1, std::atoi(copies_env))
+                                    : static_cast<int>((size_t(256) << 20) / cache_bytes + 1);
     const size_t bytes = size_t(8) * (p.D * p.Hq * p.T * 4 + p.D * p.Hkv * p.n_kv + p.n_kv * p.T) +
                          size_t(3) * copies * (cache_bytes + size_t(8) * p.D * p.Hq * p.T) + (size_t(16) << 20);
     ggml_context * ctx = ggml_init({bytes, nullptr, false});
