@@ -54,8 +54,17 @@ static ggml_tensor * text_matmul(ggml_context * ctx, cpu_kernel_set kernels, ggm
 }
 
 static ggml_tensor * ffn(ggml_context * ctx, cpu_kernel_set kernels, const ffn_w & w, ggml_tensor * x) {
-    ggml_tensor * g = ggml_silu(ctx, text_matmul(ctx, kernels, w.gate, x));  // [n_ff, n]
-    return text_matmul(ctx, kernels, w.down, ggml_mul(ctx, g, text_matmul(ctx, kernels, w.up, x)));  // [n_embd, n]
+    ggml_tensor * g = nullptr, * u = nullptr;
+    if (w.gate_up.w && kernels.may_run(cpu_kernel::fuse)) {  // one product, its two halves viewed
+        ggml_tensor * gu = text_matmul(ctx, kernels, w.gate_up.w, x);  // [2 n_ff, n]
+        const int64_t n_ff = w.gate->ne[1];
+        g = ggml_view_2d(ctx, gu, n_ff, gu->ne[1], gu->nb[1], 0);                     // [n_ff, n]
+        u = ggml_view_2d(ctx, gu, n_ff, gu->ne[1], gu->nb[1], n_ff * sizeof(float));  // [n_ff, n]
+    } else {
+        g = text_matmul(ctx, kernels, w.gate, x);  // [n_ff, n]
+        u = text_matmul(ctx, kernels, w.up, x);    // [n_ff, n]
+    }
+    return text_matmul(ctx, kernels, w.down, ggml_mul(ctx, ggml_silu(ctx, g), u));  // [n_embd, n]
 }
 
 // Writes each sequence's new K/V rows into its cache cells and attends its queries over its own
@@ -105,9 +114,17 @@ static ggml_tensor * self_attention(ggml_context * ctx, const mllama_context & c
     };
     const cpu_kernel_set kernels = layer_kernels(c, static_cast<size_t>(il));
     auto mm = [&](ggml_tensor * weight, ggml_tensor * in_rows) { return text_matmul(ctx, kernels, weight, in_rows); };
-    ggml_tensor * q = rope(ggml_reshape_3d(ctx, mm(w.wq, x), hd, hp.n_head, n));     // [hd, H, n]
-    ggml_tensor * k = rope(ggml_reshape_3d(ctx, mm(w.wk, x), hd, hp.n_head_kv, n));  // [hd, Hkv, n]
-    ggml_tensor * v = ggml_reshape_3d(ctx, mm(w.wv, x), hd, hp.n_head_kv, n);         // [hd, Hkv, n]
+    // q, k (and v) in one product where the model holds them fused: views of its rows
+    const int n_fused = w.qkv.w && kernels.may_run(cpu_kernel::fuse) ? w.qkv.n_parts : 0;
+    ggml_tensor * qkv = n_fused ? mm(w.qkv.w, x) : nullptr;  // [n_q + n_kv (+ n_kv), n]
+    auto heads = [&](int part, ggml_tensor * weight, int64_t first, int64_t n_heads) {  // [hd, n_heads, n]
+        if (part >= n_fused) return ggml_reshape_3d(ctx, mm(weight, x), hd, n_heads, n);
+        return ggml_view_3d(ctx, qkv, hd, n_heads, n, hd * sizeof(float), qkv->nb[1], first * sizeof(float));
+    };
+    const int64_t n_q = hd * hp.n_head, n_kv = hd * hp.n_head_kv;
+    ggml_tensor * q = rope(heads(0, w.wq, 0, hp.n_head));                // [hd, H, n]
+    ggml_tensor * k = rope(heads(1, w.wk, n_q, hp.n_head_kv));           // [hd, Hkv, n]
+    ggml_tensor * v = heads(2, w.wv, n_q + n_kv, hp.n_head_kv);          // [hd, Hkv, n]
     ggml_tensor * a = cached_attention(ctx, c, il, q, k, v, s, in, gf);  // [n_embd, n]
     return named(mm(w.wo, a), prefix, "attn_out");
 }

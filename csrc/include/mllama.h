@@ -112,7 +112,8 @@ typedef struct mllama_context_params {
     const char * dump_dir;     /* NULL: no dumps; else write matching graph nodes as <name>.npy here */
     const char * dump_filter;  /* regex over node names (NULL or "": all named nodes) */
     const char * cpu_kernels;  /* NULL, "" or "1": every CPU kernel of ours this CPU can run; "0": none (ggml's ops
-                                  only); or a comma list of "attn", "gemm", "gelu", "xattn" */
+                                  only); or a comma list of "attn", "gemm", "gelu", "xattn", "qmm", "amx",
+                                  "fuse" (q/k/v and gate/up as one product each where the model holds them so) */
     const char * profile_path; /* NULL or "": off; else per-op timings are written here as TSV when the context is
                                   freed (ignored while dump_dir is set) */
     int32_t n_seq_max;         /* sequences held at once, each with its own n_ctx cache cells, 1 to 256; <= 0: 1 */

@@ -90,6 +90,7 @@ bool cpu_kernel_available(cpu_kernel k) {
         case cpu_kernel::gemm:
         case cpu_kernel::gelu:
         case cpu_kernel::xattn: return kernel_family() != cpu_family::none;  // AVX-512 BF16 or AVX2
+        case cpu_kernel::fuse: return true;
         default: return cpu_kernels_available();
     }
 }
@@ -98,7 +99,7 @@ bool cpu_kernel_available(cpu_kernel k) {
 bool cpu_kernels_available() { return false; }
 bool avx2_kernels_available() { return false; }
 cpu_family kernel_family() { return cpu_family::none; }
-bool cpu_kernel_available(cpu_kernel) { return false; }
+bool cpu_kernel_available(cpu_kernel k) { return k == cpu_kernel::fuse; }  // fuse: any CPU
 bool amx_tiles_available() { return false; }
 bool amx_tiles_hardware() { return false; }
 bool amx_tiles_emulated() { return false; }
@@ -144,7 +145,7 @@ static constexpr struct {
     cpu_kernel kernel;
 } k_kernel_names[] = {
     {"attn", cpu_kernel::attn}, {"gemm", cpu_kernel::gemm}, {"gelu", cpu_kernel::gelu}, {"xattn", cpu_kernel::xattn},
-    {"qmm", cpu_kernel::qmm}, {"amx", cpu_kernel::amx}};
+    {"qmm", cpu_kernel::qmm}, {"amx", cpu_kernel::amx}, {"fuse", cpu_kernel::fuse}};
 
 cpu_kernel_set kernels_for_compute(cpu_kernel_set allowed, bool compute_on_cpu) {
     return compute_on_cpu ? allowed : cpu_kernel_set{};

@@ -38,11 +38,13 @@ bool avx2_kernels_available();
 enum class cpu_family { none, avx2, avx512_bf16 };
 cpu_family kernel_family();
 
-enum class cpu_kernel : uint32_t { attn = 1, gemm = 2, gelu = 4, xattn = 8, qmm = 16, amx = 32 };
+// fuse is no kernel of its own: the text layers' q, k, v and gate, up multiplied as one matrix each where the
+// model holds them fused (model/placement.h's fuse_projections), by whichever product takes that matrix.
+enum class cpu_kernel : uint32_t { attn = 1, gemm = 2, gelu = 4, xattn = 8, qmm = 16, amx = 32, fuse = 64 };
 
 // The CPU has what this kernel needs: qmm, the AVX2 family or the AVX-512 BF16 one with VNNI (int8 dot
-// products); amx, amx_tiles_available(); attn, gemm, gelu and xattn, a kernel_family(); the others,
-// cpu_kernels_available().
+// products); amx, amx_tiles_available(); attn, gemm, gelu and xattn, a kernel_family(); fuse, nothing (every
+// CPU and build); the others, cpu_kernels_available().
 bool cpu_kernel_available(cpu_kernel k);
 
 // AMX tiles may run: an AVX-512 BF16 CPU with AMX-TILE and AMX-BF16 whose OS saves tile state and
@@ -66,11 +68,11 @@ struct cpu_kernel_set {
 cpu_kernel_set kernels_for_compute(cpu_kernel_set allowed, bool compute_on_cpu);
 
 // "attn", "gemm", "gelu", "xattn", "qmm", "amx" (the attn and gemm kernels, and prefill's Q4_K products, on AMX
-// tiles).
+// tiles), "fuse".
 const char * cpu_kernel_name(cpu_kernel kernel);
 
 // NULL, "" or "1": all; "0": none (ggml's ops only); otherwise a comma list of "attn", "gemm",
-// "gelu", "xattn", "qmm", "amx" (for A/B checks one kernel at a time). An unknown name fails with
+// "gelu", "xattn", "qmm", "amx", "fuse" (for A/B checks one kernel at a time). An unknown name fails with
 // MLLAMA_ERR_INVALID_ARGUMENT naming it and the valid names.
 cpu_kernel_set parse_cpu_kernels(const char * spec);
 

@@ -184,6 +184,7 @@ std::unique_ptr<mllama_model> load_model(const char * path, const char * project
     read_gates(m->text, m->vision, m->conv.gates_pretanh);
     fill_info(*m);
     if (m->conv.cross_qk_permuted) permute_cross_norms(*m);
+    m->n_fused = fuse_projections(*m);
     report_placement(*m);
     bound_rpc_calls(m->plan);
     m->plan.rpc_anchors.clear();  // the weights' buffers hold the connections now

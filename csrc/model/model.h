@@ -37,6 +37,7 @@ struct mllama_model {
     std::vector<ggml_backend_buffer *> buffers;          // weight data
     std::map<std::string, ggml_tensor *> tensors;        // every loaded weight by GGUF name
     std::map<std::string, mllama::file_span> repacked;   // weights in ggml's repacked CPU layout: their file bytes
+    int n_fused = 0;                                     // matrix groups multiplied as one (fuse_projections)
 
     mllama_model() = default;
     ~mllama_model();

@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
 #include <vector>
 
 namespace mllama {
@@ -129,6 +131,55 @@ void permute_cross_norms(mllama_model & m) {
         m.buffers.push_back(buf);
         for (auto & [t, v] : values) ggml_backend_tensor_set(t, v.data(), 0, v.size() * sizeof(float));
     }
+}
+
+// parts[0..n) lie one after the other in one CPU_REPACK buffer, with one type and input size: the longest such prefix.
+static int adjacent_prefix(const std::vector<ggml_tensor *> & parts) {
+    ggml_tensor * first = parts[0];
+    if (!first || !first->buffer || std::strcmp(ggml_backend_buffer_name(first->buffer), "CPU_REPACK") != 0) return 0;
+    int n = 1;
+    for (; n < static_cast<int>(parts.size()); ++n) {
+        const ggml_tensor * prev = parts[n - 1], * t = parts[n];
+        if (!t || t->buffer != first->buffer || t->type != first->type || t->ne[0] != first->ne[0] ||
+            static_cast<const uint8_t *>(t->data) != static_cast<const uint8_t *>(prev->data) + ggml_nbytes(prev)) {
+            break;
+        }
+    }
+    return n;
+}
+
+// A [K, sum of M] tensor over parts' data (their adjacent prefix), or an empty fused_w where it has one part.
+static fused_w fuse(ggml_context * ctx, const std::vector<ggml_tensor *> & parts, const char * name) {
+    const int n = adjacent_prefix(parts);
+    if (n < 2) return {};
+    int64_t rows = 0;
+    for (int i = 0; i < n; ++i) rows += parts[i]->ne[1];
+    ggml_tensor * t = ggml_new_tensor_2d(ctx, parts[0]->type, parts[0]->ne[0], rows);  // [K, M_0 + ... + M_n-1]
+    ggml_set_name(t, name);
+    // the buffer's init_tensor gives it the repacked layout's traits, as it gave each part
+    if (ggml_backend_tensor_alloc(parts[0]->buffer, t, parts[0]->data) != GGML_STATUS_SUCCESS) {
+        fail(MLLAMA_ERR_BACKEND, "cannot place the fused matrix '%s'", name);
+    }
+    return {t, n};
+}
+
+int fuse_projections(mllama_model & m) {
+    ggml_context * ctx = new_descriptor_context(2 * m.text.layers.size());
+    m.contexts.push_back(ctx);
+    int n_groups = 0;
+    for (size_t il = 0; il < m.text.layers.size(); ++il) {
+        text_layer_w & l = m.text.layers[il];
+        char name[GGML_MAX_NAME];
+        if (!l.is_cross) {
+            std::snprintf(name, sizeof(name), "blk.%zu.attn_qkv (fused)", il);
+            l.self.qkv = fuse(ctx, {l.self.wq, l.self.wk, l.self.wv}, name);
+            n_groups += l.self.qkv.w != nullptr;
+        }
+        std::snprintf(name, sizeof(name), "blk.%zu.ffn_gate_up (fused)", il);
+        l.ffn.gate_up = fuse(ctx, {l.ffn.gate, l.ffn.up}, name);
+        n_groups += l.ffn.gate_up.w != nullptr;
+    }
+    return n_groups;
 }
 
 }  // namespace mllama

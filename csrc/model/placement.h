@@ -40,4 +40,11 @@ void allocate(mllama_model & m, ggml_context * ctx, ggml_backend_device * dev, b
 // the norms the same permutation, so the normalized q.k products equal the reference's.
 void permute_cross_norms(mllama_model & m);
 
+// The text layers' q, k, v and gate, up matrices, where they lie one after the other in one buffer of ggml's
+// CPU_REPACK type with the same type and input size (the loader places a buffer's weights in the order they were
+// declared), each group viewed as one matrix (self_attn_w::qkv, ffn_w::gate_up): the decoder multiplies a group
+// in one product (one pass over the weights, one quantization or rounding of the rows, one barrier of the
+// threads). Each output channel is computed as it would be alone. Returns the number of groups.
+int fuse_projections(mllama_model & m);
+
 }  // namespace mllama

@@ -49,8 +49,17 @@ struct vision_w {
     float pos_gate_tanh = 0.0f, pre_tile_gate_tanh = 0.0f, post_tile_gate_tanh = 0.0f;
 };
 
+// Matrices that take the same input, multiplied as one (placement.h's fuse_projections): a [K, M_0 + M_1 + ...]
+// tensor over the data of the first n_parts of them, which lie one after the other in ggml's repacked CPU buffer;
+// w is nullptr where fewer than two do.
+struct fused_w {
+    ggml_tensor * w = nullptr;
+    int n_parts = 0;
+};
+
 struct self_attn_w {
     ggml_tensor * wq = nullptr, * wk = nullptr, * wv = nullptr, * wo = nullptr;
+    fused_w qkv;  // q, k (and v)
 };
 
 struct cross_attn_w {
@@ -62,6 +71,7 @@ struct cross_attn_w {
 
 struct ffn_w {
     ggml_tensor * gate = nullptr, * up = nullptr, * down = nullptr;
+    fused_w gate_up;  // gate and up
 };
 
 struct text_layer_w {

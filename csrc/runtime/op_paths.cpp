@@ -131,6 +131,13 @@ static std::string q4k_path(const mllama_context & c) {
     return out;
 }
 
+// The groups of text matrices multiplied as one (model/placement.h's fuse_projections), where the context may.
+static std::string fused_path(const mllama_context & c) {
+    if (c.model->n_fused == 0 || !c.kernels.may_run(cpu_kernel::fuse)) return "";
+    return "; q, k, v and gate, up as one product each where adjacent in the repacked buffer (" +
+           std::to_string(c.model->n_fused) + " groups)";
+}
+
 // The kernel family's name for an op without AMX tiles ("(x86 AVX512-BF16)", "(x86 AVX2)").
 static std::string family() { return kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX512-BF16)"; }
 // The cross-attention's block step: AVX-512 (F32 FMAs, no BF16) in the AVX-512 BF16 family, else AVX2.
@@ -189,7 +196,7 @@ std::string op_paths(const mllama_context & c) {
                                          : ggml_cpu + ": flash_attn_ext") +
            line("self-attention", ggml_cpu + ": flash_attn_ext") +
            line("text matrices", ggml_cpu + ": mul_mat; in ggml's extra CPU layouts: " +
-                                    (repacked.empty() ? "none" : repacked) + q4k_path(c)) +
+                                    (repacked.empty() ? "none" : repacked) + q4k_path(c) + fused_path(c)) +
            line("text matrices q6_K in the file layout", q6k_path(c, ggml_cpu)) + prefill_path(c) + others;
 }
 
