@@ -106,7 +106,8 @@ def test_attention_skips_the_key_blocks_the_mask_hides_exactly(attn_driver, d, h
 
 @pytest.fixture(scope="module")
 def xattn_driver(tmp_path_factory):
-    return build_kernel_driver(tmp_path_factory.mktemp("xattn") / "xattn", "xattn", ["xattn", "xattn_avx2", "xattn_avx512"])
+    return build_kernel_driver(tmp_path_factory.mktemp("xattn") / "xattn", "xattn",
+                               ["xattn", "xattn_avx2", "xattn_avx512"])
 
 
 def assert_both_xattn_forms_within_bound(fields: dict) -> None:

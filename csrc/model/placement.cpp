@@ -141,6 +141,7 @@ static int adjacent_prefix(const std::vector<ggml_tensor *> & parts) {
     for (; n < static_cast<int>(parts.size()); ++n) {
         const ggml_tensor * prev = parts[n - 1], * t = parts[n];
         if (!t || t->buffer != first->buffer || t->type != first->type || t->ne[0] != first->ne[0] ||
+            t->extra != first->extra ||  // the same repacked layout (ggml picks one by type and rows)
             static_cast<const uint8_t *>(t->data) != static_cast<const uint8_t *>(prev->data) + ggml_nbytes(prev)) {
             break;
         }
@@ -148,7 +149,8 @@ static int adjacent_prefix(const std::vector<ggml_tensor *> & parts) {
     return n;
 }
 
-// A [K, sum of M] tensor over parts' data (their adjacent prefix), or an empty fused_w where it has one part.
+// A [K, sum of M] tensor over parts' data (their adjacent prefix), or an empty fused_w where it has one part or
+// where ggml would give the whole another repacked layout than its parts (it picks one by the number of rows).
 static fused_w fuse(ggml_context * ctx, const std::vector<ggml_tensor *> & parts, const char * name) {
     const int n = adjacent_prefix(parts);
     if (n < 2) return {};
@@ -156,11 +158,11 @@ static fused_w fuse(ggml_context * ctx, const std::vector<ggml_tensor *> & parts
     for (int i = 0; i < n; ++i) rows += parts[i]->ne[1];
     ggml_tensor * t = ggml_new_tensor_2d(ctx, parts[0]->type, parts[0]->ne[0], rows);  // [K, M_0 + ... + M_n-1]
     ggml_set_name(t, name);
-    // the buffer's init_tensor gives it the repacked layout's traits, as it gave each part
+    // the buffer's init_tensor gives it its repacked layout (extra); a descriptor left unused costs nothing
     if (ggml_backend_tensor_alloc(parts[0]->buffer, t, parts[0]->data) != GGML_STATUS_SUCCESS) {
         fail(MLLAMA_ERR_BACKEND, "cannot place the fused matrix '%s'", name);
     }
-    return {t, n};
+    return t->extra == parts[0]->extra ? fused_w{t, n} : fused_w{};
 }
 
 int fuse_projections(mllama_model & m) {

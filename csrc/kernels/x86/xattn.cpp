@@ -88,7 +88,8 @@ void attend_heads(ggml_tensor * dst, const shape & s, group_block_fn group_block
 // thread one (a decode batch of 8 rows on 16 threads: chunks of 4; one row: the heads split across threads).
 void attend(ggml_tensor * dst, int ith, int nth, void *) {
     const shape s = shape_of(dst->src[0], dst->src[1]);
-    const group_block_fn group_block = kernel_family() == cpu_family::avx512_bf16 ? group_block_avx512 : group_block_avx2;
+    const group_block_fn group_block =
+        kernel_family() == cpu_family::avx512_bf16 ? group_block_avx512 : group_block_avx2;
     const int64_t chunk = std::clamp<int64_t>(s.T * s.Hkv / nth, 1, k_token_chunk);
     const int64_t n_chunks = (s.T + chunk - 1) / chunk;
     const int64_t total = s.Hkv * n_chunks, per = (total + nth - 1) / nth;

@@ -46,7 +46,8 @@ struct live_keys {
 };
 
 // Keys j0..j0+n of the mask row that are not -inf (F16C: both forms' targets have it).
-__attribute__((target("f16c"))) inline void collect_live(const ggml_fp16_t * mrow, int64_t j0, int64_t n, live_keys & keys) {
+__attribute__((target("f16c"))) inline void collect_live(const ggml_fp16_t * mrow, int64_t j0, int64_t n,
+                                                        live_keys & keys) {
     keys.n = 0;
     for (int64_t j = j0; j < j0 + n; ++j) {
         const float bias = _cvtsh_ss(mrow[j]);
@@ -84,11 +85,11 @@ struct next_rows {
 // j0..j0+n; mrow: the token's mask row (-inf: the key is skipped); next_live: which rows of the next block some
 // token sees, prefetched into L2 during the scores (once per block for the tokens that walk it together; null: none).
 // dst->src = {q, k, v, mask}.
-using group_block_fn = void (*)(const ggml_tensor * dst, const shape & s, int64_t h, const ggml_fp16_t * mrow, int64_t j0,
-                                int64_t n, query_state * qs, const bool * next_live);
-void group_block_avx2(const ggml_tensor * dst, const shape & s, int64_t h, const ggml_fp16_t * mrow, int64_t j0, int64_t n,
-                      query_state * qs, const bool * next_live);
-void group_block_avx512(const ggml_tensor * dst, const shape & s, int64_t h, const ggml_fp16_t * mrow, int64_t j0, int64_t n,
-                        query_state * qs, const bool * next_live);
+using group_block_fn = void (*)(const ggml_tensor * dst, const shape & s, int64_t h, const ggml_fp16_t * mrow,
+                                int64_t j0, int64_t n, query_state * qs, const bool * next_live);
+void group_block_avx2(const ggml_tensor * dst, const shape & s, int64_t h, const ggml_fp16_t * mrow, int64_t j0,
+                      int64_t n, query_state * qs, const bool * next_live);
+void group_block_avx512(const ggml_tensor * dst, const shape & s, int64_t h, const ggml_fp16_t * mrow, int64_t j0,
+                        int64_t n, query_state * qs, const bool * next_live);
 
 }  // namespace mllama::xattn

@@ -33,10 +33,13 @@ MLLAMA_AVX512_TARGET inline __m512 totals(const __m512 a[16]) {
         x[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
     for (int i = 0; i < 4; ++i) {
         const __m512d lo = _mm512_castps_pd(x[2 * i]), hi = _mm512_castps_pd(x[2 * i + 1]);
-        z[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi)), _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi)));
+        z[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi)));
     }
-    for (int i = 0; i < 2; ++i)
-        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(z[2 * i], z[2 * i + 1], 0x88), _mm512_shuffle_f32x4(z[2 * i], z[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; ++i) {  // 128-bit lanes: 0x88 takes 0 and 2 of each, 0xDD 1 and 3
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(z[2 * i], z[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(z[2 * i], z[2 * i + 1], 0xDD));
+    }
     return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
 }
 
@@ -61,10 +64,10 @@ MLLAMA_AVX512_TARGET inline __m512 scores4(const float * const q[k_quad], const 
 // p[i] = the quad's scores of live key i, four keys a register (keys.n rounded up to 4: the padding's copies of
 // the last key have bias -inf, so probability 0); the next block's rows prefetched along the way (next: null for
 // none).
-MLLAMA_AVX512_TARGET void quad_scores(const ggml_tensor * k, int64_t h, const live_keys & keys, const float * const q[k_quad],
-                                      int64_t D, float (*p)[k_quad], next_rows * next) {
+MLLAMA_AVX512_TARGET void quad_scores(const ggml_tensor * k, int64_t h, const live_keys & keys,
+                                      const float * const q[k_quad], int64_t D, float (*p)[k_quad], next_rows * next) {
     const int64_t n_groups = (keys.n + 3) / 4, per_group = next ? (next->n + n_groups - 1) / n_groups : 0;
-    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);  // key i's bias to its 4 lanes
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);  // key i's bias: 4 lanes
     for (int64_t i = 0; i < keys.n; i += 4) {
         if (next) next->prefetch_until(next->done + per_group);
         const ggml_fp16_t * rows[4];
@@ -76,7 +79,8 @@ MLLAMA_AVX512_TARGET void quad_scores(const ggml_tensor * k, int64_t h, const li
 
 // The online-softmax step of the quad's n_heads live heads over n_keys keys (a multiple of 4): new maxima, old
 // sums rescaled, p[i] turned into probabilities.
-MLLAMA_AVX512_TARGET void quad_softmax(query_state * qs, int64_t n_heads, int64_t n_keys, int64_t D, float (*p)[k_quad]) {
+MLLAMA_AVX512_TARGET void quad_softmax(query_state * qs, int64_t n_heads, int64_t n_keys, int64_t D,
+                                       float (*p)[k_quad]) {
     __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int64_t i = 0; i < n_keys; i += 4) mx = _mm512_max_ps(mx, _mm512_load_ps(p[i]));
     const __m256 m8 = _mm256_max_ps(_mm512_castps512_ps256(mx), _mm512_extractf32x8_ps(mx, 1));
@@ -146,8 +150,9 @@ MLLAMA_AVX512_TARGET void quad_values(const ggml_tensor * v, int64_t h, const li
 
 }  // namespace
 
-MLLAMA_AVX512_TARGET void group_block_avx512(const ggml_tensor * dst, const shape & s, int64_t h, const ggml_fp16_t * mrow,
-                                             int64_t j0, int64_t n, query_state * qs, const bool * next_live) {
+MLLAMA_AVX512_TARGET void group_block_avx512(const ggml_tensor * dst, const shape & s, int64_t h,
+                                             const ggml_fp16_t * mrow, int64_t j0, int64_t n, query_state * qs,
+                                             const bool * next_live) {
     live_keys keys;
     collect_live(mrow, j0, n, keys);
     // the next block's rows of this head, into L2 while this block computes (xattn.h)
