@@ -21,15 +21,19 @@ WITHOUT_FUSE = "attn,gemm,gelu,xattn,qmm,amx"
 PROMPT = [128000, 9906, 1917] + list(range(1000, 1037))  # 40 rows: prefill's tile product from 32 rows on AMX
 
 
-@pytest.fixture(scope="module")
-def q4km(tmp_path_factory):
-    return write_synthetic_gguf(tmp_path_factory.mktemp("fuse") / "q4km.gguf", TEXT, VISION, type="q4_k_m",
-                                vision_type="bf16")
-
-
 def fused_line(path, **options) -> str:
     with mllama.Model(path, **options) as model:
         return model.op_paths()["text matrices"]
+
+
+@pytest.fixture(scope="module")
+def q4km(tmp_path_factory):
+    path = write_synthetic_gguf(tmp_path_factory.mktemp("fuse") / "q4km.gguf", TEXT, VISION, type="q4_k_m",
+                                vision_type="bf16")
+    if "CPU_REPACK" not in fused_line(path, cpu_kernels="0"):  # ggml repacks Q4_K for AVX2 (x86) and some ARM cores
+        pytest.skip("ggml keeps this CPU's Q4_K weights in the file layout: nothing is fused (the tests would compare "
+                    "a path with itself)")
+    return path
 
 
 def test_groups_fused_where_adjacent_and_allowed(q4km, monkeypatch):

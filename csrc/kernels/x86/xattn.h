@@ -16,6 +16,8 @@
 namespace mllama::xattn {
 
 constexpr int64_t k_block = 64;  // keys per softmax step
+// Query heads per pass of both forms: one key's scores of a quad fill half a ymm (AVX2), four keys' a zmm (AVX-512).
+constexpr int64_t k_quad = 4;
 static_assert(k_block % 4 == 0, "the AVX-512 form takes keys in fours");
 
 struct shape {
@@ -78,6 +80,31 @@ struct next_rows {
                 _mm_prefetch(vr + line, _MM_HINT_T1);
             }
         }
+    }
+};
+
+// What both forms' block steps begin with: the block's live keys (keys) and the next block's rows of head h to
+// prefetch during the scores (next; none without next_live). A block with no live key prefetches them at once and
+// gives false: nothing to compute.
+__attribute__((target("f16c"))) inline bool begin_block(const ggml_tensor * dst, const shape & s, int64_t h,
+                                                       const ggml_fp16_t * mrow, int64_t j0, int64_t n,
+                                                       const bool * next_live, live_keys & keys, next_rows & next) {
+    collect_live(mrow, j0, n, keys);
+    // rows 2 KiB apart or more: the hardware prefetcher left the kernel waiting on them
+    next = {dst->src[1], dst->src[2], h, j0 + n, next_live ? std::clamp<int64_t>(s.n_kv - j0 - n, 0, n) : 0, next_live};
+    if (keys.n > 0) return true;
+    next.prefetch_until(next.n);
+    return false;
+}
+
+// Query heads g0..g0 + k_quad of a group of G (qs), a block step's quad; a missing head's query repeats the first.
+struct quad_heads {
+    query_state * heads;
+    int64_t n_heads;
+    const float * q[k_quad];
+
+    quad_heads(query_state * qs, int64_t g0, int64_t G) : heads(qs + g0), n_heads(std::min(k_quad, G - g0)) {
+        for (int64_t g = 0; g < k_quad; ++g) q[g] = heads[g < n_heads ? g : 0].q;
     }
 };
 

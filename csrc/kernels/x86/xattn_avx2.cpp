@@ -18,8 +18,6 @@
 namespace mllama::xattn {
 namespace {
 
-constexpr int64_t k_quad = 4;  // query heads per pass: one key's scores of a quad fill half a ymm
-
 MLLAMA_AVX2_TARGET inline __m256 widen(const ggml_fp16_t * x) {  // 8 F16 -> 8 F32
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(x)));
 }
@@ -127,24 +125,14 @@ MLLAMA_AVX2_TARGET void quad_values(const ggml_tensor * v, int64_t h, const live
 MLLAMA_AVX2_TARGET void group_block_avx2(const ggml_tensor * dst, const shape & s, int64_t h, const ggml_fp16_t * mrow,
                                          int64_t j0, int64_t n, query_state * qs, const bool * next_live) {
     live_keys keys;
-    collect_live(mrow, j0, n, keys);
-    // the next block's rows of this head, into L2 while this block computes (rows 2 KiB apart or more: the
-    // hardware prefetcher left the kernel waiting on them)
-    next_rows next{dst->src[1], dst->src[2], h, j0 + n, next_live ? std::clamp<int64_t>(s.n_kv - j0 - n, 0, n) : 0,
-                   next_live};
-    if (keys.n == 0) {
-        next.prefetch_until(next.n);
-        return;
-    }
+    next_rows next{};
+    if (!begin_block(dst, s, h, mrow, j0, n, next_live, keys, next)) return;
     alignas(32) float p[k_block + 1][k_quad];  // key i's scores, then probabilities, of the quad's heads
     for (int64_t g0 = 0; g0 < s.G; g0 += k_quad) {
-        query_state * quad = qs + g0;
-        const int64_t n_heads = std::min(k_quad, s.G - g0);
-        const float * q[k_quad];
-        for (int64_t g = 0; g < k_quad; ++g) q[g] = quad[g < n_heads ? g : 0].q;  // a missing head repeats the first
-        quad_scores(dst->src[1], h, keys, q, s.D, p, g0 == 0 && next.n > 0 ? &next : nullptr);
-        quad_softmax(quad, n_heads, keys.n, s.D, p);
-        quad_values(dst->src[2], h, keys, quad, n_heads, s.D, p);
+        const quad_heads quad(qs, g0, s.G);
+        quad_scores(dst->src[1], h, keys, quad.q, s.D, p, g0 == 0 && next.n > 0 ? &next : nullptr);
+        quad_softmax(quad.heads, quad.n_heads, keys.n, s.D, p);
+        quad_values(dst->src[2], h, keys, quad.heads, quad.n_heads, s.D, p);
     }
 }
 
