@@ -27,8 +27,16 @@ QMM_FORMS = [pytest.param("avx512_vnni", marks=pytest.mark.skipif(not VNNI, reas
              pytest.param("avx2", marks=pytest.mark.skipif(not AVX2, reason="this build or CPU has no AVX2 kernels"))]
 
 
-def qmm_form_env(form: str) -> dict:
-    return {**os.environ, "MLLAMA_AVX512": "0"} if form == "avx2" else dict(os.environ)
+def qmm_form_env(form: str, prefetch_l1: str | None = None) -> dict:
+    env = {**os.environ, "MLLAMA_AVX512": "0"} if form == "avx2" else dict(os.environ)
+    return env if prefetch_l1 is None else {**env, "MLLAMA_PREFETCH_L1": prefetch_l1}
+
+
+# The Q4_K kernel's AVX-512 form prefetches its weights into L2 only (off Intel) or into L1 too (on Intel);
+# MLLAMA_PREFETCH_L1 picks either on any CPU, so both variants are checked everywhere (the AVX2 form has one).
+Q4K_FORMS = [pytest.param("avx512_vnni", "0", marks=QMM_FORMS[0].marks),
+             pytest.param("avx512_vnni", "1", marks=QMM_FORMS[0].marks),
+             pytest.param("avx2", None, marks=QMM_FORMS[1].marks)]
 
 
 def build_qmm_driver(out: Path) -> Path:
@@ -127,10 +135,10 @@ def q4k_driver(tmp_path_factory):
     return build_kernel_driver(tmp_path_factory.mktemp("q4k") / "qmm_q4k", "qmm_q4k", ["qmm_q4k_avx2", "qmm_q4k_avx512"])
 
 
-@pytest.mark.parametrize("form", QMM_FORMS)
+@pytest.mark.parametrize("form,prefetch_l1", Q4K_FORMS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("k,m,threads", [(256, 8, 2), (512, 16, 2), (4096, 40, 2), (1024, 96, 3), (14336, 24, 2)])
-def test_q4k_kernel_matches_ggml_repacked_mul_mat(q4k_driver, k, m, threads, rows, form):
+def test_q4k_kernel_matches_ggml_repacked_mul_mat(q4k_driver, k, m, threads, rows, form, prefetch_l1):
     """The Q4_K kernel on ggml's repacked layout (CPU_REPACK's block_q4_Kx8, ggml's own repacking) against
     ggml's mul_mat on the same tensor, random blocks (every bit pattern of quants and packed 6-bit scales
     and mins) and rows (one 256-block all zeros), 2 or 3 threads (M = 96: 12 groups of 8 channels, claimed in
@@ -139,9 +147,10 @@ def test_q4k_kernel_matches_ggml_repacked_mul_mat(q4k_driver, k, m, threads, row
     roundings of 2^-24 per output: NMSE ~1e-14, measured up to 1.3e-13), so 1e-10 holds with room while a
     wrong scale, min, channel or activation offset gives 1e-3 to 0.5 (checked by mutation). ggml's own
     product on the file layout agrees with its repacked one just as closely (plain_nmse). The two forms
-    have the same integer sums and float steps: their results are equal bit for bit."""
+    have the same integer sums and float steps: their results are equal bit for bit. The AVX-512 form runs with
+    and without its L1 prefetches (Q4K_FORMS)."""
     proc = subprocess.run([str(q4k_driver), str(k), str(m), str(rows), str(threads)], capture_output=True, text=True,
-                          timeout=120, env=qmm_form_env(form))
+                          timeout=120, env=qmm_form_env(form, prefetch_l1))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not proc.stdout.startswith("skip"), proc.stdout
     assert proc.stdout.startswith(f"form={form.split('_')[0]}\n"), proc.stdout

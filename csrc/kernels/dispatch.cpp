@@ -79,6 +79,16 @@ bool amx_tiles_emulated() {  // read at each use (a test switches it within one 
 
 bool amx_tiles_available() { return cpu_kernels_available() && (amx_tiles_emulated() || amx_tiles_hardware()); }
 
+bool weights_prefetch_l1() {
+    static const bool intel = [] {
+        unsigned a = 0, vendor[3] = {0, 0, 0};
+        if (!__get_cpuid(0, &a, &vendor[0], &vendor[2], &vendor[1])) return false;  // EBX, EDX, ECX: the name
+        return std::memcmp(vendor, "GenuineIntel", sizeof(vendor)) == 0;
+    }();
+    const char * v = std::getenv("MLLAMA_PREFETCH_L1");  // read at each use: a bench switches it between steps
+    return v && (std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0) ? v[0] == '1' : intel;
+}
+
 bool cpu_kernel_available(cpu_kernel k) {
     static const bool vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
@@ -103,6 +113,7 @@ bool cpu_kernel_available(cpu_kernel k) { return k == cpu_kernel::fuse; }  // fu
 bool amx_tiles_available() { return false; }
 bool amx_tiles_hardware() { return false; }
 bool amx_tiles_emulated() { return false; }
+bool weights_prefetch_l1() { return false; }
 
 // The kernels' entry points, for the graphs to link on other processors: never reached, since no
 // kernel may run where cpu_kernels_available() is false.

@@ -1,9 +1,11 @@
 """The environment, read in one place. Every MLLAMA_* variable the package honours is listed here and
 read when a Model (or a command) starts, never deep inside the runtime; explicit arguments win.
 
-Two test switches are the exception, read by the native library where it picks a CPU kernel family
-(csrc/kernels/dispatch.cpp), so that one process can test several: MLLAMA_AVX512=0 (an AVX-512 CPU runs
-the kernels' AVX2 forms) and MLLAMA_AMX_EMULATE=1 (the AMX tile kernels run on emulated tiles)."""
+Three test and bench switches are the exception, read by the native library where it picks a CPU kernel
+family or form (csrc/kernels/dispatch.cpp), so that one process can test several: MLLAMA_AVX512=0 (an AVX-512
+CPU runs the kernels' AVX2 forms), MLLAMA_AMX_EMULATE=1 (the AMX tile kernels run on emulated tiles) and
+MLLAMA_PREFETCH_L1=0 or 1 (the Q4_K kernel's AVX-512 form prefetches its weights into L1 too, or not: by default
+on Intel CPUs only)."""
 
 from __future__ import annotations
 

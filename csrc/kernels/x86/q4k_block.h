@@ -100,9 +100,10 @@ MLLAMA_AVX2_TARGET inline void prefetch_ahead(const q4kx8_block & blk) {  // 115
     q6k::prefetch_lines(&blk, 18, k_prefetch_blocks * sizeof(q4kx8_block), k_prefetch_l2_blocks * sizeof(q4kx8_block));
 }
 
-// The AVX-512 form: into L2 only, 24 blocks ahead (its L1 prefetches cost 15 of its 112 cycles per block at one
-// row; on Zen 4, 2 threads, without them 1 row read the weights at 40-46 GB/s where it had read 35-39 and 8 rows
-// took 3% less time, 4 and 64 rows alike; the AVX2 form and the Q6_K kernel gained nothing: bench/README.md).
+// The AVX-512 form off Intel: into L2 only, 24 blocks ahead (its L1 prefetches cost 15 of its 112 cycles per block at
+// one row; on Zen 4, 2 threads, without them 1 row read the weights at 40-46 GB/s where it had read 35-39 and 8 rows
+// took 3% less time, 4 and 64 rows alike; the AVX2 form and the Q6_K kernel gained nothing: bench/README.md). On
+// Intel it prefetches as the AVX2 form does (weights_prefetch_l1 in kernels/dispatch.h).
 MLLAMA_AVX2_TARGET inline void prefetch_ahead_l2(const q4kx8_block & blk) {
     q6k::prefetch_lines_l2(&blk, 18, k_prefetch_l2_blocks * sizeof(q4kx8_block));
 }

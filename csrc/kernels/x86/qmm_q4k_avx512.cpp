@@ -162,14 +162,17 @@ MLLAMA_VNNI_TARGET inline void chunk_block(int64_t n, const q4kx8_block & blk, c
     }
 }
 
-// One group of 8 channels against N rows (q4k::group_fn), k_row_chunk rows per pass over each block.
+// One group of 8 channels against N rows (q4k::group_fn), k_row_chunk rows per pass over each block; the weights
+// prefetched into L2, and into L1 too where L1 (weights_prefetch_l1()).
+template <bool L1>
 MLLAMA_VNNI_TARGET void group(const q4kx8_block * w, int64_t n_blocks, const q8k_block * const * x,
                               const float * const * d, int64_t N, float * out) {
     block_factors f;
     __m256 acc[k_q4k_max_rows];
     for (int64_t r = 0; r < N; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n_blocks; ++b) {
-        q4k::prefetch_ahead_l2(w[b]);
+        if constexpr (L1) q4k::prefetch_ahead(w[b]);
+        else q4k::prefetch_ahead_l2(w[b]);
         factors(w[b], f);
         for (int64_t r = 0; r < N; r += k_row_chunk) {
             chunk_block(std::min<int64_t>(k_row_chunk, N - r), w[b], f, x + r, d + r, b, acc + r);
@@ -180,7 +183,8 @@ MLLAMA_VNNI_TARGET void group(const q4kx8_block * w, int64_t n_blocks, const q8k
 
 // userdata: W [K, M] in the repacked layout.
 void product(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    q4k::for_each_group(static_cast<const ggml_tensor *>(userdata), dst, ith, nth, group, k_q4k_max_rows);
+    q4k::for_each_group(static_cast<const ggml_tensor *>(userdata), dst, ith, nth,
+                        weights_prefetch_l1() ? group<true> : group<false>, k_q4k_max_rows);
 }
 
 }  // namespace
