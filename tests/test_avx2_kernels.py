@@ -107,33 +107,44 @@ def test_attention_skips_the_key_blocks_the_mask_hides_exactly(attn_driver, d, h
 @pytest.fixture(scope="module")
 def xattn_driver(tmp_path_factory):
     return build_kernel_driver(tmp_path_factory.mktemp("xattn") / "xattn", "xattn",
-                               ["xattn", "xattn_avx2", "xattn_avx512"])
+                               ["xattn", "xattn_avx2", "xattn_avx512", "xattn_amx"])
 
 
-def assert_both_xattn_forms_within_bound(fields: dict) -> None:
-    """The AVX2 form always; the AVX-512 form where the AVX-512 BF16 family runs, and only there."""
+# The AMX tile path of the cross-attention runs on the hardware's tiles where the CPU has them, else on emulated
+# tiles (any AVX-512 BF16 CPU), so that its logic is checked on every such machine.
+XATTN_TILES_ENV = {} if ggml_features().get("AMX_TILE_KERNELS") == "1" else {"MLLAMA_AMX_EMULATE": "1"}
+
+
+def assert_both_xattn_forms_within_bound(fields: dict, d: int, t: int) -> None:
+    """The AVX2 form always; the AVX-512 form where the AVX-512 BF16 family runs, and only there; the AMX tiles
+    there from k_xattn_tile_min_tokens (16) tokens when D % 32 == 0, and only then."""
     assert float(fields["avx2"]) <= 1.0, fields
     avx512_family = ggml_features().get("AVX512_BF16_KERNELS") == "1"
     assert (fields["avx512"] != "none") == avx512_family, fields
     assert fields["avx512"] == "none" or float(fields["avx512"]) <= 1.0, fields
+    assert (fields["amx"] != "none") == (avx512_family and t >= 16 and d % 32 == 0), fields
+    assert fields["amx"] == "none" or float(fields["amx"]) <= 1.0, fields
 
 
 @needs_avx2
 @needs_cxx
 @pytest.mark.parametrize("d,hq,hkv,t,n_kv", [(128, 32, 8, 1, 1601), (64, 5, 1, 3, 130), (16, 3, 3, 2, 65),
                                              (128, 16, 1, 1, 200), (32, 8, 2, 4, 7), (256, 4, 2, 1, 300),
-                                             (128, 32, 8, 40, 400), (64, 8, 2, 70, 129), (96, 8, 2, 3, 150)])
+                                             (128, 32, 8, 40, 400), (64, 8, 2, 70, 129), (96, 8, 2, 3, 150),
+                                             (128, 32, 8, 16, 1601), (96, 5, 1, 19, 130), (32, 16, 2, 33, 200)])
 def test_decode_cross_attention_within_its_rounding_bound(xattn_driver, d, hq, hkv, t, n_kv):
     """The decode cross-attention's two block steps (AVX2 on every x86 CPU, AVX-512 where the AVX-512 BF16
     family runs) against the double-precision softmax on the same F16 keys and values, within the bound of F32
     scores, e^x and F32 sums (tests/c/xattn.cpp): the model's heads (32 over 8, 1601 keys), query groups of 1,
     2, 4, 5 and 16 heads (both forms take four at a time), live-key counts of every remainder mod 4 (the AVX-512
     form takes keys in fours), a block of 64 hidden keys, biases, a token that sees no key (zeros), head sizes 16
-    to 256 (the AVX-512 form's value sums 64 channels at a time, then 16), prefill's 40 and 70 tokens. Mutations
-    (a head's probabilities read for its neighbour's, a repeated key counted in the softmax sum, hidden keys not
-    skipped) give 130 to 1e30 times the bound."""
-    fields = run_driver(xattn_driver, d, hq, hkv, t, n_kv, 2)
-    assert_both_xattn_forms_within_bound(fields)
+    to 256 (the AVX-512 form's value sums 64 channels at a time, then 16), prefill's 16 to 70 tokens, which also
+    take the AMX tiles (their rows: G tokens' heads, 16 a tile, so a tile holds parts of several tokens when G = 5;
+    D = 96 and 32: value passes of 64 channels with padding). Mutations (a head's probabilities read for its
+    neighbour's, a repeated key counted in the softmax sum, hidden keys not skipped) give 130 to 1e30 times the
+    bound."""
+    fields = run_driver(xattn_driver, d, hq, hkv, t, n_kv, 2, env=XATTN_TILES_ENV)
+    assert_both_xattn_forms_within_bound(fields, d, t)
 
 
 @needs_avx2
@@ -143,8 +154,8 @@ def test_cross_attention_token_chunks_on_many_threads(xattn_driver, t, threads):
     """The kernel's work split on more threads than 2: tokens in chunks sized so that every thread gets a unit
     (8 tokens x 8 KV heads on 16 threads: chunks of 4; 5 tokens on 3 threads: 8; 40 on 16: 8, some threads
     with several chunks), the same bound as above: a token or head left out, or written twice, fails it."""
-    fields = run_driver(xattn_driver, 128, 32, 8, t, 400, threads)
-    assert_both_xattn_forms_within_bound(fields)
+    fields = run_driver(xattn_driver, 128, 32, 8, t, 400, threads, env=XATTN_TILES_ENV)
+    assert_both_xattn_forms_within_bound(fields, 128, t)
 
 
 @pytest.fixture

@@ -150,7 +150,8 @@ static ggml_tensor * cross_attention(ggml_context * ctx, const mllama_context & 
     // our kernel for every batch, prefill's too (1.7-2.0x ggml's flash attention at 64 tokens, 2.1-2.5x at 200)
     const bool ours =
         kernels.may_run(cpu_kernel::xattn) && image_cache_attention_supported(q, keys, vals, in.x_mask);
-    ggml_tensor * a = ours ? image_cache_attention(ctx, q, keys, vals, in.x_mask, scale)  // [n_embd, n]
+    ggml_tensor * a = ours ? image_cache_attention(ctx, q, keys, vals, in.x_mask, scale,
+                                                   kernels.may_run(cpu_kernel::amx))  // [n_embd, n]
                            : attention(ctx, {q, keys, vals, in.x_mask, scale});
     a = named(text_matmul(ctx, kernels, w.wo, a), prefix, "cross_out");
     return ggml_mul(ctx, a, in.x_rows);  // rows with no image receive nothing (Meta)

@@ -136,7 +136,7 @@ ggml_tensor * bf16_linear(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_ten
 bool image_cache_attention_supported(const ggml_tensor *, const ggml_tensor *, const ggml_tensor *, const ggml_tensor *) {
     return false;
 }
-ggml_tensor * image_cache_attention(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, ggml_tensor *, float) {
+ggml_tensor * image_cache_attention(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, ggml_tensor *, float, bool) {
     no_x86_kernels();
 }
 ggml_tensor * gelu_erf_fast(ggml_context *, ggml_tensor *) { no_x86_kernels(); }

@@ -141,9 +141,14 @@ bool image_cache_attention_supported(const ggml_tensor * q, const ggml_tensor * 
 // on Zen 4), F32 accumulation, grouped
 // query heads (query head i reads KV head i / (Hq / Hkv)). q: [D, Hq, T] F32; k, v: [D, Hkv, n_kv]
 // F16 (views allowed); mask: [n_kv, >= T] F16 additive, one row per token -> [D * Hq, T] F32
-// (a token whose keys are all masked gets zeros).
+// (a token whose keys are all masked gets zeros). tiles: from k_xattn_tile_min_tokens tokens, with D % 32 == 0, the
+// two products on AMX tiles where amx_tiles_available() (kernels/x86/xattn_amx.cpp: the query, the keys, the values
+// and the probabilities rounded to BF16).
 ggml_tensor * image_cache_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
-                                    ggml_tensor * mask, float scale);
+                                    ggml_tensor * mask, float scale, bool tiles);
+
+// Fewest tokens whose cross-attention goes to AMX tiles (prefill; below, the tiles' query rows are mostly padding).
+constexpr int64_t k_xattn_tile_min_tokens = 16;
 
 // Most rows (tokens) q6k_matmul multiplies in one pass over the weights (larger batches: passes of up to this
 // many rows, each over weights in L2), and the Q4_K kernel's AVX2 form's rows per pass.

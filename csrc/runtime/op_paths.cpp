@@ -153,6 +153,13 @@ static std::string vision_attention(const vision_options & opt, const std::strin
     return "mllama BF16 flash attention " + (opt.amx_attention ? on_tiles() : family());
 }
 
+// Prefill's cross-attention on AMX tiles (kernels/dispatch.h's image_cache_attention), where the context may and the
+// head size allows.
+static std::string xattn_tiles(const mllama_context & c) {
+    if (!c.kernels.may_run(cpu_kernel::amx) || !amx_tiles_available() || c.model->hp.text.n_embd_head % 32 != 0) return "";
+    return ", from " + std::to_string(k_xattn_tile_min_tokens) + " tokens " + on_tiles();
+}
+
 // The K and V projections of an image's tokens for the cross-attention layers.
 static std::string image_cross_kv(const mllama_model & m, const vision_options & opt, const std::string & ggml_cpu) {
     int total = 0;
@@ -192,7 +199,7 @@ std::string op_paths(const mllama_context & c) {
            line("vision linear layers", vision_gemm(opt, ggml_cpu)) +
            line("image cross-attention K/V", image_cross_kv(m, opt, ggml_cpu)) +
            line("vision GELU", opt.fast_gelu ? "mllama vectorized GELU " + family() : ggml_cpu + ": gelu_erf") +
-           line("cross-attention", xattn ? "mllama GQA kernel over the F16 image cache " + vector_form()
+           line("cross-attention", xattn ? "mllama GQA kernel over the F16 image cache " + vector_form() + xattn_tiles(c)
                                          : ggml_cpu + ": flash_attn_ext") +
            line("self-attention", ggml_cpu + ": flash_attn_ext") +
            line("text matrices", ggml_cpu + ": mul_mat; in ggml's extra CPU layouts: " +

@@ -6,18 +6,23 @@
 //
 // Inputs: q [D, Hq, T] F32 random normal (x2: peaked rows too), k and v [D, Hkv, n_kv] F16, mask
 // [n_kv, T] F16: key j of token t is hidden (-inf) when (7 j + t) % 5 == 0 or j lies in 64..127 (a
-// whole block with no live key), gets bias -2 when j % 11 == 0, else 0; the last token of T > 1 sees
+// whole block with no live key), gets bias 10 when j % 131 == 130 (after a block or more: every form must rescale
+// what it summed before), -2 when j % 11 == 0, else 0; the last token of T > 1 sees
 // no key (its output must be zeros). The kernel computes in F32 from the same F16 values, so per
 // output |o - o_ref| <= 2 [rel sum_j p_j |v_j| + N u max_j |v_j|] / sum_j p_j, where rel = 2 gamma_D S
 // (S = max_j sum_d |q_d k_jd|, the F32 scores' error moves a probability by twice it relatively) + 4u
 // (the bias and the running maximum subtracted) + 4e-7 (e^x) + 2 gamma_N (the F32 sums of p v and of p)
 // + 2u per softmax rescale (one per 64-key block), N u max|v| covers (s - m)'s rounding on the small
-// probabilities (e^x u |x| <= u / e each); the 2 is margin. Prints the largest error over the bound of each
-// form of the block step: "avx2=<ratio> avx512=<ratio>" (avx512=none where the AVX-512 BF16 family does not run:
-// the CPU lacks it or MLLAMA_AVX512=0), then with reps > 0 the median time of ggml's flash attention (F32
-// precision, as the decoder calls it) and of each form over reps runs, each on another copy of the cache when one
-// fits in a cache (at least 256 MB per pass; XATTN_COPIES=n: n copies, 1 to time the arithmetic from the caches):
-// "ggml_ms=... avx2_ms=... avx512_ms=... cache_bytes=... copies=...".
+// probabilities (e^x u |x| <= u / e each); the 2 is margin. On AMX tiles (from k_xattn_tile_min_tokens tokens) the
+// query and the key are rounded to BF16 too (2^-9 relative each: the scores' error grows by 2^-8 S), and so are the
+// probability and the value in P V (2^-9 each), and 2^x is a polynomial (relative error 2.7e-6): rel gains
+// 2^-8 S x 2 + 2 x 2^-9 and 3e-6 for 4e-7. Prints the largest error over the bound of each form of the block step
+// and of the tiles: "avx2=<ratio> avx512=<ratio> amx=<ratio>" (avx512=none where the AVX-512 BF16 family does not
+// run: the CPU lacks it or MLLAMA_AVX512=0; amx=none without tiles, hardware or MLLAMA_AMX_EMULATE=1, or fewer
+// tokens), then with reps > 0 the median time of ggml's flash attention (F32 precision, as the decoder calls it)
+// and of each form over reps runs, each on another copy of the cache when one fits in a cache (at least 256 MB per
+// pass; XATTN_COPIES=n: n copies, 1 to time the arithmetic from the caches): "ggml_ms=... avx2_ms=... avx512_ms=...
+// amx_ms=... cache_bytes=... copies=...".
 #include "kernels/dispatch.h"
 #include "timing.h"
 
@@ -41,12 +46,13 @@ struct problem {
 
 static float mask_bias(int64_t t, int64_t j, int64_t T) {
     if ((T > 1 && t == T - 1) || (7 * j + t) % 5 == 0 || (j >= 64 && j < 128)) return -std::numeric_limits<float>::infinity();
+    if (j % 131 == 130) return 10.0f;  // a score far above the row's earlier ones: the running maximum moves
     return j % 11 == 0 ? -2.0f : 0.0f;
 }
 
 // The largest |out - ref| / bound over all outputs (out: [D * Hq, T] F32; q already scaled as the graph scales it).
 static double worst_ratio(const problem & p, const ggml_tensor * out, const std::vector<float> & q,
-                          const std::vector<float> & k, const std::vector<float> & v) {
+                          const std::vector<float> & k, const std::vector<float> & v, bool tiles = false) {
     const double u = std::ldexp(1.0, -24);
     const double gamma_d = p.D * u / (1 - p.D * u), gamma_n = p.n_kv * u / (1 - p.n_kv * u);
     const int64_t G = p.Hq / p.Hkv, rescales = (p.n_kv + 63) / 64;
@@ -68,7 +74,9 @@ static double worst_ratio(const problem & p, const ggml_tensor * out, const std:
             }
             double sum = 0;
             for (int64_t j = 0; j < p.n_kv; ++j) sum += s[j] = std::isinf(m) ? 0.0 : std::exp(s[j] - m);
-            const double rel = 2 * gamma_d * largest + 4 * u + 4e-7 + 2 * gamma_n + 2 * u * rescales;
+            const double bf16 = std::ldexp(1.0, -9);
+            const double rel = tiles ? 2 * (gamma_d + 2 * bf16) * largest + 4 * u + 3e-6 + 2 * gamma_n + 2 * u * rescales + 2 * bf16
+                                     : 2 * gamma_d * largest + 4 * u + 4e-7 + 2 * gamma_n + 2 * u * rescales;
             for (int64_t d = 0; d < p.D; ++d) {
                 double o = 0, abs_o = 0;
                 for (int64_t j = 0; j < p.n_kv; ++j) {
@@ -99,9 +107,10 @@ static auto with_form(bool avx2, Fn fn) {
 
 // The kernel's output for the family the environment selects (MLLAMA_AVX512), or null where it does not run.
 static ggml_tensor * run(const problem & p, ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
-                         ggml_tensor * mask, int threads) {
+                         ggml_tensor * mask, int threads, bool tiles = false) {
     if (!image_cache_attention_supported(q, k, v, mask)) return nullptr;
-    ggml_tensor * out = image_cache_attention(ctx, q, k, v, mask, 1.0f / std::sqrt(static_cast<float>(p.D)));  // [D * Hq, T]
+    const float scale = 1.0f / std::sqrt(static_cast<float>(p.D));
+    ggml_tensor * out = image_cache_attention(ctx, q, k, v, mask, scale, tiles);  // [D * Hq, T]
     ggml_cgraph * graph = ggml_new_graph(ctx);
     ggml_build_forward_expand(graph, out);
     ggml_graph_compute_with_ctx(ctx, graph, threads);
@@ -111,7 +120,7 @@ static ggml_tensor * run(const problem & p, ggml_context * ctx, ggml_tensor * q,
 // `copies` caches of random F16 with our kernel's graph and ggml's flash attention (F32 precision, as the
 // decoder calls it) on each.
 struct timed_graphs {
-    std::vector<ggml_cgraph *> ours, theirs;
+    std::vector<ggml_cgraph *> ours, theirs, tiles;
 };
 
 static timed_graphs timing_graphs(const problem & p, ggml_context * ctx, ggml_tensor * q, ggml_tensor * mask, int copies) {
@@ -125,7 +134,9 @@ static timed_graphs timing_graphs(const problem & p, ggml_context * ctx, ggml_te
         }
         const float scale = 1.0f / std::sqrt(static_cast<float>(p.D));
         g.ours.push_back(ggml_new_graph(ctx));
-        ggml_build_forward_expand(g.ours.back(), image_cache_attention(ctx, q, k, v, mask, scale));  // [D * Hq, T]
+        ggml_build_forward_expand(g.ours.back(), image_cache_attention(ctx, q, k, v, mask, scale, false));  // [D * Hq, T]
+        g.tiles.push_back(ggml_new_graph(ctx));
+        ggml_build_forward_expand(g.tiles.back(), image_cache_attention(ctx, q, k, v, mask, scale, true));  // [D * Hq, T]
         ggml_tensor * fa = ggml_flash_attn_ext(ctx, ggml_permute(ctx, q, 0, 2, 1, 3), ggml_permute(ctx, k, 0, 2, 1, 3),
                                                ggml_permute(ctx, v, 0, 2, 1, 3), mask, scale, 0.0f, 0.0f);  // [D, Hq, T]
         ggml_flash_attn_ext_set_prec(fa, GGML_PREC_F32);
@@ -184,15 +195,19 @@ int main(int argc, char ** argv) {
         return 1;
     }
     std::printf("avx2=%.4f ", worst_ratio(p, avx2, q_scaled, kf, vf));
-    if (avx512) std::printf("avx512=%.4f\n", worst_ratio(p, run(p, ctx, q, k, v, mask, threads), q_scaled, kf, vf));
-    else std::printf("avx512=none\n");
+    if (avx512) std::printf("avx512=%.4f ", worst_ratio(p, run(p, ctx, q, k, v, mask, threads), q_scaled, kf, vf));
+    else std::printf("avx512=none ");
+    const bool amx = amx_tiles_available() && p.T >= k_xattn_tile_min_tokens && p.D % 32 == 0;
+    if (amx) std::printf("amx=%.4f\n", worst_ratio(p, run(p, ctx, q, k, v, mask, threads, true), q_scaled, kf, vf, true));
+    else std::printf("amx=none\n");
     if (reps > 0) {
         const timed_graphs timed = timing_graphs(p, ctx, q, mask, copies);
         const double ggml_ms = median_ms(ctx, timed.theirs, threads, reps);
         const double avx2_ms = with_form(true, [&] { return median_ms(ctx, timed.ours, threads, reps); });
         const double avx512_ms = avx512 ? median_ms(ctx, timed.ours, threads, reps) : 0.0;
-        std::printf("ggml_ms=%.4f avx2_ms=%.4f avx512_ms=%.4f cache_bytes=%zu copies=%d\n", ggml_ms, avx2_ms, avx512_ms,
-                    cache_bytes, copies);
+        const double amx_ms = amx ? median_ms(ctx, timed.tiles, threads, reps) : 0.0;
+        std::printf("ggml_ms=%.4f avx2_ms=%.4f avx512_ms=%.4f amx_ms=%.4f cache_bytes=%zu copies=%d\n", ggml_ms, avx2_ms,
+                    avx512_ms, amx_ms, cache_bytes, copies);
     }
     ggml_free(ctx);
     return 0;

@@ -5,6 +5,8 @@
 // chunk's other tokens, skips masked keys, and accumulates in F32 (figures in bench/README.md). The block step
 // is xattn_avx512.cpp's in the AVX-512 BF16 family, else xattn_avx2.cpp's (an earlier AVX-512 form, one dot
 // product per key and head, each reduced across its register, had taken 1.7-2x the AVX2 form's time on Zen 5).
+// Prefill's batches of k_xattn_tile_min_tokens or more go to AMX tiles where the graph asks for them
+// (kernels/x86/xattn_amx.cpp).
 #include "kernels/dispatch.h"
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
@@ -86,7 +88,8 @@ void attend_heads(ggml_tensor * dst, const shape & s, group_block_fn group_block
 // Work units: (chunk of tokens, KV head), chunk-major; each thread takes a contiguous range of them, cut into
 // per-chunk head ranges. Chunks of up to k_token_chunk tokens, fewer where the units would not give every
 // thread one (a decode batch of 8 rows on 16 threads: chunks of 4; one row: the heads split across threads).
-void attend(ggml_tensor * dst, int ith, int nth, void *) {
+void attend(ggml_tensor * dst, int ith, int nth, void * tiles) {
+    if (tiles) return attend_tiles(dst, ith, nth);
     const shape s = shape_of(dst->src[0], dst->src[1]);
     const group_block_fn group_block =
         kernel_family() == cpu_family::avx512_bf16 ? group_block_avx512 : group_block_avx2;
@@ -112,12 +115,15 @@ bool image_cache_attention_supported(const ggml_tensor * q, const ggml_tensor * 
            mask->ne[1] >= s.T;
 }
 
-ggml_tensor * image_cache_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask, float scale) {
+ggml_tensor * image_cache_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask,
+                                    float scale, bool tiles) {
     // the scale goes on the query in the graph (the same F32 products the kernel would take), so the
-    // op needs no parameters
+    // op needs no parameters; userdata non-null: on AMX tiles
+    const bool on_tiles = tiles && amx_tiles_available() && q->ne[2] >= k_xattn_tile_min_tokens && q->ne[0] % 32 == 0;
+    static int tiles_tag;
     ggml_tensor * args[] = {ggml_scale(ctx, q, scale), k, v, mask};  // q: [D, Hq, T]
     return ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0] * q->ne[1], q->ne[2], 1, 1, args, /*n_args=*/4, attend,
-                          GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // [D * Hq, T]
+                          GGML_N_TASKS_MAX, on_tiles ? &tiles_tag : nullptr);  // [D * Hq, T]
 }
 
 }  // namespace mllama

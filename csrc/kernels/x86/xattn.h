@@ -20,6 +20,9 @@ constexpr int64_t k_block = 64;  // keys per softmax step
 constexpr int64_t k_quad = 4;
 static_assert(k_block % 4 == 0, "the AVX-512 form takes keys in fours");
 
+// The cross-attention on AMX tiles (kernels/x86/xattn_amx.cpp): dst->src = {scaled q, k, v, mask}.
+void attend_tiles(ggml_tensor * dst, int ith, int nth);
+
 struct shape {
     int64_t D, Hq, T, Hkv, n_kv, G;  // head size, query heads, tokens, KV heads, keys, queries per KV head
 };
