@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -27,10 +28,31 @@ constexpr int64_t k_rows = amx::k_tile_rows;  // query rows of a tile
 constexpr int64_t k_keys = 64;                // keys per step: four C tiles of scores
 
 // One KV head's keys and values in BF16: kp [n_pad / 16][Pk][16] and vp [n_pad / 2][Dv] pairs (n_pad: keys
-// rounded up to k_keys, Dv: D rounded up to the 64 channels of a pass of P V, the padding zeros), Pk = D / 2.
+// rounded up to k_keys, Dv: D rounded up to the 64 channels of a pass of P V, the padding zeros), Pk = D / 2. Only
+// the blocks of 64 keys that some token of the call sees (live; the other sequences' images in a batch are not).
 struct packed_head {
     std::vector<uint32_t> kp, vp;
+    std::vector<char> live;  // per block of k_keys
 };
+
+// live[b]: some token sees one of keys 64 b..64 b + 63 (a mask row of 64 -inf is 16 words of four).
+void live_blocks(const ggml_tensor * mask, const shape & s, std::vector<char> & live) {
+    constexpr uint64_t k_hidden4 = 0x0001000100010001ull * k_f16_neg_inf;
+    live.assign(static_cast<size_t>((s.n_kv + k_keys - 1) / k_keys), 0);
+    for (int64_t t = 0; t < s.T; ++t) {
+        const auto * row = reinterpret_cast<const uint16_t *>(static_cast<const char *>(mask->data) + t * mask->nb[1]);
+        for (int64_t b = 0; b < static_cast<int64_t>(live.size()); ++b) {
+            if (live[b]) continue;
+            const int64_t j0 = b * k_keys, n = std::min(k_keys, s.n_kv - j0);
+            int64_t i = 0;
+            for (uint64_t w; i + 4 <= n; i += 4) {
+                std::memcpy(&w, row + j0 + i, sizeof(w));
+                if (w != k_hidden4) break;
+            }
+            for (; i < n && !live[b]; ++i) live[b] = row[j0 + i] != k_f16_neg_inf;
+        }
+    }
+}
 
 inline int64_t value_stride(const shape & s) { return (s.D + 63) / 64 * 64; }
 
@@ -59,10 +81,11 @@ MLLAMA_AVX512_TARGET inline void transpose16(const __m512i r[16], __m512i t[16])
 MLLAMA_AVX512_TARGET void pack_head(const ggml_tensor * k, const ggml_tensor * v, const shape & s, int64_t h,
                                     int64_t n_pad, packed_head & p) {
     const int64_t Pk = s.D / 2;
-    p.kp.assign(static_cast<size_t>(n_pad * Pk), 0);
-    p.vp.assign(static_cast<size_t>(n_pad / 2 * value_stride(s)), 0);
+    p.kp.resize(static_cast<size_t>(n_pad * Pk));  // zeros once a call: padding keys are never written
+    p.vp.resize(static_cast<size_t>(n_pad / 2 * value_stride(s)));
     alignas(64) uint32_t rows[16][k_xattn_max_head_dim / 2];  // 16 keys' BF16 pairs (d, d + 1)
     for (int64_t j0 = 0; j0 < s.n_kv; j0 += 16) {
+        if (!p.live[j0 / k_keys]) continue;
         for (int64_t i = 0; i < 16; ++i) {
             if (j0 + i >= s.n_kv) {
                 std::fill(rows[i], rows[i] + Pk, 0u);
@@ -84,6 +107,7 @@ MLLAMA_AVX512_TARGET void pack_head(const ggml_tensor * k, const ggml_tensor * v
         }
     }
     for (int64_t j = 0; j < s.n_kv; j += 2) {  // pairs of keys: (V[j][d], V[j + 1][d]), zero past the last key
+        if (!p.live[j / k_keys]) continue;
         const ggml_fp16_t * v0 = row_of(v, h, j), * v1 = j + 1 < s.n_kv ? row_of(v, h, j + 1) : nullptr;
         uint32_t * out = p.vp.data() + (j / 2) * value_stride(s);
         for (int64_t d = 0; d < s.D; d += 16) {
@@ -240,7 +264,9 @@ void attend_on(ggml_tensor * dst, int ith, int nth) {
     const int64_t n_pad = (s.n_kv + k_keys - 1) / k_keys * k_keys, n_tiles = (s.T * s.G + k_rows - 1) / k_rows;
     const int64_t total = s.Hkv * n_tiles, per = (total + nth - 1) / nth;  // units (head, row tile), head-major
     const int64_t w0 = std::min(total, per * ith), w1 = std::min(total, w0 + per);
+    if (w0 == w1) return;
     packed_head p;
+    live_blocks(mask, s, p.live);
     auto t = std::make_unique<row_tile>();
     amx::tile_scope<Tiles> scope(amx::k_full_tiles);
     for (int64_t w = w0, packed = -1; w < w1; ++w) {
@@ -248,7 +274,7 @@ void attend_on(ggml_tensor * dst, int ith, int nth) {
         if (h != packed) pack_head(k, v, s, h, n_pad, p), packed = h;
         start_rows(q, s, h, r0, *t);
         for (int64_t j0 = 0; j0 < s.n_kv; j0 += k_keys) {
-            if (block_live(mask, s, *t, j0)) step<Tiles>(mask, s, p, j0, *t);
+            if (p.live[j0 / k_keys] && block_live(mask, s, *t, j0)) step<Tiles>(mask, s, p, j0, *t);
         }
         finish_rows(dst, s, h, r0, *t);
     }
