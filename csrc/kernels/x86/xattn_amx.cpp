@@ -35,12 +35,17 @@ struct packed_head {
     std::vector<char> live;  // per block of k_keys
 };
 
+// Token t's mask row (F16 biases, one per key).
+inline const uint16_t * mask_row(const ggml_tensor * mask, int64_t t) {
+    return reinterpret_cast<const uint16_t *>(static_cast<const char *>(mask->data) + t * mask->nb[1]);
+}
+
 // live[b]: some token sees one of keys 64 b..64 b + 63 (a mask row of 64 -inf is 16 words of four).
 void live_blocks(const ggml_tensor * mask, const shape & s, std::vector<char> & live) {
     constexpr uint64_t k_hidden4 = 0x0001000100010001ull * k_f16_neg_inf;
     live.assign(static_cast<size_t>((s.n_kv + k_keys - 1) / k_keys), 0);
     for (int64_t t = 0; t < s.T; ++t) {
-        const auto * row = reinterpret_cast<const uint16_t *>(static_cast<const char *>(mask->data) + t * mask->nb[1]);
+        const uint16_t * row = mask_row(mask, t);
         for (int64_t b = 0; b < static_cast<int64_t>(live.size()); ++b) {
             if (live[b]) continue;
             const int64_t j0 = b * k_keys, n = std::min(k_keys, s.n_kv - j0);
@@ -70,7 +75,8 @@ MLLAMA_AVX512_TARGET inline void transpose16(const __m512i r[16], __m512i t[16])
         b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
     }
     for (int k = 0; k < 4; ++k) {
-        const __m512i c0 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0x44), c1 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0xEE);
+        const __m512i c0 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0x44);
+        const __m512i c1 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0xEE);
         const __m512i c2 = _mm512_shuffle_i32x4(b[8 + k], b[12 + k], 0x44);
         const __m512i c3 = _mm512_shuffle_i32x4(b[8 + k], b[12 + k], 0xEE);
         t[k] = _mm512_shuffle_i32x4(c0, c2, 0x88), t[4 + k] = _mm512_shuffle_i32x4(c0, c2, 0xDD);
@@ -150,11 +156,6 @@ void start_rows(const ggml_tensor * q, const shape & s, int64_t h, int64_t r0, r
     }
 }
 
-// Token t's mask row (F16 biases, one per key).
-inline const uint16_t * mask_row(const ggml_tensor * mask, int64_t t) {
-    return reinterpret_cast<const uint16_t *>(static_cast<const char *>(mask->data) + t * mask->nb[1]);
-}
-
 // Whether some row of the tile sees one of keys j0..j0 + k_keys (its mask is not -inf there).
 bool block_live(const ggml_tensor * mask, const shape & s, const row_tile & t, int64_t j0) {
     const int64_t n = std::min(k_keys, s.n_kv - j0);
@@ -170,7 +171,8 @@ bool block_live(const ggml_tensor * mask, const shape & s, const row_tile & t, i
 
 // The tile's scores against keys j0..j0 + 63 -> sc [16][64] (base 2: the queries carry log2 e).
 template <class Tiles>
-MLLAMA_AMX_TARGET void scores(const shape & s, const packed_head & p, int64_t j0, const row_tile & t, float (*sc)[k_keys]) {
+MLLAMA_AMX_TARGET void scores(const shape & s, const packed_head & p, int64_t j0, const row_tile & t,
+                              float (*sc)[k_keys]) {
     const int64_t Pk = s.D / 2;
     Tiles::template zero<0>(), Tiles::template zero<1>(), Tiles::template zero<2>(), Tiles::template zero<3>();
     const uint32_t * kb = p.kp.data() + (j0 / 16) * Pk * 16;  // four 16-key blocks of Pk rows x 16 keys
@@ -196,7 +198,8 @@ MLLAMA_AVX512_TARGET float softmax_step(const ggml_tensor * mask, const shape & 
                                         const float * sc, uint16_t * probs) {
     const int64_t valid = std::min(k_keys, s.n_kv - j0);
     const uint16_t * bias_row = mask_row(mask, t.tok[r]) + j0;
-    const __m512 log2e = _mm512_set1_ps(attn::k_log2e), neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    const __m512 log2e = _mm512_set1_ps(attn::k_log2e);
+    const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     __m512 row[4];
     for (int i = 0; i < 4; ++i) {
         const __mmask16 live = static_cast<__mmask16>((1u << std::clamp<int64_t>(valid - 16 * i, 0, 16)) - 1u);
@@ -230,7 +233,8 @@ MLLAMA_AMX_TARGET void values(const shape & s, const packed_head & p, int64_t j0
 
 // One step: the tile's rows against keys j0..j0 + 63, then o = alpha o + P V.
 template <class Tiles>
-MLLAMA_AMX_TARGET void step(const ggml_tensor * mask, const shape & s, const packed_head & p, int64_t j0, row_tile & t) {
+MLLAMA_AMX_TARGET void step(const ggml_tensor * mask, const shape & s, const packed_head & p, int64_t j0,
+                            row_tile & t) {
     alignas(64) float sc[k_rows][k_keys];
     alignas(64) uint16_t probs[k_rows][k_keys];
     alignas(64) float pv[k_rows][k_xattn_max_head_dim];
