@@ -85,7 +85,7 @@ bool weights_prefetch_l1() {
         if (!__get_cpuid(0, &a, &vendor[0], &vendor[2], &vendor[1])) return false;  // EBX, EDX, ECX: the name
         return std::memcmp(vendor, "GenuineIntel", sizeof(vendor)) == 0;
     }();
-    const char * v = std::getenv("MLLAMA_PREFETCH_L1");  // read at each use: a bench switches it between steps
+    const char * v = std::getenv("MLLAMA_PREFETCH_L1");  // read at each graph: a bench switches it between steps
     return v && (std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0) ? v[0] == '1' : intel;
 }
 

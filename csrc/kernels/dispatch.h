@@ -58,7 +58,7 @@ bool amx_tiles_emulated();  // MLLAMA_AMX_EMULATE=1 (the tile kernels use emulat
 // The Q4_K kernel's AVX-512 form prefetches its weights into L1 as well as into L2: on Intel cores, where a
 // one-row product read 0.89-0.94x the time with both (2-core Xeon with AMX, 2 threads: 4096 x 14336 at 16 GB/s on
 // one core, the read probe's 15.6) and on no other x86 vendor's (Zen 4: L2 only read at 40-46 GB/s against 35-39;
-// bench/README.md). MLLAMA_PREFETCH_L1=0 or 1 says otherwise (read at each product, for benches).
+// bench/README.md). MLLAMA_PREFETCH_L1=0 or 1 says otherwise (read when a graph is built, for benches).
 bool weights_prefetch_l1();
 
 // The kernels a context allows (mllama_context_params.cpu_kernels, parsed once at init).

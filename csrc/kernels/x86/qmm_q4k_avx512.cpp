@@ -182,15 +182,15 @@ MLLAMA_VNNI_TARGET void group(const q4kx8_block * w, int64_t n_blocks, const q8k
 }
 
 // userdata: W [K, M] in the repacked layout.
+template <bool L1>
 void product(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    q4k::for_each_group(static_cast<const ggml_tensor *>(userdata), dst, ith, nth,
-                        weights_prefetch_l1() ? group<true> : group<false>, k_q4k_max_rows);
+    q4k::for_each_group(static_cast<const ggml_tensor *>(userdata), dst, ith, nth, group<L1>, k_q4k_max_rows);
 }
 
 }  // namespace
 
 ggml_tensor * q4k_matmul_avx512(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
-    return q4k::matmul_graph(ctx, w, x, product);  // [M, N]
+    return q4k::matmul_graph(ctx, w, x, weights_prefetch_l1() ? product<true> : product<false>);  // [M, N]
 }
 
 }  // namespace mllama

@@ -61,29 +61,6 @@ void live_blocks(const ggml_tensor * mask, const shape & s, std::vector<char> & 
 
 inline int64_t value_stride(const shape & s) { return (s.D + 63) / 64 * 64; }
 
-// t[j] = column j of the 16 x 16 dwords r[0..15] (unpacks within 128-bit lanes, then a 4 x 4 transpose of lanes).
-MLLAMA_AVX512_TARGET inline void transpose16(const __m512i r[16], __m512i t[16]) {
-    __m512i a[16], b[16];
-    for (int i = 0; i < 8; ++i) {
-        a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; ++i) {  // b[4i + k], lane L: column 4L + k of rows 4i..4i + 3
-        b[4 * i + 0] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
-        b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
-        b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
-        b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
-    }
-    for (int k = 0; k < 4; ++k) {
-        const __m512i c0 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0x44);
-        const __m512i c1 = _mm512_shuffle_i32x4(b[k], b[4 + k], 0xEE);
-        const __m512i c2 = _mm512_shuffle_i32x4(b[8 + k], b[12 + k], 0x44);
-        const __m512i c3 = _mm512_shuffle_i32x4(b[8 + k], b[12 + k], 0xEE);
-        t[k] = _mm512_shuffle_i32x4(c0, c2, 0x88), t[4 + k] = _mm512_shuffle_i32x4(c0, c2, 0xDD);
-        t[8 + k] = _mm512_shuffle_i32x4(c1, c3, 0x88), t[12 + k] = _mm512_shuffle_i32x4(c1, c3, 0xDD);
-    }
-}
-
 MLLAMA_AVX512_TARGET void pack_head(const ggml_tensor * k, const ggml_tensor * v, const shape & s, int64_t h,
                                     int64_t n_pad, packed_head & p) {
     const int64_t Pk = s.D / 2;
@@ -108,7 +85,7 @@ MLLAMA_AVX512_TARGET void pack_head(const ggml_tensor * k, const ggml_tensor * v
         for (int64_t c0 = 0; c0 < Pk; c0 += 16) {
             __m512i r[16], t[16];
             for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(rows[i] + c0);
-            transpose16(r, t);
+            simd::transpose16(r, t);  // [Pk][16 keys]
             for (int c = 0; c < 16; ++c) _mm512_storeu_si512(block + (c0 + c) * 16, t[c]);
         }
     }
