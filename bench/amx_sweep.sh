@@ -6,7 +6,7 @@
 # (tests/c/attn_bf16.cpp, the tower's shape: D 80, 16 heads, 4 x 1608 tokens) per step length (ATTN_STEPS, keys:
 # MLLAMA_AMX_ATTN_STEP_KEYS), an earlier kernels/x86/attn_amx.cpp where OLD_ATTN names one, and once with its time
 # split over the phases of a step (MLLAMA_AMX_ATTN_PHASES); the GEMM (tests/c/gemm_bf16.cpp, the tower's shapes)
-# per token block (GEMM_BLOCKS, KiB: MLLAMA_AMX_GEMM_BLOCK_BYTES); the last two at all the CPU's threads and at half
+# per token block (GEMM_BLOCKS, tokens: MLLAMA_AMX_GEMM_BLOCK_TOKENS); the last two at all the CPU's threads and at half
 # of them (where the CPU runs two threads per core, the tile unit is shared). The GEMM driver checks its results
 # against ggml within the summation bound first; the attention's and the Q4_K product's checks are
 # tests/test_amx_kernels.py.
@@ -20,7 +20,7 @@ work=$(mktemp -d)
 threads=$(nproc)
 tokens=${TOKENS:-6432}  # 4 tiles x 1608 rows
 attn_steps=${ATTN_STEPS:-256 128}     # keys per step of the attention
-gemm_blocks=${GEMM_BLOCKS:-64 256}    # KiB of activations per token block of the GEMM (the first: also at half the threads)
+gemm_blocks=${GEMM_BLOCKS:-256 128}   # tokens per block of the GEMM (the first: also at half the threads)
 half=${HALF_THREADS-1}                 # empty: no runs at half the threads
 build() {  # NAME DRIVER [NAME=VALUE...]: the tests' build of the driver (an old attention in place of ours for attn_old)
     local name=$1 driver=$2
@@ -39,7 +39,7 @@ EOF
     for keys in $attn_steps; do build "attn_$keys" attn_bf16 "MLLAMA_AMX_ATTN_STEP_KEYS=$keys" & done
     [ -n "$old" ] && build attn_old attn_bf16 &
     build attn_phases attn_bf16 MLLAMA_AMX_ATTN_PHASES &
-    for kb in $gemm_blocks; do build "gemm_$kb" gemm_bf16 "MLLAMA_AMX_GEMM_BLOCK_BYTES=($kb<<10)" & done
+    for kb in $gemm_blocks; do build "gemm_$kb" gemm_bf16 "MLLAMA_AMX_GEMM_BLOCK_TOKENS=$kb" & done
     build q4k qmm_q4k &
     build q6k qmm_q6k &
     cc -O2 -mamx-tile -mamx-bf16 -mavx512f -mavx512bf16 -pthread "$root/bench/amx_peak.c" -o "$work/amx_peak" &
@@ -68,7 +68,7 @@ EOF
     for run in $runs; do
         set -- ${run/,/ }
         for shape in "1280 1280" "1280 5120" "5120 1280"; do
-            echo "gemm_block=${1}KiB threads=$2 K,M=$shape $("$work/gemm_$1" $shape "$tokens" "$2" 3 | tr '\n' ' ')"
+            echo "gemm_block=${1}tokens threads=$2 K,M=$shape $("$work/gemm_$1" $shape "$tokens" "$2" 3 | tr '\n' ' ')"
         done
     done
 } 2>&1 | grep -v "^repack: " | tee "$out"  # ggml says so for each copy of the Q4_K weights

@@ -39,15 +39,16 @@ def gemm_ratios(driver, k, m, n, emulate: bool) -> dict:
 @needs_kernels
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
 @pytest.mark.parametrize("k,m,n", [(32, 16, 1), (64, 48, 31), (96, 80, 33), (1280, 1280, 70), (320, 208, 100),
-                                   (5120, 48, 200), (100, 48, 31), (1284, 80, 9)])
+                                   (5120, 48, 200), (1312, 80, 300), (2592, 48, 530), (100, 48, 31), (1284, 80, 9)])
 def test_bf16_gemm_on_emulated_tiles_within_the_summation_bound(gemm_driver, k, m, n):
     """Both GEMM paths against ggml's mul_mat + bias on the same BF16 values: every output within the
     bound of two F32 summation orders (tests/c/gemm_bf16.cpp: 2 gamma_K sum |x w|). The tile path runs on
     emulated tiles (the same kernel code, kernels/x86/amx_tiles.h), so its blocking and edges are checked
     here on any AVX-512 BF16 machine: odd 16-channel groups (M = 16, 48, 80, 208: one B tile), token
-    tails (N not a multiple of 32, N below 16), partial panels, threads splitting the tokens, several
-    token blocks per thread (K = 5120: 96 tokens per block, then 32, and 64 + a tail of 8), k pairs that
-    end short of the packing's 16 (K = 100, 1284: AVX-512 only, tiles need K % 32 == 0). A layout error
+    tails (N not a multiple of 32, N below 16), partial panels, threads splitting the tokens, blocks of 256
+    tokens and a partial one (N = 530: a thread's 288 tokens and 242, the last step 18 tokens), k in chunks of
+    1280 whose sums wait in memory (K = 5120: four; 2592: two and a short one of 32; 1312: one and 32), k pairs
+    that end short of the packing's 16 (K = 100, 1284: AVX-512 only, tiles need K % 32 == 0). A layout error
     (a wrong pair, row or channel) is off by O(|y|), thousands of times the bound."""
     fields = gemm_ratios(gemm_driver, k, m, n, emulate=True)
     assert float(fields["avx512"]) <= 1.0, fields
@@ -60,7 +61,7 @@ def test_bf16_gemm_on_emulated_tiles_within_the_summation_bound(gemm_driver, k, 
 @pytest.mark.skipif(not AMX, reason="this CPU (or its OS) has no AMX-BF16 tiles: the hardware path is checked on "
                                     "emulated tiles only (test_bf16_gemm_on_emulated_tiles_within_the_summation_bound)")
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
-@pytest.mark.parametrize("k,m,n", [(32, 16, 1), (96, 80, 33), (1280, 1280, 70), (5120, 1280, 97)])
+@pytest.mark.parametrize("k,m,n", [(32, 16, 1), (96, 80, 33), (1280, 1280, 70), (5120, 1280, 97), (2592, 208, 530)])
 def test_bf16_gemm_on_amx_hardware_within_the_summation_bound(gemm_driver, k, m, n):
     fields = gemm_ratios(gemm_driver, k, m, n, emulate=False)
     assert fields["tiles"] != "none" and float(fields["tiles"]) <= 1.0, fields
@@ -235,7 +236,8 @@ PREFILL_PATHS = [  # conversion, an op of its tile path in the profile, (op_path
     ("q6_k", "CUSTOM bf16[64,256,1]", ("text matrices in the file layout, prefill",
                                        "from 32 rows, up to 512 MiB as BF16: BF16, or quantized decoded to BF16, "
                                        "for mllama BF16 GEMM (x86 AMX tiles")),
-    ("bf16", "CUSTOM i32[8192,1,1] x bf16", ("text matrices in the file layout, prefill", "(x86 AMX tiles"))]
+    # the BF16 weights' packed panels (8192 int32) and 64 bytes to align them
+    ("bf16", "CUSTOM i32[8208,1,1] x bf16", ("text matrices in the file layout, prefill", "(x86 AMX tiles"))]
 
 
 def assert_prefill_on_tiles_matches_ggml(converted, monkeypatch, tmp_path, model, profiled, path, emulate: bool):

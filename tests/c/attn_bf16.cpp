@@ -13,7 +13,8 @@
 // here); mask [N, N]: every third query row has -inf at every fifth key, the last row is all -inf (its
 // output must be zeros), the others are zeros. ATTN_MASK=pad: the vision tower's mask instead (padding x padding
 // pairs -inf; here the rows and keys from N / 3 on and every 37th are padding), whose key blocks past the first
-// third the attention skips for rows that are all padding (kernels/x86/attn_mask.h): each path also runs
+// third the attention skips for rows that are all padding (kernels/x86/attn_mask.h; ATTN_MASK=tower: the 4-tile
+// image's own, the last 7 rows of every 1608 padding, for timing the tower's case): each path also runs
 // without that skip (mask rows with no hidden block) and must give the same outputs bit for bit. Per output the
 // kernel's error is bounded by its roundings: each probability enters P V rounded to BF16 (2^-9 relative) while the
 // softmax sum uses it unrounded (2^-9), 2^x to 2.7e-6, scores in F32: |o - o_ref| <= 2^-8 sum_j p_j |v_j| / sum_j p_j,
@@ -50,9 +51,13 @@ using namespace mllama;
 
 static float bf16_round(float x) { return ggml_bf16_to_fp32(ggml_fp32_to_bf16(x)); }
 
-static bool g_pad_mask = false;  // ATTN_MASK=pad
+static bool g_pad_mask = false;    // ATTN_MASK=pad or tower
+static int64_t g_tile_rows = 0;    // ATTN_MASK=tower: rows per tile (1608); the last 7 of each are padding
 
-static bool padding(int64_t i, int64_t N) { return i >= N / 3 || i % 37 == 36; }
+static bool padding(int64_t i, int64_t N) {
+    if (g_tile_rows) return i % g_tile_rows >= g_tile_rows - 7;
+    return i >= N / 3 || i % 37 == 36;
+}
 
 static bool masked(int64_t i, int64_t j, int64_t N) {
     if (g_pad_mask) return padding(i, N) && padding(j, N);
@@ -164,7 +169,9 @@ int main(int argc, char ** argv) {
     }
     const int64_t D = std::atoll(argv[1]), H = std::atoll(argv[2]), N = std::atoll(argv[3]);
     const int threads = argc > 4 ? std::atoi(argv[4]) : 2, reps = argc > 5 ? std::atoi(argv[5]) : 0;
-    g_pad_mask = std::getenv("ATTN_MASK") && std::strcmp(std::getenv("ATTN_MASK"), "pad") == 0;
+    const char * mask_mode = std::getenv("ATTN_MASK");
+    g_pad_mask = mask_mode && (std::strcmp(mask_mode, "pad") == 0 || std::strcmp(mask_mode, "tower") == 0);
+    if (mask_mode && std::strcmp(mask_mode, "tower") == 0) g_tile_rows = 1608;
     if (!avx2_kernels_available()) {
         std::printf("skip: no AVX2 on this CPU\n");
         return 0;

@@ -135,7 +135,7 @@ MLLAMA_AVX512_TARGET void softmax_step_row(const job & j, tile_state & st, const
     const int64_t i = std::min(j.i0 + sp.r0 + r, j.d.N - 1);  // padding rows reuse the last mask row
     for (int b = 0; b < NB; ++b) {
         const int64_t jb = sp.jb0 + b * k_key_block;
-        if (sp.masked_rows || jb + k_key_block > j.d.N) add_mask(j, i, jb, row + 4 * b);
+        mask_scores(j, i, jb, sp.masked_rows, row + 4 * b);
     }
     const int64_t rr = sp.r0 + r;
     buf.alpha[r] = softmax_row(row, st.m[rr], st.l.data() + rr * 16, buf.probs[r]);

@@ -157,22 +157,26 @@ MLLAMA_AVX2_TARGET void scores(const job & j, const tile & st, const float * q, 
 // e^x for x <= 0 as softmax needs it (kernels/x86/simd_avx2.h's exp256; -inf gives 0).
 MLLAMA_AVX2_TARGET inline __m256 exp_nonpositive(__m256 x) { return simd::exp256(x); }
 
-// Softmax step of row s (64 scores; the mask row of query i added where masked, -inf past N): updates
-// the running max m and per-lane sums l, leaves the probabilities in s, returns the factor that rescales
-// the row's earlier output.
-MLLAMA_AVX2_TARGET float softmax_row(const job & j, int64_t i, int64_t jb, bool masked, float * s, float & m, float * l) {
+// Softmax step of row s (64 scores; the mask row of query i added where the step's rows have masks and this one
+// is not all zeros (a row of zeros is not read), -inf past N): updates the running max m and per-lane sums l, leaves
+// the probabilities in s, returns the factor that rescales the row's earlier output.
+MLLAMA_AVX2_TARGET float softmax_row(const job & j, int64_t i, int64_t jb, bool masked_rows, float * s, float & m,
+                                     float * l) {
+    const bool row_mask = masked_rows && !j.masks.zero_rows[i];
     const auto * mrow = reinterpret_cast<const uint16_t *>(static_cast<const char *>(j.mask->data) + i * j.mask->nb[1]);
     __m256 v[k_key_block / 8];
     __m256 vmax = _mm256_set1_ps(k_neg_inf);
     for (int t = 0; t < k_key_block / 8; ++t) {
         v[t] = _mm256_load_ps(s + 8 * t);
         const int64_t k0 = jb + 8 * t;
-        if (masked && k0 + 8 <= j.d.N) {
+        if (row_mask && k0 + 8 <= j.d.N) {
             v[t] = _mm256_add_ps(v[t], _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(mrow + k0))));
-        } else if (masked) {  // the block's last keys: the mask where there are keys, -inf past them
+        } else if (k0 + 8 > j.d.N) {  // the block's last keys: the mask where there are keys, -inf past them
             alignas(32) float tail[8];
-            for (int64_t e = 0; e < 8; ++e)
-                tail[e] = k0 + e < j.d.N ? s[8 * t + e] + ggml_fp16_to_fp32(mrow[k0 + e]) : k_neg_inf;
+            for (int64_t e = 0; e < 8; ++e) {
+                const float mask = row_mask && k0 + e < j.d.N ? ggml_fp16_to_fp32(mrow[k0 + e]) : 0.0f;
+                tail[e] = k0 + e < j.d.N ? s[8 * t + e] + mask : k_neg_inf;
+            }
             v[t] = _mm256_load_ps(tail);
         }
         vmax = _mm256_max_ps(vmax, v[t]);
@@ -233,9 +237,8 @@ MLLAMA_AVX2_TARGET void sweep(const job & j, tile & st, int64_t r0, int64_t jb0,
     const auto live = [&](int64_t jb) { return all_masked ? j.masks.next_live(jb, jb1) : jb; };
     for (int64_t jb = live(jb0); jb < jb1; jb = live(jb + k_key_block)) {
         scores(j, st, q, jb, s);
-        const bool masked = masked_rows || jb + k_key_block > j.d.N;
         for (int r = 0; r < k_rows; ++r)  // padding rows reuse the last mask row
-            alpha[r] = softmax_row(j, std::min(j.i0 + r0 + r, j.d.N - 1), jb, masked, s[r], st.m[r0 + r],
+            alpha[r] = softmax_row(j, std::min(j.i0 + r0 + r, j.d.N - 1), jb, masked_rows, s[r], st.m[r0 + r],
                                    st.l.data() + (r0 + r) * 8);
         pv(j, st, r0, jb, s, alpha);
     }

@@ -136,11 +136,10 @@ MLLAMA_AVX512_TARGET void sweep(const job & j, tile_state & st, int64_t r0, int6
     for (int64_t jb = jb0, next = 0, b = 0; jb < jb1; jb = next, ++b) {
         next = live(jb + k_key_block);
         float (*cur)[k_key_block] = sbuf[b & 1];
-        const bool masked = masked_rows || jb + k_key_block > j.d.N;
         for (int r = 0; r < k_rows; ++r) {
             __m512 s[4];
             for (int t = 0; t < 4; ++t) s[t] = _mm512_load_ps(cur[r] + 16 * t);
-            if (masked) add_mask(j, std::min(j.i0 + r0 + r, j.d.N - 1), jb, s);  // padding rows reuse the last mask row
+            mask_scores(j, std::min(j.i0 + r0 + r, j.d.N - 1), jb, masked_rows, s);  // padding rows: the last mask row
             alpha[r] = softmax_row(s, st.m[r0 + r], st.l.data() + (r0 + r) * 16, probs[r]);
         }
         if (next < jb1) score_block(j, q, next, sbuf[(b + 1) & 1]);

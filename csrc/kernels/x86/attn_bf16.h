@@ -104,6 +104,24 @@ MLLAMA_AVX512_TARGET inline void add_mask(const job & j, int64_t i, int64_t jb, 
     }
 }
 
+// -inf for the padding keys (past N) of keys jb..jb+63.
+MLLAMA_AVX512_TARGET inline void hide_padding_keys(const job & j, int64_t jb, __m512 s[4]) {
+    for (int t = 0; t < 4; ++t) {
+        const int64_t valid = std::clamp<int64_t>(j.d.N - (jb + 16 * t), 0, 16);
+        const __mmask16 live = static_cast<__mmask16>((1u << valid) - 1u);
+        s[t] = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), live, s[t]);
+    }
+}
+
+// The mask of query row i (padding rows: N - 1) on its scores over keys jb..jb+63, where some row of the step has
+// one (rows_masked): its mask row added unless the row is all zeros, and -inf for padding keys. A row of zeros is
+// not read: the tower's rows are, all but its padding patches', and reading one row of the [N, N] mask per query
+// row and head for the last key block (its padding keys) missed the cache each time.
+MLLAMA_AVX512_TARGET inline void mask_scores(const job & j, int64_t i, int64_t jb, bool rows_masked, __m512 s[4]) {
+    if (rows_masked && !j.masks.zero_rows[i]) add_mask(j, i, jb, s);
+    else if (jb + k_key_block > j.d.N) hide_padding_keys(j, jb, s);
+}
+
 // 2^x for x <= k_max_drift as the softmax needs it: the result is rounded to BF16 (relative step
 // 2^-9), so a degree-4 polynomial for 2^f on [-1/2, 1/2] (relative error 2.7e-6, fitted to the
 // relative error) is enough; below -125 it returns 2^-125 (~2e-38), which is 0 for every sum it

@@ -1,12 +1,15 @@
 // The vision tower's BF16 GEMM on Intel AMX tiles (see kernels/x86/gemm_bf16.h for the layout).
 //
-// y[n][m] = sum_k x[n][k] w[m][k]: tokens are the rows of A tiles (a BF16 token row is already 16
-// k pairs per 64 bytes), the packed weight panels are B tiles as they lie (16 pair rows x 16
-// channels, row stride one panel row), C tiles hold 16 tokens x 16 channels in F32. A step keeps
-// 32 tokens x 32 channels in four C tiles over the whole k range (2 A + 2 B tile loads per 4 tile
-// products), then stores them once for the AVX-512 epilogue (bias, GELU, BF16 or F32 out).
-// A thread walks its tokens in small blocks (k_block_bytes); over each block, 32 channels of a panel
-// at a time, so that their weights stay in L2 while the block's steps pass.
+// y[n][m] = sum_k x[n][k] w[m][k]: tokens are the rows of A tiles (a BF16 token row is already 16 k pairs per
+// 64 bytes), copied per block and chunk of k into tiles in the order the steps read them (pack_block: one cache
+// line per tile row; the graph's tensors may sit on 32-byte boundaries); the packed weight panels are B tiles as
+// they lie (16 pair rows x 16 channels, row stride one panel row), C tiles hold 16 tokens x 16 channels in F32.
+// A step keeps 32 tokens x 32 channels in four C tiles over a chunk of the k range (2 A + 2 B tile loads per 4
+// tile products) and stores them; where K spans several chunks, the sums wait in memory for the next chunk.
+// A thread walks its tokens in blocks of k_block_tokens, each block chunk by chunk, and over each chunk 32
+// channels at a time: the block's chunk of activations and the channels' chunk of weights stay in L2 while they
+// are read again and again. A step's epilogue (bias, GELU, BF16 or F32 out, on AVX-512) runs a row at a time
+// between the next step's tile products, so the vector units work while the tile unit does.
 #include "kernels/dispatch.h"
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
@@ -16,7 +19,9 @@
 
 #include "ggml.h"
 
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 
@@ -26,42 +31,25 @@ namespace gemm {
 namespace {
 
 constexpr int k_step = 2 * amx::k_tile_rows;  // tokens per step: two A tiles
-// BF16 activation bytes per token block (64 KiB: one step of 32 tokens at K = 1280 or 5120). Over the tower's
-// three shapes on the 16-core Xeon of bench/README.md (2026-12-04, bench/amx_sweep.sh, which times others: -D
-// at build time), 256 KiB took 15% less time than 1 or 4 MiB, and 64 KiB 10% less than 256 KiB in a second run
-#ifndef MLLAMA_AMX_GEMM_BLOCK_BYTES
-#define MLLAMA_AMX_GEMM_BLOCK_BYTES (64 << 10)
+// Tokens per block and k pairs per chunk: the block's chunk of BF16 activations (256 x 1280 x 2 bytes = 640 KiB)
+// and the 32 channels' chunk of weights (80 KiB) stay in a 2 MiB L2 while every step reads them from there. On the
+// 2-core AMX Xeon of bench/README.md (2026-12-06), one thread, a harness of the step loop alone: K = 1280 at blocks
+// of 32 / 128 / 256 / 512 tokens 0.68 / 1.03 / 1.19 / 1.13 TFLOPS; K = 5120 at 256 tokens, chunks of 512 / 1024 /
+// 1280 / 2560 / 5120 k 1.02 / 1.17 / 1.15 / 1.00 / 0.72 TFLOPS. bench/amx_sweep.sh times others (-D at build time).
+#ifndef MLLAMA_AMX_GEMM_BLOCK_TOKENS
+#define MLLAMA_AMX_GEMM_BLOCK_TOKENS 256
 #endif
-constexpr int64_t k_block_bytes = MLLAMA_AMX_GEMM_BLOCK_BYTES;
+#ifndef MLLAMA_AMX_GEMM_CHUNK_PAIRS
+#define MLLAMA_AMX_GEMM_CHUNK_PAIRS 640
+#endif
+constexpr int64_t k_block_tokens = MLLAMA_AMX_GEMM_BLOCK_TOKENS;
+constexpr int64_t k_chunk_pairs = MLLAMA_AMX_GEMM_CHUNK_PAIRS;
+static_assert(k_block_tokens % k_step == 0 && k_chunk_pairs % amx::k_tile_rows == 0, "whole steps, whole tiles");
+constexpr int64_t k_a_tile_bytes = amx::k_tile_rows * amx::k_tile_bytes;  // one packed A tile
 
-// Tiles: C(i, j) = tmm(2 i + j) for tokens 16 i.. and channels 16 j..; A(i) = tmm(4 + i); B(j) = tmm(6 + j).
-// x: 32 token rows (stride x_stride bytes), wp: the panel's first pair row at channel group g (stride
-// wp_stride bytes), P pairs (P % 16 == 0) -> c [32 tokens][32 channels] F32. NB: B tiles (1 or 2).
-template <class Tiles, int NB>
-MLLAMA_AMX_TARGET void step(const uint8_t * x, size_t x_stride, const uint8_t * wp, size_t wp_stride, int64_t P,
-                            float * c) {
-    Tiles::template zero<0>();
-    Tiles::template zero<2>();
-    if constexpr (NB == 2) Tiles::template zero<1>(), Tiles::template zero<3>();
-    for (int64_t p = 0; p < P; p += amx::k_tile_rows) {
-        const uint8_t * a = x + p * 4;  // 16 pairs of 4 bytes
-        const uint8_t * b = wp + p * wp_stride;
-        Tiles::template load<4>(a, x_stride);
-        Tiles::template load<5>(a + amx::k_tile_rows * x_stride, x_stride);
-        Tiles::template load<6>(b, wp_stride);
-        Tiles::template dot_bf16<0, 4, 6>();
-        Tiles::template dot_bf16<2, 5, 6>();
-        if constexpr (NB == 2) {
-            Tiles::template load<7>(b + amx::k_tile_bytes, wp_stride);
-            Tiles::template dot_bf16<1, 4, 7>();
-            Tiles::template dot_bf16<3, 5, 7>();
-        }
-    }
-    constexpr size_t c_stride = 32 * sizeof(float);
-    Tiles::template store<0>(c, c_stride);
-    Tiles::template store<2>(c + 16 * 32, c_stride);
-    if constexpr (NB == 2) Tiles::template store<1>(c + 16, c_stride), Tiles::template store<3>(c + 16 * 32 + 16, c_stride);
-}
+struct aligned_free {
+    void operator()(uint8_t * p) const { std::free(p); }
+};
 
 struct operands {
     const uint8_t * wp;  // packed weights (all panels)
@@ -71,54 +59,139 @@ struct operands {
     int64_t P, M;        // k pairs, output channels
 };
 
-// Tokens of one block (rows of x, stride x_stride bytes; the first is token t0) against 32 channels
-// from channel group g of a panel: one step per 32 tokens, the epilogue after each. The panel's slice
-// (K x 32 BF16) stays in L2 while the block's tokens pass.
-template <class Tiles>
-MLLAMA_AMX_TARGET void channel_step(const operands & o, const uint8_t * x, size_t x_stride, int64_t t0, int64_t n_tok,
-                                    int64_t panel, int64_t g, const epilogue & ep, float * c) {
-    const int64_t groups = panel_groups(o.M, panel);
-    const uint8_t * wp = o.wp + panel * k_panel * o.P * 4 + g * amx::k_tile_bytes;  // full panels before this one
-    const size_t wp_stride = static_cast<size_t>(groups) * amx::k_tile_bytes;
-    const int nb = groups - g >= 2 ? 2 : 1;
-    for (int64_t t = 0; t < n_tok; t += k_step) {
-        if (nb == 2) step<Tiles, 2>(x + t * x_stride, x_stride, wp, wp_stride, o.P, c);
-        else step<Tiles, 1>(x + t * x_stride, x_stride, wp, wp_stride, o.P, c);
-        const int rows = static_cast<int>(std::min<int64_t>(k_step, n_tok - t));
-        for (int r = 0; r < rows; ++r) {
-            char * out = o.y + (t0 + t + r) * o.y_row;
-            for (int j = 0; j < nb; ++j) {
-                finish16(_mm512_loadu_ps(c + r * 32 + j * 16), o.bias, ep, out, panel * k_panel + (g + j) * 16);
-            }
+// The F32 sums of a finished step waiting for their epilogue: rows tokens from token, nb groups of 16
+// channels from channel, at c (row stride c_stride floats); done: rows already finished.
+struct pending {
+    const float * c = nullptr;
+    size_t c_stride = 0;
+    int64_t token = 0, channel = 0;
+    int rows = 0, nb = 0, done = 0;
+};
+
+// The epilogue of up to n more rows of e.
+MLLAMA_AVX512_TARGET inline void finish_rows(const operands & o, const epilogue & ep, pending & e, int n) {
+    for (const int end = std::min(e.rows, e.done + n); e.done < end; ++e.done) {
+        const float * c = e.c + e.done * e.c_stride;
+        char * out = o.y + (e.token + e.done) * o.y_row;
+        for (int j = 0; j < e.nb; ++j) finish16(_mm512_loadu_ps(c + j * 16), o.bias, ep, out, e.channel + j * 16);
+    }
+}
+
+// Tiles: C(i, j) = tmm(2 i + j) for tokens 16 i.. and channels 16 j..; A(i) = tmm(4 + i); B(j) = tmm(6 + j).
+// a: the step's A tiles for its chunk of k pairs, in order (pack_block), wp: the panel's pair row of the chunk's
+// first pair at channel group g (stride wp_stride bytes), pairs: the chunk's (a multiple of 16). The C tiles
+// start from zero (first chunk) or from c, and end in c [32 tokens][c_stride floats]. The previous step's
+// epilogue (prev) runs a few rows per 16 pairs, between the tile products. NB: B tiles (1 or 2).
+template <class Tiles, int NB>
+MLLAMA_AMX_TARGET void step(const uint8_t * a, const uint8_t * wp, size_t wp_stride, int64_t pairs, bool first,
+                            float * c, size_t c_stride, const operands & o, const epilogue & ep, pending & prev) {
+    const size_t c_bytes = c_stride * sizeof(float);
+    float * c_low = c + amx::k_tile_rows * c_stride;  // tokens 16..31
+    if (first) {
+        Tiles::template zero<0>();
+        Tiles::template zero<2>();
+        if constexpr (NB == 2) Tiles::template zero<1>(), Tiles::template zero<3>();
+    } else {
+        Tiles::template load<0>(c, c_bytes);
+        Tiles::template load<2>(c_low, c_bytes);
+        if constexpr (NB == 2) Tiles::template load<1>(c + 16, c_bytes), Tiles::template load<3>(c_low + 16, c_bytes);
+    }
+    const int64_t iters = pairs / amx::k_tile_rows;
+    const int rows_per_iter = static_cast<int>((prev.rows - prev.done + iters - 1) / iters);
+    for (int64_t p = 0; p < pairs; p += amx::k_tile_rows, a += 2 * k_a_tile_bytes) {
+        const uint8_t * b = wp + p * wp_stride;
+        Tiles::template load<4>(a, amx::k_tile_bytes);
+        Tiles::template load<5>(a + k_a_tile_bytes, amx::k_tile_bytes);
+        Tiles::template load<6>(b, wp_stride);
+        Tiles::template dot_bf16<0, 4, 6>();
+        Tiles::template dot_bf16<2, 5, 6>();
+        if constexpr (NB == 2) {
+            Tiles::template load<7>(b + amx::k_tile_bytes, wp_stride);
+            Tiles::template dot_bf16<1, 4, 7>();
+            Tiles::template dot_bf16<3, 5, 7>();
+        }
+        finish_rows(o, ep, prev, rows_per_iter);
+    }
+    finish_rows(o, ep, prev, prev.rows);
+    Tiles::template store<0>(c, c_bytes);
+    Tiles::template store<2>(c_low, c_bytes);
+    if constexpr (NB == 2) Tiles::template store<1>(c + 16, c_bytes), Tiles::template store<3>(c_low + 16, c_bytes);
+}
+
+// Tokens 0..n_tok-1 of a block (rows of x at xb, x_row bytes apart), k pairs p0..p0 + pairs - 1, as A tiles in the
+// order the steps read them: out[step][pairs / 16][two tiles: tokens 0..15, 16..31][16 rows][64 bytes], rows past
+// n_tok zero. Contiguous and 64-byte aligned, each tile row one cache line (the tensor's rows may sit on 32-byte
+// boundaries), and written once per block and chunk for the M / 32 steps that read it.
+MLLAMA_AVX512_TARGET void pack_block(const uint8_t * xb, size_t x_row, int64_t n_tok, int64_t p0, int64_t pairs,
+                                     uint8_t * out) {
+    const int64_t groups = pairs / amx::k_tile_rows, n_steps = (n_tok + k_step - 1) / k_step;
+    for (int64_t t = 0; t < n_steps * k_step; ++t) {
+        const uint8_t * row = xb + t * x_row + p0 * 4;
+        uint8_t * dst = out + (t / k_step) * groups * 2 * k_a_tile_bytes + (t % k_step) * amx::k_tile_bytes;
+        for (int64_t q = 0; q < groups; ++q) {
+            const __m512i v = t < n_tok ? _mm512_loadu_si512(row + q * amx::k_tile_bytes) : _mm512_setzero_si512();
+            _mm512_store_si512(dst + q * 2 * k_a_tile_bytes, v);  // tokens 16..31 fall in the second tile
         }
     }
 }
 
-// Tokens n0..n1-1 (n0 a multiple of 32) in blocks that stay in L2, every panel over each block. A last
-// partial step reads a zero-padded copy of its rows, so every A tile load has 16 rows.
+// What a thread keeps between steps: two step buffers (one step's sums wait for their epilogue while the next
+// step fills the other), the sums of a block across chunks (K longer than a chunk), a zero-padded copy of a
+// block's last partial step of tokens, and the pending epilogue.
+struct thread_state {
+    alignas(64) float c[2][k_step * 32];
+    std::vector<float> sums;  // [k_block_tokens][M] where K spans several chunks
+    std::unique_ptr<uint8_t[], aligned_free> a;  // a block's chunk of A tiles (pack_block)
+    pending prev;
+    int64_t n_steps = 0;
+};
+
+// One step: tokens t0..t0 + rows - 1 (their A tiles at a) against 32 channels from channel group g of a panel,
+// over the k pairs p0..p0 + pairs - 1; s0: the block's first token. The last chunk's sums become the pending
+// epilogue (run during the next step).
+template <class Tiles>
+MLLAMA_AMX_TARGET void block_step(const operands & o, const epilogue & ep, thread_state & ts, const uint8_t * a,
+                                  int64_t t0, int rows, int64_t s0, int64_t panel, int64_t g, int64_t p0,
+                                  int64_t pairs) {
+    const int64_t groups = panel_groups(o.M, panel), channel = panel * k_panel + g * 16;
+    const uint8_t * wp = o.wp + panel * k_panel * o.P * 4 + g * amx::k_tile_bytes;  // full panels before this one
+    const size_t wp_stride = static_cast<size_t>(groups) * amx::k_tile_bytes;
+    const int nb = groups - g >= 2 ? 2 : 1;
+    const bool chunked = pairs < o.P, last = p0 + pairs == o.P;
+    float * c = chunked ? ts.sums.data() + (t0 - s0) * o.M + channel : ts.c[ts.n_steps++ & 1];
+    const size_t c_stride = chunked ? static_cast<size_t>(o.M) : 32;
+    const uint8_t * b = wp + p0 * wp_stride;
+    if (nb == 2) step<Tiles, 2>(a, b, wp_stride, pairs, p0 == 0, c, c_stride, o, ep, ts.prev);
+    else step<Tiles, 1>(a, b, wp_stride, pairs, p0 == 0, c, c_stride, o, ep, ts.prev);
+    if (last) ts.prev = pending{c, c_stride, t0, channel, rows, nb, 0};
+}
+
+// Tokens n0..n1-1 (n0 a multiple of 32) in blocks, each chunk of k packed (pack_block) and multiplied by every
+// panel.
 template <class Tiles>
 MLLAMA_AMX_TARGET void run(const operands & o, const ggml_tensor * x, int64_t n0, int64_t n1, const epilogue & ep) {
-    const int64_t K = x->ne[0], n_panels = (o.M + k_panel - 1) / k_panel;
-    const int64_t block = std::max<int64_t>(k_step, k_block_bytes / (K * 2) / k_step * k_step);
-    alignas(64) float c[k_step * 32];
-    static thread_local std::vector<uint8_t> tail;
+    const int64_t n_panels = (o.M + k_panel - 1) / k_panel;
+    static thread_local thread_state ts;
+    ts.prev = pending{};
+    if (o.P > k_chunk_pairs) ts.sums.resize(static_cast<size_t>(k_block_tokens * o.M));
+    if (!ts.a) ts.a.reset(static_cast<uint8_t *>(std::aligned_alloc(64, k_block_tokens * k_chunk_pairs * 4)));
     amx::tile_scope<Tiles> scope(amx::k_full_tiles);
-    for (int64_t b0 = n0; b0 < n1; b0 += block) {
-        const int64_t b1 = std::min(n1, b0 + block);
-        const int64_t full = (b1 - b0) / k_step * k_step;  // tokens in whole steps
+    for (int64_t b0 = n0; b0 < n1; b0 += k_block_tokens) {
+        const int64_t n_tok = std::min(n1 - b0, k_block_tokens);
         const auto * xb = static_cast<const uint8_t *>(x->data) + b0 * x->nb[1];
-        if (full < b1 - b0) {
-            tail.assign(static_cast<size_t>(k_step * K * 2), 0);
-            for (int64_t r = 0; r < b1 - b0 - full; ++r) {
-                std::memcpy(tail.data() + r * K * 2, xb + (full + r) * x->nb[1], static_cast<size_t>(K * 2));
+        for (int64_t p0 = 0; p0 < o.P; p0 += k_chunk_pairs) {
+            const int64_t pairs = std::min(k_chunk_pairs, o.P - p0);
+            pack_block(xb, x->nb[1], n_tok, p0, pairs, ts.a.get());
+            for (int64_t panel = 0; panel < n_panels; ++panel) {
+                for (int64_t g = 0; g < panel_groups(o.M, panel); g += 2) {
+                    for (int64_t t = 0; t < n_tok; t += k_step) {
+                        const int rows = static_cast<int>(std::min<int64_t>(k_step, n_tok - t));
+                        block_step<Tiles>(o, ep, ts, ts.a.get() + t * pairs * 4, b0 + t, rows, b0, panel, g, p0, pairs);
+                    }
+                }
             }
         }
-        for (int64_t panel = 0; panel < n_panels; ++panel) {
-            for (int64_t g = 0; g < panel_groups(o.M, panel); g += 2) {
-                channel_step<Tiles>(o, xb, x->nb[1], b0, full, panel, g, ep, c);
-                if (full < b1 - b0) channel_step<Tiles>(o, tail.data(), K * 2, b0 + full, b1 - b0 - full, panel, g, ep, c);
-            }
-        }
+        finish_rows(o, ep, ts.prev, ts.prev.rows);  // before the next block reuses the sums
     }
 }
 
@@ -128,8 +201,9 @@ void gemm_tiles(ggml_tensor * dst, int ith, int nth, const epilogue & ep) {
     const ggml_tensor * x = dst->src[1];
     const ggml_tensor * bias = dst->src[2];
     const int64_t N = x->ne[1];
-    const operands o{static_cast<const uint8_t *>(dst->src[0]->data), bias ? static_cast<const float *>(bias->data) : nullptr,
-                     static_cast<char *>(dst->data), dst->nb[1], x->ne[0] / 2, dst->ne[0]};
+    const operands o{reinterpret_cast<const uint8_t *>(aligned_panels(dst->src[0]->data)),
+                     bias ? static_cast<const float *>(bias->data) : nullptr, static_cast<char *>(dst->data), dst->nb[1],
+                     x->ne[0] / 2, dst->ne[0]};
     // tokens split in whole steps, so only the last thread has a partial one
     const int64_t steps = (N + k_step - 1) / k_step, per_thread = (steps + nth - 1) / nth;
     const int64_t n0 = std::min(N, per_thread * ith * k_step), n1 = std::min(N, n0 + per_thread * k_step);

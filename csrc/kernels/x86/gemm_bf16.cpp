@@ -38,7 +38,7 @@ constexpr epilogue k_epilogues[2][2][2] = {{{{false, false, false}, {false, fals
 MLLAMA_AVX512_TARGET void pack_w(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * w = dst->src[0];
     const int64_t K = w->ne[0], M = w->ne[1], P = K / 2, n_panels = (M + k_panel - 1) / k_panel;
-    auto * out = static_cast<uint32_t *>(dst->data);
+    uint32_t * out = aligned_panels(dst->data);
     for (int64_t panel = ith; panel < n_panels; panel += nth) {
         const int64_t groups = panel_groups(M, panel);
         uint32_t * o = out + panel * k_panel * P;  // full panels before this one
@@ -119,7 +119,7 @@ void gemm_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
         const int64_t b1 = std::min(n1, b0 + block);
         for (int64_t panel = 0; panel < n_panels; ++panel) {
             const int64_t groups = panel_groups(M, panel);
-            gemm_args a{P, static_cast<const uint32_t *>(dst->src[0]->data) + panel * k_panel * P,
+            gemm_args a{P, aligned_panels(dst->src[0]->data) + panel * k_panel * P,
                         bias ? static_cast<const float *>(bias->data) + panel * k_panel : nullptr,
                         ep};
             for (int64_t t = b0; t < b1; t += k_rows) {
@@ -142,8 +142,9 @@ bool bf16_linear_supported(const ggml_tensor * w) {
 ggml_tensor * bf16_linear_avx512(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, ggml_tensor * bias, bool gelu,
                                  bool bf16_out, bool tiles) {
     const int64_t K = w->ne[0], M = w->ne[1], N = ggml_nelements(x) / K;
-    ggml_tensor * wp = ggml_custom_4d(ctx, GGML_TYPE_I32, K / 2 * M, 1, 1, 1, &w, /*n_args=*/1, pack_w,
-                                      GGML_N_TASKS_MAX, /*userdata=*/nullptr);  // Wp [K / 2 * M]
+    // Wp [K / 2 * M], 64-byte aligned within
+    ggml_tensor * wp = ggml_custom_4d(ctx, GGML_TYPE_I32, K / 2 * M + k_panel_pad / 4, 1, 1, 1, &w, /*n_args=*/1,
+                                      pack_w, GGML_N_TASKS_MAX, /*userdata=*/nullptr);
     if (x->type != GGML_TYPE_BF16) x = ggml_cast(ctx, x, GGML_TYPE_BF16);  // [K, N] BF16
     if (!ggml_is_contiguous(x)) x = ggml_cont(ctx, x);
     x = ggml_reshape_2d(ctx, x, K, N);

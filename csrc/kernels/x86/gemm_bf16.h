@@ -25,6 +25,15 @@ struct epilogue {
     bool tiles;     // AMX tiles (gemm_amx.cpp) where K allows, else AVX-512 BF16 dot products
 };
 
+// The packed panels start at the first 64-byte boundary of their tensor's data, which holds k_panel_pad bytes
+// more: a graph allocator places tensors on 32-byte boundaries, and a tile row or a zmm that straddles two cache
+// lines is read as two.
+constexpr int64_t k_panel_pad = 64;
+inline uint32_t * aligned_panels(void * data) {
+    const auto address = reinterpret_cast<uintptr_t>(data);
+    return reinterpret_cast<uint32_t *>((address + k_panel_pad - 1) & ~static_cast<uintptr_t>(k_panel_pad - 1));
+}
+
 inline int64_t panel_groups(int64_t M, int64_t panel) {  // groups of 16 channels in a panel
     return std::min<int64_t>(k_panel, M - panel * k_panel) / 16;
 }
