@@ -6,7 +6,8 @@
 //
 // With reps > 0 it times each path instead (median milliseconds of reps runs, the packing of K and V
 // included, and GFLOPS of the two products: 4 D N^2 H), without the check (whose reference is slow at
-// the tower's sizes): "avx512_ms=... tiles_ms=... avx2_ms=..." (bench/amx_sweep.sh); built with
+// the tower's sizes): "avx512_ms=... tiles_ms=... avx2_ms=..." (bench/amx_sweep.sh; ATTN_ONLY=tiles, avx512 or
+// avx2: that path alone, the others "none"); built with
 // -DMLLAMA_AMX_ATTN_PHASES, also the tile path's time stamp ticks per phase of its steps, as shares.
 // Inputs: q, k, v [D, H, N] random normal (some keys larger, below), rounded as the kernel rounds them
 // (q scaled by log2(e) / sqrt(D) first: the BF16 paths' scores are in base 2, turned back with ln 2
@@ -214,13 +215,15 @@ int main(int argc, char ** argv) {
             plain[tiles] = bf16_attention_avx512(ctx, t[0], t[1], t[2], mask, plain_rows, tiles == 1);
         }
     }
-    const bool runs[3] = {avx512_run, tiles_run, true};
+    bool runs[3] = {avx512_run, tiles_run, true};
     if (std::getenv("ATTN_FP_FLAGS") && std::strcmp(std::getenv("ATTN_FP_FLAGS"), "1") == 0) {
         print_subnormal_flags(ctx, outs, runs);
         ggml_free(ctx);
         return 0;
     }
     if (reps > 0) {
+        const char * only = std::getenv("ATTN_ONLY");  // avx512, tiles or avx2: time that path alone
+        for (int i = 0; i < 3 && only; ++i) runs[i] = runs[i] && std::strcmp(only, k_names[i]) == 0;
         print_times(ctx, outs, runs, 4.0 * D * double(N) * N * H / 1e9, threads, reps);
         ggml_free(ctx);
         return 0;

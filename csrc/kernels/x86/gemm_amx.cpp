@@ -126,21 +126,21 @@ MLLAMA_AVX512_TARGET void pack_block(const uint8_t * xb, size_t x_row, int64_t n
                                      uint8_t * out) {
     const int64_t groups = pairs / amx::k_tile_rows, n_steps = (n_tok + k_step - 1) / k_step;
     for (int64_t t = 0; t < n_steps * k_step; ++t) {
-        const uint8_t * row = xb + t * x_row + p0 * 4;
+        const uint8_t * row = t < n_tok ? xb + t * x_row + p0 * 4 : nullptr;  // null: a zero row past the tokens
         uint8_t * dst = out + (t / k_step) * groups * 2 * k_a_tile_bytes + (t % k_step) * amx::k_tile_bytes;
         for (int64_t q = 0; q < groups; ++q) {
-            const __m512i v = t < n_tok ? _mm512_loadu_si512(row + q * amx::k_tile_bytes) : _mm512_setzero_si512();
+            const __m512i v = row ? _mm512_loadu_si512(row + q * amx::k_tile_bytes) : _mm512_setzero_si512();
             _mm512_store_si512(dst + q * 2 * k_a_tile_bytes, v);  // tokens 16..31 fall in the second tile
         }
     }
 }
 
 // What a thread keeps between steps: two step buffers (one step's sums wait for their epilogue while the next
-// step fills the other), the sums of a block across chunks (K longer than a chunk), a zero-padded copy of a
-// block's last partial step of tokens, and the pending epilogue.
+// step fills the other), the sums of a block across chunks (K longer than a chunk), the block's chunk of A tiles
+// (its last partial step padded with zero rows), and the pending epilogue.
 struct thread_state {
     alignas(64) float c[2][k_step * 32];
-    std::vector<float> sums;  // [k_block_tokens][M] where K spans several chunks
+    std::vector<float> sums;  // [k_block_tokens][M] where K spans several chunks (4 MiB at M = 4096), kept
     std::unique_ptr<uint8_t[], aligned_free> a;  // a block's chunk of A tiles (pack_block)
     pending prev;
     int64_t n_steps = 0;
@@ -202,8 +202,8 @@ void gemm_tiles(ggml_tensor * dst, int ith, int nth, const epilogue & ep) {
     const ggml_tensor * bias = dst->src[2];
     const int64_t N = x->ne[1];
     const operands o{reinterpret_cast<const uint8_t *>(aligned_panels(dst->src[0]->data)),
-                     bias ? static_cast<const float *>(bias->data) : nullptr, static_cast<char *>(dst->data), dst->nb[1],
-                     x->ne[0] / 2, dst->ne[0]};
+                     bias ? static_cast<const float *>(bias->data) : nullptr, static_cast<char *>(dst->data),
+                     dst->nb[1], x->ne[0] / 2, dst->ne[0]};
     // tokens split in whole steps, so only the last thread has a partial one
     const int64_t steps = (N + k_step - 1) / k_step, per_thread = (steps + nth - 1) / nth;
     const int64_t n0 = std::min(N, per_thread * ith * k_step), n1 = std::min(N, n0 + per_thread * k_step);
