@@ -39,7 +39,8 @@ def gemm_ratios(driver, k, m, n, emulate: bool) -> dict:
 @needs_kernels
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
 @pytest.mark.parametrize("k,m,n", [(32, 16, 1), (64, 48, 31), (96, 80, 33), (1280, 1280, 70), (320, 208, 100),
-                                   (5120, 48, 200), (1312, 80, 300), (2592, 48, 530), (100, 48, 31), (1284, 80, 9)])
+                                   (5120, 48, 200), (1312, 80, 300), (2592, 48, 530), (2592, 2128, 24), (100, 48, 31),
+                                   (1284, 80, 9)])
 def test_bf16_gemm_on_emulated_tiles_within_the_summation_bound(gemm_driver, k, m, n):
     """Both GEMM paths against ggml's mul_mat + bias on the same BF16 values: every output within the
     bound of two F32 summation orders (tests/c/gemm_bf16.cpp: 2 gamma_K sum |x w|). The tile path runs on
@@ -47,7 +48,8 @@ def test_bf16_gemm_on_emulated_tiles_within_the_summation_bound(gemm_driver, k, 
     here on any AVX-512 BF16 machine: odd 16-channel groups (M = 16, 48, 80, 208: one B tile), token
     tails (N not a multiple of 32, N below 16), partial panels, threads splitting the tokens, blocks of 256
     tokens and a partial one (N = 530: a thread's 288 tokens and 242, the last step 18 tokens), k in chunks of
-    1280 whose sums wait in memory (K = 5120: four; 2592: two and a short one of 32; 1312: one and 32), k pairs
+    1280 whose sums wait in memory (K = 5120: four; 2592: two and a short one of 32; 1312: one and 32), for groups
+    of at most 2048 channels at a time (M = 2128: two of 17 panels, the last panel 16 channels, one B tile), k pairs
     that end short of the packing's 16 (K = 100, 1284: AVX-512 only, tiles need K % 32 == 0). A layout error
     (a wrong pair, row or channel) is off by O(|y|), thousands of times the bound."""
     fields = gemm_ratios(gemm_driver, k, m, n, emulate=True)
@@ -61,7 +63,8 @@ def test_bf16_gemm_on_emulated_tiles_within_the_summation_bound(gemm_driver, k, 
 @pytest.mark.skipif(not AMX, reason="this CPU (or its OS) has no AMX-BF16 tiles: the hardware path is checked on "
                                     "emulated tiles only (test_bf16_gemm_on_emulated_tiles_within_the_summation_bound)")
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
-@pytest.mark.parametrize("k,m,n", [(32, 16, 1), (96, 80, 33), (1280, 1280, 70), (5120, 1280, 97), (2592, 208, 530)])
+@pytest.mark.parametrize("k,m,n", [(32, 16, 1), (96, 80, 33), (1280, 1280, 70), (5120, 1280, 97), (2592, 208, 530),
+                                   (2592, 2112, 100)])
 def test_bf16_gemm_on_amx_hardware_within_the_summation_bound(gemm_driver, k, m, n):
     fields = gemm_ratios(gemm_driver, k, m, n, emulate=False)
     assert fields["tiles"] != "none" and float(fields["tiles"]) <= 1.0, fields

@@ -6,10 +6,10 @@
 // they lie (16 pair rows x 16 channels, row stride one panel row), C tiles hold 16 tokens x 16 channels in F32.
 // A step keeps 32 tokens x 32 channels in four C tiles over a chunk of the k range (2 A + 2 B tile loads per 4
 // tile products) and stores them; where K spans several chunks, the sums wait in memory for the next chunk.
-// A thread walks its tokens in blocks of k_block_tokens, each block chunk by chunk, and over each chunk 32
-// channels at a time: the block's chunk of activations and the channels' chunk of weights stay in L2 while they
-// are read again and again. A step's epilogue (bias, GELU, BF16 or F32 out, on AVX-512) runs a row at a time
-// between the next step's tile products, so the vector units work while the tile unit does.
+// A thread walks its tokens in blocks of k_block_tokens, each block by groups of 1024 channels, chunk by chunk,
+// and over each chunk 32 channels at a time: the block's chunk of activations and the channels' chunk of weights
+// stay in L2 while they are read again and again. A step's epilogue (bias, GELU, BF16 or F32 out, on AVX-512)
+// runs a row at a time between the next step's tile products, so the vector units work while the tile unit does.
 #include "kernels/dispatch.h"
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
@@ -46,6 +46,9 @@ constexpr int64_t k_block_tokens = MLLAMA_AMX_GEMM_BLOCK_TOKENS;
 constexpr int64_t k_chunk_pairs = MLLAMA_AMX_GEMM_CHUNK_PAIRS;
 static_assert(k_block_tokens % k_step == 0 && k_chunk_pairs % amx::k_tile_rows == 0, "whole steps, whole tiles");
 constexpr int64_t k_a_tile_bytes = amx::k_tile_rows * amx::k_tile_bytes;  // one packed A tile
+// The most channels whose sums wait in memory between chunks: 2 MiB per thread for a block, whatever M (M = 128256
+// would ask 131 MB). A larger M goes in groups of equal size, fewer than 2048 channels each.
+constexpr int64_t k_sums_channels = 32 * k_panel;
 
 struct aligned_free {
     void operator()(uint8_t * p) const { std::free(p); }
@@ -140,58 +143,70 @@ MLLAMA_AVX512_TARGET void pack_block(const uint8_t * xb, size_t x_row, int64_t n
 // (its last partial step padded with zero rows), and the pending epilogue.
 struct thread_state {
     alignas(64) float c[2][k_step * 32];
-    std::vector<float> sums;  // [k_block_tokens][M] where K spans several chunks (4 MiB at M = 4096), kept
+    std::vector<float> sums;  // [k_block_tokens][k_sums_channels] where K spans several chunks (1 MiB), kept
     std::unique_ptr<uint8_t[], aligned_free> a;  // a block's chunk of A tiles (pack_block)
     pending prev;
     int64_t n_steps = 0;
 };
 
+// Where a step's sums go and which k it covers: the block's first token s0, the channel group's first channel c0
+// (the sums hold k_sums_channels from there), the chunk's k pairs p0..p0 + pairs - 1.
+struct chunk_pos {
+    int64_t s0, c0, p0, pairs;
+};
+
 // One step: tokens t0..t0 + rows - 1 (their A tiles at a) against 32 channels from channel group g of a panel,
-// over the k pairs p0..p0 + pairs - 1; s0: the block's first token. The last chunk's sums become the pending
-// epilogue (run during the next step).
+// over the chunk's k pairs. The last chunk's sums become the pending epilogue (run during the next step).
 template <class Tiles>
 MLLAMA_AMX_TARGET void block_step(const operands & o, const epilogue & ep, thread_state & ts, const uint8_t * a,
-                                  int64_t t0, int rows, int64_t s0, int64_t panel, int64_t g, int64_t p0,
-                                  int64_t pairs) {
+                                  int64_t t0, int rows, int64_t panel, int64_t g, const chunk_pos & at) {
     const int64_t groups = panel_groups(o.M, panel), channel = panel * k_panel + g * 16;
     const uint8_t * wp = o.wp + panel * k_panel * o.P * 4 + g * amx::k_tile_bytes;  // full panels before this one
     const size_t wp_stride = static_cast<size_t>(groups) * amx::k_tile_bytes;
     const int nb = groups - g >= 2 ? 2 : 1;
-    const bool chunked = pairs < o.P, last = p0 + pairs == o.P;
-    float * c = chunked ? ts.sums.data() + (t0 - s0) * o.M + channel : ts.c[ts.n_steps++ & 1];
-    const size_t c_stride = chunked ? static_cast<size_t>(o.M) : 32;
-    const uint8_t * b = wp + p0 * wp_stride;
-    if (nb == 2) step<Tiles, 2>(a, b, wp_stride, pairs, p0 == 0, c, c_stride, o, ep, ts.prev);
-    else step<Tiles, 1>(a, b, wp_stride, pairs, p0 == 0, c, c_stride, o, ep, ts.prev);
+    const bool chunked = at.pairs < o.P, last = at.p0 + at.pairs == o.P;
+    float * c = chunked ? ts.sums.data() + (t0 - at.s0) * k_sums_channels + (channel - at.c0)
+                        : ts.c[ts.n_steps++ & 1];
+    const size_t c_stride = chunked ? static_cast<size_t>(k_sums_channels) : 32;
+    const uint8_t * b = wp + at.p0 * wp_stride;
+    if (nb == 2) step<Tiles, 2>(a, b, wp_stride, at.pairs, at.p0 == 0, c, c_stride, o, ep, ts.prev);
+    else step<Tiles, 1>(a, b, wp_stride, at.pairs, at.p0 == 0, c, c_stride, o, ep, ts.prev);
     if (last) ts.prev = pending{c, c_stride, t0, channel, rows, nb, 0};
 }
 
-// Tokens n0..n1-1 (n0 a multiple of 32) in blocks, each chunk of k packed (pack_block) and multiplied by every
-// panel.
+// Tokens n0..n1-1 (n0 a multiple of 32) in blocks; over a block, where K spans several chunks, channels in groups of
+// at most k_sums_channels (the sums of a chunk wait in memory only for those), each chunk of k packed (pack_block)
+// and multiplied by the group's panels; else all panels at once, the block packed once.
 template <class Tiles>
 MLLAMA_AMX_TARGET void run(const operands & o, const ggml_tensor * x, int64_t n0, int64_t n1, const epilogue & ep) {
-    const int64_t n_panels = (o.M + k_panel - 1) / k_panel;
+    const int64_t n_panels = (o.M + k_panel - 1) / k_panel, max_panels = k_sums_channels / k_panel;
+    const bool chunked = o.P > k_chunk_pairs;
+    const int64_t n_groups = chunked ? (n_panels + max_panels - 1) / max_panels : 1;
+    const int64_t group_panels = (n_panels + n_groups - 1) / n_groups;
     static thread_local thread_state ts;
     ts.prev = pending{};
-    if (o.P > k_chunk_pairs) ts.sums.resize(static_cast<size_t>(k_block_tokens * o.M));
+    if (chunked) ts.sums.resize(static_cast<size_t>(k_block_tokens * k_sums_channels));
     if (!ts.a) ts.a.reset(static_cast<uint8_t *>(std::aligned_alloc(64, k_block_tokens * k_chunk_pairs * 4)));
     amx::tile_scope<Tiles> scope(amx::k_full_tiles);
     for (int64_t b0 = n0; b0 < n1; b0 += k_block_tokens) {
         const int64_t n_tok = std::min(n1 - b0, k_block_tokens);
         const auto * xb = static_cast<const uint8_t *>(x->data) + b0 * x->nb[1];
-        for (int64_t p0 = 0; p0 < o.P; p0 += k_chunk_pairs) {
-            const int64_t pairs = std::min(k_chunk_pairs, o.P - p0);
-            pack_block(xb, x->nb[1], n_tok, p0, pairs, ts.a.get());
-            for (int64_t panel = 0; panel < n_panels; ++panel) {
-                for (int64_t g = 0; g < panel_groups(o.M, panel); g += 2) {
-                    for (int64_t t = 0; t < n_tok; t += k_step) {
-                        const int rows = static_cast<int>(std::min<int64_t>(k_step, n_tok - t));
-                        block_step<Tiles>(o, ep, ts, ts.a.get() + t * pairs * 4, b0 + t, rows, b0, panel, g, p0, pairs);
+        if (!chunked) pack_block(xb, x->nb[1], n_tok, 0, o.P, ts.a.get());  // one chunk: packed once per block
+        for (int64_t pg = 0; pg < n_panels; pg += group_panels) {
+            for (int64_t p0 = 0; p0 < o.P; p0 += k_chunk_pairs) {
+                const chunk_pos at{b0, pg * k_panel, p0, std::min(k_chunk_pairs, o.P - p0)};
+                if (chunked) pack_block(xb, x->nb[1], n_tok, p0, at.pairs, ts.a.get());
+                for (int64_t panel = pg; panel < std::min(n_panels, pg + group_panels); ++panel) {
+                    for (int64_t g = 0; g < panel_groups(o.M, panel); g += 2) {
+                        for (int64_t t = 0; t < n_tok; t += k_step) {
+                            const int rows = static_cast<int>(std::min<int64_t>(k_step, n_tok - t));
+                            block_step<Tiles>(o, ep, ts, ts.a.get() + t * at.pairs * 4, b0 + t, rows, panel, g, at);
+                        }
                     }
                 }
             }
+            finish_rows(o, ep, ts.prev, ts.prev.rows);  // before the next group or block reuses the sums
         }
-        finish_rows(o, ep, ts.prev, ts.prev.rows);  // before the next block reuses the sums
     }
 }
 
