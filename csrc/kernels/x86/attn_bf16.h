@@ -92,12 +92,16 @@ inline float query_scale(int64_t D) { return k_log2e / std::sqrt(static_cast<flo
 
 // Adds the mask row of query i (keys jb..jb+63; natural-log units, so times log2(e)) and -inf for
 // padding keys.
+// The lanes of keys k0..k0+15 that are keys (below N); the others are padding.
+inline __mmask16 key_lanes(const job & j, int64_t k0) {
+    return static_cast<__mmask16>((1u << std::clamp<int64_t>(j.d.N - k0, 0, 16)) - 1u);
+}
+
 MLLAMA_AVX512_TARGET inline void add_mask(const job & j, int64_t i, int64_t jb, __m512 s[4]) {
     const auto * row = reinterpret_cast<const uint16_t *>(static_cast<const char *>(j.mask->data) + i * j.mask->nb[1]);
     for (int t = 0; t < 4; ++t) {
         const int64_t k0 = jb + 16 * t;
-        const int64_t valid = std::clamp<int64_t>(j.d.N - k0, 0, 16);
-        const __mmask16 live = static_cast<__mmask16>((1u << valid) - 1u);
+        const __mmask16 live = key_lanes(j, k0);
         const __m512 m = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, row + k0));
         s[t] = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), live,
                                   _mm512_fmadd_ps(m, _mm512_set1_ps(k_log2e), s[t]));
@@ -107,9 +111,8 @@ MLLAMA_AVX512_TARGET inline void add_mask(const job & j, int64_t i, int64_t jb, 
 // -inf for the padding keys (past N) of keys jb..jb+63.
 MLLAMA_AVX512_TARGET inline void hide_padding_keys(const job & j, int64_t jb, __m512 s[4]) {
     for (int t = 0; t < 4; ++t) {
-        const int64_t valid = std::clamp<int64_t>(j.d.N - (jb + 16 * t), 0, 16);
-        const __mmask16 live = static_cast<__mmask16>((1u << valid) - 1u);
-        s[t] = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), live, s[t]);
+        const __m512 hidden = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+        s[t] = _mm512_mask_mov_ps(hidden, key_lanes(j, jb + 16 * t), s[t]);
     }
 }
 

@@ -46,8 +46,8 @@ constexpr int64_t k_block_tokens = MLLAMA_AMX_GEMM_BLOCK_TOKENS;
 constexpr int64_t k_chunk_pairs = MLLAMA_AMX_GEMM_CHUNK_PAIRS;
 static_assert(k_block_tokens % k_step == 0 && k_chunk_pairs % amx::k_tile_rows == 0, "whole steps, whole tiles");
 constexpr int64_t k_a_tile_bytes = amx::k_tile_rows * amx::k_tile_bytes;  // one packed A tile
-// The most channels whose sums wait in memory between chunks: 2 MiB per thread for a block, whatever M (M = 128256
-// would ask 131 MB). A larger M goes in groups of equal size, fewer than 2048 channels each.
+// The most channels whose sums wait in memory between chunks: 2 MiB per thread for a block, whatever M (a
+// vocabulary-wide output matrix, sized by M, would ask over 100 MB). A larger M goes in equal groups of at most these.
 constexpr int64_t k_sums_channels = 32 * k_panel;
 
 struct aligned_free {
