@@ -45,19 +45,21 @@ def prompts(model):
     }
 
 
-def test_mixed_batch_equals_each_sequence_alone(model, images):
+def mixed_batch_against_alone(model, images, order, prefill):
+    """Sequences `order` in one batch, in that order: `prefill` with its whole prompt, the others decoding their
+    last prompt token; each part's logits against its sequence evaluated alone."""
     engine, cases = model.engine, prompts(model)
-    alone = {seq: engine.evaluate(toks, [images[i] for i in imgs], all_logits=True) for seq, (toks, imgs) in
-             cases.items()}
+    alone = {seq: engine.evaluate(cases[seq][0], [images[i] for i in cases[seq][1]], all_logits=True) for seq in order}
     parts = []
-    for seq, (toks, imgs) in cases.items():
+    for seq in order:
+        toks, imgs = cases[seq]
         seq_images = [images[i] for i in imgs]
         slots = engine.claim_slots(seq_images)
         engine.start(seq, toks, seq_images, slots, reuse=False)
-        if seq > 0:  # decoding: the prompt but its last token first, alone
+        if seq != prefill:  # decoding: the prompt but its last token first, alone
             head = toks[:-1]
             engine.decode([Part(seq, head, 0, slots, engine.rows_for(seq, head), [])])
-        first = 0 if seq == 0 else len(toks) - 1
+        first = 0 if seq == prefill else len(toks) - 1
         rest = toks[first:]
         parts.append(Part(seq, rest, first, slots, engine.rows_for(seq, rest), list(range(len(rest)))))
     batched = engine.decode(parts)
@@ -70,6 +72,19 @@ def test_mixed_batch_equals_each_sequence_alone(model, images):
     for p in parts:
         engine.release_slots(p.slots)
     assert engine.slot_refs == [0] * engine.n_slots
+
+
+def test_mixed_batch_equals_each_sequence_alone(model, images):
+    mixed_batch_against_alone(model, images, [0, 1, 2, 3], prefill=0)
+
+
+# Decoding parts attend in groups (consecutive one-token parts whose sequence ids go up in even steps, one attention
+# over a strided view of their caches): groups of steps 1 and 2, ids that go down (a new group), a prefill part
+# between two groups, a group of one.
+@pytest.mark.parametrize("order, prefill", [([1, 2, 3, 0], 0), ([3, 1, 2], None), ([0, 2, 3], None),
+                                            ([1, 3, 0, 2], 0), ([2], None), ([3, 2, 1, 0], None)])
+def test_decode_groups_equal_each_sequence_alone(model, images, order, prefill):
+    mixed_batch_against_alone(model, images, order, prefill)
 
 
 def test_prefix_copy_trim_and_lengths(model, images):

@@ -67,30 +67,61 @@ static ggml_tensor * ffn(ggml_context * ctx, cpu_kernel_set kernels, const ffn_w
     return text_matmul(ctx, kernels, w.down, ggml_mul(ctx, ggml_silu(ctx, g), u));  // [n_embd, n]
 }
 
-// Writes each sequence's new K/V rows into its cache cells and attends its queries over its own
-// cells (one attention per sequence part); the outputs in batch order.
+// The attention of a group of one-token parts (batch rows first_row..) over their sequences' caches at once: the
+// caches as a strided view [hd, n_kv, Hkv, n_parts] (cells seq * n_ctx + 0..n_kv - 1 of each part's sequence), each
+// row's mask hiding the cells past its own (ggml's CPU attention skips a hidden cell, so each row's result is what
+// an attention over its own cells alone gives).
+static ggml_tensor * group_attention(ggml_context * ctx, const mllama_context & c, const attention_group & g,
+                                     int64_t first_row, int32_t first_seq, ggml_tensor * q, ggml_tensor * ck,
+                                     ggml_tensor * cv, ggml_tensor * mask, float scale) {
+    const text_hparams & hp = c.model->hp.text;
+    const int64_t hd = hp.n_embd_head, n = static_cast<int64_t>(g.n_parts);
+    ggml_tensor * rows = ggml_view_3d(ctx, q, hd, q->ne[1], n, q->nb[1], q->nb[2], first_row * q->nb[2]);  // [hd, H, n]
+    rows = ggml_permute(ctx, ggml_reshape_4d(ctx, rows, hd, q->ne[1], 1, n), 0, 2, 1, 3);  // [hd, 1, H, n]
+    auto caches = [&](ggml_tensor * cache) {  // [hd, n_kv, Hkv, n]
+        const size_t cell = cache->nb[2], seq = static_cast<size_t>(c.params.n_ctx) * cell;
+        return ggml_view_4d(ctx, cache, hd, g.n_kv, hp.n_head_kv, n, cell, cache->nb[1], g.seq_step * seq,
+                            first_seq * seq);
+    };
+    ggml_tensor * out = ggml_flash_attn_ext(ctx, rows, caches(ck), caches(cv), mask, scale, /*max_bias=*/0.0f,
+                                            /*logit_softcap=*/0.0f);  // [hd, H, 1, n]
+    ggml_flash_attn_ext_set_prec(out, GGML_PREC_F32);
+    return ggml_reshape_2d(ctx, out, out->ne[0] * out->ne[1], n);  // [hd * H, n]
+}
+
+// Writes the batch's new K/V rows into their cache cells (one set_rows per cache) and attends each attention group's
+// queries over its sequences' cells; the outputs in batch order.
 static ggml_tensor * cached_attention(ggml_context * ctx, const mllama_context & c, int il, ggml_tensor * q,
                                       ggml_tensor * k, ggml_tensor * v, const text_shape & s, const text_inputs & in,
                                       ggml_cgraph * gf) {
     const text_hparams & hp = c.model->hp.text;
-    const int64_t hd = hp.n_embd_head;
+    const int64_t hd = hp.n_embd_head, n_kv_embd = hd * hp.n_head_kv;
     ggml_tensor * ck = c.state.self_k[il], * cv = c.state.self_v[il];
+    auto store = [&](ggml_tensor * cache, ggml_tensor * t) {  // t [hd, Hkv, n] with contiguous heads
+        ggml_tensor * rows = ggml_view_2d(ctx, t, n_kv_embd, s.n_tokens, t->nb[2], 0);  // [hd * Hkv, n]
+        ggml_tensor * cells = ggml_reshape_2d(ctx, cache, n_kv_embd, cache->ne[2]);  // [hd * Hkv, n_cells]
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, cells, rows, in.kv_cells));
+    };
+    store(ck, k);
+    store(cv, v);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     ggml_tensor * a = nullptr;
-    for (size_t ip = 0; ip < s.parts->size(); ++ip) {
-        const batch_part & p = (*s.parts)[ip];
-        auto rows = [&](ggml_tensor * t) {  // [hd, heads, n_part]
-            return ggml_view_3d(ctx, t, t->ne[0], t->ne[1], p.n_tokens, t->nb[1], t->nb[2], p.first_row * t->nb[2]);
-        };
-        auto cells = [&](ggml_tensor * cache, int64_t first, int64_t count) {  // [hd, Hkv, count]
-            const int64_t cell = static_cast<int64_t>(p.seq) * c.params.n_ctx + first;
-            return ggml_view_3d(ctx, cache, hd, hp.n_head_kv, count, cache->nb[1], cache->nb[2], cell * cache->nb[2]);
-        };
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, rows(k), cells(ck, p.n_past, p.n_tokens)));
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, rows(v), cells(cv, p.n_past, p.n_tokens)));
-        const int64_t n_kv = p.n_past + p.n_tokens;
-        ggml_tensor * part = attention(ctx, {rows(q), cells(ck, 0, n_kv), cells(cv, 0, n_kv), in.kq_masks[ip],
-                                             scale});  // [n_embd, n_part]
+    for (size_t ig = 0; ig < s.groups->size(); ++ig) {
+        const attention_group & g = (*s.groups)[ig];
+        const batch_part & p = (*s.parts)[g.first_part];
+        ggml_tensor * part = nullptr;
+        if (g.one_token) {
+            part = group_attention(ctx, c, g, p.first_row, p.seq, q, ck, cv, in.kq_masks[ig], scale);  // [n_embd, n]
+        } else {
+            auto cells = [&](ggml_tensor * cache) {  // [hd, Hkv, n_kv]
+                const int64_t cell = static_cast<int64_t>(p.seq) * c.params.n_ctx;
+                return ggml_view_3d(ctx, cache, hd, hp.n_head_kv, g.n_kv, cache->nb[1], cache->nb[2],
+                                    cell * cache->nb[2]);
+            };
+            ggml_tensor * rows = ggml_view_3d(ctx, q, q->ne[0], q->ne[1], p.n_tokens, q->nb[1], q->nb[2],
+                                              p.first_row * q->nb[2]);  // [hd, H, n_part]
+            part = attention(ctx, {rows, cells(ck), cells(cv), in.kq_masks[ig], scale});  // [n_embd, n_part]
+        }
         a = a ? ggml_concat(ctx, a, part, 1) : part;  // [n_embd, rows so far]
     }
     return a;
@@ -164,10 +195,14 @@ static void new_inputs(ggml_context * ctx, const mllama_context & c, const text_
     in.out_rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, s.n_out);
     for (ggml_tensor * t : {in.tokens, in.pos, in.out_rows}) ggml_set_input(t);
     in.kq_masks.clear();
-    for (const batch_part & p : *s.parts) {
-        in.kq_masks.push_back(ggml_new_tensor_2d(ctx, GGML_TYPE_F16, p.n_past + p.n_tokens, p.n_tokens));
+    for (const attention_group & g : *s.groups) {  // one-token groups: [n_kv, 1, 1, n_parts] (ggml's 4D attention)
+        const batch_part & p = (*s.parts)[g.first_part];
+        in.kq_masks.push_back(g.one_token ? ggml_new_tensor_4d(ctx, GGML_TYPE_F16, g.n_kv, 1, 1, g.n_parts)
+                                          : ggml_new_tensor_2d(ctx, GGML_TYPE_F16, g.n_kv, p.n_tokens));
         ggml_set_input(in.kq_masks.back());
     }
+    in.kv_cells = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
+    ggml_set_input(in.kv_cells);
     if (s.slots.count > 0) {
         in.x_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, s.slots.count * c.state.n_vis, n);
         in.x_rows = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n);

@@ -51,13 +51,25 @@ cross_mask cross_masks(const std::vector<batch_part> & parts, int32_t n_tokens, 
     return out;
 }
 
-std::vector<ggml_fp16_t> causal_mask(int32_t n_past, int32_t n_tokens) {
-    const int32_t n_kv = n_past + n_tokens;
-    std::vector<ggml_fp16_t> mask(static_cast<size_t>(n_kv) * n_tokens, ggml_fp32_to_fp16(-INFINITY));
-    for (int32_t i = 0; i < n_tokens; ++i) {
-        std::fill_n(mask.begin() + static_cast<size_t>(i) * n_kv, n_past + i + 1, ggml_fp32_to_fp16(0.0f));
+std::vector<ggml_fp16_t> attention_mask(const std::vector<batch_part> & parts, const attention_group & g) {
+    std::vector<ggml_fp16_t> mask;
+    for (size_t k = g.first_part; k < g.first_part + g.n_parts; ++k) {
+        const batch_part & p = parts[k];
+        for (int32_t i = 0; i < p.n_tokens; ++i) {
+            const size_t row = mask.size();
+            mask.resize(row + static_cast<size_t>(g.n_kv), ggml_fp32_to_fp16(-INFINITY));
+            std::fill_n(mask.begin() + static_cast<std::ptrdiff_t>(row), p.n_past + i + 1, ggml_fp32_to_fp16(0.0f));
+        }
     }
     return mask;
+}
+
+std::vector<int64_t> cache_cells(const std::vector<batch_part> & parts, int64_t n_ctx) {
+    std::vector<int64_t> cells;
+    for (const batch_part & p : parts) {
+        for (int32_t i = 0; i < p.n_tokens; ++i) cells.push_back(p.seq * n_ctx + p.n_past + i);
+    }
+    return cells;
 }
 
 std::vector<int32_t> positions(int32_t n_past, int32_t n_tokens) {

@@ -26,8 +26,12 @@ struct cross_mask {
 cross_mask cross_masks(const std::vector<batch_part> & parts, int32_t n_tokens, slot_span span,
                        const std::vector<int32_t> & slot_tiles, int64_t n_vis, int64_t per_tile);
 
-// [n_past + n_tokens, n_tokens]: row i reads positions 0 .. n_past + i.
-std::vector<ggml_fp16_t> causal_mask(int32_t n_past, int32_t n_tokens);
+// The self-attention mask of an attention group [g.n_kv, rows of the group]: the row of token i of a part reads its
+// sequence's positions 0 .. n_past + i (a prefill part: the causal mask; a one-token part: its n_past + 1 cells).
+std::vector<ggml_fp16_t> attention_mask(const std::vector<batch_part> & parts, const attention_group & g);
+
+// [n_tokens]: each row's cache cell, seq * n_ctx + its position (the cache holds n_ctx cells per sequence).
+std::vector<int64_t> cache_cells(const std::vector<batch_part> & parts, int64_t n_ctx);
 
 // [n_tokens]: n_past + i.
 std::vector<int32_t> positions(int32_t n_past, int32_t n_tokens);

@@ -67,7 +67,7 @@ struct mllama_context {
     mllama::context_state state;
     std::vector<mllama::image_slot> slots;
     std::vector<int32_t> seq_length;          // positions each sequence's cache holds
-    size_t max_nodes = 0;                     // graph capacity (grows with n_seq_max: one attention per sequence)
+    size_t max_nodes = 0;                     // graph capacity (grows with n_seq_max: up to one attention per sequence)
     int64_t n_decoded = 0;                    // tokens evaluated by the decoder (a counter for callers)
     std::unique_ptr<mllama::tensor_dumper> dumper;
     std::unique_ptr<mllama::op_profiler> profiler;

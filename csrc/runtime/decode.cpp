@@ -89,17 +89,19 @@ static void check_tokens(const mllama_context & c, const int32_t * tokens, int32
 struct text_feed {
     std::vector<int32_t> pos;
     std::vector<std::vector<ggml_fp16_t>> kq_masks;
+    std::vector<int64_t> kv_cells;
     cross_mask x;
 };
 
-static text_feed feed_for(const mllama_context & c, const std::vector<batch_part> & parts, int32_t n_tokens,
-                          slot_span span) {
+static text_feed feed_for(const mllama_context & c, const std::vector<batch_part> & parts,
+                          const std::vector<attention_group> & groups, int32_t n_tokens, slot_span span) {
     text_feed f;
     for (const batch_part & p : parts) {
         const std::vector<int32_t> pos = positions(p.n_past, p.n_tokens);
         f.pos.insert(f.pos.end(), pos.begin(), pos.end());
-        f.kq_masks.push_back(causal_mask(p.n_past, p.n_tokens));
     }
+    for (const attention_group & g : groups) f.kq_masks.push_back(attention_mask(parts, g));
+    f.kv_cells = cache_cells(parts, c.params.n_ctx);
     if (span.count > 0) {
         std::vector<int32_t> slot_tiles;
         for (const image_slot & s : c.slots) slot_tiles.push_back(s.n_tiles);
@@ -110,8 +112,9 @@ static text_feed feed_for(const mllama_context & c, const std::vector<batch_part
 
 static void run_text(mllama_context & c, const int32_t * tokens, const std::vector<batch_part> & parts,
                      int32_t n_tokens, std::vector<int32_t> rows, float * logits, bool copy_logits) {
-    const text_shape shape{n_tokens, &parts, slots_read(parts), static_cast<int64_t>(rows.size())};
-    const text_feed f = feed_for(c, parts, n_tokens, shape.slots);
+    const std::vector<attention_group> groups = attention_groups(parts);
+    const text_shape shape{n_tokens, &parts, &groups, slots_read(parts), static_cast<int64_t>(rows.size())};
+    const text_feed f = feed_for(c, parts, groups, n_tokens, shape.slots);
     text_inputs in;
     ggml_tensor * out = nullptr;
     auto build = [&](ggml_context * ctx) {
@@ -124,9 +127,10 @@ static void run_text(mllama_context & c, const int32_t * tokens, const std::vect
     auto feed = [&] {
         ggml_backend_tensor_set(in.tokens, tokens, 0, ggml_nbytes(in.tokens));
         ggml_backend_tensor_set(in.pos, f.pos.data(), 0, ggml_nbytes(in.pos));
-        for (size_t i = 0; i < parts.size(); ++i) {
+        for (size_t i = 0; i < groups.size(); ++i) {
             ggml_backend_tensor_set(in.kq_masks[i], f.kq_masks[i].data(), 0, ggml_nbytes(in.kq_masks[i]));
         }
+        ggml_backend_tensor_set(in.kv_cells, f.kv_cells.data(), 0, ggml_nbytes(in.kv_cells));
         ggml_backend_tensor_set(in.out_rows, rows.data(), 0, ggml_nbytes(in.out_rows));
         if (in.x_mask) {
             ggml_backend_tensor_set(in.x_mask, f.x.mask.data(), 0, ggml_nbytes(in.x_mask));
