@@ -196,3 +196,25 @@ def test_a_slot_read_by_a_running_request_is_not_overwritten(model, images):
     model.run_step()
     assert model.engine.slot_refs[slot] == 0 and model.engine.slot_keys[slot] == images[0].key
     assert isinstance(request.streams[0].events[-1][1], mllama.GenerationCancelled)
+
+
+def test_decoding_streams_batch_in_sequence_order(model):
+    """The scheduler hands the engine its decoding streams in sequence order whatever order their requests run in
+    (consecutive ids then attend as one group), each stream's part still paired with its own stream."""
+    text = model.tokenize
+    requests = [model.submit([BOS] + text(f"Stream {i} tells a story."), temperature=0.0, max_tokens=8)
+                for i in range(3)]
+    model.run_step()  # admission and prefill of all three
+    scheduler = model.scheduler
+    assert all(not r.in_prefill for r in requests) and len(scheduler.running) == 3
+    scheduler.running.reverse()
+    parts, owners = scheduler._batch()
+    try:
+        seqs = [p.seq for p in parts]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 3
+        assert all(stream.seq == part.seq for part, (_, stream) in zip(parts, owners))
+    finally:
+        scheduler._unbatch(parts, owners)
+    for r in requests:
+        scheduler.cancel(r)
+    model.run_step()

@@ -150,6 +150,10 @@ class Scheduler:
                 owners.append((request, s))
                 s.next_token = None
                 budget -= 1
+        # decoding streams in sequence order: consecutive ids attend in one group (csrc/runtime/batch.h), whatever
+        # order their requests came in
+        ordered = sorted(zip(parts, owners), key=lambda pair: pair[0].seq)
+        parts, owners = [part for part, _ in ordered], [owner for _, owner in ordered]
         for request in self.running:
             if not request.in_prefill or budget == 0:
                 continue
