@@ -108,15 +108,18 @@ static ggml_tensor * as_f32(ggml_context * ctx, ggml_tensor * t) {
 }
 
 // Patch, tile and position embeddings, layernorm_pre and the pad rows: [D, L, NT].
-static ggml_tensor * embed(ggml_context * ctx, const vision_hparams & hp, const vision_w & w, vision_inputs & in) {
+static ggml_tensor * embed(ggml_context * ctx, const vision_hparams & hp, const vision_w & w, vision_inputs & in,
+                           const vision_options & opt) {
     const int64_t D = hp.n_embd, NT = hp.max_tiles, P = hp.n_positions(), ps = hp.patch_size;
     const int64_t kernel = ps * ps * hp.n_channels;
     ggml_tensor * h;
     {  // ref: patch_embedding (Conv2d, stride = kernel): im2col + matmul, patches row-major
         ggml_tensor * cols = ggml_im2col(ctx, w.patch_embd, in.pixels, /*s0=*/ps, /*s1=*/ps, /*p0=*/0, /*p1=*/0,
                                          /*d0=*/1, /*d1=*/1, /*is_2D=*/true, GGML_TYPE_F32);  // [k, pw, ph, NT]
-        cols = ggml_reshape_3d(ctx, cols, kernel, hp.n_patches(), NT);                      // [k, n_patches, NT]
-        h = ggml_mul_mat(ctx, ggml_reshape_2d(ctx, w.patch_embd, kernel, D), cols);          // [D, n_patches, NT]
+        cols = ggml_reshape_2d(ctx, cols, kernel, hp.n_patches() * NT);                    // [k, n_patches * NT]
+        // our GEMM where it applies (BF16 weights: 0.14 s at 69 GFLOPS in ggml's product on the AMX Xeon)
+        h = product(ctx, ggml_reshape_2d(ctx, w.patch_embd, kernel, D), cols, opt);       // [D, n_patches * NT]
+        h = ggml_reshape_3d(ctx, h, D, hp.n_patches(), NT);                                 // [D, n_patches, NT]
         named(h, "v", "patch_embd");
     }
     {  // ref: MllamaPrecomputedAspectRatioEmbedding (pre_tile_positional_embedding), on patch tokens only
@@ -183,7 +186,7 @@ ggml_tensor * build_vision(ggml_context * ctx, const mllama_model & model, visio
     for (ggml_tensor * t : {in.pixels, in.ar_id, in.mask}) ggml_set_input(t);
     named(in.pixels, "", "v.pixels");
 
-    ggml_tensor * h = ggml_reshape_2d(ctx, embed(ctx, hp, w, in), D, N);  // [D, N]: all tiles, one sequence
+    ggml_tensor * h = ggml_reshape_2d(ctx, embed(ctx, hp, w, in, opt), D, N);  // [D, N]: all tiles, one sequence
     const layer_mask mask{in.mask, opt.bf16_attention ? bf16_attention_mask_rows(ctx, in.mask) : nullptr};
     std::vector<ggml_tensor *> inter;
     char prefix[64];
