@@ -90,13 +90,13 @@ constexpr float k_max_drift = 8.0f;
 // The factor on the queries: 1 / sqrt(D) for the softmax, log2(e) for base 2.
 inline float query_scale(int64_t D) { return k_log2e / std::sqrt(static_cast<float>(D)); }
 
-// Adds the mask row of query i (keys jb..jb+63; natural-log units, so times log2(e)) and -inf for
-// padding keys.
 // The lanes of keys k0..k0+15 that are keys (below N); the others are padding.
 inline __mmask16 key_lanes(const job & j, int64_t k0) {
     return static_cast<__mmask16>((1u << std::clamp<int64_t>(j.d.N - k0, 0, 16)) - 1u);
 }
 
+// Adds the mask row of query i (keys jb..jb+63; natural-log units, so times log2(e)) and -inf for
+// padding keys.
 MLLAMA_AVX512_TARGET inline void add_mask(const job & j, int64_t i, int64_t jb, __m512 s[4]) {
     const auto * row = reinterpret_cast<const uint16_t *>(static_cast<const char *>(j.mask->data) + i * j.mask->nb[1]);
     for (int t = 0; t < 4; ++t) {
@@ -110,10 +110,8 @@ MLLAMA_AVX512_TARGET inline void add_mask(const job & j, int64_t i, int64_t jb, 
 
 // -inf for the padding keys (past N) of keys jb..jb+63.
 MLLAMA_AVX512_TARGET inline void hide_padding_keys(const job & j, int64_t jb, __m512 s[4]) {
-    for (int t = 0; t < 4; ++t) {
-        const __m512 hidden = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-        s[t] = _mm512_mask_mov_ps(hidden, key_lanes(j, jb + 16 * t), s[t]);
-    }
+    const __m512 hidden = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int t = 0; t < 4; ++t) s[t] = _mm512_mask_mov_ps(hidden, key_lanes(j, jb + 16 * t), s[t]);
 }
 
 // The mask of query row i (padding rows: N - 1) on its scores over keys jb..jb+63, where some row of the step has
@@ -150,8 +148,8 @@ MLLAMA_AVX512_TARGET inline __m512 exp2_softmax(__m512 x) {
 // factor that rescales the row's earlier output. The maximum moves only when a score passes
 // m + k_max_drift (always on the first live block), so a probability is at most 2^k_max_drift and
 // most blocks need no horizontal maximum: the test is one comparison of the scores' lane maxima (four chains
-// of vmaxps) with m + k_max_drift, where a comparison per register and an OR of the masks took 2-3% more time
-// for the tile attention (tests/c/attn_bf16.cpp with the 4-tile image's mask, 2026-12-06).
+// of vmaxps) with m + k_max_drift, where a comparison per register and an OR of the masks took 1-8% more time
+// (median ~2.5%, 5 rounds) for the tile attention (tests/c/attn_bf16.cpp with the 4-tile image's mask, 2026-12-06).
 template <int NV>
 MLLAMA_AVX512_TARGET inline float softmax_row(__m512 (&s)[NV], float & m, float * l, uint16_t * probs) {
     static_assert(NV % 4 == 0, "four chains of maxima");

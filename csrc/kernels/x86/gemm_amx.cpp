@@ -6,10 +6,11 @@
 // they lie (16 pair rows x 16 channels, row stride one panel row), C tiles hold 16 tokens x 16 channels in F32.
 // A step keeps 32 tokens x 32 channels in four C tiles over a chunk of the k range (2 A + 2 B tile loads per 4
 // tile products) and stores them; where K spans several chunks, the sums wait in memory for the next chunk.
-// A thread walks its tokens in blocks of k_block_tokens, each block by groups of 1024 channels, chunk by chunk,
-// and over each chunk 32 channels at a time: the block's chunk of activations and the channels' chunk of weights
-// stay in L2 while they are read again and again. A step's epilogue (bias, GELU, BF16 or F32 out, on AVX-512)
-// runs a row at a time between the next step's tile products, so the vector units work while the tile unit does.
+// A thread walks its tokens in blocks of k_block_tokens, each block chunk by chunk (where K spans several chunks,
+// for groups of at most k_sums_channels channels in turn), and over each chunk 32 channels at a time: the block's
+// chunk of activations and the channels' chunk of weights stay in L2 while they are read again and again. A step's
+// epilogue (bias, GELU, BF16 or F32 out, on AVX-512) runs a row at a time between the next step's tile products, so
+// the vector units work while the tile unit does.
 #include "kernels/dispatch.h"
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
