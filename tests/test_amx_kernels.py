@@ -233,8 +233,9 @@ def test_tile_products_on_amx_hardware_within_the_rounding_bound(request, kind, 
 
 
 PREFILL_PATHS = [  # conversion, an op of its tile path in the profile, (op_paths key, text without "emulated...")
-    ("q4_k", "CUSTOM bf16[256,48,1]", ("text matrices", "Q4_K kernel (x86 AMX tiles")),
-    ("q6_k", "CUSTOM bf16[256,48,1]", ("text matrices q6_K in the file layout",
+    # the quantized products' BF16 rows: 40 padded to 48, and a slack row to start them on a cache line
+    ("q4_k", "CUSTOM bf16[256,49,1]", ("text matrices", "Q4_K kernel (x86 AMX tiles")),
+    ("q6_k", "CUSTOM bf16[256,49,1]", ("text matrices q6_K in the file layout",
                                        "prefill from 32 rows: mllama Q6_K kernel (x86 AMX tiles")),
     ("q6_k", "CUSTOM bf16[64,256,1]", ("text matrices in the file layout, prefill",
                                        "from 32 rows, up to 512 MiB as BF16: BF16, or quantized decoded to BF16, "
@@ -284,8 +285,8 @@ def test_q6k_prefill_takes_the_q6k_tile_product_from_32_rows(converted, monkeypa
     """With every kernel on (emulated tiles), a Q6_K matrix takes the Q6_K tile product from k_q6k_tiles_min_rows
     (32) rows, and below our Q6_K kernel; it is never decoded whole to BF16 for the tile GEMM (which took ~94 ms
     for an 11B ffn_down on a 2-core AMX Xeon, against 25 ms for a 64-row product in our Q6_K kernel and 13 in the
-    tile product). The q6_k conversion's ffn_down (K = 256 by 64): its tile product's rows ("CUSTOM bf16[256,48,1]":
-    40 rows padded to 48) only in the 40-token prefill, its decoded copy's packing ("CUSTOM bf16[256,64,1]") in
+    tile product). The q6_k conversion's ffn_down (K = 256 by 64): its tile product's rows ("CUSTOM bf16[256,49,1]":
+    40 rows padded to 48, and a slack row) only in the 40-token prefill, its decoded copy's packing ("CUSTOM bf16[256,64,1]") in
     neither; both prefills' logits match ggml's within test_prefill_on_emulated_amx_tiles_matches_ggml's bound, and the
     tile product's differ from them (its BF16 roundings)."""
     monkeypatch.setenv("MLLAMA_AMX_EMULATE", "1")
@@ -297,7 +298,7 @@ def test_q6k_prefill_takes_the_q6k_tile_product_from_32_rows(converted, monkeypa
         with mllama.Model(converted("q6_k"), n_ctx=128, profile=str(tmp_path / f"k{kernels}.tsv")) as m:
             logits[kernels] = m.engine.evaluate(prompt, [], all_logits=False)
     profile = (tmp_path / "k.tsv").read_text()
-    assert ("CUSTOM bf16[256,48,1]" in profile) == on_tiles and "CUSTOM bf16[256,64,1]" not in profile, profile
+    assert ("CUSTOM bf16[256,49,1]" in profile) == on_tiles and "CUSTOM bf16[256,64,1]" not in profile, profile
     # below 32 rows our Q6_K kernel computes ggml's own sums (the same Q8_K rows): 0 here, within the bound anywhere
     assert (0 < nmse(logits[""], logits["0"]) or not on_tiles) and nmse(logits[""], logits["0"]) <= 2e-3
 

@@ -219,7 +219,7 @@ MLLAMA_AVX512_TARGET void update_output(const job & j, tile_state & st, const st
 struct workspace {
     alignas(64) float s[k_block_rows][k_step_keys];
     step_buffers buf[2];
-    std::vector<float> pv;    // [16][Dv]
+    line_vector<float> pv;    // [16][Dv]
     std::vector<step> steps;  // of the current query tile
     bool masked[k_query_tile / k_block_rows];      // whether some row of each 16-row block of the tile has a mask
     bool all_masked[k_query_tile / k_block_rows];  // whether all do (they skip the key blocks the mask hides)
@@ -290,8 +290,8 @@ MLLAMA_AMX_TARGET void run(ggml_tensor * dst, int ith, int nth) {
     for (int64_t w = ith; w < d.H * n_tiles; w += nth) {
         job j{d, w / n_tiles, (w % n_tiles) * k_query_tile, nullptr, nullptr, dst->src[3],
               mask_view_of(dst->src[4], d.N)};
-        j.kp = static_cast<const uint32_t *>(dst->src[1]->data) + j.h * d.Np * d.Pk;
-        j.vp = static_cast<const uint32_t *>(dst->src[2]->data) + j.h * (d.Np / 2) * d.Dv;
+        j.kp = packed_rows(dst->src[1]) + j.h * d.Np * d.Pk;
+        j.vp = packed_rows(dst->src[2]) + j.h * (d.Np / 2) * d.Dv;
         const int64_t n_rows = start_tile(j, q, st);
         sweep_tile<Tiles>(j, st, n_rows, *ws);
         finish_tile(j, n_rows, dst, st);

@@ -29,7 +29,7 @@ MLLAMA_AVX512_TARGET inline __m256i row_bf16(const ggml_tensor * t, const dims &
 MLLAMA_AVX512_TARGET void pack_k(ggml_tensor * dst, int ith, int nth, void * tiles) {
     const ggml_tensor * k = dst->src[0];
     const dims d = dims_of(k, *static_cast<const bool *>(tiles));
-    auto * out = static_cast<uint32_t *>(dst->data);
+    uint32_t * out = packed_rows(dst);
     const int64_t n_blocks = d.Np / 16;
     for (int64_t row = ith; row < d.H * n_blocks; row += nth) {
         const int64_t h = row / n_blocks, jb = row % n_blocks;
@@ -52,7 +52,7 @@ MLLAMA_AVX512_TARGET void pack_k(ggml_tensor * dst, int ith, int nth, void * til
 MLLAMA_AVX512_TARGET void pack_v(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * v = dst->src[0];
     const dims d = dims_of(v, false);  // V's layout is the same for both paths
-    auto * out = static_cast<uint32_t *>(dst->data);
+    uint32_t * out = packed_rows(dst);
     const int64_t n_pairs = d.Np / 2;
     for (int64_t row = ith; row < d.H * n_pairs; row += nth) {
         const int64_t h = row / n_pairs, j = 2 * (row % n_pairs);
@@ -184,8 +184,8 @@ void attend(ggml_tensor * dst, int ith, int nth, void * tiles) {
     for (int64_t w = ith; w < d.H * n_tiles; w += nth) {
         job j{d, w / n_tiles, (w % n_tiles) * k_query_tile, nullptr, nullptr, dst->src[3],
               mask_view_of(dst->src[4], d.N)};
-        j.kp = static_cast<const uint32_t *>(dst->src[1]->data) + j.h * d.Np * d.Pk;
-        j.vp = static_cast<const uint32_t *>(dst->src[2]->data) + j.h * (d.Np / 2) * d.Dv;
+        j.kp = packed_rows(dst->src[1]) + j.h * d.Np * d.Pk;
+        j.vp = packed_rows(dst->src[2]) + j.h * (d.Np / 2) * d.Dv;
         run_tile(j, q, dst, st);
     }
 }
@@ -242,10 +242,11 @@ ggml_tensor * bf16_attention_avx512(ggml_context * ctx, ggml_tensor * q, ggml_te
     const dims d = dims_of(q, tiles);
     if (k->nb[0] != sizeof(float)) k = ggml_cont(ctx, k);  // the packing reads channels as rows
     if (v->nb[0] != sizeof(float)) v = ggml_cont(ctx, v);
-    ggml_tensor * kp = ggml_custom_4d(ctx, GGML_TYPE_I32, d.Pk * d.Np, d.H, 1, 1, &k, /*n_args=*/1, pack_k,
-                                      GGML_N_TASKS_MAX, layout);  // Kp [Pk * Np, H]
-    ggml_tensor * vp = ggml_custom_4d(ctx, GGML_TYPE_I32, d.Dv * d.Np / 2, d.H, 1, 1, &v, /*n_args=*/1, pack_v,
-                                      GGML_N_TASKS_MAX, layout);  // Vp [Dv * Np / 2, H]
+    const int64_t pad = k_cache_line / sizeof(uint32_t);  // packed_rows: the layout from the first line boundary
+    ggml_tensor * kp = ggml_custom_4d(ctx, GGML_TYPE_I32, d.Pk * d.Np * d.H + pad, 1, 1, 1, &k, /*n_args=*/1, pack_k,
+                                      GGML_N_TASKS_MAX, layout);  // Kp [Pk * Np * H + pad]
+    ggml_tensor * vp = ggml_custom_4d(ctx, GGML_TYPE_I32, d.Dv * d.Np / 2 * d.H + pad, 1, 1, 1, &v, /*n_args=*/1,
+                                      pack_v, GGML_N_TASKS_MAX, layout);  // Vp [Dv * Np / 2 * H + pad]
     ggml_tensor * args[] = {q, kp, vp, mask, mask_rows};
     return ggml_custom_4d(ctx, GGML_TYPE_F32, d.D * d.H, d.N, 1, 1, args, /*n_args=*/5, attend, GGML_N_TASKS_MAX,
                           layout);  // [D * H, N]

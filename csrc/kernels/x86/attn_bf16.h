@@ -5,10 +5,12 @@
 //   Kp[h][j/16][d/2][j%16] = (K[h][j][d], K[h][j][d+1])      16 keys x one d pair per 64 bytes
 //   Vp[h][j/2][d]          = (V[h][j][d], V[h][j+1][d])      16 channels x one key pair per 64 bytes
 // A 16-key block of Kp is an AMX B tile for Q K^T (d pairs as rows), 16 key pairs of Vp one for P V.
-// Keys are padded to a multiple of 64 (masked), channels with zeros (dims::Dv, dims::Pk).
+// Keys are padded to a multiple of 64 (masked), channels with zeros (dims::Dv, dims::Pk). Both start at a cache-line
+// boundary of their tensors (packed_rows), so that no tile row or zmm of them straddles two lines.
 #pragma once
 
 #include "kernels/x86/attn_mask.h"
+#include "kernels/x86/cache_lines.h"
 #include "kernels/x86/simd_math.h"
 
 #include "ggml.h"
@@ -60,11 +62,16 @@ inline float elem(const ggml_tensor * t, int64_t d, int64_t h, int64_t j) {  // 
 
 // Running softmax state and output accumulator of one query tile.
 struct tile_state {
-    std::vector<uint32_t> q;   // [k_query_tile][Pk] scaled query, BF16 pairs
+    line_vector<uint32_t> q;   // [k_query_tile][Pk] scaled query, BF16 pairs
     std::vector<float> m;      // running max per row
-    std::vector<float> l;      // [k_query_tile][16] running sum per row, one partial sum per lane
-    std::vector<float> o;      // [k_query_tile][Dv] unnormalized output
+    line_vector<float> l;      // [k_query_tile][16] running sum per row, one partial sum per lane
+    line_vector<float> o;      // [k_query_tile][Dv] unnormalized output
 };
+
+// Where the packed Kp or Vp of a tensor made by bf16_attention_avx512 begins: its tensor holds k_cache_line bytes
+// more than the layout, which starts at the first line boundary.
+inline const uint32_t * packed_rows(const ggml_tensor * t) { return line_aligned<uint32_t>(t->data); }
+inline uint32_t * packed_rows(ggml_tensor * t) { return line_aligned<uint32_t>(t->data); }
 
 struct job {
     dims d;

@@ -144,7 +144,7 @@ MLLAMA_AVX512_TARGET void pack_block(const uint8_t * xb, size_t x_row, int64_t n
 // (its last partial step padded with zero rows), and the pending epilogue.
 struct thread_state {
     alignas(64) float c[2][k_step * 32];
-    std::vector<float> sums;  // [k_block_tokens][k_sums_channels] where K spans several chunks (2 MiB), kept
+    line_vector<float> sums;  // [k_block_tokens][k_sums_channels] where K spans several chunks (2 MiB), kept
     std::unique_ptr<uint8_t[], aligned_free> a;  // a block's chunk of A tiles (pack_block)
     pending prev;
     int64_t n_steps = 0;

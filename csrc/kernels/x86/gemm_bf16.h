@@ -6,6 +6,7 @@
 // of pairs and, 16 pair rows at a time, an AMX B tile (16 pairs x 16 channels).
 #pragma once
 
+#include "kernels/x86/cache_lines.h"
 #include "kernels/x86/simd_math.h"
 
 #include <algorithm>
@@ -25,14 +26,10 @@ struct epilogue {
     bool tiles;     // AMX tiles (gemm_amx.cpp) where K allows, else AVX-512 BF16 dot products
 };
 
-// The packed panels start at the first 64-byte boundary of their tensor's data, which holds k_panel_pad bytes
-// more: a graph allocator places tensors on 32-byte boundaries, and a tile row or a zmm that straddles two cache
-// lines is read as two.
-constexpr int64_t k_panel_pad = 64;
-inline uint32_t * aligned_panels(void * data) {
-    const auto address = reinterpret_cast<uintptr_t>(data);
-    return reinterpret_cast<uint32_t *>((address + k_panel_pad - 1) & ~static_cast<uintptr_t>(k_panel_pad - 1));
-}
+// The packed panels start at the first cache-line boundary of their tensor's data, which holds k_panel_pad bytes
+// more (kernels/x86/cache_lines.h).
+constexpr int64_t k_panel_pad = k_cache_line;
+inline uint32_t * aligned_panels(void * data) { return line_aligned<uint32_t>(data); }
 
 inline int64_t panel_groups(int64_t M, int64_t panel) {  // groups of 16 channels in a panel
     return std::min<int64_t>(k_panel, M - panel * k_panel) / 16;

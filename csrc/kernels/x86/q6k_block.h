@@ -5,6 +5,7 @@
 
 #include "kernels/dispatch.h"
 #include "kernels/work_chunks.h"
+#include "kernels/x86/cache_lines.h"
 
 #include "ggml.h"
 
@@ -28,7 +29,6 @@ constexpr int64_t k_prefetch_blocks = 40;
 // arithmetic stalls the stream of L1 prefetches, left the memory idle: on Zen 4 (2 threads, output matrix)
 // 4 rows took 1.35-1.5x the time, 8 rows 1.15-1.25x (80-320 blocks ahead: all within the noise of 160).
 constexpr int64_t k_prefetch_l2_blocks = 160;
-constexpr int64_t k_cache_line = 64;
 
 // ggml's block_q6_K (ggml-common.h), as it is in memory.
 struct q6k_block {
@@ -79,8 +79,7 @@ inline float first_of_magnitude(const float * x, float largest) {
 template <class Q8>
 Q8 * activation_rows(const ggml_tensor * xq) {
     static_assert(sizeof(Q8) % 32 == 0, "activation blocks keep the rows' alignment");
-    const auto start = reinterpret_cast<uintptr_t>(xq->data) + work::k_state_bytes;
-    return reinterpret_cast<Q8 *>((start + k_cache_line - 1) & ~static_cast<uintptr_t>(k_cache_line - 1));
+    return line_aligned<Q8>(static_cast<char *>(xq->data) + work::k_state_bytes);
 }
 
 // After the rows: each (row, block)'s scale d (x ~ d q), row-major, n_blocks_total = N * K / 256 of them.

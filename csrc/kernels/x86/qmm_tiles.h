@@ -27,6 +27,7 @@
 #if MLLAMA_X86_KERNELS
 
 #include "kernels/x86/amx_tiles.h"
+#include "kernels/x86/cache_lines.h"
 #include "kernels/x86/simd_math.h"
 
 #include "ggml.h"
@@ -57,6 +58,10 @@ struct c_home {
     uint8_t * p;
     size_t stride;
 };
+
+// The BF16 rows of the products (bf16_tile_rows): a tensor of padded + 1 rows, the rows from the first cache-line
+// boundary of its data on (kernels/x86/cache_lines.h; a row is a multiple of 64 bytes), the last row slack.
+inline int64_t padded_rows(const ggml_tensor * xb) { return xb->ne[1] - 1; }
 
 // A pass of 32 rows (x, NR row tiles) over a pair of units (NB of them; their panels) for n_tiles sub-blocks:
 // C(i, j) = tmm(2 i + j) (+)= A (tmm 4 + i: rows 16 i..) B (tmm 6 + j: unit j's tile), c[2 i + j] its home; C starts
@@ -106,10 +111,10 @@ MLLAMA_AMX_TARGET void pair_pass(const uint8_t * const panel[2], int64_t n_tiles
 template <class Tiles, int NB, class Decoder>
 MLLAMA_AMX_TARGET void pair_slab(const uint8_t * const panel[2], int64_t t0, int64_t n_tiles, const ggml_tensor * xb,
                                  ggml_tensor * dst, int64_t c0, uint8_t * const tail[2], Decoder * const next[2]) {
-    const int64_t n_rows = dst->ne[1], padded = xb->ne[1];
+    const int64_t n_rows = dst->ne[1], padded = padded_rows(xb);
     const int steps = padded <= 2 * amx::k_tile_rows ? 2 : 1;
     for (int64_t r0 = 0; r0 < padded; r0 += 2 * amx::k_tile_rows) {
-        const uint8_t * x = static_cast<const uint8_t *>(xb->data) + r0 * xb->nb[1] + t0 * amx::k_tile_bytes;
+        const uint8_t * x = line_aligned<uint8_t>(xb->data) + r0 * xb->nb[1] + t0 * amx::k_tile_bytes;
         const int nr = (padded - r0) / amx::k_tile_rows >= 2 ? 2 : 1;
         c_home c[4];
         for (int i = 0; i < nr; ++i) {
@@ -132,7 +137,7 @@ MLLAMA_AMX_TARGET void pair_slab(const uint8_t * const panel[2], int64_t t0, int
 template <class Tiles, class Decoder>
 MLLAMA_AMX_TARGET void product_on(ggml_tensor * dst, int ith, int nth, const ggml_tensor * w) {
     const ggml_tensor * xb = dst->src[0];
-    const int64_t n_blocks = w->ne[0] / k_block, n_units = w->ne[1] / k_unit, padded = xb->ne[1];
+    const int64_t n_blocks = w->ne[0] / k_block, n_units = w->ne[1] / k_unit, padded = padded_rows(xb);
     const int64_t pairs_per_thread = ((n_units + 1) / 2 + nth - 1) / nth;
     const int64_t u0 = std::min(n_units, 2 * pairs_per_thread * ith), u1 = std::min(n_units, u0 + 2 * pairs_per_thread);
     if (u0 >= u1) return;
@@ -140,7 +145,8 @@ MLLAMA_AMX_TARGET void product_on(ggml_tensor * dst, int ith, int nth, const ggm
     const int64_t slab_blocks = std::clamp<int64_t>(k_slab_bytes / row_block_bytes, 1, n_blocks);
     const size_t panel_bytes = static_cast<size_t>(slab_blocks * k_tiles_per_block * k_tile_bytes);
     const size_t tail_bytes = amx::k_tile_rows * k_unit * sizeof(float);
-    static thread_local std::vector<uint8_t> panels, tails;  // two pairs' B tiles of a slab; the units' tail tiles
+    // two pairs' B tiles of a slab; the units' tail tiles (tile rows on cache lines: kernels/x86/cache_lines.h)
+    static thread_local line_vector<uint8_t> panels, tails;
     panels.resize(4 * panel_bytes);
     tails.resize(static_cast<size_t>(u1 - u0) * tail_bytes);
     amx::tile_scope<Tiles> scope(amx::k_full_tiles);
@@ -187,15 +193,15 @@ MLLAMA_AMX_TARGET void product_on(ggml_tensor * dst, int ith, int nth, const ggm
 }
 
 // dst [K, padded] BF16 = dst->src[0] [K, N] F32 rounded to nearest even (as ggml's cast rounds), then zero rows up
-// to padded (whole A tiles); threads split the rows. One op in place of ggml's pad and cast (the pad alone took
+// to padded (whole A tiles), from the first cache-line boundary of dst's data (padded_rows); threads split the rows. One op in place of ggml's pad and cast (the pad alone took
 // ~0.75 ms a matrix for 64 rows of 4096 on the 2-core AMX Xeon of bench/README.md, single-threaded).
 MLLAMA_AVX512_TARGET inline void bf16_tile_rows(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * x = dst->src[0];
-    const int64_t K = x->ne[0], N = x->ne[1], padded = dst->ne[1];
+    const int64_t K = x->ne[0], N = x->ne[1], padded = padded_rows(dst);
     const int64_t per_thread = (padded + nth - 1) / nth;
     const int64_t r0 = std::min(padded, per_thread * ith), r1 = std::min(padded, r0 + per_thread);
     for (int64_t r = r0; r < r1; ++r) {
-        auto * out = reinterpret_cast<uint16_t *>(static_cast<char *>(dst->data) + r * dst->nb[1]);
+        auto * out = reinterpret_cast<uint16_t *>(line_aligned<char>(dst->data) + r * dst->nb[1]);
         if (r >= N) {
             std::memset(out, 0, static_cast<size_t>(K) * sizeof(uint16_t));
             continue;
@@ -223,8 +229,8 @@ template <class Decoder>
 ggml_tensor * matmul_graph(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
     const int64_t M = w->ne[1], N = x->ne[1];
     const int64_t padded = (N + amx::k_tile_rows - 1) / amx::k_tile_rows * amx::k_tile_rows;
-    ggml_tensor * xb = ggml_custom_4d(ctx, GGML_TYPE_BF16, x->ne[0], padded, 1, 1, &x, /*n_args=*/1, bf16_tile_rows,
-                                      GGML_N_TASKS_MAX, nullptr);  // [K, padded] BF16
+    ggml_tensor * xb = ggml_custom_4d(ctx, GGML_TYPE_BF16, x->ne[0], padded + 1, 1, 1, &x, /*n_args=*/1,
+                                      bf16_tile_rows, GGML_N_TASKS_MAX, nullptr);  // [K, padded + 1] BF16
     return ggml_custom_4d(ctx, GGML_TYPE_F32, M, N, 1, 1, &xb, /*n_args=*/1, product<Decoder>, GGML_N_TASKS_MAX,
                           w);  // [M, N]
 }

@@ -31,7 +31,7 @@ constexpr int64_t k_keys = 64;                // keys per step: four C tiles of 
 // rounded up to k_keys, Dv: D rounded up to the 64 channels of a pass of P V, the padding zeros), Pk = D / 2. Only
 // the blocks of 64 keys that some token of the call sees (live; the other sequences' images in a batch are not).
 struct packed_head {
-    std::vector<uint32_t> kp, vp;
+    line_vector<uint32_t> kp, vp;  // tile rows on cache lines (kernels/x86/cache_lines.h)
     std::vector<char> live;  // per block of k_keys
 };
 
