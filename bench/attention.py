@@ -1,0 +1,83 @@
+"""The vision tower's attention for one 4-tile image, side by side in one run: mllama's kernels (AMX tiles,
+AVX-512 BF16, AVX2, where the CPU has them; tests/c/attn_bf16.cpp with the image's own padding mask, the packing
+of K and V included) and torch's scaled_dot_product_attention in bf16 (oneDNN's flash attention, AMX tiles where
+the CPU has them: what transformers' tower calls), with that mask and without one, on the same shape: 16 heads of
+80 channels, 4 x 1608 tokens. GFLOPS count the two products (4 D N^2 H). The kernels' accuracy is
+tests/test_cpu_kernels.py's and tests/test_amx_kernels.py's; this only times.
+
+    python bench/attention.py [--threads N] [--reps 3] [--json bench/results/attention.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+HEAD_DIM, HEADS, TILE_ROWS, TILES, PADDING_ROWS = 80, 16, 1608, 4, 7  # the 11B tower; its mask: attn_bf16.cpp's
+
+
+def torch_ms(threads: int, reps: int, masked: bool) -> float:
+    """torch's SDPA median time in ms on the tower's shape; masked: padding x padding pairs -inf."""
+    import torch
+
+    torch.set_num_threads(threads)
+    n = TILES * TILE_ROWS
+    q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM).to(torch.bfloat16) for _ in range(3))
+    mask = None
+    if masked:
+        padding = (torch.arange(n) % TILE_ROWS) >= TILE_ROWS - PADDING_ROWS
+        mask = torch.zeros(n, n, dtype=torch.bfloat16)
+        mask[padding[:, None] & padding[None, :]] = float("-inf")
+        mask = mask[None, None]
+    attend = torch.nn.functional.scaled_dot_product_attention
+    attend(q, k, v, attn_mask=mask)  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        attend(q, k, v, attn_mask=mask)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    from mllama._native.cpu_features import cpu_report
+    from test_cpu_kernels import build_kernel_driver
+
+    n = TILES * TILE_ROWS
+    gflop = 4 * HEAD_DIM * n * n * HEADS / 1e9
+    with tempfile.TemporaryDirectory() as tmp:
+        driver = build_kernel_driver(Path(tmp) / "attn_bf16", "attn_bf16", [])
+        env = {**os.environ, "MLLAMA_AMX_EMULATE": "0", "ATTN_MASK": "tower"}
+        proc = subprocess.run([str(driver), str(HEAD_DIM), str(HEADS), str(n), str(args.threads), str(args.reps)],
+                              capture_output=True, text=True, check=True, env=env)
+    fields = dict(item.split("=") for item in proc.stdout.split())
+    ms = {path: float(fields[f"{path}_ms"]) for path in ("tiles", "avx512", "avx2") if fields[f"{path}_ms"] != "none"}
+    ms["torch_masked"] = torch_ms(args.threads, args.reps, masked=True)
+    ms["torch_unmasked"] = torch_ms(args.threads, args.reps, masked=False)
+    rows = {name: {"ms": round(t, 1), "gflops": round(gflop / t * 1e3, 1),
+                   "time_vs_torch_masked": round(t / ms["torch_masked"], 3)} for name, t in ms.items()}
+    for name, row in rows.items():
+        print(f"{name:15s} {row['ms']:9.1f} ms {row['gflops']:8.1f} GFLOPS  {row['time_vs_torch_masked']:.3f}x "
+              "torch's masked time", flush=True)
+    result = {"machine": cpu_report(), "threads": args.threads, "shape": {"head_dim": HEAD_DIM, "heads": HEADS,
+              "tokens": n, "padding_rows_per_tile": PADDING_ROWS}, "attention": rows}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
