@@ -286,9 +286,10 @@ def test_q6k_prefill_takes_the_q6k_tile_product_from_32_rows(converted, monkeypa
     (32) rows, and below our Q6_K kernel; it is never decoded whole to BF16 for the tile GEMM (which took ~94 ms
     for an 11B ffn_down on a 2-core AMX Xeon, against 25 ms for a 64-row product in our Q6_K kernel and 13 in the
     tile product). The q6_k conversion's ffn_down (K = 256 by 64): its tile product's rows ("CUSTOM bf16[256,49,1]":
-    40 rows padded to 48, and a slack row) only in the 40-token prefill, its decoded copy's packing ("CUSTOM bf16[256,64,1]") in
-    neither; both prefills' logits match ggml's within test_prefill_on_emulated_amx_tiles_matches_ggml's bound, and the
-    tile product's differ from them (its BF16 roundings)."""
+    40 rows padded to 48, and a slack row) only in the 40-token prefill, its decoded copy's packing
+    ("CUSTOM bf16[256,64,1]") in neither; both prefills' logits match ggml's within
+    test_prefill_on_emulated_amx_tiles_matches_ggml's bound, and the tile product's differ from them (its BF16
+    roundings)."""
     monkeypatch.setenv("MLLAMA_AMX_EMULATE", "1")
     prompt = [128000] + [(9906 + 37 * i) % 20000 + 300 for i in range(n_tokens - 1)]
     logits = {}

@@ -18,7 +18,9 @@ template <class T> inline T * line_aligned(void * data) {
     const auto address = reinterpret_cast<uintptr_t>(data);
     return reinterpret_cast<T *>((address + k_cache_line - 1) & ~static_cast<uintptr_t>(k_cache_line - 1));
 }
-template <class T> inline const T * line_aligned(const void * data) { return line_aligned<T>(const_cast<void *>(data)); }
+template <class T> inline const T * line_aligned(const void * data) {
+    return line_aligned<T>(const_cast<void *>(data));
+}
 
 // std::vector's allocator, on cache-line boundaries.
 template <class T> struct line_allocator {

@@ -85,8 +85,8 @@ MLLAMA_AVX512_TARGET inline void finish_rows(const operands & o, const epilogue 
 // the output. The epilogue's stores go to lines that are in no cache (a tower GEMM writes 33-66 MB), and a tile load
 // waits for the stores before it, so each row's stores held the tile unit for a read of the memory: fetched while the
 // step multiplies (a few lines per 16 pairs), the epilogue one step later finds them in L1 (tests/c/gemm_bf16.cpp,
-// 2 threads, 6,432 tokens, the 2-core AMX Xeon of bench/README.md: [1280 -> 5120] 47-53 -> 33-34 ms, [1280 -> 1280]
-// 10.5-11.2 -> 9.2-9.5, [5120 -> 1280] 45-49 -> 42-43; PREFETCHW instead, no different).
+// 2 threads, 6,432 tokens, F32 out, the 2-core AMX Xeon of bench/README.md: [1280 -> 5120] 45-59 -> 31-33 ms,
+// [1280 -> 1280] 9.3-11.9 -> 8.5-9.0, [5120 -> 1280] 42-47 -> 41-43; PREFETCHW instead, no different).
 struct output_lines {
     const char * first = nullptr;  // the first line
     size_t row_bytes = 0;
