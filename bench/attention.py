@@ -16,11 +16,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from gemm import median_ms  # noqa: E402  (bench/gemm.py: the same timing of torch's side)
 
 HEAD_DIM, HEADS, TILE_ROWS, TILES, PADDING_ROWS = 80, 16, 1608, 4, 7  # the 11B tower; its mask: attn_bf16.cpp's
 
@@ -38,14 +40,7 @@ def torch_ms(threads: int, reps: int, masked: bool) -> float:
         mask = torch.zeros(n, n, dtype=torch.bfloat16)
         mask[padding[:, None] & padding[None, :]] = float("-inf")
         mask = mask[None, None]
-    attend = torch.nn.functional.scaled_dot_product_attention
-    attend(q, k, v, attn_mask=mask)  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        attend(q, k, v, attn_mask=mask)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask), reps)
 
 
 def main() -> None:

@@ -35,12 +35,17 @@ def torch_ms(k: int, m: int, n: int, threads: int, reps: int, dtype: str = "bf16
     sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
     x = torch.randn(n, k, device=device).to(getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[dtype]))
     w = torch.randn(m, k, device=device).to(x.dtype)
-    torch.matmul(x, w.t())  # warm-up (oneDNN or cuBLAS picks its kernel)
+    return median_ms(lambda: torch.matmul(x, w.t()), reps, sync)  # the warm-up: oneDNN or cuBLAS picks its kernel
+
+
+def median_ms(call, reps: int, sync=lambda: None) -> float:
+    """call()'s median time in ms over reps runs after one warm-up run (sync: waits for a device's queue)."""
+    call()
     sync()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        torch.matmul(x, w.t())
+        call()
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]
