@@ -90,9 +90,10 @@ MLLAMA_AVX2_TARGET inline __m256 finish_row(__m256i sums, const block_mins & f, 
     return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(f.dmin, dx), acc);
 }
 
-// The AVX2 form: eight blocks ahead (9 KiB) into L1, as the Q6_K kernel does (two, the first version's distance,
-// took 1.05-1.2x the time for 1-4 rows), and 24 ahead (27 KiB) into L2 (as q6k::k_prefetch_l2_blocks; without it,
-// on Zen 4 with 2 threads, 4096 x 14336 took 1.2-1.4x the time at 1-4 rows; 16-64 ahead were alike).
+// The AVX-512 form on Intel (weights_prefetch_l1 in kernels/dispatch.h): eight blocks ahead (9 KiB) into L1, as the
+// Q6_K kernel does (two, the first version's distance, took 1.05-1.2x the time for 1-4 rows, measured with the AVX2
+// form on Zen 4), and 24 ahead (27 KiB) into L2 (as q6k::k_prefetch_l2_blocks; without it, the AVX2 form forced on
+// Zen 4, 2 threads, took 1.2-1.4x the time for 4096 x 14336 at 1-4 rows; 16-64 ahead were alike).
 constexpr int64_t k_prefetch_blocks = 8;
 constexpr int64_t k_prefetch_l2_blocks = 24;
 
@@ -100,10 +101,16 @@ MLLAMA_AVX2_TARGET inline void prefetch_ahead(const q4kx8_block & blk) {  // 115
     q6k::prefetch_lines(&blk, 18, k_prefetch_blocks * sizeof(q4kx8_block), k_prefetch_l2_blocks * sizeof(q4kx8_block));
 }
 
+// The AVX2 form: into L1 only, eight blocks ahead (where it runs natively, on CPUs without AVX-512, the L2 prefetch
+// made it slower: q6k::prefetch_ahead_l1).
+MLLAMA_AVX2_TARGET inline void prefetch_ahead_l1(const q4kx8_block & blk) {
+    q6k::prefetch_lines_l1(&blk, 18, k_prefetch_blocks * sizeof(q4kx8_block));
+}
+
 // The AVX-512 form off Intel: into L2 only, 24 blocks ahead (its L1 prefetches cost 15 of its 112 cycles per block at
 // one row; on Zen 4, 2 threads, without them 1 row read the weights at 40-46 GB/s where it had read 35-39 and 8 rows
 // took 3% less time, 4 and 64 rows alike; the AVX2 form and the Q6_K kernel gained nothing: bench/README.md). On
-// Intel it prefetches as the AVX2 form does (weights_prefetch_l1 in kernels/dispatch.h).
+// Intel it prefetches into both (prefetch_ahead; weights_prefetch_l1 in kernels/dispatch.h).
 MLLAMA_AVX2_TARGET inline void prefetch_ahead_l2(const q4kx8_block & blk) {
     q6k::prefetch_lines_l2(&blk, 18, k_prefetch_l2_blocks * sizeof(q4kx8_block));
 }

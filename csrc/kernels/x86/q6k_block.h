@@ -64,6 +64,22 @@ inline void prefetch_ahead(const q6k_block * blk) {
     prefetch_lines(blk, 4, k_prefetch_blocks * sizeof(q6k_block), k_prefetch_l2_blocks * sizeof(q6k_block));
 }
 
+// The n_lines cache lines from `near` bytes after p into L1 only.
+inline void prefetch_lines_l1(const void * p, int n_lines, int64_t near) {
+    const auto base = reinterpret_cast<uintptr_t>(p) + near;
+    for (int line = 0; line < n_lines; ++line) {
+        _mm_prefetch(reinterpret_cast<const char *>(base + k_cache_line * line), _MM_HINT_T0);
+    }
+}
+
+// The AVX2 forms' prefetch (qmm_q6k_avx2.cpp, and q4k::prefetch_ahead_l1): into L1 only. They run natively on CPUs
+// without AVX-512 (AMD Zen 1-3, Intel client cores): on a 2-core Zen 3 (2026-12-06, 2 threads, builds taking turns)
+// the L2 prefetch made a one-row product slower, the Q6_K output matrix [4096 -> 128256] 15.8-18.4 ms against
+// 13.9-16.8 without it, Q4_K [4096 -> 28672] 3.1-4.1 against 2.4-3.1 (4 and 8 rows: alike or faster without),
+// and a one-stream decode step of the 11B-dims model 39 ms against 34 (bench/README.md, "AVX2 CPUs"). The L2
+// prefetch's gains above were the AVX-512 forms' on Zen 4, and the AVX2 form's there only when forced.
+inline void prefetch_ahead_l1(const q6k_block * blk) { prefetch_lines_l1(blk, 4, k_prefetch_blocks * sizeof(q6k_block)); }
+
 // The first of x[0..256) whose magnitude is `largest`: ggml's Q8_K scale is -127 over it, sign included.
 inline float first_of_magnitude(const float * x, float largest) {
     for (int64_t i = 0; i < k_block; ++i) {

@@ -96,7 +96,7 @@ MLLAMA_AVX2_TARGET void group(const q4kx8_block * w, int64_t n_blocks, const q8k
     __m256 acc[k_q4k_max_rows];
     for (int64_t r = 0; r < N; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n_blocks; ++b) {
-        q4k::prefetch_ahead(w[b]);
+        q4k::prefetch_ahead_l1(w[b]);
         factors(w[b], f);
         for (int64_t r = 0; r < N; ++r) acc[r] = row_block(w[b], f, x[r][b], d[r][b], acc[r]);
     }

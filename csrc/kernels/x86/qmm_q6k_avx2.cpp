@@ -111,7 +111,7 @@ MLLAMA_AVX2_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_
     alignas(32) float acc[R][8] = {};  // in memory: with R = 8 the int32 sums take half the registers
     for (int64_t b = 0; b < n_blocks; ++b) {
         const q6k_block & blk = w[b];
-        q6k::prefetch_ahead(w + b);  // the hardware prefetcher alone left the product short of the memory's speed
+        q6k::prefetch_ahead_l1(w + b);  // the hardware prefetcher alone left the product short of the memory's speed
         const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk.scales));
         const __m256i both = _mm256_broadcastsi128_si256(sc8);
         __m256i isum[R];
