@@ -25,9 +25,10 @@ constexpr int64_t k_block = 256;  // weights per Q6_K block (ggml's QK_K), activ
 // The forms prefetch the block this far ahead (8.4 KiB) into L1: one row took 1.15-1.4x the time (single
 // core, from memory) with the 10 blocks ahead of the first version, which left the memory's latency exposed.
 constexpr int64_t k_prefetch_blocks = 40;
-// ... and the block this far ahead (33 KiB) into L2. Without it the products with several rows, whose
-// arithmetic stalls the stream of L1 prefetches, left the memory idle: on Zen 4 (2 threads, output matrix)
-// 4 rows took 1.35-1.5x the time, 8 rows 1.15-1.25x (80-320 blocks ahead: all within the noise of 160).
+// ... and, in the AVX-512 form, the block this far ahead (33 KiB) into L2 (the AVX2 form: prefetch_ahead_l1). Without
+// it the products with several rows, whose arithmetic stalls the stream of L1 prefetches, left the memory idle: on
+// Zen 4 (2 threads, output matrix) 4 rows took 1.35-1.5x the time, 8 rows 1.15-1.25x (80-320 blocks ahead: all within
+// the noise of 160).
 constexpr int64_t k_prefetch_l2_blocks = 160;
 
 // ggml's block_q6_K (ggml-common.h), as it is in memory.
@@ -76,9 +77,12 @@ inline void prefetch_lines_l1(const void * p, int n_lines, int64_t near) {
 // without AVX-512 (AMD Zen 1-3, Intel client cores): on a 2-core Zen 3 (2026-12-06, 2 threads, builds taking turns)
 // the L2 prefetch made a one-row product slower, the Q6_K output matrix [4096 -> 128256] 15.8-18.4 ms against
 // 13.9-16.8 without it, Q4_K [4096 -> 28672] 3.1-4.1 against 2.4-3.1 (4 and 8 rows: alike or faster without),
-// and a one-stream decode step of the 11B-dims model 39 ms against 34 (bench/README.md, "AVX2 CPUs"). The L2
-// prefetch's gains above were the AVX-512 forms' on Zen 4, and the AVX2 form's there only when forced.
-inline void prefetch_ahead_l1(const q6k_block * blk) { prefetch_lines_l1(blk, 4, k_prefetch_blocks * sizeof(q6k_block)); }
+// and a one-stream decode step of the 11B-dims model 38.8-42.2 ms against 36.4-39.8 (bench/README.md, "Zen 3 three
+// days later"). The L2 prefetch's gains above were the AVX-512 forms' on Zen 4, and the AVX2 form's there only when
+// forced.
+inline void prefetch_ahead_l1(const q6k_block * blk) {
+    prefetch_lines_l1(blk, 4, k_prefetch_blocks * sizeof(q6k_block));
+}
 
 // The first of x[0..256) whose magnitude is `largest`: ggml's Q8_K scale is -127 over it, sign included.
 inline float first_of_magnitude(const float * x, float largest) {
