@@ -93,7 +93,7 @@ MLLAMA_AVX2_TARGET inline __m256 finish_row(__m256i sums, const block_mins & f, 
 // The AVX-512 form on Intel (weights_prefetch_l1 in kernels/dispatch.h): eight blocks ahead (9 KiB) into L1, as the
 // Q6_K kernel does (two, the first version's distance, took 1.05-1.2x the time for 1-4 rows, measured with the AVX2
 // form on Zen 4), and 24 ahead (27 KiB) into L2 (as q6k::k_prefetch_l2_blocks; without it, the AVX2 form forced on
-// Zen 4, 2 threads, took 1.2-1.4x the time for 4096 x 14336 at 1-4 rows; 16-64 ahead were alike).
+// Zen 4, 2 threads, took 1.2-1.4x the time for an 11B gate matrix at 1-4 rows; 16-64 ahead were alike).
 constexpr int64_t k_prefetch_blocks = 8;
 constexpr int64_t k_prefetch_l2_blocks = 24;
 

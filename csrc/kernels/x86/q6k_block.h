@@ -75,9 +75,9 @@ inline void prefetch_lines_l1(const void * p, int n_lines, int64_t near) {
 
 // The AVX2 forms' prefetch (qmm_q6k_avx2.cpp, and q4k::prefetch_ahead_l1): into L1 only. They run natively on CPUs
 // without AVX-512 (AMD Zen 1-3, Intel client cores): on a 2-core Zen 3 (2026-12-06, 2 threads, builds taking turns)
-// the L2 prefetch made a one-row product slower, the Q6_K output matrix [4096 -> 128256] 15.8-18.4 ms against
-// 13.9-16.8 without it, Q4_K [4096 -> 28672] 3.1-4.1 against 2.4-3.1 (4 and 8 rows: alike or faster without),
-// and a one-stream decode step of the 11B-dims model 38.8-42.2 ms against 36.4-39.8 (bench/README.md, "Zen 3 three
+// the L2 prefetch made a one-row product slower, the 11B's Q6_K output matrix 15.8-18.4 ms against 13.9-16.8
+// without it, its fused Q4_K gate/up product 3.1-4.1 against 2.4-3.1 (4 and 8 rows: alike or faster without), and
+// a one-stream decode step of the 11B-dims model 38.8-42.2 ms against 36.4-39.8 (bench/README.md, "Zen 3 three
 // days later"). The L2 prefetch's gains above were the AVX-512 forms' on Zen 4, and the AVX2 form's there only when
 // forced.
 inline void prefetch_ahead_l1(const q6k_block * blk) {

@@ -194,8 +194,8 @@ MLLAMA_AMX_TARGET void product_on(ggml_tensor * dst, int ith, int nth, const ggm
 
 // dst [K, padded] BF16 = dst->src[0] [K, N] F32 rounded to nearest even (as ggml's cast rounds), then zero rows up
 // to padded (whole A tiles), from the first cache-line boundary of dst's data (padded_rows); threads split the rows.
-// One op in place of ggml's pad and cast (the pad alone took ~0.75 ms a matrix for 64 rows of 4096 on the 2-core AMX
-// Xeon of bench/README.md, single-threaded).
+// One op in place of ggml's pad and cast (the pad alone took ~0.75 ms a matrix for 64 rows of the 11B's width on the
+// 2-core AMX Xeon of bench/README.md, single-threaded).
 MLLAMA_AVX512_TARGET inline void bf16_tile_rows(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * x = dst->src[0];
     const int64_t K = x->ne[0], N = x->ne[1], padded = padded_rows(dst);
