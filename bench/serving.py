@@ -1,8 +1,9 @@
 """Serving benchmark: aggregate decode tokens/s and per-stream inter-token latency (p50/p99) at 1, 2, 4
 and 8 concurrent streams on the 11B-dims synthetic model (5 text layers, Q4_K_M; vision tower BF16),
 time to first token of a new request while 4 others stream, and what a new request's image encode
-does to the streams already running. Everything in one process, one run, through the batch scheduler
-(Model.submit + run_step, the path `mllama serve` drives). The stream counts run in --rounds rounds of
+does to the streams already running (they go on: the encode runs a vision layer per step). Everything
+in one process, one run, through the batch scheduler (Model.submit + run_step, the path `mllama serve`
+drives). The stream counts run in --rounds rounds of
 1, 2, 4, 8 streams, interleaved so that a shared machine's drift falls on all of them alike; each count
 reports its median round (by aggregate tokens/s), and the ratios are between medians.
 
@@ -63,8 +64,9 @@ def streams(model, n: int, n_tokens: int) -> dict:
 
 
 def newcomer(model, n_tokens: int, image=None) -> dict:
-    """4 streams decoding; a new request arrives (text, or with an image): its time to first token
-    and the longest gap it causes in the running streams."""
+    """4 streams decoding; a new request arrives (text, or with an image): its time to first token, the
+    longest gap it causes in the running streams, and the tokens they get meanwhile (an image is encoded
+    one vision layer per step, between the streams' decode steps: scheduler.py)."""
     running = [model.submit(prompt(model, i), temperature=0.0, max_tokens=4 * n_tokens) for i in range(4)]
     for _ in range(4):
         model.run_step()
@@ -74,7 +76,7 @@ def newcomer(model, n_tokens: int, image=None) -> dict:
         model.tokenize("Describe this image.")
     new = model.submit(toks, images, temperature=0.0, max_tokens=2)
     last = {id(r): before for r in running}
-    longest, ttft = 0.0, None
+    longest, ttft, tokens = 0.0, None, 0
     while ttft is None:
         model.run_step()
         now = time.perf_counter()
@@ -84,11 +86,13 @@ def newcomer(model, n_tokens: int, image=None) -> dict:
             if r.streams[0].events:
                 longest = max(longest, now - last[id(r)])
                 last[id(r)] = now
+                tokens += sum(k == "token" for k, _ in r.streams[0].events)
                 r.streams[0].events.clear()
     for r in running + [new]:
         model.scheduler.cancel(r)
     model.run_step()
-    return {"ttft_s": ttft, "longest_stream_gap_s": longest}
+    return {"ttft_s": ttft, "longest_stream_gap_s": longest, "stream_tokens_meanwhile": tokens,
+            "streams_tok_s_meanwhile": tokens / ttft}
 
 
 def two_turns(model, image) -> dict:

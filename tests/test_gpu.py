@@ -61,6 +61,19 @@ def test_no_mllama_cpu_kernel_on_a_gpu_context(converted):
         assert not any(path.startswith("mllama") for path in paths.values())
 
 
+def test_an_encode_in_steps_on_the_gpu_equals_one_encode(converted):
+    """The tower's state kept between steps on the GPU (runtime/encode_steps.cpp): the same kernels on the same
+    inputs as one whole encode, so the slot holds the same bits."""
+    from mllama._native.slot_state import get_slot_state
+    from test_encode_steps import SIZES, picture, run_in_steps
+
+    with mllama.Model(converted("f16"), device=GPUS[0]["name"], n_image_slots=2, image_cache_bytes=0) as model:
+        image = model.prepare_images([picture(SIZES["4 tiles"])])[0]
+        model.engine.encode(0, image)
+        assert run_in_steps(model.engine, 1, image, 1)[-1] == 0
+        assert bytes(get_slot_state(model._ctx, 1)) == bytes(get_slot_state(model._ctx, 0))
+
+
 @pytest.mark.skipif(len(GPUS) < 2, reason="needs two GPUs")
 def test_two_gpus_split_the_text_layers(converted):
     """The multi-device path (the same as RPC's): 4 text layers, shares 1:1 -> 2 on each GPU, logits as the CPU's."""

@@ -61,7 +61,7 @@ def test_ctrl_c_in_a_step_stops_its_caller_only(gguf_f32, monkeypatch):
                 pass
         assert sent and text_of(read_b + list(b)) == expected_b  # the other request went on, unharmed
         assert m.scheduler.running == [] and not any(m.scheduler.busy)
-        sent = sigint_once(monkeypatch, engine_module.Engine, "encode")  # while a request is admitted
+        sent = sigint_once(monkeypatch, engine_module.Engine, "encode_step")  # while its image is encoded
         with pytest.raises(KeyboardInterrupt):
             m.describe(_png(), max_tokens=4)
         assert sent and m.scheduler.running == [] and not any(m.scheduler.busy) and not any(m._engine.slot_refs)

@@ -84,6 +84,7 @@ def test_six_clients_get_what_each_gets_alone(server):
     assert metric(base, "mllama_requests_total") - requests_before == len(REQUESTS) + 1
     assert metric(base, "mllama_requests_cancelled_total") >= 2  # the two clients that left
     assert metric(base, "mllama_requests_running") == 0 and metric(base, "mllama_requests_waiting") == 0
+    assert metric(base, "mllama_requests_encoding") == 0
     assert metric(base, "mllama_batch_rows_count") > 0 and metric(base, "mllama_generated_tokens_total") > 0
     assert metric(base, "mllama_images_encoded") == 1  # the same image in three rounds: encoded once
     assert metric(base, "mllama_image_slot_hits_total") == 2

@@ -3,6 +3,7 @@
 
 #include "api/guard.h"
 #include "runtime/context.h"
+#include "runtime/encode_steps.h"
 #include "runtime/op_paths.h"
 #include "runtime/slot_state.h"
 
@@ -42,6 +43,29 @@ mllama_status mllama_context_encode_image(mllama_context * context, int32_t slot
     return guarded([&] {
         require(context, "context_encode_image needs a context");
         mllama::encode_image(*context, slot, pixels, n_pixels, aspect_ratio_id, n_tiles, features, n_features);
+    });
+}
+
+mllama_status mllama_context_encode_begin(mllama_context * context, int32_t slot, const float * pixels,
+                                          int64_t n_pixels, int32_t aspect_ratio_id, int32_t n_tiles,
+                                          int32_t * n_stages) {
+    return guarded([&] {
+        require(context && n_stages, "context_encode_begin needs a context and an output");
+        *n_stages = mllama::encode_begin(*context, slot, pixels, n_pixels, aspect_ratio_id, n_tiles);
+    });
+}
+
+mllama_status mllama_context_encode_step(mllama_context * context, int32_t n_stages, int32_t * stages_left) {
+    return guarded([&] {
+        require(context && stages_left, "context_encode_step needs a context and an output");
+        *stages_left = mllama::encode_step(*context, n_stages);
+    });
+}
+
+mllama_status mllama_context_encode_cancel(mllama_context * context) {
+    return guarded([&] {
+        require(context, "context_encode_cancel needs a context");
+        mllama::drop_encode_job(*context);
     });
 }
 

@@ -175,37 +175,68 @@ vision_options vision_options_for(const mllama_model & model, const cpu_kernel_s
     return opt;
 }
 
-ggml_tensor * build_vision(ggml_context * ctx, const mllama_model & model, vision_inputs & in,
-                           const vision_options & opt) {
+int vision_n_stages(const vision_hparams & hp) { return 1 + hp.n_layer + hp.n_global_layer; }
+
+ggml_tensor * build_vision_stages(ggml_context * ctx, const mllama_model & model, vision_inputs & in,
+                                  const vision_options & opt, int first, int last, ggml_tensor * h,
+                                  const intermediate_sink & keep) {
     const vision_hparams & hp = model.hp.vision;
     const vision_w & w = model.vision;
     const int64_t D = hp.n_embd, NT = hp.max_tiles, L = padded_positions(hp.n_positions()), N = L * NT;
-    in.pixels = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, hp.image_size, hp.image_size, hp.n_channels, NT);
-    in.ar_id = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 1);
-    in.mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, N, N);
-    for (ggml_tensor * t : {in.pixels, in.ar_id, in.mask}) ggml_set_input(t);
-    named(in.pixels, "", "v.pixels");
-
-    ggml_tensor * h = ggml_reshape_2d(ctx, embed(ctx, hp, w, in, opt), D, N);  // [D, N]: all tiles, one sequence
-    const layer_mask mask{in.mask, opt.bf16_attention ? bf16_attention_mask_rows(ctx, in.mask) : nullptr};
-    std::vector<ggml_tensor *> inter;
+    const int first_global = 1 + hp.n_layer;
+    const bool post_here = first < first_global && last >= first_global;  // post_ln and the post-tile embedding
+    if (first == 0 || post_here) {
+        in.ar_id = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 1);
+        ggml_set_input(in.ar_id);
+    }
+    if (last > 1 && !in.mask) {  // a layer among the stages
+        in.mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, N, N);
+        ggml_set_input(in.mask);
+    }
+    if (first == 0) {
+        in.pixels = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, hp.image_size, hp.image_size, hp.n_channels, NT);
+        ggml_set_input(in.pixels);
+        named(in.pixels, "", "v.pixels");
+        h = ggml_reshape_2d(ctx, embed(ctx, hp, w, in, opt), D, N);  // [D, N]: all tiles, one sequence
+    }
+    const layer_mask mask{in.mask, opt.bf16_attention && in.mask ? bf16_attention_mask_rows(ctx, in.mask) : nullptr};
     char prefix[64];
-    for (int il = 0; il < hp.n_layer; ++il) {
-        if (std::binary_search(hp.intermediate_layers.begin(), hp.intermediate_layers.end(), il)) inter.push_back(h);
+    for (int stage = std::max(first, 1); stage < std::min(last, first_global); ++stage) {
+        const int il = stage - 1;
+        const auto & inter = hp.intermediate_layers;
+        const auto at = std::lower_bound(inter.begin(), inter.end(), il);
+        if (at != inter.end() && *at == il) keep(static_cast<size_t>(at - inter.begin()), h);
         std::snprintf(prefix, sizeof(prefix), "v.blk.%d", il);
         h = vision_layer(ctx, hp, w.layers[il], h, mask, false, prefix, opt);
     }
-    h = named(layer_norm(ctx, h, w.post_ln, hp.norm_eps), "v", "post_ln");
-    {  // ref: post_tile_positional_embedding, on all L tokens of each tile (CLS and pads too)
+    if (post_here) {
+        h = named(layer_norm(ctx, h, w.post_ln, hp.norm_eps), "v", "post_ln");
+        // ref: post_tile_positional_embedding, on all L tokens of each tile (CLS and pads too)
         ggml_tensor * e = tile_table_row(ctx, w.post_tile_embd, in.ar_id, D, 1, NT);  // [D, 1, NT]
-        h = ggml_add(ctx, ggml_reshape_3d(ctx, h, D, L, NT), ggml_scale(ctx, as_f32(ctx, e), w.post_tile_gate_tanh));
-        h = named(ggml_reshape_2d(ctx, h, D, N), "v", "post_tile");
+        e = ggml_scale(ctx, as_f32(ctx, e), w.post_tile_gate_tanh);
+        h = ggml_add(ctx, ggml_reshape_3d(ctx, h, D, L, NT), e);  // [D, L, NT]
+        h = named(ggml_reshape_2d(ctx, h, D, N), "v", "post_tile");  // [D, N]
     }
-    for (int il = 0; il < hp.n_global_layer; ++il) {
+    for (int stage = std::max(first, first_global); stage < last; ++stage) {
+        const int il = stage - first_global;
         std::snprintf(prefix, sizeof(prefix), "v.global.blk.%d", il);
         h = vision_layer(ctx, hp, w.global_layers[il], h, mask, true, prefix, opt);
     }
+    return h;
+}
+
+ggml_tensor * build_vision_output(ggml_context * ctx, const vision_hparams & hp, ggml_tensor * h,
+                                  const std::vector<ggml_tensor *> & inter) {
     return assemble(ctx, hp, h, inter);
+}
+
+ggml_tensor * build_vision(ggml_context * ctx, const mllama_model & model, vision_inputs & in,
+                           const vision_options & opt) {
+    const vision_hparams & hp = model.hp.vision;
+    std::vector<ggml_tensor *> inter(hp.intermediate_layers.size(), nullptr);
+    ggml_tensor * h = build_vision_stages(ctx, model, in, opt, 0, vision_n_stages(hp), nullptr,
+                                          [&](size_t k, ggml_tensor * t) { inter[k] = t; });
+    return build_vision_output(ctx, hp, h, inter);
 }
 
 }  // namespace mllama

@@ -6,6 +6,7 @@
 #include "kernels/dispatch.h"
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 struct ggml_context;
@@ -13,6 +14,8 @@ struct ggml_tensor;
 struct mllama_model;
 
 namespace mllama {
+
+struct vision_hparams;
 
 struct linear_w;
 
@@ -40,6 +43,25 @@ bool gemm_kernel_for(const linear_w & l, const vision_options & opt);
 // reference order: [final (n_embd) | intermediate interleaved (n_embd * n_intermediate, d * K + k)].
 ggml_tensor * build_vision(ggml_context * ctx, const mllama_model & model, vision_inputs & in,
                            const vision_options & opt);
+
+// The tower in stages, so that an encode can run a few layers at a time (runtime/encode_steps.cpp):
+// stage 0 embeds the pixels, stages 1..n_layer are the local layers (the last of them followed by post_ln
+// and the post-tile embedding), the n_global_layer stages after them the global layers.
+int vision_n_stages(const vision_hparams & hp);
+
+// keep(k, h): the input of the k-th intermediate layer (hp.intermediate_layers[k]), [D, N].
+using intermediate_sink = std::function<void(size_t, ggml_tensor *)>;
+
+// Stages [first, last) on the hidden state h ([D, N] F32, N = max_tiles * padded positions; unused when
+// first is 0). Creates the inputs the stages read (pixels at stage 0; ar_id at stage 0 and the post-tile
+// embedding; the mask unless in.mask is set already). Returns the hidden state after them, [D, N].
+ggml_tensor * build_vision_stages(ggml_context * ctx, const mllama_model & model, vision_inputs & in,
+                                  const vision_options & opt, int first, int last, ggml_tensor * h,
+                                  const intermediate_sink & keep);
+
+// The vision output from the last stage's hidden state and the intermediate layers' inputs.
+ggml_tensor * build_vision_output(ggml_context * ctx, const vision_hparams & hp, ggml_tensor * h,
+                                  const std::vector<ggml_tensor *> & inter);
 
 // Padded tokens per tile (positions rounded up to a multiple of 8, as the reference pads).
 int64_t padded_positions(int64_t n_positions);

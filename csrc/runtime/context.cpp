@@ -5,6 +5,7 @@
 #include "model/model.h"
 #include "runtime/backend.h"
 #include "runtime/compute.h"
+#include "runtime/encode_steps.h"
 #include "runtime/rope.h"
 #include "runtime/rpc.h"
 
@@ -19,6 +20,7 @@
 // what it can and skips those (free_quietly).
 mllama_context::~mllama_context() {
     using mllama::free_quietly;
+    encode_job.reset();  // its buffer before the backends
     free_quietly([&] { ggml_backend_sched_free(sched); });
     for (ggml_backend_buffer * buf : state_buffers) free_quietly([&] { ggml_backend_buffer_free(buf); });
     for (ggml_context * ctx : state_ctxs) ggml_free(ctx);

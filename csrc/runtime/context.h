@@ -24,6 +24,8 @@ struct mllama_model;
 
 namespace mllama {
 
+struct encode_job;
+
 // The context defaults: mllama_context_default_params and new_context's resolution of values <= 0.
 inline constexpr int32_t k_default_n_ctx_max = 4096;  // n_ctx <= 0: min(trained context, this)
 inline constexpr int32_t k_default_n_batch = 512;
@@ -72,6 +74,7 @@ struct mllama_context {
     std::unique_ptr<mllama::tensor_dumper> dumper;
     std::unique_ptr<mllama::op_profiler> profiler;
     std::unordered_set<const ggml_tensor *> populated;  // mapped weights whose pages are in (compute.cpp)
+    std::unique_ptr<mllama::encode_job> encode_job;     // an image encode in steps under way (encode_steps.h)
 
     mllama_context() = default;
     ~mllama_context();

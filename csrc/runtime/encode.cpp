@@ -6,6 +6,7 @@
 #include "model/model.h"
 #include "runtime/compute.h"
 #include "runtime/context.h"
+#include "runtime/encode_steps.h"
 #include "runtime/slot_state.h"
 
 #include "ggml-backend.h"
@@ -17,7 +18,7 @@
 
 namespace mllama {
 
-static void check_image_args(const mllama_context & c, int32_t slot, const float * pixels, int64_t n_pixels,
+void check_image_args(const mllama_context & c, int32_t slot, const float * pixels, int64_t n_pixels,
                              int32_t aspect_ratio_id, int32_t n_tiles, const float * features, int64_t n_features) {
     const vision_hparams & hp = c.model->hp.vision;
     const int64_t want_pixels = hp.max_tiles * hp.n_channels * hp.image_size * hp.image_size;
@@ -43,14 +44,34 @@ static void check_image_args(const mllama_context & c, int32_t slot, const float
     }
 }
 
+void expand_slot_kv(ggml_context * ctx, ggml_cgraph * gf, const mllama_context & c, ggml_tensor * vision_out,
+                    int32_t slot, int32_t n_tiles, const vision_options & opt) {
+    // the projector and the K/V of the image's own tiles (the decoder masks the others; their rows zeroed after)
+    const cross_kv kv = build_cross_kv(ctx, *c.model, image_tiles(ctx, vision_out, n_tiles), opt);
+    for (size_t i = 0; i < kv.k.size(); ++i) {  // into the slot: persistent, read by the decoder
+        const int64_t n_rows = kv.k[i]->ne[2];
+        ggml_tensor * k_slot = slot_rows(ctx, c.state.cross_k[i], c.state.n_vis, slot, n_rows);
+        ggml_tensor * v_slot = slot_rows(ctx, c.state.cross_v[i], c.state.n_vis, slot, n_rows);
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.k[i], k_slot));
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.v[i], v_slot));
+    }
+}
+
+void finish_slot(mllama_context & c, int32_t slot, int32_t aspect_ratio_id, int32_t n_tiles) {
+    clear_missing_tiles(c, slot, n_tiles);
+    image_slot & s = c.slots[slot];
+    s.used = true;
+    s.n_tiles = n_tiles;
+    s.aspect_ratio_id = aspect_ratio_id;
+}
+
 void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_t n_pixels, int32_t aspect_ratio_id,
                   int32_t n_tiles, float * features, int64_t n_features) {
     check_image_args(c, slot, pixels, n_pixels, aspect_ratio_id, n_tiles, features, n_features);
     const mllama_model & m = *c.model;
     const vision_hparams & hp = m.hp.vision;
-    image_slot & s = c.slots[slot];
-    s.used = false;
-    if (c.state.cross_k.empty()) fail(MLLAMA_ERR_UNSUPPORTED, "the model has no cross-attention layers");
+    drop_encode_job(c, slot);
+    c.slots[slot].used = false;
     vision_inputs in;
     ggml_tensor * out = nullptr;
     const vision_options opt = vision_options_for(m, c.kernels);
@@ -59,15 +80,7 @@ void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_
         out = build_vision(ctx, m, in, opt);
         ggml_set_output(out);
         ggml_build_forward_expand(gf, out);
-        // the projector and the K/V of the image's own tiles (the decoder masks the others; their rows zeroed after)
-        const cross_kv kv = build_cross_kv(ctx, m, image_tiles(ctx, out, n_tiles), opt);
-        for (size_t i = 0; i < kv.k.size(); ++i) {  // into the slot: persistent, read by the decoder
-            const int64_t n_rows = kv.k[i]->ne[2];
-            ggml_tensor * k_slot = slot_rows(ctx, c.state.cross_k[i], c.state.n_vis, slot, n_rows);
-            ggml_tensor * v_slot = slot_rows(ctx, c.state.cross_v[i], c.state.n_vis, slot, n_rows);
-            ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.k[i], k_slot));
-            ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.v[i], v_slot));
-        }
+        expand_slot_kv(ctx, gf, c, out, slot, n_tiles, opt);
         return gf;
     };
     auto feed = [&] {
@@ -79,10 +92,7 @@ void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_
         if (features) ggml_backend_tensor_get(out, features, 0, ggml_nbytes(out));
     };
     compute(c, build, feed, fetch);
-    clear_missing_tiles(c, slot, n_tiles);
-    s.used = true;
-    s.n_tiles = n_tiles;
-    s.aspect_ratio_id = aspect_ratio_id;
+    finish_slot(c, slot, aspect_ratio_id, n_tiles);
 }
 
 void read_cross_kv(const mllama_context & c, int32_t slot, int32_t cross_index, float * k, float * v, int64_t n) {

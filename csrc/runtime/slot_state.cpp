@@ -7,6 +7,7 @@
 #include "common/error.h"
 #include "model/model.h"
 #include "runtime/context.h"
+#include "runtime/encode_steps.h"
 
 #include "ggml-backend.h"
 #include "ggml.h"
@@ -185,6 +186,7 @@ void clear_missing_tiles(mllama_context & c, int32_t slot, int32_t n_tiles) {
 void set_slot_state(mllama_context & c, int32_t slot, const void * src, uint64_t size) {
     check_slot_index(c, slot);
     const slot_header h = read_header(c, src, size);
+    drop_encode_job(c, slot);
     image_slot & s = c.slots[slot];
     s.used = false;
     const size_t bytes = tile_bytes(c, h.n_tiles), offset = slot_offset(c, slot);

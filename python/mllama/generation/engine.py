@@ -95,6 +95,7 @@ class Engine:
 
     image_cache: ImageCache | None = None  # set by the Model: vision results by image content
     n_encoded = 0                          # images this engine ran through the vision tower
+    encoding: tuple[int, PreparedImage] | None = None  # the encode in steps under way: (slot, image)
 
     def __init__(self, ctx, hparams: HParams, n_ctx: int, n_batch: int, n_slots: int, n_seq: int = 1):
         self.ctx = ctx
@@ -114,21 +115,70 @@ class Engine:
     def encode(self, slot: int, image: PreparedImage) -> None:
         """Put a prepared image's cross-attention K/V into `slot`: from the image cache when it has
         them, else by running the vision encoder (and then keeping the result in the cache)."""
+        if self._from_cache(slot, image):
+            return
+        pixels = np.ascontiguousarray(image.pixel_values, dtype=np.float32)
+        call(lib.mllama_context_encode_image, self.ctx, slot, ffi.from_buffer("float[]", pixels), pixels.size,
+             image.aspect_ratio_id, image.n_tiles, ffi.NULL, 0)
+        self._encoded(slot, image)
+
+    def _from_cache(self, slot: int, image: PreparedImage) -> bool:
         self.slot_keys[slot] = None
-        cache = self.image_cache
-        if cache is None or not cache.load_into(self.ctx, slot, image.key):
-            pixels = np.ascontiguousarray(image.pixel_values, dtype=np.float32)
-            call(lib.mllama_context_encode_image, self.ctx, slot, ffi.from_buffer("float[]", pixels), pixels.size,
-                 image.aspect_ratio_id, image.n_tiles, ffi.NULL, 0)
-            self.n_encoded += 1
-            if cache is not None:
-                cache.store_from(self.ctx, slot, image.key)
+        if self.image_cache is None or not self.image_cache.load_into(self.ctx, slot, image.key):
+            return False
+        self.slot_keys[slot] = image.key
+        return True
+
+    def _encoded(self, slot: int, image: PreparedImage) -> None:
+        self.n_encoded += 1
+        if self.image_cache is not None:
+            self.image_cache.store_from(self.ctx, slot, image.key)
         self.slot_keys[slot] = image.key
 
+    # --- an encode in steps (the scheduler runs decode batches between them) ------------------
+    def begin_encode(self, slot: int, image: PreparedImage) -> int:
+        """Starts putting an image into `slot` stage by stage (encode_step; one such encode at a time); returns
+        the stages to run: 0 when the image cache had it (the slot holds it now)."""
+        self.cancel_encode()
+        if self._from_cache(slot, image):
+            return 0
+        pixels = np.ascontiguousarray(image.pixel_values, dtype=np.float32)
+        n_stages = ffi.new("int32_t *")
+        call(lib.mllama_context_encode_begin, self.ctx, slot, ffi.from_buffer("float[]", pixels), pixels.size,
+             image.aspect_ratio_id, image.n_tiles, n_stages)
+        self.encoding = (slot, image)
+        return int(n_stages[0])
+
+    def encode_step(self, n_stages: int = 1) -> int:
+        """Runs the next stages of the encode begun (n_stages <= 0: all); returns how many are left (0: the
+        slot holds the image). A failure, or an interrupt, ends the encode (begin it again)."""
+        if self.encoding is None:
+            raise ValueError("no image encode in steps is under way (begin_encode)")
+        slot, image = self.encoding
+        left = ffi.new("int32_t *")
+        try:
+            call(lib.mllama_context_encode_step, self.ctx, n_stages, left)
+        except BaseException:
+            self.cancel_encode()
+            raise
+        if left[0] == 0:
+            self.encoding = None
+            self._encoded(slot, image)
+        return int(left[0])
+
+    def cancel_encode(self, slot: int | None = None) -> None:
+        """Drops the encode in steps under way (slot given: only one into that slot); its slot holds no image."""
+        if self.encoding is not None and (slot is None or self.encoding[0] == slot):
+            lib.mllama_context_encode_cancel(self.ctx)
+            self.encoding = None
+
     # --- the image slot pool -------------------------------------------------------------------
-    def claim_slots(self, images: list[PreparedImage]) -> list[int] | None:
+    def claim_slots(self, images: list[PreparedImage],
+                    pending: list[tuple[int, PreparedImage]] | None = None) -> list[int] | None:
         """A slot holding each image (encoding those no slot holds into the least recently used free
-        slots), each claimed until release_slots; None when too few slots are free now."""
+        slots), each claimed until release_slots; None when too few slots are free now. With `pending`,
+        the images to encode are not encoded here but appended to it as (slot, image), their slots
+        holding nothing until then (begin_encode)."""
         wanted = {im.key for im in images}
         if len(images) > self.n_slots:  # the same image twice takes two of a sequence's slots (its row table's)
             raise ContextOverflowError(f"{len(images)} images exceed the {self.n_slots} image slots (n_image_slots)")
@@ -140,7 +190,11 @@ class Engine:
             return None
         by_key = {im.key: im for im in images}
         for key, slot in zip(missing, free):
-            self.encode(slot, by_key[key])
+            if pending is None:
+                self.encode(slot, by_key[key])
+            else:
+                self.slot_keys[slot] = None
+                pending.append((slot, by_key[key]))
             held[key] = slot
         slots = [held[im.key] for im in images]
         self._tick += 1

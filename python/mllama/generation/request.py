@@ -97,6 +97,7 @@ class Request:
         self.logprobs = logprobs  # None: off; else how many alternatives to report per token
         self.streams = [Stream(self, i, tokenizer) for i in range(n)]
         self.slots: list[int] = []
+        self.to_encode: list[tuple[int, PreparedImage]] = []  # (slot, image) still to run through the vision tower
         self.n_evaluated = 0          # prompt tokens in the first stream's cache
         self.cancelled = False
         self.submitted = time.perf_counter()

@@ -40,7 +40,11 @@ class Scheduler:
         self.busy = [False] * engine.n_seq
         self._mutex = threading.Lock()  # waiting, between submit() and step()
         self.stats = {"steps": 0, "batch_rows": 0, "generated_tokens": 0, "prefix_tokens_reused": 0,
-                      "image_slot_hits": 0, "grammar_masks": 0, "grammar_mask_wait_s": 0.0}
+                      "image_slot_hits": 0, "grammar_masks": 0, "grammar_mask_wait_s": 0.0,
+                      "images_encoded": 0, "image_cache_hits": 0, "encode_stages": 0}
+        # vision stages per step for a request's new images: its encode runs between the steps of the
+        # others (a stage is a vision layer), so that their streams go on while it runs
+        self.encode_stages = 1
         self.overlap_masks = True  # grammar masks on a worker thread during the decode (False: in line)
         self._mask_pool: ThreadPoolExecutor | None = None  # started with the first constrained stream
         self._draw_pool: ThreadPoolExecutor | None = None  # started with the first step of two sampled streams
@@ -60,6 +64,11 @@ class Scheduler:
     @property
     def n_waiting(self) -> int:
         return len(self.waiting)
+
+    @property
+    def n_encoding(self) -> int:
+        """Running requests whose images are still in the vision tower."""
+        return sum(1 for request in self.running if request.to_encode)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -93,8 +102,11 @@ class Scheduler:
         self._reap()
         self._admit()
         parts, owners = self._batch()
-        if not parts:
-            return
+        if parts:
+            self._evaluate(parts, owners)
+        self._encode()
+
+    def _evaluate(self, parts: list[Part], owners: list[tuple[Request, Stream | None]]) -> None:
         self._prefetch_masks()
         try:
             logits = self.engine.decode(parts)
@@ -126,6 +138,32 @@ class Scheduler:
             raise
         self._reap()
 
+    def _encode(self) -> None:
+        """The next encode_stages stages of the vision tower for the first request whose images are not all in
+        yet (the batches of the other requests run between them); its prompt is evaluated once they are."""
+        for request in self.running:
+            if request.to_encode:
+                try:
+                    self._encode_stages(request)
+                except Exception as exc:  # its image only: the request ends, the others go on
+                    self._close(request, exc)
+                return
+
+    def _encode_stages(self, request: Request) -> None:
+        engine = self.engine
+        while request.to_encode:
+            slot, image = request.to_encode[0]
+            if engine.encoding is None or engine.encoding[0] != slot:  # (an interrupted encode starts again)
+                if engine.begin_encode(slot, image) == 0:  # found in the image cache
+                    request.to_encode.pop(0)
+                    self.stats["image_cache_hits"] += 1
+                    continue
+            self.stats["encode_stages"] += 1
+            if engine.encode_step(self.encode_stages) == 0:
+                request.to_encode.pop(0)
+                self.stats["images_encoded"] += 1
+            return
+
     def _draw_in_parallel(self, jobs: list[tuple[Stream, np.ndarray]]) -> dict[int, Future]:
         """The draws of the streams that sample without a grammar, started on the draw pool (id(stream) ->
         its future token) where there are two or more of them; the others sample in line (_sample)."""
@@ -155,7 +193,7 @@ class Scheduler:
         ordered = sorted(zip(parts, owners), key=lambda pair: pair[0].seq)
         parts, owners = [part for part, _ in ordered], [owner for _, owner in ordered]
         for request in self.running:
-            if not request.in_prefill or budget == 0:
+            if not request.in_prefill or request.to_encode or budget == 0:
                 continue
             seq, first = request.streams[0].seq, request.n_evaluated
             chunk = request.tokens[first:first + budget]
@@ -268,7 +306,7 @@ class Scheduler:
     def _start(self, request: Request, free: list[int]) -> bool:
         engine, started = self.engine, time.perf_counter()  # prompt time counts the image encodes
         held = sum(im.key in engine.slot_keys for im in request.images)
-        slots = engine.claim_slots(request.images)
+        slots = engine.claim_slots(request.images, pending=request.to_encode)  # encoded by _encode
         if slots is None:
             return False
         try:
@@ -286,7 +324,7 @@ class Scheduler:
             for stream in request.streams:
                 if stream.seq >= 0:
                     self.busy[stream.seq], stream.seq = False, -1
-            request.slots = []
+            request.slots, request.to_encode = [], []
             engine.release_slots(slots)
             raise
         self.stats["prefix_tokens_reused"] += request.n_evaluated
@@ -308,6 +346,9 @@ class Scheduler:
         for s in request.streams:  # freed before its readers learn of the end (a reader on another thread)
             if s.seq >= 0:
                 self.busy[s.seq] = False
+        for slot, _ in request.to_encode:  # its encode under way stops (its slot holds nothing)
+            self.engine.cancel_encode(slot)
+        request.to_encode = []
         if request in self.running:
             self.running.remove(request)
             self.engine.release_slots(request.slots)

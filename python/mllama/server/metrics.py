@@ -18,6 +18,8 @@ class Metrics:
         self.model, self.window_s = model, window_s
         self.running = Gauge("mllama_requests_running", "Requests holding sequences", registry=r)
         self.waiting = Gauge("mllama_requests_waiting", "Requests waiting for a sequence", registry=r)
+        self.encoding = Gauge("mllama_requests_encoding", "Running requests whose images are in the vision tower "
+                              "(their prompts wait; the other streams go on)", registry=r)
         self.sequences = Gauge("mllama_sequences", "Sequences the context holds (n_seq_max)", registry=r)
         self.requests = Counter("mllama_requests", "Requests submitted", registry=r)
         self.cancelled = Counter("mllama_requests_cancelled", "Requests stopped by their client", registry=r)
@@ -61,6 +63,7 @@ class Metrics:
         self._seen = stats
         self.running.set(len(scheduler.running))
         self.waiting.set(scheduler.n_waiting)
+        self.encoding.set(scheduler.n_encoding)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -71,6 +74,7 @@ class Metrics:
         self.tokens_per_s.set(sum(n for _, n in self._recent) / self.window_s)
         self.running.set(len(self.model.scheduler.running))
         self.waiting.set(self.model.scheduler.n_waiting)
+        self.encoding.set(self.model.scheduler.n_encoding)
         self.images_encoded.set(self.model.engine.n_encoded)
         cache = self.model.image_cache
         for event, count in (vars(cache.stats).items() if cache is not None else ()):
