@@ -1,7 +1,7 @@
 """Serving benchmark: aggregate decode tokens/s and per-stream inter-token latency (p50/p99) at 1, 2, 4
 and 8 concurrent streams on the 11B-dims synthetic model (5 text layers, Q4_K_M; vision tower BF16),
 time to first token of a new request while 4 others stream, and what a new request's image encode
-does to the streams already running (they go on: the encode runs a vision layer per step). Everything
+does to the streams already running (they go on: the encode runs half a vision layer per step). Everything
 in one process, one run, through the batch scheduler (Model.submit + run_step, the path `mllama serve`
 drives). The stream counts run in --rounds rounds of
 1, 2, 4, 8 streams, interleaved so that a shared machine's drift falls on all of them alike; each count
@@ -66,7 +66,7 @@ def streams(model, n: int, n_tokens: int) -> dict:
 def newcomer(model, n_tokens: int, image=None) -> dict:
     """4 streams decoding; a new request arrives (text, or with an image): its time to first token, the
     longest gap it causes in the running streams, and the tokens they get meanwhile (an image is encoded
-    one vision layer per step, between the streams' decode steps: scheduler.py)."""
+    half a vision layer per step, between the streams' decode steps: scheduler.py)."""
     running = [model.submit(prompt(model, i), temperature=0.0, max_tokens=4 * n_tokens) for i in range(4)]
     for _ in range(4):
         model.run_step()

@@ -1,4 +1,4 @@
-"""An image encoded in steps (mllama_context_encode_begin/step: the vision tower a layer or a few at a time, decode
+"""An image encoded in steps (mllama_context_encode_begin/step: the vision tower half a layer or more at a time, decode
 batches between them) leaves in its slot the bits of one whole encode; the steps' argument checks and ends; and
 the batch scheduler, which encodes new images in steps, keeps the other streams going meanwhile and gives every
 request the answer it gives alone."""
@@ -32,7 +32,8 @@ def model(request, converted):
 
 def n_stages(model) -> int:
     hp = model.hparams
-    return 1 + hp.v_n_layer + hp.v_n_global_layer + 1  # embeddings, each layer, projector and cross K/V
+    # the embeddings, each layer's two halves, the projector, each cross-attention layer's K/V
+    return 1 + 2 * (hp.v_n_layer + hp.v_n_global_layer) + 1 + len(hp.cross_attention_layers)
 
 
 def run_in_steps(engine, slot, image, per_step) -> list[int]:
@@ -43,7 +44,9 @@ def run_in_steps(engine, slot, image, per_step) -> list[int]:
 
 
 @pytest.mark.parametrize("kind", list(SIZES))
-@pytest.mark.parametrize("per_step", [1, 3, 0])
+# 1: every stage alone; 4 and 5 (the fixture: 9 tower stages, the projector, 2 cross layers): spans from the tower
+# through the projector into the cross layers, and from the tower to the projector then the cross layers; 0: all
+@pytest.mark.parametrize("per_step", [1, 4, 5, 0])
 def test_steps_leave_the_bits_of_one_encode(model, kind, per_step):
     engine = model.engine
     image = model.prepare_images([picture(SIZES[kind], seed=len(kind))])[0]

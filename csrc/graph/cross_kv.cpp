@@ -37,25 +37,32 @@ static ggml_tensor * project(ggml_context * ctx, ggml_tensor * w, ggml_tensor * 
                        /*bf16_out=*/false, opt.amx_gemm);
 }
 
-cross_kv build_cross_kv(ggml_context * ctx, const mllama_model & model, ggml_tensor * vision_out,
-                        const vision_options & opt) {
-    const text_hparams & hp = model.hp.text;
+ggml_tensor * project_vision(ggml_context * ctx, const mllama_model & model, ggml_tensor * vision_out,
+                             const vision_options & opt) {
     const linear_w & proj = model.vision.projector;
     const int64_t n_vis = vision_out->ne[1] * vision_out->ne[2];
     ggml_tensor * x = ggml_reshape_2d(ctx, vision_out, vision_out->ne[0], n_vis);  // [OD, NT * P]
     x = gemm_kernel_for(proj, opt)
             ? bf16_linear(ctx, proj.w, x, proj.b, /*gelu=*/false, /*bf16_out=*/false, opt.amx_gemm)
             : linear(ctx, x, proj);  // [n_embd, NT * P]
-    named(x, "mm", "out");
+    return named(x, "mm", "out");
+}
+
+cross_kv build_cross_kv_layers(ggml_context * ctx, const mllama_model & model, ggml_tensor * x,
+                               const vision_options & opt, int first, int last) {
+    const text_hparams & hp = model.hp.text;
+    const int64_t n_vis = x->ne[1];
     ggml_tensor * x_gemm = nullptr;  // x converted once for every projection our GEMM takes
     if (cross_kv_products_on_gemm(model, opt) > 0) {
         x_gemm = bf16_linear_takes_f32() ? x : ggml_cast(ctx, x, GGML_TYPE_BF16);  // [n_embd, NT * P]
     }
     cross_kv out;
     char prefix[64];
-    for (int il = 0; il < hp.n_layer; ++il) {
+    for (int il = 0, cross_index = -1; il < hp.n_layer; ++il) {
         const text_layer_w & l = model.text.layers[il];
         if (!l.is_cross) continue;
+        ++cross_index;
+        if (cross_index < first || cross_index >= last) continue;
         std::snprintf(prefix, sizeof(prefix), "blk.%d.cross", il);
         ggml_tensor * k = project(ctx, l.cross.wk, x, x_gemm, opt);                 // [hd * Hkv, NT * P]
         k = ggml_reshape_3d(ctx, k, hp.n_embd_head, hp.n_head_kv, n_vis);           // [hd, Hkv, NT * P]
@@ -66,6 +73,12 @@ cross_kv build_cross_kv(ggml_context * ctx, const mllama_model & model, ggml_ten
         out.v.push_back(named(v, prefix, "v"));
     }
     return out;
+}
+
+cross_kv build_cross_kv(ggml_context * ctx, const mllama_model & model, ggml_tensor * vision_out,
+                        const vision_options & opt) {
+    ggml_tensor * x = project_vision(ctx, model, vision_out, opt);  // [n_embd, NT * P]
+    return build_cross_kv_layers(ctx, model, x, opt, 0, static_cast<int>(model.hp.text.cross_layers.size()));
 }
 
 ggml_tensor * image_tiles(ggml_context * ctx, ggml_tensor * vision_out, int64_t n_tiles) {

@@ -22,6 +22,13 @@ struct cross_kv {
 cross_kv build_cross_kv(ggml_context * ctx, const mllama_model & model, ggml_tensor * vision_out,
                         const vision_options & opt);
 
+// The same in two parts (an encode in steps): the projector, [n_embd, NT * P] F32; then the K/V of the
+// cross-attention layers first..last-1 (counted among the cross-attention layers) from its output x.
+ggml_tensor * project_vision(ggml_context * ctx, const mllama_model & model, ggml_tensor * vision_out,
+                             const vision_options & opt);
+cross_kv build_cross_kv_layers(ggml_context * ctx, const mllama_model & model, ggml_tensor * x,
+                               const vision_options & opt, int first, int last);
+
 // How many of the cross-attention K and V projections take our BF16 GEMM on their weights decoded to BF16
 // (dequantize_bf16: quantized weights, where the vision tower's BF16 GEMM runs); the others take ggml's mul_mat.
 int cross_kv_products_on_gemm(const mllama_model & model, const vision_options & opt);

@@ -59,41 +59,43 @@ static ggml_tensor * mlp(ggml_context * ctx, const vision_layer_w & l, ggml_tens
     return linear(ctx, x, l.ffn_down);                                                         // [D, N]
 }
 
-// ref: MllamaVisionEncoderLayer.forward; gated for the global layers.
-static ggml_tensor * vision_layer(ggml_context * ctx, const vision_hparams & hp, const vision_layer_w & l, ggml_tensor * h,
-                                  const layer_mask & mask, bool gated, const char * prefix, const vision_options & opt) {
+// ref: MllamaVisionEncoderLayer.forward, in two halves (two stages of an encode in steps); gated for the
+// global layers. The first half: self-attention over all tiles of the image, added to h. [D, N]
+static ggml_tensor * attention_half(ggml_context * ctx, const vision_hparams & hp, const vision_layer_w & l,
+                                    ggml_tensor * h, const layer_mask & mask, bool gated, const char * prefix,
+                                    const vision_options & opt) {
     const int64_t n_tok = h->ne[1], head_dim = hp.n_embd / hp.n_head;
-    {  // self-attention over all tiles of the image
-        const bool our_gemm = gemm_kernel_for({l.wq, nullptr}, opt) && gemm_kernel_for({l.wk, nullptr}, opt) &&
-                              gemm_kernel_for({l.wv, nullptr}, opt);
-        ggml_tensor * x = norm_for_products(ctx, h, l.attn_norm, hp.norm_eps, our_gemm);
-        // half-precision weights: convert the input once for q, k and v, to the type the products
-        // multiply in (ggml's would convert it inside each product, with the same rounding; the fused norm
-        // already did)
-        const ggml_type x_type = !gemm_kernel_for({l.wq, nullptr}, opt) ? l.wq->type
-                                 : bf16_linear_takes_f32()              ? GGML_TYPE_F32
-                                                                        : GGML_TYPE_BF16;
-        if (half_weight(l.wq) && x_type != x->type) x = ggml_cast(ctx, x, x_type);  // [D, N] F16/BF16 (or F32)
-        ggml_tensor * q = ggml_reshape_3d(ctx, product(ctx, l.wq, x, opt), head_dim, hp.n_head, n_tok);  // [hd, H, N]
-        ggml_tensor * k = ggml_reshape_3d(ctx, product(ctx, l.wk, x, opt), head_dim, hp.n_head, n_tok);
-        ggml_tensor * v = ggml_reshape_3d(ctx, product(ctx, l.wv, x, opt), head_dim, hp.n_head, n_tok);
-        const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-        ggml_tensor * a = opt.bf16_attention
-                              ? bf16_attention(ctx, q, k, v, mask.mask, mask.zero_rows, opt.amx_attention)  // [D, N]
-                              : attention(ctx, {q, k, v, mask.mask, scale});                             // [D, N]
-        a = named(product(ctx, l.wo, a, opt), prefix, "attn_out");
-        if (gated) a = ggml_scale(ctx, a, l.attn_gate_tanh);
-        h = ggml_add(ctx, h, a);
-    }
-    {  // MLP with exact (erf) GELU
-        const bool our_gemm = gemm_kernel_for(l.ffn_up, opt) && gemm_kernel_for(l.ffn_down, opt);  // mlp's test
-        ggml_tensor * x = norm_for_products(ctx, h, l.ffn_norm, hp.norm_eps, our_gemm);
-        x = mlp(ctx, l, x, opt);
-        x = named(x, prefix, "ffn_out");  // [D, N]
-        if (gated) x = ggml_scale(ctx, x, l.ffn_gate_tanh);
-        h = ggml_add(ctx, h, x);
-    }
-    return named(h, prefix, "out");
+    const bool our_gemm = gemm_kernel_for({l.wq, nullptr}, opt) && gemm_kernel_for({l.wk, nullptr}, opt) &&
+                          gemm_kernel_for({l.wv, nullptr}, opt);
+    ggml_tensor * x = norm_for_products(ctx, h, l.attn_norm, hp.norm_eps, our_gemm);
+    // half-precision weights: convert the input once for q, k and v, to the type the products
+    // multiply in (ggml's would convert it inside each product, with the same rounding; the fused norm
+    // already did)
+    const ggml_type x_type = !gemm_kernel_for({l.wq, nullptr}, opt) ? l.wq->type
+                             : bf16_linear_takes_f32()              ? GGML_TYPE_F32
+                                                                    : GGML_TYPE_BF16;
+    if (half_weight(l.wq) && x_type != x->type) x = ggml_cast(ctx, x, x_type);  // [D, N] F16/BF16 (or F32)
+    ggml_tensor * q = ggml_reshape_3d(ctx, product(ctx, l.wq, x, opt), head_dim, hp.n_head, n_tok);  // [hd, H, N]
+    ggml_tensor * k = ggml_reshape_3d(ctx, product(ctx, l.wk, x, opt), head_dim, hp.n_head, n_tok);
+    ggml_tensor * v = ggml_reshape_3d(ctx, product(ctx, l.wv, x, opt), head_dim, hp.n_head, n_tok);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+    ggml_tensor * a = opt.bf16_attention
+                          ? bf16_attention(ctx, q, k, v, mask.mask, mask.zero_rows, opt.amx_attention)  // [D, N]
+                          : attention(ctx, {q, k, v, mask.mask, scale});                             // [D, N]
+    a = named(product(ctx, l.wo, a, opt), prefix, "attn_out");
+    if (gated) a = ggml_scale(ctx, a, l.attn_gate_tanh);
+    return ggml_add(ctx, h, a);
+}
+
+// The second half: the MLP with exact (erf) GELU, added to h. [D, N]
+static ggml_tensor * mlp_half(ggml_context * ctx, const vision_hparams & hp, const vision_layer_w & l,
+                              ggml_tensor * h, bool gated, const char * prefix, const vision_options & opt) {
+    const bool our_gemm = gemm_kernel_for(l.ffn_up, opt) && gemm_kernel_for(l.ffn_down, opt);  // mlp's test
+    ggml_tensor * x = norm_for_products(ctx, h, l.ffn_norm, hp.norm_eps, our_gemm);
+    x = mlp(ctx, l, x, opt);
+    x = named(x, prefix, "ffn_out");  // [D, N]
+    if (gated) x = ggml_scale(ctx, x, l.ffn_gate_tanh);
+    return named(ggml_add(ctx, h, x), prefix, "out");
 }
 
 // One row of a per-aspect-ratio table as [n_embd, rows, max_tiles] (F32).
@@ -175,7 +177,19 @@ vision_options vision_options_for(const mllama_model & model, const cpu_kernel_s
     return opt;
 }
 
-int vision_n_stages(const vision_hparams & hp) { return 1 + hp.n_layer + hp.n_global_layer; }
+int vision_n_stages(const vision_hparams & hp) { return 1 + 2 * (hp.n_layer + hp.n_global_layer); }
+
+// Stage `stage` of the layers that start at stage `base`: layer (stage - base) / 2, its attention half when the
+// difference is even, else its MLP half.
+static ggml_tensor * layer_stage(ggml_context * ctx, const vision_hparams & hp,
+                                 const std::vector<vision_layer_w> & layers, int stage, int base, ggml_tensor * h,
+                                 const layer_mask & mask, bool gated, const char * kind, const vision_options & opt) {
+    const int il = (stage - base) / 2;
+    char prefix[64];
+    std::snprintf(prefix, sizeof(prefix), "%s.%d", kind, il);
+    if ((stage - base) % 2 == 0) return attention_half(ctx, hp, layers[il], h, mask, gated, prefix, opt);
+    return mlp_half(ctx, hp, layers[il], h, gated, prefix, opt);
+}
 
 ggml_tensor * build_vision_stages(ggml_context * ctx, const mllama_model & model, vision_inputs & in,
                                   const vision_options & opt, int first, int last, ggml_tensor * h,
@@ -183,7 +197,7 @@ ggml_tensor * build_vision_stages(ggml_context * ctx, const mllama_model & model
     const vision_hparams & hp = model.hp.vision;
     const vision_w & w = model.vision;
     const int64_t D = hp.n_embd, NT = hp.max_tiles, L = padded_positions(hp.n_positions()), N = L * NT;
-    const int first_global = 1 + hp.n_layer;
+    const int first_global = 1 + 2 * hp.n_layer;
     const bool post_here = first < first_global && last >= first_global;  // post_ln and the post-tile embedding
     if (first == 0 || post_here) {
         in.ar_id = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 1);
@@ -200,14 +214,13 @@ ggml_tensor * build_vision_stages(ggml_context * ctx, const mllama_model & model
         h = ggml_reshape_2d(ctx, embed(ctx, hp, w, in, opt), D, N);  // [D, N]: all tiles, one sequence
     }
     const layer_mask mask{in.mask, opt.bf16_attention && in.mask ? bf16_attention_mask_rows(ctx, in.mask) : nullptr};
-    char prefix[64];
     for (int stage = std::max(first, 1); stage < std::min(last, first_global); ++stage) {
-        const int il = stage - 1;
-        const auto & inter = hp.intermediate_layers;
-        const auto at = std::lower_bound(inter.begin(), inter.end(), il);
-        if (at != inter.end() && *at == il) keep(static_cast<size_t>(at - inter.begin()), h);
-        std::snprintf(prefix, sizeof(prefix), "v.blk.%d", il);
-        h = vision_layer(ctx, hp, w.layers[il], h, mask, false, prefix, opt);
+        const auto & inter = hp.intermediate_layers;  // the inputs of these layers are kept
+        const auto at = std::lower_bound(inter.begin(), inter.end(), (stage - 1) / 2);
+        if ((stage - 1) % 2 == 0 && at != inter.end() && *at == (stage - 1) / 2) {
+            keep(static_cast<size_t>(at - inter.begin()), h);
+        }
+        h = layer_stage(ctx, hp, w.layers, stage, 1, h, mask, false, "v.blk", opt);  // [D, N]
     }
     if (post_here) {
         h = named(layer_norm(ctx, h, w.post_ln, hp.norm_eps), "v", "post_ln");
@@ -218,9 +231,7 @@ ggml_tensor * build_vision_stages(ggml_context * ctx, const mllama_model & model
         h = named(ggml_reshape_2d(ctx, h, D, N), "v", "post_tile");  // [D, N]
     }
     for (int stage = std::max(first, first_global); stage < last; ++stage) {
-        const int il = stage - first_global;
-        std::snprintf(prefix, sizeof(prefix), "v.global.blk.%d", il);
-        h = vision_layer(ctx, hp, w.global_layers[il], h, mask, true, prefix, opt);
+        h = layer_stage(ctx, hp, w.global_layers, stage, first_global, h, mask, true, "v.global.blk", opt);  // [D, N]
     }
     return h;
 }

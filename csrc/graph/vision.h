@@ -45,8 +45,8 @@ ggml_tensor * build_vision(ggml_context * ctx, const mllama_model & model, visio
                            const vision_options & opt);
 
 // The tower in stages, so that an encode can run a few layers at a time (runtime/encode_steps.cpp):
-// stage 0 embeds the pixels, stages 1..n_layer are the local layers (the last of them followed by post_ln
-// and the post-tile embedding), the n_global_layer stages after them the global layers.
+// stage 0 embeds the pixels; then two stages per layer, its attention and its MLP (each a residual add), for
+// the local layers (the last followed by post_ln and the post-tile embedding), then the global ones.
 int vision_n_stages(const vision_hparams & hp);
 
 // keep(k, h): the input of the k-th intermediate layer (hp.intermediate_layers[k]), [D, N].

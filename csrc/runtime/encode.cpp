@@ -44,16 +44,15 @@ void check_image_args(const mllama_context & c, int32_t slot, const float * pixe
     }
 }
 
-void expand_slot_kv(ggml_context * ctx, ggml_cgraph * gf, const mllama_context & c, ggml_tensor * vision_out,
-                    int32_t slot, int32_t n_tiles, const vision_options & opt) {
-    // the projector and the K/V of the image's own tiles (the decoder masks the others; their rows zeroed after)
-    const cross_kv kv = build_cross_kv(ctx, *c.model, image_tiles(ctx, vision_out, n_tiles), opt);
-    for (size_t i = 0; i < kv.k.size(); ++i) {  // into the slot: persistent, read by the decoder
-        const int64_t n_rows = kv.k[i]->ne[2];
+void expand_slot_kv(ggml_context * ctx, ggml_cgraph * gf, const mllama_context & c, const cross_kv & kv,
+                    size_t first_cross, int32_t slot) {
+    for (size_t j = 0; j < kv.k.size(); ++j) {  // into the slot: persistent, read by the decoder
+        const size_t i = first_cross + j;
+        const int64_t n_rows = kv.k[j]->ne[2];
         ggml_tensor * k_slot = slot_rows(ctx, c.state.cross_k[i], c.state.n_vis, slot, n_rows);
         ggml_tensor * v_slot = slot_rows(ctx, c.state.cross_v[i], c.state.n_vis, slot, n_rows);
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.k[i], k_slot));
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.v[i], v_slot));
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.k[j], k_slot));
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.v[j], v_slot));
     }
 }
 
@@ -80,7 +79,9 @@ void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_
         out = build_vision(ctx, m, in, opt);
         ggml_set_output(out);
         ggml_build_forward_expand(gf, out);
-        expand_slot_kv(ctx, gf, c, out, slot, n_tiles, opt);
+        // the projector and the K/V of the image's own tiles (the decoder masks the others; their rows zeroed after)
+        const cross_kv kv = build_cross_kv(ctx, m, image_tiles(ctx, out, n_tiles), opt);
+        expand_slot_kv(ctx, gf, c, kv, 0, slot);
         return gf;
     };
     auto feed = [&] {

@@ -5,6 +5,7 @@
 
 #include "common/error.h"
 #include "common/text.h"
+#include "graph/cross_kv.h"
 #include "graph/inputs.h"
 #include "graph/vision.h"
 #include "model/devices.h"
@@ -34,17 +35,19 @@ static std::unique_ptr<encode_job> new_job(const mllama_context & c, int32_t n_t
     const int64_t D = hp.n_embd, L = padded_positions(hp.n_positions()), N = L * hp.max_tiles;
     auto job = std::make_unique<encode_job>();
     const size_t n_inter = hp.intermediate_layers.size();
-    ggml_init_params params = {ggml_tensor_overhead() * (n_inter + 2), nullptr, /*no_alloc=*/true};
+    ggml_init_params params = {ggml_tensor_overhead() * (n_inter + 3), nullptr, /*no_alloc=*/true};
     job->ctx = ggml_init(params);
     if (!job->ctx) fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot create the state of an encode in steps");
     job->hidden = ggml_new_tensor_2d(job->ctx, GGML_TYPE_F32, D, N);       // [D, N]
     for (size_t k = 0; k < n_inter; ++k) job->inter.push_back(ggml_new_tensor_2d(job->ctx, GGML_TYPE_F32, D, N));
     job->mask = ggml_new_tensor_2d(job->ctx, GGML_TYPE_F16, N, N);          // [N, N]
+    job->projected = ggml_new_tensor_2d(job->ctx, GGML_TYPE_F32, m.hp.text.n_embd, n_tiles * hp.n_positions());
     try {
         bound_rpc_calls(m.plan);
         job->buffer = ggml_backend_alloc_ctx_tensors_from_buft(job->ctx, ggml_backend_dev_buffer_type(m.plan.vision));
         if (!job->buffer) {
-            const size_t bytes = ggml_nbytes(job->hidden) * (n_inter + 1) + ggml_nbytes(job->mask);
+            const size_t bytes = ggml_nbytes(job->hidden) * (n_inter + 1) + ggml_nbytes(job->mask) +
+                                 ggml_nbytes(job->projected);
             fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot allocate the state of an encode in steps (%zu MiB) on %s",
                  bytes >> 20, ggml_backend_dev_name(m.plan.vision));
         }
@@ -67,17 +70,18 @@ int32_t encode_begin(mllama_context & c, int32_t slot, const float * pixels, int
     job->slot = slot;
     job->aspect_ratio_id = aspect_ratio_id;
     job->n_tiles = n_tiles;
-    job->n_stages = vision_n_stages(c.model->hp.vision) + 1;
+    job->n_stages = vision_n_stages(c.model->hp.vision) + 1 + static_cast<int>(c.state.cross_k.size());
     job->pixels.assign(pixels, pixels + n_pixels);
     c.encode_job = std::move(job);
     return c.encode_job->n_stages;
 }
 
-// One graph over stages [first, last): from the pixels or the kept hidden state, to the kept hidden
-// state or (the output stage) the slot's cross K/V.
+// One graph over stages [first, last): from the pixels or the kept hidden state, through the tower's stages
+// to the kept hidden state, or on through the projector (its output kept) and the K/V of cross layers into
+// the slot.
 static void run_stages(mllama_context & c, encode_job & job, int first, int last) {
     const mllama_model & m = *c.model;
-    const int n_tower = vision_n_stages(m.hp.vision);
+    const int n_tower = vision_n_stages(m.hp.vision), projector = n_tower;
     const vision_options opt = vision_options_for(m, c.kernels);
     vision_inputs in;
     in.mask = job.mask;
@@ -91,14 +95,23 @@ static void run_stages(mllama_context & c, encode_job & job, int first, int last
                                         inter[k] = ggml_cpy(ctx, t, job.inter[k]);
                                         ggml_build_forward_expand(gf, inter[k]);
                                     });
+            if (last <= n_tower) {  // after every read of the kept state in this graph
+                ggml_build_forward_expand(gf, ggml_cpy(ctx, h, job.hidden));
+                return gf;
+            }
         }
-        if (last < job.n_stages) {  // after every read of the kept state in this graph
-            ggml_build_forward_expand(gf, ggml_cpy(ctx, h, job.hidden));
-            return gf;
+        ggml_tensor * x = job.projected;  // [n_embd, n_tiles * P]
+        if (first <= projector) {
+            ggml_tensor * out = build_vision_output(ctx, m.hp.vision, h, inter);  // [OD, P, NT]
+            x = project_vision(ctx, m, image_tiles(ctx, out, job.n_tiles), opt);
+            if (last == projector + 1) {
+                ggml_build_forward_expand(gf, ggml_cpy(ctx, x, job.projected));
+                return gf;
+            }
         }
-        ggml_tensor * out = build_vision_output(ctx, m.hp.vision, h, inter);  // [OD, P, NT]
-        ggml_build_forward_expand(gf, out);
-        expand_slot_kv(ctx, gf, c, out, job.slot, job.n_tiles, opt);
+        const int first_cross = std::max(first, projector + 1) - (projector + 1);
+        const cross_kv kv = build_cross_kv_layers(ctx, m, x, opt, first_cross, last - (projector + 1));
+        expand_slot_kv(ctx, gf, c, kv, static_cast<size_t>(first_cross), job.slot);
         return gf;
     };
     auto feed = [&] {

@@ -3,6 +3,7 @@
 // image is encoded: python/mllama/generation/scheduler.py). The result equals encode_image's, bit for bit.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -14,18 +15,20 @@ struct mllama_context;
 
 namespace mllama {
 
+struct cross_kv;
 struct vision_options;
 
 // The tower's state between two steps.
 struct encode_job {
     int32_t slot = -1, aspect_ratio_id = 0, n_tiles = 0;
-    int next_stage = 0, n_stages = 0;        // the tower's stages (graph/vision.h), then the output stage
+    int next_stage = 0, n_stages = 0;        // the tower's stages (graph/vision.h), the projector, each cross layer's
     std::vector<float> pixels;               // the input, until stage 0 has run
     ggml_context * ctx = nullptr;            // the descriptors of the tensors below
     ggml_backend_buffer * buffer = nullptr;  // on the vision device
     ggml_tensor * hidden = nullptr;          // [D, N] F32: the hidden state after the stages run so far
     std::vector<ggml_tensor *> inter;        // [D, N] F32: each intermediate layer's input, once reached
     ggml_tensor * mask = nullptr;            // [N, N] F16: the attention mask of every layer
+    ggml_tensor * projected = nullptr;       // [n_embd, n_tiles * P] F32: the projector's output
 
     encode_job() = default;
     ~encode_job();
@@ -34,7 +37,7 @@ struct encode_job {
 };
 
 // Starts an encode in steps into `slot` (an unfinished one is dropped; the slot holds no image until the last
-// step); returns its number of stages: the tower's, then the projector and cross K/V.
+// step); returns its number of stages: the tower's, the projector's, then one per cross-attention layer (its K/V).
 int32_t encode_begin(mllama_context & c, int32_t slot, const float * pixels, int64_t n_pixels,
                      int32_t aspect_ratio_id, int32_t n_tiles);
 
@@ -48,9 +51,9 @@ void drop_encode_job(mllama_context & c, int32_t slot = -1);
 // encode.cpp, shared by both ways of encoding.
 void check_image_args(const mllama_context & c, int32_t slot, const float * pixels, int64_t n_pixels,
                       int32_t aspect_ratio_id, int32_t n_tiles, const float * features, int64_t n_features);
-// The projector and the cross K/V of vision_out's first n_tiles tiles, into the slot's rows of the caches.
-void expand_slot_kv(ggml_context * ctx, ggml_cgraph * gf, const mllama_context & c, ggml_tensor * vision_out,
-                    int32_t slot, int32_t n_tiles, const vision_options & opt);
+// Copies into the slot's rows of the caches the K/V of the cross-attention layers first_cross.. (cross_kv.h).
+void expand_slot_kv(ggml_context * ctx, ggml_cgraph * gf, const mllama_context & c, const cross_kv & kv,
+                    size_t first_cross, int32_t slot);
 // After the graph of expand_slot_kv ran: the rows of missing tiles zeroed, the slot marked as holding the image.
 void finish_slot(mllama_context & c, int32_t slot, int32_t aspect_ratio_id, int32_t n_tiles);
 

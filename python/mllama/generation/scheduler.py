@@ -43,7 +43,7 @@ class Scheduler:
                       "image_slot_hits": 0, "grammar_masks": 0, "grammar_mask_wait_s": 0.0,
                       "images_encoded": 0, "image_cache_hits": 0, "encode_stages": 0}
         # vision stages per step for a request's new images: its encode runs between the steps of the
-        # others (a stage is a vision layer), so that their streams go on while it runs
+        # others (a stage is half a vision layer: its attention or its MLP), so that their streams go on while it runs
         self.encode_stages = 1
         self.overlap_masks = True  # grammar masks on a worker thread during the decode (False: in line)
         self._mask_pool: ThreadPoolExecutor | None = None  # started with the first constrained stream
