@@ -123,14 +123,14 @@ def test_streams_go_on_while_a_new_image_is_encoded(model):
     first = model.submit(story, temperature=0.0, max_tokens=40)
     model.run_step()
     second = model.submit(describe, [image], temperature=0.0, max_tokens=6)
-    stages, tokens_before = scheduler.stats["encode_stages"], scheduler.stats["generated_tokens"]
+    stages, tokens_before = scheduler.stats["encode_steps"], scheduler.stats["generated_tokens"]
     model.run_step()  # admitted: its image waits for the tower
     assert second.to_encode and second.in_prefill and first.streams[0].record.completion_tokens > 0
     assert scheduler.n_encoding == 1
     while second.to_encode:
         model.run_step()
     assert scheduler.n_encoding == 0
-    stepped = scheduler.stats["encode_stages"] - stages
+    stepped = scheduler.stats["encode_steps"] - stages
     assert stepped == n_stages(model)  # one stage a step ...
     assert scheduler.stats["generated_tokens"] - tokens_before >= min(stepped, 40 - 2)  # ... a token each
     together = [r[0].text for r in model.results([first, second])]

@@ -19,7 +19,7 @@
 namespace mllama {
 
 void check_image_args(const mllama_context & c, int32_t slot, const float * pixels, int64_t n_pixels,
-                             int32_t aspect_ratio_id, int32_t n_tiles, const float * features, int64_t n_features) {
+                      int32_t aspect_ratio_id, int32_t n_tiles, const float * features, int64_t n_features) {
     const vision_hparams & hp = c.model->hp.vision;
     const int64_t want_pixels = hp.max_tiles * hp.n_channels * hp.image_size * hp.image_size;
     const int64_t want_features = hp.max_tiles * hp.n_positions() * hp.output_dim();
@@ -71,6 +71,7 @@ void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_
     const vision_hparams & hp = m.hp.vision;
     drop_encode_job(c, slot);
     c.slots[slot].used = false;
+    if (c.state.cross_k.empty()) fail(MLLAMA_ERR_UNSUPPORTED, "the model has no cross-attention layers");
     vision_inputs in;
     ggml_tensor * out = nullptr;
     const vision_options opt = vision_options_for(m, c.kernels);

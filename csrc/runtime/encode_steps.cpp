@@ -1,6 +1,6 @@
-// An image encode in steps (runtime/encode_steps.h): each step is one graph over a span of the tower's
-// stages, reading and writing the hidden state kept in the job's buffer; the intermediate layers' inputs
-// are copied there as they are reached, and the last step assembles them into the vision output.
+// An image encode in steps (runtime/encode_steps.h): each step is one graph over a span of stages, reading
+// and writing the state kept in the job's buffer: the tower's hidden state, the intermediate layers' inputs
+// (copied there as they are reached), the projector's output; the cross layers' K/V go into the slot.
 #include "runtime/encode_steps.h"
 
 #include "common/error.h"
@@ -12,6 +12,7 @@
 #include "model/model.h"
 #include "runtime/compute.h"
 #include "runtime/context.h"
+#include "runtime/pages.h"
 #include "runtime/rpc.h"
 
 #include "ggml-alloc.h"
@@ -51,6 +52,7 @@ static std::unique_ptr<encode_job> new_job(const mllama_context & c, int32_t n_t
             fail(MLLAMA_ERR_OUT_OF_MEMORY, "cannot allocate the state of an encode in steps (%zu MiB) on %s",
                  bytes >> 20, ggml_backend_dev_name(m.plan.vision));
         }
+        advise_huge_pages(job->buffer);  // as the compute buffers: the mask is read by every layer's attention
         set_vision_mask(job->mask, hp.n_positions(), L, hp.max_tiles, n_tiles);
     } catch (const rpc_fault & e) {
         m.lost_worker = true;  // its weights on that worker are gone too

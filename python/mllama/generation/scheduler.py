@@ -1,7 +1,8 @@
 """Continuous batching: requests wait in a queue, are admitted into free sequences between steps (the
 sequence whose cache holds the longest common prefix first; images into the slot pool, encoded
 unless a slot already holds them), and every step evaluates one batch: a token of every decoding
-stream plus a chunk of prompt of the requests still in prefill. Each stream samples with its own
+stream plus a chunk of prompt of the requests still in prefill; then, if a request's images are not
+all in yet, the next stage of one's encode (half a vision layer: the streams go on meanwhile). Each stream samples with its own
 parameters and random generator, stops on its own (end-of-generation, stop strings, max_tokens, the
 context) and delivers its text pieces and result to its own outbox. A cancelled request frees its
 sequences at the next step. Not thread-safe on its own: step() runs under the model's lock;
@@ -41,9 +42,9 @@ class Scheduler:
         self._mutex = threading.Lock()  # waiting, between submit() and step()
         self.stats = {"steps": 0, "batch_rows": 0, "generated_tokens": 0, "prefix_tokens_reused": 0,
                       "image_slot_hits": 0, "grammar_masks": 0, "grammar_mask_wait_s": 0.0,
-                      "images_encoded": 0, "image_cache_hits": 0, "encode_stages": 0}
-        # vision stages per step for a request's new images: its encode runs between the steps of the
-        # others (a stage is half a vision layer: its attention or its MLP), so that their streams go on while it runs
+                      "encode_steps": 0}
+        # vision stages per step for a request's new images: its encode runs between the steps of the others
+        # (a stage is half a vision layer: its attention or its MLP), so that their streams go on while it runs
         self.encode_stages = 1
         self.overlap_masks = True  # grammar masks on a worker thread during the decode (False: in line)
         self._mask_pool: ThreadPoolExecutor | None = None  # started with the first constrained stream
@@ -156,12 +157,10 @@ class Scheduler:
             if engine.encoding is None or engine.encoding[0] != slot:  # (an interrupted encode starts again)
                 if engine.begin_encode(slot, image) == 0:  # found in the image cache
                     request.to_encode.pop(0)
-                    self.stats["image_cache_hits"] += 1
                     continue
-            self.stats["encode_stages"] += 1
+            self.stats["encode_steps"] += 1
             if engine.encode_step(self.encode_stages) == 0:
                 request.to_encode.pop(0)
-                self.stats["images_encoded"] += 1
             return
 
     def _draw_in_parallel(self, jobs: list[tuple[Stream, np.ndarray]]) -> dict[int, Future]:
