@@ -2,9 +2,9 @@
 sequence whose cache holds the longest common prefix first; images into the slot pool, encoded
 unless a slot already holds them), and every step evaluates one batch: a token of every decoding
 stream plus a chunk of prompt of the requests still in prefill; then, if a request's images are not
-all in yet, the next stage of one's encode (half a vision layer: the streams go on meanwhile). Each stream samples with its own
-parameters and random generator, stops on its own (end-of-generation, stop strings, max_tokens, the
-context) and delivers its text pieces and result to its own outbox. A cancelled request frees its
+all in yet, the next stage of one's encode (half a vision layer: the streams go on meanwhile). Each
+stream samples with its own parameters and random generator, stops on its own (end-of-generation,
+stop strings, max_tokens, the context) and delivers its text pieces and result to its own outbox. A cancelled request frees its
 sequences at the next step. Not thread-safe on its own: step() runs under the model's lock;
 submit() and cancel() may come from any thread.
 
