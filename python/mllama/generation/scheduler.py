@@ -4,9 +4,9 @@ unless a slot already holds them), and every step evaluates one batch: a token o
 stream plus a chunk of prompt of the requests still in prefill; then, if a request's images are not
 all in yet, the next stage of one's encode (half a vision layer: the streams go on meanwhile). Each
 stream samples with its own parameters and random generator, stops on its own (end-of-generation,
-stop strings, max_tokens, the context) and delivers its text pieces and result to its own outbox. A cancelled request frees its
-sequences at the next step. Not thread-safe on its own: step() runs under the model's lock;
-submit() and cancel() may come from any thread.
+stop strings, max_tokens, the context) and delivers its text pieces and result to its own outbox. A
+cancelled request frees its sequences at the next step. Not thread-safe on its own: step() runs under
+the model's lock; submit() and cancel() may come from any thread.
 
 Each constrained stream's next grammar mask (its state has consumed the last token sampled) is started
 on a worker thread right before the batch's decode, so that it is computed while the decode runs (the
