@@ -316,16 +316,16 @@ MLLAMA_API mllama_status mllama_context_get_params(const mllama_context * contex
 MLLAMA_API mllama_status mllama_context_encode_image(mllama_context * context, int32_t slot, const float * pixels,
                                                      int64_t n_pixels, int32_t aspect_ratio_id, int32_t n_tiles,
                                                      float * features, int64_t n_features);
-/* Encoding an image in steps, so that decode batches can run between them (a server's streams go on
- * while a new image's vision tower runs). encode_begin checks the arguments as encode_image does, keeps
- * the pixels and writes the number of stages to *n_stages: the patch embedding, two per vision layer
- * (its attention, its MLP; local layers, then global), the projector, one per cross-attention layer (its K/V). Each encode_step runs the next n_stages of them
- * (<= 0: all that remain) and writes how many are left to *stages_left; at 0 the slot holds the image,
- * the same bits as after encode_image. Until then the slot holds no image (a decode that reads it
- * fails). Between steps the state kept takes (1 + n_intermediate) x v_n_embd x N float32, an N x N
- * float16 mask (N = max_tiles x n_positions rounded up to 8) and the projector's output, n_embd x n_tiles
- * x n_positions float32, on the vision device, freed at the end. One encode in steps per context: a new encode_begin drops an unfinished one, as do encode_image
- * and set_slot_state into its slot, a failed step and encode_cancel. */
+/* Encoding an image in steps, so that decode batches can run between them (a server's streams go on while a new
+ * image's vision tower runs). encode_begin checks the arguments as encode_image does, keeps the pixels and
+ * writes the number of stages to *n_stages: the patch embedding, two per vision layer (its attention, its MLP;
+ * local layers, then global), the projector, one per cross-attention layer (its K/V). Each encode_step runs the
+ * next n_stages of them (<= 0: all that remain) and writes how many are left to *stages_left; at 0 the slot
+ * holds the image, the same bits as after encode_image. Until then the slot holds no image (a decode that reads
+ * it fails). Between steps the state kept takes (1 + n_intermediate) x v_n_embd x N float32, an N x N float16
+ * mask (N = max_tiles x n_positions rounded up to 8) and the projector's output, n_embd x n_tiles x n_positions
+ * float32, on the vision device, freed at the end. One encode in steps per context: a new encode_begin drops an
+ * unfinished one, as do encode_image and set_slot_state into its slot, a failed step and encode_cancel. */
 MLLAMA_API mllama_status mllama_context_encode_begin(mllama_context * context, int32_t slot, const float * pixels,
                                                      int64_t n_pixels, int32_t aspect_ratio_id, int32_t n_tiles,
                                                      int32_t * n_stages);

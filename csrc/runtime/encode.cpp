@@ -42,6 +42,7 @@ void check_image_args(const mllama_context & c, int32_t slot, const float * pixe
         fail(MLLAMA_ERR_INVALID_ARGUMENT, "feature buffer holds %lld values, %lld needed", (long long) n_features,
              (long long) want_features);
     }
+    if (c.state.cross_k.empty()) fail(MLLAMA_ERR_UNSUPPORTED, "the model has no cross-attention layers");
 }
 
 void expand_slot_kv(ggml_context * ctx, ggml_cgraph * gf, const mllama_context & c, const cross_kv & kv,
@@ -71,7 +72,6 @@ void encode_image(mllama_context & c, int32_t slot, const float * pixels, int64_
     const vision_hparams & hp = m.hp.vision;
     drop_encode_job(c, slot);
     c.slots[slot].used = false;
-    if (c.state.cross_k.empty()) fail(MLLAMA_ERR_UNSUPPORTED, "the model has no cross-attention layers");
     vision_inputs in;
     ggml_tensor * out = nullptr;
     const vision_options opt = vision_options_for(m, c.kernels);

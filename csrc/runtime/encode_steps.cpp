@@ -65,7 +65,6 @@ static std::unique_ptr<encode_job> new_job(const mllama_context & c, int32_t n_t
 int32_t encode_begin(mllama_context & c, int32_t slot, const float * pixels, int64_t n_pixels,
                      int32_t aspect_ratio_id, int32_t n_tiles) {
     check_image_args(c, slot, pixels, n_pixels, aspect_ratio_id, n_tiles, nullptr, 0);
-    if (c.state.cross_k.empty()) fail(MLLAMA_ERR_UNSUPPORTED, "the model has no cross-attention layers");
     drop_encode_job(c);
     c.slots[slot].used = false;
     std::unique_ptr<encode_job> job = new_job(c, n_tiles);

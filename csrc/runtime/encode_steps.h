@@ -48,7 +48,8 @@ int32_t encode_step(mllama_context & c, int32_t n_stages);
 // Drops the encode in steps under way, if any (slot >= 0: only one into that slot).
 void drop_encode_job(mllama_context & c, int32_t slot = -1);
 
-// encode.cpp, shared by both ways of encoding.
+// encode.cpp, shared by both ways of encoding. check_image_args: the arguments, then whether the model has
+// cross-attention layers to hold the image (MLLAMA_ERR_UNSUPPORTED).
 void check_image_args(const mllama_context & c, int32_t slot, const float * pixels, int64_t n_pixels,
                       int32_t aspect_ratio_id, int32_t n_tiles, const float * features, int64_t n_features);
 // Copies into the slot's rows of the caches the K/V of the cross-attention layers first_cross.. (cross_kv.h).
