@@ -244,6 +244,9 @@ def test_op_paths_name_the_kernels_the_context_uses(converted):
     # the cross-attention has an AVX-512 form (F32 FMAs) and an AVX2 one
     xattn_form = "(x86 AVX2)" if family == "(x86 AVX2)" else "(x86 AVX-512)"
     assert family is None or default["cross-attention"].endswith(xattn_form), default["cross-attention"]
+    # its AVX2 form reads the image caches head-major (runtime/context.h); ggml's attention, key-major
+    assert ("head-major" in default["cross-attention"]) == (xattn_form == "(x86 AVX2)" and family is not None)
+    assert "head-major" not in generic["cross-attention"]
     assert default["vision attention"].startswith("mllama" if family else "ggml")
     assert family is None or default["vision attention"].endswith(family), default["vision attention"]
     assert default["vision linear layers"].startswith("ggml")  # the BF16 GEMM wants BF16 weights

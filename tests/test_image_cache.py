@@ -64,6 +64,30 @@ def test_slot_state_round_trip_is_bit_identical(model, kind):
     assert bytes(get_slot_state(model._ctx, 1)) == bytes(blob)
 
 
+def test_the_blob_is_the_same_whatever_the_caches_layout(small_gguf, monkeypatch):
+    """F16 image caches are head-major where the AVX2 form of our cross-attention kernel reads them, key-major under
+    ggml's attention (runtime/context.h); the blob holds the rows key-major either way, so it moves between the two
+    bit for bit, and a context reads back what the other wrote."""
+    monkeypatch.setenv("MLLAMA_AVX512", "0")  # our kernel's AVX2 form wherever it runs at all
+    common = dict(n_image_slots=2, image_cache_bytes=0, cross_kv_f32=False)
+    with mllama.Model(small_gguf, **common) as ours, mllama.Model(small_gguf, cpu_kernels="0", **common) as plain:
+        pre = mllama.preprocess(picture(SIZES["1 tile"], seed=5), ours)
+        layout = ours.op_paths()["cross-attention"]
+        if not layout.startswith("mllama"):
+            pytest.skip("no AVX2 kernels on this CPU: every image cache is key-major")
+        assert "head-major" in layout and "head-major" not in plain.op_paths()["cross-attention"]
+        n_cross = slot_state_info(ours._ctx)["n_cross_layer"]
+        for src, dst in ((ours, plain), (plain, ours)):
+            src.encode_pixels(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles, slot=0)
+            blob = get_slot_state(src._ctx, 0)
+            set_slot_state(dst._ctx, 1, blob)
+            assert bytes(get_slot_state(dst._ctx, 1)) == bytes(blob)
+            for i in range(n_cross):
+                (k0, v0), (k1, v1) = src.cross_kv(0, i), dst.cross_kv(1, i)
+                assert np.array_equal(k0, k1) and np.array_equal(v0, v1)
+                assert k0.any() and not k0[pre.n_tiles * ours.hparams.v_n_positions:].any()
+
+
 @pytest.mark.parametrize("kind", list(SIZES))
 def test_a_hit_gives_the_same_logits_and_skips_the_encoder(small_gguf, model, kind):
     image = picture(SIZES[kind], seed=1)

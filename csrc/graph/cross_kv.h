@@ -33,13 +33,17 @@ cross_kv build_cross_kv_layers(ggml_context * ctx, const mllama_model & model, g
 // (dequantize_bf16: quantized weights, where the vision tower's BF16 GEMM runs); the others take ggml's mul_mat.
 int cross_kv_products_on_gemm(const mllama_model & model, const vision_options & opt);
 
-// A view of `n_slots` consecutive image slots of a cross-attention cache tensor [hd, Hkv, n_slots * n_vis].
-ggml_tensor * slot_view(ggml_context * ctx, ggml_tensor * t, int64_t n_vis, int64_t first_slot, int64_t n_slots);
+// A view of `n_slots` consecutive image slots of a cross-attention cache tensor as [hd, Hkv, n_slots * n_vis]; the
+// tensor is [hd, Hkv, n_slots * n_vis], or [hd, n_slots * n_vis, Hkv] where head_major (runtime/context.h).
+ggml_tensor * slot_view(ggml_context * ctx, ggml_tensor * t, bool head_major, int64_t n_vis, int64_t first_slot,
+                        int64_t n_slots);
 
 // The first n_tiles tiles of the vision output [OD, n_positions, max_tiles] -> [OD, n_positions, n_tiles].
 ggml_tensor * image_tiles(ggml_context * ctx, ggml_tensor * vision_out, int64_t n_tiles);
 
-// A view of the first n_rows vision tokens of image slot `slot` of a cross-attention cache tensor: [hd, Hkv, n_rows].
-ggml_tensor * slot_rows(ggml_context * ctx, ggml_tensor * t, int64_t n_vis, int64_t slot, int64_t n_rows);
+// A view of the first n_rows vision tokens of image slot `slot` of a cross-attention cache tensor: [hd, Hkv, n_rows]
+// (head_major: as slot_view).
+ggml_tensor * slot_rows(ggml_context * ctx, ggml_tensor * t, bool head_major, int64_t n_vis, int64_t slot,
+                        int64_t n_rows);
 
 }  // namespace mllama

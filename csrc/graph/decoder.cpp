@@ -174,9 +174,10 @@ static ggml_tensor * cross_attention(ggml_context * ctx, const mllama_context & 
     q = rms_norm(ctx, q, w.q_norm, hp.rms_norm_eps);
     const int64_t n_vis = c.state.n_vis;
     const slot_span span = s.slots;
-    ggml_tensor * keys = slot_view(ctx, c.state.cross_k[cross_index], n_vis, span.first,
+    const bool head_major = c.state.cross_head_major;
+    ggml_tensor * keys = slot_view(ctx, c.state.cross_k[cross_index], head_major, n_vis, span.first,
                                    span.count);  // [hd, Hkv, span.count * n_vis]
-    ggml_tensor * vals = slot_view(ctx, c.state.cross_v[cross_index], n_vis, span.first, span.count);
+    ggml_tensor * vals = slot_view(ctx, c.state.cross_v[cross_index], head_major, n_vis, span.first, span.count);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     // our kernel for every batch, prefill's too (1.7-2.0x ggml's flash attention at 64 tokens, 2.1-2.5x at 200)
     const bool ours =

@@ -82,6 +82,16 @@ static void allocate_state(mllama_context & c, const std::vector<ggml_backend_de
     }
 }
 
+// Whether our cross-attention kernel may run in every cross-attention layer (each on the CPU; graph/decoder.cpp).
+static bool every_cross_layer_runs_xattn(const mllama_context & c) {
+    const mllama_model & m = *c.model;
+    for (int il = 0; il < m.hp.text.n_layer; ++il) {
+        const bool on_cpu = cpu_kernels_allowed_on(m.plan, m.plan.layers[static_cast<size_t>(il)]);
+        if (m.hp.text.is_cross(il) && !kernels_for_compute(c.kernels, on_cpu).may_run(cpu_kernel::xattn)) return false;
+    }
+    return true;
+}
+
 static void create_state(mllama_context & c) {
     const mllama_model & m = *c.model;
     const text_hparams & t = m.hp.text;
@@ -90,9 +100,12 @@ static void create_state(mllama_context & c) {
     const int64_t n_slots = c.params.n_image_slots;
     std::vector<ggml_backend_dev_t> devs;
     const ggml_type xtype = cache_type(m, c.params.cross_kv_f32), ktype = cache_type(m, c.params.kv_f32);
-    auto cache = [&](ggml_type type, int64_t n, const char * fmt, int il) {
+    st.cross_head_major = xtype == GGML_TYPE_F16 && image_cache_head_major() && every_cross_layer_runs_xattn(c);
+    // [hd, Hkv, n], or [hd, n, Hkv] head_major
+    auto cache = [&](ggml_type type, int64_t n, const char * fmt, int il, bool head_major = false) {
         ggml_context * ctx = state_context(c, devs, m.plan.layers[static_cast<size_t>(il)]);  // the layer's device
-        return ggml_format_name(ggml_new_tensor_3d(ctx, type, t.n_embd_head, t.n_head_kv, n), fmt, il);
+        const int64_t ne1 = head_major ? n : t.n_head_kv, ne2 = head_major ? t.n_head_kv : n;
+        return ggml_format_name(ggml_new_tensor_3d(ctx, type, t.n_embd_head, ne1, ne2), fmt, il);
     };
     st.self_k.assign(t.n_layer, nullptr);
     st.self_v.assign(t.n_layer, nullptr);
@@ -100,8 +113,9 @@ static void create_state(mllama_context & c) {
         if (t.is_cross(il)) {
             if (n_slots == 0) continue;
             const int64_t n = st.n_vis * n_slots;
-            st.cross_k.push_back(cache(xtype, n, "cache.%d.cross_k", il));  // [hd, Hkv, n_slots * n_vis]
-            st.cross_v.push_back(cache(xtype, n, "cache.%d.cross_v", il));
+            // [hd, Hkv, n_slots * n_vis], or [hd, n_slots * n_vis, Hkv] head-major
+            st.cross_k.push_back(cache(xtype, n, "cache.%d.cross_k", il, st.cross_head_major));
+            st.cross_v.push_back(cache(xtype, n, "cache.%d.cross_v", il, st.cross_head_major));
         } else {
             const int64_t n_cells = static_cast<int64_t>(c.params.n_ctx) * c.params.n_seq_max;
             st.self_k[il] = cache(ktype, n_cells, "cache.%d.k", il);  // [hd, Hkv, n_ctx * n_seq_max]

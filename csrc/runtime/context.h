@@ -41,9 +41,12 @@ struct image_slot {
 
 // Persistent tensors of a context, each on the device of its layer.
 struct context_state {
-    // Per cross-attention layer: the K (after k_norm) and V of every slot, slot after slot, so the
-    // images of a sequence (slots 0..n-1) are one view: [head_dim, n_head_kv, n_slots * n_vis].
+    // Per cross-attention layer: the K (after k_norm) and V of every slot, slot after slot, so the images of a
+    // sequence (slots 0..n-1) are one view (graph/cross_kv.h's slot_view, [head_dim, n_head_kv, n_slots * n_vis]):
+    // key-major, [head_dim, n_head_kv, n_slots * n_vis], or where cross_head_major, [head_dim, n_slots * n_vis,
+    // n_head_kv] (a head's keys adjacent: where our cross-attention kernel reads them faster so).
     std::vector<ggml_tensor *> cross_k, cross_v;
+    bool cross_head_major = false;
     // Per decoder layer (nullptr for cross-attention layers): [head_dim, n_head_kv, n_ctx * n_seq_max],
     // sequence s in cells s * n_ctx .. (s + 1) * n_ctx - 1, position p in cell s * n_ctx + p.
     std::vector<ggml_tensor *> self_k, self_v;

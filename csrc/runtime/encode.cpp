@@ -50,8 +50,9 @@ void expand_slot_kv(ggml_context * ctx, ggml_cgraph * gf, const mllama_context &
     for (size_t j = 0; j < kv.k.size(); ++j) {  // into the slot: persistent, read by the decoder
         const size_t i = first_cross + j;
         const int64_t n_rows = kv.k[j]->ne[2];
-        ggml_tensor * k_slot = slot_rows(ctx, c.state.cross_k[i], c.state.n_vis, slot, n_rows);
-        ggml_tensor * v_slot = slot_rows(ctx, c.state.cross_v[i], c.state.n_vis, slot, n_rows);
+        const bool head_major = c.state.cross_head_major;
+        ggml_tensor * k_slot = slot_rows(ctx, c.state.cross_k[i], head_major, c.state.n_vis, slot, n_rows);
+        ggml_tensor * v_slot = slot_rows(ctx, c.state.cross_v[i], head_major, c.state.n_vis, slot, n_rows);
         ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.k[j], k_slot));
         ggml_build_forward_expand(gf, ggml_cpy(ctx, kv.v[j], v_slot));
     }
@@ -107,15 +108,14 @@ void read_cross_kv(const mllama_context & c, int32_t slot, int32_t cross_index, 
     }
     ggml_tensor * tk = st.cross_k[cross_index];
     ggml_tensor * tv = st.cross_v[cross_index];
-    const int64_t per_slot = tk->ne[0] * tk->ne[1] * st.n_vis;
+    const int64_t per_slot = tk->ne[0] * c.model->hp.text.n_head_kv * st.n_vis;
     if (n != per_slot) {
         fail(MLLAMA_ERR_INVALID_ARGUMENT, "buffers hold %lld values, %lld needed", (long long) n, (long long) per_slot);
     }
     for (auto [t, dst] : {std::pair{tk, k}, std::pair{tv, v}}) {
         if (!dst) continue;
-        const size_t bytes = static_cast<size_t>(per_slot) * ggml_type_size(t->type);
-        std::vector<uint8_t> raw(bytes);
-        ggml_backend_tensor_get(t, raw.data(), static_cast<size_t>(slot) * bytes, bytes);
+        std::vector<uint8_t> raw(static_cast<size_t>(per_slot) * ggml_type_size(t->type));
+        read_slot_rows(c, t, slot, 0, st.n_vis, raw.data());  // [hd, Hkv, n_vis]
         if (t->type == GGML_TYPE_F32) std::memcpy(dst, raw.data(), raw.size());
         else ggml_fp16_to_fp32_row(reinterpret_cast<const ggml_fp16_t *>(raw.data()), dst, n);
     }

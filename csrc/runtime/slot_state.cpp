@@ -1,7 +1,7 @@
-// Image slots saved and restored. A slot's rows of one cross-attention cache tensor
-// [head_dim, n_head_kv, n_slots * n_vis] are contiguous (n_vis = max_tiles * n_positions, vision token
-// index = tile * n_positions + p), so the rows of the image's tiles are one byte range per tensor,
-// copied with ggml_backend_tensor_get/set on any backend.
+// Image slots saved and restored. The blob holds a slot's rows key-major ([head_dim, n_head_kv, n_rows] per cache
+// tensor; n_vis = max_tiles * n_positions, vision token index = tile * n_positions + p) whatever the caches' layout
+// (runtime/context.h): key-major caches give them as one byte range per tensor, head-major ones as one range per
+// head, gathered and scattered here; both copied with ggml_backend_tensor_get/set on any backend.
 #include "runtime/slot_state.h"
 
 #include "common/error.h"
@@ -50,16 +50,31 @@ void check_slot_index(const mllama_context & c, int32_t slot) {
 }
 
 // Bytes of one vision token's K (or V) row: head_dim * n_head_kv values.
-size_t row_bytes(const mllama_context & c) { return c.state.cross_k[0]->nb[2]; }
+size_t row_bytes(const mllama_context & c) {
+    const ggml_tensor * k = c.state.cross_k[0];
+    return ggml_row_size(k->type, k->ne[0]) * static_cast<size_t>(c.model->hp.text.n_head_kv);
+}
 
 // Bytes of the rows of n_tiles tiles in one cache tensor.
 size_t tile_bytes(const mllama_context & c, int64_t n_tiles) {
     return static_cast<size_t>(n_tiles * c.model->hp.vision.n_positions()) * row_bytes(c);
 }
 
-// Where `slot` starts in every cache tensor (as slot_view in graph/cross_kv.cpp).
-size_t slot_offset(const mllama_context & c, int32_t slot) {
-    return static_cast<size_t>(slot * c.state.n_vis) * row_bytes(c);
+// Rows first..first + n of `slot` in cache tensor t from host (key-major, as read_slot_rows gives them; null: zeros).
+void write_rows(const mllama_context & c, ggml_tensor * t, int32_t slot, int64_t first, int64_t n,
+                const uint8_t * host) {
+    const int64_t row0 = slot * c.state.n_vis + first;
+    if (!c.state.cross_head_major) {
+        const std::vector<uint8_t> zeros(host ? 0 : static_cast<size_t>(n) * row_bytes(c));
+        return ggml_backend_tensor_set(t, host ? host : zeros.data(), row0 * row_bytes(c), n * row_bytes(c));
+    }
+    const size_t head_bytes = t->nb[1], n_heads = static_cast<size_t>(t->ne[2]);  // t: [hd, keys, Hkv]
+    std::vector<uint8_t> rows(static_cast<size_t>(n) * head_bytes);
+    for (size_t h = 0; h < n_heads; ++h) {
+        for (size_t j = 0; host && j < static_cast<size_t>(n); ++j)
+            std::memcpy(rows.data() + j * head_bytes, host + (j * n_heads + h) * head_bytes, head_bytes);
+        ggml_backend_tensor_set(t, rows.data(), h * t->nb[2] + row0 * head_bytes, rows.size());
+    }
 }
 
 // The header this context writes, and expects, for an image of n_tiles tiles.
@@ -70,7 +85,7 @@ slot_header layout_of(const mllama_context & c, int32_t n_tiles, int32_t aspect_
     h.version = k_version;
     h.type = static_cast<int32_t>(k->type);
     h.n_cross_layer = static_cast<int32_t>(c.state.cross_k.size());
-    h.n_head_kv = static_cast<int32_t>(k->ne[1]);
+    h.n_head_kv = static_cast<int32_t>(c.model->hp.text.n_head_kv);
     h.n_embd_head = static_cast<int32_t>(k->ne[0]);
     h.n_positions = static_cast<int32_t>(c.model->hp.vision.n_positions());
     h.max_tiles = static_cast<int32_t>(c.model->hp.vision.max_tiles);
@@ -132,6 +147,19 @@ slot_header read_header(const mllama_context & c, const void * src, uint64_t siz
 
 }  // namespace
 
+void read_slot_rows(const mllama_context & c, const ggml_tensor * t, int32_t slot, int64_t first, int64_t n,
+                    uint8_t * host) {
+    const int64_t row0 = slot * c.state.n_vis + first;
+    if (!c.state.cross_head_major) return ggml_backend_tensor_get(t, host, row0 * row_bytes(c), n * row_bytes(c));
+    const size_t head_bytes = t->nb[1], n_heads = static_cast<size_t>(t->ne[2]);  // t: [hd, keys, Hkv]
+    std::vector<uint8_t> rows(static_cast<size_t>(n) * head_bytes);
+    for (size_t h = 0; h < n_heads; ++h) {
+        ggml_backend_tensor_get(t, rows.data(), h * t->nb[2] + row0 * head_bytes, rows.size());
+        for (size_t j = 0; j < static_cast<size_t>(n); ++j)
+            std::memcpy(host + (j * n_heads + h) * head_bytes, rows.data() + j * head_bytes, head_bytes);
+    }
+}
+
 mllama_slot_state_info slot_state_info(const mllama_context & c) {
     if (c.state.cross_k.empty()) fail(MLLAMA_ERR_UNSUPPORTED, "the context has no image slots");
     const slot_header h = layout_of(c, static_cast<int32_t>(c.model->hp.vision.max_tiles), 0);
@@ -160,12 +188,12 @@ uint64_t get_slot_state(const mllama_context & c, int32_t slot, void * dst, uint
     }
     auto * out = static_cast<uint8_t *>(dst);
     std::memcpy(out, &h, sizeof(h));
-    const size_t bytes = tile_bytes(c, s.n_tiles), offset = slot_offset(c, slot);
+    const int64_t n_rows = s.n_tiles * c.model->hp.vision.n_positions();
     size_t at = sizeof(h);
     for (size_t i = 0; i < c.state.cross_k.size(); ++i) {
         for (const ggml_tensor * t : {c.state.cross_k[i], c.state.cross_v[i]}) {
-            ggml_backend_tensor_get(t, out + at, offset, bytes);
-            at += bytes;
+            read_slot_rows(c, t, slot, 0, n_rows, out + at);
+            at += tile_bytes(c, s.n_tiles);
         }
     }
     return size;
@@ -174,11 +202,10 @@ uint64_t get_slot_state(const mllama_context & c, int32_t slot, void * dst, uint
 void clear_missing_tiles(mllama_context & c, int32_t slot, int32_t n_tiles) {
     const int64_t max_tiles = c.model->hp.vision.max_tiles;
     if (n_tiles >= max_tiles) return;
-    const size_t offset = slot_offset(c, slot) + tile_bytes(c, n_tiles);
-    const std::vector<uint8_t> zeros(tile_bytes(c, max_tiles - n_tiles));
+    const int64_t per_tile = c.model->hp.vision.n_positions();
     for (size_t i = 0; i < c.state.cross_k.size(); ++i) {
         for (ggml_tensor * t : {c.state.cross_k[i], c.state.cross_v[i]}) {
-            ggml_backend_tensor_set(t, zeros.data(), offset, zeros.size());
+            write_rows(c, t, slot, n_tiles * per_tile, (max_tiles - n_tiles) * per_tile, nullptr);
         }
     }
 }
@@ -189,12 +216,12 @@ void set_slot_state(mllama_context & c, int32_t slot, const void * src, uint64_t
     drop_encode_job(c, slot);
     image_slot & s = c.slots[slot];
     s.used = false;
-    const size_t bytes = tile_bytes(c, h.n_tiles), offset = slot_offset(c, slot);
+    const int64_t n_rows = h.n_tiles * c.model->hp.vision.n_positions();
     const auto * in = static_cast<const uint8_t *>(src) + sizeof(h);
     for (size_t i = 0; i < c.state.cross_k.size(); ++i) {
         for (ggml_tensor * t : {c.state.cross_k[i], c.state.cross_v[i]}) {
-            ggml_backend_tensor_set(t, in, offset, bytes);
-            in += bytes;
+            write_rows(c, t, slot, 0, n_rows, in);
+            in += tile_bytes(c, h.n_tiles);
         }
     }
     clear_missing_tiles(c, slot, h.n_tiles);

@@ -40,8 +40,9 @@ void seen_keys(const MaskRow & mask_row, int64_t t0, int64_t t1, int64_t j0, int
     }
 }
 
-// KV heads h0..h1 of tokens t0..t1. Keys in the outer loop: the cache holds a key's heads side by side, so the
-// threads (each with its own heads) stream the cache instead of striding through it.
+// KV heads h0..h1 of tokens t0..t1, keys in the outer loop (a block of every head, then the next block): the
+// tokens' mask rows are read once a block, and with head-major caches (a head's keys adjacent, runtime/context.h)
+// heads in the outer loop were no faster (bench/README.md).
 void attend_heads(ggml_tensor * dst, const shape & s, group_block_fn group_block, int64_t h0, int64_t h1, int64_t t0,
                   int64_t t1) {
     const ggml_tensor * q = dst->src[0], * mask = dst->src[3];

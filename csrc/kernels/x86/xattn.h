@@ -93,7 +93,8 @@ __attribute__((target("f16c"))) inline bool begin_block(const ggml_tensor * dst,
                                                        const ggml_fp16_t * mrow, int64_t j0, int64_t n,
                                                        const bool * next_live, live_keys & keys, next_rows & next) {
     collect_live(mrow, j0, n, keys);
-    // rows 2 KiB apart or more: the hardware prefetcher left the kernel waiting on them
+    // the hardware prefetcher alone left the kernel waiting on them (key-major caches: rows 2 KiB apart; head-major
+    // ones, Zen 3: 2.1-2.6 against 1.6-2.2 ms for a 4-tile image's layer)
     next = {dst->src[1], dst->src[2], h, j0 + n, next_live ? std::clamp<int64_t>(s.n_kv - j0 - n, 0, n) : 0, next_live};
     if (keys.n > 0) return true;
     next.prefetch_until(next.n);
