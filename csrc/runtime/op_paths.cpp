@@ -140,10 +140,9 @@ static std::string fused_path(const mllama_context & c) {
 
 // The kernel family's name for an op without AMX tiles ("(x86 AVX512-BF16)", "(x86 AVX2)").
 static std::string family() { return kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX512-BF16)"; }
-// The cross-attention's block step: AVX-512 (F32 FMAs, no BF16) in the AVX-512 BF16 family, else AVX2.
 // The image caches' layout where it is not ggml's usual key-major one (runtime/context.h).
 static std::string cache_layout(const mllama_context & c) { return c.state.cross_head_major ? ", head-major" : ""; }
-
+// The cross-attention's block step: AVX-512 (F32 FMAs, no BF16) in the AVX-512 BF16 family, else AVX2.
 static std::string vector_form() { return kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX-512)"; }
 
 static std::string vision_gemm(const vision_options & opt, const std::string & ggml_cpu) {
