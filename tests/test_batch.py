@@ -72,10 +72,31 @@ def mixed_batch_against_alone(model, images, order, prefill):
     for p in parts:
         engine.release_slots(p.slots)
     assert engine.slot_refs == [0] * engine.n_slots
+    return batched
 
 
 def test_mixed_batch_equals_each_sequence_alone(model, images):
     mixed_batch_against_alone(model, images, [0, 1, 2, 3], prefill=0)
+
+
+def test_mixed_batch_over_f16_image_caches(gguf_f32, monkeypatch):
+    """F16 image caches: head-major where our cross-attention kernel's AVX2 form reads them (runtime/context.h), a
+    batch's view over several slots striding each head's keys (graph/cross_kv.h); key-major under ggml's attention.
+    Each sequence in the batch equals itself alone, and the two layouts give the same logits (F16 caches: our F32
+    queries against ggml's F16-rounded ones, NMSE <= 1e-5 as tests/test_cpu_kernels.py's decode check)."""
+    monkeypatch.setenv("MLLAMA_AVX512", "0")  # the AVX2 form wherever our kernels run
+    layouts, logits = {}, {}
+    for kernels in ("1", "0"):
+        with mllama.Model(gguf_f32, n_seq_max=4, n_image_slots=4, n_ctx=512, cross_kv_f32=False,
+                          cpu_kernels=kernels) as m:
+            layouts[kernels] = m.op_paths()["cross-attention"]
+            images = m.prepare_images([picture(50, 50, 1), picture(100, 40, 2), picture(40, 150, 3)])
+            logits[kernels] = mixed_batch_against_alone(m, images, [1, 3, 0, 2], prefill=0)
+    assert "head-major" not in layouts["0"]
+    if not layouts["1"].startswith("mllama"):
+        pytest.skip("no AVX2 kernels on this CPU: both contexts run ggml's attention over key-major caches")
+    assert "head-major" in layouts["1"]
+    assert 0 < nmse(logits["1"], logits["0"]) <= 1e-5
 
 
 # Decoding parts attend in groups (consecutive one-token parts whose sequence ids go up in even steps, one attention

@@ -66,26 +66,32 @@ def test_slot_state_round_trip_is_bit_identical(model, kind):
 
 def test_the_blob_is_the_same_whatever_the_caches_layout(small_gguf, monkeypatch):
     """F16 image caches are head-major where the AVX2 form of our cross-attention kernel reads them, key-major under
-    ggml's attention (runtime/context.h); the blob holds the rows key-major either way, so it moves between the two
-    bit for bit, and a context reads back what the other wrote."""
+    ggml's attention (runtime/context.h): the same encode reads back the same from both, and the blob, which holds
+    the rows key-major either way, moves between the two bit for bit."""
     monkeypatch.setenv("MLLAMA_AVX512", "0")  # our kernel's AVX2 form wherever it runs at all
     common = dict(n_image_slots=2, image_cache_bytes=0, cross_kv_f32=False)
-    with mllama.Model(small_gguf, **common) as ours, mllama.Model(small_gguf, cpu_kernels="0", **common) as plain:
+    every_but_xattn = "attn,gemm,gelu,qmm,amx,fuse"  # the same encode in both
+    with mllama.Model(small_gguf, **common) as ours, mllama.Model(small_gguf, cpu_kernels=every_but_xattn,
+                                                                 **common) as plain:
         pre = mllama.preprocess(picture(SIZES["1 tile"], seed=5), ours)
         layout = ours.op_paths()["cross-attention"]
         if not layout.startswith("mllama"):
             pytest.skip("no AVX2 kernels on this CPU: every image cache is key-major")
         assert "head-major" in layout and "head-major" not in plain.op_paths()["cross-attention"]
         n_cross = slot_state_info(ours._ctx)["n_cross_layer"]
-        for src, dst in ((ours, plain), (plain, ours)):
-            src.encode_pixels(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles, slot=0)
-            blob = get_slot_state(src._ctx, 0)
-            set_slot_state(dst._ctx, 1, blob)
-            assert bytes(get_slot_state(dst._ctx, 1)) == bytes(blob)
+        rows = pre.n_tiles * ours.hparams.v_n_positions
+        for m in (ours, plain):  # the same image encoded into slot 1 of each reads back the same
+            m.encode_pixels(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles, slot=1)
+        for i in range(n_cross):
+            assert all(np.array_equal(a, b) for a, b in zip(ours.cross_kv(1, i), plain.cross_kv(1, i)))
+        for src, dst in ((ours, plain), (plain, ours)):  # slot 1 of one into slot 0 of the other
+            blob = get_slot_state(src._ctx, 1)
+            set_slot_state(dst._ctx, 0, blob)
+            assert bytes(get_slot_state(dst._ctx, 0)) == bytes(blob)
             for i in range(n_cross):
-                (k0, v0), (k1, v1) = src.cross_kv(0, i), dst.cross_kv(1, i)
+                (k1, v1), (k0, v0) = src.cross_kv(1, i), dst.cross_kv(0, i)
                 assert np.array_equal(k0, k1) and np.array_equal(v0, v1)
-                assert k0.any() and not k0[pre.n_tiles * ours.hparams.v_n_positions:].any()
+                assert k1[:rows].any() and not k1[rows:].any() and not v0[rows:].any()
 
 
 @pytest.mark.parametrize("kind", list(SIZES))
@@ -217,6 +223,8 @@ def test_a_blob_of_another_model_is_refused(model, other_model):
     with pytest.raises(ValueError, match=r"slot state made for 1 cross layers x 2 kv heads x 64 dims.*"
                                          r"this context's slots are 2 cross layers"):
         set_slot_state(model._ctx, 0, blob)
+    pre = mllama.preprocess(picture((100, 100)), model)
+    model.encode_pixels(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles, slot=0)  # whatever ran before
     with pytest.raises(ValueError, match="made for"):
         set_slot_state(other_model._ctx, 0, get_slot_state(model._ctx, 0))
 
