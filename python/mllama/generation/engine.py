@@ -7,9 +7,10 @@ generated tokens attend like the last prompt token)."""
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -23,7 +24,16 @@ from ..image.preprocess import ImageConfig, preprocess
 
 def image_ranges(tokens: list[int], image_token: int) -> list[tuple[int, int | None]]:
     """[start, end) token range per image in order; end None = open (to the end of the sequence)."""
-    locs = [i for i, t in enumerate(tokens) if t == image_token]
+    return ranges_of(image_locations(tokens, image_token))
+
+
+def image_locations(tokens: Iterable[int], image_token: int, first: int = 0) -> list[int]:
+    """The positions of the <|image|> tokens (the first token at position `first`)."""
+    return [first + i for i, t in enumerate(tokens) if t == image_token]
+
+
+def ranges_of(locs: list[int]) -> list[tuple[int, int | None]]:
+    """image_ranges, given the positions of the <|image|> tokens."""
     ranges: list[tuple[int, int | None]] = []
     for k, loc in enumerate(locs):
         ranges.append((loc, locs[k + 1] if k + 1 < len(locs) else None))
@@ -71,11 +81,47 @@ def prepare_images(images: Iterable[Any], config: ImageConfig) -> list[PreparedI
     return out
 
 
-@dataclass
 class SequenceState:
-    tokens: list[int] = field(default_factory=list)      # evaluated tokens, positions 0..n-1
-    image_keys: list[str] = field(default_factory=list)  # its images, in prompt order
-    slots: list[int] = field(default_factory=list)       # the slot holding each image while it runs
+    """What one sequence's cache holds: its evaluated tokens (positions 0..n-1), its images in prompt order and the
+    slot holding each while it runs. The positions of its <|image|> tokens are kept as the tokens change (keep,
+    extend; assigning `tokens` recounts them), so that a decode step's bookkeeping does not grow with the
+    sequence's length (it had scanned and copied every token of it: 9 ms a step at 128K tokens)."""
+
+    def __init__(self, image_token: int, tokens: Iterable[int] = (), image_keys: Iterable[str] = (),
+                 slots: Iterable[int] = ()):
+        self.image_token = image_token
+        self.image_keys, self.slots = list(image_keys), list(slots)
+        self.tokens = list(tokens)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The evaluated tokens (change them through keep, extend or assignment, never in place)."""
+        return self._tokens
+
+    @tokens.setter
+    def tokens(self, tokens: Iterable[int]) -> None:
+        self._tokens = list(tokens)
+        self.image_locs = image_locations(self._tokens, self.image_token)
+
+    def keep(self, n: int) -> None:
+        """Forget the tokens from position n on."""
+        del self._tokens[n:]
+        del self.image_locs[bisect.bisect_left(self.image_locs, n):]
+
+    def extend(self, tokens: Iterable[int]) -> None:
+        tokens = list(tokens)
+        self.image_locs += image_locations(tokens, self.image_token, len(self._tokens))
+        self._tokens += tokens
+
+    def rows_for(self, tokens: list[int]) -> np.ndarray:
+        """The row/image table of `tokens` appended to the sequence: a column per image slot of the sequence, those
+        of images whose <|image|> token is still to come all zeros (a prompt chunk before its images)."""
+        n_past = len(self._tokens)
+        ranges = ranges_of(self.image_locs + image_locations(tokens, self.image_token, n_past))
+        table = np.zeros((len(tokens), len(self.slots)), dtype=np.uint8)
+        rows = row_table(ranges, n_past, len(tokens))[:, :len(self.slots)]
+        table[:, :rows.shape[1]] = rows
+        return table
 
 
 @dataclass
@@ -102,7 +148,7 @@ class Engine:
         self.n_vocab = hparams.n_vocab
         self.image_token = hparams.image_token_id
         self.n_ctx, self.n_batch, self.n_slots, self.n_seq = n_ctx, n_batch, n_slots, n_seq
-        self.seqs = [SequenceState() for _ in range(n_seq)]
+        self.seqs = [SequenceState(self.image_token) for _ in range(n_seq)]
         self.slot_keys: list[str | None] = [None] * n_slots
         self.slot_refs = [0] * n_slots      # running requests that read each slot
         self.slot_used = [0] * n_slots      # when each slot was last claimed (least recently used goes first)
@@ -232,7 +278,8 @@ class Engine:
             raise ValueError(f"the prompt has {len(locs)} <|image|> tokens but {len(images)} images were given")
         n_past = self.reusable(seq, tokens, images) if reuse else 0
         state = self.seqs[seq]
-        state.tokens, state.image_keys, state.slots = state.tokens[:n_past], [im.key for im in images], list(slots)
+        state.keep(n_past)
+        state.image_keys, state.slots = [im.key for im in images], list(slots)
         call(lib.mllama_context_seq_trim, self.ctx, seq, n_past)
         return n_past
 
@@ -241,15 +288,11 @@ class Engine:
         n = len(self.seqs[src].tokens)
         call(lib.mllama_context_seq_copy, self.ctx, src, dst, n)
         s = self.seqs[src]
-        self.seqs[dst] = SequenceState(list(s.tokens), list(s.image_keys), list(s.slots))
+        self.seqs[dst] = SequenceState(self.image_token, s.tokens, s.image_keys, s.slots)
 
     def rows_for(self, seq: int, tokens: list[int]) -> np.ndarray:
-        """The row/image table of `tokens` appended to the sequence: a column per image slot of the sequence, those
-        of images whose <|image|> token is still to come all zeros (a prompt chunk before its images)."""
-        state = self.seqs[seq]
-        ranges = image_ranges(state.tokens + tokens, self.image_token)
-        table = row_table(ranges, len(state.tokens), len(tokens))[:, :len(state.slots)]
-        return np.pad(table, ((0, 0), (0, len(state.slots) - table.shape[1])))
+        """The row/image table of `tokens` appended to sequence `seq` (SequenceState.rows_for)."""
+        return self.seqs[seq].rows_for(tokens)
 
     # --- single-sequence use (forward, bench, tests) -------------------------------------------
     def evaluate(self, tokens: list[int], images: list[PreparedImage], all_logits: bool = False,
@@ -306,16 +349,17 @@ class Engine:
         finally:
             for p in parts:
                 state = self.seqs[p.seq]
-                state.tokens = state.tokens[:p.n_past] + (list(p.tokens) if done else [])
-                if not done:  # the cache past n_past is now unknown
+                state.keep(p.n_past)
+                if done:
+                    state.extend(p.tokens)
+                else:  # the cache past n_past is now unknown
                     lib.mllama_context_seq_trim(self.ctx, p.seq, p.n_past)
         return logits
 
     def undo(self, parts: list[Part]) -> None:
         """Forgets what a batch evaluated, whatever an interrupted decode got to (its tokens are evaluated again)."""
         for p in parts:
-            state = self.seqs[p.seq]
-            state.tokens = state.tokens[:p.n_past]
+            self.seqs[p.seq].keep(p.n_past)
             lib.mllama_context_seq_trim(self.ctx, p.seq, p.n_past)
 
     def length(self, seq: int) -> int:
