@@ -17,12 +17,6 @@
 
 namespace mllama {
 
-// The kernels layer il's ops may use: none unless the layer computes on the CPU (the per-layer rule);
-// il == n_layer: the output matrix (the last entry of the plan).
-static cpu_kernel_set layer_kernels(const mllama_context & c, size_t il) {
-    return kernels_for_compute(c.kernels, cpu_kernels_allowed_on(c.model->plan, c.model->plan.layers[il]));
-}
-
 // Prefill's products of the other text matrices on AMX tiles: BF16 ones as they are, quantized ones (Q6_K, Q8_0,
 // Q4_K in the file layout...) decoded to BF16 by ggml's own decoding once per graph run (as the cross-attention
 // K/V of an image, graph/cross_kv.cpp), then the tile GEMM; from as many rows as the Q4_K tile product (a Q6_K that

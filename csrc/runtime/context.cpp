@@ -82,12 +82,16 @@ static void allocate_state(mllama_context & c, const std::vector<ggml_backend_de
     }
 }
 
-// Whether our cross-attention kernel may run in every cross-attention layer (each on the CPU; graph/decoder.cpp).
+cpu_kernel_set layer_kernels(const mllama_context & c, size_t il) {
+    return kernels_for_compute(c.kernels, cpu_kernels_allowed_on(c.model->plan, c.model->plan.layers[il]));
+}
+
+// Whether our cross-attention kernel may run in every cross-attention layer (graph/decoder.cpp picks it by the same
+// layer_kernels).
 static bool every_cross_layer_runs_xattn(const mllama_context & c) {
-    const mllama_model & m = *c.model;
-    for (int il = 0; il < m.hp.text.n_layer; ++il) {
-        const bool on_cpu = cpu_kernels_allowed_on(m.plan, m.plan.layers[static_cast<size_t>(il)]);
-        if (m.hp.text.is_cross(il) && !kernels_for_compute(c.kernels, on_cpu).may_run(cpu_kernel::xattn)) return false;
+    const text_hparams & t = c.model->hp.text;
+    for (int il = 0; il < t.n_layer; ++il) {
+        if (t.is_cross(il) && !layer_kernels(c, static_cast<size_t>(il)).may_run(cpu_kernel::xattn)) return false;
     }
     return true;
 }

@@ -91,6 +91,11 @@ mllama_context_params default_context_params();
 
 std::unique_ptr<mllama_context> new_context(const mllama_model & model, const mllama_context_params & params);
 
+// The CPU kernels text layer il's ops may use: none unless the layer computes on the CPU (the per-layer rule);
+// il == n_layer: the output matrix (the last entry of the plan). The decoder's graphs and the image caches' layout
+// (context.cpp) both follow it.
+cpu_kernel_set layer_kernels(const mllama_context & ctx, size_t il);
+
 // What the context holds beside the weights (see mllama_context_get_memory).
 mllama_context_memory context_memory(const mllama_context & ctx);
 
