@@ -100,6 +100,43 @@ def test_mixed_batch_over_f16_image_caches(gguf_f32, monkeypatch):
     assert 0 < nmse(logits[ours], logits[plain]) <= 1e-5
 
 
+def steps_of(m, prompts, fed, grouped):
+    """Each prompt prefilled (sequence i), then the tokens of `fed` decoded one a step, all sequences in one batch
+    (grouped) or each alone; every logit row, prompt after prompt then step after step."""
+    engine, out = m.engine, []
+    for seq, toks in enumerate(prompts):
+        engine.start(seq, toks, [], [], reuse=False)
+        out.append(engine.decode([Part(seq, toks, 0, [], engine.rows_for(seq, toks), list(range(len(toks))))]))
+    for step in fed:
+        parts = [Part(seq, [tok], len(engine.seqs[seq].tokens), [], engine.rows_for(seq, [tok]), [0])
+                 for seq, tok in enumerate(step)]
+        out += [engine.decode(parts)] if grouped else [engine.decode([p]) for p in parts]
+    return np.concatenate(out)
+
+
+def test_self_attention_kernel_over_long_caches(gguf_f32):
+    """Our attention kernel over the self-attention caches (F16; graph/decoder.cpp's kernel_attention), where the CPU
+    kernels may run: prompts of 70, 200 and 333 tokens (one 64-key block and more, each ending inside a block), each
+    prefilled, then 3 steps of the three in one decode group (each row reading its own sequence's cells) and of each
+    alone. The group equals the steps alone (NMSE <= 1e-6), and both equal ggml's flash attention (every kernel but
+    xattn) within the F16 caches' bound of tests/test_cpu_kernels.py's decode check (NMSE <= 1e-5: our F32 queries
+    against ggml's F16-rounded ones)."""
+    rng = np.random.default_rng(7)
+    prompts = [[BOS] + rng.integers(1000, 100000, n - 1).tolist() for n in (70, 200, 333)]
+    fed = rng.integers(1000, 100000, (3, 3)).tolist()  # the same tokens in every context: no drift from argmax ties
+    paths, logits = {}, {}
+    for name, kernels, grouped in (("group", "1", True), ("alone", "1", False),
+                                   ("ggml", "attn,gemm,gelu,qmm,amx,fuse", True)):
+        with mllama.Model(gguf_f32, n_seq_max=3, n_ctx=400, kv_f32=False, cpu_kernels=kernels) as m:
+            paths[name] = m.op_paths()["self-attention"]
+            logits[name] = steps_of(m, prompts, fed, grouped)
+    assert paths["ggml"].startswith("ggml")
+    if not paths["group"].startswith("mllama"):
+        pytest.skip("no x86 kernels on this CPU: every context runs ggml's attention")
+    assert nmse(logits["group"], logits["alone"]) <= 1e-6
+    assert 0 < nmse(logits["group"], logits["ggml"]) <= 1e-5
+
+
 # Decoding parts attend in groups (consecutive one-token parts whose sequence ids go up in even steps, one attention
 # over a strided view of their caches): groups of steps 1 and 2, ids that go down (a new group), a prefill part
 # between two groups, a group of one.

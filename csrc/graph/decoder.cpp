@@ -61,21 +61,38 @@ static ggml_tensor * ffn(ggml_context * ctx, cpu_kernel_set kernels, const ffn_w
     return text_matmul(ctx, kernels, w.down, ggml_mul(ctx, ggml_silu(ctx, g), u));  // [n_embd, n]
 }
 
+// Our attention kernel over F16 caches (kernels/dispatch.h's image_cache_attention: each K/V row read once for the
+// whole query group, F32 sums; ggml's CPU flash attention reads them once per query head, F16 dot products: 2.8x
+// our time at 4K cached tokens, 8x at 16K, bench/README.md) where the layer may use it, else null.
+static ggml_tensor * kernel_attention(ggml_context * ctx, cpu_kernel_set kernels, ggml_tensor * q, ggml_tensor * k,
+                                      ggml_tensor * v, ggml_tensor * mask, float scale) {
+    if (!kernels.may_run(cpu_kernel::xattn) || !image_cache_attention_supported(q, k, v, mask)) return nullptr;
+    return image_cache_attention(ctx, q, k, v, mask, scale, /*tiles=*/false);  // [hd * H, n]
+}
+
 // The attention of a group of one-token parts (batch rows first_row..) over their sequences' caches at once: the
-// caches as a strided view [hd, n_kv, Hkv, n_parts] (cells seq * n_ctx + 0..n_kv - 1 of each part's sequence), each
-// row's mask hiding the cells past its own (ggml's CPU attention skips a hidden cell, so each row's result is what
-// an attention over its own cells alone gives).
-static ggml_tensor * group_attention(ggml_context * ctx, const mllama_context & c, const attention_group & g,
-                                     int64_t first_row, int32_t first_seq, ggml_tensor * q, ggml_tensor * ck,
-                                     ggml_tensor * cv, ggml_tensor * mask, float scale) {
+// caches as a strided view (cells seq * n_ctx + 0..n_kv - 1 of each part's sequence), each row's mask hiding the
+// cells past its own (ggml's CPU attention skips a hidden cell, so each row's result is what an attention over its
+// own cells alone gives; our kernel reads each row's own sequence only).
+static ggml_tensor * group_attention(ggml_context * ctx, const mllama_context & c, cpu_kernel_set kernels,
+                                     const attention_group & g, int64_t first_row, int32_t first_seq, ggml_tensor * q,
+                                     ggml_tensor * ck, ggml_tensor * cv, ggml_tensor * mask, float scale) {
     const text_hparams & hp = c.model->hp.text;
     const int64_t hd = hp.n_embd_head, n = static_cast<int64_t>(g.n_parts);
     ggml_tensor * rows = ggml_view_3d(ctx, q, hd, q->ne[1], n, q->nb[1], q->nb[2], first_row * q->nb[2]);  // [hd, H, n]
+    const size_t seq_bytes = static_cast<size_t>(c.params.n_ctx) * ck->nb[2];  // a sequence's cells
+    auto per_row = [&](ggml_tensor * cache) {  // [hd, Hkv, n_kv, n]: row r reads its own sequence's cells
+        return ggml_view_4d(ctx, cache, hd, hp.n_head_kv, g.n_kv, n, cache->nb[1], cache->nb[2],
+                            g.seq_step * seq_bytes, first_seq * seq_bytes);
+    };
+    ggml_tensor * mask_rows = ggml_reshape_2d(ctx, mask, g.n_kv, n);  // [n_kv, n]
+    if (ggml_tensor * ours = kernel_attention(ctx, kernels, rows, per_row(ck), per_row(cv), mask_rows, scale)) {
+        return ours;  // [hd * H, n]
+    }
     rows = ggml_permute(ctx, ggml_reshape_4d(ctx, rows, hd, q->ne[1], 1, n), 0, 2, 1, 3);  // [hd, 1, H, n]
     auto caches = [&](ggml_tensor * cache) {  // [hd, n_kv, Hkv, n]
-        const size_t cell = cache->nb[2], seq = static_cast<size_t>(c.params.n_ctx) * cell;
-        return ggml_view_4d(ctx, cache, hd, g.n_kv, hp.n_head_kv, n, cell, cache->nb[1], g.seq_step * seq,
-                            first_seq * seq);
+        return ggml_view_4d(ctx, cache, hd, g.n_kv, hp.n_head_kv, n, cache->nb[2], cache->nb[1], g.seq_step * seq_bytes,
+                            first_seq * seq_bytes);
     };
     ggml_tensor * out = ggml_flash_attn_ext(ctx, rows, caches(ck), caches(cv), mask, scale, /*max_bias=*/0.0f,
                                             /*logit_softcap=*/0.0f);  // [hd, H, 1, n]
@@ -88,6 +105,7 @@ static ggml_tensor * group_attention(ggml_context * ctx, const mllama_context & 
 static ggml_tensor * cached_attention(ggml_context * ctx, const mllama_context & c, int il, ggml_tensor * q,
                                       ggml_tensor * k, ggml_tensor * v, const text_shape & s, const text_inputs & in,
                                       ggml_cgraph * gf) {
+    const cpu_kernel_set kernels = layer_kernels(c, static_cast<size_t>(il));
     const text_hparams & hp = c.model->hp.text;
     const int64_t hd = hp.n_embd_head, n_kv_embd = hd * hp.n_head_kv;
     ggml_tensor * ck = c.state.self_k[il], * cv = c.state.self_v[il];
@@ -105,7 +123,8 @@ static ggml_tensor * cached_attention(ggml_context * ctx, const mllama_context &
         const batch_part & p = (*s.parts)[g.first_part];
         ggml_tensor * part = nullptr;
         if (g.one_token) {
-            part = group_attention(ctx, c, g, p.first_row, p.seq, q, ck, cv, in.kq_masks[ig], scale);  // [n_embd, n]
+            part = group_attention(ctx, c, kernels, g, p.first_row, p.seq, q, ck, cv, in.kq_masks[ig],
+                                   scale);  // [n_embd, n]
         } else {
             auto cells = [&](ggml_tensor * cache) {  // [hd, Hkv, n_kv]
                 const int64_t cell = static_cast<int64_t>(p.seq) * c.params.n_ctx;
@@ -114,7 +133,8 @@ static ggml_tensor * cached_attention(ggml_context * ctx, const mllama_context &
             };
             ggml_tensor * rows = ggml_view_3d(ctx, q, q->ne[0], q->ne[1], p.n_tokens, q->nb[1], q->nb[2],
                                               p.first_row * q->nb[2]);  // [hd, H, n_part]
-            part = attention(ctx, {rows, cells(ck), cells(cv), in.kq_masks[ig], scale});  // [n_embd, n_part]
+            part = kernel_attention(ctx, kernels, rows, cells(ck), cells(cv), in.kq_masks[ig], scale);
+            if (!part) part = attention(ctx, {rows, cells(ck), cells(cv), in.kq_masks[ig], scale});  // [n_embd, n_part]
         }
         a = a ? ggml_concat(ctx, a, part, 1) : part;  // [n_embd, rows so far]
     }

@@ -143,10 +143,10 @@ bool image_cache_head_major();
 
 // softmax(q k^T scale + mask) v for a batch's tokens (decode and prefill) over a long F16 cache (the image's
 // cross-attention keys; chunks of 8 tokens walk it together: 1.7-2.5x ggml's flash attention at 64-200 tokens
-// on Zen 4), F32 accumulation, grouped
+// on Zen 4; and the self-attention caches of decoding sequences), F32 accumulation, grouped
 // query heads (query head i reads KV head i / (Hq / Hkv)). q: [D, Hq, T] F32; k, v: [D, Hkv, n_kv]
-// F16 (views allowed); mask: [n_kv, >= T] F16 additive, one row per token -> [D * Hq, T] F32
-// (a token whose keys are all masked gets zeros). tiles: from k_xattn_tile_min_tokens tokens, with D % 32 == 0, the
+// F16 (views allowed), or [D, Hkv, n_kv, T]: token t attends over its own sequence's cache t; mask: [n_kv, >= T]
+// F16 additive, one row per token -> [D * Hq, T] F32 (a token whose keys are all masked gets zeros). tiles: from k_xattn_tile_min_tokens tokens, with D % 32 == 0, the
 // two products on AMX tiles where amx_tiles_available() (kernels/x86/xattn_amx.cpp: the query, the keys, the values
 // and the probabilities rounded to BF16).
 ggml_tensor * image_cache_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,

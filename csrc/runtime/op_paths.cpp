@@ -13,6 +13,7 @@
 #include "ggml-backend.h"
 #include "ggml.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include <utility>
@@ -195,6 +196,9 @@ std::string op_paths(const mllama_context & c) {
     const vision_options opt = vision_options_for(m, c.kernels);
     const bool xattn = c.kernels.may_run(cpu_kernel::xattn) && !c.state.cross_k.empty() &&
                        c.state.cross_k[0]->type == GGML_TYPE_F16;
+    const auto self_cache = std::find_if(c.state.self_k.begin(), c.state.self_k.end(), [](auto * t) { return t; });
+    const bool self_xattn = c.kernels.may_run(cpu_kernel::xattn) && self_cache != c.state.self_k.end() &&
+                            (*self_cache)->type == GGML_TYPE_F16;
     const std::string repacked = repack_summary(m.tensors, m.repacked);
     return line("device", "CPU, " + ggml_cpu) +
            line("vision attention", vision_attention(opt, ggml_cpu)) +
@@ -204,7 +208,8 @@ std::string op_paths(const mllama_context & c) {
            line("cross-attention", xattn ? "mllama GQA kernel over the F16 image cache" + cache_layout(c) + " " +
                                                 vector_form() + xattn_tiles(c)
                                          : ggml_cpu + ": flash_attn_ext") +
-           line("self-attention", ggml_cpu + ": flash_attn_ext") +
+           line("self-attention", self_xattn ? "mllama GQA kernel over the F16 caches " + vector_form()
+                                             : ggml_cpu + ": flash_attn_ext") +
            line("text matrices", ggml_cpu + ": mul_mat; in ggml's extra CPU layouts: " +
                                     (repacked.empty() ? "none" : repacked) + q4k_path(c) + fused_path(c)) +
            line("text matrices q6_K in the file layout", q6k_path(c, ggml_cpu)) + prefill_path(c) + others;

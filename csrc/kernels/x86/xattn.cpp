@@ -1,9 +1,10 @@
 // Attention of a batch's query tokens over a long F16 K/V cache (see kernels/dispatch.h), its driver: the
-// cross-attention of decoding and prefill, over every image key of the sequence. ggml's CPU flash attention walks
-// every query head over every key with F16 dot products; here each thread takes KV heads of a chunk of tokens
-// (one in decode), reads each key and value row once for the whole query group (GQA) and, from L1/L2, for the
-// chunk's other tokens, skips masked keys, and accumulates in F32 (figures in bench/README.md). The block step
-// is xattn_avx512.cpp's in the AVX-512 BF16 family, else xattn_avx2.cpp's (an earlier AVX-512 form, one dot
+// cross-attention of decoding and prefill, over every image key of the sequence, and the self-attention over the
+// KV caches (graph/decoder.cpp: a decode batch's rows each over its own sequence's cells). ggml's CPU flash
+// attention walks every query head over every key with F16 dot products; here each thread takes KV heads of a
+// chunk of tokens (one in decode), reads each key and value row once for the whole query group (GQA) and, from
+// L1/L2, for the chunk's other tokens, skips masked keys, and accumulates in F32 (figures in bench/README.md).
+// The block step is xattn_avx512.cpp's in the AVX-512 BF16 family, else xattn_avx2.cpp's (an earlier AVX-512 form, one dot
 // product per key and head, each reduced across its register, had taken 1.7-2x the AVX2 form's time on Zen 5).
 // Prefill's batches of k_xattn_tile_min_tokens or more go to AMX tiles where the graph asks for them
 // (kernels/x86/xattn_amx.cpp).
@@ -89,38 +90,56 @@ void attend_heads(ggml_tensor * dst, const shape & s, group_block_fn group_block
 // Work units: (chunk of tokens, KV head), chunk-major; each thread takes a contiguous range of them, cut into
 // per-chunk head ranges. Chunks of up to k_token_chunk tokens, fewer where the units would not give every
 // thread one (a decode batch of 8 rows on 16 threads: chunks of 4; one row: the heads split across threads).
+// Caches of several sequences (k, v [D, Hkv, n_kv, T]: token t reads sequence t's) take chunks of one token, each
+// through a copy of dst whose k and v are that sequence's [D, Hkv, n_kv] (the block steps read them from dst).
 void attend(ggml_tensor * dst, int ith, int nth, void * tiles) {
     if (tiles) return attend_tiles(dst, ith, nth);
     const shape s = shape_of(dst->src[0], dst->src[1]);
     const group_block_fn group_block =
         kernel_family() == cpu_family::avx512_bf16 ? group_block_avx512 : group_block_avx2;
-    const int64_t chunk = std::clamp<int64_t>(s.T * s.Hkv / nth, 1, k_token_chunk);
+    const bool per_token_caches = dst->src[1]->ne[3] > 1;
+    const int64_t chunk = per_token_caches ? 1 : std::clamp<int64_t>(s.T * s.Hkv / nth, 1, k_token_chunk);
     const int64_t n_chunks = (s.T + chunk - 1) / chunk;
     const int64_t total = s.Hkv * n_chunks, per = (total + nth - 1) / nth;
     const int64_t w0 = std::min(total, per * ith), w1 = std::min(total, w0 + per);
     for (int64_t w = w0; w < w1;) {
         const int64_t c = w / s.Hkv, h0 = w % s.Hkv, h1 = std::min(s.Hkv, h0 + (w1 - w));
-        attend_heads(dst, s, group_block, h0, h1, c * chunk, std::min(s.T, (c + 1) * chunk));
+        if (per_token_caches) {  // token c's own caches
+            ggml_tensor k = *dst->src[1], v = *dst->src[2], one = *dst;
+            k.data = static_cast<char *>(k.data) + c * k.nb[3];
+            v.data = static_cast<char *>(v.data) + c * v.nb[3];
+            k.ne[3] = v.ne[3] = 1;
+            one.src[1] = &k, one.src[2] = &v;
+            attend_heads(&one, s, group_block, h0, h1, c, c + 1);
+        } else {
+            attend_heads(dst, s, group_block, h0, h1, c * chunk, std::min(s.T, (c + 1) * chunk));
+        }
         w += h1 - h0;
     }
 }
 
 }  // namespace
 
-bool image_cache_attention_supported(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v, const ggml_tensor * mask) {
+bool image_cache_attention_supported(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v,
+                                     const ggml_tensor * mask) {
+    if (!mask) return false;
     const shape s = shape_of(q, k);
-    return kernel_family() != cpu_family::none && q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F16 && v->type == GGML_TYPE_F16 &&
-           mask && mask->type == GGML_TYPE_F16 && q->nb[0] == sizeof(float) && k->nb[0] == sizeof(ggml_fp16_t) &&
-           v->nb[0] == sizeof(ggml_fp16_t) && s.D % 16 == 0 && s.D <= k_xattn_max_head_dim && s.Hq % s.Hkv == 0 &&
-           s.G <= k_xattn_max_group && v->ne[0] == s.D && v->ne[1] == s.Hkv && v->ne[2] == s.n_kv && mask->ne[0] >= s.n_kv &&
-           mask->ne[1] >= s.T;
+    const bool types = q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F16 && v->type == GGML_TYPE_F16 &&
+                       mask->type == GGML_TYPE_F16 && q->nb[0] == sizeof(float) && k->nb[0] == sizeof(ggml_fp16_t) &&
+                       v->nb[0] == sizeof(ggml_fp16_t);
+    const bool heads = s.D % 16 == 0 && s.D <= k_xattn_max_head_dim && s.Hq % s.Hkv == 0 && s.G <= k_xattn_max_group;
+    const bool caches = v->ne[0] == s.D && v->ne[1] == s.Hkv && v->ne[2] == s.n_kv && v->ne[3] == k->ne[3] &&
+                        (k->ne[3] == 1 || k->ne[3] == s.T) && q->ne[3] == 1;  // one cache, or one per token
+    const bool masks = mask->ne[0] >= s.n_kv && mask->ne[1] >= s.T && mask->ne[2] == 1 && mask->ne[3] == 1;
+    return kernel_family() != cpu_family::none && types && heads && caches && masks;
 }
 
 ggml_tensor * image_cache_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask,
                                     float scale, bool tiles) {
     // the scale goes on the query in the graph (the same F32 products the kernel would take), so the
     // op needs no parameters; userdata non-null: on AMX tiles
-    const bool on_tiles = tiles && amx_tiles_available() && q->ne[2] >= k_xattn_tile_min_tokens && q->ne[0] % 32 == 0;
+    const bool on_tiles = tiles && amx_tiles_available() && q->ne[2] >= k_xattn_tile_min_tokens && q->ne[0] % 32 == 0 &&
+                          k->ne[3] == 1;
     static int tiles_tag;
     ggml_tensor * args[] = {ggml_scale(ctx, q, scale), k, v, mask};  // q: [D, Hq, T]
     return ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0] * q->ne[1], q->ne[2], 1, 1, args, /*n_args=*/4, attend,
