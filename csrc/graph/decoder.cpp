@@ -61,13 +61,14 @@ static ggml_tensor * ffn(ggml_context * ctx, cpu_kernel_set kernels, const ffn_w
     return text_matmul(ctx, kernels, w.down, ggml_mul(ctx, ggml_silu(ctx, g), u));  // [n_embd, n]
 }
 
-// Our attention kernel over F16 caches (kernels/dispatch.h's image_cache_attention: each K/V row read once for the
-// whole query group, F32 sums; ggml's CPU flash attention reads them once per query head, F16 dot products: 2.8x
-// our time at 4K cached tokens, 8x at 16K, bench/README.md) where the layer may use it, else null.
+// Our attention kernel over F16 caches (kernels/dispatch.h's cache_attention: each K/V row read once for the whole
+// query group, F32 sums; ggml's CPU flash attention reads them once per query head, F16 dot products: 3.5x our time
+// at 4K cached tokens on Zen 3, 9-15x at 16K, bench/README.md "Long contexts") where the layer may use it, else
+// null.
 static ggml_tensor * kernel_attention(ggml_context * ctx, cpu_kernel_set kernels, ggml_tensor * q, ggml_tensor * k,
                                       ggml_tensor * v, ggml_tensor * mask, float scale) {
-    if (!kernels.may_run(cpu_kernel::xattn) || !image_cache_attention_supported(q, k, v, mask)) return nullptr;
-    return image_cache_attention(ctx, q, k, v, mask, scale, /*tiles=*/false);  // [hd * H, n]
+    if (!kernels.may_run(cpu_kernel::xattn) || !cache_attention_supported(q, k, v, mask)) return nullptr;
+    return cache_attention(ctx, q, k, v, mask, scale, /*tiles=*/false);  // [hd * H, n]
 }
 
 // The attention of a group of one-token parts (batch rows first_row..) over their sequences' caches at once: the
@@ -194,10 +195,9 @@ static ggml_tensor * cross_attention(ggml_context * ctx, const mllama_context & 
     ggml_tensor * vals = slot_view(ctx, c.state.cross_v[cross_index], head_major, n_vis, span.first, span.count);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     // our kernel for every batch, prefill's too (1.7-2.0x ggml's flash attention at 64 tokens, 2.1-2.5x at 200)
-    const bool ours =
-        kernels.may_run(cpu_kernel::xattn) && image_cache_attention_supported(q, keys, vals, in.x_mask);
-    ggml_tensor * a = ours ? image_cache_attention(ctx, q, keys, vals, in.x_mask, scale,
-                                                   kernels.may_run(cpu_kernel::amx))  // [n_embd, n]
+    const bool ours = kernels.may_run(cpu_kernel::xattn) && cache_attention_supported(q, keys, vals, in.x_mask);
+    ggml_tensor * a = ours ? cache_attention(ctx, q, keys, vals, in.x_mask, scale,
+                                             kernels.may_run(cpu_kernel::amx))  // [n_embd, n]
                            : attention(ctx, {q, keys, vals, in.x_mask, scale});
     a = named(text_matmul(ctx, kernels, w.wo, a), prefix, "cross_out");
     return ggml_mul(ctx, a, in.x_rows);  // rows with no image receive nothing (Meta)

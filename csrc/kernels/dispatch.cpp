@@ -133,10 +133,10 @@ ggml_tensor * layer_norm_for_linear(ggml_context *, ggml_tensor *, ggml_tensor *
 ggml_tensor * bf16_linear(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, bool, bool, bool) {
     no_x86_kernels();
 }
-bool image_cache_attention_supported(const ggml_tensor *, const ggml_tensor *, const ggml_tensor *, const ggml_tensor *) {
+bool cache_attention_supported(const ggml_tensor *, const ggml_tensor *, const ggml_tensor *, const ggml_tensor *) {
     return false;
 }
-ggml_tensor * image_cache_attention(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, ggml_tensor *, float, bool) {
+ggml_tensor * cache_attention(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, ggml_tensor *, float, bool) {
     no_x86_kernels();
 }
 ggml_tensor * gelu_erf_fast(ggml_context *, ggml_tensor *) { no_x86_kernels(); }

@@ -129,28 +129,29 @@ ggml_tensor * dequantize_bf16(ggml_context * ctx, ggml_tensor * w, ggml_tensor *
 // inputs of bf16_linear only, since the BF16 result is rounded. kernels/x86/layer_norm.cpp. -> [n, N]
 ggml_tensor * layer_norm_for_linear(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, float eps);
 
-// Largest head size and query group (query heads per KV head) of image_cache_attention.
+// Largest head size and query group (query heads per KV head) of cache_attention.
 constexpr int64_t k_xattn_max_head_dim = 256;
 constexpr int64_t k_xattn_max_group = 16;
 
-bool image_cache_attention_supported(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v,
-                                     const ggml_tensor * mask);
+bool cache_attention_supported(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v,
+                               const ggml_tensor * mask);
 
-// Whether image_cache_attention reads an image cache faster head-major (a head's keys adjacent) than key-major (a
+// Whether cache_attention reads an image cache faster head-major (a head's keys adjacent) than key-major (a
 // key's heads adjacent): its AVX2 form does (Zen 3, a 4-tile image's decode: 1.6-1.7 against 2.0-2.4 ms a layer);
 // the AVX-512 form did not (Zen 4: 1.65-2.3 against 1.4-1.6 ms; bench/README.md).
 bool image_cache_head_major();
 
-// softmax(q k^T scale + mask) v for a batch's tokens (decode and prefill) over a long F16 cache (the image's
-// cross-attention keys; chunks of 8 tokens walk it together: 1.7-2.5x ggml's flash attention at 64-200 tokens
-// on Zen 4; and the self-attention caches of decoding sequences), F32 accumulation, grouped
-// query heads (query head i reads KV head i / (Hq / Hkv)). q: [D, Hq, T] F32; k, v: [D, Hkv, n_kv]
-// F16 (views allowed), or [D, Hkv, n_kv, T]: token t attends over its own sequence's cache t; mask: [n_kv, >= T]
-// F16 additive, one row per token -> [D * Hq, T] F32 (a token whose keys are all masked gets zeros). tiles: from k_xattn_tile_min_tokens tokens, with D % 32 == 0, the
-// two products on AMX tiles where amx_tiles_available() (kernels/x86/xattn_amx.cpp: the query, the keys, the values
-// and the probabilities rounded to BF16).
-ggml_tensor * image_cache_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
-                                    ggml_tensor * mask, float scale, bool tiles);
+// softmax(q k^T scale + mask) v for a batch's tokens (decode and prefill) over a long F16 cache: the image's
+// cross-attention keys (chunks of 8 tokens walk it together: 1.7-2.5x ggml's flash attention at 64-200 tokens
+// on Zen 4) and the self-attention's KV caches (3.5x at 4K cached tokens on Zen 3, bench/README.md "Long
+// contexts"); F32 accumulation, grouped query heads (query head i reads KV head i / (Hq / Hkv)). q: [D, Hq, T] F32;
+// k, v: [D, Hkv, n_kv] F16 (views allowed), or [D, Hkv, n_kv, T]: token t over its own sequence's cache t; mask:
+// [n_kv, >= T] F16 additive, one row per token -> [D * Hq, T] F32 (a token whose keys are all masked gets zeros).
+// tiles: from k_xattn_tile_min_tokens tokens of one cache, with D % 32 == 0, the two products on AMX tiles where
+// amx_tiles_available() (kernels/x86/xattn_amx.cpp: the query, the keys, the values and the probabilities rounded
+// to BF16).
+ggml_tensor * cache_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask,
+                              float scale, bool tiles);
 
 // Fewest tokens whose cross-attention goes to AMX tiles (prefill; below, the tiles' query rows are mostly padding).
 constexpr int64_t k_xattn_tile_min_tokens = 16;

@@ -156,7 +156,7 @@ static std::string vision_attention(const vision_options & opt, const std::strin
     return "mllama BF16 flash attention " + (opt.amx_attention ? on_tiles() : family());
 }
 
-// Prefill's cross-attention on AMX tiles (kernels/dispatch.h's image_cache_attention), where the context may and the
+// Prefill's cross-attention on AMX tiles (kernels/dispatch.h's cache_attention), where the context may and the
 // head size allows.
 static std::string xattn_tiles(const mllama_context & c) {
     if (!c.kernels.may_run(cpu_kernel::amx) || !amx_tiles_available() || c.model->hp.text.n_embd_head % 32 != 0) return "";

@@ -131,9 +131,9 @@ static auto with_form(bool avx2, Fn fn) {
 // The kernel's output for the family the environment selects (MLLAMA_AVX512), or null where it does not run.
 static ggml_tensor * run(const problem & p, ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
                          ggml_tensor * mask, int threads, bool tiles = false) {
-    if (!image_cache_attention_supported(q, k, v, mask)) return nullptr;
+    if (!cache_attention_supported(q, k, v, mask)) return nullptr;
     const float scale = 1.0f / std::sqrt(static_cast<float>(p.D));
-    ggml_tensor * out = image_cache_attention(ctx, q, k, v, mask, scale, tiles);  // [D * Hq, T]
+    ggml_tensor * out = cache_attention(ctx, q, k, v, mask, scale, tiles);  // [D * Hq, T]
     ggml_cgraph * graph = ggml_new_graph(ctx);
     ggml_build_forward_expand(graph, out);
     ggml_graph_compute_with_ctx(ctx, graph, threads);
@@ -156,9 +156,9 @@ static timed_graphs timing_graphs(const problem & p, ggml_context * ctx, ggml_te
         }
         const float scale = 1.0f / std::sqrt(static_cast<float>(p.D));
         g.ours.push_back(ggml_new_graph(ctx));
-        ggml_build_forward_expand(g.ours.back(), image_cache_attention(ctx, q, k, v, mask, scale, false));  // [D * Hq, T]
+        ggml_build_forward_expand(g.ours.back(), cache_attention(ctx, q, k, v, mask, scale, false));  // [D * Hq, T]
         g.tiles.push_back(ggml_new_graph(ctx));
-        ggml_build_forward_expand(g.tiles.back(), image_cache_attention(ctx, q, k, v, mask, scale, true));  // [D * Hq, T]
+        ggml_build_forward_expand(g.tiles.back(), cache_attention(ctx, q, k, v, mask, scale, true));  // [D * Hq, T]
         ggml_tensor * fa = ggml_flash_attn_ext(ctx, ggml_permute(ctx, q, 0, 2, 1, 3), ggml_permute(ctx, k, 0, 2, 1, 3),
                                                ggml_permute(ctx, v, 0, 2, 1, 3), mask, scale, 0.0f, 0.0f);  // [D, Hq, T]
         ggml_flash_attn_ext_set_prec(fa, GGML_PREC_F32);
@@ -211,7 +211,7 @@ int main(int argc, char ** argv) {
         for (int64_t j = 0; j < p.n_kv; ++j)
             static_cast<ggml_fp16_t *>(mask->data)[t * p.n_kv + j] = ggml_fp32_to_fp16(mask_bias(t, j, p.T));
     const bool avx512 = kernel_family() == cpu_family::avx512_bf16;
-    if (!image_cache_attention_supported(q, k[0], v[0], mask)) {
+    if (!cache_attention_supported(q, k[0], v[0], mask)) {
         std::printf("unsupported shape\n");
         return 1;
     }

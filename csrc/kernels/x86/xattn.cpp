@@ -4,8 +4,9 @@
 // attention walks every query head over every key with F16 dot products; here each thread takes KV heads of a
 // chunk of tokens (one in decode), reads each key and value row once for the whole query group (GQA) and, from
 // L1/L2, for the chunk's other tokens, skips masked keys, and accumulates in F32 (figures in bench/README.md).
-// The block step is xattn_avx512.cpp's in the AVX-512 BF16 family, else xattn_avx2.cpp's (an earlier AVX-512 form, one dot
-// product per key and head, each reduced across its register, had taken 1.7-2x the AVX2 form's time on Zen 5).
+// The block step is xattn_avx512.cpp's in the AVX-512 BF16 family, else xattn_avx2.cpp's (an earlier AVX-512
+// form, one dot product per key and head, each reduced across its register, had taken 1.7-2x the AVX2 form's
+// time on Zen 5).
 // Prefill's batches of k_xattn_tile_min_tokens or more go to AMX tiles where the graph asks for them
 // (kernels/x86/xattn_amx.cpp).
 #include "kernels/dispatch.h"
@@ -120,8 +121,8 @@ void attend(ggml_tensor * dst, int ith, int nth, void * tiles) {
 
 }  // namespace
 
-bool image_cache_attention_supported(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v,
-                                     const ggml_tensor * mask) {
+bool cache_attention_supported(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v,
+                               const ggml_tensor * mask) {
     if (!mask) return false;
     const shape s = shape_of(q, k);
     const bool types = q->type == GGML_TYPE_F32 && k->type == GGML_TYPE_F16 && v->type == GGML_TYPE_F16 &&
@@ -134,8 +135,8 @@ bool image_cache_attention_supported(const ggml_tensor * q, const ggml_tensor * 
     return kernel_family() != cpu_family::none && types && heads && caches && masks;
 }
 
-ggml_tensor * image_cache_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask,
-                                    float scale, bool tiles) {
+ggml_tensor * cache_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask,
+                              float scale, bool tiles) {
     // the scale goes on the query in the graph (the same F32 products the kernel would take), so the
     // op needs no parameters; userdata non-null: on AMX tiles
     const bool on_tiles = tiles && amx_tiles_available() && q->ne[2] >= k_xattn_tile_min_tokens && q->ne[0] % 32 == 0 &&

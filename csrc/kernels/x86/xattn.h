@@ -1,4 +1,4 @@
-// The cross-attention kernel (kernels/dispatch.h's image_cache_attention) shared between its driver
+// The cross-attention kernel (kernels/dispatch.h's cache_attention) shared between its driver
 // (kernels/x86/xattn.cpp) and its block step, in two forms: AVX-512 (kernels/x86/xattn_avx512.cpp, the
 // AVX-512 BF16 family) and AVX2 (kernels/x86/xattn_avx2.cpp, the AVX2 family). Each thread takes a range of KV
 // heads of a chunk of tokens (one in decode) and walks their keys in blocks; a block step does the scores, the

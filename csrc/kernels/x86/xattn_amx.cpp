@@ -1,4 +1,4 @@
-// The cross-attention of prefill (kernels/dispatch.h's image_cache_attention, from k_xattn_tile_min_tokens tokens)
+// The cross-attention of prefill (kernels/dispatch.h's cache_attention, from k_xattn_tile_min_tokens tokens)
 // with its two products on AMX tiles, as the vision attention's (kernels/x86/attn_amx.cpp): per KV head, the
 // query rows of its group (row r: token r / G, query head G h + r % G) in tiles of 16, each walking the keys in
 // blocks of 64: scores Q K^T in four C tiles, the masked online softmax (attn_bf16.h's, base 2) on AVX-512, its
