@@ -63,7 +63,7 @@ static ggml_tensor * ffn(ggml_context * ctx, cpu_kernel_set kernels, const ffn_w
 
 // Our attention kernel over F16 caches (kernels/dispatch.h's cache_attention: each K/V row read once for the whole
 // query group, F32 sums; ggml's CPU flash attention reads them once per query head, F16 dot products: 3.5x our time
-// at 4K cached tokens on Zen 3, 9-15x at 16K, bench/README.md "Long contexts") where the layer may use it, else
+// at 4K cached tokens on Zen 3, 9-16x at 16K, bench/README.md "Long contexts") where the layer may use it, else
 // null.
 static ggml_tensor * kernel_attention(ggml_context * ctx, cpu_kernel_set kernels, ggml_tensor * q, ggml_tensor * k,
                                       ggml_tensor * v, ggml_tensor * mask, float scale) {
