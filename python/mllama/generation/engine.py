@@ -22,18 +22,14 @@ from .image_cache import ImageCache
 from ..image.preprocess import ImageConfig, preprocess
 
 
-def image_ranges(tokens: list[int], image_token: int) -> list[tuple[int, int | None]]:
-    """[start, end) token range per image in order; end None = open (to the end of the sequence)."""
-    return ranges_of(image_locations(tokens, image_token))
-
-
 def image_locations(tokens: Iterable[int], image_token: int, first: int = 0) -> list[int]:
     """The positions of the <|image|> tokens (the first token at position `first`)."""
     return [first + i for i, t in enumerate(tokens) if t == image_token]
 
 
 def ranges_of(locs: list[int]) -> list[tuple[int, int | None]]:
-    """image_ranges, given the positions of the <|image|> tokens."""
+    """[start, end) token range per image in order (end None = open, to the end of the sequence), given the positions
+    of the <|image|> tokens."""
     ranges: list[tuple[int, int | None]] = []
     for k, loc in enumerate(locs):
         ranges.append((loc, locs[k + 1] if k + 1 < len(locs) else None))
