@@ -146,12 +146,14 @@ def test_decode_groups_equal_each_sequence_alone(model, images, order, prefill):
     mixed_batch_against_alone(model, images, order, prefill)
 
 
-def test_prefix_copy_trim_and_lengths(model, images):
-    engine = model.engine
-    toks = [BOS, IMAGE] + model.tokenize("Shared prompt for two choices.")
-    slots = engine.claim_slots(images[:1])
-    try:
-        engine.start(0, toks, images[:1], slots, reuse=False)
+@pytest.mark.parametrize("kv_f32", [True, False])  # F16 caches: head-major where our kernel's AVX2 form reads them
+def test_prefix_copy_trim_and_lengths(gguf_f32, kv_f32):
+    with mllama.Model(gguf_f32, n_seq_max=4, n_image_slots=4, n_ctx=512, kv_f32=kv_f32) as model:
+        engine = model.engine
+        images = model.prepare_images([picture(50, 50, 1)])
+        toks = [BOS, IMAGE] + model.tokenize("Shared prompt for two choices.")
+        slots = engine.claim_slots(images)
+        engine.start(0, toks, images, slots, reuse=False)
         engine.decode([Part(0, toks, 0, slots, engine.rows_for(0, toks), [])])
         engine.copy_sequence(0, 1)
         assert engine.length(1) == len(toks) and engine.seqs[1].tokens == toks
@@ -160,7 +162,6 @@ def test_prefix_copy_trim_and_lengths(model, images):
         np.testing.assert_array_equal(both[0], both[1])  # the same cells, the same arithmetic
         call(lib.mllama_context_seq_trim, engine.ctx, 1, 3)
         assert engine.length(1) == 3 and engine.length(0) == len(toks) + 1
-    finally:
         engine.release_slots(slots)
 
 

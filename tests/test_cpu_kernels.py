@@ -247,8 +247,9 @@ def test_op_paths_name_the_kernels_the_context_uses(converted):
     # its AVX2 form reads the image caches head-major (runtime/context.h); ggml's attention, key-major
     assert ("head-major" in default["cross-attention"]) == (xattn_form == "(x86 AVX2)" and family is not None)
     assert "head-major" not in generic["cross-attention"]
-    # the self-attention over the F16 caches takes the same kernel (its key-major caches unchanged)
-    assert default["self-attention"] == ("mllama GQA kernel over the F16 caches " + xattn_form if family
+    # the self-attention over the F16 caches takes the same kernel, its AVX2 form over head-major caches too
+    layout = ", head-major " if xattn_form == "(x86 AVX2)" else " "
+    assert default["self-attention"] == ("mllama GQA kernel over the F16 caches" + layout + xattn_form if family
                                          else generic["self-attention"])
     assert generic["self-attention"].endswith("flash_attn_ext")
     assert default["vision attention"].startswith("mllama" if family else "ggml")

@@ -89,14 +89,7 @@ ggml_tensor * image_tiles(ggml_context * ctx, ggml_tensor * vision_out, int64_t 
 
 ggml_tensor * slot_rows(ggml_context * ctx, ggml_tensor * t, bool head_major, int64_t n_vis, int64_t slot,
                         int64_t n_rows) {
-    if (!head_major) {
-        const size_t offset = static_cast<size_t>(slot * n_vis) * t->nb[2];
-        return ggml_view_3d(ctx, t, t->ne[0], t->ne[1], n_rows, t->nb[1], t->nb[2], offset);  // [hd, Hkv, n_rows]
-    }
-    const size_t offset = static_cast<size_t>(slot * n_vis) * t->nb[1];
-    ggml_tensor * rows =
-        ggml_view_3d(ctx, t, t->ne[0], n_rows, t->ne[2], t->nb[1], t->nb[2], offset);  // [hd, n_rows, Hkv]
-    return ggml_permute(ctx, rows, 0, 2, 1, 3);                                       // [hd, Hkv, n_rows]
+    return cache_rows(ctx, t, head_major, slot * n_vis, n_rows);  // [hd, Hkv, n_rows]
 }
 
 ggml_tensor * slot_view(ggml_context * ctx, ggml_tensor * t, bool head_major, int64_t n_vis, int64_t first_slot,

@@ -81,10 +81,11 @@ static ggml_tensor * group_attention(ggml_context * ctx, const mllama_context & 
     const text_hparams & hp = c.model->hp.text;
     const int64_t hd = hp.n_embd_head, n = static_cast<int64_t>(g.n_parts);
     ggml_tensor * rows = ggml_view_3d(ctx, q, hd, q->ne[1], n, q->nb[1], q->nb[2], first_row * q->nb[2]);  // [hd, H, n]
-    const size_t seq_bytes = static_cast<size_t>(c.params.n_ctx) * ck->nb[2];  // a sequence's cells
+    const cache_strides st = strides_of(ck, c.state.self_head_major);
+    const size_t seq_bytes = static_cast<size_t>(c.params.n_ctx) * st.row;  // from a sequence's cells to the next's
     auto per_row = [&](ggml_tensor * cache) {  // [hd, Hkv, n_kv, n]: row r reads its own sequence's cells
-        return ggml_view_4d(ctx, cache, hd, hp.n_head_kv, g.n_kv, n, cache->nb[1], cache->nb[2],
-                            g.seq_step * seq_bytes, first_seq * seq_bytes);
+        return ggml_view_4d(ctx, cache, hd, hp.n_head_kv, g.n_kv, n, st.head, st.row, g.seq_step * seq_bytes,
+                            first_seq * seq_bytes);
     };
     ggml_tensor * mask_rows = ggml_reshape_2d(ctx, mask, g.n_kv, n);  // [n_kv, n]
     if (ggml_tensor * ours = kernel_attention(ctx, kernels, rows, per_row(ck), per_row(cv), mask_rows, scale)) {
@@ -92,7 +93,7 @@ static ggml_tensor * group_attention(ggml_context * ctx, const mllama_context & 
     }
     rows = ggml_permute(ctx, ggml_reshape_4d(ctx, rows, hd, q->ne[1], 1, n), 0, 2, 1, 3);  // [hd, 1, H, n]
     auto caches = [&](ggml_tensor * cache) {  // [hd, n_kv, Hkv, n]
-        return ggml_view_4d(ctx, cache, hd, g.n_kv, hp.n_head_kv, n, cache->nb[2], cache->nb[1], g.seq_step * seq_bytes,
+        return ggml_view_4d(ctx, cache, hd, g.n_kv, hp.n_head_kv, n, st.row, st.head, g.seq_step * seq_bytes,
                             first_seq * seq_bytes);
     };
     ggml_tensor * out = ggml_flash_attn_ext(ctx, rows, caches(ck), caches(cv), mask, scale, /*max_bias=*/0.0f,
@@ -111,6 +112,11 @@ static ggml_tensor * cached_attention(ggml_context * ctx, const mllama_context &
     const int64_t hd = hp.n_embd_head, n_kv_embd = hd * hp.n_head_kv;
     ggml_tensor * ck = c.state.self_k[il], * cv = c.state.self_v[il];
     auto store = [&](ggml_tensor * cache, ggml_tensor * t) {  // t [hd, Hkv, n] with contiguous heads
+        if (c.state.self_head_major) {  // cache [hd, n_cells, Hkv]: each head's row into its plane
+            ggml_tensor * rows = ggml_permute(ctx, t, 0, 2, 1, 3);  // [hd, n, Hkv]
+            ggml_build_forward_expand(gf, ggml_set_rows(ctx, cache, rows, in.kv_cells));
+            return;
+        }
         ggml_tensor * rows = ggml_view_2d(ctx, t, n_kv_embd, s.n_tokens, t->nb[2], 0);  // [hd * Hkv, n]
         ggml_tensor * cells = ggml_reshape_2d(ctx, cache, n_kv_embd, cache->ne[2]);  // [hd * Hkv, n_cells]
         ggml_build_forward_expand(gf, ggml_set_rows(ctx, cells, rows, in.kv_cells));
@@ -129,8 +135,7 @@ static ggml_tensor * cached_attention(ggml_context * ctx, const mllama_context &
         } else {
             auto cells = [&](ggml_tensor * cache) {  // [hd, Hkv, n_kv]
                 const int64_t cell = static_cast<int64_t>(p.seq) * c.params.n_ctx;
-                return ggml_view_3d(ctx, cache, hd, hp.n_head_kv, g.n_kv, cache->nb[1], cache->nb[2],
-                                    cell * cache->nb[2]);
+                return cache_rows(ctx, cache, c.state.self_head_major, cell, g.n_kv);
             };
             ggml_tensor * rows = ggml_view_3d(ctx, q, q->ne[0], q->ne[1], p.n_tokens, q->nb[1], q->nb[2],
                                               p.first_row * q->nb[2]);  // [hd, H, n_part]

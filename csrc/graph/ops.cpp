@@ -36,4 +36,15 @@ ggml_tensor * attention(ggml_context * ctx, const attn_args & a) {
     return ggml_reshape_2d(ctx, out, out->ne[0] * out->ne[1], out->ne[2]);  // [head_dim * n_head, n_q]
 }
 
+cache_strides strides_of(const ggml_tensor * cache, bool head_major) {
+    return head_major ? cache_strides{cache->nb[1], cache->nb[2]} : cache_strides{cache->nb[2], cache->nb[1]};
+}
+
+ggml_tensor * cache_rows(ggml_context * ctx, ggml_tensor * cache, bool head_major, int64_t first, int64_t n) {
+    const cache_strides st = strides_of(cache, head_major);
+    const int64_t n_head_kv = head_major ? cache->ne[2] : cache->ne[1];
+    return ggml_view_3d(ctx, cache, cache->ne[0], n_head_kv, n, st.head, st.row,
+                        static_cast<size_t>(first) * st.row);  // [hd, Hkv, n]
+}
+
 }  // namespace mllama

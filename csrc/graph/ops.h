@@ -26,4 +26,16 @@ struct attn_args {
 };
 ggml_tensor * attention(ggml_context * ctx, const attn_args & a);  // -> [head_dim * n_head, n_q]
 
+// A K or V cache tensor holds rows (a key's or value's heads: one per token or vision token) key-major,
+// [hd, Hkv, n_rows] (a row's heads adjacent, ggml's usual cache), or head-major, [hd, n_rows, Hkv] (a head's rows
+// adjacent: where our attention kernel's AVX2 form reads them faster; runtime/context.h).
+struct cache_strides {
+    size_t row;   // bytes from one row to the next
+    size_t head;  // bytes from one head to the next
+};
+cache_strides strides_of(const ggml_tensor * cache, bool head_major);
+
+// Rows first .. first + n - 1 of a cache tensor (either layout) as [hd, Hkv, n].
+ggml_tensor * cache_rows(ggml_context * ctx, ggml_tensor * cache, bool head_major, int64_t first, int64_t n);
+
 }  // namespace mllama

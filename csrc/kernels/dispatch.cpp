@@ -162,7 +162,7 @@ cpu_kernel_set kernels_for_compute(cpu_kernel_set allowed, bool compute_on_cpu) 
     return compute_on_cpu ? allowed : cpu_kernel_set{};
 }
 
-bool image_cache_head_major() { return kernel_family() == cpu_family::avx2; }
+bool caches_head_major() { return kernel_family() == cpu_family::avx2; }
 
 const char * cpu_kernel_name(cpu_kernel kernel) {
     for (const auto & k : k_kernel_names) {

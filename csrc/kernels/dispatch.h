@@ -136,10 +136,11 @@ constexpr int64_t k_xattn_max_group = 16;
 bool cache_attention_supported(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v,
                                const ggml_tensor * mask);
 
-// Whether cache_attention reads an image cache faster head-major (a head's keys adjacent) than key-major (a
-// key's heads adjacent): its AVX2 form does (Zen 3, a 4-tile image's decode: 1.6-1.7 against 2.0-2.4 ms a layer);
-// the AVX-512 form did not (Zen 4: 1.65-2.3 against 1.4-1.6 ms; bench/README.md).
-bool image_cache_head_major();
+// Whether cache_attention reads an F16 cache faster head-major (a head's keys adjacent) than key-major (a key's
+// heads adjacent): its AVX2 form does (Zen 3, one decode row: a 4-tile image's cross-attention 1.6-1.7 against
+// 2.0-2.4 ms a layer, the self-attention over 4K cached tokens 1.5-1.7 against 2.2-2.9); the AVX-512 form did not
+// on an image cache (Zen 4: 1.65-2.3 against 1.4-1.6 ms; bench/README.md). Both the image and the self caches.
+bool caches_head_major();
 
 // softmax(q k^T scale + mask) v for a batch's tokens (decode and prefill) over a long F16 cache: the image's
 // cross-attention keys (chunks of 8 tokens walk it together: 1.7-2.5x ggml's flash attention at 64-200 tokens

@@ -86,12 +86,14 @@ cpu_kernel_set layer_kernels(const mllama_context & c, size_t il) {
     return kernels_for_compute(c.kernels, cpu_kernels_allowed_on(c.model->plan, c.model->plan.layers[il]));
 }
 
-// Whether our cross-attention kernel may run in every cross-attention layer (graph/decoder.cpp picks it by the same
-// layer_kernels).
-static bool every_cross_layer_runs_xattn(const mllama_context & c) {
+// Whether our attention kernel may run in every cross-attention layer (cross) or every other decoder layer (graph/
+// decoder.cpp picks it by the same layer_kernels).
+static bool every_layer_runs_xattn(const mllama_context & c, bool cross) {
     const text_hparams & t = c.model->hp.text;
     for (int il = 0; il < t.n_layer; ++il) {
-        if (t.is_cross(il) && !layer_kernels(c, static_cast<size_t>(il)).may_run(cpu_kernel::xattn)) return false;
+        if (t.is_cross(il) == cross && !layer_kernels(c, static_cast<size_t>(il)).may_run(cpu_kernel::xattn)) {
+            return false;
+        }
     }
     return true;
 }
@@ -104,7 +106,8 @@ static void create_state(mllama_context & c) {
     const int64_t n_slots = c.params.n_image_slots;
     std::vector<ggml_backend_dev_t> devs;
     const ggml_type xtype = cache_type(m, c.params.cross_kv_f32), ktype = cache_type(m, c.params.kv_f32);
-    st.cross_head_major = xtype == GGML_TYPE_F16 && image_cache_head_major() && every_cross_layer_runs_xattn(c);
+    st.cross_head_major = xtype == GGML_TYPE_F16 && caches_head_major() && every_layer_runs_xattn(c, true);
+    st.self_head_major = ktype == GGML_TYPE_F16 && caches_head_major() && every_layer_runs_xattn(c, false);
     // [hd, Hkv, n], or [hd, n, Hkv] head_major
     auto cache = [&](ggml_type type, int64_t n, const char * fmt, int il, bool head_major = false) {
         ggml_context * ctx = state_context(c, devs, m.plan.layers[static_cast<size_t>(il)]);  // the layer's device
@@ -122,8 +125,9 @@ static void create_state(mllama_context & c) {
             st.cross_v.push_back(cache(xtype, n, "cache.%d.cross_v", il, st.cross_head_major));
         } else {
             const int64_t n_cells = static_cast<int64_t>(c.params.n_ctx) * c.params.n_seq_max;
-            st.self_k[il] = cache(ktype, n_cells, "cache.%d.k", il);  // [hd, Hkv, n_ctx * n_seq_max]
-            st.self_v[il] = cache(ktype, n_cells, "cache.%d.v", il);
+            // [hd, Hkv, n_ctx * n_seq_max], or [hd, n_ctx * n_seq_max, Hkv] head-major
+            st.self_k[il] = cache(ktype, n_cells, "cache.%d.k", il, st.self_head_major);
+            st.self_v[il] = cache(ktype, n_cells, "cache.%d.v", il, st.self_head_major);
         }
     }
     std::vector<float> factors;

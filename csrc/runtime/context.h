@@ -47,9 +47,11 @@ struct context_state {
     // n_head_kv] (a head's keys adjacent: where our cross-attention kernel reads them faster so).
     std::vector<ggml_tensor *> cross_k, cross_v;
     bool cross_head_major = false;
-    // Per decoder layer (nullptr for cross-attention layers): [head_dim, n_head_kv, n_ctx * n_seq_max],
+    // Per decoder layer (nullptr for cross-attention layers): [head_dim, n_head_kv, n_ctx * n_seq_max], or where
+    // self_head_major, [head_dim, n_ctx * n_seq_max, n_head_kv] (graph/ops.h's cache_rows reads either);
     // sequence s in cells s * n_ctx .. (s + 1) * n_ctx - 1, position p in cell s * n_ctx + p.
     std::vector<ggml_tensor *> self_k, self_v;
+    bool self_head_major = false;
     ggml_tensor * rope_factors = nullptr;  // [head_dim / 2] llama3 frequency factors, or nullptr
     int64_t n_vis = 0;                     // vision tokens per image: max_tiles * n_positions
 };

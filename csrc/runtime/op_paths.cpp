@@ -141,8 +141,8 @@ static std::string fused_path(const mllama_context & c) {
 
 // The kernel family's name for an op without AMX tiles ("(x86 AVX512-BF16)", "(x86 AVX2)").
 static std::string family() { return kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX512-BF16)"; }
-// The image caches' layout where it is not ggml's usual key-major one (runtime/context.h).
-static std::string cache_layout(const mllama_context & c) { return c.state.cross_head_major ? ", head-major" : ""; }
+// A cache's layout where it is not ggml's usual key-major one (runtime/context.h).
+static std::string cache_layout(bool head_major) { return head_major ? ", head-major" : ""; }
 // The cross-attention's block step: AVX-512 (F32 FMAs, no BF16) in the AVX-512 BF16 family, else AVX2.
 static std::string vector_form() { return kernel_family() == cpu_family::avx2 ? "(x86 AVX2)" : "(x86 AVX-512)"; }
 
@@ -205,10 +205,12 @@ std::string op_paths(const mllama_context & c) {
            line("vision linear layers", vision_gemm(opt, ggml_cpu)) +
            line("image cross-attention K/V", image_cross_kv(m, opt, ggml_cpu)) +
            line("vision GELU", opt.fast_gelu ? "mllama vectorized GELU " + family() : ggml_cpu + ": gelu_erf") +
-           line("cross-attention", xattn ? "mllama GQA kernel over the F16 image cache" + cache_layout(c) + " " +
-                                                vector_form() + xattn_tiles(c)
+           line("cross-attention", xattn ? "mllama GQA kernel over the F16 image cache" +
+                                                cache_layout(c.state.cross_head_major) + " " + vector_form() +
+                                                xattn_tiles(c)
                                          : ggml_cpu + ": flash_attn_ext") +
-           line("self-attention", self_xattn ? "mllama GQA kernel over the F16 caches " + vector_form()
+           line("self-attention", self_xattn ? "mllama GQA kernel over the F16 caches" +
+                                                   cache_layout(c.state.self_head_major) + " " + vector_form()
                                              : ggml_cpu + ": flash_attn_ext") +
            line("text matrices", ggml_cpu + ": mul_mat; in ggml's extra CPU layouts: " +
                                     (repacked.empty() ? "none" : repacked) + q4k_path(c) + fused_path(c)) +

@@ -1,6 +1,7 @@
 // The sequences of a context: how many positions each one's cache cells hold, trimming, and copying
-// a prefix from one sequence to another (cells of sequence s: s * n_ctx .. (s + 1) * n_ctx - 1).
+// a prefix from one sequence to another (cells of sequence s: s * n_ctx .. (s + 1) * n_ctx - 1, runtime/context.h).
 #include "common/error.h"
+#include "graph/ops.h"
 #include "runtime/context.h"
 
 #include "ggml-backend.h"
@@ -30,17 +31,22 @@ void seq_trim(mllama_context & c, int32_t seq, int32_t n_keep) {
     c.seq_length[seq] = std::min(c.seq_length[seq], n_keep);
 }
 
-// Copies n cells of one cache tensor [hd, Hkv, cells] from cell `from` to cell `to`.
-static void copy_cells(ggml_tensor * cache, int64_t from, int64_t to, int64_t n, std::vector<uint8_t> & staging) {
-    const size_t row = cache->nb[2], bytes = static_cast<size_t>(n) * row;
-    if (ggml_backend_buffer_is_host(cache->buffer)) {
-        auto * data = static_cast<uint8_t *>(cache->data);
-        std::memcpy(data + to * row, data + from * row, bytes);
-        return;
+// Copies n cells of one cache tensor (either layout: a block per head where head-major) from cell `from` to `to`.
+static void copy_cells(ggml_tensor * cache, bool head_major, int64_t from, int64_t to, int64_t n,
+                       std::vector<uint8_t> & staging) {
+    const cache_strides st = strides_of(cache, head_major);
+    const size_t bytes = static_cast<size_t>(n) * st.row;
+    for (int64_t h = 0; h < (head_major ? cache->ne[2] : 1); ++h) {
+        const size_t src = from * st.row + h * st.head, dst = to * st.row + h * st.head;
+        if (ggml_backend_buffer_is_host(cache->buffer)) {
+            auto * data = static_cast<uint8_t *>(cache->data);
+            std::memmove(data + dst, data + src, bytes);
+            continue;
+        }
+        staging.resize(bytes);
+        ggml_backend_tensor_get(cache, staging.data(), src, bytes);
+        ggml_backend_tensor_set(cache, staging.data(), dst, bytes);
     }
-    staging.resize(bytes);
-    ggml_backend_tensor_get(cache, staging.data(), from * row, bytes);
-    ggml_backend_tensor_set(cache, staging.data(), to * row, bytes);
 }
 
 void seq_copy(mllama_context & c, int32_t src, int32_t dst, int32_t n_tokens) {
@@ -56,7 +62,7 @@ void seq_copy(mllama_context & c, int32_t src, int32_t dst, int32_t n_tokens) {
     std::vector<uint8_t> staging;
     for (const auto * list : {&c.state.self_k, &c.state.self_v}) {
         for (ggml_tensor * cache : *list) {
-            if (cache) copy_cells(cache, src * n_ctx, dst * n_ctx, n_tokens, staging);
+            if (cache) copy_cells(cache, c.state.self_head_major, src * n_ctx, dst * n_ctx, n_tokens, staging);
         }
     }
     c.seq_length[dst] = n_tokens;

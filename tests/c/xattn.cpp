@@ -25,7 +25,7 @@
 // amx_ms=... cache_bytes=... copies=...". XATTN_ALL_LIVE=1: every key live, bias 0 (a 4-tile image's decode).
 // k and v are viewed as [D, Hkv, n_kv] over both layouts of the runtime's image caches (runtime/context.h): each
 // form's ratio is the larger of the two. The timed caches take the layout the runtime would give them here
-// (head-major where kernels/dispatch.h's image_cache_head_major()), XATTN_LAYOUT=key or head another.
+// (head-major where kernels/dispatch.h's caches_head_major()), XATTN_LAYOUT=key or head another.
 #include "kernels/dispatch.h"
 #include "timing.h"
 
@@ -65,7 +65,7 @@ static ggml_tensor * new_cache(ggml_context * ctx, const problem & p, bool head_
 
 static bool timed_head_major() {
     const char * layout = std::getenv("XATTN_LAYOUT");
-    return layout ? std::string(layout) == "head" : image_cache_head_major();
+    return layout ? std::string(layout) == "head" : caches_head_major();
 }
 
 static ggml_fp16_t & element(ggml_tensor * t, int64_t i) {  // i = d + D (h + Hkv j)
