@@ -28,10 +28,6 @@ namespace {
 
 using namespace xattn;
 
-// Most tokens that walk the keys together (prefill, decode batches): each key block read from memory once serves
-// all of them from L1/L2 instead of each token streaming the cache again.
-constexpr int64_t k_token_chunk = 8;
-
 // seen[i] = whether some token t0..t1 sees key j0 + i (its mask row is not -inf there), i < n.
 template <class MaskRow>
 void seen_keys(const MaskRow & mask_row, int64_t t0, int64_t t1, int64_t j0, int64_t n, bool * seen) {
@@ -42,19 +38,26 @@ void seen_keys(const MaskRow & mask_row, int64_t t0, int64_t t1, int64_t j0, int
     }
 }
 
-// KV heads h0..h1 of tokens t0..t1, keys in the outer loop (a block of every head, then the next block): the
-// tokens' mask rows are read once a block, and with head-major caches (a head's keys adjacent, runtime/context.h)
-// heads in the outer loop were no faster (bench/README.md).
-void attend_heads(ggml_tensor * dst, const shape & s, group_block_fn group_block, int64_t h0, int64_t h1, int64_t t0,
-                  int64_t t1) {
+// KV heads first, first + step, ... (count of them) of a chunk of tokens.
+struct head_set {
+    int64_t first, step, count;
+    int64_t at(int64_t i) const { return first + i * step; }
+};
+
+// The heads of tokens t0..t1, keys in the outer loop (a block of every head, then the next block): the tokens' mask
+// rows are read once a block, and with head-major caches (a head's keys adjacent, runtime/context.h) heads in the
+// outer loop were no faster (bench/README.md).
+void attend_heads(ggml_tensor * dst, const shape & s, group_block_fn group_block, bool chunk_step, head_set heads,
+                  int64_t t0, int64_t t1) {
     const ggml_tensor * q = dst->src[0], * mask = dst->src[3];
-    const int64_t n_q = (h1 - h0) * s.G, n_t = t1 - t0;  // query heads per token, tokens
+    const int64_t n_q = heads.count * s.G, n_t = t1 - t0;  // query heads per token, tokens
     std::vector<float> buf(static_cast<size_t>(2 * n_t * n_q * s.D));
     std::vector<query_state> qs(static_cast<size_t>(n_t * n_q));  // token-major: qs[(t - t0) n_q + i]
+    auto q_head = [&](int64_t i) { return heads.at(i / s.G) * s.G + i % s.G; };  // query head of state i
     for (int64_t t = t0; t < t1; ++t)
         for (int64_t i = 0; i < n_q; ++i) {
             const int64_t at = (t - t0) * n_q + i;
-            const char * row = static_cast<const char *>(q->data) + (h0 * s.G + i) * q->nb[1] + t * q->nb[2];
+            const char * row = static_cast<const char *>(q->data) + q_head(i) * q->nb[1] + t * q->nb[2];
             const auto * qr = reinterpret_cast<const float *>(row);
             float * mem = buf.data() + 2 * at * s.D;
             qs[at] = {mem, mem + s.D, -std::numeric_limits<float>::infinity(), 0.0f};
@@ -63,6 +66,15 @@ void attend_heads(ggml_tensor * dst, const shape & s, group_block_fn group_block
     auto mask_row = [&](int64_t t) {
         return reinterpret_cast<const ggml_fp16_t *>(static_cast<const char *>(mask->data) + t * mask->nb[1]);
     };
+    // the chunk's rows of each KV head for the chunk step: its tokens' query states and mask rows, token-major
+    chunk_step = chunk_step && n_t > 1;
+    std::vector<query_state *> rows(static_cast<size_t>(chunk_step ? n_t * n_q : 0));
+    std::vector<const ggml_fp16_t *> mrows(rows.size());
+    for (size_t r = 0; r < rows.size(); ++r) {
+        const int64_t hg = static_cast<int64_t>(r) / (n_t * s.G), t = static_cast<int64_t>(r) / s.G % n_t;
+        rows[r] = &qs[static_cast<size_t>(t * n_q + hg * s.G + static_cast<int64_t>(r) % s.G)];
+        mrows[r] = mask_row(t0 + t);
+    }
     bool seen[2][k_block];  // keys of this block / the next that some token of the chunk sees
     seen_keys(mask_row, t0, t1, 0, std::min(k_block, s.n_kv), seen[0]);
     for (int64_t j0 = 0, b = 0; j0 < s.n_kv; j0 += k_block, ++b) {
@@ -72,25 +84,30 @@ void attend_heads(ggml_tensor * dst, const shape & s, group_block_fn group_block
         seen_keys(mask_row, t0, t1, j0 + n, n_next, next);
         // a block no token sees (the tiles a 1-tile image lacks) is neither read nor prefetched
         if (std::none_of(now, now + n, [](bool x) { return x; })) continue;
-        for (int64_t h = h0; h < h1; ++h)
+        for (int64_t i = 0; chunk_step && i < heads.count; ++i) {
+            const size_t first = static_cast<size_t>(i * n_t * s.G);
+            chunk_block_avx2(dst, s, heads.at(i), rows.data() + first, mrows.data() + first, n_t * s.G, j0, n, next);
+        }
+        for (int64_t i = 0; !chunk_step && i < heads.count; ++i)
             for (int64_t t = t0; t < t1; ++t) {
-                group_block(dst, s, h, mask_row(t), j0, n, qs.data() + (t - t0) * n_q + (h - h0) * s.G,
-                                 t == t0 ? next : nullptr);
+                group_block(dst, s, heads.at(i), mask_row(t), j0, n, qs.data() + (t - t0) * n_q + i * s.G,
+                            t == t0 ? next : nullptr);
             }
     }
     for (int64_t t = t0; t < t1; ++t)
         for (int64_t i = 0; i < n_q; ++i) {  // dst [D * Hq, T]; no live key: 0
             const query_state & st = qs[(t - t0) * n_q + i];
-            auto * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + t * dst->nb[1]) +
-                         (h0 * s.G + i) * s.D;
+            auto * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + t * dst->nb[1]) + q_head(i) * s.D;
             const float inv = st.l > 0.0f ? 1.0f / st.l : 0.0f;
             for (int64_t d = 0; d < s.D; ++d) out[d] = st.o[d] * inv;
         }
 }
 
-// Work units: (chunk of tokens, KV head), chunk-major; each thread takes a contiguous range of them, cut into
-// per-chunk head ranges. Chunks of up to k_token_chunk tokens, fewer where the units would not give every
-// thread one (a decode batch of 8 rows on 16 threads: chunks of 4; one row: the heads split across threads).
+// Work units: (chunk of tokens, KV head). Chunks of up to k_token_chunk tokens, fewer where the units would not
+// give every thread one (a decode batch of 8 rows on 16 threads: chunks of 4; one row: the heads split across
+// threads in contiguous ranges). With several chunks, unit (c, h) goes to thread (c Hkv + h) % nth: a causal
+// prefill's later chunks see more keys, a decode batch's sequences differ in length, and contiguous ranges of
+// units had given one of two threads 3/4 of the work of a 512-token part at the start of a prompt.
 // Caches of several sequences (k, v [D, Hkv, n_kv, T]: token t reads sequence t's) take chunks of one token, each
 // through a copy of dst whose k and v are that sequence's [D, Hkv, n_kv] (the block steps read them from dst).
 void attend(ggml_tensor * dst, int ith, int nth, void * tiles) {
@@ -98,24 +115,30 @@ void attend(ggml_tensor * dst, int ith, int nth, void * tiles) {
     const shape s = shape_of(dst->src[0], dst->src[1]);
     const group_block_fn group_block =
         kernel_family() == cpu_family::avx512_bf16 ? group_block_avx512 : group_block_avx2;
+    const bool chunk_step = kernel_family() == cpu_family::avx2;  // several tokens' rows at once (xattn.h)
     const bool per_token_caches = dst->src[1]->ne[3] > 1;
     const int64_t chunk = per_token_caches ? 1 : std::clamp<int64_t>(s.T * s.Hkv / nth, 1, k_token_chunk);
     const int64_t n_chunks = (s.T + chunk - 1) / chunk;
-    const int64_t total = s.Hkv * n_chunks, per = (total + nth - 1) / nth;
-    const int64_t w0 = std::min(total, per * ith), w1 = std::min(total, w0 + per);
-    for (int64_t w = w0; w < w1;) {
-        const int64_t c = w / s.Hkv, h0 = w % s.Hkv, h1 = std::min(s.Hkv, h0 + (w1 - w));
+    for (int64_t c = 0; c < n_chunks; ++c) {
+        head_set heads{};
+        if (n_chunks == 1) {  // one chunk (a decode row): a contiguous range of its heads
+            const int64_t per = (s.Hkv + nth - 1) / nth, h0 = std::min(s.Hkv, per * ith);
+            heads = {h0, 1, std::min(s.Hkv, h0 + per) - h0};
+        } else {  // unit c * Hkv + h to thread (c * Hkv + h) % nth
+            const int64_t h0 = ((ith - c * s.Hkv) % nth + nth) % nth;
+            heads = {h0, nth, h0 < s.Hkv ? (s.Hkv - 1 - h0) / nth + 1 : 0};
+        }
+        if (heads.count == 0) continue;
         if (per_token_caches) {  // token c's own caches
             ggml_tensor k = *dst->src[1], v = *dst->src[2], one = *dst;
             k.data = static_cast<char *>(k.data) + c * k.nb[3];
             v.data = static_cast<char *>(v.data) + c * v.nb[3];
             k.ne[3] = v.ne[3] = 1;
             one.src[1] = &k, one.src[2] = &v;
-            attend_heads(&one, s, group_block, h0, h1, c, c + 1);
+            attend_heads(&one, s, group_block, chunk_step, heads, c, c + 1);
         } else {
-            attend_heads(dst, s, group_block, h0, h1, c * chunk, std::min(s.T, (c + 1) * chunk));
+            attend_heads(dst, s, group_block, chunk_step, heads, c * chunk, std::min(s.T, (c + 1) * chunk));
         }
-        w += h1 - h0;
     }
 }
 

@@ -1,9 +1,12 @@
-// The cross-attention kernel (kernels/dispatch.h's cache_attention) shared between its driver
-// (kernels/x86/xattn.cpp) and its block step, in two forms: AVX-512 (kernels/x86/xattn_avx512.cpp, the
-// AVX-512 BF16 family) and AVX2 (kernels/x86/xattn_avx2.cpp, the AVX2 family). Each thread takes a range of KV
-// heads of a chunk of tokens (one in decode) and walks their keys in blocks; a block step does the scores, the
-// online-softmax step and the value sums of one query group of one token over one block.
+// The attention kernel over F16 caches (kernels/dispatch.h's cache_attention) shared between its driver
+// (kernels/x86/xattn.cpp) and its block steps, in two forms: AVX-512 (kernels/x86/xattn_avx512.cpp, the
+// AVX-512 BF16 family) and AVX2 (kernels/x86/xattn_avx2.cpp, the AVX2 family). Each thread takes KV heads of a
+// chunk of tokens (one in decode) and walks their keys in blocks; a block step does the scores, the online-softmax
+// step and the value sums of one query group of one token over one block; in the AVX2 family, a chunk of several
+// tokens takes all its rows of a KV head at once (kernels/x86/xattn_chunk_avx2.cpp).
 #pragma once
+
+#include "kernels/dispatch.h"
 
 #include "ggml.h"
 
@@ -16,6 +19,10 @@
 namespace mllama::xattn {
 
 constexpr int64_t k_block = 64;  // keys per softmax step
+// Most tokens that walk the keys together (prefill, decode batches): each key block read from memory once serves
+// all of them from L1/L2 instead of each token streaming the cache again.
+constexpr int64_t k_token_chunk = 8;
+constexpr int64_t k_max_chunk_rows = k_token_chunk * k_xattn_max_group;  // query rows of a chunk and KV head
 // Query heads per pass of both forms: one key's scores of a quad fill half a ymm (AVX2), four keys' a zmm (AVX-512).
 constexpr int64_t k_quad = 4;
 static_assert(k_block % 4 == 0, "the AVX-512 form takes keys in fours");
@@ -122,5 +129,10 @@ void group_block_avx2(const ggml_tensor * dst, const shape & s, int64_t h, const
                       int64_t n, query_state * qs, const bool * next_live);
 void group_block_avx512(const ggml_tensor * dst, const shape & s, int64_t h, const ggml_fp16_t * mrow, int64_t j0,
                         int64_t n, query_state * qs, const bool * next_live);
+
+// The AVX2 family's step for several tokens of a chunk (kernels/x86/xattn_chunk_avx2.cpp): n_rows query rows (rows:
+// their states, mrows: each one's mask row) of KV head h over keys j0..j0+n at once; next_live as above.
+void chunk_block_avx2(const ggml_tensor * dst, const shape & s, int64_t h, query_state * const * rows,
+                      const ggml_fp16_t * const * mrows, int64_t n_rows, int64_t j0, int64_t n, const bool * next_live);
 
 }  // namespace mllama::xattn
