@@ -154,8 +154,8 @@ def test_decode_cross_attention_within_its_rounding_bound(xattn_driver, d, hq, h
 def test_cross_attention_token_chunks_on_many_threads(xattn_driver, t, threads):
     """The kernel's work split on more threads than 2: tokens in chunks sized so that every thread gets a unit
     (8 tokens x 8 KV heads on 16 threads: chunks of 4; 5 tokens on 3 threads: 8; 40 on 16: 8, some threads
-    with several chunks), unit (chunk c, head h) on thread (8 c + h) % threads, the same bound as above: a token or
-    head left out, or written twice, fails it."""
+    with several chunks; each chunk's heads in ranges so that every thread gets a unit, the units going round the
+    threads), the same bound as above: a token or head left out, or written twice, fails it."""
     fields = run_driver(xattn_driver, 128, 32, 8, t, 400, threads, env=XATTN_TILES_ENV)
     assert_both_xattn_forms_within_bound(fields, 128, t)
 

@@ -38,26 +38,19 @@ void seen_keys(const MaskRow & mask_row, int64_t t0, int64_t t1, int64_t j0, int
     }
 }
 
-// KV heads first, first + step, ... (count of them) of a chunk of tokens.
-struct head_set {
-    int64_t first, step, count;
-    int64_t at(int64_t i) const { return first + i * step; }
-};
-
-// The heads of tokens t0..t1, keys in the outer loop (a block of every head, then the next block): the tokens' mask
-// rows are read once a block, and with head-major caches (a head's keys adjacent, runtime/context.h) heads in the
-// outer loop were no faster (bench/README.md).
-void attend_heads(ggml_tensor * dst, const shape & s, group_block_fn group_block, bool chunk_step, head_set heads,
-                  int64_t t0, int64_t t1) {
+// KV heads h0..h1 of tokens t0..t1, keys in the outer loop (a block of every head, then the next block): the
+// tokens' mask rows are read once a block, and with head-major caches (a head's keys adjacent, runtime/context.h)
+// heads in the outer loop were no faster (bench/README.md).
+void attend_heads(ggml_tensor * dst, const shape & s, group_block_fn group_block, bool chunk_step, int64_t h0,
+                  int64_t h1, int64_t t0, int64_t t1) {
     const ggml_tensor * q = dst->src[0], * mask = dst->src[3];
-    const int64_t n_q = heads.count * s.G, n_t = t1 - t0;  // query heads per token, tokens
+    const int64_t n_q = (h1 - h0) * s.G, n_t = t1 - t0;  // query heads per token, tokens
     std::vector<float> buf(static_cast<size_t>(2 * n_t * n_q * s.D));
     std::vector<query_state> qs(static_cast<size_t>(n_t * n_q));  // token-major: qs[(t - t0) n_q + i]
-    auto q_head = [&](int64_t i) { return heads.at(i / s.G) * s.G + i % s.G; };  // query head of state i
     for (int64_t t = t0; t < t1; ++t)
         for (int64_t i = 0; i < n_q; ++i) {
             const int64_t at = (t - t0) * n_q + i;
-            const char * row = static_cast<const char *>(q->data) + q_head(i) * q->nb[1] + t * q->nb[2];
+            const char * row = static_cast<const char *>(q->data) + (h0 * s.G + i) * q->nb[1] + t * q->nb[2];
             const auto * qr = reinterpret_cast<const float *>(row);
             float * mem = buf.data() + 2 * at * s.D;
             qs[at] = {mem, mem + s.D, -std::numeric_limits<float>::infinity(), 0.0f};
@@ -84,30 +77,33 @@ void attend_heads(ggml_tensor * dst, const shape & s, group_block_fn group_block
         seen_keys(mask_row, t0, t1, j0 + n, n_next, next);
         // a block no token sees (the tiles a 1-tile image lacks) is neither read nor prefetched
         if (std::none_of(now, now + n, [](bool x) { return x; })) continue;
-        for (int64_t i = 0; chunk_step && i < heads.count; ++i) {
-            const size_t first = static_cast<size_t>(i * n_t * s.G);
-            chunk_block_avx2(dst, s, heads.at(i), rows.data() + first, mrows.data() + first, n_t * s.G, j0, n, next);
+        for (int64_t h = h0; chunk_step && h < h1; ++h) {
+            const size_t first = static_cast<size_t>((h - h0) * n_t * s.G);
+            chunk_block_avx2(dst, s, h, rows.data() + first, mrows.data() + first, n_t * s.G, j0, n, next);
         }
-        for (int64_t i = 0; !chunk_step && i < heads.count; ++i)
+        for (int64_t h = h0; !chunk_step && h < h1; ++h)
             for (int64_t t = t0; t < t1; ++t) {
-                group_block(dst, s, heads.at(i), mask_row(t), j0, n, qs.data() + (t - t0) * n_q + i * s.G,
+                group_block(dst, s, h, mask_row(t), j0, n, qs.data() + (t - t0) * n_q + (h - h0) * s.G,
                             t == t0 ? next : nullptr);
             }
     }
     for (int64_t t = t0; t < t1; ++t)
         for (int64_t i = 0; i < n_q; ++i) {  // dst [D * Hq, T]; no live key: 0
             const query_state & st = qs[(t - t0) * n_q + i];
-            auto * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + t * dst->nb[1]) + q_head(i) * s.D;
+            auto * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + t * dst->nb[1]) +
+                         (h0 * s.G + i) * s.D;
             const float inv = st.l > 0.0f ? 1.0f / st.l : 0.0f;
             for (int64_t d = 0; d < s.D; ++d) out[d] = st.o[d] * inv;
         }
 }
 
-// Work units: (chunk of tokens, KV head). Chunks of up to k_token_chunk tokens, fewer where the units would not
-// give every thread one (a decode batch of 8 rows on 16 threads: chunks of 4; one row: the heads split across
-// threads in contiguous ranges). With several chunks, unit (c, h) goes to thread (c Hkv + h) % nth: a causal
-// prefill's later chunks see more keys, a decode batch's sequences differ in length, and contiguous ranges of
-// units had given one of two threads 3/4 of the work of a 512-token part at the start of a prompt.
+// Work units: (chunk of tokens, range of KV heads), unit u on thread u % nth. Chunks of up to k_token_chunk tokens,
+// fewer where the units would not give every thread one (a decode batch of 8 rows on 16 threads: chunks of 4);
+// each chunk's heads in as few contiguous ranges as give every thread a unit (one decode row: the heads split
+// across the threads; a prefill: whole chunks, every head's part of a key row read together). Chunks go round the
+// threads because they differ: a causal prefill's later chunks see more keys, a decode batch's sequences differ
+// in length (contiguous runs of chunks had given one of two threads 3/4 of the work of a prompt's first 512-token
+// part).
 // Caches of several sequences (k, v [D, Hkv, n_kv, T]: token t reads sequence t's) take chunks of one token, each
 // through a copy of dst whose k and v are that sequence's [D, Hkv, n_kv] (the block steps read them from dst).
 void attend(ggml_tensor * dst, int ith, int nth, void * tiles) {
@@ -119,25 +115,20 @@ void attend(ggml_tensor * dst, int ith, int nth, void * tiles) {
     const bool per_token_caches = dst->src[1]->ne[3] > 1;
     const int64_t chunk = per_token_caches ? 1 : std::clamp<int64_t>(s.T * s.Hkv / nth, 1, k_token_chunk);
     const int64_t n_chunks = (s.T + chunk - 1) / chunk;
-    for (int64_t c = 0; c < n_chunks; ++c) {
-        head_set heads{};
-        if (n_chunks == 1) {  // one chunk (a decode row): a contiguous range of its heads
-            const int64_t per = (s.Hkv + nth - 1) / nth, h0 = std::min(s.Hkv, per * ith);
-            heads = {h0, 1, std::min(s.Hkv, h0 + per) - h0};
-        } else {  // unit c * Hkv + h to thread (c * Hkv + h) % nth
-            const int64_t h0 = ((ith - c * s.Hkv) % nth + nth) % nth;
-            heads = {h0, nth, h0 < s.Hkv ? (s.Hkv - 1 - h0) / nth + 1 : 0};
-        }
-        if (heads.count == 0) continue;
+    const int64_t parts = std::min(s.Hkv, (nth + n_chunks - 1) / n_chunks);  // head ranges per chunk
+    const int64_t per = (s.Hkv + parts - 1) / parts;
+    for (int64_t u = ith; u < n_chunks * parts; u += nth) {
+        const int64_t c = u / parts, h0 = u % parts * per, h1 = std::min(s.Hkv, h0 + per);
+        if (h0 >= h1) continue;
         if (per_token_caches) {  // token c's own caches
             ggml_tensor k = *dst->src[1], v = *dst->src[2], one = *dst;
             k.data = static_cast<char *>(k.data) + c * k.nb[3];
             v.data = static_cast<char *>(v.data) + c * v.nb[3];
             k.ne[3] = v.ne[3] = 1;
             one.src[1] = &k, one.src[2] = &v;
-            attend_heads(&one, s, group_block, chunk_step, heads, c, c + 1);
+            attend_heads(&one, s, group_block, chunk_step, h0, h1, c, c + 1);
         } else {
-            attend_heads(dst, s, group_block, chunk_step, heads, c * chunk, std::min(s.T, (c + 1) * chunk));
+            attend_heads(dst, s, group_block, chunk_step, h0, h1, c * chunk, std::min(s.T, (c + 1) * chunk));
         }
     }
 }
