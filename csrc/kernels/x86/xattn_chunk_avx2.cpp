@@ -2,9 +2,10 @@
 // chunk of tokens (tokens x the query group of one KV head: 32 rows for 8 tokens over Llama 3.2's groups of 4) over
 // one block of keys at once, as two small GEMMs. The per-token step (xattn_avx2.cpp) widens each key and value row
 // from F16 again for every token and holds its scores to a pair of keys a pass; here the block's keys are widened and
-// transposed once ([D][k_block] F32, 32 KiB at D = 128), each micro step multiplies 5 query rows by 16 keys (10 ymm
-// sums, two key loads and five query broadcasts a channel), and the value sums take 5 rows by 16 channels (each value
-// row widened once per 5 rows). Masked keys get probability 0; F32 throughout, as the per-token step.
+// transposed once into 16-key strips ([D][16] F32 each, 32 KiB a block at D = 128), each micro step multiplies 5
+// query rows by one strip (10 ymm sums, two key loads and five query broadcasts a channel), and the value sums take
+// 5 rows by 16 channels (each value row widened once per 5 rows). Masked keys get probability 0; F32 throughout, as
+// the per-token step. Prefill's attention 0.7-0.9x the per-token step's time on Zen 3 (bench/README.md).
 #include "kernels/dispatch.h"
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
