@@ -7,6 +7,7 @@
 #pragma once
 
 #include "kernels/dispatch.h"
+#include "kernels/x86/simd_avx2.h"
 
 #include "ggml.h"
 
@@ -40,6 +41,11 @@ inline shape shape_of(const ggml_tensor * q, const ggml_tensor * k) {
 
 inline const ggml_fp16_t * row_of(const ggml_tensor * t, int64_t h, int64_t j) {  // t: [D, H, n] F16
     return reinterpret_cast<const ggml_fp16_t *>(static_cast<const char *>(t->data) + h * t->nb[1] + j * t->nb[2]);
+}
+
+// 8 F16 -> 8 F32 (the AVX2 block steps' loads of keys, values and mask biases).
+MLLAMA_AVX2_TARGET inline __m256 widen(const ggml_fp16_t * x) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(x)));
 }
 
 // Running softmax state of one query head.

@@ -18,10 +18,6 @@
 namespace mllama::xattn {
 namespace {
 
-MLLAMA_AVX2_TARGET inline __m256 widen(const ggml_fp16_t * x) {  // 8 F16 -> 8 F32
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(x)));
-}
-
 // The totals of 8 vectors, in order, in one ymm: two levels of hadd leave each 128-bit half with the
 // partial sums of its lanes, then the halves are added.
 MLLAMA_AVX2_TARGET inline __m256 totals(const __m256 a[8]) {

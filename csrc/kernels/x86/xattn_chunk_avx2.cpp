@@ -16,16 +16,13 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 namespace mllama::xattn {
 namespace {
 
 constexpr int k_micro_rows = 5;  // query rows per micro step (10 ymm sums, as the vision tower's AVX2 attention)
 constexpr float k_neg_inf = -std::numeric_limits<float>::infinity();
-
-MLLAMA_AVX2_TARGET inline __m256 widen(const ggml_fp16_t * x) {  // 8 F16 -> 8 F32
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(x)));
-}
 
 // r[i] lane j <- r[j] lane i (an 8 x 8 transpose of floats).
 MLLAMA_AVX2_TARGET inline void transpose8(__m256 r[8]) {
@@ -110,43 +107,19 @@ MLLAMA_AVX2_TARGET void micro_values(query_state * const * rows, const float * p
     }
 }
 
-// The micro steps over every row, k_micro_rows at a time, the last step with the rest.
-MLLAMA_AVX2_TARGET void block_scores(query_state * const * rows, int64_t n_rows, const float * kt, int64_t D,
-                                     int64_t i0, float * p) {
+// f(std::integral_constant<int, R>{}, r0) for the rows r0..r0 + R - 1 of n_rows: k_micro_rows at a time, the last
+// step with the rest.
+template <class F>
+MLLAMA_AVX2_TARGET inline void over_rows(int64_t n_rows, F && f) {
     int64_t r0 = 0;
-    for (; r0 + k_micro_rows <= n_rows; r0 += k_micro_rows) {
-        micro_scores<k_micro_rows>(rows + r0, kt + i0 * D, D, i0, p + r0 * k_block);
-    }
-    float * at = p + r0 * k_block;
+    for (; r0 + k_micro_rows <= n_rows; r0 += k_micro_rows) f(std::integral_constant<int, k_micro_rows>{}, r0);
     switch (n_rows - r0) {
-    case 4: micro_scores<4>(rows + r0, kt + i0 * D, D, i0, at); break;
-    case 3: micro_scores<3>(rows + r0, kt + i0 * D, D, i0, at); break;
-    case 2: micro_scores<2>(rows + r0, kt + i0 * D, D, i0, at); break;
-    case 1: micro_scores<1>(rows + r0, kt + i0 * D, D, i0, at); break;
+    case 4: f(std::integral_constant<int, 4>{}, r0); break;
+    case 3: f(std::integral_constant<int, 3>{}, r0); break;
+    case 2: f(std::integral_constant<int, 2>{}, r0); break;
+    case 1: f(std::integral_constant<int, 1>{}, r0); break;
     default: break;
     }
-}
-
-MLLAMA_AVX2_TARGET void block_values(query_state * const * rows, int64_t n_rows, const float * p, const ggml_tensor * v,
-                                     int64_t h, int64_t j0, int64_t n_keys, int64_t d0) {
-    int64_t r0 = 0;
-    for (; r0 + k_micro_rows <= n_rows; r0 += k_micro_rows) {
-        micro_values<k_micro_rows>(rows + r0, p + r0 * k_block, v, h, j0, n_keys, d0);
-    }
-    const float * at = p + r0 * k_block;
-    switch (n_rows - r0) {
-    case 4: micro_values<4>(rows + r0, at, v, h, j0, n_keys, d0); break;
-    case 3: micro_values<3>(rows + r0, at, v, h, j0, n_keys, d0); break;
-    case 2: micro_values<2>(rows + r0, at, v, h, j0, n_keys, d0); break;
-    case 1: micro_values<1>(rows + r0, at, v, h, j0, n_keys, d0); break;
-    default: break;
-    }
-}
-
-MLLAMA_AVX2_TARGET inline float hmax256(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
 }
 
 // Row st's online-softmax step over its block scores s (keys < n16, bias from the row's mask row mrow + j0; keys
@@ -167,7 +140,7 @@ MLLAMA_AVX2_TARGET void row_softmax(query_state & st, const ggml_fp16_t * mrow, 
     }
     __m256 mx = _mm256_set1_ps(k_neg_inf);
     for (int64_t i = 0; i < n16; i += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(s + i));
-    const float m_new = std::max(st.m, hmax256(mx));
+    const float m_new = std::max(st.m, simd::hmax256(mx));
     if (m_new == k_neg_inf) {  // no key seen yet: nothing to add
         std::fill(s, s + n16, 0.0f);
         return;
@@ -202,10 +175,16 @@ MLLAMA_AVX2_TARGET void chunk_block_avx2(const ggml_tensor * dst, const shape & 
     const int64_t per_step = (next.n + n16 / 16 - 1) / (n16 / 16);
     for (int64_t i0 = 0; i0 < n16; i0 += 16) {
         next.prefetch_until(next.done + per_step);  // the next block's rows, spread over the scores
-        block_scores(rows, n_rows, kt, s.D, i0, p);
+        over_rows(n_rows, [&](auto R, int64_t r0) MLLAMA_AVX2_TARGET {
+            micro_scores<decltype(R)::value>(rows + r0, kt + i0 * s.D, s.D, i0, p + r0 * k_block);
+        });
     }
     for (int64_t r = 0; r < n_rows; ++r) row_softmax(*rows[r], mrows[r] + j0, n, n16, s.D, p + r * k_block);
-    for (int64_t d0 = 0; d0 < s.D; d0 += 16) block_values(rows, n_rows, p, v, h, j0, n, d0);
+    for (int64_t d0 = 0; d0 < s.D; d0 += 16) {
+        over_rows(n_rows, [&](auto R, int64_t r0) MLLAMA_AVX2_TARGET {
+            micro_values<decltype(R)::value>(rows + r0, p + r0 * k_block, v, h, j0, n, d0);
+        });
+    }
 }
 
 }  // namespace mllama::xattn
