@@ -5,10 +5,11 @@
 // gives 8 lanes of two BF16 values: shifted up 16 they are the first value as F32, masked the second.
 //   Kp[h][j/8][d/2][j%8] = (K[h][j][d], K[h][j][d+1])    8 keys x one channel pair
 //   Vp[h][j/2][c]        = (V[h][j][c], V[h][j+1][c])    8 channels x one key pair (attn_bf16.h's Vp)
-// Q (scaled) and the probabilities stay F32, every product is an F32 FMA. A query tile of 60 rows walks
+// Q (scaled) and the probabilities stay F32, every product is an F32 FMA. A query tile of 120 rows walks
 // the keys in chunks of 512, each widened to F32 once per tile (kf, vf: 320 KiB at head size 80, in L2),
-// 5 rows at a time: their scores against 64 keys (16 at a time, in 10 ymm), the masked online softmax of
-// each row, then P V into the rows' unnormalized outputs (16 channels at a time).
+// one block of 64 keys at a time: every group of 5 rows takes its scores against the block (16 keys at a
+// time, in 10 ymm) and each row's masked online-softmax step while the block's keys stay in L1, then every
+// group its P V into the rows' unnormalized outputs (16 channels at a time) while the block's values do.
 #include "kernels/dispatch.h"
 
 #if MLLAMA_X86_KERNELS  // the whole file: x86-64 only (CMake adds it only there)
@@ -32,7 +33,10 @@ namespace {
 
 constexpr int64_t k_key_block = 64;    // keys per softmax step
 constexpr int k_rows = 5;              // query rows per micro step (10 ymm sums: more than the 8 FMAs in flight)
-constexpr int64_t k_query_tile = 60;   // query rows sharing one pass over a key chunk (12 micro steps)
+// query rows sharing one pass over a key chunk (24 groups of k_rows): 0.98-0.99x the time of 60 rows a tile with
+// each group sweeping the chunk alone (bench/README.md)
+constexpr int64_t k_query_tile = 120;
+constexpr int64_t k_groups = k_query_tile / k_rows;
 constexpr int64_t k_key_chunk = 512;   // keys kept hot in L2 while a query tile walks them
 constexpr float k_neg_inf = -std::numeric_limits<float>::infinity();
 
@@ -88,7 +92,12 @@ MLLAMA_AVX2_TARGET inline void split_pairs(const uint32_t * at, __m256 & first, 
     second = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
+static_assert(k_query_tile % k_rows == 0, "a tile is whole groups of rows");
+
 struct tile {
+    alignas(32) float s[k_groups][k_rows][k_key_block];  // each group's scores against a key block, then probabilities
+    float alpha[k_groups][k_rows];                       // each row's factor for its earlier output, at that block
+    bool masked_rows[k_groups], all_masked[k_groups];    // some / all of a group's rows have a mask
     std::vector<float> q;  // [k_query_tile][2 P] scaled queries (zeros past D and past the last row)
     std::vector<float> m;  // running max per row
     std::vector<float> l;  // [k_query_tile][8] running sum per row, one partial sum per lane
@@ -132,8 +141,11 @@ MLLAMA_AVX2_TARGET void widen_chunk(const job & j, int64_t c0, int64_t c1, tile 
     }
 }
 
-// Scores of k_rows query rows (q: [k_rows][2 P]) against the 64 keys at jb -> s [k_rows][64].
-MLLAMA_AVX2_TARGET void scores(const job & j, const tile & st, const float * q, int64_t jb, float (*s)[k_key_block]) {
+// Scores of k_rows query rows (q: [k_rows][2 P]) against the 64 keys at jb -> s [k_rows][64]. Not inlined: in
+// block_step GCC leaves the loop over channels where it falls (off a 64-byte line: CMakeLists.txt), in a function of
+// its own it aligns it.
+__attribute__((noinline)) MLLAMA_AVX2_TARGET void scores(const job & j, const tile & st, const float * q, int64_t jb,
+                                                         float (*s)[k_key_block]) {
     const int64_t K = 2 * j.d.P;  // channels, padded to even
     for (int64_t kb = 0; kb < k_key_block; kb += 16) {  // 16 keys: two 8-key blocks
         const float * k0 = st.kf + (jb - j.c0 + kb) / 8 * K * 8, * k1 = k0 + K * 8;
@@ -226,22 +238,22 @@ MLLAMA_AVX2_TARGET void pv(const job & j, tile & st, int64_t r0, int64_t jb, con
     }
 }
 
-// Rows r0..r0+k_rows-1 of the tile against the key blocks jb0..jb1 (the chunk widened into st).
-// masked_rows: some of them have a mask (the block holding padding keys is masked in any case); all_masked: all
-// of them, which skip the blocks the mask hides from them (attn_mask.h).
-MLLAMA_AVX2_TARGET void sweep(const job & j, tile & st, int64_t r0, int64_t jb0, int64_t jb1, bool masked_rows,
-                              bool all_masked) {
-    const float * q = st.q.data() + r0 * 2 * j.d.P;
-    alignas(32) float s[k_rows][k_key_block];
-    float alpha[k_rows];
-    const auto live = [&](int64_t jb) { return all_masked ? j.masks.next_live(jb, jb1) : jb; };
-    for (int64_t jb = live(jb0); jb < jb1; jb = live(jb + k_key_block)) {
-        scores(j, st, q, jb, s);
+// The tile's n_groups groups of rows against the key block at jb (the chunk widened into st): each group's scores
+// and softmax step while the block's keys stay in L1, then each group's P V while its values do. A group whose rows
+// all have a mask skips a block the mask hides from them (attn_mask.h); the block holding padding keys is masked in
+// any case.
+MLLAMA_AVX2_TARGET void block_step(const job & j, tile & st, int64_t n_groups, int64_t jb) {
+    const bool hidden = j.masks.next_live(jb, jb + k_key_block) != jb;
+    for (int64_t g = 0; g < n_groups; ++g) {
+        if (hidden && st.all_masked[g]) continue;
+        const int64_t r0 = g * k_rows;
+        scores(j, st, st.q.data() + r0 * 2 * j.d.P, jb, st.s[g]);
         for (int r = 0; r < k_rows; ++r)  // padding rows reuse the last mask row
-            alpha[r] = softmax_row(j, std::min(j.i0 + r0 + r, j.d.N - 1), jb, masked_rows, s[r], st.m[r0 + r],
-                                   st.l.data() + (r0 + r) * 8);
-        pv(j, st, r0, jb, s, alpha);
+            st.alpha[g][r] = softmax_row(j, std::min(j.i0 + r0 + r, j.d.N - 1), jb, st.masked_rows[g], st.s[g][r],
+                                         st.m[r0 + r], st.l.data() + (r0 + r) * 8);
     }
+    for (int64_t g = 0; g < n_groups; ++g)
+        if (!(hidden && st.all_masked[g])) pv(j, st, g * k_rows, jb, st.s[g], st.alpha[g]);
 }
 
 void run_tile(job j, const ggml_tensor * q, ggml_tensor * dst, tile & st) {
@@ -258,14 +270,17 @@ void run_tile(job j, const ggml_tensor * q, ggml_tensor * dst, tile & st) {
     std::fill(st.l.begin(), st.l.end(), 0.0f);
     std::fill(st.o.begin(), st.o.end(), 0.0f);
     const bool tile_masked = j.masks.all_masked(j.i0, n_rows);  // every row: the chunks hidden from all need no work
+    const int64_t n_groups = (n_rows + k_rows - 1) / k_rows;
+    for (int64_t g = 0; g < n_groups; ++g) {
+        st.masked_rows[g] = j.masks.any_masked(j.i0 + g * k_rows, k_rows);
+        st.all_masked[g] = j.masks.all_masked(j.i0 + g * k_rows, k_rows);
+    }
     for (int64_t c0 = 0; c0 < d.Np; c0 += k_key_chunk) {
         const int64_t c1 = std::min(c0 + k_key_chunk, d.Np);
         if (tile_masked && j.masks.next_live(c0, c1) == c1) continue;
         widen_chunk(j, c0, c1, st);
         j.c0 = c0;
-        for (int64_t r0 = 0; r0 < n_rows; r0 += k_rows) {
-            sweep(j, st, r0, c0, c1, j.masks.any_masked(j.i0 + r0, k_rows), j.masks.all_masked(j.i0 + r0, k_rows));
-        }
+        for (int64_t jb = c0; jb < c1; jb += k_key_block) block_step(j, st, n_groups, jb);
     }
     for (int64_t r = 0; r < n_rows; ++r) {  // dst [D * H, N]
         auto * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + (j.i0 + r) * dst->nb[1]) + j.h * d.D;
