@@ -276,9 +276,9 @@ def build_kernel_driver(out: Path, driver: str, kernels: list[str], defines: Seq
                ROOT / "csrc" / "common" / "text.cpp"]
     # GCC 12's own intrinsic headers trip -Wuninitialized (`__m512 __Y = __Y;`): not our code; loops on 64-byte
     # boundaries as CMakeLists.txt compiles the kernels
-    subprocess.run(["c++", "-std=c++17", "-O3", "-falign-loops=64", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
-                    "-Wno-uninitialized", "-Wno-maybe-uninitialized", *(f"-D{d}" for d in defines), f"-I{ROOT / 'csrc'}",
-                    f"-I{ROOT / 'csrc' / 'include'}", f"-I{ggml / 'include'}", *map(str, sources),
-                    f"-L{lib_dir}", "-lggml-cpu", "-lggml-base",
+    subprocess.run(["c++", "-std=c++17", "-O3", "-falign-loops=64", "-Wall", "-Wextra", "-Werror",
+                    "-Wno-unused-parameter", "-Wno-uninitialized", "-Wno-maybe-uninitialized",
+                    *(f"-D{d}" for d in defines), f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'include'}",
+                    f"-I{ggml / 'include'}", *map(str, sources), f"-L{lib_dir}", "-lggml-cpu", "-lggml-base",
                     f"-Wl,-rpath,{lib_dir}", "-o", str(out)], check=True, capture_output=True, text=True)
     return out
