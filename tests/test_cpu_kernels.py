@@ -274,9 +274,11 @@ def build_kernel_driver(out: Path, driver: str, kernels: list[str], defines: Seq
     sources = [ROOT / "tests" / "c" / f"{driver}.cpp", *x86,
                ROOT / "csrc" / "kernels" / "dispatch.cpp", ROOT / "csrc" / "common" / "error.cpp",
                ROOT / "csrc" / "common" / "text.cpp"]
-    # GCC 12's own intrinsic headers trip -Wuninitialized (`__m512 __Y = __Y;`): not our code; loops on 64-byte
-    # boundaries as CMakeLists.txt compiles the kernels
-    subprocess.run(["c++", "-std=c++17", "-O3", "-falign-loops=64", "-Wall", "-Wextra", "-Werror",
+    # the kernels' own options, as CMakeLists.txt compiles them; GCC 12's own intrinsic headers trip -Wuninitialized
+    # (`__m512 __Y = __Y;`): not our code
+    options = [line for line in (ROOT / "csrc" / "kernels" / "x86" / "compile_options.txt").read_text().splitlines()
+               if line.startswith("-")]
+    subprocess.run(["c++", "-std=c++17", "-O3", *options, "-Wall", "-Wextra", "-Werror",
                     "-Wno-unused-parameter", "-Wno-uninitialized", "-Wno-maybe-uninitialized",
                     *(f"-D{d}" for d in defines), f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'include'}",
                     f"-I{ggml / 'include'}", *map(str, sources), f"-L{lib_dir}", "-lggml-cpu", "-lggml-base",

@@ -193,9 +193,7 @@ MLLAMA_AVX2_TARGET float softmax_row(const job & j, int64_t i, int64_t jb, bool 
         }
         vmax = _mm256_max_ps(vmax, v[t]);
     }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, vmax);
-    const float m_new = std::max(m, *std::max_element(lanes, lanes + 8));
+    const float m_new = std::max(m, simd::hmax256(vmax));
     if (m_new == k_neg_inf) {  // everything masked so far
         std::fill(s, s + k_key_block, 0.0f);
         return 1.0f;
