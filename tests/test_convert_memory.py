@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ import textwrap
 import pytest
 
 from mllama.dev.synthetic_checkpoint import write_synthetic_checkpoint
+from test_server_load import ASAN_RSS_REASON, UNDER_ASAN
 from tiny_checkpoint import TEXT_CONFIG, VISION_CONFIG
 
 CHILD = textwrap.dedent("""
@@ -22,7 +22,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif("asan" in os.environ.get("LD_PRELOAD", ""), reason="AddressSanitizer's shadow memory and quarantine inflate RSS")
+@pytest.mark.skipif(UNDER_ASAN, reason=ASAN_RSS_REASON)
 def test_converter_peak_rss_is_well_under_checkpoint_size(hf_dir, tmp_path):
     text = {**TEXT_CONFIG, "hidden_size": 1536, "intermediate_size": 6144, "num_attention_heads": 12, "num_key_value_heads": 4}
     size = write_synthetic_checkpoint(tmp_path / "big", text, dict(VISION_CONFIG), tokenizer_from=hf_dir)

@@ -4,6 +4,7 @@ decode kernels: tests/test_qmm_kernels.py)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -278,6 +279,11 @@ def build_kernel_driver(out: Path, driver: str, kernels: list[str], defines: Seq
     # (`__m512 __Y = __Y;`): not our code
     options = [line for line in (ROOT / "csrc" / "kernels" / "x86" / "compile_options.txt").read_text().splitlines()
                if line.startswith("-")]
+    # MLLAMA_SANITIZE (as for the package's build, README "Robustness"): the drivers built with the same sanitizers,
+    # every finding fatal, so that a driver test fails on it instead of printing to a captured stderr
+    sanitize = os.environ.get("MLLAMA_SANITIZE", "")
+    if sanitize:
+        options += [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
     subprocess.run(["c++", "-std=c++17", "-O3", *options, "-Wall", "-Wextra", "-Werror",
                     "-Wno-unused-parameter", "-Wno-uninitialized", "-Wno-maybe-uninitialized",
                     *(f"-D{d}" for d in defines), f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'include'}",

@@ -5,6 +5,7 @@ It stays up, answers each with a correct status, keeps memory bounded, then serv
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -14,6 +15,13 @@ import urllib.request
 import pytest
 
 from test_server import post, read_reply, start_server
+
+
+# Under AddressSanitizer (README "Robustness": the suite with the sanitizers) freed memory waits in its quarantine
+# (up to 256 MB) before reuse, and shadow memory is mapped as it is touched: RSS then measures no leak, and the
+# checks on it skip, after every other check of their test has run.
+UNDER_ASAN = "asan" in os.environ.get("LD_PRELOAD", "")
+ASAN_RSS_REASON = "AddressSanitizer's quarantine and shadow memory inflate RSS"
 
 
 def server_rss(pid: int) -> int:
@@ -85,6 +93,8 @@ def test_server_holds_under_load(loaded_server):
     assert json.loads(urllib.request.urlopen(base + "/health").read())["status"] == "ok"
     t0 = time.perf_counter()
     assert plain(base) == 200 and time.perf_counter() - t0 < 5
+    if UNDER_ASAN:
+        pytest.skip(ASAN_RSS_REASON)
     assert server_rss(proc.pid) - rss_before < 200 * 2**20
 
 
