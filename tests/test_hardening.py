@@ -17,7 +17,7 @@ from PIL import Image
 
 import mllama
 from mllama.image.preprocess import ImageError
-from test_server_load import ASAN_RSS_REASON, UNDER_ASAN
+from test_server_load import ASAN_RSS_REASON, UNDER_ASAN, process_rss
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +89,7 @@ def test_prompt_exactly_at_the_context_limit_and_one_past(model):
 
 
 def rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    return process_rss(os.getpid())
 
 
 def test_rss_flat_over_repeated_describe(model):

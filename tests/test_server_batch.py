@@ -12,7 +12,7 @@ import pytest
 
 from test_server import data_url, post, start_server
 from test_server_load import ASAN_RSS_REASON, UNDER_ASAN
-from test_server_load import server_rss as rss
+from test_server_load import process_rss as rss
 
 
 def ask(base: str, body: dict) -> list[str]:

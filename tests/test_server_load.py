@@ -24,7 +24,7 @@ UNDER_ASAN = "asan" in os.environ.get("LD_PRELOAD", "")
 ASAN_RSS_REASON = "AddressSanitizer's quarantine and shadow memory inflate RSS"
 
 
-def server_rss(pid: int) -> int:
+def process_rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
@@ -62,7 +62,7 @@ def plain(base: str) -> int:
 def test_server_holds_under_load(loaded_server):
     base, proc = loaded_server
     assert plain(base) == 200
-    rss_before = server_rss(proc.pid)
+    rss_before = process_rss(proc.pid)
     results: dict[str, list[int]] = {"stream": [], "plain": [], "disconnect": [], "slow": [], "bad": [], "big": []}
     jobs = []
     for i in range(4):
@@ -95,7 +95,7 @@ def test_server_holds_under_load(loaded_server):
     assert plain(base) == 200 and time.perf_counter() - t0 < 5
     if UNDER_ASAN:
         pytest.skip(ASAN_RSS_REASON)
-    assert server_rss(proc.pid) - rss_before < 200 * 2**20
+    assert process_rss(proc.pid) - rss_before < 200 * 2**20
 
 
 def oversized(base: str) -> int:
