@@ -5,6 +5,7 @@ they generate, and a cancelled task or a stream left early stops its request (it
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 
 import numpy as np
@@ -95,3 +96,33 @@ def test_a_cancelled_task_or_a_stream_left_early_stops_its_request(model):
     assert asyncio.run(main()) == (expected, expected)
     assert model.scheduler.stats["generated_tokens"] - before < 200  # neither ran to its 400 tokens
     assert model.scheduler.running == [] and not any(model.scheduler.busy)
+
+
+def test_a_stream_dropped_before_it_is_read_stops_its_request(model):
+    """An async generator never started runs no `finally`: the stream's finalizer stops its request."""
+    long = {"temperature": 0, "max_tokens": 400}
+    expected = content(model.chat(B, **GREEDY))
+    before = model.scheduler.stats["generated_tokens"]
+
+    async def main():
+        stream = await model.achat(A, stream=True, **long)  # queued, never iterated
+        del stream
+        gc.collect()
+        return content(await model.achat(B, **GREEDY))
+
+    assert asyncio.run(main()) == expected
+    assert model.scheduler.stats["generated_tokens"] - before < 200  # the dropped one did not run to 400 tokens
+    assert model.scheduler.running == [] and not any(model.scheduler.busy)
+
+
+def test_describe_and_adescribe_stream_the_description(model):
+    whole = model.describe(png(), **GREEDY)
+    pieces = list(model.describe(png(), stream=True, **GREEDY))
+
+    async def main():
+        return [piece async for piece in await model.adescribe(png(), stream=True, **GREEDY)]
+
+    assert len(pieces) > 1 and "".join(pieces) == whole
+    assert asyncio.run(main()) == pieces
+    with pytest.raises(TypeError, match="describe gives one description"):
+        model.describe(png(), n=2)

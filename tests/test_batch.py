@@ -229,7 +229,7 @@ def test_n_choices_share_the_prompt(model):
     assert sampled["choices"][0]["message"]["content"] == first  # choice k samples with seed + k
     assert sampled["usage"]["prompt_tokens"] == len(model.chat_prompt(conv)[0])
     assert 2 <= sampled["usage"]["completion_tokens"] <= 12  # both choices, at most 6 tokens each
-    with pytest.raises(ValueError, match="n=5 needs more sequences"):
+    with pytest.raises(ValueError, match=r"n must be an integer within \[1, 4\]"):
         model.chat(conv, n=5)
 
 

@@ -78,6 +78,10 @@ def test_info_json_without_a_model():
 def test_bad_numbers_are_one_line_errors(gguf_f32):
     port = run("serve", "-m", str(gguf_f32), "--port", "99999")
     assert port.returncode == 2 and "a port is 0..65535" in port.stderr and "Traceback" not in port.stderr
+    parallel = run("serve", str(gguf_f32), "--parallel", "0")  # the model as vLLM's serve takes it: positional
+    assert parallel.returncode == 1 and "--parallel must be at least 1" in parallel.stderr, parallel.stderr
+    two = run("serve", str(gguf_f32), "-m", "other.gguf")
+    assert two.returncode == 1 and "two models given" in two.stderr, two.stderr
     tokens = run("describe", "--max-tokens", "0", "-m", str(gguf_f32), "missing.png")
     lines = tokens.stderr.strip().splitlines()
     assert tokens.returncode == 1 and len(lines) == 1 and "max_tokens must be at least 1" in lines[0], tokens.stderr

@@ -281,8 +281,15 @@ def test_output_paths_that_would_lose_something(hf_dir, tmp_path):
     for f in hf_dir.iterdir():
         (copy / f.name).write_bytes(f.read_bytes())
     weights = (copy / "model.safetensors").read_bytes()
-    with pytest.raises(mllama.ConversionError, match="a file of the checkpoint"):
-        mllama.convert(copy, copy / "model.safetensors", force=True)
+    (copy / "notes").mkdir()
+    (copy / "notes" / "README.md").write_text("the model card")
+    if not (copy / "chat_template.jinja").exists():
+        (copy / "chat_template.jinja").write_text("{{ messages }}")
+    for name in ("model.safetensors", "chat_template.jinja", "notes/README.md"):  # any file of it, at any depth
+        before = (copy / name).read_bytes()
+        with pytest.raises(mllama.ConversionError, match="a file of the checkpoint"):
+            mllama.convert(copy, copy / name, force=True)
+        assert (copy / name).read_bytes() == before
     assert (copy / "model.safetensors").read_bytes() == weights
 
 

@@ -303,3 +303,28 @@ def test_the_key_changes_with_the_model_file(small_gguf, tmp_path):
     original, copied = key(small_gguf), key(copy)
     os.utime(copy, ns=(1, 1))  # as if rewritten: another mtime
     assert len({original, copied, key(copy)}) == 3 and key(small_gguf) == original
+
+
+def test_an_entry_that_gives_non_finite_logits_is_dropped(gguf_f32, tmp_path):
+    """A disk entry whole by its header (its digest recomputed over a bad blob: another writer, a broken build)
+    makes the request fail once with the reason, then is gone: memory, disk, the slot, the sequences' rows."""
+    import hashlib
+
+    from mllama.generation import image_cache
+
+    folder, image, greedy = tmp_path / "cache", picture((100, 100), seed=6), {"max_tokens": 3, "temperature": 0.0}
+    with mllama.Model(gguf_f32, image_cache_dir=folder) as m:
+        want = m.describe(image, **greedy)
+        path = m.image_cache.path_for(m.prepare_images([image])[0].key)
+    data, header = path.read_bytes(), image_cache._HEADER
+    magic, version, key, _, n = header.unpack_from(data)
+    blob = bytearray(data[header.size:])
+    blob[n // 2:] = b"\xff" * (n - n // 2)  # NaN in F32 and F16 alike
+    path.write_bytes(header.pack(magic, version, key, hashlib.sha256(blob).digest(), n) + bytes(blob))
+    with mllama.Model(gguf_f32, image_cache_dir=folder) as m:
+        with pytest.raises(mllama.MllamaError, match="non-finite logits"):
+            m.describe(image, **greedy)
+        assert m.image_cache.stats.disk_hits == 1 and not path.exists() and len(m.image_cache) == 0
+        assert m.describe(image, **greedy) == want  # encoded again: neither the slot nor a sequence's rows reused
+        assert m.engine.n_encoded == 1
+    assert path.exists()  # the good entry written back

@@ -193,6 +193,19 @@ def test_wide_grayscale_is_scaled_not_clipped(tmp_path):
         assert image.mode.startswith(mode[0])
         rgb = to_rgb(image).astype(int)
         assert rgb.shape == (8, 256, 3) and np.abs(rgb - levels[..., None]).max() <= 1, mode
+    wide_32 = Image.fromarray(levels.astype(np.int32) * 257)  # 32-bit "I" with 16-bit data: scaled too
+    assert wide_32.mode == "I" and np.abs(to_rgb(wide_32).astype(int) - levels[..., None]).max() <= 1
+
+
+def test_32bit_grayscale_holding_8bit_data_reads_as_pillow_reads_it():
+    """An "L" image converted to "I" (values 0..255) is not darkened 257-fold: Pillow's (transformers') pixels."""
+    from mllama.image.preprocess import to_rgb
+
+    levels = np.tile(np.arange(0, 256, dtype=np.uint8), (8, 1))
+    image = Image.fromarray(levels).convert("I")
+    assert image.mode == "I"
+    assert np.array_equal(to_rgb(image), np.asarray(image.convert("RGB")))
+    assert np.array_equal(to_rgb(image), np.repeat(levels[..., None], 3, axis=2))
 
 
 def test_decompression_bomb(monkeypatch):

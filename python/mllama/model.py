@@ -49,6 +49,8 @@ class TensorInfo:
 def _resolve(path, projector) -> tuple[Path, Path | None]:
     """A GGUF path, or "ollama:NAME[:TAG]" from the local Ollama store."""
     text = os.fspath(path)
+    if not text:
+        raise ModelLoadError("no model path given (an empty path)")
     if isinstance(text, str) and text.startswith("ollama:"):
         model, found = resolve(text[len("ollama:"):])
         return model, Path(projector) if projector else found
@@ -269,8 +271,8 @@ class Model(Handle, GenerationMixin, AsyncGenerationMixin):
     # --- images -----------------------------------------------------------------------------
     def encode_image(self, image, *, slot: int | None = None) -> np.ndarray:
         """Run the vision encoder on one image and keep its cross-attention K/V in an image slot
-        (`slot`, or the next one in turn). Returns the vision output (max_tiles, n_positions,
-        v_output_dim) float32, in the reference channel order."""
+        (`slot`, or the next one in turn that no running generation reads). Returns the vision output
+        (max_tiles, n_positions, v_output_dim) float32, in the reference channel order."""
         pre = preprocess(image, self.image_config)
         return self.encode_pixels(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles, slot=slot)
 
@@ -283,8 +285,7 @@ class Model(Handle, GenerationMixin, AsyncGenerationMixin):
         with self._lock:
             ctx = self._handle() and self._ctx
             if slot is None:
-                slot = self._next_slot
-                self._next_slot = (self._next_slot + 1) % max(1, self._n_slots)
+                slot = self._free_slot_in_turn()
             if 0 <= slot < len(self._engine.slot_keys):
                 if self._engine.slot_refs[slot]:
                     raise MllamaError(f"image slot {slot} is read by a running generation: choose another slot")
@@ -292,6 +293,16 @@ class Model(Handle, GenerationMixin, AsyncGenerationMixin):
             call(lib.mllama_context_encode_image, ctx, slot, ffi.from_buffer("float[]", pixels), pixels.size,
                  int(aspect_ratio_id), int(n_tiles), ffi.from_buffer("float[]", out), out.size)
         return out
+
+    def _free_slot_in_turn(self) -> int:
+        """The next image slot in turn that no running generation reads (under the lock)."""
+        n = max(1, self._n_slots)
+        refs = self._engine.slot_refs
+        for slot in ((self._next_slot + i) % n for i in range(n)):
+            if slot >= len(refs) or not refs[slot]:
+                self._next_slot = (slot + 1) % n
+                return slot
+        raise MllamaError("every image slot is read by a running generation: wait for one, or name a slot")
 
     def cross_kv(self, slot: int, cross_index: int) -> tuple[np.ndarray, np.ndarray]:
         """K (after k_norm) and V of one cross-attention layer held in `slot`:

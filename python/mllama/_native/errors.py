@@ -29,7 +29,12 @@ class ImageError(MllamaError, ValueError):
 
 
 class ContextOverflowError(MllamaError, ValueError):
-    """The prompt (plus what must be generated) does not fit in the context."""
+    """The prompt (plus what must be generated) does not fit in the context; `limit` says which of its limits:
+    "tokens" (n_ctx) or "image_slots" (more images than n_image_slots)."""
+
+    def __init__(self, message: str, status: str = "error", limit: str = "tokens"):
+        super().__init__(message, status)
+        self.limit = limit
 
 
 class TemplateError(MllamaError, ValueError):

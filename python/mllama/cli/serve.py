@@ -16,6 +16,7 @@ OLLAMA_PORT = 11434
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI- and Ollama-compatible HTTP server (needs: pip install mllama[server])")
+    p.add_argument("model_path", nargs="?", metavar="MODEL", help="the model, as -m gives it (`mllama serve x.gguf`)")
     add_model_flags(p)
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port_number, default=None, help=f"port (default 8080; {OLLAMA_PORT} with --ollama)")
@@ -56,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:  # the `server` extra
         raise MllamaError(f"the server needs {' and '.join(missing)}: pip install 'mllama[server]'")
+    if args.model_path is not None:
+        if args.model is not None and args.model != args.model_path:
+            raise MllamaError(f"two models given ({args.model_path} and -m {args.model}): serve one")
+        args.model = args.model_path
     if args.parallel is not None and args.parallel < 1:
         raise MllamaError("--parallel must be at least 1")
     host, port = address(args)

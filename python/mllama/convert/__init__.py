@@ -131,6 +131,15 @@ def _verify(path: Path) -> None:
         raise ConversionError(f"the converted model does not load: {exc}") from None
 
 
+def _is_gguf(path: Path) -> bool:
+    """Whether `path` is a GGUF file (a conversion's earlier output, which force=True may replace)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, type: str = "f16", *,
             vision_type: str | None = None, force: bool = False, progress: bool = False,
             verify: bool = True) -> Path:
@@ -147,7 +156,7 @@ def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, type: str = "f
         raise ConversionError(f"{out} is a folder: name the GGUF file to write")
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
-    if out.exists() and out.resolve().parent == folder.resolve() and out.suffix in (".safetensors", ".json"):
+    if out.exists() and out.resolve().is_relative_to(folder.resolve()) and not _is_gguf(out):
         raise ConversionError(f"{out} is a file of the checkpoint being converted: write the GGUF elsewhere")
     cfg = read_config(folder)
     tok = read_tokenizer(folder)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from .._native.errors import MllamaError
-from ..text.chat_template import default_template, normalize, render_segments, system_turn_first
+from ..text.chat_template import default_template, normalize, open_final_turn, render_segments, system_turn_first
 from ..text.tokenizer import StreamDecoder
 from ..text.tools import ToolSpec
 from ..text.tools import resolve as resolve_tools
@@ -42,10 +42,21 @@ class GenerationMixin:
     # --- tokens and images ------------------------------------------------------------------
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
         """Token ids of text (no BOS added); special-token strings count only with special=True."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, not {type(text).__name__}")
         return self.tokenizer.encode(text, allow_special=special)
 
     def detokenize(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(list(tokens))
+        """The text of token ids (ValueError for an id that is no token of the vocabulary)."""
+        ids = list(tokens)
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer))
+                    or not 0 <= t < self.tokenizer.n_vocab), None)
+        if bad is not None:
+            raise ValueError(f"{bad!r:.40} is not a token id (0 <= id < {self.tokenizer.n_vocab})")
+        try:
+            return self.tokenizer.decode(ids)
+        except KeyError as exc:  # an id the vocabulary leaves unused
+            raise ValueError(f"token id {exc.args[0]} has no text (unused in the vocabulary)") from None
 
     def prepare_images(self, images) -> list[PreparedImage]:
         """Preprocess images once for later calls (a PreparedImage passes through unchanged)."""
@@ -77,12 +88,16 @@ class GenerationMixin:
 
     # --- prompts ----------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict], *, add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None, system_with_images: bool = False) -> tuple[list[int], list[Any]]:
+                    tools: list[dict] | None = None, system_with_images: bool = False,
+                    continue_final: bool = False) -> tuple[list[int], list[Any]]:
         """Token ids and images of a conversation rendered with the model's chat template (with `tools`:
         OpenAI's tool list, shown to the model as the template does; text-only turns). Meta's template refuses
         a system prompt next to images (TemplateError); system_with_images=True renders it as Ollama's
-        template does instead: a plain system turn before the conversation (the Ollama routes)."""
+        template does instead: a plain system turn before the conversation (the Ollama routes).
+        continue_final=True: a last assistant message is left open, for the reply to go on with it."""
         conv = normalize(messages)
+        if continue_final:
+            add_generation_prompt = False
         if tools is not None and conv.images:
             raise ValueError("tools cannot be used together with images (Llama 3.2 Vision supports tool calls "
                              "in text-only conversations): drop the images or 'tools'")
@@ -93,6 +108,8 @@ class GenerationMixin:
                                    tools=tools)
         if system is not None:
             segments = system_turn_first(segments, bos, conv, system["content"])
+        if continue_final:
+            segments = open_final_turn(segments, conv)
         tokens: list[int] = []
         for text, user in segments:
             tokens += self.tokenizer.encode(text, allow_special=not user)
@@ -147,6 +164,9 @@ class GenerationMixin:
                       response_format=None, logprobs: bool | None = None, top_logprobs: int | None = None,
                       **sampling) -> Request:
         """submit's Request, checked and with its images prepared, not yet queued (scheduler.submit queues it)."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self.n_seq_max:  # no streams yet
+            raise ValueError(f"n must be an integer within [1, {self.n_seq_max}] (the context's sequences: "
+                             f"n_seq_max), not {n!r:.40}")
         top = check_logprobs(logprobs, top_logprobs)
         constraint = self.compile_grammar(grammar, response_format=response_format)
         params, prepared = self.sampling_params(**sampling), self.prepare_images(images)
@@ -232,10 +252,14 @@ class GenerationMixin:
             except Exception:  # the model itself fails: the error being raised already says so
                 pass
 
-    def describe(self, image, prompt: str = "Describe this image.", **sampling) -> str:
-        """A description of one image (a one-turn chat: the image, then the prompt)."""
-        content = [{"type": "image", "image": image}, {"type": "text", "text": prompt}]
-        response = self.chat([{"role": "user", "content": content}], **sampling)
+    def describe(self, image, prompt: str = "Describe this image.", *, stream: bool = False,
+                 **sampling) -> str | Iterator[str]:
+        """A description of one image (a one-turn chat: the image, then the prompt); with stream=True an
+        iterator of its text pieces as they come."""
+        messages = describe_messages(image, prompt, sampling)
+        if stream:
+            return content_pieces(self.chat(messages, stream=True, **sampling))
+        response = self.chat(messages, **sampling)
         return response["choices"][0]["message"]["content"]
 
     def chat(self, messages: list[dict], *, stream: bool = False, n: int = 1, tools=None, tool_choice=None,
@@ -252,7 +276,7 @@ class GenerationMixin:
         if stream and not (spec and spec.tools):
             request = self.submit(tokens, images, n=n, **sampling)
             chunks = self._chat_chunks(cid, created, request)
-            weakref.finalize(chunks, _cancel_unfinished, self.scheduler, request)  # dropped before it was read
+            weakref.finalize(chunks, cancel_unfinished, self.scheduler, request)  # dropped before it was read
             return chunks
         results = self.results([self.submit(tokens, images, n=n, **sampling)])[0]
         whole = openai.response(cid, created, self.name, results, spec.names if spec else ())
@@ -350,7 +374,29 @@ class ChatChunks:
         return out
 
 
-def _cancel_unfinished(scheduler, request: Request) -> None:
+def describe_messages(image, prompt: str, sampling: dict) -> list[dict]:
+    """describe's one-turn chat; it gives one description, so the choices' count is not among its options."""
+    if "n" in sampling:
+        raise TypeError("describe gives one description: ask chat(..., n=N) for several")
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+
+
+def content_pieces(chunks: Iterable[dict]) -> Iterator[str]:
+    """The text pieces of a chat's stream of chunks (its one choice's content deltas); left early, the
+    stream is closed (its request stopped at the next step)."""
+    try:
+        for chunk in chunks:
+            for choice in chunk["choices"]:
+                piece = choice["delta"].get("content")
+                if piece:
+                    yield piece
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+
+
+def cancel_unfinished(scheduler, request: Request) -> None:
     """A request whose stream of chunks was dropped unread: stopped at the next step, not generated for no one."""
     if any(not s.done for s in request.streams):
         scheduler.cancel(request)

@@ -7,10 +7,11 @@ request: the next step frees its sequence."""
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Any, AsyncIterator
 
 from . import openai
-from .api import ChatChunks, ends_of, tool_spec
+from .api import ChatChunks, cancel_unfinished, content_pieces, describe_messages, ends_of, tool_spec
 from .request import Request
 
 
@@ -30,15 +31,21 @@ class AsyncGenerationMixin:
         self.scheduler.submit(request)
         cid, created = openai.completion_id(), openai.now()
         if stream and not (spec and spec.tools):
-            return self._achunks(ChatChunks(self, cid, created, request))
+            chunks = self._achunks(ChatChunks(self, cid, created, request))
+            # dropped unread: an async generator never started runs no finally, so stop the request here
+            weakref.finalize(chunks, cancel_unfinished, self.scheduler, request)
+            return chunks
         results = await self._aresults(request)
         whole = openai.response(cid, created, self.name, results, spec.names if spec else ())
         return _aiter(openai.chunks_of(whole)) if stream else whole
 
-    async def adescribe(self, image, prompt: str = "Describe this image.", **sampling) -> str:
-        """Model.describe for asyncio."""
-        content = [{"type": "image", "image": image}, {"type": "text", "text": prompt}]
-        response = await self.achat([{"role": "user", "content": content}], **sampling)
+    async def adescribe(self, image, prompt: str = "Describe this image.", *, stream: bool = False,
+                        **sampling) -> str | AsyncIterator[str]:
+        """Model.describe for asyncio: the text, or with stream=True an async iterator of its pieces."""
+        messages = describe_messages(image, prompt, sampling)
+        if stream:
+            return _acontent_pieces(await self.achat(messages, stream=True, **sampling))
+        response = await self.achat(messages, **sampling)
         return response["choices"][0]["message"]["content"]
 
     async def _astep(self) -> None:
@@ -72,6 +79,15 @@ class AsyncGenerationMixin:
         finally:
             if chunks.pending and not self.closed:
                 self.scheduler.cancel(chunks.request)  # left early: stopped at the next step
+
+
+async def _acontent_pieces(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            for piece in content_pieces([chunk]):
+                yield piece
+    finally:
+        await chunks.aclose()
 
 
 async def _aiter(items: list) -> AsyncIterator:

@@ -41,12 +41,13 @@ def reply_room(n_ctx: int, max_tokens) -> int:
 
 
 def fit_chat(model, messages: list[dict], *, tools: list[dict] | None = None, max_tokens: int | None = None,
-             system_with_images: bool = False) -> FittedPrompt:
+             system_with_images: bool = False, continue_final: bool = False) -> FittedPrompt:
     """The prompt of `messages` (Model.chat_prompt) within the model's context: as it is when it leaves
     reply_room() tokens free and holds at most n_image_slots images, otherwise without its oldest messages
     (module docstring). A last message too long on its own is left to the engine's error."""
     normalize(messages)  # a bad message is named by its index in `messages`, not in a shorter candidate
-    render = {"tools": tools, "system_with_images": system_with_images}  # Model.chat_prompt's keywords
+    render = {"tools": tools, "system_with_images": system_with_images,  # Model.chat_prompt's keywords
+              "continue_final": continue_final}
     fit = _Fitting(model, messages, render, model.n_ctx - reply_room(model.n_ctx, max_tokens))
     if len(fit.rest) < 2 or fit.clearly_over is False:
         tokens, images = model.chat_prompt(messages, **render)

@@ -223,7 +223,8 @@ class Engine:
         holding nothing until then (begin_encode)."""
         wanted = {im.key for im in images}
         if len(images) > self.n_slots:  # the same image twice takes two of a sequence's slots (its row table's)
-            raise ContextOverflowError(f"{len(images)} images exceed the {self.n_slots} image slots (n_image_slots)")
+            raise ContextOverflowError(f"{len(images)} images exceed the {self.n_slots} image slots (n_image_slots)",
+                                       limit="image_slots")
         held = {key: slot for slot, key in enumerate(self.slot_keys) if key is not None}
         missing = list(dict.fromkeys(im.key for im in images if im.key not in held))
         free = sorted((s for s in range(self.n_slots) if self.slot_refs[s] == 0 and self.slot_keys[s] not in wanted),
@@ -244,6 +245,20 @@ class Engine:
             self.slot_refs[slot] += 1
             self.slot_used[slot] = self._tick
         return slots
+
+    def forget_images(self, keys: Iterable[str]) -> None:
+        """Drop what images' K/V gave (after non-finite logits from a request that read them): their cache
+        entries, the slots holding them (as far as reuse goes), the sequences' rows from them on; the next
+        request with one of them encodes it again."""
+        keys = set(keys)
+        for slot, key in enumerate(self.slot_keys):
+            if key in keys:
+                self.slot_keys[slot] = None
+        for state in self.seqs:
+            state.image_keys = [None if key in keys else key for key in state.image_keys]
+        if self.image_cache is not None:
+            for key in keys:
+                self.image_cache.forget(key)
 
     def release_slots(self, slots: list[int]) -> None:
         for slot in slots:

@@ -130,6 +130,21 @@ class ImageCache:
         self._write_file(key, blob)
         self.stats.stores += 1
 
+    def forget(self, image_key: str) -> None:
+        """Drop an image's entry, in memory and on disk (one that gave non-finite logits: encoded again next time)."""
+        key = self.entry_key(image_key)
+        with self._lock:
+            old = self._memory.pop(key, None)
+            self._nbytes -= len(old) if old is not None else 0
+        if self.directory is not None:
+            try:
+                self._file(key).unlink()
+                log.warning("image cache: dropped %s (the model gave non-finite logits with it)", self._file(key))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("image cache: cannot remove %s (%s)", self._file(key), e)
+
     def clear(self) -> None:
         """Forget the blobs held in memory (disk files stay)."""
         with self._lock:

@@ -24,7 +24,7 @@ class Usage:
 
 @dataclass(frozen=True)
 class Timings:
-    prompt_s: float    # from the call to the first sampled token: images, prompt evaluation
+    prompt_s: float    # from admission to a sequence (time queued excluded) to the first sampled token: images, prompt
     generate_s: float  # from the first sampled token to the end
 
     def tokens_per_s(self, completion_tokens: int) -> float:

@@ -16,7 +16,7 @@ import numpy as np
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.6
-    top_k: int = 0               # 0: off
+    top_k: int = 0               # <= 0: off (vLLM's -1 too)
     top_p: float = 0.9           # 1.0: off
     min_p: float = 0.0           # 0.0: off
     repeat_penalty: float = 1.0  # 1.0: off (llama.cpp semantics: divide positive logits, multiply negative)
@@ -47,7 +47,6 @@ class SamplingParams:
             raise TypeError("stop must be a string or a sequence of strings")
         checks = ((0.0 <= self.top_p <= 1.0, "top_p must be within [0, 1]"),
                   (0.0 <= self.min_p <= 1.0, "min_p must be within [0, 1]"),
-                  (self.top_k >= 0, "top_k must be >= 0 (0: off)"),
                   (self.repeat_penalty > 0.0, "repeat_penalty must be > 0 (1: off)"),
                   (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be within [-2, 2]"),
                   (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be within [-2, 2]"),
@@ -62,6 +61,8 @@ class SamplingParams:
         if "stop" in known and isinstance(known["stop"], str):
             known["stop"] = (known["stop"],)
         elif "stop" in known:
+            if not isinstance(known["stop"], (list, tuple)):  # (a dict's keys, a number: not stop strings)
+                raise TypeError(f"stop must be a string or a list of strings, not {type(known['stop']).__name__}")
             known["stop"] = tuple(known["stop"])
         unknown = set(known) - set(self.__dataclass_fields__)
         if unknown:

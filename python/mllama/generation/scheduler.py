@@ -223,6 +223,7 @@ class Scheduler:
     def _sample_stream(self, s: Stream, logits: np.ndarray, drawn: Future | None) -> None:
         request, params = s.request, s.request.params
         if drawn is None and not np.isfinite(logits).all():  # a drawn stream's logits were checked before
+            self.engine.forget_images(im.key for im in request.images)  # (a bad cache entry: not trusted again)
             self._close(request, MllamaError("the model produced non-finite logits (NaN or Inf): corrupt weights "
                                              "or a numeric overflow"))
             return

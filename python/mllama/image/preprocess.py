@@ -93,7 +93,15 @@ def load_image(image: Any):
     if isinstance(image, (str, os.PathLike)):
         return _from_name(os.fspath(image))
     if hasattr(image, "read"):
-        return _open(io.BytesIO(image.read()), f"'{getattr(image, 'name', 'file object')}'")
+        name = f"'{getattr(image, 'name', 'file object')}'"
+        try:
+            data = image.read()
+        except (OSError, ValueError) as exc:  # a text-mode file (UnicodeDecodeError), a closed one
+            raise ImageError(f"cannot read image {name}: {exc} (open image files in binary mode: 'rb')") from None
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ImageError(f"cannot read image {name}: its read() gave {type(data).__name__}, not bytes "
+                             "(open image files in binary mode: 'rb')")
+        return _open(io.BytesIO(bytes(data)), name)
     raise ImageError(f"unsupported image input of type {type(image).__name__}")
 
 
@@ -152,8 +160,8 @@ def _from_array(array: np.ndarray):
 
 def to_rgb(image) -> np.ndarray:
     """uint8 HxWx3: transparency composited onto white, other modes converted by Pillow; 16-bit and 32-bit integer
-    grayscale scaled from 0..65535 and float grayscale from 0..1 (or clipped to 0..255 where it exceeds 1), where
-    Pillow's conversion would clip them to white (as transformers' does)."""
+    grayscale scaled from 0..65535 (32-bit within 0..255: kept) and float grayscale from 0..1 (or clipped to 0..255
+    where it exceeds 1), where Pillow's conversion would clip them to white (as transformers' does)."""
     from PIL import Image
 
     if image.mode.startswith("I") or image.mode == "F":
@@ -175,13 +183,14 @@ def to_rgb(image) -> np.ndarray:
 
 
 def _wide_gray_to_8bit(image):
-    """An "I;16*", "I" or "F" image as an 8-bit "L" one (round half to even)."""
+    """An "I;16*", "I" or "F" image as an 8-bit "L" one (round half to even). A 32-bit "I" image whose values
+    stay within 0..255 holds 8-bit data (an "L" image converted, say): kept as it is, as Pillow keeps it."""
     from PIL import Image
 
     values = np.asarray(image, dtype=np.float64)
     if image.mode == "F":
         values = values * 255.0 if np.nanmax(values, initial=0.0) <= 1.0 else values
-    else:
+    elif image.mode != "I" or np.max(values, initial=0.0) > 255.0:
         values = np.clip(values, 0, 65535) / 257.0
     return Image.fromarray(np.rint(np.nan_to_num(np.clip(values, 0, 255))).astype(np.uint8))
 

@@ -2,11 +2,12 @@
 Model.generate; or token ids) continued with n choices, streamed as server-sent events or whole;
 `logprobs: k` (0..5) in this endpoint's own shape (generation/logprobs.py), every chunk with its tokens'."""
 
+from .._native.errors import ContextOverflowError
 from ..generation import openai
 from ..generation.logprobs import CompletionLogprobs, check_completion
 from .openai_routes import choices, inband_error, sse, usage_chunk
 from .queue import BatchQueue, ClientGone, Reply, first_pieces, results, while_connected
-from .requests import RequestError, raw_tokens, read_json, response_format, sampling
+from .requests import RequestError, flag, include_usage, raw_tokens, read_json, response_format, sampling
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
@@ -66,24 +67,29 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        replies = None
         try:
             body = await read_json(request, limits["max_body_bytes"])
             unsupported(body)
             prompt, opts, n = prompt_of(body), options(body), choices(body)
+            stream, usage_too = flag(body, "stream"), include_usage(body)  # (checked before anything is queued)
             replies = await queue.submit(prompt, opts, n=n)
             firsts = await while_connected(request, first_pieces(replies), replies)
             cid, created = openai.text_completion_id(), openai.now()
             silent = queue.model.tokenizer.special_bytes if opts.get("skip_special_tokens", True) else frozenset()
-            if not body.get("stream"):
+            if not stream:
                 ended = await while_connected(request, results(replies), replies)
                 return openai.text_response(cid, created, model_id, ended, silent)
         except ClientGone:
             return Response(status_code=499)  # nobody reads it
         except Exception as exc:
+            if replies:  # failed after it was queued: not generated for no one
+                await replies[0].aclose()
+            if isinstance(exc, ContextOverflowError):
+                exc.param = "prompt"  # (this route's field; error_body says "messages" otherwise)
             return error(exc)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         logprobs = silent if "logprobs" in opts else None
-        return StreamingResponse(events(replies, firsts, cid, created, model_id, include_usage, logprobs),
+        return StreamingResponse(events(replies, firsts, cid, created, model_id, usage_too, logprobs),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 

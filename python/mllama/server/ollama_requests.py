@@ -4,7 +4,7 @@ Ollama refuses for this model (thinking, insert, a template of the client's), re
 import logging
 
 from ..generation.context_fit import fit_chat
-from .requests import RequestError, from_ollama, raw_tokens, sampling
+from .requests import SAMPLING_KEYS, RequestError, from_ollama, raw_tokens, sampling
 
 log = logging.getLogger("mllama.server")
 
@@ -28,10 +28,13 @@ def options(body: dict) -> dict:
     opts = body.get("options") or {}
     if not isinstance(opts, dict):
         raise RequestError(400, "'options' must be an object")
-    n_predict = opts.get("num_predict")
-    extra = {"max_tokens": n_predict} if isinstance(n_predict, int) and n_predict > 0 else {}
+    n_predict = opts.get("num_predict")  # (-1, -2 or 0: no limit but the context's, as Ollama reads them)
+    if n_predict is not None and (isinstance(n_predict, bool) or not isinstance(n_predict, (int, float))
+                                  or not float(n_predict).is_integer()):
+        raise RequestError(400, "'num_predict' must be an integer", param="num_predict")
+    extra = {"max_tokens": int(n_predict)} if n_predict is not None and n_predict > 0 else {}
     taken = sampling({**opts, **extra})
-    for key in sorted({k for k, v in opts.items() if v is not None} - set(taken) - {"num_predict"} - _said):
+    for key in sorted({k for k, v in opts.items() if v is not None} - SAMPLING_KEYS - {"num_predict"} - _said):
         _said.add(key)
         why = "the server's own flags set it (mllama serve --help)" if key in SERVER_OPTIONS else "not done by mllama"
         log.warning("Ollama option %r ignored: %s", key, why)
@@ -79,11 +82,15 @@ def truncates(body: dict) -> bool:
 
 def chat_prompt(messages: list[dict], tools, truncate: bool, max_tokens):
     """The prompt of /api/chat for the queue: the messages fitted to the context unless truncate is false
-    (messages left out are logged, as Ollama does); a system prompt next to images as Ollama writes it."""
+    (messages left out are logged, as Ollama does); a system prompt next to images as Ollama writes it; a last
+    assistant message continued, as Ollama's template leaves it open (clients' "continue response")."""
+    render = {"tools": tools, "system_with_images": True,
+              "continue_final": messages[-1].get("role") == "assistant" and not messages[-1].get("tool_calls")}
+
     def prompt(model):
         if not truncate:
-            return model.chat_prompt(messages, tools=tools, system_with_images=True)
-        fitted = fit_chat(model, messages, tools=tools, max_tokens=max_tokens, system_with_images=True)
+            return model.chat_prompt(messages, **render)
+        fitted = fit_chat(model, messages, max_tokens=max_tokens, **render)
         if fitted.n_left_out and len(fitted.tokens) <= model.n_ctx:  # (a prompt still over it fails: no cut)
             log.warning("left out the %d oldest of %d messages to fit the context (%d tokens)",
                         fitted.n_left_out, len(messages), model.n_ctx)

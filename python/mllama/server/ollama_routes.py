@@ -17,7 +17,8 @@ from ..text.tools import may_be_call, parse_call
 from .ollama_requests import (chat_prompt, generate_prompt, loads_only, options, output_format, refuse_unsupported,
                               truncates)
 from .queue import BatchQueue, ClientGone, Reply, first_pieces, results, while_connected
-from .requests import RequestError, check_messages, from_ollama, logprob_options, ollama_error_body, read_json
+from .requests import (RequestError, check_messages, flag, from_ollama, logprob_options, ollama_error_body,
+                       read_json)
 
 OLLAMA_API_VERSION = "0.12.11"  # the Ollama release whose API these routes follow (logprobs came with it)
 
@@ -94,10 +95,11 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
     tag = {k: card[k] for k in ("name", "model", "modified_at", "size", "digest", "details")}
 
     async def answer(request: Request, key: str):
-        started = time.perf_counter()
+        started, replies = time.perf_counter(), None
         try:
             body = await read_json(request, limits["max_body_bytes"])
             refuse_unsupported(body, model_id)
+            stream = flag(body, "stream", True)
             opts = {**options(body), **output_format(body), **logprob_options(body)}
             spec = tool_spec(body.get("tools"), None, opts) if key == "message" else None
             tools, names = (spec.tools, spec.names) if spec else (None, ())
@@ -112,7 +114,7 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
             replies = await queue.submit(prompt, opts)
             first, = await while_connected(request, first_pieces(replies), replies)
             reply, logprobs = replies[0], "logprobs" in opts
-            if body.get("stream", True) is False:
+            if not stream:
                 result, = await while_connected(request, results(replies), replies)
                 calls = tool_calls(result.text, names)
                 return JSONResponse(json.loads(line(model_id, now_iso(), key, "" if calls else result.text,
@@ -120,6 +122,8 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
         except ClientGone:
             return Response(status_code=499)  # nobody reads it
         except Exception as exc:
+            if replies:  # failed after it was queued: not generated for no one
+                await replies[0].aclose()
             return error(exc)
         return StreamingResponse(ndjson(reply, first, (model_id, key), started, logprobs, names),
                                  media_type="application/x-ndjson")
@@ -167,11 +171,12 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
             name = str(body.get("model") or body.get("name") or "")
             if not name:
                 raise RequestError(400, "model is required")
+            stream = flag(body, "stream", True)
             if name.removesuffix(":latest") != model_id.removesuffix(":latest"):
                 raise RequestError(501, f"mllama serves one model ({model_id}) and does not pull others ('{name}')")
         except Exception as exc:
             return error(exc)
-        if body.get("stream", True) is False:
+        if not stream:
             return {"status": "success"}
         return StreamingResponse(iter([json.dumps({"status": "success"}) + "\n"]), media_type="application/x-ndjson")
 

@@ -5,8 +5,8 @@ import json
 from ..generation import openai
 from ..generation.api import tool_spec
 from .queue import BatchQueue, ClientGone, Reply, first_pieces, results, while_connected
-from .requests import (RequestError, check_messages, error_body, logprob_options, read_json, response_format,
-                       sampling)
+from .requests import (RequestError, check_messages, error_body, flag, include_usage, logprob_options, read_json,
+                       response_format, sampling)
 
 
 def sse(body: dict) -> str:
@@ -34,6 +34,7 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        replies = None
         try:
             body = await read_json(request, limits["max_body_bytes"])
             messages = check_messages(body, limits["allow_local_images"])
@@ -42,21 +43,25 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
             options = {**sampling(body), **response_format(body), **logprob_options(body)}
             spec = tool_spec(body.get("tools"), body.get("tool_choice"), options)
             tools, n = spec.tools if spec else None, choices(body)
-            replies = await queue.submit(lambda model: model.chat_prompt(messages, tools=tools), options, n=n)
+            stream, usage_too = flag(body, "stream"), include_usage(body)  # (checked before anything is queued)
+            go_on = flag(body, "continue_final_message")  # vLLM's: the last (assistant) message continued
+            replies = await queue.submit(lambda model: model.chat_prompt(messages, tools=tools, continue_final=go_on),
+                                         options, n=n)
             firsts = await while_connected(request, first_pieces(replies), replies)
             cid, created = openai.completion_id(), openai.now()
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            if not body.get("stream") or tools:  # a reply that may be a tool call is streamed once whole
+            if not stream or tools:  # a reply that may be a tool call is streamed once whole
                 ended = await while_connected(request, results(replies), replies)
                 whole = openai.response(cid, created, model_id, ended, spec.names if spec else ())
-                if not body.get("stream"):
+                if not stream:
                     return whole
-                return StreamingResponse(iter(whole_events(whole, include_usage)), media_type="text/event-stream")
+                return StreamingResponse(iter(whole_events(whole, usage_too)), media_type="text/event-stream")
         except ClientGone:
             return Response(status_code=499)  # nobody reads it
         except Exception as exc:
+            if replies:  # failed after it was queued: not generated for no one
+                await replies[0].aclose()
             return error(exc)
-        return StreamingResponse(events(replies, firsts, cid, created, model_id, include_usage),
+        return StreamingResponse(events(replies, firsts, cid, created, model_id, usage_too),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 

@@ -45,6 +45,11 @@ def sampling(body: dict) -> dict:
         if kind is int and not float(value).is_integer():
             raise RequestError(400, f"'{key}' must be an integer, not {value}", param=key)
         out[key] = kind(value)
+    if out.get("seed") == -1:  # llama.cpp's and Ollama's "no seed": a random one
+        del out["seed"]
+    stop = out.get("stop", "")
+    if not isinstance(stop, str) and not (isinstance(stop, list) and all(isinstance(t, str) for t in stop)):
+        raise RequestError(400, "'stop' must be a string or a list of strings", param="stop")
     if not isinstance(out.get("skip_special_tokens", True), bool):  # vLLM's option (default true)
         raise RequestError(400, "'skip_special_tokens' must be true or false", param="skip_special_tokens")
     if "max_tokens" in out and out["max_tokens"] < 1:
@@ -52,6 +57,26 @@ def sampling(body: dict) -> dict:
     if out.get("temperature", 0.0) < 0.0:  # the Python API reads a negative temperature as greedy; the APIs refuse it
         raise RequestError(400, "'temperature' must be >= 0", param="temperature")
     return out
+
+
+def flag(body: dict, key: str, default: bool = False) -> bool:
+    """A true/false field (absent or null: default); any other value is a 400, not read as its truthiness."""
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(400, f"'{key}' must be true or false", param=key)
+    return value
+
+
+def include_usage(body: dict) -> bool:
+    """OpenAI's stream_options.include_usage (checked before anything is queued)."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise RequestError(400, "'stream_options' must be an object", param="stream_options")
+    return flag(options, "include_usage")
 
 
 def raw_tokens(model, text: str) -> list[int]:
@@ -118,6 +143,8 @@ def from_ollama(message: dict) -> dict:
     decoded = []
     for image in images:
         try:
+            if isinstance(image, str):  # line breaks, as Go's decoder (Ollama's) ignores them
+                image = image.replace("\r", "").replace("\n", "")
             decoded.append(base64.b64decode(image, validate=True))
         except (ValueError, TypeError):
             raise RequestError(400, "images must be base64 strings") from None
@@ -164,10 +191,10 @@ def error_body(exc: BaseException) -> tuple[int, dict, dict]:
         log.error("internal error: %s: %s", type(exc).__name__, exc)
     headers = exc.headers if isinstance(exc, RequestError) else {}
     kind = "invalid_request_error" if status < 500 else "server_error"
-    param = exc.param if isinstance(exc, RequestError) else None
+    param = getattr(exc, "param", None)  # a RequestError's, or one a route set (ContextOverflowError: "prompt")
     code = exc.code if isinstance(exc, RequestError) else None
-    if isinstance(exc, ContextOverflowError):
-        param, code = "messages", "context_length_exceeded"
+    if isinstance(exc, ContextOverflowError):  # (too many images is no token overflow: trimming text won't help)
+        param, code = param or "messages", "context_length_exceeded" if exc.limit == "tokens" else None
     return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}, headers
 
 

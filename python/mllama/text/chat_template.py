@@ -77,7 +77,15 @@ ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system mes
 
 
 def normalize(messages: list[dict]) -> Conversation:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"messages must be a non-empty list of messages, not {messages!r:.40}")
     conv = Conversation([])
+
+    def part_text(part: dict, i: int) -> str:
+        text = part.get("text", "")
+        if not isinstance(text, str):
+            raise ValueError(f"message {i}: a text part's text must be a string, not {type(text).__name__}")
+        return text
 
     def text_part(text: str) -> dict:
         conv.texts.append(text)
@@ -97,7 +105,7 @@ def normalize(messages: list[dict]) -> Conversation:
             conv.messages.append(template_message({**message, "content": content}, i))
             continue
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-            content = "".join(str(p.get("text", "")) for p in content)  # text parts only: one string
+            content = "".join(part_text(p, i) for p in content)  # text parts only: one string
         parts: list[dict] = []
         for image in message.get("images", []) or []:  # Ollama style: images come first
             conv.images.append(image)
@@ -114,7 +122,7 @@ def normalize(messages: list[dict]) -> Conversation:
             for part in content:
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text":
-                    parts.append(text_part(str(part.get("text", ""))))
+                    parts.append(text_part(part_text(part, i)))
                 elif kind == "image_url":
                     image_url = part.get("image_url")
                     url = image_url.get("url") if isinstance(image_url, dict) else image_url
@@ -181,3 +189,18 @@ def system_turn_first(segments: list[tuple[str, bool]], bos: str, conv: Conversa
     head, tail = SYSTEM_TURN
     system = conv.texts[int(found.group(1))]
     return [(bos + head, False), (system, True), (tail + first[len(bos):], False), *segments[1:]]
+
+
+def open_final_turn(segments: list[tuple[str, bool]], conv: Conversation) -> list[tuple[str, bool]]:
+    """`segments` (`conv` rendered without a generation prompt) with its last message, an assistant's, left
+    open for the model to go on with: the end of turn after its text taken off, no new turn begun (what
+    Ollama's template does with a last assistant message, and vLLM's continue_final_message)."""
+    last = conv.messages[-1] if conv.messages else {}
+    if last.get("role") != "assistant" or last.get("tool_calls"):
+        raise TemplateError("only a last assistant message (not a tool call) can be continued")
+    end = SYSTEM_TURN[1]
+    text, is_user = segments[-1] if segments else ("", True)
+    if is_user or not text.rstrip().endswith(end):
+        raise TemplateError("the chat template does not end a turn with <|eot_id|>: cannot continue the message")
+    head = text.rstrip()[: -len(end)]
+    return [*segments[:-1], (head, False)] if head else segments[:-1]

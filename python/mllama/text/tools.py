@@ -39,8 +39,9 @@ def resolve(tools, tool_choice) -> ToolSpec | None:
     if tool_choice == "required":
         return ToolSpec(tools, names, call_schema(tools))
     if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
-        name = (tool_choice.get("function") or {}).get("name")
-        if name not in names:
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or name not in names:
             raise ValueError(f"'tool_choice' names a function not in 'tools': {name!r}")
         return ToolSpec(tools, (name,), call_schema([tools[names.index(name)]]))
     raise ValueError("'tool_choice' must be \"none\", \"auto\", \"required\" or "
