@@ -82,6 +82,11 @@ def test_bad_numbers_are_one_line_errors(gguf_f32):
     assert parallel.returncode == 1 and "--parallel must be at least 1" in parallel.stderr, parallel.stderr
     two = run("serve", str(gguf_f32), "-m", "other.gguf")
     assert two.returncode == 1 and "two models given" in two.stderr, two.stderr
+    for flag, value, least in (("--max-queue", "-3", 0), ("--max-body", "0", 1)):
+        refused = run("serve", str(gguf_f32), flag, value)
+        assert refused.returncode == 1 and f"{flag} must be at least {least}" in refused.stderr, refused.stderr
+    many = run("serve", str(gguf_f32), "--parallel", "100000", "--port", "0")
+    assert many.returncode == 1 and "--parallel must be in [1," in many.stderr, many.stderr
     tokens = run("describe", "--max-tokens", "0", "-m", str(gguf_f32), "missing.png")
     lines = tokens.stderr.strip().splitlines()
     assert tokens.returncode == 1 and len(lines) == 1 and "max_tokens must be at least 1" in lines[0], tokens.stderr

@@ -152,6 +152,18 @@ def test_bench_json(gguf_f32):
     assert data["decode_tokens"] == 4 and data["prompt_tok_s"] > 0 and data["peak_rss_bytes"] > 0
 
 
+def test_bench_time_to_first_token_encodes_its_image(gguf_f32):
+    """The warm-up's image is in the image cache: the time to first token must not find it there."""
+    import mllama
+    from mllama.cli.bench import measure
+
+    with mllama.Model(gguf_f32, n_ctx=256) as model:
+        assert model.image_cache is not None
+        image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+        measure(model, image, "Describe it.", 2)
+        assert model.engine.n_encoded == 2  # the warm-up's, the first token's
+
+
 def test_demo_builds_once_and_runs(tmp_path):
     import os
 

@@ -44,9 +44,17 @@ def kept_messages(messages: list[dict], n_left_out: int) -> list[dict]:
 
 
 def test_a_conversation_that_fits_is_left_as_it_is(model):
-    messages = history(2)
-    fitted = fit_chat(model, messages)
-    assert (fitted.tokens, fitted.images, fitted.n_left_out) == (*model.chat_prompt(messages), 0)
+    """Up to the last turn that fits whole (past half the room, where the grid of cuts begins): nothing left out."""
+    budget, longest = N_CTX - reply_room(N_CTX, None), 0
+    for t in range(2, 40):
+        messages = history(t)
+        whole = model.chat_prompt(messages)
+        if len(whole[0]) > budget:
+            break
+        fitted = fit_chat(model, messages)
+        assert (fitted.tokens, fitted.images, fitted.n_left_out) == (*whole, 0), t
+        longest = len(whole[0])
+    assert longest > budget * 3 // 4
 
 
 @pytest.mark.parametrize("max_tokens", [None, 10])
@@ -217,6 +225,29 @@ def test_a_failed_or_unread_turn_leaves_the_chat_as_it_was(model):
     chat.send("Next question?", stream=True)
     assert [m["role"] for m in chat.messages[len(messages):]] == ["user"]
     assert chat.messages[-1]["content"][-1]["text"] == "Next question?"
+
+
+def said(chat) -> list[tuple[str, str]]:
+    return [(m["role"], m["content"] if isinstance(m["content"], str) else m["content"][-1]["text"])
+            for m in chat.messages]
+
+
+def test_a_send_ends_the_streamed_turn_before_it(model):
+    """Unread, the turn before leaves nothing (its stream yields nothing); read in part, its reply is kept as far
+    as it went, before the new turn: the history stays in the order of the turns."""
+    alone = model.chat_session(temperature=0.0, max_tokens=4)
+    second = alone.send("second")
+    chat = model.chat_session(temperature=0.0, max_tokens=4)
+    first = chat.send("first", stream=True)
+    assert chat.send("second") == second and list(first) == []
+    assert said(chat) == [("user", "second"), ("assistant", second)]
+    chat = model.chat_session(temperature=0.0, max_tokens=4)
+    first = chat.send("first", stream=True)
+    piece = next(first)
+    chat.send("second")
+    assert list(first) == []
+    assert [role for role, _ in said(chat)] == ["user", "assistant", "user", "assistant"]
+    assert said(chat)[:2] == [("user", "first"), ("assistant", piece)]
 
 
 def test_chat_many_truncates_when_asked(model):

@@ -191,11 +191,13 @@ def test_served_from_the_store_it_answers_to_its_ollama_name(era_b, tmp_path, mo
 
 def test_cli_names_a_missing_tag_of_a_stored_model_as_ollamas(era_b, tmp_path, monkeypatch):
     """`-m llama3.2-vision:90b` with only 11b in the store: the store's error (which tags it has), not "no such
-    file 'llama3.2-vision:90b'"; a plain missing path stays a path."""
+    file 'llama3.2-vision:90b'"; a name neither a file nor in the store says both; a path stays a path."""
     from mllama.cli.common import model_arg
 
     root = make_store(tmp_path / "models", {"application/vnd.ollama.image.model": era_b})
     monkeypatch.setenv("OLLAMA_MODELS", str(root))
     assert model_arg("llama3.2-vision:90b") == "ollama:llama3.2-vision:90b"
     assert model_arg("llama3.2-vision") == "ollama:llama3.2-vision"  # latest: not there, but the model is
-    assert model_arg("mymodel") == "mymodel" and model_arg("a/b/c/d/e") == "a/b/c/d/e"
+    assert model_arg("a/b/c/d/e") == "a/b/c/d/e" and model_arg("x.gguf") == "x.gguf"
+    with pytest.raises(mllama.MllamaError, match="'mymodel' is neither a file nor a model in the Ollama store"):
+        model_arg("mymodel")

@@ -124,6 +124,8 @@ def test_error_codes_say_which_limit(app, model):
                                                     "tool_choice": {"type": "function", "function": "f"}})
     assert choice.status_code == 400 and "tool_choice" in choice.json()["error"]["message"]
     assert idle(model)
+    failed = [line for line in app.get("/metrics").text.splitlines() if line.startswith("mllama_choices_failed_total")]
+    assert len(failed) == 1 and float(failed[0].split()[-1]) >= 2  # the two refused at admission, at least
 
 
 def test_python_api_bad_input_is_named(model, tmp_path):
@@ -162,3 +164,17 @@ def test_encode_image_by_default_takes_a_slot_no_generation_reads(model):
     stream.close()
     model.run_step()
     assert idle(model)
+
+
+def test_the_metrics_window_stays_bounded_without_scrapes(model):
+    """One entry a step, dropped once older than the window whether /metrics is read or not (a server nobody
+    scrapes must not grow); read while the driver thread appends, under one lock."""
+    from mllama.server.metrics import Metrics
+
+    metrics = Metrics(model, window_s=0.05)
+    for _ in range(2000):
+        metrics.stepped(model.scheduler)
+    time.sleep(0.1)
+    metrics.stepped(model.scheduler)
+    assert len(metrics._recent) == 1
+    assert b"mllama_generated_tokens_per_second" in metrics.render()[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -104,3 +105,31 @@ def oversized(base: str) -> int:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000000\r\n\r\n{")
         reply = read_reply(sock)
     return int(reply.split()[1])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_server_at_once_and_cleanly(gguf_f32, signum):
+    """SIGTERM (docker stop, systemd) or Ctrl-C while a long answer streams: every request stops at the next step,
+    the stream ends with its error event (503, not a cut connection), the process exits without a traceback."""
+    import httpx
+
+    default_sigint = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # the server's, as in a terminal (a background job's is ignored)
+    try:
+        base, proc = start_server(gguf_f32, "--parallel", "2")
+    finally:
+        signal.signal(signal.SIGINT, default_sigint)
+    lines, body = [], {"messages": [{"role": "user", "content": "Count forever."}], "stream": True, "max_tokens": 3000}
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=60) as reply:
+        for line in reply.iter_lines():
+            lines.append(line)
+            if len(lines) == 5:
+                signalled = time.perf_counter()
+                proc.send_signal(signum)
+    code, stopped_s = proc.wait(timeout=30), time.perf_counter() - signalled
+    stderr = proc.stderr.read()
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert code == (0 if signum == signal.SIGTERM else 130), stderr
+    assert stopped_s < 10 and "Traceback" not in stderr and "internal error" not in stderr, stderr
+    assert events[-1]["error"]["message"] == "the request was cancelled", events[-1]
+    assert len(events) < 1000  # (stopped long before its 3000 tokens)

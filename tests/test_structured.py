@@ -145,6 +145,20 @@ def test_grammar_on_generate(model, grammar, pattern):
         assert re.fullmatch(pattern, text), text
 
 
+def test_grammar_on_generate_tokens(model):
+    prompt = model.tokenize("<|begin_of_text|>Say something:", special=True)
+    for seed in SEEDS:
+        tokens = list(model.generate_tokens(prompt, grammar={"regex": r"[a-c]{3}-[0-9]{2}"}, temperature=1.0,
+                                            seed=seed, max_tokens=40))
+        assert re.fullmatch(r"[a-c]{3}-[0-9]{2}", model.detokenize(tokens)), tokens
+        schema = {"type": "json_schema", "json_schema": {"name": "n", "schema": obj({"n": {"enum": [1, 2, 3]}})}}
+        tokens = list(model.generate_tokens(prompt, response_format=schema, temperature=1.0, seed=seed,
+                                            max_tokens=40))
+        assert json.loads(model.detokenize(tokens))["n"] in (1, 2, 3), tokens
+    with pytest.raises(ValueError, match="unclosed group"):
+        list(model.generate_tokens(prompt, grammar={"regex": "a(b"}))
+
+
 def test_a_compiled_grammar_serves_many_calls_and_chat_sessions(model):
     grammar = model.compile_grammar({"regex": r"[0-9]{4}"})
     chat = model.chat_session(grammar=grammar, temperature=1.0, max_tokens=10)

@@ -45,6 +45,30 @@ def test_the_template_renders_tools_calls_and_results():
     assert '{"x": "<\\u007ceot_id|>"}<|eot_id|>' in injected  # data cannot make a special token
 
 
+def test_an_ipython_result_renders_as_a_tool_result():
+    """The template writes both roles' results as JSON: a string quoted and escaped, never cut by its own quotes."""
+    for content in ('{"temperature": 21}', 'said "hi"\nbye', "<|eot_id|>"):
+        texts = [render(default_template(), ASK + [{"role": role, "content": content}], bos_token="<B>",
+                        date_string="1 Jan 2025") for role in ("tool", "ipython")]
+        assert texts[0] == texts[1], content
+    escaped = render(default_template(), ASK + [{"role": "ipython", "content": 'said "hi"\nbye'}], bos_token="<B>")
+    assert '<|start_header_id|>ipython<|end_header_id|>\n\n"said \\"hi\\"\\nbye"<|eot_id|>' in escaped
+
+
+def test_a_forced_call_of_a_tool_whose_parameters_leave_out_the_type_is_an_object():
+    loose = [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": {"type": "integer"}}}}}]
+    schema = call_schema(loose)
+    jsonschema.validate({"name": "f", "parameters": {"a": 1}}, schema)
+    for arguments in ("oops", 5, [1]):  # what parse_call would refuse: the grammar must not allow it
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"name": "f", "parameters": arguments}, schema)
+    deep = {"type": "object", "properties": {}}
+    for _ in range(5000):
+        deep = {"type": "object", "properties": {"x": deep}}
+    with pytest.raises(ValueError, match="nested too deeply"):
+        call_schema([{"type": "function", "function": {"name": "f", "parameters": deep}}])
+
+
 def test_parse_call():
     names = ("get_weather",)
     call = parse_call('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}', names)

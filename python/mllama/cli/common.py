@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -51,7 +52,12 @@ def model_arg(value: str | None) -> str:
     except MllamaError:  # not an Ollama name: a path that does not exist, said as such when it is opened
         return model
     # a name with a tag, or one the store has under another tag: the store says which tags it has
-    return "ollama:" + model if manifest.is_file() or ":" in model or manifest.parent.is_dir() else model
+    if manifest.is_file() or ":" in model or manifest.parent.is_dir():
+        return "ollama:" + model
+    if "/" in model or os.sep in model:  # more likely a path: said as such when it is opened
+        return model
+    raise MllamaError(f"'{model}' is neither a file nor a model in the Ollama store ({store_root()}): pass a GGUF "
+                      "file's path, or pull the model with Ollama first")
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:

@@ -9,6 +9,7 @@ import sys
 
 from .._native.errors import MllamaError
 from ..server import serve
+from ..server.app import Stopped
 from .common import add_model_flags, human, load_model, port_number
 
 OLLAMA_PORT = 11434
@@ -61,15 +62,24 @@ def run(args: argparse.Namespace) -> int:
         if args.model is not None and args.model != args.model_path:
             raise MllamaError(f"two models given ({args.model_path} and -m {args.model}): serve one")
         args.model = args.model_path
-    if args.parallel is not None and args.parallel < 1:
-        raise MllamaError("--parallel must be at least 1")
+    for flag, value, least in (("--parallel", args.parallel, 1), ("--max-queue", args.max_queue, 0),
+                               ("--max-body", args.max_body, 1)):
+        if value is not None and value < least:
+            raise MllamaError(f"{flag} must be at least {least}")
     host, port = address(args)
     check_port(host, port, args.ollama)
-    with load_model(args, n_seq_max=args.parallel or "auto") as model:
-        kv = model.memory()["kv_cache"]
-        print(f"mllama serve: {model.name} on http://{host}:{port} (OpenAI /v1, Ollama /api), {model.n_seq_max} "
-              f"requests at a time ({human(kv)} of KV cache for {model.n_ctx} tokens each; Ctrl-C to stop)",
-              file=sys.stderr)
-        serve(model, host=host, port=port, max_queue=args.max_queue, max_body_bytes=args.max_body * 2**20,
-              allow_local_images=args.allow_local_images, allow_origins=args.allow_origin)
+    try:
+        model = load_model(args, n_seq_max=args.parallel or "auto")
+    except MllamaError as exc:  # the context's own limit on sequences, said with the flag that sets it
+        raise MllamaError(str(exc).replace("n_seq_max", "--parallel")) from None
+    with model:
+        kv, url = model.memory()["kv_cache"], f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        at_once = "1 request" if model.n_seq_max == 1 else f"{model.n_seq_max} requests"
+        print(f"mllama serve: {model.name} on {url} (OpenAI /v1, Ollama /api), {at_once} at a time "
+              f"({human(kv)} of KV cache for {model.n_ctx} tokens each; Ctrl-C to stop)", file=sys.stderr)
+        try:
+            serve(model, host=host, port=port, max_queue=args.max_queue, max_body_bytes=args.max_body * 2**20,
+                  allow_local_images=args.allow_local_images, allow_origins=args.allow_origin)
+        except Stopped:  # SIGTERM (docker stop, systemd): shut down gracefully, the model closed
+            print("mllama serve: stopped", file=sys.stderr)
     return 0

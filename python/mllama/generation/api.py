@@ -141,7 +141,7 @@ class GenerationMixin:
     def generate_tokens(self, tokens: list[int], images=(), *, grammar=None, response_format=None,
                         **sampling) -> Iterator[int]:
         """Generated token ids (end-of-generation ids excluded)."""
-        request = self.submit(list(tokens), images, **sampling)
+        request = self.submit(list(tokens), images, grammar=grammar, response_format=response_format, **sampling)
         for kind, value in self.events(request):
             if kind == "token":
                 yield value

@@ -49,7 +49,7 @@ def fit_chat(model, messages: list[dict], *, tools: list[dict] | None = None, ma
     render = {"tools": tools, "system_with_images": system_with_images,  # Model.chat_prompt's keywords
               "continue_final": continue_final}
     fit = _Fitting(model, messages, render, model.n_ctx - reply_room(model.n_ctx, max_tokens))
-    if len(fit.rest) < 2 or fit.clearly_over is False:
+    if len(fit.rest) < 2 or not fit.clearly_over:
         tokens, images = model.chat_prompt(messages, **render)
         if len(fit.rest) < 2 or fit.fits(tokens, images):
             return FittedPrompt(tokens, images)
@@ -93,7 +93,7 @@ class _Fitting:
             head += len(model.tokenize(json.dumps(tools, default=str)))
         self.quantum = max(1, (budget - head) // 2)
         # far over: no need to render the whole (maybe very long) conversation to know it does not fit
-        self.clearly_over = head + self.before[-1] > 2 * budget or None
+        self.clearly_over = head + self.before[-1] > 2 * budget
 
     def fits(self, tokens: list[int], images: list) -> bool:
         return len(tokens) <= self.budget and len(images) <= self.model.n_image_slots

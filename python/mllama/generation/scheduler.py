@@ -62,6 +62,13 @@ class Scheduler:
         """Stops a request at the next step (from any thread)."""
         request.cancelled = True
 
+    def cancel_all(self) -> None:
+        """Stops every request, running or waiting, at the next step (from any thread: a server shutting down)."""
+        with self._mutex:
+            requests = [*self.waiting, *self.running]
+        for request in requests:
+            request.cancelled = True
+
     @property
     def n_waiting(self) -> int:
         return len(self.waiting)

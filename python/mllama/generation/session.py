@@ -19,11 +19,15 @@ class Chat:
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.n_left_out = 0  # messages of the history the last turn's prompt left out
         self._unread: dict | None = None  # the user message of a streamed turn whose reply has not started
+        self._open: TextStream | None = None  # the last streamed turn (ended by the next send)
 
     def send(self, content: str, images: tuple[Any, ...] | list[Any] = (), *, stream: bool = False, **sampling):
         """Add a user turn and return the assistant's reply, or with stream=True a TextStream of its
         pieces (its `result` holds the finish reason, usage and timings once it has ended). A streamed
-        reply closed or dropped before it was read leaves no turn (it goes at the next send)."""
+        reply closed or dropped before it was read leaves no turn (it goes at the next send). A send ends the
+        streamed turn before it: one not read yet leaves no turn (its stream yields nothing), one being read
+        keeps its reply as far as it went, so the history stays in the order of the turns."""
+        self._end_open_turn()
         self._drop_unread()
         # preprocessed once here: later turns re-render the conversation without redoing the images
         parts: list[dict] = [{"type": "image", "image": image} for image in self.model.prepare_images(images)]
@@ -40,7 +44,15 @@ class Chat:
             raise
         self._unread = message
         pieces = TextStream(lambda stream: self._record(stream, message, fitted, sampling))
-        return pieces if stream else pieces.finish().text
+        if not stream:
+            return pieces.finish().text
+        self._open = pieces
+        return pieces
+
+    def _end_open_turn(self) -> None:
+        opened, self._open = self._open, None
+        if opened is not None:
+            opened.close()  # not started: nothing runs (the unread message goes next); started: its reply is kept
 
     def _drop_unread(self) -> None:
         if self._unread is not None and self.messages and self.messages[-1] is self._unread:
@@ -73,6 +85,7 @@ class Chat:
                 self.n_left_out = fitted.n_left_out
 
     def clear(self) -> None:
+        self._end_open_turn()
         self._unread = None
         system = [m for m in self.messages[:1] if m["role"] == "system"]
         self.messages, self.n_left_out = system, 0

@@ -28,6 +28,7 @@ def create_app(model, *, max_queue: int = 8, max_body_bytes: int = 32 * 1024 * 1
     app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_origin_regex=LOCAL_ORIGINS,
                        allow_methods=["*"], allow_headers=["*"])
     queue = BatchQueue(model, max_queue, Metrics(model))
+    app.state.stop_requests = model.scheduler.cancel_all  # (serve's shutdown: answers end now, in their own shape)
     model_id = model.name
     limits = {"max_body_bytes": max_body_bytes, "allow_local_images": allow_local_images}
 
@@ -66,7 +67,35 @@ def create_app(model, *, max_queue: int = 8, max_body_bytes: int = 32 * 1024 * 1
     return app
 
 
+SHUTDOWN_GRACE_S = 3  # on Ctrl-C or SIGTERM every request is stopped; their answers get this long to end
+
+
+class Stopped(Exception):
+    """The server was stopped by SIGTERM (after its graceful shutdown): the caller exits cleanly."""
+
+
 def serve(model, host: str = "127.0.0.1", port: int = 8080, **kwargs: Any) -> None:
+    """Serve until Ctrl-C (KeyboardInterrupt afterwards) or SIGTERM (Stopped afterwards, so that the caller's
+    cleanup runs: uvicorn raises the signal again once it has shut down, whose default action would kill)."""
+    import signal
+    import threading
+
     import uvicorn
 
-    uvicorn.run(create_app(model, **kwargs), host=host, port=port, log_level="warning")
+    def stopped(signum, frame):
+        raise Stopped()
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # the requests stop at the next step: their answers end cleanly
+            app.state.stop_requests()
+            super().handle_exit(sig, frame)
+
+    app = create_app(model, **kwargs)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    main = threading.current_thread() is threading.main_thread()  # (signal handlers: the main thread's only)
+    before = signal.signal(signal.SIGTERM, stopped) if main else None  # (uvicorn's replaces it while it runs)
+    try:
+        Server(config).run()
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, before)

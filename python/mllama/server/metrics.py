@@ -4,6 +4,7 @@ registry per app, so that several apps in one process (tests) do not collide."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 
@@ -25,6 +26,8 @@ class Metrics:
         self.cancelled = Counter("mllama_requests_cancelled", "Requests stopped by their client", registry=r)
         self.finished_total = Counter("mllama_choices_finished", "Choices ended, by finish reason", ["reason"],
                                       registry=r)
+        self.failed = Counter("mllama_choices_failed", "Choices ended by an error (a prompt over the context, an "
+                              "image that cannot be read, ...)", registry=r)
         self.prompt_tokens = Counter("mllama_prompt_tokens", "Prompt tokens of the submitted requests", registry=r)
         self.generated = Counter("mllama_generated_tokens", "Tokens generated", registry=r)
         self.prefix_reused = Counter("mllama_prefix_tokens_reused", "Prompt tokens found in a sequence's cache",
@@ -40,7 +43,8 @@ class Metrics:
         self.tokens_per_s = Gauge("mllama_generated_tokens_per_second",
                                   f"Tokens generated per second over the last {window_s:g} s", registry=r)
         self.sequences.set(model.n_seq_max)
-        self._recent: deque[tuple[float, int]] = deque()
+        self._recent: deque[tuple[float, int]] = deque()  # (when, tokens) of the steps within the window
+        self._recent_lock = threading.Lock()  # the batch driver's thread appends, the event loop's reads
         self._seen = dict.fromkeys(model.scheduler.stats, 0)
 
     def submitted(self, request) -> None:
@@ -57,7 +61,9 @@ class Metrics:
             self.batch_rows.observe((stats["batch_rows"] - self._seen["batch_rows"]) / steps)
         generated = stats["generated_tokens"] - self._seen["generated_tokens"]
         self.generated.inc(generated)
-        self._recent.append((time.monotonic(), generated))
+        with self._recent_lock:
+            self._recent.append((time.monotonic(), generated))
+            self._prune(time.monotonic())  # bounded whether /metrics is read or not
         self.prefix_reused.inc(stats["prefix_tokens_reused"] - self._seen["prefix_tokens_reused"])
         self.image_hits.inc(stats["image_slot_hits"] - self._seen["image_slot_hits"])
         self._seen = stats
@@ -65,13 +71,16 @@ class Metrics:
         self.waiting.set(scheduler.n_waiting)
         self.encoding.set(scheduler.n_encoding)
 
+    def _prune(self, now: float) -> None:
+        while self._recent and self._recent[0][0] < now - self.window_s:
+            self._recent.popleft()
+
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        now = time.monotonic()
-        while self._recent and self._recent[0][0] < now - self.window_s:
-            self._recent.popleft()
-        self.tokens_per_s.set(sum(n for _, n in self._recent) / self.window_s)
+        with self._recent_lock:
+            self._prune(time.monotonic())
+            self.tokens_per_s.set(sum(n for _, n in self._recent) / self.window_s)
         self.running.set(len(self.model.scheduler.running))
         self.waiting.set(self.model.scheduler.n_waiting)
         self.encoding.set(self.model.scheduler.n_encoding)

@@ -9,6 +9,7 @@ import asyncio
 import threading
 from typing import Any, Callable
 
+from .._native.errors import GenerationCancelled
 from ..generation.results import GenerationResult
 from ..generation.request import Request, Stream
 from .metrics import Metrics
@@ -45,6 +46,8 @@ class Reply:
                 self._queue.metrics.finished(value)
             elif kind == "error":
                 self._ended = True
+                if not isinstance(value, GenerationCancelled):  # (those are counted as cancelled)
+                    self._queue.metrics.failed.inc()
                 raise value
         raise StopAsyncIteration
 

@@ -7,7 +7,7 @@ import base64
 import json
 import logging
 
-from .._native.errors import ContextOverflowError, ImageError, TemplateError
+from .._native.errors import ContextOverflowError, GenerationCancelled, ImageError, TemplateError
 from .._native.ffi import is_backend_error
 from ..generation.logprobs import check as check_logprobs
 
@@ -156,7 +156,7 @@ async def read_json(request, max_body_bytes: int) -> dict:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_body_bytes:
         raise RequestError(413, f"request body over {max_body_bytes} bytes")
-    body = b""
+    body = bytearray()  # (appended in place: bytes += would copy the whole body for every chunk)
     async for chunk in request.stream():
         body += chunk
         if len(body) > max_body_bytes:
@@ -177,6 +177,8 @@ def error_status(exc: BaseException) -> int:
         return exc.status
     if isinstance(exc, (ImageError, TemplateError, ContextOverflowError, ValueError, TypeError, KeyError)):
         return 400
+    if isinstance(exc, GenerationCancelled):
+        return 503  # stopped by the server (shutting down): no client's fault, nor an internal error
     if is_backend_error(exc):
         return 503  # a lost RPC worker or a failed device: the server cannot answer until it is restarted
     return 500

@@ -101,7 +101,7 @@ def normalize(messages: list[dict]) -> Conversation:
             raise ValueError(f"message {i}: unknown role {role!r:.40} (one of {', '.join(ROLES)}, or developer)")
         if role != message["role"]:
             message = {**message, "role": role}
-        if role == "tool" or message.get("tool_calls"):
+        if role in ("tool", "ipython") or message.get("tool_calls"):  # (the template writes a tool result as JSON)
             conv.messages.append(template_message({**message, "content": content}, i))
             continue
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):

@@ -65,12 +65,22 @@ def call_schema(tools: list[dict]) -> dict:
     """The JSON schema of a call of one of `tools` in the template's format. Each tool's parameters go under
     `$defs` as "tool{i}", their own `$ref`s rebased there: "#/$defs/Item" (pydantic's nested models) would
     otherwise point into the wrapper schema."""
-    defs = {f"tool{i}": rebase_refs(t["function"].get("parameters") or {"type": "object"}, f"#/$defs/tool{i}")
-            for i, t in enumerate(tools)}
+    try:
+        defs = {f"tool{i}": rebase_refs(object_schema(t["function"].get("parameters")), f"#/$defs/tool{i}")
+                for i, t in enumerate(tools)}
+    except RecursionError:
+        raise ValueError("a tool's parameters schema is nested too deeply") from None
     calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
                                                "parameters": {"$ref": f"#/$defs/tool{i}"}},
               "required": ["name", "parameters"], "additionalProperties": False} for i, t in enumerate(tools)]
     return {**(calls[0] if len(calls) == 1 else {"anyOf": calls}), "$defs": defs}
+
+
+def object_schema(params: dict | None) -> dict:
+    """A tool's parameters schema, typed "object" where it leaves the type out (function_name reads it so): the
+    forced call's grammar then allows only an object of arguments, which parse_call accepts."""
+    params = params or {}
+    return params if "type" in params else {"type": "object", **params}
 
 
 def rebase_refs(schema, root: str):
@@ -111,9 +121,9 @@ def may_be_call(text: str) -> bool:
 
 
 def template_message(message: dict, i: int) -> dict:
-    """A `tool` message or an assistant message with `tool_calls` as the template reads them: a tool
-    result that is JSON is passed as its value, a call's arguments as an object."""
-    if message.get("role") == "tool":
+    """A `tool` (or `ipython`) message or an assistant message with `tool_calls` as the template reads them: a
+    tool result that is JSON is passed as its value, a call's arguments as an object."""
+    if message.get("role") in ("tool", "ipython"):
         content = message.get("content")
         if isinstance(content, list):  # text parts
             content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
@@ -121,7 +131,7 @@ def template_message(message: dict, i: int) -> dict:
             value = json.loads(content) if isinstance(content, str) else content
         except ValueError:
             value = content
-        return {"role": "tool", "content": value if isinstance(value, (dict, list)) else str(content)}
+        return {"role": message["role"], "content": value if isinstance(value, (dict, list)) else str(content)}
     calls = message["tool_calls"]
     if not isinstance(calls, list) or len(calls) != 1:
         raise ValueError(f"message {i}: this model takes exactly one tool call per assistant message")
