@@ -4,7 +4,7 @@ Ollama refuses for this model (thinking, insert, a template of the client's), re
 import logging
 
 from ..generation.context_fit import fit_chat
-from .requests import SAMPLING_KEYS, RequestError, from_ollama, raw_tokens, sampling
+from .requests import SAMPLING_KEYS, RequestError, flag, from_ollama, number, raw_tokens, sampling
 
 log = logging.getLogger("mllama.server")
 
@@ -29,10 +29,8 @@ def options(body: dict) -> dict:
     if not isinstance(opts, dict):
         raise RequestError(400, "'options' must be an object")
     n_predict = opts.get("num_predict")  # (-1, -2 or 0: no limit but the context's, as Ollama reads them)
-    if n_predict is not None and (isinstance(n_predict, bool) or not isinstance(n_predict, (int, float))
-                                  or not float(n_predict).is_integer()):
-        raise RequestError(400, "'num_predict' must be an integer", param="num_predict")
-    extra = {"max_tokens": int(n_predict)} if n_predict is not None and n_predict > 0 else {}
+    n_predict = None if n_predict is None else number("num_predict", n_predict, int)
+    extra = {"max_tokens": n_predict} if n_predict is not None and n_predict > 0 else {}
     taken = sampling({**opts, **extra})
     for key in sorted({k for k, v in opts.items() if v is not None} - SAMPLING_KEYS - {"num_predict"} - _said):
         _said.add(key)
@@ -74,10 +72,8 @@ def truncates(body: dict) -> bool:
     """Ollama's `truncate` (default true): a chat history too long for the context leaves out its oldest
     messages. (`shift`, Ollama's context shift while it generates, is read but not done: a reply that fills
     the context ends with done_reason "length".)"""
-    for key in ("truncate", "shift"):
-        if body.get(key) is not None and not isinstance(body[key], bool):
-            raise RequestError(400, f"'{key}' must be true or false")
-    return body.get("truncate") is not False
+    flag(body, "shift")
+    return flag(body, "truncate", True)
 
 
 def chat_prompt(messages: list[dict], tools, truncate: bool, max_tokens):

@@ -37,14 +37,8 @@ def sampling(body: dict) -> dict:
     if "max_completion_tokens" in out:
         out["max_tokens"] = out.pop("max_completion_tokens")
     for key, kind in NUMBER_KEYS:
-        if key not in out:
-            continue
-        value = out[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RequestError(400, f"'{key}' must be a number", param=key)
-        if kind is int and not float(value).is_integer():
-            raise RequestError(400, f"'{key}' must be an integer, not {value}", param=key)
-        out[key] = kind(value)
+        if key in out:
+            out[key] = number(key, out[key], kind)
     if out.get("seed") == -1:  # llama.cpp's and Ollama's "no seed": a random one
         del out["seed"]
     stop = out.get("stop", "")
@@ -57,6 +51,15 @@ def sampling(body: dict) -> dict:
     if out.get("temperature", 0.0) < 0.0:  # the Python API reads a negative temperature as greedy; the APIs refuse it
         raise RequestError(400, "'temperature' must be >= 0", param="temperature")
     return out
+
+
+def number(key: str, value, kind: type = float) -> int | float:
+    """A numeric field as `kind` (int: a whole float such as 2.0 too, as JSON numbers reach Go servers); 400 else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(400, f"'{key}' must be a number", param=key)
+    if kind is int and not float(value).is_integer():
+        raise RequestError(400, f"'{key}' must be an integer, not {value}", param=key)
+    return kind(value)
 
 
 def flag(body: dict, key: str, default: bool = False) -> bool:
