@@ -265,9 +265,10 @@ def test_a_bad_shard_index_is_a_conversion_error_naming_it(hf_dir, tmp_path, ind
     folder.mkdir()
     for f in hf_dir.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")  # (model.safetensors wins)
     (folder / "model.safetensors.index.json").write_text(index)
     if "weight_map" in index:  # an index that names no shard lists none: give it the one shard, but no tensor
-        (folder / "model.safetensors.index.json").write_text('{"weight_map": {"x": "model.safetensors"}}')
+        (folder / "model.safetensors.index.json").write_text('{"weight_map": {"x": "model-00001-of-00001.safetensors"}}')
     with pytest.raises(mllama.ConversionError, match=message):
         mllama.convert(folder, tmp_path / "o.gguf")
     assert not (tmp_path / "o.gguf").exists()
@@ -312,3 +313,62 @@ def test_sigterm_during_convert_leaves_no_partial_file(hf_dir, tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 128 + signal.SIGTERM, proc.stderr.read()
     assert list(out.iterdir()) == []
+
+
+def copy_checkpoint(hf_dir: Path, folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for f in hf_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+def test_a_checkpoint_file_behind_a_link_is_never_replaced(hf_dir, tmp_path):
+    blobs = copy_checkpoint(hf_dir, tmp_path / "hub" / "blobs")  # the Hugging Face cache: a snapshot of links
+    snapshot = tmp_path / "hub" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    for f in blobs.iterdir():
+        (snapshot / f.name).symlink_to(Path("../..") / "blobs" / f.name)
+    with pytest.raises(mllama.ConversionError, match="a file of the checkpoint"):
+        mllama.convert(snapshot, snapshot / "model.safetensors", force=True)
+    assert (snapshot / "model.safetensors").is_symlink() and \
+        (blobs / "model.safetensors").read_bytes() == (hf_dir / "model.safetensors").read_bytes()
+
+
+def test_checkpoint_files_are_read_as_transformers_reads_them(gguf_f32, hf_dir, tmp_path):
+    stale = copy_checkpoint(hf_dir, tmp_path / "stale")  # a single-file save over a sharded one keeps its index
+    (stale / "model.safetensors.index.json").write_text('{"weight_map": {"x": "model-00001-of-00002.safetensors"}}')
+    (stale / "chat_template.jinja").write_text("{{ 'from the jinja file' }}")  # it overrides tokenizer_config's
+    config = json.loads((stale / "tokenizer_config.json").read_text())
+    (stale / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ 'from the config' }}"}))
+    out = mllama.convert(stale, tmp_path / "o.gguf", type="f32")
+    expected = load_all(gguf_f32)
+    assert all(np.array_equal(a, expected[name]) for name, a in load_all(out).items())
+    with mllama.Model(out) as model:
+        assert model.meta_string("tokenizer.chat_template") == "{{ 'from the jinja file' }}"
+    twice = copy_checkpoint(hf_dir, tmp_path / "twice")  # a tensor in two shards: which one is meant is not known
+    (twice / "model.safetensors").rename(twice / "a.safetensors")
+    (twice / "b.safetensors").write_bytes((twice / "a.safetensors").read_bytes())
+    with pytest.raises(mllama.ConversionError, match="is in both a.safetensors and b.safetensors"):
+        mllama.convert(twice, tmp_path / "t.gguf")
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("text_config", "rope_parameters", {"rope_type": "llama3", "factor": 8.0}),  # (no low_freq_factor...)
+    ("text_config", "rope_parameters", "llama3"),
+    ("text_config", "num_attention_heads", 0),
+    ("text_config", "cross_attention_layers", None),
+    ("text_config", "max_position_embeddings", None),
+    ("vision_config", "hidden_size", None),
+])
+def test_malformed_config_fields_are_conversion_errors(hf_dir, tmp_path, section, key, value):
+    folder = copy_checkpoint(hf_dir, tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    config[section][key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(mllama.ConversionError, match="config.json"):  # (KeyError, ZeroDivisionError, TypeError...)
+        mllama.convert(folder, tmp_path / "o.gguf")
+
+
+def test_an_output_name_as_long_as_the_file_system_takes(gguf_f32, hf_dir, tmp_path):
+    out = tmp_path / ("m" * 245 + ".gguf")  # (its temporary name had been 20 bytes past the 255 limit)
+    assert mllama.convert(hf_dir, out, type="f32") == out and out.stat().st_size == gguf_f32.stat().st_size

@@ -146,7 +146,19 @@ def test_python_api_bad_input_is_named(model, tmp_path):
         model.describe(text_mode)
     with pytest.raises(mllama.ModelLoadError, match="no model path given"):
         mllama.Model("")
-    assert idle(model)
+    session = model.chat_session()
+    for one_reply in (lambda: session.send("Hi", n=2), lambda: model.stream_text([1, 2], n=2),
+                      lambda: model.generate("Hi", n=2)):  # (each kept one of two choices and ran the other)
+        with pytest.raises(TypeError, match="gives one reply"):
+            one_reply()
+    assert session.messages == [] and idle(model)
+
+
+def test_streamed_choices_carry_their_usage_on_the_last_chunk(model):
+    chunks = list(model.chat(HI, stream=True, n=2, max_tokens=3, temperature=0))
+    usages = [c["usage"] for c in chunks if c.get("usage")]
+    whole = model.chat(HI, n=2, max_tokens=3, temperature=0)
+    assert usages == [whole["usage"]] and chunks[-1].get("usage") == whole["usage"]  # (n > 1 had none)
 
 
 def test_encode_image_by_default_takes_a_slot_no_generation_reads(model):
@@ -178,3 +190,41 @@ def test_the_metrics_window_stays_bounded_without_scrapes(model):
     metrics.stepped(model.scheduler)
     assert len(metrics._recent) == 1
     assert b"mllama_generated_tokens_per_second" in metrics.render()[0]
+
+
+def test_a_prompt_longer_than_the_context_by_its_length_is_refused_untokenized(app, model, monkeypatch):
+    tokenizer = model.tokenizer
+    longest, encode = [0], tokenizer.encode
+    bound = model.n_ctx * tokenizer.max_token_bytes  # characters: more than this can never fit
+
+    def watched(text, **kwargs):
+        longest[0] = max(longest[0], len(text))
+        return encode(text, **kwargs)
+    monkeypatch.setattr(tokenizer, "encode", watched)
+    big = "word " * (bound // 5 + 10)  # (a 30 MiB prompt took a minute to tokenize before its 400)
+    old_big = [{"role": "user", "content": big}, {"role": "assistant", "content": "Yes"}, *HI]
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": big}]}),
+                       ("/v1/completions", {"prompt": big}), ("/api/generate", {"prompt": big, "stream": False}),
+                       ("/api/generate", {"prompt": big, "raw": True, "stream": False}),
+                       ("/api/chat", {"messages": [*HI, {"role": "assistant", "content": "Yes"},
+                                                   {"role": "user", "content": big}], "stream": False})):
+        reply = app.post(path, json={**body, "max_tokens": 1, "options": {"num_predict": 1}})
+        assert reply.status_code == 400 and "(by its length)" in reply.text, (path, reply.text)
+    with pytest.raises(mllama.ContextOverflowError, match="by its length"):
+        model.generate(big, stream=False)
+    for truncate in (False, True):
+        with pytest.raises(mllama.ContextOverflowError, match="by its length"):
+            model.chat([{"role": "user", "content": big}], truncate=truncate)
+    fitted = app.post("/api/chat", json={"messages": old_big, "stream": False, "options": {"num_predict": 1}})
+    assert fitted.status_code == 200, fitted.text
+    assert model.chat(old_big, truncate=True, max_tokens=1)["choices"]
+    assert longest[0] < bound and idle(model)
+
+
+def test_the_length_bound_never_exceeds_the_tokens(model):
+    tokenizer = model.tokenizer
+    assert tokenizer.max_token_bytes == 128 and len(tokenizer.encode(" " * 128)) == 1  # Llama 3's longest token
+    for text in (" " * 128, " " * 4096, "-" * 1000, "é" * 500, "🙂" * 300, "\ud800x", "<|eot_id|>" * 50,
+                 "//" + "-" * 112, "word " * 100, ""):
+        for special in (False, True):
+            assert tokenizer.at_least([text]) <= len(tokenizer.encode(text, allow_special=special))

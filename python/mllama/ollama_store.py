@@ -55,8 +55,9 @@ def _check_blob(path: Path, digest: str, size: int | None) -> None:
     stamp = f"{digest}:{st.st_size}:{st.st_mtime_ns}"
     cache = _verified_cache()
     try:
-        known = set(json.loads(cache.read_text()))
-    except (OSError, ValueError):
+        known = json.loads(cache.read_text())
+        known = {k for k in known if isinstance(k, str)} if isinstance(known, list) else set()
+    except (OSError, ValueError):  # (a cache of ours: anything unexpected in it counts as empty)
         known = set()
     if stamp in known:
         return

@@ -140,6 +140,13 @@ def _is_gguf(path: Path) -> bool:
         return False
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether path lies in folder, as named or with links followed (a hub cache's snapshot is links into its
+    blobs: the file a link names is the checkpoint's as much as the link)."""
+    return (Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder)) or
+            path.resolve().is_relative_to(folder.resolve()))
+
+
 def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, type: str = "f16", *,
             vision_type: str | None = None, force: bool = False, progress: bool = False,
             verify: bool = True) -> Path:
@@ -156,14 +163,14 @@ def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, type: str = "f
         raise ConversionError(f"{out} is a folder: name the GGUF file to write")
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
-    if out.exists() and out.resolve().is_relative_to(folder.resolve()) and not _is_gguf(out):
+    if out.exists() and _inside(out, folder) and not _is_gguf(out):
         raise ConversionError(f"{out} is a file of the checkpoint being converted: write the GGUF elsewhere")
     cfg = read_config(folder)
     tok = read_tokenizer(folder)
     meta = metadata(cfg, tok)
     tensors = plan(open_checkpoint(folder), type, T.lookup(vtype_name), int(meta["BLOCK_COUNT"]))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    tmp = out.with_name(f".{out.name[:40]}.{os.getpid()}.partial")  # (a name of up to 255 bytes stays one)
     update, close = _progress(sum(t.source.n_elements * 4 for t in tensors), progress)
     try:
         write_gguf(tmp, file_metadata(folder.resolve().name, type, meta, tok), tensors, update)

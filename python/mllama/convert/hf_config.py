@@ -109,6 +109,8 @@ def _vision_keys(cfg: HFConfig) -> dict[str, Any]:
 def _text_keys(text: dict) -> dict[str, Any]:
     n_embd = int(_need(text, "hidden_size", "text_config"))
     n_head = int(_need(text, "num_attention_heads", "text_config"))
+    if n_head < 1 or n_embd % n_head:
+        raise ConversionError(f"config.json text_config: num_attention_heads {n_head} does not divide hidden_size {n_embd}")
     return {
         "VOCAB_SIZE": int(_need(text, "vocab_size", "text_config")),
         "CONTEXT_LENGTH": int(text.get("max_position_embeddings", 131072)),
@@ -162,7 +164,13 @@ def _generation_keys(gen: dict) -> dict[str, Any]:
 
 def metadata(cfg: HFConfig, tok: TokenizerData) -> dict[str, Any]:
     """Key ID -> value for everything but the architecture, names and tokenizer arrays."""
-    out = {**_text_keys(cfg.text), **_vision_keys(cfg), **_token_keys(cfg, tok), **_generation_keys(cfg.generation)}
+    try:
+        out = {**_text_keys(cfg.text), **_vision_keys(cfg), **_token_keys(cfg, tok), **_generation_keys(cfg.generation)}
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # (ConversionError: as it is)
+        if isinstance(exc, ConversionError):
+            raise
+        detail = f"no {exc}" if isinstance(exc, KeyError) else f"{exc!s:.200}"
+        raise ConversionError(f"config.json has a missing or malformed field ({detail})") from None
     v = cfg.vision
     expected_out = out["V_EMBEDDING_LENGTH"] * (len(out["V_INTERMEDIATE_LAYERS"]) + 1)
     if int(v.get("vision_output_dim", expected_out)) != expected_out:

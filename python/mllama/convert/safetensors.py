@@ -103,16 +103,16 @@ def read_header(path: Path) -> dict[str, SourceTensor]:
 
 
 def open_checkpoint(folder: Path) -> dict[str, SourceTensor]:
-    """All tensors of a Hugging Face folder: model.safetensors or the shards of its index."""
+    """All tensors of a Hugging Face folder: model.safetensors, else the shards of its index (transformers' order: a
+    single-file save over a sharded one leaves the old index behind), else every .safetensors file. A tensor in two
+    files is an error (which copy is meant is not known)."""
     index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-            if not all(isinstance(f, str) for f in files):
-                raise TypeError("its weight_map's values are not file names")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ConversionError(f"unreadable checkpoint index {index}: {exc!s:.200}") from None
+    weight_map = None
+    if (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    elif index.exists():
+        weight_map = _weight_map(index)
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
@@ -122,8 +122,22 @@ def open_checkpoint(folder: Path) -> dict[str, SourceTensor]:
         path = folder / name
         if not path.exists():
             raise ConversionError(f"{folder}: shard '{name}' named by the index is missing")
-        tensors.update(read_header(path))
-    if index.exists() and set(tensors) - set(weight_map):
+        for tensor_name, tensor in read_header(path).items():
+            if tensor_name in tensors:
+                raise ConversionError(f"{folder}: tensor '{tensor_name}' is in both {tensors[tensor_name].path.name} "
+                                      f"and {name}")
+            tensors[tensor_name] = tensor
+    if weight_map is not None and set(tensors) - set(weight_map):
         missing = sorted(set(tensors) - set(weight_map))
         raise ConversionError(f"{index} does not list {len(missing)} tensor(s) of its shards, e.g. '{missing[0]}'")
     return tensors
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not all(isinstance(f, str) for f in weight_map.values()):
+            raise TypeError("its weight_map's values are not file names")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConversionError(f"unreadable checkpoint index {index}: {exc!s:.200}") from None
+    return weight_map

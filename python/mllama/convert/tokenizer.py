@@ -41,6 +41,10 @@ def _merges(model: dict) -> list[str]:
 
 
 def _chat_template(folder: Path, tok_config: dict) -> str | None:
+    """The checkpoint's template, as transformers picks it: chat_template.jinja first (it "clobbers any template in
+    the config"), then tokenizer_config.json's, then the processor's chat_template.json."""
+    if (folder / "chat_template.jinja").exists():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
     template = tok_config.get("chat_template")
     if isinstance(template, list):  # [{"name": ..., "template": ...}]
         by_name = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -49,8 +53,6 @@ def _chat_template(folder: Path, tok_config: dict) -> str | None:
         return template
     if (folder / "chat_template.json").exists():
         return _read_json(folder / "chat_template.json").get("chat_template")
-    if (folder / "chat_template.jinja").exists():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
     return None
 
 

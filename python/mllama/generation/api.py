@@ -10,7 +10,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .._native.errors import MllamaError
+from .._native.errors import ContextOverflowError, MllamaError
 from ..text.chat_template import default_template, normalize, open_final_turn, render_segments, system_turn_first
 from ..text.tokenizer import StreamDecoder
 from ..text.tools import ToolSpec
@@ -58,6 +58,13 @@ class GenerationMixin:
         except KeyError as exc:  # an id the vocabulary leaves unused
             raise ValueError(f"token id {exc.args[0]} has no text (unused in the vocabulary)") from None
 
+    def check_prompt_length(self, texts) -> None:
+        """ContextOverflowError for prompt texts longer than the context by their length alone (Tokenizer.at_least)."""
+        at_least = self.tokenizer.at_least(texts)
+        if at_least > self.n_ctx:
+            raise ContextOverflowError(f"the prompt has at least {at_least} tokens (by its length) but the context "
+                                       f"holds {self.n_ctx} (n_ctx)")
+
     def prepare_images(self, images) -> list[PreparedImage]:
         """Preprocess images once for later calls (a PreparedImage passes through unchanged)."""
         return prepare_images(images, self.image_config)
@@ -89,12 +96,14 @@ class GenerationMixin:
     # --- prompts ----------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict], *, add_generation_prompt: bool = True,
                     tools: list[dict] | None = None, system_with_images: bool = False,
-                    continue_final: bool = False) -> tuple[list[int], list[Any]]:
+                    continue_final: bool = False, within_context: bool = False) -> tuple[list[int], list[Any]]:
         """Token ids and images of a conversation rendered with the model's chat template (with `tools`:
         OpenAI's tool list, shown to the model as the template does; text-only turns). Meta's template refuses
         a system prompt next to images (TemplateError); system_with_images=True renders it as Ollama's
         template does instead: a plain system turn before the conversation (the Ollama routes).
-        continue_final=True: a last assistant message is left open, for the reply to go on with it."""
+        continue_final=True: a last assistant message is left open, for the reply to go on with it.
+        within_context=True: a prompt longer than the context by its length alone is refused before it is
+        tokenized (ContextOverflowError; check_prompt_length), as its generation would be."""
         conv = normalize(messages)
         if continue_final:
             add_generation_prompt = False
@@ -110,6 +119,8 @@ class GenerationMixin:
             segments = system_turn_first(segments, bos, conv, system["content"])
         if continue_final:
             segments = open_final_turn(segments, conv)
+        if within_context:
+            self.check_prompt_length(text for text, _ in segments)
         tokens: list[int] = []
         for text, user in segments:
             tokens += self.tokenizer.encode(text, allow_special=not user)
@@ -119,7 +130,7 @@ class GenerationMixin:
                    max_tokens=None) -> tuple[list[int], list[Any]]:
         """chat_prompt, or with truncate=True fitted to the context (context_fit.fit_chat)."""
         if not truncate:
-            return self.chat_prompt(messages, tools=tools)
+            return self.chat_prompt(messages, tools=tools, within_context=True)
         fitted = fit_chat(self, messages, tools=tools, max_tokens=max_tokens)
         return fitted.tokens, fitted.images
 
@@ -204,6 +215,8 @@ class GenerationMixin:
         """Text for a raw prompt (string with special tokens allowed, or token ids): a stream of text
         pieces, or the whole text with stream=False. Stops at an end-of-generation token, a stop
         string, max_tokens or the end of the context. `grammar`/`response_format`: see compile_grammar."""
+        if isinstance(prompt, str):
+            self.check_prompt_length([prompt])
         tokens = self.tokenize(prompt, special=True) if isinstance(prompt, str) else list(prompt)
         pieces = self.stream_text(tokens, images, grammar=grammar, response_format=response_format, **sampling)
         return pieces if stream else pieces.finish().text
@@ -213,6 +226,7 @@ class GenerationMixin:
         """The reply to prompt tokens as a TextStream: text pieces as they come (stop strings held back
         and cut), then its GenerationResult (text, finish reason, usage, timings) in `.result`.
         `grammar`/`response_format` constrain the reply (see compile_grammar); checked here, at the call."""
+        one_reply(sampling, "stream_text gives one reply")
         tokens = list(tokens)
         sampling["grammar"] = self.compile_grammar(grammar, response_format=response_format)
         return TextStream(lambda stream: self._text_pieces(stream, tokens, images, sampling))
@@ -331,6 +345,7 @@ class ChatChunks:
         self.pending = list(range(len(request.streams)))  # choices not ended yet
         self.held: dict[int, list[dict]] = {i: [] for i in self.pending}  # logprobs items not yet sent
         self.error: BaseException | None = None
+        self.ended: list[GenerationResult] = []  # the results so far: the usage of all goes on the last one's chunk
 
     def first(self) -> list[dict]:
         return [openai.chunk(self.cid, self.created, self.model.name, {"role": "assistant", "content": ""}, None,
@@ -353,7 +368,7 @@ class ChatChunks:
 
     def _choice(self, i: int) -> list[dict]:
         events, held, out = self.request.streams[i].events, self.held[i], []
-        name, n_choices = self.model.name, len(self.request.streams)
+        name = self.model.name
         while events:
             kind, value = events.popleft()
             if kind == "logprob":
@@ -367,17 +382,23 @@ class ChatChunks:
                 break
             elif kind == "result":
                 self.pending.remove(i)
-                usage = value.usage.as_dict() if n_choices == 1 else None
+                self.ended.append(value)
+                usage = {} if self.pending else {"usage": openai.usage_of(self.ended)}
                 out.append(openai.chunk(self.cid, self.created, name, {}, value.finish_reason, index=i,
-                                        logprobs=openai.take(held), **({"usage": usage} if usage else {})))
+                                        logprobs=openai.take(held), **usage))
                 break
         return out
 
 
+def one_reply(sampling: dict, what: str) -> None:
+    """A call that gives one reply takes no choices' count (TypeError rather than one choice of several kept)."""
+    if "n" in sampling:
+        raise TypeError(f"{what}: ask chat(..., n=N) for several")
+
+
 def describe_messages(image, prompt: str, sampling: dict) -> list[dict]:
     """describe's one-turn chat; it gives one description, so the choices' count is not among its options."""
-    if "n" in sampling:
-        raise TypeError("describe gives one description: ask chat(..., n=N) for several")
+    one_reply(sampling, "describe gives one description")
     return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
 
 

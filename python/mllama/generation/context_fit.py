@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
+from .._native.errors import ContextOverflowError
 from ..text.chat_template import ROLE_ALIASES, normalize
 
 _HEADER_TOKENS = 5  # <|start_header_id|>, the role, <|end_header_id|>, "\n\n", <|eot_id|>
@@ -47,25 +48,23 @@ def fit_chat(model, messages: list[dict], *, tools: list[dict] | None = None, ma
     (module docstring). A last message too long on its own is left to the engine's error."""
     normalize(messages)  # a bad message is named by its index in `messages`, not in a shorter candidate
     render = {"tools": tools, "system_with_images": system_with_images,  # Model.chat_prompt's keywords
-              "continue_final": continue_final}
+              "continue_final": continue_final, "within_context": True}
     fit = _Fitting(model, messages, render, model.n_ctx - reply_room(model.n_ctx, max_tokens))
-    if len(fit.rest) < 2 or not fit.clearly_over:
-        tokens, images = model.chat_prompt(messages, **render)
-        if len(fit.rest) < 2 or fit.fits(tokens, images):
-            return FittedPrompt(tokens, images)
-    if not fit.cuts:  # nothing the template could start with: the engine says what is too long
-        return FittedPrompt(*model.chat_prompt(messages, **render))
+    whole = None if len(fit.rest) >= 2 and fit.clearly_over else fit.rendered(messages)
+    if len(fit.rest) < 2 or not fit.cuts or whole is not None and fit.fits(*whole):
+        # (nothing to leave out, or nothing the template could start with: the engine says what is too long)
+        return FittedPrompt(*(whole or model.chat_prompt(messages, **render)))
     first = fit.first_fitting()
     if first is None:
         kept = fit.kept(fit.cuts[-1])
         return FittedPrompt(*model.chat_prompt(kept, **render), n_left_out=len(messages) - len(kept))
     cut = fit.on_grid(first)
     kept = fit.kept(cut)
-    tokens, images = model.chat_prompt(kept, **render)
-    if cut != first and not fit.fits(tokens, images):  # the grid's cut holds more images or a longer question
+    prompt = fit.rendered(kept)
+    if cut != first and (prompt is None or not fit.fits(*prompt)):  # the grid's cut holds more images or text
         kept = fit.kept(first)
-        tokens, images = model.chat_prompt(kept, **render)
-    return FittedPrompt(tokens, images, n_left_out=len(messages) - len(kept))
+        prompt = model.chat_prompt(kept, **render)
+    return FittedPrompt(*prompt, n_left_out=len(messages) - len(kept))
 
 
 class _Fitting:
@@ -90,10 +89,17 @@ class _Fitting:
         self.cuts = [c for c in range(1, len(self.rest)) if self.roles[c] not in ("tool", "ipython")]
         head = sum(_weight(model, normalize([m])) for m in self.head) + _DATE_HEADER_TOKENS
         if tools:
-            head += len(model.tokenize(json.dumps(tools, default=str)))
+            head += _count(model, json.dumps(tools, default=str))
         self.quantum = max(1, (budget - head) // 2)
         # far over: no need to render the whole (maybe very long) conversation to know it does not fit
         self.clearly_over = head + self.before[-1] > 2 * budget
+
+    def rendered(self, messages: list[dict]) -> tuple[list[int], list] | None:
+        """Model.chat_prompt of candidate messages; None for those longer than the context by their length alone."""
+        try:
+            return self.model.chat_prompt(messages, **self.render)
+        except ContextOverflowError:
+            return None
 
     def fits(self, tokens: list[int], images: list) -> bool:
         return len(tokens) <= self.budget and len(images) <= self.model.n_image_slots
@@ -121,7 +127,8 @@ class _Fitting:
         start = next((i for i, c in enumerate(self.cuts) if head + self.estimate(c)[0] <= self.budget and
                       self.estimate(c)[1] <= self.model.n_image_slots), len(self.cuts) - 1)
         for c in self.cuts[start:]:
-            if self.fits(*self.model.chat_prompt(self.kept(c), **self.render)):
+            prompt = self.rendered(self.kept(c))
+            if prompt is not None and self.fits(*prompt):
                 return c
         return None
 
@@ -149,5 +156,12 @@ def _weight(model, conv) -> int:
     only on the messages before it): its texts, its images (one token each) and a role header; a tool call
     or result, as the template writes it (JSON)."""
     if not conv.texts:  # a tool call or result: the template's text of it
-        return len(model.tokenize(json.dumps(conv.messages, default=str, ensure_ascii=False)))
-    return len(model.tokenize("".join(conv.texts))) + len(conv.images) + _HEADER_TOKENS
+        return _count(model, json.dumps(conv.messages, default=str, ensure_ascii=False))
+    return _count(model, "".join(conv.texts)) + len(conv.images) + _HEADER_TOKENS
+
+
+def _count(model, text: str) -> int:
+    """The tokens of text; for a text longer than the context by its length alone, that bound (it is never
+    kept, and tokenizing it could take a minute)."""
+    at_least = model.tokenizer.at_least([text])
+    return at_least if at_least > model.n_ctx else len(model.tokenize(text))

@@ -25,10 +25,15 @@ def response(cid: str, created: int, model: str, results: GenerationResult | lis
     results = results if isinstance(results, list) else [results]
     choices = [{"index": i, **message_of(r, tool_names), "logprobs": logprobs_of(r.logprobs)}
                for i, r in enumerate(results)]
+    return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+            "usage": usage_of(results)}
+
+
+def usage_of(results: list[GenerationResult]) -> dict:
+    """OpenAI's usage of a request's choices: the prompt once (evaluated once for all), every choice's tokens."""
     prompt = results[0].usage.prompt_tokens
     completion = sum(r.usage.completion_tokens for r in results)
-    return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def message_of(result: GenerationResult, tool_names: tuple[str, ...]) -> dict:
@@ -85,10 +90,8 @@ def text_response(cid: str, created: int, model: str, results: list[GenerationRe
     shape when the results carry them (`silent`: the text of tokens the reply leaves out)."""
     choices = [{"index": i, "text": r.text, "logprobs": completion_logprobs(r.logprobs, silent),
                 "finish_reason": r.finish_reason} for i, r in enumerate(results)]
-    prompt = results[0].usage.prompt_tokens
-    completion = sum(r.usage.completion_tokens for r in results)
     return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+            "usage": usage_of(results)}
 
 
 def completion_logprobs(items: list[dict] | None, silent: frozenset[bytes] = frozenset()) -> dict | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+from .api import one_reply
 from .context_fit import FittedPrompt, fit_chat
 from .results import TextStream
 
@@ -27,6 +28,7 @@ class Chat:
         reply closed or dropped before it was read leaves no turn (it goes at the next send). A send ends the
         streamed turn before it: one not read yet leaves no turn (its stream yields nothing), one being read
         keeps its reply as far as it went, so the history stays in the order of the turns."""
+        one_reply({**self.sampling, **sampling}, "a chat turn gives one reply")
         self._end_open_turn()
         self._drop_unread()
         # preprocessed once here: later turns re-render the conversation without redoing the images
@@ -38,7 +40,7 @@ class Chat:
         try:
             max_tokens = sampling.get("max_tokens", self.model.default_sampling.max_tokens)
             fitted = (fit_chat(self.model, self.messages, max_tokens=max_tokens) if self.truncate else
-                      FittedPrompt(*self.model.chat_prompt(self.messages)))
+                      FittedPrompt(*self.model.chat_prompt(self.messages, within_context=True)))
         except BaseException:
             self.messages.pop()
             raise

@@ -85,7 +85,7 @@ def chat_prompt(messages: list[dict], tools, truncate: bool, max_tokens):
 
     def prompt(model):
         if not truncate:
-            return model.chat_prompt(messages, **render)
+            return model.chat_prompt(messages, within_context=True, **render)
         fitted = fit_chat(model, messages, max_tokens=max_tokens, **render)
         if fitted.n_left_out and len(fitted.tokens) <= model.n_ctx:  # (a prompt still over it fails: no cut)
             log.warning("left out the %d oldest of %d messages to fit the context (%d tokens)",
@@ -105,4 +105,4 @@ def generate_prompt(body: dict):
         return lambda model: (raw_tokens(model, prompt), images)
     messages = [{"role": "system", "content": body["system"]}] if body.get("system") else []
     messages.append({"role": "user", "content": prompt, "images": images})
-    return lambda model: model.chat_prompt(messages, system_with_images=True)
+    return lambda model: model.chat_prompt(messages, system_with_images=True, within_context=True)

@@ -45,8 +45,8 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
             tools, n = spec.tools if spec else None, choices(body)
             stream, usage_too = flag(body, "stream"), include_usage(body)  # (checked before anything is queued)
             go_on = flag(body, "continue_final_message")  # vLLM's: the last (assistant) message continued
-            replies = await queue.submit(lambda model: model.chat_prompt(messages, tools=tools, continue_final=go_on),
-                                         options, n=n)
+            render = {"tools": tools, "continue_final": go_on, "within_context": True}
+            replies = await queue.submit(lambda model: model.chat_prompt(messages, **render), options, n=n)
             firsts = await while_connected(request, first_pieces(replies), replies)
             cid, created = openai.completion_id(), openai.now()
             if not stream or tools:  # a reply that may be a tool call is streamed once whole
@@ -112,7 +112,7 @@ async def events(replies: list[Reply], firsts: list, cid: str, created: int, mod
             yield sse(openai.chunk(cid, created, model_id, {}, reply.result.finish_reason, index=i,
                                    logprobs=openai.take(reply.held), **extra))
         if include_usage:  # every choice's usage
-            usage = openai.response(cid, created, model_id, [r.result for r in replies])["usage"]
+            usage = openai.usage_of([r.result for r in replies])
             yield sse(usage_chunk(openai.chunk(cid, created, model_id, {}, None), usage))
     except Exception as exc:  # after the headers: report in-band, as OpenAI does
         yield sse(inband_error(exc))

@@ -85,6 +85,7 @@ def include_usage(body: dict) -> bool:
 def raw_tokens(model, text: str) -> list[int]:
     """A raw prompt's tokens (special-token strings count) after a BOS unless it starts with one: as llama.cpp's
     server, vLLM and Ollama's raw mode read a completion prompt."""
+    model.check_prompt_length([text])  # (before tokenizing: a huge one takes a minute)
     tokens = model.tokenize(text, special=True)
     bos = model.hparams.bos_token_id
     return tokens if tokens[:1] == [bos] else [bos, *tokens]

@@ -9,6 +9,7 @@ where allowed: text a user types (including the literal string "<|eot_id|>") is 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Iterable
 
 import tiktoken
 
@@ -51,6 +52,13 @@ class Tokenizer:
         self._id_bytes = {i: tok.encode() for tok, i in special.items()}
         self.special_ids = frozenset(special.values())
         self.special_bytes = frozenset(self._id_bytes.values())  # their text
+        self.max_token_bytes = max(map(len, [*ranks, *self.special_bytes]))
+
+    def at_least(self, texts: Iterable[str]) -> int:
+        """A lower bound of the tokens of `texts` encoded one by one, from their lengths alone: no token spans
+        more than max_token_bytes bytes, no character fewer than one byte (no tokenizing: a 30 MiB prompt is
+        known to be over a context at once, where tokenizing it takes a minute)."""
+        return sum(-(-len(text) // self.max_token_bytes) for text in texts)
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         """Token ids of `text`; special-token strings are ordinary text unless allow_special.
