@@ -169,11 +169,11 @@ def test_bad_placement_arguments_are_clear_errors(gguf_f32, workers, kwargs, mes
 @pytest.mark.parametrize("endpoint,error,message", [
     ("never-started", MllamaError, "no answer"), ("wrong-port", MllamaError, "no answer"),
     ("not-host-port", ValueError, "is not host:port"), ("ipv6", MllamaError, "IPv4 only"),
-    ("no-such-host", MllamaError, "not found")])
+    ("no-such-host", MllamaError, "not found"), ("bracketed", MllamaError, "without brackets")])
 def test_unreachable_worker_at_load(gguf_f32, endpoint, error, message):
     target = {"never-started": f"127.0.0.1:{free_port()}", "wrong-port": "127.0.0.1:9",
               "not-host-port": "localhost", "ipv6": f"[::1]:{free_port()}",
-              "no-such-host": "no-such-host.invalid:50052"}[endpoint]
+              "no-such-host": "no-such-host.invalid:50052", "bracketed": f"[127.0.0.1]:{free_port()}"}[endpoint]
     start = time.monotonic()
     with pytest.raises(error, match=message) as err:
         mllama.Model(gguf_f32, n_ctx=256, rpc=[target])
@@ -210,6 +210,69 @@ def test_a_listener_that_is_not_a_worker(gguf_f32, peer):
             mllama.Model(gguf_f32, n_ctx=256, rpc=[endpoint], rpc_timeout=2)
         elapsed = time.monotonic() - start
         assert elapsed < (2 + 5 + 1 if peer == "silent" else 1.5)  # silent: the timeout, then <= 5 s to unblock
+
+
+def test_a_worker_silent_after_its_handshake(gguf_f32):
+    """A peer that completes ggml's handshake (HELLO, DEVICE_COUNT: protocol 5.x) and answers nothing more: ggml's
+    next request comes on a new connection, which no I/O timeout bounded yet (the load blocked forever)."""
+    import struct
+    import threading
+
+    def exactly(conn, n):
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                raise OSError("closed")
+            data += chunk
+        return data
+
+    def handshake_then_silence(conn):
+        with conn:
+            try:
+                exactly(conn, struct.unpack("<Q", exactly(conn, 9)[1:])[0])  # HELLO's body
+                conn.sendall(struct.pack("<Q", 28) + bytes([5, 0, 0, 0]) + bytes(24))  # version 5.0.0
+                if struct.unpack("<Q", exactly(conn, 9)[1:])[0] == 0:  # DEVICE_COUNT: one
+                    conn.sendall(struct.pack("<Q", 4) + struct.pack("<I", 1))
+                while conn.recv(65536):
+                    pass
+            except OSError:
+                return
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        endpoint = f"127.0.0.1:{listener.getsockname()[1]}"
+
+        def serve():
+            try:
+                while True:
+                    threading.Thread(target=handshake_then_silence, args=(listener.accept()[0],), daemon=True).start()
+            except OSError:  # the listener closed at the end of the test
+                return
+        threading.Thread(target=serve, daemon=True).start()
+        start = time.monotonic()
+        with pytest.raises(MllamaError, match=f"{endpoint} answered ggml's handshake but not its first request"):
+            mllama.Model(gguf_f32, n_ctx=256, rpc=[endpoint], rpc_timeout=2, rpc_io_timeout=3)
+        assert time.monotonic() - start < 2 + 5 + 2  # the timeout, then <= 5 s to unblock
+
+
+def test_two_models_on_one_worker_from_two_threads(gguf_f32, workers, local):
+    """ggml keeps one connection per worker for the process: two models' calls on it must not interleave
+    (they had corrupted the protocol within seconds, and the worker was then refused as lost)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = [mllama.Model(gguf_f32, n_ctx=256, rpc=[workers[0]], devices=[workers[0]]) for _ in range(2)]
+    try:
+        def greedy(model):
+            return [list(model.generate_tokens(*model.chat_prompt(MESSAGES["text"]), temperature=0.0, max_tokens=16))
+                    for _ in range(3)]
+        with ThreadPoolExecutor(2) as pool:
+            runs = list(pool.map(greedy, models))
+    finally:
+        for model in models:
+            model.close()
+    assert runs == [[local["text"][1]] * 3] * 2
 
 
 def test_worker_killed_mid_generation(gguf_f32, local):

@@ -28,7 +28,10 @@ mllama_status mllama_context_init(const mllama_model * model, const mllama_conte
     });
 }
 
-void mllama_context_free(mllama_context * context) { delete context; }
+void mllama_context_free(mllama_context * context) {
+    const std::unique_lock<std::recursive_mutex> exclusive = mllama::rpc_exclusive();  // (frees on workers)
+    delete context;
+}
 
 mllama_status mllama_context_get_params(const mllama_context * context, mllama_context_params * out) {
     return guarded([&] {
@@ -127,7 +130,9 @@ mllama_status mllama_context_op_paths(const mllama_context * context, char * buf
     });
 }
 
-int64_t mllama_context_n_decoded(const mllama_context * context) { return context ? context->n_decoded : -1; }
+int64_t mllama_context_n_decoded(const mllama_context * context) {
+    return context ? context->n_decoded : mllama::count_error("null context");
+}
 
 mllama_status mllama_context_get_memory(const mllama_context * context, mllama_context_memory * out) {
     return guarded([&] {

@@ -35,7 +35,11 @@ mllama_status mllama_model_meta_number(const mllama_model * model, const char * 
 
 int64_t mllama_model_meta_ints(const mllama_model * model, const char * key, int64_t * buf, int64_t cap) {
     std::vector<int64_t> values;
-    if (!model || !key || !mllama::metadata(*model).ints_by_name(key, values)) return -1;
+    if (!model || !key) return mllama::count_error("meta_ints needs a model and a key");
+    if (!mllama::metadata(*model).ints_by_name(key, values)) {
+        return mllama::count_error("no integer array under that key");
+    }
+    mllama::set_last_error("");
     for (int64_t i = 0; buf && i < cap && i < static_cast<int64_t>(values.size()); ++i) buf[i] = values[i];
     return static_cast<int64_t>(values.size());
 }

@@ -13,6 +13,7 @@ mllama_model_params mllama_model_default_params(void) { return mllama::default_m
 
 mllama_status mllama_model_load(const char * path, const char * projector_path, const mllama_model_params * params,
                                 mllama_model ** out_model) {
+    if (params && params->rpc_servers && *params->rpc_servers) mllama::note_rpc_use();  // (this load runs alone too)
     return guarded([&] {
         require(out_model, "model_load needs an output pointer");
         *out_model = nullptr;
@@ -22,7 +23,10 @@ mllama_status mllama_model_load(const char * path, const char * projector_path, 
     });
 }
 
-void mllama_model_free(mllama_model * model) { delete model; }
+void mllama_model_free(mllama_model * model) {
+    const std::unique_lock<std::recursive_mutex> exclusive = mllama::rpc_exclusive();  // (frees on workers)
+    delete model;
+}
 
 mllama_status mllama_model_get_hparams(const mllama_model * model, mllama_hparams * out) {
     return guarded([&] {

@@ -6,6 +6,7 @@
 #include "mllama.h"
 
 #include <cstdint>
+#include <mutex>
 #include <new>
 #include <utility>
 #include <vector>
@@ -15,9 +16,16 @@ namespace mllama {
 // Set the thread-local last-error text of the C ABI (api_library.cpp).
 void set_last_error(const char * msg);
 
+// Unlocked until a model of this process is loaded with RPC workers (note_rpc_use), then a process-wide lock
+// (runtime/rpc.cpp): ggml keeps one connection per worker for the whole process, shared by every model that uses
+// it, and two calls' messages on it must not interleave. From then on the C ABI's calls run one at a time.
+std::unique_lock<std::recursive_mutex> rpc_exclusive();
+void note_rpc_use();
+
 template <typename F>
 mllama_status guarded(F && body) {
     try {
+        const std::unique_lock<std::recursive_mutex> exclusive = rpc_exclusive();
         set_last_error("");
         body();
         return MLLAMA_OK;

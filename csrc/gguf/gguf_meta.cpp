@@ -36,9 +36,11 @@ static void widen(const void * data, size_t n, std::vector<int64_t> & out) {
 
 // The array `id` widened to int64 when its elements are integers; false for other element types.
 static bool int_array(const gguf_context * ctx, int64_t id, std::vector<int64_t> & out) {
+    const gguf_type type = gguf_get_arr_type(ctx, id);
+    if (type == GGUF_TYPE_STRING || type == GGUF_TYPE_ARRAY) return false;  // (ggml asserts on their data)
     const size_t n = gguf_get_arr_n(ctx, id);
     const void * data = n ? gguf_get_arr_data(ctx, id) : nullptr;
-    switch (gguf_get_arr_type(ctx, id)) {
+    switch (type) {
         case GGUF_TYPE_INT32: widen<int32_t>(data, n, out); return true;
         case GGUF_TYPE_UINT32: widen<uint32_t>(data, n, out); return true;
         case GGUF_TYPE_INT64: widen<int64_t>(data, n, out); return true;

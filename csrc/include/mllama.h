@@ -359,7 +359,8 @@ typedef struct mllama_batch_seq {
 /* Evaluate the tokens of several sequences in one pass (the weights are read once for all rows): the
  * parts in order cover tokens[0 .. sum of n_tokens), at most n_batch. out_rows index the whole batch;
  * their logits go to logits (n_out x n_vocab float32). A sequence's results do not depend on the
- * other parts of the batch. On an error the lengths of the batch's sequences are cut to their n_past. */
+ * other parts of the batch. A batch its checks refuse (bad ids, sizes, n_past) changes nothing; an error while it
+ * is evaluated cuts the lengths of the batch's sequences to their n_past. */
 MLLAMA_API mllama_status mllama_context_decode_batch(mllama_context * context, const int32_t * tokens,
                                                      const mllama_batch_seq * seqs, int32_t n_seqs,
                                                      const int32_t * out_rows, int32_t n_out, float * logits);

@@ -128,9 +128,23 @@ void bound_rpc_calls(const device_plan & plan) {
 }
 
 // A 1-byte buffer on an RPC device (device_plan::rpc_anchors), freed quietly: its worker may be gone by then.
-static std::shared_ptr<ggml_backend_buffer> anchor_connection(ggml_backend_dev_t dev) {
-    ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(ggml_backend_dev_buffer_type(dev), 1);
-    if (!buf) fail(MLLAMA_ERR_BACKEND, "RPC worker %s: cannot allocate on it", rpc_endpoint(dev).c_str());
+// Its allocation is the first request after the handshake, on a connection of its own (ggml closed the handshake's):
+// bounded by timeout_ms, as the connection is not yet bounded by set_io_timeouts.
+static std::shared_ptr<ggml_backend_buffer> anchor_connection(ggml_backend_dev_t dev, int timeout_ms) {
+    const std::string endpoint = rpc_endpoint(dev);
+    auto allocated = std::make_shared<ggml_backend_buffer_t>(nullptr);
+    const rpc_outcome outcome = run_within(endpoint, timeout_ms, [allocated, dev] {
+        *allocated = ggml_backend_buft_alloc_buffer(ggml_backend_dev_buffer_type(dev), 1);
+    });
+    if (!outcome.answered) {
+        fail(MLLAMA_ERR_BACKEND, "RPC worker %s answered ggml's handshake but not its first request within %d ms "
+             "(a worker that stopped answering?)", endpoint.c_str(), timeout_ms);
+    }
+    ggml_backend_buffer_t buf = *allocated;
+    if (!outcome.error.empty() || !buf) {
+        fail(MLLAMA_ERR_BACKEND, "RPC worker %s: cannot allocate on it%s%s", endpoint.c_str(),
+             outcome.error.empty() ? "" : ": ", outcome.error.c_str());
+    }
     return std::shared_ptr<ggml_backend_buffer>(buf, [](ggml_backend_buffer_t b) {
         free_quietly([b] { ggml_backend_buffer_free(b); });
     });
@@ -153,7 +167,7 @@ static std::vector<ggml_backend_dev_t> connect_workers(device_plan & plan, const
         rpc_devices.insert(rpc_devices.end(), served.begin(), served.end());
         peers.push_back(peer);
         plan.endpoints.push_back(endpoint);
-        plan.rpc_anchors.push_back(anchor_connection(served.front()));
+        plan.rpc_anchors.push_back(anchor_connection(served.front(), timeout_ms));
         bound_rpc_calls(plan);
     }
     return rpc_devices;

@@ -19,8 +19,12 @@
 #include <iterator>
 
 mllama_model::~mllama_model() {
-    for (ggml_backend_buffer * buf : buffers) mllama::free_quietly([&] { ggml_backend_buffer_free(buf); });
+    bool faulted = false;
+    for (ggml_backend_buffer * buf : buffers) faulted |= mllama::free_quietly([&] { ggml_backend_buffer_free(buf); });
     for (ggml_context * ctx : contexts) ggml_free(ctx);
+    // A worker that died while the model was idle: ggml keeps its broken connection (held by the buffers it could
+    // not free), so a later load of that endpoint must be refused as lost, saying why, not fail on it obscurely.
+    if (faulted) mllama::lost_workers(plan.endpoints);
 }
 
 namespace mllama {
@@ -168,6 +172,9 @@ std::unique_ptr<mllama_model> load_model(const char * path, const char * project
     m->log = logger{params.log_callback, params.log_user_data, params.log_level};
     log_scope scope(&m->log);
     if (m->params.n_threads <= 0) m->params.n_threads = physical_core_count();
+    if (m->params.n_threads > GGML_MAX_N_THREADS) {
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "n_threads %d exceeds ggml's %d", m->params.n_threads, GGML_MAX_N_THREADS);
+    }
     m->params.use_mmap = params.use_mmap ? 1 : 0;
 
     open_files(*m, path, projector_path);

@@ -17,11 +17,17 @@
 #include <string>
 
 // A worker lost mid-run leaves buffers on its device that ggml-rpc cannot free: destruction frees
-// what it can and skips those (free_quietly).
+// what it can and skips those (free_quietly). It can also leave ggml's allocators holding a buffer that a failed
+// re-allocation already freed (freeing the scheduler then crashed): with a lost worker, the scheduler and an
+// encode under way are not freed (their memory is lost, as the model is).
 mllama_context::~mllama_context() {
     using mllama::free_quietly;
+    if (model && model->lost_worker) {
+        (void) encode_job.release();
+        sched = nullptr;
+    }
     encode_job.reset();  // its buffer before the backends
-    free_quietly([&] { ggml_backend_sched_free(sched); });
+    if (sched) free_quietly([&] { ggml_backend_sched_free(sched); });
     for (ggml_backend_buffer * buf : state_buffers) free_quietly([&] { ggml_backend_buffer_free(buf); });
     for (ggml_context * ctx : state_ctxs) ggml_free(ctx);
     for (ggml_backend * b : backends) free_quietly([&] { ggml_backend_free(b); });
@@ -153,6 +159,15 @@ static void resolve_params(mllama_context & c, const mllama_model & model) {
     mllama_context_params & p = c.params;
     const int64_t n_ctx_train = model.hp.text.n_ctx_train;
     if (p.n_threads <= 0) p.n_threads = model.params.n_threads;
+    if (p.n_threads > GGML_MAX_N_THREADS) {
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "n_threads %d exceeds ggml's %d", p.n_threads, GGML_MAX_N_THREADS);
+    }
+    for (int32_t precision : {p.cross_kv_f32, p.kv_f32}) {
+        if (precision < -1 || precision > 1) {
+            fail(MLLAMA_ERR_INVALID_ARGUMENT, "cross_kv_f32 and kv_f32 take 1 (F32), 0 (F16) or -1 (auto), not %d",
+                 precision);
+        }
+    }
     if (p.n_image_slots < 0 || p.n_image_slots > k_max_image_slots) {
         fail(MLLAMA_ERR_INVALID_ARGUMENT, "n_image_slots must be in [0, %d]", k_max_image_slots);
     }

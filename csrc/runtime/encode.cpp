@@ -26,7 +26,8 @@ void check_image_args(const mllama_context & c, int32_t slot, const float * pixe
     if (slot < 0 || slot >= static_cast<int32_t>(c.slots.size())) {
         fail(MLLAMA_ERR_INVALID_ARGUMENT, "image slot %d out of range (%zu slots)", slot, c.slots.size());
     }
-    if (!pixels || n_pixels != want_pixels) {
+    if (!pixels) fail(MLLAMA_ERR_INVALID_ARGUMENT, "the pixels pointer is NULL");
+    if (n_pixels != want_pixels) {
         fail(MLLAMA_ERR_INVALID_ARGUMENT, "expected %lld pixel values, got %lld", (long long) want_pixels,
              (long long) n_pixels);
     }

@@ -7,9 +7,11 @@
 #include "ggml.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <string>
 
@@ -164,6 +166,15 @@ std::string rpc_peer(const std::string & endpoint) {
 #endif
 }
 
+static std::atomic<bool> g_rpc_used{false};
+static std::recursive_mutex g_rpc_calls;
+
+void note_rpc_use() { g_rpc_used = true; }
+
+std::unique_lock<std::recursive_mutex> rpc_exclusive() {
+    return g_rpc_used ? std::unique_lock<std::recursive_mutex>(g_rpc_calls) : std::unique_lock<std::recursive_mutex>();
+}
+
 static std::mutex g_lost_mutex;
 static std::vector<std::string> g_lost;  // endpoints, as ggml keys its connections
 
@@ -260,28 +271,22 @@ void set_io_timeouts(const std::vector<std::string> & endpoints, int seconds) {
 #endif
 }
 
-// ggml's add_server, given timeout_ms to complete its handshake: it blocks without limit on a peer
-// that accepts the connection and never answers (a service that is not a ggml RPC server).
-static ggml_backend_reg_t add_server_within(rpc_add_server_fn add_server, const std::string & endpoint,
-                                            int timeout_ms) {
+rpc_outcome run_within(const std::string & endpoint, int timeout_ms, std::function<void()> call) {
     struct attempt {
         std::mutex mutex;
         std::condition_variable done_cv;
         bool done = false;
-        ggml_backend_reg_t reg = nullptr;
         std::string error;
     };
     auto a = std::make_shared<attempt>();
-    std::thread worker([a, add_server, endpoint] {
-        ggml_backend_reg_t reg = nullptr;
+    std::thread worker([a, call = std::move(call)] {
         std::string error;
         try {
-            reg = add_server(endpoint.c_str());
+            call();
         } catch (const std::exception & e) {
             error = e.what();
         }
         std::lock_guard<std::mutex> lock(a->mutex);
-        a->reg = reg;
         a->error = error;
         a->done = true;
         a->done_cv.notify_all();
@@ -297,20 +302,32 @@ static ggml_backend_reg_t add_server_within(rpc_add_server_fn add_server, const 
     }
 #endif
     const bool finished = a->done;
+    const std::string error = a->error;
     lock.unlock();
     if (finished) {
         worker.join();
     } else {
         worker.detach();  // still blocked in ggml: nothing more can be done from here
     }
-    if (!answered) {
+    return {answered, error};
+}
+
+// ggml's add_server, given timeout_ms to complete its handshake: it blocks without limit on a peer
+// that accepts the connection and never answers (a service that is not a ggml RPC server).
+static ggml_backend_reg_t add_server_within(rpc_add_server_fn add_server, const std::string & endpoint,
+                                            int timeout_ms) {
+    auto reg = std::make_shared<ggml_backend_reg_t>(nullptr);
+    const rpc_outcome outcome = run_within(endpoint, timeout_ms, [reg, add_server, endpoint] {
+        *reg = add_server(endpoint.c_str());
+    });
+    if (!outcome.answered) {
         fail(MLLAMA_ERR_BACKEND, "RPC worker %s accepted the connection but did not answer ggml's RPC handshake "
              "within %d ms: not a ggml RPC server?", endpoint.c_str(), timeout_ms);
     }
-    if (!a->error.empty()) {
-        fail(MLLAMA_ERR_BACKEND, "RPC worker %s: not a ggml RPC server (%s)", endpoint.c_str(), a->error.c_str());
+    if (!outcome.error.empty()) {
+        fail(MLLAMA_ERR_BACKEND, "RPC worker %s: not a ggml RPC server (%s)", endpoint.c_str(), outcome.error.c_str());
     }
-    return a->reg;
+    return *reg;
 }
 
 std::vector<ggml_backend_dev_t> rpc_connect(const std::string & endpoint, int timeout_ms) {
@@ -323,6 +340,9 @@ std::vector<ggml_backend_dev_t> rpc_connect(const std::string & endpoint, int ti
 #if MLLAMA_HAVE_SOCKETS
     require_ipv4(endpoint, host, port);
 #endif
+    if (endpoint.front() == '[') {  // ([an IPv4 address]: ggml's own parser reads no brackets)
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "RPC worker %s: name it as host:port, without brackets", endpoint.c_str());
+    }
     if (lost_earlier(endpoint)) {
         fail(MLLAMA_ERR_BACKEND, "RPC worker %s was lost earlier in this process, and ggml keeps its broken "
              "connection until the process ends: restart this process to use the worker again, or name it by "

@@ -10,6 +10,7 @@
 
 #include "common/error.h"
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -28,12 +29,14 @@ inline constexpr int k_default_rpc_timeout_ms = 10000;
 inline constexpr int k_default_rpc_io_timeout_s = 600;
 
 // Runs a ggml free of something that may live on a lost worker: ggml-rpc aborts there (an rpc_fault
-// here), the memory is gone with the worker, so the fault is dropped.
+// here), the memory is gone with the worker, so the fault is dropped; returns whether there was one.
 template <typename F>
-void free_quietly(F && free_fn) {
+bool free_quietly(F && free_fn) {
     try {
         free_fn();
+        return false;
     } catch (const rpc_fault &) {
+        return true;
     }
 }
 
@@ -55,6 +58,16 @@ std::string rpc_endpoint(ggml_backend_dev_t dev);
 
 // TCP reachability of "host:port" within timeout_ms (a connect, closed at once).
 bool endpoint_reachable(const std::string & endpoint, int timeout_ms);
+
+// Runs call() (a ggml call that may open a connection to endpoint and wait on it) on a helper thread, waiting up to
+// timeout_ms: ggml blocks without limit on a worker that stopped answering before set_io_timeouts bounds its
+// connection (ggml opens a new one whenever none is held). Past the limit the connections to endpoint are shut
+// down, so that ggml's call fails; `answered` is then false. `error`: what call() threw (a fault), else "".
+struct rpc_outcome {
+    bool answered;
+    std::string error;
+};
+rpc_outcome run_within(const std::string & endpoint, int timeout_ms, std::function<void()> call);
 
 // Bounds how long this process's connections to these workers wait for an answer (or to send):
 // seconds per call, after which ggml's call fails (an rpc_fault) instead of blocking on a worker

@@ -107,6 +107,8 @@ class Model(Handle, GenerationMixin, AsyncGenerationMixin):
         params = ffi.new("mllama_model_params *", lib.mllama_model_default_params())
         params.n_threads = int(n_threads or 0)
         params.device = strings(device or env.device or "auto")
+        if not -2**31 <= n_gpu_layers < 2**31:  # (cffi's OverflowError named no argument)
+            raise ValueError(f"n_gpu_layers {n_gpu_layers!r} is out of range")
         params.n_gpu_layers = int(n_gpu_layers)
         params.use_mmap = 1 if use_mmap else 0
         params.check_tensors = 1 if check_tensors else 0
@@ -152,6 +154,7 @@ class Model(Handle, GenerationMixin, AsyncGenerationMixin):
         def free() -> None:
             for scheduler in schedulers:
                 scheduler.close()
+                scheduler.engine.detach()  # (an engine or scheduler kept past close() raises, never reaches freed memory)
             lib.mllama_context_free(ctx_ptr)
             lib.mllama_model_free(model_ptr)
 
@@ -170,6 +173,10 @@ class Model(Handle, GenerationMixin, AsyncGenerationMixin):
         except BaseException:
             self.close()
             raise
+
+    def _stepping_here(self) -> bool:  # (under the lock: a step holds it, so one running is this thread's)
+        scheduler = getattr(self, "_scheduler", None)
+        return scheduler is not None and scheduler.stepping
 
     @property
     def placement(self) -> list[Placement]:

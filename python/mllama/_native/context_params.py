@@ -42,6 +42,8 @@ def check_sizes(**sizes) -> None:
     for name, value in sizes.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
             raise ValueError(f"{name} must be a whole number >= 0 (0 or None: the default), not {value!r}")
+        if value is not None and value >= 2**31:  # (the C ABI's int32: cffi's OverflowError named no argument)
+            raise ValueError(f"{name} {value} is out of range (at most {2**31 - 1})")
 
 
 def check_outputs(profile, dump_dir, sources: dict[str, str]) -> None:

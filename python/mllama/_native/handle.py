@@ -7,7 +7,7 @@ import weakref
 from contextlib import contextmanager
 from typing import Callable
 
-from .errors import ModelClosedError
+from .errors import MllamaError, ModelClosedError
 
 
 class Handle:
@@ -49,8 +49,15 @@ class Handle:
                     self._users -= 1
                     self._users_changed.notify_all()
 
+    def _stepping_here(self) -> bool:
+        """Whether this thread is inside work that needs the handle (a subclass's step), holding the lock."""
+        return False
+
     def close(self) -> None:
         with self._lock, self._users_changed:
+            if self._stepping_here():
+                raise MllamaError(f"{type(self).__name__}.close() was called inside a step (a notify callback?): "
+                                  "close it once the step has returned")
             self._closing = True  # no new users: the ones inside finish, then the handle goes
             while self._users:
                 self._users_changed.wait()

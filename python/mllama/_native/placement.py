@@ -72,6 +72,9 @@ def split_values(tensor_split: Sequence[float] | str | None) -> list[float] | No
     return values
 
 
+_MAX_TIMEOUT_S = (2**31 - 1) // 1000
+
+
 def fill_params(params, strings, *, rpc, devices, tensor_split, rpc_timeout, rpc_io_timeout=None,
                 rpc_source="rpc") -> list:
     """Sets the placement fields of mllama_model_params; returns the buffers to keep alive over the call."""
@@ -82,13 +85,13 @@ def fill_params(params, strings, *, rpc, devices, tensor_split, rpc_timeout, rpc
     if values:
         keep.append(ffi.new("float[]", values))
         params.tensor_split, params.n_tensor_split = keep[-1], len(values)
-    if rpc_timeout is not None:
-        if not rpc_timeout > 0:
-            raise ValueError(f"rpc_timeout must be > 0 seconds (got {rpc_timeout!r})")
+    if rpc_timeout is not None:  # (the C side's int32 milliseconds: at most about 24 days)
+        if not 0 < rpc_timeout <= _MAX_TIMEOUT_S:
+            raise ValueError(f"rpc_timeout must be > 0 and <= {_MAX_TIMEOUT_S} seconds (got {rpc_timeout!r})")
         params.rpc_timeout_ms = max(1, round(float(rpc_timeout) * 1000))
     if rpc_io_timeout is not None:
-        if not rpc_io_timeout >= 1:
-            raise ValueError(f"rpc_io_timeout must be >= 1 second (got {rpc_io_timeout!r})")
+        if not 1 <= rpc_io_timeout <= _MAX_TIMEOUT_S:
+            raise ValueError(f"rpc_io_timeout must be >= 1 and <= {_MAX_TIMEOUT_S} seconds (got {rpc_io_timeout!r})")
         params.rpc_io_timeout_s = int(rpc_io_timeout)
     return keep
 

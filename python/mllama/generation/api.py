@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from ..text.tokenizer import StreamDecoder
 from ..text.tools import ToolSpec
 from ..text.tools import resolve as resolve_tools
 from . import openai
+from .chat_stream import ChatChunks, cancel_unfinished, content_pieces, describe_messages, ends_of, one_reply
 from .constrain import Grammar, GrammarState
 from .context_fit import fit_chat
 from .engine import PreparedImage, prepare_images
@@ -36,6 +37,15 @@ def tool_spec(tools, tool_choice, sampling: dict) -> ToolSpec | None:
         schema = {"name": "tool_call", "schema": spec.schema}
         sampling["response_format"] = {"type": "json_schema", "json_schema": schema}
     return spec
+
+
+def checked_ids(tokens) -> list[int]:
+    """Token ids as ints (ValueError for a float or a bool, which were taken as the ids they round to)."""
+    ids = list(tokens)
+    bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer))), None)
+    if bad is not None:
+        raise ValueError(f"{bad!r:.40} is not a token id (an integer)")
+    return [int(t) for t in ids]
 
 
 class GenerationMixin:
@@ -72,13 +82,13 @@ class GenerationMixin:
     def forward(self, token_ids: list[int], images=()) -> np.ndarray:
         """Logits of every position (n_tokens x n_vocab) for a fresh sequence; images attach to the
         <|image|> tokens in order."""
-        prepared = self.prepare_images(images)
+        ids, prepared = checked_ids(token_ids), self.prepare_images(images)
         with self._lock:
             self._handle()
             free = [seq for seq, busy in enumerate(self.scheduler.busy) if not busy]
             if not free:
                 raise MllamaError("every sequence is busy with a generation: finish or close one first")
-            return self._engine.evaluate(list(map(int, token_ids)), prepared, all_logits=True, seq=free[-1])
+            return self._engine.evaluate(ids, prepared, all_logits=True, seq=free[-1])
 
     @property
     def n_decoded(self) -> int:
@@ -181,7 +191,7 @@ class GenerationMixin:
         top = check_logprobs(logprobs, top_logprobs)
         constraint = self.compile_grammar(grammar, response_format=response_format)
         params, prepared = self.sampling_params(**sampling), self.prepare_images(images)
-        return Request(list(tokens), prepared, params, self.tokenizer, n=n, notify=notify, grammar=constraint,
+        return Request(checked_ids(tokens), prepared, params, self.tokenizer, n=n, notify=notify, grammar=constraint,
                        logprobs=top)
 
     def run_step(self) -> None:
@@ -328,96 +338,3 @@ class GenerationMixin:
             if chunks.pending and not self.closed:
                 self.scheduler.cancel(request)
                 self.run_step()
-
-
-
-def ends_of(request: Request) -> list:
-    """How each choice of an ended request ended: its GenerationResult, or its exception."""
-    return [next(v for k, v in s.events if k in ("result", "error")) for s in request.streams]
-
-
-class ChatChunks:
-    """The OpenAI chunks of a request's choices as its streams' events arrive, for a reader that runs the steps
-    itself (Model.chat(stream=True)) or awaits them (Model.achat)."""
-
-    def __init__(self, model, cid: str, created: int, request: Request):
-        self.model, self.cid, self.created, self.request = model, cid, created, request
-        self.pending = list(range(len(request.streams)))  # choices not ended yet
-        self.held: dict[int, list[dict]] = {i: [] for i in self.pending}  # logprobs items not yet sent
-        self.error: BaseException | None = None
-        self.ended: list[GenerationResult] = []  # the results so far: the usage of all goes on the last one's chunk
-
-    def first(self) -> list[dict]:
-        return [openai.chunk(self.cid, self.created, self.model.name, {"role": "assistant", "content": ""}, None,
-                             index=i) for i in self.pending]
-
-    def ready(self) -> list[dict] | None:
-        """The chunks of the events that arrived (None: none arrived, a step must run); an error ends it."""
-        if not any(self.request.streams[i].events for i in self.pending):
-            return None
-        out: list[dict] = []
-        for i in list(self.pending):
-            out += self._choice(i)
-            if self.error is not None:
-                break
-        return out
-
-    def raise_error(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def _choice(self, i: int) -> list[dict]:
-        events, held, out = self.request.streams[i].events, self.held[i], []
-        name = self.model.name
-        while events:
-            kind, value = events.popleft()
-            if kind == "logprob":
-                held.append(value)
-            elif kind == "text":
-                out.append(openai.chunk(self.cid, self.created, name, {"content": value}, None, index=i,
-                                        logprobs=openai.take(held)))
-            elif kind == "error":
-                self.pending.remove(i)
-                self.error = value
-                break
-            elif kind == "result":
-                self.pending.remove(i)
-                self.ended.append(value)
-                usage = {} if self.pending else {"usage": openai.usage_of(self.ended)}
-                out.append(openai.chunk(self.cid, self.created, name, {}, value.finish_reason, index=i,
-                                        logprobs=openai.take(held), **usage))
-                break
-        return out
-
-
-def one_reply(sampling: dict, what: str) -> None:
-    """A call that gives one reply takes no choices' count (TypeError rather than one choice of several kept)."""
-    if "n" in sampling:
-        raise TypeError(f"{what}: ask chat(..., n=N) for several")
-
-
-def describe_messages(image, prompt: str, sampling: dict) -> list[dict]:
-    """describe's one-turn chat; it gives one description, so the choices' count is not among its options."""
-    one_reply(sampling, "describe gives one description")
-    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
-
-
-def content_pieces(chunks: Iterable[dict]) -> Iterator[str]:
-    """The text pieces of a chat's stream of chunks (its one choice's content deltas); left early, the
-    stream is closed (its request stopped at the next step)."""
-    try:
-        for chunk in chunks:
-            for choice in chunk["choices"]:
-                piece = choice["delta"].get("content")
-                if piece:
-                    yield piece
-    finally:
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            close()
-
-
-def cancel_unfinished(scheduler, request: Request) -> None:
-    """A request whose stream of chunks was dropped unread: stopped at the next step, not generated for no one."""
-    if any(not s.done for s in request.streams):
-        scheduler.cancel(request)

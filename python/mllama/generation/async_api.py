@@ -11,7 +11,8 @@ import weakref
 from typing import Any, AsyncIterator
 
 from . import openai
-from .api import ChatChunks, cancel_unfinished, content_pieces, describe_messages, ends_of, tool_spec
+from .api import tool_spec
+from .chat_stream import ChatChunks, cancel_unfinished, content_pieces, describe_messages, ends_of
 from .request import Request
 
 

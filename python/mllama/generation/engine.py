@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .._native.errors import ContextOverflowError, MllamaError
+from .._native.errors import ContextOverflowError, MllamaError, ModelClosedError
 from .._native.ffi import call, ffi, lib
 from ..hparams import HParams
 from .image_cache import ImageCache
@@ -139,8 +139,19 @@ class Engine:
     n_encoded = 0                          # images this engine ran through the vision tower
     encoding: tuple[int, PreparedImage] | None = None  # the encode in steps under way: (slot, image)
 
+    @property
+    def ctx(self):
+        """The native context; ModelClosedError once the model is closed (an engine kept past close())."""
+        if self._ctx is None:
+            raise ModelClosedError("the model is closed")
+        return self._ctx
+
+    def detach(self) -> None:
+        """As the model closes: later calls raise ModelClosedError instead of reaching the freed context."""
+        self._ctx = None
+
     def __init__(self, ctx, hparams: HParams, n_ctx: int, n_batch: int, n_slots: int, n_seq: int = 1):
-        self.ctx = ctx
+        self._ctx = ctx
         self.n_vocab = hparams.n_vocab
         self.image_token = hparams.image_token_id
         self.n_ctx, self.n_batch, self.n_slots, self.n_seq = n_ctx, n_batch, n_slots, n_seq

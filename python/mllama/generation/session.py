@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from .api import one_reply
+from .chat_stream import one_reply
 from .context_fit import FittedPrompt, fit_chat
 from .results import TextStream
 
