@@ -136,6 +136,38 @@ def test_a_forced_call_of_a_tool_whose_parameters_use_defs(model):
             assert choice["finish_reason"] == "length"
 
 
+def test_a_strict_tool_is_held_as_strictly_as_a_strict_response_format(model):
+    unique = {"type": "object", "properties": {"ids": {"type": "array", "items": {"type": "integer", "maximum": 1},
+                                                       "minItems": 2, "maxItems": 2, "uniqueItems": True}},
+              "required": ["ids"], "additionalProperties": False}
+    tool = {"type": "function", "function": {"name": "pick", "parameters": unique}}
+    strict = {**tool, "function": {**tool["function"], "strict": True}}
+    with pytest.raises(ValueError, match="uniqueItems"):  # (as response_format with strict: it was ignored)
+        model.chat(ASK, tools=[strict], tool_choice="required", max_tokens=1)
+    with pytest.raises(ValueError, match="uniqueItems"):
+        model.chat(ASK, max_tokens=1, response_format={"type": "json_schema", "json_schema": {
+            "name": "pick", "schema": unique, "strict": True}})
+    assert model.chat(ASK, tools=[tool], tool_choice="required", max_tokens=1)["choices"]  # lenient: ignored
+    for where in ({"tools": [{**tool, "function": {**tool["function"], "strict": "false"}}], "tool_choice": "required"},
+                  {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": unique,
+                                                                              "strict": "false"}}}):
+        with pytest.raises(ValueError, match="strict must be true or false"):  # ("false" was read as true)
+            model.chat(ASK, max_tokens=1, **where)
+
+
+def test_a_forced_call_of_a_tool_schema_with_an_id(model):
+    """`$id` changes the base `$ref`s resolve against: under the call's `$defs` the rebased refs missed (a 400)."""
+    params = {"$id": "https://example.com/tool.json", "type": "object",
+              "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}, "b": {"$ref": "#/properties/a"}},
+              "required": ["a", "b"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "pair", "parameters": params}}]
+    for seed in range(2):
+        choice = model.chat(ASK, tools=tools, tool_choice="required", max_tokens=60, temperature=1.0,
+                            seed=seed)["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        jsonschema.validate(json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]), params)
+
+
 def test_a_forced_call_complete_at_max_tokens_is_a_call(model):
     """A constrained reply that is complete when max_tokens runs out ends with "stop" (a call: "tool_calls"), not
     "length": the grammar allows nothing more, and a cut reply is not a call."""

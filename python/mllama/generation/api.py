@@ -34,7 +34,8 @@ def tool_spec(tools, tool_choice, sampling: dict) -> ToolSpec | None:
     if spec is not None and spec.schema is not None:
         if sampling.get("response_format") or sampling.get("grammar"):
             raise ValueError("'tool_choice' forcing a call cannot be combined with 'response_format' or a grammar")
-        schema = {"name": "tool_call", "schema": spec.schema}
+        strict = any(t["function"].get("strict") is True for t in spec.tools if t["function"]["name"] in spec.names)
+        schema = {"name": "tool_call", "schema": spec.schema, "strict": strict}  # (a strict tool: held as strictly)
         sampling["response_format"] = {"type": "json_schema", "json_schema": schema}
     return spec
 

@@ -118,7 +118,10 @@ class Grammar:
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict) or "schema" not in spec:
             raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
-        return cls.json_schema(vocabulary, spec["schema"], strict=bool(spec.get("strict", False)))
+        strict = spec.get("strict", False)
+        if strict is not None and not isinstance(strict, bool):  # ("false" had been read as true)
+            raise ValueError(f"response_format's json_schema.strict must be true or false, not {strict!r:.40}")
+        return cls.json_schema(vocabulary, spec["schema"], strict=bool(strict))
 
     @classmethod
     def from_grammar(cls, vocabulary: GrammarVocabulary, grammar) -> "Grammar":

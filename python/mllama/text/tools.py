@@ -54,6 +54,9 @@ def function_name(tool, i: int) -> str:
     name = tool["function"].get("name")
     if not isinstance(name, str) or not name:
         raise ValueError(f"tools[{i}].function.name must be a non-empty string")
+    strict = tool["function"].get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise ValueError(f"tools[{i}].function.strict must be true or false, not {strict!r:.40}")
     params = tool["function"].get("parameters")
     if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
         raise ValueError(f"tools[{i}].function.parameters must be a JSON schema of type \"object\" (the call's "
@@ -78,8 +81,9 @@ def call_schema(tools: list[dict]) -> dict:
 
 def object_schema(params: dict | None) -> dict:
     """A tool's parameters schema, typed "object" where it leaves the type out (function_name reads it so): the
-    forced call's grammar then allows only an object of arguments, which parse_call accepts."""
-    params = params or {}
+    forced call's grammar then allows only an object of arguments, which parse_call accepts. Its `$id` is dropped:
+    under `$defs` it would be the base its rebased `$ref`s resolve against."""
+    params = {k: v for k, v in (params or {}).items() if k != "$id"}
     return params if "type" in params else {"type": "object", **params}
 
 
