@@ -314,6 +314,23 @@ def test_worker_killed_mid_generation(gguf_f32, local):
         stop(restarted)
 
 
+def test_a_worker_lost_while_the_model_was_idle(gguf_f32):
+    """Its close() frees what it can; a later load of that endpoint is refused as lost, saying why (ggml keeps the
+    broken connection: the load had failed on it with ggml's "malformed response", blaming a healthy worker)."""
+    port = free_port()
+    proc = start_worker(port)
+    endpoint = f"127.0.0.1:{port}"
+    try:
+        model = mllama.Model(gguf_f32, n_ctx=256, rpc=[endpoint])
+        stop(proc)
+        model.close()
+        proc = start_worker(port)
+        with pytest.raises(MllamaError, match=f"{endpoint} was lost earlier in this process"):
+            mllama.Model(gguf_f32, n_ctx=256, rpc=[endpoint])
+    finally:
+        stop(proc)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the I/O timeout finds ggml's sockets in /proc")
 def test_worker_that_stops_answering(gguf_f32):
     """A frozen worker (SIGSTOP: connected, silent) fails the call after rpc_io_timeout instead of hanging."""
