@@ -268,7 +268,8 @@ def test_a_bad_shard_index_is_a_conversion_error_naming_it(hf_dir, tmp_path, ind
     (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")  # (model.safetensors wins)
     (folder / "model.safetensors.index.json").write_text(index)
     if "weight_map" in index:  # an index that names no shard lists none: give it the one shard, but no tensor
-        (folder / "model.safetensors.index.json").write_text('{"weight_map": {"x": "model-00001-of-00001.safetensors"}}')
+        shard = '{"weight_map": {"x": "model-00001-of-00001.safetensors"}}'
+        (folder / "model.safetensors.index.json").write_text(shard)
     with pytest.raises(mllama.ConversionError, match=message):
         mllama.convert(folder, tmp_path / "o.gguf")
     assert not (tmp_path / "o.gguf").exists()

@@ -78,6 +78,8 @@ def test_token_ids_must_be_integers(model):
     ({"n_gpu_layers": 99999999999}, "n_gpu_layers 99999999999 is out of range"),
     ({"rpc_timeout": float("inf")}, "rpc_timeout must be > 0 and <= 2147483 seconds"),  # (a traceback in the CLI)
     ({"rpc_io_timeout": 1e10}, "rpc_io_timeout must be >= 1 and <= 2147483 seconds"),
+    ({"tensor_split": [1e39]}, "within float32's range"),  # (an infinite weight, said to be negative)
+    ({"tensor_split": [1e-46]}, "within float32's range"),  # (all zero as float32)
 ])
 def test_sizes_beyond_the_c_side(small_gguf, sizes, message):
     with pytest.raises((ValueError, mllama.ModelLoadError), match=message):  # (Python's check, or the C side's)

@@ -154,7 +154,7 @@ class Model(Handle, GenerationMixin, AsyncGenerationMixin):
         def free() -> None:
             for scheduler in schedulers:
                 scheduler.close()
-                scheduler.engine.detach()  # (an engine or scheduler kept past close() raises, never reaches freed memory)
+                scheduler.engine.detach()  # (one kept past close() raises, never reaches freed memory)
             lib.mllama_context_free(ctx_ptr)
             lib.mllama_model_free(model_ptr)
 

@@ -67,9 +67,15 @@ def split_values(tensor_split: Sequence[float] | str | None) -> list[float] | No
         values = [float(v) for v in items]
     except (TypeError, ValueError):
         raise ValueError(f"tensor_split must be numbers (got {tensor_split!r})") from None
-    if not values or any(not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
-        raise ValueError(f"tensor_split must be weights >= 0, not all zero (got {tensor_split!r})")
+    single = [float(v) if abs(v) <= _FLOAT32_MAX else math.inf for v in values]  # (the C side's floats)
+    single = [v if abs(v) >= _FLOAT32_TINY else 0.0 for v in single]
+    if not values or any(not math.isfinite(v) or v < 0 for v in single) or sum(single) <= 0:
+        raise ValueError(f"tensor_split must be weights >= 0, not all zero, within float32's range "
+                         f"(got {tensor_split!r})")
     return values
+
+
+_FLOAT32_MAX, _FLOAT32_TINY = 3.4028234663852886e38, 1.401298464324817e-45  # (the largest, the smallest above 0)
 
 
 _MAX_TIMEOUT_S = (2**31 - 1) // 1000

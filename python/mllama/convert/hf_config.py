@@ -110,7 +110,8 @@ def _text_keys(text: dict) -> dict[str, Any]:
     n_embd = int(_need(text, "hidden_size", "text_config"))
     n_head = int(_need(text, "num_attention_heads", "text_config"))
     if n_head < 1 or n_embd % n_head:
-        raise ConversionError(f"config.json text_config: num_attention_heads {n_head} does not divide hidden_size {n_embd}")
+        raise ConversionError(f"config.json text_config: num_attention_heads {n_head} does not divide "
+                              f"hidden_size {n_embd}")
     return {
         "VOCAB_SIZE": int(_need(text, "vocab_size", "text_config")),
         "CONTEXT_LENGTH": int(text.get("max_position_embeddings", 131072)),
