@@ -75,6 +75,14 @@ def test_era_a_text_and_projector(era_a, ours):
         check_parity(model, ours)
 
 
+def test_a_projector_named_alone_or_first_is_said_to_be_one(era_a):
+    text, projector = era_a  # (alone: "missing metadata key 'mllama.vocab_size'"; first: "takes no projector file")
+    with pytest.raises(mllama.ModelLoadError, match="is an Ollama vision projector: load its text model"):
+        mllama.Model(projector)
+    with pytest.raises(mllama.ModelLoadError, match="is an Ollama vision projector: name its text model first"):
+        mllama.Model(projector, projector=text)
+
+
 def test_the_cross_norm_permutation_matters(sources, tmp_path, ours):
     """Negative control: a file whose q_norm/k_norm WERE permuted too no longer matches, so the
     parity above really checks the inverse of Ollama's cross-attention permute."""

@@ -257,6 +257,13 @@ def test_a_worker_silent_after_its_handshake(gguf_f32):
         assert time.monotonic() - start < 2 + 5 + 2  # the timeout, then <= 5 s to unblock
 
 
+def test_a_busy_worker_says_it_may_be_serving_another_client(gguf_f32, workers):
+    with mllama.Model(gguf_f32, n_ctx=256, rpc=[workers[1]], devices=[workers[1]]):  # (its connection held)
+        code = f"import mllama; mllama.Model({str(gguf_f32)!r}, n_ctx=256, rpc=[{workers[1]!r}], rpc_timeout=2)"
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert other.returncode != 0 and "serving another client" in other.stderr  # (had said "not a ggml RPC server?")
+
+
 def test_two_models_on_one_worker_from_two_threads(gguf_f32, workers, local):
     """ggml keeps one connection per worker for the process: two models' calls on it must not interleave
     (they had corrupted the protocol within seconds, and the worker was then refused as lost)."""

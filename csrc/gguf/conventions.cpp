@@ -38,6 +38,14 @@ conventions detect_conventions(const std::vector<const gguf_file *> & files) {
     const bool has_vision = main.find(tensor_name(tn::V_PATCH_EMBD)) != nullptr;
     c.gates_pretanh = c.rope_permuted = c.cross_qk_permuted = true;
     c.default_preprocessor = !has_key(main, kv::V_IMAGE_MEAN);
+    if (has_vision && !main.find(tensor_name(tn::TOKEN_EMBD))) {  // an Ollama projector, named first or alone
+        if (files.size() > 1) {
+            fail(MLLAMA_ERR_INVALID_ARGUMENT, "'%s' is an Ollama vision projector: name its text model first, and "
+                 "this file as the projector", main.path().c_str());
+        }
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "'%s' is an Ollama vision projector: load its text model, with this file "
+             "as the projector (projector=, --projector)", main.path().c_str());
+    }
     if (has_vision) {
         if (files.size() > 1) {
             fail(MLLAMA_ERR_INVALID_ARGUMENT, "'%s' already holds the vision model: it takes no projector file",

@@ -322,7 +322,7 @@ static ggml_backend_reg_t add_server_within(rpc_add_server_fn add_server, const 
     });
     if (!outcome.answered) {
         fail(MLLAMA_ERR_BACKEND, "RPC worker %s accepted the connection but did not answer ggml's RPC handshake "
-             "within %d ms: not a ggml RPC server?", endpoint.c_str(), timeout_ms);
+             "within %d ms: not a ggml RPC server, or it is serving another client?", endpoint.c_str(), timeout_ms);
     }
     if (!outcome.error.empty()) {
         fail(MLLAMA_ERR_BACKEND, "RPC worker %s: not a ggml RPC server (%s)", endpoint.c_str(), outcome.error.c_str());
