@@ -338,6 +338,28 @@ def test_a_worker_lost_while_the_model_was_idle(gguf_f32):
         stop(proc)
 
 
+@pytest.mark.parametrize("reader", ["slot_state", "cross_kv"])
+def test_a_worker_lost_while_a_cache_is_read_back(gguf_f32, reader):
+    """An image slot's K/V read back outside a graph (the image cache's blob, the debugging read) with its worker
+    gone: the error names the worker and the model is marked lost (it had been ggml's own message, and the model
+    was still called healthy)."""
+    from mllama._native.slot_state import get_slot_state
+
+    port = free_port()
+    proc = start_worker(port)
+    endpoint = f"127.0.0.1:{port}"
+    try:
+        with mllama.Model(gguf_f32, n_ctx=256, rpc=[endpoint]) as m:  # every text layer (and its cross K/V) there
+            pre = mllama.preprocess(image(), m)
+            m.encode_pixels(pre.pixel_values, pre.aspect_ratio_id, pre.n_tiles, slot=0)
+            stop(proc)
+            with pytest.raises(MllamaError, match=f"RPC worker {endpoint} .*the model cannot run any more"):
+                get_slot_state(m._ctx, 0) if reader == "slot_state" else m.cross_kv(0, 0)
+            assert m.info["lost_worker"] == 1
+    finally:
+        stop(proc) if proc.poll() is None else None
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the I/O timeout finds ggml's sockets in /proc")
 def test_worker_that_stops_answering(gguf_f32):
     """A frozen worker (SIGSTOP: connected, silent) fails the call after rpc_io_timeout instead of hanging."""

@@ -181,17 +181,17 @@ std::unique_ptr<mllama_model> load_model(const char * path, const char * project
     // read by open_files only: the caller's strings are not kept
     m->params.device = m->params.rpc_servers = m->params.devices = nullptr;
     m->params.tensor_split = nullptr;
-    try {
+    try {  // (every step that sends weights to the devices or reads some back)
         load_weights(*m);
+        if (params.check_tensors) validate_data(*m);
+        read_gates(m->text, m->vision, m->conv.gates_pretanh);
+        fill_info(*m);
+        if (m->conv.cross_qk_permuted) permute_cross_norms(*m);
+        m->n_fused = fuse_projections(*m);
     } catch (const rpc_fault & e) {
-        fail(MLLAMA_ERR_BACKEND, "RPC worker %s failed while the weights were sent: %s",
+        fail(MLLAMA_ERR_BACKEND, "RPC worker %s failed while the weights were loaded: %s",
              join(lost_workers(m->plan.endpoints)).c_str(), e.what());
     }
-    if (params.check_tensors) validate_data(*m);
-    read_gates(m->text, m->vision, m->conv.gates_pretanh);
-    fill_info(*m);
-    if (m->conv.cross_qk_permuted) permute_cross_norms(*m);
-    m->n_fused = fuse_projections(*m);
     report_placement(*m);
     bound_rpc_calls(m->plan);
     m->plan.rpc_anchors.clear();  // the weights' buffers hold the connections now

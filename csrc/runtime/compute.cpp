@@ -72,16 +72,20 @@ static void run_graph(mllama_context & c, const std::function<ggml_cgraph *(ggml
          all_answer ? "failed" : "is unreachable", what);
 }
 
-void compute(mllama_context & c, const std::function<ggml_cgraph *(ggml_context *)> & build,
-             const std::function<void()> & feed, const std::function<void()> & fetch) {
+void on_workers(const mllama_context & c, const std::function<void()> & body) {
     if (c.model->lost_worker) {
         fail(MLLAMA_ERR_BACKEND, "an RPC worker of this model failed earlier: close the model and load it again");
     }
     try {
-        run_graph(c, build, feed, fetch);
+        body();
     } catch (const rpc_fault & e) {
         fail_lost_worker(c, e.what());
     }
+}
+
+void compute(mllama_context & c, const std::function<ggml_cgraph *(ggml_context *)> & build,
+             const std::function<void()> & feed, const std::function<void()> & fetch) {
+    on_workers(c, [&] { run_graph(c, build, feed, fetch); });
 }
 
 }  // namespace mllama

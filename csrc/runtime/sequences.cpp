@@ -2,6 +2,7 @@
 // a prefix from one sequence to another (cells of sequence s: s * n_ctx .. (s + 1) * n_ctx - 1, runtime/context.h).
 #include "common/error.h"
 #include "graph/ops.h"
+#include "runtime/compute.h"
 #include "runtime/context.h"
 
 #include "ggml-backend.h"
@@ -60,11 +61,13 @@ void seq_copy(mllama_context & c, int32_t src, int32_t dst, int32_t n_tokens) {
     c.seq_length[dst] = 0;  // half copied until the end
     const int64_t n_ctx = c.params.n_ctx;
     std::vector<uint8_t> staging;
-    for (const auto * list : {&c.state.self_k, &c.state.self_v}) {
-        for (ggml_tensor * cache : *list) {
-            if (cache) copy_cells(cache, c.state.self_head_major, src * n_ctx, dst * n_ctx, n_tokens, staging);
+    on_workers(c, [&] {
+        for (const auto * list : {&c.state.self_k, &c.state.self_v}) {
+            for (ggml_tensor * cache : *list) {
+                if (cache) copy_cells(cache, c.state.self_head_major, src * n_ctx, dst * n_ctx, n_tokens, staging);
+            }
         }
-    }
+    });
     c.seq_length[dst] = n_tokens;
 }
 

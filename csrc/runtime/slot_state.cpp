@@ -6,6 +6,7 @@
 
 #include "common/error.h"
 #include "model/model.h"
+#include "runtime/compute.h"
 #include "runtime/context.h"
 #include "runtime/encode_steps.h"
 
@@ -190,12 +191,14 @@ uint64_t get_slot_state(const mllama_context & c, int32_t slot, void * dst, uint
     std::memcpy(out, &h, sizeof(h));
     const int64_t n_rows = s.n_tiles * c.model->hp.vision.n_positions();
     size_t at = sizeof(h);
-    for (size_t i = 0; i < c.state.cross_k.size(); ++i) {
-        for (const ggml_tensor * t : {c.state.cross_k[i], c.state.cross_v[i]}) {
-            read_slot_rows(c, t, slot, 0, n_rows, out + at);
-            at += tile_bytes(c, s.n_tiles);
+    on_workers(c, [&] {
+        for (size_t i = 0; i < c.state.cross_k.size(); ++i) {
+            for (const ggml_tensor * t : {c.state.cross_k[i], c.state.cross_v[i]}) {
+                read_slot_rows(c, t, slot, 0, n_rows, out + at);
+                at += tile_bytes(c, s.n_tiles);
+            }
         }
-    }
+    });
     return size;
 }
 
@@ -203,11 +206,13 @@ void clear_missing_tiles(mllama_context & c, int32_t slot, int32_t n_tiles) {
     const int64_t max_tiles = c.model->hp.vision.max_tiles;
     if (n_tiles >= max_tiles) return;
     const int64_t per_tile = c.model->hp.vision.n_positions();
-    for (size_t i = 0; i < c.state.cross_k.size(); ++i) {
-        for (ggml_tensor * t : {c.state.cross_k[i], c.state.cross_v[i]}) {
-            write_rows(c, t, slot, n_tiles * per_tile, (max_tiles - n_tiles) * per_tile, nullptr);
+    on_workers(c, [&] {
+        for (size_t i = 0; i < c.state.cross_k.size(); ++i) {
+            for (ggml_tensor * t : {c.state.cross_k[i], c.state.cross_v[i]}) {
+                write_rows(c, t, slot, n_tiles * per_tile, (max_tiles - n_tiles) * per_tile, nullptr);
+            }
         }
-    }
+    });
 }
 
 void set_slot_state(mllama_context & c, int32_t slot, const void * src, uint64_t size) {
@@ -218,12 +223,14 @@ void set_slot_state(mllama_context & c, int32_t slot, const void * src, uint64_t
     s.used = false;
     const int64_t n_rows = h.n_tiles * c.model->hp.vision.n_positions();
     const auto * in = static_cast<const uint8_t *>(src) + sizeof(h);
-    for (size_t i = 0; i < c.state.cross_k.size(); ++i) {
-        for (ggml_tensor * t : {c.state.cross_k[i], c.state.cross_v[i]}) {
-            write_rows(c, t, slot, 0, n_rows, in);
-            in += tile_bytes(c, h.n_tiles);
+    on_workers(c, [&] {
+        for (size_t i = 0; i < c.state.cross_k.size(); ++i) {
+            for (ggml_tensor * t : {c.state.cross_k[i], c.state.cross_v[i]}) {
+                write_rows(c, t, slot, 0, n_rows, in);
+                in += tile_bytes(c, h.n_tiles);
+            }
         }
-    }
+    });
     clear_missing_tiles(c, slot, h.n_tiles);
     s.used = true;
     s.n_tiles = h.n_tiles;
