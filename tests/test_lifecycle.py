@@ -94,3 +94,70 @@ def test_context_precisions_are_checked(model):
         status = lib.mllama_context_init(handle, params, out)
     assert status != lib.MLLAMA_OK and out[0] == ffi.NULL
     assert "take 1 (F32), 0 (F16) or -1 (auto), not 7" in ffi.string(lib.mllama_last_error()).decode()
+
+
+def test_exit_while_a_daemon_thread_generates(gguf_f32):
+    """The finalizer that frees an unclosed model at interpreter exit waits for the step under way in another
+    thread (it had freed the context under a running decode: SIGSEGV, 5 runs of 5)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import threading, time, mllama
+m = mllama.Model({str(gguf_f32)!r}, n_ctx=1024)
+tokens = m.tokenize("<|begin_of_text|>" + " hello" * 300, special=True)
+started = threading.Event()
+def generate():
+    while True:
+        for _ in m.stream_text(tokens, temperature=0, max_tokens=400):
+            started.set()
+threading.Thread(target=generate, daemon=True).start()
+started.wait(60)
+"""
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_model_is_neither_copied_nor_pickled(model):
+    """copy.copy had shared the handle (the original's collection closed the copy), pickle a cffi TypeError."""
+    import copy
+    import pickle
+
+    for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="cannot be pickled or copied"):
+            attempt(model)
+    assert not model.closed
+
+
+@pytest.mark.parametrize("one", ["photo.png", b"\x89PNG", np.zeros((32, 32, 3), np.uint8)])
+def test_one_image_not_in_a_list_is_refused(model, one):
+    """A path had been read letter by letter ("no such file 'p'"), an array as 32 images."""
+    with pytest.raises(TypeError, match=r"images must be a list of images, .*pass \[image\]"):
+        model.generate("<|begin_of_text|>Hi", images=one, max_tokens=1)
+    assert model.generate("<|begin_of_text|>Hi", images=None, stream=False, max_tokens=1, temperature=0) == \
+        model.generate("<|begin_of_text|>Hi", stream=False, max_tokens=1, temperature=0)
+
+
+def test_streamed_calls_check_their_options_at_the_call(model):
+    """stream_text, generate and a streamed chat turn raised bad options only at the first piece."""
+    tokens = model.tokenize("<|begin_of_text|>Hi", special=True)
+    with pytest.raises(ValueError, match="top_p"):
+        model.stream_text(tokens, top_p=7)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate("<|begin_of_text|>Hi", top_p=7)
+    chat = model.chat_session()
+    with pytest.raises(ValueError, match="top_p"):
+        chat.send("Hello", stream=True, top_p=7)
+    assert chat.messages == []  # the refused turn left nothing
+    reply = chat.send("Hello", stream=True, max_tokens=2, temperature=0)
+    alone = model.chat([{"role": "user", "content": "Hello"}], max_tokens=2, temperature=0)
+    assert "".join(reply) == alone["choices"][0]["message"]["content"]
+
+
+def test_finish_after_close_says_the_stream_has_no_result(model):
+    stream = model.generate("<|begin_of_text|>Hi", max_tokens=4)
+    next(stream)
+    stream.close()
+    with pytest.raises(mllama.GenerationCancelled, match="closed before its end"):
+        stream.finish()  # (a bare AssertionError; None under python -O)

@@ -45,6 +45,25 @@ def test_penalties():
     assert np.allclose(out, [2.0 / 2 - 0.5 - 0.5, -2.0 * 2 - 0.5 - 0.25, 1.0])
 
 
+def test_a_penalty_past_float32_is_held_at_its_largest():
+    """A repeat penalty of 1e-40 divides a positive logit past float32: it had become inf, and the softmax NaN
+    (numpy's "probabilities contain NaN" mid-stream)."""
+    logits = np.array([20.0, 5.0, -3.0], np.float32)
+    p = SamplingParams(repeat_penalty=1e-40, temperature=1.0, top_p=1.0)
+    out = apply_penalties(logits, [0, 1, 2], p)
+    largest = np.finfo(np.float32).max
+    assert out[:2].tolist() == [largest, largest] and -1e-39 < out[2] < 0  # (the last a float32 subnormal)
+    ids, probs = probabilities(out, p)
+    assert sorted(ids[:2].tolist()) == [0, 1] and np.allclose(probs[:2], 0.5) and not np.isnan(probs).any()
+
+
+def test_numpy_scalars_are_taken_as_python_numbers():
+    """A numpy seed had passed the checks, then overflowed when a choice's seed was derived ((seed + i) % 2**64)."""
+    p = SamplingParams(seed=np.uint64(2**63), top_k=np.int32(5), temperature=np.float32(0.5))
+    assert (type(p.seed), type(p.top_k), type(p.temperature)) == (int, int, float)
+    assert (p.seed + 1) % 2**64 == 2**63 + 1
+
+
 def test_stop_strings():
     assert find_stop("hello world", ["wor"]) == (6, 0)
     assert find_stop("hello wo", ["world"]) == (-1, 2)

@@ -10,6 +10,21 @@ from typing import Callable
 from .errors import MllamaError, ModelClosedError
 
 
+EXIT_WAIT_S = 30.0  # how long a free waits for a step under way in another thread (a daemon thread at exit)
+
+
+def _free_when_idle(lock: threading.RLock, free: Callable[[], None]) -> None:
+    """Runs `free` holding the object's lock, so never under a step of another thread (the finalizer ran at
+    interpreter exit while a daemon thread generated, or at garbage collection, and freed the context under its
+    decode: SIGSEGV). A step that does not end within EXIT_WAIT_S leaves the memory to the process's end."""
+    if not lock.acquire(timeout=EXIT_WAIT_S):
+        return
+    try:
+        free()
+    finally:
+        lock.release()
+
+
 class Handle:
     """Owns one C handle: idempotent close(), context manager, released at garbage collection. Calls that run
     outside `_lock` (metadata, weights) hold the handle with `using()`: close() waits for them, so that no thread
@@ -19,7 +34,7 @@ class Handle:
         """`free` releases `ptr` (and anything created from it); it runs once, at close() or GC."""
         self._ptr = ptr
         self._lock = threading.RLock()
-        self._finalizer = weakref.finalize(self, free)
+        self._finalizer = weakref.finalize(self, _free_when_idle, self._lock, free)
         self._users, self._closing = 0, False
         self._users_changed = threading.Condition()
 
@@ -62,6 +77,16 @@ class Handle:
             while self._users:
                 self._users_changed.wait()
             self._finalizer()
+
+    def __reduce__(self):
+        raise TypeError(f"a {type(self).__name__} cannot be pickled or copied (it owns native memory): share the one "
+                        "object, threads may")
+
+    def __copy__(self):
+        self.__reduce__()
+
+    def __deepcopy__(self, memo):
+        self.__reduce__()
 
     def __enter__(self):
         return self

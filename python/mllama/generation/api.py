@@ -238,12 +238,12 @@ class GenerationMixin:
         and cut), then its GenerationResult (text, finish reason, usage, timings) in `.result`.
         `grammar`/`response_format` constrain the reply (see compile_grammar); checked here, at the call."""
         one_reply(sampling, "stream_text gives one reply")
-        tokens = list(tokens)
-        sampling["grammar"] = self.compile_grammar(grammar, response_format=response_format)
-        return TextStream(lambda stream: self._text_pieces(stream, tokens, images, sampling))
+        request = self.build_request(list(tokens), images, grammar=grammar, response_format=response_format,
+                                     **sampling)  # (bad options and images raise here; queued at the first piece)
+        return TextStream(lambda stream: self._text_pieces(stream, request))
 
-    def _text_pieces(self, stream: TextStream, tokens: list[int], images, sampling: dict) -> Iterator[str]:
-        request = self.submit(tokens, images, **sampling)
+    def _text_pieces(self, stream: TextStream, request: Request) -> Iterator[str]:
+        self.scheduler.submit(request)
         for kind, value in self.events(request):
             if kind == "text":
                 yield value

@@ -65,6 +65,11 @@ class PreparedImage:
 
 def prepare_images(images: Iterable[Any], config: ImageConfig) -> list[PreparedImage]:
     """Preprocess each image once (PreparedImage inputs pass through unchanged)."""
+    if images is None:
+        return []
+    if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, np.ndarray, PreparedImage)) or \
+            hasattr(images, "getpixel"):  # (one image, a PIL one among them: its pixels, or a path's letters)
+        raise TypeError(f"images must be a list of images, not one {type(images).__name__}: pass [image]")
     out = []
     for image in images:
         if isinstance(image, PreparedImage):

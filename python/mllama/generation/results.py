@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from .._native.errors import GenerationCancelled
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -70,8 +72,9 @@ class TextStream:
         self._pieces.close()
 
     def finish(self) -> GenerationResult:
-        """Run to the end and return the result."""
+        """Run to the end and return the result (GenerationCancelled once the stream was closed before its end)."""
         for _ in self:
             pass
-        assert self.result is not None
+        if self.result is None:
+            raise GenerationCancelled("the stream was closed before its end: it has no result")
         return self.result

@@ -37,10 +37,12 @@ class SamplingParams:
                 raise TypeError(f"{name} must be a number, not {type(value).__name__}")
             if not np.isfinite(value):
                 raise ValueError(f"{name} must be finite, not {value}")
+            object.__setattr__(self, name, float(value))  # (numpy scalars as Python's: a numpy seed overflowed)
         for name in ("top_k", "repeat_last_n", "seed", "max_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
                 raise TypeError(f"{name} must be an integer, not {type(value).__name__}")
+            object.__setattr__(self, name, None if value is None else int(value))
         if not isinstance(self.skip_special_tokens, bool):
             raise TypeError(f"skip_special_tokens must be true or false, not {type(self.skip_special_tokens).__name__}")
         if not all(isinstance(text, str) for text in self.stop):
@@ -81,9 +83,12 @@ def apply_penalties(logits: np.ndarray, history: Sequence[int], p: SamplingParam
     ids = np.fromiter(counts.keys(), dtype=np.int64)
     freq = np.fromiter(counts.values(), dtype=np.float32)
     values = out[ids]
-    if p.repeat_penalty != 1.0:
-        values = np.where(values > 0, values / p.repeat_penalty, values * p.repeat_penalty)
-    out[ids] = values - freq * p.frequency_penalty - p.presence_penalty
+    with np.errstate(over="ignore"):  # a penalty near 0 (or huge) takes a logit past float32: held at the largest
+        if p.repeat_penalty != 1.0:
+            values = np.where(values > 0, values / p.repeat_penalty, values * p.repeat_penalty)
+        values = values - freq * p.frequency_penalty - p.presence_penalty
+    largest = np.finfo(np.float32).max
+    out[ids] = np.clip(values, -largest, largest)  # (an infinite logit made the softmax NaN)
     return out
 
 

@@ -41,11 +41,12 @@ class Chat:
             max_tokens = sampling.get("max_tokens", self.model.default_sampling.max_tokens)
             fitted = (fit_chat(self.model, self.messages, max_tokens=max_tokens) if self.truncate else
                       FittedPrompt(*self.model.chat_prompt(self.messages, within_context=True)))
+            reply = self.model.stream_text(fitted.tokens, fitted.images, **sampling)  # (bad options raise here)
         except BaseException:
             self.messages.pop()
             raise
         self._unread = message
-        pieces = TextStream(lambda stream: self._record(stream, message, fitted, sampling))
+        pieces = TextStream(lambda stream: self._record(stream, message, fitted, reply))
         if not stream:
             return pieces.finish().text
         self._open = pieces
@@ -61,25 +62,22 @@ class Chat:
             self.messages.pop()
         self._unread = None
 
-    def _record(self, stream: TextStream, message: dict, fitted: FittedPrompt, sampling) -> Iterator[str]:
+    def _record(self, stream: TextStream, message: dict, fitted: FittedPrompt, pieces: TextStream) -> Iterator[str]:
         if self._unread is message:
             self._unread = None
         text, failed = [], False
         try:
-            pieces = self.model.stream_text(fitted.tokens, fitted.images, **sampling)
-            try:
-                for piece in pieces:
-                    text.append(piece)
-                    yield piece
-                stream.result = pieces.result
-            finally:
-                pieces.close()
+            for piece in pieces:
+                text.append(piece)
+                yield piece
+            stream.result = pieces.result
         except GeneratorExit:  # the caller stopped reading: the reply is kept as far as it went
             raise
         except BaseException:
             failed = True
             raise
         finally:
+            pieces.close()
             if failed and not text:  # the turn never happened (bad options, a prompt over the context): drop it
                 self.messages.pop()
             else:  # an interrupted reply is kept as far as it went, so the history stays consistent
