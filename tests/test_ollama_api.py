@@ -183,3 +183,44 @@ def test_options_that_are_not_done_are_said_once(app, monkeypatch, caplog):
     said = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
     assert said == ["Ollama option 'mirostat' ignored: not done by mllama",
                     "Ollama option 'num_ctx' ignored: the server's own flags set it (mllama serve --help)"]
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"prompt": "Hi", "raw": "false"}, "'raw' must be true or false"),  # (read as true: the template was lost)
+    ({"prompt": "Hi", "options": []}, "'options' must be an object"),  # (falsy values had been no options)
+    ({"prompt": "Hi", "options": False}, "'options' must be an object"),
+    ({"prompt": "Hi", "system": ["a"]}, "'system' must be a string"),  # (had blamed a "message 0")
+    ({"prompt": "Hi", "keep_alive": "garbage"}, "'keep_alive' must be a duration"),
+    ({"prompt": "Hi", "keep_alive": True}, "'keep_alive' must be a duration"),
+    ({"prompt": "Hi", "keep_alive": {}}, "'keep_alive' must be a duration"),
+])
+def test_fields_of_the_wrong_kind_are_refused(app, body, fragment):
+    reply = app.post("/api/generate", json={"stream": False, **body})
+    assert reply.status_code == 400 and fragment in reply.json()["error"], reply.text
+
+
+def test_a_number_too_long_for_python_is_malformed_json(app):
+    for path in ("/api/chat", "/v1/chat/completions"):
+        reply = app.post(path, content=b'{"messages": [], "seed": ' + b"9" * 5000 + b"}",
+                         headers={"content-type": "application/json"})
+        assert reply.status_code == 400 and "a number too long" in reply.text, reply.text  # (named sys.set_int_...)
+
+
+@pytest.mark.parametrize("keep_alive, reason", [
+    (0, "unload"), (0.5, "unload"), ("0", "unload"), ("0s", "unload"), ("0h", "unload"), ("0ms", "unload"),
+    ("0.0s", "unload"), ("0h0m", "unload"), (-1, "load"), ("5m", "load"), ("1h30m", "load"), ("-1s", "load"),
+    (None, "load"), (300, "load"),
+])
+def test_keep_alive_is_read_as_ollama_reads_it(app, keep_alive, reason):
+    """A Go duration string, or seconds (truncated); zero unloads (only 0, "0", "0s" and "0m" had)."""
+    reply = app.post("/api/chat", json={"messages": [], "keep_alive": keep_alive})
+    assert reply.status_code == 200 and reply.json()["done_reason"] == reason, (keep_alive, reply.text)
+
+
+def test_tool_messages_take_no_images_and_calls_take_objects(app):
+    call = {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": [1, 2]}}]}
+    reply = app.post("/api/chat", json={"messages": [{"role": "user", "content": "Hi"}, call], "stream": False})
+    assert reply.status_code == 400 and "arguments must be a JSON object, not list" in reply.json()["error"]
+    tool = {"role": "tool", "content": "{}", "images": [png()]}  # (the image had been decoded, then dropped)
+    reply = app.post("/api/chat", json={"messages": [{"role": "user", "content": "Hi"}, tool], "stream": False})
+    assert reply.status_code == 400 and "images go in user messages, not in a tool message" in reply.json()["error"]

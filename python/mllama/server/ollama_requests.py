@@ -2,11 +2,30 @@
 Ollama refuses for this model (thinking, insert, a template of the client's), refused here the same way."""
 
 import logging
+import math
+import re
 
 from ..generation.context_fit import fit_chat
 from .requests import SAMPLING_KEYS, RequestError, flag, from_ollama, number, raw_tokens, sampling
 
 log = logging.getLogger("mllama.server")
+
+
+_GO_DURATION = re.compile(r"[-+]?((\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h))+")
+
+
+def unloads(body: dict) -> bool:
+    """Whether `keep_alive` asks to unload (a zero duration), read as Ollama reads it: a string is a Go duration
+    ("5m", "1h30m", "0", "-1s"), a number is seconds (truncated); anything else is a 400."""
+    value = body.get("keep_alive")
+    if value is None:
+        return False
+    if isinstance(value, str) and (value in ("0", "+0", "-0") or _GO_DURATION.fullmatch(value)):
+        return not any(float(n) for n, _ in re.findall(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)", value))
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return int(value) == 0
+    raise RequestError(400, f"'keep_alive' must be a duration (\"5m\", \"1h30m\", \"0\") or a number of seconds, "
+                            f"not {value!r:.40}", param="keep_alive")
 
 
 def loads_only(body: dict, key: str) -> bool:
@@ -25,8 +44,9 @@ _said: set[str] = set()  # the options already logged as ignored (once each)
 def options(body: dict) -> dict:
     """Sampling from Ollama's `options` (num_predict > 0 is max_tokens); the others are logged once each as
     ignored, as Ollama logs the options it does not know."""
-    opts = body.get("options") or {}
-    if not isinstance(opts, dict):
+    opts = body.get("options")
+    opts = {} if opts is None else opts
+    if not isinstance(opts, dict):  # ([], 0 or false too: they had been read as no options)
         raise RequestError(400, "'options' must be an object")
     n_predict = opts.get("num_predict")  # (-1, -2 or 0: no limit but the context's, as Ollama reads them)
     n_predict = None if n_predict is None else number("num_predict", n_predict, int)
@@ -55,7 +75,7 @@ def output_format(body: dict) -> dict:
 def refuse_unsupported(body: dict, model_id: str) -> None:
     """400 for what Ollama itself refuses for this model (with its messages), and for what mllama cannot do
     that Ollama would: better said than silently ignored."""
-    if body.get("raw") and (body.get("system") or body.get("template") or body.get("context")):
+    if flag(body, "raw") and (body.get("system") or body.get("template") or body.get("context")):
         raise RequestError(400, "raw mode does not support template, system, or context")
     if body.get("think") not in (None, False):
         raise RequestError(400, f'"{model_id}" does not support thinking')
@@ -101,8 +121,10 @@ def generate_prompt(body: dict):
     if not isinstance(prompt, str):
         raise RequestError(400, "'prompt' must be a string")
     images = from_ollama({"images": body.get("images") or []}).get("images", [])
-    if body.get("raw"):
+    if flag(body, "raw"):  # ("false" had been read as true: the prompt lost its template)
         return lambda model: (raw_tokens(model, prompt), images)
+    if not isinstance(body.get("system") or "", str):
+        raise RequestError(400, "'system' must be a string")
     messages = [{"role": "system", "content": body["system"]}] if body.get("system") else []
     messages.append({"role": "user", "content": prompt, "images": images})
     return lambda model: model.chat_prompt(messages, system_with_images=True, within_context=True)

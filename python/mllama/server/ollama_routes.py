@@ -15,7 +15,7 @@ from ..generation.openai import take
 from ..generation.results import GenerationResult
 from ..text.tools import may_be_call, parse_call
 from .ollama_requests import (chat_prompt, generate_prompt, loads_only, options, output_format, refuse_unsupported,
-                              truncates)
+                              truncates, unloads)
 from .queue import BatchQueue, ClientGone, Reply, first_pieces, results, while_connected
 from .requests import (RequestError, check_messages, flag, from_ollama, logprob_options, ollama_error_body,
                        read_json)
@@ -99,12 +99,12 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
         try:
             body = await read_json(request, limits["max_body_bytes"])
             refuse_unsupported(body, model_id)
-            stream = flag(body, "stream", True)
+            stream, unload = flag(body, "stream", True), unloads(body)
             opts = {**options(body), **output_format(body), **logprob_options(body)}
             spec = tool_spec(body.get("tools"), None, opts) if key == "message" else None
             tools, names = (spec.tools, spec.names) if spec else (None, ())
             if loads_only(body, key):  # Ollama's way to load (or, keep_alive 0, unload) a model
-                reason = "unload" if body.get("keep_alive") in (0, "0", "0s", "0m") else "load"
+                reason = "unload" if unload else "load"
                 return JSONResponse(json.loads(line(model_id, now_iso(), key, "", {"done_reason": reason})))
             if key == "message":
                 messages = [from_ollama(m) for m in check_messages(body, limits["allow_local_images"], True)]

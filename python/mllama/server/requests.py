@@ -171,6 +171,8 @@ async def read_json(request, max_body_bytes: int) -> dict:
         raise RequestError(400, f"malformed JSON: {exc}") from None
     except RecursionError:  # a schema nested thousands deep, say
         raise RequestError(400, "malformed JSON: nested too deeply") from None
+    except ValueError:  # (Python's limit on an integer's digits: its message named sys.set_int_max_str_digits)
+        raise RequestError(400, "malformed JSON: a number too long") from None
     if not isinstance(value, dict):
         raise RequestError(400, "the request body must be a JSON object")
     return value

@@ -102,6 +102,9 @@ def normalize(messages: list[dict]) -> Conversation:
         if role != message["role"]:
             message = {**message, "role": role}
         if role in ("tool", "ipython") or message.get("tool_calls"):  # (the template writes a tool result as JSON)
+            if message.get("images") or isinstance(content, list) and any(
+                    not isinstance(p, dict) or p.get("type") != "text" for p in content):  # (had been dropped)
+                raise ValueError(f"message {i}: images go in user messages, not in a {role} message")
             conv.messages.append(template_message({**message, "content": content}, i))
             continue
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):

@@ -147,4 +147,6 @@ def template_message(message: dict, i: int) -> dict:
         args = json.loads(args) if isinstance(args, str) else args
     except ValueError:
         raise ValueError(f"message {i}: tool call arguments must be JSON") from None
-    return {"role": "assistant", "tool_calls": [{"function": {"name": function["name"], "arguments": args}}]}
+    if args is not None and not isinstance(args, dict):  # (null: no arguments)
+        raise ValueError(f"message {i}: tool call arguments must be a JSON object, not {type(args).__name__}")
+    return {"role": "assistant", "tool_calls": [{"function": {"name": function["name"], "arguments": args or {}}}]}
