@@ -278,3 +278,42 @@ def test_decoding_streams_batch_in_sequence_order(model):
     for r in requests:
         scheduler.cancel(r)
     model.run_step()
+
+
+def test_a_request_cancelled_while_waiting_leaves_the_queue_wherever_it_is(gguf_f32):
+    """Behind a live waiting request it had kept its place (and the server's queue bound counted it) until it came
+    first."""
+    with mllama.Model(gguf_f32, n_seq_max=1, n_ctx=256) as m:
+        text, scheduler = m.tokenize, m.scheduler
+        running = m.submit([BOS] + text("One."), temperature=0.0, max_tokens=40)
+        m.run_step()
+        live = m.submit([BOS] + text("Two."), temperature=0.0, max_tokens=2)
+        gone = m.submit([BOS] + text("Three."), temperature=0.0, max_tokens=2)
+        scheduler.cancel(gone)
+        m.run_step()
+        assert list(scheduler.waiting) == [live] and scheduler.n_waiting == 1
+        assert isinstance(gone.streams[0].events[-1][1], mllama.GenerationCancelled)
+        scheduler.cancel(running)
+        assert m.results([live])[0][0].text == m.generate([BOS] + text("Two."), stream=False, temperature=0.0,
+                                                            max_tokens=2)
+
+
+def test_text_requests_go_past_one_waiting_for_an_image_slot(gguf_f32):
+    """With every image slot read by a running request, a request with a new image waits in its place, and a
+    text-only request behind it starts on a free sequence (it had waited for the running request to end)."""
+    with mllama.Model(gguf_f32, n_seq_max=3, n_image_slots=1, n_ctx=256) as m:
+        text, scheduler = m.tokenize, m.scheduler
+        pics = m.prepare_images([picture(50, 50, 1), picture(100, 40, 2)])
+        first = m.submit([BOS, IMAGE] + text("Describe."), pics[:1], temperature=0.0, max_tokens=60)
+        m.run_step()
+        second = m.submit([BOS, IMAGE] + text("And this."), pics[1:], temperature=0.0, max_tokens=2)
+        plain = m.submit([BOS] + text("Hello."), temperature=0.0, max_tokens=3)
+        m.run_step()
+        assert plain in scheduler.running and list(scheduler.waiting) == [second]
+        later = m.submit([BOS, IMAGE] + text("Again."), pics[1:], temperature=0.0, max_tokens=2)
+        m.run_step()
+        assert list(scheduler.waiting) == [second, later]  # images never pass the one waiting for a slot
+        assert m.results([plain])[0][0].text == m.generate([BOS] + text("Hello."), stream=False, temperature=0.0,
+                                                             max_tokens=3)
+        scheduler.cancel(first)
+        assert [r[0].finish_reason for r in m.results([second, later])] == ["length", "length"]

@@ -80,6 +80,7 @@ def test_completions_stop_seed_and_n(server):
     ({"prompt": [1, 999999]}, "token id 999999 is outside the vocabulary"),
     ({"prompt": "hi", "max_tokens": 0}, "'max_tokens' must be at least 1"),
     ({"prompt": "hi", "n": 0}, "'n' must be a positive integer"),
+    ({"prompt": "hi", "n": 99}, "at most 2 sequences at once (mllama serve --parallel)"),  # (had: n_seq_max)
 ])
 def test_completions_bad_requests(server, body, fragment):
     status, text = post(server, "/v1/completions", json.dumps(body).encode())

@@ -206,3 +206,26 @@ def test_the_wait_queue_takes_exactly_parallel_plus_max_queue(gguf_f32):
         for t in threads:
             t.join(300)
         assert sorted(codes) == [200] * 5 + [503] * 3
+
+
+def test_requests_that_come_while_the_server_stops(model, monkeypatch):
+    """One prepared while the server stops ends with 503 "the request was cancelled" (it had run to its end, or
+    was cut by uvicorn's grace period: a plain-text 500); one that comes after is refused at once."""
+    from fastapi.testclient import TestClient
+
+    from mllama.server.app import create_app
+
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64, "temperature": 0}
+    with TestClient(create_app(model), raise_server_exceptions=False) as client:
+        build = model.build_request
+
+        def build_while_stopping(*args, **kwargs):
+            client.app.state.stop_requests()  # (the signal comes while the request is prepared)
+            return build(*args, **kwargs)
+        monkeypatch.setattr(model, "build_request", build_while_stopping)
+        reply = client.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 503 and reply.json()["error"]["message"] == "the request was cancelled"
+        monkeypatch.undo()
+        late = client.post("/api/chat", json={**body, "stream": False})
+        assert late.status_code == 503 and late.json() == {"error": "the server is shutting down"}
+    assert model.scheduler.n_waiting == 0 and not model.scheduler.running

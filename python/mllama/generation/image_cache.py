@@ -81,7 +81,8 @@ class ImageCache:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise ValueError(f"image cache directory {self.directory}: {e.strerror or e}") from None
+                why = "not a directory" if self.directory.exists() and not self.directory.is_dir() else e.strerror or e
+                raise ValueError(f"image cache directory {self.directory}: {why}") from None
         self.stats = CacheStats()
         self._memory: OrderedDict[str, bytes | bytearray | memoryview] = OrderedDict()
         self._nbytes = 0

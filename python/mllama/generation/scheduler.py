@@ -287,28 +287,40 @@ class Scheduler:
 
     # --- admission, forks, the end of requests -------------------------------------------------
     def _admit(self) -> None:
+        """Admits waiting requests in their order while sequences are free. One whose images find no slot (every
+        slot read by running requests) keeps its place, and only requests without images go past it (a text-only
+        request had waited behind it for a running request to end); none goes past one that lacks sequences."""
+        index, blocked = 0, False
         while True:
             with self._mutex:
-                if not self.waiting:
+                self._drop_cancelled()
+                while index < len(self.waiting) and blocked and self.waiting[index].images:
+                    index += 1
+                if index >= len(self.waiting):
                     return
-                request = self.waiting[0]
-                if request.cancelled:  # stopped while it waited: its readers learn of it
-                    self.waiting.popleft()
-                    request.fail(GenerationCancelled("the request was cancelled"))
-                    continue
+                request = self.waiting[index]
                 free = [i for i, b in enumerate(self.busy) if not b]
                 if len(free) < len(request.streams):
                     return
-                self.waiting.popleft()
+                del self.waiting[index]
             try:
                 admitted = self._start(request, free)
             except BaseException as exc:  # a bad prompt or image: this request only
                 request.fail(exc)
                 continue
-            if not admitted:  # every image slot is read by running requests: wait for one to end
+            if not admitted:  # wait for a slot, in its place
                 with self._mutex:
-                    self.waiting.appendleft(request)
-                return
+                    self.waiting.insert(index, request)
+                index, blocked = index + 1, True
+
+    def _drop_cancelled(self) -> None:
+        """Ends the waiting requests stopped while they waited, wherever they are in the queue (under _mutex: one
+        behind a live request had kept its place, and the server's queue bound counted it, until it came first)."""
+        if any(request.cancelled for request in self.waiting):
+            gone = [request for request in self.waiting if request.cancelled]
+            self.waiting = deque(request for request in self.waiting if not request.cancelled)
+            for request in gone:  # its readers learn of it
+                request.fail(GenerationCancelled("the request was cancelled"))
 
     def _start(self, request: Request, free: list[int]) -> bool:
         engine, started = self.engine, time.perf_counter()  # prompt time counts the image encodes

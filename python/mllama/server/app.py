@@ -28,7 +28,7 @@ def create_app(model, *, max_queue: int = 8, max_body_bytes: int = 32 * 1024 * 1
     app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_origin_regex=LOCAL_ORIGINS,
                        allow_methods=["*"], allow_headers=["*"])
     queue = BatchQueue(model, max_queue, Metrics(model))
-    app.state.stop_requests = model.scheduler.cancel_all  # (serve's shutdown: answers end now, in their own shape)
+    app.state.stop_requests = queue.stop  # (serve's shutdown: answers end now, in their own shape)
     model_id = model.name
     limits = {"max_body_bytes": max_body_bytes, "allow_local_images": allow_local_images}
 

@@ -71,7 +71,7 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
         try:
             body = await read_json(request, limits["max_body_bytes"])
             unsupported(body)
-            prompt, opts, n = prompt_of(body), options(body), choices(body)
+            prompt, opts, n = prompt_of(body), options(body), choices(body, queue.model.n_seq_max)
             stream, usage_too = flag(body, "stream"), include_usage(body)  # (checked before anything is queued)
             replies = await queue.submit(prompt, opts, n=n)
             firsts = await while_connected(request, first_pieces(replies), replies)

@@ -42,7 +42,7 @@ def register(app, queue: BatchQueue, model_id: str, limits: dict, error) -> None
                 raise RequestError(400, "'logit_bias' is not supported", param="logit_bias")
             options = {**sampling(body), **response_format(body), **logprob_options(body)}
             spec = tool_spec(body.get("tools"), body.get("tool_choice"), options)
-            tools, n = spec.tools if spec else None, choices(body)
+            tools, n = spec.tools if spec else None, choices(body, queue.model.n_seq_max)
             stream, usage_too = flag(body, "stream"), include_usage(body)  # (checked before anything is queued)
             go_on = flag(body, "continue_final_message")  # vLLM's: the last (assistant) message continued
             render = {"tools": tools, "continue_final": go_on, "within_context": True}
@@ -86,12 +86,16 @@ def usage_chunk(last: dict, usage: dict) -> dict:
     return {**last, "choices": [], "usage": usage}
 
 
-def choices(body: dict) -> int:
+def choices(body: dict, n_seq_max: int) -> int:
+    """OpenAI's n, within the sequences the server runs at once (each choice takes one)."""
     n = body.get("n")
     if n is None:
         return 1
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise RequestError(400, "'n' must be a positive integer", param="n")
+    if n > n_seq_max:  # (had named the Python API's n_seq_max, no param)
+        raise RequestError(400, f"'n' is {n}: this server runs at most {n_seq_max} sequences at once "
+                                "(mllama serve --parallel)", param="n")
     return n
 
 

@@ -115,6 +115,15 @@ class BatchQueue:
         self._counts = threading.Lock()  # preparing: the event loop adds, the worker thread that queues subtracts
         self._work = threading.Event()
         self._driver: threading.Thread | None = None
+        self.stopping = False  # the server shuts down: requests that come now are refused, or cancelled once queued
+
+    def stop(self) -> None:
+        """Stops every request, those being prepared and those to come included (a server shutting down: each
+        answer under way ends with 503 "the request was cancelled"; one arriving after it had run normally)."""
+        with self._counts:
+            self.stopping = True
+        self.model.scheduler.cancel_all()
+        self._work.set()
 
     @property
     def waiting(self) -> int:
@@ -125,6 +134,8 @@ class BatchQueue:
         """Render the prompt (`prompt` gives the tokens and images from the model) and prepare its
         images in a worker thread, queue it, and return one Reply per choice. `sampling` holds
         Model.submit's keywords (sampling options, and response_format when constrained)."""
+        if self.stopping:
+            raise RequestError(503, "the server is shutting down")
         if self.waiting - self._free_sequences() >= self.max_queue:  # those that would wait for a sequence
             raise RequestError(503, "the server is busy: the wait queue is full", {"Retry-After": "1"})
         loop, wake = asyncio.get_running_loop(), asyncio.Event()
@@ -145,6 +156,7 @@ class BatchQueue:
             tokens, images = prompt(self.model)
             request = self.model.build_request(tokens, images, n=n, notify=notify, **sampling)
             with self._counts:
+                request.cancelled = self.stopping  # (prepared while the server stopped: ends at the next step)
                 self.model.scheduler.submit(request)
                 self.preparing, queued = self.preparing - 1, True
             return request
