@@ -96,3 +96,35 @@ def test_a_closed_pipe_is_not_an_error(gguf_f32):
     proc = subprocess.run(f"{sys.executable} -m mllama info {gguf_f32} | head -1", shell=True, capture_output=True,
                           text=True, timeout=300)
     assert proc.stdout.count("\n") == 1 and "Broken pipe" not in proc.stderr and "Error" not in proc.stderr
+
+
+def test_serve_on_port_0_says_the_port_it_listens_on(gguf_f32):
+    """Port 0 picks a free port: the banner names it (it had said port 0), and the server answers there."""
+    import re
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "mllama", "serve", str(gguf_f32), "--port", "0", "--ctx", "256"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        banner = proc.stderr.readline()
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+) ", banner).group(1))
+        assert port != 0, banner
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+                    assert reply.status == 200
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("no answer on the port the banner named")
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def test_convert_into_a_folder_that_is_a_file(hf_dir, tmp_path):
+    (tmp_path / "red.png").write_bytes(b"x")
+    proc = run("convert", str(hf_dir), "-o", str(tmp_path / "red.png" / "x.gguf"))
+    assert proc.returncode == 1 and "red.png is a file, not a folder" in proc.stderr, proc.stderr  # (raw errno text)

@@ -130,6 +130,9 @@ def test_describe_json(gguf_f32, picture):
     (["chat", "-m", "MODEL", "--grammar", "bad.lark"], "invalid Lark grammar"),  # llguidance's caret lines joined
     (["chat", "-m", "MODEL"], "no prompt on stdin"),
     (["bench", "-m", "MODEL", "--ctx", "17", "--decode", "4"], "leaves no room to decode"),
+    (["chat", "-m", "MODEL", "--ctx", "-5"], "--ctx must be a whole number"),  # (had named n_ctx)
+    (["info", "MODEL", "-m", "other.gguf"], "two models given"),  # (MODEL had been ignored)
+    (["describe", ".", "-m", "MODEL"], "image . is a directory"),
 ])
 def test_cli_errors_are_one_line(gguf_f32, tmp_path, args, fragment, monkeypatch):
     import os
@@ -198,7 +201,32 @@ def test_describe_with_a_json_schema_and_chat_with_a_grammar(gguf_f32, picture, 
     assert proc.returncode == 0 and proc.stdout.strip() in ("yes", "no"), proc.stderr
 
 
+def test_describe_goes_on_past_an_unreadable_image(gguf_f32, picture, tmp_path):
+    """Each image's failure is its own (a JSON record with "error"; exit status 1 at the end): it had stopped at the
+    first one, the images after it never described."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(picture.read_bytes()[:100])
+    proc = subprocess.run([sys.executable, "-m", "mllama", "describe", str(broken), str(picture), "-m", str(gguf_f32),
+                           "--json", "--temperature", "0", "--max-tokens", "4"], capture_output=True, text=True,
+                          timeout=120)
+    records = [json.loads(x) for x in proc.stdout.strip().splitlines()]
+    assert proc.returncode == 1 and [r["image"] for r in records] == [str(broken), str(picture)], proc.stderr
+    assert "cannot read image" in records[0]["error"] and records[1]["usage"]["completion_tokens"] >= 1
+
+
+def test_chat_with_its_standard_streams_closed(gguf_f32):
+    """A closed stdin reads as empty, a closed stdout as a pipe nobody reads: no AttributeError traceback."""
+    mllama = f"{sys.executable} -m mllama"
+    closed_in = subprocess.run(f"{mllama} chat -m {gguf_f32} <&-", shell=True, capture_output=True, text=True,
+                               timeout=120)
+    assert closed_in.returncode == 1 and "no prompt on stdin" in closed_in.stderr, closed_in.stderr
+    closed_out = subprocess.run(f"echo Hi | {mllama} chat -m {gguf_f32} --max-tokens 2 >&-", shell=True,
+                                capture_output=True, text=True, timeout=120)
+    assert closed_out.returncode == 0 and "Traceback" not in closed_out.stderr, closed_out.stderr
+
+
 @pytest.mark.parametrize("flags,content,fragment", [
+    (["describe", "PIC", "--json-schema"], '{"$ref": "#"}', "it admits no text"),  # (at the first token: a page)
     (["describe", "PIC", "--json-schema"], "{not json", "not JSON"),
     (["describe", "PIC", "--json-schema"], '{"type": "strin"}', "invalid JSON schema: Invalid type: strin"),
     (["chat", "--grammar"], "start: foo", 'unknown name: "foo"'),

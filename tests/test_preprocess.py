@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -197,6 +198,41 @@ def test_wide_grayscale_is_scaled_not_clipped(tmp_path):
     assert wide_32.mode == "I" and np.abs(to_rgb(wide_32).astype(int) - levels[..., None]).max() <= 1
 
 
+def test_16bit_grayscale_keeps_its_transparent_value(tmp_path):
+    """A 16-bit PNG's tRNS gray value is transparent, composited onto white as an 8-bit one's is (it had been
+    dropped with the conversion to 8 bits: the pixels stayed dark)."""
+    from mllama.image.preprocess import load_image, to_rgb
+
+    values = np.full((4, 6), 1028, np.uint16)
+    values[:, :3] = 40000
+    path = tmp_path / "gray16.png"
+    Image.fromarray(values).save(path, transparency=1028)
+    image = load_image(path)
+    assert image.mode.startswith("I") and image.info["transparency"] == 1028
+    rgb = to_rgb(image)
+    assert (rgb[:, 3:] == 255).all() and (rgb[:, :3] == round(40000 / 257)).all()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/mem, and ru_maxrss in KiB: Linux's")
+def test_unreadable_and_large_non_image_files(tmp_path):
+    """A file it may not read is an ImageError (a raw OSError had ended `mllama chat` and been a server's 500);
+    a large file that is no image is refused from its first bytes, not read whole into memory first."""
+    import resource
+
+    from mllama.image.preprocess import load_image
+
+    with pytest.raises(ImageError, match="cannot read image '/proc/self/mem'"):  # (EIO, even as root)
+        load_image("/proc/self/mem")
+    big = tmp_path / "model.gguf"
+    with open(big, "wb") as f:
+        f.write(b"GGUF" + b"\0" * 1024)
+        f.truncate(1 << 30)  # 1 GiB, sparse
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageError, match="not an image"):
+        load_image(big)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB: far below the file's
+
+
 def test_32bit_grayscale_holding_8bit_data_reads_as_pillow_reads_it():
     """An "L" image converted to "I" (values 0..255) is not darkened 257-fold: Pillow's (transformers') pixels."""
     from mllama.image.preprocess import to_rgb
@@ -209,8 +245,14 @@ def test_32bit_grayscale_holding_8bit_data_reads_as_pillow_reads_it():
 
 
 def test_decompression_bomb(monkeypatch):
+    """Past twice Pillow's limit: refused, as Pillow refuses it; past it once (Pillow warns): read, as transformers
+    reads it (a 102-megapixel photo, past the ~89 MP warning, had been refused)."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    buf = io.BytesIO()
-    noise(40, 40).save(buf, format="PNG")
+    config = ImageConfig.from_preprocessor_config(pre_config(T))
+    big, warned = io.BytesIO(), io.BytesIO()
+    noise(50, 50).save(big, format="PNG")
+    noise(40, 40).save(warned, format="PNG")
     with pytest.raises(ImageError, match="too large"):
-        preprocess(buf.getvalue(), ImageConfig.from_preprocessor_config(pre_config(T)))
+        preprocess(big.getvalue(), config)
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert preprocess(warned.getvalue(), config).n_tiles >= 1

@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.stdin is None:  # started with it closed (`mllama chat <&-`): read as empty, not an AttributeError
+        sys.stdin = open(os.devnull)
+    if sys.stdout is None:  # (`>&-`): what it writes goes nowhere, as into a pipe whose reader went away
+        sys.stdout = open(os.devnull, "w")
     args = build_parser().parse_args(argv)
     for stream in (sys.stdout, sys.stderr):  # a reply the terminal's encoding lacks (cp1252): "?", not an error
         if hasattr(stream, "reconfigure"):

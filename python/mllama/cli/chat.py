@@ -154,9 +154,10 @@ def run(args: argparse.Namespace) -> int:
                 if chat.n_left_out > n_left_out:
                     print(f"(the context is full: the oldest {chat.n_left_out} messages were left out of the prompt)",
                           file=sys.stderr)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # (an image being read then had stayed attached to the next message)
+                pending = []
                 print("\n[stopped]")
-            except (MllamaError, ValueError) as exc:
+            except (MllamaError, ValueError, OSError) as exc:
                 del chat.messages[n_messages:]  # drop the failed turn, whatever of it was recorded
                 pending = []
                 print(f"error: {exc}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -136,12 +137,19 @@ def placement_from(args: argparse.Namespace) -> dict:
 
 
 def load_model(args: argparse.Namespace, **params) -> Model:
-    return Model(model_arg(args.model), projector=getattr(args, "projector", None), n_ctx=args.ctx,
-                 **placement_from(args), **params)
+    try:
+        return Model(model_arg(args.model), projector=getattr(args, "projector", None), n_ctx=args.ctx,
+                     **placement_from(args), **params)
+    except (MllamaError, ValueError) as exc:  # the Python keyword said as the flag that sets it (--ctx -5)
+        if not re.search(r"\bn_ctx\b", str(exc)):
+            raise
+        raise MllamaError(re.sub(r"\bn_ctx\b", "--ctx", str(exc))) from None
 
 
 def check_images(paths: list[str]) -> list[str]:
     for p in paths:
+        if Path(p).is_dir():
+            raise MllamaError(f"image {p} is a directory")
         if not Path(p).is_file():
             raise MllamaError(f"no such image file: {p}")
     return paths

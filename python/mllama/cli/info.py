@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import asdict
 
 from .._native.cpu_features import cpu_report, warning
+from .._native.errors import MllamaError
 from .._native.placement import Placement
 from .._native.system import devices, system_info
 from ..model import Model
@@ -100,6 +101,8 @@ def print_summary(summary: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model_opt and args.model and args.model_opt != args.model:  # (the positional one had been ignored)
+        raise MllamaError(f"two models given ({args.model} and -m {args.model_opt}): name one")
     target = args.model_opt or args.model
     if not target and not environment().model:
         if args.json:

@@ -42,16 +42,19 @@ def address(args: argparse.Namespace) -> tuple[str, int]:
     return args.host or "127.0.0.1", port
 
 
-def check_port(host: str, port: int, ollama: bool) -> None:
-    """Fails with a clear message when the address cannot be bound (checked before the model loads)."""
+def bind(host: str, port: int, ollama: bool) -> socket.socket:
+    """The server's socket, bound before the model loads (a clear message when the address cannot be); port 0
+    picks a free port, read back from it (the banner had said port 0)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            hint = " (Ollama itself may be running: stop it, or pass --port)" if ollama or port == OLLAMA_PORT else ""
-            raise MllamaError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        s.bind((host, port))
+    except OSError as exc:
+        s.close()
+        hint = " (Ollama itself may be running: stop it, or pass --port)" if ollama or port == OLLAMA_PORT else ""
+        raise MllamaError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
+    return s
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,19 +70,25 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < least:
             raise MllamaError(f"{flag} must be at least {least}")
     host, port = address(args)
-    check_port(host, port, args.ollama)
-    try:
-        model = load_model(args, n_seq_max=args.parallel or "auto")
-    except MllamaError as exc:  # the context's own limit on sequences, said with the flag that sets it
-        raise MllamaError(str(exc).replace("n_seq_max", "--parallel")) from None
+    with bind(host, port, args.ollama) as sock:
+        port = sock.getsockname()[1]
+        try:
+            model = load_model(args, n_seq_max=args.parallel or "auto")
+        except MllamaError as exc:  # the context's own limit on sequences, said with the flag that sets it
+            raise MllamaError(str(exc).replace("n_seq_max", "--parallel")) from None
+        return serve_model(args, model, host, port, sock)
+
+
+def serve_model(args: argparse.Namespace, model, host: str, port: int, sock: socket.socket) -> int:
     with model:
         kv, url = model.memory()["kv_cache"], f"http://{f'[{host}]' if ':' in host else host}:{port}"
         at_once = "1 request" if model.n_seq_max == 1 else f"{model.n_seq_max} requests"
         print(f"mllama serve: {model.name} on {url} (OpenAI /v1, Ollama /api), {at_once} at a time "
               f"({human(kv)} of KV cache for {model.n_ctx} tokens each; Ctrl-C to stop)", file=sys.stderr)
         try:
-            serve(model, host=host, port=port, max_queue=args.max_queue, max_body_bytes=args.max_body * 2**20,
-                  allow_local_images=args.allow_local_images, allow_origins=args.allow_origin)
+            serve(model, host=host, port=port, sock=sock, max_queue=args.max_queue,
+                  max_body_bytes=args.max_body * 2**20, allow_local_images=args.allow_local_images,
+                  allow_origins=args.allow_origin)
         except Stopped:  # SIGTERM (docker stop, systemd): shut down gracefully, the model closed
             print("mllama serve: stopped", file=sys.stderr)
     return 0

@@ -169,7 +169,7 @@ def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, type: str = "f
     tok = read_tokenizer(folder)
     meta = metadata(cfg, tok)
     tensors = plan(open_checkpoint(folder), type, T.lookup(vtype_name), int(meta["BLOCK_COUNT"]))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(out)
     tmp = out.with_name(f".{out.name[:40]}.{os.getpid()}.partial")  # (a name of up to 255 bytes stays one)
     update, close = _progress(sum(t.source.n_elements * 4 for t in tensors), progress)
     try:
@@ -178,8 +178,19 @@ def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, type: str = "f
         if verify:
             _verify(tmp)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         close()
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is not None and Path(exc.filename) in (tmp, out):
+            raise ConversionError(f"cannot write {out}: {exc.strerror or exc}") from None  # (it named the temp file)
         raise
     return out
+
+
+def _make_parent(out: Path) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # (a raw "[Errno 17] File exists: 'red.png'" for red.png/x.gguf)
+        blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocking} is a file, not a folder" if blocking else exc.strerror or str(exc)
+        raise ConversionError(f"cannot create the folder of {out}: {why}") from None

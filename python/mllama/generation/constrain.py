@@ -68,7 +68,11 @@ class Grammar:
         except (ValueError, RuntimeError) as exc:
             raise ValueError(f"invalid {kind}: {exc}") from None
         if matcher.is_error():
-            raise ValueError(f"invalid {kind}: {matcher.get_error()}")
+            raise ValueError(f"invalid {kind}: {_llg_error(matcher)}")
+        try:  # a grammar that admits no text at all ({"$ref": "#"}) is refused here, not at the first token
+            GrammarState(matcher.deep_copy(), vocabulary).allowed_tokens()
+        except ValueError as exc:
+            raise ValueError(f"invalid {kind}: it admits no text this model can generate ({exc})") from None
         self.vocabulary, self.kind = vocabulary, kind
         self._initial = matcher  # never advanced: only copied
 
@@ -189,8 +193,8 @@ class GrammarState:
         self._pending = None  # a mask computed before this token no longer applies
         if not self._matcher.consume_token(int(token)):
             if self._matcher.is_error():  # the grammar hit one of llguidance's limits: the request's, not ours
-                raise ValueError(f"constrained decoding failed: {self._matcher.get_error()}")
-            raise MllamaError(f"token {token} does not fit the grammar: {self._matcher.get_error()}")
+                raise ValueError(f"constrained decoding failed: {_llg_error(self._matcher)}")
+            raise MllamaError(f"token {token} does not fit the grammar: {_llg_error(self._matcher)}")
 
     def is_accepting(self) -> bool:
         """The text so far is a complete match (end-of-generation is allowed now)."""
@@ -210,7 +214,12 @@ class GrammarState:
 
     def _raise_on_error(self) -> None:
         if self._matcher.is_error():  # the grammar hit one of llguidance's limits (too complex)
-            raise ValueError(f"constrained decoding failed: {self._matcher.get_error()}")
+            raise ValueError(f"constrained decoding failed: {_llg_error(self._matcher)}")
+
+
+def _llg_error(matcher: llguidance.LLMatcher) -> str:
+    """llguidance's error without the parser state and grammar it appends (a page of internals)."""
+    return matcher.get_error().split("<state>")[0].strip() or "llguidance stopped"
 
 
 def _require_text(value, what: str) -> None:

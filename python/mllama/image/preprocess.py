@@ -11,7 +11,6 @@ import io
 import math
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,18 +60,16 @@ def _open(data: Any, source: str):
     """The decoded image in `data` (a binary file object); `source` names it in errors ("'photo.jpg'", "data")."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(data)
-            image.load()  # decode now: truncated or corrupt data fails here, not later
-            return ImageOps.exif_transpose(image)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError(f"image {source} too large: {exc}") from None
-        except UnidentifiedImageError:
-            raise ImageError(f"cannot read image {source}: not an image, or a format Pillow cannot read") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageError(f"cannot read image {source}: {exc}") from None
+    try:  # (past Pillow's warning size, ~89 megapixels, read as transformers reads it: a 102 MP photo had been
+        image = Image.open(data)  # refused; past twice that, refused as Pillow refuses it)
+        image.load()  # decode now: truncated or corrupt data fails here, not later
+        return ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image {source} too large: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot read image {source}: not an image, or a format Pillow cannot read") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"cannot read image {source}: {exc}") from None
 
 
 def load_image(image: Any):
@@ -111,6 +108,8 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/\r\n]{64,}={0,2}")
 def _from_name(name: str | bytes):
     """An image named by a string: a file, a data: URL, or base64 data (as Ollama's clients pass images)."""
     text = os.fsdecode(name)
+    if not text:  # (Path("") is "."; it had been "'.' is a directory")
+        raise ImageError("cannot read image: empty name")
     if text.startswith("data:"):
         header, _, payload = text.partition(",")
         if ";base64" not in header:
@@ -125,8 +124,11 @@ def _from_name(name: str | bytes):
     except (OSError, ValueError):  # a name too long to be a file's
         is_file = is_dir = False
     if is_file:
-        with open(path, "rb") as f:
-            return _open(io.BytesIO(f.read()), f"'{path}'")
+        try:  # (read as Pillow needs it: a large file that is no image is refused from its first bytes)
+            with open(path, "rb") as f:
+                return _open(f, f"'{path}'")
+        except OSError as exc:  # a file it may not read (it had been a raw PermissionError)
+            raise ImageError(f"cannot read image '{path}': {exc.strerror or exc}") from None
     if is_dir:
         raise ImageError(f"cannot read image: '{path}' is a directory")
     if _BASE64.fullmatch(text):
@@ -187,12 +189,18 @@ def _wide_gray_to_8bit(image):
     stay within 0..255 holds 8-bit data (an "L" image converted, say): kept as it is, as Pillow keeps it."""
     from PIL import Image
 
-    values = np.asarray(image, dtype=np.float64)
+    raw = np.asarray(image)
+    values = raw.astype(np.float64)
     if image.mode == "F":
         values = values * 255.0 if np.nanmax(values, initial=0.0) <= 1.0 else values
     elif image.mode != "I" or np.max(values, initial=0.0) > 255.0:
         values = np.clip(values, 0, 65535) / 257.0
-    return Image.fromarray(np.rint(np.nan_to_num(np.clip(values, 0, 255))).astype(np.uint8))
+    gray = Image.fromarray(np.rint(np.nan_to_num(np.clip(values, 0, 255))).astype(np.uint8))
+    transparent = image.info.get("transparency")  # a PNG's tRNS gray value (it had been dropped: not white)
+    if isinstance(transparent, (int, float)) and not isinstance(transparent, bool):
+        alpha = Image.fromarray(np.where(raw == transparent, 0, 255).astype(np.uint8))
+        return Image.merge("LA", (gray, alpha))
+    return gray
 
 
 # --- geometry (float64 arithmetic, as the reference) --------------------------------------------

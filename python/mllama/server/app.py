@@ -74,9 +74,10 @@ class Stopped(Exception):
     """The server was stopped by SIGTERM (after its graceful shutdown): the caller exits cleanly."""
 
 
-def serve(model, host: str = "127.0.0.1", port: int = 8080, **kwargs: Any) -> None:
+def serve(model, host: str = "127.0.0.1", port: int = 8080, sock=None, **kwargs: Any) -> None:
     """Serve until Ctrl-C (KeyboardInterrupt afterwards) or SIGTERM (Stopped afterwards, so that the caller's
-    cleanup runs: uvicorn raises the signal again once it has shut down, whose default action would kill)."""
+    cleanup runs: uvicorn raises the signal again once it has shut down, whose default action would kill).
+    `sock`: a socket bound already (host and port then only name it)."""
     import signal
     import threading
 
@@ -95,7 +96,7 @@ def serve(model, host: str = "127.0.0.1", port: int = 8080, **kwargs: Any) -> No
     main = threading.current_thread() is threading.main_thread()  # (signal handlers: the main thread's only)
     before = signal.signal(signal.SIGTERM, stopped) if main else None  # (uvicorn's replaces it while it runs)
     try:
-        Server(config).run()
+        Server(config).run(sockets=[sock] if sock is not None else None)
     finally:
         if main:
             signal.signal(signal.SIGTERM, before)
