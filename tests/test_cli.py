@@ -128,3 +128,12 @@ def test_convert_into_a_folder_that_is_a_file(hf_dir, tmp_path):
     (tmp_path / "red.png").write_bytes(b"x")
     proc = run("convert", str(hf_dir), "-o", str(tmp_path / "red.png" / "x.gguf"))
     assert proc.returncode == 1 and "red.png is a file, not a folder" in proc.stderr, proc.stderr  # (raw errno text)
+
+
+def test_a_bracketed_ipv6_host_is_taken_as_its_address():
+    from argparse import Namespace
+
+    from mllama.cli.serve import address
+
+    assert address(Namespace(host="[::1]", port=None, ollama=False)) == ("::1", 8080)  # (had been refused)
+    assert address(Namespace(host="::1", port=0, ollama=True)) == ("::1", 0)

@@ -178,6 +178,25 @@ def test_demo_builds_once_and_runs(tmp_path):
     second = subprocess.run([sys.executable, "-m", "mllama", "demo", "--quiet"], capture_output=True, text=True, timeout=600, env=env)
     assert second.returncode == 0 and "building" not in second.stderr
     assert second.stdout.strip() == first.stdout.strip()  # deterministic: same weights, greedy decoding
+    cached, = (tmp_path / "cache" / "mllama").glob("demo-random-v*.gguf")
+    with open(cached, "r+b") as f:  # cut short (a build killed, a disk error): it had failed every time after
+        f.truncate(cached.stat().st_size // 2)
+    third = subprocess.run([sys.executable, "-m", "mllama", "demo"], capture_output=True, text=True, timeout=600, env=env)
+    assert third.returncode == 0 and "building it again" in third.stderr, third.stderr
+    assert third.stdout.strip() == first.stdout.strip()
+
+
+def test_image_paths_as_terminals_drop_them(tmp_path, monkeypatch):
+    """/image with a path quoted or backslash-escaped (a terminal's drag and drop) attaches the file."""
+    from mllama.cli.chat import _unquoted
+
+    (tmp_path / "my photo.png").write_bytes(b"x")
+    (tmp_path / "'odd'.png").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    for typed in ("'my photo.png'", '"my photo.png"', "my\\ photo.png", "my photo.png"):
+        assert _unquoted(typed) == "my photo.png", typed
+    assert _unquoted("'odd'.png") == "'odd'.png"  # a file as typed: kept
+    assert _unquoted("'unbalanced.png") == "'unbalanced.png"
 
 
 def test_describe_with_a_json_schema_and_chat_with_a_grammar(gguf_f32, picture, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -59,6 +60,7 @@ def _command(line: str, chat, pending: list[str]) -> bool:
     if cmd == "/help":
         print(HELP)
     elif cmd == "/image":
+        arg = _unquoted(arg)
         if not arg or not Path(arg).expanduser().is_file():
             print(f"no such image file: {arg}")
         else:
@@ -106,6 +108,18 @@ def _serializable(messages: list[dict]) -> list[dict]:
                        {"type": "image", "image": getattr(p.get("image"), "source", str(p.get("image")))} for p in content]
         out.append({"role": m["role"], "content": content})
     return out
+
+
+def _unquoted(path: str) -> str:
+    """A path as a terminal's drag and drop writes it ('/a b.png', or /a\\ b.png): the file's name. A name that
+    is a file as typed is kept as it is."""
+    if not path or Path(path).expanduser().exists():
+        return path
+    try:
+        words = shlex.split(path)
+    except ValueError:  # an unbalanced quote: as typed
+        return path
+    return words[0] if len(words) == 1 else path
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .._native.errors import ModelLoadError
 from .._version import __version__
 from ..convert import convert
 from ..dev.synthetic_checkpoint import reference_preprocessor_config, write_llama3_tokenizer, write_synthetic_checkpoint
@@ -65,7 +66,13 @@ def run_demo(quiet: bool = False) -> int:
         build_demo_model(path, progress=not quiet)
         say(f"  built in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
-    with Model(path, n_ctx=512) as model:
+    try:
+        model = Model(path, n_ctx=512)
+    except ModelLoadError as exc:  # a cached file of ours gone bad (a build cut off, a disk error): built again
+        say(f"the cached demo model cannot be loaded ({exc}); building it again ...")
+        build_demo_model(path, progress=not quiet)
+        model = Model(path, n_ctx=512)
+    with model:
         say(f"mllama {__version__}: loaded {path.name} in {time.perf_counter() - t0:.2f} s on {model.info['device']}")
         say("NOTE: the weights are random, so the words below are meaningless; this proves the pipeline runs.")
         image = demo_image()

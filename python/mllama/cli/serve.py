@@ -39,7 +39,8 @@ def add_parser(sub) -> None:
 def address(args: argparse.Namespace) -> tuple[str, int]:
     """The host and port to bind: the flags given, else 127.0.0.1 and 8080 (11434 with --ollama)."""
     port = args.port if args.port is not None else OLLAMA_PORT if args.ollama else 8080
-    return args.host or "127.0.0.1", port
+    host = args.host or "127.0.0.1"
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host, port  # [::1] as in a URL
 
 
 def bind(host: str, port: int, ollama: bool) -> socket.socket:
