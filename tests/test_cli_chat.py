@@ -181,7 +181,8 @@ def test_demo_builds_once_and_runs(tmp_path):
     cached, = (tmp_path / "cache" / "mllama").glob("demo-random-v*.gguf")
     with open(cached, "r+b") as f:  # cut short (a build killed, a disk error): it had failed every time after
         f.truncate(cached.stat().st_size // 2)
-    third = subprocess.run([sys.executable, "-m", "mllama", "demo"], capture_output=True, text=True, timeout=600, env=env)
+    third = subprocess.run([sys.executable, "-m", "mllama", "demo"], capture_output=True, text=True, timeout=600,
+                           env=env)
     assert third.returncode == 0 and "building it again" in third.stderr, third.stderr
     assert third.stdout.strip() == first.stdout.strip()
 
