@@ -213,6 +213,11 @@ def test_16bit_grayscale_keeps_its_transparent_value(tmp_path):
     assert (rgb[:, 3:] == 255).all() and (rgb[:, :3] == round(40000 / 257)).all()
 
 
+def test_an_image_part_without_its_image():
+    with pytest.raises(ImageError, match="no image given"):  # (had been "unsupported image input of type NoneType")
+        preprocess(None, ImageConfig.from_preprocessor_config(pre_config(T)))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/mem, and ru_maxrss in KiB: Linux's")
 def test_unreadable_and_large_non_image_files(tmp_path):
     """A file it may not read is an ImageError (a raw OSError had ended `mllama chat` and been a server's 500);

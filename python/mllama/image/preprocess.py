@@ -99,6 +99,8 @@ def load_image(image: Any):
             raise ImageError(f"cannot read image {name}: its read() gave {type(data).__name__}, not bytes "
                              "(open image files in binary mode: 'rb')")
         return _open(io.BytesIO(bytes(data)), name)
+    if image is None:  # (had been "unsupported image input of type NoneType")
+        raise ImageError("no image given (an image part without its \"image\"?)")
     raise ImageError(f"unsupported image input of type {type(image).__name__}")
 
 
