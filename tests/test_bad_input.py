@@ -212,12 +212,17 @@ def test_repack_modes_and_bad_values(gguf_f32, monkeypatch):
     import mllama
     from mllama.settings import repack_mode
 
-    assert [repack_mode(v) for v in (True, False, "1", "0", " AMX ", 2)] == [1, 0, 1, 0, 2, 2]
-    with pytest.raises(ValueError, match=r"^repack must be True/1, False/0 or 'amx', not 'yes'"):
+    assert [repack_mode(v) for v in (True, False, "1", "0", " AMX ", 2, "2", "true", "False")] == [1, 0, 1, 0, 2, 2, 2,
+                                                                                                 1, 0]
+    with pytest.raises(ValueError, match=r"^repack must be 1 \(true\), 0 \(false\) or amx \(2\), not 'yes'"):
         mllama.Model(gguf_f32, n_ctx=256, repack="yes")
     monkeypatch.setenv("MLLAMA_REPACK", "on")
     with pytest.raises(ValueError, match=r"^MLLAMA_REPACK must be .* not 'on'"):
         mllama.Model(gguf_f32, n_ctx=256)
+    monkeypatch.setenv("MLLAMA_IMAGE_CACHE_BYTES", "lots")
+    with mllama.Model(gguf_f32, n_ctx=256, repack=0, image_cache_bytes="1M") as model:  # the keywords win: unread
+        assert model.image_cache.max_bytes == 1 << 20  # (a bad variable had failed the Model anyway)
+    monkeypatch.delenv("MLLAMA_IMAGE_CACHE_BYTES")
     monkeypatch.setenv("MLLAMA_REPACK", "amx")
     with mllama.Model(gguf_f32, n_ctx=256) as model:
         assert model.forward([128000, 9906]).shape[-1] == model.hparams.n_vocab
@@ -254,3 +259,73 @@ def test_bad_settings_name_their_variable(small_gguf, tmp_path, monkeypatch, var
         monkeypatch.setenv(name, value.format(tmp=tmp_path))
     with pytest.raises(error, match=re.escape(fragment)):
         mllama.Model(small_gguf, n_ctx=64)
+
+
+def test_cpu_kernels_as_numbers_and_lists_that_name_none(gguf_f32):
+    """cpu_kernels=0 is "0" (0 had been read as no value: every kernel on), 1 is "1"; "," names no kernel."""
+    import mllama
+
+    paths = {}
+    for value in ("0", 0, False, "1", 1, True):
+        with mllama.Model(gguf_f32, n_ctx=64, cpu_kernels=value) as model:
+            paths[value] = model.op_paths()
+    assert paths["0"] == paths[0] == paths[False] and paths["1"] == paths[1] == paths[True]
+    from mllama._native.cpu_features import ggml_features
+
+    if ggml_features().get("AVX2_KERNELS") == "1":  # (elsewhere ggml's ops either way)
+        assert paths["0"] != paths["1"]
+    with pytest.raises(mllama.ModelLoadError, match="cpu_kernels ',' names no kernel"):
+        mllama.Model(gguf_f32, n_ctx=64, cpu_kernels=",")
+    with pytest.raises(TypeError, match="cpu_kernels must be a string"):
+        mllama.Model(gguf_f32, n_ctx=64, cpu_kernels=0.5)
+
+
+def test_profile_that_cannot_be_written_or_next_to_dumps(gguf_f32, tmp_path):
+    """Both had written no profile and said nothing."""
+    import mllama
+
+    with pytest.raises(ValueError, match="profile and dump_dir cannot both be set"):
+        mllama.Model(gguf_f32, n_ctx=64, profile=tmp_path / "p.tsv", dump_dir=tmp_path / "dumps")
+    if sys.platform.startswith("linux"):  # (a folder nobody may write into, even root)
+        with pytest.raises(ValueError, match="profile: cannot write /proc/self/p.tsv"):
+            mllama.Model(gguf_f32, n_ctx=64, profile="/proc/self/p.tsv")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a file name that is not UTF-8 (macOS refuses one)")
+def test_a_model_file_name_that_is_not_utf8(gguf_f32, tmp_path):
+    """Loaded as the OS names it (the image cache's identity had raised UnicodeEncodeError on its surrogates)."""
+    import os
+
+    import mllama
+
+    name = os.path.join(os.fsencode(tmp_path), b"mod\xe8le.gguf")
+    os.symlink(os.fsencode(gguf_f32), name)
+    with mllama.Model(os.fsdecode(name), n_ctx=64) as model:
+        assert model.image_cache is not None and model.forward([128000]).shape[-1] == model.hparams.n_vocab
+
+
+def test_auto_sequences_count_the_caches_at_their_precision(gguf_f32, monkeypatch):
+    """"auto" n_seq_max fits the self-attention caches in a quarter of the free memory at the precision the context
+    gives them (an F32 model's caches are F32: F16 had been assumed, which took half); where the OS does not say
+    what is free (macOS: no SC_AVPHYS_PAGES), half the physical memory counts as free."""
+    import os
+
+    import mllama
+    from mllama._native import context_params
+
+    with mllama.Model(gguf_f32, n_ctx=64) as model:
+        hp = model.hparams
+        n_self = hp.n_layer - len(hp.cross_attention_layers)
+        per_seq_f32 = n_self * 2 * 256 * hp.n_head_kv * hp.n_embd_head * 4
+        monkeypatch.setattr(context_params, "free_memory", lambda: 4 * 2 * per_seq_f32)  # a quarter: 2 F32 caches
+        handle = model._handle()
+        assert [context_params.auto_sequences(handle, 256, kv) for kv in (-1, 1, 0)] == [2, 2, 4]
+    monkeypatch.undo()
+    sysconf = os.sysconf
+
+    def like_macos(name):
+        if name == "SC_AVPHYS_PAGES":
+            raise ValueError("unrecognized configuration name")
+        return sysconf(name)
+    monkeypatch.setattr(os, "sysconf", like_macos)
+    assert context_params.free_memory() == sysconf("SC_PHYS_PAGES") * sysconf("SC_PAGE_SIZE") // 2

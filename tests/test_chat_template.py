@@ -107,3 +107,35 @@ def test_openai_and_ollama_message_shapes():
 def test_remote_urls_are_refused():
     with pytest.raises(ValueError, match="remote image URLs"):
         ours([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}])
+
+
+TOOLS = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}]
+
+
+@pytest.mark.parametrize("empty", ["", None, "  "])
+def test_an_empty_system_prompt_next_to_an_image_is_none(empty):
+    """As the template reads it (its test of an empty system message had seen a marker: refused with images)."""
+    messages = [{"role": "system", "content": empty}, {"role": "user", "content": [IMG, txt("Describe.")]}]
+    expected = reference_render([{"role": "system", "content": empty or ""}, messages[1]], date_string="1 Dec 2026")
+    assert ours(messages, date_string="1 Dec 2026") == expected
+
+
+def test_with_tools_the_first_user_message_is_trimmed_as_the_template_trims_it():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  What is the weather?\n"}]
+    kwargs = {"tools": TOOLS, "date_string": "1 Dec 2026"}
+    ends = [text.rsplit("}\n\n", 1)[1] for text in (ours(messages, **kwargs), reference_render(messages, **kwargs))]
+    assert ends[0] == ends[1] and ends[0].startswith("What is the weather?<|eot_id|>")  # (the spaces had stayed)
+    # (the tools' JSON before it differs on purpose: the function object, as Meta's prompt format shows a tool)
+
+
+def test_tool_json_nested_too_deeply_and_images_not_in_a_list():
+    """A RecursionError had been a 500 on every route; a string of images had been read letter by letter."""
+    deep = "[" * 50000 + "]" * 50000
+    user = {"role": "user", "content": "Hi"}
+    call = {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": deep}}]}
+    with pytest.raises(ValueError, match="message 1: tool call arguments are nested too deeply"):
+        ours([user, call], tools=TOOLS)
+    call["tool_calls"][0]["function"]["arguments"] = "{}"
+    assert deep in ours([user, call, {"role": "tool", "content": deep}], tools=TOOLS)  # its text, as written
+    with pytest.raises(ValueError, match="message 0: images must be a list of images"):
+        ours([{"role": "user", "content": "Hi", "images": "photo.png"}])

@@ -209,3 +209,19 @@ def test_cli_names_a_missing_tag_of_a_stored_model_as_ollamas(era_b, tmp_path, m
     assert model_arg("a/b/c/d/e") == "a/b/c/d/e" and model_arg("x.gguf") == "x.gguf"
     with pytest.raises(mllama.MllamaError, match="'mymodel' is neither a file nor a model in the Ollama store"):
         model_arg("mymodel")
+
+
+def test_store_names_as_ollama_parses_them(tmp_path):
+    """The tag follows the last ':' after the last '/': a registry's port is part of the name (it had been taken
+    for the tag: localhost:5000/me/tiny was refused); parts take Ollama's characters only."""
+    from mllama.ollama_store import display_name, manifest_path
+
+    manifests = tmp_path / "manifests"
+    assert manifest_path(tmp_path, "llama3.2-vision") == manifests / "registry.ollama.ai/library/llama3.2-vision/latest"
+    assert manifest_path(tmp_path, "me/tiny:v1") == manifests / "registry.ollama.ai/me/tiny/v1"
+    assert manifest_path(tmp_path, "localhost:5000/me/tiny:v1") == manifests / "localhost:5000/me/tiny/v1"
+    assert manifest_path(tmp_path, "localhost:5000/me/tiny") == manifests / "localhost:5000/me/tiny/latest"
+    assert display_name("localhost:5000/me/tiny") == "localhost:5000/me/tiny:latest"
+    for bad in ("a/b/c/d", "x:../y", "../x", "a b", "host:port/x/y", "me/..", "x:a\\b"):
+        with pytest.raises(mllama.ModelLoadError, match="invalid Ollama model name"):
+            manifest_path(tmp_path, bad)

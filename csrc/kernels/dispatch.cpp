@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #if MLLAMA_X86_KERNELS
 #include <cpuid.h>
@@ -178,7 +179,11 @@ cpu_kernel_set parse_cpu_kernels(const char * spec) {
         return set;
     }
     if (std::strcmp(spec, "0") == 0) return set;
-    for (const std::string & entry : split_list(spec)) {
+    const std::vector<std::string> entries = split_list(spec);
+    if (entries.empty()) {  // ("," had been read as none)
+        fail(MLLAMA_ERR_INVALID_ARGUMENT, "cpu_kernels '%s' names no kernel (\"1\" all, \"0\" none)", spec);
+    }
+    for (const std::string & entry : entries) {
         bool known = false;
         for (const auto & k : k_kernel_names) {
             if (entry == k.name) set.bits |= static_cast<uint32_t>(k.kernel), known = true;

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ._native import dtypes as T
-from ._native.context_params import CStrings, auto_sequences, check_outputs, check_sizes, new_context
+from ._native.context_params import (CStrings, auto_sequences, check_outputs, check_sizes, kernel_switch,
+                                     new_context)
 from ._native.errors import MllamaError, ModelLoadError
 from ._native.ffi import call, cstr, ffi, lib, struct_to_dict
 from ._native.handle import Handle
@@ -128,18 +129,19 @@ class Model(Handle, GenerationMixin, AsyncGenerationMixin):
             raise
         model_ptr = out[0]
         defaults = context_defaults()
-        outputs = {"dump_dir": dump_dir, "dump_filter": dump_filter, "cpu_kernels": cpu_kernels, "profile": profile}
+        outputs = {"dump_dir": dump_dir, "dump_filter": dump_filter, "cpu_kernels": kernel_switch(cpu_kernels),
+                   "profile": profile}
         sources = {k: k if v is not None else f"MLLAMA_{k.upper()}" for k, v in outputs.items()}
         outputs = {k: getattr(env, k) if v is None else v for k, v in outputs.items()}
         try:
             check_outputs(outputs["profile"], outputs["dump_dir"], sources)
+            kv = -1 if kv_f32 is None else int(bool(kv_f32))
             ctx_ptr, effective = new_context(model_ptr, dict(
                 n_ctx=n_ctx or defaults["n_ctx"], n_batch=n_batch or defaults["n_batch"], n_threads=n_threads or 0,
                 n_image_slots=defaults["n_image_slots"] if n_image_slots is None else n_image_slots,
-                n_seq_max=auto_sequences(model_ptr, n_ctx or defaults["n_ctx"]) if n_seq_max == "auto" else
+                n_seq_max=auto_sequences(model_ptr, n_ctx or defaults["n_ctx"], kv) if n_seq_max == "auto" else
                 n_seq_max or 1,
-                cross_kv_f32=-1 if cross_kv_f32 is None else int(bool(cross_kv_f32)),
-                kv_f32=-1 if kv_f32 is None else int(bool(kv_f32))), **outputs)
+                cross_kv_f32=-1 if cross_kv_f32 is None else int(bool(cross_kv_f32)), kv_f32=kv), **outputs)
         except ModelLoadError as exc:  # a value from the environment: say which variable
             lib.mllama_model_free(model_ptr)
             named = [sources[k] for k, says in (("cpu_kernels", "cpu_kernels"), ("dump_filter", "dump filter"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from ._native.errors import ModelLoadError
@@ -23,21 +24,35 @@ def store_root() -> Path:
     return Path(env) if env else Path.home() / ".ollama" / "models"
 
 
+_PART = re.compile(r"[A-Za-z0-9_.-]+")  # the characters Ollama's names take (types/model/name.go)
+_HOST = re.compile(r"[A-Za-z0-9_.-]+(:[0-9]+)?")
+
+
+def split_tag(reference: str) -> tuple[str, str]:
+    """(name, tag): the tag follows the last ':' after the last '/' (a registry's port is part of the name:
+    localhost:5000/me/model:tag); `latest` when none is given."""
+    slash = reference.rfind("/")
+    colon = reference.rfind(":")
+    if colon > slash:
+        return reference[:colon], reference[colon + 1:] or "latest"
+    return reference, "latest"
+
+
 def display_name(reference: str) -> str:
     """The name Ollama lists a model under: NAME:TAG, the tag `latest` when none is given."""
-    name, _, tag = reference.partition(":")
-    return f"{name}:{tag or 'latest'}"
+    name, tag = split_tag(reference)
+    return f"{name}:{tag}"
 
 
 def manifest_path(root: Path, reference: str) -> Path:
-    name, _, tag = reference.partition(":")
-    tag = tag or "latest"
+    name, tag = split_tag(reference)
     parts = name.split("/")
     if len(parts) == 1:
         parts = [DEFAULT_REGISTRY, "library", parts[0]]
     elif len(parts) == 2:
         parts = [DEFAULT_REGISTRY, *parts]
-    if not all(parts) or any(p in (".", "..") for p in parts + [tag]) or "/" in tag or "\\" in reference:
+    host_ok = len(parts) == 3 and _HOST.fullmatch(parts[0])  # (a host may name its port: Ollama's older names)
+    if not host_ok or not all(_PART.fullmatch(p) for p in parts[1:] + [tag]) or any(p in (".", "..") for p in parts):
         raise ModelLoadError(f"invalid Ollama model name '{reference}'")
     return root.joinpath("manifests", *parts, tag)
 

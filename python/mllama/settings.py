@@ -22,11 +22,22 @@ class Environment:
     dump_filter: str | None    # MLLAMA_DUMP_FILTER: regex over node names to dump
     profile: str | None        # MLLAMA_PROFILE: per-op timings written to this TSV file
     cpu_kernels: str | None    # MLLAMA_CPU_KERNELS: "0" none, "1" all, or a list such as "attn,gemm"
-    repack: int                # MLLAMA_REPACK: 0 keep every weight in the file mapping, amx (2): ggml's AMX layout too
+    repack_text: str | None    # MLLAMA_REPACK: 0 keep every weight in the file mapping, amx (2): ggml's AMX layout too
     image_cache_dir: str | None    # MLLAMA_IMAGE_CACHE_DIR: keep encoded images in this directory too
-    image_cache_bytes: int | None  # MLLAMA_IMAGE_CACHE_BYTES: memory budget of the image cache (0: off)
+    image_cache_bytes_text: str | None  # MLLAMA_IMAGE_CACHE_BYTES: memory budget of the image cache (0: off)
     rpc: str | None            # MLLAMA_RPC: ggml RPC workers "host:port,host:port" (Model(rpc=...))
     device: str | None         # MLLAMA_DEVICE: the default of Model(device=...): auto, cpu or a device name
+
+    # parsed when asked for, so that a keyword argument that overrides a variable leaves its value unread (a bad
+    # one had failed the Model anyway)
+    @property
+    def repack(self) -> int:
+        return repack_mode(self.repack_text or "1", "MLLAMA_REPACK")
+
+    @property
+    def image_cache_bytes(self) -> int | None:
+        text = self.image_cache_bytes_text
+        return parse_bytes(text, "MLLAMA_IMAGE_CACHE_BYTES") if text else None
 
 
 def repack_mode(value: bool | int | str, source: str = "repack") -> int:
@@ -36,9 +47,9 @@ def repack_mode(value: bool | int | str, source: str = "repack") -> int:
     not the default). Anything else: ValueError naming `source`."""
     if isinstance(value, int) and value in (0, 1, 2):  # bools too
         return int(value)
-    modes = {"0": 0, "1": 1, "amx": 2}
+    modes = {"0": 0, "1": 1, "2": 2, "amx": 2, "false": 0, "true": 1}
     if not isinstance(value, str) or value.strip().lower() not in modes:
-        raise ValueError(f"{source} must be True/1, False/0 or 'amx', not {value!r}")
+        raise ValueError(f"{source} must be 1 (true), 0 (false) or amx (2), not {value!r}")
     return modes[value.strip().lower()]
 
 
@@ -47,11 +58,10 @@ def environment() -> Environment:
     return Environment(model=env.get("MLLAMA_MODEL") or None, dump_dir=env.get("MLLAMA_DUMP_DIR") or None,
                        dump_filter=env.get("MLLAMA_DUMP_FILTER") or None, profile=env.get("MLLAMA_PROFILE") or None,
                        cpu_kernels=env.get("MLLAMA_CPU_KERNELS") or None,
-                       repack=repack_mode(env.get("MLLAMA_REPACK") or "1", "MLLAMA_REPACK"),
+                       repack_text=env.get("MLLAMA_REPACK") or None,
                        image_cache_dir=env.get("MLLAMA_IMAGE_CACHE_DIR") or None,
-                       image_cache_bytes=parse_bytes(env["MLLAMA_IMAGE_CACHE_BYTES"], "MLLAMA_IMAGE_CACHE_BYTES")
-                       if env.get("MLLAMA_IMAGE_CACHE_BYTES") else None, rpc=env.get("MLLAMA_RPC") or None,
-                       device=env.get("MLLAMA_DEVICE") or None)
+                       image_cache_bytes_text=env.get("MLLAMA_IMAGE_CACHE_BYTES") or None,
+                       rpc=env.get("MLLAMA_RPC") or None, device=env.get("MLLAMA_DEVICE") or None)
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

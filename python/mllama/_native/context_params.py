@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import dtypes as T
+from . import names
 from .errors import ModelLoadError
-from .ffi import call, ffi, lib
+from .ffi import call, cstr, ffi, lib
 
 
 class CStrings:
@@ -25,16 +27,38 @@ class CStrings:
         return self._keep[-1]
 
 
-def auto_sequences(model_ptr, n_ctx: int, most: int = 4) -> int:
-    """How many sequences to hold by default: up to `most`, as many whose self-attention caches (F16)
-    fit in a quarter of the host memory free now (caches on a GPU: pass n_seq_max for its memory)."""
+def auto_sequences(model_ptr, n_ctx: int, kv_f32: int = -1, most: int = 4) -> int:
+    """How many sequences to hold by default: up to `most`, as many whose self-attention caches fit in a quarter
+    of the host memory free now (caches on a GPU: pass n_seq_max for its memory). `kv_f32` as the context takes
+    it (-1: F32 caches for a model whose output matrix is F32, as csrc/runtime/context.cpp decides; F16 had been
+    assumed, which took half the free memory for an F32 model)."""
     h = ffi.new("mllama_hparams *")
     call(lib.mllama_model_get_hparams, model_ptr, h)
     n_ctx = min(n_ctx, h.n_ctx_train) if n_ctx > 0 else min(h.n_ctx_train, 4096)
     n_self = h.n_layer - lib.mllama_model_cross_layers(model_ptr, ffi.NULL, 0)
-    per_seq = n_self * 2 * n_ctx * h.n_head_kv * h.n_embd_head * 2
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
-    return max(1, min(most, free // 4 // max(per_seq, 1)))
+    value_bytes = 4 if kv_f32 == 1 or (kv_f32 == -1 and _output_type(model_ptr) == "f32") else 2
+    per_seq = n_self * 2 * n_ctx * h.n_head_kv * h.n_embd_head * value_bytes
+    return max(1, min(most, free_memory() // 4 // max(per_seq, 1)))
+
+
+def _output_type(model_ptr) -> str:
+    info, output = ffi.new("mllama_tensor_info *"), names.tensor("OUTPUT")
+    for i in range(lib.mllama_model_tensor_count(model_ptr)):
+        call(lib.mllama_model_tensor_get_info, model_ptr, i, info)
+        if cstr(info.name) == output:
+            return T.by_id(info.type).name
+    return ""
+
+
+def free_memory() -> int:
+    """Host memory free now, in bytes; where the OS does not say (macOS has no SC_AVPHYS_PAGES: its sysconf raises
+    ValueError), half the physical memory; 0 where neither is known."""
+    for names_, share in ((("SC_AVPHYS_PAGES", "SC_PAGE_SIZE"), 1), (("SC_PHYS_PAGES", "SC_PAGE_SIZE"), 2)):
+        try:
+            return os.sysconf(names_[0]) * os.sysconf(names_[1]) // share
+        except (AttributeError, ValueError, OSError):
+            continue
+    return 0
 
 
 def check_sizes(**sizes) -> None:
@@ -46,12 +70,31 @@ def check_sizes(**sizes) -> None:
             raise ValueError(f"{name} {value} is out of range (at most {2**31 - 1})")
 
 
+def kernel_switch(value):
+    """cpu_kernels as the C side reads it: None (the environment's, else all), a string ("1" all, "0" none, or
+    names), or 0/1/True/False (0 had been read as no value: every kernel on)."""
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return str(int(value))
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"cpu_kernels must be a string of kernel names, \"1\" (all) or \"0\" (none), "
+                        f"not {type(value).__name__}")
+    return value
+
+
 def check_outputs(profile, dump_dir, sources: dict[str, str]) -> None:
     """ValueError naming where a value came from (`sources`: option -> "profile", or MLLAMA_PROFILE when the
     environment gave it) for a profile path that is a folder or whose folder is missing (nothing was written, and
     nothing said so), or a dump folder that cannot be made; makes the dump folder."""
     if profile and (Path(profile).is_dir() or not Path(profile).parent.is_dir()):
         raise ValueError(f"{sources['profile']}: {profile} must name a file in an existing folder")
+    if profile and dump_dir:  # (the dumps took ggml's per-node callback: the profile was silently not written)
+        raise ValueError(f"{sources['profile']} and {sources['dump_dir']} cannot both be set: one at a time")
+    if profile:
+        try:  # written when the model closes: a file it cannot write is said now (it had been silently skipped)
+            with open(profile, "a"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"{sources['profile']}: cannot write {profile}: {exc.strerror or exc}") from None
     if dump_dir:
         try:
             Path(dump_dir).mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("model", nargs="?", help="a GGUF file (default: $MLLAMA_MODEL); none: list devices")
     p.add_argument("-m", "--model", dest="model_opt", help=argparse.SUPPRESS)
     p.add_argument("--projector", help="the projector file of an Ollama 0.4-0.6 text model")
-    p.add_argument("--device", default="cpu", help="the vision tower's device (default cpu)")
+    p.add_argument("--device", help="the device, as the other commands take it (default $MLLAMA_DEVICE, else auto): "
+                                    "the placement shown is the one they load")
     p.add_argument("--rpc", help="ggml RPC workers host:port,host:port (default $MLLAMA_RPC)")
     add_rpc_timeout_flags(p)
     p.add_argument("--devices", help="the devices the text layers are split over, in order")

@@ -50,7 +50,8 @@ def model_identity(paths: Iterable[os.PathLike | str], *parts: Any) -> str:
     digest = hashlib.sha256(f"mllama image cache {FORMAT_VERSION}\n".encode())
     for path in paths:
         st = os.stat(path)
-        digest.update(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_dev}|{st.st_ino}\n".encode())
+        digest.update(os.fsencode(os.path.realpath(path)))  # (a name that is not UTF-8: its bytes, as the OS has it)
+        digest.update(f"|{st.st_size}|{st.st_mtime_ns}|{st.st_dev}|{st.st_ino}\n".encode())
     for part in parts:
         value = dataclasses.asdict(part) if dataclasses.is_dataclass(part) else part
         digest.update(repr(sorted(value.items()) if isinstance(value, dict) else value).encode() + b"\n")

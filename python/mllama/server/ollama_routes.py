@@ -50,7 +50,8 @@ def model_card(model) -> dict:
     st = model.path.stat()
     text_types = Counter(t.type for t in model.tensors() if t.name.startswith("blk.") and len(t.shape) == 2)
     # identifies the loaded file (path, size, modification time); hashing its content would read gigabytes
-    digest = hashlib.sha256(f"{model.path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    identity = f"{model.path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    digest = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()  # (any file name)
     details = {"parent_model": "", "format": "gguf", "family": "mllama", "families": ["mllama"],
                "parameter_size": human_count(info["n_params"]),
                "quantization_level": text_types.most_common(1)[0][0].upper() if text_types else ""}

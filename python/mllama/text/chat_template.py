@@ -88,6 +88,8 @@ def normalize(messages: list[dict]) -> Conversation:
         return text
 
     def text_part(text: str) -> dict:
+        if not text:  # (nothing to keep from the template: the template's own tests of "" see it empty)
+            return {"type": "text", "text": ""}
         conv.texts.append(text)
         return {"type": "text", "text": conv.marker(len(conv.texts) - 1)}
 
@@ -103,13 +105,15 @@ def normalize(messages: list[dict]) -> Conversation:
             message = {**message, "role": role}
         if role in ("tool", "ipython") or message.get("tool_calls"):  # (the template writes a tool result as JSON)
             if message.get("images") or isinstance(content, list) and any(
-                    not isinstance(p, dict) or p.get("type") != "text" for p in content):  # (had been dropped)
+                    isinstance(p, dict) and p.get("type") in ("image", "image_url") for p in content):  # (dropped)
                 raise ValueError(f"message {i}: images go in user messages, not in a {role} message")
             conv.messages.append(template_message({**message, "content": content}, i))
             continue
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             content = "".join(part_text(p, i) for p in content)  # text parts only: one string
         parts: list[dict] = []
+        if not isinstance(message.get("images") or [], (list, tuple)):  # (a string had been read letter by letter)
+            raise ValueError(f"message {i}: images must be a list of images")
         for image in message.get("images", []) or []:  # Ollama style: images come first
             conv.images.append(image)
             parts.append({"type": "image"})
@@ -156,10 +160,14 @@ def render_segments(template: str, conv: Conversation, *, bos_token: str, add_ge
         kwargs["tools"] = tools
     if date_string is not None:
         kwargs["date_string"] = date_string
+    if tools is not None:
+        _trim_first_message(conv)
     try:
         rendered = _compile(template).render(**kwargs)
     except JinjaError as exc:
         raise TemplateError(f"chat template error: {exc}") from None
+    except RecursionError:  # (a tool's JSON nested thousands deep, written by tojson)
+        raise TemplateError("chat template error: a value nested too deeply") from None
     segments: list[tuple[str, bool]] = []
     pos = 0
     for match in conv.markers.finditer(rendered):
@@ -170,6 +178,15 @@ def render_segments(template: str, conv: Conversation, *, bos_token: str, add_ge
     if pos < len(rendered):
         segments.append((rendered[pos:], False))
     return segments
+
+
+def _trim_first_message(conv: Conversation) -> None:
+    """The template puts the tools in the first message after the system's and trims that message's text: trimmed
+    here, where its text is (the template's `|trim` sees only its marker: the text had kept its spaces)."""
+    first = next((m for m in conv.messages if m["role"] != "system"), None)
+    found = conv.markers.fullmatch(first["content"]) if first and isinstance(first["content"], str) else None
+    if found is not None:
+        conv.texts[int(found.group(1))] = conv.texts[int(found.group(1))].strip()
 
 
 def render(template: str, messages: list[dict], **kwargs) -> str:

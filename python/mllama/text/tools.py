@@ -133,7 +133,7 @@ def template_message(message: dict, i: int) -> dict:
             content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
         try:
             value = json.loads(content) if isinstance(content, str) else content
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply to read: the text as it is
             value = content
         return {"role": message["role"], "content": value if isinstance(value, (dict, list)) else str(content)}
     calls = message["tool_calls"]
@@ -147,6 +147,8 @@ def template_message(message: dict, i: int) -> dict:
         args = json.loads(args) if isinstance(args, str) else args
     except ValueError:
         raise ValueError(f"message {i}: tool call arguments must be JSON") from None
+    except RecursionError:  # (a raw RecursionError: a 500)
+        raise ValueError(f"message {i}: tool call arguments are nested too deeply") from None
     if args is not None and not isinstance(args, dict):  # (null: no arguments)
         raise ValueError(f"message {i}: tool call arguments must be a JSON object, not {type(args).__name__}")
     return {"role": "assistant", "tool_calls": [{"function": {"name": function["name"], "arguments": args or {}}}]}
