@@ -37,7 +37,9 @@ def test_n_beyond_the_sequences_is_refused_before_anything_is_allocated(app, mod
     started = time.perf_counter()
     for path, body in (("/v1/chat/completions", {"messages": HI}), ("/v1/completions", {"prompt": "Hi"})):
         reply = app.post(path, json={**body, "n": n, "max_tokens": 2})
-        assert reply.status_code == 400 and "n must be an integer within [1, 2]" in reply.json()["error"]["message"]
+        error = reply.json()["error"]
+        assert reply.status_code == 400 and error["param"] == "n", error
+        assert f"'n' is {n}: this server runs at most 2 sequences at once (mllama serve --parallel)" in error["message"]
     assert time.perf_counter() - started < 30  # (2**64 streams were being built: memory without bound, no reply)
     with pytest.raises(ValueError, match=r"within \[1, 2\]"):
         model.chat(HI, n=2**64)
