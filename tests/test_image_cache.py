@@ -147,6 +147,12 @@ def test_a_second_model_with_the_same_directory_skips_the_vision_tower(small_ggu
     files = list(folder.iterdir())
     assert len(files) == 1 and re.fullmatch(r"[0-9a-f]{64}\.mlslot", files[0].name)  # no temp file left
     assert files[0].stat().st_mode & 0o777 == 0o644
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # (/tmp-like: its entries had been 0666, any account could rewrite them)
+    with mllama.Model(small_gguf, image_cache_dir=shared, image_cache_bytes="0") as c:
+        forward_fresh(c, image)
+    assert [f.stat().st_mode & 0o777 for f in shared.iterdir()] == [0o644]
     with mllama.Model(small_gguf, image_cache_dir=folder, image_cache_bytes="0", profile=tmp_path / "b.tsv") as b:
         got = forward_fresh(b, image)
         assert b.engine.n_encoded == 0 and b.image_cache.stats.disk_hits == 1

@@ -293,6 +293,7 @@ class Model(Handle, GenerationMixin, AsyncGenerationMixin):
         out = np.empty((hp.v_max_tiles, hp.v_n_positions, hp.v_output_dim), dtype=np.float32)
         with self._lock:
             ctx = self._handle() and self._ctx
+            self._scheduler.reap()
             if slot is None:
                 slot = self._free_slot_in_turn()
             if 0 <= slot < len(self._engine.slot_keys):

@@ -86,6 +86,7 @@ class GenerationMixin:
         ids, prepared = checked_ids(token_ids), self.prepare_images(images)
         with self._lock:
             self._handle()
+            self.scheduler.reap()
             free = [seq for seq, busy in enumerate(self.scheduler.busy) if not busy]
             if not free:
                 raise MllamaError("every sequence is busy with a generation: finish or close one first")

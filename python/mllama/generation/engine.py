@@ -243,8 +243,9 @@ class Engine:
                                        limit="image_slots")
         held = {key: slot for slot, key in enumerate(self.slot_keys) if key is not None}
         missing = list(dict.fromkeys(im.key for im in images if im.key not in held))
-        free = sorted((s for s in range(self.n_slots) if self.slot_refs[s] == 0 and self.slot_keys[s] not in wanted),
-                      key=lambda s: (self.slot_keys[s] is not None, self.slot_used[s]))
+        kept = {held[key] for key in wanted if key in held}  # (one slot per image: its other copies may go, else
+        free = sorted((s for s in range(self.n_slots) if self.slot_refs[s] == 0 and s not in kept),  # a request
+                      key=lambda s: (self.slot_keys[s] is not None, self.slot_used[s]))  # could wait forever)
         if len(missing) > len(free):
             return None
         by_key = {im.key: im for im in images}

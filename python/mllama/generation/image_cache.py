@@ -196,8 +196,9 @@ class ImageCache:
         tmp = None
         try:
             fd, tmp = tempfile.mkstemp(prefix=".mlslot-", suffix=".tmp", dir=self.directory)
-            # readable by whoever may read the directory (mkstemp's 0600 kept other accounts sharing it out)
-            os.chmod(tmp, os.stat(self.directory).st_mode & 0o666)
+            # readable by whoever may read the directory (mkstemp's 0600 kept other accounts sharing it out), written
+            # by its owner only (a shared 1777 directory had made every entry writable by any account)
+            os.chmod(tmp, os.stat(self.directory).st_mode & 0o444 | 0o200)
             with os.fdopen(fd, "wb") as f:
                 f.write(header)
                 f.write(blob)

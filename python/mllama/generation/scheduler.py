@@ -356,6 +356,12 @@ class Scheduler:
         for s in request.streams[1:]:
             self.engine.copy_sequence(first, s.seq)
 
+    def reap(self) -> None:
+        """Frees now the sequences and slots of requests cancelled or ended since the last step (under the model's
+        lock, outside a step: an async task cancelled had left them busy until another step ran)."""
+        if not self.stepping:
+            self._reap()
+
     def _reap(self) -> None:
         for request in list(self.running):
             if request.cancelled or all(s.done for s in request.streams):
