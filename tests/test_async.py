@@ -128,21 +128,19 @@ def test_describe_and_adescribe_stream_the_description(model):
         model.describe(png(), n=2)
 
 
-def test_a_cancelled_task_leaves_no_sequence_or_slot_busy(gguf_f32):
-    """forward() and encode_image() right after an achat task was cancelled: its sequence and image slot had stayed
-    busy ("every sequence is busy") until another step ran."""
+
+def test_a_cancelled_request_leaves_no_sequence_or_slot_busy(gguf_f32):
+    """forward() and encode_image() right after a request was cancelled (an achat task cancelled does that, and no
+    step may follow): its sequence and image slot had stayed busy ("every sequence is busy") until a step ran."""
     rng = np.random.default_rng(7)
     image = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "hi"}]}]
     with mllama.Model(gguf_f32, n_ctx=256, n_image_slots=1) as model:
-        async def main():
-            task = asyncio.create_task(model.achat(messages, temperature=0, max_tokens=200))
-            while model.scheduler.stats["generated_tokens"] < 3:
-                await asyncio.sleep(0.01)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-        asyncio.run(main())
+        tokens, images = model.chat_prompt([{"role": "user", "content": [{"type": "image", "image": image},
+                                                                         {"type": "text", "text": "hi"}]}])
+        request = model.submit(tokens, images, temperature=0, max_tokens=200)
+        while model.scheduler.stats["generated_tokens"] < 3:
+            model.run_step()
+        model.scheduler.cancel(request)  # (what the async API does when its task is cancelled: no step after)
         assert model.forward(model.tokenize("<|begin_of_text|>hello", special=True)).shape[0] == 2
         assert model.encode_image(image).shape[0] == model.hparams.v_max_tiles
         assert not any(model.scheduler.busy) and model.engine.slot_refs == [0]
