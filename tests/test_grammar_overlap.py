@@ -91,7 +91,10 @@ def test_a_prefetched_mask_is_the_in_line_one_and_carries_its_errors(model):
         assert overlapped.is_accepting() is inline.is_accepting() is False
         wide = GrammarVocabulary(model.tokenizer, model.eog_ids, model.tokenizer.n_vocab,
                                  forbidden=[model.hparams.image_token_id])
-        impossible = Grammar.lark(wide, "start: <|image|>").start()
+        with pytest.raises(ValueError, match="admits no text this model can generate"):
+            Grammar.lark(wide, "start: <|image|>")  # refused when compiled
+        impossible = Grammar.lark(wide, 'start: "Hi" <|image|>').start()
+        impossible.advance(model.tokenize("Hi")[0])
         impossible.prefetch(pool)
         with pytest.raises(ValueError, match="allows no token"):
             impossible.allowed_tokens()

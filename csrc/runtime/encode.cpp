@@ -116,7 +116,8 @@ void read_cross_kv(const mllama_context & c, int32_t slot, int32_t cross_index, 
     for (auto [t, dst] : {std::pair{tk, k}, std::pair{tv, v}}) {
         if (!dst) continue;
         std::vector<uint8_t> raw(static_cast<size_t>(per_slot) * ggml_type_size(t->type));
-        on_workers(c, [&] { read_slot_rows(c, t, slot, 0, st.n_vis, raw.data()); });  // [hd, Hkv, n_vis]
+        const ggml_tensor * cache = t;  // (a structured binding is not captured by a lambda before C++20)
+        on_workers(c, [&] { read_slot_rows(c, cache, slot, 0, st.n_vis, raw.data()); });  // [hd, Hkv, n_vis]
         if (t->type == GGML_TYPE_F32) std::memcpy(dst, raw.data(), raw.size());
         else ggml_fp16_to_fp32_row(reinterpret_cast<const ggml_fp16_t *>(raw.data()), dst, n);
     }

@@ -70,7 +70,7 @@ class Grammar:
         if matcher.is_error():
             raise ValueError(f"invalid {kind}: {_llg_error(matcher)}")
         try:  # a grammar that admits no text at all ({"$ref": "#"}) is refused here, not at the first token
-            GrammarState(matcher.deep_copy(), vocabulary).allowed_tokens()
+            GrammarState(matcher.deep_copy(), vocabulary).mask_now()
         except ValueError as exc:
             raise ValueError(f"invalid {kind}: it admits no text this model can generate ({exc})") from None
         self.vocabulary, self.kind = vocabulary, kind
@@ -176,7 +176,11 @@ class GrammarState:
         pending, self._pending = self._pending, None
         return pending.result() if pending is not None else self._compute_mask()
 
-    def _compute_mask(self) -> np.ndarray:
+    def _compute_mask(self) -> np.ndarray:  # (where a decode's masks are computed: in line, or on the pool)
+        return self.mask_now()
+
+    def mask_now(self) -> np.ndarray:
+        """The next mask, computed on this thread (the compile's check of the first one calls it directly)."""
         self._matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         self._raise_on_error()
         n = self._vocabulary.n_logits
