@@ -304,7 +304,7 @@ def test_a_model_file_name_that_is_not_utf8(gguf_f32, tmp_path):
         assert model.image_cache is not None and model.forward([128000]).shape[-1] == model.hparams.n_vocab
 
 
-def test_auto_sequences_count_the_caches_at_their_precision(gguf_f32, monkeypatch):
+def test_auto_sequences_count_the_caches_at_their_precision(converted, gguf_f32, monkeypatch):
     """"auto" n_seq_max fits the self-attention caches in a quarter of the free memory at the precision the context
     gives them (an F32 model's caches are F32: F16 had been assumed, which took half); where the OS does not say
     what is free (macOS: no SC_AVPHYS_PAGES), half the physical memory counts as free."""
@@ -312,6 +312,7 @@ def test_auto_sequences_count_the_caches_at_their_precision(gguf_f32, monkeypatc
 
     import mllama
     from mllama._native import context_params
+    from mllama._native.ffi import ffi, last_error, lib
 
     with mllama.Model(gguf_f32, n_ctx=64) as model:
         hp = model.hparams
@@ -320,6 +321,12 @@ def test_auto_sequences_count_the_caches_at_their_precision(gguf_f32, monkeypatc
         monkeypatch.setattr(context_params, "free_memory", lambda: 4 * 2 * per_seq_f32)  # a quarter: 2 F32 caches
         handle = model._handle()
         assert [context_params.auto_sequences(handle, 256, kv) for kv in (-1, 1, 0)] == [2, 2, 4]
+        # the C side says which type the context gives the caches (F32: 0, F16: 1 in ggml's numbers)
+        assert [lib.mllama_model_cache_type(handle, kv) for kv in (-1, 1, 0)] == [0, 0, 1]
+        assert lib.mllama_model_cache_type(handle, 2) == -1 and "precision" in last_error()
+        assert lib.mllama_model_cache_type(ffi.NULL, 0) == -1 and "null model" in last_error()
+    with mllama.Model(converted("f16"), n_ctx=64) as model:  # an F16 output matrix: F16 caches
+        assert [lib.mllama_model_cache_type(model._handle(), kv) for kv in (-1, 1, 0)] == [1, 0, 1]
     monkeypatch.undo()
     sysconf = os.sysconf
 

@@ -320,14 +320,18 @@ def test_text_requests_go_past_one_waiting_for_an_image_slot(gguf_f32):
 
 
 def test_an_image_in_several_slots_does_not_block_a_request(gguf_f32):
-    """Requests that started together with the same new image each encoded it into a slot of its own; a request
-    with that image and another then found no slot to evict (every copy was kept for it) and waited forever."""
+    """Requests that started together with the same new image each encoded it into a slot of its own (they share
+    one slot and one encode now); a request with that image and another then found no slot to evict (every copy was
+    kept for it) and waited forever. Copies still arise (an encode into a chosen slot, engine.encode): one is kept."""
     with mllama.Model(gguf_f32, n_seq_max=4, n_image_slots=4, n_ctx=256, image_cache_bytes=0) as m:
         pics = m.prepare_images([picture(50, 50, 1), picture(100, 40, 2)])
         same = [m.submit([BOS, IMAGE] + m.tokenize(f"User {i}."), pics[:1], temperature=0.0, max_tokens=2)
                 for i in range(4)]
         m.results(same)
-        assert m.engine.slot_keys.count(pics[0].key) == 4  # (four copies: sharing a slot being encoded is left out)
+        assert m.engine.slot_keys.count(pics[0].key) == 1 and m.engine.n_encoded == 1
+        for slot in range(4):
+            m.engine.encode(slot, pics[0])
+        assert m.engine.slot_keys.count(pics[0].key) == 4
         both = m.submit([BOS, IMAGE, IMAGE] + m.tokenize("Both."), pics, temperature=0.0, max_tokens=2)
         for _ in range(200):
             m.run_step()

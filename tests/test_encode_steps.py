@@ -164,3 +164,29 @@ def test_a_request_cancelled_or_failing_in_its_encode_frees_what_it_held(model, 
     assert not stream.streams[0].done  # the other stream went on through both
     result = model.results([stream])[0][0]
     assert result.finish_reason == "length" and result.usage.completion_tokens == 30 and scheduler.running == []
+
+
+@pytest.mark.parametrize("cancel_first", [False, True])
+def test_the_same_new_image_in_two_requests_is_encoded_once(model, cancel_first):
+    """Two requests with the same new image share one slot and one encode (it had run once per request, the
+    second into a slot of its own); the first cancelled halfway through, the encode goes on for the second."""
+    text, engine, scheduler = model.tokenize, model.engine, model.scheduler
+    image = model.prepare_images([picture(SIZES["4 tiles"], seed=13)])[0]
+    prompts = [[BOS, IMAGE] + text("Describe it."), [BOS, IMAGE] + text("What colour is it?")]
+    alone = []
+    for prompt in prompts:
+        engine.slot_keys[:] = [None, None]
+        alone.append(model.generate(prompt, [image], stream=False, temperature=0.0, max_tokens=5))
+    engine.slot_keys[:] = [None, None]
+    encoded, stages = engine.n_encoded, scheduler.stats["encode_steps"]
+    first, second = (model.submit(prompt, [image], temperature=0.0, max_tokens=5) for prompt in prompts)
+    model.run_step()
+    assert first.slots == second.slots and engine.slot_refs[first.slots[0]] == 2
+    if cancel_first:
+        model.run_step()
+        assert engine.encoding == (first.slots[0], image)
+        scheduler.cancel(first)
+    results = model.results([second] if cancel_first else [first, second])
+    assert engine.n_encoded - encoded == 1 and scheduler.stats["encode_steps"] - stages == n_stages(model)
+    assert [r[0].text for r in results] == (alone[1:] if cancel_first else alone)
+    assert not any(engine.slot_refs) and engine.slot_keys.count(image.key) == 1

@@ -135,6 +135,7 @@ def test_lru_eviction_keeps_the_byte_budget(small_gguf):
         m.engine.image_cache = small
         m.engine.encode(0, images[0])
         assert len(small) == 0 and small.nbytes == 0 and not small.load_into(m._ctx, 0, images[0].key)
+        assert (small.stats.stores, cache.stats.stores) == (0, 3)  # (a blob not kept is not counted as stored)
 
 
 def test_a_second_model_with_the_same_directory_skips_the_vision_tower(small_gguf, tmp_path):

@@ -229,3 +229,38 @@ def test_requests_that_come_while_the_server_stops(model, monkeypatch):
         late = client.post("/api/chat", json={**body, "stream": False})
         assert late.status_code == 503 and late.json() == {"error": "the server is shutting down"}
     assert model.scheduler.n_waiting == 0 and not model.scheduler.running
+
+
+def test_health_and_metrics_count_a_request_being_prepared(model, monkeypatch):
+    """A request whose prompt and images are being prepared is `preparing` in /health and /metrics, not `waiting`
+    (/health had counted it as waiting, /metrics not at all)."""
+    from fastapi.testclient import TestClient
+
+    from mllama.server.app import create_app
+
+    def gauges(client) -> dict[str, float]:
+        lines = client.get("/metrics").text.splitlines()
+        return {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("mllama_requests_")}
+
+    build, entered, release, replies = model.build_request, threading.Event(), threading.Event(), []
+
+    def slow_build(*args, **kwargs):
+        entered.set()
+        release.wait(60)
+        return build(*args, **kwargs)
+    body = {"messages": HI, "max_tokens": 2, "temperature": 0}
+    with TestClient(create_app(model), raise_server_exceptions=False) as client:
+        monkeypatch.setattr(model, "build_request", slow_build)
+        asking = threading.Thread(target=lambda: replies.append(client.post("/v1/chat/completions", json=body)))
+        asking.start()
+        try:
+            assert entered.wait(60)
+            health = client.get("/health").json()
+            assert (health["running"], health["waiting"], health["preparing"]) == (0, 0, 1)
+            metrics = gauges(client)
+            assert (metrics["mllama_requests_waiting"], metrics["mllama_requests_preparing"]) == (0, 1)
+        finally:
+            release.set()
+            asking.join(60)
+        assert replies[0].status_code == 200 and client.get("/health").json()["preparing"] == 0
+        assert gauges(client)["mllama_requests_preparing"] == 0

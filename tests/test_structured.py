@@ -166,6 +166,27 @@ def test_a_compiled_grammar_serves_many_calls_and_chat_sessions(model):
     assert all(re.fullmatch(r"[0-9]{4}", r) for r in replies), replies
 
 
+def test_the_same_constraint_is_compiled_once(wide, monkeypatch):
+    """A server sees the same schema in request after request: it is compiled (and its first mask checked) once,
+    then the Grammar is shared; the least recently used of more than N_COMPILED goes."""
+    compiles = []
+    real_init = Grammar.__init__
+    monkeypatch.setattr(Grammar, "__init__", lambda self, *a: (compiles.append(a[1]), real_init(self, *a))[1])
+    monkeypatch.setattr(GrammarVocabulary, "N_COMPILED", 3)
+    schema = {"type": "json_schema", "json_schema": {"name": "n", "schema": obj({"n": {"type": "integer"}})}}
+    first = Grammar.from_response_format(wide, schema)
+    assert Grammar.from_response_format(wide, json.loads(json.dumps(schema))) is first and len(compiles) == 1
+    assert Grammar.from_grammar(wide, {"regex": "[0-9]+"}) is not Grammar.from_grammar(wide, "start: /[0-9]+/")
+    assert Grammar.from_grammar(wide, {"regex": "a"}) is Grammar.from_grammar(wide, {"regex": "a"})
+    assert len(compiles) == 4  # the schema, two digit constraints (a regex and Lark: two kinds), "a"
+    assert Grammar.from_response_format(wide, schema) is not first and len(compiles) == 5  # it had gone
+    with pytest.raises(ValueError, match="admits no text"):
+        Grammar.from_grammar(wide, "start: <|image|>")
+    with pytest.raises(ValueError, match="admits no text"):  # a failure is not kept
+        Grammar.from_grammar(wide, "start: <|image|>")
+    assert len(compiles) == 7
+
+
 def test_one_grammar_serves_sequences_in_several_threads(model):
     """A Grammar is shared; each sequence walks its own GrammarState (uniform among the allowed tokens)."""
     from concurrent.futures import ThreadPoolExecutor

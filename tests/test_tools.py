@@ -136,6 +136,14 @@ def test_a_forced_call_of_a_tool_whose_parameters_use_defs(model):
             assert choice["finish_reason"] == "length"
 
 
+@pytest.mark.parametrize("tools,fragment", [("ab", "must be a list"), ([{"name": "f"}], r"tools\[0\] must be"),
+                                            ({"type": "function"}, "must be a list")])
+def test_chat_prompt_checks_its_tools(model, tools, fragment):
+    """chat_prompt's tools as the chat calls' are checked (a string had been shown to the model letter by letter)."""
+    with pytest.raises(ValueError, match=fragment):
+        model.chat_prompt(ASK, tools=tools)
+
+
 def test_a_strict_tool_is_held_as_strictly_as_a_strict_response_format(model):
     unique = {"type": "object", "properties": {"ids": {"type": "array", "items": {"type": "integer", "maximum": 1},
                                                        "minItems": 2, "maxItems": 2, "uniqueItems": True}},

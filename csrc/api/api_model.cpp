@@ -3,6 +3,7 @@
 
 #include "api/guard.h"
 #include "model/model.h"
+#include "runtime/context.h"
 
 using mllama::guarded;
 using mllama::require;
@@ -53,6 +54,12 @@ int32_t mllama_model_get_placement(const mllama_model * model, mllama_placement 
 int32_t mllama_model_cross_layers(const mllama_model * model, int32_t * buf, int32_t cap) {
     if (!model) return mllama::count_error("null model");
     return mllama::copy_ints(model->hp.text.cross_layers, buf, cap);
+}
+
+int32_t mllama_model_cache_type(const mllama_model * model, int32_t precision) {
+    if (!model) return mllama::count_error("null model");
+    if (precision < -1 || precision > 1) return mllama::count_error("precision takes 1 (F32), 0 (F16) or -1 (auto)");
+    return mllama::cache_type(*model, precision);
 }
 
 int32_t mllama_model_intermediate_layers(const mllama_model * model, int32_t * buf, int32_t cap) {

@@ -285,6 +285,9 @@ MLLAMA_API int32_t mllama_model_get_placement(const mllama_model * model, mllama
 MLLAMA_API int32_t mllama_model_cross_layers(const mllama_model * model, int32_t * buf, int32_t cap);
 MLLAMA_API int32_t mllama_model_intermediate_layers(const mllama_model * model, int32_t * buf, int32_t cap);
 MLLAMA_API int32_t mllama_model_aspect_ratios(const mllama_model * model, int32_t * buf, int32_t cap);
+/* The element type of the caches a context makes with kv_f32 or cross_kv_f32 = precision (1: F32, 0: F16, -1: auto,
+ * F32 for a model whose output matrix is F32, else F16), as ggml numbers types: 0 F32, 1 F16; -1 on error. */
+MLLAMA_API int32_t mllama_model_cache_type(const mllama_model * model, int32_t precision);
 /* Metadata by GGUF key. A string: copied NUL-terminated into buf (up to cap bytes), *len receives its
  * length; MLLAMA_ERR_INVALID_ARGUMENT when absent or not a string. A number (any numeric or bool
  * type) into *value. An integer array: the count is returned, up to cap values copied (-1: absent). */

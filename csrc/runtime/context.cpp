@@ -52,7 +52,7 @@ mllama_context_params default_context_params() {
     return p;
 }
 
-static ggml_type cache_type(const mllama_model & model, int32_t requested) {
+ggml_type cache_type(const mllama_model & model, int32_t requested) {
     if (requested == 1) return GGML_TYPE_F32;
     if (requested == 0) return GGML_TYPE_F16;
     // auto: full precision for full-precision models, else half

@@ -10,6 +10,8 @@
 #include "mllama.h"
 #include "runtime/batch.h"
 
+#include "ggml.h"
+
 #include <cstdint>
 #include <memory>
 #include <unordered_set>
@@ -90,6 +92,10 @@ struct mllama_context {
 namespace mllama {
 
 mllama_context_params default_context_params();
+
+// The type of the caches a context makes with kv_f32 / cross_kv_f32 = requested (1 F32, 0 F16, -1 auto: F32 for a
+// model whose output matrix is F32, else F16).
+ggml_type cache_type(const mllama_model & model, int32_t requested);
 
 std::unique_ptr<mllama_context> new_context(const mllama_model & model, const mllama_context_params & params);
 

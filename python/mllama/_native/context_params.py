@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from . import dtypes as T
-from . import names
 from .errors import ModelLoadError
-from .ffi import call, cstr, ffi, lib
+from .ffi import call, ffi, lib
 
 
 class CStrings:
@@ -30,35 +29,27 @@ class CStrings:
 def auto_sequences(model_ptr, n_ctx: int, kv_f32: int = -1, most: int = 4) -> int:
     """How many sequences to hold by default: up to `most`, as many whose self-attention caches fit in a quarter
     of the host memory free now (caches on a GPU: pass n_seq_max for its memory). `kv_f32` as the context takes
-    it (-1: F32 caches for a model whose output matrix is F32, as csrc/runtime/context.cpp decides; F16 had been
-    assumed, which took half the free memory for an F32 model)."""
+    it (-1: auto; the cache type comes from the C side, which makes the caches)."""
     h = ffi.new("mllama_hparams *")
     call(lib.mllama_model_get_hparams, model_ptr, h)
     n_ctx = min(n_ctx, h.n_ctx_train) if n_ctx > 0 else min(h.n_ctx_train, 4096)
     n_self = h.n_layer - lib.mllama_model_cross_layers(model_ptr, ffi.NULL, 0)
-    value_bytes = 4 if kv_f32 == 1 or (kv_f32 == -1 and _output_type(model_ptr) == "f32") else 2
+    value_bytes = T.by_id(lib.mllama_model_cache_type(model_ptr, kv_f32)).type_size  # (the type the context takes)
     per_seq = n_self * 2 * n_ctx * h.n_head_kv * h.n_embd_head * value_bytes
     return max(1, min(most, free_memory() // 4 // max(per_seq, 1)))
-
-
-def _output_type(model_ptr) -> str:
-    info, output = ffi.new("mllama_tensor_info *"), names.tensor("OUTPUT")
-    for i in range(lib.mllama_model_tensor_count(model_ptr)):
-        call(lib.mllama_model_tensor_get_info, model_ptr, i, info)
-        if cstr(info.name) == output:
-            return T.by_id(info.type).name
-    return ""
 
 
 def free_memory() -> int:
     """Host memory free now, in bytes; where the OS does not say (macOS has no SC_AVPHYS_PAGES: its sysconf raises
     ValueError), half the physical memory; 0 where neither is known."""
-    for names_, share in ((("SC_AVPHYS_PAGES", "SC_PAGE_SIZE"), 1), (("SC_PHYS_PAGES", "SC_PAGE_SIZE"), 2)):
-        try:
-            return os.sysconf(names_[0]) * os.sysconf(names_[1]) // share
-        except (AttributeError, ValueError, OSError):
-            continue
-    return 0
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 def check_sizes(**sizes) -> None:

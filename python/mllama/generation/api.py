@@ -119,6 +119,8 @@ class GenerationMixin:
         conv = normalize(messages)
         if continue_final:
             add_generation_prompt = False
+        if tools is not None:
+            resolve_tools(tools, None)  # (a string had been shown to the model letter by letter)
         if tools is not None and conv.images:
             raise ValueError("tools cannot be used together with images (Llama 3.2 Vision supports tool calls "
                              "in text-only conversations): drop the images or 'tools'")

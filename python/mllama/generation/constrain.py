@@ -23,6 +23,8 @@ true, a schema keyword llguidance cannot enforce is an error; otherwise it is ig
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from concurrent.futures import Executor, Future, wait
 from functools import cached_property
 from typing import Iterable
@@ -42,8 +44,12 @@ class GrammarVocabulary:
     """The tokens of one model as llguidance sees them. The llguidance tokenizer (0.5-1.5 s for the
     128K vocabulary) is built on first use; the Model keeps one of these."""
 
+    N_COMPILED = 32  # compiled grammars kept, the most recently used (a server sees the same schemas again)
+
     def __init__(self, tokenizer: Tokenizer, eog_ids: Iterable[int], n_logits: int, forbidden: Iterable[int] = ()):
         self.tokenizer = tokenizer
+        self._compiled: OrderedDict[tuple[str, str], Grammar] = OrderedDict()  # (kind, llguidance text) -> Grammar
+        self._compiled_lock = threading.Lock()
         self.eog_ids = tuple(sorted(eog_ids))
         self.n_logits = n_logits  # the width of the logits the masks apply to
         self.forbidden = np.array(sorted(i for i in forbidden if 0 <= i < n_logits), dtype=np.int64)
@@ -52,6 +58,20 @@ class GrammarVocabulary:
     def llg(self) -> llguidance.LLTokenizer:
         return lltokenizer_from_encoding(self.tokenizer.encoding, n_vocab=self.tokenizer.n_vocab,
                                          eos_token=list(self.eog_ids))
+
+    def compiled(self, llg_grammar: str, kind: str) -> "Grammar":
+        """The Grammar of llguidance's grammar text: compiled once, then shared (it is immutable)."""
+        key = (kind, llg_grammar)
+        with self._compiled_lock:
+            if key in self._compiled:
+                self._compiled.move_to_end(key)
+                return self._compiled[key]
+        grammar = Grammar(self, llg_grammar, kind)
+        with self._compiled_lock:
+            self._compiled[key] = grammar
+            while len(self._compiled) > self.N_COMPILED:
+                self._compiled.popitem(last=False)
+        return grammar
 
     @property
     def mask_words(self) -> int:
@@ -95,17 +115,17 @@ class Grammar:
             text = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"invalid JSON schema: {exc}") from None
-        return cls(vocabulary, text, "JSON schema")
+        return vocabulary.compiled(text, "JSON schema")
 
     @classmethod
     def lark(cls, vocabulary: GrammarVocabulary, text: str) -> "Grammar":
         _require_text(text, "a Lark grammar")
-        return cls(vocabulary, llguidance.LLMatcher.grammar_from_lark(text), "Lark grammar")
+        return vocabulary.compiled(llguidance.LLMatcher.grammar_from_lark(text), "Lark grammar")
 
     @classmethod
     def regex(cls, vocabulary: GrammarVocabulary, pattern: str) -> "Grammar":
         _require_text(pattern, "a regex")
-        return cls(vocabulary, llguidance.LLMatcher.grammar_from_regex(pattern), "regex")
+        return vocabulary.compiled(llguidance.LLMatcher.grammar_from_regex(pattern), "regex")
 
     @classmethod
     def from_response_format(cls, vocabulary: GrammarVocabulary, response_format) -> "Grammar | None":

@@ -162,6 +162,7 @@ class Engine:
         self.n_ctx, self.n_batch, self.n_slots, self.n_seq = n_ctx, n_batch, n_slots, n_seq
         self.seqs = [SequenceState(self.image_token) for _ in range(n_seq)]
         self.slot_keys: list[str | None] = [None] * n_slots
+        self.slot_pending: list[str | None] = [None] * n_slots  # the image each slot awaits (claim_slots' pending)
         self.slot_refs = [0] * n_slots      # running requests that read each slot
         self.slot_used = [0] * n_slots      # when each slot was last claimed (least recently used goes first)
         self._tick = 0
@@ -181,7 +182,7 @@ class Engine:
         self._encoded(slot, image)
 
     def _from_cache(self, slot: int, image: PreparedImage) -> bool:
-        self.slot_keys[slot] = None
+        self.slot_keys[slot] = self.slot_pending[slot] = None
         if self.image_cache is None or not self.image_cache.load_into(self.ctx, slot, image.key):
             return False
         self.slot_keys[slot] = image.key
@@ -191,7 +192,7 @@ class Engine:
         self.n_encoded += 1
         if self.image_cache is not None:
             self.image_cache.store_from(self.ctx, slot, image.key)
-        self.slot_keys[slot] = image.key
+        self.slot_keys[slot], self.slot_pending[slot] = image.key, None
 
     # --- an encode in steps (the scheduler runs decode batches between them) ------------------
     def begin_encode(self, slot: int, image: PreparedImage) -> int:
@@ -204,7 +205,7 @@ class Engine:
         n_stages = ffi.new("int32_t *")
         call(lib.mllama_context_encode_begin, self.ctx, slot, ffi.from_buffer("float[]", pixels), pixels.size,
              image.aspect_ratio_id, image.n_tiles, n_stages)
-        self.encoding = (slot, image)
+        self.encoding, self.slot_pending[slot] = (slot, image), image.key
         return int(n_stages[0])
 
     def encode_step(self, n_stages: int = 1) -> int:
@@ -228,6 +229,7 @@ class Engine:
         """Drops the encode in steps under way (slot given: only one into that slot); its slot holds no image."""
         if self.encoding is not None and (slot is None or self.encoding[0] == slot):
             lib.mllama_context_encode_cancel(self.ctx)
+            self.slot_pending[self.encoding[0]] = None
             self.encoding = None
 
     # --- the image slot pool -------------------------------------------------------------------
@@ -236,27 +238,34 @@ class Engine:
         """A slot holding each image (encoding those no slot holds into the least recently used free
         slots), each claimed until release_slots; None when too few slots are free now. With `pending`,
         the images to encode are not encoded here but appended to it as (slot, image), their slots
-        holding nothing until then (begin_encode)."""
+        holding nothing until then (begin_encode); an image another request's pending encode is putting
+        into a slot shares that slot, and is appended to `pending` too (the encode runs once: the
+        scheduler drops it from every request when the slot holds it)."""
         wanted = {im.key for im in images}
         if len(images) > self.n_slots:  # the same image twice takes two of a sequence's slots (its row table's)
             raise ContextOverflowError(f"{len(images)} images exceed the {self.n_slots} image slots (n_image_slots)",
                                        limit="image_slots")
         held = {key: slot for slot, key in enumerate(self.slot_keys) if key is not None}
-        missing = list(dict.fromkeys(im.key for im in images if im.key not in held))
+        awaited = {key: slot for slot, key in enumerate(self.slot_pending)
+                   if key is not None and key not in held and pending is not None and self.slot_refs[slot] > 0}
+        missing = list(dict.fromkeys(im.key for im in images if im.key not in held and im.key not in awaited))
         kept = {held[key] for key in wanted if key in held}  # (one slot per image: its other copies may go, else
         free = sorted((s for s in range(self.n_slots) if self.slot_refs[s] == 0 and s not in kept),  # a request
                       key=lambda s: (self.slot_keys[s] is not None, self.slot_used[s]))  # could wait forever)
         if len(missing) > len(free):
             return None
         by_key = {im.key: im for im in images}
+        for key in dict.fromkeys(im.key for im in images if im.key in awaited):
+            pending.append((awaited[key], by_key[key]))
         for key, slot in zip(missing, free):
+            self.cancel_encode(slot)
             if pending is None:
                 self.encode(slot, by_key[key])
             else:
-                self.slot_keys[slot] = None
+                self.slot_keys[slot], self.slot_pending[slot] = None, key
                 pending.append((slot, by_key[key]))
             held[key] = slot
-        slots = [held[im.key] for im in images]
+        slots = [held.get(im.key, awaited.get(im.key)) for im in images]
         self._tick += 1
         for slot in slots:
             self.slot_refs[slot] += 1

@@ -128,9 +128,9 @@ class ImageCache:
         """Keep what `slot` holds (just encoded) as the image's entry, in memory and on disk."""
         key = self.entry_key(image_key)
         blob = get_slot_state(ctx, slot)
-        self._keep(key, blob)
-        self._write_file(key, blob)
-        self.stats.stores += 1
+        kept = self._keep(key, blob)
+        if self._write_file(key, blob) or kept:  # (a blob over the budget, without a disk file, is not stored)
+            self.stats.stores += 1
 
     def forget(self, image_key: str) -> None:
         """Drop an image's entry, in memory and on disk (one that gave non-finite logits: encoded again next time)."""
@@ -154,18 +154,21 @@ class ImageCache:
             self._nbytes = 0
 
     # --- memory ------------------------------------------------------------------------------
-    def _keep(self, key: str, blob: bytes | bytearray | memoryview) -> None:
+    def _keep(self, key: str, blob: bytes | bytearray | memoryview) -> bool:
+        """Hold the blob in memory, dropping the least recently used for the budget; False when it is over the
+        whole budget (not held)."""
         with self._lock:
             old = self._memory.pop(key, None)
             self._nbytes -= len(old) if old is not None else 0
             if len(blob) > self.max_bytes:
-                return  # bigger than the whole budget: not kept
+                return False
             self._memory[key] = blob
             self._nbytes += len(blob)
             while self._nbytes > self.max_bytes:
                 _, dropped = self._memory.popitem(last=False)
                 self._nbytes -= len(dropped)
                 self.stats.evictions += 1
+        return True
 
     # --- disk --------------------------------------------------------------------------------
     def _file(self, key: str) -> Path:
@@ -188,9 +191,10 @@ class ImageCache:
             log.warning("image cache: %s is not a valid entry; ignored (it will be replaced)", path)
         return blob
 
-    def _write_file(self, key: str, blob: bytes | bytearray) -> None:
+    def _write_file(self, key: str, blob: bytes | bytearray) -> bool:
+        """Write the blob's disk file (atomically); False without a directory or when it cannot be written."""
         if self.directory is None:
-            return
+            return False
         path = self._file(key)
         header = _HEADER.pack(_MAGIC, FORMAT_VERSION, bytes.fromhex(key), hashlib.sha256(blob).digest(), len(blob))
         tmp = None
@@ -203,11 +207,13 @@ class ImageCache:
                 f.write(header)
                 f.write(blob)
             os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
+            return True
         except OSError as e:
             self.stats.write_errors += 1
             log.warning("image cache: cannot write %s (%s)", path, e)
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
+            return False
 
 
 def _unpack_file(data: bytes, key: str) -> memoryview | None:

@@ -148,14 +148,18 @@ class Scheduler:
 
     def _encode(self) -> None:
         """The next encode_stages stages of the vision tower for the first request whose images are not all in
-        yet (the batches of the other requests run between them); its prompt is evaluated once they are."""
+        yet (the batches of the other requests run between them); its prompt is evaluated once they are. An image
+        put into a slot that other requests await (the same image in several) is in for all of them."""
         for request in self.running:
             if request.to_encode:
                 try:
                     self._encode_stages(request)
                 except Exception as exc:  # its image only: the request ends, the others go on
                     self._close(request, exc)
-                return
+                break
+        keys = self.engine.slot_keys
+        for request in self.running:
+            request.to_encode = [(slot, image) for slot, image in request.to_encode if keys[slot] != image.key]
 
     def _encode_stages(self, request: Request) -> None:
         engine = self.engine
@@ -324,7 +328,8 @@ class Scheduler:
 
     def _start(self, request: Request, free: list[int]) -> bool:
         engine, started = self.engine, time.perf_counter()  # prompt time counts the image encodes
-        held = sum(im.key in engine.slot_keys for im in request.images)
+        ready = set(engine.slot_keys) | {key for slot, key in enumerate(engine.slot_pending) if engine.slot_refs[slot]}
+        held = sum(im.key in ready for im in request.images)  # in a slot, or being put into one for another request
         slots = engine.claim_slots(request.images, pending=request.to_encode)  # encoded by _encode
         if slots is None:
             return False
@@ -371,8 +376,10 @@ class Scheduler:
         for s in request.streams:  # freed before its readers learn of the end (a reader on another thread)
             if s.seq >= 0:
                 self.busy[s.seq] = False
-        for slot, _ in request.to_encode:  # its encode under way stops (its slot holds nothing)
-            self.engine.cancel_encode(slot)
+        awaited = {slot for other in self.running if other is not request for slot, _ in other.to_encode}
+        for slot, _ in request.to_encode:  # its encode under way stops (its slot holds nothing), unless another
+            if slot not in awaited:        # request awaits the same image there
+                self.engine.cancel_encode(slot)
         request.to_encode = []
         if request in self.running:
             self.running.remove(request)

@@ -53,8 +53,8 @@ def create_app(model, *, max_queue: int = 8, max_body_bytes: int = 32 * 1024 * 1
             return JSONResponse({"status": "error", "model": model_id,
                                  "error": "an RPC worker holding part of the model failed: restart the server"},
                                 status_code=503)
-        return {"status": "ok", "model": model_id, "running": len(scheduler.running), "waiting": queue.waiting,
-                "sequences": model.n_seq_max}
+        return {"status": "ok", "model": model_id, "running": len(scheduler.running), "waiting": scheduler.n_waiting,
+                "preparing": queue.preparing, "sequences": model.n_seq_max}  # (as /metrics counts them)
 
     @app.get("/metrics")
     async def metrics():

@@ -19,6 +19,8 @@ class Metrics:
         self.model, self.window_s = model, window_s
         self.running = Gauge("mllama_requests_running", "Requests holding sequences", registry=r)
         self.waiting = Gauge("mllama_requests_waiting", "Requests waiting for a sequence", registry=r)
+        self.preparing = Gauge("mllama_requests_preparing", "Requests being prepared (their prompts rendered, images "
+                               "read) before they wait for a sequence", registry=r)  # (the queue sets its function)
         self.encoding = Gauge("mllama_requests_encoding", "Running requests whose images are in the vision tower "
                               "(their prompts wait; the other streams go on)", registry=r)
         self.sequences = Gauge("mllama_sequences", "Sequences the context holds (n_seq_max)", registry=r)

@@ -116,6 +116,7 @@ class BatchQueue:
         self._work = threading.Event()
         self._driver: threading.Thread | None = None
         self.stopping = False  # the server shuts down: requests that come now are refused, or cancelled once queued
+        self.metrics.preparing.set_function(lambda: self.preparing)
 
     def stop(self) -> None:
         """Stops every request, those being prepared and those to come included (a server shutting down: each
@@ -127,6 +128,7 @@ class BatchQueue:
 
     @property
     def waiting(self) -> int:
+        """Requests that wait for a sequence, those being prepared included (the queue bound counts both)."""
         with self._counts:
             return self.model.scheduler.n_waiting + self.preparing
 
@@ -156,7 +158,8 @@ class BatchQueue:
             tokens, images = prompt(self.model)
             request = self.model.build_request(tokens, images, n=n, notify=notify, **sampling)
             with self._counts:
-                request.cancelled = self.stopping  # (prepared while the server stopped: ends at the next step)
+                if self.stopping:  # prepared while the server stopped: it ends at the next step
+                    request.cancelled = True
                 self.model.scheduler.submit(request)
                 self.preparing, queued = self.preparing - 1, True
             return request
