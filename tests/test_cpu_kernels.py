@@ -259,6 +259,19 @@ def test_op_paths_name_the_kernels_the_context_uses(converted):
     assert default["image cross-attention K/V"].startswith("ggml")  # so does its cross K/V path (and F16 stays F16)
 
 
+def kernel_options(stems: list[str]) -> dict[str, list[str]]:
+    """csrc/kernels/x86/compile_options.txt: each kernel source's own options (an option line names its sources, or
+    none: all of them)."""
+    scoped: dict[str, list[str]] = {}
+    for line in (ROOT / "csrc" / "kernels" / "x86" / "compile_options.txt").read_text().splitlines():
+        if line.startswith("-"):
+            option, *named = line.split()
+            assert set(named) <= set(stems), f"compile_options.txt names a source that does not exist: {named}"
+            for stem in named or stems:
+                scoped.setdefault(stem, []).append(option)
+    return scoped
+
+
 def build_kernel_driver(out: Path, driver: str, kernels: list[str], defines: Sequence[str] = (),
                         replace: dict[str, Path] | None = None) -> Path:
     """tests/c/DRIVER.cpp with the kernels' sources (csrc/kernels/; `kernels`: the ones it tests), against the
@@ -269,24 +282,29 @@ def build_kernel_driver(out: Path, driver: str, kernels: list[str], defines: Seq
     ggml = Path(libggml.__file__).parent
     lib_dir = next(p for p in (ggml / "lib", ggml / "lib64") if (p / "libggml-base.so").exists())
     # every kernel source: kernels/dispatch.cpp picks among all of them (kernels/x86/entry_points.h)
-    x86 = sorted((ROOT / "csrc" / "kernels" / "x86").glob("*.cpp"))
-    assert all(ROOT / "csrc" / "kernels" / "x86" / f"{k}.cpp" in x86 for k in kernels), kernels
-    x86 = [(replace or {}).get(path.stem, path) for path in x86]
-    sources = [ROOT / "tests" / "c" / f"{driver}.cpp", *x86,
-               ROOT / "csrc" / "kernels" / "dispatch.cpp", ROOT / "csrc" / "common" / "error.cpp",
-               ROOT / "csrc" / "common" / "text.cpp"]
-    # the kernels' own options, as CMakeLists.txt compiles them; GCC 12's own intrinsic headers trip -Wuninitialized
-    # (`__m512 __Y = __Y;`): not our code
-    options = [line for line in (ROOT / "csrc" / "kernels" / "x86" / "compile_options.txt").read_text().splitlines()
-               if line.startswith("-")]
+    originals = sorted((ROOT / "csrc" / "kernels" / "x86").glob("*.cpp"))
+    assert all(ROOT / "csrc" / "kernels" / "x86" / f"{k}.cpp" in originals for k in kernels), kernels
+    x86 = [(replace or {}).get(path.stem, path) for path in originals]
     # MLLAMA_SANITIZE (as for the package's build, README "Robustness"): the drivers built with the same sanitizers,
     # every finding fatal, so that a driver test fails on it instead of printing to a captured stderr
     sanitize = os.environ.get("MLLAMA_SANITIZE", "")
-    if sanitize:
-        options += [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-    subprocess.run(["c++", "-std=c++17", "-O3", *options, "-Wall", "-Wextra", "-Werror",
-                    "-Wno-unused-parameter", "-Wno-uninitialized", "-Wno-maybe-uninitialized",
-                    *(f"-D{d}" for d in defines), f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'include'}",
-                    f"-I{ggml / 'include'}", *map(str, sources), f"-L{lib_dir}", "-lggml-cpu", "-lggml-base",
+    common = ["c++", "-std=c++17", "-O3", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
+              # GCC 12's own intrinsic headers trip -Wuninitialized (`__m512 __Y = __Y;`): not our code
+              "-Wno-uninitialized", "-Wno-maybe-uninitialized",
+              *([f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"] if sanitize else []),
+              *(f"-D{d}" for d in defines), f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'include'}",
+              f"-I{ggml / 'include'}"]
+    # the kernels' own options, as CMakeLists.txt compiles them: a source with options of its own becomes an object
+    scoped = kernel_options([path.stem for path in originals])
+    objects = []
+    for original, path in zip(originals, x86):
+        if scoped.get(original.stem):
+            objects.append(out.parent / f"{out.name}-{original.stem}.o")
+            subprocess.run([*common, *scoped[original.stem], "-c", str(path), "-o", str(objects[-1])], check=True,
+                           capture_output=True, text=True)
+    plain = [path for original, path in zip(originals, x86) if not scoped.get(original.stem)]
+    sources = [ROOT / "tests" / "c" / f"{driver}.cpp", *plain, ROOT / "csrc" / "kernels" / "dispatch.cpp",
+               ROOT / "csrc" / "common" / "error.cpp", ROOT / "csrc" / "common" / "text.cpp"]
+    subprocess.run([*common, *map(str, sources), *map(str, objects), f"-L{lib_dir}", "-lggml-cpu", "-lggml-base",
                     f"-Wl,-rpath,{lib_dir}", "-o", str(out)], check=True, capture_output=True, text=True)
     return out
