@@ -190,3 +190,31 @@ def test_the_same_new_image_in_two_requests_is_encoded_once(model, cancel_first)
     assert engine.n_encoded - encoded == 1 and scheduler.stats["encode_steps"] - stages == n_stages(model)
     assert [r[0].text for r in results] == (alone[1:] if cancel_first else alone)
     assert not any(engine.slot_refs) and engine.slot_keys.count(image.key) == 1
+
+
+def test_a_shared_encode_goes_on_before_another_image_begins(gguf_f32):
+    """The request that began an encode is cancelled; of the requests still running, one awaits another image and
+    comes first, one shares the encode under way: the encode goes on for the sharer (beginning the other image had
+    dropped its stages, and a later request with the first image encoded it into a slot of its own)."""
+    with mllama.Model(gguf_f32, n_image_slots=3, image_cache_bytes=0, n_seq_max=4, n_ctx=256) as model:
+        engine, scheduler = model.engine, model.scheduler
+        x, y = model.prepare_images([picture(SIZES["4 tiles"], seed=14), picture(SIZES["1 tile"], seed=15)])
+        prompt = [BOS, IMAGE] + model.tokenize("Describe it.")
+        alone = {im.key: model.generate(prompt, [im], stream=False, temperature=0.0, max_tokens=4) for im in (x, y)}
+        engine.slot_keys[:] = [None, None, None]
+        encoded, stages = engine.n_encoded, scheduler.stats["encode_steps"]
+        starter = model.submit(prompt, [x], temperature=0.0, max_tokens=4)
+        for _ in range(3):
+            model.run_step()
+        other, sharer = (model.submit(prompt, [im], temperature=0.0, max_tokens=4) for im in (y, x))
+        model.run_step()
+        assert sharer.slots == starter.slots and other.slots != starter.slots
+        scheduler.cancel(starter)
+        model.run_step()
+        later = model.submit(prompt, [x], temperature=0.0, max_tokens=4)
+        model.run_step()
+        assert later.slots == sharer.slots  # it shares the encode still under way
+        results = model.results([other, sharer, later])
+        assert [r[0].text for r in results] == [alone[y.key], alone[x.key], alone[x.key]]
+        assert engine.n_encoded - encoded == 2  # x once, y once
+        assert scheduler.stats["encode_steps"] - stages == 2 * n_stages(model)

@@ -150,16 +150,27 @@ class Scheduler:
         """The next encode_stages stages of the vision tower for the first request whose images are not all in
         yet (the batches of the other requests run between them); its prompt is evaluated once they are. An image
         put into a slot that other requests await (the same image in several) is in for all of them."""
-        for request in self.running:
-            if request.to_encode:
-                try:
-                    self._encode_stages(request)
-                except Exception as exc:  # its image only: the request ends, the others go on
-                    self._close(request, exc)
-                break
+        request = self._next_to_encode()
+        if request is not None:
+            try:
+                self._encode_stages(request)
+            except Exception as exc:  # its image only: the request ends, the others go on
+                self._close(request, exc)
         keys = self.engine.slot_keys
         for request in self.running:
             request.to_encode = [(slot, image) for slot, image in request.to_encode if keys[slot] != image.key]
+
+    def _next_to_encode(self) -> Request | None:
+        """The request whose encode goes on: one awaiting the encode under way (its entry put first: a request whose
+        started it may have ended, and beginning another image would drop its stages), else the first with images
+        to encode."""
+        under_way = self.engine.encoding[0] if self.engine.encoding is not None else None
+        for request in self.running:
+            entries = [entry for entry in request.to_encode if entry[0] == under_way]
+            if entries:
+                request.to_encode = entries[:1] + [entry for entry in request.to_encode if entry is not entries[0]]
+                return request
+        return next((request for request in self.running if request.to_encode), None)
 
     def _encode_stages(self, request: Request) -> None:
         engine = self.engine
