@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -80,14 +81,19 @@ bool amx_tiles_emulated() {  // read at each use (a test switches it within one 
 
 bool amx_tiles_available() { return cpu_kernels_available() && (amx_tiles_emulated() || amx_tiles_hardware()); }
 
-bool weights_prefetch_l1() {
-    static const bool intel = [] {
-        unsigned a = 0, vendor[3] = {0, 0, 0};
-        if (!__get_cpuid(0, &a, &vendor[0], &vendor[2], &vendor[1])) return false;  // EBX, EDX, ECX: the name
-        return std::memcmp(vendor, "GenuineIntel", sizeof(vendor)) == 0;
+bool weights_prefetch_l1(int64_t n_rows) {
+    constexpr int64_t k_zen5_l1_rows = 4;  // (kernels/dispatch.h)
+    static const int64_t l1_rows = [] {  // the most rows a product prefetches into L1 for, by the CPU
+        unsigned a = 0, b = 0, c = 0, d = 0, vendor[3] = {0, 0, 0};
+        if (!__get_cpuid(0, &a, &vendor[0], &vendor[2], &vendor[1])) return int64_t{0};  // EBX, EDX, ECX: the name
+        if (std::memcmp(vendor, "GenuineIntel", sizeof(vendor)) == 0) return std::numeric_limits<int64_t>::max();
+        const bool amd = std::memcmp(vendor, "AuthenticAMD", sizeof(vendor)) == 0;
+        if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return int64_t{0};
+        const unsigned base = (a >> 8) & 0xF, family = base == 0xF ? base + ((a >> 20) & 0xFF) : base;
+        return family == 0x1A ? k_zen5_l1_rows : int64_t{0};
     }();
     const char * v = std::getenv("MLLAMA_PREFETCH_L1");  // read at each graph: a bench switches it between steps
-    return v && (std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0) ? v[0] == '1' : intel;
+    return v && (std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0) ? v[0] == '1' : n_rows <= l1_rows;
 }
 
 bool cpu_kernel_available(cpu_kernel k) {
@@ -114,7 +120,7 @@ bool cpu_kernel_available(cpu_kernel k) { return k == cpu_kernel::fuse; }  // fu
 bool amx_tiles_available() { return false; }
 bool amx_tiles_hardware() { return false; }
 bool amx_tiles_emulated() { return false; }
-bool weights_prefetch_l1() { return false; }
+bool weights_prefetch_l1(int64_t) { return false; }
 
 // The kernels' entry points, for the graphs to link on other processors: never reached, since no
 // kernel may run where cpu_kernels_available() is false.

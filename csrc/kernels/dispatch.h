@@ -55,11 +55,13 @@ bool amx_tiles_available();
 bool amx_tiles_hardware();  // the first case: real tiles (reported as AMX_TILE_KERNELS)
 bool amx_tiles_emulated();  // MLLAMA_AMX_EMULATE=1 (the tile kernels use emulated tiles, AMX or not)
 
-// The Q4_K kernel's AVX-512 form prefetches its weights into L1 as well as into L2: on Intel cores, where a
-// one-row product read 0.89-0.94x the time with both (2-core Xeon with AMX, 2 threads: 4096 x 14336 at 16 GB/s on
-// one core, the read probe's 15.6) and on no other x86 vendor's (Zen 4: L2 only read at 40-46 GB/s against 35-39;
-// bench/README.md). MLLAMA_PREFETCH_L1=0 or 1 says otherwise (read when a graph is built, for benches).
-bool weights_prefetch_l1();
+// Whether the Q4_K kernel's AVX-512 form prefetches its weights into L1 as well as into L2 for a product of n_rows
+// rows: on Intel cores, where a one-row product took 0.89-0.94x the time with both (2-core Xeon with AMX, 2 threads:
+// 4096 x 14336 at 16 GB/s on one core, the read probe's 15.6); on Zen 5 (AMD family 1Ah) up to 4 rows, where the
+// full-size 11B's one-row decode step took 0.93x the time with both, 4 rows 0.985x, 8 rows alike and a 65-token
+// prefill 1.02x; on no other x86 CPU (Zen 4: L2 only read at 40-46 GB/s against 35-39; bench/README.md).
+// MLLAMA_PREFETCH_L1=0 or 1 says otherwise (read when a graph is built, for benches).
+bool weights_prefetch_l1(int64_t n_rows);
 
 // The kernels a context allows (mllama_context_params.cpu_kernels, parsed once at init).
 struct cpu_kernel_set {

@@ -163,7 +163,7 @@ MLLAMA_VNNI_TARGET inline void chunk_block(int64_t n, const q4kx8_block & blk, c
 }
 
 // One group of 8 channels against N rows (q4k::group_fn), k_row_chunk rows per pass over each block; the weights
-// prefetched into L2, and into L1 too where L1 (weights_prefetch_l1()).
+// prefetched into L2, and into L1 too where L1 (weights_prefetch_l1(N)).
 template <bool L1>
 MLLAMA_VNNI_TARGET void group(const q4kx8_block * w, int64_t n_blocks, const q8k_block * const * x,
                               const float * const * d, int64_t N, float * out) {
@@ -190,7 +190,7 @@ void product(ggml_tensor * dst, int ith, int nth, void * userdata) {
 }  // namespace
 
 ggml_tensor * q4k_matmul_avx512(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
-    return q4k::matmul_graph(ctx, w, x, weights_prefetch_l1() ? product<true> : product<false>);  // [M, N]
+    return q4k::matmul_graph(ctx, w, x, weights_prefetch_l1(x->ne[1]) ? product<true> : product<false>);  // [M, N]
 }
 
 }  // namespace mllama
