@@ -161,9 +161,9 @@ class Scheduler:
             request.to_encode = [(slot, image) for slot, image in request.to_encode if keys[slot] != image.key]
 
     def _next_to_encode(self) -> Request | None:
-        """The request whose encode goes on: one awaiting the encode under way (its entry put first: a request whose
-        started it may have ended, and beginning another image would drop its stages), else the first with images
-        to encode."""
+        """The request whose encode goes on: one awaiting the encode under way (its entry put first: the request that
+        began it may have ended, and beginning another image would drop its stages), else the first with images to
+        encode."""
         under_way = self.engine.encoding[0] if self.engine.encoding is not None else None
         for request in self.running:
             entries = [entry for entry in request.to_encode if entry[0] == under_way]
