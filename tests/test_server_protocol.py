@@ -167,8 +167,10 @@ def test_cors_for_local_pages_and_named_origins(app):
     assert "access-control-allow-origin" not in other.headers
 
 
-def metric(base: str, name: str) -> float:
-    for line in httpx.get(base + "/metrics").text.splitlines():
+def metric(base, name: str) -> float:
+    """A metric's value from /metrics of a server at `base` (a URL) or of a TestClient."""
+    reply = httpx.get(base + "/metrics") if isinstance(base, str) else base.get("/metrics")
+    for line in reply.text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise KeyError(name)
@@ -238,10 +240,6 @@ def test_health_and_metrics_count_a_request_being_prepared(model, monkeypatch):
 
     from mllama.server.app import create_app
 
-    def gauges(client) -> dict[str, float]:
-        lines = client.get("/metrics").text.splitlines()
-        return {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("mllama_requests_")}
-
     build, entered, release, replies = model.build_request, threading.Event(), threading.Event(), []
 
     def slow_build(*args, **kwargs):
@@ -257,10 +255,9 @@ def test_health_and_metrics_count_a_request_being_prepared(model, monkeypatch):
             assert entered.wait(60)
             health = client.get("/health").json()
             assert (health["running"], health["waiting"], health["preparing"]) == (0, 0, 1)
-            metrics = gauges(client)
-            assert (metrics["mllama_requests_waiting"], metrics["mllama_requests_preparing"]) == (0, 1)
+            assert (metric(client, "mllama_requests_waiting"), metric(client, "mllama_requests_preparing")) == (0, 1)
         finally:
             release.set()
             asking.join(60)
         assert replies[0].status_code == 200 and client.get("/health").json()["preparing"] == 0
-        assert gauges(client)["mllama_requests_preparing"] == 0
+        assert metric(client, "mllama_requests_preparing") == 0

@@ -246,8 +246,7 @@ class Engine:
             raise ContextOverflowError(f"{len(images)} images exceed the {self.n_slots} image slots (n_image_slots)",
                                        limit="image_slots")
         held = {key: slot for slot, key in enumerate(self.slot_keys) if key is not None}
-        awaited = {key: slot for slot, key in enumerate(self.slot_pending)
-                   if key is not None and key not in held and pending is not None and self.slot_refs[slot] > 0}
+        awaited = {key: slot for key, slot in self.awaited().items() if key not in held} if pending is not None else {}
         missing = list(dict.fromkeys(im.key for im in images if im.key not in held and im.key not in awaited))
         kept = {held[key] for key in wanted if key in held}  # (one slot per image: its other copies may go, else
         free = sorted((s for s in range(self.n_slots) if self.slot_refs[s] == 0 and s not in kept),  # a request
@@ -258,7 +257,7 @@ class Engine:
         for key in dict.fromkeys(im.key for im in images if im.key in awaited):
             pending.append((awaited[key], by_key[key]))
         for key, slot in zip(missing, free):
-            self.cancel_encode(slot)
+            self.cancel_encode(slot)  # (an encode left going into a slot no request reads would go on into the new)
             if pending is None:
                 self.encode(slot, by_key[key])
             else:
@@ -271,6 +270,11 @@ class Engine:
             self.slot_refs[slot] += 1
             self.slot_used[slot] = self._tick
         return slots
+
+    def awaited(self) -> dict[str, int]:
+        """Images being put into slots for running requests (their encodes pending or under way): key -> slot; a
+        request that brings one of them shares that slot and its encode (claim_slots)."""
+        return {key: slot for slot, key in enumerate(self.slot_pending) if key is not None and self.slot_refs[slot]}
 
     def forget_images(self, keys: Iterable[str]) -> None:
         """Drop what images' K/V gave (after non-finite logits from a request that read them): their cache

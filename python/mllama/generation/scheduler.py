@@ -158,7 +158,8 @@ class Scheduler:
                 self._close(request, exc)
         keys = self.engine.slot_keys
         for request in self.running:
-            request.to_encode = [(slot, image) for slot, image in request.to_encode if keys[slot] != image.key]
+            if request.to_encode:
+                request.to_encode = [(slot, image) for slot, image in request.to_encode if keys[slot] != image.key]
 
     def _next_to_encode(self) -> Request | None:
         """The request whose encode goes on: one awaiting the encode under way (its entry put first: the request that
@@ -339,8 +340,8 @@ class Scheduler:
 
     def _start(self, request: Request, free: list[int]) -> bool:
         engine, started = self.engine, time.perf_counter()  # prompt time counts the image encodes
-        ready = set(engine.slot_keys) | {key for slot, key in enumerate(engine.slot_pending) if engine.slot_refs[slot]}
-        held = sum(im.key in ready for im in request.images)  # in a slot, or being put into one for another request
+        ready = set(engine.slot_keys) | engine.awaited().keys()  # in a slot, or being put into one for another request
+        held = sum(im.key in ready for im in request.images)
         slots = engine.claim_slots(request.images, pending=request.to_encode)  # encoded by _encode
         if slots is None:
             return False
