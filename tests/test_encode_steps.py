@@ -166,6 +166,34 @@ def test_a_request_cancelled_or_failing_in_its_encode_frees_what_it_held(model, 
     assert result.finish_reason == "length" and result.usage.completion_tokens == 30 and scheduler.running == []
 
 
+def test_a_request_failing_to_start_gives_back_the_slot_it_emptied(model, monkeypatch):
+    """A request claims the least recently used slot for its new image, then fails to start: the slot holds again
+    the image it held, whose next request reads it there (the slot had been left empty, and that image was encoded
+    again)."""
+    text, engine, scheduler = model.tokenize, model.engine, model.scheduler
+    images = model.prepare_images([picture(SIZES["1 tile"], seed=seed) for seed in (21, 22, 23)])
+    prompt = [BOS, IMAGE] + text("Describe it.")
+    engine.slot_keys[:] = [None, None]
+    for image in images[:2]:
+        model.generate(prompt, [image], stream=False, temperature=0.0, max_tokens=1)
+    keys = list(engine.slot_keys)
+    assert sorted(keys) == sorted(image.key for image in images[:2])
+
+    def broken(self, *args, **kwargs):
+        raise mllama.MllamaError("no room")
+
+    monkeypatch.setattr(type(engine), "start", broken)
+    failing = model.submit(prompt, images[2:], temperature=0.0, max_tokens=4)
+    model.run_step()
+    kind, error = failing.streams[0].events[-1]
+    assert kind == "error" and "no room" in str(error)
+    monkeypatch.undo()
+    assert engine.slot_keys == keys and not any(engine.slot_refs) and not any(engine.slot_pending)
+    encoded, hits = engine.n_encoded, scheduler.stats["image_slot_hits"]
+    model.generate(prompt, images[:1], stream=False, temperature=0.0, max_tokens=1)
+    assert engine.n_encoded == encoded and scheduler.stats["image_slot_hits"] == hits + 1
+
+
 @pytest.mark.parametrize("cancel_first", [False, True])
 def test_the_same_new_image_in_two_requests_is_encoded_once(model, cancel_first):
     """Two requests with the same new image share one slot and one encode (it had run once per request, the

@@ -294,6 +294,16 @@ class Engine:
         for slot in slots:
             self.slot_refs[slot] -= 1
 
+    def unclaim_slots(self, slots: list[int], keys_before: list[str | None]) -> None:
+        """Undoes claim_slots for a request that did not start (slot_keys as they were before it: keys_before): its
+        claims released, and each slot it emptied for an image whose encode had not begun holds again the image it
+        held (the slot's K/V change only from begin_encode on)."""
+        self.release_slots(slots)
+        for slot in set(slots):
+            if (self.slot_refs[slot] == 0 and self.slot_pending[slot] is not None and keys_before[slot] is not None
+                    and (self.encoding is None or self.encoding[0] != slot)):
+                self.slot_keys[slot], self.slot_pending[slot] = keys_before[slot], None
+
     # --- sequences -----------------------------------------------------------------------------
     def reusable(self, seq: int, tokens: list[int], images: list[PreparedImage]) -> int:
         """How many leading tokens of the prompt the sequence's cache already holds (same tokens, same

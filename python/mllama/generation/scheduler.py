@@ -342,6 +342,7 @@ class Scheduler:
         engine, started = self.engine, time.perf_counter()  # prompt time counts the image encodes
         ready = set(engine.slot_keys) | engine.awaited().keys()  # in a slot, or being put into one for another request
         held = sum(im.key in ready for im in request.images)
+        keys_before = list(engine.slot_keys)  # (a failed start gives back the slots its claim emptied)
         slots = engine.claim_slots(request.images, pending=request.to_encode)  # encoded by _encode
         if slots is None:
             return False
@@ -361,7 +362,7 @@ class Scheduler:
                 if stream.seq >= 0:
                     self.busy[stream.seq], stream.seq = False, -1
             request.slots, request.to_encode = [], []
-            engine.release_slots(slots)
+            engine.unclaim_slots(slots, keys_before)
             raise
         self.stats["prefix_tokens_reused"] += request.n_evaluated
         self.stats["image_slot_hits"] += held
