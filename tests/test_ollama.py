@@ -183,6 +183,12 @@ def test_served_from_the_store_it_answers_to_its_ollama_name(era_b, tmp_path, mo
     with running("llama3.2-vision", "--ctx", "256", "--parallel", "1") as base:
         c = Client(host=base, timeout=120)
         assert [m.model for m in c.list().models] == ["llama3.2-vision:latest"]
+        # listed as Ollama lists it: the manifest's sha256, every layer's bytes, the manifest's time
+        manifest = root / "manifests" / "registry.ollama.ai" / "library" / "llama3.2-vision" / "latest"
+        listed = c.list().models[0]
+        assert listed.digest == hashlib.sha256(manifest.read_bytes()).hexdigest()
+        assert listed.size == sum(layer["size"] for layer in json.loads(manifest.read_text())["layers"])
+        assert listed.modified_at.timestamp() == pytest.approx(manifest.stat().st_mtime, abs=1e-3)
         assert [m.model for m in c.ps().models] == ["llama3.2-vision:latest"]
         assert "vision" in c.show("llama3.2-vision:latest").capabilities
         reply = c.chat(model="llama3.2-vision:latest", messages=[{"role": "user", "content": "Hi"}],

@@ -33,7 +33,7 @@ from .generation.sampling import SamplingParams
 from .generation.session import Chat
 from .hparams import HParams, from_struct
 from .image.preprocess import ImageConfig, preprocess
-from .ollama_store import display_name, resolve
+from .ollama_store import display_name, manifest_path, resolve, store_root
 from .settings import Environment, environment, parse_bytes, repack_mode
 from .text.tokenizer import Tokenizer
 
@@ -102,6 +102,8 @@ class Model(Handle, GenerationMixin, AsyncGenerationMixin):
         text = os.fspath(path)
         is_ollama = isinstance(text, str) and text.startswith("ollama:")
         self.ollama_name = display_name(text[len("ollama:"):]) if is_ollama else None
+        # (the manifest the model came from: the server's /api/tags gives its digest, as Ollama does)
+        self.ollama_manifest = manifest_path(store_root(), text[len("ollama:"):]) if is_ollama else None
         self._log = log or logger
         self._log_handle = ffi.new_handle(self._log)
         strings = CStrings()

@@ -57,6 +57,20 @@ def manifest_path(root: Path, reference: str) -> Path:
     return root.joinpath("manifests", *parts, tag)
 
 
+def manifest_listing(manifest: Path) -> dict | None:
+    """What Ollama's /api/tags says of a stored model, from its manifest: `digest`, the sha256 of the manifest's
+    bytes; `size`, its layers' and config's bytes together; `mtime`, the manifest's modification time. None where
+    the manifest cannot be read (since the model was loaded)."""
+    try:
+        data = manifest.read_bytes()
+        parsed = json.loads(data)
+        parts = [*parsed.get("layers", []), parsed.get("config")]
+        size = sum(int(part.get("size", 0)) for part in parts if isinstance(part, dict))
+        return {"digest": hashlib.sha256(data).hexdigest(), "size": size, "mtime": manifest.stat().st_mtime}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
 def _verified_cache() -> Path:
     return cache_dir() / "ollama_verified.json"
 

@@ -13,6 +13,7 @@ from .._version import __version__
 from ..generation.api import tool_spec
 from ..generation.openai import take
 from ..generation.results import GenerationResult
+from ..ollama_store import manifest_listing
 from ..text.tools import may_be_call, parse_call
 from .ollama_requests import (chat_prompt, generate_prompt, loads_only, options, output_format, refuse_unsupported,
                               truncates, unloads)
@@ -49,9 +50,14 @@ def model_card(model) -> dict:
     info = model.info
     st = model.path.stat()
     text_types = Counter(t.type for t in model.tensors() if t.name.startswith("blk.") and len(t.shape) == 2)
-    # identifies the loaded file (path, size, modification time); hashing its content would read gigabytes
+    # identifies the loaded file (path, size, modification time); hashing its content would read gigabytes. A model
+    # from the Ollama store is listed as Ollama lists it: its manifest's digest, size (every layer) and time.
     identity = f"{model.path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
     digest = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()  # (any file name)
+    size, mtime = info["file_size"], st.st_mtime
+    listing = manifest_listing(model.ollama_manifest) if model.ollama_manifest else None
+    if listing is not None:
+        digest, size, mtime = listing["digest"], listing["size"], listing["mtime"]
     details = {"parent_model": "", "format": "gguf", "family": "mllama", "families": ["mllama"],
                "parameter_size": human_count(info["n_params"]),
                "quantization_level": text_types.most_common(1)[0][0].upper() if text_types else ""}
@@ -59,8 +65,8 @@ def model_card(model) -> dict:
     model_info = {"general.architecture": "mllama", "general.parameter_count": info["n_params"],
                   "mllama.context_length": hp.n_ctx_train, "mllama.embedding_length": hp.n_embd,
                   "mllama.block_count": hp.n_layer, "mllama.vision.block_count": hp.v_n_layer}
-    modified = datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat().replace("+00:00", "Z")
-    return {"name": model.name, "model": model.name, "modified_at": modified, "size": info["file_size"],
+    modified = datetime.fromtimestamp(mtime, timezone.utc).isoformat().replace("+00:00", "Z")
+    return {"name": model.name, "model": model.name, "modified_at": modified, "size": size,
             "digest": digest, "details": details, "model_info": model_info, "template": model.chat_template,
             "bytes_weights": info["n_bytes_weights"], "on_gpu": info["device"].lower() != "cpu", "n_ctx": model.n_ctx}
 
