@@ -32,11 +32,12 @@ def qmm_form_env(form: str, prefetch_l1: str | None = None) -> dict:
     return env if prefetch_l1 is None else {**env, "MLLAMA_PREFETCH_L1": prefetch_l1}
 
 
-# The Q4_K kernel's AVX-512 form prefetches its weights into L2 only (off Intel) or into L1 too (on Intel);
-# MLLAMA_PREFETCH_L1 picks either on any CPU, so both variants are checked everywhere (the AVX2 form has one).
-Q4K_FORMS = [pytest.param("avx512_vnni", "0", marks=QMM_FORMS[0].marks),
-             pytest.param("avx512_vnni", "1", marks=QMM_FORMS[0].marks),
-             pytest.param("avx2", None, marks=QMM_FORMS[1].marks)]
+# The quantized kernels' AVX-512 forms prefetch their weights into L2 only or into L1 too, by the CPU
+# (weights_prefetch_l1, q6k_weights_prefetch_l1 in kernels/dispatch.h); MLLAMA_PREFETCH_L1 picks either on any
+# CPU, so both variants are checked everywhere (the AVX2 forms have one).
+PREFETCH_FORMS = [pytest.param("avx512_vnni", "0", marks=QMM_FORMS[0].marks),
+                  pytest.param("avx512_vnni", "1", marks=QMM_FORMS[0].marks),
+                  pytest.param("avx2", None, marks=QMM_FORMS[1].marks)]
 
 
 def build_qmm_driver(out: Path) -> Path:
@@ -52,10 +53,10 @@ def qmm_driver(tmp_path_factory):
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
-@pytest.mark.parametrize("form", QMM_FORMS)
+@pytest.mark.parametrize("form,prefetch_l1", PREFETCH_FORMS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 17, 64])
 @pytest.mark.parametrize("k,m,threads", [(256, 1, 2), (512, 7, 2), (4096, 33, 2), (1024, 100, 3), (14336, 67, 2)])
-def test_q6k_kernel_matches_ggml_mul_mat(qmm_driver, k, m, threads, rows, form):
+def test_q6k_kernel_matches_ggml_mul_mat(qmm_driver, k, m, threads, rows, form, prefetch_l1):
     """The kernel against ggml's mul_mat on the same random Q6_K blocks (every bit pattern, scales of
     -128 included) and the same F32 rows (one 256-block all zeros), on 2 or 3 threads. Both quantize x to
     8-bit blocks with ggml's Q8_K rule (the kernel reproduces it: scale -127/max, round half to even),
@@ -69,9 +70,10 @@ def test_q6k_kernel_matches_ggml_mul_mat(qmm_driver, k, m, threads, rows, form):
     channels in the AVX2 form (q6k::rows_per_pass: 18 KB of activations per row); 9, 17 and 64 rows (prefill)
     go in even passes of at most 8 (5 + 4, 6 + 6 + 5, 8 x 8), so a pass that skips or repeats a row shows;
     the threads claim the channels in chunks (work::chunks_of: M = 67 in chunks of 9 channels, M = 100 in
-    chunks of 9 for 3 threads), so a chunk left out or a thread's write lost shows as a wrong channel."""
+    chunks of 9 for 3 threads), so a chunk left out or a thread's write lost shows as a wrong channel. The AVX-512
+    form runs with and without its L1 prefetches (PREFETCH_FORMS)."""
     proc = subprocess.run([str(qmm_driver), str(k), str(m), str(rows), str(threads)], capture_output=True, text=True,
-                          timeout=120, env=qmm_form_env(form))
+                          timeout=120, env=qmm_form_env(form, prefetch_l1))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not proc.stdout.startswith("skip"), proc.stdout
     fields = dict(item.split("=") for item in proc.stdout.split())
@@ -135,7 +137,7 @@ def q4k_driver(tmp_path_factory):
     return build_kernel_driver(tmp_path_factory.mktemp("q4k") / "qmm_q4k", "qmm_q4k", ["qmm_q4k_avx2", "qmm_q4k_avx512"])
 
 
-@pytest.mark.parametrize("form,prefetch_l1", Q4K_FORMS)
+@pytest.mark.parametrize("form,prefetch_l1", PREFETCH_FORMS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("k,m,threads", [(256, 8, 2), (512, 16, 2), (4096, 40, 2), (1024, 96, 3), (14336, 24, 2)])
 def test_q4k_kernel_matches_ggml_repacked_mul_mat(q4k_driver, k, m, threads, rows, form, prefetch_l1):
@@ -148,7 +150,7 @@ def test_q4k_kernel_matches_ggml_repacked_mul_mat(q4k_driver, k, m, threads, row
     wrong scale, min, channel or activation offset gives 1e-3 to 0.5 (checked by mutation). ggml's own
     product on the file layout agrees with its repacked one just as closely (plain_nmse). The two forms
     have the same integer sums and float steps: their results are equal bit for bit. The AVX-512 form runs with
-    and without its L1 prefetches (Q4K_FORMS)."""
+    and without its L1 prefetches (PREFETCH_FORMS)."""
     proc = subprocess.run([str(q4k_driver), str(k), str(m), str(rows), str(threads)], capture_output=True, text=True,
                           timeout=120, env=qmm_form_env(form, prefetch_l1))
     assert proc.returncode == 0, proc.stdout + proc.stderr

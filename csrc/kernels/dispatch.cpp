@@ -81,19 +81,47 @@ bool amx_tiles_emulated() {  // read at each use (a test switches it within one 
 
 bool amx_tiles_available() { return cpu_kernels_available() && (amx_tiles_emulated() || amx_tiles_hardware()); }
 
+// The CPU's maker and, for AMD, its family (0x19: Zen 4, 0x1A: Zen 5), for the prefetch rules below.
+struct cpu_maker {
+    bool intel = false, amd = false;
+    unsigned family = 0;
+};
+
+static cpu_maker this_cpu() {
+    static const cpu_maker cpu = [] {
+        cpu_maker m;
+        unsigned a = 0, b = 0, c = 0, d = 0, vendor[3] = {0, 0, 0};
+        if (!__get_cpuid(0, &a, &vendor[0], &vendor[2], &vendor[1])) return m;  // EBX, EDX, ECX: the name
+        m.intel = std::memcmp(vendor, "GenuineIntel", sizeof(vendor)) == 0;
+        m.amd = std::memcmp(vendor, "AuthenticAMD", sizeof(vendor)) == 0;
+        if (m.amd && __get_cpuid(1, &a, &b, &c, &d)) {
+            const unsigned base = (a >> 8) & 0xF;
+            m.family = base == 0xF ? base + ((a >> 20) & 0xFF) : base;
+        }
+        return m;
+    }();
+    return cpu;
+}
+
+// MLLAMA_PREFETCH_L1=0 or 1 (read at each graph: a bench switches it between steps), else `by_cpu`.
+static bool prefetch_l1_setting(bool by_cpu) {
+    const char * v = std::getenv("MLLAMA_PREFETCH_L1");
+    return v && (std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0) ? v[0] == '1' : by_cpu;
+}
+
 bool weights_prefetch_l1(int64_t n_rows) {
     constexpr int64_t k_zen5_l1_rows = 4;  // (kernels/dispatch.h)
-    static const int64_t l1_rows = [] {  // the most rows a product prefetches into L1 for, by the CPU
-        unsigned a = 0, b = 0, c = 0, d = 0, vendor[3] = {0, 0, 0};
-        if (!__get_cpuid(0, &a, &vendor[0], &vendor[2], &vendor[1])) return int64_t{0};  // EBX, EDX, ECX: the name
-        if (std::memcmp(vendor, "GenuineIntel", sizeof(vendor)) == 0) return std::numeric_limits<int64_t>::max();
-        const bool amd = std::memcmp(vendor, "AuthenticAMD", sizeof(vendor)) == 0;
-        if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return int64_t{0};
-        const unsigned base = (a >> 8) & 0xF, family = base == 0xF ? base + ((a >> 20) & 0xFF) : base;
-        return family == 0x1A ? k_zen5_l1_rows : int64_t{0};
-    }();
-    const char * v = std::getenv("MLLAMA_PREFETCH_L1");  // read at each graph: a bench switches it between steps
-    return v && (std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0) ? v[0] == '1' : n_rows <= l1_rows;
+    const cpu_maker cpu = this_cpu();  // the most rows a product prefetches into L1 for, by the CPU
+    const int64_t l1_rows = cpu.intel ? std::numeric_limits<int64_t>::max()
+                                      : (cpu.amd && cpu.family == 0x1A ? k_zen5_l1_rows : int64_t{0});
+    return prefetch_l1_setting(n_rows <= l1_rows);
+}
+
+bool q6k_weights_prefetch_l1(int64_t n_rows) {
+    constexpr int64_t k_zen5_l1_rows_min = 3, k_zen5_l1_rows_max = 6;  // (kernels/dispatch.h)
+    const cpu_maker cpu = this_cpu();
+    const bool zen5 = cpu.amd && cpu.family == 0x1A;
+    return prefetch_l1_setting(!zen5 || (n_rows >= k_zen5_l1_rows_min && n_rows <= k_zen5_l1_rows_max));
 }
 
 bool cpu_kernel_available(cpu_kernel k) {
@@ -121,6 +149,7 @@ bool amx_tiles_available() { return false; }
 bool amx_tiles_hardware() { return false; }
 bool amx_tiles_emulated() { return false; }
 bool weights_prefetch_l1(int64_t) { return false; }
+bool q6k_weights_prefetch_l1(int64_t) { return false; }
 
 // The kernels' entry points, for the graphs to link on other processors: never reached, since no
 // kernel may run where cpu_kernels_available() is false.

@@ -63,6 +63,14 @@ bool amx_tiles_emulated();  // MLLAMA_AMX_EMULATE=1 (the tile kernels use emulat
 // MLLAMA_PREFETCH_L1=0 or 1 says otherwise (read when a graph is built, for benches).
 bool weights_prefetch_l1(int64_t n_rows);
 
+// Whether the Q6_K kernel's AVX-512 form prefetches its weights into L1 as well as into L2 for a product of n_rows
+// rows: on Zen 5 (AMD family 1Ah) for 3 to 6 rows only. There, the two taking turns in one process, the 11B-dims
+// model's 1, 2, 7 and 8 streams (`bench/serving.py`; its Q6_K output matrix is ~45% of a step's bytes) ran at 1.06,
+// 1.03, 1.06 and 1.05x the speed with L2 alone, 4 and 5 streams at 0.955 and 0.96x, 3 and 6 alike, and the full-size
+// 11B's one-row decode step took 0.98x the time (bench/README.md). Elsewhere (Zen 4, Intel) into both, as measured
+// before. MLLAMA_PREFETCH_L1 says otherwise, as for the Q4_K form.
+bool q6k_weights_prefetch_l1(int64_t n_rows);
+
 // The kernels a context allows (mllama_context_params.cpu_kernels, parsed once at init).
 struct cpu_kernel_set {
     uint32_t bits = 0;

@@ -65,6 +65,12 @@ inline void prefetch_ahead(const q6k_block * blk) {
     prefetch_lines(blk, 4, k_prefetch_blocks * sizeof(q6k_block), k_prefetch_l2_blocks * sizeof(q6k_block));
 }
 
+// The AVX-512 form where it prefetches into L2 only (q6k_weights_prefetch_l1 in kernels/dispatch.h): the block
+// k_prefetch_l2_blocks ahead.
+inline void prefetch_ahead_l2(const q6k_block * blk) {
+    prefetch_lines_l2(blk, 4, k_prefetch_l2_blocks * sizeof(q6k_block));
+}
+
 // The n_lines cache lines from `near` bytes after p into L1 only.
 inline void prefetch_lines_l1(const void * p, int n_lines, int64_t near) {
     const auto base = reinterpret_cast<uintptr_t>(p) + near;

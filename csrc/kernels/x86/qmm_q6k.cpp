@@ -107,12 +107,15 @@ MLLAMA_VNNI_TARGET inline void unpack_half(const uint8_t * ql, const uint8_t * q
 // Weight block *blk unpacked and transposed within lanes (simd::transpose4_in_lanes: weight register j's 128-bit lane
 // L is one 16-weight sub-block, 4j + L, so afterwards int32 lane 4L + j of every t[k] belongs to sub-block 4j + L)
 // with its 16 sub-block scales times d
-// (an fp16 times an int8, exact in float), in the same lane order; the blocks ahead prefetched
-// (q6k::prefetch_ahead: without it the product ran short of the memory's speed from 2 rows).
+// (an fp16 times an int8, exact in float), in the same lane order; the blocks ahead prefetched into L2, and into L1
+// too where L1 (q6k::prefetch_ahead, q6k_weights_prefetch_l1: without them the product ran short of the memory's
+// speed from 2 rows).
+template <bool L1>
 MLLAMA_VNNI_TARGET inline void load_block(const q6k_block * blk, __m512i t[4], __m512 & scales) {
     // lane 4L + j of the transposed registers is sub-block 4j + L: the scales' bytes in that order
     const __m128i scale_order = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    q6k::prefetch_ahead(blk);
+    if constexpr (L1) q6k::prefetch_ahead(blk);
+    else q6k::prefetch_ahead_l2(blk);
     __m512i n[4];
     unpack_half(blk->ql, blk->qh, n[0], n[1]);
     unpack_half(blk->ql + 64, blk->qh + 32, n[2], n[3]);
@@ -123,7 +126,7 @@ MLLAMA_VNNI_TARGET inline void load_block(const q6k_block * blk, __m512i t[4], _
 }
 
 // One output channel (a row of Q6_K blocks) against R activation rows (stride: blocks between rows).
-template <int R>
+template <int R, bool L1>
 MLLAMA_VNNI_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_block * x, const float * d,
                                 int64_t stride, float * sums) {
     __m512 acc[R];
@@ -132,7 +135,7 @@ MLLAMA_VNNI_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_
     for (int64_t b = 0; b < n_blocks; ++b) {
         __m512i t[4];
         __m512 scales;
-        load_block(w + b, t, scales);
+        load_block<L1>(w + b, t, scales);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
             const q8_block & xb = x[r * stride + b];
@@ -156,7 +159,7 @@ MLLAMA_VNNI_TARGET void channel(const q6k_block * w, int64_t n_blocks, const q8_
 
 // channel<R> for two adjacent output channels: each activation block is loaded once and feeds both
 // channels' products; the sums and their order are channel<R>'s, so the results are the same bit for bit.
-template <int R>
+template <int R, bool L1>
 MLLAMA_VNNI_TARGET void channel_pair(const q6k_block * w, const q6k_block * w_next, int64_t n_blocks,
                                      const q8_block * x, const float * d, int64_t stride, float * sums,
                                      float * sums_next) {
@@ -166,8 +169,8 @@ MLLAMA_VNNI_TARGET void channel_pair(const q6k_block * w, const q6k_block * w_ne
     for (int64_t b = 0; b < n_blocks; ++b) {
         __m512i t[2][4];
         __m512 scales[2];
-        load_block(w + b, t[0], scales[0]);
-        load_block(w_next + b, t[1], scales[1]);
+        load_block<L1>(w + b, t[0], scales[0]);
+        load_block<L1>(w_next + b, t[1], scales[1]);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
             const q8_block & xb = x[r * stride + b];
@@ -191,15 +194,19 @@ MLLAMA_VNNI_TARGET void channel_pair(const q6k_block * w, const q6k_block * w_ne
 }
 
 // (q6k::k_pair_min_rows: fewer rows take channel<R>; the smaller pairs are there to fill the table)
-constexpr q6k::pair_fn<q8_block> k_pairs[k_qmm_max_rows] = {channel_pair<1>, channel_pair<2>, channel_pair<3>,
-                                                             channel_pair<4>, channel_pair<5>, channel_pair<6>,
-                                                             channel_pair<7>, channel_pair<8>};
+template <bool L1>
+constexpr q6k::pair_fn<q8_block> k_pairs[k_qmm_max_rows] = {
+    channel_pair<1, L1>, channel_pair<2, L1>, channel_pair<3, L1>, channel_pair<4, L1>,
+    channel_pair<5, L1>, channel_pair<6, L1>, channel_pair<7, L1>, channel_pair<8, L1>};
 
-constexpr q6k::channel_fn<q8_block> k_channels[k_qmm_max_rows] = {channel<1>, channel<2>, channel<3>, channel<4>,
-                                                                   channel<5>, channel<6>, channel<7>, channel<8>};
+template <bool L1>
+constexpr q6k::channel_fn<q8_block> k_channels[k_qmm_max_rows] = {
+    channel<1, L1>, channel<2, L1>, channel<3, L1>, channel<4, L1>,
+    channel<5, L1>, channel<6, L1>, channel<7, L1>, channel<8, L1>};
 
+template <bool L1>
 void product(ggml_tensor * dst, int ith, int nth, void *) {
-    q6k::for_each_channel(dst, ith, nth, k_channels, k_pairs);
+    q6k::for_each_channel(dst, ith, nth, k_channels<L1>, k_pairs<L1>);
 }
 
 }  // namespace
@@ -214,7 +221,8 @@ bool q6k_matmul_supported(const ggml_tensor * w, const ggml_tensor * x) {
 }
 
 ggml_tensor * q6k_matmul_avx512(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
-    return q6k::matmul_graph(ctx, w, x, sizeof(q8_block), quantize_rows, product);  // [M, N]
+    return q6k::matmul_graph(ctx, w, x, sizeof(q8_block), quantize_rows,
+                             q6k_weights_prefetch_l1(x->ne[1]) ? product<true> : product<false>);  // [M, N]
 }
 
 }  // namespace mllama
