@@ -111,7 +111,8 @@ static bool prefetch_l1_setting(bool by_cpu) {
 
 bool weights_prefetch_l1(int64_t n_rows) {
     constexpr int64_t k_zen5_l1_rows = 4;  // (kernels/dispatch.h)
-    const cpu_maker cpu = this_cpu();  // the most rows a product prefetches into L1 for, by the CPU
+    const cpu_maker cpu = this_cpu();
+    // the most rows a product prefetches into L1 for, by the CPU
     const int64_t l1_rows = cpu.intel ? std::numeric_limits<int64_t>::max()
                                       : (cpu.amd && cpu.family == 0x1A ? k_zen5_l1_rows : int64_t{0});
     return prefetch_l1_setting(n_rows <= l1_rows);
