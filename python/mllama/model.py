@@ -33,7 +33,7 @@ from .generation.sampling import SamplingParams
 from .generation.session import Chat
 from .hparams import HParams, from_struct
 from .image.preprocess import ImageConfig, preprocess
-from .ollama_store import display_name, manifest_path, resolve, store_root
+from .ollama_store import display_name, resolve
 from .settings import Environment, environment, parse_bytes, repack_mode
 from .text.tokenizer import Tokenizer
 
@@ -47,15 +47,15 @@ class TensorInfo:
     buffer: str
 
 
-def _resolve(path, projector) -> tuple[Path, Path | None]:
-    """A GGUF path, or "ollama:NAME[:TAG]" from the local Ollama store."""
+def _resolve(path, projector) -> tuple[Path, Path | None, Path | None]:
+    """A GGUF path, or "ollama:NAME[:TAG]" from the local Ollama store: (model, projector, the store's manifest)."""
     text = os.fspath(path)
     if not text:
         raise ModelLoadError("no model path given (an empty path)")
     if isinstance(text, str) and text.startswith("ollama:"):
-        model, found = resolve(text[len("ollama:"):])
-        return model, Path(projector) if projector else found
-    return Path(path), Path(projector) if projector else None
+        model, found, manifest = resolve(text[len("ollama:"):])
+        return model, Path(projector) if projector else found, manifest
+    return Path(path), Path(projector) if projector else None, None
 
 
 class Model(Handle, GenerationMixin, AsyncGenerationMixin):
@@ -98,12 +98,11 @@ class Model(Handle, GenerationMixin, AsyncGenerationMixin):
         check_sizes(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_image_slots=n_image_slots,
                      n_seq_max=None if n_seq_max == "auto" else n_seq_max)
         env = environment()
-        self.path, self.projector = _resolve(path, projector)
+        # (ollama_manifest: the manifest the model came from; the server's /api/tags gives its digest, as Ollama does)
+        self.path, self.projector, self.ollama_manifest = _resolve(path, projector)
         text = os.fspath(path)
         is_ollama = isinstance(text, str) and text.startswith("ollama:")
         self.ollama_name = display_name(text[len("ollama:"):]) if is_ollama else None
-        # (the manifest the model came from: the server's /api/tags gives its digest, as Ollama does)
-        self.ollama_manifest = manifest_path(store_root(), text[len("ollama:"):]) if is_ollama else None
         self._log = log or logger
         self._log_handle = ffi.new_handle(self._log)
         strings = CStrings()

@@ -106,8 +106,8 @@ def _check_blob(path: Path, digest: str, size: int | None) -> None:
         pass
 
 
-def resolve(reference: str, root: Path | None = None) -> tuple[Path, Path | None]:
-    """(model file, projector file or None) for an Ollama model reference like llama3.2-vision:11b."""
+def resolve(reference: str, root: Path | None = None) -> tuple[Path, Path | None, Path]:
+    """(model file, projector file or None, manifest) for an Ollama model reference like llama3.2-vision:11b."""
     root = root or store_root()
     path = manifest_path(root, reference)
     if not path.is_file():
@@ -132,4 +132,4 @@ def resolve(reference: str, root: Path | None = None) -> tuple[Path, Path | None
         files[media] = blob
     if MODEL_MEDIA not in files:
         raise ModelLoadError(f"Ollama manifest {path} has no model layer")
-    return files[MODEL_MEDIA], files.get(PROJECTOR_MEDIA)
+    return files[MODEL_MEDIA], files.get(PROJECTOR_MEDIA), path
